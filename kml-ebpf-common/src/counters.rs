@@ -1,0 +1,110 @@
+//! Per-CPU counters of the observer: nothing is lost without being counted.
+
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])* $field:ident => $variant:ident ),+ $(,)?) => {
+        /// One slot of the per-CPU `COUNTERS` map. BTF-typed, so
+        /// `bpftool map dump name COUNTERS` prints every field by name.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct Counters {
+            $( $(#[doc = $doc])* pub $field: u64, )+
+        }
+
+        /// Names a field of [`Counters`].
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $( $variant, )+
+        }
+
+        impl Counters {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant),+];
+
+            #[inline(always)]
+            pub fn slot(&mut self, c: Counter) -> &mut u64 {
+                match c {
+                    $( Counter::$variant => &mut self.$field, )+
+                }
+            }
+
+            pub const fn get(&self, c: Counter) -> u64 {
+                match c {
+                    $( Counter::$variant => self.$field, )+
+                }
+            }
+
+            /// Adds another CPU's counters into these.
+            pub fn accumulate(&mut self, other: &Counters) {
+                $( self.$field = self.$field.wrapping_add(other.$field); )+
+            }
+        }
+
+        impl Counter {
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $( Counter::$variant => stringify!($field), )+
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// block_rq_insert events on traced devices.
+    inserts => Inserts,
+    /// block_rq_issue events on traced devices.
+    issues => Issues,
+    /// block_rq_complete events on traced devices.
+    completions => Completions,
+    /// block_rq_requeue events on traced devices.
+    requeues => Requeues,
+    /// block_rq_merge events (a queued request merged into another and freed).
+    merges => Merges,
+    /// Records written to the ring buffer.
+    records => Records,
+    /// Records lost because the ring buffer was full.
+    ring_full_drops => RingFullDrops,
+    /// Completions with no in-flight entry (inserted before attach, evicted, or
+    /// never inserted through the scheduler).
+    orphan_completions => OrphanCompletions,
+    /// Issues with no in-flight entry (the request bypassed the scheduler or was
+    /// inserted before attach).
+    issues_without_insert => IssuesWithoutInsert,
+    /// Inserts that could not be stored in the in-flight map.
+    inflight_insert_failures => InflightInsertFailures,
+    /// Entries added to / removed from the in-flight map: the agent derives LRU
+    /// evictions as added - removed - live entries.
+    inflight_added => InflightAdded,
+    inflight_removed => InflightRemoved,
+    /// Completions of part of a request (the request stays in flight).
+    partial_completions => PartialCompletions,
+    /// Inserts of a request that was already in flight (requeued and re-inserted;
+    /// in tracepoint mode also a (dev, sector) collision).
+    reinserts => Reinserts,
+    /// Events dropped because a kernel read (bpf_probe_read_kernel) failed.
+    read_failures => ReadFailures,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), only u64 fields.
+unsafe impl aya::Pod for Counters {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_distinct_and_named() {
+        let mut c = Counters::default();
+        for (i, k) in Counters::ALL.iter().enumerate() {
+            *c.slot(*k) += i as u64 + 1;
+        }
+        for (i, k) in Counters::ALL.iter().enumerate() {
+            assert_eq!(c.get(*k), i as u64 + 1, "{}", k.name());
+        }
+        let mut sum = Counters::default();
+        sum.accumulate(&c);
+        sum.accumulate(&c);
+        assert_eq!(sum.get(Counter::Records), 2 * c.get(Counter::Records));
+        assert_eq!(core::mem::size_of::<Counters>(), 8 * Counters::ALL.len());
+    }
+}

@@ -1,0 +1,173 @@
+//! What the observer keeps per request and what it hands to the agent.
+//!
+//! One [`RequestRecord`] lives in the in-flight map from `block_rq_insert` to
+//! `block_rq_complete`, is filled in as the request moves, and is copied whole into
+//! the ring buffer on completion. Timestamps are `bpf_ktime_get_ns()` (CLOCK_MONOTONIC
+//! nanoseconds), never jiffies: with HZ=250 a jiffy is 4 ms, longer than many
+//! deadlines of interest.
+
+use crate::op::{ReqFlags, ReqOp};
+
+/// Key of the in-flight map.
+///
+/// Raw tracepoint mode: `a` is the `struct request *`, `b` is 0: unique for the
+/// request's lifetime. Tracepoint mode (no BTF): `a` is the start sector and `b` the
+/// device, which is what the classic tracepoints expose; two requests in flight at
+/// the same sector of the same device collide, and that is counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InflightKey {
+    pub a: u64,
+    pub b: u64,
+}
+
+/// One block request from insert to completion (the in-flight map's value and the
+/// ring buffer's record).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// Start sector (512-byte units) at insert.
+    pub sector: u64,
+    /// ns when mq-deadline queued the request (`block_rq_insert`).
+    pub insert_ns: u64,
+    /// ns when it was dispatched to the driver (`block_rq_issue`); 0 if never issued.
+    pub issue_ns: u64,
+    /// ns when it completed (`block_rq_complete`).
+    pub complete_ns: u64,
+    /// mq-deadline's FIFO deadline: `insert_ns` + read_expire or write_expire of the
+    /// device at insert time (the agent hands the expiries in from sysfs).
+    pub deadline_ns: u64,
+    /// ns since the previous insert on the same device (0 for the first one seen).
+    pub since_last_insert_ns: u64,
+    /// |sector - end sector of the last request issued on the device| at insert.
+    pub issue_distance: u64,
+    /// Kernel `dev_t` (`major << 20 | minor`) of the whole disk.
+    pub dev: u32,
+    /// Size in 512-byte sectors as dispatched (updated at issue: bios can merge into
+    /// a queued request).
+    pub nr_sectors: u32,
+    /// Thread group id of the task that inserted the request.
+    pub pid: u32,
+    /// 0 on success; raw tracepoint mode: the `blk_status_t`, tracepoint mode: the
+    /// errno the tracepoint reports (negative).
+    pub error: i32,
+    /// Requests of the device already in flight (inserted, not completed) at
+    /// insert, reads and writes (see [`ReqOp::direction`]); this one not counted.
+    pub inflight_read: u32,
+    pub inflight_write: u32,
+    /// Requests of the device inserted and not yet issued at insert (this one not counted).
+    pub queued: u32,
+    /// Times the request went back to the scheduler (`block_rq_requeue`).
+    pub requeues: u16,
+    /// `rq->ioprio` (class << 13 | level); 0 when the kernel does not expose it.
+    pub ioprio: u16,
+    /// [`ReqOp`] as u8.
+    pub op: u8,
+    /// [`ReqFlags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+
+impl RequestRecord {
+    pub const fn op(&self) -> ReqOp {
+        ReqOp::from_u8(self.op)
+    }
+
+    pub const fn flags(&self) -> ReqFlags {
+        ReqFlags(self.flags)
+    }
+
+    /// Regression target: how long mq-deadline held the request (insert → issue).
+    pub const fn insert_to_issue_ns(&self) -> u64 {
+        self.issue_ns.saturating_sub(self.insert_ns)
+    }
+
+    /// Device service time (issue → complete).
+    pub const fn issue_to_complete_ns(&self) -> u64 {
+        self.complete_ns.saturating_sub(self.issue_ns)
+    }
+
+    /// Classification target: the request was dispatched after its FIFO deadline.
+    /// A request never issued (issue_ns 0) that completed counts as missed only if it
+    /// completed after the deadline.
+    pub const fn deadline_missed(&self) -> bool {
+        let dispatched = if self.issue_ns != 0 { self.issue_ns } else { self.complete_ns };
+        dispatched > self.deadline_ns
+    }
+
+    /// Total in flight on the device at insert (both directions).
+    pub const fn inflight(&self) -> u32 {
+        self.inflight_read.saturating_add(self.inflight_write)
+    }
+}
+
+/// Per-device settings the agent writes (device filter map value): only devices with
+/// an entry are traced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// mq-deadline `read_expire`, ns.
+    pub read_expire_ns: u64,
+    /// mq-deadline `write_expire`, ns.
+    pub write_expire_ns: u64,
+}
+
+/// Per-device state the programs keep (updated with atomics; read by the agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceState {
+    pub inflight_read: u64,
+    pub inflight_write: u64,
+    pub queued: u64,
+    pub last_insert_ns: u64,
+    pub last_issue_end_sector: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all four are repr(C), made only of integers, with explicit padding.
+    unsafe impl aya::Pod for super::InflightKey {}
+    unsafe impl aya::Pod for super::RequestRecord {}
+    unsafe impl aya::Pod for super::DeviceConfig {}
+    unsafe impl aya::Pod for super::DeviceState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(insert: u64, issue: u64, complete: u64, deadline: u64) -> RequestRecord {
+        RequestRecord {
+            insert_ns: insert,
+            issue_ns: issue,
+            complete_ns: complete,
+            deadline_ns: deadline,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn record_layout_is_stable() {
+        // The eBPF side and the host decode the same bytes: a size change must be
+        // deliberate (and the ring buffer decoder checks it).
+        assert_eq!(core::mem::size_of::<RequestRecord>(), 96);
+        assert_eq!(core::mem::align_of::<RequestRecord>(), 8);
+        assert_eq!(core::mem::size_of::<InflightKey>(), 16);
+    }
+
+    #[test]
+    fn label_met_and_missed() {
+        // Issued exactly at the deadline meets it; one ns later misses it.
+        assert!(!rec(100, 600, 700, 600).deadline_missed());
+        assert!(rec(100, 601, 700, 600).deadline_missed());
+        assert_eq!(rec(100, 601, 700, 600).insert_to_issue_ns(), 501);
+        assert_eq!(rec(100, 601, 700, 600).issue_to_complete_ns(), 99);
+    }
+
+    #[test]
+    fn label_without_issue_uses_completion() {
+        assert!(!rec(100, 0, 500, 600).deadline_missed());
+        assert!(rec(100, 0, 700, 600).deadline_missed());
+        assert_eq!(rec(100, 0, 700, 600).insert_to_issue_ns(), 0);
+    }
+}

@@ -1,0 +1,271 @@
+//! The trace file format (CSV) of [`RequestRecord`]s: written by `kml-agent record`,
+//! read by the learning code. One definition of the columns, here.
+//!
+//! Reading goes by header names, so columns may be reordered or added; every column
+//! in [`COLUMNS`] must be present.
+
+extern crate std;
+
+use std::{fmt, io, string::String, vec::Vec};
+
+use crate::{
+    op::{ReqFlags, ReqOp},
+    record::RequestRecord,
+};
+
+/// Columns in the order `record` writes them.
+pub const COLUMNS: &[&str] = &[
+    "dev",
+    "sector",
+    "nr_sectors",
+    "op",
+    "flags",
+    "ioprio",
+    "pid",
+    "insert_ns",
+    "issue_ns",
+    "complete_ns",
+    "deadline_ns",
+    "error",
+    "inflight",
+    "inflight_read",
+    "inflight_write",
+    "queued",
+    "since_last_insert_ns",
+    "issue_distance",
+    "requeues",
+];
+
+const FLAG_NAMES: &[(u8, &str)] = &[
+    (ReqFlags::SYNC, "sync"),
+    (ReqFlags::META, "meta"),
+    (ReqFlags::FUA, "fua"),
+    (ReqFlags::PREFLUSH, "preflush"),
+    (ReqFlags::RAHEAD, "rahead"),
+];
+
+/// The header line (no newline).
+pub fn header() -> String {
+    COLUMNS.join(",")
+}
+
+fn flags_text(flags: u8) -> String {
+    let mut out = String::new();
+    for (bit, name) in FLAG_NAMES {
+        if flags & bit != 0 {
+            if !out.is_empty() {
+                out.push('+');
+            }
+            out.push_str(name);
+        }
+    }
+    out
+}
+
+fn parse_flags(s: &str) -> Option<u8> {
+    let mut flags = 0u8;
+    for part in s.split('+').filter(|p| !p.is_empty()) {
+        let (bit, _) = FLAG_NAMES.iter().find(|(_, n)| *n == part)?;
+        flags |= bit;
+    }
+    Some(flags)
+}
+
+/// Writes one record as a CSV line (with newline), columns as in [`COLUMNS`].
+pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
+    let (major, minor) = crate::kernel_dev_split(r.dev);
+    writeln!(
+        w,
+        "{major}:{minor},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        r.sector,
+        r.nr_sectors,
+        r.op().name(),
+        flags_text(r.flags),
+        r.ioprio,
+        r.pid,
+        r.insert_ns,
+        r.issue_ns,
+        r.complete_ns,
+        r.deadline_ns,
+        r.error,
+        r.inflight(),
+        r.inflight_read,
+        r.inflight_write,
+        r.queued,
+        r.since_last_insert_ns,
+        r.issue_distance,
+        r.requeues,
+    )
+}
+
+/// Why a trace line could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceError {
+    MissingColumn(&'static str),
+    WrongFieldCount { line: usize, expected: usize, found: usize },
+    BadValue { line: usize, column: &'static str, value: String },
+}
+
+impl fmt::Display for TraceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TraceError::MissingColumn(c) => write!(f, "trace header has no column `{c}`"),
+            TraceError::WrongFieldCount { line, expected, found } => {
+                write!(f, "trace line {line}: {found} fields, header has {expected}")
+            }
+            TraceError::BadValue { line, column, value } => {
+                write!(f, "trace line {line}: column `{column}`: cannot read {value:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for TraceError {}
+
+/// Reads rows given the header line: maps each of [`COLUMNS`] to its position.
+pub struct RowReader {
+    index: [usize; COLUMNS.len()],
+    width: usize,
+}
+
+impl RowReader {
+    pub fn new(header_line: &str) -> Result<Self, TraceError> {
+        let names: Vec<&str> = header_line.trim_end().split(',').map(str::trim).collect();
+        let mut index = [0usize; COLUMNS.len()];
+        for (slot, col) in index.iter_mut().zip(COLUMNS) {
+            *slot = names
+                .iter()
+                .position(|n| n == col)
+                .ok_or(TraceError::MissingColumn(col))?;
+        }
+        Ok(RowReader { index, width: names.len() })
+    }
+
+    /// Parses one data line; `line` (1-based, header is 1) is used in errors.
+    pub fn parse(&self, text: &str, line: usize) -> Result<RequestRecord, TraceError> {
+        let fields: Vec<&str> = text.trim_end().split(',').collect();
+        if fields.len() != self.width {
+            return Err(TraceError::WrongFieldCount { line, expected: self.width, found: fields.len() });
+        }
+        let get = |i: usize| fields[self.index[i]].trim();
+        let bad = |i: usize| TraceError::BadValue { line, column: COLUMNS[i], value: get(i).into() };
+        macro_rules! num {
+            ($i:expr) => {
+                get($i).parse().map_err(|_| bad($i))?
+            };
+        }
+        let dev = {
+            let (maj, min) = get(0).split_once(':').ok_or_else(|| bad(0))?;
+            let major: u32 = maj.parse().map_err(|_| bad(0))?;
+            let minor: u32 = min.parse().map_err(|_| bad(0))?;
+            crate::kernel_dev(major, minor)
+        };
+        let op = ReqOp::from_name(get(3)).ok_or_else(|| bad(3))? as u8;
+        let flags = parse_flags(get(4)).ok_or_else(|| bad(4))?;
+        let r = RequestRecord {
+            dev,
+            sector: num!(1),
+            nr_sectors: num!(2),
+            op,
+            flags,
+            ioprio: num!(5),
+            pid: num!(6),
+            insert_ns: num!(7),
+            issue_ns: num!(8),
+            complete_ns: num!(9),
+            deadline_ns: num!(10),
+            error: num!(11),
+            inflight_read: num!(13),
+            inflight_write: num!(14),
+            queued: num!(15),
+            since_last_insert_ns: num!(16),
+            issue_distance: num!(17),
+            requeues: num!(18),
+            _pad: [0; 6],
+        };
+        let inflight: u32 = num!(12);
+        if inflight != r.inflight() {
+            return Err(bad(12));
+        }
+        Ok(r)
+    }
+}
+
+/// Reads a whole trace from a buffered reader.
+pub fn read_all(r: impl io::BufRead) -> Result<Vec<RequestRecord>, std::boxed::Box<dyn std::error::Error + Send + Sync>> {
+    let mut lines = r.lines();
+    let header = lines.next().ok_or("empty trace: no header line")??;
+    let reader = RowReader::new(&header)?;
+    let mut out = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(reader.parse(&line, i + 2)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn sample() -> RequestRecord {
+        RequestRecord {
+            sector: 123_456,
+            insert_ns: 1_000,
+            issue_ns: 2_000,
+            complete_ns: 9_000,
+            deadline_ns: 501_000,
+            since_last_insert_ns: 77,
+            issue_distance: 8,
+            dev: crate::kernel_dev(7, 3),
+            nr_sectors: 8,
+            pid: 4242,
+            error: -5,
+            inflight_read: 3,
+            inflight_write: 4,
+            queued: 2,
+            requeues: 1,
+            ioprio: 4 << 13,
+            op: ReqOp::Write as u8,
+            flags: ReqFlags::SYNC | ReqFlags::FUA,
+            _pad: [0; 6],
+        }
+    }
+
+    #[test]
+    fn row_round_trips() {
+        let mut buf = Vec::new();
+        std::writeln!(buf, "{}", header()).unwrap();
+        write_row(&mut buf, &sample()).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        assert!(text.contains("7:3,123456,8,write,sync+fua,"), "{text}");
+        let back = read_all(text.as_bytes()).unwrap();
+        assert_eq!(back, std::vec![sample()]);
+    }
+
+    #[test]
+    fn columns_by_name_and_clear_errors() {
+        // Reordered and extra columns are fine.
+        let mut cols: Vec<&str> = COLUMNS.to_vec();
+        cols.reverse();
+        cols.push("extra");
+        let reader = RowReader::new(&cols.join(",")).unwrap();
+        let mut row = Vec::new();
+        write_row(&mut row, &sample()).unwrap();
+        let text = String::from_utf8(row).unwrap();
+        let mut fields: Vec<&str> = text.trim_end().split(',').collect();
+        fields.reverse();
+        fields.push("x");
+        assert_eq!(reader.parse(&fields.join(","), 2).unwrap(), sample());
+
+        assert_eq!(RowReader::new("dev,sector").err(), Some(TraceError::MissingColumn("nr_sectors")));
+        let reader = RowReader::new(&header()).unwrap();
+        let err = reader.parse(&text.replace("write", "wrte"), 5).unwrap_err();
+        assert_eq!(std::format!("{err}"), "trace line 5: column `op`: cannot read \"wrte\"");
+        assert!(matches!(reader.parse("1,2", 3), Err(TraceError::WrongFieldCount { line: 3, .. })));
+    }
+}
