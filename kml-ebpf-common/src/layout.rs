@@ -2,6 +2,10 @@
 //! (BTF for `struct request`, tracefs format files for the classic tracepoints) and
 //! handed in as one read-only global. Nothing here is hard-coded for a kernel.
 
+pub const IOPRIO_NONE: u32 = 0;
+pub const IOPRIO_IN_REQUEST: u32 = 1;
+pub const IOPRIO_IN_BIO: u32 = 2;
+
 /// Offsets and values for raw tracepoints, from the running kernel's BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -11,7 +15,12 @@ pub struct RawTpLayout {
     pub rq_sector: u32,
     pub rq_data_len: u32,
     pub rq_cmd_flags: u32,
+    /// Where the I/O priority is: [`IOPRIO_NONE`], [`IOPRIO_IN_REQUEST`]
+    /// (`rq->ioprio`, kernels up to 6.x) or [`IOPRIO_IN_BIO`] (`rq->bio->bi_ioprio`).
+    pub ioprio_source: u32,
     pub rq_ioprio: u32,
+    pub rq_bio: u32,
+    pub bio_ioprio: u32,
     /// Byte offset of `disk` in `struct request_queue`.
     pub q_disk: u32,
     /// Byte offsets of `major` and `first_minor` in `struct gendisk`.
@@ -99,7 +108,10 @@ impl KernelLayout {
                 rq_sector: 0,
                 rq_data_len: 0,
                 rq_cmd_flags: 0,
+                ioprio_source: IOPRIO_NONE,
                 rq_ioprio: 0,
+                rq_bio: 0,
+                bio_ioprio: 0,
                 q_disk: 0,
                 disk_major: 0,
                 disk_first_minor: 0,

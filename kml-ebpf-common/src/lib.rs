@@ -7,7 +7,10 @@
 #![no_std]
 
 pub mod counters;
+pub mod features;
+pub mod inference;
 pub mod layout;
+pub mod model;
 pub mod op;
 pub mod record;
 #[cfg(feature = "user")]

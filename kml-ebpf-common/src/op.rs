@@ -95,20 +95,26 @@ impl ReqFlags {
 /// an optional `F` (preflush), one op letter (`W`, `R`, `D`, `DE`, `F`, `N`),
 /// then flag letters `F` (fua), `A` (read-ahead), `S` (sync), `M` (meta).
 /// NUL ends the string. Bounded: at most 8 bytes are looked at.
+///
+/// The bytes are taken out of one u64 by shifts, not by indexing: LLVM turns a
+/// variable index into a stack array into pointer arithmetic (even `ptr | i`)
+/// that the BPF verifier refuses.
 #[inline(always)]
 pub fn parse_rwbs(rwbs: &[u8; 8]) -> (ReqOp, ReqFlags) {
+    let word = u64::from_le_bytes(*rwbs);
+    let byte = |i: u32| (word >> ((i & 7) * 8)) as u8;
     let mut flags = 0u8;
-    let mut i = 0usize;
+    let mut i = 0u32;
     // A leading F is a preflush when an op letter follows it; "F" alone is a flush op.
-    if rwbs[0] == b'F' && matches!(rwbs[1], b'W' | b'R' | b'D' | b'F' | b'N') {
+    if byte(0) == b'F' && matches!(byte(1), b'W' | b'R' | b'D' | b'F' | b'N') {
         flags |= ReqFlags::PREFLUSH;
         i = 1;
     }
-    let op = match rwbs[i] {
+    let op = match byte(i) {
         b'R' => ReqOp::Read,
         b'W' => ReqOp::Write,
         b'D' => {
-            if i + 1 < 8 && rwbs[i + 1] == b'E' {
+            if byte(i + 1) == b'E' {
                 i += 1;
                 ReqOp::SecureErase
             } else {
@@ -120,7 +126,7 @@ pub fn parse_rwbs(rwbs: &[u8; 8]) -> (ReqOp, ReqFlags) {
     };
     i += 1;
     while i < 8 {
-        match rwbs[i] {
+        match byte(i) {
             0 => break,
             b'F' => flags |= ReqFlags::FUA,
             b'A' => flags |= ReqFlags::RAHEAD,

@@ -1,1 +1,253 @@
+//! Support for kml's integration tests: real loop devices with mq-deadline, real
+//! O_DIRECT I/O, and guards that clean up also when a test fails.
+//!
+//! These tests need root, the kernel's block tracepoints and the eBPF object;
+//! `cargo xtask test` runs them (`--test-threads=1`: they share the tracepoints).
 
+use std::{
+    alloc::{alloc_zeroed, dealloc, Layout},
+    fs::{File, OpenOptions},
+    os::unix::fs::{FileExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use kml_agent::devices::BlockDevice;
+use kml_ebpf_common::ReqOp;
+
+/// A file-backed loop device (direct I/O on the backing file) using mq-deadline.
+/// Detached and its backing file removed on drop.
+pub struct LoopDevice {
+    pub name: String,
+    pub path: PathBuf,
+    backing: PathBuf,
+}
+
+impl LoopDevice {
+    /// `size_mib` MiB device with mq-deadline and the given expiries (ms).
+    pub fn new(size_mib: u64, read_expire_ms: u32, write_expire_ms: u32) -> Result<LoopDevice> {
+        let dir = std::env::var_os("KML_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let backing = dir.join(format!("kml-test-{}-{}.img", std::process::id(), unique()));
+        File::create(&backing)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .with_context(|| format!("creating {}", backing.display()))?;
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(&backing)
+            .output()
+            .context("running losetup")?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&backing);
+            bail!("losetup failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let name = path.file_name().context("losetup printed no device")?.to_string_lossy().into_owned();
+        let dev = LoopDevice { name, path, backing };
+        dev.set_queue("scheduler", "mq-deadline")?;
+        dev.set_iosched("read_expire", &read_expire_ms.to_string())?;
+        dev.set_iosched("write_expire", &write_expire_ms.to_string())?;
+        Ok(dev)
+    }
+
+    pub fn sys(&self) -> PathBuf {
+        Path::new("/sys/block").join(&self.name)
+    }
+
+    pub fn set_queue(&self, file: &str, value: &str) -> Result<()> {
+        let p = self.sys().join("queue").join(file);
+        std::fs::write(&p, value).with_context(|| format!("writing {value} to {}", p.display()))
+    }
+
+    pub fn set_iosched(&self, file: &str, value: &str) -> Result<()> {
+        self.set_queue(&format!("iosched/{file}"), value)
+    }
+
+    pub fn block_device(&self) -> Result<BlockDevice> {
+        BlockDevice::find(&self.name)
+    }
+
+    pub fn open_direct(&self) -> Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.path)
+            .with_context(|| format!("opening {} with O_DIRECT", self.path.display()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A page-aligned buffer for O_DIRECT.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> AlignedBuf {
+        let layout = Layout::from_size_align(len, 4096).expect("valid layout");
+        // SAFETY: non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "allocation failed");
+        AlignedBuf { ptr, layout }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: owned allocation of layout.size() bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// One synchronous O_DIRECT request the test issues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Issued {
+    pub op: ReqOp,
+    pub sector: u64,
+    pub nr_sectors: u32,
+}
+
+/// Issues `ops` one at a time (synchronous pread/pwrite with O_DIRECT): each
+/// becomes exactly one block request, no merging.
+pub fn issue_direct(dev: &LoopDevice, ops: &[Issued]) -> Result<()> {
+    let file = dev.open_direct()?;
+    let max = ops.iter().map(|o| o.nr_sectors as usize * 512).max().unwrap_or(4096);
+    let mut buf = AlignedBuf::new(max);
+    for (i, o) in ops.iter().enumerate() {
+        let len = o.nr_sectors as usize * 512;
+        let b = &mut buf.as_mut_slice()[..len];
+        let off = o.sector * 512;
+        match o.op {
+            ReqOp::Write => {
+                b.fill((i % 251) as u8);
+                file.write_all_at(b, off).with_context(|| format!("pwrite at sector {}", o.sector))?;
+            }
+            ReqOp::Read => file.read_exact_at(b, off).with_context(|| format!("pread at sector {}", o.sector))?,
+            other => bail!("cannot issue {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// A deterministic pattern: `n` writes then `n` reads of 4 KiB at distinct
+/// scattered 4 KiB-aligned sectors within `size_mib`.
+pub fn scattered_pattern(n: usize, size_mib: u64, seed: u64) -> Vec<Issued> {
+    let blocks = (size_mib << 20) / 4096;
+    assert!(n as u64 <= blocks, "pattern larger than the device");
+    // A full-period LCG over the blocks: distinct positions, no RNG dependency.
+    let mut x = seed % blocks;
+    let step = {
+        let mut s = blocks / 2 + 1;
+        while gcd(s, blocks) != 1 {
+            s += 1;
+        }
+        s
+    };
+    let mut sectors = Vec::with_capacity(n);
+    for _ in 0..n {
+        x = (x + step) % blocks;
+        sectors.push(x * 8);
+    }
+    let mut out: Vec<Issued> =
+        sectors.iter().map(|&s| Issued { op: ReqOp::Write, sector: s, nr_sectors: 8 }).collect();
+    out.extend(sectors.iter().rev().map(|&s| Issued { op: ReqOp::Read, sector: s, nr_sectors: 8 }));
+    out
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Names of loaded BPF programs (from bpftool), to check nothing of ours is left.
+pub fn loaded_program_names() -> Result<Vec<String>> {
+    let out = Command::new("bpftool").args(["prog", "show"]).output().context("running bpftool prog show")?;
+    if !out.status.success() {
+        bail!("bpftool prog show failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Lines look like `123: raw_tracepoint  name kml_raw_rq_inse  tag ...`.
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "name").nth(1).map(str::to_owned))
+        .collect())
+}
+
+/// Fails if any kml program is still loaded 3 s from now. The kernel frees a
+/// program after an RCU grace period once its last fd and link are gone, so a
+/// program of a process that just exited may linger for a moment.
+pub fn assert_no_kml_programs() -> Result<()> {
+    let kml = || -> Result<Vec<String>> {
+        Ok(loaded_program_names()?.into_iter().filter(|n| n.starts_with("kml_")).collect())
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let left = kml()?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(3) {
+            bail!("kml programs still loaded: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent binary built by xtask.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("KML_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kml-agent"))
+}
+
+/// A child process killed on drop (so a failing test leaves nothing running).
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Sends SIGINT/SIGTERM to a child.
+pub fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}

@@ -1,1 +1,102 @@
-fn main() {}
+//! `cargo xtask`: the project's build, setup, run and test driver.
+//!
+//! ```text
+//! cargo xtask setup [--reinstall-bpf-linker]   # Debian tools, nightly + rust-src, bpf-linker
+//! cargo xtask build [--release]                # eBPF object (nightly) + kml-agent
+//! cargo xtask run   [--release] [-- ARGS...]   # build, then run kml-agent as root (default ARGS: `run`)
+//! cargo xtask test  [-- ARGS...]               # host unit tests, then the root-only integration tests
+//! ```
+//!
+//! Each subcommand lives in its own module; `util` holds the process helpers.
+
+mod build;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, run and test kml (eBPF block-layer ML)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what the build needs (idempotent): bpftool, bpftrace, fio, the nightly
+    /// toolchain with rust-src, and bpf-linker built against nightly's LLVM.
+    Setup(setup::SetupArgs),
+    /// Run setup, build the eBPF object with nightly, then build kml-agent.
+    Build(build::BuildArgs),
+    /// Build, then run kml-agent (needs root) with ARGS (default: `run`).
+    Run(run::RunArgs),
+    /// Build, run the host unit tests, then the integration tests (need root).
+    Test(test::TestArgs),
+}
+
+impl Command {
+    fn execute(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Command::Setup(args) => args.execute(),
+            Command::Build(args) => args.execute(),
+            Command::Run(args) => args.execute(),
+            Command::Test(args) => args.execute(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command.execute() {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn trailing_args_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "run",
+            "--release",
+            "--",
+            "record",
+            "--dev",
+            "loop0",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Run(args) => {
+                assert!(args.release);
+                assert_eq!(args.args, ["record", "--dev", "loop0"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "some_filter"]).unwrap();
+        match cli.command {
+            Command::Test(args) => assert_eq!(args.args, ["some_filter"]),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+}

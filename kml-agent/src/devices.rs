@@ -1,0 +1,163 @@
+//! Block devices as sysfs shows them: numbers, scheduler, mq-deadline settings.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+const SYS_BLOCK: &str = "/sys/block";
+
+/// A whole disk under /sys/block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockDevice {
+    pub name: String,
+    pub major: u32,
+    pub minor: u32,
+    /// The active I/O scheduler (`none`, `mq-deadline`, ...), if the queue has one.
+    pub scheduler: Option<String>,
+    pub available_schedulers: Vec<String>,
+    /// Files of `queue/iosched/` and their values (mq-deadline: read_expire,
+    /// write_expire in ms, fifo_batch, writes_starved, front_merges, ...).
+    pub iosched: BTreeMap<String, String>,
+}
+
+impl BlockDevice {
+    /// Kernel `dev_t` as the block tracepoints report it.
+    pub fn dev(&self) -> u32 {
+        kml_ebpf_common::kernel_dev(self.major, self.minor)
+    }
+
+    pub fn sys_path(&self) -> PathBuf {
+        Path::new(SYS_BLOCK).join(&self.name)
+    }
+
+    pub fn is_mq_deadline(&self) -> bool {
+        self.scheduler.as_deref() == Some("mq-deadline")
+    }
+
+    fn iosched_ms(&self, key: &str) -> Option<Duration> {
+        self.iosched.get(key)?.trim().parse::<u64>().ok().map(Duration::from_millis)
+    }
+
+    /// mq-deadline's (read_expire, write_expire).
+    pub fn expiries(&self) -> anyhow::Result<(Duration, Duration)> {
+        match (self.iosched_ms("read_expire"), self.iosched_ms("write_expire")) {
+            (Some(r), Some(w)) => Ok((r, w)),
+            _ => anyhow::bail!(
+                "{}: no read_expire/write_expire in {}/queue/iosched (scheduler {})",
+                self.name,
+                self.sys_path().display(),
+                self.scheduler.as_deref().unwrap_or("none")
+            ),
+        }
+    }
+
+    /// Reads one device; `name` is a /sys/block entry.
+    pub fn read(name: &str) -> anyhow::Result<BlockDevice> {
+        let dir = Path::new(SYS_BLOCK).join(name);
+        let numbers = fs::read_to_string(dir.join("dev"))
+            .with_context(|| format!("no block device `{name}` ({}/dev unreadable)", dir.display()))?;
+        let (major, minor) = parse_dev_numbers(&numbers)
+            .with_context(|| format!("{}/dev: unexpected {numbers:?}", dir.display()))?;
+        let (scheduler, available_schedulers) = fs::read_to_string(dir.join("queue/scheduler"))
+            .map(|s| parse_scheduler(&s))
+            .unwrap_or((None, Vec::new()));
+        let mut iosched = BTreeMap::new();
+        if let Ok(entries) = fs::read_dir(dir.join("queue/iosched")) {
+            for e in entries.flatten() {
+                if let Ok(v) = fs::read_to_string(e.path()) {
+                    iosched.insert(e.file_name().to_string_lossy().into_owned(), v.trim().to_owned());
+                }
+            }
+        }
+        Ok(BlockDevice { name: name.to_owned(), major, minor, scheduler, available_schedulers, iosched })
+    }
+
+    /// Resolves `loop0`, `/dev/loop0` or `/sys/block/loop0`.
+    pub fn find(spec: &str) -> anyhow::Result<BlockDevice> {
+        let name = spec.trim_end_matches('/').rsplit('/').next().unwrap_or(spec);
+        if !Path::new(SYS_BLOCK).join(name).exists() {
+            let known: Vec<String> = list().into_iter().map(|d| d.name).collect();
+            anyhow::bail!("unknown block device `{spec}` (whole disks here: {})", known.join(", "));
+        }
+        BlockDevice::read(name)
+    }
+}
+
+/// All whole disks, sorted by name.
+pub fn list() -> Vec<BlockDevice> {
+    let mut out: Vec<BlockDevice> = fs::read_dir(SYS_BLOCK)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| BlockDevice::read(&e.file_name().to_string_lossy()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// `"7:0\n"` → (7, 0).
+fn parse_dev_numbers(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// `"mq-deadline kyber [bfq] none"` → (Some("bfq"), all four).
+fn parse_scheduler(s: &str) -> (Option<String>, Vec<String>) {
+    let mut active = None;
+    let all = s
+        .split_whitespace()
+        .map(|w| {
+            if let Some(inner) = w.strip_prefix('[').and_then(|w| w.strip_suffix(']')) {
+                active = Some(inner.to_owned());
+                inner.to_owned()
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect();
+    (active, all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheduler_line() {
+        let (active, all) = parse_scheduler("[mq-deadline] kyber bfq none\n");
+        assert_eq!(active.as_deref(), Some("mq-deadline"));
+        assert_eq!(all, ["mq-deadline", "kyber", "bfq", "none"]);
+        assert_eq!(parse_scheduler("none\n").0, None);
+        assert_eq!(parse_scheduler("mq-deadline [none]").0.as_deref(), Some("none"));
+    }
+
+    #[test]
+    fn dev_numbers() {
+        assert_eq!(parse_dev_numbers("7:12\n"), Some((7, 12)));
+        assert_eq!(parse_dev_numbers("259:0"), Some((259, 0)));
+        assert_eq!(parse_dev_numbers("x"), None);
+    }
+
+    #[test]
+    fn expiries_from_iosched() {
+        let mut d = BlockDevice {
+            name: "loop9".into(),
+            major: 7,
+            minor: 9,
+            scheduler: Some("mq-deadline".into()),
+            available_schedulers: vec![],
+            iosched: BTreeMap::new(),
+        };
+        assert!(d.expiries().is_err());
+        d.iosched.insert("read_expire".into(), "500".into());
+        d.iosched.insert("write_expire".into(), "5000".into());
+        assert_eq!(d.expiries().unwrap(), (Duration::from_millis(500), Duration::from_millis(5000)));
+        assert_eq!(d.dev(), (7 << 20) | 9);
+    }
+}

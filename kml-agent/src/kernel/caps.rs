@@ -1,0 +1,276 @@
+//! Privileges and kernel features, probed: what `doctor` prints and what the
+//! observer's attach mode is chosen from.
+
+use std::{fmt, path::Path};
+
+use aya::programs::ProgramType;
+
+use super::{btf::Btf, layout, mounts, tracefs::Tracefs};
+
+/// Linux capability numbers kml needs.
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Names of the capabilities missing from this process's effective set.
+pub fn missing_capabilities() -> Vec<&'static str> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or(0);
+    [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
+        .into_iter()
+        .filter(|(bit, _)| eff & (1u64 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect()
+}
+
+/// Fails with one clear line when the process cannot load BPF programs.
+pub fn require_privileges() -> anyhow::Result<()> {
+    let missing = missing_capabilities();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "not privileged enough: missing {} (run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)",
+            missing.join(", ")
+        )
+    }
+}
+
+/// How the observers reach the block layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Raw tracepoints with `struct request` offsets from BTF (exact request identity).
+    RawTracepoint,
+    /// Classic tracepoints with tracefs format offsets (no BTF needed; keyed by sector).
+    Tracepoint,
+}
+
+impl AttachMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            AttachMode::RawTracepoint => "raw-tracepoint",
+            AttachMode::Tracepoint => "tracepoint",
+        }
+    }
+
+    pub const fn abi(self) -> u32 {
+        match self {
+            AttachMode::RawTracepoint => kml_ebpf_common::attach_mode::RAW_TRACEPOINT,
+            AttachMode::Tracepoint => kml_ebpf_common::attach_mode::TRACEPOINT,
+        }
+    }
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What was asked for on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttachRequest {
+    #[default]
+    Auto,
+    RawTracepoint,
+    Tracepoint,
+}
+
+/// One line of the report.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Everything `doctor` reports about the kernel.
+pub struct KernelReport {
+    pub release: String,
+    pub checks: Vec<Check>,
+    pub raw_tracepoint_ready: Result<(), String>,
+    pub tracepoint_ready: Result<(), String>,
+}
+
+fn program_type(t: ProgramType) -> Result<(), String> {
+    match aya::sys::is_program_supported(t) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the kernel refuses to load this program type".into()),
+        Err(e) => Err(format!("probe failed: {e}")),
+    }
+}
+
+impl KernelReport {
+    /// Probes everything. Cheap (well under a second) and side-effect free apart
+    /// from mounting tracefs/securityfs when they are missing.
+    pub fn probe() -> KernelReport {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        let mut checks = Vec::new();
+        let missing = missing_capabilities();
+        checks.push(Check {
+            name: "privileges",
+            ok: missing.is_empty(),
+            detail: if missing.is_empty() {
+                "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN effective".into()
+            } else {
+                format!("missing {}: run as root", missing.join(", "))
+            },
+        });
+
+        let btf = Btf::from_sys_fs();
+        let raw_layout = match &btf {
+            Ok(btf) => layout::raw_tp_layout(btf).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        checks.push(Check {
+            name: "BTF",
+            ok: btf.is_ok(),
+            detail: match (&btf, &raw_layout) {
+                (Ok(_), Ok(l)) => format!(
+                    "{} (struct request: __sector@{}, __data_len@{}, cmd_flags@{}; ioprio {})",
+                    Btf::VMLINUX,
+                    l.rq_sector,
+                    l.rq_data_len,
+                    l.rq_cmd_flags,
+                    match l.ioprio_source {
+                        kml_ebpf_common::layout::IOPRIO_IN_REQUEST => format!("rq->ioprio@{}", l.rq_ioprio),
+                        kml_ebpf_common::layout::IOPRIO_IN_BIO => format!("rq->bio@{}->bi_ioprio@{}", l.rq_bio, l.bio_ioprio),
+                        _ => "not found".into(),
+                    }
+                ),
+                (Ok(_), Err(e)) => format!("{} parsed, but: {e}", Btf::VMLINUX),
+                (Err(e), _) => format!("{e}: raw tracepoints unavailable, tracepoint mode is the fallback"),
+            },
+        });
+
+        let tracefs = Tracefs::locate_or_mount();
+        let tp_layout = match &tracefs {
+            Ok(t) => layout::tracepoint_layout(t).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        checks.push(Check {
+            name: "tracefs",
+            ok: tracefs.is_ok(),
+            detail: match &tracefs {
+                Ok(t) => format!(
+                    "{}{}",
+                    t.root().display(),
+                    if t.mounted_by_us { " (mounted by kml)" } else { "" }
+                ),
+                Err(e) => e.to_string(),
+            },
+        });
+        let tp_type = program_type(ProgramType::TracePoint);
+        checks.push(Check {
+            name: "tracepoints",
+            ok: tp_type.is_ok() && tp_layout.is_ok(),
+            detail: match (&tp_type, &tp_layout) {
+                (Ok(()), Ok(_)) => "program type loads; block_rq_{insert,issue,complete,requeue,merge} formats read".into(),
+                (Err(e), _) => e.clone(),
+                (_, Err(e)) => e.clone(),
+            },
+        });
+        let raw_type = program_type(ProgramType::RawTracePoint);
+        checks.push(Check {
+            name: "raw tracepoints",
+            ok: raw_type.is_ok(),
+            detail: match &raw_type {
+                Ok(()) => "program type loads".into(),
+                Err(e) => e.clone(),
+            },
+        });
+        let kprobe_pmu = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+        checks.push(Check {
+            name: "kprobes",
+            ok: kprobe_pmu,
+            detail: if kprobe_pmu {
+                "kprobe PMU present".into()
+            } else {
+                "no kprobe PMU (/sys/bus/event_source/devices/kprobe): kernel built without CONFIG_KPROBES".into()
+            },
+        });
+        let fentry = program_type(ProgramType::Tracing);
+        checks.push(Check {
+            name: "fentry/fexit",
+            ok: fentry.is_ok(),
+            detail: match &fentry {
+                Ok(()) => "`tracing` program type loads (BPF trampolines)".into(),
+                Err(e) => format!("`tracing` program type: {e}"),
+            },
+        });
+        let bpffs = mounts::bpffs_mounted();
+        checks.push(Check {
+            name: "bpffs",
+            ok: bpffs,
+            detail: if bpffs {
+                format!("mounted at {}", mounts::BPFFS)
+            } else {
+                format!("not mounted at {} (kml mounts it when it pins)", mounts::BPFFS)
+            },
+        });
+        let lockdown = mounts::lockdown_mode();
+        checks.push(Check {
+            name: "lockdown",
+            ok: lockdown.as_deref() != Some("confidentiality"),
+            detail: match lockdown.as_deref() {
+                Some("confidentiality") => "confidentiality: kernel reads by BPF are refused".into(),
+                Some(m) => format!("{m} (BPF tracing allowed)"),
+                None => "no lockdown LSM".into(),
+            },
+        });
+        let ringbuf = aya::sys::is_map_supported(aya::maps::MapType::RingBuf);
+        checks.push(Check {
+            name: "ring buffer",
+            ok: matches!(ringbuf, Ok(true)),
+            detail: match ringbuf {
+                Ok(true) => "BPF_MAP_TYPE_RINGBUF supported".into(),
+                Ok(false) => "BPF_MAP_TYPE_RINGBUF not supported (kernel < 5.8)".into(),
+                Err(e) => format!("probe failed: {e}"),
+            },
+        });
+
+        let ringbuf_ok = checks.last().is_some_and(|c| c.ok);
+        let need = |r: Result<(), String>| -> Result<(), String> {
+            r?;
+            if !ringbuf_ok {
+                return Err("no ring buffer maps".into());
+            }
+            if !missing.is_empty() {
+                return Err(format!("missing {}", missing.join(", ")));
+            }
+            Ok(())
+        };
+        let raw_tracepoint_ready = need(raw_type.and(raw_layout.map(|_| ())));
+        let tracepoint_ready = need(tp_type.and(tp_layout.map(|_| ())));
+        KernelReport { release, checks, raw_tracepoint_ready, tracepoint_ready }
+    }
+
+    /// The mode `auto` picks, or why the requested one cannot work.
+    pub fn choose(&self, request: AttachRequest) -> anyhow::Result<AttachMode> {
+        match request {
+            AttachRequest::RawTracepoint => self
+                .raw_tracepoint_ready
+                .clone()
+                .map(|()| AttachMode::RawTracepoint)
+                .map_err(|e| anyhow::anyhow!("attach mode raw-tracepoint unavailable: {e}; try --attach tracepoint")),
+            AttachRequest::Tracepoint => self
+                .tracepoint_ready
+                .clone()
+                .map(|()| AttachMode::Tracepoint)
+                .map_err(|e| anyhow::anyhow!("attach mode tracepoint unavailable: {e}")),
+            AttachRequest::Auto => match (&self.raw_tracepoint_ready, &self.tracepoint_ready) {
+                (Ok(()), _) => Ok(AttachMode::RawTracepoint),
+                (Err(_), Ok(())) => Ok(AttachMode::Tracepoint),
+                (Err(raw), Err(tp)) => {
+                    anyhow::bail!("block tracing is impossible here: raw tracepoints: {raw}; tracepoints: {tp}")
+                }
+            },
+        }
+    }
+}

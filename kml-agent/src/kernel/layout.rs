@@ -1,0 +1,160 @@
+//! Builds the [`KernelLayout`] the programs read, from BTF and tracefs.
+
+use kml_ebpf_common::{
+    layout::{EventFields, RawTpLayout, TracepointLayout, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST, IOPRIO_NONE},
+    KernelLayout,
+};
+
+use super::{btf::Btf, caps::AttachMode, tracefs::Tracefs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(transparent)]
+    Btf(#[from] super::btf::BtfError),
+    #[error(transparent)]
+    Tracefs(#[from] super::tracefs::TracefsError),
+    #[error("{what} is {found} bytes in this kernel; kml reads it as {expected}")]
+    Size { what: String, found: u32, expected: u32 },
+    #[error("{what} = {value} does not fit the layout kml uses")]
+    Value { what: String, value: i64 },
+    #[error("raw tracepoint {name} takes {found} arguments here; kml expects {expected}")]
+    Prototype { name: String, found: usize, expected: usize },
+}
+
+/// `struct request` and friends, from BTF; every size is checked against what the
+/// programs read.
+pub fn raw_tp_layout(btf: &Btf) -> Result<RawTpLayout, LayoutError> {
+    let member = |ty: &str, name: &str, size: u32| -> Result<u32, LayoutError> {
+        let m = btf.member(ty, name)?;
+        if m.size != size {
+            return Err(LayoutError::Size { what: format!("struct {ty}.{name}"), found: m.size, expected: size });
+        }
+        Ok(m.offset)
+    };
+    let value = |name: &str| -> Result<u32, LayoutError> {
+        let v = btf.enumerator(name)?;
+        u32::try_from(v).map_err(|_| LayoutError::Value { what: name.into(), value: v })
+    };
+    let bit = |name: &str| -> Result<u32, LayoutError> {
+        let b = value(name)?;
+        if b >= 32 {
+            return Err(LayoutError::Value { what: name.into(), value: b.into() });
+        }
+        Ok(1u32 << b)
+    };
+    // The tracepoints' prototypes (args + the hidden ctx): what args[n] the programs read.
+    for (tp, args) in [
+        ("block_rq_insert", 1),
+        ("block_rq_issue", 1),
+        ("block_rq_complete", 3),
+        ("block_rq_requeue", 1),
+        ("block_rq_merge", 1),
+    ] {
+        let found = btf.typedef_fn_params(&format!("btf_trace_{tp}"))?;
+        if found != args + 1 {
+            return Err(LayoutError::Prototype { name: tp.into(), found: found.saturating_sub(1), expected: args });
+        }
+    }
+    // Op values live in the low bits of cmd_flags; the first flag bit
+    // (__REQ_FAILFAST_DEV == REQ_OP_BITS) tells how many.
+    let op_bits = value("__REQ_FAILFAST_DEV")?;
+    if op_bits == 0 || op_bits >= 32 {
+        return Err(LayoutError::Value { what: "__REQ_FAILFAST_DEV".into(), value: op_bits.into() });
+    }
+    // struct request lost its ioprio (6.18 keeps it in the bio only).
+    let (ioprio_source, rq_ioprio, rq_bio, bio_ioprio) = match member("request", "ioprio", 2) {
+        Ok(off) => (IOPRIO_IN_REQUEST, off, 0, 0),
+        Err(_) => match (member("request", "bio", 8), member("bio", "bi_ioprio", 2)) {
+            (Ok(bio), Ok(prio)) => (IOPRIO_IN_BIO, 0, bio, prio),
+            _ => (IOPRIO_NONE, 0, 0, 0),
+        },
+    };
+    Ok(RawTpLayout {
+        ioprio_source,
+        rq_ioprio,
+        rq_bio,
+        bio_ioprio,
+        rq_q: member("request", "q", 8)?,
+        rq_sector: member("request", "__sector", 8)?,
+        rq_data_len: member("request", "__data_len", 4)?,
+        rq_cmd_flags: member("request", "cmd_flags", 4)?,
+        q_disk: member("request_queue", "disk", 8)?,
+        disk_major: member("gendisk", "major", 4)?,
+        disk_first_minor: member("gendisk", "first_minor", 4)?,
+        op_mask: (1u32 << op_bits) - 1,
+        op_read: value("REQ_OP_READ")?,
+        op_write: value("REQ_OP_WRITE")?,
+        op_flush: value("REQ_OP_FLUSH")?,
+        op_discard: value("REQ_OP_DISCARD")?,
+        op_write_zeroes: value("REQ_OP_WRITE_ZEROES")?,
+        op_secure_erase: value("REQ_OP_SECURE_ERASE")?,
+        flag_sync: bit("__REQ_SYNC")?,
+        flag_meta: bit("__REQ_META")?,
+        flag_fua: bit("__REQ_FUA")?,
+        flag_preflush: bit("__REQ_PREFLUSH")?,
+        flag_rahead: bit("__REQ_RAHEAD")?,
+    })
+}
+
+fn offset(f: &super::tracefs::Field) -> Result<u16, LayoutError> {
+    u16::try_from(f.offset)
+        .ok()
+        .filter(|o| *o != EventFields::ABSENT)
+        .ok_or(LayoutError::Value { what: format!("field {} offset", f.name), value: f.offset.into() })
+}
+
+/// Offsets of one classic event's fields; `rwbs`/`error` only where asked for.
+fn event_fields(
+    tracefs: &Tracefs,
+    event: &str,
+    want_rwbs: bool,
+    want_error: bool,
+) -> Result<EventFields, LayoutError> {
+    let fmt = tracefs.event_format("block", event)?;
+    let mut f = EventFields::NONE;
+    f.dev = offset(fmt.require("dev", 4)?)?;
+    f.sector = offset(fmt.require("sector", 8)?)?;
+    f.nr_sector = offset(fmt.require("nr_sector", 4)?)?;
+    if want_rwbs {
+        // Programs read the first 8 bytes of rwbs (RWBS_LEN was 8; 6.18 has 10).
+        let rwbs = fmt
+            .field("rwbs")
+            .ok_or_else(|| super::tracefs::TracefsError::NoField { event: event.into(), field: "rwbs".into() })?;
+        if rwbs.size < 8 {
+            return Err(LayoutError::Size { what: format!("{event}.rwbs"), found: rwbs.size, expected: 8 });
+        }
+        f.rwbs = offset(rwbs)?;
+        if let Some(io) = fmt.field("ioprio") {
+            if io.size == 2 {
+                f.ioprio = offset(io)?;
+            }
+        }
+    }
+    if want_error {
+        f.error = offset(fmt.require("error", 4)?)?;
+    }
+    Ok(f)
+}
+
+/// The classic tracepoints' field offsets, from their tracefs format files.
+pub fn tracepoint_layout(tracefs: &Tracefs) -> Result<TracepointLayout, LayoutError> {
+    Ok(TracepointLayout {
+        insert: event_fields(tracefs, "block_rq_insert", true, false)?,
+        issue: event_fields(tracefs, "block_rq_issue", false, false)?,
+        complete: event_fields(tracefs, "block_rq_complete", false, true)?,
+        requeue: event_fields(tracefs, "block_rq_requeue", false, false)?,
+        merge: event_fields(tracefs, "block_rq_merge", false, false)?,
+    })
+}
+
+/// The global for the chosen mode (only that mode's part is filled in).
+pub fn kernel_layout(mode: AttachMode, wakeup_bytes: u32) -> anyhow::Result<KernelLayout> {
+    let mut layout = KernelLayout::zeroed();
+    layout.mode = mode.abi();
+    layout.wakeup_bytes = wakeup_bytes;
+    match mode {
+        AttachMode::RawTracepoint => layout.raw = raw_tp_layout(&Btf::from_sys_fs()?)?,
+        AttachMode::Tracepoint => layout.tp = tracepoint_layout(&Tracefs::locate_or_mount()?)?,
+    }
+    Ok(layout)
+}

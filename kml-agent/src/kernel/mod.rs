@@ -1,0 +1,7 @@
+//! What the running kernel offers, probed at run time, never assumed.
+
+pub mod btf;
+pub mod caps;
+pub mod layout;
+pub mod mounts;
+pub mod tracefs;

@@ -1,0 +1,14 @@
+//! kml-agent: loads kml's block-layer eBPF observers, consumes their ring buffer,
+//! and (later stages) learns from the records.
+//!
+//! Modules follow the data flow: `kernel` (what the running kernel offers and how it
+//! lays out its structures) → `devices` (which disks, with which mq-deadline
+//! settings) → `observe` (load, configure, attach) → `record` (ring buffer → records)
+//! → `stats` (what the records say).
+
+pub mod cli;
+pub mod devices;
+pub mod kernel;
+pub mod observe;
+pub mod record;
+pub mod stats;

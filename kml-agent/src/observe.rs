@@ -1,0 +1,263 @@
+//! Loads kml's eBPF object, configures it for this kernel and these devices,
+//! attaches one set of programs. Dropping the [`Observer`] detaches everything
+//! and frees the maps (nothing is pinned here), also when a caller fails midway.
+
+use std::{borrow::Cow, time::Duration};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{RawTracePoint, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use kml_ebpf_common::{Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord};
+
+use crate::{
+    devices::BlockDevice,
+    kernel::{caps::AttachMode, layout},
+    record::RecordStream,
+};
+
+/// The tracepoints kml observes, with the program that handles each in each mode.
+const EVENTS: &[(&str, &str, &str)] = &[
+    ("block_rq_insert", "kml_raw_rq_insert", "kml_tp_rq_insert"),
+    ("block_rq_issue", "kml_raw_rq_issue", "kml_tp_rq_issue"),
+    ("block_rq_complete", "kml_raw_rq_complete", "kml_tp_rq_complete"),
+    ("block_rq_requeue", "kml_raw_rq_requeue", "kml_tp_rq_requeue"),
+    ("block_rq_merge", "kml_raw_rq_merge", "kml_tp_rq_merge"),
+];
+
+/// The eBPF object: `KML_EBPF_OBJECT` at run time if set (development), else the
+/// one embedded at build time.
+pub fn ebpf_object() -> anyhow::Result<Cow<'static, [u8]>> {
+    if let Some(path) = std::env::var_os("KML_EBPF_OBJECT") {
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("reading eBPF object {} (KML_EBPF_OBJECT)", path.to_string_lossy()))?;
+        return Ok(Cow::Owned(bytes));
+    }
+    embedded_object()
+}
+
+#[cfg(kml_ebpf_embedded)]
+fn embedded_object() -> anyhow::Result<Cow<'static, [u8]>> {
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KML_EBPF_OBJECT_PATH"));
+    Ok(Cow::Borrowed(OBJECT))
+}
+
+#[cfg(not(kml_ebpf_embedded))]
+fn embedded_object() -> anyhow::Result<Cow<'static, [u8]>> {
+    anyhow::bail!("this kml-agent was built without its eBPF object: build it with `cargo xtask build`")
+}
+
+/// Sizes and policies of the observer.
+#[derive(Clone, Debug)]
+pub struct ObserverConfig {
+    pub mode: AttachMode,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Wake the agent once this many bytes wait; 0 wakes it for every record.
+    pub wakeup_bytes: u32,
+    /// How often the agent collects what has not triggered a wake-up.
+    pub poll_interval: Duration,
+}
+
+impl ObserverConfig {
+    pub fn new(mode: AttachMode) -> Self {
+        ObserverConfig {
+            mode,
+            ring_bytes: 8 << 20,
+            wakeup_bytes: 256 << 10,
+            poll_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A traced device and the settings handed to the programs.
+#[derive(Clone, Debug)]
+pub struct TracedDevice {
+    pub device: BlockDevice,
+    pub config: DeviceConfig,
+}
+
+pub struct Observer {
+    ebpf: Ebpf,
+    config: ObserverConfig,
+    devices: Vec<TracedDevice>,
+    attached: bool,
+}
+
+impl Observer {
+    /// Loads the object with this kernel's layout and loads (verifies) the mode's
+    /// programs; nothing is attached yet.
+    pub fn load(config: ObserverConfig) -> anyhow::Result<Observer> {
+        crate::kernel::caps::require_privileges()?;
+        let layout = layout::kernel_layout(config.mode, config.wakeup_bytes)?;
+        let object = ebpf_object()?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("KML_LAYOUT", &layout, true)
+            .map_max_entries("RECORDS", config.ring_bytes)
+            .load(&object)
+            .context("loading the kml eBPF object")?;
+        for (event, raw, tp) in EVENTS {
+            match config.mode {
+                AttachMode::RawTracepoint => {
+                    let p: &mut RawTracePoint = program(&mut ebpf, raw)?;
+                    p.load().with_context(|| format!("verifying {raw} (raw tracepoint {event})"))?;
+                }
+                AttachMode::Tracepoint => {
+                    let p: &mut TracePoint = program(&mut ebpf, tp)?;
+                    p.load().with_context(|| format!("verifying {tp} (tracepoint block:{event})"))?;
+                }
+            }
+        }
+        Ok(Observer { ebpf, config, devices: Vec::new(), attached: false })
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.config.mode
+    }
+
+    pub fn devices(&self) -> &[TracedDevice] {
+        &self.devices
+    }
+
+    /// Starts tracing `device` (its mq-deadline expiries become the deadlines).
+    pub fn add_device(&mut self, device: &BlockDevice) -> anyhow::Result<()> {
+        if !device.is_mq_deadline() {
+            anyhow::bail!(
+                "{} uses scheduler `{}`, kml observes mq-deadline: echo mq-deadline > {}/queue/scheduler",
+                device.name,
+                device.scheduler.as_deref().unwrap_or("none"),
+                device.sys_path().display()
+            );
+        }
+        let (read, write) = device.expiries()?;
+        let config = DeviceConfig {
+            read_expire_ns: read.as_nanos() as u64,
+            write_expire_ns: write.as_nanos() as u64,
+        };
+        let dev = device.dev();
+        // State first: the programs count only devices that have a config entry.
+        let mut state: HashMap<&mut MapData, u32, DeviceState> = map_mut(&mut self.ebpf, "DEVICE_STATE")?;
+        state.insert(dev, DeviceState::default(), 0).context("DEVICE_STATE insert")?;
+        let mut devices: HashMap<&mut MapData, u32, DeviceConfig> = map_mut(&mut self.ebpf, "DEVICES")?;
+        devices.insert(dev, config, 0).context("DEVICES insert")?;
+        self.devices.push(TracedDevice { device: device.clone(), config });
+        Ok(())
+    }
+
+    /// Stops tracing a device (its in-flight entries complete as orphans or age out).
+    pub fn remove_device(&mut self, dev: u32) -> anyhow::Result<()> {
+        let mut devices: HashMap<&mut MapData, u32, DeviceConfig> = map_mut(&mut self.ebpf, "DEVICES")?;
+        let _ = devices.remove(&dev);
+        let mut state: HashMap<&mut MapData, u32, DeviceState> = map_mut(&mut self.ebpf, "DEVICE_STATE")?;
+        let _ = state.remove(&dev);
+        self.devices.retain(|d| d.device.dev() != dev);
+        Ok(())
+    }
+
+    /// Attaches the mode's programs to their tracepoints.
+    pub fn attach(&mut self) -> anyhow::Result<()> {
+        for (event, raw, tp) in EVENTS {
+            match self.config.mode {
+                AttachMode::RawTracepoint => {
+                    let p: &mut RawTracePoint = program(&mut self.ebpf, raw)?;
+                    p.attach(event).with_context(|| format!("attaching {raw} to raw tracepoint {event}"))?;
+                }
+                AttachMode::Tracepoint => {
+                    let p: &mut TracePoint = program(&mut self.ebpf, tp)?;
+                    p.attach("block", event).with_context(|| format!("attaching {tp} to block:{event}"))?;
+                }
+            }
+        }
+        self.attached = true;
+        Ok(())
+    }
+
+    /// Detaches every program (records already in the ring stay readable).
+    pub fn detach(&mut self) {
+        if !self.attached {
+            return;
+        }
+        for (_, raw, tp) in EVENTS {
+            let name = match self.config.mode {
+                AttachMode::RawTracepoint => raw,
+                AttachMode::Tracepoint => tp,
+            };
+            if let Some(p) = self.ebpf.program_mut(name) {
+                // Unloading drops the program's links, which detaches it.
+                let _ = match p {
+                    aya::programs::Program::RawTracePoint(p) => p.unload(),
+                    aya::programs::Program::TracePoint(p) => p.unload(),
+                    _ => Ok(()),
+                };
+            }
+        }
+        self.attached = false;
+    }
+
+    /// Takes the ring buffer for consumption (once).
+    pub fn records(&mut self) -> anyhow::Result<RecordStream> {
+        let map = self.ebpf.take_map("RECORDS").context("RECORDS ring buffer already taken")?;
+        let ring = RingBuf::try_from(map).context("RECORDS is not a ring buffer")?;
+        RecordStream::new(ring, self.config.poll_interval)
+    }
+
+    /// The programs' counters summed over CPUs.
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        let map: PerCpuArray<&MapData, Counters> = map_ref(&self.ebpf, "COUNTERS")?;
+        let per_cpu = map.get(&0, 0).context("reading COUNTERS")?;
+        let mut total = Counters::default();
+        for c in per_cpu.iter() {
+            total.accumulate(c);
+        }
+        Ok(total)
+    }
+
+    /// Requests in the in-flight map now.
+    pub fn live_inflight(&self) -> anyhow::Result<u64> {
+        let map: HashMap<&MapData, InflightKey, RequestRecord> = map_ref(&self.ebpf, "INFLIGHT")?;
+        Ok(map.keys().filter(Result::is_ok).count() as u64)
+    }
+
+    /// Per-device counts kept by the programs.
+    pub fn device_state(&self, dev: u32) -> anyhow::Result<DeviceState> {
+        let map: HashMap<&MapData, u32, DeviceState> = map_ref(&self.ebpf, "DEVICE_STATE")?;
+        map.get(&dev, 0).context("reading DEVICE_STATE")
+    }
+
+    /// Direct access for tools that need more (tests, status).
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the eBPF object"))?;
+    p.try_into().with_context(|| format!("program {name} has an unexpected type"))
+}
+
+fn map_mut<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> anyhow::Result<HashMap<&'a mut MapData, K, V>> {
+    let m = ebpf.map_mut(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+    HashMap::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn map_ref<'a, M>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<M>
+where
+    M: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.map(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+    M::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}

@@ -1,0 +1,217 @@
+//! The agent binary as an operator runs it, checked against what was issued and
+//! against independent tools (fio's own counts, bpftrace on the same tracepoints).
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use kml_ebpf_common::{trace, RequestRecord};
+use kml_integration_tests::{
+    agent_bin, assert_no_kml_programs, issue_direct, scattered_pattern, signal, ChildGuard, Issued, LoopDevice,
+};
+
+/// Starts the agent with `args`; returns it and a channel of its stderr lines.
+fn spawn_agent(args: &[&str]) -> Result<(ChildGuard, mpsc::Receiver<String>)> {
+    let mut child = Command::new(agent_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", agent_bin().display()))?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("  agent: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((ChildGuard(child), rx))
+}
+
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Result<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return Ok(line),
+            Ok(_) => continue,
+            Err(_) => bail!("agent never printed {needle:?} within {timeout:?}"),
+        }
+    }
+}
+
+#[test]
+fn doctor_reports_and_picks_a_mode() -> Result<()> {
+    let out = Command::new(agent_bin()).arg("doctor").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    ensure!(out.status.success(), "doctor failed: {}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["BTF", "tracefs", "raw tracepoints", "kprobes", "fentry/fexit", "bpffs", "lockdown", "ring buffer"] {
+        ensure!(text.contains(needle), "doctor does not report {needle}");
+    }
+    ensure!(text.lines().any(|l| l.starts_with("attach mode: ")), "no attach mode line");
+    Ok(())
+}
+
+#[test]
+fn record_cli_writes_what_was_issued() -> Result<()> {
+    const SIZE_MIB: u64 = 32;
+    let dev = LoopDevice::new(SIZE_MIB, 500, 5000)?;
+    let dir = std::env::temp_dir().join(format!("kml-record-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let csv = dir.join("trace.csv");
+    let (mut agent, rx) = spawn_agent(&[
+        "record",
+        "--device",
+        &dev.name,
+        "--duration",
+        "60s",
+        "--out",
+        csv.to_str().context("utf-8 path")?,
+    ])?;
+    wait_for_line(&rx, "recording", Duration::from_secs(30))?;
+    let pattern = scattered_pattern(500, SIZE_MIB, 3);
+    issue_direct(&dev, &pattern)?;
+    // Ctrl-C ends the recording early and cleanly.
+    signal(&agent.0, libc::SIGINT);
+    let status = agent.0.wait()?;
+    let mut summary = Vec::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        summary.push(l);
+    }
+    ensure!(status.success(), "record exited with {status}: {summary:?}");
+    ensure!(summary.iter().any(|l| l.contains("drops 0 |")), "summary does not report zero drops: {summary:?}");
+    ensure!(summary.iter().any(|l| l.contains("insert→issue p50")), "no latency summary: {summary:?}");
+    assert_no_kml_programs()?;
+
+    let rows = trace::read_all(BufReader::new(std::fs::File::open(&csv)?)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let me = std::process::id();
+    let ours: Vec<Issued> = rows
+        .iter()
+        .filter(|r| r.pid == me)
+        .map(|r| Issued { op: r.op(), sector: r.sector, nr_sectors: r.nr_sectors })
+        .collect();
+    ensure!(ours == pattern, "CSV rows differ from the issued pattern ({} rows, {} issued)", ours.len(), pattern.len());
+    ensure!(rows.iter().all(|r| r.insert_ns <= r.issue_ns && r.issue_ns <= r.complete_ns), "unordered timestamps");
+    Ok(())
+}
+
+/// Parses bpftrace's `@name: count N, average A, total T` line.
+fn bpftrace_stats(text: &str, name: &str) -> Option<(u64, u64)> {
+    let line = text.lines().find(|l| l.starts_with(&format!("@{name}: count")))?;
+    let mut nums = line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u64>());
+    Some((nums.next()?.ok()?, nums.next()?.ok()?))
+}
+
+#[test]
+fn latencies_agree_with_bpftrace_and_counts_with_fio() -> Result<()> {
+    let dev = LoopDevice::new(256, 500, 5000)?;
+    let bdev = dev.block_device()?;
+    let dir = std::env::temp_dir().join(format!("kml-fio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let csv = dir.join("trace.csv");
+
+    let (mut agent, rx) = spawn_agent(&[
+        "record",
+        "--device",
+        &dev.name,
+        "--duration",
+        "120s",
+        "--out",
+        csv.to_str().context("utf-8 path")?,
+    ])?;
+    wait_for_line(&rx, "recording", Duration::from_secs(30))?;
+
+    // bpftrace keys by sector on the one device: an independent issue→complete clock.
+    let script = format!(
+        "tracepoint:block:block_rq_issue /args->dev == {d}/ {{ @start[args->sector] = nsecs; }}
+         tracepoint:block:block_rq_complete /args->dev == {d} && @start[args->sector]/ {{
+             @lat = stats(nsecs - @start[args->sector]); delete(@start[args->sector]); }}
+         END {{ clear(@start); }}",
+        d = bdev.dev()
+    );
+    let mut bpftrace = ChildGuard(
+        Command::new("bpftrace")
+            .arg("-e")
+            .arg(&script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting bpftrace")?,
+    );
+    let mut bt_out = BufReader::new(bpftrace.0.stdout.take().context("stdout")?);
+    let mut first = String::new();
+    bt_out.read_line(&mut first)?;
+    ensure!(first.contains("Attaching"), "bpftrace did not attach: {first:?}");
+
+    let fio = Command::new("fio")
+        .args(["--name=mixed", "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=16"])
+        .args(["--size=200M", "--runtime=4", "--time_based", "--randseed=11", "--output-format=json"])
+        .arg(format!("--filename={}", dev.path.display()))
+        .output()
+        .context("running fio")?;
+    ensure!(fio.status.success(), "fio failed: {}", String::from_utf8_lossy(&fio.stderr));
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&bpftrace.0, libc::SIGINT);
+    signal(&agent.0, libc::SIGINT);
+    let mut bt_text = String::new();
+    std::io::Read::read_to_string(&mut bt_out, &mut bt_text)?;
+    let _ = bpftrace.0.wait();
+    let status = agent.0.wait()?;
+    ensure!(status.success(), "record exited with {status}");
+    assert_no_kml_programs()?;
+
+    let rows = trace::read_all(BufReader::new(std::fs::File::open(&csv)?)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let ours: Vec<&RequestRecord> = rows.iter().filter(|r| r.dev == bdev.dev() && r.issue_ns != 0).collect();
+
+    // fio's own count of the I/Os it completed.
+    let json: serde_json::Value = serde_json::from_slice(&fio.stdout).context("fio JSON")?;
+    let job = &json["jobs"][0];
+    let fio_ios = job["read"]["total_ios"].as_u64().unwrap_or(0) + job["write"]["total_ios"].as_u64().unwrap_or(0);
+    let n = ours.len() as u64;
+    eprintln!("fio total_ios {fio_ios}, kml records {n}");
+    ensure!(fio_ios > 1000, "fio did too little I/O: {fio_ios}");
+    // Random 4 KiB I/O does not merge; allow 0.5% for fio's in-flight I/O at the edges.
+    ensure!(n.abs_diff(fio_ios) * 200 <= fio_ios, "kml saw {n} requests, fio issued {fio_ios}");
+
+    let (bt_count, bt_avg) =
+        bpftrace_stats(&bt_text, "lat").with_context(|| format!("no @lat in bpftrace output: {bt_text}"))?;
+    let our_avg = ours.iter().map(|r| r.issue_to_complete_ns()).sum::<u64>() / n.max(1);
+    eprintln!("issue→complete: bpftrace n={bt_count} avg={bt_avg}ns; kml n={n} avg={our_avg}ns");
+    ensure!(bt_count.abs_diff(n) * 100 <= n, "bpftrace saw {bt_count} completions, kml {n}");
+    // Same tracepoints, different programs: averages within 10%.
+    ensure!(bt_avg.abs_diff(our_avg) * 10 <= bt_avg, "average issue→complete: bpftrace {bt_avg} ns, kml {our_avg} ns");
+    Ok(())
+}
+
+#[test]
+fn clear_errors_for_bad_input() -> Result<()> {
+    let out = Command::new(agent_bin()).args(["record", "--device", "nosuchdisk9", "--out", "/tmp/x.csv"]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "unknown device accepted");
+    ensure!(err.contains("unknown block device `nosuchdisk9`"), "unclear: {err}");
+    ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
+
+    // Not root: one line naming what is missing.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(agent_bin())
+        .args(["record", "--device", "loop0", "--out", "/tmp/kml-nonroot.csv"])
+        .output()
+        .context("running setpriv")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "unprivileged record succeeded");
+    ensure!(err.contains("not privileged enough") && err.contains("CAP_BPF"), "unclear: {err}");
+    ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
+    assert_no_kml_programs()?;
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The observer on the running kernel: real programs, real loop devices, real I/O.
+
+use anyhow::{ensure, Context as _, Result};
+use kml_agent::{
+    kernel::caps::AttachMode,
+    observe::{Observer, ObserverConfig},
+};
+use kml_ebpf_common::{Counter, ReqOp, RequestRecord};
+use kml_integration_tests::{assert_no_kml_programs, issue_direct, scattered_pattern, Issued, LoopDevice};
+
+const READ_EXPIRE_MS: u32 = 500;
+const WRITE_EXPIRE_MS: u32 = 5000;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// Issues a known pattern of synchronous O_DIRECT requests and checks that the
+/// records say exactly that, field by field.
+fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
+    const SIZE_MIB: u64 = 64;
+    let dev = LoopDevice::new(SIZE_MIB, READ_EXPIRE_MS, WRITE_EXPIRE_MS)?;
+    let bdev = dev.block_device()?;
+    let pattern = scattered_pattern(1000, SIZE_MIB, 7);
+
+    let (records, counters) = runtime().block_on(async {
+        let mut observer = Observer::load(ObserverConfig::new(mode))?;
+        observer.add_device(&bdev)?;
+        let mut stream = observer.records()?;
+        observer.attach()?;
+        // 2,000 records fit the default 8 MiB ring: drain once at the end.
+        issue_direct(&dev, &pattern)?;
+        observer.detach();
+        let mut records = Vec::new();
+        stream.drain(&mut records);
+        let counters = observer.counters()?;
+        anyhow::Ok((records, counters))
+    })?;
+    assert_no_kml_programs()?;
+
+    // Only the test's own requests (udev or others may touch a fresh device).
+    let me = std::process::id();
+    let ours: Vec<&RequestRecord> = records.iter().filter(|r| r.pid == me).collect();
+    let seen: Vec<Issued> =
+        ours.iter().map(|r| Issued { op: r.op(), sector: r.sector, nr_sectors: r.nr_sectors }).collect();
+    // Synchronous I/O: completion order is issue order, so the sequences must be equal.
+    ensure!(seen.len() == pattern.len(), "{} records of ours, {} requests issued", seen.len(), pattern.len());
+    for (i, (s, p)) in seen.iter().zip(&pattern).enumerate() {
+        ensure!(s == p, "request {i}: recorded {s:?}, issued {p:?}");
+    }
+
+    let mut prev_end: Option<u64> = None;
+    for (i, r) in ours.iter().enumerate() {
+        ensure!(r.dev == bdev.dev(), "request {i}: dev {:#x}, expected {:#x}", r.dev, bdev.dev());
+        ensure!(
+            r.insert_ns != 0 && r.insert_ns <= r.issue_ns && r.issue_ns <= r.complete_ns,
+            "request {i}: timestamps out of order: {r:?}"
+        );
+        let expire_ms = if r.op() == ReqOp::Read { READ_EXPIRE_MS } else { WRITE_EXPIRE_MS };
+        ensure!(
+            r.deadline_ns - r.insert_ns == u64::from(expire_ms) * 1_000_000,
+            "request {i}: deadline is insert + {} ns, expected {expire_ms} ms",
+            r.deadline_ns - r.insert_ns
+        );
+        ensure!(r.error == 0 && r.requeues == 0, "request {i}: {r:?}");
+        ensure!(!r.deadline_missed(), "request {i} missed a {expire_ms} ms deadline on an idle disk: {r:?}");
+        // One synchronous request at a time: nothing else in flight or queued.
+        ensure!(r.inflight() == 0 && r.queued == 0, "request {i}: in flight {} queued {}", r.inflight(), r.queued);
+        if let Some(end) = prev_end {
+            ensure!(r.issue_distance == r.sector.abs_diff(end), "request {i}: issue distance {}", r.issue_distance);
+            ensure!(r.since_last_insert_ns > 0, "request {i}: no time since last insert");
+        }
+        prev_end = Some(r.sector + u64::from(r.nr_sectors));
+        let sync = r.flags().contains(kml_ebpf_common::ReqFlags::SYNC);
+        ensure!(r.op() == ReqOp::Read || sync, "request {i}: O_DIRECT write not flagged sync: {r:?}");
+    }
+
+    ensure!(counters.get(Counter::Records) == records.len() as u64, "records counter {counters:?}");
+    for c in [Counter::RingFullDrops, Counter::InflightInsertFailures, Counter::ReadFailures] {
+        ensure!(counters.get(c) == 0, "{} = {}", c.name(), counters.get(c));
+    }
+    ensure!(counters.get(Counter::Inserts) >= pattern.len() as u64, "inserts {counters:?}");
+    Ok(())
+}
+
+#[test]
+fn raw_tracepoints_record_known_pattern_exactly() -> Result<()> {
+    known_pattern_is_recorded_exactly(AttachMode::RawTracepoint)
+}
+
+#[test]
+fn tracepoints_record_known_pattern_exactly() -> Result<()> {
+    known_pattern_is_recorded_exactly(AttachMode::Tracepoint)
+}
+
+/// Deadlines that cannot be met are labelled missed: a 1 ms read_expire under a
+/// queue of writes.
+#[test]
+fn in_flight_counts_and_misses_under_concurrency() -> Result<()> {
+    let dev = LoopDevice::new(128, 1, 1)?;
+    let bdev = dev.block_device()?;
+    let (records, counters, state, fio_ios) = runtime().block_on(async {
+        let mut observer = Observer::load(ObserverConfig::new(AttachMode::RawTracepoint))?;
+        observer.add_device(&bdev)?;
+        let mut stream = observer.records()?;
+        observer.attach()?;
+        let out = std::process::Command::new("fio")
+            .args([
+                "--name=burst",
+                "--rw=randrw",
+                "--bs=4k",
+                "--direct=1",
+                "--ioengine=libaio",
+                "--iodepth=32",
+                "--numjobs=2",
+                "--size=64M",
+                "--io_size=16M",
+                "--randseed=42",
+                "--group_reporting",
+                "--output-format=json",
+            ])
+            .arg(format!("--filename={}", dev.path.display()))
+            .output()
+            .context("running fio")?;
+        ensure!(out.status.success(), "fio failed: {}", String::from_utf8_lossy(&out.stderr));
+        observer.detach();
+        let mut records = Vec::new();
+        stream.drain(&mut records);
+        let state = observer.device_state(bdev.dev())?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
+        let job = &json["jobs"][0];
+        let fio_ios = job["read"]["total_ios"].as_u64().unwrap_or(0) + job["write"]["total_ios"].as_u64().unwrap_or(0);
+        anyhow::Ok((records, observer.counters()?, state, fio_ios))
+    })?;
+    assert_no_kml_programs()?;
+    ensure!(counters.get(Counter::RingFullDrops) == 0, "drops: {counters:?}");
+    // Every I/O fio completed is one record (or was merged into another request).
+    let merges = counters.get(Counter::Merges);
+    ensure!(
+        records.len() as u64 + merges == fio_ios,
+        "{} records + {merges} merges, fio completed {fio_ios}: {counters:?}",
+        records.len()
+    );
+    let max_inflight = records.iter().map(RequestRecord::inflight).max().unwrap_or(0);
+    ensure!(max_inflight > 1 && max_inflight < 64 + 8, "max in flight {max_inflight} (2 jobs × depth 32)");
+    ensure!(records.iter().any(|r| r.queued > 0), "no request ever found another queued");
+    // Everything completed: the device counts are back to zero.
+    ensure!(state.inflight_read == 0 && state.inflight_write == 0 && state.queued == 0, "{state:?}");
+    // mq-deadline keeps expiries in jiffies: 1 ms reads back as one jiffy (4 ms at
+    // HZ=250), and that is the deadline the kernel applies.
+    let (read_expire, write_expire) = bdev.expiries()?;
+    ensure!(read_expire.as_millis() >= 1 && read_expire == write_expire, "{read_expire:?} {write_expire:?}");
+    let expire = read_expire.as_nanos() as u64;
+    if let Some(r) = records.iter().find(|r| r.deadline_ns - r.insert_ns != expire) {
+        anyhow::bail!("deadline is not insert + read/write_expire ({read_expire:?}): {r:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn observer_rejects_device_without_mq_deadline() -> Result<()> {
+    let dev = LoopDevice::new(16, 500, 5000)?;
+    dev.set_queue("scheduler", "none")?;
+    let mut observer = Observer::load(ObserverConfig::new(AttachMode::RawTracepoint))?;
+    let err = observer.add_device(&dev.block_device()?).expect_err("none scheduler accepted");
+    let msg = format!("{err:#}");
+    ensure!(msg.contains("mq-deadline") && msg.contains(&dev.name), "unclear error: {msg}");
+    drop(observer);
+    assert_no_kml_programs()?;
+    Ok(())
+}
+
+#[test]
+fn live_drain_keeps_up_without_drops() -> Result<()> {
+    // More records than the (small) ring holds: the async consumer must keep up.
+    let dev = LoopDevice::new(256, 500, 5000)?;
+    let bdev = dev.block_device()?;
+    let (n, counters) = runtime().block_on(async {
+        let mut config = ObserverConfig::new(AttachMode::RawTracepoint);
+        config.ring_bytes = 1 << 20; // ~10k records
+        let mut observer = Observer::load(config)?;
+        observer.add_device(&bdev)?;
+        let mut stream = observer.records()?;
+        observer.attach()?;
+        let path = dev.path.clone();
+        let fio = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("fio")
+                .args(["--name=rr", "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=libaio"])
+                .args(["--iodepth=16", "--size=200M", "--runtime=3", "--time_based", "--randseed=1"])
+                .arg(format!("--filename={}", path.display()))
+                .output()
+        });
+        tokio::pin!(fio);
+        let mut batch = Vec::new();
+        let mut n = 0usize;
+        loop {
+            tokio::select! {
+                out = &mut fio => { let out = out??; ensure!(out.status.success(), "fio failed"); break }
+                got = stream.next_batch(&mut batch) => { n += got?; batch.clear(); }
+            }
+        }
+        observer.detach();
+        n += stream.drain(&mut batch);
+        anyhow::Ok((n, observer.counters()?))
+    })?;
+    assert_no_kml_programs()?;
+    ensure!(n > 10_000, "only {n} records in 3 s of randread");
+    ensure!(counters.get(Counter::RingFullDrops) == 0, "ring full drops: {counters:?}");
+    ensure!(counters.get(Counter::Records) == n as u64, "consumed {n}, emitted {}", counters.get(Counter::Records));
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! Datasets from traces: requests in insert-time order, their features (exactly what
+//! the kernel computes at insert) and their labels.
+//!
+//! Splits are by time only: the first part of a trace trains, a later part tests,
+//! never shuffled across time, so an evaluation measures how a model does on I/O
+//! that came after what it learned from.
+
+use std::{collections::BTreeMap, fs::File, io::BufReader, path::Path};
+
+use kml_ebpf_common::{
+    features::{features_at_insert, Feature, FeatureVector, TIME_SHIFT},
+    op::Direction,
+    trace, RequestRecord,
+};
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LearnError, Result};
+
+/// Requests usable for learning, sorted by insert time.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    records: Vec<RequestRecord>,
+    features: Vec<FeatureVector>,
+    /// Where the records came from (a trace path, or a description).
+    source: String,
+    /// Which part of the source this is, e.g. "records 0..7000 of 10000 by insert time".
+    window: String,
+    /// Records of the source left out (no deadline known, or never dispatched).
+    skipped: usize,
+}
+
+/// The regression target: time from insert until mq-deadline dispatched the request,
+/// in "µs" (1024 ns). Dispatch is the issue event, or completion for a request never
+/// seen issued: the same convention as [`RequestRecord::deadline_missed`].
+pub fn dispatch_delay_us(r: &RequestRecord) -> f64 {
+    let dispatched = if r.issue_ns != 0 { r.issue_ns } else { r.complete_ns };
+    dispatched.saturating_sub(r.insert_ns) as f64 / (1u64 << TIME_SHIFT) as f64
+}
+
+/// A record can be learned from when its deadline is known and it was dispatched.
+fn usable(r: &RequestRecord) -> bool {
+    r.deadline_ns > r.insert_ns && (r.issue_ns != 0 || r.complete_ns != 0)
+}
+
+impl Dataset {
+    /// Builds a dataset from records in any order (a trace is in completion order).
+    pub fn from_records(mut records: Vec<RequestRecord>, source: impl Into<String>) -> Self {
+        let before = records.len();
+        records.retain(usable);
+        let skipped = before - records.len();
+        // Stable: records inserted in the same ns keep their trace order.
+        records.sort_by_key(|r| r.insert_ns);
+        let features = records.iter().map(features_at_insert).collect();
+        let window = format!("all {} records by insert time", records.len());
+        Dataset { records, features, source: source.into(), window, skipped }
+    }
+
+    /// Reads a CSV trace written by `kml-agent record`.
+    pub fn from_trace_file(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|source| LearnError::Io { path: path.into(), source })?;
+        let records = trace::read_all(BufReader::with_capacity(1 << 20, file))
+            .map_err(|e| LearnError::Trace { path: path.into(), message: e.to_string() })?;
+        Ok(Self::from_records(records, path.display().to_string()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn window(&self) -> &str {
+        &self.window
+    }
+
+    pub fn records(&self) -> &[RequestRecord] {
+        &self.records
+    }
+
+    /// Feature vectors, as the kernel computes them.
+    pub fn features(&self) -> &[FeatureVector] {
+        &self.features
+    }
+
+    /// Classification labels: the request missed its deadline.
+    pub fn missed(&self) -> impl ExactSizeIterator<Item = bool> + '_ {
+        self.records.iter().map(RequestRecord::deadline_missed)
+    }
+
+    /// Regression targets (see [`dispatch_delay_us`]).
+    pub fn delays_us(&self) -> impl ExactSizeIterator<Item = f64> + '_ {
+        self.records.iter().map(dispatch_delay_us)
+    }
+
+    pub fn misses(&self) -> usize {
+        self.missed().filter(|&m| m).count()
+    }
+
+    /// Fraction of requests that missed their deadline (0 for an empty set).
+    pub fn miss_rate(&self) -> f64 {
+        if self.is_empty() {
+            0.0
+        } else {
+            self.misses() as f64 / self.len() as f64
+        }
+    }
+
+    /// The records from fraction `from` to fraction `to` of the dataset (by count, in
+    /// insert-time order). `window(0.0, 0.7)` and `window(0.7, 1.0)` partition it.
+    pub fn window_fraction(&self, from: f64, to: f64) -> Dataset {
+        let n = self.len();
+        let at = |f: f64| ((f.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
+        let (a, b) = (at(from), at(to).max(at(from)));
+        Dataset {
+            records: self.records[a..b].to_vec(),
+            features: self.features[a..b].to_vec(),
+            source: self.source.clone(),
+            window: format!("records {a}..{b} of {n} by insert time"),
+            skipped: self.skipped,
+        }
+    }
+
+    /// Splits at `train_fraction`: (earlier part, later part).
+    pub fn split_by_time(&self, train_fraction: f64) -> (Dataset, Dataset) {
+        (self.window_fraction(0.0, train_fraction), self.window_fraction(train_fraction, 1.0))
+    }
+
+    /// Every `stride`-th record (keeps time order and coverage of the whole window).
+    pub fn every_nth(&self, stride: usize) -> Dataset {
+        let stride = stride.max(1);
+        Dataset {
+            records: self.records.iter().step_by(stride).copied().collect(),
+            features: self.features.iter().step_by(stride).copied().collect(),
+            source: self.source.clone(),
+            window: format!("{} (every {stride}th)", self.window),
+            skipped: self.skipped,
+        }
+    }
+
+    /// The raw values of `columns`, one row per request, as f64.
+    pub fn raw_matrix(&self, columns: &[Feature]) -> Array2<f64> {
+        Array2::from_shape_fn((self.len(), columns.len()), |(i, j)| {
+            self.features[i][columns[j].index()] as f64
+        })
+    }
+
+    /// One feature's values.
+    pub fn column(&self, f: Feature) -> Vec<i32> {
+        self.features.iter().map(|x| x[f.index()]).collect()
+    }
+
+    /// What the data is, for model files and reports.
+    pub fn describe(&self) -> DataDescription {
+        let mut expire_ns: [BTreeMap<u64, usize>; 2] = Default::default();
+        let mut devices = BTreeMap::new();
+        let mut reads = 0;
+        for r in &self.records {
+            let dir = r.op().direction();
+            if dir == Direction::Read {
+                reads += 1;
+            }
+            *expire_ns[dir as usize].entry(r.deadline_ns - r.insert_ns).or_insert(0) += 1;
+            let (major, minor) = kml_ebpf_common::kernel_dev_split(r.dev);
+            *devices.entry(format!("{major}:{minor}")).or_insert(0usize) += 1;
+        }
+        // The expiry is a sysfs setting: the most common budget per direction.
+        let mode_ms = |m: &BTreeMap<u64, usize>| {
+            m.iter().max_by_key(|(_, &count)| count).map(|(&ns, _)| ns as f64 / 1e6)
+        };
+        let span_s = match (self.records.first(), self.records.last()) {
+            (Some(a), Some(b)) => (b.insert_ns - a.insert_ns) as f64 / 1e9,
+            _ => 0.0,
+        };
+        DataDescription {
+            source: self.source.clone(),
+            window: self.window.clone(),
+            records: self.len(),
+            skipped_records: self.skipped,
+            span_s,
+            miss_rate: self.miss_rate(),
+            reads,
+            writes: self.len() - reads,
+            read_expire_ms: mode_ms(&expire_ns[Direction::Read as usize]),
+            write_expire_ms: mode_ms(&expire_ns[Direction::Write as usize]),
+            devices: devices.into_keys().collect(),
+        }
+    }
+}
+
+/// The description of a dataset kept in model files and reports.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataDescription {
+    pub source: String,
+    pub window: String,
+    pub records: usize,
+    pub skipped_records: usize,
+    /// Insert time of the last request minus the first's, seconds.
+    pub span_s: f64,
+    pub miss_rate: f64,
+    pub reads: usize,
+    pub writes: usize,
+    /// The most common deadline budget of reads / writes (mq-deadline read_expire /
+    /// write_expire at the time), ms.
+    pub read_expire_ms: Option<f64>,
+    pub write_expire_ms: Option<f64>,
+    /// Devices (`major:minor`) in the data.
+    pub devices: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kml_ebpf_common::op::ReqOp;
+
+    fn rec(insert: u64, issue: u64, expire: u64) -> RequestRecord {
+        RequestRecord {
+            insert_ns: insert,
+            issue_ns: issue,
+            complete_ns: issue + 10,
+            deadline_ns: insert + expire,
+            op: ReqOp::Read as u8,
+            queued: (insert / 100) as u32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sorted_by_insert_time_and_filtered() {
+        let records = vec![
+            rec(300, 400, 1000),
+            rec(100, 5000, 1000), // missed
+            rec(200, 250, 1000),
+            RequestRecord { insert_ns: 50, deadline_ns: 0, ..Default::default() }, // no deadline
+        ];
+        let d = Dataset::from_records(records, "test");
+        assert_eq!(d.len(), 3);
+        assert_eq!(d.describe().skipped_records, 1);
+        let inserts: Vec<u64> = d.records().iter().map(|r| r.insert_ns).collect();
+        assert_eq!(inserts, [100, 200, 300]);
+        assert_eq!(d.missed().collect::<Vec<_>>(), [true, false, false]);
+        assert!((d.miss_rate() - 1.0 / 3.0).abs() < 1e-12);
+        // Features stay with their record.
+        assert_eq!(d.features()[0][Feature::Queued.index()], 1);
+        assert!((d.delays_us().next().unwrap() - 4900.0 / 1024.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn time_split_partitions_in_order() {
+        let records: Vec<_> = (0..10).rev().map(|i| rec(i * 100, i * 100 + 5, 1000)).collect();
+        let d = Dataset::from_records(records, "test");
+        let (train, test) = d.split_by_time(0.7);
+        assert_eq!((train.len(), test.len()), (7, 3));
+        assert!(train.records().last().unwrap().insert_ns < test.records()[0].insert_ns);
+        assert_eq!(test.window(), "records 7..10 of 10 by insert time");
+        let desc = d.describe();
+        assert_eq!(desc.read_expire_ms, Some(0.001));
+        assert_eq!(desc.write_expire_ms, None);
+        assert_eq!(d.every_nth(3).len(), 4);
+    }
+}

@@ -1,0 +1,241 @@
+//! Evaluation metrics. The miss class is the positive class: accuracy alone misleads
+//! when misses are rare, so balanced accuracy and the miss class's precision, recall
+//! and F1 are always reported beside it. All fractions are in 0..=1.
+
+use serde::{Deserialize, Serialize};
+
+/// Predicted vs actual, miss = positive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfusionMatrix {
+    /// Predicted miss, missed.
+    pub true_miss: u64,
+    /// Predicted miss, met its deadline.
+    pub false_miss: u64,
+    /// Predicted met, met.
+    pub true_met: u64,
+    /// Predicted met, missed.
+    pub false_met: u64,
+}
+
+impl ConfusionMatrix {
+    pub fn add(&mut self, predicted_miss: bool, missed: bool) {
+        match (predicted_miss, missed) {
+            (true, true) => self.true_miss += 1,
+            (true, false) => self.false_miss += 1,
+            (false, false) => self.true_met += 1,
+            (false, true) => self.false_met += 1,
+        }
+    }
+
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (bool, bool)>) -> Self {
+        let mut m = ConfusionMatrix::default();
+        for (predicted, actual) in pairs {
+            m.add(predicted, actual);
+        }
+        m
+    }
+
+    pub fn total(&self) -> u64 {
+        self.true_miss + self.false_miss + self.true_met + self.false_met
+    }
+
+    pub fn actual_misses(&self) -> u64 {
+        self.true_miss + self.false_met
+    }
+
+    pub fn actual_met(&self) -> u64 {
+        self.true_met + self.false_miss
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        ratio(self.true_miss + self.true_met, self.total())
+    }
+
+    /// Recall of the miss class (sensitivity).
+    pub fn recall_miss(&self) -> f64 {
+        ratio(self.true_miss, self.actual_misses())
+    }
+
+    /// Recall of the met class (specificity).
+    pub fn recall_met(&self) -> f64 {
+        ratio(self.true_met, self.actual_met())
+    }
+
+    pub fn precision_miss(&self) -> f64 {
+        ratio(self.true_miss, self.true_miss + self.false_miss)
+    }
+
+    pub fn f1_miss(&self) -> f64 {
+        // 2TP / (2TP + FP + FN): defined (0) even when there is no positive at all.
+        ratio(2 * self.true_miss, 2 * self.true_miss + self.false_miss + self.false_met)
+    }
+
+    /// Mean of the two classes' recalls. When the data holds only one class, that
+    /// class's recall (a class that is absent has no recall to average in).
+    pub fn balanced_accuracy(&self) -> f64 {
+        match (self.actual_misses(), self.actual_met()) {
+            (0, 0) => 0.0,
+            (0, _) => self.recall_met(),
+            (_, 0) => self.recall_miss(),
+            _ => (self.recall_miss() + self.recall_met()) / 2.0,
+        }
+    }
+
+    pub fn summary(&self) -> ClassificationMetrics {
+        ClassificationMetrics {
+            accuracy: self.accuracy(),
+            balanced_accuracy: self.balanced_accuracy(),
+            precision_miss: self.precision_miss(),
+            recall_miss: self.recall_miss(),
+            f1_miss: self.f1_miss(),
+            confusion: *self,
+        }
+    }
+}
+
+fn ratio(num: u64, den: u64) -> f64 {
+    if den == 0 {
+        0.0
+    } else {
+        num as f64 / den as f64
+    }
+}
+
+/// A classifier's scores on one dataset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassificationMetrics {
+    pub accuracy: f64,
+    pub balanced_accuracy: f64,
+    pub precision_miss: f64,
+    pub recall_miss: f64,
+    pub f1_miss: f64,
+    pub confusion: ConfusionMatrix,
+}
+
+/// A delay regression's scores on one dataset ("µs" of 1024 ns).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegressionMetrics {
+    /// Mean absolute error of the predicted dispatch delay.
+    pub mae_us: f64,
+    /// Coefficient of determination (1 is perfect, 0 is predicting the mean).
+    pub r2: f64,
+}
+
+impl RegressionMetrics {
+    /// From (predicted, actual) pairs. R² is 0 when the actual values are constant.
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (f64, f64)>) -> Self {
+        let pairs: Vec<(f64, f64)> = pairs.into_iter().collect();
+        if pairs.is_empty() {
+            return RegressionMetrics::default();
+        }
+        let n = pairs.len() as f64;
+        let mean = pairs.iter().map(|p| p.1).sum::<f64>() / n;
+        let (mut abs, mut ss_res, mut ss_tot) = (0.0, 0.0, 0.0);
+        for &(predicted, actual) in &pairs {
+            abs += (predicted - actual).abs();
+            ss_res += (predicted - actual).powi(2);
+            ss_tot += (actual - mean).powi(2);
+        }
+        let r2 = if ss_tot > 0.0 { 1.0 - ss_res / ss_tot } else { 0.0 };
+        RegressionMetrics { mae_us: abs / n, r2 }
+    }
+}
+
+/// The threshold `t` on `scores` (verdict: `score > t`) that maximises balanced
+/// accuracy against `labels`. Ties keep the higher threshold (fewer flags). With one
+/// class only, returns a threshold that predicts it.
+pub fn best_balanced_threshold(scores: &[f64], labels: &[bool]) -> f64 {
+    assert_eq!(scores.len(), labels.len());
+    let positives = labels.iter().filter(|&&l| l).count() as f64;
+    let negatives = labels.len() as f64 - positives;
+    let mut order: Vec<usize> = (0..scores.len()).filter(|&i| scores[i].is_finite()).collect();
+    // Highest score first: moving the threshold down flags one more request at a time.
+    order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let top = order.first().map_or(0.0, |&i| scores[i]);
+    if positives == 0.0 || negatives == 0.0 || order.is_empty() {
+        return if positives == 0.0 { top + 1.0 } else { f64::MIN };
+    }
+    let (mut tp, mut fp) = (0.0, 0.0);
+    // Flag nothing: recall_met = 1, recall_miss = 0.
+    let (mut best, mut best_t) = (0.5, top + 1.0);
+    let mut k = 0;
+    while k < order.len() {
+        // Take every request with this score at once: a threshold cannot split them.
+        let s = scores[order[k]];
+        while k < order.len() && scores[order[k]] == s {
+            if labels[order[k]] {
+                tp += 1.0;
+            } else {
+                fp += 1.0;
+            }
+            k += 1;
+        }
+        let ba = 0.5 * (tp / positives + (negatives - fp) / negatives);
+        if ba > best {
+            best = ba;
+            best_t = match order.get(k) {
+                Some(&next) => (s + scores[next]) / 2.0,
+                None => s - 1.0,
+            };
+        }
+    }
+    best_t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confusion_metrics_by_hand() {
+        // 10 requests: 4 missed; predicted 3 of them plus 2 false alarms.
+        let mut pairs = vec![(true, true); 3];
+        pairs.push((false, true));
+        pairs.extend([(true, false); 2]);
+        pairs.extend([(false, false); 4]);
+        let m = ConfusionMatrix::from_pairs(pairs);
+        assert_eq!(m, ConfusionMatrix { true_miss: 3, false_miss: 2, true_met: 4, false_met: 1 });
+        let s = m.summary();
+        assert!((s.accuracy - 0.7).abs() < 1e-12);
+        assert!((s.recall_miss - 0.75).abs() < 1e-12);
+        assert!((s.precision_miss - 0.6).abs() < 1e-12);
+        assert!((s.balanced_accuracy - (0.75 + 4.0 / 6.0) / 2.0).abs() < 1e-12);
+        assert!((s.f1_miss - 2.0 * 0.6 * 0.75 / 1.35).abs() < 1e-12);
+    }
+
+    #[test]
+    fn degenerate_confusions_are_defined() {
+        let none = ConfusionMatrix::default();
+        assert_eq!(none.summary().balanced_accuracy, 0.0);
+        let all_met = ConfusionMatrix::from_pairs([(false, false); 5]);
+        assert_eq!(all_met.balanced_accuracy(), 1.0);
+        assert_eq!(all_met.f1_miss(), 0.0);
+    }
+
+    #[test]
+    fn regression_metrics() {
+        let r = RegressionMetrics::from_pairs([(1.0, 1.0), (2.0, 3.0), (3.0, 2.0)]);
+        assert!((r.mae_us - 2.0 / 3.0).abs() < 1e-12);
+        assert!((r.r2 - (1.0 - 2.0 / 2.0)).abs() < 1e-12);
+        assert_eq!(RegressionMetrics::from_pairs([(1.0, 1.0), (1.0, 1.0)]).r2, 0.0);
+    }
+
+    #[test]
+    fn threshold_separates_when_possible() {
+        let scores = [0.1, 0.2, 0.3, 0.8, 0.9, 0.35];
+        let labels = [false, false, false, true, true, false];
+        let t = best_balanced_threshold(&scores, &labels);
+        assert!(t > 0.35 && t < 0.8, "{t}");
+        // Rare positives: balanced accuracy prefers catching them over raw accuracy.
+        let scores = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.45];
+        let labels = [false, false, false, false, false, false, false, false, true];
+        let t = best_balanced_threshold(&scores, &labels);
+        assert!(t < 0.45, "{t}");
+        // Single class.
+        assert!(best_balanced_threshold(&[1.0, 2.0], &[false, false]) > 2.0);
+        assert!(best_balanced_threshold(&[1.0, 2.0], &[true, true]) < 1.0);
+    }
+}

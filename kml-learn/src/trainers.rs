@@ -1,0 +1,389 @@
+//! The trainers, linfa style: a `…Params` value describes the training, `fit` turns a
+//! training window into a fitted float model.
+//!
+//! Each `fit` takes two time-ordered windows: `train` (the parameters are learned on
+//! it) and `tune` (a later window the verdict threshold is chosen on, to maximise
+//! balanced accuracy: misses are rare, and a 0.5 probability or "delay > budget"
+//! cut-off is rarely the best one). An empty `tune` window keeps the default
+//! threshold (0 on the log-odds or the delay margin).
+
+use kml_ebpf_common::{
+    features::{Feature, KML_BASELINE_FEATURES},
+    model::{ModelKind, TREE_MAX_DEPTH, TREE_MAX_NODES},
+};
+use linfa::{traits::Fit, DatasetBase};
+use linfa_linear::LinearRegression;
+use linfa_logistic::LogisticRegression;
+use linfa_trees::{DecisionTree, SplitQuality, TreeNode};
+use ndarray::{Array1, Array2};
+
+use crate::{
+    dataset::Dataset,
+    error::{LearnError, Result},
+    float_model::{FeatureScaling, FloatLinearModel, FloatTreeModel, FloatTreeNode},
+    metrics::best_balanced_threshold,
+    progress::Progress,
+};
+
+/// Every feature, in vector order: the default feature set of the richer models.
+pub fn all_features() -> Vec<Feature> {
+    Feature::ALL.to_vec()
+}
+
+fn need_data(what: &str, train: &Dataset, min: usize) -> Result<()> {
+    if train.len() < min {
+        return Err(LearnError::NotEnoughData {
+            what: what.into(),
+            message: format!("{} requests in the training window, need at least {min}", train.len()),
+        });
+    }
+    Ok(())
+}
+
+/// Learns each feature's scaling on `train`.
+fn fit_scaling(train: &Dataset, features: &[Feature]) -> Vec<FeatureScaling> {
+    features.iter().map(|&f| FeatureScaling::fit(&train.column(f))).collect()
+}
+
+/// Clipped, standardised design matrix.
+fn standardized(data: &Dataset, features: &[Feature], scaling: &[FeatureScaling]) -> Array2<f64> {
+    let x = data.features();
+    Array2::from_shape_fn((data.len(), features.len()), |(i, j)| {
+        scaling[j].standardize(x[i][features[j].index()])
+    })
+}
+
+/// Threshold on `margin` that maximises balanced accuracy on `tune` (0 if empty).
+fn tuned_threshold(tune: &Dataset, margin: impl Fn(&kml_ebpf_common::features::FeatureVector) -> f64) -> f64 {
+    if tune.is_empty() {
+        return 0.0;
+    }
+    let scores: Vec<f64> = tune.features().iter().map(margin).collect();
+    let labels: Vec<bool> = tune.missed().collect();
+    best_balanced_threshold(&scores, &labels)
+}
+
+/// Linear regression of the dispatch delay (linfa-linear, least squares); verdict:
+/// predicted delay > time left to the deadline (+ a tuned threshold).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DelayRegressionParams {
+    kind: ModelKind,
+    features: Vec<Feature>,
+    tune_threshold: bool,
+}
+
+impl DelayRegressionParams {
+    /// KML's baseline: its two features, and the plain "predicted delay > budget"
+    /// verdict (no threshold tuning), as KML decided.
+    pub fn kml_baseline() -> Self {
+        DelayRegressionParams {
+            kind: ModelKind::Baseline,
+            features: KML_BASELINE_FEATURES.to_vec(),
+            tune_threshold: false,
+        }
+    }
+
+    /// Linear regression on `features`, threshold tuned.
+    pub fn new(features: Vec<Feature>) -> Self {
+        DelayRegressionParams { kind: ModelKind::LinearRegression, features, tune_threshold: true }
+    }
+
+    pub fn tune_threshold(mut self, tune: bool) -> Self {
+        self.tune_threshold = tune;
+        self
+    }
+
+    pub fn fit(&self, train: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatLinearModel> {
+        need_data("linear regression", train, self.features.len() + 2)?;
+        let scaling = fit_scaling(train, &self.features);
+        let x = standardized(train, &self.features, &scaling);
+        let y: Array1<f64> = train.delays_us().collect();
+        progress.step(format_args!(
+            "least squares on {} requests x {} features",
+            train.len(),
+            self.features.len()
+        ));
+        let fitted = LinearRegression::new()
+            .fit(&DatasetBase::new(x, y))
+            .map_err(|e| LearnError::Fit { trainer: "linear regression", message: e.to_string() })?;
+        let mut model = FloatLinearModel {
+            kind: self.kind,
+            features: self.features.clone(),
+            scaling,
+            weights: fitted.params().to_vec(),
+            intercept: fitted.intercept(),
+            threshold: 0.0,
+        };
+        if self.tune_threshold {
+            model.threshold = tuned_threshold(tune, |x| model.margin(x));
+        }
+        Ok(model)
+    }
+}
+
+/// Logistic regression of the miss class (linfa-logistic, L-BFGS), threshold tuned
+/// on the log-odds for rare misses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogisticParams {
+    features: Vec<Feature>,
+    alpha: f64,
+    max_iterations: u64,
+    tune_threshold: bool,
+}
+
+impl LogisticParams {
+    pub fn new(features: Vec<Feature>) -> Self {
+        LogisticParams { features, alpha: 1e-3, max_iterations: 100, tune_threshold: true }
+    }
+
+    /// L2 penalty weight.
+    pub fn alpha(mut self, alpha: f64) -> Self {
+        self.alpha = alpha;
+        self
+    }
+
+    pub fn max_iterations(mut self, n: u64) -> Self {
+        self.max_iterations = n;
+        self
+    }
+
+    pub fn tune_threshold(mut self, tune: bool) -> Self {
+        self.tune_threshold = tune;
+        self
+    }
+
+    pub fn fit(&self, train: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatLinearModel> {
+        need_data("logistic regression", train, self.features.len() + 2)?;
+        let misses = train.misses();
+        if misses == 0 || misses == train.len() {
+            return Err(LearnError::NotEnoughData {
+                what: "logistic regression".into(),
+                message: format!("the training window has {misses} misses in {} requests: need both classes", train.len()),
+            });
+        }
+        let scaling = fit_scaling(train, &self.features);
+        let x = standardized(train, &self.features, &scaling);
+        let y: Array1<bool> = train.missed().collect();
+        progress.step(format_args!(
+            "L-BFGS on {} requests x {} features (at most {} iterations)",
+            train.len(),
+            self.features.len(),
+            self.max_iterations
+        ));
+        let fitted = LogisticRegression::default()
+            .alpha(self.alpha)
+            .max_iterations(self.max_iterations)
+            .fit(&DatasetBase::new(x, y))
+            .map_err(|e| LearnError::Fit { trainer: "logistic regression", message: e.to_string() })?;
+        // linfa models the probability of its "positive" class, whichever label that
+        // is: turn it into the log-odds of a miss.
+        let sign = if fitted.labels().pos.class { 1.0 } else { -1.0 };
+        let mut model = FloatLinearModel {
+            kind: ModelKind::Logistic,
+            features: self.features.clone(),
+            scaling,
+            weights: fitted.params().iter().map(|w| sign * w).collect(),
+            intercept: sign * fitted.intercept(),
+            threshold: 0.0,
+        };
+        if self.tune_threshold {
+            model.threshold = tuned_threshold(tune, |x| model.margin(x));
+        }
+        Ok(model)
+    }
+}
+
+/// A decision tree of the miss class (linfa-trees, Gini, classes weighted to
+/// balance), exported as flat arrays; each node's miss probability is then measured
+/// on the whole training window and the probability threshold tuned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TreeParams {
+    features: Vec<Feature>,
+    max_depth: usize,
+    min_samples_leaf: usize,
+    max_samples: usize,
+    tune_threshold: bool,
+}
+
+impl TreeParams {
+    pub fn new(features: Vec<Feature>) -> Self {
+        TreeParams { features, max_depth: 6, min_samples_leaf: 50, max_samples: 50_000, tune_threshold: true }
+    }
+
+    /// At most [`TREE_MAX_DEPTH`]: the kernel walks a bounded number of steps.
+    pub fn max_depth(mut self, depth: usize) -> Self {
+        self.max_depth = depth;
+        self
+    }
+
+    pub fn min_samples_leaf(mut self, n: usize) -> Self {
+        self.min_samples_leaf = n;
+        self
+    }
+
+    /// linfa-trees rescans every training row at every node: trees are grown on at
+    /// most this many requests (evenly spaced over the window), then their leaf
+    /// probabilities measured on all of it.
+    pub fn max_samples(mut self, n: usize) -> Self {
+        self.max_samples = n;
+        self
+    }
+
+    pub fn tune_threshold(mut self, tune: bool) -> Self {
+        self.tune_threshold = tune;
+        self
+    }
+
+    pub fn fit(&self, train: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatTreeModel> {
+        if self.max_depth == 0 || self.max_depth > TREE_MAX_DEPTH {
+            return Err(LearnError::Fit {
+                trainer: "decision tree",
+                message: format!("max depth {} is not in 1..={TREE_MAX_DEPTH}", self.max_depth),
+            });
+        }
+        need_data("decision tree", train, 2 * self.min_samples_leaf.max(1))?;
+        let sample = train.every_nth(train.len().div_ceil(self.max_samples.max(1)));
+        let misses = sample.misses();
+        if misses == 0 || misses == sample.len() {
+            return Err(LearnError::NotEnoughData {
+                what: "decision tree".into(),
+                message: format!("the training sample has {misses} misses in {} requests: need both classes", sample.len()),
+            });
+        }
+        // Balanced class weights: each class carries half the total weight.
+        let n = sample.len() as f32;
+        let (w_miss, w_met) = (n / (2.0 * misses as f32), n / (2.0 * (sample.len() - misses) as f32));
+        let labels: Array1<bool> = sample.missed().collect();
+        let weights: Array1<f32> = labels.iter().map(|&m| if m { w_miss } else { w_met }).collect();
+        let data = DatasetBase::new(sample.raw_matrix(&self.features), labels).with_weights(weights);
+        progress.step(format_args!(
+            "growing a tree of depth <= {} on {} requests x {} features",
+            self.max_depth,
+            sample.len(),
+            self.features.len()
+        ));
+        let fitted = DecisionTree::params()
+            .split_quality(SplitQuality::Gini)
+            .max_depth(Some(self.max_depth))
+            .min_weight_split(2.0 * self.min_samples_leaf as f32)
+            .min_weight_leaf(self.min_samples_leaf as f32)
+            .fit(&data)
+            .map_err(|e| LearnError::Fit { trainer: "decision tree", message: e.to_string() })?;
+
+        let mut nodes = Vec::new();
+        export_node(fitted.root_node(), &self.features, &mut nodes)?;
+        let mut model = FloatTreeModel { features: self.features.clone(), nodes, threshold: 0.5 };
+        progress.step(format_args!(
+            "tree has {} nodes, depth {}; measuring leaf miss rates on {} requests",
+            model.nodes.len(),
+            model.depth(),
+            train.len()
+        ));
+        measure_node_probabilities(&mut model, train);
+        if self.tune_threshold && !tune.is_empty() {
+            model.threshold = tuned_threshold(tune, |x| model.p_miss(x));
+        }
+        Ok(model)
+    }
+}
+
+/// Appends `node` and its subtree in pre-order (children after their parent).
+fn export_node(node: &TreeNode<f64, bool>, features: &[Feature], out: &mut Vec<FloatTreeNode>) -> Result<usize> {
+    let index = out.len();
+    if index >= TREE_MAX_NODES {
+        return Err(LearnError::Fit {
+            trainer: "decision tree",
+            message: format!("more than {TREE_MAX_NODES} nodes"),
+        });
+    }
+    out.push(FloatTreeNode { feature: None, split: 0.0, left: 0, right: 0, p_miss: 0.0, samples: 0 });
+    let children = node.children();
+    if let (false, [Some(left), Some(right)]) = (node.is_leaf(), children.as_slice()) {
+        let (column, split, _) = node.split();
+        let left = export_node(left, features, out)?;
+        let right = export_node(right, features, out)?;
+        out[index] = FloatTreeNode { feature: Some(features[column]), split, left, right, p_miss: 0.0, samples: 0 };
+    }
+    Ok(index)
+}
+
+/// Sets every node's miss probability to the share of `data`'s requests reaching it
+/// that missed (Laplace-smoothed towards the parent for nodes few requests reach).
+pub fn measure_node_probabilities(tree: &mut FloatTreeModel, data: &Dataset) {
+    let n = tree.nodes.len();
+    let (mut reached, mut missed) = (vec![0u64; n], vec![0u64; n]);
+    for (x, m) in data.features().iter().zip(data.missed()) {
+        let mut i = 0;
+        loop {
+            reached[i] += 1;
+            missed[i] += m as u64;
+            let node = &tree.nodes[i];
+            match node.feature {
+                None => break,
+                Some(f) => i = if (x[f.index()] as f64) <= node.split { node.left } else { node.right },
+            }
+        }
+    }
+    // Pre-order: a parent's probability is known before its children's.
+    const PRIOR_WEIGHT: f64 = 10.0;
+    let overall = if reached[0] > 0 { missed[0] as f64 / reached[0] as f64 } else { 0.0 };
+    let mut p = vec![overall; n];
+    for i in 0..n {
+        let prior = p[i];
+        p[i] = (missed[i] as f64 + PRIOR_WEIGHT * prior) / (reached[i] as f64 + PRIOR_WEIGHT);
+        tree.nodes[i].p_miss = p[i];
+        tree.nodes[i].samples = reached[i];
+        if let Some(_f) = tree.nodes[i].feature {
+            let (l, r) = (tree.nodes[i].left, tree.nodes[i].right);
+            p[l] = p[i];
+            p[r] = p[i];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::SyntheticTrace;
+
+    fn data() -> (Dataset, Dataset) {
+        let d = Dataset::from_records(SyntheticTrace::new(7).records(6000), "synthetic");
+        let (train, rest) = d.split_by_time(0.6);
+        (train, rest)
+    }
+
+    #[test]
+    fn regression_learns_queue_delay() {
+        let (train, tune) = data();
+        let m = DelayRegressionParams::new(all_features()).fit(&train, &tune, &Progress::silent()).unwrap();
+        // The synthetic delay grows with the queue: its weight must be clearly positive.
+        let q = m.features.iter().position(|&f| f == Feature::Queued).unwrap();
+        assert!(m.weights[q] > 0.0, "{:?}", m.weights);
+        let base = DelayRegressionParams::kml_baseline().fit(&train, &tune, &Progress::silent()).unwrap();
+        assert_eq!(base.features, KML_BASELINE_FEATURES);
+        assert_eq!(base.threshold, 0.0);
+    }
+
+    #[test]
+    fn logistic_points_towards_misses() {
+        let (train, tune) = data();
+        let m = LogisticParams::new(all_features()).fit(&train, &tune, &Progress::silent()).unwrap();
+        let q = m.features.iter().position(|&f| f == Feature::Queued).unwrap();
+        assert!(m.weights[q] > 0.0, "{:?}", m.weights);
+    }
+
+    #[test]
+    fn tree_exports_in_preorder_within_bounds() {
+        let (train, tune) = data();
+        let t = TreeParams::new(all_features()).max_depth(4).fit(&train, &tune, &Progress::silent()).unwrap();
+        assert!(t.nodes.len() > 1 && t.depth() <= 4);
+        for (i, n) in t.nodes.iter().enumerate() {
+            if n.feature.is_some() {
+                assert!(n.left > i && n.right > i);
+            }
+            assert!((0.0..=1.0).contains(&n.p_miss));
+        }
+        assert_eq!(t.nodes[0].samples, train.len() as u64);
+        assert!(TreeParams::new(all_features()).max_depth(9).fit(&train, &tune, &Progress::silent()).is_err());
+    }
+}
