@@ -17,6 +17,8 @@ pub struct BlockDevice {
     pub name: String,
     pub major: u32,
     pub minor: u32,
+    /// Capacity in 512-byte sectors (0 for an unattached loop device).
+    pub size_sectors: u64,
     /// The active I/O scheduler (`none`, `mq-deadline`, ...), if the queue has one.
     pub scheduler: Option<String>,
     pub available_schedulers: Vec<String>,
@@ -63,6 +65,7 @@ impl BlockDevice {
             .with_context(|| format!("no block device `{name}` ({}/dev unreadable)", dir.display()))?;
         let (major, minor) = parse_dev_numbers(&numbers)
             .with_context(|| format!("{}/dev: unexpected {numbers:?}", dir.display()))?;
+        let size_sectors = fs::read_to_string(dir.join("size")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
         let (scheduler, available_schedulers) = fs::read_to_string(dir.join("queue/scheduler"))
             .map(|s| parse_scheduler(&s))
             .unwrap_or((None, Vec::new()));
@@ -74,7 +77,7 @@ impl BlockDevice {
                 }
             }
         }
-        Ok(BlockDevice { name: name.to_owned(), major, minor, scheduler, available_schedulers, iosched })
+        Ok(BlockDevice { name: name.to_owned(), major, minor, size_sectors, scheduler, available_schedulers, iosched })
     }
 
     /// Resolves `loop0`, `/dev/loop0` or `/sys/block/loop0`.
@@ -150,6 +153,7 @@ mod tests {
             name: "loop9".into(),
             major: 7,
             minor: 9,
+            size_sectors: 0,
             scheduler: Some("mq-deadline".into()),
             available_schedulers: vec![],
             iosched: BTreeMap::new(),

@@ -2,7 +2,7 @@
 //! attaches one set of programs. Dropping the [`Observer`] detaches everything
 //! and frees the maps (nothing is pinned here), also when a caller fails midway.
 
-use std::{borrow::Cow, time::Duration};
+use std::{borrow::Cow, os::fd::AsFd as _, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
@@ -226,9 +226,71 @@ impl Observer {
         map.get(&dev, 0).context("reading DEVICE_STATE")
     }
 
+    /// The kernel's statistics of each attached program: runs, time (when
+    /// `kernel.bpf_stats_enabled` is 1) and runs skipped because the program would
+    /// have nested in itself on a CPU (events lost to the kernel, not to kml).
+    pub fn program_stats(&self) -> anyhow::Result<Vec<ProgramStats>> {
+        let mut out = Vec::new();
+        for (event, raw, tp) in EVENTS {
+            let name = match self.config.mode {
+                AttachMode::RawTracepoint => *raw,
+                AttachMode::Tracepoint => *tp,
+            };
+            let Some(p) = self.ebpf.program(name) else { continue };
+            let Ok(fd) = p.fd() else { continue };
+            let info = prog_info(fd.as_fd()).with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD on {name}"))?;
+            out.push(ProgramStats {
+                name,
+                event,
+                run_count: info.run_cnt,
+                run_time_ns: info.run_time_ns,
+                recursion_misses: info.recursion_misses,
+            });
+        }
+        Ok(out)
+    }
+
     /// Direct access for tools that need more (tests, status).
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
+    }
+}
+
+/// Kernel-side statistics of one program (`bpf_prog_info`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub event: &'static str,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    pub recursion_misses: u64,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` for a program (aya keeps `recursion_misses` private).
+fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<aya_obj::generated::bpf_prog_info> {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: bpf_prog_info is plain integers; all-zero is its documented initial state.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: (&raw mut info) as u64,
+    };
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw const attr, std::mem::size_of::<InfoAttr>())
+    };
+    if rc == 0 {
+        Ok(info)
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

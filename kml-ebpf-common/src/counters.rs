@@ -77,9 +77,12 @@ counters! {
     inflight_removed => InflightRemoved,
     /// Completions of part of a request (the request stays in flight).
     partial_completions => PartialCompletions,
-    /// Inserts of a request that was already in flight (requeued and re-inserted;
-    /// in tracepoint mode also a (dev, sector) collision).
+    /// Inserts of a requeued request (it is still in flight: same entry, new deadline).
     reinserts => Reinserts,
+    /// Inserts that found an issued, uncompleted entry under their key: its
+    /// completion event was missed (see the programs' recursion misses), or, in
+    /// tracepoint mode, two requests at one sector. The stale entry is dropped.
+    stale_entries => StaleEntries,
     /// Events dropped because a kernel read (bpf_probe_read_kernel) failed.
     read_failures => ReadFailures,
 }

@@ -134,14 +134,29 @@ fn on_insert(v: &ReqView) {
     };
 
     if let Some(e) = INFLIGHT.get_ptr_mut(v.key) {
-        // Requeued and inserted again (or, with tracepoint keys, a second request at
-        // the same sector). mq-deadline gives it a fresh FIFO deadline.
-        count(Counter::Reinserts);
-        unsafe {
-            (*e).insert_ns = now;
-            (*e).deadline_ns = now + expire;
+        if unsafe { (*e).issue_ns } == 0 {
+            // Requeued (the requeue cleared issue_ns) and inserted again:
+            // mq-deadline gives it a fresh FIFO deadline.
+            count(Counter::Reinserts);
+            unsafe {
+                (*e).insert_ns = now;
+                (*e).deadline_ns = now + expire;
+            }
+            return;
         }
-        return;
+        // An issued request's key inserted again: its completion was never seen (the
+        // kernel skips a program that would nest in itself on a CPU, counting it in
+        // the program's recursion_misses), and the request slot is being reused.
+        // Drop the stale entry and record the new request.
+        count(Counter::StaleEntries);
+        unsafe {
+            if let Some(s) = DEVICE_STATE.get_ptr_mut((*e).dev) {
+                release_counts(s, ReqOp::from_u8((*e).op).direction(), false);
+            }
+        }
+        if INFLIGHT.remove(v.key).is_ok() {
+            count(Counter::InflightRemoved);
+        }
     }
 
     let rec = match SCRATCH.get_ptr_mut(0) {

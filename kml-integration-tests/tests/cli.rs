@@ -14,25 +14,38 @@ use kml_integration_tests::{
     agent_bin, assert_no_kml_programs, issue_direct, scattered_pattern, signal, ChildGuard, Issued, LoopDevice,
 };
 
-/// Starts the agent with `args`; returns it and a channel of its stderr lines.
-fn spawn_agent(args: &[&str]) -> Result<(ChildGuard, mpsc::Receiver<String>)> {
+/// Lines of `reader`, echoed with `tag` and sent to the returned channel.
+fn forward_lines(reader: impl std::io::Read + Send + 'static, tag: &'static str) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep reading even when nobody listens: a closed pipe would make the
+        // agent's next print fail.
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            eprintln!("  {tag}: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// A running agent and its output, line by line.
+struct Agent {
+    child: ChildGuard,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// Starts the agent with `args`.
+fn spawn_agent(args: &[&str]) -> Result<Agent> {
     let mut child = Command::new(agent_bin())
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", agent_bin().display()))?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("  agent: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    Ok((ChildGuard(child), rx))
+    let stdout = forward_lines(child.stdout.take().context("stdout")?, "agent out");
+    let stderr = forward_lines(child.stderr.take().context("stderr")?, "agent");
+    Ok(Agent { child: ChildGuard(child), stdout, stderr })
 }
 
 fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Result<String> {
@@ -67,7 +80,7 @@ fn record_cli_writes_what_was_issued() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("kml-record-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let csv = dir.join("trace.csv");
-    let (mut agent, rx) = spawn_agent(&[
+    let Agent { child: mut agent, stderr: rx, .. } = spawn_agent(&[
         "record",
         "--device",
         &dev.name,
@@ -119,7 +132,7 @@ fn latencies_agree_with_bpftrace_and_counts_with_fio() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let csv = dir.join("trace.csv");
 
-    let (mut agent, rx) = spawn_agent(&[
+    let Agent { child: mut agent, stderr: rx, .. } = spawn_agent(&[
         "record",
         "--device",
         &dev.name,
@@ -212,6 +225,40 @@ fn clear_errors_for_bad_input() -> Result<()> {
     ensure!(!out.status.success(), "unprivileged record succeeded");
     ensure!(err.contains("not privileged enough") && err.contains("CAP_BPF"), "unclear: {err}");
     ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
+    assert_no_kml_programs()?;
+    Ok(())
+}
+
+#[test]
+fn run_prints_live_lines_and_detaches_on_sigterm() -> Result<()> {
+    const SIZE_MIB: u64 = 32;
+    let dev = LoopDevice::new(SIZE_MIB, 500, 5000)?;
+    let Agent { child: mut agent, stdout: rx, .. } = spawn_agent(&["run", "--device", &dev.name])?;
+    // Keep the disk busy until a live line reports records.
+    let pattern = scattered_pattern(400, SIZE_MIB, 5);
+    let mut busy_line = None;
+    for _ in 0..20 {
+        issue_direct(&dev, &pattern)?;
+        while let Ok(line) = rx.try_recv() {
+            let rate: f64 = line
+                .split('|')
+                .next()
+                .and_then(|s| s.split_whitespace().rev().nth(1))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0.0);
+            if rate > 0.0 {
+                busy_line = Some(line);
+            }
+        }
+        if busy_line.is_some() {
+            break;
+        }
+    }
+    let line = busy_line.context("no live line reported records/s > 0")?;
+    ensure!(line.contains("rec/s") && line.contains("misses") && line.contains("drops 0"), "live line: {line}");
+    signal(&agent.0, libc::SIGTERM);
+    let status = agent.0.wait()?;
+    ensure!(status.success(), "run exited with {status} after SIGTERM");
     assert_no_kml_programs()?;
     Ok(())
 }

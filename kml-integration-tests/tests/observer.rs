@@ -23,7 +23,7 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
     let bdev = dev.block_device()?;
     let pattern = scattered_pattern(1000, SIZE_MIB, 7);
 
-    let (records, counters) = runtime().block_on(async {
+    let (records, counters, missed) = runtime().block_on(async {
         let mut observer = Observer::load(ObserverConfig::new(mode))?;
         observer.add_device(&bdev)?;
         let mut stream = observer.records()?;
@@ -34,7 +34,8 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         let mut records = Vec::new();
         stream.drain(&mut records);
         let counters = observer.counters()?;
-        anyhow::Ok((records, counters))
+        let missed: u64 = observer.program_stats()?.iter().map(|p| p.recursion_misses).sum();
+        anyhow::Ok((records, counters, missed))
     })?;
     assert_no_kml_programs()?;
 
@@ -43,13 +44,34 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
     let ours: Vec<&RequestRecord> = records.iter().filter(|r| r.pid == me).collect();
     let seen: Vec<Issued> =
         ours.iter().map(|r| Issued { op: r.op(), sector: r.sector, nr_sectors: r.nr_sectors }).collect();
-    // Synchronous I/O: completion order is issue order, so the sequences must be equal.
-    ensure!(seen.len() == pattern.len(), "{} records of ours, {} requests issued", seen.len(), pattern.len());
-    for (i, (s, p)) in seen.iter().zip(&pattern).enumerate() {
-        ensure!(s == p, "request {i}: recorded {s:?}, issued {p:?}");
+    // Synchronous I/O: completion order is issue order, so the records must be the
+    // issued sequence. The only allowed gap is an event the kernel itself skipped
+    // (a program that would nest in itself on a CPU), which it counts.
+    let mut expected = pattern.iter();
+    let mut skipped = 0u64;
+    for (i, s) in seen.iter().enumerate() {
+        loop {
+            let p = expected.next().with_context(|| format!("record {i} {s:?} is not in the issued pattern"))?;
+            if p == s {
+                break;
+            }
+            skipped += 1;
+        }
+    }
+    skipped += expected.count() as u64;
+    let others = records.len() - seen.len();
+    ensure!(
+        skipped <= missed,
+        "{skipped} issued requests not recorded, but the kernel reports {missed} missed events \
+         ({} records of ours, {others} of other tasks; counters {counters:?})",
+        seen.len()
+    );
+    if skipped > 0 {
+        eprintln!("note: {skipped} requests lost to {missed} kernel-skipped (recursive) program runs");
     }
 
     let mut prev_end: Option<u64> = None;
+    let mut prev_insert = 0u64;
     for (i, r) in ours.iter().enumerate() {
         ensure!(r.dev == bdev.dev(), "request {i}: dev {:#x}, expected {:#x}", r.dev, bdev.dev());
         ensure!(
@@ -66,10 +88,12 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         ensure!(!r.deadline_missed(), "request {i} missed a {expire_ms} ms deadline on an idle disk: {r:?}");
         // One synchronous request at a time: nothing else in flight or queued.
         ensure!(r.inflight() == 0 && r.queued == 0, "request {i}: in flight {} queued {}", r.inflight(), r.queued);
-        if let Some(end) = prev_end {
+        // Exact when the previous request was recorded (no gap before this one).
+        if let Some(end) = prev_end.filter(|_| skipped == 0) {
             ensure!(r.issue_distance == r.sector.abs_diff(end), "request {i}: issue distance {}", r.issue_distance);
-            ensure!(r.since_last_insert_ns > 0, "request {i}: no time since last insert");
+            ensure!(r.since_last_insert_ns == r.insert_ns - prev_insert, "request {i}: time since last insert");
         }
+        prev_insert = r.insert_ns;
         prev_end = Some(r.sector + u64::from(r.nr_sectors));
         let sync = r.flags().contains(kml_ebpf_common::ReqFlags::SYNC);
         ensure!(r.op() == ReqOp::Read || sync, "request {i}: O_DIRECT write not flagged sync: {r:?}");
@@ -99,7 +123,7 @@ fn tracepoints_record_known_pattern_exactly() -> Result<()> {
 fn in_flight_counts_and_misses_under_concurrency() -> Result<()> {
     let dev = LoopDevice::new(128, 1, 1)?;
     let bdev = dev.block_device()?;
-    let (records, counters, state, fio_ios) = runtime().block_on(async {
+    let (records, counters, state, fio_ios, missed) = runtime().block_on(async {
         let mut observer = Observer::load(ObserverConfig::new(AttachMode::RawTracepoint))?;
         observer.add_device(&bdev)?;
         let mut stream = observer.records()?;
@@ -127,18 +151,21 @@ fn in_flight_counts_and_misses_under_concurrency() -> Result<()> {
         let mut records = Vec::new();
         stream.drain(&mut records);
         let state = observer.device_state(bdev.dev())?;
+        let missed: u64 = observer.program_stats()?.iter().map(|p| p.recursion_misses).sum();
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
         let job = &json["jobs"][0];
         let fio_ios = job["read"]["total_ios"].as_u64().unwrap_or(0) + job["write"]["total_ios"].as_u64().unwrap_or(0);
-        anyhow::Ok((records, observer.counters()?, state, fio_ios))
+        anyhow::Ok((records, observer.counters()?, state, fio_ios, missed))
     })?;
     assert_no_kml_programs()?;
     ensure!(counters.get(Counter::RingFullDrops) == 0, "drops: {counters:?}");
-    // Every I/O fio completed is one record (or was merged into another request).
+    // Every I/O fio completed is one record (or was merged into another request),
+    // but for events the kernel skipped and counted.
     let merges = counters.get(Counter::Merges);
+    let accounted = records.len() as u64 + merges;
     ensure!(
-        records.len() as u64 + merges == fio_ios,
-        "{} records + {merges} merges, fio completed {fio_ios}: {counters:?}",
+        accounted <= fio_ios && fio_ios - accounted <= missed,
+        "{} records + {merges} merges, fio completed {fio_ios}, kernel-missed events {missed}: {counters:?}",
         records.len()
     );
     let max_inflight = records.iter().map(RequestRecord::inflight).max().unwrap_or(0);

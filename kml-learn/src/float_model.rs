@@ -4,7 +4,7 @@
 //! quantisation.
 
 use kml_ebpf_common::{
-    features::{Feature, FeatureVector},
+    features::{Feature, FeatureVector, BUDGET_MAX},
     model::{ModelKind, VerdictRule},
 };
 use serde::{Deserialize, Serialize};
@@ -88,7 +88,10 @@ impl FloatLinearModel {
     /// What the threshold is compared with.
     pub fn margin(&self, x: &FeatureVector) -> f64 {
         match self.kind.verdict_rule() {
-            VerdictRule::DelayOverBudget => self.score(x) - x[Feature::DeadlineBudgetUs.index()] as f64,
+            VerdictRule::DelayOverBudget => {
+                // Clipped as the kernel clips it.
+                self.score(x) - x[Feature::DeadlineBudgetUs.index()].clamp(0, BUDGET_MAX) as f64
+            }
             VerdictRule::ScoreOverThreshold => self.score(x),
         }
     }

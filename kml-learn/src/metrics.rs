@@ -154,9 +154,16 @@ pub fn best_balanced_threshold(scores: &[f64], labels: &[bool]) -> f64 {
     let mut order: Vec<usize> = (0..scores.len()).filter(|&i| scores[i].is_finite()).collect();
     // Highest score first: moving the threshold down flags one more request at a time.
     order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let top = order.first().map_or(0.0, |&i| scores[i]);
-    if positives == 0.0 || negatives == 0.0 || order.is_empty() {
-        return if positives == 0.0 { top + 1.0 } else { f64::MIN };
+    let (top, bottom) = match (order.first(), order.last()) {
+        (Some(&hi), Some(&lo)) => (scores[hi], scores[lo]),
+        _ => return 0.0,
+    };
+    // One class only: flag everything or nothing, with a threshold near the data.
+    if positives == 0.0 {
+        return top + 1.0;
+    }
+    if negatives == 0.0 {
+        return bottom - 1.0;
     }
     let (mut tp, mut fp) = (0.0, 0.0);
     // Flag nothing: recall_met = 1, recall_miss = 0.
@@ -236,6 +243,7 @@ mod tests {
         assert!(t < 0.45, "{t}");
         // Single class.
         assert!(best_balanced_threshold(&[1.0, 2.0], &[false, false]) > 2.0);
-        assert!(best_balanced_threshold(&[1.0, 2.0], &[true, true]) < 1.0);
+        assert_eq!(best_balanced_threshold(&[1.0, 2.0], &[true, true]), 0.0);
+        assert_eq!(best_balanced_threshold(&[], &[]), 0.0);
     }
 }

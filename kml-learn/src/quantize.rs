@@ -377,6 +377,9 @@ mod tests {
         let q = quantize_linear(&m).unwrap();
         assert_eq!(used_features(&QuantizedModel::Linear(Box::new(q))), [Feature::SectorMib, Feature::Op]);
         assert_eq!(q.offset[Feature::SectorMib.index()], 500);
-        assert_eq!(q.out_shift, MAX_OUT_SHIFT);
+        // The op weight, 3 / 0.5 per unit, limits the score unit: 6 * 2^27 <= 2^30.
+        assert_eq!(q.out_shift, 27);
+        assert_eq!(q.weight[Feature::Op.index()], -(6 << 27));
+        assert_eq!(q.product_shift[Feature::Op.index()], 0);
     }
 }

@@ -2,8 +2,9 @@
 //! and the training-speed example. Not real I/O: measurements of the project's goals
 //! use traces recorded with `kml-agent record`.
 //!
-//! Requests arrive in bursts whose rate swings between light load and overload, wait
-//! in a read FIFO and a write FIFO (reads first unless the oldest write has expired,
+//! Requests arrive in bursts whose rate swings between light load and overload (at
+//! most `max_outstanding` at once, like fio's iodepth), wait in a read FIFO and a
+//! write FIFO (reads first unless the oldest write has expired,
 //! as mq-deadline does), and are served by a device with a few queue slots and a
 //! service time growing with the request size. Records come out in completion order,
 //! like a trace.
@@ -50,17 +51,21 @@ pub struct SyntheticTrace {
     pub slots: usize,
     /// Mean time between arrivals at load factor 1, ns.
     pub mean_gap_ns: f64,
+    /// Most requests outstanding at once (fio's iodepth): an arrival waits for a
+    /// completion beyond that, which bounds the queue as a real workload does.
+    pub max_outstanding: usize,
 }
 
 impl SyntheticTrace {
     pub fn new(seed: u64) -> Self {
         SyntheticTrace {
             rng: SplitMix(seed),
-            read_expire_ns: 2_000_000,
-            write_expire_ns: 8_000_000,
+            read_expire_ns: 1_000_000,
+            write_expire_ns: 2_000_000,
             read_share: 0.6,
             slots: 4,
             mean_gap_ns: 30_000.0,
+            max_outstanding: 48,
         }
     }
 
@@ -78,9 +83,12 @@ impl SyntheticTrace {
 
         while done.len() < n {
             let next_completion = busy.peek().map(|r| r.0 .0);
-            let arrive = recs.len() < n && next_completion.is_none_or(|c| next_arrival <= c);
+            let outstanding = recs.len() - done.len();
+            let arrive = recs.len() < n
+                && (outstanding < self.max_outstanding || next_completion.is_none())
+                && next_completion.is_none_or(|c| next_arrival <= c);
             if arrive {
-                now = next_arrival;
+                now = now.max(next_arrival);
                 let i = recs.len();
                 let read = self.rng.unit() < self.read_share;
                 let sequential = self.rng.unit() < 0.3;
@@ -111,8 +119,9 @@ impl SyntheticTrace {
                     inflight_write += 1;
                     write_q.push_back(i);
                 }
-                // Load swings slowly between 0.5x and 1.6x the device's capacity.
-                let phase = (now as f64 / 50e6).sin();
+                // Load swings between 0.5x and 1.6x the device's capacity, with a
+                // period of about 30 ms (a thousand requests).
+                let phase = (now as f64 / 5e6).sin();
                 let load = 1.05 + 0.55 * phase;
                 let burst = if self.rng.unit() < 0.1 { 0.1 } else { 1.0 };
                 next_arrival = now + self.rng.exp(self.mean_gap_ns * burst / load) as u64 + 1;

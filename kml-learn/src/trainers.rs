@@ -96,22 +96,28 @@ impl DelayRegressionParams {
     pub fn fit(&self, train: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatLinearModel> {
         need_data("linear regression", train, self.features.len() + 2)?;
         let scaling = fit_scaling(train, &self.features);
-        let x = standardized(train, &self.features, &scaling);
-        let y: Array1<f64> = train.delays_us().collect();
+        let (x, y) = ridge_system(
+            standardized(train, &self.features, &scaling),
+            train.delays_us().collect(),
+            RIDGE * train.len() as f64,
+        );
         progress.step(format_args!(
             "least squares on {} requests x {} features",
             train.len(),
             self.features.len()
         ));
         let fitted = LinearRegression::new()
+            .with_intercept(false)
             .fit(&DatasetBase::new(x, y))
             .map_err(|e| LearnError::Fit { trainer: "linear regression", message: e.to_string() })?;
+        let p = self.features.len();
+        let (weights, intercept) = (fitted.params().slice(ndarray::s![..p]).to_vec(), fitted.params()[p]);
         let mut model = FloatLinearModel {
             kind: self.kind,
             features: self.features.clone(),
             scaling,
-            weights: fitted.params().to_vec(),
-            intercept: fitted.intercept(),
+            weights,
+            intercept,
             threshold: 0.0,
         };
         if self.tune_threshold {
@@ -119,6 +125,28 @@ impl DelayRegressionParams {
         }
         Ok(model)
     }
+}
+
+/// Ridge penalty per training request. Tiny (weights shrink by about 1e-6), but it
+/// keeps least squares solvable when a feature is constant in the window (ioprio on
+/// most workloads) or two are collinear (`op` and `write_dir` on reads and writes).
+const RIDGE: f64 = 1e-6;
+
+/// Ridge regression as plain least squares on an augmented system, with the
+/// intercept as an explicit, unpenalised column:
+/// `[X 1; sqrt(λ)I 0] [w; b] ≈ [y; 0]`.
+fn ridge_system(x: Array2<f64>, y: Array1<f64>, lambda: f64) -> (Array2<f64>, Array1<f64>) {
+    let (n, p) = x.dim();
+    let penalty = lambda.max(RIDGE).sqrt();
+    let mut a = Array2::zeros((n + p, p + 1));
+    a.slice_mut(ndarray::s![..n, ..p]).assign(&x);
+    a.slice_mut(ndarray::s![..n, p]).fill(1.0);
+    for j in 0..p {
+        a[(n + j, j)] = penalty;
+    }
+    let mut b = Array1::zeros(n + p);
+    b.slice_mut(ndarray::s![..n]).assign(&y);
+    (a, b)
 }
 
 /// Logistic regression of the miss class (linfa-logistic, L-BFGS), threshold tuned
@@ -344,7 +372,7 @@ pub fn measure_node_probabilities(tree: &mut FloatTreeModel, data: &Dataset) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synthetic::SyntheticTrace;
+    use crate::{metrics::ConfusionMatrix, synthetic::SyntheticTrace, RegressionMetrics};
 
     fn data() -> (Dataset, Dataset) {
         let d = Dataset::from_records(SyntheticTrace::new(7).records(6000), "synthetic");
@@ -356,20 +384,26 @@ mod tests {
     fn regression_learns_queue_delay() {
         let (train, tune) = data();
         let m = DelayRegressionParams::new(all_features()).fit(&train, &tune, &Progress::silent()).unwrap();
-        // The synthetic delay grows with the queue: its weight must be clearly positive.
-        let q = m.features.iter().position(|&f| f == Feature::Queued).unwrap();
-        assert!(m.weights[q] > 0.0, "{:?}", m.weights);
+        // The synthetic delay is mostly queueing: the load features explain much of it.
+        let r2 = RegressionMetrics::from_pairs(tune.features().iter().map(|x| m.score(x)).zip(tune.delays_us())).r2;
+        assert!(r2 > 0.3, "r2 {r2}");
+        // A constant feature (ioprio_class is 0 throughout) gets no weight, and the
+        // collinear pair op / write_dir shares one, without a singular matrix.
+        let w = |f: Feature| m.weights[m.features.iter().position(|&g| g == f).unwrap()];
+        assert!(w(Feature::IoprioClass).abs() < 1e-6);
+        assert!((w(Feature::Op) - w(Feature::WriteDir)).abs() < 1e-6);
+
         let base = DelayRegressionParams::kml_baseline().fit(&train, &tune, &Progress::silent()).unwrap();
         assert_eq!(base.features, KML_BASELINE_FEATURES);
         assert_eq!(base.threshold, 0.0);
     }
 
     #[test]
-    fn logistic_points_towards_misses() {
+    fn logistic_separates_misses() {
         let (train, tune) = data();
         let m = LogisticParams::new(all_features()).fit(&train, &tune, &Progress::silent()).unwrap();
-        let q = m.features.iter().position(|&f| f == Feature::Queued).unwrap();
-        assert!(m.weights[q] > 0.0, "{:?}", m.weights);
+        let cm = ConfusionMatrix::from_pairs(tune.features().iter().map(|x| m.at_risk(x)).zip(tune.missed()));
+        assert!(cm.balanced_accuracy() > 0.75, "{cm:?}");
     }
 
     #[test]

@@ -16,7 +16,8 @@ impl DoctorArgs {
             println!("  [{}] {:<16} {}", if c.ok { "yes" } else { "no " }, c.name, c.detail);
         }
         println!("block devices:");
-        for d in devices::list() {
+        // Unattached loop devices (size 0) are noise.
+        for d in devices::list().into_iter().filter(|d| d.size_sectors > 0) {
             let iosched = ["read_expire", "write_expire", "fifo_batch", "writes_starved", "front_merges"]
                 .iter()
                 .filter_map(|k| d.iosched.get(*k).map(|v| format!("{k}={v}")))

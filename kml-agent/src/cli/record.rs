@@ -10,9 +10,8 @@ use std::{
 use anyhow::Context as _;
 use kml_ebpf_common::{trace, Counter};
 
-use super::session::{self, LossReport};
+use super::session;
 use crate::{
-    kernel::caps::AttachRequest,
     stats::{human_ns, LatencySummary},
 };
 
@@ -27,21 +26,13 @@ pub struct RecordArgs {
     /// CSV file to write (header row first).
     #[arg(long, short)]
     pub out: PathBuf,
-    /// How to attach: auto picks raw tracepoints when BTF allows, else tracepoints.
-    #[arg(long, value_enum, default_value_t = AttachRequest::Auto)]
-    pub attach: AttachRequest,
-    /// Ring buffer size (power of two: 1M, 8M, 64M).
-    #[arg(long, value_parser = super::parse_size, default_value = "8M")]
-    pub ring_size: u32,
+    #[command(flatten)]
+    pub observe: session::ObserveArgs,
 }
 
 impl RecordArgs {
     pub fn execute(self) -> anyhow::Result<()> {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?
-            .block_on(self.run())
+        session::block_on(self.run())
     }
 
     async fn run(self) -> anyhow::Result<()> {
@@ -50,7 +41,7 @@ impl RecordArgs {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         writeln!(out, "{}", trace::header())?;
 
-        let mut observer = session::start(&targets, self.attach, self.ring_size)?;
+        let mut observer = session::start(&targets, &self.observe)?;
         let mut stream = observer.records()?;
         eprintln!(
             "kml-agent: recording {} ({}) for {:?} into {}",
@@ -92,11 +83,10 @@ impl RecordArgs {
         observer.detach();
         stream.drain(&mut batch);
         write_batch(&mut batch)?;
-        drop(write_batch);
         out.flush().with_context(|| format!("writing {}", self.out.display()))?;
 
         let counters = observer.counters()?;
-        let loss = LossReport::new(&counters, observer.live_inflight()?);
+        let loss = session::losses(&observer)?;
         let elapsed = started.elapsed().as_secs_f64();
         let records = counters.get(Counter::Records);
         let wait = LatencySummary::of(wait);

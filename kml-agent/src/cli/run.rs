@@ -2,12 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use kml_ebpf_common::Counter;
 
-use super::session::{self, LossReport};
+use super::session;
 use crate::{
-    kernel::caps::AttachRequest,
     stats::{human_ns, RecordSummary},
 };
 
@@ -16,28 +14,20 @@ pub struct RunArgs {
     /// Devices to observe (default: every disk whose scheduler is mq-deadline).
     #[arg(long, short)]
     pub device: Vec<String>,
-    /// How to attach: auto picks raw tracepoints when BTF allows, else tracepoints.
-    #[arg(long, value_enum, default_value_t = AttachRequest::Auto)]
-    pub attach: AttachRequest,
     /// Stop after this long (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_parser = super::parse_duration)]
     pub duration: Option<Duration>,
-    /// Ring buffer size (power of two: 1M, 8M, 64M).
-    #[arg(long, value_parser = super::parse_size, default_value = "8M")]
-    pub ring_size: u32,
+    #[command(flatten)]
+    pub observe: session::ObserveArgs,
 }
 
 impl RunArgs {
     pub fn execute(self) -> anyhow::Result<()> {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?
-            .block_on(self.run())
+        session::block_on(self.run())
     }
 
     async fn run(self) -> anyhow::Result<()> {
-        let mut observer = session::start(&session::resolve(&self.device)?, self.attach, self.ring_size)?;
+        let mut observer = session::start(&session::resolve(&self.device)?, &self.observe)?;
         let mut stream = observer.records()?;
         let names: Vec<String> = observer.devices().iter().map(|d| d.device.name.clone()).collect();
         eprintln!("kml-agent: observing {} ({}); Ctrl-C stops", names.join(", "), observer.mode());
@@ -83,8 +73,7 @@ impl RunArgs {
         observer.detach();
         stream.drain(&mut window);
         total += window.len() as u64;
-        let counters = observer.counters()?;
-        let loss = LossReport::new(&counters, observer.live_inflight()?);
+        let loss = session::losses(&observer)?;
         eprintln!("kml-agent: {total} records in {:.1}s; {}", started.elapsed().as_secs_f64(), loss.line());
         Ok(())
     }

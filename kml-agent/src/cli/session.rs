@@ -26,17 +26,44 @@ pub fn resolve(devices: &[String]) -> anyhow::Result<Vec<BlockDevice>> {
     })
 }
 
+/// How to observe: the options `record` and `run` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ObserveArgs {
+    /// How to attach: auto picks raw tracepoints when BTF allows, else tracepoints.
+    #[arg(long, value_enum, default_value_t = AttachRequest::Auto)]
+    pub attach: AttachRequest,
+    /// Ring buffer size (power of two: 1M, 8M, 64M).
+    #[arg(long, value_parser = super::parse_size, default_value = "8M")]
+    pub ring_size: u32,
+}
+
+/// Runs an async command on a current-thread runtime (one core for the agent).
+pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
+
 /// Loads the observer, adds `targets`, attaches.
-pub fn start(targets: &[BlockDevice], attach: AttachRequest, ring_bytes: u32) -> anyhow::Result<Observer> {
-    let mode = KernelReport::probe().choose(attach)?;
+pub fn start(targets: &[BlockDevice], how: &ObserveArgs) -> anyhow::Result<Observer> {
+    let mode = KernelReport::probe().choose(how.attach)?;
     let mut config = ObserverConfig::new(mode);
-    config.ring_bytes = ring_bytes;
+    config.ring_bytes = how.ring_size;
     let mut observer = Observer::load(config)?;
     for d in targets {
         observer.add_device(d)?;
     }
     observer.attach()?;
     Ok(observer)
+}
+
+/// Losses at the end of a session.
+pub fn losses(observer: &Observer) -> anyhow::Result<LossReport> {
+    let missed = observer.program_stats()?.iter().map(|p| p.recursion_misses).sum();
+    Ok(LossReport::new(&observer.counters()?, observer.live_inflight()?, missed))
 }
 
 /// Resolves on SIGINT or SIGTERM, with the signal's name.
@@ -60,10 +87,18 @@ pub struct LossReport {
     pub insert_failures: u64,
     pub read_failures: u64,
     pub still_in_flight: u64,
+    /// Not a loss: queued requests merged into another (their I/O is in that record).
+    pub merges: u64,
+    /// Tracepoint hits the kernel did not run a program for (it would have nested
+    /// in itself on one CPU): completions or inserts kml never saw.
+    pub missed_events: u64,
+    /// Entries dropped because their key came back without a completion.
+    pub stale_entries: u64,
 }
 
 impl LossReport {
-    pub fn new(c: &Counters, live: u64) -> LossReport {
+    /// `missed_events`: the programs' recursion misses (see [`Observer::program_stats`]).
+    pub fn new(c: &Counters, live: u64, missed_events: u64) -> LossReport {
         let added = c.get(Counter::InflightAdded);
         let removed = c.get(Counter::InflightRemoved);
         LossReport {
@@ -74,19 +109,25 @@ impl LossReport {
             insert_failures: c.get(Counter::InflightInsertFailures),
             read_failures: c.get(Counter::ReadFailures),
             still_in_flight: live,
+            merges: c.get(Counter::Merges),
+            missed_events,
+            stale_entries: c.get(Counter::StaleEntries),
         }
     }
 
     pub fn line(&self) -> String {
         format!(
-            "drops {} | orphans {} | issues without insert {} | evictions {} | insert failures {} | read failures {} | in flight at stop {}",
+            "drops {} | orphans {} | issues without insert {} | evictions {} | insert failures {} | read failures {} | missed events {} | stale entries {} | in flight at stop {} | merged {}",
             self.ring_full_drops,
             self.orphan_completions,
             self.issues_without_insert,
             self.lru_evictions,
             self.insert_failures,
             self.read_failures,
-            self.still_in_flight
+            self.missed_events,
+            self.stale_entries,
+            self.still_in_flight,
+            self.merges
         )
     }
 }

@@ -96,11 +96,23 @@ pub struct KernelReport {
     pub tracepoint_ready: Result<(), String>,
 }
 
+/// An error and its causes on one line ("a: b: c").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn program_type(t: ProgramType) -> Result<(), String> {
     match aya::sys::is_program_supported(t) {
         Ok(true) => Ok(()),
         Ok(false) => Err("the kernel refuses to load this program type".into()),
-        Err(e) => Err(format!("probe failed: {e}")),
+        Err(e) => Err(format!("the kernel refuses it ({})", error_chain(&e))),
     }
 }
 
@@ -201,7 +213,7 @@ impl KernelReport {
             ok: fentry.is_ok(),
             detail: match &fentry {
                 Ok(()) => "`tracing` program type loads (BPF trampolines)".into(),
-                Err(e) => format!("`tracing` program type: {e}"),
+                Err(e) => format!("`tracing` program type: {e}; the tracepoint modes do not need it"),
             },
         });
         let bpffs = mounts::bpffs_mounted();

@@ -1,0 +1,356 @@
+//! `kml-agent train` and `kml-agent eval`: the argument structs and what they do.
+//! The agent's CLI flattens these into its subcommands.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use kml_ebpf_common::{features::Feature, model::ModelKind};
+use serde_json::{json, Value};
+
+use crate::{
+    dataset::Dataset,
+    evaluate::{evaluate, Evaluation},
+    model_file::{save, LoadedModel},
+    progress::Progress,
+    train::{train, TrainOptions},
+};
+
+/// Model kinds on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KindArg {
+    /// KML's baseline: linear regression of the dispatch delay on the normalised
+    /// block number and the operation; at risk when the delay exceeds the deadline.
+    Baseline,
+    /// Linear regression of the dispatch delay on every feature.
+    Linear,
+    /// Logistic regression of the miss class.
+    Logistic,
+    /// Decision tree of the miss class (depth <= 8).
+    Tree,
+}
+
+impl From<KindArg> for ModelKind {
+    fn from(k: KindArg) -> ModelKind {
+        match k {
+            KindArg::Baseline => ModelKind::Baseline,
+            KindArg::Linear => ModelKind::LinearRegression,
+            KindArg::Logistic => ModelKind::Logistic,
+            KindArg::Tree => ModelKind::Tree,
+        }
+    }
+}
+
+/// Train a model on a recorded trace and write its model file.
+///
+/// The trace is split by insert time: the first `--train-fraction` trains (its last
+/// `--tune-fraction` chooses the verdict threshold), the rest is held back for
+/// testing. The quantised model is refused if its balanced accuracy on the held-back
+/// window is more than 0.5 point below the float model's.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Trace to learn from (CSV written by `kml-agent record`).
+    #[arg(long, value_name = "FILE.csv")]
+    pub trace: PathBuf,
+    /// Kind of model.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub model: KindArg,
+    /// Where to write the model file (JSON), e.g. models/logistic.json.
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+    /// Share of the trace, by insert time, to train on; the rest tests.
+    #[arg(long, value_name = "F", default_value_t = 0.7)]
+    pub train_fraction: f64,
+    /// Share of the training window, at its end, used to tune the verdict threshold.
+    #[arg(long, value_name = "F", default_value_t = 0.2)]
+    pub tune_fraction: f64,
+    /// Keep the default verdict threshold (delay > budget; log-odds > 0; p > 0.5).
+    #[arg(long)]
+    pub no_tune: bool,
+    /// Features to use, comma-separated (default: all; the baseline always uses
+    /// sector_mib,op). Names as in `kml-agent eval --help`'s model files.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub features: Vec<String>,
+    /// Also evaluate the trained model on these traces (e.g. another workload).
+    #[arg(long, value_name = "FILE.csv")]
+    pub test_trace: Vec<PathBuf>,
+    /// Description of the workload kept in the model file (fio job, device, expiries).
+    #[arg(long, value_name = "TEXT")]
+    pub workload: Option<String>,
+    /// Tree: maximum depth (1..=8).
+    #[arg(long, value_name = "N", default_value_t = 6)]
+    pub max_depth: usize,
+    /// Tree: fewest (class-weighted) training requests in a leaf.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub min_samples_leaf: usize,
+    /// Tree: grow on at most this many requests, evenly spaced over the window.
+    #[arg(long, value_name = "N", default_value_t = 50_000)]
+    pub tree_max_samples: usize,
+    /// Logistic: maximum L-BFGS iterations.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_iterations: u64,
+    /// Do not print progress on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn parse_features(names: &[String]) -> anyhow::Result<Option<Vec<Feature>>> {
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let features = names
+        .iter()
+        .map(|n| {
+            Feature::from_name(n.trim()).with_context(|| {
+                let known: Vec<&str> = Feature::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown feature `{n}` (known: {})", known.join(", "))
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(features))
+}
+
+fn load_trace(path: &std::path::Path, progress: &Progress) -> anyhow::Result<Dataset> {
+    progress.step(format_args!("reading {}", path.display()));
+    let data = Dataset::from_trace_file(path)?;
+    let d = data.describe();
+    progress.step(format_args!(
+        "{} requests ({} skipped), {:.1}s of I/O, miss rate {:.1}%",
+        d.records,
+        d.skipped_records,
+        d.span_s,
+        100.0 * d.miss_rate
+    ));
+    if data.is_empty() {
+        bail!("{}: no usable request (need a deadline and a dispatch)", path.display());
+    }
+    Ok(data)
+}
+
+impl TrainArgs {
+    pub fn execute(self) -> anyhow::Result<()> {
+        let progress = Progress::new(self.quiet);
+        let data = load_trace(&self.trace, &progress)?;
+        let mut opts = TrainOptions::new(self.model.into());
+        opts.features = parse_features(&self.features)?;
+        opts.train_fraction = self.train_fraction;
+        opts.tune_fraction = self.tune_fraction;
+        opts.tune_threshold = !self.no_tune;
+        opts.tree_max_depth = self.max_depth;
+        opts.tree_min_samples_leaf = self.min_samples_leaf;
+        opts.tree_max_samples = self.tree_max_samples;
+        opts.logistic_max_iterations = self.max_iterations;
+        opts.workload = self.workload.clone();
+        let model = train(&data, &opts, &progress)?;
+
+        save(&model, &self.out)?;
+        progress.step(format_args!("wrote {}", self.out.display()));
+
+        println!(
+            "{} model trained on {} requests in {:.3}s ({})",
+            model.float.kind().name(),
+            model.training.fit_records + model.training.tune_records,
+            model.training.train_seconds,
+            self.out.display()
+        );
+        print_table_header();
+        if let Some(e) = &model.test {
+            print_row(model.float.kind().name(), "held back", e);
+        }
+        if let Some(e) = &model.baseline_test {
+            print_row("baseline", "held back", e);
+        }
+        for path in &self.test_trace {
+            let other = load_trace(path, &progress)?;
+            let e = evaluate(&model.float, &model.quantized, &other);
+            print_row(model.float.kind().name(), &path.display().to_string(), &e);
+        }
+        Ok(())
+    }
+}
+
+/// Evaluate a model file on a trace, in float and in the kernel's integer form.
+///
+/// Reports accuracy, balanced accuracy, precision / recall / F1 of the miss class,
+/// the confusion matrix, and for the regressions MAE and R² of the predicted
+/// dispatch delay. `--from`/`--to` select a time window (fractions of the trace by
+/// insert time), e.g. `--from 0.7` for the part a default `train` held back.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    /// Trace to evaluate on (CSV written by `kml-agent record`).
+    #[arg(long, value_name = "FILE.csv")]
+    pub trace: PathBuf,
+    /// Model file written by `kml-agent train`.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// Print one JSON object on stdout (and nothing else there).
+    #[arg(long)]
+    pub json: bool,
+    /// Start of the window, as a fraction of the trace by insert time.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub from: f64,
+    /// End of the window, as a fraction of the trace by insert time.
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    pub to: f64,
+    /// Also evaluate this model file (e.g. the KML baseline) and report it beside.
+    #[arg(long, value_name = "PATH")]
+    pub baseline: Option<PathBuf>,
+    /// Do not print progress on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl EvalArgs {
+    pub fn execute(self) -> anyhow::Result<()> {
+        if !(0.0..=1.0).contains(&self.from) || !(self.from..=1.0).contains(&self.to) {
+            bail!("--from {} and --to {} must satisfy 0 <= from <= to <= 1", self.from, self.to);
+        }
+        let progress = Progress::new(self.quiet);
+        let model = LoadedModel::load(&self.model)?;
+        let baseline = self.baseline.as_deref().map(LoadedModel::load).transpose()?;
+        let data = load_trace(&self.trace, &progress)?.window_fraction(self.from, self.to);
+        progress.step(format_args!("evaluating on {}", data.window()));
+        let e = evaluate(&model.float, &model.quantized, &data);
+        let base = baseline.as_ref().map(|b| evaluate(&b.float, &b.quantized, &data));
+
+        if self.json {
+            let mut out = eval_json(&model, &self.model, &e);
+            if let (Some(b), Some(path), Value::Object(map)) = (&base, &self.baseline, &mut out) {
+                map.insert("baseline".into(), eval_json(baseline.as_ref().expect("loaded"), path, b));
+            }
+            println!("{out}");
+        } else {
+            println!("{} on {}, {}", self.model.display(), self.trace.display(), data.window());
+            print_table_header();
+            print_row(model.kind().name(), "", &e);
+            if let Some(b) = &base {
+                print_row(baseline.as_ref().map_or("baseline", |m| m.kind().name()), "", b);
+            }
+            let cm = e.quantized.confusion;
+            println!(
+                "confusion (integer model): predicted miss: {} missed, {} met; predicted met: {} missed, {} met",
+                cm.true_miss, cm.false_miss, cm.false_met, cm.true_met
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The `--json` object: flat keys for the float model, `quantized_`-prefixed keys
+/// for the integer model.
+fn eval_json(model: &LoadedModel, path: &std::path::Path, e: &Evaluation) -> Value {
+    let reg = |r: Option<crate::RegressionMetrics>| (r.map(|r| r.mae_us), r.map(|r| r.r2));
+    let (mae, r2) = reg(e.float_regression);
+    let (q_mae, q_r2) = reg(e.quantized_regression);
+    json!({
+        "model": path.display().to_string(),
+        "kind": model.kind().name(),
+        "trace": e.data.source,
+        "window": e.data.window,
+        "records": e.data.records,
+        "miss_rate": e.data.miss_rate,
+        "accuracy": e.float.accuracy,
+        "balanced_accuracy": e.float.balanced_accuracy,
+        "precision_miss": e.float.precision_miss,
+        "recall_miss": e.float.recall_miss,
+        "f1_miss": e.float.f1_miss,
+        "confusion": e.float.confusion,
+        "mae_us": mae,
+        "r2": r2,
+        "quantized_accuracy": e.quantized.accuracy,
+        "quantized_balanced_accuracy": e.quantized.balanced_accuracy,
+        "quantized_precision_miss": e.quantized.precision_miss,
+        "quantized_recall_miss": e.quantized.recall_miss,
+        "quantized_f1_miss": e.quantized.f1_miss,
+        "quantized_confusion": e.quantized.confusion,
+        "quantized_mae_us": q_mae,
+        "quantized_r2": q_r2,
+        "agreement": e.agreement,
+    })
+}
+
+fn print_table_header() {
+    println!(
+        "{:<9} {:<24} {:>8} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} | {:>9} {:>6}",
+        "model", "data", "requests", "miss%", "acc", "bal", "prec", "recall", "f1", "q.acc", "q.bal", "mae(µs)", "r2"
+    );
+}
+
+fn print_row(name: &str, data: &str, e: &Evaluation) {
+    let pct = |v: f64| format!("{:.2}", 100.0 * v);
+    let (mae, r2) = match e.float_regression {
+        Some(r) => (format!("{:.1}", r.mae_us), format!("{:.3}", r.r2)),
+        None => ("-".into(), "-".into()),
+    };
+    let data = if data.len() > 24 { &data[data.len() - 24..] } else { data };
+    println!(
+        "{:<9} {:<24} {:>8} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} | {:>9} {:>6}",
+        name,
+        data,
+        e.data.records,
+        pct(e.data.miss_rate),
+        pct(e.float.accuracy),
+        pct(e.float.balanced_accuracy),
+        pct(e.float.precision_miss),
+        pct(e.float.recall_miss),
+        pct(e.float.f1_miss),
+        pct(e.quantized.accuracy),
+        pct(e.quantized.balanced_accuracy),
+        mae,
+        r2
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use kml_ebpf_common::trace;
+
+    #[derive(Parser)]
+    enum Cli {
+        Train(TrainArgs),
+        Eval(EvalArgs),
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn train_then_eval_end_to_end() {
+        let dir = std::env::temp_dir().join(format!("kml-learn-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let trace_path = dir.join("trace.csv");
+        let mut csv = Vec::new();
+        std::io::Write::write_all(&mut csv, format!("{}\n", trace::header()).as_bytes()).unwrap();
+        for r in crate::synthetic::SyntheticTrace::new(3).records(4000) {
+            trace::write_row(&mut csv, &r).unwrap();
+        }
+        std::fs::write(&trace_path, csv).unwrap();
+        let model_path = dir.join("m.json");
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+
+        let Cli::Train(t) = Cli::parse_from(args(&format!(
+            "x train --trace {} --model logistic --out {} --quiet --features queued,inflight_read,op",
+            trace_path.display(),
+            model_path.display()
+        ))) else {
+            unreachable!()
+        };
+        t.execute().unwrap();
+        let loaded = LoadedModel::load(&model_path).unwrap();
+        assert_eq!(loaded.float.features(), [Feature::Queued, Feature::InflightRead, Feature::Op]);
+
+        let Cli::Eval(e) = Cli::parse_from(args(&format!(
+            "x eval --trace {} --model {} --json --from 0.5 --quiet",
+            trace_path.display(),
+            model_path.display()
+        ))) else {
+            unreachable!()
+        };
+        e.execute().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

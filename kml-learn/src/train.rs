@@ -1,0 +1,246 @@
+//! Training end to end: time split, fit, quantise, check the quantised model on
+//! held-back data, evaluate (with the KML baseline beside it).
+//!
+//! ```text
+//! trace, insert-time order:  |<------- train_fraction ------->|<--- test --->|
+//!                            |<--- fit --->|<- tune_fraction ->|
+//! ```
+//! The model is fitted on `fit`, its verdict threshold chosen on `tune` (both before
+//! the test window), and it is judged on `test`, which it has never seen.
+
+use std::time::Instant;
+
+use kml_ebpf_common::{features::Feature, features::KML_BASELINE_FEATURES, model::ModelKind};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    dataset::{DataDescription, Dataset},
+    error::{LearnError, Result},
+    evaluate::{evaluate, Evaluation},
+    float_model::FloatModel,
+    progress::Progress,
+    quantize::{quantize, QuantizedModel},
+    trainers::{all_features, DelayRegressionParams, LogisticParams, TreeParams},
+};
+
+/// Largest drop of balanced accuracy from float to quantised model that is accepted.
+pub const MAX_QUANTIZATION_LOSS: f64 = 0.005;
+
+/// What to train, and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOptions {
+    pub kind: ModelKind,
+    /// `None`: every feature (the baseline always uses KML's two).
+    pub features: Option<Vec<Feature>>,
+    /// Share of the trace (by insert time) used for training; the rest is held back.
+    pub train_fraction: f64,
+    /// Share of the training window, at its end, used to tune the verdict threshold.
+    pub tune_fraction: f64,
+    pub tune_threshold: bool,
+    pub tree_max_depth: usize,
+    pub tree_min_samples_leaf: usize,
+    pub tree_max_samples: usize,
+    pub logistic_max_iterations: u64,
+    pub logistic_alpha: f64,
+    /// Also train KML's baseline on the same windows and report it beside.
+    pub compare_baseline: bool,
+    /// Free text kept in the model file (fio job, device, expiries…).
+    pub workload: Option<String>,
+}
+
+impl TrainOptions {
+    pub fn new(kind: ModelKind) -> Self {
+        TrainOptions {
+            kind,
+            features: None,
+            train_fraction: 0.7,
+            tune_fraction: 0.2,
+            tune_threshold: true,
+            tree_max_depth: 6,
+            tree_min_samples_leaf: 50,
+            tree_max_samples: 50_000,
+            logistic_max_iterations: 100,
+            logistic_alpha: 1e-3,
+            compare_baseline: true,
+            workload: None,
+        }
+    }
+
+    /// The features the model is trained on.
+    pub fn feature_set(&self) -> Vec<Feature> {
+        match (self.kind, &self.features) {
+            (ModelKind::Baseline, _) => KML_BASELINE_FEATURES.to_vec(),
+            (_, Some(f)) => f.clone(),
+            (_, None) => all_features(),
+        }
+    }
+}
+
+/// How a model was trained: kept in its model file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingInfo {
+    pub workload: Option<String>,
+    /// The whole training window (fit + tune).
+    pub data: DataDescription,
+    pub fit_records: usize,
+    pub tune_records: usize,
+    pub train_fraction: f64,
+    pub tune_fraction: f64,
+    pub threshold_tuned: bool,
+    /// Wall time of fitting and tuning (not reading the trace), seconds.
+    pub train_seconds: f64,
+    pub trained_by: String,
+}
+
+/// A trained model in both forms, with what is known about it.
+#[derive(Clone, Debug)]
+pub struct TrainedModel {
+    pub float: FloatModel,
+    pub quantized: QuantizedModel,
+    pub training: TrainingInfo,
+    /// On the held-back (later) window of the training trace.
+    pub test: Option<Evaluation>,
+    /// KML's baseline trained on the same windows, on the same held-back window.
+    pub baseline_test: Option<Evaluation>,
+}
+
+fn fit_float(kind: ModelKind, opts: &TrainOptions, fit: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatModel> {
+    let features = opts.feature_set();
+    Ok(match kind {
+        ModelKind::Baseline => FloatModel::Linear(DelayRegressionParams::kml_baseline().fit(fit, tune, progress)?),
+        ModelKind::LinearRegression => FloatModel::Linear(
+            DelayRegressionParams::new(features).tune_threshold(opts.tune_threshold).fit(fit, tune, progress)?,
+        ),
+        ModelKind::Logistic => FloatModel::Linear(
+            LogisticParams::new(features)
+                .alpha(opts.logistic_alpha)
+                .max_iterations(opts.logistic_max_iterations)
+                .tune_threshold(opts.tune_threshold)
+                .fit(fit, tune, progress)?,
+        ),
+        ModelKind::Tree => FloatModel::Tree(
+            TreeParams::new(features)
+                .max_depth(opts.tree_max_depth)
+                .min_samples_leaf(opts.tree_min_samples_leaf)
+                .max_samples(opts.tree_max_samples)
+                .tune_threshold(opts.tune_threshold)
+                .fit(fit, tune, progress)?,
+        ),
+    })
+}
+
+/// Trains, quantises and checks one model on `data` (split by time as in the module
+/// doc). Refuses the model when quantisation costs more than half a point of
+/// balanced accuracy on held-back data.
+pub fn train(data: &Dataset, opts: &TrainOptions, progress: &Progress) -> Result<TrainedModel> {
+    if !(0.0 < opts.train_fraction && opts.train_fraction <= 1.0) || !(0.0..1.0).contains(&opts.tune_fraction) {
+        return Err(LearnError::NotEnoughData {
+            what: "time split".into(),
+            message: format!(
+                "train fraction {} must be in (0, 1] and tune fraction {} in [0, 1)",
+                opts.train_fraction, opts.tune_fraction
+            ),
+        });
+    }
+    let (train_window, test) = data.split_by_time(opts.train_fraction);
+    // The baseline keeps KML's plain verdict: nothing to tune, so it fits on it all.
+    let tuning = opts.tune_threshold && opts.kind != ModelKind::Baseline && opts.tune_fraction > 0.0;
+    let (fit, tune) = if tuning {
+        train_window.split_by_time(1.0 - opts.tune_fraction)
+    } else {
+        (train_window.clone(), train_window.window_fraction(1.0, 1.0))
+    };
+    progress.step(format_args!(
+        "{} model: fit on {} requests, tune on {}, test on {} (miss rate {:.1}% / {:.1}% / {:.1}%)",
+        opts.kind.name(),
+        fit.len(),
+        tune.len(),
+        test.len(),
+        100.0 * fit.miss_rate(),
+        100.0 * tune.miss_rate(),
+        100.0 * test.miss_rate()
+    ));
+
+    let started = Instant::now();
+    let float = fit_float(opts.kind, opts, &fit, &tune, progress)?;
+    let train_seconds = started.elapsed().as_secs_f64();
+    progress.step(format_args!("trained in {train_seconds:.3}s; quantising"));
+    let quantized = quantize(&float)?;
+
+    // The check on held-back data: the test window, else the tune window.
+    let held_back = if !test.is_empty() { &test } else { &tune };
+    let test_eval = (!held_back.is_empty()).then(|| evaluate(&float, &quantized, held_back));
+    if let Some(e) = &test_eval {
+        if e.quantized.balanced_accuracy < e.float.balanced_accuracy - MAX_QUANTIZATION_LOSS {
+            return Err(LearnError::QuantizationLoss {
+                kind: opts.kind.name(),
+                float: e.float.balanced_accuracy,
+                quantized: e.quantized.balanced_accuracy,
+            });
+        }
+    }
+
+    let baseline_test = if opts.compare_baseline && opts.kind != ModelKind::Baseline && !held_back.is_empty() {
+        progress.step("training KML's baseline on the same windows for comparison");
+        let base = fit_float(ModelKind::Baseline, opts, &train_window, &tune, &Progress::silent())?;
+        let base_q = quantize(&base)?;
+        Some(evaluate(&base, &base_q, held_back))
+    } else {
+        None
+    };
+
+    Ok(TrainedModel {
+        float,
+        quantized,
+        training: TrainingInfo {
+            workload: opts.workload.clone(),
+            data: train_window.describe(),
+            fit_records: fit.len(),
+            tune_records: tune.len(),
+            train_fraction: opts.train_fraction,
+            tune_fraction: if tuning { opts.tune_fraction } else { 0.0 },
+            threshold_tuned: tuning,
+            train_seconds,
+            trained_by: concat!("kml-learn ", env!("CARGO_PKG_VERSION")).into(),
+        },
+        test: test_eval,
+        baseline_test,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::SyntheticTrace;
+
+    #[test]
+    fn every_kind_trains_quantises_and_beats_chance() {
+        let data = Dataset::from_records(SyntheticTrace::new(11).records(20_000), "synthetic");
+        for kind in ModelKind::ALL {
+            let mut opts = TrainOptions::new(kind);
+            opts.tree_max_samples = 10_000;
+            let m = train(&data, &opts, &Progress::silent()).unwrap();
+            let test = m.test.as_ref().unwrap();
+            assert_eq!(test.data.records, 6000);
+            assert!(
+                test.quantized.balanced_accuracy >= test.float.balanced_accuracy - MAX_QUANTIZATION_LOSS,
+                "{kind:?}: {test:?}"
+            );
+            assert!(test.agreement > 0.99, "{kind:?} agreement {}", test.agreement);
+            if kind != ModelKind::Baseline {
+                assert!(test.float.balanced_accuracy > 0.6, "{kind:?}: {:?}", test.float);
+                assert!(m.baseline_test.is_some());
+            }
+            assert_eq!(m.float.kind(), kind);
+        }
+    }
+
+    #[test]
+    fn bad_fractions_are_refused() {
+        let data = Dataset::from_records(SyntheticTrace::new(1).records(100), "synthetic");
+        let mut opts = TrainOptions::new(ModelKind::Logistic);
+        opts.train_fraction = 0.0;
+        assert!(train(&data, &opts, &Progress::silent()).is_err());
+    }
+}
