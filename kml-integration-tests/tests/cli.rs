@@ -233,11 +233,13 @@ fn clear_errors_for_bad_input() -> Result<()> {
 fn run_prints_live_lines_and_detaches_on_sigterm() -> Result<()> {
     const SIZE_MIB: u64 = 32;
     let dev = LoopDevice::new(SIZE_MIB, 500, 5000)?;
-    let Agent { child: mut agent, stdout: rx, .. } = spawn_agent(&["run", "--device", &dev.name])?;
+    let Agent { child: mut agent, stdout: rx, stderr } = spawn_agent(&["run", "--device", &dev.name])?;
+    wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
     // Keep the disk busy until a live line reports records.
     let pattern = scattered_pattern(400, SIZE_MIB, 5);
     let mut busy_line = None;
-    for _ in 0..20 {
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < give_up {
         issue_direct(&dev, &pattern)?;
         while let Ok(line) = rx.try_recv() {
             let rate: f64 = line
