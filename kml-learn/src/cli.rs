@@ -85,8 +85,9 @@ pub struct TrainArgs {
     /// Tree: grow on at most this many requests, evenly spaced over the window.
     #[arg(long, value_name = "N", default_value_t = 50_000)]
     pub tree_max_samples: usize,
-    /// Logistic: maximum L-BFGS iterations.
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    /// Logistic: maximum L-BFGS iterations (it starts from a least-squares fit, so
+    /// a few suffice).
+    #[arg(long, value_name = "N", default_value_t = 10)]
     pub max_iterations: u64,
     /// Do not print progress on stderr.
     #[arg(long)]

@@ -30,13 +30,15 @@ impl FeatureScaling {
         if values.is_empty() {
             return FeatureScaling { clip_min: 0, clip_max: 0, mean: 0.0, std: 1.0 };
         }
-        let mut sorted = values.to_vec();
-        sorted.sort_unstable();
-        let at = |q: f64| sorted[((q * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)];
+        // Two order statistics: selection, not a full sort (1M values per feature).
+        let mut scratch = values.to_vec();
+        let last = scratch.len() - 1;
+        let mut at = |q: f64| *scratch.select_nth_unstable(((q * last as f64).round() as usize).min(last)).1;
         let (mut lo, mut hi) = (at(CLIP_QUANTILE), at(1.0 - CLIP_QUANTILE));
         if lo == hi {
             // A rare value (a flag set on 0.05% of requests) must not be clipped away.
-            (lo, hi) = (sorted[0], sorted[sorted.len() - 1]);
+            let (min, max) = values.iter().fold((i32::MAX, i32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            (lo, hi) = (min, max);
         }
         let n = values.len() as f64;
         let clipped = || values.iter().map(|&v| v.clamp(lo, hi) as f64);

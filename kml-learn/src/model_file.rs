@@ -461,18 +461,7 @@ impl Validator<'_> {
         if threshold_error > 0.5 + float.threshold.abs() * unit * 1e-9 {
             return Err(self.bad("quantized.linear.threshold", "is not float.linear.threshold quantised"));
         }
-        let corner = |pick: &dyn Fn(usize) -> i32| -> FeatureVector {
-            let mut x = [0; NUM_FEATURES];
-            for j in 0..NUM_FEATURES {
-                x[j] = pick(j);
-            }
-            x
-        };
-        let probes = [
-            corner(&|j| m.offset[j]),
-            corner(&|j| m.input_min[j]),
-            corner(&|j| m.input_max[j]),
-        ];
+        let probes: [FeatureVector; 3] = [m.offset, m.input_min, m.input_max];
         for x in probes {
             let int = infer_linear(&m, &x).score as f64;
             let exact = float.score(&x) * unit;

@@ -103,11 +103,11 @@ pub fn quantize_linear(m: &FloatLinearModel) -> Result<LinearModel> {
     // out_shift: as fine as the worst case allows.
     let mut worst = bias.abs() + m.threshold.abs();
     let mut largest_weight = 0.0f64;
-    for j in 0..NUM_FEATURES {
+    for (j, w) in raw_weight.iter().enumerate() {
         let d = ((q.input_min[j] as i64 - q.offset[j] as i64).abs())
             .max((q.input_max[j] as i64 - q.offset[j] as i64).abs()) as f64;
-        worst += raw_weight[j].abs() * d;
-        largest_weight = largest_weight.max(raw_weight[j].abs());
+        worst += w.abs() * d;
+        largest_weight = largest_weight.max(w.abs());
     }
     let mut out_shift = MAX_OUT_SHIFT as i32;
     for limit in [TARGET_ACC / worst.max(1e-300), WEIGHT_LIMIT / largest_weight.max(1e-300)] {
@@ -120,8 +120,8 @@ pub fn quantize_linear(m: &FloatLinearModel) -> Result<LinearModel> {
     let unit = (out_shift as f64).exp2();
     q.bias = (bias * unit).round() as i64;
     q.threshold = (m.threshold * unit).round() as i64;
-    for j in 0..NUM_FEATURES {
-        let target = raw_weight[j] * unit;
+    for (j, w) in raw_weight.iter().enumerate() {
+        let target = w * unit;
         if target == 0.0 {
             continue;
         }
@@ -140,11 +140,11 @@ pub fn quantize_linear(m: &FloatLinearModel) -> Result<LinearModel> {
 /// the module doc). `q` must be `quantize_linear(m)`.
 pub fn linear_error_bound(q: &LinearModel, x: &FeatureVector) -> f64 {
     let mut bound = 0.5;
-    for j in 0..NUM_FEATURES {
+    for (j, &xj) in x.iter().enumerate() {
         if q.weight[j] == 0 {
             continue;
         }
-        let c = x[j].clamp(q.input_min[j], q.input_max[j]) as i64;
+        let c = xj.clamp(q.input_min[j], q.input_max[j]) as i64;
         let d = (c - q.offset[j] as i64).abs() as f64;
         bound += d / (q.product_shift[j] as f64 + 1.0).exp2() + 1.0;
     }
@@ -283,8 +283,8 @@ mod tests {
     /// (in f64, which is exact here up to its 53-bit rounding).
     fn twin_score(m: &LinearModel, x: &FeatureVector) -> f64 {
         let mut acc = m.bias as f64;
-        for j in 0..NUM_FEATURES {
-            let c = x[j].clamp(m.input_min[j], m.input_max[j]) as f64;
+        for (j, &xj) in x.iter().enumerate() {
+            let c = xj.clamp(m.input_min[j], m.input_max[j]) as f64;
             acc += (c - m.offset[j] as f64) * m.weight[j] as f64 / (m.product_shift[j] as f64).exp2();
         }
         acc

@@ -59,7 +59,7 @@ impl TrainOptions {
             tree_max_depth: 6,
             tree_min_samples_leaf: 50,
             tree_max_samples: 50_000,
-            logistic_max_iterations: 100,
+            logistic_max_iterations: 10,
             logistic_alpha: 1e-3,
             compare_baseline: true,
             workload: None,
@@ -134,7 +134,8 @@ fn fit_float(kind: ModelKind, opts: &TrainOptions, fit: &Dataset, tune: &Dataset
 /// doc). Refuses the model when quantisation costs more than half a point of
 /// balanced accuracy on held-back data.
 pub fn train(data: &Dataset, opts: &TrainOptions, progress: &Progress) -> Result<TrainedModel> {
-    if !(0.0 < opts.train_fraction && opts.train_fraction <= 1.0) || !(0.0..1.0).contains(&opts.tune_fraction) {
+    let fractions_ok = 0.0 < opts.train_fraction && opts.train_fraction <= 1.0 && (0.0..1.0).contains(&opts.tune_fraction);
+    if !fractions_ok {
         return Err(LearnError::NotEnoughData {
             what: "time split".into(),
             message: format!(

@@ -28,6 +28,10 @@ pub enum Command {
     Record(record::RecordArgs),
     /// Observe mq-deadline devices and print live statistics until stopped.
     Run(run::RunArgs),
+    /// Train a model from a recorded trace and write it as a model file.
+    Train(kml_learn::cli::TrainArgs),
+    /// Evaluate a model file on a trace, in float and in the kernel's integer form.
+    Eval(kml_learn::cli::EvalArgs),
 }
 
 impl Command {
@@ -36,6 +40,8 @@ impl Command {
             Command::Doctor(a) => a.execute(),
             Command::Record(a) => a.execute(),
             Command::Run(a) => a.execute(),
+            Command::Train(a) => a.execute(),
+            Command::Eval(a) => a.execute(),
         }
     }
 }
