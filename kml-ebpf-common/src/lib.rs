@@ -19,7 +19,7 @@ pub mod trace;
 pub use counters::{Counter, Counters};
 pub use layout::{KernelLayout, RawTpLayout, TracepointLayout};
 pub use op::{Direction, ReqFlags, ReqOp};
-pub use record::{DeviceConfig, DeviceState, InflightKey, RequestRecord};
+pub use record::{DeviceConfig, DeviceState, InflightKey, RequestRecord, Verdict};
 
 /// Attach modes the observer programs support, handed to the programs as a global.
 pub mod attach_mode {

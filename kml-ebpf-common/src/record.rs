@@ -41,10 +41,19 @@ pub struct RequestRecord {
     pub since_last_insert_ns: u64,
     /// |sector - end sector of the last request issued on the device| at insert.
     pub issue_distance: u64,
+    /// At insert: moving average (1/8 weight) of the insert→issue delay of the
+    /// requests recently dispatched in this request's direction: how long the
+    /// queue it joins is making requests wait right now.
+    pub dir_wait_ewma_ns: u64,
+    /// At insert: moving average (1/8 weight) of the time between dispatches on the
+    /// device: how fast the queue drains.
+    pub issue_gap_ewma_ns: u64,
+    /// In-kernel inference at insert: the model's score (model units), see `verdict`.
+    pub score: i64,
     /// Kernel `dev_t` (`major << 20 | minor`) of the whole disk.
     pub dev: u32,
-    /// Size in 512-byte sectors as dispatched (updated at issue: bios can merge into
-    /// a queued request).
+    /// Size in 512-byte sectors at insert (what the in-kernel features saw; a bio
+    /// merged into the queued request later is not counted).
     pub nr_sectors: u32,
     /// Thread group id of the task that inserted the request.
     pub pid: u32,
@@ -55,8 +64,12 @@ pub struct RequestRecord {
     /// insert, reads and writes (see [`ReqOp::direction`]); this one not counted.
     pub inflight_read: u32,
     pub inflight_write: u32,
-    /// Requests of the device inserted and not yet issued at insert (this one not counted).
-    pub queued: u32,
+    /// Requests of the device inserted and not yet issued at insert, reads and
+    /// writes (mq-deadline's two FIFOs); this one not counted.
+    pub queued_read: u32,
+    pub queued_write: u32,
+    /// Version of the model that gave the verdict (0: none).
+    pub model_version: u32,
     /// Times the request went back to the scheduler (`block_rq_requeue`).
     pub requeues: u16,
     /// `rq->ioprio` (class << 13 | level); 0 when the kernel does not expose it.
@@ -65,7 +78,20 @@ pub struct RequestRecord {
     pub op: u8,
     /// [`ReqFlags`] bits.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    /// In-kernel verdict at insert: [`Verdict::NONE`], [`Verdict::MEETS`] or
+    /// [`Verdict::AT_RISK`].
+    pub verdict: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Values of [`RequestRecord::verdict`].
+pub struct Verdict;
+
+impl Verdict {
+    /// No model was active (or its slot failed its checksum).
+    pub const NONE: u8 = 0;
+    pub const MEETS: u8 = 1;
+    pub const AT_RISK: u8 = 2;
 }
 
 impl RequestRecord {
@@ -99,6 +125,11 @@ impl RequestRecord {
     pub const fn inflight(&self) -> u32 {
         self.inflight_read.saturating_add(self.inflight_write)
     }
+
+    /// Total queued in the scheduler at insert (both directions).
+    pub const fn queued(&self) -> u32 {
+        self.queued_read.saturating_add(self.queued_write)
+    }
 }
 
 /// Per-device settings the agent writes (device filter map value): only devices with
@@ -118,9 +149,28 @@ pub struct DeviceConfig {
 pub struct DeviceState {
     pub inflight_read: u64,
     pub inflight_write: u64,
-    pub queued: u64,
+    pub queued_read: u64,
+    pub queued_write: u64,
     pub last_insert_ns: u64,
     pub last_issue_end_sector: u64,
+    pub last_issue_ns: u64,
+    pub issue_gap_ewma_ns: u64,
+    pub wait_ewma_read_ns: u64,
+    pub wait_ewma_write_ns: u64,
+}
+
+/// One step of the moving average the programs keep: `avg += (x - avg) / 8`, by
+/// shifts on unsigned values (no signed division in the kernel); the first sample
+/// (avg 0) is taken as is.
+#[inline(always)]
+pub const fn ewma_step(avg: u64, x: u64) -> u64 {
+    if avg == 0 {
+        x
+    } else if x >= avg {
+        avg + ((x - avg) >> 3)
+    } else {
+        avg - ((avg - x) >> 3)
+    }
 }
 
 #[cfg(feature = "user")]
@@ -150,7 +200,7 @@ mod tests {
     fn record_layout_is_stable() {
         // The eBPF side and the host decode the same bytes: a size change must be
         // deliberate (and the ring buffer decoder checks it).
-        assert_eq!(core::mem::size_of::<RequestRecord>(), 96);
+        assert_eq!(core::mem::size_of::<RequestRecord>(), 128);
         assert_eq!(core::mem::align_of::<RequestRecord>(), 8);
         assert_eq!(core::mem::size_of::<InflightKey>(), 16);
     }
@@ -162,6 +212,15 @@ mod tests {
         assert!(rec(100, 601, 700, 600).deadline_missed());
         assert_eq!(rec(100, 601, 700, 600).insert_to_issue_ns(), 501);
         assert_eq!(rec(100, 601, 700, 600).issue_to_complete_ns(), 99);
+    }
+
+    #[test]
+    fn ewma_moves_an_eighth_of_the_way() {
+        assert_eq!(ewma_step(0, 800), 800);
+        assert_eq!(ewma_step(800, 1600), 900);
+        assert_eq!(ewma_step(800, 0), 700);
+        assert_eq!(ewma_step(800, 805), 800);
+        assert_eq!(ewma_step(u64::MAX, 0), u64::MAX - (u64::MAX >> 3));
     }
 
     #[test]

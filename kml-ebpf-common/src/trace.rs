@@ -10,7 +10,7 @@ use std::{fmt, io, string::String, vec::Vec};
 
 use crate::{
     op::{ReqFlags, ReqOp},
-    record::RequestRecord,
+    record::{RequestRecord, Verdict},
 };
 
 /// Columns in the order `record` writes them.
@@ -31,9 +31,16 @@ pub const COLUMNS: &[&str] = &[
     "inflight_read",
     "inflight_write",
     "queued",
+    "queued_read",
+    "queued_write",
     "since_last_insert_ns",
     "issue_distance",
+    "dir_wait_ewma_ns",
+    "issue_gap_ewma_ns",
     "requeues",
+    "verdict",
+    "score",
+    "model_version",
 ];
 
 const FLAG_NAMES: &[(u8, &str)] = &[
@@ -43,6 +50,23 @@ const FLAG_NAMES: &[(u8, &str)] = &[
     (ReqFlags::PREFLUSH, "preflush"),
     (ReqFlags::RAHEAD, "rahead"),
 ];
+
+fn verdict_text(v: u8) -> &'static str {
+    match v {
+        Verdict::MEETS => "meets",
+        Verdict::AT_RISK => "at_risk",
+        _ => "none",
+    }
+}
+
+fn parse_verdict(s: &str) -> Option<u8> {
+    match s {
+        "none" => Some(Verdict::NONE),
+        "meets" => Some(Verdict::MEETS),
+        "at_risk" => Some(Verdict::AT_RISK),
+        _ => None,
+    }
+}
 
 /// The header line (no newline).
 pub fn header() -> String {
@@ -76,7 +100,7 @@ pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
     let (major, minor) = crate::kernel_dev_split(r.dev);
     writeln!(
         w,
-        "{major}:{minor},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        "{major}:{minor},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
         r.sector,
         r.nr_sectors,
         r.op().name(),
@@ -91,10 +115,17 @@ pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
         r.inflight(),
         r.inflight_read,
         r.inflight_write,
-        r.queued,
+        r.queued(),
+        r.queued_read,
+        r.queued_write,
         r.since_last_insert_ns,
         r.issue_distance,
+        r.dir_wait_ewma_ns,
+        r.issue_gap_ewma_ns,
         r.requeues,
+        verdict_text(r.verdict),
+        r.score,
+        r.model_version,
     )
 }
 
@@ -177,15 +208,25 @@ impl RowReader {
             error: num!(11),
             inflight_read: num!(13),
             inflight_write: num!(14),
-            queued: num!(15),
-            since_last_insert_ns: num!(16),
-            issue_distance: num!(17),
-            requeues: num!(18),
-            _pad: [0; 6],
+            queued_read: num!(16),
+            queued_write: num!(17),
+            since_last_insert_ns: num!(18),
+            issue_distance: num!(19),
+            dir_wait_ewma_ns: num!(20),
+            issue_gap_ewma_ns: num!(21),
+            requeues: num!(22),
+            verdict: parse_verdict(get(23)).ok_or_else(|| bad(23))?,
+            score: num!(24),
+            model_version: num!(25),
+            _pad: [0; 5],
         };
         let inflight: u32 = num!(12);
         if inflight != r.inflight() {
             return Err(bad(12));
+        }
+        let queued: u32 = num!(15);
+        if queued != r.queued() {
+            return Err(bad(15));
         }
         Ok(r)
     }
@@ -227,12 +268,18 @@ mod tests {
             error: -5,
             inflight_read: 3,
             inflight_write: 4,
-            queued: 2,
+            queued_read: 2,
+            queued_write: 5,
+            dir_wait_ewma_ns: 12_345,
+            issue_gap_ewma_ns: 678,
+            verdict: Verdict::AT_RISK,
+            score: -42,
+            model_version: 3,
             requeues: 1,
             ioprio: 4 << 13,
             op: ReqOp::Write as u8,
             flags: ReqFlags::SYNC | ReqFlags::FUA,
-            _pad: [0; 6],
+            _pad: [0; 5],
         }
     }
 

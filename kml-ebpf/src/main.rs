@@ -16,6 +16,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod hook;
+
 use core::intrinsics::{atomic_xadd, atomic_xsub, AtomicOrdering};
 
 use aya_ebpf::{
@@ -31,7 +33,8 @@ use kml_ebpf_common::{
     attach_mode,
     layout::{EventFields, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST},
     op::{parse_rwbs, Direction, ReqFlags, ReqOp},
-    Counter, Counters, DeviceConfig, DeviceState, InflightKey, KernelLayout, RequestRecord,
+    record::ewma_step, Counter, Counters, DeviceConfig, DeviceState, InflightKey, KernelLayout, RequestRecord,
+    Verdict,
 };
 
 /// Kernel layout, written by the agent at load time (`.rodata`, frozen).
@@ -163,23 +166,30 @@ fn on_insert(v: &ReqView) {
         Some(p) => unsafe { &mut *p },
         None => return,
     };
-    let (mut inflight_read, mut inflight_write, mut queued, mut since_last, mut distance) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut inflight_read, mut inflight_write, mut queued_read, mut queued_write) = (0u64, 0u64, 0u64, 0u64);
+    let (mut since_last, mut distance, mut dir_wait, mut issue_gap) = (0u64, 0u64, 0u64, 0u64);
     let state = DEVICE_STATE.get_ptr_mut(v.dev);
     if let Some(s) = state {
         unsafe {
+            // Counts of the others (fetch-add returns the value before this request).
             match dir {
                 Direction::Read => {
                     inflight_read = fetch_inc(&raw mut (*s).inflight_read);
                     inflight_write = load(&raw mut (*s).inflight_write);
+                    queued_read = fetch_inc(&raw mut (*s).queued_read);
+                    queued_write = load(&raw mut (*s).queued_write);
+                    dir_wait = (*s).wait_ewma_read_ns;
                 }
                 Direction::Write => {
                     inflight_read = load(&raw mut (*s).inflight_read);
                     inflight_write = fetch_inc(&raw mut (*s).inflight_write);
+                    queued_read = load(&raw mut (*s).queued_read);
+                    queued_write = fetch_inc(&raw mut (*s).queued_write);
+                    dir_wait = (*s).wait_ewma_write_ns;
                 }
             }
-            queued = fetch_inc(&raw mut (*s).queued);
-            // Racy across CPUs by design: these two are features, not accounting.
+            issue_gap = (*s).issue_gap_ewma_ns;
+            // Racy across CPUs by design: these are features, not accounting.
             let last = (*s).last_insert_ns;
             if last != 0 && now > last {
                 since_last = now - last;
@@ -198,18 +208,24 @@ fn on_insert(v: &ReqView) {
         deadline_ns: now + expire,
         since_last_insert_ns: since_last,
         issue_distance: distance,
+        dir_wait_ewma_ns: dir_wait,
+        issue_gap_ewma_ns: issue_gap,
+        score: 0,
         dev: v.dev,
         nr_sectors: v.nr_sectors,
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         error: 0,
         inflight_read: inflight_read as u32,
         inflight_write: inflight_write as u32,
-        queued: queued as u32,
+        queued_read: queued_read as u32,
+        queued_write: queued_write as u32,
+        model_version: 0,
         requeues: 0,
         ioprio: v.ioprio,
         op: v.op as u8,
         flags: v.flags,
-        _pad: [0; 6],
+        verdict: Verdict::NONE,
+        _pad: [0; 5],
     };
     if INFLIGHT.insert(v.key, &*rec, 0).is_ok() {
         count(Counter::InflightAdded);
@@ -230,7 +246,17 @@ unsafe fn release_counts(s: *mut DeviceState, dir: Direction, still_queued: bool
             Direction::Write => dec_saturating(&raw mut (*s).inflight_write),
         }
         if still_queued {
-            dec_saturating(&raw mut (*s).queued);
+            dec_saturating(queued_counter(s, dir));
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn queued_counter(s: *mut DeviceState, dir: Direction) -> *mut u64 {
+    unsafe {
+        match dir {
+            Direction::Read => &raw mut (*s).queued_read,
+            Direction::Write => &raw mut (*s).queued_write,
         }
     }
 }
@@ -252,13 +278,25 @@ fn on_issue(key: InflightKey, sector: u64, nr_sectors: u32, dev_of: impl FnOnce(
     let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
         let dev = (*e).dev;
+        let dir = ReqOp::from_u8((*e).op).direction();
         let was_queued = (*e).issue_ns == 0;
         (*e).issue_ns = now;
-        (*e).nr_sectors = nr_sectors;
         if let Some(s) = DEVICE_STATE.get_ptr_mut(dev) {
             if was_queued {
-                dec_saturating(&raw mut (*s).queued);
+                dec_saturating(queued_counter(s, dir));
+                // How long this direction's queue makes requests wait, and how fast
+                // the device drains: features of the next inserts.
+                let wait = now.saturating_sub((*e).insert_ns);
+                match dir {
+                    Direction::Read => (*s).wait_ewma_read_ns = ewma_step((*s).wait_ewma_read_ns, wait),
+                    Direction::Write => (*s).wait_ewma_write_ns = ewma_step((*s).wait_ewma_write_ns, wait),
+                }
             }
+            let last = (*s).last_issue_ns;
+            if last != 0 && now > last {
+                (*s).issue_gap_ewma_ns = ewma_step((*s).issue_gap_ewma_ns, now - last);
+            }
+            (*s).last_issue_ns = now;
             (*s).last_issue_end_sector = sector + nr_sectors as u64;
         }
     }
@@ -274,7 +312,7 @@ fn on_requeue(key: InflightKey) {
             // Back in the scheduler: queued again until the next issue.
             (*e).issue_ns = 0;
             if let Some(s) = DEVICE_STATE.get_ptr_mut((*e).dev) {
-                fetch_inc(&raw mut (*s).queued);
+                fetch_inc(queued_counter(s, ReqOp::from_u8((*e).op).direction()));
             }
         }
     }

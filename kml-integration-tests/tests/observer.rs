@@ -5,7 +5,7 @@ use kml_agent::{
     kernel::caps::AttachMode,
     observe::{Observer, ObserverConfig},
 };
-use kml_ebpf_common::{Counter, ReqOp, RequestRecord};
+use kml_ebpf_common::{record::ewma_step, Counter, ReqOp, RequestRecord};
 use kml_integration_tests::{assert_no_kml_programs, issue_direct, scattered_pattern, Issued, LoopDevice};
 
 const READ_EXPIRE_MS: u32 = 500;
@@ -70,6 +70,27 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         eprintln!("note: {skipped} requests lost to {missed} kernel-skipped (recursive) program runs");
     }
 
+    // The load features, recomputed on the host from the records themselves with the
+    // same moving-average step: exact when no request of another task interleaved.
+    if skipped == 0 && others == 0 {
+        let (mut wait_read, mut wait_write, mut gap, mut last_issue) = (0u64, 0u64, 0u64, 0u64);
+        for (i, r) in ours.iter().enumerate() {
+            let expect_wait = if r.op() == ReqOp::Read { wait_read } else { wait_write };
+            ensure!(r.dir_wait_ewma_ns == expect_wait, "request {i}: dir wait {} != {expect_wait}", r.dir_wait_ewma_ns);
+            ensure!(r.issue_gap_ewma_ns == gap, "request {i}: issue gap {} != {gap}", r.issue_gap_ewma_ns);
+            let wait = r.issue_ns - r.insert_ns;
+            if r.op() == ReqOp::Read {
+                wait_read = ewma_step(wait_read, wait);
+            } else {
+                wait_write = ewma_step(wait_write, wait);
+            }
+            if last_issue != 0 {
+                gap = ewma_step(gap, r.issue_ns - last_issue);
+            }
+            last_issue = r.issue_ns;
+        }
+    }
+
     let mut prev_end: Option<u64> = None;
     let mut prev_insert = 0u64;
     for (i, r) in ours.iter().enumerate() {
@@ -87,7 +108,7 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         ensure!(r.error == 0 && r.requeues == 0, "request {i}: {r:?}");
         ensure!(!r.deadline_missed(), "request {i} missed a {expire_ms} ms deadline on an idle disk: {r:?}");
         // One synchronous request at a time: nothing else in flight or queued.
-        ensure!(r.inflight() == 0 && r.queued == 0, "request {i}: in flight {} queued {}", r.inflight(), r.queued);
+        ensure!(r.inflight() == 0 && r.queued() == 0, "request {i}: in flight {} queued {}", r.inflight(), r.queued());
         // Exact when the previous request was recorded (no gap before this one).
         if let Some(end) = prev_end.filter(|_| skipped == 0) {
             ensure!(r.issue_distance == r.sector.abs_diff(end), "request {i}: issue distance {}", r.issue_distance);
@@ -170,9 +191,17 @@ fn in_flight_counts_and_misses_under_concurrency() -> Result<()> {
     );
     let max_inflight = records.iter().map(RequestRecord::inflight).max().unwrap_or(0);
     ensure!(max_inflight > 1 && max_inflight < 64 + 8, "max in flight {max_inflight} (2 jobs × depth 32)");
-    ensure!(records.iter().any(|r| r.queued > 0), "no request ever found another queued");
+    ensure!(records.iter().any(|r| r.queued() > 0), "no request ever found another queued");
+    ensure!(
+        records.iter().any(|r| r.queued_read > 0) && records.iter().any(|r| r.queued_write > 0),
+        "per-direction queue counts never moved"
+    );
+    ensure!(records.iter().any(|r| r.dir_wait_ewma_ns > 0 && r.issue_gap_ewma_ns > 0), "load averages never moved");
     // Everything completed: the device counts are back to zero.
-    ensure!(state.inflight_read == 0 && state.inflight_write == 0 && state.queued == 0, "{state:?}");
+    ensure!(
+        state.inflight_read == 0 && state.inflight_write == 0 && state.queued_read == 0 && state.queued_write == 0,
+        "{state:?}"
+    );
     // mq-deadline keeps expiries in jiffies: 1 ms reads back as one jiffy (4 ms at
     // HZ=250), and that is the deadline the kernel applies.
     let (read_expire, write_expire) = bdev.expiries()?;

@@ -227,7 +227,7 @@ mod tests {
             complete_ns: issue + 10,
             deadline_ns: insert + expire,
             op: ReqOp::Read as u8,
-            queued: (insert / 100) as u32,
+            queued_read: (insert / 100) as u32,
             ..Default::default()
         }
     }

@@ -106,7 +106,8 @@ impl SyntheticTrace {
                     nr_sectors,
                     inflight_read,
                     inflight_write,
-                    queued: (read_q.len() + write_q.len()) as u32,
+                    queued_read: read_q.len() as u32,
+                    queued_write: write_q.len() as u32,
                     op: if read { ReqOp::Read } else { ReqOp::Write } as u8,
                     flags: if read || self.rng.unit() < 0.5 { ReqFlags::SYNC } else { 0 },
                     ..Default::default()
