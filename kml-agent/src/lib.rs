@@ -4,11 +4,15 @@
 //! Modules follow the data flow: `kernel` (what the running kernel offers and how it
 //! lays out its structures) → `devices` (which disks, with which mq-deadline
 //! settings) → `observe` (load, configure, attach) → `record` (ring buffer → records)
-//! → `stats` (what the records say).
+//! → `stats` (what the records say) → `infer` (models into the kernel's slots).
 
 pub mod cli;
 pub mod devices;
+pub mod infer;
+pub mod hook;
 pub mod kernel;
+pub mod learn;
+pub mod models;
 pub mod observe;
 pub mod record;
 pub mod stats;

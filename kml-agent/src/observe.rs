@@ -6,7 +6,7 @@ use std::{borrow::Cow, os::fd::AsFd as _, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
@@ -59,6 +59,9 @@ pub struct ObserverConfig {
     pub wakeup_bytes: u32,
     /// How often the agent collects what has not triggered a wake-up.
     pub poll_interval: Duration,
+    /// Drop mode: past this ring fill (bytes), keep only records near the model's
+    /// decision boundary. `None`: lossless mode (never sample).
+    pub sample_fill_bytes: Option<u32>,
 }
 
 impl ObserverConfig {
@@ -68,6 +71,7 @@ impl ObserverConfig {
             ring_bytes: 8 << 20,
             wakeup_bytes: 256 << 10,
             poll_interval: Duration::from_millis(50),
+            sample_fill_bytes: None,
         }
     }
 }
@@ -91,7 +95,7 @@ impl Observer {
     /// programs; nothing is attached yet.
     pub fn load(config: ObserverConfig) -> anyhow::Result<Observer> {
         crate::kernel::caps::require_privileges()?;
-        let layout = layout::kernel_layout(config.mode, config.wakeup_bytes)?;
+        let layout = layout::kernel_layout(config.mode, config.wakeup_bytes, config.sample_fill_bytes.unwrap_or(0))?;
         let object = ebpf_object()?;
         let mut ebpf = EbpfLoader::new()
             .override_global("KML_LAYOUT", &layout, true)
@@ -110,6 +114,34 @@ impl Observer {
                 }
             }
         }
+        // Inference stages (tail-called from insert) and the slot checker (run on demand).
+        let stages: [&str; 2] = match config.mode {
+            AttachMode::RawTracepoint => ["kml_raw_features", "kml_raw_model"],
+            AttachMode::Tracepoint => ["kml_tp_features", "kml_tp_model"],
+        };
+        let mut fds = Vec::new();
+        for name in stages {
+            let fd = match config.mode {
+                AttachMode::RawTracepoint => {
+                    let p: &mut RawTracePoint = program(&mut ebpf, name)?;
+                    p.load().with_context(|| format!("verifying {name}"))?;
+                    p.fd()?.try_clone()?
+                }
+                AttachMode::Tracepoint => {
+                    let p: &mut TracePoint = program(&mut ebpf, name)?;
+                    p.load().with_context(|| format!("verifying {name}"))?;
+                    p.fd()?.try_clone()?
+                }
+            };
+            fds.push(fd);
+        }
+        let mut infer: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(ebpf.map_mut("INFER").context("map INFER missing")?)?;
+        for (i, fd) in fds.iter().enumerate() {
+            infer.set(i as u32, fd, 0).context("installing the inference stages")?;
+        }
+        let checker: &mut RawTracePoint = program(&mut ebpf, "kml_verify_slots")?;
+        checker.load().context("verifying kml_verify_slots")?;
         Ok(Observer { ebpf, config, devices: Vec::new(), attached: false })
     }
 
@@ -253,6 +285,10 @@ impl Observer {
     /// Direct access for tools that need more (tests, status).
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 }
 

@@ -85,6 +85,22 @@ counters! {
     stale_entries => StaleEntries,
     /// Events dropped because a kernel read (bpf_probe_read_kernel) failed.
     read_failures => ReadFailures,
+    /// Inserts the active model scored (shadow mode: the verdict is only counted).
+    verdicts => Verdicts,
+    verdicts_at_risk => VerdictsAtRisk,
+    /// Inserts with a model configured but not usable: its slot failed the
+    /// checksum (torn or corrupt) or its kind is unknown. No verdict: fail open.
+    model_rejects => ModelRejects,
+    /// Runs of the slot checker (`kml_verify_slots`).
+    model_verifications => ModelVerifications,
+    /// Live confusion matrix at completion (predicted at risk / observed missed).
+    true_miss => TrueMiss,
+    false_miss => FalseMiss,
+    true_met => TrueMet,
+    false_met => FalseMet,
+    /// Records not written because the ring was filling up and the model was sure
+    /// of the request (sampling mode: uncertain requests are kept first).
+    sampled_out => SampledOut,
 }
 
 #[cfg(feature = "user")]

@@ -15,7 +15,7 @@
 use crate::{op::ReqFlags, op::Direction, record::RequestRecord};
 
 /// Number of features every model slot is laid out for.
-pub const NUM_FEATURES: usize = 16;
+pub const NUM_FEATURES: usize = 22;
 
 /// One request's features, in [`Feature`] order.
 pub type FeatureVector = [i32; NUM_FEATURES];
@@ -28,6 +28,11 @@ pub const TIME_SHIFT: u32 = 10;
 /// [`crate::model::MAX_OUT_SHIFT`]).
 pub const BUDGET_MAX: i32 = 1 << 30;
 
+/// Ratio features are in units of 1/256 of the deadline budget.
+pub const RATIO_SHIFT: u32 = 8;
+/// Cap of the ratio features: 256 budgets.
+pub const RATIO_MAX: i32 = 1 << 16;
+
 /// The features, in vector order. The discriminant is the index.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,34 +44,52 @@ pub enum Feature {
     Op = 1,
     /// Request size at insert in KiB (`nr_sectors >> 1`).
     SizeKib = 2,
-    /// Reads of the device in flight (inserted, not completed) at insert.
-    InflightRead = 3,
-    /// Writes (and other non-reads) of the device in flight at insert.
-    InflightWrite = 4,
-    /// In flight in this request's direction (mq-deadline keeps one FIFO per direction).
-    InflightSameDir = 5,
-    /// Requests of the device inserted and not yet issued at insert.
-    Queued = 6,
-    /// Time since the previous insert on the device, "µs", saturated.
-    SinceLastInsertUs = 7,
+    /// 1 when mq-deadline counts the request on its write side (every non-read).
+    WriteDir = 3,
+    /// Requests queued (inserted, not issued) in this request's direction at insert:
+    /// the length of the mq-deadline FIFO it joins.
+    QueuedSameDir = 4,
+    /// Requests queued in the other direction at insert.
+    QueuedOtherDir = 5,
+    /// Requests in flight (inserted, not completed) in this request's direction.
+    InflightSameDir = 6,
+    /// Requests in flight in the other direction.
+    InflightOtherDir = 7,
+    /// Moving average of the insert→issue delay of requests recently dispatched in
+    /// this direction, "µs": how long the queue it joins makes requests wait now.
+    DirWaitUs = 8,
+    /// Moving average of the time between dispatches on the device, ns: how fast
+    /// the queue drains.
+    IssueGapNs = 9,
+    /// `queued_same_dir × issue_gap` in "µs": the wait if the device served this
+    /// direction's FIFO in order at its current pace.
+    ExpectedWaitUs = 10,
+    /// `(queued_same_dir + queued_other_dir) × issue_gap` in "µs".
+    ExpectedWaitAllUs = 11,
+    /// The direction's wait average relative to this request's deadline budget, in
+    /// 1/256 (256: the queue makes requests wait exactly the budget).
+    DirWaitRatio = 12,
+    /// `queued_same_dir × issue_gap` relative to the deadline budget, in 1/256.
+    ExpectedWaitRatio = 13,
     /// Bit length of the time since the previous insert in ns (0 for 0): a log scale.
-    SinceLastInsertLog2 = 8,
+    SinceLastInsertLog2 = 14,
     /// Bit length of the distance in sectors from the end of the last issued request.
-    IssueDistanceLog2 = 9,
+    IssueDistanceLog2 = 15,
     /// REQ_SYNC set (0/1).
-    Sync = 10,
+    Sync = 16,
     /// REQ_META set (0/1).
-    Meta = 11,
+    Meta = 17,
     /// REQ_FUA set (0/1).
-    Fua = 12,
+    Fua = 18,
     /// I/O priority class (`ioprio >> 13`: 0 none, 1 RT, 2 BE, 3 idle).
-    IoprioClass = 13,
+    IoprioClass = 19,
     /// Time from insert to the FIFO deadline (read_expire or write_expire), "µs",
     /// capped at [`BUDGET_MAX`]. The regression verdict compares the predicted delay
     /// with it.
-    DeadlineBudgetUs = 14,
-    /// 1 when mq-deadline counts the request on its write side (every non-read).
-    WriteDir = 15,
+    DeadlineBudgetUs = 20,
+    /// Requests issued to the device and not completed at insert (in flight minus
+    /// queued, both directions): how busy the device itself is.
+    InDevice = 21,
 }
 
 impl Feature {
@@ -75,11 +98,17 @@ impl Feature {
         Feature::SectorMib,
         Feature::Op,
         Feature::SizeKib,
-        Feature::InflightRead,
-        Feature::InflightWrite,
+        Feature::WriteDir,
+        Feature::QueuedSameDir,
+        Feature::QueuedOtherDir,
         Feature::InflightSameDir,
-        Feature::Queued,
-        Feature::SinceLastInsertUs,
+        Feature::InflightOtherDir,
+        Feature::DirWaitUs,
+        Feature::IssueGapNs,
+        Feature::ExpectedWaitUs,
+        Feature::ExpectedWaitAllUs,
+        Feature::DirWaitRatio,
+        Feature::ExpectedWaitRatio,
         Feature::SinceLastInsertLog2,
         Feature::IssueDistanceLog2,
         Feature::Sync,
@@ -87,7 +116,7 @@ impl Feature {
         Feature::Fua,
         Feature::IoprioClass,
         Feature::DeadlineBudgetUs,
-        Feature::WriteDir,
+        Feature::InDevice,
     ];
 
     /// Position in a [`FeatureVector`].
@@ -101,11 +130,17 @@ impl Feature {
             Feature::SectorMib => "sector_mib",
             Feature::Op => "op",
             Feature::SizeKib => "size_kib",
-            Feature::InflightRead => "inflight_read",
-            Feature::InflightWrite => "inflight_write",
+            Feature::WriteDir => "write_dir",
+            Feature::QueuedSameDir => "queued_same_dir",
+            Feature::QueuedOtherDir => "queued_other_dir",
             Feature::InflightSameDir => "inflight_same_dir",
-            Feature::Queued => "queued",
-            Feature::SinceLastInsertUs => "since_last_insert_us",
+            Feature::InflightOtherDir => "inflight_other_dir",
+            Feature::DirWaitUs => "dir_wait_us",
+            Feature::IssueGapNs => "issue_gap_ns",
+            Feature::ExpectedWaitUs => "expected_wait_us",
+            Feature::ExpectedWaitAllUs => "expected_wait_all_us",
+            Feature::DirWaitRatio => "dir_wait_ratio",
+            Feature::ExpectedWaitRatio => "expected_wait_ratio",
             Feature::SinceLastInsertLog2 => "since_last_insert_log2",
             Feature::IssueDistanceLog2 => "issue_distance_log2",
             Feature::Sync => "sync",
@@ -113,7 +148,7 @@ impl Feature {
             Feature::Fua => "fua",
             Feature::IoprioClass => "ioprio_class",
             Feature::DeadlineBudgetUs => "deadline_budget_us",
-            Feature::WriteDir => "write_dir",
+            Feature::InDevice => "in_device",
         }
     }
 
@@ -125,6 +160,7 @@ impl Feature {
             Feature::Sync | Feature::Meta | Feature::Fua | Feature::WriteDir => 1,
             Feature::IoprioClass => 7,
             Feature::DeadlineBudgetUs => BUDGET_MAX,
+            Feature::DirWaitRatio | Feature::ExpectedWaitRatio => RATIO_MAX,
             _ => i32::MAX,
         }
     }
@@ -139,9 +175,7 @@ impl Feature {
 pub const KML_BASELINE_FEATURES: [Feature; 2] = [Feature::SectorMib, Feature::Op];
 
 /// The [`RequestRecord`] fields [`features_at_insert`] reads: all final when
-/// `block_rq_insert` has run. (`nr_sectors` is rewritten at issue when bios merged
-/// into the queued request; the kernel computes the features before that, so a trace
-/// record can show a larger size than the kernel saw.)
+/// `block_rq_insert` has run (`nr_sectors` is the size at insert).
 pub const INSERT_TIME_FIELDS: &[&str] = &[
     "sector",
     "nr_sectors",
@@ -152,9 +186,12 @@ pub const INSERT_TIME_FIELDS: &[&str] = &[
     "deadline_ns",
     "inflight_read",
     "inflight_write",
-    "queued",
+    "queued_read",
+    "queued_write",
     "since_last_insert_ns",
     "issue_distance",
+    "dir_wait_ewma_ns",
+    "issue_gap_ewma_ns",
 ];
 
 /// Saturating u64 → i32 (values are never negative here).
@@ -164,6 +201,36 @@ const fn sat_i32(v: u64) -> i32 {
         i32::MAX
     } else {
         v as i32
+    }
+}
+
+/// Saturating u64 → u32.
+#[inline(always)]
+const fn sat_u32(v: u64) -> u64 {
+    if v > u32::MAX as u64 {
+        u32::MAX as u64
+    } else {
+        v
+    }
+}
+
+/// `count × gap_ns` in ns, both saturated to 32 bits first, so the product cannot
+/// overflow u64.
+#[inline(always)]
+pub const fn drain_time_ns(count: u32, gap_ns: u64) -> u64 {
+    (count as u64) * sat_u32(gap_ns)
+}
+
+/// `num / den` in units of `2^-RATIO_SHIFT`, capped at [`RATIO_MAX`]; [`RATIO_MAX`]
+/// when `den` is 0. Unsigned division only (BPF's `div` is unsigned).
+#[inline(always)]
+pub const fn ratio(num: u64, den: u64) -> i32 {
+    // A numerator above 2^48 is beyond the cap for any den < 2^32 ns (4 s); keeping
+    // it below 2^48 keeps the shift inside u64.
+    let num = if num > 1 << 48 { 1 << 48 } else { num };
+    match (num << RATIO_SHIFT).checked_div(den) {
+        Some(q) if q < RATIO_MAX as u64 => q as i32,
+        _ => RATIO_MAX,
     }
 }
 
@@ -207,12 +274,17 @@ pub const fn bit_length(v: u64) -> i32 {
 pub fn features_at_insert(r: &RequestRecord) -> FeatureVector {
     let flags = ReqFlags(r.flags);
     let op = r.op();
-    let same_dir = match op.direction() {
-        Direction::Read => r.inflight_read,
-        Direction::Write => r.inflight_write,
+    let write = matches!(op.direction(), Direction::Write);
+    let (queued_same, queued_other, inflight_same, inflight_other) = if write {
+        (r.queued_write, r.queued_read, r.inflight_write, r.inflight_read)
+    } else {
+        (r.queued_read, r.queued_write, r.inflight_read, r.inflight_write)
     };
-    let budget = r.deadline_ns.saturating_sub(r.insert_ns) >> TIME_SHIFT;
+    let budget_ns = r.deadline_ns.saturating_sub(r.insert_ns);
+    let budget = budget_ns >> TIME_SHIFT;
     let budget = if budget > BUDGET_MAX as u64 { BUDGET_MAX } else { budget as i32 };
+    let expected_ns = drain_time_ns(queued_same, r.issue_gap_ewma_ns);
+    let expected_all_ns = drain_time_ns(queued_same.saturating_add(queued_other), r.issue_gap_ewma_ns);
 
     // Written as one literal in `Feature` order (checked by a test), so no index can
     // be out of bounds.
@@ -220,11 +292,17 @@ pub fn features_at_insert(r: &RequestRecord) -> FeatureVector {
         sat_i32(r.sector >> 11),
         op as i32,
         sat_i32((r.nr_sectors >> 1) as u64),
-        sat_i32(r.inflight_read as u64),
-        sat_i32(r.inflight_write as u64),
-        sat_i32(same_dir as u64),
-        sat_i32(r.queued() as u64),
-        sat_i32(r.since_last_insert_ns >> TIME_SHIFT),
+        write as i32,
+        sat_i32(queued_same as u64),
+        sat_i32(queued_other as u64),
+        sat_i32(inflight_same as u64),
+        sat_i32(inflight_other as u64),
+        sat_i32(r.dir_wait_ewma_ns >> TIME_SHIFT),
+        sat_i32(r.issue_gap_ewma_ns),
+        sat_i32(expected_ns >> TIME_SHIFT),
+        sat_i32(expected_all_ns >> TIME_SHIFT),
+        ratio(r.dir_wait_ewma_ns, budget_ns),
+        ratio(expected_ns, budget_ns),
         bit_length(r.since_last_insert_ns),
         bit_length(r.issue_distance),
         flags.contains(ReqFlags::SYNC) as i32,
@@ -232,7 +310,7 @@ pub fn features_at_insert(r: &RequestRecord) -> FeatureVector {
         flags.contains(ReqFlags::FUA) as i32,
         (r.ioprio >> 13) as i32,
         budget,
-        matches!(op.direction(), Direction::Write) as i32,
+        sat_i32(r.inflight().saturating_sub(r.queued()) as u64),
     ]
 }
 

@@ -28,14 +28,17 @@ pub struct Verdict {
 /// `v` clipped to `[lo, hi]`. Never panics (unlike `Ord::clamp`): with `lo > hi`
 /// the result is one of the two.
 #[inline(always)]
-const fn clip(v: i32, lo: i32, hi: i32) -> i32 {
-    if v < lo {
-        lo
-    } else if v > hi {
-        hi
-    } else {
-        v
-    }
+fn clip(v: i32, lo: i32, hi: i32) -> i32 {
+    // Branch-free (max, then min, by sign masks in i64, where no difference
+    // overflows): the BPF verifier walks every branch of every lane, and a
+    // three-way branch per feature does not verify within its budget. The masks go
+    // through `black_box` so LLVM cannot fold them back into compare-and-branch.
+    let (v, lo, hi) = (v as i64, lo as i64, hi as i64);
+    let below = v - lo;
+    let v = v - (below & core::hint::black_box(below >> 63));
+    let above = v - hi;
+    let v = v - (above & !core::hint::black_box(above >> 63));
+    v as i32
 }
 
 /// The accumulator of a linear model (see [`LinearModel`] for the formula).
@@ -53,8 +56,11 @@ pub fn linear_score(m: &LinearModel, x: &FeatureVector) -> i64 {
         // wrapping ops never wrap, they only rule out a panic path.
         let d = (clip(xj, lo, hi) as i64).wrapping_sub(off as i64);
         let product = d.wrapping_mul(w as i64);
-        let shift = if shift > 63 { 63 } else { shift };
-        acc = acc.saturating_add(product >> shift);
+        // Validated models have shifts <= 62; the mask (not a branch) keeps any
+        // other value from being an invalid shift. The sum cannot wrap for a
+        // validated model (`validate` bounds it below 2^62); wrapping, not
+        // saturating, keeps the lane branch-free.
+        acc = acc.wrapping_add(product >> (shift & 63));
     }
     acc
 }
@@ -63,7 +69,14 @@ pub fn linear_score(m: &LinearModel, x: &FeatureVector) -> i64 {
 #[inline(always)]
 pub fn infer_linear(m: &LinearModel, x: &FeatureVector) -> Verdict {
     let score = linear_score(m, x);
-    let limit = match VerdictRule::from_u32(m.rule) {
+    Verdict { score, at_risk: score > linear_limit(m, x) }
+}
+
+/// The value a linear model's score is compared with (the verdict is
+/// `score > limit`); also how far a request is from the decision boundary.
+#[inline(always)]
+pub fn linear_limit(m: &LinearModel, x: &FeatureVector) -> i64 {
+    match VerdictRule::from_u32(m.rule) {
         Some(VerdictRule::DelayOverBudget) => {
             // Time left to the deadline, in the score's unit. budget <= 2^30 and
             // out_shift <= 32, so the shift stays below 2^62.
@@ -77,8 +90,7 @@ pub fn infer_linear(m: &LinearModel, x: &FeatureVector) -> Verdict {
         Some(VerdictRule::ScoreOverThreshold) => m.threshold,
         // Unknown rule: never flag.
         None => i64::MAX,
-    };
-    Verdict { score, at_risk: score > limit }
+    }
 }
 
 /// Integer inference of a decision tree: at most [`TREE_MAX_DEPTH`] steps down from
@@ -150,14 +162,14 @@ mod tests {
         m.rule = VerdictRule::DelayOverBudget as u32;
         m.out_shift = 4;
         m.bias = 100 << 4;
-        m.weight[Feature::Queued.index()] = 10 << 4;
+        m.weight[Feature::QueuedSameDir.index()] = 10 << 4;
         m.input_max = [1000; NUM_FEATURES];
         m
     }
 
     fn x_with(queued: i32, budget: i32) -> FeatureVector {
         let mut x = [0; NUM_FEATURES];
-        x[Feature::Queued.index()] = queued;
+        x[Feature::QueuedSameDir.index()] = queued;
         x[Feature::DeadlineBudgetUs.index()] = budget;
         x
     }
@@ -178,12 +190,12 @@ mod tests {
     #[test]
     fn product_shift_and_offset() {
         let mut m = regression();
-        m.offset[Feature::Queued.index()] = 10;
-        m.product_shift[Feature::Queued.index()] = 1;
+        m.offset[Feature::QueuedSameDir.index()] = 10;
+        m.product_shift[Feature::QueuedSameDir.index()] = 1;
         // (3 - 10) * 160 >> 1 = -560
         assert_eq!(linear_score(&m, &x_with(3, 0)), (100 << 4) - 560);
         // -7 * 3 = -21 >> 1 = -11 (towards -inf)
-        m.weight[Feature::Queued.index()] = 3;
+        m.weight[Feature::QueuedSameDir.index()] = 3;
         assert_eq!(linear_score(&m, &x_with(3, 0)), (100 << 4) - 11);
     }
 
@@ -227,7 +239,7 @@ mod tests {
         t.depth = 1;
         t.threshold = 50;
         t.feature = [TREE_LEAF; TREE_MAX_NODES];
-        t.feature[0] = Feature::Queued.index() as u8;
+        t.feature[0] = Feature::QueuedSameDir.index() as u8;
         t.split[0] = 7;
         t.left[0] = 1;
         t.right[0] = 2;

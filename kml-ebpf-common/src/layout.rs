@@ -94,6 +94,10 @@ pub struct KernelLayout {
     /// Wake the agent when this many bytes wait in the ring buffer; below it records
     /// are written without a wake-up and the agent's poll timer collects them.
     pub wakeup_bytes: u32,
+    /// Drop mode: once this many bytes wait in the ring, only records near the
+    /// model's decision boundary are written (the rest counted as sampled out).
+    /// 0: never sample (lossless mode).
+    pub sample_fill_bytes: u32,
     pub raw: RawTpLayout,
     pub tp: TracepointLayout,
 }
@@ -103,6 +107,7 @@ impl KernelLayout {
         KernelLayout {
             mode: 0,
             wakeup_bytes: 0,
+            sample_fill_bytes: 0,
             raw: RawTpLayout {
                 rq_q: 0,
                 rq_sector: 0,

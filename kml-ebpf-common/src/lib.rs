@@ -13,6 +13,7 @@ pub mod layout;
 pub mod model;
 pub mod op;
 pub mod record;
+pub mod slot;
 #[cfg(feature = "user")]
 pub mod trace;
 

@@ -81,7 +81,9 @@ pub struct RequestRecord {
     /// In-kernel verdict at insert: [`Verdict::NONE`], [`Verdict::MEETS`] or
     /// [`Verdict::AT_RISK`].
     pub verdict: u8,
-    pub _pad: [u8; 5],
+    /// 1 when the score was within the control's `near_margin` of the limit.
+    pub near_boundary: u8,
+    pub _pad: [u8; 4],
 }
 
 /// Values of [`RequestRecord::verdict`].

@@ -218,7 +218,8 @@ impl RowReader {
             verdict: parse_verdict(get(23)).ok_or_else(|| bad(23))?,
             score: num!(24),
             model_version: num!(25),
-            _pad: [0; 5],
+            near_boundary: 0,
+            _pad: [0; 4],
         };
         let inflight: u32 = num!(12);
         if inflight != r.inflight() {
@@ -279,7 +280,8 @@ mod tests {
             ioprio: 4 << 13,
             op: ReqOp::Write as u8,
             flags: ReqFlags::SYNC | ReqFlags::FUA,
-            _pad: [0; 5],
+            near_boundary: 0,
+            _pad: [0; 4],
         }
     }
 

@@ -22,15 +22,20 @@ use core::intrinsics::{atomic_xadd, atomic_xsub, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_ringbuf_query,
     },
     macros::{btf_map, raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use kml_ebpf_common::{
     attach_mode,
+    features::{features_at_insert, FeatureVector},
+    inference::{infer_linear, infer_tree, linear_limit},
+    model::{LinearModel, ModelKind, TreeModel},
+    slot::{status_index, ModelControl, SlotStatus, MODEL_SLOTS, STATUS_ENTRIES},
     layout::{EventFields, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST},
     op::{parse_rwbs, Direction, ReqFlags, ReqOp},
     record::ewma_step, Counter, Counters, DeviceConfig, DeviceState, InflightKey, KernelLayout, RequestRecord,
@@ -61,6 +66,35 @@ static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 /// Finished requests. Size is overridden by the agent at load.
 #[btf_map]
 static RECORDS: RingBuf<RequestRecord, { 4 << 20 }> = RingBuf::new();
+
+/// The model slots (written whole by the agent while idle) and the active one.
+/// BTF-typed: `bpftool map dump name LINEAR_MODELS` prints every weight by name.
+#[btf_map]
+static LINEAR_MODELS: Array<LinearModel, { MODEL_SLOTS as usize }> = Array::new();
+
+#[btf_map]
+static TREE_MODELS: Array<TreeModel, { MODEL_SLOTS as usize }> = Array::new();
+
+#[btf_map]
+static MODEL_CONTROL: Array<ModelControl, 1> = Array::new();
+
+/// What `kml_verify_slots` found in each slot.
+#[btf_map]
+static SLOT_STATUS: Array<SlotStatus, { STATUS_ENTRIES as usize }> = Array::new();
+
+/// The inference stages for the attach mode, tail-called from insert: slot 0
+/// computes the features, slot 1 runs the model and finishes the insert. Each is
+/// verified on its own: together with insert they exceed the verifier's budget.
+#[btf_map]
+static INFER: ProgramArray<2> = ProgramArray::new();
+
+/// The feature vector of the entry being built (stage 0 → stage 1).
+#[btf_map]
+static SCRATCH_FEATURES: PerCpuArray<FeatureVector, 1> = PerCpuArray::new();
+
+/// The key of the entry being built in SCRATCH (handed to the tail call).
+#[btf_map]
+static SCRATCH_KEY: PerCpuArray<InflightKey, 1> = PerCpuArray::new();
 
 /// Where a new in-flight entry is built (keeps it off the 512-byte stack).
 #[btf_map]
@@ -121,10 +155,118 @@ struct ReqView {
 }
 
 // ---------------------------------------------------------------------------
+// Inference at insert (shadow mode: the verdict is kept and counted).
+
+/// Whether the in-kernel checker vouched for the slot as it reads now.
+#[inline(always)]
+fn slot_vouched(tree: bool, slot: u32, version: u32, checksum: u64) -> bool {
+    match SLOT_STATUS.get(status_index(tree, slot)) {
+        Some(st) => st.vouches(version, checksum),
+        None => false,
+    }
+}
+
+/// The slot checker: recomputes every slot's checksum into `SLOT_STATUS`. Never
+/// attached; the agent runs it (BPF_PROG_TEST_RUN) after writing a slot and before
+/// flipping to it, so the long checksum loops stay out of the per-request path.
+#[raw_tracepoint(tracepoint = "kml_verify_slots")]
+pub fn kml_verify_slots(_ctx: RawTracePointContext) -> i32 {
+    count(Counter::ModelVerifications);
+    for slot in 0..MODEL_SLOTS {
+        if let Some(m) = LINEAR_MODELS.get(slot) {
+            let st = SlotStatus { version: m.version, ok: m.checksum_ok() as u32, checksum: m.checksum };
+            let _ = SLOT_STATUS.set(status_index(false, slot), st, 0);
+        }
+    }
+    for slot in 0..MODEL_SLOTS {
+        if let Some(m) = TREE_MODELS.get(slot) {
+            let st = SlotStatus { version: m.version, ok: m.checksum_ok() as u32, checksum: m.checksum };
+            let _ = SLOT_STATUS.set(status_index(true, slot), st, 0);
+        }
+    }
+    0
+}
+
+/// Inference stage 0, raw tracepoint mode (tail-called, never attached).
+#[raw_tracepoint(tracepoint = "block_rq_insert")]
+pub fn kml_raw_features(ctx: RawTracePointContext) -> i32 {
+    if compute_features() {
+        unsafe { INFER.tail_call(&ctx, 1) };
+    }
+    finish_unscored();
+    0
+}
+
+/// Inference stage 1, raw tracepoint mode (tail-called, never attached).
+#[raw_tracepoint(tracepoint = "block_rq_insert")]
+pub fn kml_raw_model(_ctx: RawTracePointContext) -> i32 {
+    score_and_finish_insert();
+    0
+}
+
+/// Inference stage 0, tracepoint mode (tail-called, never attached).
+#[tracepoint(category = "block", name = "block_rq_insert")]
+pub fn kml_tp_features(ctx: TracePointContext) -> i32 {
+    if compute_features() {
+        unsafe { INFER.tail_call(&ctx, 1) };
+    }
+    finish_unscored();
+    0
+}
+
+/// Inference stage 1, tracepoint mode (tail-called, never attached).
+#[tracepoint(category = "block", name = "block_rq_insert")]
+pub fn kml_tp_model(_ctx: TracePointContext) -> i32 {
+    score_and_finish_insert();
+    0
+}
+
+/// Runs the active model on the request's insert-time features and stores the
+/// verdict in the record. No model: no verdict.
+#[inline(always)]
+fn score_request(rec: &mut RequestRecord, x: &FeatureVector) {
+    let Some(ctl) = MODEL_CONTROL.get_ptr(0) else { return };
+    // One read of the control: the flip is a single map write.
+    let ctl: ModelControl = unsafe { core::ptr::read_volatile(ctl) };
+    if ctl.kind == 0 {
+        return;
+    }
+    let (verdict, limit, version) = match ModelKind::from_u32(ctl.kind) {
+        Some(ModelKind::Tree) => {
+            let Some(m) = TREE_MODELS.get(ctl.slot) else { return count(Counter::ModelRejects) };
+            if !slot_vouched(true, ctl.slot, m.version, m.checksum) {
+                return count(Counter::ModelRejects);
+            }
+            (infer_tree(m, x), m.threshold as i64, m.version)
+        }
+        Some(_) => {
+            let Some(m) = LINEAR_MODELS.get(ctl.slot) else { return count(Counter::ModelRejects) };
+            if !slot_vouched(false, ctl.slot, m.version, m.checksum) {
+                return count(Counter::ModelRejects);
+            }
+            (infer_linear(m, x), linear_limit(m, x), m.version)
+        }
+        None => return count(Counter::ModelRejects),
+    };
+    count(Counter::Verdicts);
+    rec.score = verdict.score;
+    rec.model_version = version;
+    rec.verdict = if verdict.at_risk {
+        count(Counter::VerdictsAtRisk);
+        Verdict::AT_RISK
+    } else {
+        Verdict::MEETS
+    };
+    let margin = verdict.score.saturating_sub(limit);
+    let margin = if margin < 0 { margin.saturating_neg() } else { margin };
+    rec.near_boundary = (ctl.near_margin > 0 && margin <= ctl.near_margin) as u8;
+}
+
+// ---------------------------------------------------------------------------
 // The shared body.
 
 #[inline(always)]
-fn on_insert(v: &ReqView) {
+fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView) {
     let Some(cfg) = DEVICES.get_ptr(v.dev) else { return };
     count(Counter::Inserts);
     let now = unsafe { bpf_ktime_get_ns() };
@@ -225,15 +367,69 @@ fn on_insert(v: &ReqView) {
         op: v.op as u8,
         flags: v.flags,
         verdict: Verdict::NONE,
-        _pad: [0; 5],
+        near_boundary: 0,
+        _pad: [0; 4],
     };
-    if INFLIGHT.insert(v.key, &*rec, 0).is_ok() {
+    if let Some(k) = SCRATCH_KEY.get_ptr_mut(0) {
+        unsafe { *k = v.key };
+    }
+    if model_active() {
+        // Inference runs in its own program (verified on its own: features and
+        // models together exceed what the verifier accepts inline); it finishes
+        // the insert. Returning here means the tail call failed.
+        unsafe { INFER.tail_call(ctx, 0) };
+        count(Counter::ModelRejects);
+    }
+    finish_insert(rec, v.key);
+}
+
+/// Stores the built entry in the in-flight map (undoing the device counts if it
+/// cannot be stored).
+#[inline(always)]
+fn finish_insert(rec: &RequestRecord, key: InflightKey) {
+    if INFLIGHT.insert(key, rec, 0).is_ok() {
         count(Counter::InflightAdded);
     } else {
         count(Counter::InflightInsertFailures);
-        if let Some(s) = state {
-            unsafe { release_counts(s, dir, true) };
+        if let Some(s) = DEVICE_STATE.get_ptr_mut(rec.dev) {
+            unsafe { release_counts(s, ReqOp::from_u8(rec.op).direction(), true) };
         }
+    }
+}
+
+/// Stage 0 of inference: the features of the entry built in SCRATCH.
+#[inline(always)]
+fn compute_features() -> bool {
+    let (Some(rec), Some(x)) = (SCRATCH.get_ptr(0), SCRATCH_FEATURES.get_ptr_mut(0)) else { return false };
+    unsafe { *x = features_at_insert(&*rec) };
+    true
+}
+
+/// Stage 1: score the entry (features from stage 0), then store it.
+#[inline(always)]
+fn score_and_finish_insert() {
+    let (Some(rec), Some(key), Some(x)) = (SCRATCH.get_ptr_mut(0), SCRATCH_KEY.get_ptr(0), SCRATCH_FEATURES.get_ptr(0))
+    else {
+        return;
+    };
+    let (rec, key) = unsafe { (&mut *rec, *key) };
+    score_request(rec, unsafe { &*x });
+    finish_insert(rec, key);
+}
+
+/// Stage 0 failed to hand over: store the entry unscored.
+#[inline(always)]
+fn finish_unscored() {
+    count(Counter::ModelRejects);
+    let (Some(rec), Some(key)) = (SCRATCH.get_ptr(0), SCRATCH_KEY.get_ptr(0)) else { return };
+    unsafe { finish_insert(&*rec, *key) };
+}
+
+#[inline(always)]
+fn model_active() -> bool {
+    match MODEL_CONTROL.get_ptr(0) {
+        Some(c) => unsafe { core::ptr::read_volatile(&raw const (*c).kind) != 0 },
+        None => false,
     }
 }
 
@@ -352,6 +548,15 @@ fn on_complete(key: InflightKey, error: i32, dev_of: impl FnOnce() -> Option<u32
         if let Some(s) = DEVICE_STATE.get_ptr_mut((*e).dev) {
             release_counts(s, ReqOp::from_u8((*e).op).direction(), (*e).issue_ns == 0);
         }
+        // Shadow mode: the verdict given at insert against what happened.
+        let missed = (*e).deadline_missed();
+        match ((*e).verdict, missed) {
+            (Verdict::AT_RISK, true) => count(Counter::TrueMiss),
+            (Verdict::AT_RISK, false) => count(Counter::FalseMiss),
+            (Verdict::MEETS, false) => count(Counter::TrueMet),
+            (Verdict::MEETS, true) => count(Counter::FalseMet),
+            _ => {}
+        }
         emit(e);
     }
     if INFLIGHT.remove(key).is_ok() {
@@ -362,13 +567,25 @@ fn on_complete(key: InflightKey, error: i32, dev_of: impl FnOnce() -> Option<u32
 #[inline(always)]
 unsafe fn emit(rec: *const RequestRecord) {
     let wakeup_bytes = layout!(wakeup_bytes) as u64;
+    let sample_fill = layout!(sample_fill_bytes) as u64;
+    let waiting = if wakeup_bytes != 0 || sample_fill != 0 {
+        unsafe { bpf_ringbuf_query((&raw const RECORDS).cast_mut().cast(), BPF_RB_AVAIL_DATA as u64) }
+    } else {
+        0
+    };
+    // Under pressure (drop mode) keep what the model is unsure of: the records
+    // that teach it most. A record without a verdict is always kept.
+    if sample_fill != 0 && waiting >= sample_fill && unsafe { (*rec).verdict } != Verdict::NONE {
+        if unsafe { (*rec).near_boundary } == 0 {
+            count(Counter::SampledOut);
+            return;
+        }
+    }
     // Waking the agent per record costs more than the record; wake it only once a
     // batch is waiting (its poll timer collects the tail).
     let flags = if wakeup_bytes == 0 {
         0
-    } else if unsafe { bpf_ringbuf_query((&raw const RECORDS).cast_mut().cast(), BPF_RB_AVAIL_DATA as u64) }
-        >= wakeup_bytes
-    {
+    } else if waiting >= wakeup_bytes {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -488,7 +705,7 @@ pub fn kml_raw_rq_insert(ctx: RawTracePointContext) -> i32 {
     };
     let ioprio = raw_ioprio(rq).unwrap_or(0);
     let (op, flags) = raw_op(cmd_flags);
-    on_insert(&ReqView { key: raw_key(rq), dev, sector, nr_sectors: data_len >> 9, op, flags, ioprio });
+    on_insert(&ctx, &ReqView { key: raw_key(rq), dev, sector, nr_sectors: data_len >> 9, op, flags, ioprio });
     0
 }
 
@@ -599,7 +816,7 @@ pub fn kml_tp_rq_insert(ctx: TracePointContext) -> i32 {
     let Some(rwbs) = tp_read::<[u8; 8]>(&ctx, f.rwbs) else { return 0 };
     let (op, flags) = parse_rwbs(&rwbs);
     let ioprio = tp_read::<u16>(&ctx, f.ioprio).unwrap_or(0);
-    on_insert(&ReqView { key: tp_key(dev, sector), dev, sector, nr_sectors, op, flags: flags.0, ioprio });
+    on_insert(&ctx, &ReqView { key: tp_key(dev, sector), dev, sector, nr_sectors, op, flags: flags.0, ioprio });
     0
 }
 

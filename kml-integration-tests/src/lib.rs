@@ -51,6 +51,12 @@ impl LoopDevice {
         Ok(dev)
     }
 
+    /// A handle to a device owned elsewhere (not detached on drop), for threads.
+    pub fn borrowed(path: PathBuf) -> LoopDevice {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        LoopDevice { name, path, backing: PathBuf::new() }
+    }
+
     pub fn sys(&self) -> PathBuf {
         Path::new("/sys/block").join(&self.name)
     }
@@ -80,6 +86,9 @@ impl LoopDevice {
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
+        if self.backing.as_os_str().is_empty() {
+            return; // borrowed
+        }
         let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
         let _ = std::fs::remove_file(&self.backing);
     }

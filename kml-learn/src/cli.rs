@@ -342,7 +342,7 @@ mod tests {
         };
         t.execute().unwrap();
         let loaded = LoadedModel::load(&model_path).unwrap();
-        assert_eq!(loaded.float.features(), [Feature::Queued, Feature::InflightRead, Feature::Op]);
+        assert_eq!(loaded.float.features(), [Feature::QueuedSameDir, Feature::InflightSameDir, Feature::Op]);
 
         let Cli::Eval(e) = Cli::parse_from(args(&format!(
             "x eval --trace {} --model {} --json --from 0.5 --quiet",

@@ -28,6 +28,16 @@ pub struct Dataset {
     window: String,
     /// Records of the source left out (no deadline known, or never dispatched).
     skipped: usize,
+    /// Time covered, ns: last insert minus first, summed over the parts of a union.
+    span_ns: u64,
+}
+
+/// Last insert minus first of records in insert-time order.
+fn span_of(records: &[RequestRecord]) -> u64 {
+    match (records.first(), records.last()) {
+        (Some(a), Some(b)) => b.insert_ns.saturating_sub(a.insert_ns),
+        _ => 0,
+    }
 }
 
 /// The regression target: time from insert until mq-deadline dispatched the request,
@@ -53,7 +63,8 @@ impl Dataset {
         records.sort_by_key(|r| r.insert_ns);
         let features = records.iter().map(features_at_insert).collect();
         let window = format!("all {} records by insert time", records.len());
-        Dataset { records, features, source: source.into(), window, skipped }
+        let span_ns = span_of(&records);
+        Dataset { records, features, source: source.into(), window, skipped, span_ns }
     }
 
     /// Reads a CSV trace written by `kml-agent record`.
@@ -119,6 +130,7 @@ impl Dataset {
         let at = |f: f64| ((f.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
         let (a, b) = (at(from), at(to).max(at(from)));
         Dataset {
+            span_ns: span_of(&self.records[a..b]),
             records: self.records[a..b].to_vec(),
             features: self.features[a..b].to_vec(),
             source: self.source.clone(),
@@ -132,6 +144,26 @@ impl Dataset {
         (self.window_fraction(0.0, train_fraction), self.window_fraction(train_fraction, 1.0))
     }
 
+    /// Several datasets end to end (each keeps its own insert-time order): a union
+    /// of windows of different traces to train or test on.
+    pub fn concat(parts: &[Dataset]) -> Dataset {
+        let mut records = Vec::with_capacity(parts.iter().map(Dataset::len).sum());
+        let mut features = Vec::with_capacity(records.capacity());
+        for p in parts {
+            records.extend_from_slice(&p.records);
+            features.extend_from_slice(&p.features);
+        }
+        let join = |f: fn(&Dataset) -> String| parts.iter().map(f).collect::<Vec<_>>().join(" + ");
+        Dataset {
+            records,
+            features,
+            source: join(|p| p.source.clone()),
+            window: join(|p| p.window.clone()),
+            skipped: parts.iter().map(|p| p.skipped).sum(),
+            span_ns: parts.iter().map(|p| p.span_ns).sum(),
+        }
+    }
+
     /// Every `stride`-th record (keeps time order and coverage of the whole window).
     pub fn every_nth(&self, stride: usize) -> Dataset {
         let stride = stride.max(1);
@@ -141,6 +173,7 @@ impl Dataset {
             source: self.source.clone(),
             window: format!("{} (every {stride}th)", self.window),
             skipped: self.skipped,
+            span_ns: self.span_ns,
         }
     }
 
@@ -174,10 +207,7 @@ impl Dataset {
         let mode_ms = |m: &BTreeMap<u64, usize>| {
             m.iter().max_by_key(|(_, &count)| count).map(|(&ns, _)| ns as f64 / 1e6)
         };
-        let span_s = match (self.records.first(), self.records.last()) {
-            (Some(a), Some(b)) => (b.insert_ns - a.insert_ns) as f64 / 1e9,
-            _ => 0.0,
-        };
+        let span_s = self.span_ns as f64 / 1e9;
         DataDescription {
             source: self.source.clone(),
             window: self.window.clone(),
@@ -248,7 +278,7 @@ mod tests {
         assert_eq!(d.missed().collect::<Vec<_>>(), [true, false, false]);
         assert!((d.miss_rate() - 1.0 / 3.0).abs() < 1e-12);
         // Features stay with their record.
-        assert_eq!(d.features()[0][Feature::Queued.index()], 1);
+        assert_eq!(d.features()[0][Feature::QueuedSameDir.index()], 1);
         assert!((d.delays_us().next().unwrap() - 4900.0 / 1024.0).abs() < 1e-12);
     }
 

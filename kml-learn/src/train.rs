@@ -134,6 +134,11 @@ fn fit_float(kind: ModelKind, opts: &TrainOptions, fit: &Dataset, tune: &Dataset
 /// doc). Refuses the model when quantisation costs more than half a point of
 /// balanced accuracy on held-back data.
 pub fn train(data: &Dataset, opts: &TrainOptions, progress: &Progress) -> Result<TrainedModel> {
+    train_many(std::slice::from_ref(data), opts, progress)
+}
+
+/// The time split of one trace: (fit, tune, test) windows, in that order in time.
+pub fn split_windows(data: &Dataset, opts: &TrainOptions) -> Result<(Dataset, Dataset, Dataset)> {
     let fractions_ok = 0.0 < opts.train_fraction && opts.train_fraction <= 1.0 && (0.0..1.0).contains(&opts.tune_fraction);
     if !fractions_ok {
         return Err(LearnError::NotEnoughData {
@@ -145,13 +150,44 @@ pub fn train(data: &Dataset, opts: &TrainOptions, progress: &Progress) -> Result
         });
     }
     let (train_window, test) = data.split_by_time(opts.train_fraction);
-    // The baseline keeps KML's plain verdict: nothing to tune, so it fits on it all.
-    let tuning = opts.tune_threshold && opts.kind != ModelKind::Baseline && opts.tune_fraction > 0.0;
-    let (fit, tune) = if tuning {
+    let (fit, tune) = if tuning(opts) {
         train_window.split_by_time(1.0 - opts.tune_fraction)
     } else {
         (train_window.clone(), train_window.window_fraction(1.0, 1.0))
     };
+    Ok((fit, tune, test))
+}
+
+/// The baseline keeps KML's plain verdict: nothing to tune, so it fits on it all.
+fn tuning(opts: &TrainOptions) -> bool {
+    opts.tune_threshold && opts.kind != ModelKind::Baseline && opts.tune_fraction > 0.0
+}
+
+/// Trains one model on several traces (e.g. several workloads): each trace is split
+/// by time as [`train`] splits one, and the fit, tune and test windows of all of
+/// them are joined. The held-back evaluation is on the joined test windows.
+pub fn train_many(datasets: &[Dataset], opts: &TrainOptions, progress: &Progress) -> Result<TrainedModel> {
+    let mut parts = (Vec::new(), Vec::new(), Vec::new());
+    for d in datasets {
+        let (fit, tune, test) = split_windows(d, opts)?;
+        parts.0.push(fit);
+        parts.1.push(tune);
+        parts.2.push(test);
+    }
+    let (fit, tune, test) = (Dataset::concat(&parts.0), Dataset::concat(&parts.1), Dataset::concat(&parts.2));
+    train_on_windows(&fit, &tune, &test, opts, progress)
+}
+
+/// Trains on `fit`, tunes the threshold on `tune`, quantises, and checks and
+/// evaluates on `test` (else `tune`).
+pub fn train_on_windows(
+    fit: &Dataset,
+    tune: &Dataset,
+    test: &Dataset,
+    opts: &TrainOptions,
+    progress: &Progress,
+) -> Result<TrainedModel> {
+    let tuning = tuning(opts) && !tune.is_empty();
     progress.step(format_args!(
         "{} model: fit on {} requests, tune on {}, test on {} (miss rate {:.1}% / {:.1}% / {:.1}%)",
         opts.kind.name(),
@@ -164,13 +200,13 @@ pub fn train(data: &Dataset, opts: &TrainOptions, progress: &Progress) -> Result
     ));
 
     let started = Instant::now();
-    let float = fit_float(opts.kind, opts, &fit, &tune, progress)?;
+    let float = fit_float(opts.kind, opts, fit, tune, progress)?;
     let train_seconds = started.elapsed().as_secs_f64();
     progress.step(format_args!("trained in {train_seconds:.3}s; quantising"));
     let quantized = quantize(&float)?;
 
     // The check on held-back data: the test window, else the tune window.
-    let held_back = if !test.is_empty() { &test } else { &tune };
+    let held_back = if !test.is_empty() { test } else { tune };
     let test_eval = (!held_back.is_empty()).then(|| evaluate(&float, &quantized, held_back));
     if let Some(e) = &test_eval {
         if e.quantized.balanced_accuracy < e.float.balanced_accuracy - MAX_QUANTIZATION_LOSS {
@@ -182,9 +218,10 @@ pub fn train(data: &Dataset, opts: &TrainOptions, progress: &Progress) -> Result
         }
     }
 
+    let train_window = Dataset::concat(&[fit.clone(), tune.clone()]);
     let baseline_test = if opts.compare_baseline && opts.kind != ModelKind::Baseline && !held_back.is_empty() {
         progress.step("training KML's baseline on the same windows for comparison");
-        let base = fit_float(ModelKind::Baseline, opts, &train_window, &tune, &Progress::silent())?;
+        let base = fit_float(ModelKind::Baseline, opts, &train_window, tune, &Progress::silent())?;
         let base_q = quantize(&base)?;
         Some(evaluate(&base, &base_q, held_back))
     } else {

@@ -5,6 +5,7 @@
 //! cargo xtask build [--release]                # eBPF object (nightly) + kml-agent
 //! cargo xtask run   [--release] [-- ARGS...]   # build, then run kml-agent as root (default ARGS: `run`)
 //! cargo xtask test  [-- ARGS...]               # host unit tests, then the root-only integration tests
+//! cargo xtask vm    [--smoke] [OPTIONS]        # patched kernel under QEMU: hook smoke test / comparison
 //! ```
 //!
 //! Each subcommand lives in its own module; `util` holds the process helpers.
@@ -14,6 +15,7 @@ mod run;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -41,6 +43,9 @@ enum Command {
     Run(run::RunArgs),
     /// Build, run the host unit tests, then the integration tests (need root).
     Test(test::TestArgs),
+    /// Build the patched kernel and boot it under QEMU: the hook's smoke test
+    /// (--smoke) or the stock-vs-verdicts comparison (report in target/vm/).
+    Vm(vm::VmArgs),
 }
 
 impl Command {
@@ -50,6 +55,7 @@ impl Command {
             Command::Build(args) => args.execute(),
             Command::Run(args) => args.execute(),
             Command::Test(args) => args.execute(),
+            Command::Vm(args) => args.execute(),
         }
     }
 }

@@ -77,8 +77,14 @@ fn deb_installed(package: &str) -> bool {
 }
 
 fn ensure_debian_packages() -> Result<()> {
+    ensure_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs those of `packages` that are missing (apt-get; needs root then), saying
+/// what it found and what it installs. A second run installs nothing.
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
-    for &package in DEBIAN_PACKAGES {
+    for &package in packages {
         if deb_installed(package) {
             eprintln!("xtask: {package} already installed");
         } else {

@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand.
 
 mod doctor;
+mod hook;
 mod record;
 mod run;
 mod session;
@@ -28,6 +29,8 @@ pub enum Command {
     Record(record::RecordArgs),
     /// Observe mq-deadline devices and print live statistics until stopped.
     Run(run::RunArgs),
+    /// Attach a verdict policy to the patched mq-deadline's hook (kml's VM kernel).
+    Hook(hook::HookArgs),
     /// Train a model from a recorded trace and write it as a model file.
     Train(kml_learn::cli::TrainArgs),
     /// Evaluate a model file on a trace, in float and in the kernel's integer form.
@@ -40,6 +43,7 @@ impl Command {
             Command::Doctor(a) => a.execute(),
             Command::Record(a) => a.execute(),
             Command::Run(a) => a.execute(),
+            Command::Hook(a) => a.execute(),
             Command::Train(a) => a.execute(),
             Command::Eval(a) => a.execute(),
         }

@@ -1,13 +1,26 @@
-//! `kml-agent run`: observe mq-deadline devices, one live line per second.
+//! `kml-agent run`: observe mq-deadline devices, score every request in the kernel
+//! (shadow mode), learn online, one live line per second.
 
 use std::time::{Duration, Instant};
 
-use kml_ebpf_common::Counter;
+use kml_ebpf_common::{model::ModelKind, Counter};
 
 use super::session;
 use crate::{
+    infer::ModelSlots,
+    learn::{self, LearnConfig, OnlineLearner},
     stats::{human_ns, RecordSummary},
 };
+
+/// What happens when the ring buffer fills up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossMode {
+    /// A full ring drops (counted); under pressure the kernel keeps the records the
+    /// model is least sure of (active learning).
+    Drop,
+    /// Every record must be processed: any drop is reported as an error state.
+    Lossless,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -17,6 +30,22 @@ pub struct RunArgs {
     /// Stop after this long (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_parser = super::parse_duration)]
     pub duration: Option<Duration>,
+    /// Model to start from: a model file, a shipped name (`logistic` for
+    /// models/logistic.json), `auto` (the shipped model with the best held-back
+    /// balanced accuracy) or `none` (observe, and learn from the first records).
+    #[arg(long, default_value = "none")]
+    pub model: String,
+    /// Retrain on the sliding window this often; 0 turns online learning off.
+    #[arg(long, value_parser = super::parse_duration, default_value = "10s")]
+    pub retrain_every: Duration,
+    /// Model kind trained online (default: the starting model's kind, else logistic).
+    #[arg(long)]
+    pub learn_kind: Option<String>,
+    /// Records in the sliding training window.
+    #[arg(long, default_value_t = 200_000)]
+    pub window: usize,
+    #[arg(long, value_enum, default_value_t = LossMode::Drop)]
+    pub mode: LossMode,
     #[command(flatten)]
     pub observe: session::ObserveArgs,
 }
@@ -27,10 +56,45 @@ impl RunArgs {
     }
 
     async fn run(self) -> anyhow::Result<()> {
-        let mut observer = session::start(&session::resolve(&self.device)?, &self.observe)?;
+        let targets = session::resolve(&self.device)?;
+        let start_model = match self.model.as_str() {
+            "none" => None,
+            spec => Some(crate::models::resolve(spec)?),
+        };
+        let learn_kind = match (&self.learn_kind, &start_model) {
+            (Some(k), _) => ModelKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown --learn-kind `{k}`"))?,
+            (None, Some((_, m))) => m.kind(),
+            (None, None) => ModelKind::Logistic,
+        };
+        let mut observer = session::start_with(&targets, &self.observe, |c| {
+            if self.mode == LossMode::Drop {
+                c.sample_fill_bytes = Some(c.ring_bytes / 2);
+            }
+        })?;
+        let mut slots = ModelSlots::new();
+        let mut learner = OnlineLearner::new(LearnConfig {
+            kind: learn_kind,
+            every: self.retrain_every,
+            window: self.window,
+            min_records: 20_000,
+            min_gain: 0.005,
+            drift_drop: 0.10,
+        });
+        if let Some((path, m)) = &start_model {
+            let active = slots.install(observer.ebpf_mut(), &m.quantized)?;
+            if let Some(ba) = crate::models::held_back_balanced_accuracy(m) {
+                learner.accepted(ba);
+            }
+            eprintln!("kml-agent: model {} ({}) active as v{}", path.display(), m.kind().name(), active.version);
+        }
         let mut stream = observer.records()?;
         let names: Vec<String> = observer.devices().iter().map(|d| d.device.name.clone()).collect();
-        eprintln!("kml-agent: observing {} ({}); Ctrl-C stops", names.join(", "), observer.mode());
+        eprintln!(
+            "kml-agent: observing {} ({}, {:?} mode); Ctrl-C stops",
+            names.join(", "),
+            observer.mode(),
+            self.mode
+        );
 
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
@@ -42,6 +106,8 @@ impl RunArgs {
         let mut window = Vec::with_capacity(65536);
         let mut total = 0u64;
         let mut last_tick = Instant::now();
+        let mut training: Option<tokio::task::JoinHandle<anyhow::Result<learn::Candidate>>> = None;
+        let mut last_drops = 0u64;
         loop {
             tokio::select! {
                 () = &mut stop_after => break,
@@ -50,10 +116,21 @@ impl RunArgs {
                     let secs = last_tick.elapsed().as_secs_f64();
                     last_tick = Instant::now();
                     let s = RecordSummary::of(&window);
+                    let live = learn::live_matrix(&window);
                     total += window.len() as u64;
                     let counters = observer.counters()?;
+                    let drops = counters.get(Counter::RingFullDrops);
+                    let verdict_part = match slots.active() {
+                        Some(a) if live.total() > 0 => format!(
+                            " | v{} {} bal.acc {:.3} (tp {} fp {} tn {} fn {})",
+                            a.version, a.kind.name(), live.balanced_accuracy(),
+                            live.true_miss, live.false_miss, live.true_met, live.false_met
+                        ),
+                        Some(a) => format!(" | v{} {}", a.version, a.kind.name()),
+                        None => " | no model".into(),
+                    };
                     println!(
-                        "[{:>5.0}s] {:>7.0} rec/s | wait p50 {:>8} p99 {:>8} | service p50 {:>8} p99 {:>8} | misses {} ({:.1}%) | drops {} orphans {}",
+                        "[{:>5.0}s] {:>7.0} rec/s | wait p50 {:>8} p99 {:>8} | service p50 {:>8} p99 {:>8} | misses {} ({:.1}%) | drops {} orphans {}{}",
                         started.elapsed().as_secs_f64(),
                         s.records as f64 / secs,
                         human_ns(s.insert_to_issue.p50_ns),
@@ -62,10 +139,50 @@ impl RunArgs {
                         human_ns(s.issue_to_complete.p99_ns),
                         s.deadline_misses,
                         100.0 * s.deadline_misses as f64 / (s.records.max(1)) as f64,
-                        counters.get(Counter::RingFullDrops),
+                        drops,
                         counters.get(Counter::OrphanCompletions),
+                        verdict_part,
                     );
+                    if self.mode == LossMode::Lossless && drops > last_drops {
+                        eprintln!("kml-agent: ERROR lossless mode: {} records dropped (ring full); raise --ring-size", drops - last_drops);
+                    }
+                    last_drops = drops;
+                    if let Some(reason) = learner.check_drift(&live) {
+                        eprintln!("kml-agent: drift: {reason}; retraining now");
+                    }
+                    learner.observe(&window);
                     window.clear();
+                    if self.retrain_every > Duration::ZERO && training.is_none() && learner.due() {
+                        let data = learner.snapshot();
+                        let active = slots.active().and_then(|a| slots.version(a.version).cloned());
+                        let kind = learner.config.kind;
+                        training = Some(tokio::task::spawn_blocking(move || learn::train_candidate(kind, data, active)));
+                    }
+                    if training.as_ref().is_some_and(|t| t.is_finished()) {
+                        let done = training.take().expect("checked").await;
+                        match done.map_err(anyhow::Error::from).and_then(|r| r) {
+                            Ok(c) => {
+                                let better = c.active_ba.is_none_or(|a| c.candidate_ba >= a + learner.config.min_gain);
+                                let before = c.active_ba.map_or("none".to_string(), |a| format!("{a:.3}"));
+                                if better {
+                                    let prev = slots.active();
+                                    let active = slots.install(observer.ebpf_mut(), &c.model)?;
+                                    learner.accepted(c.candidate_ba);
+                                    eprintln!(
+                                        "kml-agent: swap {} -> v{} {}: held-back balanced accuracy {before} -> {:.3} on {} records (trained in {:.1}s)",
+                                        prev.map_or("none".into(), |p| format!("v{}", p.version)),
+                                        active.version, active.kind.name(), c.candidate_ba, c.held_back, c.took.as_secs_f64()
+                                    );
+                                } else {
+                                    eprintln!(
+                                        "kml-agent: kept the active model: candidate {:.3} vs active {before} on {} held-back records",
+                                        c.candidate_ba, c.held_back
+                                    );
+                                }
+                            }
+                            Err(e) => eprintln!("kml-agent: retraining failed: {e:#}"),
+                        }
+                    }
                 }
                 n = stream.next_batch(&mut window) => { n?; }
             }
@@ -75,6 +192,9 @@ impl RunArgs {
         total += window.len() as u64;
         let loss = session::losses(&observer)?;
         eprintln!("kml-agent: {total} records in {:.1}s; {}", started.elapsed().as_secs_f64(), loss.line());
+        if self.mode == LossMode::Lossless && loss.ring_full_drops > 0 {
+            anyhow::bail!("lossless mode: {} records were dropped", loss.ring_full_drops);
+        }
         Ok(())
     }
 }

@@ -49,9 +49,19 @@ pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> an
 
 /// Loads the observer, adds `targets`, attaches.
 pub fn start(targets: &[BlockDevice], how: &ObserveArgs) -> anyhow::Result<Observer> {
+    start_with(targets, how, |_| {})
+}
+
+/// [`start`], with a last say on the configuration.
+pub fn start_with(
+    targets: &[BlockDevice],
+    how: &ObserveArgs,
+    adjust: impl FnOnce(&mut ObserverConfig),
+) -> anyhow::Result<Observer> {
     let mode = KernelReport::probe().choose(how.attach)?;
     let mut config = ObserverConfig::new(mode);
     config.ring_bytes = how.ring_size;
+    adjust(&mut config);
     let mut observer = Observer::load(config)?;
     for d in targets {
         observer.add_device(d)?;

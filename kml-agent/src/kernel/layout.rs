@@ -148,10 +148,11 @@ pub fn tracepoint_layout(tracefs: &Tracefs) -> Result<TracepointLayout, LayoutEr
 }
 
 /// The global for the chosen mode (only that mode's part is filled in).
-pub fn kernel_layout(mode: AttachMode, wakeup_bytes: u32) -> anyhow::Result<KernelLayout> {
+pub fn kernel_layout(mode: AttachMode, wakeup_bytes: u32, sample_fill_bytes: u32) -> anyhow::Result<KernelLayout> {
     let mut layout = KernelLayout::zeroed();
     layout.mode = mode.abi();
     layout.wakeup_bytes = wakeup_bytes;
+    layout.sample_fill_bytes = sample_fill_bytes;
     match mode {
         AttachMode::RawTracepoint => layout.raw = raw_tp_layout(&Btf::from_sys_fs()?)?,
         AttachMode::Tracepoint => layout.tp = tracepoint_layout(&Tracefs::locate_or_mount()?)?,

@@ -1,0 +1,89 @@
+//! `kml-agent hook`: attach the verdict program to the patched mq-deadline's hook
+//! (`dd_kml_verdict`, kprobe + bpf_override_return) with a simple policy, until a
+//! duration passes or a signal comes; then print what the program and the kernel
+//! counted.
+
+use std::time::{Duration, Instant};
+
+use super::session;
+use crate::{
+    devices::BlockDevice,
+    hook::{kernel_boosts, Hook, KernelBoosts, Policy},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct HookArgs {
+    /// Which requests get a positive verdict (served early by mq-deadline).
+    #[arg(long, value_enum)]
+    pub policy: Policy,
+    /// Only requests of this disk get verdicts (default: every patched mq-deadline disk).
+    #[arg(long, short)]
+    pub device: Option<String>,
+    /// Detach after this long (default: until Ctrl-C or SIGTERM).
+    #[arg(long, value_parser = super::parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+impl HookArgs {
+    pub fn execute(self) -> anyhow::Result<()> {
+        session::block_on(self.run())
+    }
+
+    async fn run(self) -> anyhow::Result<()> {
+        crate::kernel::caps::require_privileges()?;
+        let device = self.device.as_deref().map(BlockDevice::find).transpose()?;
+        // The disks whose kernel counters are reported.
+        let disks: Vec<BlockDevice> = match &device {
+            Some(d) => vec![d.clone()],
+            None => crate::devices::list().into_iter().filter(|d| kernel_boosts(d).is_some()).collect(),
+        };
+        if let Some(d) = &device {
+            if kernel_boosts(d).is_none() {
+                anyhow::bail!(
+                    "{} does not run kml's patched mq-deadline (no queue/iosched/kml_boosts; scheduler {}): \
+                     echo mq-deadline > {}/queue/scheduler",
+                    d.name,
+                    d.scheduler.as_deref().unwrap_or("none"),
+                    d.sys_path().display()
+                );
+            }
+        }
+        let before: Vec<KernelBoosts> = disks.iter().map(|d| kernel_boosts(d).unwrap_or_default()).collect();
+        let hook = Hook::attach(self.policy, device.as_ref())?;
+        let target = device.as_ref().map_or_else(|| "every mq-deadline disk".to_owned(), |d| d.name.clone());
+        // The line scripts wait for before they start I/O.
+        eprintln!("kml-agent: hook attached to dd_kml_verdict (policy {}, {target})", self.policy);
+
+        let started = Instant::now();
+        let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(stop_after);
+        let signal = session::shutdown_signal();
+        tokio::pin!(signal);
+        tokio::select! {
+            () = &mut stop_after => {}
+            sig = &mut signal => { eprintln!("kml-agent: {}, detaching", sig?); }
+        }
+        let c = hook.counters()?;
+        drop(hook);
+        println!(
+            "kml-agent: hook detached after {:.1}s: {} calls, {} reads, {} positive verdicts, {} read failures, {} other-disk calls",
+            started.elapsed().as_secs_f64(),
+            c.calls,
+            c.reads,
+            c.verdicts,
+            c.read_failures,
+            c.other_device
+        );
+        for (d, b) in disks.iter().zip(before) {
+            let now = kernel_boosts(d).unwrap_or_default();
+            println!(
+                "kml-agent: {}: kernel served {} requests early, refused {} over the cap (kml_boost_max {})",
+                d.name,
+                now.boosts.saturating_sub(b.boosts),
+                now.capped.saturating_sub(b.capped),
+                now.boost_max
+            );
+        }
+        Ok(())
+    }
+}

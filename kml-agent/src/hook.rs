@@ -1,0 +1,318 @@
+//! The patched mq-deadline's verdict hook (kernel/0001-mq-deadline-kml-hook.patch):
+//! `int dd_kml_verdict(struct request *rq)`, called once per request entering a
+//! FIFO of mq-deadline; a positive return value makes the scheduler serve the
+//! request early (capped per direction by the iosched attribute `kml_boost_max`;
+//! applied boosts are counted in `kml_boosts`, refused ones in `kml_capped`).
+//!
+//! kml attaches `kml_hook_verdict` (a kprobe program in the same eBPF object as the
+//! observers) at the function's entry; the program calls `bpf_override_return()`
+//! with its verdict when the verdict is positive. This needs CONFIG_KPROBES and
+//! CONFIG_BPF_KPROBE_OVERRIDE, and the function on the error-injection list (the
+//! patch puts it there). The patch also registers the function for fmod_ret, but
+//! aya 0.14 has no fmod_ret program type, so kml uses the kprobe path.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use aya::{
+    maps::{Array, MapData, PerCpuArray},
+    programs::KProbe,
+    Ebpf, EbpfLoader,
+};
+use kml_ebpf_common::KernelLayout;
+
+use crate::{
+    devices::BlockDevice,
+    kernel::{btf::Btf, layout},
+};
+
+/// The kernel function the patch adds.
+pub const HOOK_FUNCTION: &str = "dd_kml_verdict";
+/// The kprobe program in kml's eBPF object.
+pub const HOOK_PROGRAM: &str = "kml_hook_verdict";
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
+
+/// Whether this kernel has the hook and kml can attach to it: the kernel's BTF
+/// has `FUNC dd_kml_verdict` (only the patched mq-deadline defines it) and the
+/// kprobe PMU exists (CONFIG_KPROBES).
+pub fn hook_available(btf: &Btf) -> bool {
+    btf.has_func(HOOK_FUNCTION) && Path::new(KPROBE_PMU).exists()
+}
+
+/// Why the hook is not available, for `doctor` and error messages; `None` when it is.
+pub fn hook_unavailable_reason(btf: &Btf) -> Option<String> {
+    if !btf.has_func(HOOK_FUNCTION) {
+        return Some(format!(
+            "no function {HOOK_FUNCTION} in the kernel's BTF: not a kernel with kml's mq-deadline patch \
+             (kernel/0001-mq-deadline-kml-hook.patch; `cargo xtask vm` builds and boots one)"
+        ));
+    }
+    if !Path::new(KPROBE_PMU).exists() {
+        return Some(format!("no kprobe PMU ({KPROBE_PMU}): kernel built without CONFIG_KPROBES"));
+    }
+    None
+}
+
+/// The verdict policy the program applies (`HOOK_POLICY[0]`); the learned model
+/// replaces these later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Attach, count calls, never boost.
+    Off,
+    /// Boost every read.
+    Reads,
+    /// Boost a read only while writes wait in the scheduler's FIFOs.
+    ReadsUnderWrites,
+}
+
+impl Policy {
+    /// The value the eBPF program understands (kml-ebpf/src/hook.rs `POLICY_*`).
+    pub fn abi(self) -> u32 {
+        match self {
+            Policy::Off => 0,
+            Policy::Reads => 1,
+            Policy::ReadsUnderWrites => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::Off => "off",
+            Policy::Reads => "reads",
+            Policy::ReadsUnderWrites => "reads-under-writes",
+        })
+    }
+}
+
+/// The program's counters (`HOOK_COUNTERS`, summed over CPUs); slots as in
+/// kml-ebpf/src/hook.rs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HookCounters {
+    /// Program runs (requests that entered a FIFO of a patched mq-deadline).
+    pub calls: u64,
+    /// Positive verdicts handed to the kernel (it may still refuse some: cap).
+    pub verdicts: u64,
+    /// Reads among the calls (for the device filter's disk).
+    pub reads: u64,
+    pub read_failures: u64,
+    /// Calls for requests of other disks than the filtered one.
+    pub other_device: u64,
+}
+
+const COUNTER_SLOTS: usize = 8;
+
+impl HookCounters {
+    fn from_slots(s: &[u64; COUNTER_SLOTS]) -> Self {
+        HookCounters { calls: s[0], verdicts: s[1], reads: s[2], read_failures: s[3], other_device: s[4] }
+    }
+}
+
+/// The scheduler layout `reads-under-writes` reads (from BTF), as the program's
+/// `KML_HOOK_*` globals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HookLayout {
+    pub q_elevator: u32,
+    pub eq_data: u32,
+    pub dd_per_prio: u32,
+    pub per_prio_size: u32,
+    pub per_prio_count: u32,
+    pub write_fifo: u32,
+}
+
+/// `struct request_queue.elevator` → `struct elevator_queue.elevator_data` →
+/// `struct deadline_data.per_prio[]` → `struct dd_per_prio.fifo_list[DD_WRITE]`.
+pub fn hook_layout(btf: &Btf) -> anyhow::Result<HookLayout> {
+    let ptr = |ty: &str, member: &str| -> anyhow::Result<u32> {
+        let m = btf.member(ty, member).with_context(|| format!("struct {ty}.{member}"))?;
+        anyhow::ensure!(m.size == 8, "struct {ty}.{member} is {} bytes; kml reads it as a pointer", m.size);
+        Ok(m.offset)
+    };
+    let per_prio = btf.member("deadline_data", "per_prio").context("struct deadline_data.per_prio")?;
+    let per_prio_size = btf.struct_size("dd_per_prio").context("struct dd_per_prio")?;
+    anyhow::ensure!(per_prio_size > 0 && per_prio.size % per_prio_size == 0, "deadline_data.per_prio is not an array of dd_per_prio");
+    let fifo = btf.member("dd_per_prio", "fifo_list").context("struct dd_per_prio.fifo_list")?;
+    let list_head = btf.struct_size("list_head").context("struct list_head")?;
+    anyhow::ensure!(list_head == 16, "struct list_head is {list_head} bytes");
+    let dd_write = btf.enumerator("DD_WRITE").context("enum dd_data_dir")?;
+    let dd_write = u32::try_from(dd_write).ok().filter(|d| (d + 1) * list_head <= fifo.size).context("DD_WRITE out of range")?;
+    Ok(HookLayout {
+        q_elevator: ptr("request_queue", "elevator")?,
+        eq_data: ptr("elevator_queue", "elevator_data")?,
+        dd_per_prio: per_prio.offset,
+        per_prio_size,
+        per_prio_count: (per_prio.size / per_prio_size).min(4),
+        write_fifo: fifo.offset + dd_write * list_head,
+    })
+}
+
+/// What the hook program needs at load: the raw layout shared with the observers
+/// (`KML_LAYOUT`, mode 0 so that no observer program acts if one were attached),
+/// the scheduler layout and the device filter. Pass them to an [`EbpfLoader`] with
+/// [`HookGlobals::apply`], so a loader that also sets up observers can host the hook.
+#[derive(Clone, Debug)]
+pub struct HookGlobals {
+    pub layout: KernelLayout,
+    pub sched: HookLayout,
+    /// `kernel_dev()` of the only disk that gets verdicts; 0 for every disk.
+    pub dev: u32,
+}
+
+impl HookGlobals {
+    pub fn from_btf(btf: &Btf, device: Option<&BlockDevice>) -> anyhow::Result<HookGlobals> {
+        let mut kl = KernelLayout::zeroed();
+        kl.raw = layout::raw_tp_layout(btf)?;
+        Ok(HookGlobals { layout: kl, sched: hook_layout(btf)?, dev: device.map_or(0, BlockDevice::dev) })
+    }
+
+    /// Sets the hook's globals on `loader`. `with_kml_layout` false leaves
+    /// `KML_LAYOUT` to a caller that sets it itself (it must fill `raw`).
+    pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>, with_kml_layout: bool) {
+        if with_kml_layout {
+            loader.override_global("KML_LAYOUT", &self.layout, true);
+        }
+        loader
+            .override_global("KML_HOOK_DEV", &self.dev, true)
+            .override_global("KML_HOOK_Q_ELEVATOR", &self.sched.q_elevator, true)
+            .override_global("KML_HOOK_EQ_DATA", &self.sched.eq_data, true)
+            .override_global("KML_HOOK_DD_PER_PRIO", &self.sched.dd_per_prio, true)
+            .override_global("KML_HOOK_PER_PRIO_SIZE", &self.sched.per_prio_size, true)
+            .override_global("KML_HOOK_PER_PRIO_COUNT", &self.sched.per_prio_count, true)
+            .override_global("KML_HOOK_WRITE_FIFO", &self.sched.write_fifo, true);
+    }
+}
+
+/// Loads and attaches the hook program in `ebpf` (loaded with [`HookGlobals`]),
+/// after setting its policy. Detached when `ebpf` is dropped (or by [`set_policy`]
+/// with [`Policy::Off`], which keeps it attached but neutral).
+pub fn attach(ebpf: &mut Ebpf, policy: Policy) -> anyhow::Result<()> {
+    set_policy(ebpf, policy)?;
+    let p: &mut KProbe = ebpf
+        .program_mut(HOOK_PROGRAM)
+        .with_context(|| format!("program {HOOK_PROGRAM} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("{HOOK_PROGRAM} is not a kprobe program"))?;
+    p.load().with_context(|| format!("verifying {HOOK_PROGRAM} (kprobe with bpf_override_return)"))?;
+    p.attach(HOOK_FUNCTION, 0).with_context(|| {
+        format!(
+            "attaching {HOOK_PROGRAM} to {HOOK_FUNCTION} (needs CONFIG_BPF_KPROBE_OVERRIDE and {HOOK_FUNCTION} on \
+             the error-injection list)"
+        )
+    })?;
+    Ok(())
+}
+
+/// Writes `HOOK_POLICY[0]`; takes effect for the next request.
+pub fn set_policy(ebpf: &mut Ebpf, policy: Policy) -> anyhow::Result<()> {
+    let map = ebpf.map_mut("HOOK_POLICY").context("map HOOK_POLICY missing from the eBPF object")?;
+    let mut arr: Array<&mut MapData, u32> = Array::try_from(map).context("HOOK_POLICY is not an array")?;
+    arr.set(0, policy.abi(), 0).context("writing HOOK_POLICY")?;
+    Ok(())
+}
+
+/// The program's counters, summed over CPUs.
+pub fn counters(ebpf: &Ebpf) -> anyhow::Result<HookCounters> {
+    let map = ebpf.map("HOOK_COUNTERS").context("map HOOK_COUNTERS missing from the eBPF object")?;
+    let arr: PerCpuArray<&MapData, [u64; COUNTER_SLOTS]> =
+        PerCpuArray::try_from(map).context("HOOK_COUNTERS is not a per-CPU array")?;
+    let mut sum = [0u64; COUNTER_SLOTS];
+    for cpu in arr.get(&0, 0).context("reading HOOK_COUNTERS")?.iter() {
+        for (s, v) in sum.iter_mut().zip(cpu.iter()) {
+            *s += v;
+        }
+    }
+    Ok(HookCounters::from_slots(&sum))
+}
+
+/// The hook on its own: kml's object loaded for the hook program only (the
+/// observer programs stay unloaded). Dropping it detaches the program.
+pub struct Hook {
+    ebpf: Ebpf,
+    policy: Policy,
+}
+
+impl Hook {
+    pub fn attach(policy: Policy, device: Option<&BlockDevice>) -> anyhow::Result<Hook> {
+        crate::kernel::caps::require_privileges()?;
+        let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        if let Some(why) = hook_unavailable_reason(&btf) {
+            anyhow::bail!("the mq-deadline hook is not available: {why}");
+        }
+        let globals = HookGlobals::from_btf(&btf, device)?;
+        let object = crate::observe::ebpf_object()?;
+        let mut loader = EbpfLoader::new();
+        globals.apply(&mut loader, true);
+        // The observers' ring buffer is not used here: keep it small.
+        loader.map_max_entries("RECORDS", 64 << 10);
+        let mut ebpf = loader.load(&object).context("loading the kml eBPF object")?;
+        attach(&mut ebpf, policy)?;
+        Ok(Hook { ebpf, policy })
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    pub fn set_policy(&mut self, policy: Policy) -> anyhow::Result<()> {
+        set_policy(&mut self.ebpf, policy)?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    pub fn counters(&self) -> anyhow::Result<HookCounters> {
+        counters(&self.ebpf)
+    }
+
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+}
+
+/// The kernel's side of a disk's hook: the iosched attributes the patch adds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelBoosts {
+    /// Requests served early.
+    pub boosts: u64,
+    /// Positive verdicts refused by the cap.
+    pub capped: u64,
+    pub boost_max: u64,
+}
+
+/// Reads `queue/iosched/kml_{boosts,capped,boost_max}` of `device`; `None` when the
+/// disk does not run the patched mq-deadline.
+pub fn kernel_boosts(device: &BlockDevice) -> Option<KernelBoosts> {
+    let dir = device.sys_path().join("queue/iosched");
+    let read = |name: &str| -> Option<u64> { std::fs::read_to_string(dir.join(name)).ok()?.trim().parse().ok() };
+    Some(KernelBoosts { boosts: read("kml_boosts")?, capped: read("kml_capped")?, boost_max: read("kml_boost_max")? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_values_match_the_program() {
+        assert_eq!(Policy::Off.abi(), 0);
+        assert_eq!(Policy::Reads.abi(), 1);
+        assert_eq!(Policy::ReadsUnderWrites.abi(), 2);
+        assert_eq!(Policy::ReadsUnderWrites.to_string(), "reads-under-writes");
+    }
+
+    #[test]
+    fn counter_slots() {
+        let c = HookCounters::from_slots(&[5, 2, 4, 0, 1, 0, 0, 0]);
+        assert_eq!(c, HookCounters { calls: 5, verdicts: 2, reads: 4, read_failures: 0, other_device: 1 });
+    }
+
+    /// On a stock kernel (no patch) the hook is reported missing, never attached.
+    #[test]
+    fn stock_kernel_has_no_hook() {
+        let Ok(btf) = Btf::from_sys_fs() else { return };
+        if btf.has_func(HOOK_FUNCTION) {
+            return;
+        }
+        assert!(!hook_available(&btf));
+        assert!(hook_unavailable_reason(&btf).unwrap().contains(HOOK_FUNCTION));
+    }
+}

@@ -1,0 +1,201 @@
+//! Models into the kernel: the two-slot protocol on the agent's side.
+//!
+//! Write the idle slot whole → run the in-kernel checker (`kml_verify_slots`,
+//! through BPF_PROG_TEST_RUN) and require it to vouch for the slot → flip
+//! `MODEL_CONTROL` (one map write). A slot is never rewritten sooner than
+//! [`GRACE`] after it stopped being active, so no program run can still be reading
+//! it. Every version the agent wrote is kept, so verdicts in records can be
+//! recomputed on the host bit for bit.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::{Array, MapData},
+    programs::RawTracePoint,
+    Ebpf,
+};
+use kml_ebpf_common::{
+    model::{LinearModel, ModelKind, TreeModel},
+    slot::{status_index, ModelControl, SlotStatus, MODEL_SLOTS},
+};
+use kml_learn::quantize::QuantizedModel;
+
+/// Longer than any program run by orders of magnitude (they take microseconds).
+pub const GRACE: Duration = Duration::from_millis(20);
+
+/// The model active in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActiveModel {
+    pub kind: ModelKind,
+    pub slot: u32,
+    pub version: u32,
+}
+
+/// The agent's side of the model slots of one loaded object.
+#[derive(Default)]
+pub struct ModelSlots {
+    next_version: u32,
+    active: Option<ActiveModel>,
+    /// When each slot (by `status_index`) last stopped being active.
+    released: BTreeMap<u32, Instant>,
+    /// Every version written, for host-side recomputation of kernel verdicts.
+    history: BTreeMap<u32, QuantizedModel>,
+    /// Score distance to the limit that counts as "near the boundary" (sampling).
+    pub near_margin: i64,
+}
+
+fn is_tree(kind: ModelKind) -> bool {
+    !kind.is_linear()
+}
+
+impl ModelSlots {
+    pub fn new() -> Self {
+        ModelSlots { next_version: 1, ..Default::default() }
+    }
+
+    pub fn active(&self) -> Option<ActiveModel> {
+        self.active
+    }
+
+    /// The model the kernel ran as `version` (as the agent wrote it).
+    pub fn version(&self, version: u32) -> Option<&QuantizedModel> {
+        self.history.get(&version)
+    }
+
+    /// Installs `model` in the idle slot of its type and makes it active.
+    /// Returns what became active. On any failure the previous model stays active.
+    pub fn install(&mut self, ebpf: &mut Ebpf, model: &QuantizedModel) -> anyhow::Result<ActiveModel> {
+        let kind = match model {
+            QuantizedModel::Linear(m) => ModelKind::from_u32(m.kind),
+            QuantizedModel::Tree(m) => ModelKind::from_u32(m.kind),
+        }
+        .context("model has an unknown kind")?;
+        let tree = is_tree(kind);
+        // The idle slot: not the active one when the active model has the same type.
+        let slot = match self.active {
+            Some(a) if is_tree(a.kind) == tree => (a.slot + 1) % MODEL_SLOTS,
+            _ => 0,
+        };
+        let index = status_index(tree, slot);
+        if let Some(at) = self.released.get(&index) {
+            let since = at.elapsed();
+            if since < GRACE {
+                std::thread::sleep(GRACE - since);
+            }
+        }
+        let version = self.next_version;
+        let mut sealed = model.clone();
+        match &mut sealed {
+            QuantizedModel::Linear(m) => {
+                m.seal(version);
+                m.validate().map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
+                let mut map: Array<&mut MapData, LinearModel> = array_mut(ebpf, "LINEAR_MODELS")?;
+                map.set(slot, **m, 0).context("writing LINEAR_MODELS")?;
+                let back = map.get(&slot, 0).context("reading LINEAR_MODELS back")?;
+                if back != **m {
+                    bail!("LINEAR_MODELS slot {slot} reads back different from what was written");
+                }
+            }
+            QuantizedModel::Tree(m) => {
+                m.seal(version);
+                m.validate().map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
+                let mut map: Array<&mut MapData, TreeModel> = array_mut(ebpf, "TREE_MODELS")?;
+                map.set(slot, **m, 0).context("writing TREE_MODELS")?;
+                let back = map.get(&slot, 0).context("reading TREE_MODELS back")?;
+                if back != **m {
+                    bail!("TREE_MODELS slot {slot} reads back different from what was written");
+                }
+            }
+        }
+        self.next_version += 1;
+        run_slot_checker(ebpf)?;
+        let status = slot_status(ebpf, index)?;
+        let expected_checksum = match &sealed {
+            QuantizedModel::Linear(m) => m.checksum,
+            QuantizedModel::Tree(m) => m.checksum,
+        };
+        if !status.vouches(version, expected_checksum) {
+            bail!("the in-kernel checker refused slot {slot} (version {version}): {status:?}");
+        }
+        let control = ModelControl { kind: kind as u32, slot, near_margin: self.near_margin };
+        let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, "MODEL_CONTROL")?;
+        ctl.set(0, control, 0).context("flipping MODEL_CONTROL")?;
+        if let Some(prev) = self.active {
+            self.released.insert(status_index(is_tree(prev.kind), prev.slot), Instant::now());
+        }
+        let active = ActiveModel { kind, slot, version };
+        self.active = Some(active);
+        self.history.insert(version, sealed);
+        Ok(active)
+    }
+
+    /// No model: the programs stop scoring (observe only).
+    pub fn deactivate(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+        let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, "MODEL_CONTROL")?;
+        ctl.set(0, ModelControl::default(), 0).context("clearing MODEL_CONTROL")?;
+        if let Some(prev) = self.active.take() {
+            self.released.insert(status_index(is_tree(prev.kind), prev.slot), Instant::now());
+        }
+        Ok(())
+    }
+}
+
+fn array_mut<'a, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<Array<&'a mut MapData, V>> {
+    let m = ebpf.map_mut(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+    Array::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// What the checker last recorded for one slot.
+pub fn slot_status(ebpf: &Ebpf, index: u32) -> anyhow::Result<SlotStatus> {
+    let m = ebpf.map("SLOT_STATUS").context("map SLOT_STATUS missing")?;
+    let map: Array<&MapData, SlotStatus> = Array::try_from(m).context("SLOT_STATUS has an unexpected type")?;
+    map.get(&index, 0).context("reading SLOT_STATUS")
+}
+
+/// Runs `kml_verify_slots` once in the kernel (BPF_PROG_TEST_RUN).
+pub fn run_slot_checker(ebpf: &Ebpf) -> anyhow::Result<()> {
+    let prog = ebpf.program("kml_verify_slots").context("program kml_verify_slots missing")?;
+    let prog: &RawTracePoint = prog.try_into().context("kml_verify_slots has an unexpected type")?;
+    let fd = prog.fd().context("kml_verify_slots is not loaded")?;
+    test_run(fd.as_fd().as_raw_fd()).context("BPF_PROG_TEST_RUN of kml_verify_slots")
+}
+
+fn test_run(prog_fd: i32) -> std::io::Result<()> {
+    // `union bpf_attr`'s `test` member (kernel ABI); everything but the fd zero.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRunAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    let attr = TestRunAttr { prog_fd: prog_fd as u32, ..Default::default() };
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    // SAFETY: attr outlives the call; no buffers are passed.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw const attr, std::mem::size_of::<TestRunAttr>())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,134 @@
+//! The online loop: learn from live records, swap in better models, watch them.
+//!
+//! A sliding window of the newest records is retrained on every `every` (or at
+//! once when drift is seen). The candidate and the active model are scored on the
+//! same held-back newest fifth of the window with the kernel's integer inference;
+//! the candidate is installed only if it is better. After a swap the live quality
+//! (verdicts against outcomes, from the records themselves) is watched, and the
+//! previous model comes back if the new one does worse live.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use kml_ebpf_common::{features::features_at_insert, model::ModelKind, RequestRecord, Verdict};
+use kml_learn::{ConfusionMatrix, Dataset, Progress, QuantizedModel, TrainOptions};
+
+/// Balanced accuracy of an integer model on records (the kernel's computation).
+pub fn integer_balanced_accuracy(model: &QuantizedModel, records: &[RequestRecord]) -> f64 {
+    ConfusionMatrix::from_pairs(records.iter().map(|r| (model.infer(&features_at_insert(r)).at_risk, r.deadline_missed())))
+        .balanced_accuracy()
+}
+
+/// Live quality of the kernel's verdicts in a batch of records.
+pub fn live_matrix(records: &[RequestRecord]) -> ConfusionMatrix {
+    ConfusionMatrix::from_pairs(
+        records.iter().filter(|r| r.verdict != Verdict::NONE).map(|r| (r.verdict == Verdict::AT_RISK, r.deadline_missed())),
+    )
+}
+
+#[derive(Clone, Debug)]
+pub struct LearnConfig {
+    pub kind: ModelKind,
+    pub every: Duration,
+    pub window: usize,
+    /// Fewest records (and misses) worth training on.
+    pub min_records: usize,
+    /// A candidate must beat the active model by this much balanced accuracy.
+    pub min_gain: f64,
+    /// Live balanced accuracy this far below the model's held-back score is drift.
+    pub drift_drop: f64,
+}
+
+/// A trained candidate and how both models did on the held-back part.
+pub struct Candidate {
+    pub model: QuantizedModel,
+    pub candidate_ba: f64,
+    pub active_ba: Option<f64>,
+    pub held_back: usize,
+    pub took: Duration,
+}
+
+pub struct OnlineLearner {
+    pub config: LearnConfig,
+    window: VecDeque<RequestRecord>,
+    last_train: Instant,
+    /// Held-back balanced accuracy of the active model when it was chosen.
+    pub reference_ba: Option<f64>,
+    drift_seen: bool,
+}
+
+impl OnlineLearner {
+    pub fn new(config: LearnConfig) -> Self {
+        OnlineLearner {
+            window: VecDeque::with_capacity(config.window),
+            config,
+            last_train: Instant::now(),
+            reference_ba: None,
+            drift_seen: false,
+        }
+    }
+
+    pub fn observe(&mut self, records: &[RequestRecord]) {
+        for r in records {
+            if self.window.len() == self.config.window {
+                self.window.pop_front();
+            }
+            self.window.push_back(*r);
+        }
+    }
+
+    /// Checks one second's live matrix against the reference; true when drift.
+    pub fn check_drift(&mut self, live: &ConfusionMatrix) -> Option<String> {
+        let reference = self.reference_ba?;
+        if live.total() < 200 || live.actual_misses() == 0 || live.actual_met() == 0 {
+            return None;
+        }
+        let ba = live.balanced_accuracy();
+        if ba < reference - self.config.drift_drop && !self.drift_seen {
+            self.drift_seen = true;
+            return Some(format!("live balanced accuracy {ba:.3} < {reference:.3} - {:.2}", self.config.drift_drop));
+        }
+        None
+    }
+
+    /// Whether a retrain is due (period elapsed or drift), with enough data.
+    pub fn due(&self) -> bool {
+        let misses = self.window.iter().filter(|r| r.deadline_missed()).count();
+        let enough = self.window.len() >= self.config.min_records && misses >= 50 && misses < self.window.len() - 50;
+        enough && (self.drift_seen || self.last_train.elapsed() >= self.config.every)
+    }
+
+    /// The data for a training run (taken now; training happens off the loop).
+    pub fn snapshot(&mut self) -> Vec<RequestRecord> {
+        self.last_train = Instant::now();
+        self.drift_seen = false;
+        self.window.iter().copied().collect()
+    }
+
+    /// Chosen model: remember its held-back score as the live reference.
+    pub fn accepted(&mut self, held_back_ba: f64) {
+        self.reference_ba = Some(held_back_ba);
+    }
+}
+
+/// Trains `kind` on the older 80% of `records` and scores it and `active` on the
+/// newest 20% (what "recent held-back records" means here).
+pub fn train_candidate(
+    kind: ModelKind,
+    mut records: Vec<RequestRecord>,
+    active: Option<QuantizedModel>,
+) -> anyhow::Result<Candidate> {
+    let started = Instant::now();
+    records.sort_by_key(|r| r.insert_ns);
+    let held_back = records[records.len() * 4 / 5..].to_vec();
+    let data = Dataset::from_records(records, "live window");
+    let mut opts = TrainOptions::new(kind);
+    opts.train_fraction = 0.8;
+    opts.compare_baseline = false;
+    let trained = kml_learn::train(&data, &opts, &Progress::new(true))?;
+    let candidate_ba = integer_balanced_accuracy(&trained.quantized, &held_back);
+    let active_ba = active.as_ref().map(|m| integer_balanced_accuracy(m, &held_back));
+    Ok(Candidate { model: trained.quantized, candidate_ba, active_ba, held_back: held_back.len(), took: started.elapsed() })
+}

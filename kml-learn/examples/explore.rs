@@ -1,0 +1,185 @@
+//! Feature and model exploration on recorded traces (a measurement, not a test).
+//!
+//! ```sh
+//! cargo run --release -p kml-learn --example explore -- \
+//!     --train a.csv,b.csv --test c.csv [--kinds linear,logistic,tree] \
+//!     [--features f1,f2,...] [--univariate] [--ablate]
+//! ```
+//! Trains on the union of the `--train` traces (each split by time: first 70% trains,
+//! its last 20% tunes the threshold, the last 30% is held back) and prints balanced
+//! accuracy (integer model) on each trace's held-back window and on every `--test`
+//! trace in full. `--univariate` prints, per feature, the balanced accuracy of the
+//! best single threshold (chosen on the training windows). `--ablate` retrains
+//! without each feature in turn (and with each missing one added).
+
+use std::{path::PathBuf, time::Instant};
+
+use clap::Parser;
+use kml_ebpf_common::{features::Feature, model::ModelKind};
+use kml_learn::{
+    evaluate, metrics::best_balanced_threshold, train::split_windows, train::train_on_windows, ConfusionMatrix, Dataset,
+    Progress, TrainOptions,
+};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, value_delimiter = ',')]
+    train: Vec<PathBuf>,
+    #[arg(long, value_delimiter = ',')]
+    test: Vec<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "baseline,linear,logistic,tree")]
+    kinds: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    features: Vec<String>,
+    #[arg(long)]
+    univariate: bool,
+    #[arg(long)]
+    ablate: bool,
+    #[arg(long, default_value_t = 6)]
+    max_depth: usize,
+    #[arg(long, default_value_t = 50_000)]
+    tree_max_samples: usize,
+    #[arg(long, default_value_t = 200)]
+    min_samples_leaf: usize,
+    /// Experiment: replace `sector` with the distance (sectors, wrapped) ahead of the
+    /// end of the last request issued in the same direction (host reconstruction).
+    #[arg(long)]
+    sweep: bool,
+}
+
+fn load(p: &std::path::Path, args: &Args) -> anyhow::Result<Dataset> {
+    if !args.sweep {
+        return Ok(Dataset::from_trace_file(p)?);
+    }
+    let file = std::io::BufReader::new(std::fs::File::open(p)?);
+    let mut recs = kml_ebpf_common::trace::read_all(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut issues: Vec<(u64, usize, u64)> = recs
+        .iter()
+        .filter(|r| r.issue_ns != 0)
+        .map(|r| (r.issue_ns, r.op().direction() as usize, r.sector + r.nr_sectors as u64))
+        .collect();
+    issues.sort_unstable();
+    recs.sort_by_key(|r| r.insert_ns);
+    let mut last = [0u64; 2];
+    let mut k = 0;
+    for r in recs.iter_mut() {
+        while k < issues.len() && issues[k].0 <= r.insert_ns {
+            last[issues[k].1] = issues[k].2;
+            k += 1;
+        }
+        let pos = last[r.op().direction() as usize];
+        r.sector = r.sector.wrapping_sub(pos) & ((1 << 21) - 1);
+    }
+    Ok(Dataset::from_records(recs, p.display().to_string()))
+}
+
+fn name(p: &std::path::Path) -> String {
+    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+struct Windows {
+    fit: Dataset,
+    tune: Dataset,
+    tests: Vec<(String, Dataset)>,
+}
+
+fn run(kind: ModelKind, features: &[Feature], w: &Windows, args: &Args) -> anyhow::Result<(Vec<f64>, f64)> {
+    let mut opts = TrainOptions::new(kind);
+    opts.features = Some(features.to_vec());
+    opts.compare_baseline = false;
+    opts.tree_max_depth = args.max_depth;
+    opts.tree_max_samples = args.tree_max_samples;
+    opts.tree_min_samples_leaf = args.min_samples_leaf;
+    let started = Instant::now();
+    let m = train_on_windows(&w.fit, &w.tune, &w.tests[0].1, &opts, &Progress::silent())?;
+    let secs = started.elapsed().as_secs_f64();
+    let bal = w.tests.iter().map(|(_, d)| evaluate(&m.float, &m.quantized, d).quantized.balanced_accuracy).collect();
+    Ok((bal, secs))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let features: Vec<Feature> = if args.features.is_empty() {
+        Feature::ALL.to_vec()
+    } else {
+        args.features.iter().map(|n| Feature::from_name(n).ok_or_else(|| anyhow::anyhow!("unknown feature {n}"))).collect::<Result<_, _>>()?
+    };
+    let started = Instant::now();
+    let opts = TrainOptions::new(ModelKind::Logistic);
+    let (mut fits, mut tunes, mut tests) = (Vec::new(), Vec::new(), Vec::new());
+    for p in &args.train {
+        let d = load(p, &args)?;
+        let (fit, tune, test) = split_windows(&d, &opts)?;
+        eprintln!("{}: {} requests, miss {:.1}%", name(p), d.len(), 100.0 * d.miss_rate());
+        fits.push(fit);
+        tunes.push(tune);
+        tests.push((format!("{} later", name(p)), test));
+    }
+    for p in &args.test {
+        let d = load(p, &args)?;
+        eprintln!("{}: {} requests, miss {:.1}%", name(p), d.len(), 100.0 * d.miss_rate());
+        tests.push((name(p), d));
+    }
+    let all_tests = Dataset::concat(&tests.iter().map(|t| t.1.clone()).collect::<Vec<_>>());
+    let mut windows = Windows { fit: Dataset::concat(&fits), tune: Dataset::concat(&tunes), tests };
+    windows.tests.insert(0, ("all".into(), all_tests));
+    eprintln!("loaded in {:.1}s", started.elapsed().as_secs_f64());
+
+    print!("{:<28}", "model");
+    for (n, _) in &windows.tests {
+        print!(" {:>12}", &n[..n.len().min(12)]);
+    }
+    println!("  train s");
+
+    if args.univariate {
+        let train = Dataset::concat(&[windows.fit.clone(), windows.tune.clone()]);
+        let labels: Vec<bool> = train.missed().collect();
+        for &f in &features {
+            let col: Vec<f64> = train.column(f).iter().map(|&v| v as f64).collect();
+            let up = best_balanced_threshold(&col, &labels);
+            let neg: Vec<f64> = col.iter().map(|v| -v).collect();
+            let down = best_balanced_threshold(&neg, &labels);
+            let ba = |d: &Dataset, sign: f64, t: f64| {
+                ConfusionMatrix::from_pairs(d.column(f).iter().map(|&v| sign * v as f64 > t).zip(d.missed())).balanced_accuracy()
+            };
+            let (sign, t) = if ba(&train, 1.0, up) >= ba(&train, -1.0, down) { (1.0, up) } else { (-1.0, down) };
+            print!("{:<28}", format!("{} {} {:.0}", f.name(), if sign > 0.0 { ">" } else { "<" }, sign * t));
+            for (_, d) in &windows.tests {
+                print!(" {:>12.2}", 100.0 * ba(d, sign, t));
+            }
+            println!();
+        }
+    }
+
+    for k in &args.kinds {
+        let kind = ModelKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown kind {k}"))?;
+        let (bal, secs) = run(kind, &features, &windows, &args)?;
+        print!("{:<28}", k);
+        for b in &bal {
+            print!(" {:>12.2}", 100.0 * b);
+        }
+        println!("  {secs:.2}");
+        if args.ablate && kind != ModelKind::Baseline {
+            for &f in &features {
+                let rest: Vec<Feature> = features.iter().copied().filter(|&g| g != f).collect();
+                let (bal, _) = run(kind, &rest, &windows, &args)?;
+                print!("{:<28}", format!("  - {}", f.name()));
+                for b in &bal {
+                    print!(" {:>12.2}", 100.0 * b);
+                }
+                println!();
+            }
+            for f in Feature::ALL.into_iter().filter(|f| !features.contains(f)) {
+                let mut more = features.clone();
+                more.push(f);
+                let (bal, _) = run(kind, &more, &windows, &args)?;
+                print!("{:<28}", format!("  + {}", f.name()));
+                for b in &bal {
+                    print!(" {:>12.2}", 100.0 * b);
+                }
+                println!();
+            }
+        }
+    }
+    Ok(())
+}

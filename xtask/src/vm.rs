@@ -1,0 +1,477 @@
+//! `cargo xtask vm`: build the patched guest kernel (cached), an initramfs with
+//! kml-agent and fio, boot it under QEMU (KVM when a probe boot works, TCG
+//! otherwise) with a throttled, depth-1 virtio disk, and run either
+//!
+//! - `--smoke`: the constructed case: a random reader against a deep random writer,
+//!   once stock and once with `kml-agent hook --policy reads`; passes when the hook
+//!   attached, the kernel served requests early (`kml_boosts`), and the block
+//!   tracepoints show reads dispatched ahead of queued writes that stock
+//!   mq-deadline dispatched first; or
+//! - the comparison (default): each job file of `workloads/vm/` (but `smoke.fio`)
+//!   once stock and once with `kml-agent hook --policy <policy>`, same seeds; the
+//!   report goes to `target/vm/report.md` and the last line sums it up.
+//!
+//! The guest prints `KML-VM-RESULT: PASS|FAIL <reason>` and powers off; the exit
+//! status follows that line (and, for the smoke test, the host's checks of the
+//! dispatch order). A guest that hangs is killed at the timeout and reported.
+
+mod initramfs;
+mod kernel;
+mod qemu;
+mod report;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+
+use crate::build::build_all;
+use crate::setup::ensure_packages;
+use crate::util::workspace_root;
+use qemu::{Accel, Boot};
+use report::{Comparison, RunStats};
+
+/// Debian packages the VM needs: the kernel source and its build tools, pahole
+/// (BTF), busybox (static) for the guest, QEMU, fio.
+pub const VM_PACKAGES: &[&str] = &[
+    kernel::SOURCE_PACKAGE,
+    "dwarves",
+    "busybox-static",
+    "bc",
+    "flex",
+    "bison",
+    "libelf-dev",
+    "libssl-dev",
+    "make",
+    "gcc",
+    "patch",
+    "xz-utils",
+    "gzip",
+    "binutils",
+    "qemu-system-x86",
+    "fio",
+];
+
+/// Size of the guest's virtio disk image.
+const DISK_BYTES: u64 = 1 << 30;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    Off,
+    Reads,
+    ReadsUnderWrites,
+}
+
+impl Policy {
+    fn arg(self) -> &'static str {
+        match self {
+            Policy::Off => "off",
+            Policy::Reads => "reads",
+            Policy::ReadsUnderWrites => "reads-under-writes",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// Only the smoke test: boot, attach the hook, check that verdicts change the
+    /// dispatch order of a constructed case, power off.
+    #[arg(long)]
+    pub smoke: bool,
+    /// QEMU accelerator: auto tries KVM with a quick probe boot, else TCG.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    /// The hook's policy in the comparison runs.
+    #[arg(long, value_enum, default_value_t = Policy::ReadsUnderWrites)]
+    pub policy: Policy,
+    /// fio run time per run, in seconds (each workload runs twice: stock, hook).
+    #[arg(long, default_value_t = 30)]
+    pub runtime: u32,
+    /// QEMU drive throttling of the virtio disk (throttling.iops-total).
+    #[arg(long, default_value_t = 100)]
+    pub iops: u32,
+    /// Set mq-deadline's kml_boost_max (cap of boosts per direction per read_expire
+    /// window) in the guest; default: the kernel's (16).
+    #[arg(long)]
+    pub boost_max: Option<u32>,
+    /// Only these workloads (job file names without .fio; comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    pub workload: Vec<String>,
+    /// Kill the guest after this many seconds (default: from the plan).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Build the kernel and the initramfs, do not boot.
+    #[arg(long)]
+    pub build_only: bool,
+    /// Do not echo the guest console (it is always logged to target/vm/).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// The job files of the comparison (all but smoke.fio), filtered.
+fn comparison_workloads(dir: &Path, only: &[String]) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "fio") {
+            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+            if name != "smoke" && (only.is_empty() || only.contains(&name)) {
+                names.push(name);
+            }
+        }
+    }
+    names.sort();
+    for o in only {
+        anyhow::ensure!(names.contains(o), "no workload {o} in {} (have: {})", dir.display(), names.join(", "));
+    }
+    anyhow::ensure!(!names.is_empty(), "no workloads in {}", dir.display());
+    Ok(names)
+}
+
+fn create_disk(path: &Path) -> Result<()> {
+    if path.exists() {
+        fs::remove_file(path)?;
+    }
+    // Allocated, not sparse: the first run must not pay for block allocation
+    // on the host that the second one does not.
+    let ok = Command::new("fallocate")
+        .arg("-l")
+        .arg(DISK_BYTES.to_string())
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        fs::File::create(path)?.set_len(DISK_BYTES)?;
+    }
+    Ok(())
+}
+
+impl VmArgs {
+    pub fn execute(self) -> Result<ExitCode> {
+        let started = Instant::now();
+        let root = workspace_root();
+        eprintln!("xtask: vm: checking the Debian packages the VM needs");
+        ensure_packages(VM_PACKAGES)?;
+        let kernel = kernel::ensure(&root, nproc())?;
+        let agent = build_all(true)?;
+
+        let vm_dir = root.join("target/vm");
+        fs::create_dir_all(&vm_dir)?;
+        let workloads_dir = root.join(initramfs::WORKLOADS_DIR);
+        let t = Instant::now();
+        let (initrd, _) = initramfs::build(&initramfs::Inputs {
+            gen_init_cpio: &kernel.gen_init_cpio(),
+            agent: &agent,
+            workloads: &workloads_dir,
+            work: &vm_dir.join("initramfs"),
+            out: &vm_dir.join("initramfs.cpio.gz"),
+            compress: true,
+        })?;
+        let initramfs_secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "xtask: vm: kernel Linux {} (Debian {}), {}; initramfs built in {initramfs_secs:.1} s",
+            kernel.version,
+            kernel.package_version,
+            kernel.bzimage.display()
+        );
+        if self.build_only {
+            return Ok(ExitCode::SUCCESS);
+        }
+
+        let mode = if self.smoke { "smoke" } else { "full" };
+        let probe = Boot {
+            accel: Accel::Kvm,
+            kernel: kernel.bzimage.clone(),
+            initrd: initrd.clone(),
+            append: "kml.mode=probe".into(),
+            disk: None,
+            share: None,
+            timeout: Duration::from_secs(20),
+            console_log: vm_dir.join("console-kvm-probe.log"),
+            echo: false,
+        };
+        let (accel, why) = qemu::choose_accel(self.accel, &probe)?;
+        eprintln!("xtask: vm: accelerator {why}");
+
+        let workloads =
+            if self.smoke { Vec::new() } else { comparison_workloads(&workloads_dir, &self.workload)? };
+        let share = vm_dir.join(format!("out-{mode}"));
+        if share.exists() {
+            fs::remove_dir_all(&share)?;
+        }
+        fs::create_dir_all(&share)?;
+        let disk = vm_dir.join("disk.img");
+        create_disk(&disk)?;
+
+        let mut append = format!(
+            "virtio_blk.queue_depth=1 kml.mode={mode} kml.policy={} kml.runtime={}",
+            self.policy.arg(),
+            self.runtime
+        );
+        if let Some(b) = self.boost_max {
+            let _ = write!(append, " kml.boost_max={b}");
+        }
+        if !self.workload.is_empty() {
+            let _ = write!(append, " kml.workloads={}", workloads.join(","));
+        }
+        let default_timeout = if self.smoke {
+            420
+        } else {
+            // Two runs per workload (+ ramp and fio start-up), boot and slack.
+            180 + workloads.len() as u64 * 2 * (u64::from(self.runtime) + 2 + 45)
+        };
+        let timeout = Duration::from_secs(self.timeout.unwrap_or(default_timeout));
+        let boot = Boot {
+            accel,
+            kernel: kernel.bzimage.clone(),
+            initrd,
+            append,
+            disk: Some((disk.clone(), self.iops)),
+            share: Some(share.clone()),
+            timeout,
+            console_log: vm_dir.join(format!("console-{mode}.log")),
+            echo: !self.quiet,
+        };
+        eprintln!(
+            "xtask: vm: booting ({accel}, {} run, timeout {} s; console log {})",
+            mode,
+            timeout.as_secs(),
+            boot.console_log.display()
+        );
+        let outcome = qemu::boot(&boot)?;
+        let _ = fs::remove_file(&disk);
+        eprintln!("xtask: vm: {}", outcome.describe());
+        let ctx = RunContext {
+            kernel: &kernel,
+            accel_note: &why,
+            iops: self.iops,
+            runtime: self.runtime,
+            policy: self.policy.arg(),
+            share: &share,
+            boot_secs: outcome.boot_secs,
+            guest_secs: outcome.elapsed.as_secs_f64(),
+            total_secs: started.elapsed().as_secs_f64(),
+        };
+        if !outcome.passed() {
+            eprintln!("xtask: vm: FAILED: {}", outcome.describe());
+            return Ok(ExitCode::FAILURE);
+        }
+        if self.smoke {
+            smoke_report(&ctx, &vm_dir.join("smoke.md"))
+        } else {
+            full_report(&ctx, &workloads, &vm_dir.join("report.md"))
+        }
+    }
+}
+
+struct RunContext<'a> {
+    kernel: &'a kernel::Kernel,
+    accel_note: &'a str,
+    iops: u32,
+    runtime: u32,
+    policy: &'a str,
+    share: &'a Path,
+    boot_secs: Option<f64>,
+    guest_secs: f64,
+    total_secs: f64,
+}
+
+impl RunContext<'_> {
+    fn read(&self, name: &str) -> Result<String> {
+        let p = self.share.join(name);
+        fs::read_to_string(&p).with_context(|| format!("reading {} (written by the guest)", p.display()))
+    }
+
+    fn fio(&self, name: &str) -> Result<RunStats> {
+        report::parse_fio(&self.read(&format!("{name}.json"))?).with_context(|| format!("{name}.json"))
+    }
+
+    fn header(&self, title: &str) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# {title}\n");
+        let _ = writeln!(
+            s,
+            "- kernel: Linux {} (Debian linux-source-6.12 {}) + kernel/0001-mq-deadline-kml-hook.patch, key {}",
+            self.kernel.version, self.kernel.package_version, self.kernel.key
+        );
+        let _ = writeln!(s, "- accelerator: {}", self.accel_note);
+        let _ = writeln!(
+            s,
+            "- disk: virtio-blk, raw image, QEMU throttling.iops-total={}, virtio_blk.queue_depth=1, mq-deadline, nr_requests 64",
+            self.iops
+        );
+        let _ = writeln!(
+            s,
+            "- timings: guest {:.0} s (boot to /init {}), whole command {:.0} s{}",
+            self.guest_secs,
+            self.boot_secs.map_or("?".into(), |b| format!("{b:.1} s")),
+            self.total_secs,
+            self.kernel.build_secs.map_or(String::new(), |b| format!(" (kernel build {b:.0} s)"))
+        );
+        if let Ok(settings) = self.read("settings.txt") {
+            let _ = writeln!(s, "\nGuest settings:\n\n```\n{}\n```\n", settings.trim());
+        }
+        s
+    }
+}
+
+fn smoke_report(ctx: &RunContext<'_>, path: &Path) -> Result<ExitCode> {
+    let stock = ctx.fio("smoke.stock")?;
+    let hook = ctx.fio("smoke.hook")?;
+    let boosts = report::parse_boosts(&ctx.read("smoke.boosts")?)?;
+    let stock_order = report::dispatch_order(&ctx.read("smoke.stock.trace")?);
+    let hook_order = report::dispatch_order(&ctx.read("smoke.hook.trace")?);
+    let agent = ctx.read("smoke.hook.agent.log").unwrap_or_default();
+
+    let mut problems = Vec::new();
+    if boosts.hook_boosts == 0 {
+        problems.push("the kernel served no request early in the hook run".to_owned());
+    }
+    if boosts.stock_boosts != 0 {
+        problems.push(format!("{} boosts without a program attached", boosts.stock_boosts));
+    }
+    if stock_order.reads == 0 || hook_order.reads == 0 {
+        problems.push("the trace holds no dispatched reads".to_owned());
+    } else {
+        if stock_order.writes_dispatched_while_waiting < 1.0 {
+            problems.push(format!(
+                "the constructed case did not hold: stock reads waited for only {:.2} writes",
+                stock_order.writes_dispatched_while_waiting
+            ));
+        }
+        if hook_order.writes_dispatched_while_waiting > 0.5 * stock_order.writes_dispatched_while_waiting {
+            problems.push(format!(
+                "verdicts did not change the dispatch order: writes dispatched while a read waited {:.2} (hook) vs {:.2} (stock)",
+                hook_order.writes_dispatched_while_waiting, stock_order.writes_dispatched_while_waiting
+            ));
+        }
+    }
+    let mut md = ctx.header("kml VM smoke test");
+    let _ = writeln!(
+        md,
+        "Constructed case (workloads/vm/smoke.fio): one random reader (depth 1) against a random writer \
+         keeping 48 writes queued. Stock run, then `kml-agent hook --policy reads`.\n"
+    );
+    let _ = writeln!(md, "| dispatch order (block tracepoints) | stock | hook |\n| --- | ---: | ---: |");
+    let _ = writeln!(md, "| reads dispatched | {} | {} |", stock_order.reads, hook_order.reads);
+    let _ = writeln!(
+        md,
+        "| writes dispatched while a read waited (mean) | {:.2} | {:.2} |",
+        stock_order.writes_dispatched_while_waiting, hook_order.writes_dispatched_while_waiting
+    );
+    let _ = writeln!(
+        md,
+        "| earlier-queued writes a read overtook (mean) | {:.2} | {:.2} |",
+        stock_order.writes_overtaken, hook_order.writes_overtaken
+    );
+    let _ = writeln!(
+        md,
+        "| reads dispatched with at most 1 write before them | {:.0}% | {:.0}% |\n",
+        100.0 * stock_order.reads_served_next,
+        100.0 * hook_order.reads_served_next
+    );
+    let cmp = Comparison { name: "smoke".into(), stock, hook, boosts, agent };
+    md.push_str(&cmp.table());
+    let verdict = if problems.is_empty() { "PASS".to_owned() } else { format!("FAIL: {}", problems.join("; ")) };
+    let _ = writeln!(md, "\nResult: {verdict}");
+    fs::write(path, &md)?;
+    eprintln!("xtask: vm: smoke report {}", path.display());
+    println!(
+        "smoke: {verdict} | {} boosts ({} over the cap) | writes dispatched while a read waited: {:.2} stock, {:.2} hook | \
+         read latency mean {:.1} -> {:.1} ms | guest {:.0} s",
+        boosts.hook_boosts,
+        boosts.hook_capped,
+        stock_order.writes_dispatched_while_waiting,
+        hook_order.writes_dispatched_while_waiting,
+        stock.read.mean_ns / 1e6,
+        hook.read.mean_ns / 1e6,
+        ctx.guest_secs
+    );
+    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Result<ExitCode> {
+    let mut cmps = Vec::new();
+    for name in workloads {
+        let stock = ctx.fio(&format!("{name}.stock"))?;
+        let hook = ctx.fio(&format!("{name}.hook"))?;
+        let boosts = report::parse_boosts(&ctx.read(&format!("{name}.boosts"))?)?;
+        let agent = ctx.read(&format!("{name}.hook.agent.log")).unwrap_or_default();
+        cmps.push(Comparison { name: name.clone(), stock, hook, boosts, agent });
+    }
+    let mut md = ctx.header("kml VM comparison: stock mq-deadline vs kml verdicts");
+    let _ = writeln!(
+        md,
+        "Each workload (workloads/vm/NAME.fio, fixed seeds) ran {} s (after a 2 s ramp) with no program attached \
+         (stock), then with `kml-agent hook --policy {}`. Latency is fio's total latency (submission to \
+         completion). Where several jobs do the same direction, values are I/O-weighted averages of the jobs'.\n",
+        ctx.runtime, ctx.policy
+    );
+    let _ = writeln!(
+        md,
+        "| workload | read mean | read p99 | write p99 | throughput | boosts (capped) | issue goal |\n| --- | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for c in &cmps {
+        let goal = if !c.stock.mixed() {
+            if c.worse_at_p99() { "control: worse at p99 (> 2%)" } else { "control: not worse" }
+        } else if c.meets_goal() && !c.worse_at_p99() {
+            "met"
+        } else if c.meets_goal() {
+            "latency met; p99 worse elsewhere"
+        } else {
+            "not met"
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {:+.1}% | {:+.1}% | {} | {:+.1}% | {} ({}) | {goal} |",
+            c.name,
+            c.read_mean_pct(),
+            c.read_p99_pct(),
+            if c.stock.write.ios > 0 { format!("{:+.1}%", c.write_p99_pct()) } else { "-".into() },
+            c.throughput_pct(),
+            c.boosts.hook_boosts,
+            c.boosts.hook_capped
+        );
+    }
+    let met = cmps.iter().filter(|c| c.stock.mixed() && c.meets_goal()).count();
+    let worse: Vec<&str> = cmps.iter().filter(|c| c.worse_at_p99()).map(|c| c.name.as_str()).collect();
+    let _ = writeln!(
+        md,
+        "\nIssue goal (>= 15% lower mean and >= 25% lower p99 read latency, <= 2% throughput loss, on at least two \
+         mixed workloads; no workload > 2% worse at p99): met on {met} mixed workload(s); worse at p99: {}.\n",
+        if worse.is_empty() { "none".to_owned() } else { worse.join(", ") }
+    );
+    for c in &cmps {
+        let _ = writeln!(md, "## {}\n\n{}", c.name, c.table());
+    }
+    let line = match report::summary(&cmps) {
+        Some((mean, p99, tput, n)) => {
+            let _ = writeln!(md, "Summary (average over the {n} mixed workloads): {}", report::summary_line(mean, p99, tput));
+            report::summary_line(mean, p99, tput)
+        }
+        None => "read latency: no mixed workload ran".to_owned(),
+    };
+    fs::write(path, &md)?;
+    eprintln!("xtask: vm: report {}", path.display());
+    for c in &cmps {
+        eprintln!(
+            "xtask: vm: {:<22} read mean {:+6.1}%  p99 {:+6.1}%  throughput {:+5.1}%  boosts {} ({} capped)",
+            c.name,
+            c.read_mean_pct(),
+            c.read_p99_pct(),
+            c.throughput_pct(),
+            c.boosts.hook_boosts,
+            c.boosts.hook_capped
+        );
+    }
+    println!("{line}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,196 @@
+#!/bin/busybox sh
+# kml guest /init (written into the initramfs by `cargo xtask vm`).
+#
+# Kernel command line (set by xtask):
+#   kml.mode=probe|smoke|full   what to run
+#   kml.policy=POLICY           kml-agent hook policy for the "hook" runs (full mode)
+#   kml.runtime=SECONDS         fio runtime per run (full mode; the job files read $KML_RUNTIME)
+#   kml.boost_max=N             if set: mq-deadline's kml_boost_max on the test disk
+#   kml.workloads=a,b           if set: only these workloads (full mode)
+# Results go to the virtio-9p share `kmlout` (mounted at /mnt/out); the last line is
+# `KML-VM-RESULT: PASS` or `KML-VM-RESULT: FAIL <reason>`; then the guest tells QEMU
+# its result through isa-debug-exit (port 0xf4) and powers off.
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp /mnt/out /sbin /usr/bin /usr/sbin /run
+/bin/busybox --install -s /bin
+export PATH=/usr/bin:/bin:/usr/sbin:/sbin
+[ -f /kml/env ] && . /kml/env
+export HOME=/tmp
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+
+DISK=vda
+Q=/sys/block/$DISK/queue
+T=/sys/kernel/tracing
+OUT=/mnt/out
+
+arg() {
+    for w in $(cat /proc/cmdline); do
+        case "$w" in "$1"=*) echo "${w#*=}"; return ;; esac
+    done
+    echo "$2"
+}
+
+MODE=$(arg kml.mode smoke)
+POLICY=$(arg kml.policy reads-under-writes)
+export KML_RUNTIME=$(arg kml.runtime 30)
+BOOST_MAX=$(arg kml.boost_max "")
+WORKLOADS=$(arg kml.workloads "")
+
+SHARED=0
+finish() {
+    # $1: PASS or FAIL, then the reason
+    sync
+    [ "$SHARED" = 1 ] && umount $OUT 2>/dev/null
+    echo "KML-VM-RESULT: $*"
+    if [ "$1" = PASS ]; then code='\000'; else code='\001'; fi
+    # isa-debug-exit: QEMU exits with status (code << 1) | 1
+    printf "$code" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
+    poweroff -f
+    sleep 10
+    echo o > /proc/sysrq-trigger
+}
+fail() { finish FAIL "$*"; }
+
+echo "kml-guest: kernel $(uname -r), mode $MODE, $(nproc) CPUs"
+
+if [ "$MODE" = probe ]; then
+    echo "KML-VM-READY"
+    finish PASS probe
+fi
+
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 kmlout $OUT || fail "cannot mount the 9p share kmlout"
+SHARED=1
+
+# ---------------------------------------------------------------- the disk
+[ -b /dev/$DISK ] || fail "no /dev/$DISK"
+echo mq-deadline > $Q/scheduler || fail "cannot select mq-deadline on $DISK"
+echo 64 > $Q/nr_requests || fail "cannot set nr_requests 64 on $DISK"
+[ -f $Q/iosched/kml_boosts ] || fail "$Q/iosched/kml_boosts missing: not kml's patched mq-deadline"
+if [ -n "$BOOST_MAX" ]; then
+    echo "$BOOST_MAX" > $Q/iosched/kml_boost_max || fail "cannot set kml_boost_max"
+fi
+grep -q dd_kml_verdict /proc/kallsyms || fail "dd_kml_verdict not in kallsyms"
+{
+    echo "kernel $(uname -r)"
+    echo "cmdline $(cat /proc/cmdline)"
+    echo "scheduler $(cat $Q/scheduler)"
+    echo "nr_requests $(cat $Q/nr_requests)"
+    echo "hw_queue_depth $(cat /sys/block/$DISK/mq/*/nr_tags 2>/dev/null | head -n1)"
+    for f in $Q/iosched/*; do echo "iosched.$(basename $f) $(cat $f)"; done
+    grep -c . /sys/kernel/debug/error_injection/list 2>/dev/null | sed 's/^/error_injection_functions /'
+    grep dd_kml_verdict /sys/kernel/debug/error_injection/list 2>/dev/null | sed 's/^/error_injection /'
+} > $OUT/settings.txt
+kml-agent doctor > $OUT/doctor.txt 2>&1
+cat $OUT/doctor.txt
+
+boosts() { echo "$(cat $Q/iosched/kml_boosts) $(cat $Q/iosched/kml_capped)"; }
+
+HOOK_PID=
+start_hook() {
+    # $1 policy, $2 log file
+    kml-agent hook --policy "$1" --device $DISK > "$2" 2>&1 &
+    HOOK_PID=$!
+    i=0
+    while ! grep -q "hook attached" "$2"; do
+        kill -0 $HOOK_PID 2>/dev/null || fail "kml-agent hook exited: $(tr '\n' ' ' < "$2")"
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "kml-agent hook did not attach within 60 s"
+        sleep 0.1
+    done
+}
+stop_hook() {
+    kill -INT $HOOK_PID
+    wait $HOOK_PID
+    rc=$?
+    HOOK_PID=
+    [ $rc = 0 ] || fail "kml-agent hook exited with status $rc: $(tr '\n' ' ' < "$1")"
+}
+
+trace_start() {
+    echo 0 > $T/tracing_on
+    echo 16384 > $T/buffer_size_kb
+    echo > $T/trace
+    echo 1 > $T/events/block/block_rq_insert/enable
+    echo 1 > $T/events/block/block_rq_issue/enable
+    echo 1 > $T/tracing_on
+}
+trace_stop() {
+    echo 0 > $T/tracing_on
+    cat $T/trace > "$1"
+    echo 0 > $T/events/block/block_rq_insert/enable
+    echo 0 > $T/events/block/block_rq_issue/enable
+    echo > $T/trace
+}
+
+# One fio run: $1 job file, $2 output name (JSON to $OUT/$2.json)
+run_fio() {
+    fio --output-format=json --output=$OUT/$2.json "$1" > $OUT/$2.fio-stderr 2>&1 ||
+        fail "fio $2 failed: $(tail -n3 $OUT/$2.fio-stderr | tr '\n' ' ')"
+}
+
+# ---------------------------------------------------------------- smoke
+if [ "$MODE" = smoke ]; then
+    JOB=/kml/workloads/smoke.fio
+    [ -f $JOB ] || fail "no $JOB"
+    echo "kml-guest: smoke: stock run (no program attached)"
+    b0=$(boosts)
+    trace_start
+    run_fio $JOB smoke.stock
+    trace_stop $OUT/smoke.stock.trace
+    b1=$(boosts)
+    echo "kml-guest: smoke: hook run (policy reads)"
+    start_hook reads /tmp/smoke.hook.agent.log
+    trace_start
+    run_fio $JOB smoke.hook
+    trace_stop $OUT/smoke.hook.trace
+    b2=$(boosts)
+    stop_hook /tmp/smoke.hook.agent.log
+    cp /tmp/smoke.hook.agent.log $OUT/smoke.hook.agent.log
+    cat /tmp/smoke.hook.agent.log
+    echo "stock $b0 $b1" > $OUT/smoke.boosts
+    echo "hook $b1 $b2" >> $OUT/smoke.boosts
+    set -- $b0 $b1 $b2
+    stock_boosts=$(($3 - $1))
+    hook_boosts=$(($5 - $3))
+    hook_capped=$(($6 - $4))
+    echo "kml-guest: smoke: kernel boosts: stock run $stock_boosts, hook run $hook_boosts (refused by the cap: $hook_capped)"
+    [ $stock_boosts = 0 ] || fail "requests were boosted with no program attached ($stock_boosts)"
+    [ $hook_boosts -gt 0 ] || fail "the hook run boosted no request (kml_boosts did not move)"
+    finish PASS "smoke: hook attached, $hook_boosts requests served early"
+fi
+
+# ---------------------------------------------------------------- full comparison
+if [ "$MODE" = full ]; then
+    n=0
+    for JOB in /kml/workloads/*.fio; do
+        name=$(basename $JOB .fio)
+        [ "$name" = smoke ] && continue
+        if [ -n "$WORKLOADS" ]; then
+            case ",$WORKLOADS," in *",$name,"*) ;; *) continue ;; esac
+        fi
+        n=$((n + 1))
+        echo "kml-guest: $name: stock run (${KML_RUNTIME}s)"
+        b0=$(boosts)
+        run_fio $JOB $name.stock
+        b1=$(boosts)
+        echo "kml-guest: $name: hook run, policy $POLICY (${KML_RUNTIME}s)"
+        start_hook $POLICY /tmp/$name.hook.agent.log
+        run_fio $JOB $name.hook
+        b2=$(boosts)
+        stop_hook /tmp/$name.hook.agent.log
+        cp /tmp/$name.hook.agent.log $OUT/$name.hook.agent.log
+        echo "stock $b0 $b1" > $OUT/$name.boosts
+        echo "hook $b1 $b2" >> $OUT/$name.boosts
+        tail -n2 /tmp/$name.hook.agent.log
+    done
+    [ $n -gt 0 ] || fail "no workload ran"
+    finish PASS "full: $n workloads"
+fi
+
+fail "unknown kml.mode=$MODE"

@@ -1,0 +1,196 @@
+//! The guest's initramfs: busybox (static), the `/init` script, kml-agent, fio and
+//! the shared libraries both need (what `ldd` lists, the dynamic loader included),
+//! and the VM job files. Written with the kernel tree's `usr/gen_init_cpio` from a
+//! file list (device nodes need no root that way), then compressed.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, ensure, Context as _, Result};
+
+use crate::util::{output, run};
+
+pub const GUEST_INIT: &str = include_str!("guest-init.sh");
+const BUSYBOX: &str = "/bin/busybox";
+/// The VM workloads, relative to the workspace root.
+pub const WORKLOADS_DIR: &str = "workloads/vm";
+
+pub struct Inputs<'a> {
+    pub gen_init_cpio: &'a Path,
+    pub agent: &'a Path,
+    pub workloads: &'a Path,
+    /// Scratch directory for the stripped agent, the init script and the list.
+    pub work: &'a Path,
+    pub out: &'a Path,
+    pub compress: bool,
+}
+
+/// Absolute library paths in `ldd` output (`name => /path (addr)` and the loader's
+/// `/path (addr)`); the vDSO and `not found` lines give none.
+pub fn ldd_paths(ldd: &str) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for line in ldd.lines().map(str::trim) {
+        if line.contains("not found") {
+            bail!("ldd: a library is missing: {line}");
+        }
+        let candidate = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = candidate.filter(|p| p.starts_with('/')) {
+            out.push(PathBuf::from(p));
+        }
+    }
+    Ok(out)
+}
+
+fn find_program(name: &str) -> Result<PathBuf> {
+    for dir in ["/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("{name} not found in /usr/bin, /bin, /usr/sbin or /sbin")
+}
+
+/// Adds `path` and all its parents as `dir` entries.
+fn add_dirs(dirs: &mut BTreeSet<String>, path: &str) {
+    let mut p = Path::new(path).parent();
+    while let Some(d) = p {
+        let s = d.to_string_lossy();
+        if s == "/" || s.is_empty() {
+            break;
+        }
+        dirs.insert(s.into_owned());
+        p = d.parent();
+    }
+}
+
+/// Builds the initramfs; returns its path and its uncompressed size in bytes.
+pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
+    ensure!(inp.gen_init_cpio.is_file(), "{} missing (kernel build incomplete?)", inp.gen_init_cpio.display());
+    ensure!(Path::new(BUSYBOX).is_file(), "{BUSYBOX} missing (package busybox-static)");
+    if inp.work.exists() {
+        fs::remove_dir_all(inp.work)?;
+    }
+    fs::create_dir_all(inp.work)?;
+
+    // The agent without its debug info (tens of MB less to load into the guest).
+    let agent = inp.work.join("kml-agent");
+    run(Command::new("strip").arg("-o").arg(&agent).arg(inp.agent)).context("stripping kml-agent")?;
+    let init = inp.work.join("init");
+    fs::write(&init, GUEST_INIT)?;
+    let fio = find_program("fio")?;
+
+    let mut files: Vec<(String, PathBuf, &str)> = vec![
+        ("/init".into(), init, "0755"),
+        (BUSYBOX.into(), PathBuf::from(BUSYBOX), "0755"),
+        ("/usr/bin/kml-agent".into(), agent.clone(), "0755"),
+        ("/usr/bin/fio".into(), fio.clone(), "0755"),
+    ];
+    let mut libs = BTreeSet::new();
+    for bin in [&fio, &agent] {
+        let ldd = output(Command::new("ldd").arg(bin))?;
+        libs.extend(ldd_paths(&ldd)?);
+    }
+    let mut lib_dirs = BTreeSet::new();
+    for lib in &libs {
+        let real = fs::canonicalize(lib).with_context(|| format!("resolving {}", lib.display()))?;
+        if let Some(d) = lib.parent() {
+            lib_dirs.insert(d.to_string_lossy().into_owned());
+        }
+        files.push((lib.to_string_lossy().into_owned(), real, "0755"));
+    }
+    let mut jobs = Vec::new();
+    for e in fs::read_dir(inp.workloads).with_context(|| format!("reading {}", inp.workloads.display()))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "fio") {
+            jobs.push(p);
+        }
+    }
+    jobs.sort();
+    ensure!(!jobs.is_empty(), "no .fio job files in {}", inp.workloads.display());
+    for j in &jobs {
+        let name = j.file_name().unwrap().to_string_lossy().into_owned();
+        files.push((format!("/kml/workloads/{name}"), j.clone(), "0644"));
+    }
+    // Library search path for the loader (there is no ld.so.cache in the guest).
+    let env = inp.work.join("env");
+    fs::write(&env, format!("export LD_LIBRARY_PATH={}\n", lib_dirs.iter().cloned().collect::<Vec<_>>().join(":")))?;
+    files.push(("/kml/env".into(), env, "0644"));
+
+    let mut dirs: BTreeSet<String> =
+        ["/dev", "/proc", "/sys", "/tmp", "/mnt", "/mnt/out", "/bin", "/sbin", "/usr/sbin", "/root", "/kml"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+    for (name, _, _) in &files {
+        add_dirs(&mut dirs, name);
+    }
+    let mut list = String::new();
+    // Parents before children: BTreeSet order puts "/a" before "/a/b".
+    for d in &dirs {
+        list.push_str(&format!("dir {d} 0755 0 0\n"));
+    }
+    list.push_str("nod /dev/console 0600 0 0 c 5 1\nnod /dev/null 0666 0 0 c 1 3\n");
+    let mut total = 0u64;
+    for (name, src, mode) in &files {
+        total += fs::metadata(src).with_context(|| format!("{}", src.display()))?.len();
+        list.push_str(&format!("file {name} {} {mode} 0 0\n", src.display()));
+    }
+    let list_path = inp.work.join("initramfs.list");
+    fs::write(&list_path, &list)?;
+
+    let cpio = inp.work.join("initramfs.cpio");
+    let cpio_file = fs::File::create(&cpio)?;
+    let mut cmd = Command::new(inp.gen_init_cpio);
+    cmd.arg(&list_path).stdout(Stdio::from(cpio_file));
+    run(&mut cmd).context("gen_init_cpio")?;
+    if inp.compress {
+        run(Command::new("gzip").args(["-f", "-n", "-1"]).arg(&cpio))?;
+        let gz = cpio.with_extension("cpio.gz");
+        fs::rename(&gz, inp.out).with_context(|| format!("moving {} to {}", gz.display(), inp.out.display()))?;
+    } else {
+        fs::rename(&cpio, inp.out)?;
+    }
+    eprintln!(
+        "xtask: initramfs {} ({} files, {:.0} MiB before compression: busybox, kml-agent, fio and {} libraries, {} job files)",
+        inp.out.display(),
+        files.len(),
+        total as f64 / (1 << 20) as f64,
+        libs.len(),
+        jobs.len()
+    );
+    Ok((inp.out.to_path_buf(), total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_parsing() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibaio.so.1 => /lib/x86_64-linux-gnu/libaio.so.1 (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n";
+        assert_eq!(
+            ldd_paths(text).unwrap(),
+            [PathBuf::from("/lib/x86_64-linux-gnu/libaio.so.1"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
+        );
+        assert!(ldd_paths("\tlibx.so => not found\n").is_err());
+    }
+
+    #[test]
+    fn parent_dirs() {
+        let mut d = BTreeSet::new();
+        add_dirs(&mut d, "/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!(d.into_iter().collect::<Vec<_>>(), ["/lib", "/lib/x86_64-linux-gnu"]);
+    }
+
+    #[test]
+    fn init_script_prints_the_sentinel() {
+        assert!(GUEST_INIT.starts_with("#!/bin/busybox sh"));
+        assert!(GUEST_INIT.contains("KML-VM-RESULT: $*"));
+    }
+}

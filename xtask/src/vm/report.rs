@@ -1,0 +1,398 @@
+//! Reading what the guest wrote to the share: fio's JSON output, the block
+//! tracepoint logs of the smoke test, the boost counters; the comparison and the
+//! report.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+/// Latency and throughput of one direction of one fio run (all jobs).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DirStats {
+    pub ios: u64,
+    pub bytes: u64,
+    pub bw_bytes: f64,
+    pub iops: f64,
+    /// Total latency (submission + completion), nanoseconds. With more than one
+    /// job doing this direction, the I/O-weighted average of the jobs' values.
+    pub mean_ns: f64,
+    pub p50_ns: f64,
+    pub p99_ns: f64,
+    pub p999_ns: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RunStats {
+    pub read: DirStats,
+    pub write: DirStats,
+}
+
+impl RunStats {
+    pub fn throughput_bytes(&self) -> f64 {
+        self.read.bw_bytes + self.write.bw_bytes
+    }
+    pub fn mixed(&self) -> bool {
+        self.read.ios > 0 && self.write.ios > 0
+    }
+}
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    let mut cur = v;
+    for p in path {
+        match cur.get(p) {
+            Some(n) => cur = n,
+            None => return 0.0,
+        }
+    }
+    cur.as_f64().unwrap_or(0.0)
+}
+
+fn percentile(dir: &Value, which: &str) -> f64 {
+    for lat in ["lat_ns", "clat_ns"] {
+        if let Some(p) = dir.get(lat).and_then(|l| l.get("percentile")).and_then(|p| p.get(which)) {
+            if let Some(x) = p.as_f64() {
+                return x;
+            }
+        }
+    }
+    0.0
+}
+
+fn dir_stats(jobs: &[Value], dir: &str) -> DirStats {
+    let mut s = DirStats::default();
+    let mut weight = 0.0;
+    for j in jobs {
+        let d = &j[dir];
+        let ios = num(d, &["total_ios"]) as u64;
+        if ios == 0 {
+            continue;
+        }
+        let w = ios as f64;
+        s.ios += ios;
+        s.bytes += num(d, &["io_bytes"]) as u64;
+        s.bw_bytes += num(d, &["bw_bytes"]);
+        s.iops += num(d, &["iops"]);
+        s.mean_ns += w * num(d, &["lat_ns", "mean"]);
+        s.p50_ns += w * percentile(d, "50.000000");
+        s.p99_ns += w * percentile(d, "99.000000");
+        s.p999_ns += w * percentile(d, "99.900000");
+        weight += w;
+    }
+    if weight > 0.0 {
+        s.mean_ns /= weight;
+        s.p50_ns /= weight;
+        s.p99_ns /= weight;
+        s.p999_ns /= weight;
+    }
+    s
+}
+
+/// Parses fio's `--output-format=json` output (anything before the first `{`,
+/// such as a warning, is skipped).
+pub fn parse_fio(text: &str) -> Result<RunStats> {
+    let start = text.find('{').context("no JSON object in the fio output")?;
+    let v: Value = serde_json::from_str(&text[start..]).context("fio JSON")?;
+    let jobs = v["jobs"].as_array().context("fio JSON without `jobs`")?;
+    for j in jobs {
+        let err = num(j, &["error"]);
+        if err != 0.0 {
+            bail!("fio job {} reported error {err}", j["jobname"]);
+        }
+    }
+    Ok(RunStats { read: dir_stats(jobs, "read"), write: dir_stats(jobs, "write") })
+}
+
+/// Relative change in percent; 0 when the base is 0.
+pub fn pct(new: f64, base: f64) -> f64 {
+    if base == 0.0 {
+        0.0
+    } else {
+        (new - base) / base * 100.0
+    }
+}
+
+fn ms(ns: f64) -> String {
+    format!("{:.1}", ns / 1e6)
+}
+
+/// The boost counters the guest wrote (`stock b c b c` / `hook b c b c`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Boosts {
+    pub stock_boosts: u64,
+    pub hook_boosts: u64,
+    pub hook_capped: u64,
+}
+
+pub fn parse_boosts(text: &str) -> Result<Boosts> {
+    let mut b = Boosts::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() != 5 {
+            continue;
+        }
+        let n: Vec<u64> = f[1..].iter().map(|x| x.parse().unwrap_or(0)).collect();
+        match f[0] {
+            "stock" => b.stock_boosts = n[2].saturating_sub(n[0]),
+            "hook" => {
+                b.hook_boosts = n[2].saturating_sub(n[0]);
+                b.hook_capped = n[3].saturating_sub(n[1]);
+            }
+            _ => {}
+        }
+    }
+    Ok(b)
+}
+
+/// One workload's stock and hook runs.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    pub name: String,
+    pub stock: RunStats,
+    pub hook: RunStats,
+    pub boosts: Boosts,
+    /// The agent's summary lines.
+    pub agent: String,
+}
+
+impl Comparison {
+    pub fn read_mean_pct(&self) -> f64 {
+        pct(self.hook.read.mean_ns, self.stock.read.mean_ns)
+    }
+    pub fn read_p99_pct(&self) -> f64 {
+        pct(self.hook.read.p99_ns, self.stock.read.p99_ns)
+    }
+    pub fn write_p99_pct(&self) -> f64 {
+        pct(self.hook.write.p99_ns, self.stock.write.p99_ns)
+    }
+    pub fn throughput_pct(&self) -> f64 {
+        pct(self.hook.throughput_bytes(), self.stock.throughput_bytes())
+    }
+    /// The issue's goal for a mixed workload: mean read latency -15% or better,
+    /// p99 -25% or better, throughput no more than 2% lower.
+    pub fn meets_goal(&self) -> bool {
+        self.read_mean_pct() <= -15.0 && self.read_p99_pct() <= -25.0 && self.throughput_pct() >= -2.0
+    }
+    /// Made worse by more than 2% at p99 (reads or writes).
+    pub fn worse_at_p99(&self) -> bool {
+        (self.stock.read.ios > 0 && self.read_p99_pct() > 2.0) || (self.stock.write.ios > 0 && self.write_p99_pct() > 2.0)
+    }
+
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(t, "| metric | stock | hook | change |\n| --- | ---: | ---: | ---: |");
+        let mut row = |name: &str, s: f64, h: f64, fmt: &dyn Fn(f64) -> String| {
+            let _ = writeln!(t, "| {name} | {} | {} | {:+.1}% |", fmt(s), fmt(h), pct(h, s));
+        };
+        let msf = |x: f64| ms(x);
+        let rate = |x: f64| format!("{x:.1}");
+        let mib = |x: f64| format!("{:.3}", x / (1 << 20) as f64);
+        for (label, s, h) in [("read", &self.stock.read, &self.hook.read), ("write", &self.stock.write, &self.hook.write)] {
+            if s.ios == 0 && h.ios == 0 {
+                continue;
+            }
+            row(&format!("{label} latency mean (ms)"), s.mean_ns, h.mean_ns, &msf);
+            row(&format!("{label} latency p50 (ms)"), s.p50_ns, h.p50_ns, &msf);
+            row(&format!("{label} latency p99 (ms)"), s.p99_ns, h.p99_ns, &msf);
+            row(&format!("{label} latency p99.9 (ms)"), s.p999_ns, h.p999_ns, &msf);
+            row(&format!("{label} IOPS"), s.iops, h.iops, &rate);
+        }
+        row("throughput (MiB/s)", self.stock.throughput_bytes(), self.hook.throughput_bytes(), &mib);
+        row(
+            "IOPS (read + write)",
+            self.stock.read.iops + self.stock.write.iops,
+            self.hook.read.iops + self.hook.write.iops,
+            &rate,
+        );
+        let _ = writeln!(
+            t,
+            "\nVerdicts: the kernel served {} requests early in the hook run and refused {} over the cap \
+             (stock run: {} boosts, must be 0).",
+            self.boosts.hook_boosts, self.boosts.hook_capped, self.boosts.stock_boosts
+        );
+        if !self.agent.is_empty() {
+            let _ = writeln!(t, "\n```\n{}\n```", self.agent.trim());
+        }
+        t
+    }
+}
+
+/// The summary over the mixed workloads: average of the per-workload changes.
+pub fn summary(cmps: &[Comparison]) -> Option<(f64, f64, f64, usize)> {
+    let mixed: Vec<&Comparison> = cmps.iter().filter(|c| c.stock.mixed()).collect();
+    if mixed.is_empty() {
+        return None;
+    }
+    let n = mixed.len() as f64;
+    Some((
+        mixed.iter().map(|c| c.read_mean_pct()).sum::<f64>() / n,
+        mixed.iter().map(|c| c.read_p99_pct()).sum::<f64>() / n,
+        mixed.iter().map(|c| c.throughput_pct()).sum::<f64>() / n,
+        mixed.len(),
+    ))
+}
+
+pub fn summary_line(mean: f64, p99: f64, tput: f64) -> String {
+    format!("read latency: mean {mean:+.1}%, p99 {p99:+.1}%; throughput {tput:+.1}%")
+}
+
+// ---------------------------------------------------------------- the smoke test's traces
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ev {
+    Insert,
+    Issue,
+}
+
+/// (event, is_read, sector) from a tracefs `trace` line of block_rq_insert/issue.
+fn parse_trace_line(line: &str) -> Option<(Ev, bool, u64)> {
+    let (ev, rest) = if let Some(i) = line.find(" block_rq_insert: ") {
+        (Ev::Insert, &line[i + " block_rq_insert: ".len()..])
+    } else if let Some(i) = line.find(" block_rq_issue: ") {
+        (Ev::Issue, &line[i + " block_rq_issue: ".len()..])
+    } else {
+        return None;
+    };
+    let toks: Vec<&str> = rest.split_whitespace().collect();
+    let rwbs = *toks.get(1)?;
+    let is_read = rwbs.contains('R');
+    let is_write = rwbs.contains('W');
+    if !is_read && !is_write {
+        return None;
+    }
+    let plus = toks.iter().position(|t| *t == "+")?;
+    let sector = toks.get(plus.checked_sub(1)?)?.parse().ok()?;
+    Some((ev, is_read, sector))
+}
+
+/// Dispatch order as the trace shows it, from the reads' point of view.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OrderStats {
+    pub reads: usize,
+    /// Mean number of writes dispatched while a read waited (insert → issue).
+    pub writes_dispatched_while_waiting: f64,
+    /// Mean number of writes queued before a read and dispatched after it.
+    pub writes_overtaken: f64,
+    /// Share of reads dispatched with at most one write dispatched while they waited.
+    pub reads_served_next: f64,
+}
+
+pub fn dispatch_order(trace: &str) -> OrderStats {
+    let mut seq = 0usize;
+    let mut queued_reads: HashMap<u64, (usize, usize)> = HashMap::new(); // sector -> (insert seq, write issues at insert)
+    let mut pending_writes: HashMap<u64, usize> = HashMap::new(); // sector -> insert seq
+    let mut write_issues = 0usize;
+    let (mut n, mut waited, mut overtaken, mut next) = (0usize, 0usize, 0usize, 0usize);
+    for (ev, is_read, sector) in trace.lines().filter_map(parse_trace_line) {
+        seq += 1;
+        match (ev, is_read) {
+            (Ev::Insert, true) => {
+                queued_reads.insert(sector, (seq, write_issues));
+            }
+            (Ev::Insert, false) => {
+                pending_writes.insert(sector, seq);
+            }
+            (Ev::Issue, false) => {
+                pending_writes.remove(&sector);
+                write_issues += 1;
+            }
+            (Ev::Issue, true) => {
+                let Some((at, issues_then)) = queued_reads.remove(&sector) else { continue };
+                n += 1;
+                let w = write_issues - issues_then;
+                waited += w;
+                if w <= 1 {
+                    next += 1;
+                }
+                overtaken += pending_writes.values().filter(|&&s| s < at).count();
+            }
+        }
+    }
+    if n == 0 {
+        return OrderStats::default();
+    }
+    OrderStats {
+        reads: n,
+        writes_dispatched_while_waiting: waited as f64 / n as f64,
+        writes_overtaken: overtaken as f64 / n as f64,
+        reads_served_next: next as f64 / n as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIO: &str = r#"note: a warning line
+{
+  "fio version" : "fio-3.33",
+  "jobs" : [
+    { "jobname" : "writer", "error" : 0,
+      "read" : { "io_bytes" : 0, "bw_bytes" : 0, "iops" : 0.0, "total_ios" : 0, "lat_ns" : { "mean" : 0.0 } },
+      "write" : { "io_bytes" : 4096000, "bw_bytes" : 409600, "iops" : 100.0, "total_ios" : 1000,
+                  "lat_ns" : { "mean" : 3.0e8, "percentile" : { "50.000000" : 2.0e8, "99.000000" : 9.0e8, "99.900000" : 1.0e9 } } } },
+    { "jobname" : "reader", "error" : 0,
+      "read" : { "io_bytes" : 409600, "bw_bytes" : 40960, "iops" : 10.0, "total_ios" : 100,
+                 "lat_ns" : { "mean" : 8.0e7, "percentile" : { "50.000000" : 7.0e7, "99.000000" : 1.6e8, "99.900000" : 1.7e8 } } },
+      "write" : { "io_bytes" : 0, "bw_bytes" : 0, "iops" : 0.0, "total_ios" : 0, "lat_ns" : { "mean" : 0.0 } } }
+  ]
+}"#;
+
+    #[test]
+    fn fio_json() {
+        let s = parse_fio(FIO).unwrap();
+        assert_eq!(s.read.ios, 100);
+        assert_eq!(s.read.mean_ns, 8.0e7);
+        assert_eq!(s.read.p99_ns, 1.6e8);
+        assert_eq!(s.write.p50_ns, 2.0e8);
+        assert_eq!(s.throughput_bytes(), 450560.0);
+        assert!(s.mixed());
+    }
+
+    #[test]
+    fn changes_and_summary() {
+        assert_eq!(pct(80.0, 100.0), -20.0);
+        assert_eq!(summary_line(-20.0, -31.25, 0.5), "read latency: mean -20.0%, p99 -31.2%; throughput +0.5%");
+        let stock = parse_fio(FIO).unwrap();
+        let mut hook = stock;
+        hook.read.mean_ns *= 0.5;
+        hook.read.p99_ns *= 0.5;
+        let c = Comparison { name: "x".into(), stock, hook, boosts: Boosts::default(), agent: String::new() };
+        assert!(c.meets_goal());
+        assert!(!c.worse_at_p99());
+        let (m, p, t, n) = summary(&[c.clone()]).unwrap();
+        assert_eq!((m, p, t, n), (-50.0, -50.0, 0.0, 1));
+        assert!(c.table().contains("| read latency mean (ms) | 80.0 | 40.0 | -50.0% |"));
+    }
+
+    #[test]
+    fn boosts_file() {
+        let b = parse_boosts("stock 0 0 0 0\nhook 0 0 57 3\n").unwrap();
+        assert_eq!(b, Boosts { stock_boosts: 0, hook_boosts: 57, hook_capped: 3 });
+    }
+
+    #[test]
+    fn trace_order() {
+        let line = |ev: &str, rwbs: &str, sector: u64| {
+            format!("             fio-77      [001] d..1.    12.345678: {ev}: 254,0 {rwbs} 4096 () {sector} + 8 none,0,0 [fio]")
+        };
+        assert_eq!(parse_trace_line(&line("block_rq_insert", "WS", 80)), Some((Ev::Insert, false, 80)));
+        assert_eq!(parse_trace_line(&line("block_rq_issue", "R", 8)), Some((Ev::Issue, true, 8)));
+        assert_eq!(parse_trace_line("# tracer: nop"), None);
+        // Writes 1..4 queued, a read arrives, two writes go, then the read.
+        let mut t = Vec::new();
+        for s in 1..=4 {
+            t.push(line("block_rq_insert", "WS", s * 8));
+        }
+        t.push(line("block_rq_insert", "R", 1000));
+        t.push(line("block_rq_issue", "WS", 8));
+        t.push(line("block_rq_issue", "WS", 16));
+        t.push(line("block_rq_issue", "R", 1000));
+        let o = dispatch_order(&t.join("\n"));
+        assert_eq!(o.reads, 1);
+        assert_eq!(o.writes_dispatched_while_waiting, 2.0);
+        assert_eq!(o.writes_overtaken, 2.0);
+        assert_eq!(o.reads_served_next, 0.0);
+    }
+}
