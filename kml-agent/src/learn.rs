@@ -132,3 +132,55 @@ pub fn train_candidate(
     let active_ba = active.as_ref().map(|m| integer_balanced_accuracy(m, &held_back));
     Ok(Candidate { model: trained.quantized, candidate_ba, active_ba, held_back: held_back.len(), took: started.elapsed() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> LearnConfig {
+        LearnConfig {
+            kind: ModelKind::Logistic,
+            every: Duration::from_secs(3600),
+            window: 1000,
+            min_records: 100,
+            min_gain: 0.005,
+            drift_drop: 0.10,
+        }
+    }
+
+    fn matrix(tp: u64, fp: u64, tn: u64, fnn: u64) -> ConfusionMatrix {
+        ConfusionMatrix { true_miss: tp, false_miss: fp, true_met: tn, false_met: fnn }
+    }
+
+    fn rec(missed: bool, at: u64) -> RequestRecord {
+        RequestRecord { insert_ns: at, issue_ns: at + if missed { 10 } else { 1 }, deadline_ns: at + 5, ..Default::default() }
+    }
+
+    #[test]
+    fn window_slides_and_training_waits_for_both_classes() {
+        let mut l = OnlineLearner::new(config());
+        let met: Vec<RequestRecord> = (0..2000).map(|i| rec(false, i)).collect();
+        l.observe(&met);
+        assert_eq!(l.snapshot().len(), 1000, "window keeps the newest records only");
+        l.drift_seen = true;
+        assert!(!l.due(), "no misses: nothing to learn");
+        let mixed: Vec<RequestRecord> = (0..1000).map(|i| rec(i % 3 == 0, 5000 + i)).collect();
+        l.observe(&mixed);
+        assert!(l.due(), "drift with both classes present triggers a retrain");
+        let snap = l.snapshot();
+        assert_eq!(snap.first().map(|r| r.insert_ns), Some(5000));
+        assert!(!l.due(), "snapshot resets the trigger");
+    }
+
+    #[test]
+    fn drift_is_a_drop_below_the_reference() {
+        let mut l = OnlineLearner::new(config());
+        assert_eq!(l.check_drift(&matrix(100, 10, 400, 10)), None, "no reference yet");
+        l.accepted(0.90);
+        assert_eq!(l.check_drift(&matrix(90, 10, 480, 10)), None, "0.90 live is fine");
+        assert_eq!(l.check_drift(&matrix(1, 1, 50, 1)), None, "too few requests to judge");
+        let drift = l.check_drift(&matrix(30, 200, 300, 70));
+        assert!(drift.is_some_and(|m| m.contains("live balanced accuracy")), "0.6 live is drift");
+        assert_eq!(l.check_drift(&matrix(30, 200, 300, 70)), None, "reported once per retrain");
+    }
+}

@@ -264,3 +264,44 @@ fn run_prints_live_lines_and_detaches_on_sigterm() -> Result<()> {
     assert_no_kml_programs()?;
     Ok(())
 }
+
+#[test]
+fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
+    // Short deadlines and a deep queue, so that a share of requests misses.
+    let dev = LoopDevice::new(512, 4, 8)?;
+    dev.set_queue("nr_requests", "1024")?;
+    let Agent { child: mut agent, stdout, stderr } = spawn_agent(&[
+        "run",
+        "--device",
+        &dev.name,
+        "--model",
+        "none",
+        "--retrain-every",
+        "2s",
+        "--window",
+        "60000",
+    ])?;
+    wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
+    let mut fio = ChildGuard(
+        Command::new("fio")
+            .args(["--name=mix", "--rw=randrw", "--rwmixread=70", "--bs=4k", "--direct=1", "--ioengine=libaio"])
+            .args(["--iodepth=256", "--numjobs=2", "--size=400M", "--runtime=60", "--time_based", "--randseed=5"])
+            .arg(format!("--filename={}", dev.path.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting fio")?,
+    );
+    let swap = wait_for_line(&stderr, "swap none -> v1", Duration::from_secs(50))?;
+    ensure!(swap.contains("held-back balanced accuracy none ->"), "swap line: {swap}");
+    // The live line now reports the kernel's verdicts of that model against outcomes.
+    let live = wait_for_line(&stdout, "v1 logistic bal.acc", Duration::from_secs(10))?;
+    eprintln!("swap: {swap}\nlive: {live}");
+    let _ = fio.0.kill();
+    let _ = fio.0.wait();
+    signal(&agent.0, libc::SIGTERM);
+    let status = agent.0.wait()?;
+    ensure!(status.success(), "run exited with {status}");
+    assert_no_kml_programs()?;
+    Ok(())
+}

@@ -13,6 +13,7 @@ use std::collections::{BinaryHeap, VecDeque};
 
 use kml_ebpf_common::{
     op::{ReqFlags, ReqOp},
+    record::ewma_step,
     RequestRecord,
 };
 
@@ -79,6 +80,8 @@ impl SyntheticTrace {
         let mut now = 1_000_000_000u64;
         let mut next_arrival = now;
         let (mut last_insert, mut last_issue_end, mut next_sector) = (0u64, 0u64, 0u64);
+        // The observer's moving averages: per-direction wait, device dispatch gap.
+        let (mut wait_ewma, mut gap_ewma, mut last_issue) = ([0u64; 2], 0u64, 0u64);
         let mut done = Vec::with_capacity(n);
 
         while done.len() < n {
@@ -108,6 +111,8 @@ impl SyntheticTrace {
                     inflight_write,
                     queued_read: read_q.len() as u32,
                     queued_write: write_q.len() as u32,
+                    dir_wait_ewma_ns: wait_ewma[!read as usize],
+                    issue_gap_ewma_ns: gap_ewma,
                     op: if read { ReqOp::Read } else { ReqOp::Write } as u8,
                     flags: if read || self.rng.unit() < 0.5 { ReqFlags::SYNC } else { 0 },
                     ..Default::default()
@@ -143,6 +148,12 @@ impl SyntheticTrace {
                 let Some(i) = pick else { break };
                 let r = &mut recs[i];
                 r.issue_ns = now;
+                let dir = r.op().direction() as usize;
+                wait_ewma[dir] = ewma_step(wait_ewma[dir], now - r.insert_ns);
+                if last_issue != 0 && now > last_issue {
+                    gap_ewma = ewma_step(gap_ewma, now - last_issue);
+                }
+                last_issue = now;
                 last_issue_end = r.sector + r.nr_sectors as u64;
                 let service = 60_000.0 + 1_500.0 * (r.nr_sectors / 2) as f64;
                 let t = now + self.rng.exp(service) as u64 + 1;

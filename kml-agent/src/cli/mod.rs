@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand.
 
 mod doctor;
+mod models;
 mod hook;
 mod record;
 mod run;
@@ -35,6 +36,8 @@ pub enum Command {
     Train(kml_learn::cli::TrainArgs),
     /// Evaluate a model file on a trace, in float and in the kernel's integer form.
     Eval(kml_learn::cli::EvalArgs),
+    /// List the model files `run --model` can start from, with their metrics.
+    Models(models::ModelsArgs),
 }
 
 impl Command {
@@ -46,6 +49,7 @@ impl Command {
             Command::Hook(a) => a.execute(),
             Command::Train(a) => a.execute(),
             Command::Eval(a) => a.execute(),
+            Command::Models(a) => a.execute(),
         }
     }
 }
