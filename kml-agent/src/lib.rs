@@ -14,5 +14,6 @@ pub mod kernel;
 pub mod learn;
 pub mod models;
 pub mod observe;
+pub mod pin;
 pub mod record;
 pub mod stats;

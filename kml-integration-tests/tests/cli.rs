@@ -305,3 +305,36 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
     assert_no_kml_programs()?;
     Ok(())
 }
+
+#[test]
+fn pinned_state_is_readable_by_status_and_by_root_only() -> Result<()> {
+    let dev = LoopDevice::new(64, 500, 5000)?;
+    let Agent { child: mut agent, stderr, .. } =
+        spawn_agent(&["run", "--device", &dev.name, "--pin", "--retrain-every", "0"])?;
+    wait_for_line(&stderr, "maps pinned at /sys/fs/bpf/kml", Duration::from_secs(30))?;
+    issue_direct(&dev, &scattered_pattern(200, 64, 1))?;
+
+    let out = Command::new(agent_bin()).args(["status", "--json"]).output()?;
+    ensure!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).context("status JSON")?;
+    let records = status["counters"]["records"].as_u64().unwrap_or(0);
+    ensure!(records >= 200, "status reports {records} records: {status}");
+    ensure!(status["devices"].as_array().is_some_and(|d| d.len() == 1), "devices: {status}");
+
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir_mode = std::fs::metadata("/sys/fs/bpf/kml")?.permissions().mode() & 0o777;
+    let map_mode = std::fs::metadata("/sys/fs/bpf/kml/LINEAR_MODELS")?.permissions().mode() & 0o777;
+    ensure!(dir_mode == 0o700 && map_mode == 0o600, "modes {dir_mode:o} {map_mode:o}");
+    // An unprivileged user can neither read nor write the weights or counters.
+    let nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args(["bpftool", "map", "dump", "pinned", "/sys/fs/bpf/kml/LINEAR_MODELS"])
+        .output()?;
+    ensure!(!nobody.status.success(), "nobody read the pinned weights: {}", String::from_utf8_lossy(&nobody.stdout));
+
+    signal(&agent.0, libc::SIGINT);
+    ensure!(agent.0.wait()?.success(), "run did not exit cleanly");
+    ensure!(!std::path::Path::new("/sys/fs/bpf/kml").exists(), "pins left behind after a clean exit");
+    assert_no_kml_programs()?;
+    Ok(())
+}

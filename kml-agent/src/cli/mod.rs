@@ -6,6 +6,7 @@ mod hook;
 mod record;
 mod run;
 mod session;
+mod status;
 
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ pub enum Command {
     Eval(kml_learn::cli::EvalArgs),
     /// List the model files `run --model` can start from, with their metrics.
     Models(models::ModelsArgs),
+    /// What a running agent (started with --pin) is doing: model, verdicts, costs.
+    Status(status::StatusArgs),
 }
 
 impl Command {
@@ -50,6 +53,7 @@ impl Command {
             Command::Train(a) => a.execute(),
             Command::Eval(a) => a.execute(),
             Command::Models(a) => a.execute(),
+            Command::Status(a) => a.execute(),
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct RunArgs {
     pub window: usize,
     #[arg(long, value_enum, default_value_t = LossMode::Drop)]
     pub mode: LossMode,
+    /// Pin the maps under /sys/fs/bpf/kml (0700/0600) for `kml-agent status` and
+    /// bpftool; removed on a clean exit.
+    #[arg(long)]
+    pub pin: bool,
     #[command(flatten)]
     pub observe: session::ObserveArgs,
 }
@@ -71,6 +75,13 @@ impl RunArgs {
                 c.sample_fill_bytes = Some(c.ring_bytes / 2);
             }
         })?;
+        let _pins = if self.pin {
+            let pins = crate::pin::pin_maps(observer.ebpf(), std::path::Path::new(crate::pin::PIN_DIR))?;
+            eprintln!("kml-agent: maps pinned at {}", pins.dir().display());
+            Some(pins)
+        } else {
+            None
+        };
         let mut slots = ModelSlots::new();
         let mut learner = OnlineLearner::new(LearnConfig {
             kind: learn_kind,

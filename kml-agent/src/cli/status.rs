@@ -1,0 +1,150 @@
+//! `kml-agent status`: what a running agent (started with `--pin`) is doing, read
+//! from its pinned maps and the kernel's program statistics.
+
+use std::path::PathBuf;
+
+use aya::maps::{Array, HashMap, PerCpuArray};
+use kml_ebpf_common::{
+    model::{LinearModel, ModelKind, TreeModel},
+    slot::{status_index, ModelControl, SlotStatus},
+    Counter, Counters, DeviceConfig, DeviceState,
+};
+use serde_json::json;
+
+use crate::pin;
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Where the agent pinned its maps.
+    #[arg(long, default_value = pin::PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// One JSON object on standard output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Average run time of the loaded kml programs (needs kernel.bpf_stats_enabled=1).
+fn program_costs() -> Vec<(String, u64, u64)> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter_map(|p| {
+            let name = p.name_as_str()?.to_owned();
+            name.starts_with("kml_").then(|| (name, p.run_count(), p.run_time().as_nanos() as u64))
+        })
+        .collect()
+}
+
+impl StatusArgs {
+    pub fn execute(self) -> anyhow::Result<()> {
+        crate::kernel::caps::require_privileges()?;
+        let dir = &self.pin_dir;
+        let control: Array<_, ModelControl> = Array::try_from(pin::open(dir, "MODEL_CONTROL")?)?;
+        let control = control.get(&0, 0)?;
+        let status: Array<_, SlotStatus> = Array::try_from(pin::open(dir, "SLOT_STATUS")?)?;
+        let kind = ModelKind::from_u32(control.kind);
+        let (version, checksum_ok) = match kind {
+            Some(ModelKind::Tree) => {
+                let m: Array<_, TreeModel> = Array::try_from(pin::open(dir, "TREE_MODELS")?)?;
+                let m = m.get(&control.slot, 0)?;
+                let st = status.get(&status_index(true, control.slot), 0)?;
+                (m.version, st.vouches(m.version, m.checksum))
+            }
+            Some(_) => {
+                let m: Array<_, LinearModel> = Array::try_from(pin::open(dir, "LINEAR_MODELS")?)?;
+                let m = m.get(&control.slot, 0)?;
+                let st = status.get(&status_index(false, control.slot), 0)?;
+                (m.version, st.vouches(m.version, m.checksum))
+            }
+            None => (0, false),
+        };
+        let counters: PerCpuArray<_, Counters> = PerCpuArray::try_from(pin::open(dir, "COUNTERS")?)?;
+        let mut c = Counters::default();
+        for cpu in counters.get(&0, 0)?.iter() {
+            c.accumulate(cpu);
+        }
+        let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pin::open(dir, "DEVICES")?)?;
+        let states: HashMap<_, u32, DeviceState> = HashMap::try_from(pin::open(dir, "DEVICE_STATE")?)?;
+        let mut devs = Vec::new();
+        for entry in devices.iter().flatten() {
+            let (dev, cfg) = entry;
+            let st = states.get(&dev, 0).unwrap_or_default();
+            let (major, minor) = kml_ebpf_common::kernel_dev_split(dev);
+            devs.push(json!({
+                "dev": format!("{major}:{minor}"),
+                "read_expire_ms": cfg.read_expire_ns / 1_000_000,
+                "write_expire_ms": cfg.write_expire_ns / 1_000_000,
+                "inflight_read": st.inflight_read, "inflight_write": st.inflight_write,
+                "queued_read": st.queued_read, "queued_write": st.queued_write,
+            }));
+        }
+        let (tp, fp, tn, fnn) = (
+            c.get(Counter::TrueMiss),
+            c.get(Counter::FalseMiss),
+            c.get(Counter::TrueMet),
+            c.get(Counter::FalseMet),
+        );
+        let ratio = |a: u64, b: u64| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
+        let balanced = (ratio(tp, tp + fnn) + ratio(tn, tn + fp)) / 2.0;
+        let accuracy = ratio(tp + tn, tp + fp + tn + fnn);
+        let stats_on = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1");
+        let costs: Vec<_> = program_costs()
+            .into_iter()
+            .map(|(name, runs, ns)| json!({"program": name, "runs": runs, "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 }}))
+            .collect();
+        let counters_json: serde_json::Map<String, serde_json::Value> =
+            Counters::ALL.iter().map(|k| (k.name().to_owned(), json!(c.get(*k)))).collect();
+        let report = json!({
+            "pin_dir": dir,
+            "model": { "kind": kind.map(|k| k.name()), "slot": control.slot, "version": version, "checksum_ok": checksum_ok },
+            "confusion": { "true_miss": tp, "false_miss": fp, "true_met": tn, "false_met": fnn },
+            "accuracy": accuracy, "balanced_accuracy": balanced,
+            "counters": counters_json,
+            "devices": devs,
+            "bpf_stats_enabled": stats_on,
+            "programs": costs,
+        });
+        if self.json {
+            println!("{report}");
+            return Ok(());
+        }
+        println!("kml status (maps pinned at {})", dir.display());
+        match kind {
+            Some(k) => println!(
+                "  model      v{version} {} in slot {} (in-kernel checker {})",
+                k.name(),
+                control.slot,
+                if checksum_ok { "ok" } else { "REFUSED" }
+            ),
+            None => println!("  model      none (observing only)"),
+        }
+        println!(
+            "  verdicts   {} ({} at risk), rejected {}",
+            c.get(Counter::Verdicts),
+            c.get(Counter::VerdictsAtRisk),
+            c.get(Counter::ModelRejects)
+        );
+        if tp + fp + tn + fnn > 0 {
+            println!("  live       tp {tp} fp {fp} tn {tn} fn {fnn}: accuracy {accuracy:.3}, balanced accuracy {balanced:.3}");
+        } else {
+            println!("  live       no scored request has completed yet");
+        }
+        println!(
+            "  records    {} | drops {} | sampled out {} | orphans {}",
+            c.get(Counter::Records),
+            c.get(Counter::RingFullDrops),
+            c.get(Counter::SampledOut),
+            c.get(Counter::OrphanCompletions)
+        );
+        for d in &devs {
+            println!("  device     {d}");
+        }
+        if stats_on {
+            for p in &costs {
+                println!("  cost       {} ns/run over {} runs: {}", p["ns_per_run"], p["runs"], p["program"]);
+            }
+        } else {
+            println!("  cost       unknown: `sysctl kernel.bpf_stats_enabled=1` to measure ns per decision");
+        }
+        Ok(())
+    }
+}
