@@ -214,6 +214,16 @@ fn clear_errors_for_bad_input() -> Result<()> {
     ensure!(err.contains("unknown block device `nosuchdisk9`"), "unclear: {err}");
     ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
 
+    // An attach mode this kernel lacks: one line naming it and what works.
+    let out = Command::new(agent_bin())
+        .args(["record", "--device", "vda", "--attach", "kprobe", "--out", "/tmp/kml-kprobe.csv"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "--attach kprobe accepted");
+    ensure!(err.contains("attach mode kprobe") && err.contains("--attach "), "unclear: {err}");
+    ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
+    ensure!(!std::path::Path::new("/tmp/kml-kprobe.csv").exists(), "a failed record left its output file");
+
     // Not root: one line naming what is missing.
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])

@@ -41,7 +41,15 @@ impl RecordArgs {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         writeln!(out, "{}", trace::header())?;
 
-        let mut observer = session::start(&targets, &self.observe)?;
+        let mut observer = match session::start(&targets, &self.observe) {
+            Ok(o) => o,
+            Err(e) => {
+                // Leave nothing behind for a recording that never started.
+                drop(out);
+                let _ = std::fs::remove_file(&self.out);
+                return Err(e);
+            }
+        };
         let mut stream = observer.records()?;
         eprintln!(
             "kml-agent: recording {} ({}) for {:?} into {}",

@@ -78,6 +78,10 @@ pub enum AttachRequest {
     Auto,
     RawTracepoint,
     Tracepoint,
+    /// kprobes on block-layer functions (kernels with CONFIG_KPROBES).
+    Kprobe,
+    /// fentry/fexit through BPF trampolines (kernels that allow `tracing` programs).
+    Fentry,
 }
 
 /// One line of the report.
@@ -94,6 +98,8 @@ pub struct KernelReport {
     pub checks: Vec<Check>,
     pub raw_tracepoint_ready: Result<(), String>,
     pub tracepoint_ready: Result<(), String>,
+    pub kprobe_ready: Result<(), String>,
+    pub fentry_ready: Result<(), String>,
 }
 
 /// An error and its causes on one line ("a: b: c").
@@ -260,7 +266,10 @@ impl KernelReport {
         };
         let raw_tracepoint_ready = need(raw_type.and(raw_layout.map(|_| ())));
         let tracepoint_ready = need(tp_type.and(tp_layout.map(|_| ())));
-        KernelReport { release, checks, raw_tracepoint_ready, tracepoint_ready }
+        let detail = |name: &str| checks.iter().find(|c| c.name == name).map(|c| c.detail.clone()).unwrap_or_default();
+        let kprobe_ready = if kprobe_pmu { Ok(()) } else { Err(detail("kprobes")) };
+        let fentry_ready = fentry.clone().map_err(|_| detail("fentry/fexit"));
+        KernelReport { release, checks, raw_tracepoint_ready, tracepoint_ready, kprobe_ready, fentry_ready }
     }
 
     /// The mode `auto` picks, or why the requested one cannot work.
@@ -276,6 +285,26 @@ impl KernelReport {
                 .clone()
                 .map(|()| AttachMode::Tracepoint)
                 .map_err(|e| anyhow::anyhow!("attach mode tracepoint unavailable: {e}")),
+            AttachRequest::Kprobe | AttachRequest::Fentry => {
+                let (mode, ready) = match request {
+                    AttachRequest::Kprobe => ("kprobe", &self.kprobe_ready),
+                    _ => ("fentry", &self.fentry_ready),
+                };
+                let works = match (&self.raw_tracepoint_ready, &self.tracepoint_ready) {
+                    (Ok(()), _) => "--attach raw-tracepoint works here",
+                    (_, Ok(())) => "--attach tracepoint works here",
+                    _ => "no attach mode works here",
+                };
+                match ready {
+                    Err(why) => anyhow::bail!("attach mode {mode} unavailable: {why}; {works}"),
+                    // The kernel has it, but kml's observers are tracepoint programs:
+                    // say so rather than pretend.
+                    Ok(()) => anyhow::bail!(
+                        "attach mode {mode}: the kernel offers it, but kml observes through the block tracepoints \
+                         ({mode} programs serve the mq-deadline hook only); {works}"
+                    ),
+                }
+            }
             AttachRequest::Auto => match (&self.raw_tracepoint_ready, &self.tracepoint_ready) {
                 (Ok(()), _) => Ok(AttachMode::RawTracepoint),
                 (Err(_), Ok(())) => Ok(AttachMode::Tracepoint),
