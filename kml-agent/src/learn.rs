@@ -41,6 +41,43 @@ pub struct LearnConfig {
     pub drift_drop: f64,
 }
 
+/// Adds `b` into `a` (counts of two periods).
+pub fn merge(a: &mut ConfusionMatrix, b: &ConfusionMatrix) {
+    a.true_miss += b.true_miss;
+    a.false_miss += b.false_miss;
+    a.true_met += b.true_met;
+    a.false_met += b.false_met;
+}
+
+/// Seconds of live verdicts compared before and after a swap.
+pub const PROBATION_SECONDS: usize = 5;
+
+/// A swap on probation: if the new model does worse live than the one it
+/// replaced did just before, the old one comes back.
+pub struct Probation {
+    pub previous: QuantizedModel,
+    pub previous_reference: f64,
+    pub before: ConfusionMatrix,
+    pub after: ConfusionMatrix,
+    pub started: Instant,
+}
+
+impl Probation {
+    pub fn new(previous: QuantizedModel, previous_reference: f64, before: ConfusionMatrix) -> Self {
+        Probation { previous, previous_reference, before, after: ConfusionMatrix::default(), started: Instant::now() }
+    }
+
+    /// `Some(reason)` when the new model should be rolled back.
+    pub fn verdict(&self) -> Option<String> {
+        let judgeable = |m: &ConfusionMatrix| m.total() >= 200 && m.actual_misses() > 0 && m.actual_met() > 0;
+        if !judgeable(&self.before) || !judgeable(&self.after) {
+            return None;
+        }
+        let (before, after) = (self.before.balanced_accuracy(), self.after.balanced_accuracy());
+        (after < before - 0.05).then(|| format!("live balanced accuracy {after:.3} after the swap, {before:.3} before"))
+    }
+}
+
 /// A trained candidate and how both models did on the held-back part.
 pub struct Candidate {
     pub model: QuantizedModel,
@@ -170,6 +207,18 @@ mod tests {
         let snap = l.snapshot();
         assert_eq!(snap.first().map(|r| r.insert_ns), Some(5000));
         assert!(!l.due(), "snapshot resets the trigger");
+    }
+
+    #[test]
+    fn probation_rolls_back_only_a_clear_loss() {
+        let model = QuantizedModel::Linear(Box::new(kml_ebpf_common::model::LinearModel::zeroed()));
+        let mut p = Probation::new(model, 0.9, matrix(90, 10, 480, 10));
+        p.after = matrix(88, 12, 478, 12);
+        assert_eq!(p.verdict(), None, "about as good: keep");
+        p.after = matrix(40, 100, 390, 60);
+        assert!(p.verdict().is_some(), "clearly worse: roll back");
+        p.after = matrix(1, 1, 1, 1);
+        assert_eq!(p.verdict(), None, "too little evidence");
     }
 
     #[test]

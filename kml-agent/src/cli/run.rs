@@ -118,6 +118,9 @@ impl RunArgs {
         let mut total = 0u64;
         let mut last_tick = Instant::now();
         let mut training: Option<tokio::task::JoinHandle<anyhow::Result<learn::Candidate>>> = None;
+        // Live quality of the recent seconds, and a swap on probation.
+        let mut recent = std::collections::VecDeque::<kml_learn::ConfusionMatrix>::new();
+        let mut probation: Option<learn::Probation> = None;
         let mut last_drops = 0u64;
         loop {
             tokio::select! {
@@ -158,6 +161,21 @@ impl RunArgs {
                         eprintln!("kml-agent: ERROR lossless mode: {} records dropped (ring full); raise --ring-size", drops - last_drops);
                     }
                     last_drops = drops;
+                    recent.push_back(live);
+                    if recent.len() > learn::PROBATION_SECONDS {
+                        recent.pop_front();
+                    }
+                    if let Some(p) = probation.as_mut() {
+                        learn::merge(&mut p.after, &live);
+                        if p.started.elapsed() >= std::time::Duration::from_secs(learn::PROBATION_SECONDS as u64) {
+                            let p = probation.take().expect("checked");
+                            if let Some(reason) = p.verdict() {
+                                let back = slots.install(observer.ebpf_mut(), &p.previous)?;
+                                learner.accepted(p.previous_reference);
+                                eprintln!("kml-agent: rollback to the previous model (now v{}): {reason}", back.version);
+                            }
+                        }
+                    }
                     if let Some(reason) = learner.check_drift(&live) {
                         eprintln!("kml-agent: drift: {reason}; retraining now");
                     }
@@ -177,7 +195,15 @@ impl RunArgs {
                                 let before = c.active_ba.map_or("none".to_string(), |a| format!("{a:.3}"));
                                 if better {
                                     let prev = slots.active();
+                                    let previous = prev.and_then(|p| slots.version(p.version).cloned());
                                     let active = slots.install(observer.ebpf_mut(), &c.model)?;
+                                    if let Some(previous) = previous {
+                                        probation = Some(learn::Probation::new(
+                                            previous,
+                                            learner.reference_ba.unwrap_or(0.0),
+                                            recent.iter().fold(kml_learn::ConfusionMatrix::default(), |mut m, s| { learn::merge(&mut m, s); m }),
+                                        ));
+                                    }
                                     learner.accepted(c.candidate_ba);
                                     eprintln!(
                                         "kml-agent: swap {} -> v{} {}: held-back balanced accuracy {before} -> {:.3} on {} records (trained in {:.1}s)",
