@@ -135,9 +135,16 @@ impl RunArgs {
                     let counters = observer.counters()?;
                     let drops = counters.get(Counter::RingFullDrops);
                     let verdict_part = match slots.active() {
-                        Some(a) if live.total() > 0 => format!(
+                        Some(a) if live.actual_misses() > 0 && live.actual_met() > 0 => format!(
                             " | v{} {} bal.acc {:.3} (tp {} fp {} tn {} fn {})",
                             a.version, a.kind.name(), live.balanced_accuracy(),
+                            live.true_miss, live.false_miss, live.true_met, live.false_met
+                        ),
+                        // One class only (no misses, or nothing but misses): balanced
+                        // accuracy is undefined; say what the model got right.
+                        Some(a) if live.total() > 0 => format!(
+                            " | v{} {} accuracy {:.3}, one class only (tp {} fp {} tn {} fn {})",
+                            a.version, a.kind.name(), live.accuracy(),
                             live.true_miss, live.false_miss, live.true_met, live.false_met
                         ),
                         Some(a) => format!(" | v{} {}", a.version, a.kind.name()),

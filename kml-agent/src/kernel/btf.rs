@@ -662,6 +662,12 @@ impl Btf {
     pub fn has_func(&self, name: &str) -> bool {
         self.ids_of(name, &[KIND_FUNC]).next().is_some()
     }
+
+    /// Type id of the function (BTF_KIND_FUNC) called `name`: the `attach_btf_id`
+    /// of fentry/fexit/fmod_ret programs.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.ids_of(name, &[KIND_FUNC]).next()
+    }
 }
 
 #[cfg(test)]
