@@ -131,12 +131,16 @@ pub fn hook_layout(btf: &Btf) -> anyhow::Result<HookLayout> {
     };
     let per_prio = btf.member("deadline_data", "per_prio").context("struct deadline_data.per_prio")?;
     let per_prio_size = btf.struct_size("dd_per_prio").context("struct dd_per_prio")?;
-    anyhow::ensure!(per_prio_size > 0 && per_prio.size % per_prio_size == 0, "deadline_data.per_prio is not an array of dd_per_prio");
+    anyhow::ensure!(
+        per_prio_size > 0 && per_prio.size % per_prio_size == 0,
+        "deadline_data.per_prio is not an array of dd_per_prio"
+    );
     let fifo = btf.member("dd_per_prio", "fifo_list").context("struct dd_per_prio.fifo_list")?;
     let list_head = btf.struct_size("list_head").context("struct list_head")?;
     anyhow::ensure!(list_head == 16, "struct list_head is {list_head} bytes");
     let dd_write = btf.enumerator("DD_WRITE").context("enum dd_data_dir")?;
-    let dd_write = u32::try_from(dd_write).ok().filter(|d| (d + 1) * list_head <= fifo.size).context("DD_WRITE out of range")?;
+    let dd_write =
+        u32::try_from(dd_write).ok().filter(|d| (d + 1) * list_head <= fifo.size).context("DD_WRITE out of range")?;
     Ok(HookLayout {
         q_elevator: ptr("request_queue", "elevator")?,
         eq_data: ptr("elevator_queue", "elevator_data")?,
@@ -293,23 +297,29 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
 
 /// `ctx[0]` is the `struct request *` (a BTF pointer: fields load directly).
 /// Returns 1 for reads under [`Policy::Reads`], else 0 (0 keeps the stock function).
-pub fn fmod_ret_program(policy: Policy, cmd_flags_offset: u32, op_mask: u32, op_read: u32) -> anyhow::Result<Vec<[u8; 8]>> {
+pub fn fmod_ret_program(
+    policy: Policy,
+    cmd_flags_offset: u32,
+    op_mask: u32,
+    op_read: u32,
+) -> anyhow::Result<Vec<[u8; 8]>> {
     const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
     const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
     const AND64_K: u8 = 0x57; // BPF_ALU64 | BPF_AND | BPF_K
     const MOV64_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
     const JNE_K: u8 = 0x55; // BPF_JMP | BPF_JNE | BPF_K
     const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
-    let off = i16::try_from(cmd_flags_offset).map_err(|_| anyhow::anyhow!("cmd_flags offset {cmd_flags_offset} too large"))?;
+    let off = i16::try_from(cmd_flags_offset)
+        .map_err(|_| anyhow::anyhow!("cmd_flags offset {cmd_flags_offset} too large"))?;
     Ok(match policy {
         Policy::Off => vec![insn(MOV64_K, 0, 0, 0, 0), insn(EXIT, 0, 0, 0, 0)],
         Policy::Reads => vec![
-            insn(LDX_DW, 1, 1, 0, 0),             // r1 = ctx[0] (rq)
-            insn(LDX_W, 2, 1, off, 0),            // r2 = rq->cmd_flags
+            insn(LDX_DW, 1, 1, 0, 0),               // r1 = ctx[0] (rq)
+            insn(LDX_W, 2, 1, off, 0),              // r2 = rq->cmd_flags
             insn(AND64_K, 2, 0, 0, op_mask as i32), // r2 &= REQ_OP_MASK
-            insn(MOV64_K, 0, 0, 0, 0),            // r0 = 0
-            insn(JNE_K, 2, 0, 1, op_read as i32), // if r2 != REQ_OP_READ skip
-            insn(MOV64_K, 0, 0, 0, 1),            // r0 = 1
+            insn(MOV64_K, 0, 0, 0, 0),              // r0 = 0
+            insn(JNE_K, 2, 0, 1, op_read as i32),   // if r2 != REQ_OP_READ skip
+            insn(MOV64_K, 0, 0, 0, 1),              // r0 = 1
             insn(EXIT, 0, 0, 0, 0),
         ],
         Policy::ReadsUnderWrites => {
@@ -388,7 +398,8 @@ impl FmodRet {
         };
         // SAFETY: attr, insns, license and log outlive the call; the kernel reads
         // size_of::<ProgLoad>() bytes of attr (unknown trailing fields are zero).
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &raw const attr, std::mem::size_of::<ProgLoad>()) };
+        let fd =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &raw const attr, std::mem::size_of::<ProgLoad>()) };
         if fd < 0 {
             let err = std::io::Error::last_os_error();
             let text = String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)]).trim().to_owned();
@@ -407,7 +418,9 @@ impl FmodRet {
         let open = RawTpOpen { name: 0, prog_fd: prog.as_raw_fd() as u32, pad: 0, cookie: 0 };
         // SAFETY: `open` outlives the call; for tracing programs the kernel attaches
         // at the program's attach_btf_id and returns a link fd.
-        let link = unsafe { libc::syscall(libc::SYS_bpf, BPF_RAW_TRACEPOINT_OPEN, &raw const open, std::mem::size_of::<RawTpOpen>()) };
+        let link = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_RAW_TRACEPOINT_OPEN, &raw const open, std::mem::size_of::<RawTpOpen>())
+        };
         if link < 0 {
             anyhow::bail!("attaching the fmod_ret program to {HOOK_FUNCTION}: {}", std::io::Error::last_os_error());
         }

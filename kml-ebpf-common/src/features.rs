@@ -5,17 +5,22 @@
 //! function on a record read back from a trace. Only fields that are final at insert
 //! are read (see [`INSERT_TIME_FIELDS`]), so both compute the same vector bit for bit.
 //!
-//! Everything is an integer, computed with shifts, compares and saturation only: no
-//! floats, no division. Times are in "µs" of 1024 ns (`ns >> 10`): a shift where a
-//! division by 1000 would be needed, 2.4% off a real microsecond. Scaling to a common
+//! Everything is an integer, computed with shifts, masks, compares, saturation and
+//! two multiplies: no floats, no division, no loop. Times are in "µs" of 1024 ns
+//! (`ns >> 10`): a shift where a division by 1000 would be needed, 2.4% off a real
+//! microsecond. Load relative to the deadline budget is a difference of fixed-point
+//! logarithms ([`log_ratio_8`]), a ratio without a division. Scaling to a common
 //! range is the model's job ([`crate::model::LinearModel`] carries learned offsets and
 //! clip bounds), so the raw features keep natural units that `bpftool` dumps can be
 //! read in.
+//!
+//! Cost (BPF, `kml-learn/bpf-bench`): about 300 instructions, 17 ns. Which features
+//! earned their place, and the evaluation behind it: `docs/learning.md`.
 
-use crate::{op::ReqFlags, op::Direction, record::RequestRecord};
+use crate::{op::ReqOp, record::RequestRecord};
 
 /// Number of features every model slot is laid out for.
-pub const NUM_FEATURES: usize = 22;
+pub const NUM_FEATURES: usize = 12;
 
 /// One request's features, in [`Feature`] order.
 pub type FeatureVector = [i32; NUM_FEATURES];
@@ -28,10 +33,13 @@ pub const TIME_SHIFT: u32 = 10;
 /// [`crate::model::MAX_OUT_SHIFT`]).
 pub const BUDGET_MAX: i32 = 1 << 30;
 
-/// Ratio features are in units of 1/256 of the deadline budget.
-pub const RATIO_SHIFT: u32 = 8;
-/// Cap of the ratio features: 256 budgets.
-pub const RATIO_MAX: i32 = 1 << 16;
+/// Value of a log-ratio feature when the time equals the deadline budget; each
+/// doubling adds 8 (see [`log_ratio_8`]).
+pub const LOG_RATIO_ONE: i32 = 256;
+/// Largest value of a log-ratio feature.
+pub const LOG_RATIO_MAX: i32 = 2 * LOG_RATIO_ONE;
+/// Largest value of [`log2_8`].
+pub const LOG2_8_MAX: i32 = 8 * 64 + 7;
 
 /// The features, in vector order. The discriminant is the index.
 #[repr(u8)]
@@ -42,54 +50,34 @@ pub enum Feature {
     SectorMib = 0,
     /// KML's operation ordinal: [`crate::op::ReqOp`] as a number (read 0, write 1, …).
     Op = 1,
-    /// Request size at insert in KiB (`nr_sectors >> 1`).
-    SizeKib = 2,
-    /// 1 when mq-deadline counts the request on its write side (every non-read).
-    WriteDir = 3,
-    /// Requests queued (inserted, not issued) in this request's direction at insert:
-    /// the length of the mq-deadline FIFO it joins.
-    QueuedSameDir = 4,
+    /// 1 when mq-deadline queues the request on its write side (every non-read):
+    /// reads are served first, writes only every `writes_starved` read batches.
+    WriteDir = 2,
+    /// Requests queued (inserted, not yet issued) in this request's direction at
+    /// insert: the mq-deadline FIFO it joins.
+    QueuedSameDir = 3,
     /// Requests queued in the other direction at insert.
-    QueuedOtherDir = 5,
-    /// Requests in flight (inserted, not completed) in this request's direction.
-    InflightSameDir = 6,
-    /// Requests in flight in the other direction.
-    InflightOtherDir = 7,
-    /// Moving average of the insert→issue delay of requests recently dispatched in
-    /// this direction, "µs": how long the queue it joins makes requests wait now.
-    DirWaitUs = 8,
-    /// Moving average of the time between dispatches on the device, ns: how fast
-    /// the queue drains.
-    IssueGapNs = 9,
-    /// `queued_same_dir × issue_gap` in "µs": the wait if the device served this
-    /// direction's FIFO in order at its current pace.
-    ExpectedWaitUs = 10,
-    /// `(queued_same_dir + queued_other_dir) × issue_gap` in "µs".
-    ExpectedWaitAllUs = 11,
-    /// The direction's wait average relative to this request's deadline budget, in
-    /// 1/256 (256: the queue makes requests wait exactly the budget).
-    DirWaitRatio = 12,
-    /// `queued_same_dir × issue_gap` relative to the deadline budget, in 1/256.
-    ExpectedWaitRatio = 13,
-    /// Bit length of the time since the previous insert in ns (0 for 0): a log scale.
-    SinceLastInsertLog2 = 14,
+    QueuedOtherDir = 4,
+    /// Moving average of the insert→issue delay of the requests recently dispatched
+    /// in this direction, "µs": how long the queue it joins makes requests wait now.
+    DirWaitUs = 5,
+    /// Moving average of the time between dispatches on the device, ns (saturated
+    /// at `i32::MAX`): how fast the queue drains.
+    IssueGapNs = 6,
+    /// `queued_same_dir × issue_gap` in "µs" (saturated): the wait if the device
+    /// served this direction's FIFO in order at its current pace.
+    ExpectedWaitUs = 7,
+    /// The direction's wait average relative to this request's deadline budget, on a
+    /// log scale: [`log_ratio_8`]`(dir_wait, budget)`, [`LOG_RATIO_ONE`] when equal.
+    DirWaitLog = 8,
+    /// `queued_same_dir × issue_gap` relative to the budget, on the same log scale.
+    ExpectedWaitLog = 9,
     /// Bit length of the distance in sectors from the end of the last issued request.
-    IssueDistanceLog2 = 15,
-    /// REQ_SYNC set (0/1).
-    Sync = 16,
-    /// REQ_META set (0/1).
-    Meta = 17,
-    /// REQ_FUA set (0/1).
-    Fua = 18,
-    /// I/O priority class (`ioprio >> 13`: 0 none, 1 RT, 2 BE, 3 idle).
-    IoprioClass = 19,
+    IssueDistanceLog2 = 10,
     /// Time from insert to the FIFO deadline (read_expire or write_expire), "µs",
     /// capped at [`BUDGET_MAX`]. The regression verdict compares the predicted delay
     /// with it.
-    DeadlineBudgetUs = 20,
-    /// Requests issued to the device and not completed at insert (in flight minus
-    /// queued, both directions): how busy the device itself is.
-    InDevice = 21,
+    DeadlineBudgetUs = 11,
 }
 
 impl Feature {
@@ -97,26 +85,16 @@ impl Feature {
     pub const ALL: [Feature; NUM_FEATURES] = [
         Feature::SectorMib,
         Feature::Op,
-        Feature::SizeKib,
         Feature::WriteDir,
         Feature::QueuedSameDir,
         Feature::QueuedOtherDir,
-        Feature::InflightSameDir,
-        Feature::InflightOtherDir,
         Feature::DirWaitUs,
         Feature::IssueGapNs,
         Feature::ExpectedWaitUs,
-        Feature::ExpectedWaitAllUs,
-        Feature::DirWaitRatio,
-        Feature::ExpectedWaitRatio,
-        Feature::SinceLastInsertLog2,
+        Feature::DirWaitLog,
+        Feature::ExpectedWaitLog,
         Feature::IssueDistanceLog2,
-        Feature::Sync,
-        Feature::Meta,
-        Feature::Fua,
-        Feature::IoprioClass,
         Feature::DeadlineBudgetUs,
-        Feature::InDevice,
     ];
 
     /// Position in a [`FeatureVector`].
@@ -129,26 +107,16 @@ impl Feature {
         match self {
             Feature::SectorMib => "sector_mib",
             Feature::Op => "op",
-            Feature::SizeKib => "size_kib",
             Feature::WriteDir => "write_dir",
             Feature::QueuedSameDir => "queued_same_dir",
             Feature::QueuedOtherDir => "queued_other_dir",
-            Feature::InflightSameDir => "inflight_same_dir",
-            Feature::InflightOtherDir => "inflight_other_dir",
             Feature::DirWaitUs => "dir_wait_us",
             Feature::IssueGapNs => "issue_gap_ns",
             Feature::ExpectedWaitUs => "expected_wait_us",
-            Feature::ExpectedWaitAllUs => "expected_wait_all_us",
-            Feature::DirWaitRatio => "dir_wait_ratio",
-            Feature::ExpectedWaitRatio => "expected_wait_ratio",
-            Feature::SinceLastInsertLog2 => "since_last_insert_log2",
+            Feature::DirWaitLog => "dir_wait_log",
+            Feature::ExpectedWaitLog => "expected_wait_log",
             Feature::IssueDistanceLog2 => "issue_distance_log2",
-            Feature::Sync => "sync",
-            Feature::Meta => "meta",
-            Feature::Fua => "fua",
-            Feature::IoprioClass => "ioprio_class",
             Feature::DeadlineBudgetUs => "deadline_budget_us",
-            Feature::InDevice => "in_device",
         }
     }
 
@@ -156,12 +124,16 @@ impl Feature {
     pub const fn max_value(self) -> i32 {
         match self {
             Feature::Op => 6,
-            Feature::SinceLastInsertLog2 | Feature::IssueDistanceLog2 => 64,
-            Feature::Sync | Feature::Meta | Feature::Fua | Feature::WriteDir => 1,
-            Feature::IoprioClass => 7,
+            Feature::WriteDir => 1,
+            Feature::IssueDistanceLog2 => 64,
+            Feature::DirWaitLog | Feature::ExpectedWaitLog => LOG_RATIO_MAX,
             Feature::DeadlineBudgetUs => BUDGET_MAX,
-            Feature::DirWaitRatio | Feature::ExpectedWaitRatio => RATIO_MAX,
-            _ => i32::MAX,
+            Feature::SectorMib
+            | Feature::QueuedSameDir
+            | Feature::QueuedOtherDir
+            | Feature::DirWaitUs
+            | Feature::IssueGapNs
+            | Feature::ExpectedWaitUs => i32::MAX,
         }
     }
 
@@ -175,28 +147,31 @@ impl Feature {
 pub const KML_BASELINE_FEATURES: [Feature; 2] = [Feature::SectorMib, Feature::Op];
 
 /// The [`RequestRecord`] fields [`features_at_insert`] reads: all final when
-/// `block_rq_insert` has run (`nr_sectors` is the size at insert).
+/// `block_rq_insert` has run (`nr_sectors` is not read).
 pub const INSERT_TIME_FIELDS: &[&str] = &[
     "sector",
-    "nr_sectors",
     "op",
-    "flags",
-    "ioprio",
     "insert_ns",
     "deadline_ns",
-    "inflight_read",
-    "inflight_write",
     "queued_read",
     "queued_write",
-    "since_last_insert_ns",
     "issue_distance",
     "dir_wait_ewma_ns",
     "issue_gap_ewma_ns",
 ];
 
-/// Saturating u64 → i32 (values are never negative here).
+// The logarithms are branch-free (masks and shifts): the BPF verifier walks every
+// path through the program, and a compare-and-branch per step of a binary search,
+// times the logarithms below, made the feature stage fail to verify ("BPF program
+// is too large"). The remaining branches are compare-and-store diamonds whose
+// results no later branch reads, which the verifier prunes.
+
+const _: () = assert!(BUDGET_MAX == 1 << 30);
+
+/// Saturating u64 → i32 (values are never negative here): `v` when it is below
+/// 2^31, else `i32::MAX`.
 #[inline(always)]
-const fn sat_i32(v: u64) -> i32 {
+pub const fn sat_i32(v: u64) -> i32 {
     if v > i32::MAX as u64 {
         i32::MAX
     } else {
@@ -204,113 +179,101 @@ const fn sat_i32(v: u64) -> i32 {
     }
 }
 
-/// Saturating u64 → u32.
+/// `count × gap_ns`, the gap saturated to 32 bits first so that the product of two
+/// values below 2^32 cannot overflow u64. One multiply, no division.
 #[inline(always)]
-const fn sat_u32(v: u64) -> u64 {
-    if v > u32::MAX as u64 {
-        u32::MAX as u64
+pub const fn drain_time_ns(count: u32, gap_ns: u64) -> u64 {
+    let gap = if gap_ns > u32::MAX as u64 { u32::MAX as u64 } else { gap_ns };
+    (count as u64) * gap
+}
+
+/// Number of significant bits of `v` (0 for 0, 64 for `1 << 63`), without a branch
+/// (BPF has no count-leading-zeros instruction): smear the leading one into every
+/// lower bit, then count the ones (a 64-bit population count by masks and one
+/// multiply).
+#[inline(always)]
+pub const fn bit_length(v: u64) -> i32 {
+    let mut v = v;
+    v |= v >> 1;
+    v |= v >> 2;
+    v |= v >> 4;
+    v |= v >> 8;
+    v |= v >> 16;
+    v |= v >> 32;
+    // v is now 2^n - 1: count its ones.
+    v -= (v >> 1) & 0x5555_5555_5555_5555;
+    v = (v & 0x3333_3333_3333_3333) + ((v >> 2) & 0x3333_3333_3333_3333);
+    v = (v + (v >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (v.wrapping_mul(0x0101_0101_0101_0101) >> 56) as i32
+}
+
+/// `log2(v)` in eighths, offset so that only 0 maps to 0: `8 × bit_length(v)` plus
+/// the three bits after the leading one (`log2_8(1) = 8`, `log2_8(2) = 16`,
+/// `log2_8(3) = 20`, `log2_8(1024) = 88`). Monotone; for `v >= 1` it is at most
+/// `8 (log2 v + 1)` and less than 1.7 below it. Shifts only; at most [`LOG2_8_MAX`].
+#[inline(always)]
+pub const fn log2_8(v: u64) -> i32 {
+    let n = bit_length(v) as u64;
+    // The leading one moved to bit 63 (n = 64 and n = 0 both shift by 0; v = 0
+    // stays 0): the next three bits are the fraction.
+    let top = v << ((64 - n) & 63);
+    (8 * n + ((top >> 60) & 7)) as i32
+}
+
+/// `num / den` on a log scale without a division: `log2_8(num) - log2_8(den)`
+/// (eighths of a doubling) plus [`LOG_RATIO_ONE`], clamped to `0..=LOG_RATIO_MAX`.
+/// 256 when `num ≈ den`, 264 at twice, 248 at half; within ±2 of
+/// `256 + 8 log2(num / den)` (before clamping) when both are at least 1.
+#[inline(always)]
+pub const fn log_ratio_8(num: u64, den: u64) -> i32 {
+    log_ratio_of_logs(log2_8(num), log2_8(den))
+}
+
+/// [`log_ratio_8`] from the two logarithms (so a shared denominator's is computed once).
+#[inline(always)]
+const fn log_ratio_of_logs(log_num: i32, log_den: i32) -> i32 {
+    // -263..=775 before the clamp.
+    let v = log_num - log_den + LOG_RATIO_ONE;
+    if v < 0 {
+        0
+    } else if v > LOG_RATIO_MAX {
+        LOG_RATIO_MAX
     } else {
         v
     }
 }
 
-/// `count × gap_ns` in ns, both saturated to 32 bits first, so the product cannot
-/// overflow u64.
-#[inline(always)]
-pub const fn drain_time_ns(count: u32, gap_ns: u64) -> u64 {
-    (count as u64) * sat_u32(gap_ns)
-}
-
-/// `num / den` in units of `2^-RATIO_SHIFT`, capped at [`RATIO_MAX`]; [`RATIO_MAX`]
-/// when `den` is 0. Unsigned division only (BPF's `div` is unsigned).
-#[inline(always)]
-pub const fn ratio(num: u64, den: u64) -> i32 {
-    // A numerator above 2^48 is beyond the cap for any den < 2^32 ns (4 s); keeping
-    // it below 2^48 keeps the shift inside u64.
-    let num = if num > 1 << 48 { 1 << 48 } else { num };
-    match (num << RATIO_SHIFT).checked_div(den) {
-        Some(q) if q < RATIO_MAX as u64 => q as i32,
-        _ => RATIO_MAX,
-    }
-}
-
-/// Number of significant bits of `v` (0 for 0, 64 for `1 << 63`): a binary search of
-/// six compares, since BPF has no count-leading-zeros instruction.
-#[inline(always)]
-pub const fn bit_length(v: u64) -> i32 {
-    let mut v = v;
-    let mut n = 0;
-    if v >= 1 << 32 {
-        v >>= 32;
-        n += 32;
-    }
-    if v >= 1 << 16 {
-        v >>= 16;
-        n += 16;
-    }
-    if v >= 1 << 8 {
-        v >>= 8;
-        n += 8;
-    }
-    if v >= 1 << 4 {
-        v >>= 4;
-        n += 4;
-    }
-    if v >= 1 << 2 {
-        v >>= 2;
-        n += 2;
-    }
-    if v >= 1 << 1 {
-        v >>= 1;
-        n += 1;
-    }
-    // v is now 0 or 1.
-    n + v as i32
-}
-
 /// The feature vector of a request as known at insert. Used unchanged by the eBPF
-/// program (on the record it filled in at insert) and by the host (on a trace record).
+/// program (on the record it filled in at insert) and by the host (on a trace
+/// record). Integer only: shifts, masks, adds, compares, two multiplies (one
+/// 32×32→64-bit product, and one per logarithm's bit count); no division, no loop.
 #[inline(always)]
 pub fn features_at_insert(r: &RequestRecord) -> FeatureVector {
-    let flags = ReqFlags(r.flags);
-    let op = r.op();
-    let write = matches!(op.direction(), Direction::Write);
-    let (queued_same, queued_other, inflight_same, inflight_other) = if write {
-        (r.queued_write, r.queued_read, r.inflight_write, r.inflight_read)
-    } else {
-        (r.queued_read, r.queued_write, r.inflight_read, r.inflight_write)
-    };
+    // Every op but a read is on the write side (ReqOp::direction).
+    let op = ReqOp::from_u8(r.op);
+    let write = !matches!(op, ReqOp::Read);
+    let (queued_same, queued_other) = if write { (r.queued_write, r.queued_read) } else { (r.queued_read, r.queued_write) };
     let budget_ns = r.deadline_ns.saturating_sub(r.insert_ns);
-    let budget = budget_ns >> TIME_SHIFT;
-    let budget = if budget > BUDGET_MAX as u64 { BUDGET_MAX } else { budget as i32 };
+    let budget_us = budget_ns >> TIME_SHIFT;
+    let budget = if budget_us > BUDGET_MAX as u64 { BUDGET_MAX } else { budget_us as i32 };
+    let log_budget = log2_8(budget_ns);
     let expected_ns = drain_time_ns(queued_same, r.issue_gap_ewma_ns);
-    let expected_all_ns = drain_time_ns(queued_same.saturating_add(queued_other), r.issue_gap_ewma_ns);
 
     // Written as one literal in `Feature` order (checked by a test), so no index can
     // be out of bounds.
     [
         sat_i32(r.sector >> 11),
         op as i32,
-        sat_i32((r.nr_sectors >> 1) as u64),
         write as i32,
         sat_i32(queued_same as u64),
         sat_i32(queued_other as u64),
-        sat_i32(inflight_same as u64),
-        sat_i32(inflight_other as u64),
         sat_i32(r.dir_wait_ewma_ns >> TIME_SHIFT),
         sat_i32(r.issue_gap_ewma_ns),
         sat_i32(expected_ns >> TIME_SHIFT),
-        sat_i32(expected_all_ns >> TIME_SHIFT),
-        ratio(r.dir_wait_ewma_ns, budget_ns),
-        ratio(expected_ns, budget_ns),
-        bit_length(r.since_last_insert_ns),
+        log_ratio_of_logs(log2_8(r.dir_wait_ewma_ns), log_budget),
+        log_ratio_of_logs(log2_8(expected_ns), log_budget),
         bit_length(r.issue_distance),
-        flags.contains(ReqFlags::SYNC) as i32,
-        flags.contains(ReqFlags::META) as i32,
-        flags.contains(ReqFlags::FUA) as i32,
-        (r.ioprio >> 13) as i32,
         budget,
-        sat_i32(r.inflight().saturating_sub(r.queued()) as u64),
     ]
 }
 
@@ -325,18 +288,21 @@ mod tests {
         RequestRecord {
             sector: 5 << 11 | 7,
             insert_ns: 1_000_000,
-            deadline_ns: 1_000_000 + 5_000_000,
+            deadline_ns: 1_000_000 + 8_000_000,
             since_last_insert_ns: 3 << 10,
             issue_distance: 9,
+            dir_wait_ewma_ns: 16_000_000,
+            issue_gap_ewma_ns: 10_000,
             dev: crate::kernel_dev(7, 1),
             nr_sectors: 16,
             pid: 42,
             inflight_read: 3,
             inflight_write: 11,
             queued_read: 4,
+            queued_write: 200,
             ioprio: 2 << 13 | 4,
             op: ReqOp::Write as u8,
-            flags: ReqFlags::SYNC | ReqFlags::FUA,
+            flags: crate::op::ReqFlags::SYNC,
             ..Default::default()
         }
     }
@@ -356,26 +322,35 @@ mod tests {
         let get = |f: Feature| x[f.index()];
         assert_eq!(get(Feature::SectorMib), 5);
         assert_eq!(get(Feature::Op), 1);
-        assert_eq!(get(Feature::SizeKib), 8);
-        assert_eq!(get(Feature::InflightRead), 3);
-        assert_eq!(get(Feature::InflightWrite), 11);
-        assert_eq!(get(Feature::InflightSameDir), 11);
-        assert_eq!(get(Feature::Queued), 4);
-        assert_eq!(get(Feature::SinceLastInsertUs), 3);
-        assert_eq!(get(Feature::SinceLastInsertLog2), 12); // 3072 has 12 bits
-        assert_eq!(get(Feature::IssueDistanceLog2), 4);
-        assert_eq!(get(Feature::Sync), 1);
-        assert_eq!(get(Feature::Meta), 0);
-        assert_eq!(get(Feature::Fua), 1);
-        assert_eq!(get(Feature::IoprioClass), 2);
-        assert_eq!(get(Feature::DeadlineBudgetUs), 5_000_000 >> 10);
         assert_eq!(get(Feature::WriteDir), 1);
+        assert_eq!(get(Feature::QueuedSameDir), 200);
+        assert_eq!(get(Feature::QueuedOtherDir), 4);
+        assert_eq!(get(Feature::DirWaitUs), 16_000_000 >> 10);
+        assert_eq!(get(Feature::IssueGapNs), 10_000);
+        // 200 × 10 µs = 2 ms.
+        assert_eq!(get(Feature::ExpectedWaitUs), 2_000_000 >> 10);
+        // Twice the budget: one doubling above LOG_RATIO_ONE (16e6 and 8e6 have the
+        // same mantissa bits, so exactly 8).
+        assert_eq!(get(Feature::DirWaitLog), LOG_RATIO_ONE + 8);
+        // A quarter of the budget: two doublings below.
+        assert_eq!(get(Feature::ExpectedWaitLog), LOG_RATIO_ONE - 16);
+        assert_eq!(get(Feature::IssueDistanceLog2), 4);
+        assert_eq!(get(Feature::DeadlineBudgetUs), 8_000_000 >> 10);
+
+        // A read sees the read side as its own.
+        let mut r = at_insert();
+        r.op = ReqOp::Read as u8;
+        let x = features_at_insert(&r);
+        assert_eq!((x[Feature::Op.index()], x[Feature::WriteDir.index()]), (0, 0));
+        assert_eq!(x[Feature::QueuedSameDir.index()], 4);
+        assert_eq!(x[Feature::QueuedOtherDir.index()], 200);
+        assert_eq!(x[Feature::ExpectedWaitUs.index()], 40_000 >> 10);
     }
 
     #[test]
     fn only_insert_time_fields_matter() {
         // What the kernel computes at insert equals what the host computes from the
-        // finished record (issue, completion, error, requeues filled in later).
+        // finished record (issue, completion, error, requeues, verdict filled in later).
         let kernel = features_at_insert(&at_insert());
         let mut done = at_insert();
         done.issue_ns = 9_000_000;
@@ -383,6 +358,9 @@ mod tests {
         done.error = -5;
         done.requeues = 2;
         done.pid = 7;
+        done.score = -3;
+        done.verdict = crate::Verdict::AT_RISK;
+        done.model_version = 4;
         done.dev = crate::kernel_dev(8, 0);
         assert_eq!(features_at_insert(&done), kernel);
     }
@@ -395,6 +373,8 @@ mod tests {
             deadline_ns: u64::MAX,
             since_last_insert_ns: u64::MAX,
             issue_distance: u64::MAX,
+            dir_wait_ewma_ns: u64::MAX,
+            issue_gap_ewma_ns: u64::MAX,
             nr_sectors: u32::MAX,
             inflight_read: u32::MAX,
             inflight_write: u32::MAX,
@@ -412,8 +392,14 @@ mod tests {
                 assert!((0..=f.max_value()).contains(&v), "{} = {v}", f.name());
             }
         }
-        assert_eq!(features_at_insert(&r)[Feature::DeadlineBudgetUs.index()], BUDGET_MAX);
-        assert_eq!(features_at_insert(&zero)[Feature::DeadlineBudgetUs.index()], 0);
+        let x = features_at_insert(&r);
+        assert_eq!(x[Feature::DeadlineBudgetUs.index()], BUDGET_MAX);
+        assert_eq!(x[Feature::ExpectedWaitUs.index()], i32::MAX);
+        assert_eq!(x[Feature::IssueGapNs.index()], i32::MAX);
+        let x = features_at_insert(&zero);
+        assert_eq!(x[Feature::DeadlineBudgetUs.index()], 0);
+        // No wait against no budget: equal.
+        assert_eq!(x[Feature::DirWaitLog.index()], LOG_RATIO_ONE);
     }
 
     #[test]
@@ -427,5 +413,30 @@ mod tests {
         }
         assert_eq!(bit_length(0), 0);
         assert_eq!(bit_length(u64::MAX), 64);
+    }
+
+    #[test]
+    fn log2_8_by_hand() {
+        assert_eq!(log2_8(0), 0);
+        assert_eq!(log2_8(1), 8);
+        assert_eq!(log2_8(2), 16);
+        assert_eq!(log2_8(3), 20);
+        assert_eq!(log2_8(7), 30);
+        assert_eq!(log2_8(8), 32);
+        assert_eq!(log2_8(15), 39);
+        assert_eq!(log2_8(1024), 88);
+        assert_eq!(log2_8(1536), 92);
+        assert_eq!(log2_8(u64::MAX), LOG2_8_MAX);
+        assert_eq!(log_ratio_8(0, u64::MAX), 0);
+        assert_eq!(log_ratio_8(u64::MAX, 0), LOG_RATIO_MAX);
+        assert_eq!(log_ratio_8(3000, 3000), LOG_RATIO_ONE);
+        assert_eq!(log_ratio_8(6000, 3000), LOG_RATIO_ONE + 8);
+    }
+
+    #[test]
+    fn drain_time_cannot_overflow() {
+        assert_eq!(drain_time_ns(u32::MAX, u64::MAX), u32::MAX as u64 * u32::MAX as u64);
+        assert_eq!(drain_time_ns(0, u64::MAX), 0);
+        assert_eq!(drain_time_ns(3, 7), 21);
     }
 }

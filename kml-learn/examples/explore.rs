@@ -1,22 +1,27 @@
-//! Feature and model exploration on recorded traces (a measurement, not a test).
+//! Feature and model exploration on recorded traces (a measurement, not a test;
+//! the tables of docs/learning.md come from it).
 //!
 //! ```sh
 //! cargo run --release -p kml-learn --example explore -- \
-//!     --train a.csv,b.csv --test c.csv [--kinds linear,logistic,tree] \
-//!     [--features f1,f2,...] [--univariate] [--ablate]
+//!     --train a.csv,b.csv [--test c.csv] [--kinds baseline,linear,logistic,tree] \
+//!     [--features all|portable|f1,f2,...] [--univariate] [--ablate] [--loo [--sets "f1,f2;f3"]]
 //! ```
 //! Trains on the union of the `--train` traces (each split by time: first 70% trains,
 //! its last 20% tunes the threshold, the last 30% is held back) and prints balanced
-//! accuracy (integer model) on each trace's held-back window and on every `--test`
-//! trace in full. `--univariate` prints, per feature, the balanced accuracy of the
-//! best single threshold (chosen on the training windows). `--ablate` retrains
-//! without each feature in turn (and with each missing one added).
+//! accuracy of the integer model (what the kernel runs) on the pooled held-back
+//! windows, on each trace's held-back window, and on every `--test` trace in full.
+//! `--univariate` prints, per feature, the balanced accuracy of the best single
+//! threshold (chosen on the training windows). `--ablate` retrains without each
+//! feature in turn (and with each missing one added). `--loo` leaves each trace out
+//! in turn: trains on the others and tests on it in full (a workload never seen).
+//! `--sweep` is an experiment on information the observer does not record.
 
 use std::{path::PathBuf, time::Instant};
 
 use clap::Parser;
 use kml_ebpf_common::{features::Feature, model::ModelKind};
 use kml_learn::{
+    trainers::PORTABLE_FEATURES,
     evaluate, metrics::best_balanced_threshold, train::split_windows, train::train_on_windows, ConfusionMatrix, Dataset,
     Progress, TrainOptions,
 };
@@ -39,8 +44,24 @@ struct Args {
     max_depth: usize,
     #[arg(long, default_value_t = 50_000)]
     tree_max_samples: usize,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 50)]
     min_samples_leaf: usize,
+    /// Also print the per-window oracle: flags whole 1 ms windows (per direction) of
+    /// insert time by their actual miss rate, with hindsight; a bound on what a
+    /// model that sees only the queue state at insert can reach.
+    #[arg(long)]
+    oracle: bool,
+    /// Logistic: L-BFGS iteration cap.
+    #[arg(long, default_value_t = 5)]
+    max_iterations: u64,
+    /// Leave-one-out over `--train`: for each trace, train on the others' training
+    /// windows and test on it (in full) and on the others' later windows.
+    #[arg(long)]
+    loo: bool,
+    /// Feature sets to compare in `--loo` mode, `;`-separated, each comma-separated
+    /// (`all` for every feature).
+    #[arg(long)]
+    sets: Option<String>,
     /// Experiment: replace `sector` with the distance (sectors, wrapped) ahead of the
     /// end of the last request issued in the same direction (host reconstruction).
     #[arg(long)]
@@ -90,6 +111,7 @@ fn run(kind: ModelKind, features: &[Feature], w: &Windows, args: &Args) -> anyho
     opts.tree_max_depth = args.max_depth;
     opts.tree_max_samples = args.tree_max_samples;
     opts.tree_min_samples_leaf = args.min_samples_leaf;
+    opts.logistic_max_iterations = args.max_iterations;
     let started = Instant::now();
     let m = train_on_windows(&w.fit, &w.tune, &w.tests[0].1, &opts, &Progress::silent())?;
     let secs = started.elapsed().as_secs_f64();
@@ -99,8 +121,10 @@ fn run(kind: ModelKind, features: &[Feature], w: &Windows, args: &Args) -> anyho
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let features: Vec<Feature> = if args.features.is_empty() {
+    let features: Vec<Feature> = if args.features.is_empty() || args.features == ["all"] {
         Feature::ALL.to_vec()
+    } else if args.features == ["portable"] {
+        PORTABLE_FEATURES.to_vec()
     } else {
         args.features.iter().map(|n| Feature::from_name(n).ok_or_else(|| anyhow::anyhow!("unknown feature {n}"))).collect::<Result<_, _>>()?
     };
@@ -114,6 +138,9 @@ fn main() -> anyhow::Result<()> {
         fits.push(fit);
         tunes.push(tune);
         tests.push((format!("{} later", name(p)), test));
+    }
+    if args.loo {
+        return loo(&args, &fits, &tunes, &tests, &features);
     }
     for p in &args.test {
         let d = load(p, &args)?;
@@ -151,6 +178,14 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    if args.oracle {
+        print!("{:<28}", "1 ms window oracle");
+        for (_, d) in &windows.tests {
+            print!(" {:>12.2}", 100.0 * window_oracle(d, 1_000_000));
+        }
+        println!();
+    }
+
     for k in &args.kinds {
         let kind = ModelKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown kind {k}"))?;
         let (bal, secs) = run(kind, &features, &windows, &args)?;
@@ -182,4 +217,86 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_set(text: &str) -> anyhow::Result<Vec<Feature>> {
+    if text.trim() == "all" {
+        return Ok(Feature::ALL.to_vec());
+    }
+    text.split(',').map(|n| Feature::from_name(n.trim()).ok_or_else(|| anyhow::anyhow!("unknown feature {n}"))).collect()
+}
+
+/// Leave-one-workload-out: rows = (feature set, kind), columns = held-out trace
+/// (balanced accuracy on it in full), then the mean over held-out traces, then the
+/// mean of the training traces' later windows.
+fn loo(args: &Args, fits: &[Dataset], tunes: &[Dataset], tests: &[(String, Dataset)], features: &[Feature]) -> anyhow::Result<()> {
+    let sets: Vec<Vec<Feature>> = match &args.sets {
+        Some(s) => s.split(';').map(parse_set).collect::<Result<_, _>>()?,
+        None => vec![features.to_vec()],
+    };
+    let full: Vec<Dataset> = (0..fits.len())
+        .map(|i| Dataset::concat(&[fits[i].clone(), tunes[i].clone(), tests[i].1.clone()]))
+        .collect();
+    print!("{:<12}", "set/kind");
+    for (n, _) in tests {
+        let n = n.trim_end_matches(" later");
+        print!(" {:>10}", &n[..n.len().min(10)]);
+    }
+    println!(" {:>10} {:>10} {:>10}", "mean-out", "min-out", "mean-later");
+    for (si, set) in sets.iter().enumerate() {
+        for k in &args.kinds {
+            let kind = ModelKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown kind {k}"))?;
+            let (mut outs, mut laters) = (Vec::new(), Vec::new());
+            for (held, held_data) in full.iter().enumerate() {
+                let others: Vec<usize> = (0..fits.len()).filter(|&i| i != held).collect();
+                let w = Windows {
+                    fit: Dataset::concat(&others.iter().map(|&i| fits[i].clone()).collect::<Vec<_>>()),
+                    tune: Dataset::concat(&others.iter().map(|&i| tunes[i].clone()).collect::<Vec<_>>()),
+                    tests: std::iter::once(("held".to_string(), held_data.clone()))
+                        .chain(others.iter().map(|&i| tests[i].clone()))
+                        .collect(),
+                };
+                let (bal, _) = run(kind, set, &w, args)?;
+                outs.push(bal[0]);
+                laters.extend_from_slice(&bal[1..]);
+            }
+            print!("{:<12}", format!("s{si} {k}"));
+            for b in &outs {
+                print!(" {:>10.2}", 100.0 * b);
+            }
+            let mean = |v: &[f64]| 100.0 * v.iter().sum::<f64>() / v.len() as f64;
+            let min = outs.iter().cloned().fold(f64::INFINITY, f64::min);
+            println!(" {:>10.2} {:>10.2} {:>10.2}", mean(&outs), 100.0 * min, mean(&laters));
+        }
+    }
+    for (si, set) in sets.iter().enumerate() {
+        println!("s{si}: {}", set.iter().map(|f| f.name()).collect::<Vec<_>>().join(","));
+    }
+    Ok(())
+}
+
+/// Balanced accuracy of the best "flag every request of this window" rule, where a
+/// window is `window_ns` of insert time in one direction and windows are flagged in
+/// order of their actual miss rate (hindsight).
+fn window_oracle(d: &Dataset, window_ns: u64) -> f64 {
+    let mut cells: std::collections::HashMap<(u8, u64), (u64, u64)> = Default::default();
+    for (r, missed) in d.records().iter().zip(d.missed()) {
+        let c = cells.entry((r.op().direction() as u8, r.insert_ns / window_ns)).or_default();
+        c.0 += 1;
+        c.1 += missed as u64;
+    }
+    let (pos, total) = cells.values().fold((0, 0), |(p, t), c| (p + c.1, t + c.0));
+    let neg = total - pos;
+    if pos == 0 || neg == 0 {
+        return 1.0;
+    }
+    let mut order: Vec<(u64, u64)> = cells.into_values().collect();
+    order.sort_by(|a, b| (b.1 as f64 / b.0 as f64).total_cmp(&(a.1 as f64 / a.0 as f64)));
+    let (mut tp, mut fp, mut best) = (0u64, 0u64, 0.5f64);
+    for (n, m) in order {
+        tp += m;
+        fp += n - m;
+        best = best.max(0.5 * (tp as f64 / pos as f64 + (neg - fp) as f64 / neg as f64));
+    }
+    best
 }

@@ -635,7 +635,7 @@ mod tests {
         refused(Logistic, |v| v["kind"] = "forest".into(), "field `kind`");
         refused(Logistic, |v| v["features"][1] = "colour".into(), "field `features[1]`: unknown feature `colour`");
         refused(Logistic, |v| v["features"][1] = v["features"][0].clone(), "listed twice");
-        refused(Baseline, |v| v["features"][0] = "queued".into(), "field `features`");
+        refused(Baseline, |v| v["features"][0] = "queued_same_dir".into(), "field `features`");
         refused(Logistic, |v| v["float"]["linear"]["weights"].as_array_mut().unwrap().truncate(3), "float.linear.weights");
         refused(Logistic, |v| v["scaling"][2]["std"] = 0.0.into(), "scaling[2].std");
         refused(Logistic, |v| v["quantized"]["linear"]["product_shifts"][4] = 63.into(), "product_shifts[4]");

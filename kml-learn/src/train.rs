@@ -30,7 +30,9 @@ pub const MAX_QUANTIZATION_LOSS: f64 = 0.005;
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainOptions {
     pub kind: ModelKind,
-    /// `None`: every feature (the baseline always uses KML's two).
+    /// `None`: every feature, the best choice for later I/O of the same workload
+    /// (online learning); [`crate::trainers::PORTABLE_FEATURES`] generalise better
+    /// to other workloads. The baseline always uses KML's two.
     pub features: Option<Vec<Feature>>,
     /// Share of the trace (by insert time) used for training; the rest is held back.
     pub train_fraction: f64,
@@ -59,7 +61,7 @@ impl TrainOptions {
             tree_max_depth: 6,
             tree_min_samples_leaf: 50,
             tree_max_samples: 50_000,
-            logistic_max_iterations: 10,
+            logistic_max_iterations: 5,
             logistic_alpha: 1e-3,
             compare_baseline: true,
             workload: None,
@@ -103,6 +105,8 @@ pub struct TrainedModel {
     pub test: Option<Evaluation>,
     /// KML's baseline trained on the same windows, on the same held-back window.
     pub baseline_test: Option<Evaluation>,
+    /// That baseline, to evaluate beside the model on other data.
+    pub baseline: Option<(FloatModel, QuantizedModel)>,
 }
 
 fn fit_float(kind: ModelKind, opts: &TrainOptions, fit: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatModel> {
@@ -219,14 +223,15 @@ pub fn train_on_windows(
     }
 
     let train_window = Dataset::concat(&[fit.clone(), tune.clone()]);
-    let baseline_test = if opts.compare_baseline && opts.kind != ModelKind::Baseline && !held_back.is_empty() {
+    let baseline = if opts.compare_baseline && opts.kind != ModelKind::Baseline && !held_back.is_empty() {
         progress.step("training KML's baseline on the same windows for comparison");
         let base = fit_float(ModelKind::Baseline, opts, &train_window, tune, &Progress::silent())?;
         let base_q = quantize(&base)?;
-        Some(evaluate(&base, &base_q, held_back))
+        Some((base, base_q))
     } else {
         None
     };
+    let baseline_test = baseline.as_ref().map(|(f, q)| evaluate(f, q, held_back));
 
     Ok(TrainedModel {
         float,
@@ -244,6 +249,7 @@ pub fn train_on_windows(
         },
         test: test_eval,
         baseline_test,
+        baseline,
     })
 }
 

@@ -6,10 +6,12 @@
 //! cargo xtask run   [--release] [-- ARGS...]   # build, then run kml-agent as root (default ARGS: `run`)
 //! cargo xtask test  [-- ARGS...]               # host unit tests, then the root-only integration tests
 //! cargo xtask vm    [--smoke] [OPTIONS]        # patched kernel under QEMU: hook smoke test / comparison
+//! cargo xtask bench [--quick] [--workload F.fio]... [--out DIR]  # measure; write bench/REPORT.md
 //! ```
 //!
 //! Each subcommand lives in its own module; `util` holds the process helpers.
 
+mod bench;
 mod build;
 mod run;
 mod setup;
@@ -46,6 +48,9 @@ enum Command {
     /// Build the patched kernel and boot it under QEMU: the hook's smoke test
     /// (--smoke) or the stock-vs-verdicts comparison (report in target/vm/).
     Vm(vm::VmArgs),
+    /// Measure everything (overhead, in-kernel cost, agent, training time, learning
+    /// quality) on this machine and write bench/REPORT.md with SVG plots (needs root).
+    Bench(bench::BenchArgs),
 }
 
 impl Command {
@@ -56,6 +61,7 @@ impl Command {
             Command::Run(args) => args.execute(),
             Command::Test(args) => args.execute(),
             Command::Vm(args) => args.execute(),
+            Command::Bench(args) => args.execute(),
         }
     }
 }

@@ -14,6 +14,8 @@
 //! The guest prints `KML-VM-RESULT: PASS|FAIL <reason>` and powers off; the exit
 //! status follows that line (and, for the smoke test, the host's checks of the
 //! dispatch order). A guest that hangs is killed at the timeout and reported.
+//! Exit status 77 means the kernel cannot be built on this machine (its Debian
+//! packages cannot be installed): a skip, said so on stderr.
 
 mod initramfs;
 mod kernel;
@@ -56,6 +58,10 @@ pub const VM_PACKAGES: &[&str] = &[
     "fio",
 ];
 
+/// Exit status when the guest kernel cannot be built here (its Debian packages
+/// cannot be installed): tests report a skip, with the reason, instead of a failure.
+pub const SKIP_STATUS: u8 = 77;
+
 /// Size of the guest's virtio disk image.
 const DISK_BYTES: u64 = 1 << 30;
 
@@ -91,6 +97,10 @@ pub struct VmArgs {
     /// fio run time per run, in seconds (each workload runs twice: stock, hook).
     #[arg(long, default_value_t = 30)]
     pub runtime: u32,
+    /// Stock/hook pairs per workload, in alternating order (the report combines
+    /// them and lists each pair's changes).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: u32,
     /// QEMU drive throttling of the virtio disk (throttling.iops-total).
     #[arg(long, default_value_t = 100)]
     pub iops: u32,
@@ -130,7 +140,12 @@ fn comparison_workloads(dir: &Path, only: &[String]) -> Result<Vec<String>> {
     }
     names.sort();
     for o in only {
-        anyhow::ensure!(names.contains(o), "no workload {o} in {} (have: {})", dir.display(), names.join(", "));
+        anyhow::ensure!(
+            names.contains(o),
+            "no workload {o} in {} (have: {})",
+            dir.display(),
+            names.join(", ")
+        );
     }
     anyhow::ensure!(!names.is_empty(), "no workloads in {}", dir.display());
     Ok(names)
@@ -159,7 +174,11 @@ impl VmArgs {
         let started = Instant::now();
         let root = workspace_root();
         eprintln!("xtask: vm: checking the Debian packages the VM needs");
-        ensure_packages(VM_PACKAGES)?;
+        if let Err(e) = ensure_packages(VM_PACKAGES) {
+            // Not a failure of kml: this machine cannot build the guest kernel.
+            eprintln!("xtask: vm: SKIP: the guest kernel cannot be built on this machine: {e:#}");
+            return Ok(ExitCode::from(SKIP_STATUS));
+        }
         let kernel = kernel::ensure(&root, nproc())?;
         let agent = build_all(true)?;
 
@@ -201,8 +220,11 @@ impl VmArgs {
         let (accel, why) = qemu::choose_accel(self.accel, &probe)?;
         eprintln!("xtask: vm: accelerator {why}");
 
-        let workloads =
-            if self.smoke { Vec::new() } else { comparison_workloads(&workloads_dir, &self.workload)? };
+        let workloads = if self.smoke {
+            Vec::new()
+        } else {
+            comparison_workloads(&workloads_dir, &self.workload)?
+        };
         let share = vm_dir.join(format!("out-{mode}"));
         if share.exists() {
             fs::remove_dir_all(&share)?;
@@ -212,9 +234,10 @@ impl VmArgs {
         create_disk(&disk)?;
 
         let mut append = format!(
-            "virtio_blk.queue_depth=1 kml.mode={mode} kml.policy={} kml.runtime={}",
+            "virtio_blk.queue_depth=1 kml.mode={mode} kml.policy={} kml.runtime={} kml.repeat={}",
             self.policy.arg(),
-            self.runtime
+            self.runtime,
+            self.repeat
         );
         if let Some(b) = self.boost_max {
             let _ = write!(append, " kml.boost_max={b}");
@@ -225,8 +248,11 @@ impl VmArgs {
         let default_timeout = if self.smoke {
             420
         } else {
-            // Two runs per workload (+ ramp and fio start-up), boot and slack.
-            180 + workloads.len() as u64 * 2 * (u64::from(self.runtime) + 2 + 45)
+            // Two runs per workload and repeat (+ ramp and fio start-up), boot and slack.
+            180 + workloads.len() as u64
+                * 2
+                * u64::from(self.repeat)
+                * (u64::from(self.runtime) + 2 + 45)
         };
         let timeout = Duration::from_secs(self.timeout.unwrap_or(default_timeout));
         let boot = Boot {
@@ -254,6 +280,7 @@ impl VmArgs {
             accel_note: &why,
             iops: self.iops,
             runtime: self.runtime,
+            repeat: self.repeat,
             policy: self.policy.arg(),
             share: &share,
             boot_secs: outcome.boot_secs,
@@ -277,6 +304,7 @@ struct RunContext<'a> {
     accel_note: &'a str,
     iops: u32,
     runtime: u32,
+    repeat: u32,
     policy: &'a str,
     share: &'a Path,
     boot_secs: Option<f64>,
@@ -287,11 +315,13 @@ struct RunContext<'a> {
 impl RunContext<'_> {
     fn read(&self, name: &str) -> Result<String> {
         let p = self.share.join(name);
-        fs::read_to_string(&p).with_context(|| format!("reading {} (written by the guest)", p.display()))
+        fs::read_to_string(&p)
+            .with_context(|| format!("reading {} (written by the guest)", p.display()))
     }
 
     fn fio(&self, name: &str) -> Result<RunStats> {
-        report::parse_fio(&self.read(&format!("{name}.json"))?).with_context(|| format!("{name}.json"))
+        report::parse_fio(&self.read(&format!("{name}.json"))?)
+            .with_context(|| format!("{name}.json"))
     }
 
     fn header(&self, title: &str) -> String {
@@ -314,7 +344,9 @@ impl RunContext<'_> {
             self.guest_secs,
             self.boot_secs.map_or("?".into(), |b| format!("{b:.1} s")),
             self.total_secs,
-            self.kernel.build_secs.map_or(String::new(), |b| format!(" (kernel build {b:.0} s)"))
+            self.kernel
+                .build_secs
+                .map_or(String::new(), |b| format!(" (kernel build {b:.0} s)"))
         );
         if let Ok(settings) = self.read("settings.txt") {
             let _ = writeln!(s, "\nGuest settings:\n\n```\n{}\n```\n", settings.trim());
@@ -330,13 +362,22 @@ fn smoke_report(ctx: &RunContext<'_>, path: &Path) -> Result<ExitCode> {
     let stock_order = report::dispatch_order(&ctx.read("smoke.stock.trace")?);
     let hook_order = report::dispatch_order(&ctx.read("smoke.hook.trace")?);
     let agent = ctx.read("smoke.hook.agent.log").unwrap_or_default();
+    let fmodret = ctx.fio("smoke.fmodret")?;
+    let fmodret_boosts = report::parse_boosts(&ctx.read("smoke.fmodret.boosts")?)?;
+    let fmodret_order = report::dispatch_order(&ctx.read("smoke.fmodret.trace")?);
 
     let mut problems = Vec::new();
     if boosts.hook_boosts == 0 {
         problems.push("the kernel served no request early in the hook run".to_owned());
     }
+    if fmodret_boosts.hook_boosts == 0 {
+        problems.push("the kernel served no request early in the fmod_ret run".to_owned());
+    }
     if boosts.stock_boosts != 0 {
-        problems.push(format!("{} boosts without a program attached", boosts.stock_boosts));
+        problems.push(format!(
+            "{} boosts without a program attached",
+            boosts.stock_boosts
+        ));
     }
     if stock_order.reads == 0 || hook_order.reads == 0 {
         problems.push("the trace holds no dispatched reads".to_owned());
@@ -347,7 +388,9 @@ fn smoke_report(ctx: &RunContext<'_>, path: &Path) -> Result<ExitCode> {
                 stock_order.writes_dispatched_while_waiting
             ));
         }
-        if hook_order.writes_dispatched_while_waiting > 0.5 * stock_order.writes_dispatched_while_waiting {
+        if hook_order.writes_dispatched_while_waiting
+            > 0.5 * stock_order.writes_dispatched_while_waiting
+        {
             problems.push(format!(
                 "verdicts did not change the dispatch order: writes dispatched while a read waited {:.2} (hook) vs {:.2} (stock)",
                 hook_order.writes_dispatched_while_waiting, stock_order.writes_dispatched_while_waiting
@@ -358,62 +401,144 @@ fn smoke_report(ctx: &RunContext<'_>, path: &Path) -> Result<ExitCode> {
     let _ = writeln!(
         md,
         "Constructed case (workloads/vm/smoke.fio): one random reader (depth 1) against a random writer \
-         keeping 48 writes queued. Stock run, then `kml-agent hook --policy reads`.\n"
-    );
-    let _ = writeln!(md, "| dispatch order (block tracepoints) | stock | hook |\n| --- | ---: | ---: |");
-    let _ = writeln!(md, "| reads dispatched | {} | {} |", stock_order.reads, hook_order.reads);
-    let _ = writeln!(
-        md,
-        "| writes dispatched while a read waited (mean) | {:.2} | {:.2} |",
-        stock_order.writes_dispatched_while_waiting, hook_order.writes_dispatched_while_waiting
+         keeping 48 writes queued. Stock run, then `kml-agent hook --policy reads` (kprobe + \
+         bpf_override_return, the \"hook\" columns below), then the same policy as a minimal fmod_ret program \
+         (`--via fmod-ret`).\n"
     );
     let _ = writeln!(
         md,
-        "| earlier-queued writes a read overtook (mean) | {:.2} | {:.2} |",
-        stock_order.writes_overtaken, hook_order.writes_overtaken
+        "| dispatch order (block tracepoints) | stock | hook (kprobe) | fmod_ret |\n| --- | ---: | ---: | ---: |"
     );
     let _ = writeln!(
         md,
-        "| reads dispatched with at most 1 write before them | {:.0}% | {:.0}% |\n",
+        "| reads dispatched | {} | {} | {} |",
+        stock_order.reads, hook_order.reads, fmodret_order.reads
+    );
+    let _ = writeln!(
+        md,
+        "| writes dispatched while a read waited (mean) | {:.2} | {:.2} | {:.2} |",
+        stock_order.writes_dispatched_while_waiting,
+        hook_order.writes_dispatched_while_waiting,
+        fmodret_order.writes_dispatched_while_waiting
+    );
+    let _ = writeln!(
+        md,
+        "| earlier-queued writes a read overtook (mean) | {:.2} | {:.2} | {:.2} |",
+        stock_order.writes_overtaken, hook_order.writes_overtaken, fmodret_order.writes_overtaken
+    );
+    let _ = writeln!(
+        md,
+        "| reads dispatched with at most 1 write before them | {:.0}% | {:.0}% | {:.0}% |",
         100.0 * stock_order.reads_served_next,
-        100.0 * hook_order.reads_served_next
+        100.0 * hook_order.reads_served_next,
+        100.0 * fmodret_order.reads_served_next
     );
-    let cmp = Comparison { name: "smoke".into(), stock, hook, boosts, agent };
+    let _ = writeln!(
+        md,
+        "| read latency mean (ms) | {:.1} | {:.1} | {:.1} |",
+        stock.read.mean_ns / 1e6,
+        hook.read.mean_ns / 1e6,
+        fmodret.read.mean_ns / 1e6
+    );
+    let _ = writeln!(
+        md,
+        "| requests served early (kml_boosts), refused by the cap | {} | {}, {} | {}, {} |\n",
+        boosts.stock_boosts,
+        boosts.hook_boosts,
+        boosts.hook_capped,
+        fmodret_boosts.hook_boosts,
+        fmodret_boosts.hook_capped
+    );
+    let _ = writeln!(md, "Stock vs hook (kprobe):\n");
+    let cmp = Comparison {
+        name: "smoke".into(),
+        stock,
+        hook,
+        boosts,
+        agent,
+        pairs: Vec::new(),
+    };
     md.push_str(&cmp.table());
-    let verdict = if problems.is_empty() { "PASS".to_owned() } else { format!("FAIL: {}", problems.join("; ")) };
+    let verdict = if problems.is_empty() {
+        "PASS".to_owned()
+    } else {
+        format!("FAIL: {}", problems.join("; "))
+    };
     let _ = writeln!(md, "\nResult: {verdict}");
     fs::write(path, &md)?;
     eprintln!("xtask: vm: smoke report {}", path.display());
     println!(
-        "smoke: {verdict} | {} boosts ({} over the cap) | writes dispatched while a read waited: {:.2} stock, {:.2} hook | \
-         read latency mean {:.1} -> {:.1} ms | guest {:.0} s",
+        "smoke: {verdict} | boosts: kprobe {} ({} over the cap), fmod_ret {} | writes dispatched while a read waited: \
+         {:.2} stock, {:.2} kprobe, {:.2} fmod_ret | read latency mean {:.1} / {:.1} / {:.1} ms | guest {:.0} s",
         boosts.hook_boosts,
         boosts.hook_capped,
+        fmodret_boosts.hook_boosts,
         stock_order.writes_dispatched_while_waiting,
         hook_order.writes_dispatched_while_waiting,
+        fmodret_order.writes_dispatched_while_waiting,
         stock.read.mean_ns / 1e6,
         hook.read.mean_ns / 1e6,
+        fmodret.read.mean_ns / 1e6,
         ctx.guest_secs
     );
-    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Result<ExitCode> {
     let mut cmps = Vec::new();
     for name in workloads {
-        let stock = ctx.fio(&format!("{name}.stock"))?;
-        let hook = ctx.fio(&format!("{name}.hook"))?;
+        let mut pairs = Vec::new();
+        let mut agent = String::new();
+        for r in 1..=ctx.repeat {
+            pairs.push((
+                ctx.fio(&format!("{name}.stock.{r}"))?,
+                ctx.fio(&format!("{name}.hook.{r}"))?,
+            ));
+            let log = ctx
+                .read(&format!("{name}.hook.{r}.agent.log"))
+                .unwrap_or_default();
+            agent.push_str(
+                log.lines()
+                    .filter(|l| l.contains("detached") || l.contains("served"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .as_str(),
+            );
+            agent.push('\n');
+        }
         let boosts = report::parse_boosts(&ctx.read(&format!("{name}.boosts"))?)?;
-        let agent = ctx.read(&format!("{name}.hook.agent.log")).unwrap_or_default();
-        cmps.push(Comparison { name: name.clone(), stock, hook, boosts, agent });
+        let stock = report::combine(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
+        let hook = report::combine(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
+        cmps.push(Comparison {
+            name: name.clone(),
+            stock,
+            hook,
+            boosts,
+            agent,
+            pairs,
+        });
     }
     let mut md = ctx.header("kml VM comparison: stock mq-deadline vs kml verdicts");
     let _ = writeln!(
         md,
         "Each workload (workloads/vm/NAME.fio, fixed seeds) ran {} s (after a 2 s ramp) with no program attached \
-         (stock), then with `kml-agent hook --policy {}`. Latency is fio's total latency (submission to \
-         completion). Where several jobs do the same direction, values are I/O-weighted averages of the jobs'.\n",
-        ctx.runtime, ctx.policy
+         (stock) and with `kml-agent hook --policy {}`, {} pair(s), the order alternating (stock first in odd \
+         pairs); pairs are combined (rates averaged, latencies I/O-weighted). Latency is fio's total latency \
+         (submission to completion). Where several jobs do the same direction, values are I/O-weighted averages \
+         of the jobs'.\n",
+        ctx.runtime, ctx.policy, ctx.repeat
+    );
+    let _ = writeln!(
+        md,
+        "The `randread-*` readers are closed-loop (the next read goes out when the previous one completes): when \
+         verdicts make reads faster, the reader issues more of them and takes more of the disk's I/O slots, which \
+         costs the writer throughput (a merged sequential write op carries several 4 KiB writes). The \
+         `rateread-*` readers read at a fixed rate, so their throughput change is the cost of the reordering \
+         itself.\n"
     );
     let _ = writeln!(
         md,
@@ -421,7 +546,11 @@ fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Resul
     );
     for c in &cmps {
         let goal = if !c.stock.mixed() {
-            if c.worse_at_p99() { "control: worse at p99 (> 2%)" } else { "control: not worse" }
+            if c.worse_at_p99() {
+                "control: worse at p99 (> 2%)"
+            } else {
+                "control: not worse"
+            }
         } else if c.meets_goal() && !c.worse_at_p99() {
             "met"
         } else if c.meets_goal() {
@@ -435,14 +564,25 @@ fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Resul
             c.name,
             c.read_mean_pct(),
             c.read_p99_pct(),
-            if c.stock.write.ios > 0 { format!("{:+.1}%", c.write_p99_pct()) } else { "-".into() },
+            if c.stock.write.ios > 0 {
+                format!("{:+.1}%", c.write_p99_pct())
+            } else {
+                "-".into()
+            },
             c.throughput_pct(),
             c.boosts.hook_boosts,
             c.boosts.hook_capped
         );
     }
-    let met = cmps.iter().filter(|c| c.stock.mixed() && c.meets_goal()).count();
-    let worse: Vec<&str> = cmps.iter().filter(|c| c.worse_at_p99()).map(|c| c.name.as_str()).collect();
+    let met = cmps
+        .iter()
+        .filter(|c| c.stock.mixed() && c.meets_goal())
+        .count();
+    let worse: Vec<&str> = cmps
+        .iter()
+        .filter(|c| c.worse_at_p99())
+        .map(|c| c.name.as_str())
+        .collect();
     let _ = writeln!(
         md,
         "\nIssue goal (>= 15% lower mean and >= 25% lower p99 read latency, <= 2% throughput loss, on at least two \
@@ -454,7 +594,11 @@ fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Resul
     }
     let line = match report::summary(&cmps) {
         Some((mean, p99, tput, n)) => {
-            let _ = writeln!(md, "Summary (average over the {n} mixed workloads): {}", report::summary_line(mean, p99, tput));
+            let _ = writeln!(
+                md,
+                "Summary (average over the {n} mixed workloads): {}",
+                report::summary_line(mean, p99, tput)
+            );
             report::summary_line(mean, p99, tput)
         }
         None => "read latency: no mixed workload ran".to_owned(),

@@ -8,8 +8,18 @@ use std::time::{Duration, Instant};
 use super::session;
 use crate::{
     devices::BlockDevice,
-    hook::{kernel_boosts, Hook, KernelBoosts, Policy},
+    hook::{kernel_boosts, FmodRet, Hook, KernelBoosts, Policy},
+    kernel::btf::Btf,
 };
+
+/// How the verdict reaches the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// kml's kprobe program with bpf_override_return (all policies, counters).
+    Kprobe,
+    /// A minimal fmod_ret program (policies off and reads; no program counters).
+    FmodRet,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct HookArgs {
@@ -22,6 +32,9 @@ pub struct HookArgs {
     /// Detach after this long (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_parser = super::parse_duration)]
     pub duration: Option<Duration>,
+    /// Attach as a kprobe with bpf_override_return (kml's program) or as fmod_ret.
+    #[arg(long, value_enum, default_value_t = Via::Kprobe)]
+    pub via: Via,
 }
 
 impl HookArgs {
@@ -49,10 +62,23 @@ impl HookArgs {
             }
         }
         let before: Vec<KernelBoosts> = disks.iter().map(|d| kernel_boosts(d).unwrap_or_default()).collect();
-        let hook = Hook::attach(self.policy, device.as_ref())?;
+        let (hook, fmod_ret) = match self.via {
+            Via::Kprobe => (Some(Hook::attach(self.policy, device.as_ref())?), None),
+            Via::FmodRet => {
+                if device.is_some() {
+                    anyhow::bail!("--via fmod-ret has no device filter: leave out --device");
+                }
+                let btf = Btf::from_sys_fs()?;
+                (None, Some(FmodRet::attach(&btf, self.policy)?))
+            }
+        };
         let target = device.as_ref().map_or_else(|| "every mq-deadline disk".to_owned(), |d| d.name.clone());
+        let how = match self.via {
+            Via::Kprobe => "kprobe + bpf_override_return",
+            Via::FmodRet => "fmod_ret",
+        };
         // The line scripts wait for before they start I/O.
-        eprintln!("kml-agent: hook attached to dd_kml_verdict (policy {}, {target})", self.policy);
+        eprintln!("kml-agent: hook attached to dd_kml_verdict ({how}, policy {}, {target})", self.policy);
 
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
@@ -63,17 +89,21 @@ impl HookArgs {
             () = &mut stop_after => {}
             sig = &mut signal => { eprintln!("kml-agent: {}, detaching", sig?); }
         }
-        let c = hook.counters()?;
+        let counters = hook.as_ref().map(Hook::counters).transpose()?;
         drop(hook);
-        println!(
-            "kml-agent: hook detached after {:.1}s: {} calls, {} reads, {} positive verdicts, {} read failures, {} other-disk calls",
-            started.elapsed().as_secs_f64(),
-            c.calls,
-            c.reads,
-            c.verdicts,
-            c.read_failures,
-            c.other_device
-        );
+        drop(fmod_ret);
+        match counters {
+            Some(c) => println!(
+                "kml-agent: hook detached after {:.1}s: {} calls, {} reads, {} positive verdicts, {} read failures, {} other-disk calls",
+                started.elapsed().as_secs_f64(),
+                c.calls,
+                c.reads,
+                c.verdicts,
+                c.read_failures,
+                c.other_device
+            ),
+            None => println!("kml-agent: hook detached after {:.1}s (fmod_ret: no program counters)", started.elapsed().as_secs_f64()),
+        }
         for (d, b) in disks.iter().zip(before) {
             let now = kernel_boosts(d).unwrap_or_default();
             println!(

@@ -7,6 +7,7 @@
 #   kml.runtime=SECONDS         fio runtime per run (full mode; the job files read $KML_RUNTIME)
 #   kml.boost_max=N             if set: mq-deadline's kml_boost_max on the test disk
 #   kml.workloads=a,b           if set: only these workloads (full mode)
+#   kml.repeat=N                stock/hook pairs per workload, order alternating (full mode)
 # Results go to the virtio-9p share `kmlout` (mounted at /mnt/out); the last line is
 # `KML-VM-RESULT: PASS` or `KML-VM-RESULT: FAIL <reason>`; then the guest tells QEMU
 # its result through isa-debug-exit (port 0xf4) and powers off.
@@ -41,6 +42,7 @@ POLICY=$(arg kml.policy reads-under-writes)
 export KML_RUNTIME=$(arg kml.runtime 30)
 BOOST_MAX=$(arg kml.boost_max "")
 WORKLOADS=$(arg kml.workloads "")
+REPEAT=$(arg kml.repeat 1)
 
 SHARED=0
 finish() {
@@ -48,6 +50,8 @@ finish() {
     sync
     [ "$SHARED" = 1 ] && umount $OUT 2>/dev/null
     echo "KML-VM-RESULT: $*"
+    # Let the serial port drain before QEMU is told to exit.
+    sleep 1
     if [ "$1" = PASS ]; then code='\000'; else code='\001'; fi
     # isa-debug-exit: QEMU exits with status (code << 1) | 1
     printf "$code" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
@@ -71,6 +75,10 @@ SHARED=1
 [ -b /dev/$DISK ] || fail "no /dev/$DISK"
 echo mq-deadline > $Q/scheduler || fail "cannot select mq-deadline on $DISK"
 echo 64 > $Q/nr_requests || fail "cannot set nr_requests 64 on $DISK"
+# mq-deadline means async_depth = nr_requests, but 6.12 updates it before it stores
+# the new nr_requests (it stays at the old 2 and holds writes in tag allocation,
+# outside the scheduler): set it explicitly.
+echo 64 > $Q/iosched/async_depth || fail "cannot set async_depth 64 on $DISK"
 [ -f $Q/iosched/kml_boosts ] || fail "$Q/iosched/kml_boosts missing: not kml's patched mq-deadline"
 if [ -n "$BOOST_MAX" ]; then
     echo "$BOOST_MAX" > $Q/iosched/kml_boost_max || fail "cannot set kml_boost_max"
@@ -85,6 +93,7 @@ grep -q dd_kml_verdict /proc/kallsyms || fail "dd_kml_verdict not in kallsyms"
     for f in $Q/iosched/*; do echo "iosched.$(basename $f) $(cat $f)"; done
     grep -c . /sys/kernel/debug/error_injection/list 2>/dev/null | sed 's/^/error_injection_functions /'
     grep dd_kml_verdict /sys/kernel/debug/error_injection/list 2>/dev/null | sed 's/^/error_injection /'
+    dmesg | grep -i "kml\|mq-deadline" | sed 's/^/dmesg /'
 } > $OUT/settings.txt
 kml-agent doctor > $OUT/doctor.txt 2>&1
 cat $OUT/doctor.txt
@@ -92,9 +101,15 @@ cat $OUT/doctor.txt
 boosts() { echo "$(cat $Q/iosched/kml_boosts) $(cat $Q/iosched/kml_capped)"; }
 
 HOOK_PID=
+HOOK_VIA=
 start_hook() {
     # $1 policy, $2 log file
-    kml-agent hook --policy "$1" --device $DISK > "$2" 2>&1 &
+    : > "$2"
+    if [ -n "$HOOK_VIA" ]; then
+        kml-agent hook --policy "$1" $HOOK_VIA > "$2" 2>&1 &
+    else
+        kml-agent hook --policy "$1" --device $DISK > "$2" 2>&1 &
+    fi
     HOOK_PID=$!
     i=0
     while ! grep -q "hook attached" "$2"; do
@@ -155,17 +170,49 @@ if [ "$MODE" = smoke ]; then
     cat /tmp/smoke.hook.agent.log
     echo "stock $b0 $b1" > $OUT/smoke.boosts
     echo "hook $b1 $b2" >> $OUT/smoke.boosts
-    set -- $b0 $b1 $b2
+    # The same verdicts through the other attach path: fmod_ret.
+    echo "kml-guest: smoke: fmod_ret run (policy reads)"
+    HOOK_VIA="--via fmod-ret"
+    start_hook reads /tmp/smoke.fmodret.agent.log
+    HOOK_VIA=
+    trace_start
+    run_fio $JOB smoke.fmodret
+    trace_stop $OUT/smoke.fmodret.trace
+    b3=$(boosts)
+    stop_hook /tmp/smoke.fmodret.agent.log
+    cp /tmp/smoke.fmodret.agent.log $OUT/smoke.fmodret.agent.log
+    echo "hook $b2 $b3" > $OUT/smoke.fmodret.boosts
+    set -- $b0 $b1 $b2 $b3
     stock_boosts=$(($3 - $1))
     hook_boosts=$(($5 - $3))
     hook_capped=$(($6 - $4))
-    echo "kml-guest: smoke: kernel boosts: stock run $stock_boosts, hook run $hook_boosts (refused by the cap: $hook_capped)"
+    fmodret_boosts=$(($7 - $5))
+    echo "kml-guest: smoke: kernel boosts: stock run $stock_boosts, kprobe run $hook_boosts (refused by the cap: $hook_capped), fmod_ret run $fmodret_boosts"
     [ $stock_boosts = 0 ] || fail "requests were boosted with no program attached ($stock_boosts)"
-    [ $hook_boosts -gt 0 ] || fail "the hook run boosted no request (kml_boosts did not move)"
-    finish PASS "smoke: hook attached, $hook_boosts requests served early"
+    [ $hook_boosts -gt 0 ] || fail "the kprobe hook run boosted no request (kml_boosts did not move)"
+    [ $fmodret_boosts -gt 0 ] || fail "the fmod_ret run boosted no request (kml_boosts did not move)"
+    finish PASS "smoke: hook attached, $hook_boosts requests served early (kprobe), $fmodret_boosts (fmod_ret)"
 fi
 
 # ---------------------------------------------------------------- full comparison
+stock_run() {
+    # $1 job, $2 name, $3 repeat
+    echo "kml-guest: $2: stock run $3 (${KML_RUNTIME}s)"
+    b0=$(boosts)
+    run_fio $1 $2.stock.$3
+    echo "stock $b0 $(boosts)" >> $OUT/$2.boosts
+}
+hook_run() {
+    echo "kml-guest: $2: hook run $3, policy $POLICY (${KML_RUNTIME}s)"
+    start_hook $POLICY /tmp/$2.hook.$3.agent.log
+    b0=$(boosts)
+    run_fio $1 $2.hook.$3
+    b1=$(boosts)
+    stop_hook /tmp/$2.hook.$3.agent.log
+    echo "hook $b0 $b1" >> $OUT/$2.boosts
+    cp /tmp/$2.hook.$3.agent.log $OUT/$2.hook.$3.agent.log
+    tail -n2 /tmp/$2.hook.$3.agent.log
+}
 if [ "$MODE" = full ]; then
     n=0
     for JOB in /kml/workloads/*.fio; do
@@ -175,22 +222,22 @@ if [ "$MODE" = full ]; then
             case ",$WORKLOADS," in *",$name,"*) ;; *) continue ;; esac
         fi
         n=$((n + 1))
-        echo "kml-guest: $name: stock run (${KML_RUNTIME}s)"
-        b0=$(boosts)
-        run_fio $JOB $name.stock
-        b1=$(boosts)
-        echo "kml-guest: $name: hook run, policy $POLICY (${KML_RUNTIME}s)"
-        start_hook $POLICY /tmp/$name.hook.agent.log
-        run_fio $JOB $name.hook
-        b2=$(boosts)
-        stop_hook /tmp/$name.hook.agent.log
-        cp /tmp/$name.hook.agent.log $OUT/$name.hook.agent.log
-        echo "stock $b0 $b1" > $OUT/$name.boosts
-        echo "hook $b1 $b2" >> $OUT/$name.boosts
-        tail -n2 /tmp/$name.hook.agent.log
+        : > $OUT/$name.boosts
+        r=1
+        while [ $r -le $REPEAT ]; do
+            # Alternate the order (stock first, then hook first) against drift.
+            if [ $((r % 2)) = 1 ]; then
+                stock_run $JOB $name $r
+                hook_run $JOB $name $r
+            else
+                hook_run $JOB $name $r
+                stock_run $JOB $name $r
+            fi
+            r=$((r + 1))
+        done
     done
     [ $n -gt 0 ] || fail "no workload ran"
-    finish PASS "full: $n workloads"
+    finish PASS "full: $n workloads x $REPEAT"
 fi
 
 fail "unknown kml.mode=$MODE"

@@ -71,8 +71,15 @@ fn add_dirs(dirs: &mut BTreeSet<String>, path: &str) {
 
 /// Builds the initramfs; returns its path and its uncompressed size in bytes.
 pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
-    ensure!(inp.gen_init_cpio.is_file(), "{} missing (kernel build incomplete?)", inp.gen_init_cpio.display());
-    ensure!(Path::new(BUSYBOX).is_file(), "{BUSYBOX} missing (package busybox-static)");
+    ensure!(
+        inp.gen_init_cpio.is_file(),
+        "{} missing (kernel build incomplete?)",
+        inp.gen_init_cpio.display()
+    );
+    ensure!(
+        Path::new(BUSYBOX).is_file(),
+        "{BUSYBOX} missing (package busybox-static)"
+    );
     if inp.work.exists() {
         fs::remove_dir_all(inp.work)?;
     }
@@ -80,7 +87,8 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
 
     // The agent without its debug info (tens of MB less to load into the guest).
     let agent = inp.work.join("kml-agent");
-    run(Command::new("strip").arg("-o").arg(&agent).arg(inp.agent)).context("stripping kml-agent")?;
+    run(Command::new("strip").arg("-o").arg(&agent).arg(inp.agent))
+        .context("stripping kml-agent")?;
     let init = inp.work.join("init");
     fs::write(&init, GUEST_INIT)?;
     let fio = find_program("fio")?;
@@ -105,28 +113,51 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
         files.push((lib.to_string_lossy().into_owned(), real, "0755"));
     }
     let mut jobs = Vec::new();
-    for e in fs::read_dir(inp.workloads).with_context(|| format!("reading {}", inp.workloads.display()))? {
+    for e in fs::read_dir(inp.workloads)
+        .with_context(|| format!("reading {}", inp.workloads.display()))?
+    {
         let p = e?.path();
         if p.extension().is_some_and(|x| x == "fio") {
             jobs.push(p);
         }
     }
     jobs.sort();
-    ensure!(!jobs.is_empty(), "no .fio job files in {}", inp.workloads.display());
+    ensure!(
+        !jobs.is_empty(),
+        "no .fio job files in {}",
+        inp.workloads.display()
+    );
     for j in &jobs {
         let name = j.file_name().unwrap().to_string_lossy().into_owned();
         files.push((format!("/kml/workloads/{name}"), j.clone(), "0644"));
     }
     // Library search path for the loader (there is no ld.so.cache in the guest).
     let env = inp.work.join("env");
-    fs::write(&env, format!("export LD_LIBRARY_PATH={}\n", lib_dirs.iter().cloned().collect::<Vec<_>>().join(":")))?;
+    fs::write(
+        &env,
+        format!(
+            "export LD_LIBRARY_PATH={}\n",
+            lib_dirs.iter().cloned().collect::<Vec<_>>().join(":")
+        ),
+    )?;
     files.push(("/kml/env".into(), env, "0644"));
 
-    let mut dirs: BTreeSet<String> =
-        ["/dev", "/proc", "/sys", "/tmp", "/mnt", "/mnt/out", "/bin", "/sbin", "/usr/sbin", "/root", "/kml"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+    let mut dirs: BTreeSet<String> = [
+        "/dev",
+        "/proc",
+        "/sys",
+        "/tmp",
+        "/mnt",
+        "/mnt/out",
+        "/bin",
+        "/sbin",
+        "/usr/sbin",
+        "/root",
+        "/kml",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     for (name, _, _) in &files {
         add_dirs(&mut dirs, name);
     }
@@ -138,7 +169,9 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
     list.push_str("nod /dev/console 0600 0 0 c 5 1\nnod /dev/null 0666 0 0 c 1 3\n");
     let mut total = 0u64;
     for (name, src, mode) in &files {
-        total += fs::metadata(src).with_context(|| format!("{}", src.display()))?.len();
+        total += fs::metadata(src)
+            .with_context(|| format!("{}", src.display()))?
+            .len();
         list.push_str(&format!("file {name} {} {mode} 0 0\n", src.display()));
     }
     let list_path = inp.work.join("initramfs.list");
@@ -152,7 +185,8 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
     if inp.compress {
         run(Command::new("gzip").args(["-f", "-n", "-1"]).arg(&cpio))?;
         let gz = cpio.with_extension("cpio.gz");
-        fs::rename(&gz, inp.out).with_context(|| format!("moving {} to {}", gz.display(), inp.out.display()))?;
+        fs::rename(&gz, inp.out)
+            .with_context(|| format!("moving {} to {}", gz.display(), inp.out.display()))?;
     } else {
         fs::rename(&cpio, inp.out)?;
     }
@@ -176,7 +210,10 @@ mod tests {
         let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibaio.so.1 => /lib/x86_64-linux-gnu/libaio.so.1 (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n";
         assert_eq!(
             ldd_paths(text).unwrap(),
-            [PathBuf::from("/lib/x86_64-linux-gnu/libaio.so.1"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libaio.so.1"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
         );
         assert!(ldd_paths("\tlibx.so => not found\n").is_err());
     }
@@ -185,7 +222,10 @@ mod tests {
     fn parent_dirs() {
         let mut d = BTreeSet::new();
         add_dirs(&mut d, "/lib/x86_64-linux-gnu/libc.so.6");
-        assert_eq!(d.into_iter().collect::<Vec<_>>(), ["/lib", "/lib/x86_64-linux-gnu"]);
+        assert_eq!(
+            d.into_iter().collect::<Vec<_>>(),
+            ["/lib", "/lib/x86_64-linux-gnu"]
+        );
     }
 
     #[test]

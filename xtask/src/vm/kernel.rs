@@ -118,11 +118,21 @@ pub fn config_mismatches(fragment: &str, config: &str) -> Vec<String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let Some((opt, want)) = line.split_once('=') else { continue };
+        let Some((opt, want)) = line.split_once('=') else {
+            continue;
+        };
         match values.get(opt.trim()) {
             Some(v) if *v == want.trim() => {}
-            Some(v) => bad.push(format!("{}={} wanted, .config has {v}", opt.trim(), want.trim())),
-            None => bad.push(format!("{}={} wanted, .config does not set it", opt.trim(), want.trim())),
+            Some(v) => bad.push(format!(
+                "{}={} wanted, .config has {v}",
+                opt.trim(),
+                want.trim()
+            )),
+            None => bad.push(format!(
+                "{}={} wanted, .config does not set it",
+                opt.trim(),
+                want.trim()
+            )),
         }
     }
     bad
@@ -135,15 +145,26 @@ pub fn ensure(root: &Path, jobs: usize) -> Result<Kernel> {
     let package_version = package_version()?;
     let patch_path = root.join(PATCH);
     let fragment_path = root.join(FRAGMENT);
-    let patch = fs::read(&patch_path).with_context(|| format!("reading {}", patch_path.display()))?;
-    let fragment = fs::read_to_string(&fragment_path).with_context(|| format!("reading {}", fragment_path.display()))?;
-    let key = format!("{:016x}", fnv64(&[package_version.as_bytes(), &patch, fragment.as_bytes()]));
+    let patch =
+        fs::read(&patch_path).with_context(|| format!("reading {}", patch_path.display()))?;
+    let fragment = fs::read_to_string(&fragment_path)
+        .with_context(|| format!("reading {}", fragment_path.display()))?;
+    let key = format!(
+        "{:016x}",
+        fnv64(&[package_version.as_bytes(), &patch, fragment.as_bytes()])
+    );
 
-    let source = cache.join(format!("linux-{}", package_version.replace(['~', ':', '/'], "_")));
+    let source = cache.join(format!(
+        "linux-{}",
+        package_version.replace(['~', ':', '/'], "_")
+    ));
     if !source.join("Makefile").is_file() {
         unpack(&cache, &source)?;
     } else {
-        eprintln!("xtask: kernel source already unpacked in {}", source.display());
+        eprintln!(
+            "xtask: kernel source already unpacked in {}",
+            source.display()
+        );
     }
     let version = makefile_version(&fs::read_to_string(source.join("Makefile"))?)
         .context("cannot read the version from the kernel Makefile")?;
@@ -154,7 +175,10 @@ pub fn ensure(root: &Path, jobs: usize) -> Result<Kernel> {
     let bzimage = cache.join(format!("bzImage-{key}"));
     let mut build_secs = None;
     if bzimage.is_file() && source.join("usr/gen_init_cpio").is_file() {
-        eprintln!("xtask: kernel {version} (key {key}) already built: {}", bzimage.display());
+        eprintln!(
+            "xtask: kernel {version} (key {key}) already built: {}",
+            bzimage.display()
+        );
     } else {
         let log = cache.join(format!("build-{key}.log"));
         eprintln!(
@@ -163,7 +187,8 @@ pub fn ensure(root: &Path, jobs: usize) -> Result<Kernel> {
             log.display()
         );
         let started = Instant::now();
-        let log_file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let log_file =
+            fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("make");
         cmd.current_dir(&source)
             .arg(format!("-j{jobs}"))
@@ -173,7 +198,14 @@ pub fn ensure(root: &Path, jobs: usize) -> Result<Kernel> {
         let status = crate::util::run_status(&mut cmd)?;
         if !status.success() {
             let text = fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             bail!(
                 "the kernel build failed ({}); last lines of {}:\n{}",
                 crate::util::describe_status(status),
@@ -185,25 +217,42 @@ pub fn ensure(root: &Path, jobs: usize) -> Result<Kernel> {
         build_secs = Some(secs);
         eprintln!("xtask: kernel built in {secs:.0} s");
         if !source.join("usr/gen_init_cpio").is_file() {
-            run(Command::new("make").current_dir(&source).arg("usr/gen_init_cpio"))?;
+            run(Command::new("make")
+                .current_dir(&source)
+                .arg("usr/gen_init_cpio"))?;
         }
         fs::copy(source.join("arch/x86/boot/bzImage"), &bzimage)
             .with_context(|| format!("copying bzImage to {}", bzimage.display()))?;
     }
-    Ok(Kernel { version, package_version, bzimage, source, key, build_secs })
+    Ok(Kernel {
+        version,
+        package_version,
+        bzimage,
+        source,
+        key,
+        build_secs,
+    })
 }
 
 fn unpack(cache: &Path, source: &Path) -> Result<()> {
-    ensure!(Path::new(TARBALL).is_file(), "{TARBALL} missing although {SOURCE_PACKAGE} is installed");
+    ensure!(
+        Path::new(TARBALL).is_file(),
+        "{TARBALL} missing although {SOURCE_PACKAGE} is installed"
+    );
     let tmp = cache.join("unpack.tmp");
     if tmp.exists() {
         fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
     fs::create_dir_all(&tmp)?;
     eprintln!("xtask: unpacking {TARBALL} into {}", source.display());
-    run(Command::new("tar").arg("-xf").arg(TARBALL).arg("-C").arg(&tmp))?;
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(TARBALL)
+        .arg("-C")
+        .arg(&tmp))?;
     if source.exists() {
-        fs::remove_dir_all(source).with_context(|| format!("removing the incomplete {}", source.display()))?;
+        fs::remove_dir_all(source)
+            .with_context(|| format!("removing the incomplete {}", source.display()))?;
     }
     fs::rename(tmp.join(TARBALL_TOP), source)
         .with_context(|| format!("moving the unpacked source to {}", source.display()))?;
@@ -222,10 +271,16 @@ fn apply_patch(source: &Path, patch_path: &Path, patch: &[u8]) -> Result<()> {
         }
         Ok(_) => {
             eprintln!("xtask: {PATCH} changed: reverting the previously applied version");
-            run(Command::new("patch").current_dir(source).args(["-R", "-p1", "--batch", "-i"]).arg(&applied))
-                .with_context(|| {
-                    format!("reverting the old patch failed: remove {} to start from a fresh source", source.display())
-                })?;
+            run(Command::new("patch")
+                .current_dir(source)
+                .args(["-R", "-p1", "--batch", "-i"])
+                .arg(&applied))
+            .with_context(|| {
+                format!(
+                    "reverting the old patch failed: remove {} to start from a fresh source",
+                    source.display()
+                )
+            })?;
             fs::remove_file(&applied)?;
         }
         Err(_) => {}
@@ -236,7 +291,10 @@ fn apply_patch(source: &Path, patch_path: &Path, patch: &[u8]) -> Result<()> {
         .args(["-p1", "--forward", "--batch", "--dry-run", "-i"])
         .arg(patch_path))
     .with_context(|| format!("{PATCH} does not apply cleanly to {}", source.display()))?;
-    run(Command::new("patch").current_dir(source).args(["-p1", "--forward", "--batch", "-i"]).arg(patch_path))?;
+    run(Command::new("patch")
+        .current_dir(source)
+        .args(["-p1", "--forward", "--batch", "-i"])
+        .arg(patch_path))?;
     fs::write(&applied, patch)?;
     Ok(())
 }
@@ -248,13 +306,19 @@ fn configure(source: &Path, fragment_path: &Path, fragment: &str, key: &str) -> 
     let config = source.join(".config");
     if fs::read_to_string(&key_file).ok().as_deref() != Some(key) || !config.is_file() {
         eprintln!("xtask: configuring: tinyconfig + kvm_guest.config + {FRAGMENT}");
-        run(Command::new("make").current_dir(source).arg("tinyconfig").stdout(Stdio::null()))?;
+        run(Command::new("make")
+            .current_dir(source)
+            .arg("tinyconfig")
+            .stdout(Stdio::null()))?;
         run(Command::new("scripts/kconfig/merge_config.sh")
             .current_dir(source)
             .args(["-m", ".config", "kernel/configs/kvm_guest.config"])
             .arg(fragment_path)
             .stdout(Stdio::null()))?;
-        run(Command::new("make").current_dir(source).arg("olddefconfig").stdout(Stdio::null()))?;
+        run(Command::new("make")
+            .current_dir(source)
+            .arg("olddefconfig")
+            .stdout(Stdio::null()))?;
     }
     let final_config = fs::read_to_string(&config)?;
     let bad = config_mismatches(fragment, &final_config);

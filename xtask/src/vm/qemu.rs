@@ -77,10 +77,17 @@ impl Outcome {
     /// A one-line account of what happened, for failures.
     pub fn describe(&self) -> String {
         let how = if self.timed_out {
-            format!("guest killed after the {:.0} s timeout (hung)", self.elapsed.as_secs_f64())
+            format!(
+                "guest killed after the {:.0} s timeout (hung)",
+                self.elapsed.as_secs_f64()
+            )
         } else {
             match self.status {
-                Some(s) => format!("QEMU exited ({}) after {:.1} s", crate::util::describe_status(s), self.elapsed.as_secs_f64()),
+                Some(s) => format!(
+                    "QEMU exited ({}) after {:.1} s",
+                    crate::util::describe_status(s),
+                    self.elapsed.as_secs_f64()
+                ),
                 None => "QEMU status unknown".into(),
             }
         };
@@ -89,7 +96,11 @@ impl Outcome {
             Some(Err(r)) => format!("FAIL {r}"),
             None => "no result line from the guest".into(),
         };
-        let errs = if self.qemu_errors.is_empty() { String::new() } else { format!("; QEMU said: {}", self.qemu_errors.join(" | ")) };
+        let errs = if self.qemu_errors.is_empty() {
+            String::new()
+        } else {
+            format!("; QEMU said: {}", self.qemu_errors.join(" | "))
+        };
         format!("{what}; {how}{errs}")
     }
 }
@@ -130,7 +141,10 @@ pub fn command(b: &Boot) -> Command {
     }
     if let Some(share) = &b.share {
         cmd.arg("-fsdev")
-            .arg(format!("local,id=kmlout,path={},security_model=none", share.display()))
+            .arg(format!(
+                "local,id=kmlout,path={},security_model=none",
+                share.display()
+            ))
             .args(["-device", "virtio-9p-pci,fsdev=kmlout,mount_tag=kmlout"]);
     }
     cmd
@@ -144,7 +158,9 @@ enum Line {
 /// Boots and waits for the guest to finish, the timeout, or QEMU to exit.
 pub fn boot(b: &Boot) -> Result<Outcome> {
     let mut cmd = command(b);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     eprintln!("xtask: running {}", display(&cmd));
     let started = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {QEMU}"))?;
@@ -168,7 +184,8 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
             }
         }
     });
-    let mut log = fs::File::create(&b.console_log).with_context(|| format!("creating {}", b.console_log.display()))?;
+    let mut log = fs::File::create(&b.console_log)
+        .with_context(|| format!("creating {}", b.console_log.display()))?;
     let mut out = Outcome {
         result: None,
         ready: false,
@@ -179,34 +196,35 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
         qemu_errors: Vec::new(),
     };
     let mut deadline = started + b.timeout;
-    let mut handle = |line: Line, out: &mut Outcome, deadline: &mut Instant| {
-        match line {
-            Line::Console(s) => {
-                let _ = writeln!(log, "{s}");
-                if b.echo {
-                    eprintln!("  guest| {s}");
-                }
-                if out.boot_secs.is_none() && s.starts_with("kml-guest:") {
-                    out.boot_secs = Some(started.elapsed().as_secs_f64());
-                }
-                if s.contains(READY) {
-                    out.ready = true;
-                }
-                if let Some(rest) = s.find(SENTINEL).map(|i| s[i + SENTINEL.len()..].trim().to_owned()) {
-                    out.result = Some(match rest.strip_prefix("PASS") {
-                        Some(t) => Ok(t.trim().to_owned()),
-                        None => Err(rest.strip_prefix("FAIL").unwrap_or(&rest).trim().to_owned()),
-                    });
-                    *deadline = (*deadline).min(Instant::now() + POWEROFF_GRACE);
-                }
+    let mut handle = |line: Line, out: &mut Outcome, deadline: &mut Instant| match line {
+        Line::Console(s) => {
+            let _ = writeln!(log, "{s}");
+            if b.echo {
+                eprintln!("  guest| {s}");
             }
-            Line::Qemu(s) => {
-                let _ = writeln!(log, "qemu: {s}");
-                eprintln!("  qemu| {s}");
-                out.qemu_errors.push(s);
-                if out.qemu_errors.len() > 5 {
-                    out.qemu_errors.remove(0);
-                }
+            if out.boot_secs.is_none() && s.starts_with("kml-guest:") {
+                out.boot_secs = Some(started.elapsed().as_secs_f64());
+            }
+            if s.contains(READY) {
+                out.ready = true;
+            }
+            if let Some(rest) = s
+                .find(SENTINEL)
+                .map(|i| s[i + SENTINEL.len()..].trim().to_owned())
+            {
+                out.result = Some(match rest.strip_prefix("PASS") {
+                    Some(t) => Ok(t.trim().to_owned()),
+                    None => Err(rest.strip_prefix("FAIL").unwrap_or(&rest).trim().to_owned()),
+                });
+                *deadline = (*deadline).min(Instant::now() + POWEROFF_GRACE);
+            }
+        }
+        Line::Qemu(s) => {
+            let _ = writeln!(log, "qemu: {s}");
+            eprintln!("  qemu| {s}");
+            out.qemu_errors.push(s);
+            if out.qemu_errors.len() > 5 {
+                out.qemu_errors.remove(0);
             }
         }
     };
@@ -220,7 +238,9 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
             Ok(line) => handle(line, &mut out, &mut deadline),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             // QEMU closed its output: it is exiting; the status comes below.
-            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(100)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
         }
         if let Some(c) = guard.0.as_mut() {
             if let Some(status) = c.try_wait()? {
@@ -281,15 +301,24 @@ pub fn choose_accel(requested: Accel, probe: &Boot) -> Result<(Accel, String)> {
     if !Path::new("/dev/kvm").exists() {
         return Ok((Accel::Tcg, "TCG: no /dev/kvm".into()));
     }
-    eprintln!("xtask: /dev/kvm exists: probing KVM with a quick boot (timeout {:?})", probe.timeout);
+    eprintln!(
+        "xtask: /dev/kvm exists: probing KVM with a quick boot (timeout {:?})",
+        probe.timeout
+    );
     let mut p = probe.clone();
     p.accel = Accel::Kvm;
     p.echo = false;
     let o = boot(&p)?;
     if o.ready && o.passed() {
-        Ok((Accel::Kvm, format!("KVM (probe boot took {:.1} s)", o.elapsed.as_secs_f64())))
+        Ok((
+            Accel::Kvm,
+            format!("KVM (probe boot took {:.1} s)", o.elapsed.as_secs_f64()),
+        ))
     } else {
-        Ok((Accel::Tcg, format!("TCG: the KVM probe boot failed: {}", o.describe())))
+        Ok((
+            Accel::Tcg,
+            format!("TCG: the KVM probe boot failed: {}", o.describe()),
+        ))
     }
 }
 
@@ -299,7 +328,10 @@ mod tests {
 
     #[test]
     fn terminal_codes() {
-        assert_eq!(strip_terminal_codes("\x1bc\x1b[?7l\x1b[2Jkml-guest: hi\r"), "kml-guest: hi");
+        assert_eq!(
+            strip_terminal_codes("\x1bc\x1b[?7l\x1b[2Jkml-guest: hi\r"),
+            "kml-guest: hi"
+        );
         assert_eq!(strip_terminal_codes("plain\ttext"), "plain\ttext");
     }
 
@@ -317,7 +349,10 @@ mod tests {
             echo: false,
         };
         let line = display(&command(&b));
-        assert!(line.starts_with("qemu-system-x86_64 -accel tcg -m 2G -smp 2 -nographic"), "{line}");
+        assert!(
+            line.starts_with("qemu-system-x86_64 -accel tcg -m 2G -smp 2 -nographic"),
+            "{line}"
+        );
         assert!(line.contains("throttling.iops-total=100"));
         assert!(line.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"));
         assert!(line.contains("mount_tag=kmlout"));

@@ -51,7 +51,11 @@ fn num(v: &Value, path: &[&str]) -> f64 {
 
 fn percentile(dir: &Value, which: &str) -> f64 {
     for lat in ["lat_ns", "clat_ns"] {
-        if let Some(p) = dir.get(lat).and_then(|l| l.get("percentile")).and_then(|p| p.get(which)) {
+        if let Some(p) = dir
+            .get(lat)
+            .and_then(|l| l.get("percentile"))
+            .and_then(|p| p.get(which))
+        {
             if let Some(x) = p.as_f64() {
                 return x;
             }
@@ -101,7 +105,38 @@ pub fn parse_fio(text: &str) -> Result<RunStats> {
             bail!("fio job {} reported error {err}", j["jobname"]);
         }
     }
-    Ok(RunStats { read: dir_stats(jobs, "read"), write: dir_stats(jobs, "write") })
+    Ok(RunStats {
+        read: dir_stats(jobs, "read"),
+        write: dir_stats(jobs, "write"),
+    })
+}
+
+/// Several runs of the same phase as one: I/O counts and bytes summed, rates
+/// averaged, latencies I/O-weighted.
+pub fn combine(runs: &[RunStats]) -> RunStats {
+    fn dir(ds: &[DirStats]) -> DirStats {
+        let mut s = DirStats::default();
+        let n = ds.len().max(1) as f64;
+        let w: f64 = ds.iter().map(|d| d.ios as f64).sum();
+        for d in ds {
+            s.ios += d.ios;
+            s.bytes += d.bytes;
+            s.bw_bytes += d.bw_bytes / n;
+            s.iops += d.iops / n;
+            if w > 0.0 {
+                let f = d.ios as f64 / w;
+                s.mean_ns += f * d.mean_ns;
+                s.p50_ns += f * d.p50_ns;
+                s.p99_ns += f * d.p99_ns;
+                s.p999_ns += f * d.p999_ns;
+            }
+        }
+        s
+    }
+    RunStats {
+        read: dir(&runs.iter().map(|r| r.read).collect::<Vec<_>>()),
+        write: dir(&runs.iter().map(|r| r.write).collect::<Vec<_>>()),
+    }
 }
 
 /// Relative change in percent; 0 when the base is 0.
@@ -117,7 +152,8 @@ fn ms(ns: f64) -> String {
     format!("{:.1}", ns / 1e6)
 }
 
-/// The boost counters the guest wrote (`stock b c b c` / `hook b c b c`).
+/// The boost counters the guest wrote (`stock b c b c` / `hook b c b c`: kml_boosts
+/// and kml_capped before and after a run), summed over the runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Boosts {
     pub stock_boosts: u64,
@@ -134,10 +170,10 @@ pub fn parse_boosts(text: &str) -> Result<Boosts> {
         }
         let n: Vec<u64> = f[1..].iter().map(|x| x.parse().unwrap_or(0)).collect();
         match f[0] {
-            "stock" => b.stock_boosts = n[2].saturating_sub(n[0]),
+            "stock" => b.stock_boosts += n[2].saturating_sub(n[0]),
             "hook" => {
-                b.hook_boosts = n[2].saturating_sub(n[0]);
-                b.hook_capped = n[3].saturating_sub(n[1]);
+                b.hook_boosts += n[2].saturating_sub(n[0]);
+                b.hook_capped += n[3].saturating_sub(n[1]);
             }
             _ => {}
         }
@@ -154,6 +190,8 @@ pub struct Comparison {
     pub boosts: Boosts,
     /// The agent's summary lines.
     pub agent: String,
+    /// Per repeat (stock, hook), when there was more than one pair.
+    pub pairs: Vec<(RunStats, RunStats)>,
 }
 
 impl Comparison {
@@ -172,33 +210,73 @@ impl Comparison {
     /// The issue's goal for a mixed workload: mean read latency -15% or better,
     /// p99 -25% or better, throughput no more than 2% lower.
     pub fn meets_goal(&self) -> bool {
-        self.read_mean_pct() <= -15.0 && self.read_p99_pct() <= -25.0 && self.throughput_pct() >= -2.0
+        self.read_mean_pct() <= -15.0
+            && self.read_p99_pct() <= -25.0
+            && self.throughput_pct() >= -2.0
     }
     /// Made worse by more than 2% at p99 (reads or writes).
     pub fn worse_at_p99(&self) -> bool {
-        (self.stock.read.ios > 0 && self.read_p99_pct() > 2.0) || (self.stock.write.ios > 0 && self.write_p99_pct() > 2.0)
+        (self.stock.read.ios > 0 && self.read_p99_pct() > 2.0)
+            || (self.stock.write.ios > 0 && self.write_p99_pct() > 2.0)
     }
 
     pub fn table(&self) -> String {
         let mut t = String::new();
-        let _ = writeln!(t, "| metric | stock | hook | change |\n| --- | ---: | ---: | ---: |");
+        let _ = writeln!(
+            t,
+            "| metric | stock | hook | change |\n| --- | ---: | ---: | ---: |"
+        );
         let mut row = |name: &str, s: f64, h: f64, fmt: &dyn Fn(f64) -> String| {
-            let _ = writeln!(t, "| {name} | {} | {} | {:+.1}% |", fmt(s), fmt(h), pct(h, s));
+            let _ = writeln!(
+                t,
+                "| {name} | {} | {} | {:+.1}% |",
+                fmt(s),
+                fmt(h),
+                pct(h, s)
+            );
         };
         let msf = |x: f64| ms(x);
         let rate = |x: f64| format!("{x:.1}");
         let mib = |x: f64| format!("{:.3}", x / (1 << 20) as f64);
-        for (label, s, h) in [("read", &self.stock.read, &self.hook.read), ("write", &self.stock.write, &self.hook.write)] {
+        for (label, s, h) in [
+            ("read", &self.stock.read, &self.hook.read),
+            ("write", &self.stock.write, &self.hook.write),
+        ] {
             if s.ios == 0 && h.ios == 0 {
                 continue;
             }
-            row(&format!("{label} latency mean (ms)"), s.mean_ns, h.mean_ns, &msf);
-            row(&format!("{label} latency p50 (ms)"), s.p50_ns, h.p50_ns, &msf);
-            row(&format!("{label} latency p99 (ms)"), s.p99_ns, h.p99_ns, &msf);
-            row(&format!("{label} latency p99.9 (ms)"), s.p999_ns, h.p999_ns, &msf);
+            row(
+                &format!("{label} latency mean (ms)"),
+                s.mean_ns,
+                h.mean_ns,
+                &msf,
+            );
+            row(
+                &format!("{label} latency p50 (ms)"),
+                s.p50_ns,
+                h.p50_ns,
+                &msf,
+            );
+            row(
+                &format!("{label} latency p99 (ms)"),
+                s.p99_ns,
+                h.p99_ns,
+                &msf,
+            );
+            row(
+                &format!("{label} latency p99.9 (ms)"),
+                s.p999_ns,
+                h.p999_ns,
+                &msf,
+            );
             row(&format!("{label} IOPS"), s.iops, h.iops, &rate);
         }
-        row("throughput (MiB/s)", self.stock.throughput_bytes(), self.hook.throughput_bytes(), &mib);
+        row(
+            "throughput (MiB/s)",
+            self.stock.throughput_bytes(),
+            self.hook.throughput_bytes(),
+            &mib,
+        );
         row(
             "IOPS (read + write)",
             self.stock.read.iops + self.stock.write.iops,
@@ -211,6 +289,19 @@ impl Comparison {
              (stock run: {} boosts, must be 0).",
             self.boosts.hook_boosts, self.boosts.hook_capped, self.boosts.stock_boosts
         );
+        if self.pairs.len() > 1 {
+            let _ = writeln!(t, "\nPer pair (stock/hook order alternating): read mean, read p99, throughput change:\n");
+            for (i, (st, hk)) in self.pairs.iter().enumerate() {
+                let _ = writeln!(
+                    t,
+                    "- pair {}: {:+.1}%, {:+.1}%, {:+.1}%",
+                    i + 1,
+                    pct(hk.read.mean_ns, st.read.mean_ns),
+                    pct(hk.read.p99_ns, st.read.p99_ns),
+                    pct(hk.throughput_bytes(), st.throughput_bytes())
+                );
+            }
+        }
         if !self.agent.is_empty() {
             let _ = writeln!(t, "\n```\n{}\n```", self.agent.trim());
         }
@@ -298,7 +389,9 @@ pub fn dispatch_order(trace: &str) -> OrderStats {
                 write_issues += 1;
             }
             (Ev::Issue, true) => {
-                let Some((at, issues_then)) = queued_reads.remove(&sector) else { continue };
+                let Some((at, issues_then)) = queued_reads.remove(&sector) else {
+                    continue;
+                };
                 n += 1;
                 let w = write_issues - issues_then;
                 waited += w;
@@ -353,23 +446,60 @@ mod tests {
     #[test]
     fn changes_and_summary() {
         assert_eq!(pct(80.0, 100.0), -20.0);
-        assert_eq!(summary_line(-20.0, -31.25, 0.5), "read latency: mean -20.0%, p99 -31.2%; throughput +0.5%");
+        assert_eq!(
+            summary_line(-20.0, -31.25, 0.5),
+            "read latency: mean -20.0%, p99 -31.2%; throughput +0.5%"
+        );
         let stock = parse_fio(FIO).unwrap();
         let mut hook = stock;
         hook.read.mean_ns *= 0.5;
         hook.read.p99_ns *= 0.5;
-        let c = Comparison { name: "x".into(), stock, hook, boosts: Boosts::default(), agent: String::new() };
+        let c = Comparison {
+            name: "x".into(),
+            stock,
+            hook,
+            boosts: Boosts::default(),
+            agent: String::new(),
+            pairs: Vec::new(),
+        };
         assert!(c.meets_goal());
         assert!(!c.worse_at_p99());
-        let (m, p, t, n) = summary(&[c.clone()]).unwrap();
+        let (m, p, t, n) = summary(std::slice::from_ref(&c)).unwrap();
         assert_eq!((m, p, t, n), (-50.0, -50.0, 0.0, 1));
-        assert!(c.table().contains("| read latency mean (ms) | 80.0 | 40.0 | -50.0% |"));
+        assert!(c
+            .table()
+            .contains("| read latency mean (ms) | 80.0 | 40.0 | -50.0% |"));
+    }
+
+    #[test]
+    fn combining_runs() {
+        let a = parse_fio(FIO).unwrap();
+        let mut b = a;
+        b.read.mean_ns = 4.0e7;
+        b.read.ios = 300;
+        b.read.iops = 30.0;
+        let c = combine(&[a, b]);
+        assert_eq!(c.read.ios, 400);
+        assert_eq!(c.read.iops, 20.0);
+        assert_eq!(c.read.mean_ns, 0.25 * 8.0e7 + 0.75 * 4.0e7);
+        assert_eq!(
+            (c.write.ios, c.write.mean_ns, c.write.iops),
+            (2000, a.write.mean_ns, a.write.iops)
+        );
     }
 
     #[test]
     fn boosts_file() {
-        let b = parse_boosts("stock 0 0 0 0\nhook 0 0 57 3\n").unwrap();
-        assert_eq!(b, Boosts { stock_boosts: 0, hook_boosts: 57, hook_capped: 3 });
+        let b = parse_boosts("stock 0 0 0 0\nhook 0 0 57 3\nstock 57 3 57 3\nhook 57 3 60 3\n")
+            .unwrap();
+        assert_eq!(
+            b,
+            Boosts {
+                stock_boosts: 0,
+                hook_boosts: 60,
+                hook_capped: 3
+            }
+        );
     }
 
     #[test]
@@ -377,8 +507,14 @@ mod tests {
         let line = |ev: &str, rwbs: &str, sector: u64| {
             format!("             fio-77      [001] d..1.    12.345678: {ev}: 254,0 {rwbs} 4096 () {sector} + 8 none,0,0 [fio]")
         };
-        assert_eq!(parse_trace_line(&line("block_rq_insert", "WS", 80)), Some((Ev::Insert, false, 80)));
-        assert_eq!(parse_trace_line(&line("block_rq_issue", "R", 8)), Some((Ev::Issue, true, 8)));
+        assert_eq!(
+            parse_trace_line(&line("block_rq_insert", "WS", 80)),
+            Some((Ev::Insert, false, 80))
+        );
+        assert_eq!(
+            parse_trace_line(&line("block_rq_issue", "R", 8)),
+            Some((Ev::Issue, true, 8))
+        );
         assert_eq!(parse_trace_line("# tracer: nop"), None);
         // Writes 1..4 queued, a read arrives, two writes go, then the read.
         let mut t = Vec::new();

@@ -1,0 +1,452 @@
+//! Pure parsers of what the benchmark reads from tools and /proc: fio's JSON,
+//! `bpftool prog show -j`, /proc/PID/{stat,status,fdinfo}, /proc/{loadavg,meminfo},
+//! and the agent's live lines. All unit-tested on captured text.
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+/// One fio run, summed over its jobs (or its one group-reported job).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FioSummary {
+    pub read_iops: f64,
+    pub write_iops: f64,
+    /// I/Os completed (fio's `total_ios`).
+    pub read_ios: u64,
+    pub write_ios: u64,
+    /// Longest job runtime, ms.
+    pub runtime_ms: u64,
+    /// fio's own CPU use (user / system %), averaged over jobs.
+    pub usr_cpu: f64,
+    pub sys_cpu: f64,
+    /// Completion latency percentiles of reads, ns (p50, p99), from the first job with reads.
+    pub read_clat_p50_ns: Option<u64>,
+    pub read_clat_p99_ns: Option<u64>,
+}
+
+impl FioSummary {
+    pub fn iops(&self) -> f64 {
+        self.read_iops + self.write_iops
+    }
+
+    pub fn ios(&self) -> u64 {
+        self.read_ios + self.write_ios
+    }
+}
+
+/// Parses fio's `--output-format=json` output (anything before the first `{`, such as
+/// a warning, is skipped).
+pub fn parse_fio_json(text: &str) -> Result<FioSummary> {
+    let start = text.find('{').context("no JSON object in fio's output")?;
+    let v: Value = serde_json::from_str(&text[start..]).context("fio's JSON output does not parse")?;
+    let jobs = v["jobs"].as_array().context("fio's JSON has no `jobs` array")?;
+    if jobs.is_empty() {
+        bail!("fio's JSON has no job");
+    }
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    let mut s = FioSummary::default();
+    for job in jobs {
+        s.read_iops += f(&job["read"]["iops"]);
+        s.write_iops += f(&job["write"]["iops"]);
+        s.read_ios += u(&job["read"]["total_ios"]);
+        s.write_ios += u(&job["write"]["total_ios"]);
+        s.runtime_ms = s.runtime_ms.max(u(&job["job_runtime"]).max(u(&job["read"]["runtime"])));
+        s.usr_cpu += f(&job["usr_cpu"]) / jobs.len() as f64;
+        s.sys_cpu += f(&job["sys_cpu"]) / jobs.len() as f64;
+        if s.read_clat_p50_ns.is_none() && u(&job["read"]["total_ios"]) > 0 {
+            let pct = &job["read"]["clat_ns"]["percentile"];
+            s.read_clat_p50_ns = pct["50.000000"].as_u64();
+            s.read_clat_p99_ns = pct["99.000000"].as_u64();
+        }
+    }
+    Ok(s)
+}
+
+/// One program of `bpftool prog show -j`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgStat {
+    pub id: u32,
+    pub name: String,
+    /// `None` while `kernel.bpf_stats_enabled` was never on, or for a program never run.
+    pub run_time_ns: Option<u64>,
+    pub run_cnt: Option<u64>,
+}
+
+pub fn parse_bpftool_progs(text: &str) -> Result<Vec<ProgStat>> {
+    let v: Value = serde_json::from_str(text.trim()).context("bpftool's JSON does not parse")?;
+    let progs = v.as_array().context("bpftool prog show -j: not an array")?;
+    progs
+        .iter()
+        .map(|p| {
+            Ok(ProgStat {
+                id: p["id"]
+                    .as_u64()
+                    .and_then(|i| u32::try_from(i).ok())
+                    .context("a program without an id")?,
+                name: p["name"].as_str().unwrap_or("").to_owned(),
+                run_time_ns: p["run_time_ns"].as_u64(),
+                run_cnt: p["run_cnt"].as_u64(),
+            })
+        })
+        .collect()
+}
+
+/// Which of the observer's event programs a name is (names may be cut to 15
+/// characters by the kernel, e.g. `kml_raw_rq_inse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EventProg {
+    Insert,
+    Issue,
+    Complete,
+}
+
+impl EventProg {
+    pub const ALL: [EventProg; 3] = [EventProg::Insert, EventProg::Issue, EventProg::Complete];
+
+    pub fn of_name(name: &str) -> Option<EventProg> {
+        if !name.starts_with("kml_") {
+            return None;
+        }
+        if name.contains("rq_ins") {
+            Some(EventProg::Insert)
+        } else if name.contains("rq_iss") {
+            Some(EventProg::Issue)
+        } else if name.contains("rq_com") {
+            Some(EventProg::Complete)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EventProg::Insert => "insert",
+            EventProg::Issue => "issue",
+            EventProg::Complete => "complete",
+        }
+    }
+}
+
+/// `utime + stime` (clock ticks) from /proc/PID/stat. The command name may contain
+/// spaces and parentheses, so fields are counted after the last `)`.
+pub fn parse_proc_stat_cpu_ticks(stat: &str) -> Result<u64> {
+    let rest = &stat[stat.rfind(')').context("no `)` in /proc/PID/stat")? + 1..];
+    // After the comm: state is field 3; utime is field 14, stime 15 (1-based).
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .context("/proc/PID/stat is too short")?
+            .parse()
+            .context("a non-numeric time in /proc/PID/stat")
+    };
+    Ok(get(14 - 3)? + get(15 - 3)?)
+}
+
+/// A `Key:   value kB` line of /proc/PID/status or /proc/meminfo, in KiB.
+pub fn parse_kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The program ids an `/proc/PID/fdinfo/N` names (`prog_id:` of a BPF program fd).
+pub fn parse_fdinfo_prog_id(fdinfo: &str) -> Option<u32> {
+    fdinfo.lines().find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+}
+
+/// The three load averages of /proc/loadavg.
+pub fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
+    let mut it = text.split_whitespace().map(|w| w.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+/// One live line of `kml-agent run`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentLine {
+    pub t_s: f64,
+    pub records_per_s: f64,
+    pub drops: u64,
+    /// `(version, kind)` of the active model.
+    pub model: Option<(u32, String)>,
+    /// Live balanced accuracy of the active model over that second.
+    pub balanced_accuracy: Option<f64>,
+}
+
+/// Parses `[    7s]  115136 rec/s | wait ... | drops 0 orphans 0 | v1 logistic bal.acc 0.812 (...)`.
+pub fn parse_agent_line(line: &str) -> Option<AgentLine> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let (t, rest) = rest.split_once("s]")?;
+    let t_s = t.trim().parse().ok()?;
+    let (rate, rest) = rest.split_once("rec/s")?;
+    let records_per_s = rate.trim().parse().ok()?;
+    let mut drops = 0;
+    let mut model = None;
+    let mut balanced_accuracy = None;
+    for part in rest.split('|').map(str::trim) {
+        if let Some(d) = part.strip_prefix("drops ") {
+            drops = d.split_whitespace().next()?.parse().ok()?;
+        } else if let Some(v) = part.strip_prefix('v') {
+            let mut words = v.split_whitespace();
+            let (Some(ver), Some(kind)) = (words.next(), words.next()) else { continue };
+            let Ok(ver) = ver.parse() else { continue };
+            model = Some((ver, kind.to_owned()));
+            if words.next() == Some("bal.acc") {
+                balanced_accuracy = words.next().and_then(|w| w.parse().ok());
+            }
+        }
+    }
+    Some(AgentLine {
+        t_s,
+        records_per_s,
+        drops,
+        model,
+        balanced_accuracy,
+    })
+}
+
+/// The agent's closing line on stderr: `kml-agent: N records in Ts; drops D | ...`.
+pub fn parse_agent_summary(stderr: &str) -> Option<(u64, f64, u64)> {
+    stderr.lines().rev().find_map(|l| {
+        let rest = l.strip_prefix("kml-agent: ")?;
+        let (n, rest) = rest.split_once(" records in ")?;
+        let (secs, rest) = rest.split_once("s;")?;
+        let drops = rest
+            .trim()
+            .strip_prefix("drops ")
+            .and_then(|d| d.split_whitespace().next())
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0);
+        Some((n.trim().parse().ok()?, secs.trim().parse().ok()?, drops))
+    })
+}
+
+/// The `training.train_seconds` and record counts of a model file.
+pub fn parse_model_training(text: &str) -> Result<(f64, u64)> {
+    let v: Value = serde_json::from_str(text).context("the model file does not parse")?;
+    let t = &v["training"];
+    let secs = t["train_seconds"].as_f64().context("no training.train_seconds")?;
+    let n = t["fit_records"].as_u64().unwrap_or(0) + t["tune_records"].as_u64().unwrap_or(0);
+    Ok((secs, n))
+}
+
+/// The metrics of one model in `kml-agent eval --json`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvalMetrics {
+    pub records: u64,
+    pub miss_rate: f64,
+    pub accuracy: f64,
+    pub balanced_accuracy: f64,
+    pub f1_miss: f64,
+    pub q_accuracy: f64,
+    pub q_balanced_accuracy: f64,
+    pub q_f1_miss: f64,
+    pub agreement: Option<f64>,
+}
+
+/// `eval --json` with `--baseline`: the model's metrics and the baseline's, if present.
+pub fn parse_eval_with_baseline(text: &str) -> Result<(EvalMetrics, Option<EvalMetrics>)> {
+    let start = text.find('{').context("no JSON object in eval's output")?;
+    let v: Value = serde_json::from_str(&text[start..]).context("eval's JSON does not parse")?;
+    let base = match v.get("baseline") {
+        Some(b) if b.is_object() => Some(eval_metrics(b)?),
+        _ => None,
+    };
+    Ok((eval_metrics(&v)?, base))
+}
+
+fn eval_metrics(v: &Value) -> Result<EvalMetrics> {
+    let f = |k: &str| -> Result<f64> { v[k].as_f64().with_context(|| format!("eval JSON: no number `{k}`")) };
+    Ok(EvalMetrics {
+        records: v["records"].as_u64().unwrap_or(0),
+        miss_rate: f("miss_rate")?,
+        accuracy: f("accuracy")?,
+        balanced_accuracy: f("balanced_accuracy")?,
+        f1_miss: f("f1_miss")?,
+        q_accuracy: f("quantized_accuracy")?,
+        q_balanced_accuracy: f("quantized_balanced_accuracy")?,
+        q_f1_miss: f("quantized_f1_miss")?,
+        agreement: v["agreement"].as_f64(),
+    })
+}
+
+/// Median of the values (mean of the middle two for an even count); `None` if empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIO: &str = r#"fio: some warning
+{
+  "fio version" : "fio-3.33",
+  "jobs" : [
+    {
+      "jobname" : "randread",
+      "job_runtime" : 5001,
+      "usr_cpu" : 10.5,
+      "sys_cpu" : 60.25,
+      "read" : {
+        "total_ios" : 665000,
+        "runtime" : 5001,
+        "iops" : 133000.5,
+        "clat_ns" : { "percentile" : { "50.000000" : 201728, "99.000000" : 544768 } }
+      },
+      "write" : { "total_ios" : 0, "runtime" : 0, "iops" : 0.0 }
+    },
+    {
+      "jobname" : "writer",
+      "job_runtime" : 5002,
+      "usr_cpu" : 1.5,
+      "sys_cpu" : 3.75,
+      "read" : { "total_ios" : 0, "iops" : 0.0 },
+      "write" : { "total_ios" : 1000, "iops" : 200.0 }
+    }
+  ]
+}"#;
+
+    #[test]
+    fn fio_json_sums_jobs() {
+        let s = parse_fio_json(FIO).unwrap();
+        assert_eq!(s.read_ios, 665000);
+        assert_eq!(s.write_ios, 1000);
+        assert_eq!(s.ios(), 666000);
+        assert!((s.iops() - 133200.5).abs() < 1e-9);
+        assert_eq!(s.runtime_ms, 5002);
+        assert!((s.usr_cpu - 6.0).abs() < 1e-9);
+        assert!((s.sys_cpu - 32.0).abs() < 1e-9);
+        assert_eq!(s.read_clat_p50_ns, Some(201728));
+        assert_eq!(s.read_clat_p99_ns, Some(544768));
+    }
+
+    #[test]
+    fn fio_json_errors() {
+        assert!(parse_fio_json("no json").is_err());
+        assert!(parse_fio_json(r#"{"jobs": []}"#).is_err());
+        assert!(parse_fio_json(r#"{"x": 1}"#).is_err());
+    }
+
+    #[test]
+    fn bpftool_progs() {
+        let text = r#"[{"id":1268,"type":"raw_tracepoint","name":"kml_raw_rq_insert","run_time_ns":249761334,"run_cnt":514897},
+            {"id":1273,"type":"raw_tracepoint","name":"kml_raw_features"},
+            {"id":7,"type":"cgroup_device","name":"sd_devices","run_time_ns":0,"run_cnt":0}]"#;
+        let p = parse_bpftool_progs(text).unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0].id, 1268);
+        assert_eq!(p[0].run_time_ns, Some(249761334));
+        assert_eq!(p[0].run_cnt, Some(514897));
+        assert_eq!(p[1].run_cnt, None);
+        assert_eq!(p[2].name, "sd_devices");
+        assert!(parse_bpftool_progs("{}").is_err());
+        assert!(parse_bpftool_progs("[{\"name\":\"x\"}]").is_err());
+    }
+
+    #[test]
+    fn event_program_names_even_cut_short() {
+        assert_eq!(EventProg::of_name("kml_raw_rq_insert"), Some(EventProg::Insert));
+        assert_eq!(EventProg::of_name("kml_raw_rq_inse"), Some(EventProg::Insert));
+        assert_eq!(EventProg::of_name("kml_tp_rq_issue"), Some(EventProg::Issue));
+        assert_eq!(EventProg::of_name("kml_raw_rq_complete"), Some(EventProg::Complete));
+        assert_eq!(EventProg::of_name("kml_raw_rq_merge"), None);
+        assert_eq!(EventProg::of_name("kml_raw_features"), None);
+        assert_eq!(EventProg::of_name("other_rq_insert"), None);
+    }
+
+    #[test]
+    fn proc_stat_with_awkward_comm() {
+        let stat = "4242 (kml) agent) (x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 24 16 0 0 20 0 2 0 100 0 0";
+        assert_eq!(parse_proc_stat_cpu_ticks(stat).unwrap(), 40);
+        assert!(parse_proc_stat_cpu_ticks("4242 (x) S 1").is_err());
+        assert!(parse_proc_stat_cpu_ticks("no paren").is_err());
+    }
+
+    #[test]
+    fn kib_fields() {
+        let status = "Name:\tkml-agent\nVmPeak:\t  200000 kB\nVmHWM:\t   51234 kB\nVmRSS:\t   40000 kB\n";
+        assert_eq!(parse_kib_field(status, "VmHWM"), Some(51234));
+        assert_eq!(parse_kib_field(status, "VmRSS"), Some(40000));
+        assert_eq!(parse_kib_field(status, "VmSwap"), None);
+        let meminfo = "MemTotal:       24684092 kB\nMemFree:        1 kB\n";
+        assert_eq!(parse_kib_field(meminfo, "MemTotal"), Some(24684092));
+    }
+
+    #[test]
+    fn fdinfo_and_loadavg() {
+        let fd = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nprog_type:\t17\nprog_jited:\t1\nprog_tag:\tb23c6bca089059e6\nmemlock:\t8192\nprog_id:\t1296\nrun_time_ns:\t0\n";
+        assert_eq!(parse_fdinfo_prog_id(fd), Some(1296));
+        assert_eq!(parse_fdinfo_prog_id("pos:\t0\nlink_id:\t5\n"), None);
+        assert_eq!(parse_loadavg("5.92 5.00 3.80 3/412 32388\n"), Some([5.92, 5.0, 3.8]));
+        assert_eq!(parse_loadavg("x"), None);
+    }
+
+    #[test]
+    fn agent_lines() {
+        let l = "[    7s]  115136 rec/s | wait p50    480ns p99    1.1µs | service p50   71.1µs p99   3.03ms | misses 0 (0.0%) | drops 3 orphans 0 | no model";
+        let a = parse_agent_line(l).unwrap();
+        assert_eq!(a.t_s, 7.0);
+        assert_eq!(a.records_per_s, 115136.0);
+        assert_eq!(a.drops, 3);
+        assert_eq!(a.model, None);
+        let l = "[   12s]   30211 rec/s | wait p50 1.2ms p99 9ms | service p50 1ms p99 2ms | misses 10 (3.1%) | drops 0 orphans 1 | v2 logistic bal.acc 0.812 (tp 1 fp 2 tn 3 fn 4)";
+        let a = parse_agent_line(l).unwrap();
+        assert_eq!(a.model, Some((2, "logistic".to_owned())));
+        assert_eq!(a.balanced_accuracy, Some(0.812));
+        let l = "[    1s]       0 rec/s | wait p50 - p99 - | service p50 - p99 - | misses 0 (0.0%) | drops 0 orphans 0 | v1 tree";
+        let a = parse_agent_line(l).unwrap();
+        assert_eq!(a.model, Some((1, "tree".to_owned())));
+        assert_eq!(a.balanced_accuracy, None);
+        assert_eq!(parse_agent_line("kml-agent: observing loop1"), None);
+    }
+
+    #[test]
+    fn agent_summary() {
+        let err = "kml-agent: observing loop1 (raw-tracepoint, Drop mode); Ctrl-C stops\nkml-agent: SIGINT, detaching\nkml-agent: 805638 records in 8.2s; drops 7 | orphans 0 | evictions 0\n";
+        assert_eq!(parse_agent_summary(err), Some((805638, 8.2, 7)));
+        assert_eq!(parse_agent_summary("kml-agent: observing\n"), None);
+    }
+
+    fn e_text() -> &'static str {
+        r#"{"records":100,"miss_rate":0.2,"accuracy":0.9,"balanced_accuracy":0.8,"f1_miss":0.7,
+            "quantized_accuracy":0.89,"quantized_balanced_accuracy":0.79,"quantized_f1_miss":0.69,"agreement":0.99}"#
+    }
+
+    #[test]
+    fn model_and_eval_json() {
+        let m = r#"{"kind":"tree","training":{"train_seconds":0.26,"fit_records":800000,"tune_records":200000}}"#;
+        assert_eq!(parse_model_training(m).unwrap(), (0.26, 1_000_000));
+        assert!(parse_model_training("{}").is_err());
+        let e = parse_eval_with_baseline(e_text()).unwrap().0;
+        assert_eq!(e.records, 100);
+        assert_eq!(e.q_balanced_accuracy, 0.79);
+        assert_eq!(e.agreement, Some(0.99));
+        assert!(parse_eval_with_baseline(r#"{"records":1}"#).is_err());
+        let both = r#"{"records":100,"miss_rate":0.2,"accuracy":0.9,"balanced_accuracy":0.8,"f1_miss":0.7,
+            "quantized_accuracy":0.89,"quantized_balanced_accuracy":0.79,"quantized_f1_miss":0.69,
+            "baseline":{"records":100,"miss_rate":0.2,"accuracy":0.5,"balanced_accuracy":0.5,"f1_miss":0.1,
+            "quantized_accuracy":0.5,"quantized_balanced_accuracy":0.51,"quantized_f1_miss":0.1}}"#;
+        let (m, b) = parse_eval_with_baseline(both).unwrap();
+        assert_eq!(m.q_balanced_accuracy, 0.79);
+        assert_eq!(m.agreement, None);
+        assert_eq!(b.unwrap().q_balanced_accuracy, 0.51);
+        assert_eq!(parse_eval_with_baseline(e_text()).unwrap().1, None);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[f64::NAN, 1.0]), Some(1.0));
+    }
+}
