@@ -49,7 +49,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 4] = [Phase::Learning, Phase::Training, Phase::Overhead, Phase::Cost];
+    pub const ALL: [Phase; 4] = [
+        Phase::Learning,
+        Phase::Training,
+        Phase::Overhead,
+        Phase::Cost,
+    ];
 }
 
 #[derive(Debug, Args)]
@@ -89,7 +94,10 @@ pub struct Ctx {
 impl Ctx {
     /// A path shown relative to the workspace root when it is inside it.
     pub fn rel(&self, p: &Path) -> String {
-        p.strip_prefix(&self.root).unwrap_or(p).display().to_string()
+        p.strip_prefix(&self.root)
+            .unwrap_or(p)
+            .display()
+            .to_string()
     }
 
     /// `kml-agent ARGS`, prefixed with `taskset -c 1` when pinning.
@@ -149,7 +157,8 @@ fn tool_version(program: &str, arg: &str) -> String {
         .output()
         .ok()
         .map(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+            let text = String::from_utf8_lossy(&o.stdout).to_string()
+                + &String::from_utf8_lossy(&o.stderr);
             text.lines().next().unwrap_or("").trim().to_owned()
         })
         .filter(|s| !s.is_empty())
@@ -164,7 +173,11 @@ impl BenchArgs {
         }
         let started = Instant::now();
         let root = workspace_root();
-        let out = if self.out.is_absolute() { self.out.clone() } else { root.join(&self.out) };
+        let out = if self.out.is_absolute() {
+            self.out.clone()
+        } else {
+            root.join(&self.out)
+        };
         let workloads = if self.workload.is_empty() {
             let mut all = default_workloads(&root)?;
             if self.quick {
@@ -174,10 +187,16 @@ impl BenchArgs {
         } else {
             self.workload
                 .iter()
-                .map(|w| std::fs::canonicalize(w).with_context(|| format!("workload {}", w.display())))
+                .map(|w| {
+                    std::fs::canonicalize(w).with_context(|| format!("workload {}", w.display()))
+                })
                 .collect::<Result<_>>()?
         };
-        let phases: Vec<Phase> = if self.only.is_empty() { Phase::ALL.to_vec() } else { self.only.clone() };
+        let phases: Vec<Phase> = if self.only.is_empty() {
+            Phase::ALL.to_vec()
+        } else {
+            self.only.clone()
+        };
 
         let agent = build_all(true)?;
         sys::install_signal_handlers();
@@ -204,7 +223,11 @@ impl BenchArgs {
             args_line.push("--pin".into());
         }
         if !self.only.is_empty() {
-            let names: Vec<String> = self.only.iter().map(|p| format!("{p:?}").to_lowercase()).collect();
+            let names: Vec<String> = self
+                .only
+                .iter()
+                .map(|p| format!("{p:?}").to_lowercase())
+                .collect();
             args_line.push(format!("--only {}", names.join(",")));
         }
         for w in &self.workload {
@@ -220,7 +243,11 @@ impl BenchArgs {
         );
 
         let want = |p: Phase| phases.contains(&p);
-        let learning = if want(Phase::Learning) { run_phase("learning", || learning::run(&ctx)) } else { not_run() };
+        let learning = if want(Phase::Learning) {
+            run_phase("learning", || learning::run(&ctx))
+        } else {
+            not_run()
+        };
         check_interrupt()?;
         let training = if want(Phase::Training) {
             run_phase("training", || training::run(&ctx, learning.done()))
@@ -229,7 +256,9 @@ impl BenchArgs {
         };
         check_interrupt()?;
         let models = if want(Phase::Overhead) || want(Phase::Cost) {
-            run_phase("models", || learning::models_for_inference(&ctx, learning.done()))
+            run_phase("models", || {
+                learning::models_for_inference(&ctx, learning.done())
+            })
         } else {
             not_run()
         };
@@ -240,7 +269,11 @@ impl BenchArgs {
             not_run()
         };
         check_interrupt()?;
-        let cost = if want(Phase::Cost) { run_phase("cost", || cost::run(&ctx, models.done())) } else { not_run() };
+        let cost = if want(Phase::Cost) {
+            run_phase("cost", || cost::run(&ctx, models.done()))
+        } else {
+            not_run()
+        };
         check_interrupt()?;
         let vm_report = root.join("target").join("vm").join("report.md");
         let vm = std::fs::read_to_string(&vm_report).ok();
@@ -251,9 +284,13 @@ impl BenchArgs {
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
             cpu_model: read("/proc/cpuinfo")
                 .lines()
-                .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned()))
+                .find_map(|l| {
+                    l.strip_prefix("model name")
+                        .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+                })
                 .unwrap_or_else(|| "unknown CPU".into()),
-            mem_gib: parse::parse_kib_field(&read("/proc/meminfo"), "MemTotal").unwrap_or(0) as f64 / (1 << 20) as f64,
+            mem_gib: parse::parse_kib_field(&read("/proc/meminfo"), "MemTotal").unwrap_or(0) as f64
+                / (1 << 20) as f64,
             quick: ctx.quick,
             command: args_line.join(" "),
             load_before,
@@ -288,9 +325,17 @@ impl BenchArgs {
             "xtask: bench: wrote {} in {:.0}s{}",
             ctx.rel(&path),
             started.elapsed().as_secs_f64(),
-            if failed { " (some measures FAILED: see the report)" } else { "" }
+            if failed {
+                " (some measures FAILED: see the report)"
+            } else {
+                ""
+            }
         );
-        Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
     }
 }
 
@@ -312,7 +357,10 @@ fn run_phase<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Outcome<T> {
     let t = Instant::now();
     match f() {
         Ok(v) => {
-            eprintln!("xtask: bench: {name} done in {:.0}s", t.elapsed().as_secs_f64());
+            eprintln!(
+                "xtask: bench: {name} done in {:.0}s",
+                t.elapsed().as_secs_f64()
+            );
             Outcome::Done(v)
         }
         Err(e) if sys::interrupted() => {
@@ -336,12 +384,16 @@ fn default_workloads(root: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     v.sort();
     if v.is_empty() {
-        bail!("no workload: {} has no *.fio and no --workload was given", dir.display());
+        bail!(
+            "no workload: {} has no *.fio and no --workload was given",
+            dir.display()
+        );
     }
     Ok(v)
 }
 
 /// The name of a workload: its file stem.
 pub fn workload_name(p: &Path) -> String {
-    p.file_stem().map_or_else(|| "workload".into(), |s| s.to_string_lossy().into_owned())
+    p.file_stem()
+        .map_or_else(|| "workload".into(), |s| s.to_string_lossy().into_owned())
 }

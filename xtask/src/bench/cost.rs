@@ -34,6 +34,7 @@ impl ProgCost {
 pub struct CostRow {
     /// `none` or the model kind.
     pub config: String,
+    pub round: usize,
     pub progs: BTreeMap<EventProg, ProgCost>,
     pub fio_ios: u64,
 }
@@ -67,9 +68,30 @@ impl Cost {
         parse::median(&v)
     }
 
-    /// Inference cost per insert: insert ns with the model minus without.
+    /// Inference cost per insert in each round: insert ns with the model minus
+    /// without, in the same round (pairing follows the machine's changing load).
+    pub fn inference_rounds(&self, kind: &str) -> Vec<f64> {
+        let insert = |r: &CostRow| {
+            r.progs
+                .get(&EventProg::Insert)
+                .and_then(ProgCost::ns_per_run)
+        };
+        self.rows
+            .iter()
+            .filter(|r| r.config == kind)
+            .filter_map(|r| {
+                let base = self
+                    .rows
+                    .iter()
+                    .find(|b| b.config == "none" && b.round == r.round)?;
+                Some(insert(r)? - insert(base)?)
+            })
+            .collect()
+    }
+
+    /// Inference cost per insert: the median over rounds of [`Cost::inference_rounds`].
     pub fn inference_ns(&self, kind: &str) -> Option<f64> {
-        Some(self.ns(kind, EventProg::Insert)? - self.ns("none", EventProg::Insert)?)
+        parse::median(&self.inference_rounds(kind))
     }
 
     /// Runs of the insert program and fio's I/Os, summed over rounds for `config`.
@@ -77,14 +99,25 @@ impl Cost {
         self.rows
             .iter()
             .filter(|r| r.config == config)
-            .fold((0, 0), |(a, b), r| (a + r.progs.get(&EventProg::Insert).map_or(0, |p| p.runs), b + r.fio_ios))
+            .fold((0, 0), |(a, b), r| {
+                (
+                    a + r.progs.get(&EventProg::Insert).map_or(0, |p| p.runs),
+                    b + r.fio_ios,
+                )
+            })
     }
 }
 
 fn bpftool_progs() -> Result<Vec<ProgStat>> {
-    let out = Command::new("bpftool").args(["prog", "show", "-j"]).output().context("running bpftool")?;
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .context("running bpftool")?;
     if !out.status.success() {
-        bail!("bpftool prog show -j failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "bpftool prog show -j failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     parse::parse_bpftool_progs(&String::from_utf8_lossy(&out.stdout))
 }
@@ -98,7 +131,10 @@ pub fn event_progs(all: &[ProgStat], ids: &[u32]) -> BTreeMap<EventProg, ProgSta
 }
 
 /// Counter differences between two snapshots.
-pub fn deltas(before: &BTreeMap<EventProg, ProgStat>, after: &BTreeMap<EventProg, ProgStat>) -> BTreeMap<EventProg, ProgCost> {
+pub fn deltas(
+    before: &BTreeMap<EventProg, ProgStat>,
+    after: &BTreeMap<EventProg, ProgStat>,
+) -> BTreeMap<EventProg, ProgCost> {
     after
         .iter()
         .map(|(e, a)| {
@@ -116,7 +152,7 @@ pub fn deltas(before: &BTreeMap<EventProg, ProgStat>, after: &BTreeMap<EventProg
 }
 
 pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
-    let (rounds, secs) = if ctx.quick { (1, 3) } else { (3, 4) };
+    let (rounds, secs) = if ctx.quick { (1, 3) } else { (5, 3) };
     let mut configs: Vec<(String, Option<PathBuf>)> = vec![("none".into(), None)];
     for kind in INFERENCE_KINDS {
         if let Some(p) = models.and_then(|m| m.get(kind)) {
@@ -128,7 +164,10 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
     crate::util::run(Command::new("fallocate").args(["-l", "1G"]).arg(&file))?;
     let dev = LoopDevice::attach(&file, false)?;
     dev.use_mq_deadline()?;
-    let stats_was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default().trim().to_owned();
+    let stats_was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     let stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
     let mut rows = Vec::new();
     for round in 0..rounds {
@@ -163,6 +202,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             );
             rows.push(CostRow {
                 config: config.clone(),
+                round,
                 progs,
                 fio_ios,
             });
@@ -171,7 +211,12 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
     drop(stats);
     drop(dev);
     drop(mount);
-    Ok(Cost { rows, secs, rounds, stats_was })
+    Ok(Cost {
+        rows,
+        secs,
+        rounds,
+        stats_was,
+    })
 }
 
 #[cfg(test)]
@@ -179,7 +224,12 @@ mod tests {
     use super::*;
 
     fn p(id: u32, name: &str, t: u64, n: u64) -> ProgStat {
-        ProgStat { id, name: name.into(), run_time_ns: Some(t), run_cnt: Some(n) }
+        ProgStat {
+            id,
+            name: name.into(),
+            run_time_ns: Some(t),
+            run_cnt: Some(n),
+        }
     }
 
     #[test]
@@ -198,7 +248,13 @@ mod tests {
             p(99, "kml_raw_rq_insert", 9_999_999, 7),
         ];
         let d = deltas(&event_progs(&before, &ids), &event_progs(&after, &ids));
-        assert_eq!(d[&EventProg::Insert], ProgCost { runs: 100, run_time_ns: 30_000 });
+        assert_eq!(
+            d[&EventProg::Insert],
+            ProgCost {
+                runs: 100,
+                run_time_ns: 30_000
+            }
+        );
         assert_eq!(d[&EventProg::Insert].ns_per_run(), Some(300.0));
         assert_eq!(d[&EventProg::Issue].ns_per_run(), Some(100.0));
         assert_eq!(d[&EventProg::Complete].ns_per_run(), Some(400.0));
@@ -207,22 +263,40 @@ mod tests {
 
     #[test]
     fn inference_cost_is_the_insert_difference() {
-        let row = |config: &str, ns: u64| CostRow {
+        let row = |config: &str, round: usize, ns: u64| CostRow {
             config: config.into(),
-            progs: [(EventProg::Insert, ProgCost { runs: 10, run_time_ns: ns * 10 })].into_iter().collect(),
+            round,
+            progs: [(
+                EventProg::Insert,
+                ProgCost {
+                    runs: 10,
+                    run_time_ns: ns * 10,
+                },
+            )]
+            .into_iter()
+            .collect(),
             fio_ios: 10,
         };
         let c = Cost {
-            rows: vec![row("none", 300), row("linear", 360), row("tree", 420), row("none", 310)],
+            rows: vec![
+                row("none", 0, 300),
+                row("linear", 0, 360),
+                row("tree", 0, 420),
+                row("none", 1, 310),
+                row("linear", 1, 360),
+            ],
             secs: 1,
             rounds: 2,
             stats_was: "0".into(),
         };
         assert_eq!(c.ns("none", EventProg::Insert), Some(305.0));
+        // Paired per round: linear 60 (round 0) and 50 (round 1); tree 120 (round 0).
+        assert_eq!(c.inference_rounds("linear"), vec![60.0, 50.0]);
         assert_eq!(c.inference_ns("linear"), Some(55.0));
-        assert_eq!(c.inference_ns("tree"), Some(115.0));
+        assert_eq!(c.inference_ns("tree"), Some(120.0));
         assert_eq!(c.inference_ns("logistic"), None);
         assert_eq!(c.configs(), ["none", "linear", "tree"]);
         assert_eq!(c.runs_and_ios("none"), (20, 20));
+        assert_eq!(c.runs_and_ios("linear"), (20, 20));
     }
 }

@@ -55,9 +55,19 @@ pub struct Plan {
 impl Plan {
     pub fn new(quick: bool) -> Plan {
         if quick {
-            Plan { warm_s: 1, calibrate_s: 2, settle_s: 1, record_s: 4 }
+            Plan {
+                warm_s: 1,
+                calibrate_s: 2,
+                settle_s: 1,
+                record_s: 4,
+            }
         } else {
-            Plan { warm_s: 1, calibrate_s: 3, settle_s: 1, record_s: 10 }
+            Plan {
+                warm_s: 1,
+                calibrate_s: 3,
+                settle_s: 1,
+                record_s: 10,
+            }
         }
     }
 }
@@ -107,21 +117,37 @@ pub fn open_disk(ctx: &Ctx) -> Result<Disk> {
     let image = ctx.work.join("disk.img");
     let fresh = std::fs::metadata(&image).map_or(true, |m| m.len() != IMAGE_BYTES);
     if fresh {
-        eprintln!("xtask: bench: writing a {} MiB image {} (once)", IMAGE_BYTES >> 20, ctx.rel(&image));
+        eprintln!(
+            "xtask: bench: writing a {} MiB image {} (once)",
+            IMAGE_BYTES >> 20,
+            ctx.rel(&image)
+        );
         // Written for real (not sparse), so reads hit allocated blocks as on a used disk.
         util_run(
             Command::new("dd")
                 .arg("if=/dev/zero")
                 .arg(format!("of={}", image.display()))
-                .args(["bs=4M", &format!("count={}", IMAGE_BYTES >> 22), "oflag=direct", "status=none"]),
+                .args([
+                    "bs=4M",
+                    &format!("count={}", IMAGE_BYTES >> 22),
+                    "oflag=direct",
+                    "status=none",
+                ]),
         )?;
     }
     let dev = LoopDevice::attach(&image, true)?;
     dev.use_mq_deadline()?;
     // Requests wait in the scheduler rather than for a tag (as kml-learn's traces).
-    let nr_requests = dev.write_attr("queue/nr_requests", "1024").and_then(|()| dev.read_attr("queue/nr_requests")).ok();
+    let nr_requests = dev
+        .write_attr("queue/nr_requests", "1024")
+        .and_then(|()| dev.read_attr("queue/nr_requests"))
+        .ok();
     let defaults = dev.expiries_ms()?;
-    Ok(Disk { dev, defaults, nr_requests })
+    Ok(Disk {
+        dev,
+        defaults,
+        nr_requests,
+    })
 }
 
 fn util_run(cmd: &mut Command) -> Result<()> {
@@ -129,21 +155,32 @@ fn util_run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Starts fio on `dev` with the job file; output JSON to `logs/<name>.fio.json`.
-pub fn spawn_fio(ctx: &Ctx, job: &Path, dev: &Path, runtime_s: u64, name: &str, cpus: Option<&str>) -> Result<Proc> {
+pub fn spawn_fio(
+    ctx: &Ctx,
+    job: &Path,
+    dev: &Path,
+    runtime_s: u64,
+    name: &str,
+    cpus: Option<&str>,
+) -> Result<Proc> {
     let json = ctx.logs.join(format!("{name}.fio.json"));
     let _ = std::fs::remove_file(&json);
     let mut cmd = Command::new("fio");
-    cmd.arg("--output-format=json").arg(format!("--output={}", json.display()));
+    cmd.arg("--output-format=json")
+        .arg(format!("--output={}", json.display()));
     if let Some(c) = cpus {
         cmd.arg(format!("--cpus_allowed={c}"));
     }
-    cmd.arg(job).env("FILENAME", dev).env("RUNTIME", runtime_s.to_string());
+    cmd.arg(job)
+        .env("FILENAME", dev)
+        .env("RUNTIME", runtime_s.to_string());
     Proc::spawn(&mut cmd, &format!("{name}.fio"), &ctx.logs)
 }
 
 pub fn fio_result(ctx: &Ctx, name: &str) -> Result<FioSummary> {
     let json = ctx.logs.join(format!("{name}.fio.json"));
-    let text = std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+    let text =
+        std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
     parse::parse_fio_json(&text).with_context(|| format!("parsing {}", json.display()))
 }
 
@@ -151,7 +188,14 @@ pub fn fio_result(ctx: &Ctx, name: &str) -> Result<FioSummary> {
 fn record(ctx: &Ctx, dev: &LoopDevice, secs: u64, out: &Path, name: &str) -> Result<()> {
     run_logged(
         Command::new(&ctx.agent)
-            .args(["record", "--device", &dev.name, "--duration", &format!("{secs}s"), "--out"])
+            .args([
+                "record",
+                "--device",
+                &dev.name,
+                "--duration",
+                &format!("{secs}s"),
+                "--out",
+            ])
             .arg(out),
         name,
         &ctx.logs,
@@ -169,19 +213,38 @@ pub fn record_workload(ctx: &Ctx, disk: &Disk, job: &Path, plan: Plan) -> Result
     dev.set_expiries_ms(disk.defaults.0, disk.defaults.1)?;
     // Calibration: its own fio run at the default expiries.
     let calib_name = format!("{name}.calibration");
-    let mut fio = spawn_fio(ctx, job, &dev.path, plan.warm_s + plan.calibrate_s + 15, &calib_name, None)?;
+    let mut fio = spawn_fio(
+        ctx,
+        job,
+        &dev.path,
+        plan.warm_s + plan.calibrate_s + 15,
+        &calib_name,
+        None,
+    )?;
     sys::sleep(Duration::from_secs(plan.warm_s))?;
     if let Some(s) = fio.poll()? {
-        bail!("fio ended early ({}): {}", crate::util::describe_status(s), sys::tail(&fio.stderr, 5));
+        bail!(
+            "fio ended early ({}): {}",
+            crate::util::describe_status(s),
+            sys::tail(&fio.stderr, 5)
+        );
     }
     let calib_path = traces.join(format!("{name}.calibration.csv"));
-    record(ctx, dev, plan.calibrate_s, &calib_path, &format!("{name}.calibration.record"))?;
+    record(
+        ctx,
+        dev,
+        plan.calibrate_s,
+        &calib_path,
+        &format!("{name}.calibration.record"),
+    )?;
     fio.stop(Duration::from_secs(15));
     drop(fio);
     let calibration = TraceStats::of(&trace::read_trace(&calib_path)?);
     let asked = (
-        trace::expiry_for_quantile(&calibration.read, CALIBRATION_QUANTILE, 200).unwrap_or(disk.defaults.0),
-        trace::expiry_for_quantile(&calibration.write, CALIBRATION_QUANTILE, 200).unwrap_or(disk.defaults.1),
+        trace::expiry_for_quantile(&calibration.read, CALIBRATION_QUANTILE, 200)
+            .unwrap_or(disk.defaults.0),
+        trace::expiry_for_quantile(&calibration.write, CALIBRATION_QUANTILE, 200)
+            .unwrap_or(disk.defaults.1),
     );
     // Set between two fio runs: lowering the expiries under a deep queue stalled new
     // requests for seconds here (the queued ones keep their old, far deadlines).
@@ -194,13 +257,30 @@ pub fn record_workload(ctx: &Ctx, disk: &Disk, job: &Path, plan: Plan) -> Result
         asked.1,
         applied.1
     );
-    let mut fio = spawn_fio(ctx, job, &dev.path, plan.warm_s + plan.settle_s + plan.record_s + 15, &name, None)?;
+    let mut fio = spawn_fio(
+        ctx,
+        job,
+        &dev.path,
+        plan.warm_s + plan.settle_s + plan.record_s + 15,
+        &name,
+        None,
+    )?;
     sys::sleep(Duration::from_secs(plan.warm_s + plan.settle_s))?;
     if let Some(s) = fio.poll()? {
-        bail!("fio ended early ({}): {}", crate::util::describe_status(s), sys::tail(&fio.stderr, 5));
+        bail!(
+            "fio ended early ({}): {}",
+            crate::util::describe_status(s),
+            sys::tail(&fio.stderr, 5)
+        );
     }
     let trace_path = traces.join(format!("{name}.csv"));
-    record(ctx, dev, plan.record_s, &trace_path, &format!("{name}.record"))?;
+    record(
+        ctx,
+        dev,
+        plan.record_s,
+        &trace_path,
+        &format!("{name}.record"),
+    )?;
     fio.stop(Duration::from_secs(15));
     drop(fio);
     let fio_summary = fio_result(ctx, &name).ok();
@@ -228,7 +308,15 @@ pub fn record_workload(ctx: &Ctx, disk: &Disk, job: &Path, plan: Plan) -> Result
 }
 
 /// `kml-agent train`; returns kml's own fit + tune seconds.
-pub fn train(ctx: &Ctx, trace: &Path, kind: &str, out: &Path, extra: &[&str], workload: &str, log: &str) -> Result<f64> {
+pub fn train(
+    ctx: &Ctx,
+    trace: &Path,
+    kind: &str,
+    out: &Path,
+    extra: &[&str],
+    workload: &str,
+    log: &str,
+) -> Result<f64> {
     let _ = std::fs::remove_file(out);
     run_logged(
         Command::new(&ctx.agent)
@@ -243,13 +331,20 @@ pub fn train(ctx: &Ctx, trace: &Path, kind: &str, out: &Path, extra: &[&str], wo
         &ctx.logs,
         Duration::from_secs(900),
     )?;
-    let text = std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
+    let text =
+        std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
     Ok(parse::parse_model_training(&text)?.0)
 }
 
 /// `kml-agent eval --json` on the window from `from` to the end (with `baseline`
 /// evaluated beside, in the same pass over the trace).
-pub fn eval(ctx: &Ctx, trace: &Path, model: &Path, from: f64, baseline: Option<&Path>) -> Result<(EvalMetrics, Option<EvalMetrics>)> {
+pub fn eval(
+    ctx: &Ctx,
+    trace: &Path,
+    model: &Path,
+    from: f64,
+    baseline: Option<&Path>,
+) -> Result<(EvalMetrics, Option<EvalMetrics>)> {
     sys::check_interrupted()?;
     let mut cmd = Command::new(&ctx.agent);
     cmd.arg("eval")
@@ -285,10 +380,16 @@ pub fn run(ctx: &Ctx) -> Result<Learning> {
         sys::check_interrupted()?;
         match record_workload(ctx, &disk, job, plan) {
             Ok(r) if r.stats.usable >= 1000 => runs.push(r),
-            Ok(r) => failed.push((r.name, format!("only {} usable requests recorded", r.stats.usable))),
+            Ok(r) => failed.push((
+                r.name,
+                format!("only {} usable requests recorded", r.stats.usable),
+            )),
             Err(e) if sys::interrupted() => return Err(e),
             Err(e) => {
-                eprintln!("xtask: bench: {}: recording FAILED: {e:#}", workload_name(job));
+                eprintln!(
+                    "xtask: bench: {}: recording FAILED: {e:#}",
+                    workload_name(job)
+                );
                 failed.push((workload_name(job), format!("{e:#}")));
             }
         }
@@ -308,23 +409,44 @@ pub fn run(ctx: &Ctx) -> Result<Learning> {
             run.applied_expiry.1,
             plan.record_s
         );
-        eprintln!("xtask: bench: training and evaluating {} on {}", KINDS.join(", "), run.name);
+        eprintln!(
+            "xtask: bench: training and evaluating {} on {}",
+            KINDS.join(", "),
+            run.name
+        );
         for kind in KINDS {
             sys::check_interrupted()?;
             let path = models.join(format!("{}.{kind}.json", run.name));
-            let model = train(ctx, &run.trace, kind, &path, &[], &desc, &format!("{}.{kind}.train", run.name))
-                .map(|s| (path.clone(), s))
-                .map_err(|e| format!("{e:#}"));
-            let held_back = model
-                .as_ref()
-                .ok()
-                .map(|(p, _)| eval(ctx, &run.trace, p, HELD_BACK_FROM, None).map(|e| e.0).map_err(|e| format!("{e:#}")));
-            run.kinds.push(KindRun { kind, model, held_back, cross: Vec::new() });
+            let model = train(
+                ctx,
+                &run.trace,
+                kind,
+                &path,
+                &[],
+                &desc,
+                &format!("{}.{kind}.train", run.name),
+            )
+            .map(|s| (path.clone(), s))
+            .map_err(|e| format!("{e:#}"));
+            let held_back = model.as_ref().ok().map(|(p, _)| {
+                eval(ctx, &run.trace, p, HELD_BACK_FROM, None)
+                    .map(|e| e.0)
+                    .map_err(|e| format!("{e:#}"))
+            });
+            run.kinds.push(KindRun {
+                kind,
+                model,
+                held_back,
+                cross: Vec::new(),
+            });
         }
     }
     // Across workloads: each model of the cross kinds on every other trace's later
     // window; the first cross kind's evals carry the KML baseline along.
-    let others: Vec<(String, PathBuf)> = runs.iter().map(|r| (r.name.clone(), r.trace.clone())).collect();
+    let others: Vec<(String, PathBuf)> = runs
+        .iter()
+        .map(|r| (r.name.clone(), r.trace.clone()))
+        .collect();
     for run in runs.iter_mut() {
         let baseline = run
             .kinds
@@ -333,22 +455,34 @@ pub fn run(ctx: &Ctx) -> Result<Learning> {
             .and_then(|k| k.model.as_ref().ok())
             .map(|(p, _)| p.clone());
         for (ci, kind) in cross_kinds(ctx.quick).iter().enumerate() {
-            let Some(model) = run.kinds.iter().find(|k| k.kind == *kind).and_then(|k| k.model.as_ref().ok()).map(|m| m.0.clone())
+            let Some(model) = run
+                .kinds
+                .iter()
+                .find(|k| k.kind == *kind)
+                .and_then(|k| k.model.as_ref().ok())
+                .map(|m| m.0.clone())
             else {
                 continue;
             };
-            eprintln!("xtask: bench: evaluating {} ({kind}) on the other workloads", run.name);
+            eprintln!(
+                "xtask: bench: evaluating {} ({kind}) on the other workloads",
+                run.name
+            );
             for (other, trace) in others.iter().filter(|(n, _)| *n != run.name) {
                 let with_base = if ci == 0 { baseline.as_deref() } else { None };
                 let r = eval(ctx, trace, &model, HELD_BACK_FROM, with_base);
                 let (m, b) = match r {
                     Ok((m, b)) => (Ok(m), b.map(Ok)),
-                    Err(e) => (Err(format!("{e:#}")), with_base.map(|_| Err("eval failed".to_owned()))),
+                    Err(e) => (
+                        Err(format!("{e:#}")),
+                        with_base.map(|_| Err("eval failed".to_owned())),
+                    ),
                 };
                 if let Some(k) = run.kinds.iter_mut().find(|k| k.kind == *kind) {
                     k.cross.push((other.clone(), m));
                 }
-                if let (Some(b), Some(k)) = (b, run.kinds.iter_mut().find(|k| k.kind == "baseline")) {
+                if let (Some(b), Some(k)) = (b, run.kinds.iter_mut().find(|k| k.kind == "baseline"))
+                {
                     k.cross.push((other.clone(), b));
                 }
             }
@@ -363,7 +497,13 @@ pub fn run(ctx: &Ctx) -> Result<Learning> {
         Some(Err(e)) if sys::interrupted() => return Err(e),
         other => other.map(|r| r.map_err(|e| format!("{e:#}"))),
     };
-    Ok(Learning { plan, switch, runs, failed, nr_requests })
+    Ok(Learning {
+        plan,
+        switch,
+        runs,
+        failed,
+        nr_requests,
+    })
 }
 
 /// Model files for the inference measures, by kind: (kind, path, where it came from).
@@ -373,7 +513,10 @@ pub struct Models {
 
 impl Models {
     pub fn get(&self, kind: &str) -> Option<&Path> {
-        self.by_kind.iter().find(|(k, _, _)| k == kind).map(|(_, p, _)| p.as_path())
+        self.by_kind
+            .iter()
+            .find(|(k, _, _)| k == kind)
+            .map(|(_, p, _)| p.as_path())
     }
 }
 
@@ -388,8 +531,16 @@ pub fn models_for_inference(ctx: &Ctx, learning: Option<&Learning>) -> Result<Mo
     let shipped = shipped_models(&ctx.root.join("models"));
     let mut fresh: Option<Learning> = None;
     for kind in INFERENCE_KINDS {
-        if let Some(p) = shipped.iter().find(|(k, _)| k == kind).map(|(_, p)| p.clone()) {
-            by_kind.push((kind.to_owned(), p.clone(), format!("shipped ({})", ctx.rel(&p))));
+        if let Some(p) = shipped
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, p)| p.clone())
+        {
+            by_kind.push((
+                kind.to_owned(),
+                p.clone(),
+                format!("shipped ({})", ctx.rel(&p)),
+            ));
             continue;
         }
         let from_learning = |l: &Learning| {
@@ -420,9 +571,20 @@ pub fn models_for_inference(ctx: &Ctx, learning: Option<&Learning>) -> Result<Mo
 
 /// Records the first workload briefly and trains the inference kinds on it.
 fn quick_models(ctx: &Ctx) -> Result<Learning> {
-    let job = ctx.workloads.first().context("no workload to train a model on")?;
-    eprintln!("xtask: bench: no shipped models and no learning measure: recording {} to train some", job.display());
-    let plan = Plan { warm_s: 1, calibrate_s: 2, settle_s: 1, record_s: 4 };
+    let job = ctx
+        .workloads
+        .first()
+        .context("no workload to train a model on")?;
+    eprintln!(
+        "xtask: bench: no shipped models and no learning measure: recording {} to train some",
+        job.display()
+    );
+    let plan = Plan {
+        warm_s: 1,
+        calibrate_s: 2,
+        settle_s: 1,
+        record_s: 4,
+    };
     let disk = open_disk(ctx)?;
     let mut run = record_workload(ctx, &disk, job, plan)?;
     drop(disk);
@@ -430,27 +592,55 @@ fn quick_models(ctx: &Ctx) -> Result<Learning> {
     std::fs::create_dir_all(&models)?;
     for kind in INFERENCE_KINDS {
         let path = models.join(format!("{}.{kind}.json", run.name));
-        let model = train(ctx, &run.trace, kind, &path, &[], &run.name, &format!("{}.{kind}.train", run.name))
-            .map(|s| (path.clone(), s))
-            .map_err(|e| format!("{e:#}"));
-        run.kinds.push(KindRun { kind, model, held_back: None, cross: Vec::new() });
+        let model = train(
+            ctx,
+            &run.trace,
+            kind,
+            &path,
+            &[],
+            &run.name,
+            &format!("{}.{kind}.train", run.name),
+        )
+        .map(|s| (path.clone(), s))
+        .map_err(|e| format!("{e:#}"));
+        run.kinds.push(KindRun {
+            kind,
+            model,
+            held_back: None,
+            cross: Vec::new(),
+        });
     }
-    Ok(Learning { plan, switch: None, runs: vec![run], failed: Vec::new(), nr_requests: None })
+    Ok(Learning {
+        plan,
+        switch: None,
+        runs: vec![run],
+        failed: Vec::new(),
+        nr_requests: None,
+    })
 }
 
 /// `models/*.json` with their `kind`: `<kind>.json` sorts before other files.
 pub fn shipped_models(dir: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut v: Vec<(String, PathBuf)> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .filter_map(|p| {
             let text = std::fs::read_to_string(&p).ok()?;
-            let kind = serde_json::from_str::<serde_json::Value>(&text).ok()?["kind"].as_str()?.to_owned();
+            let kind = serde_json::from_str::<serde_json::Value>(&text).ok()?["kind"]
+                .as_str()?
+                .to_owned();
             Some((kind, p))
         })
         .collect();
-    v.sort_by_key(|(kind, p)| (p.file_stem().is_none_or(|s| s.to_string_lossy() != *kind), p.clone()));
+    v.sort_by_key(|(kind, p)| {
+        (
+            p.file_stem().is_none_or(|s| s.to_string_lossy() != *kind),
+            p.clone(),
+        )
+    });
     v
 }
 
@@ -484,7 +674,12 @@ impl Switch {
     /// The level the live balanced accuracy settles at on the new workload: the
     /// median of the last third of the seconds after the switch.
     pub fn settled(&self) -> Option<f64> {
-        let after: Vec<f64> = self.points.iter().filter(|p| p.0 > self.switch_at_s).filter_map(|p| p.1).collect();
+        let after: Vec<f64> = self
+            .points
+            .iter()
+            .filter(|p| p.0 > self.switch_at_s)
+            .filter_map(|p| p.1)
+            .collect();
         if after.len() < 3 {
             return None;
         }
@@ -503,10 +698,17 @@ impl Switch {
     /// Seconds after the switch until the live balanced accuracy is within
     /// `tolerance` of `level` (or above) for three seconds in a row.
     pub fn seconds_to(&self, level: f64, tolerance: f64) -> Option<f64> {
-        let after: Vec<&(f64, Option<f64>, Option<u32>)> = self.points.iter().filter(|p| p.0 > self.switch_at_s).collect();
+        let after: Vec<&(f64, Option<f64>, Option<u32>)> = self
+            .points
+            .iter()
+            .filter(|p| p.0 > self.switch_at_s)
+            .collect();
         after
             .windows(3)
-            .find(|w| w.iter().all(|p| p.1.is_some_and(|b| b >= level - tolerance)))
+            .find(|w| {
+                w.iter()
+                    .all(|p| p.1.is_some_and(|b| b >= level - tolerance))
+            })
             .map(|w| w[0].0 - self.switch_at_s)
     }
 }
@@ -525,17 +727,33 @@ pub fn switch(ctx: &Ctx, runs: &[WorkloadRun]) -> Result<Switch> {
         .context("no logistic model of the first workload")?;
     let (before_s, after_s, every) = if ctx.quick { (8, 16, 4) } else { (15, 35, 5) };
     let disk = open_disk(ctx)?;
-    let expiry = disk.dev.set_expiries_ms(a.applied_expiry.0, a.applied_expiry.1)?;
+    let expiry = disk
+        .dev
+        .set_expiries_ms(a.applied_expiry.0, a.applied_expiry.1)?;
     let mut agent = {
         let mut cmd = Command::new(&ctx.agent);
-        cmd.args(["run", "--device", &disk.dev.name, "--retrain-every", &format!("{every}s"), "--model"])
-            .arg(&model)
-            .args(["--learn-kind", "logistic"]);
+        cmd.args([
+            "run",
+            "--device",
+            &disk.dev.name,
+            "--retrain-every",
+            &format!("{every}s"),
+            "--model",
+        ])
+        .arg(&model)
+        .args(["--learn-kind", "logistic"]);
         let mut p = Proc::spawn(&mut cmd, "switch.agent", &ctx.logs)?;
         p.wait_for_output("observing", Duration::from_secs(60))?;
         p
     };
-    let mut fio_a = spawn_fio(ctx, &a.file, &disk.dev.path, before_s + 30, "switch.a", None)?;
+    let mut fio_a = spawn_fio(
+        ctx,
+        &a.file,
+        &disk.dev.path,
+        before_s + 30,
+        "switch.a",
+        None,
+    )?;
     sys::sleep(Duration::from_secs(before_s))?;
     fio_a.stop(Duration::from_secs(15));
     let mut fio_b = spawn_fio(ctx, &b.file, &disk.dev.path, after_s + 30, "switch.b", None)?;
@@ -586,7 +804,9 @@ mod tests {
 
     #[test]
     fn recovery_after_a_switch() {
-        let acc = [0.8, 0.8, 0.81, 0.79, 0.8, 0.5, 0.55, 0.79, 0.6, 0.79, 0.8, 0.81, 0.8];
+        let acc = [
+            0.8, 0.8, 0.81, 0.79, 0.8, 0.5, 0.55, 0.79, 0.6, 0.79, 0.8, 0.81, 0.8,
+        ];
         let sw = Switch {
             from: "a".into(),
             to: "b".into(),
@@ -594,7 +814,11 @@ mod tests {
             expiry: (4, 8),
             retrain_every_s: 5,
             switch_at_s: 5.0,
-            points: acc.iter().enumerate().map(|(i, b)| ((i + 1) as f64, Some(*b), Some(1))).collect(),
+            points: acc
+                .iter()
+                .enumerate()
+                .map(|(i, b)| ((i + 1) as f64, Some(*b), Some(1)))
+                .collect(),
             swaps: Vec::new(),
         };
         // Before (t in 3..=5): 0.81, 0.79, 0.8 → 0.8.
@@ -606,7 +830,10 @@ mod tests {
         assert_eq!(sw.seconds_to(0.8, 0.02), Some(5.0));
         assert_eq!(sw.seconds_to(0.8, 0.0), Some(6.0));
         assert_eq!(sw.seconds_to(0.9, 0.0), None);
-        let none = Switch { points: Vec::new(), ..sw };
+        let none = Switch {
+            points: Vec::new(),
+            ..sw
+        };
         assert_eq!(none.before(), None);
         assert_eq!(none.settled(), None);
         assert_eq!(none.seconds_to(0.5, 0.02), None);
@@ -624,7 +851,12 @@ mod tests {
         let found = shipped_models(&dir);
         let names: Vec<(String, String)> = found
             .iter()
-            .map(|(k, p)| (k.clone(), p.file_name().unwrap().to_string_lossy().into_owned()))
+            .map(|(k, p)| {
+                (
+                    k.clone(),
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                )
+            })
             .collect();
         assert_eq!(names[0], ("logistic".into(), "logistic.json".into()));
         assert_eq!(names[1], ("tree".into(), "tree.json".into()));

@@ -88,14 +88,21 @@ impl Overhead {
             .iter()
             .filter(|s| s.config == c && s.invalid.is_none())
             .filter_map(|s| {
-                let base = self.samples.iter().find(|b| b.round == s.round && b.config == Config::None)?;
+                let base = self
+                    .samples
+                    .iter()
+                    .find(|b| b.round == s.round && b.config == Config::None)?;
                 (base.fio.iops() > 0.0).then(|| s.fio.iops() / base.fio.iops())
             })
             .collect()
     }
 
     pub fn iops(&self, c: Config) -> Vec<f64> {
-        self.samples.iter().filter(|s| s.config == c).map(|s| s.fio.iops()).collect()
+        self.samples
+            .iter()
+            .filter(|s| s.config == c)
+            .map(|s| s.fio.iops())
+            .collect()
     }
 
     pub fn median_ratio(&self, c: Config) -> Option<f64> {
@@ -123,7 +130,14 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 /// it has attached.
 pub fn start_agent(ctx: &Ctx, dev: &LoopDevice, model: Option<&Path>, name: &str) -> Result<Proc> {
     let mut cmd = ctx.agent_cmd(true);
-    cmd.args(["run", "--device", &dev.name, "--retrain-every", "0", "--model"]);
+    cmd.args([
+        "run",
+        "--device",
+        &dev.name,
+        "--retrain-every",
+        "0",
+        "--model",
+    ]);
     match model {
         Some(m) => cmd.arg(m),
         None => cmd.arg("none"),
@@ -149,10 +163,17 @@ fn start_bpftrace(ctx: &Ctx, name: &str) -> Result<Proc> {
     let end = Instant::now() + Duration::from_secs(60);
     while sys::prog_ids(p.pid()).len() < 3 {
         if Instant::now() > end {
-            bail!("bpftrace did not load its 3 programs within 60 s: {}", sys::tail(&p.stderr, 5));
+            bail!(
+                "bpftrace did not load its 3 programs within 60 s: {}",
+                sys::tail(&p.stderr, 5)
+            );
         }
         if let Some(s) = p.poll()? {
-            bail!("bpftrace ended ({}): {}", crate::util::describe_status(s), sys::tail(&p.stderr, 5));
+            bail!(
+                "bpftrace ended ({}): {}",
+                crate::util::describe_status(s),
+                sys::tail(&p.stderr, 5)
+            );
         }
         sys::sleep(Duration::from_millis(100))?;
     }
@@ -166,12 +187,23 @@ fn fio(ctx: &Ctx, dev: &LoopDevice, secs: u64, name: &str) -> Result<FioSummary>
     let mut p = spawn_fio(ctx, &job_file(ctx), &dev.path, secs, name, cpus)?;
     let status = p.wait(Duration::from_secs(secs + 60))?;
     if !status.success() {
-        anyhow::bail!("fio failed ({}): {}", crate::util::describe_status(status), sys::tail(&p.stderr, 5));
+        anyhow::bail!(
+            "fio failed ({}): {}",
+            crate::util::describe_status(status),
+            sys::tail(&p.stderr, 5)
+        );
     }
     fio_result(ctx, name)
 }
 
-fn measure(ctx: &Ctx, dev: &LoopDevice, config: Config, model: Option<&Path>, secs: u64, name: &str) -> Result<Sample> {
+fn measure(
+    ctx: &Ctx,
+    dev: &LoopDevice,
+    config: Config,
+    model: Option<&Path>,
+    secs: u64,
+    name: &str,
+) -> Result<Sample> {
     let mut tracer = match config {
         Config::None => None,
         Config::Observe => Some(start_agent(ctx, dev, None, &format!("{name}.agent"))?),
@@ -185,14 +217,18 @@ fn measure(ctx: &Ctx, dev: &LoopDevice, config: Config, model: Option<&Path>, se
     let result = fio(ctx, dev, secs, name)?;
     let wall_s = t0.elapsed().as_secs_f64();
     let ticks1 = pid.filter(|_| is_agent).and_then(cpu_ticks);
-    let hwm = pid.and_then(|p| parse::parse_kib_field(&proc_read(p, "status"), "VmHWM")).unwrap_or(0);
+    let hwm = pid
+        .and_then(|p| parse::parse_kib_field(&proc_read(p, "status"), "VmHWM"))
+        .unwrap_or(0);
     let mut agent = None;
     let mut invalid = None;
     if let Some(mut p) = tracer.take() {
         let status = p.stop(Duration::from_secs(20));
         if config == Config::Bpftrace {
             let out = std::fs::read_to_string(&p.stdout).unwrap_or_default();
-            let completed = out.lines().find_map(|l| l.strip_prefix("@completed: ")?.trim().parse::<u64>().ok());
+            let completed = out
+                .lines()
+                .find_map(|l| l.strip_prefix("@completed: ")?.trim().parse::<u64>().ok());
             if completed.is_none_or(|n| n < result.ios() / 2) {
                 invalid = Some(format!(
                     "bpftrace counted {} completions of fio's {} I/Os (exit: {}): it was not (fully) attached",
@@ -205,13 +241,14 @@ fn measure(ctx: &Ctx, dev: &LoopDevice, config: Config, model: Option<&Path>, se
         if is_agent {
             let err = std::fs::read_to_string(&p.stderr).unwrap_or_default();
             let out = std::fs::read_to_string(&p.stdout).unwrap_or_default();
-            let (records, _agent_secs, drops) = parse::parse_agent_summary(&err).with_context(|| {
-                format!(
-                    "the agent ({}) printed no summary: {}",
-                    status.map_or("?".into(), crate::util::describe_status),
-                    sys::tail(&p.stderr, 5)
-                )
-            })?;
+            let (records, _agent_secs, drops) =
+                parse::parse_agent_summary(&err).with_context(|| {
+                    format!(
+                        "the agent ({}) printed no summary: {}",
+                        status.map_or("?".into(), crate::util::describe_status),
+                        sys::tail(&p.stderr, 5)
+                    )
+                })?;
             let lines: Vec<f64> = out
                 .lines()
                 .filter_map(parse::parse_agent_line)
@@ -232,7 +269,13 @@ fn measure(ctx: &Ctx, dev: &LoopDevice, config: Config, model: Option<&Path>, se
             });
         }
     }
-    Ok(Sample { round: 0, config, fio: result, agent, invalid })
+    Ok(Sample {
+        round: 0,
+        config,
+        fio: result,
+        agent,
+        invalid,
+    })
 }
 
 pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Overhead> {
@@ -261,8 +304,18 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Overhead> {
         for i in 0..configs.len() {
             let config = configs[(i + round) % configs.len()];
             sys::check_interrupted()?;
-            let name = format!("overhead.r{round}.{}", config.label().replace([' ', '+'], ""));
-            let mut s = measure(ctx, &dev, config, model.as_ref().map(|m| m.1.as_path()), secs, &name)?;
+            let name = format!(
+                "overhead.r{round}.{}",
+                config.label().replace([' ', '+'], "")
+            );
+            let mut s = measure(
+                ctx,
+                &dev,
+                config,
+                model.as_ref().map(|m| m.1.as_path()),
+                secs,
+                &name,
+            )?;
             s.round = round;
             eprintln!(
                 "xtask: bench: overhead round {} {:<20} {:>9.0} IOPS",

@@ -37,8 +37,11 @@ impl FioSummary {
 /// a warning, is skipped).
 pub fn parse_fio_json(text: &str) -> Result<FioSummary> {
     let start = text.find('{').context("no JSON object in fio's output")?;
-    let v: Value = serde_json::from_str(&text[start..]).context("fio's JSON output does not parse")?;
-    let jobs = v["jobs"].as_array().context("fio's JSON has no `jobs` array")?;
+    let v: Value =
+        serde_json::from_str(&text[start..]).context("fio's JSON output does not parse")?;
+    let jobs = v["jobs"]
+        .as_array()
+        .context("fio's JSON has no `jobs` array")?;
     if jobs.is_empty() {
         bail!("fio's JSON has no job");
     }
@@ -50,7 +53,9 @@ pub fn parse_fio_json(text: &str) -> Result<FioSummary> {
         s.write_iops += f(&job["write"]["iops"]);
         s.read_ios += u(&job["read"]["total_ios"]);
         s.write_ios += u(&job["write"]["total_ios"]);
-        s.runtime_ms = s.runtime_ms.max(u(&job["job_runtime"]).max(u(&job["read"]["runtime"])));
+        s.runtime_ms = s
+            .runtime_ms
+            .max(u(&job["job_runtime"]).max(u(&job["read"]["runtime"])));
         s.usr_cpu += f(&job["usr_cpu"]) / jobs.len() as f64;
         s.sys_cpu += f(&job["sys_cpu"]) / jobs.len() as f64;
         if s.read_clat_p50_ns.is_none() && u(&job["read"]["total_ios"]) > 0 {
@@ -153,7 +158,9 @@ pub fn parse_kib_field(text: &str, key: &str) -> Option<u64> {
 
 /// The program ids an `/proc/PID/fdinfo/N` names (`prog_id:` of a BPF program fd).
 pub fn parse_fdinfo_prog_id(fdinfo: &str) -> Option<u32> {
-    fdinfo.lines().find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
 }
 
 /// The three load averages of /proc/loadavg.
@@ -189,7 +196,9 @@ pub fn parse_agent_line(line: &str) -> Option<AgentLine> {
             drops = d.split_whitespace().next()?.parse().ok()?;
         } else if let Some(v) = part.strip_prefix('v') {
             let mut words = v.split_whitespace();
-            let (Some(ver), Some(kind)) = (words.next(), words.next()) else { continue };
+            let (Some(ver), Some(kind)) = (words.next(), words.next()) else {
+                continue;
+            };
             let Ok(ver) = ver.parse() else { continue };
             model = Some((ver, kind.to_owned()));
             if words.next() == Some("bal.acc") {
@@ -226,7 +235,9 @@ pub fn parse_agent_summary(stderr: &str) -> Option<(u64, f64, u64)> {
 pub fn parse_model_training(text: &str) -> Result<(f64, u64)> {
     let v: Value = serde_json::from_str(text).context("the model file does not parse")?;
     let t = &v["training"];
-    let secs = t["train_seconds"].as_f64().context("no training.train_seconds")?;
+    let secs = t["train_seconds"]
+        .as_f64()
+        .context("no training.train_seconds")?;
     let n = t["fit_records"].as_u64().unwrap_or(0) + t["tune_records"].as_u64().unwrap_or(0);
     Ok((secs, n))
 }
@@ -257,7 +268,10 @@ pub fn parse_eval_with_baseline(text: &str) -> Result<(EvalMetrics, Option<EvalM
 }
 
 fn eval_metrics(v: &Value) -> Result<EvalMetrics> {
-    let f = |k: &str| -> Result<f64> { v[k].as_f64().with_context(|| format!("eval JSON: no number `{k}`")) };
+    let f = |k: &str| -> Result<f64> {
+        v[k].as_f64()
+            .with_context(|| format!("eval JSON: no number `{k}`"))
+    };
     Ok(EvalMetrics {
         records: v["records"].as_u64().unwrap_or(0),
         miss_rate: f("miss_rate")?,
@@ -279,7 +293,11 @@ pub fn median(values: &[f64]) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 #[cfg(test)]
@@ -353,10 +371,22 @@ mod tests {
 
     #[test]
     fn event_program_names_even_cut_short() {
-        assert_eq!(EventProg::of_name("kml_raw_rq_insert"), Some(EventProg::Insert));
-        assert_eq!(EventProg::of_name("kml_raw_rq_inse"), Some(EventProg::Insert));
-        assert_eq!(EventProg::of_name("kml_tp_rq_issue"), Some(EventProg::Issue));
-        assert_eq!(EventProg::of_name("kml_raw_rq_complete"), Some(EventProg::Complete));
+        assert_eq!(
+            EventProg::of_name("kml_raw_rq_insert"),
+            Some(EventProg::Insert)
+        );
+        assert_eq!(
+            EventProg::of_name("kml_raw_rq_inse"),
+            Some(EventProg::Insert)
+        );
+        assert_eq!(
+            EventProg::of_name("kml_tp_rq_issue"),
+            Some(EventProg::Issue)
+        );
+        assert_eq!(
+            EventProg::of_name("kml_raw_rq_complete"),
+            Some(EventProg::Complete)
+        );
         assert_eq!(EventProg::of_name("kml_raw_rq_merge"), None);
         assert_eq!(EventProg::of_name("kml_raw_features"), None);
         assert_eq!(EventProg::of_name("other_rq_insert"), None);
@@ -372,7 +402,8 @@ mod tests {
 
     #[test]
     fn kib_fields() {
-        let status = "Name:\tkml-agent\nVmPeak:\t  200000 kB\nVmHWM:\t   51234 kB\nVmRSS:\t   40000 kB\n";
+        let status =
+            "Name:\tkml-agent\nVmPeak:\t  200000 kB\nVmHWM:\t   51234 kB\nVmRSS:\t   40000 kB\n";
         assert_eq!(parse_kib_field(status, "VmHWM"), Some(51234));
         assert_eq!(parse_kib_field(status, "VmRSS"), Some(40000));
         assert_eq!(parse_kib_field(status, "VmSwap"), None);
@@ -385,7 +416,10 @@ mod tests {
         let fd = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nprog_type:\t17\nprog_jited:\t1\nprog_tag:\tb23c6bca089059e6\nmemlock:\t8192\nprog_id:\t1296\nrun_time_ns:\t0\n";
         assert_eq!(parse_fdinfo_prog_id(fd), Some(1296));
         assert_eq!(parse_fdinfo_prog_id("pos:\t0\nlink_id:\t5\n"), None);
-        assert_eq!(parse_loadavg("5.92 5.00 3.80 3/412 32388\n"), Some([5.92, 5.0, 3.8]));
+        assert_eq!(
+            parse_loadavg("5.92 5.00 3.80 3/412 32388\n"),
+            Some([5.92, 5.0, 3.8])
+        );
         assert_eq!(parse_loadavg("x"), None);
     }
 

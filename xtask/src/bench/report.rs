@@ -68,17 +68,31 @@ pub fn write(ctx: &Ctx, r: &Results) -> Result<PathBuf> {
     let _ = writeln!(md, "| | |\n| --- | --- |");
     let _ = writeln!(md, "| date | {} |", i.date);
     let _ = writeln!(md, "| kernel | {} |", i.kernel);
-    let _ = writeln!(md, "| machine | {} CPUs ({}), {:.1} GiB memory |", i.cpus, i.cpu_model, i.mem_gib);
+    let _ = writeln!(
+        md,
+        "| machine | {} CPUs ({}), {:.1} GiB memory |",
+        i.cpus, i.cpu_model, i.mem_gib
+    );
     let _ = writeln!(
         md,
         "| load average (1/5/15 min) | {} at the start, {} at the end |",
         load(i.load_before),
         load(i.load_after)
     );
-    let _ = writeln!(md, "| mode | {} |", if i.quick { "--quick (short runs: indicative only)" } else { "full" });
+    let _ = writeln!(
+        md,
+        "| mode | {} |",
+        if i.quick {
+            "--quick (short runs: indicative only)"
+        } else {
+            "full"
+        }
+    );
     let _ = writeln!(md, "| tools | {} |", i.tools.join("; "));
     let _ = writeln!(md, "| run time | {:.0} s |\n", i.duration.as_secs_f64());
-    if i.load_before.is_some_and(|l| l[0] > 0.5 * i.cpus as f64) || i.load_after.is_some_and(|l| l[0] > 0.5 * i.cpus as f64) {
+    if i.load_before.is_some_and(|l| l[0] > 0.5 * i.cpus as f64)
+        || i.load_after.is_some_and(|l| l[0] > 0.5 * i.cpus as f64)
+    {
         let _ = writeln!(
             md,
             "> **Noise warning:** the machine was busy with other work during this run (load average \
@@ -114,7 +128,10 @@ pub fn write(ctx: &Ctx, r: &Results) -> Result<PathBuf> {
 }
 
 fn summary(md: &mut String, r: &Results) {
-    let _ = writeln!(md, "## Summary\n\n| headline | goal | measured |\n| --- | --- | --- |");
+    let _ = writeln!(
+        md,
+        "## Summary\n\n| headline | goal | measured |\n| --- | --- | --- |"
+    );
     match &r.overhead {
         Outcome::Done(o) => {
             for (c, goal) in [
@@ -138,14 +155,29 @@ fn summary(md: &mut String, r: &Results) {
             }
         }
         other => {
-            let _ = writeln!(md, "| observer overhead (IOPS ratio) | ≥ 0.95 | {} |", not_measured(other));
+            let _ = writeln!(
+                md,
+                "| observer overhead (IOPS ratio) | ≥ 0.95 | {} |",
+                not_measured(other)
+            );
         }
     }
     match &r.cost {
         Outcome::Done(c) => {
-            for (kind, goal) in [("linear", "≤ 100 ns"), ("logistic", "≤ 100 ns"), ("tree", "≤ 300 ns")] {
+            for (kind, goal) in [
+                ("linear", "≤ 100 ns"),
+                ("logistic", "≤ 100 ns"),
+                ("tree", "≤ 300 ns"),
+            ] {
                 if let Some(ns) = c.inference_ns(kind) {
-                    let _ = writeln!(md, "| in-kernel inference cost per insert, {kind} | {goal} | **{ns:.0} ns** |");
+                    let v = c.inference_rounds(kind);
+                    let _ = writeln!(
+                        md,
+                        "| in-kernel inference cost per insert, {kind} | {goal} | **{ns:.0} ns** (median of {}; range {:.0}–{:.0}) |",
+                        v.len(),
+                        v.iter().copied().fold(f64::INFINITY, f64::min),
+                        v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                    );
                 }
             }
             if let Some(ns) = c.ns("none", EventProg::Insert) {
@@ -158,7 +190,11 @@ fn summary(md: &mut String, r: &Results) {
             }
         }
         other => {
-            let _ = writeln!(md, "| in-kernel inference cost | ≤ 100 ns linear, ≤ 300 ns tree | {} |", not_measured(other));
+            let _ = writeln!(
+                md,
+                "| in-kernel inference cost | ≤ 100 ns linear, ≤ 300 ns tree | {} |",
+                not_measured(other)
+            );
         }
     }
     if let Outcome::Done(o) = &r.overhead {
@@ -169,7 +205,12 @@ fn summary(md: &mut String, r: &Results) {
             .filter_map(|s| s.agent.as_ref().map(|a| (s, a)))
             .collect();
         if !agents.is_empty() {
-            let cpu = median(&agents.iter().map(|(_, a)| a.cpu_s / a.wall_s).collect::<Vec<_>>());
+            let cpu = median(
+                &agents
+                    .iter()
+                    .map(|(_, a)| a.cpu_s / a.wall_s)
+                    .collect::<Vec<_>>(),
+            );
             let rate = median(&agents.iter().map(|(s, _)| s.fio.iops()).collect::<Vec<_>>());
             let drops: u64 = agents.iter().map(|(_, a)| a.drops).sum();
             let hwm = agents.iter().map(|(_, a)| a.hwm_kib).max().unwrap_or(0);
@@ -192,7 +233,11 @@ fn summary(md: &mut String, r: &Results) {
                     .and_then(|m| m["fit_s"].as_f64())
             };
             for k in &t.kml {
-                let goal = if matches!(k.kind, "linear" | "logistic") { "≤ 2 s" } else { "–" };
+                let goal = if matches!(k.kind, "linear" | "logistic") {
+                    "≤ 2 s"
+                } else {
+                    "–"
+                };
                 let _ = writeln!(
                     md,
                     "| training time, 1 M requests, {} (kml fit + tune; scikit-learn fit) | {goal} | **{}**; scikit-learn {} |",
@@ -206,7 +251,11 @@ fn summary(md: &mut String, r: &Results) {
             }
         }
         other => {
-            let _ = writeln!(md, "| training time on 1 M requests | ≤ 2 s linear and logistic | {} |", not_measured(other));
+            let _ = writeln!(
+                md,
+                "| training time on 1 M requests | ≤ 2 s linear and logistic | {} |",
+                not_measured(other)
+            );
         }
     }
     match &r.learning {
@@ -216,7 +265,12 @@ fn summary(md: &mut String, r: &Results) {
                     .kinds
                     .iter()
                     .filter(|k| k.kind != "baseline")
-                    .filter_map(|k| Some((k.kind, k.held_back.as_ref()?.as_ref().ok()?.q_balanced_accuracy)))
+                    .filter_map(|k| {
+                        Some((
+                            k.kind,
+                            k.held_back.as_ref()?.as_ref().ok()?.q_balanced_accuracy,
+                        ))
+                    })
                     .max_by(|a, b| a.1.total_cmp(&b.1));
                 let base = run
                     .kinds
@@ -235,7 +289,11 @@ fn summary(md: &mut String, r: &Results) {
             }
         }
         other => {
-            let _ = writeln!(md, "| learning quality | ≥ 92% balanced accuracy | {} |", not_measured(other));
+            let _ = writeln!(
+                md,
+                "| learning quality | ≥ 92% balanced accuracy | {} |",
+                not_measured(other)
+            );
         }
     }
     if let Some(Some(Ok(sw))) = r.learning.done().map(|l| l.switch.as_ref()) {
@@ -255,7 +313,10 @@ fn summary(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
         "| VM: read latency with verdicts vs stock mq-deadline | ≥ 15% lower mean, ≥ 25% lower p99, ≤ 2% throughput loss | {} |\n",
-        if r.vm.is_some() { "see [Latency effect in the VM](#5-latency-effect-in-the-vm)" } else { "not run (no target/vm/report.md)" }
+        match &r.vm {
+            Some(text) => format!("{} (see [Latency effect in the VM](#5-latency-effect-in-the-vm))", vm_headline(text)),
+            None => "not run (no target/vm/report.md)".to_owned(),
+        }
     );
 }
 
@@ -343,7 +404,11 @@ fn overhead_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
         title: "Observer overhead: fio 4k randread QD32 IOPS relative to no probes".into(),
         y_label: "IOPS ratio (median over rounds)".into(),
         series: vec!["median ratio".into()],
-        groups: o.configs().into_iter().map(|c| (c.label().to_owned(), vec![o.median_ratio(c)])).collect(),
+        groups: o
+            .configs()
+            .into_iter()
+            .map(|c| (c.label().to_owned(), vec![o.median_ratio(c)]))
+            .collect(),
         y_range: Some((0.0, 1.2)),
         references: vec![(0.95, "goal 0.95".into())],
         value_decimals: Some(3),
@@ -353,13 +418,19 @@ fn overhead_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
             .map(|c| {
                 let r = o.ratios(c);
                 vec![(!r.is_empty()).then(|| {
-                    (r.iter().copied().fold(f64::INFINITY, f64::min), r.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+                    (
+                        r.iter().copied().fold(f64::INFINITY, f64::min),
+                        r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    )
                 })]
             })
             .collect(),
     };
     plots.push(("overhead.svg".into(), svg::bar_chart(&chart)));
-    let _ = writeln!(md, "![IOPS ratio per configuration (whiskers: range over rounds)](overhead.svg)\n");
+    let _ = writeln!(
+        md,
+        "![IOPS ratio per configuration (whiskers: range over rounds)](overhead.svg)\n"
+    );
     // What the in-kernel cost (measure 2) predicts for this benchmark.
     if let (Outcome::Done(c), Some(base)) = (&r.cost, parse_median_iops(o)) {
         if let (Some(a), Some(b), Some(d)) = (
@@ -410,12 +481,15 @@ fn cost_section(md: &mut String, plots: &mut Vec<(String, String)>, r: &Results)
     let _ = writeln!(
         md,
         "`kernel.bpf_stats_enabled=1` for the measure (it was `{}` before and was restored), the agent \
-         observing the tmpfs loop device under the same fio job ({} round(s) × {} s per configuration); \
+         observing the tmpfs loop device under the same fio job ({} round(s) × {} s per configuration, \
+         the order rotating each round); \
          `bpftool prog show -j` before and after each run gives `run_time_ns` and `run_cnt` of the agent's \
          own programs (found by the program ids in its `/proc/PID/fdinfo`). The tail-called feature and \
          model stages are accounted to the insert program, so **inference cost = insert ns with a model − \
          insert ns without**. bpf_stats itself adds two clock reads per run, which are in every number \
-         here (and cancel in the difference). Medians over rounds.\n",
+         here (and cancel in the difference). Per-program numbers are medians over rounds; the \
+         inference cost is the median over rounds of the difference within each round (with the range), \
+         since the machine's load moves these ns-level numbers by tens of ns from one round to the next.\n",
         c.stats_was,
         c.rounds,
         c.secs
@@ -430,7 +504,11 @@ fn cost_section(md: &mut String, plots: &mut Vec<(String, String)>, r: &Results)
             md,
             "| {config} | {} | {} | {} | {} | {runs} / {ios} |",
             opt(c.ns(&config, EventProg::Insert), |v| format!("{v:.0}")),
-            if config == "none" { "–".into() } else { opt(c.inference_ns(&config), |v| format!("**{v:.0}**")) },
+            if config == "none" {
+                "–".into()
+            } else {
+                opt(c.inference_ns(&config), |v| format!("**{v:.0}**"))
+            },
             opt(c.ns(&config, EventProg::Issue), |v| format!("{v:.0}")),
             opt(c.ns(&config, EventProg::Complete), |v| format!("{v:.0}")),
         );
@@ -450,7 +528,14 @@ fn cost_section(md: &mut String, plots: &mut Vec<(String, String)>, r: &Results)
             .into_iter()
             .map(|cfg| {
                 let v = EventProg::ALL.iter().map(|e| c.ns(&cfg, *e)).collect();
-                (if cfg == "none" { "no model".to_owned() } else { format!("{cfg} model") }, v)
+                (
+                    if cfg == "none" {
+                        "no model".to_owned()
+                    } else {
+                        format!("{cfg} model")
+                    },
+                    v,
+                )
             })
             .collect(),
         y_range: None,
@@ -509,7 +594,11 @@ fn agent_section(md: &mut String, ctx: &Ctx, r: &Results) {
             return;
         }
     };
-    let srcs: Vec<String> = t.sources.iter().map(|(p, n)| format!("`{p}` ({n})")).collect();
+    let srcs: Vec<String> = t
+        .sources
+        .iter()
+        .map(|(p, n)| format!("`{p}` ({n})"))
+        .collect();
     let _ = writeln!(
         md,
         "Data: {} requests joined from recorded traces ({}){}. kml: `kml-agent train \
@@ -550,21 +639,34 @@ fn agent_section(md: &mut String, ctx: &Ctx, r: &Results) {
         .and_then(|v| v["models"].as_array().cloned())
         .unwrap_or_default();
     for k in &t.kml {
-        let sks: Vec<&serde_json::Value> = sk_models.iter().filter(|m| m["kind"] == k.kind).collect();
+        let sks: Vec<&serde_json::Value> =
+            sk_models.iter().filter(|m| m["kind"] == k.kind).collect();
         let kml_fit = match &k.fit_s {
             Ok(s) => format!("**{s:.2} s**"),
             Err(e) => format!("FAILED: {}", one_line(e)),
         };
         if sks.is_empty() {
-            let _ = writeln!(md, "| {} | {kml_fit} | {:.1} s | – | – | – |", k.kind, k.wall_s);
+            let _ = writeln!(
+                md,
+                "| {} | {kml_fit} | {:.1} s | – | – | – |",
+                k.kind, k.wall_s
+            );
         }
         for (j, m) in sks.iter().enumerate() {
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} | {} | {} |",
                 if j == 0 { k.kind } else { "" },
-                if j == 0 { kml_fit.clone() } else { String::new() },
-                if j == 0 { format!("{:.1} s", k.wall_s) } else { String::new() },
+                if j == 0 {
+                    kml_fit.clone()
+                } else {
+                    String::new()
+                },
+                if j == 0 {
+                    format!("{:.1} s", k.wall_s)
+                } else {
+                    String::new()
+                },
                 m["name"].as_str().unwrap_or("?"),
                 opt(m["fit_s"].as_f64(), |s| format!("{s:.2} s")),
                 opt(m["balanced_accuracy_rest"].as_f64(), pct)
@@ -625,7 +727,10 @@ fn learning_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
          kernel applies, and what kml uses) is shown. Then {} s are recorded with `kml-agent record`. Every \
          kind is trained with `kml-agent train` (first 70% by insert time; threshold tuned on its last 20%) \
          and evaluated with `kml-agent eval --json --from 0.7` on the last 30% — **the later time window it \
-         never saw** — in float and in the kernel's integer form (q.).\n",
+         never saw** — in float and in the kernel's integer form (q.). The calibration and the recording \
+         are separate fio runs with the expiries changed in between: lowering them live under a deep queue \
+         stalled newly inserted requests for seconds on this kernel (the queued ones keep their far \
+         deadlines), which would distort the trace.\n",
         l.nr_requests.as_deref().unwrap_or("default"),
         l.plan.calibrate_s,
         super::learning::CALIBRATION_QUANTILE * 100.0,
@@ -713,12 +818,22 @@ fn learning_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
                         md,
                         "| {} | {} | {secs:.2} | {} |",
                         run.name,
-                        if k.kind == "baseline" { "KML baseline" } else { k.kind },
+                        if k.kind == "baseline" {
+                            "KML baseline"
+                        } else {
+                            k.kind
+                        },
                         metrics_cells(k.held_back.as_ref())
                     );
                 }
                 Err(e) => {
-                    let _ = writeln!(md, "| {} | {} | training FAILED: {} | | | | | | |", run.name, k.kind, one_line(e));
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | training FAILED: {} | | | | | | |",
+                        run.name,
+                        k.kind,
+                        one_line(e)
+                    );
                 }
             }
         }
@@ -726,7 +841,16 @@ fn learning_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
     let chart = BarChart {
         title: "Held-back balanced accuracy (integer model) per workload".into(),
         y_label: "balanced accuracy".into(),
-        series: KINDS.iter().map(|k| if *k == "baseline" { "KML baseline".to_owned() } else { (*k).to_owned() }).collect(),
+        series: KINDS
+            .iter()
+            .map(|k| {
+                if *k == "baseline" {
+                    "KML baseline".to_owned()
+                } else {
+                    (*k).to_owned()
+                }
+            })
+            .collect(),
         groups: l
             .runs
             .iter()
@@ -734,10 +858,9 @@ fn learning_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
                 let v = KINDS
                     .iter()
                     .map(|kind| {
-                        run.kinds
-                            .iter()
-                            .find(|k| k.kind == *kind)
-                            .and_then(|k| Some(k.held_back.as_ref()?.as_ref().ok()?.q_balanced_accuracy))
+                        run.kinds.iter().find(|k| k.kind == *kind).and_then(|k| {
+                            Some(k.held_back.as_ref()?.as_ref().ok()?.q_balanced_accuracy)
+                        })
                     })
                     .collect();
                 (run.name.clone(), v)
@@ -749,7 +872,10 @@ fn learning_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
         ranges: Vec::new(),
     };
     plots.push(("accuracy.svg".into(), svg::bar_chart(&chart)));
-    let _ = writeln!(md, "\n![held-back balanced accuracy per workload and model](accuracy.svg)\n");
+    let _ = writeln!(
+        md,
+        "\n![held-back balanced accuracy per workload and model](accuracy.svg)\n"
+    );
 
     switch_section(md, plots, l);
 
@@ -762,10 +888,23 @@ fn learning_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
              (`deadline_budget_us`).\n"
         );
         for kind in KINDS {
-            if l.runs.iter().all(|r| r.kinds.iter().find(|k| k.kind == kind).is_none_or(|k| k.cross.is_empty())) {
+            if l.runs.iter().all(|r| {
+                r.kinds
+                    .iter()
+                    .find(|k| k.kind == kind)
+                    .is_none_or(|k| k.cross.is_empty())
+            }) {
                 continue;
             }
-            let _ = writeln!(md, "**{}**\n", if kind == "baseline" { "KML baseline" } else { kind });
+            let _ = writeln!(
+                md,
+                "**{}**\n",
+                if kind == "baseline" {
+                    "KML baseline"
+                } else {
+                    kind
+                }
+            );
             let mut head = String::from("| trained on ↓ / tested on → |");
             let mut sep = String::from("| --- |");
             for col in &l.runs {
@@ -774,7 +913,9 @@ fn learning_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
             }
             let _ = writeln!(md, "{head}\n{sep}");
             for row in &l.runs {
-                let Some(k) = row.kinds.iter().find(|k| k.kind == kind) else { continue };
+                let Some(k) = row.kinds.iter().find(|k| k.kind == kind) else {
+                    continue;
+                };
                 let mut line = format!("| {} |", row.name);
                 for col in &l.runs {
                     let m = if col.name == row.name {
@@ -783,7 +924,9 @@ fn learning_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
                         k.cross.iter().find(|(n, _)| *n == col.name).map(|(_, m)| m)
                     };
                     let cell = match m {
-                        Some(Ok(e)) if col.name == row.name => format!("*{}*", pct(e.q_balanced_accuracy)),
+                        Some(Ok(e)) if col.name == row.name => {
+                            format!("*{}*", pct(e.q_balanced_accuracy))
+                        }
                         Some(Ok(e)) => pct(e.q_balanced_accuracy),
                         Some(Err(_)) => "failed".into(),
                         None => "–".into(),
@@ -823,7 +966,12 @@ fn switch_section(md: &mut String, plots: &mut Vec<(String, String)>, l: &Learni
         sw.to,
         sw.switch_at_s,
     );
-    let secs = |v: Option<f64>| v.map_or_else(|| "not within the run".to_owned(), |s| format!("**{s:.0} s**"));
+    let secs = |v: Option<f64>| {
+        v.map_or_else(
+            || "not within the run".to_owned(),
+            |s| format!("**{s:.0} s**"),
+        )
+    };
     let _ = writeln!(
         md,
         "| before the switch | lowest after | settled at (last third) | seconds to settle (within 2 points) | seconds to ≥ 90% (issue 4's mark) |\n| --- | --- | --- | --- | --- |\n| {} | {} | {} | {} | {} |\n",
@@ -841,20 +989,33 @@ fn switch_section(md: &mut String, plots: &mut Vec<(String, String)>, l: &Learni
         let _ = writeln!(md);
     }
     let chart = LineChart {
-        title: format!("Live balanced accuracy across a switch from {} to {}", sw.from, sw.to),
+        title: format!(
+            "Live balanced accuracy across a switch from {} to {}",
+            sw.from, sw.to
+        ),
         x_label: "seconds since the agent started".into(),
         y_label: "balanced accuracy (per second)".into(),
         series: vec![Series {
             name: "live balanced accuracy".into(),
-            points: sw.points.iter().filter_map(|(t, b, _)| Some((*t, (*b)?))).collect(),
+            points: sw
+                .points
+                .iter()
+                .filter_map(|(t, b, _)| Some((*t, (*b)?)))
+                .collect(),
         }],
         log_x: false,
         y_range: Some((0.0, 1.0)),
         x_marks: vec![(sw.switch_at_s, format!("switch to {}", sw.to))],
-        y_marks: sw.settled().map(|b| vec![(b, format!("settled on {}", sw.to))]).unwrap_or_default(),
+        y_marks: sw
+            .settled()
+            .map(|b| vec![(b, format!("settled on {}", sw.to))])
+            .unwrap_or_default(),
     };
     plots.push(("switch.svg".into(), svg::line_chart(&chart)));
-    let _ = writeln!(md, "![live balanced accuracy across the switch](switch.svg)\n");
+    let _ = writeln!(
+        md,
+        "![live balanced accuracy across the switch](switch.svg)\n"
+    );
 }
 
 /// A link from the report (in the output directory) to a file of the workspace.
@@ -869,7 +1030,11 @@ fn rel_link(ctx: &Ctx, p: &std::path::Path) -> String {
                 common += 1;
             }
             let up = out.components().count() - common;
-            let down: Vec<String> = file.components().skip(common).map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+            let down: Vec<String> = file
+                .components()
+                .skip(common)
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
             format!("{}{}", "../".repeat(up), down.join("/"))
         }
         _ => p.display().to_string(),
@@ -905,14 +1070,28 @@ fn vm_section(md: &mut String, r: &Results) {
     }
 }
 
+/// The VM report's verdict line (`Issue goal ...: met on N ...`), or a pointer.
+fn vm_headline(text: &str) -> String {
+    text.lines()
+        .find(|l| l.trim_start().starts_with("Issue goal"))
+        .map_or_else(
+            || "from `cargo xtask vm`".to_owned(),
+            |l| one_line(l.trim()),
+        )
+}
+
 fn models_note(md: &mut String, r: &Results) {
     if let Outcome::Done(m) = &r.models {
-        let _ = writeln!(md, "Models used by measures 1 and 2 (observe + infer, and the inference cost):\n");
+        let _ = writeln!(
+            md,
+            "Models used by measures 1 and 2 (observe + infer, and the inference cost):\n"
+        );
         for (k, p, origin) in &m.by_kind {
             let _ = writeln!(
                 md,
                 "- {k}: `{}` ({origin})",
-                p.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned())
+                p.file_name()
+                    .map_or_else(String::new, |f| f.to_string_lossy().into_owned())
             );
         }
         let _ = writeln!(md);
@@ -942,12 +1121,34 @@ mod tests {
     #[test]
     fn links_are_relative_to_the_report() {
         let c = ctx("/w/bench");
-        assert_eq!(rel_link(&c, Path::new("/w/bench/overhead.bt")), "overhead.bt");
-        assert_eq!(rel_link(&c, Path::new("/w/workloads/x.fio")), "../workloads/x.fio");
+        assert_eq!(
+            rel_link(&c, Path::new("/w/bench/overhead.bt")),
+            "overhead.bt"
+        );
+        assert_eq!(
+            rel_link(&c, Path::new("/w/workloads/x.fio")),
+            "../workloads/x.fio"
+        );
         let c = ctx("/w/docs/bench");
-        assert_eq!(rel_link(&c, Path::new("/w/bench/overhead.bt")), "../../bench/overhead.bt");
+        assert_eq!(
+            rel_link(&c, Path::new("/w/bench/overhead.bt")),
+            "../../bench/overhead.bt"
+        );
         let c = ctx("/tmp/out");
-        assert_eq!(rel_link(&c, Path::new("/w/bench/overhead.bt")), "/w/bench/overhead.bt");
+        assert_eq!(
+            rel_link(&c, Path::new("/w/bench/overhead.bt")),
+            "/w/bench/overhead.bt"
+        );
+    }
+
+    #[test]
+    fn vm_verdict_line() {
+        let text = "# kml VM\n\n| a |\n\nIssue goal (>= 15% lower mean): met on 1 mixed workload(s); worse at p99: x.\n";
+        assert_eq!(
+            vm_headline(text),
+            "Issue goal (>= 15% lower mean): met on 1 mixed workload(s); worse at p99: x."
+        );
+        assert_eq!(vm_headline("# nothing\n"), "from `cargo xtask vm`");
     }
 
     #[test]

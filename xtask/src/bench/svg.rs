@@ -51,7 +51,9 @@ pub fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     let first = (lo / step - 1e-9).ceil() as i64;
     let last = (hi / step + 1e-9).floor() as i64;
     // Snap float noise (0.6000000000000001) for the labels.
-    (first..=last).map(|k| (k as f64 * step * 1e12).round() / 1e12).collect()
+    (first..=last)
+        .map(|k| (k as f64 * step * 1e12).round() / 1e12)
+        .collect()
 }
 
 /// A compact label for a tick or a value: 1.5k, 2M, 0.25, 12.
@@ -171,7 +173,9 @@ pub fn bar_chart(c: &BarChart) -> String {
         .chain(c.references.iter().map(|r| r.0))
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max);
-    let (lo, hi) = c.y_range.unwrap_or((0.0, if max > 0.0 { max * 1.1 } else { 1.0 }));
+    let (lo, hi) = c
+        .y_range
+        .unwrap_or((0.0, if max > 0.0 { max * 1.1 } else { 1.0 }));
     y_axis(&mut out, lo, hi, &c.y_label);
     let plot_w = W - LEFT - RIGHT;
     let plot_h = H - TOP - BOTTOM;
@@ -184,7 +188,9 @@ pub fn bar_chart(c: &BarChart) -> String {
         let gx = LEFT + group_w * gi as f64;
         let start = gx + (group_w - bar_w * n_series) / 2.0;
         for (si, v) in values.iter().enumerate() {
-            let Some(v) = v.filter(|v| v.is_finite()) else { continue };
+            let Some(v) = v.filter(|v| v.is_finite()) else {
+                continue;
+            };
             let x = start + bar_w * si as f64;
             let y = y_of(v);
             let _ = write!(
@@ -282,7 +288,11 @@ pub fn line_chart(c: &LineChart) -> String {
         .flat_map(|s| s.points.iter().copied())
         .filter(|(x, y)| x.is_finite() && y.is_finite() && (!c.log_x || *x > 0.0))
         .collect();
-    let (mut x_lo, mut x_hi) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut x_lo, mut x_hi) = pts
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.0), b.max(p.0))
+        });
     if !x_lo.is_finite() {
         (x_lo, x_hi) = if c.log_x { (1.0, 10.0) } else { (0.0, 1.0) };
     }
@@ -297,7 +307,11 @@ pub fn line_chart(c: &LineChart) -> String {
         nice_ticks(x_lo, x_hi, 6)
     };
     let (y_lo, y_hi) = c.y_range.unwrap_or_else(|| {
-        let (a, b) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let (a, b) = pts
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+                (a.min(p.1), b.max(p.1))
+            });
         if a.is_finite() && b > a {
             (a.min(0.0), b * 1.05)
         } else {
@@ -422,7 +436,10 @@ mod tests {
 
     #[test]
     fn escaping() {
-        assert_eq!(esc(r#"a<b & "c" 'd'>"#), "a&lt;b &amp; &quot;c&quot; &#39;d&#39;&gt;");
+        assert_eq!(
+            esc(r#"a<b & "c" 'd'>"#),
+            "a&lt;b &amp; &quot;c&quot; &#39;d&#39;&gt;"
+        );
     }
 
     #[test]
@@ -470,7 +487,16 @@ mod tests {
         assert!(svg.contains("IOPS &lt;ratio&gt;"));
         assert!(svg.contains("goal"));
         assert!(svg.contains(">0.25<"));
-        assert_eq!(svg.matches("<line").count() - bar_chart(&BarChart { ranges: Vec::new(), ..c.clone() }).matches("<line").count(), 3);
+        assert_eq!(
+            svg.matches("<line").count()
+                - bar_chart(&BarChart {
+                    ranges: Vec::new(),
+                    ..c.clone()
+                })
+                .matches("<line")
+                .count(),
+            3
+        );
         assert!(!svg.contains("NaN"));
     }
 
@@ -481,8 +507,14 @@ mod tests {
             x_label: "insert→issue".into(),
             y_label: "fraction".into(),
             series: vec![
-                Series { name: "w1".into(), points: vec![(0.0, 0.0), (1e3, 0.1), (1e5, 0.5), (1e7, 1.0)] },
-                Series { name: "empty".into(), points: vec![] },
+                Series {
+                    name: "w1".into(),
+                    points: vec![(0.0, 0.0), (1e3, 0.1), (1e5, 0.5), (1e7, 1.0)],
+                },
+                Series {
+                    name: "empty".into(),
+                    points: vec![],
+                },
             ],
             log_x: true,
             y_range: Some((0.0, 1.0)),
@@ -493,7 +525,13 @@ mod tests {
         assert!(well_formed(&svg), "{svg}");
         assert_eq!(svg.matches("<polyline").count(), 1);
         // The x = 0 point is left out of a log axis.
-        let pts = svg.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        let pts = svg
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
         assert_eq!(pts.split(' ').count(), 3);
         assert!(svg.contains(">1ms<") && svg.contains(">10ms<"));
         assert!(!svg.contains("NaN") && !svg.contains("inf"));

@@ -67,7 +67,9 @@ pub fn sleep(d: Duration) -> Result<()> {
 
 /// Sends `sig` to `pid`; false if it could not be sent (the process is gone).
 pub fn send_signal(pid: u32, sig: i32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
     // SAFETY: kill(2) has no memory effects on this process.
     unsafe { kill(pid, sig) == 0 }
 }
@@ -107,7 +109,11 @@ impl LoopDevice {
             .map(str::to_owned)
             .with_context(|| format!("losetup printed `{}`", path.display()))?;
         let dev = LoopDevice { path, name };
-        eprintln!("xtask: bench: attached {} ({})", dev.path.display(), file.display());
+        eprintln!(
+            "xtask: bench: attached {} ({})",
+            dev.path.display(),
+            file.display()
+        );
         Ok(dev)
     }
 
@@ -139,7 +145,10 @@ impl LoopDevice {
         self.write_attr("queue/scheduler", "mq-deadline")?;
         let now = self.read_attr("queue/scheduler")?;
         if !now.contains("[mq-deadline]") {
-            bail!("{}: scheduler is `{now}` after selecting mq-deadline", self.name);
+            bail!(
+                "{}: scheduler is `{now}` after selecting mq-deadline",
+                self.name
+            );
         }
         Ok(())
     }
@@ -177,7 +186,10 @@ impl Drop for LoopDevice {
                     String::from_utf8_lossy(&out.stderr).trim()
                 ),
                 Err(e) => {
-                    eprintln!("xtask: bench: WARNING could not run `{}`: {e}", display(&cmd));
+                    eprintln!(
+                        "xtask: bench: WARNING could not run `{}`: {e}",
+                        display(&cmd)
+                    );
                     return;
                 }
                 _ => std::thread::sleep(Duration::from_millis(200)),
@@ -203,18 +215,29 @@ impl TmpfsMount {
                 .arg("kml-bench")
                 .arg(dir),
         )?;
-        let guard = TmpfsMount { dir: dir.to_path_buf() };
+        let guard = TmpfsMount {
+            dir: dir.to_path_buf(),
+        };
         // Keep it out of other mount namespaces' view; failing that is harmless.
-        let _ = Command::new("mount").arg("--make-private").arg(dir).status();
+        let _ = Command::new("mount")
+            .arg("--make-private")
+            .arg(dir)
+            .status();
         Ok(guard)
     }
 }
 
 impl Drop for TmpfsMount {
     fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.dir).status().is_ok_and(|s| s.success());
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!("xtask: bench: umount {} failed; detaching it lazily", self.dir.display());
+            eprintln!(
+                "xtask: bench: umount {} failed; detaching it lazily",
+                self.dir.display()
+            );
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
         let _ = fs::remove_dir(&self.dir);
@@ -236,7 +259,8 @@ impl SysctlGuard {
             .with_context(|| format!("reading {}", path.display()))?
             .trim()
             .to_owned();
-        fs::write(&path, value).with_context(|| format!("writing {value} to {}", path.display()))?;
+        fs::write(&path, value)
+            .with_context(|| format!("writing {value} to {}", path.display()))?;
         eprintln!("xtask: bench: {} = {value} (was {old})", path.display());
         Ok(SysctlGuard { path, old })
     }
@@ -245,7 +269,11 @@ impl SysctlGuard {
 impl Drop for SysctlGuard {
     fn drop(&mut self) {
         match fs::write(&self.path, &self.old) {
-            Ok(()) => eprintln!("xtask: bench: restored {} = {}", self.path.display(), self.old),
+            Ok(()) => eprintln!(
+                "xtask: bench: restored {} = {}",
+                self.path.display(),
+                self.old
+            ),
             Err(e) => eprintln!(
                 "xtask: bench: WARNING could not restore {} to {}: {e}",
                 self.path.display(),
@@ -272,11 +300,20 @@ impl Proc {
         let stdout = logs.join(format!("{name}.out"));
         let stderr = logs.join(format!("{name}.err"));
         cmd.stdin(Stdio::null())
-            .stdout(File::create(&stdout).with_context(|| format!("creating {}", stdout.display()))?)
-            .stderr(File::create(&stderr).with_context(|| format!("creating {}", stderr.display()))?);
+            .stdout(
+                File::create(&stdout).with_context(|| format!("creating {}", stdout.display()))?,
+            )
+            .stderr(
+                File::create(&stderr).with_context(|| format!("creating {}", stderr.display()))?,
+            );
         let line = display(cmd);
-        eprintln!("xtask: running {line} (output in {})", stdout.with_extension("{out,err}").display());
-        let child = cmd.spawn().with_context(|| format!("could not start `{line}`"))?;
+        eprintln!(
+            "xtask: running {line} (output in {})",
+            stdout.with_extension("{out,err}").display()
+        );
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("could not start `{line}`"))?;
         Ok(Proc {
             child,
             name: name.to_owned(),
@@ -293,7 +330,10 @@ impl Proc {
     /// The exit status if it has ended.
     pub fn poll(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().with_context(|| format!("waiting for {}", self.name))?;
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for {}", self.name))?;
         }
         Ok(self.status)
     }
@@ -311,7 +351,11 @@ impl Proc {
             }
             if Instant::now() >= end {
                 self.stop(Duration::from_secs(5));
-                bail!("{} did not finish within {:?}; stopped it", self.name, timeout);
+                bail!(
+                    "{} did not finish within {:?}; stopped it",
+                    self.name,
+                    timeout
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -331,7 +375,10 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("xtask: bench: {} ignored SIGINT for {grace:?}; killing it", self.name);
+        eprintln!(
+            "xtask: bench: {} ignored SIGINT for {grace:?}; killing it",
+            self.name
+        );
         let _ = self.child.kill();
         self.status = self.child.wait().ok();
         self.status
@@ -356,7 +403,11 @@ impl Proc {
             }
             check_interrupted()?;
             if Instant::now() >= end {
-                bail!("{} did not print `{needle}` within {timeout:?}: {}", self.name, tail(&self.stderr, 5));
+                bail!(
+                    "{} did not print `{needle}` within {timeout:?}: {}",
+                    self.name,
+                    tail(&self.stderr, 5)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -373,7 +424,9 @@ impl Drop for Proc {
 
 /// The BPF program ids a process holds (`prog_id:` of its fds in /proc/PID/fdinfo).
 pub fn prog_ids(pid: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return Vec::new() };
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
     let mut ids: Vec<u32> = dir
         .filter_map(|e| e.ok())
         .filter_map(|e| fs::read_to_string(e.path()).ok())

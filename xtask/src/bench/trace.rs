@@ -16,7 +16,8 @@ use kml_ebpf_common::{
 
 pub fn read_trace(path: &Path) -> Result<Vec<RequestRecord>> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    trace::read_all(BufReader::with_capacity(1 << 20, file)).map_err(|e| anyhow!("reading {}: {e}", path.display()))
+    trace::read_all(BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| anyhow!("reading {}: {e}", path.display()))
 }
 
 pub fn write_trace(path: &Path, records: &[RequestRecord]) -> Result<()> {
@@ -26,7 +27,8 @@ pub fn write_trace(path: &Path, records: &[RequestRecord]) -> Result<()> {
     for r in records {
         trace::write_row(&mut w, r)?;
     }
-    w.flush().with_context(|| format!("writing {}", path.display()))
+    w.flush()
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// What kml-learn learns from: the deadline is known and the request was dispatched
@@ -37,7 +39,11 @@ pub fn usable(r: &RequestRecord) -> bool {
 
 /// Insert → dispatch (issue, else completion) in ns: the regression target, in ns.
 pub fn wait_ns(r: &RequestRecord) -> u64 {
-    let dispatched = if r.issue_ns != 0 { r.issue_ns } else { r.complete_ns };
+    let dispatched = if r.issue_ns != 0 {
+        r.issue_ns
+    } else {
+        r.complete_ns
+    };
     dispatched.saturating_sub(r.insert_ns)
 }
 
@@ -98,14 +104,22 @@ impl TraceStats {
             s.usable += 1;
             first = first.min(r.insert_ns);
             last = last.max(r.insert_ns);
-            let d = if is_write(r) { &mut s.write } else { &mut s.read };
+            let d = if is_write(r) {
+                &mut s.write
+            } else {
+                &mut s.read
+            };
             d.requests += 1;
             d.misses += r.deadline_missed() as usize;
             d.waits.push(wait_ns(r));
         }
         s.read.waits.sort_unstable();
         s.write.waits.sort_unstable();
-        s.span_s = if last > first { (last - first) as f64 / 1e9 } else { 0.0 };
+        s.span_s = if last > first {
+            (last - first) as f64 / 1e9
+        } else {
+            0.0
+        };
         s
     }
 
@@ -124,7 +138,13 @@ impl TraceStats {
     /// The wait CDF of both directions as (ns, fraction) points, about `points` of
     /// them, evenly spaced in rank.
     pub fn wait_cdf(&self, points: usize) -> Vec<(f64, f64)> {
-        let mut all: Vec<u64> = self.read.waits.iter().chain(&self.write.waits).copied().collect();
+        let mut all: Vec<u64> = self
+            .read
+            .waits
+            .iter()
+            .chain(&self.write.waits)
+            .copied()
+            .collect();
         all.sort_unstable();
         cdf_points(&all, points)
     }
@@ -137,7 +157,10 @@ pub fn cdf_points(sorted: &[u64], points: usize) -> Vec<(f64, f64)> {
         return Vec::new();
     }
     let step = (n / points).max(1);
-    let mut out: Vec<(f64, f64)> = (0..n).step_by(step).map(|i| (sorted[i] as f64, (i + 1) as f64 / n as f64)).collect();
+    let mut out: Vec<(f64, f64)> = (0..n)
+        .step_by(step)
+        .map(|i| (sorted[i] as f64, (i + 1) as f64 / n as f64))
+        .collect();
     if out.last().map(|p| p.1) != Some(1.0) {
         out.push((sorted[n - 1] as f64, 1.0));
     }
@@ -168,8 +191,14 @@ pub fn join_to(parts: &[Vec<RequestRecord>], n: usize) -> Vec<RequestRecord> {
     let mut next_start = 0u64;
     'outer: loop {
         for part in parts {
-            let Some(first) = part.iter().map(|r| r.insert_ns).min() else { continue };
-            let last = part.iter().map(|r| r.complete_ns.max(r.issue_ns).max(r.insert_ns)).max().unwrap_or(first);
+            let Some(first) = part.iter().map(|r| r.insert_ns).min() else {
+                continue;
+            };
+            let last = part
+                .iter()
+                .map(|r| r.complete_ns.max(r.issue_ns).max(r.insert_ns))
+                .max()
+                .unwrap_or(first);
             // Parts recorded one after another keep their own times (shift 0).
             let shift = next_start.saturating_sub(first);
             for r in part {
@@ -213,7 +242,8 @@ pub fn export_features(records: &[RequestRecord], path: &Path) -> Result<usize> 
         line.push_str(&format!("{delay}"));
         writeln!(w, "{line}")?;
     }
-    w.flush().with_context(|| format!("writing {}", path.display()))?;
+    w.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(rows.len())
 }
 
@@ -292,11 +322,17 @@ mod tests {
 
     #[test]
     fn join_repeats_and_keeps_time_increasing() {
-        let a: Vec<RequestRecord> = (0..3).map(|i| rec(1_000 + i * 10, 50, 1_000, false)).collect();
+        let a: Vec<RequestRecord> = (0..3)
+            .map(|i| rec(1_000 + i * 10, 50, 1_000, false))
+            .collect();
         let b: Vec<RequestRecord> = (0..2).map(|i| rec(500 + i * 10, 70, 1_000, true)).collect();
         let j = join_to(&[a.clone(), b.clone()], 12);
         assert_eq!(j.len(), 12);
-        assert!(j.windows(2).all(|w| w[0].insert_ns < w[1].insert_ns), "{:?}", j.iter().map(|r| r.insert_ns).collect::<Vec<_>>());
+        assert!(
+            j.windows(2).all(|w| w[0].insert_ns < w[1].insert_ns),
+            "{:?}",
+            j.iter().map(|r| r.insert_ns).collect::<Vec<_>>()
+        );
         // Shifting keeps each request's own timings (and so its label and features).
         for (r, o) in j.iter().zip(a.iter().chain(&b).cycle()) {
             assert_eq!(r.issue_ns - r.insert_ns, o.issue_ns - o.insert_ns);
@@ -313,7 +349,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kml-bench-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f.csv");
-        let recs = vec![rec(2_000, 5 << 20, 4 << 20, false), rec(1_000, 1 << 10, 4 << 20, true)];
+        let recs = vec![
+            rec(2_000, 5 << 20, 4 << 20, false),
+            rec(1_000, 1 << 10, 4 << 20, true),
+        ];
         assert_eq!(export_features(&recs, &path).unwrap(), 2);
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
@@ -324,8 +363,14 @@ mod tests {
         assert_eq!(&header[header.len() - 2..], ["missed", "delay_us"]);
         // Insert-time order: the write (inserted at 1000) first; met, 1 "µs".
         let first: Vec<&str> = lines[1].split(',').collect();
-        let want: Vec<String> = features_at_insert(&recs[1]).iter().map(i32::to_string).collect();
-        assert_eq!(&first[..Feature::ALL.len()], &want.iter().map(String::as_str).collect::<Vec<_>>()[..]);
+        let want: Vec<String> = features_at_insert(&recs[1])
+            .iter()
+            .map(i32::to_string)
+            .collect();
+        assert_eq!(
+            &first[..Feature::ALL.len()],
+            &want.iter().map(String::as_str).collect::<Vec<_>>()[..]
+        );
         assert_eq!(&first[Feature::ALL.len()..], ["0", "1"]);
         let second: Vec<&str> = lines[2].split(',').collect();
         assert_eq!(&second[Feature::ALL.len()..], ["1", "5120"]);

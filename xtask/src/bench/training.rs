@@ -54,7 +54,10 @@ pub fn run(ctx: &Ctx, learning: Option<&Learning>) -> Result<Training> {
     let mut parts = Vec::new();
     let mut sources = Vec::new();
     for p in &paths {
-        let recs: Vec<_> = trace::read_trace(p)?.into_iter().filter(trace::usable).collect();
+        let recs: Vec<_> = trace::read_trace(p)?
+            .into_iter()
+            .filter(trace::usable)
+            .collect();
         sources.push((ctx.rel(p), recs.len()));
         parts.push(recs);
         if parts.iter().map(Vec::len).sum::<usize>() >= TRAIN_RECORDS {
@@ -91,7 +94,11 @@ pub fn run(ctx: &Ctx, learning: Option<&Learning>) -> Result<Training> {
             &format!("train-1m.{kind}"),
         )
         .map_err(|e| format!("{e:#}"));
-        kml.push(KmlTime { kind, fit_s, wall_s: t.elapsed().as_secs_f64() });
+        kml.push(KmlTime {
+            kind,
+            fit_s,
+            wall_s: t.elapsed().as_secs_f64(),
+        });
     }
     sys::check_interrupted()?;
     let sklearn = sklearn(ctx, &features).map_err(|e| {
@@ -150,6 +157,8 @@ fn sklearn(ctx: &Ctx, features: &Path) -> Result<Value> {
         Duration::from_secs(900),
     )?;
     let text = std::fs::read_to_string(&p.stdout)?;
-    let start = text.find('{').context("no JSON from sklearn_reference.py")?;
+    let start = text
+        .find('{')
+        .context("no JSON from sklearn_reference.py")?;
     serde_json::from_str(&text[start..]).context("sklearn_reference.py printed bad JSON")
 }
