@@ -24,7 +24,7 @@ mod report;
 
 use std::fmt::Write as _;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
@@ -117,6 +117,11 @@ pub struct VmArgs {
     /// Build the kernel and the initramfs, do not boot.
     #[arg(long)]
     pub build_only: bool,
+    /// Do not boot: render the report again from what the last run left in
+    /// target/vm/out-smoke or out-full (say, after the guest was stopped midway:
+    /// incomplete stock/hook pairs are left out and listed).
+    #[arg(long, conflicts_with = "build_only")]
+    pub report_only: bool,
     /// Do not echo the guest console (it is always logged to target/vm/).
     #[arg(long)]
     pub quiet: bool,
@@ -151,6 +156,30 @@ fn comparison_workloads(dir: &Path, only: &[String]) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// An exclusive lock on `dir/.lock`, held while the returned file lives: two
+/// `cargo xtask vm` runs would share the disk image, the initramfs and the share
+/// directory (or the kernel tree), and spoil each other.
+pub fn lock_dir(dir: &Path, what: &str) -> Result<fs::File> {
+    fs::create_dir_all(dir)?;
+    let path = dir.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another `cargo xtask vm` is using {what} ({} is locked): wait for it to finish",
+            path.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 fn create_disk(path: &Path) -> Result<()> {
     if path.exists() {
         fs::remove_file(path)?;
@@ -173,17 +202,34 @@ impl VmArgs {
     pub fn execute(self) -> Result<ExitCode> {
         let started = Instant::now();
         let root = workspace_root();
+        let mode = if self.smoke { "smoke" } else { "full" };
+        let vm_dir = root.join("target/vm");
+        let _vm_lock = lock_dir(&vm_dir, "target/vm")?;
+        if self.report_only {
+            let ctx = RunContext::load(&vm_dir.join(format!("out-{mode}")))?;
+            eprintln!(
+                "xtask: vm: rendering the report again from {}",
+                ctx.share.display()
+            );
+            return if self.smoke {
+                smoke_report(&ctx, &vm_dir.join("smoke.md"))
+            } else {
+                full_report(&ctx, &vm_dir.join("report.md"))
+            };
+        }
         eprintln!("xtask: vm: checking the Debian packages the VM needs");
         if let Err(e) = ensure_packages(VM_PACKAGES) {
             // Not a failure of kml: this machine cannot build the guest kernel.
             eprintln!("xtask: vm: SKIP: the guest kernel cannot be built on this machine: {e:#}");
             return Ok(ExitCode::from(SKIP_STATUS));
         }
-        let kernel = kernel::ensure(&root, nproc())?;
+        let kernel = {
+            let cache = kernel::cache_dir()?;
+            let _cache_lock = lock_dir(&cache, "the kernel cache")?;
+            kernel::ensure(&root, nproc())?
+        };
         let agent = build_all(true)?;
 
-        let vm_dir = root.join("target/vm");
-        fs::create_dir_all(&vm_dir)?;
         let workloads_dir = root.join(initramfs::WORKLOADS_DIR);
         let t = Instant::now();
         let (initrd, _) = initramfs::build(&initramfs::Inputs {
@@ -205,7 +251,6 @@ impl VmArgs {
             return Ok(ExitCode::SUCCESS);
         }
 
-        let mode = if self.smoke { "smoke" } else { "full" };
         let probe = Boot {
             accel: Accel::Kvm,
             kernel: kernel.bzimage.clone(),
@@ -272,21 +317,31 @@ impl VmArgs {
             timeout.as_secs(),
             boot.console_log.display()
         );
-        let outcome = qemu::boot(&boot)?;
-        let _ = fs::remove_file(&disk);
-        eprintln!("xtask: vm: {}", outcome.describe());
-        let ctx = RunContext {
-            kernel: &kernel,
-            accel_note: &why,
+        let mut ctx = RunContext {
+            kernel_line: format!(
+                "Linux {} (Debian linux-source-6.12 {}) + kernel/0001-mq-deadline-kml-hook.patch, key {}",
+                kernel.version, kernel.package_version, kernel.key
+            ),
+            build_secs: kernel.build_secs,
+            accel_note: why,
             iops: self.iops,
             runtime: self.runtime,
             repeat: self.repeat,
-            policy: self.policy.arg(),
-            share: &share,
-            boot_secs: outcome.boot_secs,
-            guest_secs: outcome.elapsed.as_secs_f64(),
-            total_secs: started.elapsed().as_secs_f64(),
+            policy: self.policy.arg().to_owned(),
+            workloads,
+            share: share.clone(),
+            boot_secs: None,
+            guest_secs: 0.0,
+            total_secs: 0.0,
         };
+        ctx.save()?;
+        let outcome = qemu::boot(&boot)?;
+        let _ = fs::remove_file(&disk);
+        eprintln!("xtask: vm: {}", outcome.describe());
+        ctx.boot_secs = outcome.boot_secs;
+        ctx.guest_secs = outcome.elapsed.as_secs_f64();
+        ctx.total_secs = started.elapsed().as_secs_f64();
+        ctx.save()?;
         if !outcome.passed() {
             eprintln!("xtask: vm: FAILED: {}", outcome.describe());
             return Ok(ExitCode::FAILURE);
@@ -294,25 +349,100 @@ impl VmArgs {
         if self.smoke {
             smoke_report(&ctx, &vm_dir.join("smoke.md"))
         } else {
-            full_report(&ctx, &workloads, &vm_dir.join("report.md"))
+            full_report(&ctx, &vm_dir.join("report.md"))
         }
     }
 }
 
-struct RunContext<'a> {
-    kernel: &'a kernel::Kernel,
-    accel_note: &'a str,
+/// What a run was, kept in the share as `host.txt` (so `--report-only` can
+/// render the report again).
+#[derive(Debug, Clone, PartialEq)]
+struct RunContext {
+    kernel_line: String,
+    build_secs: Option<f64>,
+    accel_note: String,
     iops: u32,
     runtime: u32,
     repeat: u32,
-    policy: &'a str,
-    share: &'a Path,
+    policy: String,
+    workloads: Vec<String>,
+    share: PathBuf,
     boot_secs: Option<f64>,
     guest_secs: f64,
     total_secs: f64,
 }
 
-impl RunContext<'_> {
+const HOST_FILE: &str = "host.txt";
+
+impl RunContext {
+    fn to_text(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x:.1}"));
+        format!(
+            "kernel={}\nbuild_secs={}\naccel={}\niops={}\nruntime={}\nrepeat={}\npolicy={}\nworkloads={}\n\
+             boot_secs={}\nguest_secs={:.1}\ntotal_secs={:.1}\n",
+            self.kernel_line,
+            opt(self.build_secs),
+            self.accel_note,
+            self.iops,
+            self.runtime,
+            self.repeat,
+            self.policy,
+            self.workloads.join(","),
+            opt(self.boot_secs),
+            self.guest_secs,
+            self.total_secs
+        )
+    }
+
+    fn from_text(text: &str, share: &Path) -> Result<RunContext> {
+        let map: std::collections::HashMap<&str, &str> =
+            text.lines().filter_map(|l| l.split_once('=')).collect();
+        let get = |k: &str| {
+            map.get(k)
+                .copied()
+                .with_context(|| format!("{HOST_FILE}: no `{k}`"))
+        };
+        let num = |k: &str| -> Result<u32> {
+            get(k)?
+                .parse()
+                .with_context(|| format!("{HOST_FILE}: `{k}`"))
+        };
+        let float = |k: &str| get(k).ok().and_then(|v| v.parse::<f64>().ok());
+        Ok(RunContext {
+            kernel_line: get("kernel")?.to_owned(),
+            build_secs: float("build_secs"),
+            accel_note: get("accel")?.to_owned(),
+            iops: num("iops")?,
+            runtime: num("runtime")?,
+            repeat: num("repeat")?,
+            policy: get("policy")?.to_owned(),
+            workloads: get("workloads")?
+                .split(',')
+                .filter(|w| !w.is_empty())
+                .map(String::from)
+                .collect(),
+            share: share.to_path_buf(),
+            boot_secs: float("boot_secs"),
+            guest_secs: float("guest_secs").unwrap_or(0.0),
+            total_secs: float("total_secs").unwrap_or(0.0),
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        fs::write(self.share.join(HOST_FILE), self.to_text())
+            .with_context(|| format!("writing {}", self.share.join(HOST_FILE).display()))
+    }
+
+    fn load(share: &Path) -> Result<RunContext> {
+        let text = fs::read_to_string(share.join(HOST_FILE)).with_context(|| {
+            format!(
+                "reading {} (no earlier run?)",
+                share.join(HOST_FILE).display()
+            )
+        })?;
+        RunContext::from_text(&text, share)
+    }
+
     fn read(&self, name: &str) -> Result<String> {
         let p = self.share.join(name);
         fs::read_to_string(&p)
@@ -327,11 +457,7 @@ impl RunContext<'_> {
     fn header(&self, title: &str) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "# {title}\n");
-        let _ = writeln!(
-            s,
-            "- kernel: Linux {} (Debian linux-source-6.12 {}) + kernel/0001-mq-deadline-kml-hook.patch, key {}",
-            self.kernel.version, self.kernel.package_version, self.kernel.key
-        );
+        let _ = writeln!(s, "- kernel: {}", self.kernel_line);
         let _ = writeln!(s, "- accelerator: {}", self.accel_note);
         let _ = writeln!(
             s,
@@ -344,8 +470,7 @@ impl RunContext<'_> {
             self.guest_secs,
             self.boot_secs.map_or("?".into(), |b| format!("{b:.1} s")),
             self.total_secs,
-            self.kernel
-                .build_secs
+            self.build_secs
                 .map_or(String::new(), |b| format!(" (kernel build {b:.0} s)"))
         );
         if let Ok(settings) = self.read("settings.txt") {
@@ -355,7 +480,7 @@ impl RunContext<'_> {
     }
 }
 
-fn smoke_report(ctx: &RunContext<'_>, path: &Path) -> Result<ExitCode> {
+fn smoke_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
     let stock = ctx.fio("smoke.stock")?;
     let hook = ctx.fio("smoke.hook")?;
     let boosts = report::parse_boosts(&ctx.read("smoke.boosts")?)?;
@@ -488,16 +613,29 @@ fn smoke_report(ctx: &RunContext<'_>, path: &Path) -> Result<ExitCode> {
     })
 }
 
-fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Result<ExitCode> {
+fn full_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
     let mut cmps = Vec::new();
-    for name in workloads {
+    // Pairs the guest did not finish (a guest stopped midway, seen by --report-only).
+    let mut incomplete = Vec::new();
+    for name in &ctx.workloads {
         let mut pairs = Vec::new();
         let mut agent = String::new();
         for r in 1..=ctx.repeat {
-            pairs.push((
-                ctx.fio(&format!("{name}.stock.{r}"))?,
-                ctx.fio(&format!("{name}.hook.{r}"))?,
-            ));
+            match (
+                ctx.fio(&format!("{name}.stock.{r}")),
+                ctx.fio(&format!("{name}.hook.{r}")),
+            ) {
+                (Ok(st), Ok(hk)) => pairs.push((st, hk)),
+                (st, hk) => {
+                    let why = st
+                        .err()
+                        .or(hk.err())
+                        .map(|e| format!("{e:#}"))
+                        .unwrap_or_default();
+                    incomplete.push(format!("{name} pair {r}: {why}"));
+                    continue;
+                }
+            }
             let log = ctx
                 .read(&format!("{name}.hook.{r}.agent.log"))
                 .unwrap_or_default();
@@ -509,6 +647,9 @@ fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Resul
                     .as_str(),
             );
             agent.push('\n');
+        }
+        if pairs.is_empty() {
+            continue;
         }
         let boosts = report::parse_boosts(&ctx.read(&format!("{name}.boosts"))?)?;
         let stock = report::combine(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
@@ -546,15 +687,15 @@ fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Resul
     );
     for c in &cmps {
         let goal = if !c.stock.mixed() {
-            if c.worse_at_p99() {
+            if c.read_worse_at_p99() || c.write_worse_at_p99() {
                 "control: worse at p99 (> 2%)"
             } else {
                 "control: not worse"
             }
-        } else if c.meets_goal() && !c.worse_at_p99() {
-            "met"
+        } else if c.meets_goal() && c.write_worse_at_p99() {
+            "met for reads; write p99 worse"
         } else if c.meets_goal() {
-            "latency met; p99 worse elsewhere"
+            "met"
         } else {
             "not met"
         };
@@ -578,17 +719,35 @@ fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Resul
         .iter()
         .filter(|c| c.stock.mixed() && c.meets_goal())
         .count();
-    let worse: Vec<&str> = cmps
-        .iter()
-        .filter(|c| c.worse_at_p99())
-        .map(|c| c.name.as_str())
-        .collect();
+    let list = |f: &dyn Fn(&Comparison) -> bool| -> String {
+        let v: Vec<&str> = cmps
+            .iter()
+            .filter(|c| f(c))
+            .map(|c| c.name.as_str())
+            .collect();
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
     let _ = writeln!(
         md,
         "\nIssue goal (>= 15% lower mean and >= 25% lower p99 read latency, <= 2% throughput loss, on at least two \
-         mixed workloads; no workload > 2% worse at p99): met on {met} mixed workload(s); worse at p99: {}.\n",
-        if worse.is_empty() { "none".to_owned() } else { worse.join(", ") }
+         mixed workloads; no workload > 2% worse at p99): latency and throughput met on {met} mixed workload(s); \
+         read p99 more than 2% worse in: {}; write p99 more than 2% worse in: {} (serving reads first delays \
+         writes on a saturated disk).\n",
+        list(&|c| c.read_worse_at_p99()),
+        list(&|c| c.write_worse_at_p99()),
     );
+    if !incomplete.is_empty() {
+        let _ = writeln!(
+            md,
+            "Left out, incomplete (the guest stopped before the pair finished; boosts of a finished half \
+             are still counted):\n\n- {}\n",
+            incomplete.join("\n- ")
+        );
+    }
     for c in &cmps {
         let _ = writeln!(md, "## {}\n\n{}", c.name, c.table());
     }
@@ -618,4 +777,75 @@ fn full_report(ctx: &RunContext<'_>, workloads: &[String], path: &Path) -> Resul
     }
     println!("{line}");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_run_is_refused() {
+        let dir = std::env::temp_dir().join(format!("kml-vm-lock-test-{}", std::process::id()));
+        let first = lock_dir(&dir, "the test dir").unwrap();
+        let err = lock_dir(&dir, "the test dir").unwrap_err().to_string();
+        assert!(err.contains("another `cargo xtask vm` is using the test dir"), "{err}");
+        drop(first);
+        drop(lock_dir(&dir, "the test dir").unwrap());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn run_context_round_trip() {
+        let ctx = RunContext {
+            kernel_line:
+                "Linux 6.12.117 (Debian linux-source-6.12 6.12.117-1~deb12u1) + patch, key 0123"
+                    .into(),
+            build_secs: None,
+            accel_note: "TCG: no /dev/kvm".into(),
+            iops: 100,
+            runtime: 30,
+            repeat: 2,
+            policy: "reads-under-writes".into(),
+            workloads: vec!["a".into(), "b".into()],
+            share: PathBuf::from("/s"),
+            boot_secs: Some(4.5),
+            guest_secs: 600.0,
+            total_secs: 640.5,
+        };
+        assert_eq!(
+            RunContext::from_text(&ctx.to_text(), Path::new("/s")).unwrap(),
+            ctx
+        );
+        assert!(RunContext::from_text("kernel=x\n", Path::new("/s")).is_err());
+    }
+
+    #[test]
+    fn cli_options() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct C {
+            #[command(flatten)]
+            vm: VmArgs,
+        }
+        let c = C::try_parse_from([
+            "vm",
+            "--smoke",
+            "--accel",
+            "tcg",
+            "--workload",
+            "a,b",
+            "--repeat",
+            "2",
+        ])
+        .unwrap();
+        assert!(c.vm.smoke);
+        assert_eq!(c.vm.accel, Accel::Tcg);
+        assert_eq!(c.vm.workload, ["a", "b"]);
+        assert_eq!(
+            (c.vm.repeat, c.vm.runtime, c.vm.iops, c.vm.policy),
+            (2, 30, 100, Policy::ReadsUnderWrites)
+        );
+        assert!(C::try_parse_from(["vm", "--repeat", "0"]).is_err());
+        assert!(C::try_parse_from(["vm", "--build-only", "--report-only"]).is_err());
+    }
 }
