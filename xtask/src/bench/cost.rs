@@ -6,7 +6,7 @@
 //! so insert-with-model minus insert-without-model is the inference cost.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ pub struct CostRow {
     /// `none` or the model kind.
     pub config: String,
     pub round: usize,
+    /// The model kind of the run (the `none` agent ran beside that model's agent).
+    pub pair: String,
     pub progs: BTreeMap<EventProg, ProgCost>,
     pub fio_ios: u64,
 }
@@ -68,8 +70,8 @@ impl Cost {
         parse::median(&v)
     }
 
-    /// Inference cost per insert in each round: insert ns with the model minus
-    /// without, in the same round (pairing follows the machine's changing load).
+    /// Inference cost per insert in each round: insert ns of the agent with the model
+    /// minus that of the agent without, which observed the same requests beside it.
     pub fn inference_rounds(&self, kind: &str) -> Vec<f64> {
         let insert = |r: &CostRow| {
             r.progs
@@ -83,15 +85,18 @@ impl Cost {
                 let base = self
                     .rows
                     .iter()
-                    .find(|b| b.config == "none" && b.round == r.round)?;
+                    .find(|b| b.config == "none" && b.round == r.round && b.pair == r.pair)?;
                 Some(insert(r)? - insert(base)?)
             })
             .collect()
     }
 
-    /// Inference cost per insert: the median over rounds of [`Cost::inference_rounds`].
+    /// Inference cost per insert: the mean over rounds of [`Cost::inference_rounds`].
+    /// Rounds come in pairs with the two agents in either order, so an advantage of
+    /// running second (a warm cache) cancels in the mean.
     pub fn inference_ns(&self, kind: &str) -> Option<f64> {
-        parse::median(&self.inference_rounds(kind))
+        let v = self.inference_rounds(kind);
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     }
 
     /// Runs of the insert program and fio's I/Os, summed over rounds for `config`.
@@ -151,14 +156,30 @@ pub fn deltas(
         .collect()
 }
 
+/// A started agent with its insert/issue/complete programs' counters before the run.
+struct Watched {
+    agent: super::sys::Proc,
+    ids: Vec<u32>,
+    before: BTreeMap<EventProg, ProgStat>,
+}
+
+fn watch(ctx: &Ctx, dev: &LoopDevice, model: Option<&Path>, name: &str) -> Result<Watched> {
+    let agent = start_agent(ctx, dev, model, name)?;
+    let ids = sys::prog_ids(agent.pid());
+    Ok(Watched {
+        agent,
+        ids,
+        before: BTreeMap::new(),
+    })
+}
+
 pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
-    let (rounds, secs) = if ctx.quick { (1, 3) } else { (5, 3) };
-    let mut configs: Vec<(String, Option<PathBuf>)> = vec![("none".into(), None)];
-    for kind in INFERENCE_KINDS {
-        if let Some(p) = models.and_then(|m| m.get(kind)) {
-            configs.push((kind.to_owned(), Some(p.to_path_buf())));
-        }
-    }
+    // An even number of rounds: each order of the two agents equally often.
+    let (rounds, secs) = if ctx.quick { (2, 2) } else { (6, 3) };
+    let kinds: Vec<(String, PathBuf)> = INFERENCE_KINDS
+        .iter()
+        .filter_map(|k| Some((k.to_string(), models?.get(k)?.to_path_buf())))
+        .collect();
     let mount = TmpfsMount::mount(&ctx.work.join("tmpfs"), "1200m")?;
     let file = mount.dir.join("disk");
     crate::util::run(Command::new("fallocate").args(["-l", "1G"]).arg(&file))?;
@@ -170,42 +191,75 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
         .to_owned();
     let stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
     let mut rows = Vec::new();
+    // Each run: one agent without a model and, beside it, one with a model, both
+    // observing the same device in the same fio run, so every request runs both
+    // insert programs back to back: the difference is paired event by event. Which
+    // of the two attaches first (and so runs first) alternates by round.
+    let pairs: Vec<Option<(String, PathBuf)>> = if kinds.is_empty() {
+        vec![None]
+    } else {
+        kinds.into_iter().map(Some).collect()
+    };
     for round in 0..rounds {
-        for i in 0..configs.len() {
-            // The order rotates each round, as in the overhead measure.
-            let (config, model) = &configs[(i + round) % configs.len()];
+        for i in 0..pairs.len() {
+            let pair = &pairs[(i + round) % pairs.len()];
             sys::check_interrupted()?;
-            let name = format!("cost.r{round}.{config}");
-            let agent = start_agent(ctx, &dev, model.as_deref(), &format!("{name}.agent"))?;
-            let ids = sys::prog_ids(agent.pid());
-            let before = event_progs(&bpftool_progs()?, &ids);
-            if before.len() != 3 {
-                bail!(
-                    "found {} of the insert/issue/complete programs among the agent's program ids {ids:?}",
-                    before.len()
-                );
+            let kind = pair.as_ref().map_or("none", |p| p.0.as_str());
+            let name = format!("cost.r{round}.{kind}");
+            let mut order: Vec<(String, Option<&Path>)> = vec![("none".into(), None)];
+            if let Some((k, p)) = pair {
+                order.push((k.clone(), Some(p.as_path())));
+                if round % 2 == 1 {
+                    order.reverse();
+                }
+            }
+            let mut watched: Vec<(String, Watched)> = Vec::new();
+            for (config, model) in order {
+                let w = watch(ctx, &dev, model, &format!("{name}.{config}.agent"))?;
+                watched.push((config, w));
+            }
+            let all = bpftool_progs()?;
+            for (config, w) in &mut watched {
+                w.before = event_progs(&all, &w.ids);
+                if w.before.len() != 3 {
+                    bail!(
+                        "found {} of the insert/issue/complete programs among the {config} agent's program ids {:?}",
+                        w.before.len(),
+                        w.ids
+                    );
+                }
             }
             let mut fio = spawn_fio(ctx, &job_file(ctx), &dev.path, secs, &name, None)?;
             let status = fio.wait(Duration::from_secs(secs + 60))?;
-            let after = event_progs(&bpftool_progs()?, &ids);
-            drop(agent);
+            let all = bpftool_progs()?;
             if !status.success() {
                 bail!("fio failed: {}", sys::tail(&fio.stderr, 5));
             }
             let fio_ios = super::learning::fio_result(ctx, &name)?.ios();
-            let progs = deltas(&before, &after);
-            eprintln!(
-                "xtask: bench: cost {config:<8} insert {:>6.0} ns, issue {:>6.0} ns, complete {:>6.0} ns per run",
-                progs.get(&EventProg::Insert).and_then(ProgCost::ns_per_run).unwrap_or(f64::NAN),
-                progs.get(&EventProg::Issue).and_then(ProgCost::ns_per_run).unwrap_or(f64::NAN),
-                progs.get(&EventProg::Complete).and_then(ProgCost::ns_per_run).unwrap_or(f64::NAN),
-            );
-            rows.push(CostRow {
-                config: config.clone(),
-                round,
-                progs,
-                fio_ios,
-            });
+            for (config, w) in watched {
+                let progs = deltas(&w.before, &event_progs(&all, &w.ids));
+                drop(w.agent);
+                let ns = |e: EventProg| {
+                    progs
+                        .get(&e)
+                        .and_then(ProgCost::ns_per_run)
+                        .unwrap_or(f64::NAN)
+                };
+                eprintln!(
+                    "xtask: bench: cost round {} {config:<8} (run with {kind:<8}) insert {:>6.0} ns, issue {:>6.0} ns, complete {:>6.0} ns per run",
+                    round + 1,
+                    ns(EventProg::Insert),
+                    ns(EventProg::Issue),
+                    ns(EventProg::Complete),
+                );
+                rows.push(CostRow {
+                    config,
+                    round,
+                    pair: kind.to_owned(),
+                    progs,
+                    fio_ios,
+                });
+            }
         }
     }
     drop(stats);
@@ -263,9 +317,10 @@ mod tests {
 
     #[test]
     fn inference_cost_is_the_insert_difference() {
-        let row = |config: &str, round: usize, ns: u64| CostRow {
+        let row = |config: &str, round: usize, pair: &str, ns: u64| CostRow {
             config: config.into(),
             round,
+            pair: pair.into(),
             progs: [(
                 EventProg::Insert,
                 ProgCost {
@@ -279,24 +334,25 @@ mod tests {
         };
         let c = Cost {
             rows: vec![
-                row("none", 0, 300),
-                row("linear", 0, 360),
-                row("tree", 0, 420),
-                row("none", 1, 310),
-                row("linear", 1, 360),
+                row("none", 0, "linear", 300),
+                row("linear", 0, "linear", 360),
+                row("none", 0, "tree", 300),
+                row("tree", 0, "tree", 420),
+                row("none", 1, "linear", 310),
+                row("linear", 1, "linear", 360),
             ],
             secs: 1,
             rounds: 2,
             stats_was: "0".into(),
         };
-        assert_eq!(c.ns("none", EventProg::Insert), Some(305.0));
+        assert_eq!(c.ns("none", EventProg::Insert), Some(300.0));
         // Paired per round: linear 60 (round 0) and 50 (round 1); tree 120 (round 0).
         assert_eq!(c.inference_rounds("linear"), vec![60.0, 50.0]);
         assert_eq!(c.inference_ns("linear"), Some(55.0));
         assert_eq!(c.inference_ns("tree"), Some(120.0));
         assert_eq!(c.inference_ns("logistic"), None);
         assert_eq!(c.configs(), ["none", "linear", "tree"]);
-        assert_eq!(c.runs_and_ios("none"), (20, 20));
+        assert_eq!(c.runs_and_ios("none"), (30, 30));
         assert_eq!(c.runs_and_ios("linear"), (20, 20));
     }
 }

@@ -173,7 +173,7 @@ fn summary(md: &mut String, r: &Results) {
                     let v = c.inference_rounds(kind);
                     let _ = writeln!(
                         md,
-                        "| in-kernel inference cost per insert, {kind} | {goal} | **{ns:.0} ns** (median of {}; range {:.0}–{:.0}) |",
+                        "| in-kernel inference cost per insert, {kind} | {goal} | **{ns:.0} ns** (mean of {} paired runs; range {:.0}–{:.0}) |",
                         v.len(),
                         v.iter().copied().fold(f64::INFINITY, f64::min),
                         v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
@@ -480,16 +480,19 @@ fn cost_section(md: &mut String, plots: &mut Vec<(String, String)>, r: &Results)
     };
     let _ = writeln!(
         md,
-        "`kernel.bpf_stats_enabled=1` for the measure (it was `{}` before and was restored), the agent \
-         observing the tmpfs loop device under the same fio job ({} round(s) × {} s per configuration, \
-         the order rotating each round); \
-         `bpftool prog show -j` before and after each run gives `run_time_ns` and `run_cnt` of the agent's \
-         own programs (found by the program ids in its `/proc/PID/fdinfo`). The tail-called feature and \
-         model stages are accounted to the insert program, so **inference cost = insert ns with a model − \
-         insert ns without**. bpf_stats itself adds two clock reads per run, which are in every number \
-         here (and cancel in the difference). Per-program numbers are medians over rounds; the \
-         inference cost is the median over rounds of the difference within each round (with the range), \
-         since the machine's load moves these ns-level numbers by tens of ns from one round to the next.\n",
+        "`kernel.bpf_stats_enabled=1` for the measure (it was `{}` before and was restored), on the tmpfs \
+         loop device under the fio job of measure 1 ({} round(s) × {} s per model). **Two agents observe the \
+         device at once** in each run: one without a model and one with the model, so every request runs \
+         both insert programs back to back under the same load, and the difference is paired event by \
+         event; which of the two attaches (and so runs) first alternates by round. `bpftool prog show -j` \
+         before and after each run gives `run_time_ns` and `run_cnt` of each agent's own programs (found by \
+         the program ids in its `/proc/PID/fdinfo`). The tail-called feature and model stages are accounted \
+         to the insert program, so **inference cost = insert ns of the agent with the model − insert ns of \
+         the agent without**; its issue and complete programs do the same work as the other agent's, and \
+         their difference shows the resolution of the method. bpf_stats itself adds two clock reads per \
+         run, which are in every number here (and cancel in the difference). Per-program numbers are \
+         medians over runs; the inference cost is the mean of the paired differences over the rounds \
+         (as many with each order, so the advantage of running second cancels), with their range.\n",
         c.stats_was,
         c.rounds,
         c.secs
