@@ -8,7 +8,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=KML_EBPF_OBJECT");
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let default = manifest.join("../target/ebpf/bpfel-unknown-none/release/kml");
-    let object = env::var_os("KML_EBPF_OBJECT").map(PathBuf::from).unwrap_or(default);
+    let object = env::var_os("KML_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or(default);
     println!("cargo:rerun-if-changed={}", object.display());
     if object.is_file() {
         let object = object.canonicalize().expect("object path resolves");

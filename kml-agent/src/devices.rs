@@ -42,12 +42,20 @@ impl BlockDevice {
     }
 
     fn iosched_ms(&self, key: &str) -> Option<Duration> {
-        self.iosched.get(key)?.trim().parse::<u64>().ok().map(Duration::from_millis)
+        self.iosched
+            .get(key)?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(Duration::from_millis)
     }
 
     /// mq-deadline's (read_expire, write_expire).
     pub fn expiries(&self) -> anyhow::Result<(Duration, Duration)> {
-        match (self.iosched_ms("read_expire"), self.iosched_ms("write_expire")) {
+        match (
+            self.iosched_ms("read_expire"),
+            self.iosched_ms("write_expire"),
+        ) {
             (Some(r), Some(w)) => Ok((r, w)),
             _ => anyhow::bail!(
                 "{}: no read_expire/write_expire in {}/queue/iosched (scheduler {})",
@@ -61,11 +69,18 @@ impl BlockDevice {
     /// Reads one device; `name` is a /sys/block entry.
     pub fn read(name: &str) -> anyhow::Result<BlockDevice> {
         let dir = Path::new(SYS_BLOCK).join(name);
-        let numbers = fs::read_to_string(dir.join("dev"))
-            .with_context(|| format!("no block device `{name}` ({}/dev unreadable)", dir.display()))?;
+        let numbers = fs::read_to_string(dir.join("dev")).with_context(|| {
+            format!(
+                "no block device `{name}` ({}/dev unreadable)",
+                dir.display()
+            )
+        })?;
         let (major, minor) = parse_dev_numbers(&numbers)
             .with_context(|| format!("{}/dev: unexpected {numbers:?}", dir.display()))?;
-        let size_sectors = fs::read_to_string(dir.join("size")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let size_sectors = fs::read_to_string(dir.join("size"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
         let (scheduler, available_schedulers) = fs::read_to_string(dir.join("queue/scheduler"))
             .map(|s| parse_scheduler(&s))
             .unwrap_or((None, Vec::new()));
@@ -73,19 +88,37 @@ impl BlockDevice {
         if let Ok(entries) = fs::read_dir(dir.join("queue/iosched")) {
             for e in entries.flatten() {
                 if let Ok(v) = fs::read_to_string(e.path()) {
-                    iosched.insert(e.file_name().to_string_lossy().into_owned(), v.trim().to_owned());
+                    iosched.insert(
+                        e.file_name().to_string_lossy().into_owned(),
+                        v.trim().to_owned(),
+                    );
                 }
             }
         }
-        Ok(BlockDevice { name: name.to_owned(), major, minor, size_sectors, scheduler, available_schedulers, iosched })
+        Ok(BlockDevice {
+            name: name.to_owned(),
+            major,
+            minor,
+            size_sectors,
+            scheduler,
+            available_schedulers,
+            iosched,
+        })
     }
 
     /// Resolves `loop0`, `/dev/loop0` or `/sys/block/loop0`.
     pub fn find(spec: &str) -> anyhow::Result<BlockDevice> {
-        let name = spec.trim_end_matches('/').rsplit('/').next().unwrap_or(spec);
+        let name = spec
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(spec);
         if !Path::new(SYS_BLOCK).join(name).exists() {
             let known: Vec<String> = list().into_iter().map(|d| d.name).collect();
-            anyhow::bail!("unknown block device `{spec}` (whole disks here: {})", known.join(", "));
+            anyhow::bail!(
+                "unknown block device `{spec}` (whole disks here: {})",
+                known.join(", ")
+            );
         }
         BlockDevice::read(name)
     }
@@ -137,7 +170,10 @@ mod tests {
         assert_eq!(active.as_deref(), Some("mq-deadline"));
         assert_eq!(all, ["mq-deadline", "kyber", "bfq", "none"]);
         assert_eq!(parse_scheduler("none\n").0, None);
-        assert_eq!(parse_scheduler("mq-deadline [none]").0.as_deref(), Some("none"));
+        assert_eq!(
+            parse_scheduler("mq-deadline [none]").0.as_deref(),
+            Some("none")
+        );
     }
 
     #[test]
@@ -161,7 +197,10 @@ mod tests {
         assert!(d.expiries().is_err());
         d.iosched.insert("read_expire".into(), "500".into());
         d.iosched.insert("write_expire".into(), "5000".into());
-        assert_eq!(d.expiries().unwrap(), (Duration::from_millis(500), Duration::from_millis(5000)));
+        assert_eq!(
+            d.expiries().unwrap(),
+            (Duration::from_millis(500), Duration::from_millis(5000))
+        );
         assert_eq!(d.dev(), (7 << 20) | 9);
     }
 }

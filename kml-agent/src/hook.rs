@@ -48,7 +48,9 @@ pub fn hook_unavailable_reason(btf: &Btf) -> Option<String> {
         ));
     }
     if !Path::new(KPROBE_PMU).exists() {
-        return Some(format!("no kprobe PMU ({KPROBE_PMU}): kernel built without CONFIG_KPROBES"));
+        return Some(format!(
+            "no kprobe PMU ({KPROBE_PMU}): kernel built without CONFIG_KPROBES"
+        ));
     }
     None
 }
@@ -105,7 +107,13 @@ const COUNTER_SLOTS: usize = 8;
 
 impl HookCounters {
     fn from_slots(s: &[u64; COUNTER_SLOTS]) -> Self {
-        HookCounters { calls: s[0], verdicts: s[1], reads: s[2], read_failures: s[3], other_device: s[4] }
+        HookCounters {
+            calls: s[0],
+            verdicts: s[1],
+            reads: s[2],
+            read_failures: s[3],
+            other_device: s[4],
+        }
     }
 }
 
@@ -125,22 +133,36 @@ pub struct HookLayout {
 /// `struct deadline_data.per_prio[]` → `struct dd_per_prio.fifo_list[DD_WRITE]`.
 pub fn hook_layout(btf: &Btf) -> anyhow::Result<HookLayout> {
     let ptr = |ty: &str, member: &str| -> anyhow::Result<u32> {
-        let m = btf.member(ty, member).with_context(|| format!("struct {ty}.{member}"))?;
-        anyhow::ensure!(m.size == 8, "struct {ty}.{member} is {} bytes; kml reads it as a pointer", m.size);
+        let m = btf
+            .member(ty, member)
+            .with_context(|| format!("struct {ty}.{member}"))?;
+        anyhow::ensure!(
+            m.size == 8,
+            "struct {ty}.{member} is {} bytes; kml reads it as a pointer",
+            m.size
+        );
         Ok(m.offset)
     };
-    let per_prio = btf.member("deadline_data", "per_prio").context("struct deadline_data.per_prio")?;
-    let per_prio_size = btf.struct_size("dd_per_prio").context("struct dd_per_prio")?;
+    let per_prio = btf
+        .member("deadline_data", "per_prio")
+        .context("struct deadline_data.per_prio")?;
+    let per_prio_size = btf
+        .struct_size("dd_per_prio")
+        .context("struct dd_per_prio")?;
     anyhow::ensure!(
         per_prio_size > 0 && per_prio.size % per_prio_size == 0,
         "deadline_data.per_prio is not an array of dd_per_prio"
     );
-    let fifo = btf.member("dd_per_prio", "fifo_list").context("struct dd_per_prio.fifo_list")?;
+    let fifo = btf
+        .member("dd_per_prio", "fifo_list")
+        .context("struct dd_per_prio.fifo_list")?;
     let list_head = btf.struct_size("list_head").context("struct list_head")?;
     anyhow::ensure!(list_head == 16, "struct list_head is {list_head} bytes");
     let dd_write = btf.enumerator("DD_WRITE").context("enum dd_data_dir")?;
-    let dd_write =
-        u32::try_from(dd_write).ok().filter(|d| (d + 1) * list_head <= fifo.size).context("DD_WRITE out of range")?;
+    let dd_write = u32::try_from(dd_write)
+        .ok()
+        .filter(|d| (d + 1) * list_head <= fifo.size)
+        .context("DD_WRITE out of range")?;
     Ok(HookLayout {
         q_elevator: ptr("request_queue", "elevator")?,
         eq_data: ptr("elevator_queue", "elevator_data")?,
@@ -167,7 +189,11 @@ impl HookGlobals {
     pub fn from_btf(btf: &Btf, device: Option<&BlockDevice>) -> anyhow::Result<HookGlobals> {
         let mut kl = KernelLayout::zeroed();
         kl.raw = layout::raw_tp_layout(btf)?;
-        Ok(HookGlobals { layout: kl, sched: hook_layout(btf)?, dev: device.map_or(0, BlockDevice::dev) })
+        Ok(HookGlobals {
+            layout: kl,
+            sched: hook_layout(btf)?,
+            dev: device.map_or(0, BlockDevice::dev),
+        })
     }
 
     /// Sets the hook's globals on `loader`. `with_kml_layout` false leaves
@@ -197,7 +223,8 @@ pub fn attach(ebpf: &mut Ebpf, policy: Policy) -> anyhow::Result<()> {
         .with_context(|| format!("program {HOOK_PROGRAM} missing from the eBPF object"))?
         .try_into()
         .with_context(|| format!("{HOOK_PROGRAM} is not a kprobe program"))?;
-    p.load().with_context(|| format!("verifying {HOOK_PROGRAM} (kprobe with bpf_override_return)"))?;
+    p.load()
+        .with_context(|| format!("verifying {HOOK_PROGRAM} (kprobe with bpf_override_return)"))?;
     p.attach(HOOK_FUNCTION, 0).with_context(|| {
         format!(
             "attaching {HOOK_PROGRAM} to {HOOK_FUNCTION} (needs CONFIG_BPF_KPROBE_OVERRIDE and {HOOK_FUNCTION} on \
@@ -209,15 +236,20 @@ pub fn attach(ebpf: &mut Ebpf, policy: Policy) -> anyhow::Result<()> {
 
 /// Writes `HOOK_POLICY[0]`; takes effect for the next request.
 pub fn set_policy(ebpf: &mut Ebpf, policy: Policy) -> anyhow::Result<()> {
-    let map = ebpf.map_mut("HOOK_POLICY").context("map HOOK_POLICY missing from the eBPF object")?;
-    let mut arr: Array<&mut MapData, u32> = Array::try_from(map).context("HOOK_POLICY is not an array")?;
+    let map = ebpf
+        .map_mut("HOOK_POLICY")
+        .context("map HOOK_POLICY missing from the eBPF object")?;
+    let mut arr: Array<&mut MapData, u32> =
+        Array::try_from(map).context("HOOK_POLICY is not an array")?;
     arr.set(0, policy.abi(), 0).context("writing HOOK_POLICY")?;
     Ok(())
 }
 
 /// The program's counters, summed over CPUs.
 pub fn counters(ebpf: &Ebpf) -> anyhow::Result<HookCounters> {
-    let map = ebpf.map("HOOK_COUNTERS").context("map HOOK_COUNTERS missing from the eBPF object")?;
+    let map = ebpf
+        .map("HOOK_COUNTERS")
+        .context("map HOOK_COUNTERS missing from the eBPF object")?;
     let arr: PerCpuArray<&MapData, [u64; COUNTER_SLOTS]> =
         PerCpuArray::try_from(map).context("HOOK_COUNTERS is not a per-CPU array")?;
     let mut sum = [0u64; COUNTER_SLOTS];
@@ -239,7 +271,8 @@ pub struct Hook {
 impl Hook {
     pub fn attach(policy: Policy, device: Option<&BlockDevice>) -> anyhow::Result<Hook> {
         crate::kernel::caps::require_privileges()?;
-        let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        let btf =
+            Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
         if let Some(why) = hook_unavailable_reason(&btf) {
             anyhow::bail!("the mq-deadline hook is not available: {why}");
         }
@@ -249,7 +282,9 @@ impl Hook {
         globals.apply(&mut loader, true);
         // The observers' ring buffer is not used here: keep it small.
         loader.map_max_entries("RECORDS", 64 << 10);
-        let mut ebpf = loader.load(&object).context("loading the kml eBPF object")?;
+        let mut ebpf = loader
+            .load(&object)
+            .context("loading the kml eBPF object")?;
         attach(&mut ebpf, policy)?;
         Ok(Hook { ebpf, policy })
     }
@@ -335,7 +370,9 @@ impl FmodRet {
         if let Some(why) = hook_unavailable_reason(btf) {
             anyhow::bail!("the mq-deadline hook is not available: {why}");
         }
-        let func = btf.func_id(HOOK_FUNCTION).context("no BTF id for dd_kml_verdict")?;
+        let func = btf
+            .func_id(HOOK_FUNCTION)
+            .context("no BTF id for dd_kml_verdict")?;
         let raw = layout::raw_tp_layout(btf)?;
         let insns = fmod_ret_program(policy, raw.rq_cmd_flags, raw.op_mask, raw.op_read)?;
 
@@ -398,12 +435,23 @@ impl FmodRet {
         };
         // SAFETY: attr, insns, license and log outlive the call; the kernel reads
         // size_of::<ProgLoad>() bytes of attr (unknown trailing fields are zero).
-        let fd =
-            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &raw const attr, std::mem::size_of::<ProgLoad>()) };
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &raw const attr,
+                std::mem::size_of::<ProgLoad>(),
+            )
+        };
         if fd < 0 {
             let err = std::io::Error::last_os_error();
-            let text = String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)]).trim().to_owned();
-            anyhow::bail!("loading the fmod_ret program on {HOOK_FUNCTION}: {err}; verifier: {text}");
+            let text =
+                String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)])
+                    .trim()
+                    .to_owned();
+            anyhow::bail!(
+                "loading the fmod_ret program on {HOOK_FUNCTION}: {err}; verifier: {text}"
+            );
         }
         // SAFETY: a fresh fd returned by the kernel, owned from here on.
         let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
@@ -415,18 +463,34 @@ impl FmodRet {
             cookie: u64,
         }
         use std::os::fd::AsRawFd as _;
-        let open = RawTpOpen { name: 0, prog_fd: prog.as_raw_fd() as u32, pad: 0, cookie: 0 };
+        let open = RawTpOpen {
+            name: 0,
+            prog_fd: prog.as_raw_fd() as u32,
+            pad: 0,
+            cookie: 0,
+        };
         // SAFETY: `open` outlives the call; for tracing programs the kernel attaches
         // at the program's attach_btf_id and returns a link fd.
         let link = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_RAW_TRACEPOINT_OPEN, &raw const open, std::mem::size_of::<RawTpOpen>())
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_RAW_TRACEPOINT_OPEN,
+                &raw const open,
+                std::mem::size_of::<RawTpOpen>(),
+            )
         };
         if link < 0 {
-            anyhow::bail!("attaching the fmod_ret program to {HOOK_FUNCTION}: {}", std::io::Error::last_os_error());
+            anyhow::bail!(
+                "attaching the fmod_ret program to {HOOK_FUNCTION}: {}",
+                std::io::Error::last_os_error()
+            );
         }
         // SAFETY: as above.
         let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
-        Ok(FmodRet { _link: link, _prog: prog })
+        Ok(FmodRet {
+            _link: link,
+            _prog: prog,
+        })
     }
 }
 
@@ -444,8 +508,18 @@ pub struct KernelBoosts {
 /// disk does not run the patched mq-deadline.
 pub fn kernel_boosts(device: &BlockDevice) -> Option<KernelBoosts> {
     let dir = device.sys_path().join("queue/iosched");
-    let read = |name: &str| -> Option<u64> { std::fs::read_to_string(dir.join(name)).ok()?.trim().parse().ok() };
-    Some(KernelBoosts { boosts: read("kml_boosts")?, capped: read("kml_capped")?, boost_max: read("kml_boost_max")? })
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(KernelBoosts {
+        boosts: read("kml_boosts")?,
+        capped: read("kml_capped")?,
+        boost_max: read("kml_boost_max")?,
+    })
 }
 
 #[cfg(test)]
@@ -476,7 +550,16 @@ mod tests {
     #[test]
     fn counter_slots() {
         let c = HookCounters::from_slots(&[5, 2, 4, 0, 1, 0, 0, 0]);
-        assert_eq!(c, HookCounters { calls: 5, verdicts: 2, reads: 4, read_failures: 0, other_device: 1 });
+        assert_eq!(
+            c,
+            HookCounters {
+                calls: 5,
+                verdicts: 2,
+                reads: 4,
+                read_failures: 0,
+                other_device: 1
+            }
+        );
     }
 
     /// The scheduler layout from this machine's BTF (mq-deadline built in):
@@ -490,7 +573,10 @@ mod tests {
         let l = hook_layout(&btf).unwrap();
         assert_eq!(l.per_prio_count, 3);
         assert_eq!(l.per_prio_size, btf.struct_size("dd_per_prio").unwrap());
-        assert_eq!(l.write_fifo, btf.member("dd_per_prio", "fifo_list").unwrap().offset + 16);
+        assert_eq!(
+            l.write_fifo,
+            btf.member("dd_per_prio", "fifo_list").unwrap().offset + 16
+        );
         assert!(l.dd_per_prio > 0 && l.q_elevator > 0);
     }
 
@@ -502,6 +588,8 @@ mod tests {
             return;
         }
         assert!(!hook_available(&btf));
-        assert!(hook_unavailable_reason(&btf).unwrap().contains(HOOK_FUNCTION));
+        assert!(hook_unavailable_reason(&btf)
+            .unwrap()
+            .contains(HOOK_FUNCTION));
     }
 }

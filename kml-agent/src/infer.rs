@@ -55,7 +55,10 @@ fn is_tree(kind: ModelKind) -> bool {
 
 impl ModelSlots {
     pub fn new() -> Self {
-        ModelSlots { next_version: 1, ..Default::default() }
+        ModelSlots {
+            next_version: 1,
+            ..Default::default()
+        }
     }
 
     pub fn active(&self) -> Option<ActiveModel> {
@@ -69,7 +72,11 @@ impl ModelSlots {
 
     /// Installs `model` in the idle slot of its type and makes it active.
     /// Returns what became active. On any failure the previous model stays active.
-    pub fn install(&mut self, ebpf: &mut Ebpf, model: &QuantizedModel) -> anyhow::Result<ActiveModel> {
+    pub fn install(
+        &mut self,
+        ebpf: &mut Ebpf,
+        model: &QuantizedModel,
+    ) -> anyhow::Result<ActiveModel> {
         let kind = match model {
             QuantizedModel::Linear(m) => ModelKind::from_u32(m.kind),
             QuantizedModel::Tree(m) => ModelKind::from_u32(m.kind),
@@ -93,7 +100,8 @@ impl ModelSlots {
         match &mut sealed {
             QuantizedModel::Linear(m) => {
                 m.seal(version);
-                m.validate().map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
+                m.validate()
+                    .map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
                 let mut map: Array<&mut MapData, LinearModel> = array_mut(ebpf, "LINEAR_MODELS")?;
                 map.set(slot, **m, 0).context("writing LINEAR_MODELS")?;
                 let back = map.get(&slot, 0).context("reading LINEAR_MODELS back")?;
@@ -103,7 +111,8 @@ impl ModelSlots {
             }
             QuantizedModel::Tree(m) => {
                 m.seal(version);
-                m.validate().map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
+                m.validate()
+                    .map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
                 let mut map: Array<&mut MapData, TreeModel> = array_mut(ebpf, "TREE_MODELS")?;
                 map.set(slot, **m, 0).context("writing TREE_MODELS")?;
                 let back = map.get(&slot, 0).context("reading TREE_MODELS back")?;
@@ -122,13 +131,22 @@ impl ModelSlots {
         if !status.vouches(version, expected_checksum) {
             bail!("the in-kernel checker refused slot {slot} (version {version}): {status:?}");
         }
-        let control = ModelControl { kind: kind as u32, slot, near_margin: self.near_margin };
+        let control = ModelControl {
+            kind: kind as u32,
+            slot,
+            near_margin: self.near_margin,
+        };
         let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, "MODEL_CONTROL")?;
         ctl.set(0, control, 0).context("flipping MODEL_CONTROL")?;
         if let Some(prev) = self.active {
-            self.released.insert(status_index(is_tree(prev.kind), prev.slot), Instant::now());
+            self.released
+                .insert(status_index(is_tree(prev.kind), prev.slot), Instant::now());
         }
-        let active = ActiveModel { kind, slot, version };
+        let active = ActiveModel {
+            kind,
+            slot,
+            version,
+        };
         self.active = Some(active);
         self.history.insert(version, sealed);
         Ok(active)
@@ -137,30 +155,42 @@ impl ModelSlots {
     /// No model: the programs stop scoring (observe only).
     pub fn deactivate(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
         let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, "MODEL_CONTROL")?;
-        ctl.set(0, ModelControl::default(), 0).context("clearing MODEL_CONTROL")?;
+        ctl.set(0, ModelControl::default(), 0)
+            .context("clearing MODEL_CONTROL")?;
         if let Some(prev) = self.active.take() {
-            self.released.insert(status_index(is_tree(prev.kind), prev.slot), Instant::now());
+            self.released
+                .insert(status_index(is_tree(prev.kind), prev.slot), Instant::now());
         }
         Ok(())
     }
 }
 
-fn array_mut<'a, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<Array<&'a mut MapData, V>> {
-    let m = ebpf.map_mut(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+fn array_mut<'a, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> anyhow::Result<Array<&'a mut MapData, V>> {
+    let m = ebpf
+        .map_mut(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
     Array::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
 }
 
 /// What the checker last recorded for one slot.
 pub fn slot_status(ebpf: &Ebpf, index: u32) -> anyhow::Result<SlotStatus> {
     let m = ebpf.map("SLOT_STATUS").context("map SLOT_STATUS missing")?;
-    let map: Array<&MapData, SlotStatus> = Array::try_from(m).context("SLOT_STATUS has an unexpected type")?;
+    let map: Array<&MapData, SlotStatus> =
+        Array::try_from(m).context("SLOT_STATUS has an unexpected type")?;
     map.get(&index, 0).context("reading SLOT_STATUS")
 }
 
 /// Runs `kml_verify_slots` once in the kernel (BPF_PROG_TEST_RUN).
 pub fn run_slot_checker(ebpf: &Ebpf) -> anyhow::Result<()> {
-    let prog = ebpf.program("kml_verify_slots").context("program kml_verify_slots missing")?;
-    let prog: &RawTracePoint = prog.try_into().context("kml_verify_slots has an unexpected type")?;
+    let prog = ebpf
+        .program("kml_verify_slots")
+        .context("program kml_verify_slots missing")?;
+    let prog: &RawTracePoint = prog
+        .try_into()
+        .context("kml_verify_slots has an unexpected type")?;
     let fd = prog.fd().context("kml_verify_slots is not loaded")?;
     test_run(fd.as_fd().as_raw_fd()).context("BPF_PROG_TEST_RUN of kml_verify_slots")
 }
@@ -187,11 +217,19 @@ fn test_run(prog_fd: i32) -> std::io::Result<()> {
         batch_size: u32,
         _pad: u32,
     }
-    let attr = TestRunAttr { prog_fd: prog_fd as u32, ..Default::default() };
+    let attr = TestRunAttr {
+        prog_fd: prog_fd as u32,
+        ..Default::default()
+    };
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     // SAFETY: attr outlives the call; no buffers are passed.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw const attr, std::mem::size_of::<TestRunAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw const attr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
     };
     if rc == 0 {
         Ok(())

@@ -17,14 +17,22 @@ use kml_learn::{ConfusionMatrix, Dataset, Progress, QuantizedModel, TrainOptions
 
 /// Balanced accuracy of an integer model on records (the kernel's computation).
 pub fn integer_balanced_accuracy(model: &QuantizedModel, records: &[RequestRecord]) -> f64 {
-    ConfusionMatrix::from_pairs(records.iter().map(|r| (model.infer(&features_at_insert(r)).at_risk, r.deadline_missed())))
-        .balanced_accuracy()
+    ConfusionMatrix::from_pairs(records.iter().map(|r| {
+        (
+            model.infer(&features_at_insert(r)).at_risk,
+            r.deadline_missed(),
+        )
+    }))
+    .balanced_accuracy()
 }
 
 /// Live quality of the kernel's verdicts in a batch of records.
 pub fn live_matrix(records: &[RequestRecord]) -> ConfusionMatrix {
     ConfusionMatrix::from_pairs(
-        records.iter().filter(|r| r.verdict != Verdict::NONE).map(|r| (r.verdict == Verdict::AT_RISK, r.deadline_missed())),
+        records
+            .iter()
+            .filter(|r| r.verdict != Verdict::NONE)
+            .map(|r| (r.verdict == Verdict::AT_RISK, r.deadline_missed())),
     )
 }
 
@@ -64,17 +72,29 @@ pub struct Probation {
 
 impl Probation {
     pub fn new(previous: QuantizedModel, previous_reference: f64, before: ConfusionMatrix) -> Self {
-        Probation { previous, previous_reference, before, after: ConfusionMatrix::default(), started: Instant::now() }
+        Probation {
+            previous,
+            previous_reference,
+            before,
+            after: ConfusionMatrix::default(),
+            started: Instant::now(),
+        }
     }
 
     /// `Some(reason)` when the new model should be rolled back.
     pub fn verdict(&self) -> Option<String> {
-        let judgeable = |m: &ConfusionMatrix| m.total() >= 200 && m.actual_misses() > 0 && m.actual_met() > 0;
+        let judgeable =
+            |m: &ConfusionMatrix| m.total() >= 200 && m.actual_misses() > 0 && m.actual_met() > 0;
         if !judgeable(&self.before) || !judgeable(&self.after) {
             return None;
         }
-        let (before, after) = (self.before.balanced_accuracy(), self.after.balanced_accuracy());
-        (after < before - 0.05).then(|| format!("live balanced accuracy {after:.3} after the swap, {before:.3} before"))
+        let (before, after) = (
+            self.before.balanced_accuracy(),
+            self.after.balanced_accuracy(),
+        );
+        (after < before - 0.05).then(|| {
+            format!("live balanced accuracy {after:.3} after the swap, {before:.3} before")
+        })
     }
 }
 
@@ -125,7 +145,10 @@ impl OnlineLearner {
         let ba = live.balanced_accuracy();
         if ba < reference - self.config.drift_drop && !self.drift_seen {
             self.drift_seen = true;
-            return Some(format!("live balanced accuracy {ba:.3} < {reference:.3} - {:.2}", self.config.drift_drop));
+            return Some(format!(
+                "live balanced accuracy {ba:.3} < {reference:.3} - {:.2}",
+                self.config.drift_drop
+            ));
         }
         None
     }
@@ -133,7 +156,9 @@ impl OnlineLearner {
     /// Whether a retrain is due (period elapsed or drift), with enough data.
     pub fn due(&self) -> bool {
         let misses = self.window.iter().filter(|r| r.deadline_missed()).count();
-        let enough = self.window.len() >= self.config.min_records && misses >= 50 && misses < self.window.len() - 50;
+        let enough = self.window.len() >= self.config.min_records
+            && misses >= 50
+            && misses < self.window.len() - 50;
         enough && (self.drift_seen || self.last_train.elapsed() >= self.config.every)
     }
 
@@ -166,8 +191,16 @@ pub fn train_candidate(
     opts.compare_baseline = false;
     let trained = kml_learn::train(&data, &opts, &Progress::new(true))?;
     let candidate_ba = integer_balanced_accuracy(&trained.quantized, &held_back);
-    let active_ba = active.as_ref().map(|m| integer_balanced_accuracy(m, &held_back));
-    Ok(Candidate { model: trained.quantized, candidate_ba, active_ba, held_back: held_back.len(), took: started.elapsed() })
+    let active_ba = active
+        .as_ref()
+        .map(|m| integer_balanced_accuracy(m, &held_back));
+    Ok(Candidate {
+        model: trained.quantized,
+        candidate_ba,
+        active_ba,
+        held_back: held_back.len(),
+        took: started.elapsed(),
+    })
 }
 
 #[cfg(test)]
@@ -186,11 +219,21 @@ mod tests {
     }
 
     fn matrix(tp: u64, fp: u64, tn: u64, fnn: u64) -> ConfusionMatrix {
-        ConfusionMatrix { true_miss: tp, false_miss: fp, true_met: tn, false_met: fnn }
+        ConfusionMatrix {
+            true_miss: tp,
+            false_miss: fp,
+            true_met: tn,
+            false_met: fnn,
+        }
     }
 
     fn rec(missed: bool, at: u64) -> RequestRecord {
-        RequestRecord { insert_ns: at, issue_ns: at + if missed { 10 } else { 1 }, deadline_ns: at + 5, ..Default::default() }
+        RequestRecord {
+            insert_ns: at,
+            issue_ns: at + if missed { 10 } else { 1 },
+            deadline_ns: at + 5,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -198,12 +241,19 @@ mod tests {
         let mut l = OnlineLearner::new(config());
         let met: Vec<RequestRecord> = (0..2000).map(|i| rec(false, i)).collect();
         l.observe(&met);
-        assert_eq!(l.snapshot().len(), 1000, "window keeps the newest records only");
+        assert_eq!(
+            l.snapshot().len(),
+            1000,
+            "window keeps the newest records only"
+        );
         l.drift_seen = true;
         assert!(!l.due(), "no misses: nothing to learn");
         let mixed: Vec<RequestRecord> = (0..1000).map(|i| rec(i % 3 == 0, 5000 + i)).collect();
         l.observe(&mixed);
-        assert!(l.due(), "drift with both classes present triggers a retrain");
+        assert!(
+            l.due(),
+            "drift with both classes present triggers a retrain"
+        );
         let snap = l.snapshot();
         assert_eq!(snap.first().map(|r| r.insert_ns), Some(5000));
         assert!(!l.due(), "snapshot resets the trigger");
@@ -224,12 +274,31 @@ mod tests {
     #[test]
     fn drift_is_a_drop_below_the_reference() {
         let mut l = OnlineLearner::new(config());
-        assert_eq!(l.check_drift(&matrix(100, 10, 400, 10)), None, "no reference yet");
+        assert_eq!(
+            l.check_drift(&matrix(100, 10, 400, 10)),
+            None,
+            "no reference yet"
+        );
         l.accepted(0.90);
-        assert_eq!(l.check_drift(&matrix(90, 10, 480, 10)), None, "0.90 live is fine");
-        assert_eq!(l.check_drift(&matrix(1, 1, 50, 1)), None, "too few requests to judge");
+        assert_eq!(
+            l.check_drift(&matrix(90, 10, 480, 10)),
+            None,
+            "0.90 live is fine"
+        );
+        assert_eq!(
+            l.check_drift(&matrix(1, 1, 50, 1)),
+            None,
+            "too few requests to judge"
+        );
         let drift = l.check_drift(&matrix(30, 200, 300, 70));
-        assert!(drift.is_some_and(|m| m.contains("live balanced accuracy")), "0.6 live is drift");
-        assert_eq!(l.check_drift(&matrix(30, 200, 300, 70)), None, "reported once per retrain");
+        assert!(
+            drift.is_some_and(|m| m.contains("live balanced accuracy")),
+            "0.6 live is drift"
+        );
+        assert_eq!(
+            l.check_drift(&matrix(30, 200, 300, 70)),
+            None,
+            "reported once per retrain"
+        );
     }
 }

@@ -8,8 +8,8 @@
 
 pub mod cli;
 pub mod devices;
-pub mod infer;
 pub mod hook;
+pub mod infer;
 pub mod kernel;
 pub mod learn;
 pub mod models;

@@ -23,9 +23,14 @@ pub fn list() -> Vec<(PathBuf, Result<LoadedModel, String>)> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for dir in search_dirs() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
-        let mut paths: Vec<PathBuf> =
-            rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
         paths.sort();
         for p in paths {
             let name = p.file_name().map(|n| n.to_owned());
@@ -40,7 +45,11 @@ pub fn list() -> Vec<(PathBuf, Result<LoadedModel, String>)> {
 
 /// Held-back balanced accuracy of the integer model, as recorded in the file.
 pub fn held_back_balanced_accuracy(m: &LoadedModel) -> Option<f64> {
-    m.file.metrics.test.as_ref().map(|e| e.quantized.balanced_accuracy)
+    m.file
+        .metrics
+        .test
+        .as_ref()
+        .map(|e| e.quantized.balanced_accuracy)
 }
 
 /// Resolves `--model`: a path, a shipped name (`logistic` → `models/logistic.json`),
@@ -65,8 +74,14 @@ pub fn resolve(spec: &str) -> anyhow::Result<(PathBuf, LoadedModel)> {
             .into_iter()
             .map(|d| d.join(format!("{spec}.json")))
             .find(|p| p.is_file())
-            .with_context(|| format!("no model `{spec}`: not a file, and no {spec}.json in {:?}", search_dirs()))?
+            .with_context(|| {
+                format!(
+                    "no model `{spec}`: not a file, and no {spec}.json in {:?}",
+                    search_dirs()
+                )
+            })?
     };
-    let loaded = LoadedModel::load(&path).with_context(|| format!("refusing model {}", path.display()))?;
+    let loaded =
+        LoadedModel::load(&path).with_context(|| format!("refusing model {}", path.display()))?;
     Ok((path, loaded))
 }

@@ -22,8 +22,16 @@ use crate::{
 const EVENTS: &[(&str, &str, &str)] = &[
     ("block_rq_insert", "kml_raw_rq_insert", "kml_tp_rq_insert"),
     ("block_rq_issue", "kml_raw_rq_issue", "kml_tp_rq_issue"),
-    ("block_rq_complete", "kml_raw_rq_complete", "kml_tp_rq_complete"),
-    ("block_rq_requeue", "kml_raw_rq_requeue", "kml_tp_rq_requeue"),
+    (
+        "block_rq_complete",
+        "kml_raw_rq_complete",
+        "kml_tp_rq_complete",
+    ),
+    (
+        "block_rq_requeue",
+        "kml_raw_rq_requeue",
+        "kml_tp_rq_requeue",
+    ),
     ("block_rq_merge", "kml_raw_rq_merge", "kml_tp_rq_merge"),
 ];
 
@@ -31,8 +39,12 @@ const EVENTS: &[(&str, &str, &str)] = &[
 /// one embedded at build time.
 pub fn ebpf_object() -> anyhow::Result<Cow<'static, [u8]>> {
     if let Some(path) = std::env::var_os("KML_EBPF_OBJECT") {
-        let bytes = std::fs::read(&path)
-            .with_context(|| format!("reading eBPF object {} (KML_EBPF_OBJECT)", path.to_string_lossy()))?;
+        let bytes = std::fs::read(&path).with_context(|| {
+            format!(
+                "reading eBPF object {} (KML_EBPF_OBJECT)",
+                path.to_string_lossy()
+            )
+        })?;
         return Ok(Cow::Owned(bytes));
     }
     embedded_object()
@@ -46,7 +58,9 @@ fn embedded_object() -> anyhow::Result<Cow<'static, [u8]>> {
 
 #[cfg(not(kml_ebpf_embedded))]
 fn embedded_object() -> anyhow::Result<Cow<'static, [u8]>> {
-    anyhow::bail!("this kml-agent was built without its eBPF object: build it with `cargo xtask build`")
+    anyhow::bail!(
+        "this kml-agent was built without its eBPF object: build it with `cargo xtask build`"
+    )
 }
 
 /// Sizes and policies of the observer.
@@ -95,7 +109,11 @@ impl Observer {
     /// programs; nothing is attached yet.
     pub fn load(config: ObserverConfig) -> anyhow::Result<Observer> {
         crate::kernel::caps::require_privileges()?;
-        let layout = layout::kernel_layout(config.mode, config.wakeup_bytes, config.sample_fill_bytes.unwrap_or(0))?;
+        let layout = layout::kernel_layout(
+            config.mode,
+            config.wakeup_bytes,
+            config.sample_fill_bytes.unwrap_or(0),
+        )?;
         let object = ebpf_object()?;
         let mut ebpf = EbpfLoader::new()
             .override_global("KML_LAYOUT", &layout, true)
@@ -106,11 +124,13 @@ impl Observer {
             match config.mode {
                 AttachMode::RawTracepoint => {
                     let p: &mut RawTracePoint = program(&mut ebpf, raw)?;
-                    p.load().with_context(|| format!("verifying {raw} (raw tracepoint {event})"))?;
+                    p.load()
+                        .with_context(|| format!("verifying {raw} (raw tracepoint {event})"))?;
                 }
                 AttachMode::Tracepoint => {
                     let p: &mut TracePoint = program(&mut ebpf, tp)?;
-                    p.load().with_context(|| format!("verifying {tp} (tracepoint block:{event})"))?;
+                    p.load()
+                        .with_context(|| format!("verifying {tp} (tracepoint block:{event})"))?;
                 }
             }
         }
@@ -138,11 +158,18 @@ impl Observer {
         let mut infer: ProgramArray<&mut MapData> =
             ProgramArray::try_from(ebpf.map_mut("INFER").context("map INFER missing")?)?;
         for (i, fd) in fds.iter().enumerate() {
-            infer.set(i as u32, fd, 0).context("installing the inference stages")?;
+            infer
+                .set(i as u32, fd, 0)
+                .context("installing the inference stages")?;
         }
         let checker: &mut RawTracePoint = program(&mut ebpf, "kml_verify_slots")?;
         checker.load().context("verifying kml_verify_slots")?;
-        Ok(Observer { ebpf, config, devices: Vec::new(), attached: false })
+        Ok(Observer {
+            ebpf,
+            config,
+            devices: Vec::new(),
+            attached: false,
+        })
     }
 
     pub fn mode(&self) -> AttachMode {
@@ -170,19 +197,28 @@ impl Observer {
         };
         let dev = device.dev();
         // State first: the programs count only devices that have a config entry.
-        let mut state: HashMap<&mut MapData, u32, DeviceState> = map_mut(&mut self.ebpf, "DEVICE_STATE")?;
-        state.insert(dev, DeviceState::default(), 0).context("DEVICE_STATE insert")?;
-        let mut devices: HashMap<&mut MapData, u32, DeviceConfig> = map_mut(&mut self.ebpf, "DEVICES")?;
+        let mut state: HashMap<&mut MapData, u32, DeviceState> =
+            map_mut(&mut self.ebpf, "DEVICE_STATE")?;
+        state
+            .insert(dev, DeviceState::default(), 0)
+            .context("DEVICE_STATE insert")?;
+        let mut devices: HashMap<&mut MapData, u32, DeviceConfig> =
+            map_mut(&mut self.ebpf, "DEVICES")?;
         devices.insert(dev, config, 0).context("DEVICES insert")?;
-        self.devices.push(TracedDevice { device: device.clone(), config });
+        self.devices.push(TracedDevice {
+            device: device.clone(),
+            config,
+        });
         Ok(())
     }
 
     /// Stops tracing a device (its in-flight entries complete as orphans or age out).
     pub fn remove_device(&mut self, dev: u32) -> anyhow::Result<()> {
-        let mut devices: HashMap<&mut MapData, u32, DeviceConfig> = map_mut(&mut self.ebpf, "DEVICES")?;
+        let mut devices: HashMap<&mut MapData, u32, DeviceConfig> =
+            map_mut(&mut self.ebpf, "DEVICES")?;
         let _ = devices.remove(&dev);
-        let mut state: HashMap<&mut MapData, u32, DeviceState> = map_mut(&mut self.ebpf, "DEVICE_STATE")?;
+        let mut state: HashMap<&mut MapData, u32, DeviceState> =
+            map_mut(&mut self.ebpf, "DEVICE_STATE")?;
         let _ = state.remove(&dev);
         self.devices.retain(|d| d.device.dev() != dev);
         Ok(())
@@ -194,11 +230,13 @@ impl Observer {
             match self.config.mode {
                 AttachMode::RawTracepoint => {
                     let p: &mut RawTracePoint = program(&mut self.ebpf, raw)?;
-                    p.attach(event).with_context(|| format!("attaching {raw} to raw tracepoint {event}"))?;
+                    p.attach(event)
+                        .with_context(|| format!("attaching {raw} to raw tracepoint {event}"))?;
                 }
                 AttachMode::Tracepoint => {
                     let p: &mut TracePoint = program(&mut self.ebpf, tp)?;
-                    p.attach("block", event).with_context(|| format!("attaching {tp} to block:{event}"))?;
+                    p.attach("block", event)
+                        .with_context(|| format!("attaching {tp} to block:{event}"))?;
                 }
             }
         }
@@ -230,7 +268,10 @@ impl Observer {
 
     /// Takes the ring buffer for consumption (once).
     pub fn records(&mut self) -> anyhow::Result<RecordStream> {
-        let map = self.ebpf.take_map("RECORDS").context("RECORDS ring buffer already taken")?;
+        let map = self
+            .ebpf
+            .take_map("RECORDS")
+            .context("RECORDS ring buffer already taken")?;
         let ring = RingBuf::try_from(map).context("RECORDS is not a ring buffer")?;
         RecordStream::new(ring, self.config.poll_interval)
     }
@@ -268,9 +309,12 @@ impl Observer {
                 AttachMode::RawTracepoint => *raw,
                 AttachMode::Tracepoint => *tp,
             };
-            let Some(p) = self.ebpf.program(name) else { continue };
+            let Some(p) = self.ebpf.program(name) else {
+                continue;
+            };
             let Ok(fd) = p.fd() else { continue };
-            let info = prog_info(fd.as_fd()).with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD on {name}"))?;
+            let info = prog_info(fd.as_fd())
+                .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD on {name}"))?;
             out.push(ProgramStats {
                 name,
                 event,
@@ -303,7 +347,9 @@ pub struct ProgramStats {
 }
 
 /// `BPF_OBJ_GET_INFO_BY_FD` for a program (aya keeps `recursion_misses` private).
-fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<aya_obj::generated::bpf_prog_info> {
+fn prog_info(
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<aya_obj::generated::bpf_prog_info> {
     use std::os::fd::AsRawFd as _;
     #[repr(C)]
     struct InfoAttr {
@@ -321,7 +367,12 @@ fn prog_info(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<aya_obj::genera
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw const attr, std::mem::size_of::<InfoAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const attr,
+            std::mem::size_of::<InfoAttr>(),
+        )
     };
     if rc == 0 {
         Ok(info)
@@ -340,15 +391,20 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the eBPF object"))?;
-    p.try_into().with_context(|| format!("program {name} has an unexpected type"))
+    let p = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?;
+    p.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
 }
 
 fn map_mut<'a, K: aya::Pod, V: aya::Pod>(
     ebpf: &'a mut Ebpf,
     name: &str,
 ) -> anyhow::Result<HashMap<&'a mut MapData, K, V>> {
-    let m = ebpf.map_mut(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+    let m = ebpf
+        .map_mut(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
     HashMap::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -356,6 +412,8 @@ fn map_ref<'a, M>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<M>
 where
     M: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let m = ebpf.map(name).with_context(|| format!("map {name} missing from the eBPF object"))?;
+    let m = ebpf
+        .map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
     M::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
 }

@@ -16,8 +16,15 @@ use aya::{
 pub const PIN_DIR: &str = "/sys/fs/bpf/kml";
 
 /// The maps worth reading from outside: model, verdict counters, devices.
-pub const PINNED_MAPS: &[&str] =
-    &["MODEL_CONTROL", "LINEAR_MODELS", "TREE_MODELS", "SLOT_STATUS", "COUNTERS", "DEVICES", "DEVICE_STATE"];
+pub const PINNED_MAPS: &[&str] = &[
+    "MODEL_CONTROL",
+    "LINEAR_MODELS",
+    "TREE_MODELS",
+    "SLOT_STATUS",
+    "COUNTERS",
+    "DEVICES",
+    "DEVICE_STATE",
+];
 
 /// Pinned maps; unpinned on drop.
 pub struct Pins {
@@ -42,7 +49,9 @@ impl Drop for Pins {
 
 /// Pins [`PINNED_MAPS`] of `ebpf` under `dir` (mounting bpffs if needed).
 pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> anyhow::Result<Pins> {
-    if dir.starts_with(crate::kernel::mounts::BPFFS) && crate::kernel::mounts::ensure_bpffs().context("mounting bpffs")? {
+    if dir.starts_with(crate::kernel::mounts::BPFFS)
+        && crate::kernel::mounts::ensure_bpffs().context("mounting bpffs")?
+    {
         log::info!("mounted bpffs at {}", crate::kernel::mounts::BPFFS);
     }
     if dir.exists() {
@@ -54,14 +63,22 @@ pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> anyhow::Result<Pins> {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(dir)
-            .with_context(|| format!("creating {} (is bpffs mounted read-write?)", dir.display()))?;
+            .with_context(|| {
+                format!("creating {} (is bpffs mounted read-write?)", dir.display())
+            })?;
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    let mut pins = Pins { dir: dir.to_owned(), files: Vec::new() };
+    let mut pins = Pins {
+        dir: dir.to_owned(),
+        files: Vec::new(),
+    };
     for name in PINNED_MAPS {
         let path = dir.join(name);
-        let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
-        map.pin(&path).with_context(|| format!("pinning {name} at {}", path.display()))?;
+        let map = ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        map.pin(&path)
+            .with_context(|| format!("pinning {name} at {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         pins.files.push(path);
     }
@@ -71,7 +88,11 @@ pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> anyhow::Result<Pins> {
 /// Opens a pinned map.
 pub fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("no pinned map at {} (is an agent running with --pin?)", path.display()))?;
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "no pinned map at {} (is an agent running with --pin?)",
+            path.display()
+        )
+    })?;
     Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
 }

@@ -34,7 +34,11 @@ impl RecordStream {
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)
             .with_context(|| format!("registering ring buffer fd {fd} with the runtime"))?;
-        Ok(RecordStream { ring, poll_interval, undecodable: 0 })
+        Ok(RecordStream {
+            ring,
+            poll_interval,
+            undecodable: 0,
+        })
     }
 
     /// Appends every record available now to `out`; returns how many.
@@ -74,10 +78,18 @@ mod tests {
 
     #[test]
     fn decode_checks_size() {
-        let rec = RequestRecord { sector: 42, nr_sectors: 8, insert_ns: 1, ..Default::default() };
+        let rec = RequestRecord {
+            sector: 42,
+            nr_sectors: 8,
+            insert_ns: 1,
+            ..Default::default()
+        };
         // SAFETY: viewing a plain-integer struct as bytes.
         let bytes = unsafe {
-            std::slice::from_raw_parts((&raw const rec).cast::<u8>(), std::mem::size_of::<RequestRecord>())
+            std::slice::from_raw_parts(
+                (&raw const rec).cast::<u8>(),
+                std::mem::size_of::<RequestRecord>(),
+            )
         };
         assert_eq!(decode(bytes), Some(rec));
         assert_eq!(decode(&bytes[1..]), None);

@@ -71,12 +71,22 @@ impl RecordSummary {
         let issued: Vec<&RequestRecord> = records.iter().filter(|r| r.issue_ns != 0).collect();
         RecordSummary {
             records: records.len(),
-            reads: records.iter().filter(|r| r.op() == kml_ebpf_common::ReqOp::Read).count(),
-            writes: records.iter().filter(|r| r.op() == kml_ebpf_common::ReqOp::Write).count(),
+            reads: records
+                .iter()
+                .filter(|r| r.op() == kml_ebpf_common::ReqOp::Read)
+                .count(),
+            writes: records
+                .iter()
+                .filter(|r| r.op() == kml_ebpf_common::ReqOp::Write)
+                .count(),
             errors: records.iter().filter(|r| r.error != 0).count(),
             deadline_misses: records.iter().filter(|r| r.deadline_missed()).count(),
-            insert_to_issue: LatencySummary::of(issued.iter().map(|r| r.insert_to_issue_ns()).collect()),
-            issue_to_complete: LatencySummary::of(issued.iter().map(|r| r.issue_to_complete_ns()).collect()),
+            insert_to_issue: LatencySummary::of(
+                issued.iter().map(|r| r.insert_to_issue_ns()).collect(),
+            ),
+            issue_to_complete: LatencySummary::of(
+                issued.iter().map(|r| r.issue_to_complete_ns()).collect(),
+            ),
         }
     }
 }
@@ -107,7 +117,10 @@ mod tests {
             ..Default::default()
         };
         let s = RecordSummary::of(&[mk(200, 1000, 0), mk(2000, 1000, 1), mk(300, 1000, 1)]);
-        assert_eq!((s.records, s.reads, s.writes, s.deadline_misses), (3, 1, 2, 1));
+        assert_eq!(
+            (s.records, s.reads, s.writes, s.deadline_misses),
+            (3, 1, 2, 1)
+        );
         assert_eq!(s.insert_to_issue.p50_ns, 200);
         assert_eq!(s.issue_to_complete.max_ns, 50);
         assert_eq!(human_ns(999), "999ns");

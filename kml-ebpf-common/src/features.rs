@@ -183,7 +183,11 @@ pub const fn sat_i32(v: u64) -> i32 {
 /// values below 2^32 cannot overflow u64. One multiply, no division.
 #[inline(always)]
 pub const fn drain_time_ns(count: u32, gap_ns: u64) -> u64 {
-    let gap = if gap_ns > u32::MAX as u64 { u32::MAX as u64 } else { gap_ns };
+    let gap = if gap_ns > u32::MAX as u64 {
+        u32::MAX as u64
+    } else {
+        gap_ns
+    };
     (count as u64) * gap
 }
 
@@ -252,10 +256,18 @@ pub fn features_at_insert(r: &RequestRecord) -> FeatureVector {
     // Every op but a read is on the write side (ReqOp::direction).
     let op = ReqOp::from_u8(r.op);
     let write = !matches!(op, ReqOp::Read);
-    let (queued_same, queued_other) = if write { (r.queued_write, r.queued_read) } else { (r.queued_read, r.queued_write) };
+    let (queued_same, queued_other) = if write {
+        (r.queued_write, r.queued_read)
+    } else {
+        (r.queued_read, r.queued_write)
+    };
     let budget_ns = r.deadline_ns.saturating_sub(r.insert_ns);
     let budget_us = budget_ns >> TIME_SHIFT;
-    let budget = if budget_us > BUDGET_MAX as u64 { BUDGET_MAX } else { budget_us as i32 };
+    let budget = if budget_us > BUDGET_MAX as u64 {
+        BUDGET_MAX
+    } else {
+        budget_us as i32
+    };
     let log_budget = log2_8(budget_ns);
     let expected_ns = drain_time_ns(queued_same, r.issue_gap_ewma_ns);
 
@@ -341,7 +353,10 @@ mod tests {
         let mut r = at_insert();
         r.op = ReqOp::Read as u8;
         let x = features_at_insert(&r);
-        assert_eq!((x[Feature::Op.index()], x[Feature::WriteDir.index()]), (0, 0));
+        assert_eq!(
+            (x[Feature::Op.index()], x[Feature::WriteDir.index()]),
+            (0, 0)
+        );
         assert_eq!(x[Feature::QueuedSameDir.index()], 4);
         assert_eq!(x[Feature::QueuedOtherDir.index()], 200);
         assert_eq!(x[Feature::ExpectedWaitUs.index()], 40_000 >> 10);
@@ -385,7 +400,11 @@ mod tests {
             flags: u8::MAX,
             ..Default::default()
         };
-        let zero = RequestRecord { insert_ns: 10, deadline_ns: 5, ..Default::default() };
+        let zero = RequestRecord {
+            insert_ns: 10,
+            deadline_ns: 5,
+            ..Default::default()
+        };
         for x in [features_at_insert(&r), features_at_insert(&zero)] {
             for f in Feature::ALL {
                 let v = x[f.index()];
@@ -435,7 +454,10 @@ mod tests {
 
     #[test]
     fn drain_time_cannot_overflow() {
-        assert_eq!(drain_time_ns(u32::MAX, u64::MAX), u32::MAX as u64 * u32::MAX as u64);
+        assert_eq!(
+            drain_time_ns(u32::MAX, u64::MAX),
+            u32::MAX as u64 * u32::MAX as u64
+        );
         assert_eq!(drain_time_ns(0, u64::MAX), 0);
         assert_eq!(drain_time_ns(3, 7), 21);
     }

@@ -69,7 +69,10 @@ pub fn linear_score(m: &LinearModel, x: &FeatureVector) -> i64 {
 #[inline(always)]
 pub fn infer_linear(m: &LinearModel, x: &FeatureVector) -> Verdict {
     let score = linear_score(m, x);
-    Verdict { score, at_risk: score > linear_limit(m, x) }
+    Verdict {
+        score,
+        at_risk: score > linear_limit(m, x),
+    }
 }
 
 /// The value a linear model's score is compared with (the verdict is
@@ -84,7 +87,11 @@ pub fn linear_limit(m: &LinearModel, x: &FeatureVector) -> i64 {
                 Some(&b) => clip(b, 0, BUDGET_MAX) as i64,
                 None => 0,
             };
-            let out_shift = if m.out_shift > MAX_OUT_SHIFT { MAX_OUT_SHIFT } else { m.out_shift };
+            let out_shift = if m.out_shift > MAX_OUT_SHIFT {
+                MAX_OUT_SHIFT
+            } else {
+                m.out_shift
+            };
             (budget << out_shift).saturating_add(m.threshold)
         }
         Some(VerdictRule::ScoreOverThreshold) => m.threshold,
@@ -104,8 +111,14 @@ pub fn infer_tree(m: &TreeModel, x: &FeatureVector) -> Verdict {
             Some(&f) if f != TREE_LEAF => f as usize,
             _ => break,
         };
-        let (Some(&v), Some(&split)) = (x.get(feature), m.split.get(node)) else { break };
-        let next = if v <= split { m.left.get(node) } else { m.right.get(node) };
+        let (Some(&v), Some(&split)) = (x.get(feature), m.split.get(node)) else {
+            break;
+        };
+        let next = if v <= split {
+            m.left.get(node)
+        } else {
+            m.right.get(node)
+        };
         match next {
             Some(&child) => node = child as usize,
             None => break,
@@ -115,7 +128,10 @@ pub fn infer_tree(m: &TreeModel, x: &FeatureVector) -> Verdict {
         Some(&v) => v as i64,
         None => 0,
     };
-    Verdict { score, at_risk: score > m.threshold as i64 }
+    Verdict {
+        score,
+        at_risk: score > m.threshold as i64,
+    }
 }
 
 /// A model slot's contents, whatever the kind: what host code that handles either
@@ -184,7 +200,10 @@ mod tests {
         assert!(infer_linear(&m, &x_with(5, 149)).at_risk);
         assert!(!infer_linear(&m, &x_with(5, 150)).at_risk);
         // Inputs are clipped to the model's range: 5000 counts as 1000.
-        assert_eq!(infer_linear(&m, &x_with(5000, 0)).score, (100 + 10 * 1000) << 4);
+        assert_eq!(
+            infer_linear(&m, &x_with(5000, 0)).score,
+            (100 + 10 * 1000) << 4
+        );
     }
 
     #[test]
@@ -212,7 +231,11 @@ mod tests {
         m.input_min = [i32::MAX; NUM_FEATURES];
         m.input_max = [i32::MIN; NUM_FEATURES];
         m.product_shift = [u32::MAX; NUM_FEATURES];
-        for x in [[i32::MIN; NUM_FEATURES], [i32::MAX; NUM_FEATURES], [0; NUM_FEATURES]] {
+        for x in [
+            [i32::MIN; NUM_FEATURES],
+            [i32::MAX; NUM_FEATURES],
+            [0; NUM_FEATURES],
+        ] {
             let _ = infer_linear(&m, &x);
             m.rule = 77;
             assert!(!infer_linear(&m, &x).at_risk);
@@ -246,7 +269,19 @@ mod tests {
         t.value[1] = 10;
         t.value[2] = 90;
         assert_eq!(t.validate(), Ok(()));
-        assert_eq!(infer_tree(&t, &x_with(7, 0)), Verdict { score: 10, at_risk: false });
-        assert_eq!(infer_tree(&t, &x_with(8, 0)), Verdict { score: 90, at_risk: true });
+        assert_eq!(
+            infer_tree(&t, &x_with(7, 0)),
+            Verdict {
+                score: 10,
+                at_risk: false
+            }
+        );
+        assert_eq!(
+            infer_tree(&t, &x_with(8, 0)),
+            Verdict {
+                score: 90,
+                at_risk: true
+            }
+        );
     }
 }

@@ -44,8 +44,12 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 4] =
-        [ModelKind::Baseline, ModelKind::LinearRegression, ModelKind::Logistic, ModelKind::Tree];
+    pub const ALL: [ModelKind; 4] = [
+        ModelKind::Baseline,
+        ModelKind::LinearRegression,
+        ModelKind::Logistic,
+        ModelKind::Tree,
+    ];
 
     pub const fn from_u32(v: u32) -> Option<ModelKind> {
         match v {
@@ -175,9 +179,13 @@ pub struct TreeModel {
 }
 
 // No implicit padding: the structs cross the user/kernel boundary as bytes.
-const _: () = assert!(core::mem::size_of::<LinearModel>() == 4 * 4 + 2 * 8 + 5 * 4 * NUM_FEATURES + 8);
-const _: () = assert!(core::mem::size_of::<TreeModel>() == 6 * 4 + TREE_MAX_NODES * (1 + 2 + 2 + 4 + 4) + 8);
-const _: () = assert!(TREE_MAX_NODES >= (1 << (TREE_MAX_DEPTH + 1)) - 1 && TREE_MAX_NODES <= u16::MAX as usize);
+const _: () =
+    assert!(core::mem::size_of::<LinearModel>() == 4 * 4 + 2 * 8 + 5 * 4 * NUM_FEATURES + 8);
+const _: () =
+    assert!(core::mem::size_of::<TreeModel>() == 6 * 4 + TREE_MAX_NODES * (1 + 2 + 2 + 4 + 4) + 8);
+const _: () = assert!(
+    TREE_MAX_NODES >= (1 << (TREE_MAX_DEPTH + 1)) - 1 && TREE_MAX_NODES <= u16::MAX as usize
+);
 const _: () = assert!(NUM_FEATURES < TREE_LEAF as usize);
 
 /// FNV-1a, 64 bit, fed integers as little-endian bytes (so host and BPF agree

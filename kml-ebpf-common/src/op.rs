@@ -160,7 +160,11 @@ mod tests {
             ("WS", ReqOp::Write, ReqFlags::SYNC),
             ("WFS", ReqOp::Write, ReqFlags::FUA | ReqFlags::SYNC),
             ("FWS", ReqOp::Write, ReqFlags::PREFLUSH | ReqFlags::SYNC),
-            ("FWFSM", ReqOp::Write, ReqFlags::PREFLUSH | ReqFlags::FUA | ReqFlags::SYNC | ReqFlags::META),
+            (
+                "FWFSM",
+                ReqOp::Write,
+                ReqFlags::PREFLUSH | ReqFlags::FUA | ReqFlags::SYNC | ReqFlags::META,
+            ),
             ("F", ReqOp::Flush, 0),
             ("FF", ReqOp::Flush, ReqFlags::PREFLUSH),
             ("FFS", ReqOp::Flush, ReqFlags::PREFLUSH | ReqFlags::SYNC),

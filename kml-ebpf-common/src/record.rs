@@ -119,7 +119,11 @@ impl RequestRecord {
     /// A request never issued (issue_ns 0) that completed counts as missed only if it
     /// completed after the deadline.
     pub const fn deadline_missed(&self) -> bool {
-        let dispatched = if self.issue_ns != 0 { self.issue_ns } else { self.complete_ns };
+        let dispatched = if self.issue_ns != 0 {
+            self.issue_ns
+        } else {
+            self.complete_ns
+        };
         dispatched > self.deadline_ns
     }
 

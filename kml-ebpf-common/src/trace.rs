@@ -133,19 +133,41 @@ pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TraceError {
     MissingColumn(&'static str),
-    WrongFieldCount { line: usize, expected: usize, found: usize },
-    BadValue { line: usize, column: &'static str, value: String },
+    WrongFieldCount {
+        line: usize,
+        expected: usize,
+        found: usize,
+    },
+    BadValue {
+        line: usize,
+        column: &'static str,
+        value: String,
+    },
 }
 
 impl fmt::Display for TraceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TraceError::MissingColumn(c) => write!(f, "trace header has no column `{c}`"),
-            TraceError::WrongFieldCount { line, expected, found } => {
-                write!(f, "trace line {line}: {found} fields, header has {expected}")
+            TraceError::WrongFieldCount {
+                line,
+                expected,
+                found,
+            } => {
+                write!(
+                    f,
+                    "trace line {line}: {found} fields, header has {expected}"
+                )
             }
-            TraceError::BadValue { line, column, value } => {
-                write!(f, "trace line {line}: column `{column}`: cannot read {value:?}")
+            TraceError::BadValue {
+                line,
+                column,
+                value,
+            } => {
+                write!(
+                    f,
+                    "trace line {line}: column `{column}`: cannot read {value:?}"
+                )
             }
         }
     }
@@ -169,17 +191,28 @@ impl RowReader {
                 .position(|n| n == col)
                 .ok_or(TraceError::MissingColumn(col))?;
         }
-        Ok(RowReader { index, width: names.len() })
+        Ok(RowReader {
+            index,
+            width: names.len(),
+        })
     }
 
     /// Parses one data line; `line` (1-based, header is 1) is used in errors.
     pub fn parse(&self, text: &str, line: usize) -> Result<RequestRecord, TraceError> {
         let fields: Vec<&str> = text.trim_end().split(',').collect();
         if fields.len() != self.width {
-            return Err(TraceError::WrongFieldCount { line, expected: self.width, found: fields.len() });
+            return Err(TraceError::WrongFieldCount {
+                line,
+                expected: self.width,
+                found: fields.len(),
+            });
         }
         let get = |i: usize| fields[self.index[i]].trim();
-        let bad = |i: usize| TraceError::BadValue { line, column: COLUMNS[i], value: get(i).into() };
+        let bad = |i: usize| TraceError::BadValue {
+            line,
+            column: COLUMNS[i],
+            value: get(i).into(),
+        };
         macro_rules! num {
             ($i:expr) => {
                 get($i).parse().map_err(|_| bad($i))?
@@ -234,7 +267,9 @@ impl RowReader {
 }
 
 /// Reads a whole trace from a buffered reader.
-pub fn read_all(r: impl io::BufRead) -> Result<Vec<RequestRecord>, std::boxed::Box<dyn std::error::Error + Send + Sync>> {
+pub fn read_all(
+    r: impl io::BufRead,
+) -> Result<Vec<RequestRecord>, std::boxed::Box<dyn std::error::Error + Send + Sync>> {
     let mut lines = r.lines();
     let header = lines.next().ok_or("empty trace: no header line")??;
     let reader = RowReader::new(&header)?;
@@ -311,10 +346,19 @@ mod tests {
         fields.push("x");
         assert_eq!(reader.parse(&fields.join(","), 2).unwrap(), sample());
 
-        assert_eq!(RowReader::new("dev,sector").err(), Some(TraceError::MissingColumn("nr_sectors")));
+        assert_eq!(
+            RowReader::new("dev,sector").err(),
+            Some(TraceError::MissingColumn("nr_sectors"))
+        );
         let reader = RowReader::new(&header()).unwrap();
         let err = reader.parse(&text.replace("write", "wrte"), 5).unwrap_err();
-        assert_eq!(std::format!("{err}"), "trace line 5: column `op`: cannot read \"wrte\"");
-        assert!(matches!(reader.parse("1,2", 3), Err(TraceError::WrongFieldCount { line: 3, .. })));
+        assert_eq!(
+            std::format!("{err}"),
+            "trace line 5: column `op`: cannot read \"wrte\""
+        );
+        assert!(matches!(
+            reader.parse("1,2", 3),
+            Err(TraceError::WrongFieldCount { line: 3, .. })
+        ));
     }
 }

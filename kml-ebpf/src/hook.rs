@@ -126,12 +126,18 @@ fn device_of(rq: u64) -> Option<u32> {
 /// are stable while they are read.
 #[inline(always)]
 fn writes_queued(rq: u64) -> bool {
-    let Some(q) = read::<u64>(rq + layout!(raw.rq_q) as u64) else { return false };
-    let Some(eq) = read::<u64>(q + global!(KML_HOOK_Q_ELEVATOR) as u64) else { return false };
+    let Some(q) = read::<u64>(rq + layout!(raw.rq_q) as u64) else {
+        return false;
+    };
+    let Some(eq) = read::<u64>(q + global!(KML_HOOK_Q_ELEVATOR) as u64) else {
+        return false;
+    };
     if eq == 0 {
         return false;
     }
-    let Some(dd) = read::<u64>(eq + global!(KML_HOOK_EQ_DATA) as u64) else { return false };
+    let Some(dd) = read::<u64>(eq + global!(KML_HOOK_EQ_DATA) as u64) else {
+        return false;
+    };
     if dd == 0 {
         return false;
     }
@@ -158,7 +164,9 @@ fn writes_queued(rq: u64) -> bool {
 /// threshold); the policies below are the simple stand-ins.
 #[inline(always)]
 fn verdict(rq: u64, policy: u32) -> u64 {
-    let Some(cmd_flags) = read::<u32>(rq + layout!(raw.rq_cmd_flags) as u64) else { return 0 };
+    let Some(cmd_flags) = read::<u32>(rq + layout!(raw.rq_cmd_flags) as u64) else {
+        return 0;
+    };
     if cmd_flags & layout!(raw.op_mask) != layout!(raw.op_read) {
         return 0;
     }
@@ -173,7 +181,9 @@ fn verdict(rq: u64, policy: u32) -> u64 {
 #[kprobe]
 pub fn kml_hook_verdict(ctx: ProbeContext) -> u32 {
     bump(HOOK_CALLS);
-    let Some(rq) = ctx.arg::<u64>(0) else { return 0 };
+    let Some(rq) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
     let policy = match HOOK_POLICY.get(0) {
         Some(p) => *p,
         None => return 0,

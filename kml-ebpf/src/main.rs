@@ -24,7 +24,8 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_ringbuf_query,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_ringbuf_query,
     },
     macros::{btf_map, raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
@@ -34,11 +35,12 @@ use kml_ebpf_common::{
     attach_mode,
     features::{features_at_insert, FeatureVector},
     inference::{infer_linear, infer_tree, linear_limit},
-    model::{LinearModel, ModelKind, TreeModel},
-    slot::{status_index, ModelControl, SlotStatus, MODEL_SLOTS, STATUS_ENTRIES},
     layout::{EventFields, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST},
+    model::{LinearModel, ModelKind, TreeModel},
     op::{parse_rwbs, Direction, ReqFlags, ReqOp},
-    record::ewma_step, Counter, Counters, DeviceConfig, DeviceState, InflightKey, KernelLayout, RequestRecord,
+    record::ewma_step,
+    slot::{status_index, ModelControl, SlotStatus, MODEL_SLOTS, STATUS_ENTRIES},
+    Counter, Counters, DeviceConfig, DeviceState, InflightKey, KernelLayout, RequestRecord,
     Verdict,
 };
 
@@ -174,13 +176,21 @@ pub fn kml_verify_slots(_ctx: RawTracePointContext) -> i32 {
     count(Counter::ModelVerifications);
     for slot in 0..MODEL_SLOTS {
         if let Some(m) = LINEAR_MODELS.get(slot) {
-            let st = SlotStatus { version: m.version, ok: m.checksum_ok() as u32, checksum: m.checksum };
+            let st = SlotStatus {
+                version: m.version,
+                ok: m.checksum_ok() as u32,
+                checksum: m.checksum,
+            };
             let _ = SLOT_STATUS.set(status_index(false, slot), st, 0);
         }
     }
     for slot in 0..MODEL_SLOTS {
         if let Some(m) = TREE_MODELS.get(slot) {
-            let st = SlotStatus { version: m.version, ok: m.checksum_ok() as u32, checksum: m.checksum };
+            let st = SlotStatus {
+                version: m.version,
+                ok: m.checksum_ok() as u32,
+                checksum: m.checksum,
+            };
             let _ = SLOT_STATUS.set(status_index(true, slot), st, 0);
         }
     }
@@ -225,7 +235,9 @@ pub fn kml_tp_model(_ctx: TracePointContext) -> i32 {
 /// verdict in the record. No model: no verdict.
 #[inline(always)]
 fn score_request(rec: &mut RequestRecord, x: &FeatureVector) {
-    let Some(ctl) = MODEL_CONTROL.get_ptr(0) else { return };
+    let Some(ctl) = MODEL_CONTROL.get_ptr(0) else {
+        return;
+    };
     // One read of the control: the flip is a single map write.
     let ctl: ModelControl = unsafe { core::ptr::read_volatile(ctl) };
     if ctl.kind == 0 {
@@ -233,14 +245,18 @@ fn score_request(rec: &mut RequestRecord, x: &FeatureVector) {
     }
     let (verdict, limit, version) = match ModelKind::from_u32(ctl.kind) {
         Some(ModelKind::Tree) => {
-            let Some(m) = TREE_MODELS.get(ctl.slot) else { return count(Counter::ModelRejects) };
+            let Some(m) = TREE_MODELS.get(ctl.slot) else {
+                return count(Counter::ModelRejects);
+            };
             if !slot_vouched(true, ctl.slot, m.version, m.checksum) {
                 return count(Counter::ModelRejects);
             }
             (infer_tree(m, x), m.threshold as i64, m.version)
         }
         Some(_) => {
-            let Some(m) = LINEAR_MODELS.get(ctl.slot) else { return count(Counter::ModelRejects) };
+            let Some(m) = LINEAR_MODELS.get(ctl.slot) else {
+                return count(Counter::ModelRejects);
+            };
             if !slot_vouched(false, ctl.slot, m.version, m.checksum) {
                 return count(Counter::ModelRejects);
             }
@@ -258,7 +274,11 @@ fn score_request(rec: &mut RequestRecord, x: &FeatureVector) {
         Verdict::MEETS
     };
     let margin = verdict.score.saturating_sub(limit);
-    let margin = if margin < 0 { margin.saturating_neg() } else { margin };
+    let margin = if margin < 0 {
+        margin.saturating_neg()
+    } else {
+        margin
+    };
     rec.near_boundary = (ctl.near_margin > 0 && margin <= ctl.near_margin) as u8;
 }
 
@@ -267,7 +287,9 @@ fn score_request(rec: &mut RequestRecord, x: &FeatureVector) {
 
 #[inline(always)]
 fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView) {
-    let Some(cfg) = DEVICES.get_ptr(v.dev) else { return };
+    let Some(cfg) = DEVICES.get_ptr(v.dev) else {
+        return;
+    };
     count(Counter::Inserts);
     let now = unsafe { bpf_ktime_get_ns() };
     let dir = v.op.direction();
@@ -308,7 +330,8 @@ fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView) {
         Some(p) => unsafe { &mut *p },
         None => return,
     };
-    let (mut inflight_read, mut inflight_write, mut queued_read, mut queued_write) = (0u64, 0u64, 0u64, 0u64);
+    let (mut inflight_read, mut inflight_write, mut queued_read, mut queued_write) =
+        (0u64, 0u64, 0u64, 0u64);
     let (mut since_last, mut distance, mut dir_wait, mut issue_gap) = (0u64, 0u64, 0u64, 0u64);
     let state = DEVICE_STATE.get_ptr_mut(v.dev);
     if let Some(s) = state {
@@ -338,7 +361,11 @@ fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView) {
             }
             (*s).last_insert_ns = now;
             let end = (*s).last_issue_end_sector;
-            distance = if v.sector > end { v.sector - end } else { end - v.sector };
+            distance = if v.sector > end {
+                v.sector - end
+            } else {
+                end - v.sector
+            };
         }
     }
 
@@ -400,7 +427,9 @@ fn finish_insert(rec: &RequestRecord, key: InflightKey) {
 /// Stage 0 of inference: the features of the entry built in SCRATCH.
 #[inline(always)]
 fn compute_features() -> bool {
-    let (Some(rec), Some(x)) = (SCRATCH.get_ptr(0), SCRATCH_FEATURES.get_ptr_mut(0)) else { return false };
+    let (Some(rec), Some(x)) = (SCRATCH.get_ptr(0), SCRATCH_FEATURES.get_ptr_mut(0)) else {
+        return false;
+    };
     unsafe { *x = features_at_insert(&*rec) };
     true
 }
@@ -408,8 +437,11 @@ fn compute_features() -> bool {
 /// Stage 1: score the entry (features from stage 0), then store it.
 #[inline(always)]
 fn score_and_finish_insert() {
-    let (Some(rec), Some(key), Some(x)) = (SCRATCH.get_ptr_mut(0), SCRATCH_KEY.get_ptr(0), SCRATCH_FEATURES.get_ptr(0))
-    else {
+    let (Some(rec), Some(key), Some(x)) = (
+        SCRATCH.get_ptr_mut(0),
+        SCRATCH_KEY.get_ptr(0),
+        SCRATCH_FEATURES.get_ptr(0),
+    ) else {
         return;
     };
     let (rec, key) = unsafe { (&mut *rec, *key) };
@@ -421,7 +453,9 @@ fn score_and_finish_insert() {
 #[inline(always)]
 fn finish_unscored() {
     count(Counter::ModelRejects);
-    let (Some(rec), Some(key)) = (SCRATCH.get_ptr(0), SCRATCH_KEY.get_ptr(0)) else { return };
+    let (Some(rec), Some(key)) = (SCRATCH.get_ptr(0), SCRATCH_KEY.get_ptr(0)) else {
+        return;
+    };
     unsafe { finish_insert(&*rec, *key) };
 }
 
@@ -484,8 +518,12 @@ fn on_issue(key: InflightKey, sector: u64, nr_sectors: u32, dev_of: impl FnOnce(
                 // the device drains: features of the next inserts.
                 let wait = now.saturating_sub((*e).insert_ns);
                 match dir {
-                    Direction::Read => (*s).wait_ewma_read_ns = ewma_step((*s).wait_ewma_read_ns, wait),
-                    Direction::Write => (*s).wait_ewma_write_ns = ewma_step((*s).wait_ewma_write_ns, wait),
+                    Direction::Read => {
+                        (*s).wait_ewma_read_ns = ewma_step((*s).wait_ewma_read_ns, wait)
+                    }
+                    Direction::Write => {
+                        (*s).wait_ewma_write_ns = ewma_step((*s).wait_ewma_write_ns, wait)
+                    }
                 }
             }
             let last = (*s).last_issue_ns;
@@ -500,7 +538,9 @@ fn on_issue(key: InflightKey, sector: u64, nr_sectors: u32, dev_of: impl FnOnce(
 
 #[inline(always)]
 fn on_requeue(key: InflightKey) {
-    let Some(e) = INFLIGHT.get_ptr_mut(key) else { return };
+    let Some(e) = INFLIGHT.get_ptr_mut(key) else {
+        return;
+    };
     count(Counter::Requeues);
     unsafe {
         (*e).requeues = (*e).requeues.saturating_add(1);
@@ -517,7 +557,9 @@ fn on_requeue(key: InflightKey) {
 /// A queued request merged into another is freed without completing.
 #[inline(always)]
 fn on_merge(key: InflightKey) {
-    let Some(e) = INFLIGHT.get_ptr_mut(key) else { return };
+    let Some(e) = INFLIGHT.get_ptr_mut(key) else {
+        return;
+    };
     count(Counter::Merges);
     unsafe {
         if let Some(s) = DEVICE_STATE.get_ptr_mut((*e).dev) {
@@ -569,7 +611,12 @@ unsafe fn emit(rec: *const RequestRecord) {
     let wakeup_bytes = layout!(wakeup_bytes) as u64;
     let sample_fill = layout!(sample_fill_bytes) as u64;
     let waiting = if wakeup_bytes != 0 || sample_fill != 0 {
-        unsafe { bpf_ringbuf_query((&raw const RECORDS).cast_mut().cast(), BPF_RB_AVAIL_DATA as u64) }
+        unsafe {
+            bpf_ringbuf_query(
+                (&raw const RECORDS).cast_mut().cast(),
+                BPF_RB_AVAIL_DATA as u64,
+            )
+        }
     } else {
         0
     };
@@ -705,7 +752,18 @@ pub fn kml_raw_rq_insert(ctx: RawTracePointContext) -> i32 {
     };
     let ioprio = raw_ioprio(rq).unwrap_or(0);
     let (op, flags) = raw_op(cmd_flags);
-    on_insert(&ctx, &ReqView { key: raw_key(rq), dev, sector, nr_sectors: data_len >> 9, op, flags, ioprio });
+    on_insert(
+        &ctx,
+        &ReqView {
+            key: raw_key(rq),
+            dev,
+            sector,
+            nr_sectors: data_len >> 9,
+            op,
+            flags,
+            ioprio,
+        },
+    );
     0
 }
 
@@ -721,9 +779,10 @@ pub fn kml_raw_rq_issue(ctx: RawTracePointContext) -> i32 {
         on_issue(key, 0, 0, || raw_dev(rq));
         return 0;
     }
-    let (Some(sector), Some(data_len)) =
-        (read::<u64>(rq, layout!(raw.rq_sector)), read::<u32>(rq, layout!(raw.rq_data_len)))
-    else {
+    let (Some(sector), Some(data_len)) = (
+        read::<u64>(rq, layout!(raw.rq_sector)),
+        read::<u32>(rq, layout!(raw.rq_data_len)),
+    ) else {
         return 0;
     };
     on_issue(key, sector, data_len >> 9, || None);
@@ -795,12 +854,19 @@ fn tp_read<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
 /// dev, sector, nr_sector: present in every block_rq_* event we use.
 #[inline(always)]
 fn tp_common(ctx: &TracePointContext, f: &EventFields) -> Option<(u32, u64, u32)> {
-    Some((tp_read(ctx, f.dev)?, tp_read(ctx, f.sector)?, tp_read(ctx, f.nr_sector)?))
+    Some((
+        tp_read(ctx, f.dev)?,
+        tp_read(ctx, f.sector)?,
+        tp_read(ctx, f.nr_sector)?,
+    ))
 }
 
 #[inline(always)]
 fn tp_key(dev: u32, sector: u64) -> InflightKey {
-    InflightKey { a: sector, b: dev as u64 }
+    InflightKey {
+        a: sector,
+        b: dev as u64,
+    }
 }
 
 #[tracepoint(category = "block", name = "block_rq_insert")]
@@ -809,14 +875,29 @@ pub fn kml_tp_rq_insert(ctx: TracePointContext) -> i32 {
         return 0;
     }
     let f = layout!(tp.insert);
-    let Some((dev, sector, nr_sectors)) = tp_common(&ctx, &f) else { return 0 };
+    let Some((dev, sector, nr_sectors)) = tp_common(&ctx, &f) else {
+        return 0;
+    };
     if DEVICES.get_ptr(dev).is_none() {
         return 0;
     }
-    let Some(rwbs) = tp_read::<[u8; 8]>(&ctx, f.rwbs) else { return 0 };
+    let Some(rwbs) = tp_read::<[u8; 8]>(&ctx, f.rwbs) else {
+        return 0;
+    };
     let (op, flags) = parse_rwbs(&rwbs);
     let ioprio = tp_read::<u16>(&ctx, f.ioprio).unwrap_or(0);
-    on_insert(&ctx, &ReqView { key: tp_key(dev, sector), dev, sector, nr_sectors, op, flags: flags.0, ioprio });
+    on_insert(
+        &ctx,
+        &ReqView {
+            key: tp_key(dev, sector),
+            dev,
+            sector,
+            nr_sectors,
+            op,
+            flags: flags.0,
+            ioprio,
+        },
+    );
     0
 }
 
@@ -826,7 +907,9 @@ pub fn kml_tp_rq_issue(ctx: TracePointContext) -> i32 {
         return 0;
     }
     let f = layout!(tp.issue);
-    let Some((dev, sector, nr_sectors)) = tp_common(&ctx, &f) else { return 0 };
+    let Some((dev, sector, nr_sectors)) = tp_common(&ctx, &f) else {
+        return 0;
+    };
     on_issue(tp_key(dev, sector), sector, nr_sectors, || Some(dev));
     0
 }
@@ -837,7 +920,9 @@ pub fn kml_tp_rq_complete(ctx: TracePointContext) -> i32 {
         return 0;
     }
     let f = layout!(tp.complete);
-    let Some((dev, sector, _)) = tp_common(&ctx, &f) else { return 0 };
+    let Some((dev, sector, _)) = tp_common(&ctx, &f) else {
+        return 0;
+    };
     let error = tp_read::<i32>(&ctx, f.error).unwrap_or(0);
     on_complete(tp_key(dev, sector), error, || Some(dev));
     0

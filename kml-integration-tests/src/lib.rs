@@ -28,7 +28,9 @@ pub struct LoopDevice {
 impl LoopDevice {
     /// `size_mib` MiB device with mq-deadline and the given expiries (ms).
     pub fn new(size_mib: u64, read_expire_ms: u32, write_expire_ms: u32) -> Result<LoopDevice> {
-        let dir = std::env::var_os("KML_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = std::env::var_os("KML_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
         let backing = dir.join(format!("kml-test-{}-{}.img", std::process::id(), unique()));
         File::create(&backing)
             .and_then(|f| f.set_len(size_mib << 20))
@@ -40,11 +42,22 @@ impl LoopDevice {
             .context("running losetup")?;
         if !out.status.success() {
             let _ = std::fs::remove_file(&backing);
-            bail!("losetup failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        let name = path.file_name().context("losetup printed no device")?.to_string_lossy().into_owned();
-        let dev = LoopDevice { name, path, backing };
+        let name = path
+            .file_name()
+            .context("losetup printed no device")?
+            .to_string_lossy()
+            .into_owned();
+        let dev = LoopDevice {
+            name,
+            path,
+            backing,
+        };
         dev.set_queue("scheduler", "mq-deadline")?;
         dev.set_iosched("read_expire", &read_expire_ms.to_string())?;
         dev.set_iosched("write_expire", &write_expire_ms.to_string())?;
@@ -53,8 +66,15 @@ impl LoopDevice {
 
     /// A handle to a device owned elsewhere (not detached on drop), for threads.
     pub fn borrowed(path: PathBuf) -> LoopDevice {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        LoopDevice { name, path, backing: PathBuf::new() }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        LoopDevice {
+            name,
+            path,
+            backing: PathBuf::new(),
+        }
     }
 
     pub fn sys(&self) -> PathBuf {
@@ -140,7 +160,11 @@ pub struct Issued {
 /// becomes exactly one block request, no merging.
 pub fn issue_direct(dev: &LoopDevice, ops: &[Issued]) -> Result<()> {
     let file = dev.open_direct()?;
-    let max = ops.iter().map(|o| o.nr_sectors as usize * 512).max().unwrap_or(4096);
+    let max = ops
+        .iter()
+        .map(|o| o.nr_sectors as usize * 512)
+        .max()
+        .unwrap_or(4096);
     let mut buf = AlignedBuf::new(max);
     for (i, o) in ops.iter().enumerate() {
         let len = o.nr_sectors as usize * 512;
@@ -149,9 +173,12 @@ pub fn issue_direct(dev: &LoopDevice, ops: &[Issued]) -> Result<()> {
         match o.op {
             ReqOp::Write => {
                 b.fill((i % 251) as u8);
-                file.write_all_at(b, off).with_context(|| format!("pwrite at sector {}", o.sector))?;
+                file.write_all_at(b, off)
+                    .with_context(|| format!("pwrite at sector {}", o.sector))?;
             }
-            ReqOp::Read => file.read_exact_at(b, off).with_context(|| format!("pread at sector {}", o.sector))?,
+            ReqOp::Read => file
+                .read_exact_at(b, off)
+                .with_context(|| format!("pread at sector {}", o.sector))?,
             other => bail!("cannot issue {other:?}"),
         }
     }
@@ -177,9 +204,19 @@ pub fn scattered_pattern(n: usize, size_mib: u64, seed: u64) -> Vec<Issued> {
         x = (x + step) % blocks;
         sectors.push(x * 8);
     }
-    let mut out: Vec<Issued> =
-        sectors.iter().map(|&s| Issued { op: ReqOp::Write, sector: s, nr_sectors: 8 }).collect();
-    out.extend(sectors.iter().rev().map(|&s| Issued { op: ReqOp::Read, sector: s, nr_sectors: 8 }));
+    let mut out: Vec<Issued> = sectors
+        .iter()
+        .map(|&s| Issued {
+            op: ReqOp::Write,
+            sector: s,
+            nr_sectors: 8,
+        })
+        .collect();
+    out.extend(sectors.iter().rev().map(|&s| Issued {
+        op: ReqOp::Read,
+        sector: s,
+        nr_sectors: 8,
+    }));
     out
 }
 
@@ -193,9 +230,15 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 /// Loaded kml programs (`kml_*`) with the pids holding them (from bpftool).
 pub fn kml_programs() -> Result<Vec<(String, Vec<u32>)>> {
-    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().context("running bpftool prog show")?;
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .context("running bpftool prog show")?;
     if !out.status.success() {
-        bail!("bpftool prog show failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "bpftool prog show failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool JSON")?;
     Ok(progs
@@ -208,7 +251,11 @@ pub fn kml_programs() -> Result<Vec<(String, Vec<u32>)>> {
             name.starts_with("kml_").then(|| {
                 let pids = p["pids"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|x| x["pid"].as_u64().map(|v| v as u32)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x["pid"].as_u64().map(|v| v as u32))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 (name.to_owned(), pids)
             })
@@ -254,14 +301,21 @@ pub fn assert_no_kml_programs() -> Result<()> {
 /// kml-agent processes that are not children of this test.
 fn foreign_agents() -> Vec<u32> {
     let me = std::process::id();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     rd.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
-                .and_then(|s| s.rsplit(')').next().and_then(|t| t.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok()));
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .and_then(|t| t.split_whitespace().nth(1))
+                        .and_then(|p| p.parse::<u32>().ok())
+                });
             comm.trim() == "kml-agent" && ppid != Some(me)
         })
         .collect()

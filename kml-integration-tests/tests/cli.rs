@@ -11,11 +11,15 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use kml_ebpf_common::{trace, RequestRecord};
 use kml_integration_tests::{
-    agent_bin, assert_no_kml_programs, issue_direct, scattered_pattern, signal, ChildGuard, Issued, LoopDevice,
+    agent_bin, assert_no_kml_programs, issue_direct, scattered_pattern, signal, ChildGuard, Issued,
+    LoopDevice,
 };
 
 /// Lines of `reader`, echoed with `tag` and sent to the returned channel.
-fn forward_lines(reader: impl std::io::Read + Send + 'static, tag: &'static str) -> mpsc::Receiver<String> {
+fn forward_lines(
+    reader: impl std::io::Read + Send + 'static,
+    tag: &'static str,
+) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         // Keep reading even when nobody listens: a closed pipe would make the
@@ -45,7 +49,11 @@ fn spawn_agent(args: &[&str]) -> Result<Agent> {
         .with_context(|| format!("starting {}", agent_bin().display()))?;
     let stdout = forward_lines(child.stdout.take().context("stdout")?, "agent out");
     let stderr = forward_lines(child.stderr.take().context("stderr")?, "agent");
-    Ok(Agent { child: ChildGuard(child), stdout, stderr })
+    Ok(Agent {
+        child: ChildGuard(child),
+        stdout,
+        stderr,
+    })
 }
 
 fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Result<String> {
@@ -65,11 +73,27 @@ fn doctor_reports_and_picks_a_mode() -> Result<()> {
     let out = Command::new(agent_bin()).arg("doctor").output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
-    ensure!(out.status.success(), "doctor failed: {}", String::from_utf8_lossy(&out.stderr));
-    for needle in ["BTF", "tracefs", "raw tracepoints", "kprobes", "fentry/fexit", "bpffs", "lockdown", "ring buffer"] {
+    ensure!(
+        out.status.success(),
+        "doctor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "BTF",
+        "tracefs",
+        "raw tracepoints",
+        "kprobes",
+        "fentry/fexit",
+        "bpffs",
+        "lockdown",
+        "ring buffer",
+    ] {
         ensure!(text.contains(needle), "doctor does not report {needle}");
     }
-    ensure!(text.lines().any(|l| l.starts_with("attach mode: ")), "no attach mode line");
+    ensure!(
+        text.lines().any(|l| l.starts_with("attach mode: ")),
+        "no attach mode line"
+    );
     Ok(())
 }
 
@@ -80,7 +104,11 @@ fn record_cli_writes_what_was_issued() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("kml-record-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let csv = dir.join("trace.csv");
-    let Agent { child: mut agent, stderr: rx, .. } = spawn_agent(&[
+    let Agent {
+        child: mut agent,
+        stderr: rx,
+        ..
+    } = spawn_agent(&[
         "record",
         "--device",
         &dev.name,
@@ -100,27 +128,52 @@ fn record_cli_writes_what_was_issued() -> Result<()> {
         summary.push(l);
     }
     ensure!(status.success(), "record exited with {status}: {summary:?}");
-    ensure!(summary.iter().any(|l| l.contains("drops 0 |")), "summary does not report zero drops: {summary:?}");
-    ensure!(summary.iter().any(|l| l.contains("insert→issue p50")), "no latency summary: {summary:?}");
+    ensure!(
+        summary.iter().any(|l| l.contains("drops 0 |")),
+        "summary does not report zero drops: {summary:?}"
+    );
+    ensure!(
+        summary.iter().any(|l| l.contains("insert→issue p50")),
+        "no latency summary: {summary:?}"
+    );
     assert_no_kml_programs()?;
 
-    let rows = trace::read_all(BufReader::new(std::fs::File::open(&csv)?)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rows = trace::read_all(BufReader::new(std::fs::File::open(&csv)?))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let _ = std::fs::remove_dir_all(&dir);
     let me = std::process::id();
     let ours: Vec<Issued> = rows
         .iter()
         .filter(|r| r.pid == me)
-        .map(|r| Issued { op: r.op(), sector: r.sector, nr_sectors: r.nr_sectors })
+        .map(|r| Issued {
+            op: r.op(),
+            sector: r.sector,
+            nr_sectors: r.nr_sectors,
+        })
         .collect();
-    ensure!(ours == pattern, "CSV rows differ from the issued pattern ({} rows, {} issued)", ours.len(), pattern.len());
-    ensure!(rows.iter().all(|r| r.insert_ns <= r.issue_ns && r.issue_ns <= r.complete_ns), "unordered timestamps");
+    ensure!(
+        ours == pattern,
+        "CSV rows differ from the issued pattern ({} rows, {} issued)",
+        ours.len(),
+        pattern.len()
+    );
+    ensure!(
+        rows.iter()
+            .all(|r| r.insert_ns <= r.issue_ns && r.issue_ns <= r.complete_ns),
+        "unordered timestamps"
+    );
     Ok(())
 }
 
 /// Parses bpftrace's `@name: count N, average A, total T` line.
 fn bpftrace_stats(text: &str, name: &str) -> Option<(u64, u64)> {
-    let line = text.lines().find(|l| l.starts_with(&format!("@{name}: count")))?;
-    let mut nums = line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u64>());
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("@{name}: count")))?;
+    let mut nums = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u64>());
     Some((nums.next()?.ok()?, nums.next()?.ok()?))
 }
 
@@ -132,7 +185,11 @@ fn latencies_agree_with_bpftrace_and_counts_with_fio() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let csv = dir.join("trace.csv");
 
-    let Agent { child: mut agent, stderr: rx, .. } = spawn_agent(&[
+    let Agent {
+        child: mut agent,
+        stderr: rx,
+        ..
+    } = spawn_agent(&[
         "record",
         "--device",
         &dev.name,
@@ -163,15 +220,35 @@ fn latencies_agree_with_bpftrace_and_counts_with_fio() -> Result<()> {
     let mut bt_out = BufReader::new(bpftrace.0.stdout.take().context("stdout")?);
     let mut first = String::new();
     bt_out.read_line(&mut first)?;
-    ensure!(first.contains("Attaching"), "bpftrace did not attach: {first:?}");
+    ensure!(
+        first.contains("Attaching"),
+        "bpftrace did not attach: {first:?}"
+    );
 
     let fio = Command::new("fio")
-        .args(["--name=mixed", "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=16"])
-        .args(["--size=200M", "--runtime=4", "--time_based", "--randseed=11", "--output-format=json"])
+        .args([
+            "--name=mixed",
+            "--rw=randrw",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=16",
+        ])
+        .args([
+            "--size=200M",
+            "--runtime=4",
+            "--time_based",
+            "--randseed=11",
+            "--output-format=json",
+        ])
         .arg(format!("--filename={}", dev.path.display()))
         .output()
         .context("running fio")?;
-    ensure!(fio.status.success(), "fio failed: {}", String::from_utf8_lossy(&fio.stderr));
+    ensure!(
+        fio.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&fio.stderr)
+    );
     std::thread::sleep(Duration::from_millis(200));
     signal(&bpftrace.0, libc::SIGINT);
     signal(&agent.0, libc::SIGINT);
@@ -182,58 +259,106 @@ fn latencies_agree_with_bpftrace_and_counts_with_fio() -> Result<()> {
     ensure!(status.success(), "record exited with {status}");
     assert_no_kml_programs()?;
 
-    let rows = trace::read_all(BufReader::new(std::fs::File::open(&csv)?)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rows = trace::read_all(BufReader::new(std::fs::File::open(&csv)?))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let _ = std::fs::remove_dir_all(&dir);
-    let ours: Vec<&RequestRecord> = rows.iter().filter(|r| r.dev == bdev.dev() && r.issue_ns != 0).collect();
+    let ours: Vec<&RequestRecord> = rows
+        .iter()
+        .filter(|r| r.dev == bdev.dev() && r.issue_ns != 0)
+        .collect();
 
     // fio's own count of the I/Os it completed.
     let json: serde_json::Value = serde_json::from_slice(&fio.stdout).context("fio JSON")?;
     let job = &json["jobs"][0];
-    let fio_ios = job["read"]["total_ios"].as_u64().unwrap_or(0) + job["write"]["total_ios"].as_u64().unwrap_or(0);
+    let fio_ios = job["read"]["total_ios"].as_u64().unwrap_or(0)
+        + job["write"]["total_ios"].as_u64().unwrap_or(0);
     let n = ours.len() as u64;
     eprintln!("fio total_ios {fio_ios}, kml records {n}");
     ensure!(fio_ios > 1000, "fio did too little I/O: {fio_ios}");
     // Random 4 KiB I/O does not merge; allow 0.5% for fio's in-flight I/O at the edges.
-    ensure!(n.abs_diff(fio_ios) * 200 <= fio_ios, "kml saw {n} requests, fio issued {fio_ios}");
+    ensure!(
+        n.abs_diff(fio_ios) * 200 <= fio_ios,
+        "kml saw {n} requests, fio issued {fio_ios}"
+    );
 
-    let (bt_count, bt_avg) =
-        bpftrace_stats(&bt_text, "lat").with_context(|| format!("no @lat in bpftrace output: {bt_text}"))?;
+    let (bt_count, bt_avg) = bpftrace_stats(&bt_text, "lat")
+        .with_context(|| format!("no @lat in bpftrace output: {bt_text}"))?;
     let our_avg = ours.iter().map(|r| r.issue_to_complete_ns()).sum::<u64>() / n.max(1);
     eprintln!("issue→complete: bpftrace n={bt_count} avg={bt_avg}ns; kml n={n} avg={our_avg}ns");
-    ensure!(bt_count.abs_diff(n) * 100 <= n, "bpftrace saw {bt_count} completions, kml {n}");
+    ensure!(
+        bt_count.abs_diff(n) * 100 <= n,
+        "bpftrace saw {bt_count} completions, kml {n}"
+    );
     // Same tracepoints, different programs: averages within 10%.
-    ensure!(bt_avg.abs_diff(our_avg) * 10 <= bt_avg, "average issue→complete: bpftrace {bt_avg} ns, kml {our_avg} ns");
+    ensure!(
+        bt_avg.abs_diff(our_avg) * 10 <= bt_avg,
+        "average issue→complete: bpftrace {bt_avg} ns, kml {our_avg} ns"
+    );
     Ok(())
 }
 
 #[test]
 fn clear_errors_for_bad_input() -> Result<()> {
-    let out = Command::new(agent_bin()).args(["record", "--device", "nosuchdisk9", "--out", "/tmp/x.csv"]).output()?;
+    let out = Command::new(agent_bin())
+        .args(["record", "--device", "nosuchdisk9", "--out", "/tmp/x.csv"])
+        .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "unknown device accepted");
-    ensure!(err.contains("unknown block device `nosuchdisk9`"), "unclear: {err}");
+    ensure!(
+        err.contains("unknown block device `nosuchdisk9`"),
+        "unclear: {err}"
+    );
     ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
 
     // An attach mode this kernel lacks: one line naming it and what works.
     let out = Command::new(agent_bin())
-        .args(["record", "--device", "vda", "--attach", "kprobe", "--out", "/tmp/kml-kprobe.csv"])
+        .args([
+            "record",
+            "--device",
+            "vda",
+            "--attach",
+            "kprobe",
+            "--out",
+            "/tmp/kml-kprobe.csv",
+        ])
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "--attach kprobe accepted");
-    ensure!(err.contains("attach mode kprobe") && err.contains("--attach "), "unclear: {err}");
+    ensure!(
+        err.contains("attach mode kprobe") && err.contains("--attach "),
+        "unclear: {err}"
+    );
     ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
-    ensure!(!std::path::Path::new("/tmp/kml-kprobe.csv").exists(), "a failed record left its output file");
+    ensure!(
+        !std::path::Path::new("/tmp/kml-kprobe.csv").exists(),
+        "a failed record left its output file"
+    );
 
     // Not root: one line naming what is missing.
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(agent_bin())
-        .args(["record", "--device", "loop0", "--out", "/tmp/kml-nonroot.csv"])
+        .args([
+            "record",
+            "--device",
+            "loop0",
+            "--out",
+            "/tmp/kml-nonroot.csv",
+        ])
         .output()
         .context("running setpriv")?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "unprivileged record succeeded");
-    ensure!(err.contains("not privileged enough") && err.contains("CAP_BPF"), "unclear: {err}");
+    ensure!(
+        err.contains("not privileged enough") && err.contains("CAP_BPF"),
+        "unclear: {err}"
+    );
     ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
     assert_no_kml_programs()?;
     Ok(())
@@ -243,7 +368,11 @@ fn clear_errors_for_bad_input() -> Result<()> {
 fn run_prints_live_lines_and_detaches_on_sigterm() -> Result<()> {
     const SIZE_MIB: u64 = 32;
     let dev = LoopDevice::new(SIZE_MIB, 500, 5000)?;
-    let Agent { child: mut agent, stdout: rx, stderr } = spawn_agent(&["run", "--device", &dev.name])?;
+    let Agent {
+        child: mut agent,
+        stdout: rx,
+        stderr,
+    } = spawn_agent(&["run", "--device", &dev.name])?;
     wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
     // Keep the disk busy until a live line reports records.
     let pattern = scattered_pattern(400, SIZE_MIB, 5);
@@ -267,7 +396,10 @@ fn run_prints_live_lines_and_detaches_on_sigterm() -> Result<()> {
         }
     }
     let line = busy_line.context("no live line reported records/s > 0")?;
-    ensure!(line.contains("rec/s") && line.contains("misses") && line.contains("drops 0"), "live line: {line}");
+    ensure!(
+        line.contains("rec/s") && line.contains("misses") && line.contains("drops 0"),
+        "live line: {line}"
+    );
     signal(&agent.0, libc::SIGTERM);
     let status = agent.0.wait()?;
     ensure!(status.success(), "run exited with {status} after SIGTERM");
@@ -280,7 +412,11 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
     // Short deadlines and a deep queue, so that a share of requests misses.
     let dev = LoopDevice::new(512, 4, 8)?;
     dev.set_queue("nr_requests", "1024")?;
-    let Agent { child: mut agent, stdout, stderr } = spawn_agent(&[
+    let Agent {
+        child: mut agent,
+        stdout,
+        stderr,
+    } = spawn_agent(&[
         "run",
         "--device",
         &dev.name,
@@ -294,8 +430,22 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
     wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
     let mut fio = ChildGuard(
         Command::new("fio")
-            .args(["--name=mix", "--rw=randrw", "--rwmixread=70", "--bs=4k", "--direct=1", "--ioengine=libaio"])
-            .args(["--iodepth=256", "--numjobs=2", "--size=400M", "--runtime=60", "--time_based", "--randseed=5"])
+            .args([
+                "--name=mix",
+                "--rw=randrw",
+                "--rwmixread=70",
+                "--bs=4k",
+                "--direct=1",
+                "--ioengine=libaio",
+            ])
+            .args([
+                "--iodepth=256",
+                "--numjobs=2",
+                "--size=400M",
+                "--runtime=60",
+                "--time_based",
+                "--randseed=5",
+            ])
             .arg(format!("--filename={}", dev.path.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -303,7 +453,10 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
             .context("starting fio")?,
     );
     let swap = wait_for_line(&stderr, "swap none -> v1", Duration::from_secs(50))?;
-    ensure!(swap.contains("held-back balanced accuracy none ->"), "swap line: {swap}");
+    ensure!(
+        swap.contains("held-back balanced accuracy none ->"),
+        "swap line: {swap}"
+    );
     // The live line now reports the kernel's verdicts of that model against outcomes.
     let live = wait_for_line(&stdout, "v1 logistic bal.acc", Duration::from_secs(10))?;
     eprintln!("swap: {swap}\nlive: {live}");
@@ -319,32 +472,80 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
 #[test]
 fn pinned_state_is_readable_by_status_and_by_root_only() -> Result<()> {
     let dev = LoopDevice::new(64, 500, 5000)?;
-    let Agent { child: mut agent, stderr, .. } =
-        spawn_agent(&["run", "--device", &dev.name, "--pin", "--retrain-every", "0"])?;
-    wait_for_line(&stderr, "maps pinned at /sys/fs/bpf/kml", Duration::from_secs(30))?;
+    let Agent {
+        child: mut agent,
+        stderr,
+        ..
+    } = spawn_agent(&[
+        "run",
+        "--device",
+        &dev.name,
+        "--pin",
+        "--retrain-every",
+        "0",
+    ])?;
+    wait_for_line(
+        &stderr,
+        "maps pinned at /sys/fs/bpf/kml",
+        Duration::from_secs(30),
+    )?;
     issue_direct(&dev, &scattered_pattern(200, 64, 1))?;
 
-    let out = Command::new(agent_bin()).args(["status", "--json"]).output()?;
-    ensure!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(agent_bin())
+        .args(["status", "--json"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).context("status JSON")?;
     let records = status["counters"]["records"].as_u64().unwrap_or(0);
     ensure!(records >= 200, "status reports {records} records: {status}");
-    ensure!(status["devices"].as_array().is_some_and(|d| d.len() == 1), "devices: {status}");
+    ensure!(
+        status["devices"].as_array().is_some_and(|d| d.len() == 1),
+        "devices: {status}"
+    );
 
     use std::os::unix::fs::PermissionsExt as _;
     let dir_mode = std::fs::metadata("/sys/fs/bpf/kml")?.permissions().mode() & 0o777;
-    let map_mode = std::fs::metadata("/sys/fs/bpf/kml/LINEAR_MODELS")?.permissions().mode() & 0o777;
-    ensure!(dir_mode == 0o700 && map_mode == 0o600, "modes {dir_mode:o} {map_mode:o}");
+    let map_mode = std::fs::metadata("/sys/fs/bpf/kml/LINEAR_MODELS")?
+        .permissions()
+        .mode()
+        & 0o777;
+    ensure!(
+        dir_mode == 0o700 && map_mode == 0o600,
+        "modes {dir_mode:o} {map_mode:o}"
+    );
     // An unprivileged user can neither read nor write the weights or counters.
     let nobody = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
-        .args(["bpftool", "map", "dump", "pinned", "/sys/fs/bpf/kml/LINEAR_MODELS"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .args([
+            "bpftool",
+            "map",
+            "dump",
+            "pinned",
+            "/sys/fs/bpf/kml/LINEAR_MODELS",
+        ])
         .output()?;
-    ensure!(!nobody.status.success(), "nobody read the pinned weights: {}", String::from_utf8_lossy(&nobody.stdout));
+    ensure!(
+        !nobody.status.success(),
+        "nobody read the pinned weights: {}",
+        String::from_utf8_lossy(&nobody.stdout)
+    );
 
     signal(&agent.0, libc::SIGINT);
     ensure!(agent.0.wait()?.success(), "run did not exit cleanly");
-    ensure!(!std::path::Path::new("/sys/fs/bpf/kml").exists(), "pins left behind after a clean exit");
+    ensure!(
+        !std::path::Path::new("/sys/fs/bpf/kml").exists(),
+        "pins left behind after a clean exit"
+    );
     assert_no_kml_programs()?;
     Ok(())
 }

@@ -19,7 +19,10 @@ use kml_integration_tests::{assert_no_kml_programs, LoopDevice};
 use kml_learn::QuantizedModel;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// A logistic-rule model that flags a request when `feature` exceeds `above`.
@@ -64,7 +67,9 @@ fn check_bit_for_bit(records: &[RequestRecord], slots: &ModelSlots) -> Result<(u
             continue;
         }
         scored += 1;
-        let model = slots.version(r.model_version).with_context(|| format!("record {i}: unknown version {}", r.model_version))?;
+        let model = slots
+            .version(r.model_version)
+            .with_context(|| format!("record {i}: unknown version {}", r.model_version))?;
         let host = model.infer(&features_at_insert(r));
         let kernel_at_risk = r.verdict == Verdict::AT_RISK;
         ensure!(
@@ -82,14 +87,30 @@ fn check_bit_for_bit(records: &[RequestRecord], slots: &ModelSlots) -> Result<(u
 
 fn fio(dev: &LoopDevice, seconds: u32, seed: u32) -> Result<()> {
     let out = Command::new("fio")
-        .args(["--name=mix", "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=32"])
-        .args(["--numjobs=2", "--size=100M", "--time_based", "--group_reporting"])
+        .args([
+            "--name=mix",
+            "--rw=randrw",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=32",
+        ])
+        .args([
+            "--numjobs=2",
+            "--size=100M",
+            "--time_based",
+            "--group_reporting",
+        ])
         .arg(format!("--runtime={seconds}"))
         .arg(format!("--randseed={seed}"))
         .arg(format!("--filename={}", dev.path.display()))
         .output()
         .context("running fio")?;
-    ensure!(out.status.success(), "fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -122,16 +143,31 @@ fn kernel_verdicts_equal_host_verdicts_and_are_counted() -> Result<()> {
     })?;
     assert_no_kml_programs()?;
     let (scored, at_risk) = check_bit_for_bit(&records, &slots)?;
-    eprintln!("{scored} verdicts, {at_risk} at risk, of {} records", records.len());
-    ensure!(scored > 1000 && at_risk > 0 && at_risk < scored, "{scored} scored, {at_risk} at risk");
+    eprintln!(
+        "{scored} verdicts, {at_risk} at risk, of {} records",
+        records.len()
+    );
+    ensure!(
+        scored > 1000 && at_risk > 0 && at_risk < scored,
+        "{scored} scored, {at_risk} at risk"
+    );
     ensure!(counters.get(Counter::ModelRejects) == 0, "{counters:?}");
     let matrix = counters.get(Counter::TrueMiss)
         + counters.get(Counter::FalseMiss)
         + counters.get(Counter::TrueMet)
         + counters.get(Counter::FalseMet);
-    ensure!(matrix == scored as u64, "confusion matrix counts {matrix}, {scored} scored records: {counters:?}");
-    let host_true_miss = records.iter().filter(|r| r.verdict == Verdict::AT_RISK && r.deadline_missed()).count();
-    ensure!(counters.get(Counter::TrueMiss) == host_true_miss as u64, "true misses differ: {counters:?}");
+    ensure!(
+        matrix == scored as u64,
+        "confusion matrix counts {matrix}, {scored} scored records: {counters:?}"
+    );
+    let host_true_miss = records
+        .iter()
+        .filter(|r| r.verdict == Verdict::AT_RISK && r.deadline_missed())
+        .count();
+    ensure!(
+        counters.get(Counter::TrueMiss) == host_true_miss as u64,
+        "true misses differ: {counters:?}"
+    );
     Ok(())
 }
 
@@ -175,10 +211,21 @@ fn flips_under_load_never_expose_a_torn_model() -> Result<()> {
     })?;
     assert_no_kml_programs()?;
     let (scored, _) = check_bit_for_bit(&records, &slots)?;
-    let versions: std::collections::BTreeSet<u32> = records.iter().map(|r| r.model_version).collect();
-    eprintln!("{flips} flips, {scored} verdicts from {} model versions", versions.len());
-    ensure!(flips >= 50 && versions.len() >= 20, "{flips} flips, {} versions seen", versions.len());
-    ensure!(counters.get(Counter::ModelRejects) == 0, "a slot was rejected under flips: {counters:?}");
+    let versions: std::collections::BTreeSet<u32> =
+        records.iter().map(|r| r.model_version).collect();
+    eprintln!(
+        "{flips} flips, {scored} verdicts from {} model versions",
+        versions.len()
+    );
+    ensure!(
+        flips >= 50 && versions.len() >= 20,
+        "{flips} flips, {} versions seen",
+        versions.len()
+    );
+    ensure!(
+        counters.get(Counter::ModelRejects) == 0,
+        "a slot was rejected under flips: {counters:?}"
+    );
     Ok(())
 }
 
@@ -187,14 +234,39 @@ fn bpftool_dumps_the_model_by_field_name() -> Result<()> {
     let mut observer = Observer::load(ObserverConfig::new(AttachMode::RawTracepoint))?;
     let mut slots = ModelSlots::new();
     let active = slots.install(observer.ebpf_mut(), &threshold_model(Feature::ALL[4], 7))?;
-    let out = Command::new("bpftool").args(["map", "dump", "name", "LINEAR_MODELS"]).output()?;
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "name", "LINEAR_MODELS"])
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
-    for field in ["kind", "rule", "version", "threshold", "weight", "offset", "input_min", "product_shift", "checksum"] {
-        ensure!(text.contains(&format!("\"{field}\"")), "bpftool output lacks field {field}: {text}");
+    ensure!(
+        out.status.success(),
+        "bpftool failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for field in [
+        "kind",
+        "rule",
+        "version",
+        "threshold",
+        "weight",
+        "offset",
+        "input_min",
+        "product_shift",
+        "checksum",
+    ] {
+        ensure!(
+            text.contains(&format!("\"{field}\"")),
+            "bpftool output lacks field {field}: {text}"
+        );
     }
-    ensure!(text.contains("\"threshold\": 7"), "threshold 7 not in the dump: {text}");
-    ensure!(text.contains(&format!("\"version\": {}", active.version)), "version not in the dump");
+    ensure!(
+        text.contains("\"threshold\": 7"),
+        "threshold 7 not in the dump: {text}"
+    );
+    ensure!(
+        text.contains(&format!("\"version\": {}", active.version)),
+        "version not in the dump"
+    );
     drop(observer);
     assert_no_kml_programs()?;
     Ok(())

@@ -6,13 +6,18 @@ use kml_agent::{
     observe::{Observer, ObserverConfig},
 };
 use kml_ebpf_common::{record::ewma_step, Counter, ReqOp, RequestRecord};
-use kml_integration_tests::{assert_no_kml_programs, issue_direct, scattered_pattern, Issued, LoopDevice};
+use kml_integration_tests::{
+    assert_no_kml_programs, issue_direct, scattered_pattern, Issued, LoopDevice,
+};
 
 const READ_EXPIRE_MS: u32 = 500;
 const WRITE_EXPIRE_MS: u32 = 5000;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// Issues a known pattern of synchronous O_DIRECT requests and checks that the
@@ -34,7 +39,11 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         let mut records = Vec::new();
         stream.drain(&mut records);
         let counters = observer.counters()?;
-        let missed: u64 = observer.program_stats()?.iter().map(|p| p.recursion_misses).sum();
+        let missed: u64 = observer
+            .program_stats()?
+            .iter()
+            .map(|p| p.recursion_misses)
+            .sum();
         anyhow::Ok((records, counters, missed))
     })?;
     assert_no_kml_programs()?;
@@ -42,8 +51,14 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
     // Only the test's own requests (udev or others may touch a fresh device).
     let me = std::process::id();
     let ours: Vec<&RequestRecord> = records.iter().filter(|r| r.pid == me).collect();
-    let seen: Vec<Issued> =
-        ours.iter().map(|r| Issued { op: r.op(), sector: r.sector, nr_sectors: r.nr_sectors }).collect();
+    let seen: Vec<Issued> = ours
+        .iter()
+        .map(|r| Issued {
+            op: r.op(),
+            sector: r.sector,
+            nr_sectors: r.nr_sectors,
+        })
+        .collect();
     // Synchronous I/O: completion order is issue order, so the records must be the
     // issued sequence. The only allowed gap is an event the kernel itself skipped
     // (a program that would nest in itself on a CPU), which it counts.
@@ -51,7 +66,9 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
     let mut skipped = 0u64;
     for (i, s) in seen.iter().enumerate() {
         loop {
-            let p = expected.next().with_context(|| format!("record {i} {s:?} is not in the issued pattern"))?;
+            let p = expected
+                .next()
+                .with_context(|| format!("record {i} {s:?} is not in the issued pattern"))?;
             if p == s {
                 break;
             }
@@ -74,7 +91,9 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         eprintln!("WARNING: {unexplained} requests lost without a kernel-counted miss (tracepoint probe churn?)");
     }
     if skipped > 0 {
-        eprintln!("note: {skipped} requests lost to {missed} kernel-skipped (recursive) program runs");
+        eprintln!(
+            "note: {skipped} requests lost to {missed} kernel-skipped (recursive) program runs"
+        );
     }
 
     // The load features, recomputed on the host from the records themselves with the
@@ -82,9 +101,21 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
     if skipped == 0 && others == 0 {
         let (mut wait_read, mut wait_write, mut gap, mut last_issue) = (0u64, 0u64, 0u64, 0u64);
         for (i, r) in ours.iter().enumerate() {
-            let expect_wait = if r.op() == ReqOp::Read { wait_read } else { wait_write };
-            ensure!(r.dir_wait_ewma_ns == expect_wait, "request {i}: dir wait {} != {expect_wait}", r.dir_wait_ewma_ns);
-            ensure!(r.issue_gap_ewma_ns == gap, "request {i}: issue gap {} != {gap}", r.issue_gap_ewma_ns);
+            let expect_wait = if r.op() == ReqOp::Read {
+                wait_read
+            } else {
+                wait_write
+            };
+            ensure!(
+                r.dir_wait_ewma_ns == expect_wait,
+                "request {i}: dir wait {} != {expect_wait}",
+                r.dir_wait_ewma_ns
+            );
+            ensure!(
+                r.issue_gap_ewma_ns == gap,
+                "request {i}: issue gap {} != {gap}",
+                r.issue_gap_ewma_ns
+            );
             let wait = r.issue_ns - r.insert_ns;
             if r.op() == ReqOp::Read {
                 wait_read = ewma_step(wait_read, wait);
@@ -101,19 +132,31 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
     let mut prev_end: Option<u64> = None;
     let mut prev_insert = 0u64;
     for (i, r) in ours.iter().enumerate() {
-        ensure!(r.dev == bdev.dev(), "request {i}: dev {:#x}, expected {:#x}", r.dev, bdev.dev());
+        ensure!(
+            r.dev == bdev.dev(),
+            "request {i}: dev {:#x}, expected {:#x}",
+            r.dev,
+            bdev.dev()
+        );
         ensure!(
             r.insert_ns != 0 && r.insert_ns <= r.issue_ns && r.issue_ns <= r.complete_ns,
             "request {i}: timestamps out of order: {r:?}"
         );
-        let expire_ms = if r.op() == ReqOp::Read { READ_EXPIRE_MS } else { WRITE_EXPIRE_MS };
+        let expire_ms = if r.op() == ReqOp::Read {
+            READ_EXPIRE_MS
+        } else {
+            WRITE_EXPIRE_MS
+        };
         ensure!(
             r.deadline_ns - r.insert_ns == u64::from(expire_ms) * 1_000_000,
             "request {i}: deadline is insert + {} ns, expected {expire_ms} ms",
             r.deadline_ns - r.insert_ns
         );
         ensure!(r.error == 0 && r.requeues == 0, "request {i}: {r:?}");
-        ensure!(!r.deadline_missed(), "request {i} missed a {expire_ms} ms deadline on an idle disk: {r:?}");
+        ensure!(
+            !r.deadline_missed(),
+            "request {i} missed a {expire_ms} ms deadline on an idle disk: {r:?}"
+        );
         // One synchronous request at a time: nothing else in flight or queued.
         // (A request whose completion was lost stays counted in flight: exact only
         // without gaps.)
@@ -125,20 +168,40 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         );
         // Exact when the previous request was recorded (no gap before this one).
         if let Some(end) = prev_end.filter(|_| skipped == 0) {
-            ensure!(r.issue_distance == r.sector.abs_diff(end), "request {i}: issue distance {}", r.issue_distance);
-            ensure!(r.since_last_insert_ns == r.insert_ns - prev_insert, "request {i}: time since last insert");
+            ensure!(
+                r.issue_distance == r.sector.abs_diff(end),
+                "request {i}: issue distance {}",
+                r.issue_distance
+            );
+            ensure!(
+                r.since_last_insert_ns == r.insert_ns - prev_insert,
+                "request {i}: time since last insert"
+            );
         }
         prev_insert = r.insert_ns;
         prev_end = Some(r.sector + u64::from(r.nr_sectors));
         let sync = r.flags().contains(kml_ebpf_common::ReqFlags::SYNC);
-        ensure!(r.op() == ReqOp::Read || sync, "request {i}: O_DIRECT write not flagged sync: {r:?}");
+        ensure!(
+            r.op() == ReqOp::Read || sync,
+            "request {i}: O_DIRECT write not flagged sync: {r:?}"
+        );
     }
 
-    ensure!(counters.get(Counter::Records) == records.len() as u64, "records counter {counters:?}");
-    for c in [Counter::RingFullDrops, Counter::InflightInsertFailures, Counter::ReadFailures] {
+    ensure!(
+        counters.get(Counter::Records) == records.len() as u64,
+        "records counter {counters:?}"
+    );
+    for c in [
+        Counter::RingFullDrops,
+        Counter::InflightInsertFailures,
+        Counter::ReadFailures,
+    ] {
         ensure!(counters.get(c) == 0, "{} = {}", c.name(), counters.get(c));
     }
-    ensure!(counters.get(Counter::Inserts) >= pattern.len() as u64, "inserts {counters:?}");
+    ensure!(
+        counters.get(Counter::Inserts) >= pattern.len() as u64,
+        "inserts {counters:?}"
+    );
     Ok(())
 }
 
@@ -183,19 +246,31 @@ fn in_flight_counts_and_misses_under_concurrency() -> Result<()> {
             .arg(format!("--filename={}", dev.path.display()))
             .output()
             .context("running fio")?;
-        ensure!(out.status.success(), "fio failed: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         observer.detach();
         let mut records = Vec::new();
         stream.drain(&mut records);
         let state = observer.device_state(bdev.dev())?;
-        let missed: u64 = observer.program_stats()?.iter().map(|p| p.recursion_misses).sum();
+        let missed: u64 = observer
+            .program_stats()?
+            .iter()
+            .map(|p| p.recursion_misses)
+            .sum();
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
         let job = &json["jobs"][0];
-        let fio_ios = job["read"]["total_ios"].as_u64().unwrap_or(0) + job["write"]["total_ios"].as_u64().unwrap_or(0);
+        let fio_ios = job["read"]["total_ios"].as_u64().unwrap_or(0)
+            + job["write"]["total_ios"].as_u64().unwrap_or(0);
         anyhow::Ok((records, observer.counters()?, state, fio_ios, missed))
     })?;
     assert_no_kml_programs()?;
-    ensure!(counters.get(Counter::RingFullDrops) == 0, "drops: {counters:?}");
+    ensure!(
+        counters.get(Counter::RingFullDrops) == 0,
+        "drops: {counters:?}"
+    );
     // Every I/O fio completed is one record (or was merged into another request),
     // but for events the kernel skipped and counted.
     let merges = counters.get(Counter::Merges);
@@ -208,27 +283,53 @@ fn in_flight_counts_and_misses_under_concurrency() -> Result<()> {
         records.len()
     );
     if gap > 0 {
-        eprintln!("WARNING: {gap} requests lost without a kernel-counted miss (tracepoint probe churn?)");
+        eprintln!(
+            "WARNING: {gap} requests lost without a kernel-counted miss (tracepoint probe churn?)"
+        );
     }
-    let max_inflight = records.iter().map(RequestRecord::inflight).max().unwrap_or(0);
-    ensure!(max_inflight > 1 && max_inflight < 256 + 8, "max in flight {max_inflight} (2 jobs × depth 128)");
-    ensure!(records.iter().any(|r| r.queued() > 0), "no request ever found another queued");
+    let max_inflight = records
+        .iter()
+        .map(RequestRecord::inflight)
+        .max()
+        .unwrap_or(0);
+    ensure!(
+        max_inflight > 1 && max_inflight < 256 + 8,
+        "max in flight {max_inflight} (2 jobs × depth 128)"
+    );
+    ensure!(
+        records.iter().any(|r| r.queued() > 0),
+        "no request ever found another queued"
+    );
     ensure!(
         records.iter().any(|r| r.queued_read > 0) && records.iter().any(|r| r.queued_write > 0),
         "per-direction queue counts never moved"
     );
-    ensure!(records.iter().any(|r| r.dir_wait_ewma_ns > 0 && r.issue_gap_ewma_ns > 0), "load averages never moved");
+    ensure!(
+        records
+            .iter()
+            .any(|r| r.dir_wait_ewma_ns > 0 && r.issue_gap_ewma_ns > 0),
+        "load averages never moved"
+    );
     // Everything completed: the device counts are back to zero.
     ensure!(
-        state.inflight_read == 0 && state.inflight_write == 0 && state.queued_read == 0 && state.queued_write == 0,
+        state.inflight_read == 0
+            && state.inflight_write == 0
+            && state.queued_read == 0
+            && state.queued_write == 0,
         "{state:?}"
     );
     // mq-deadline keeps expiries in jiffies: 1 ms reads back as one jiffy (4 ms at
     // HZ=250), and that is the deadline the kernel applies.
     let (read_expire, write_expire) = bdev.expiries()?;
-    ensure!(read_expire.as_millis() >= 1 && read_expire == write_expire, "{read_expire:?} {write_expire:?}");
+    ensure!(
+        read_expire.as_millis() >= 1 && read_expire == write_expire,
+        "{read_expire:?} {write_expire:?}"
+    );
     let expire = read_expire.as_nanos() as u64;
-    if let Some(r) = records.iter().find(|r| r.deadline_ns - r.insert_ns != expire) {
+    if let Some(r) = records
+        .iter()
+        .find(|r| r.deadline_ns - r.insert_ns != expire)
+    {
         anyhow::bail!("deadline is not insert + read/write_expire ({read_expire:?}): {r:?}");
     }
     Ok(())
@@ -239,9 +340,14 @@ fn observer_rejects_device_without_mq_deadline() -> Result<()> {
     let dev = LoopDevice::new(16, 500, 5000)?;
     dev.set_queue("scheduler", "none")?;
     let mut observer = Observer::load(ObserverConfig::new(AttachMode::RawTracepoint))?;
-    let err = observer.add_device(&dev.block_device()?).expect_err("none scheduler accepted");
+    let err = observer
+        .add_device(&dev.block_device()?)
+        .expect_err("none scheduler accepted");
     let msg = format!("{err:#}");
-    ensure!(msg.contains("mq-deadline") && msg.contains(&dev.name), "unclear error: {msg}");
+    ensure!(
+        msg.contains("mq-deadline") && msg.contains(&dev.name),
+        "unclear error: {msg}"
+    );
     drop(observer);
     assert_no_kml_programs()?;
     Ok(())
@@ -282,7 +388,14 @@ fn live_drain_keeps_up_without_drops() -> Result<()> {
     })?;
     assert_no_kml_programs()?;
     ensure!(n > 10_000, "only {n} records in 3 s of randread");
-    ensure!(counters.get(Counter::RingFullDrops) == 0, "ring full drops: {counters:?}");
-    ensure!(counters.get(Counter::Records) == n as u64, "consumed {n}, emitted {}", counters.get(Counter::Records));
+    ensure!(
+        counters.get(Counter::RingFullDrops) == 0,
+        "ring full drops: {counters:?}"
+    );
+    ensure!(
+        counters.get(Counter::Records) == n as u64,
+        "consumed {n}, emitted {}",
+        counters.get(Counter::Records)
+    );
     Ok(())
 }

@@ -21,7 +21,10 @@ use kml_integration_tests::agent_bin;
 const SKIP: i32 = 77;
 
 fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// The xtask binary: `KML_XTASK_BIN`, else the one `cargo xtask` built.
@@ -60,14 +63,22 @@ fn vm_smoke_verdicts_change_dispatch_order() {
         status.success(),
         "`cargo xtask vm --smoke` failed ({status}); see target/vm/console-smoke.log and target/vm/smoke.md"
     );
-    let report = std::fs::read_to_string(workspace_root().join("target/vm/smoke.md")).expect("target/vm/smoke.md");
+    let report = std::fs::read_to_string(workspace_root().join("target/vm/smoke.md"))
+        .expect("target/vm/smoke.md");
     assert!(report.contains("Result: PASS"), "{report}");
-    eprintln!("vm smoke test passed in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "vm smoke test passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     // No guest left behind.
-    let ps = Command::new("ps").args(["-eo", "args"]).output().expect("ps");
+    let ps = Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .expect("ps");
     let ps = String::from_utf8_lossy(&ps.stdout);
     assert!(
-        !ps.lines().any(|l| l.starts_with("qemu-system-x86_64") && l.contains("kml.mode=smoke")),
+        !ps.lines()
+            .any(|l| l.starts_with("qemu-system-x86_64") && l.contains("kml.mode=smoke")),
         "a smoke-test QEMU is still running"
     );
 }
@@ -77,7 +88,10 @@ fn vm_smoke_verdicts_change_dispatch_order() {
 #[test]
 fn hook_refused_on_a_stock_kernel() {
     let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("kernel BTF");
-    if btf.windows(b"dd_kml_verdict\0".len()).any(|w| w == b"dd_kml_verdict\0") {
+    if btf
+        .windows(b"dd_kml_verdict\0".len())
+        .any(|w| w == b"dd_kml_verdict\0")
+    {
         eprintln!("this kernel has kml's mq-deadline hook: the stock-kernel check does not apply");
         return;
     }
@@ -85,9 +99,16 @@ fn hook_refused_on_a_stock_kernel() {
         .args(["hook", "--policy", "reads", "--duration", "1s"])
         .output()
         .expect("running kml-agent hook");
-    assert_eq!(out.status.code(), Some(1), "kml-agent hook on a stock kernel: {out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "kml-agent hook on a stock kernel: {out:?}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("dd_kml_verdict") && stderr.contains("not available"), "{stderr}");
+    assert!(
+        stderr.contains("dd_kml_verdict") && stderr.contains("not available"),
+        "{stderr}"
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     kml_integration_tests::assert_no_kml_programs().expect("no kml program left loaded");
 }

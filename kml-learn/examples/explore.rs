@@ -21,9 +21,8 @@ use std::{path::PathBuf, time::Instant};
 use clap::Parser;
 use kml_ebpf_common::{features::Feature, model::ModelKind};
 use kml_learn::{
-    trainers::PORTABLE_FEATURES,
-    evaluate, metrics::best_balanced_threshold, train::split_windows, train::train_on_windows, ConfusionMatrix, Dataset,
-    Progress, TrainOptions,
+    evaluate, metrics::best_balanced_threshold, train::split_windows, train::train_on_windows,
+    trainers::PORTABLE_FEATURES, ConfusionMatrix, Dataset, Progress, TrainOptions,
 };
 
 #[derive(Parser)]
@@ -32,7 +31,11 @@ struct Args {
     train: Vec<PathBuf>,
     #[arg(long, value_delimiter = ',')]
     test: Vec<PathBuf>,
-    #[arg(long, value_delimiter = ',', default_value = "baseline,linear,logistic,tree")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,linear,logistic,tree"
+    )]
     kinds: Vec<String>,
     #[arg(long, value_delimiter = ',')]
     features: Vec<String>,
@@ -77,7 +80,13 @@ fn load(p: &std::path::Path, args: &Args) -> anyhow::Result<Dataset> {
     let mut issues: Vec<(u64, usize, u64)> = recs
         .iter()
         .filter(|r| r.issue_ns != 0)
-        .map(|r| (r.issue_ns, r.op().direction() as usize, r.sector + r.nr_sectors as u64))
+        .map(|r| {
+            (
+                r.issue_ns,
+                r.op().direction() as usize,
+                r.sector + r.nr_sectors as u64,
+            )
+        })
         .collect();
     issues.sort_unstable();
     recs.sort_by_key(|r| r.insert_ns);
@@ -95,7 +104,9 @@ fn load(p: &std::path::Path, args: &Args) -> anyhow::Result<Dataset> {
 }
 
 fn name(p: &std::path::Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 struct Windows {
@@ -104,7 +115,12 @@ struct Windows {
     tests: Vec<(String, Dataset)>,
 }
 
-fn run(kind: ModelKind, features: &[Feature], w: &Windows, args: &Args) -> anyhow::Result<(Vec<f64>, f64)> {
+fn run(
+    kind: ModelKind,
+    features: &[Feature],
+    w: &Windows,
+    args: &Args,
+) -> anyhow::Result<(Vec<f64>, f64)> {
     let mut opts = TrainOptions::new(kind);
     opts.features = Some(features.to_vec());
     opts.compare_baseline = false;
@@ -115,7 +131,15 @@ fn run(kind: ModelKind, features: &[Feature], w: &Windows, args: &Args) -> anyho
     let started = Instant::now();
     let m = train_on_windows(&w.fit, &w.tune, &w.tests[0].1, &opts, &Progress::silent())?;
     let secs = started.elapsed().as_secs_f64();
-    let bal = w.tests.iter().map(|(_, d)| evaluate(&m.float, &m.quantized, d).quantized.balanced_accuracy).collect();
+    let bal = w
+        .tests
+        .iter()
+        .map(|(_, d)| {
+            evaluate(&m.float, &m.quantized, d)
+                .quantized
+                .balanced_accuracy
+        })
+        .collect();
     Ok((bal, secs))
 }
 
@@ -126,7 +150,10 @@ fn main() -> anyhow::Result<()> {
     } else if args.features == ["portable"] {
         PORTABLE_FEATURES.to_vec()
     } else {
-        args.features.iter().map(|n| Feature::from_name(n).ok_or_else(|| anyhow::anyhow!("unknown feature {n}"))).collect::<Result<_, _>>()?
+        args.features
+            .iter()
+            .map(|n| Feature::from_name(n).ok_or_else(|| anyhow::anyhow!("unknown feature {n}")))
+            .collect::<Result<_, _>>()?
     };
     let started = Instant::now();
     let opts = TrainOptions::new(ModelKind::Logistic);
@@ -134,7 +161,12 @@ fn main() -> anyhow::Result<()> {
     for p in &args.train {
         let d = load(p, &args)?;
         let (fit, tune, test) = split_windows(&d, &opts)?;
-        eprintln!("{}: {} requests, miss {:.1}%", name(p), d.len(), 100.0 * d.miss_rate());
+        eprintln!(
+            "{}: {} requests, miss {:.1}%",
+            name(p),
+            d.len(),
+            100.0 * d.miss_rate()
+        );
         fits.push(fit);
         tunes.push(tune);
         tests.push((format!("{} later", name(p)), test));
@@ -144,11 +176,20 @@ fn main() -> anyhow::Result<()> {
     }
     for p in &args.test {
         let d = load(p, &args)?;
-        eprintln!("{}: {} requests, miss {:.1}%", name(p), d.len(), 100.0 * d.miss_rate());
+        eprintln!(
+            "{}: {} requests, miss {:.1}%",
+            name(p),
+            d.len(),
+            100.0 * d.miss_rate()
+        );
         tests.push((name(p), d));
     }
     let all_tests = Dataset::concat(&tests.iter().map(|t| t.1.clone()).collect::<Vec<_>>());
-    let mut windows = Windows { fit: Dataset::concat(&fits), tune: Dataset::concat(&tunes), tests };
+    let mut windows = Windows {
+        fit: Dataset::concat(&fits),
+        tune: Dataset::concat(&tunes),
+        tests,
+    };
     windows.tests.insert(0, ("all".into(), all_tests));
     eprintln!("loaded in {:.1}s", started.elapsed().as_secs_f64());
 
@@ -167,10 +208,28 @@ fn main() -> anyhow::Result<()> {
             let neg: Vec<f64> = col.iter().map(|v| -v).collect();
             let down = best_balanced_threshold(&neg, &labels);
             let ba = |d: &Dataset, sign: f64, t: f64| {
-                ConfusionMatrix::from_pairs(d.column(f).iter().map(|&v| sign * v as f64 > t).zip(d.missed())).balanced_accuracy()
+                ConfusionMatrix::from_pairs(
+                    d.column(f)
+                        .iter()
+                        .map(|&v| sign * v as f64 > t)
+                        .zip(d.missed()),
+                )
+                .balanced_accuracy()
             };
-            let (sign, t) = if ba(&train, 1.0, up) >= ba(&train, -1.0, down) { (1.0, up) } else { (-1.0, down) };
-            print!("{:<28}", format!("{} {} {:.0}", f.name(), if sign > 0.0 { ">" } else { "<" }, sign * t));
+            let (sign, t) = if ba(&train, 1.0, up) >= ba(&train, -1.0, down) {
+                (1.0, up)
+            } else {
+                (-1.0, down)
+            };
+            print!(
+                "{:<28}",
+                format!(
+                    "{} {} {:.0}",
+                    f.name(),
+                    if sign > 0.0 { ">" } else { "<" },
+                    sign * t
+                )
+            );
             for (_, d) in &windows.tests {
                 print!(" {:>12.2}", 100.0 * ba(d, sign, t));
             }
@@ -223,13 +282,21 @@ fn parse_set(text: &str) -> anyhow::Result<Vec<Feature>> {
     if text.trim() == "all" {
         return Ok(Feature::ALL.to_vec());
     }
-    text.split(',').map(|n| Feature::from_name(n.trim()).ok_or_else(|| anyhow::anyhow!("unknown feature {n}"))).collect()
+    text.split(',')
+        .map(|n| Feature::from_name(n.trim()).ok_or_else(|| anyhow::anyhow!("unknown feature {n}")))
+        .collect()
 }
 
 /// Leave-one-workload-out: rows = (feature set, kind), columns = held-out trace
 /// (balanced accuracy on it in full), then the mean over held-out traces, then the
 /// mean of the training traces' later windows.
-fn loo(args: &Args, fits: &[Dataset], tunes: &[Dataset], tests: &[(String, Dataset)], features: &[Feature]) -> anyhow::Result<()> {
+fn loo(
+    args: &Args,
+    fits: &[Dataset],
+    tunes: &[Dataset],
+    tests: &[(String, Dataset)],
+    features: &[Feature],
+) -> anyhow::Result<()> {
     let sets: Vec<Vec<Feature>> = match &args.sets {
         Some(s) => s.split(';').map(parse_set).collect::<Result<_, _>>()?,
         None => vec![features.to_vec()],
@@ -245,13 +312,18 @@ fn loo(args: &Args, fits: &[Dataset], tunes: &[Dataset], tests: &[(String, Datas
     println!(" {:>10} {:>10} {:>10}", "mean-out", "min-out", "mean-later");
     for (si, set) in sets.iter().enumerate() {
         for k in &args.kinds {
-            let kind = ModelKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown kind {k}"))?;
+            let kind =
+                ModelKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown kind {k}"))?;
             let (mut outs, mut laters) = (Vec::new(), Vec::new());
             for (held, held_data) in full.iter().enumerate() {
                 let others: Vec<usize> = (0..fits.len()).filter(|&i| i != held).collect();
                 let w = Windows {
-                    fit: Dataset::concat(&others.iter().map(|&i| fits[i].clone()).collect::<Vec<_>>()),
-                    tune: Dataset::concat(&others.iter().map(|&i| tunes[i].clone()).collect::<Vec<_>>()),
+                    fit: Dataset::concat(
+                        &others.iter().map(|&i| fits[i].clone()).collect::<Vec<_>>(),
+                    ),
+                    tune: Dataset::concat(
+                        &others.iter().map(|&i| tunes[i].clone()).collect::<Vec<_>>(),
+                    ),
                     tests: std::iter::once(("held".to_string(), held_data.clone()))
                         .chain(others.iter().map(|&i| tests[i].clone()))
                         .collect(),
@@ -266,11 +338,19 @@ fn loo(args: &Args, fits: &[Dataset], tunes: &[Dataset], tests: &[(String, Datas
             }
             let mean = |v: &[f64]| 100.0 * v.iter().sum::<f64>() / v.len() as f64;
             let min = outs.iter().cloned().fold(f64::INFINITY, f64::min);
-            println!(" {:>10.2} {:>10.2} {:>10.2}", mean(&outs), 100.0 * min, mean(&laters));
+            println!(
+                " {:>10.2} {:>10.2} {:>10.2}",
+                mean(&outs),
+                100.0 * min,
+                mean(&laters)
+            );
         }
     }
     for (si, set) in sets.iter().enumerate() {
-        println!("s{si}: {}", set.iter().map(|f| f.name()).collect::<Vec<_>>().join(","));
+        println!(
+            "s{si}: {}",
+            set.iter().map(|f| f.name()).collect::<Vec<_>>().join(",")
+        );
     }
     Ok(())
 }
@@ -281,7 +361,9 @@ fn loo(args: &Args, fits: &[Dataset], tunes: &[Dataset], tests: &[(String, Datas
 fn window_oracle(d: &Dataset, window_ns: u64) -> f64 {
     let mut cells: std::collections::HashMap<(u8, u64), (u64, u64)> = Default::default();
     for (r, missed) in d.records().iter().zip(d.missed()) {
-        let c = cells.entry((r.op().direction() as u8, r.insert_ns / window_ns)).or_default();
+        let c = cells
+            .entry((r.op().direction() as u8, r.insert_ns / window_ns))
+            .or_default();
         c.0 += 1;
         c.1 += missed as u64;
     }

@@ -9,7 +9,9 @@
 use std::{path::Path, time::Instant};
 
 use kml_ebpf_common::model::ModelKind;
-use kml_learn::{synthetic::SyntheticTrace, train, trainers::PORTABLE_FEATURES, Dataset, Progress, TrainOptions};
+use kml_learn::{
+    synthetic::SyntheticTrace, train, trainers::PORTABLE_FEATURES, Dataset, Progress, TrainOptions,
+};
 
 const RECORDS: usize = 1_000_000;
 
@@ -19,24 +21,43 @@ fn main() -> anyhow::Result<()> {
     let data = if paths.is_empty() {
         Dataset::from_records(SyntheticTrace::new(42).records(RECORDS), "synthetic")
     } else {
-        let parts = paths.iter().map(|p| Dataset::from_trace_file(Path::new(p))).collect::<Result<Vec<_>, _>>()?;
+        let parts = paths
+            .iter()
+            .map(|p| Dataset::from_trace_file(Path::new(p)))
+            .collect::<Result<Vec<_>, _>>()?;
         let all = Dataset::concat(&parts);
         let cut = RECORDS.min(all.len()) as f64 / all.len() as f64;
         all.window_fraction(0.0, cut)
     };
-    println!("{} requests ready in {:.2}s", data.len(), started.elapsed().as_secs_f64());
-    for kind in [ModelKind::Baseline, ModelKind::LinearRegression, ModelKind::Logistic, ModelKind::Tree] {
+    println!(
+        "{} requests ready in {:.2}s",
+        data.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for kind in [
+        ModelKind::Baseline,
+        ModelKind::LinearRegression,
+        ModelKind::Logistic,
+        ModelKind::Tree,
+    ] {
         let mut opts = TrainOptions::new(kind);
         // Train on the whole set (no held-back window, no baseline beside).
         opts.train_fraction = 1.0;
         opts.compare_baseline = false;
-        if let Some(n) = std::env::var("KML_LOGISTIC_ITERATIONS").ok().and_then(|v| v.parse().ok()) {
+        if let Some(n) = std::env::var("KML_LOGISTIC_ITERATIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
             opts.logistic_max_iterations = n;
         }
         if std::env::var("KML_FEATURES").is_ok_and(|v| v == "portable") {
             opts.features = Some(PORTABLE_FEATURES.to_vec());
         }
-        let m = train(&data, &opts, &Progress::new(std::env::var_os("KML_PROGRESS").is_none()))?;
+        let m = train(
+            &data,
+            &opts,
+            &Progress::new(std::env::var_os("KML_PROGRESS").is_none()),
+        )?;
         println!(
             "{:<9} {} features, fit + tune on {} requests: {:.3}s",
             kind.name(),

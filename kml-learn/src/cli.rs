@@ -106,7 +106,9 @@ fn parse_features(names: &[String]) -> anyhow::Result<Option<Vec<Feature>>> {
     }
     match names {
         [one] if one.trim() == "all" => return Ok(Some(Feature::ALL.to_vec())),
-        [one] if one.trim() == "portable" => return Ok(Some(crate::trainers::PORTABLE_FEATURES.to_vec())),
+        [one] if one.trim() == "portable" => {
+            return Ok(Some(crate::trainers::PORTABLE_FEATURES.to_vec()))
+        }
         _ => {}
     }
     let features = names
@@ -133,7 +135,10 @@ fn load_trace(path: &std::path::Path, progress: &Progress) -> anyhow::Result<Dat
         100.0 * d.miss_rate
     ));
     if data.is_empty() {
-        bail!("{}: no usable request (need a deadline and a dispatch)", path.display());
+        bail!(
+            "{}: no usable request (need a deadline and a dispatch)",
+            path.display()
+        );
     }
     Ok(data)
 }
@@ -141,7 +146,11 @@ fn load_trace(path: &std::path::Path, progress: &Progress) -> anyhow::Result<Dat
 impl TrainArgs {
     pub fn execute(self) -> anyhow::Result<()> {
         let progress = Progress::new(self.quiet);
-        let data = self.trace.iter().map(|p| load_trace(p, &progress)).collect::<anyhow::Result<Vec<_>>>()?;
+        let data = self
+            .trace
+            .iter()
+            .map(|p| load_trace(p, &progress))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut opts = TrainOptions::new(self.model.into());
         opts.features = parse_features(&self.features)?;
         opts.train_fraction = self.train_fraction;
@@ -176,9 +185,17 @@ impl TrainArgs {
             for (path, d) in self.trace.iter().zip(&data) {
                 let (_, _, test) = crate::train::split_windows(d, &opts)?;
                 let e = evaluate(&model.float, &model.quantized, &test);
-                print_row(model.float.kind().name(), &format!("{} later", path.display()), &e);
+                print_row(
+                    model.float.kind().name(),
+                    &format!("{} later", path.display()),
+                    &e,
+                );
                 if let Some((f, q)) = &model.baseline {
-                    print_row("baseline", &format!("{} later", path.display()), &evaluate(f, q, &test));
+                    print_row(
+                        "baseline",
+                        &format!("{} later", path.display()),
+                        &evaluate(f, q, &test),
+                    );
                 }
             }
         }
@@ -187,7 +204,11 @@ impl TrainArgs {
             let e = evaluate(&model.float, &model.quantized, &other);
             print_row(model.float.kind().name(), &path.display().to_string(), &e);
             if let Some((f, q)) = &model.baseline {
-                print_row("baseline", &path.display().to_string(), &evaluate(f, q, &other));
+                print_row(
+                    "baseline",
+                    &path.display().to_string(),
+                    &evaluate(f, q, &other),
+                );
             }
         }
         Ok(())
@@ -228,28 +249,50 @@ pub struct EvalArgs {
 impl EvalArgs {
     pub fn execute(self) -> anyhow::Result<()> {
         if !(0.0..=1.0).contains(&self.from) || !(self.from..=1.0).contains(&self.to) {
-            bail!("--from {} and --to {} must satisfy 0 <= from <= to <= 1", self.from, self.to);
+            bail!(
+                "--from {} and --to {} must satisfy 0 <= from <= to <= 1",
+                self.from,
+                self.to
+            );
         }
         let progress = Progress::new(self.quiet);
         let model = LoadedModel::load(&self.model)?;
-        let baseline = self.baseline.as_deref().map(LoadedModel::load).transpose()?;
+        let baseline = self
+            .baseline
+            .as_deref()
+            .map(LoadedModel::load)
+            .transpose()?;
         let data = load_trace(&self.trace, &progress)?.window_fraction(self.from, self.to);
         progress.step(format_args!("evaluating on {}", data.window()));
         let e = evaluate(&model.float, &model.quantized, &data);
-        let base = baseline.as_ref().map(|b| evaluate(&b.float, &b.quantized, &data));
+        let base = baseline
+            .as_ref()
+            .map(|b| evaluate(&b.float, &b.quantized, &data));
 
         if self.json {
             let mut out = eval_json(&model, &self.model, &e);
             if let (Some(b), Some(path), Value::Object(map)) = (&base, &self.baseline, &mut out) {
-                map.insert("baseline".into(), eval_json(baseline.as_ref().expect("loaded"), path, b));
+                map.insert(
+                    "baseline".into(),
+                    eval_json(baseline.as_ref().expect("loaded"), path, b),
+                );
             }
             println!("{out}");
         } else {
-            println!("{} on {}, {}", self.model.display(), self.trace.display(), data.window());
+            println!(
+                "{} on {}, {}",
+                self.model.display(),
+                self.trace.display(),
+                data.window()
+            );
             print_table_header();
             print_row(model.kind().name(), "", &e);
             if let Some(b) = &base {
-                print_row(baseline.as_ref().map_or("baseline", |m| m.kind().name()), "", b);
+                print_row(
+                    baseline.as_ref().map_or("baseline", |m| m.kind().name()),
+                    "",
+                    b,
+                );
             }
             let cm = e.quantized.confusion;
             println!(
@@ -297,7 +340,19 @@ fn eval_json(model: &LoadedModel, path: &std::path::Path, e: &Evaluation) -> Val
 fn print_table_header() {
     println!(
         "{:<9} {:<24} {:>8} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} | {:>9} {:>6}",
-        "model", "data", "requests", "miss%", "acc", "bal", "prec", "recall", "f1", "q.acc", "q.bal", "mae(µs)", "r2"
+        "model",
+        "data",
+        "requests",
+        "miss%",
+        "acc",
+        "bal",
+        "prec",
+        "recall",
+        "f1",
+        "q.acc",
+        "q.bal",
+        "mae(µs)",
+        "r2"
     );
 }
 
@@ -307,7 +362,11 @@ fn print_row(name: &str, data: &str, e: &Evaluation) {
         Some(r) => (format!("{:.1}", r.mae_us), format!("{:.3}", r.r2)),
         None => ("-".into(), "-".into()),
     };
-    let data = if data.len() > 24 { &data[data.len() - 24..] } else { data };
+    let data = if data.len() > 24 {
+        &data[data.len() - 24..]
+    } else {
+        data
+    };
     println!(
         "{:<9} {:<24} {:>8} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} | {:>9} {:>6}",
         name,
@@ -367,7 +426,10 @@ mod tests {
         };
         t.execute().unwrap();
         let loaded = LoadedModel::load(&model_path).unwrap();
-        assert_eq!(loaded.float.features(), [Feature::QueuedSameDir, Feature::DirWaitLog, Feature::Op]);
+        assert_eq!(
+            loaded.float.features(),
+            [Feature::QueuedSameDir, Feature::DirWaitLog, Feature::Op]
+        );
 
         let Cli::Eval(e) = Cli::parse_from(args(&format!(
             "x eval --trace {} --model {} --json --from 0.5 --quiet",

@@ -44,7 +44,11 @@ fn span_of(records: &[RequestRecord]) -> u64 {
 /// in "µs" (1024 ns). Dispatch is the issue event, or completion for a request never
 /// seen issued: the same convention as [`RequestRecord::deadline_missed`].
 pub fn dispatch_delay_us(r: &RequestRecord) -> f64 {
-    let dispatched = if r.issue_ns != 0 { r.issue_ns } else { r.complete_ns };
+    let dispatched = if r.issue_ns != 0 {
+        r.issue_ns
+    } else {
+        r.complete_ns
+    };
     dispatched.saturating_sub(r.insert_ns) as f64 / (1u64 << TIME_SHIFT) as f64
 }
 
@@ -64,14 +68,28 @@ impl Dataset {
         let features = records.iter().map(features_at_insert).collect();
         let window = format!("all {} records by insert time", records.len());
         let span_ns = span_of(&records);
-        Dataset { records, features, source: source.into(), window, skipped, span_ns }
+        Dataset {
+            records,
+            features,
+            source: source.into(),
+            window,
+            skipped,
+            span_ns,
+        }
     }
 
     /// Reads a CSV trace written by `kml-agent record`.
     pub fn from_trace_file(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|source| LearnError::Io { path: path.into(), source })?;
-        let records = trace::read_all(BufReader::with_capacity(1 << 20, file))
-            .map_err(|e| LearnError::Trace { path: path.into(), message: e.to_string() })?;
+        let file = File::open(path).map_err(|source| LearnError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let records = trace::read_all(BufReader::with_capacity(1 << 20, file)).map_err(|e| {
+            LearnError::Trace {
+                path: path.into(),
+                message: e.to_string(),
+            }
+        })?;
         Ok(Self::from_records(records, path.display().to_string()))
     }
 
@@ -141,7 +159,10 @@ impl Dataset {
 
     /// Splits at `train_fraction`: (earlier part, later part).
     pub fn split_by_time(&self, train_fraction: f64) -> (Dataset, Dataset) {
-        (self.window_fraction(0.0, train_fraction), self.window_fraction(train_fraction, 1.0))
+        (
+            self.window_fraction(0.0, train_fraction),
+            self.window_fraction(train_fraction, 1.0),
+        )
     }
 
     /// Several datasets end to end (each keeps its own insert-time order): a union
@@ -199,13 +220,17 @@ impl Dataset {
             if dir == Direction::Read {
                 reads += 1;
             }
-            *expire_ns[dir as usize].entry(r.deadline_ns - r.insert_ns).or_insert(0) += 1;
+            *expire_ns[dir as usize]
+                .entry(r.deadline_ns - r.insert_ns)
+                .or_insert(0) += 1;
             let (major, minor) = kml_ebpf_common::kernel_dev_split(r.dev);
             *devices.entry(format!("{major}:{minor}")).or_insert(0usize) += 1;
         }
         // The expiry is a sysfs setting: the most common budget per direction.
         let mode_ms = |m: &BTreeMap<u64, usize>| {
-            m.iter().max_by_key(|(_, &count)| count).map(|(&ns, _)| ns as f64 / 1e6)
+            m.iter()
+                .max_by_key(|(_, &count)| count)
+                .map(|(&ns, _)| ns as f64 / 1e6)
         };
         let span_s = self.span_ns as f64 / 1e9;
         DataDescription {
@@ -268,7 +293,11 @@ mod tests {
             rec(300, 400, 1000),
             rec(100, 5000, 1000), // missed
             rec(200, 250, 1000),
-            RequestRecord { insert_ns: 50, deadline_ns: 0, ..Default::default() }, // no deadline
+            RequestRecord {
+                insert_ns: 50,
+                deadline_ns: 0,
+                ..Default::default()
+            }, // no deadline
         ];
         let d = Dataset::from_records(records, "test");
         assert_eq!(d.len(), 3);
@@ -284,7 +313,10 @@ mod tests {
 
     #[test]
     fn time_split_partitions_in_order() {
-        let records: Vec<_> = (0..10).rev().map(|i| rec(i * 100, i * 100 + 5, 1000)).collect();
+        let records: Vec<_> = (0..10)
+            .rev()
+            .map(|i| rec(i * 100, i * 100 + 5, 1000))
+            .collect();
         let d = Dataset::from_records(records, "test");
         let (train, test) = d.split_by_time(0.7);
         assert_eq!((train.len(), test.len()), (7, 3));

@@ -11,7 +11,10 @@ pub enum LearnError {
     NotEnoughData { what: String, message: String },
 
     #[error("{trainer}: {message}")]
-    Fit { trainer: &'static str, message: String },
+    Fit {
+        trainer: &'static str,
+        message: String,
+    },
 
     #[error("cannot quantise the {kind} model: {message}")]
     Quantize { kind: &'static str, message: String },
@@ -20,16 +23,30 @@ pub enum LearnError {
         "quantised {kind} model refused: its balanced accuracy on held-back data is {quantized:.4}, \
          more than 0.5 point below the float model's {float:.4}"
     )]
-    QuantizationLoss { kind: &'static str, float: f64, quantized: f64 },
+    QuantizationLoss {
+        kind: &'static str,
+        float: f64,
+        quantized: f64,
+    },
 
     #[error("model file {path}: field `{field}`: {problem}")]
-    BadModelFile { path: String, field: String, problem: String },
+    BadModelFile {
+        path: String,
+        field: String,
+        problem: String,
+    },
 
     #[error("model file {path}: {source}")]
-    ModelJson { path: String, source: serde_json::Error },
+    ModelJson {
+        path: String,
+        source: serde_json::Error,
+    },
 
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = LearnError> = std::result::Result<T, E>;

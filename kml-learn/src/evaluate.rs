@@ -31,7 +31,12 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
     let mut quant_cm = ConfusionMatrix::default();
     let mut agree = 0u64;
     let (mut float_reg, mut quant_reg) = (Vec::new(), Vec::new());
-    for ((x, missed), delay) in data.features().iter().zip(data.missed()).zip(data.delays_us()) {
+    for ((x, missed), delay) in data
+        .features()
+        .iter()
+        .zip(data.missed())
+        .zip(data.delays_us())
+    {
         let f = float.at_risk(x);
         let q = quantized.infer(x).at_risk;
         float_cm.add(f, missed);
@@ -44,13 +49,18 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
             quant_reg.push((p, delay));
         }
     }
-    let regression = |pairs: Vec<(f64, f64)>| (!pairs.is_empty()).then(|| RegressionMetrics::from_pairs(pairs));
+    let regression =
+        |pairs: Vec<(f64, f64)>| (!pairs.is_empty()).then(|| RegressionMetrics::from_pairs(pairs));
     Evaluation {
         data: data.describe(),
         float: float_cm.summary(),
         quantized: quant_cm.summary(),
         float_regression: regression(float_reg),
         quantized_regression: regression(quant_reg),
-        agreement: if data.is_empty() { 1.0 } else { agree as f64 / data.len() as f64 },
+        agreement: if data.is_empty() {
+            1.0
+        } else {
+            agree as f64 / data.len() as f64
+        },
     }
 }

@@ -28,16 +28,27 @@ impl FeatureScaling {
     /// Learns the scaling from training values.
     pub fn fit(values: &[i32]) -> FeatureScaling {
         if values.is_empty() {
-            return FeatureScaling { clip_min: 0, clip_max: 0, mean: 0.0, std: 1.0 };
+            return FeatureScaling {
+                clip_min: 0,
+                clip_max: 0,
+                mean: 0.0,
+                std: 1.0,
+            };
         }
         // Two order statistics: selection, not a full sort (1M values per feature).
         let mut scratch = values.to_vec();
         let last = scratch.len() - 1;
-        let mut at = |q: f64| *scratch.select_nth_unstable(((q * last as f64).round() as usize).min(last)).1;
+        let mut at = |q: f64| {
+            *scratch
+                .select_nth_unstable(((q * last as f64).round() as usize).min(last))
+                .1
+        };
         let (mut lo, mut hi) = (at(CLIP_QUANTILE), at(1.0 - CLIP_QUANTILE));
         if lo == hi {
             // A rare value (a flag set on 0.05% of requests) must not be clipped away.
-            let (min, max) = values.iter().fold((i32::MAX, i32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            let (min, max) = values
+                .iter()
+                .fold((i32::MAX, i32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
             (lo, hi) = (min, max);
         }
         let n = values.len() as f64;
@@ -45,7 +56,12 @@ impl FeatureScaling {
         let mean = clipped().sum::<f64>() / n;
         let var = clipped().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
         let std = if var > 0.0 { var.sqrt() } else { 1.0 };
-        FeatureScaling { clip_min: lo, clip_max: hi, mean, std }
+        FeatureScaling {
+            clip_min: lo,
+            clip_max: hi,
+            mean,
+            std,
+        }
     }
 
     pub fn clip(&self, x: i32) -> i32 {
@@ -138,7 +154,13 @@ impl FloatTreeModel {
             let n = &self.nodes[i];
             match n.feature {
                 None => break,
-                Some(f) => i = if (x[f.index()] as f64) <= n.split { n.left } else { n.right },
+                Some(f) => {
+                    i = if (x[f.index()] as f64) <= n.split {
+                        n.left
+                    } else {
+                        n.right
+                    }
+                }
             }
         }
         i

@@ -27,7 +27,9 @@ pub mod trainers;
 pub use dataset::{DataDescription, Dataset};
 pub use error::{LearnError, Result};
 pub use evaluate::{evaluate, Evaluation};
-pub use float_model::{FeatureScaling, FloatLinearModel, FloatModel, FloatTreeModel, FloatTreeNode};
+pub use float_model::{
+    FeatureScaling, FloatLinearModel, FloatModel, FloatTreeModel, FloatTreeNode,
+};
 pub use metrics::{ClassificationMetrics, ConfusionMatrix, RegressionMetrics};
 pub use model_file::{LoadedModel, ModelFile};
 pub use progress::Progress;

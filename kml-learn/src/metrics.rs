@@ -68,7 +68,10 @@ impl ConfusionMatrix {
 
     pub fn f1_miss(&self) -> f64 {
         // 2TP / (2TP + FP + FN): defined (0) even when there is no positive at all.
-        ratio(2 * self.true_miss, 2 * self.true_miss + self.false_miss + self.false_met)
+        ratio(
+            2 * self.true_miss,
+            2 * self.true_miss + self.false_miss + self.false_met,
+        )
     }
 
     /// Mean of the two classes' recalls. When the data holds only one class, that
@@ -139,8 +142,15 @@ impl RegressionMetrics {
             ss_res += (predicted - actual).powi(2);
             ss_tot += (actual - mean).powi(2);
         }
-        let r2 = if ss_tot > 0.0 { 1.0 - ss_res / ss_tot } else { 0.0 };
-        RegressionMetrics { mae_us: abs / n, r2 }
+        let r2 = if ss_tot > 0.0 {
+            1.0 - ss_res / ss_tot
+        } else {
+            0.0
+        };
+        RegressionMetrics {
+            mae_us: abs / n,
+            r2,
+        }
     }
 }
 
@@ -151,7 +161,9 @@ pub fn best_balanced_threshold(scores: &[f64], labels: &[bool]) -> f64 {
     assert_eq!(scores.len(), labels.len());
     let positives = labels.iter().filter(|&&l| l).count() as f64;
     let negatives = labels.len() as f64 - positives;
-    let mut order: Vec<usize> = (0..scores.len()).filter(|&i| scores[i].is_finite()).collect();
+    let mut order: Vec<usize> = (0..scores.len())
+        .filter(|&i| scores[i].is_finite())
+        .collect();
     // Highest score first: moving the threshold down flags one more request at a time.
     order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let (top, bottom) = match (order.first(), order.last()) {
@@ -204,7 +216,15 @@ mod tests {
         pairs.extend([(true, false); 2]);
         pairs.extend([(false, false); 4]);
         let m = ConfusionMatrix::from_pairs(pairs);
-        assert_eq!(m, ConfusionMatrix { true_miss: 3, false_miss: 2, true_met: 4, false_met: 1 });
+        assert_eq!(
+            m,
+            ConfusionMatrix {
+                true_miss: 3,
+                false_miss: 2,
+                true_met: 4,
+                false_met: 1
+            }
+        );
         let s = m.summary();
         assert!((s.accuracy - 0.7).abs() < 1e-12);
         assert!((s.recall_miss - 0.75).abs() < 1e-12);
@@ -227,7 +247,10 @@ mod tests {
         let r = RegressionMetrics::from_pairs([(1.0, 1.0), (2.0, 3.0), (3.0, 2.0)]);
         assert!((r.mae_us - 2.0 / 3.0).abs() < 1e-12);
         assert!((r.r2 - (1.0 - 2.0 / 2.0)).abs() < 1e-12);
-        assert_eq!(RegressionMetrics::from_pairs([(1.0, 1.0), (1.0, 1.0)]).r2, 0.0);
+        assert_eq!(
+            RegressionMetrics::from_pairs([(1.0, 1.0), (1.0, 1.0)]).r2,
+            0.0
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ use std::{collections::HashSet, path::Path};
 use kml_ebpf_common::{
     features::{Feature, FeatureVector, KML_BASELINE_FEATURES, NUM_FEATURES, TIME_SHIFT},
     inference::infer_linear,
-    model::{LinearModel, ModelFault, ModelKind, TreeModel, MAX_OUT_SHIFT, TREE_LEAF, TREE_MAX_NODES},
+    model::{
+        LinearModel, ModelFault, ModelKind, TreeModel, MAX_OUT_SHIFT, TREE_LEAF, TREE_MAX_NODES,
+    },
 };
 use serde::{Deserialize, Serialize};
 
@@ -191,7 +193,8 @@ impl ModelFile {
         };
         let quantized = match &m.quantized {
             QuantizedModel::Linear(q) => {
-                let pick = |a: &[i32; NUM_FEATURES]| features.iter().map(|f| a[f.index()]).collect();
+                let pick =
+                    |a: &[i32; NUM_FEATURES]| features.iter().map(|f| a[f.index()]).collect();
                 QuantizedParams::Linear(QuantizedLinearParams {
                     out_shift: q.out_shift,
                     bias: q.bias,
@@ -200,7 +203,10 @@ impl ModelFile {
                     offsets: pick(&q.offset),
                     input_min: pick(&q.input_min),
                     input_max: pick(&q.input_max),
-                    product_shifts: features.iter().map(|f| q.product_shift[f.index()]).collect(),
+                    product_shifts: features
+                        .iter()
+                        .map(|f| q.product_shift[f.index()])
+                        .collect(),
                 })
             }
             QuantizedModel::Tree(q) => QuantizedParams::Tree(QuantizedTreeParams {
@@ -211,7 +217,8 @@ impl ModelFile {
                     .map(|i| {
                         let leaf = q.feature[i] == TREE_LEAF;
                         QuantizedNodeParams {
-                            feature: (!leaf).then(|| Feature::ALL[q.feature[i] as usize].name().to_string()),
+                            feature: (!leaf)
+                                .then(|| Feature::ALL[q.feature[i] as usize].name().to_string()),
                             split: q.split[i],
                             left: q.left[i],
                             right: q.right[i],
@@ -230,7 +237,10 @@ impl ModelFile {
             float,
             quantized,
             training: m.training.clone(),
-            metrics: Metrics { test: m.test.clone(), baseline_test: m.baseline_test.clone() },
+            metrics: Metrics {
+                test: m.test.clone(),
+                baseline_test: m.baseline_test.clone(),
+            },
         }
     }
 
@@ -243,7 +253,10 @@ impl ModelFile {
         // Read the schema version first: a newer file gets a clear message instead of
         // a complaint about a field this build does not know.
         let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| LearnError::ModelJson { path: origin.into(), source })?;
+            serde_json::from_str(text).map_err(|source| LearnError::ModelJson {
+                path: origin.into(),
+                source,
+            })?;
         let bad = |field: &str, problem: String| LearnError::BadModelFile {
             path: origin.into(),
             field: field.into(),
@@ -255,20 +268,33 @@ impl ModelFile {
             Some(v) => {
                 return Err(bad(
                     "schema_version",
-                    format!("{} is not supported (this build reads {SCHEMA_VERSION})", v.map_or("non-integer".into(), |v| v.to_string())),
+                    format!(
+                        "{} is not supported (this build reads {SCHEMA_VERSION})",
+                        v.map_or("non-integer".into(), |v| v.to_string())
+                    ),
                 ))
             }
         }
         let file: ModelFile =
-            serde_json::from_value(value).map_err(|source| LearnError::ModelJson { path: origin.into(), source })?;
+            serde_json::from_value(value).map_err(|source| LearnError::ModelJson {
+                path: origin.into(),
+                source,
+            })?;
         let (float, quantized) = Validator { origin }.check(&file)?;
-        Ok(LoadedModel { file, float, quantized })
+        Ok(LoadedModel {
+            file,
+            float,
+            quantized,
+        })
     }
 }
 
 impl LoadedModel {
     pub fn load(path: &Path) -> Result<LoadedModel> {
-        let text = std::fs::read_to_string(path).map_err(|source| LearnError::Io { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| LearnError::Io {
+            path: path.into(),
+            source,
+        })?;
         ModelFile::parse(&text, &path.display().to_string())
     }
 
@@ -281,7 +307,10 @@ impl LoadedModel {
 pub fn save(m: &TrainedModel, path: &Path) -> Result<()> {
     let mut text = ModelFile::from_trained(m).to_json();
     text.push('\n');
-    std::fs::write(path, text).map_err(|source| LearnError::Io { path: path.into(), source })
+    std::fs::write(path, text).map_err(|source| LearnError::Io {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Field-by-field checks of a parsed file.
@@ -291,32 +320,58 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn bad(&self, field: impl Into<String>, problem: impl Into<String>) -> LearnError {
-        LearnError::BadModelFile { path: self.origin.into(), field: field.into(), problem: problem.into() }
+        LearnError::BadModelFile {
+            path: self.origin.into(),
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 
     fn check(&self, f: &ModelFile) -> Result<(FloatModel, QuantizedModel)> {
         let kind = ModelKind::from_name(&f.kind).ok_or_else(|| {
-            self.bad("kind", format!("unknown kind `{}` (known: baseline, linear, logistic, tree)", f.kind))
+            self.bad(
+                "kind",
+                format!(
+                    "unknown kind `{}` (known: baseline, linear, logistic, tree)",
+                    f.kind
+                ),
+            )
         })?;
         if f.time_unit_ns != 1 << TIME_SHIFT {
-            return Err(self.bad("time_unit_ns", format!("{} (this build uses {})", f.time_unit_ns, 1u64 << TIME_SHIFT)));
+            return Err(self.bad(
+                "time_unit_ns",
+                format!(
+                    "{} (this build uses {})",
+                    f.time_unit_ns,
+                    1u64 << TIME_SHIFT
+                ),
+            ));
         }
         let features = self.features(f, kind)?;
         match (&f.float, &f.quantized) {
             (FloatParams::Linear(fl), QuantizedParams::Linear(ql)) if kind.is_linear() => {
                 let float = self.float_linear(f, kind, &features, fl)?;
                 let quantized = self.quantized_linear(kind, &features, ql, &float)?;
-                Ok((FloatModel::Linear(float), QuantizedModel::Linear(Box::new(quantized))))
+                Ok((
+                    FloatModel::Linear(float),
+                    QuantizedModel::Linear(Box::new(quantized)),
+                ))
             }
             (FloatParams::Tree(ft), QuantizedParams::Tree(qt)) if !kind.is_linear() => {
                 let float = self.float_tree(&features, ft)?;
                 let quantized = self.quantized_tree(&float, qt)?;
-                Ok((FloatModel::Tree(float), QuantizedModel::Tree(Box::new(quantized))))
+                Ok((
+                    FloatModel::Tree(float),
+                    QuantizedModel::Tree(Box::new(quantized)),
+                ))
             }
-            (FloatParams::Linear(_), _) if !kind.is_linear() => Err(self.bad("float", "a tree needs `tree` parameters")),
-            (FloatParams::Tree(_), _) if kind.is_linear() => {
-                Err(self.bad("float", format!("a {} model needs `linear` parameters", kind.name())))
+            (FloatParams::Linear(_), _) if !kind.is_linear() => {
+                Err(self.bad("float", "a tree needs `tree` parameters"))
             }
+            (FloatParams::Tree(_), _) if kind.is_linear() => Err(self.bad(
+                "float",
+                format!("a {} model needs `linear` parameters", kind.name()),
+            )),
             _ => Err(self.bad("quantized", "its form (linear/tree) does not match `float`")),
         }
     }
@@ -330,15 +385,24 @@ impl Validator<'_> {
         for (i, name) in f.features.iter().enumerate() {
             let feature = Feature::from_name(name).ok_or_else(|| {
                 let known: Vec<&str> = Feature::ALL.iter().map(|f| f.name()).collect();
-                self.bad(format!("features[{i}]"), format!("unknown feature `{name}` (known: {})", known.join(", ")))
+                self.bad(
+                    format!("features[{i}]"),
+                    format!("unknown feature `{name}` (known: {})", known.join(", ")),
+                )
             })?;
             if !seen.insert(feature) {
-                return Err(self.bad(format!("features[{i}]"), format!("`{name}` is listed twice")));
+                return Err(self.bad(
+                    format!("features[{i}]"),
+                    format!("`{name}` is listed twice"),
+                ));
             }
             out.push(feature);
         }
         if kind == ModelKind::Baseline && out != KML_BASELINE_FEATURES {
-            return Err(self.bad("features", "the baseline uses exactly KML's two features: sector_mib, op"));
+            return Err(self.bad(
+                "features",
+                "the baseline uses exactly KML's two features: sector_mib, op",
+            ));
         }
         Ok(out)
     }
@@ -383,7 +447,10 @@ impl Validator<'_> {
             }
             self.finite(format!("scaling[{i}].mean"), s.mean)?;
             if !(s.std.is_finite() && s.std > 0.0) {
-                return Err(self.bad(format!("scaling[{i}].std"), format!("{} is not a positive number", s.std)));
+                return Err(self.bad(
+                    format!("scaling[{i}].std"),
+                    format!("{} is not a positive number", s.std),
+                ));
             }
         }
         for (i, w) in p.weights.iter().enumerate() {
@@ -419,7 +486,10 @@ impl Validator<'_> {
             }
         }
         if p.out_shift > MAX_OUT_SHIFT {
-            return Err(self.bad("quantized.linear.out_shift", format!("{} is above {MAX_OUT_SHIFT}", p.out_shift)));
+            return Err(self.bad(
+                "quantized.linear.out_shift",
+                format!("{} is above {MAX_OUT_SHIFT}", p.out_shift),
+            ));
         }
         let mut m = LinearModel::zeroed();
         m.kind = kind as u32;
@@ -445,11 +515,18 @@ impl Validator<'_> {
         let position = |j: usize| features.iter().position(|f| f.index() == j).unwrap_or(0);
         m.validate().map_err(|fault| {
             let (field, problem) = match fault {
-                ModelFault::ProductShift(j) => (format!("quantized.linear.product_shifts[{}]", position(j)), "above 62"),
-                ModelFault::InputRange(j) => (format!("quantized.linear.input_min[{}]", position(j)), "above input_max"),
-                ModelFault::AccumulatorBound => {
-                    ("quantized.linear.weights".into(), "the worst-case score overflows the 62-bit accumulator bound")
-                }
+                ModelFault::ProductShift(j) => (
+                    format!("quantized.linear.product_shifts[{}]", position(j)),
+                    "above 62",
+                ),
+                ModelFault::InputRange(j) => (
+                    format!("quantized.linear.input_min[{}]", position(j)),
+                    "above input_max",
+                ),
+                ModelFault::AccumulatorBound => (
+                    "quantized.linear.weights".into(),
+                    "the worst-case score overflows the 62-bit accumulator bound",
+                ),
                 other => (format!("quantized.linear.{}", other.field()), "invalid"),
             };
             self.bad(field, problem)
@@ -459,7 +536,10 @@ impl Validator<'_> {
         let unit = (p.out_shift as f64).exp2();
         let threshold_error = (p.threshold as f64 - float.threshold * unit).abs();
         if threshold_error > 0.5 + float.threshold.abs() * unit * 1e-9 {
-            return Err(self.bad("quantized.linear.threshold", "is not float.linear.threshold quantised"));
+            return Err(self.bad(
+                "quantized.linear.threshold",
+                "is not float.linear.threshold quantised",
+            ));
         }
         let probes: [FeatureVector; 3] = [m.offset, m.input_min, m.input_max];
         for x in probes {
@@ -471,7 +551,10 @@ impl Validator<'_> {
                     .iter()
                     .zip(&float.scaling)
                     .zip(&float.weights)
-                    .map(|((f, s), w)| (w / s.std).abs() * (s.mean.abs() + x[f.index()].unsigned_abs() as f64 + 1.0))
+                    .map(|((f, s), w)| {
+                        (w / s.std).abs()
+                            * (s.mean.abs() + x[f.index()].unsigned_abs() as f64 + 1.0)
+                    })
                     .sum::<f64>();
             if (int - exact).abs() > linear_error_bound(&m, &x) + magnitude * unit * 1e-9 {
                 return Err(self.bad(
@@ -487,26 +570,40 @@ impl Validator<'_> {
     fn float_tree(&self, features: &[Feature], p: &FloatTreeParams) -> Result<FloatTreeModel> {
         let n = p.nodes.len();
         if n == 0 || n > TREE_MAX_NODES {
-            return Err(self.bad("float.tree.nodes", format!("{n} nodes (1..={TREE_MAX_NODES} allowed)")));
+            return Err(self.bad(
+                "float.tree.nodes",
+                format!("{n} nodes (1..={TREE_MAX_NODES} allowed)"),
+            ));
         }
         let threshold = self.finite("float.tree.threshold", p.threshold)?;
         let mut nodes = Vec::with_capacity(n);
         for (i, node) in p.nodes.iter().enumerate() {
             let field = |name: &str| format!("float.tree.nodes[{i}].{name}");
             if !(0.0..=1.0).contains(&node.p_miss) {
-                return Err(self.bad(field("p_miss"), format!("{} is not a probability", node.p_miss)));
+                return Err(self.bad(
+                    field("p_miss"),
+                    format!("{} is not a probability", node.p_miss),
+                ));
             }
             let feature = match &node.feature {
                 None => None,
                 Some(name) => {
                     let f = Feature::from_name(name)
                         .filter(|f| features.contains(f))
-                        .ok_or_else(|| self.bad(field("feature"), format!("`{name}` is not one of `features`")))?;
+                        .ok_or_else(|| {
+                            self.bad(
+                                field("feature"),
+                                format!("`{name}` is not one of `features`"),
+                            )
+                        })?;
                     self.finite(field("split"), node.split)?;
                     if node.left <= i || node.left >= n || node.right <= i || node.right >= n {
                         return Err(self.bad(
                             field("left"),
-                            format!("children {}/{} must come after node {i} and before {n}", node.left, node.right),
+                            format!(
+                                "children {}/{} must come after node {i} and before {n}",
+                                node.left, node.right
+                            ),
                         ));
                     }
                     Some(f)
@@ -521,18 +618,29 @@ impl Validator<'_> {
                 samples: node.samples,
             });
         }
-        Ok(FloatTreeModel { features: features.to_vec(), nodes, threshold })
+        Ok(FloatTreeModel {
+            features: features.to_vec(),
+            nodes,
+            threshold,
+        })
     }
 
     fn quantized_tree(&self, float: &FloatTreeModel, p: &QuantizedTreeParams) -> Result<TreeModel> {
         if p.nodes.len() != float.nodes.len() {
             return Err(self.bad(
                 "quantized.tree.nodes",
-                format!("{} nodes, the float tree has {}", p.nodes.len(), float.nodes.len()),
+                format!(
+                    "{} nodes, the float tree has {}",
+                    p.nodes.len(),
+                    float.nodes.len()
+                ),
             ));
         }
         if p.value_shift > 30 {
-            return Err(self.bad("quantized.tree.value_shift", format!("{} is above 30", p.value_shift)));
+            return Err(self.bad(
+                "quantized.tree.value_shift",
+                format!("{} is above 30", p.value_shift),
+            ));
         }
         let unit = (p.value_shift as f64).exp2();
         let mut t = TreeModel::zeroed();
@@ -542,7 +650,10 @@ impl Validator<'_> {
         t.threshold = p.threshold;
         t.value_shift = p.value_shift;
         if (p.threshold as f64 - (float.threshold * unit).floor()).abs() > 1.0 {
-            return Err(self.bad("quantized.tree.threshold", "is not float.tree.threshold quantised"));
+            return Err(self.bad(
+                "quantized.tree.threshold",
+                "is not float.tree.threshold quantised",
+            ));
         }
         for (i, (q, fl)) in p.nodes.iter().zip(&float.nodes).enumerate() {
             let field = |name: &str| format!("quantized.tree.nodes[{i}].{name}");
@@ -557,10 +668,14 @@ impl Validator<'_> {
                 None => t.feature[i] = TREE_LEAF,
                 Some(f) => {
                     if (q.left as usize, q.right as usize) != (fl.left, fl.right) {
-                        return Err(self.bad(field("left"), "children differ from the float tree's"));
+                        return Err(
+                            self.bad(field("left"), "children differ from the float tree's")
+                        );
                     }
                     if q.split as f64 != fl.split.floor().clamp(i32::MIN as f64, i32::MAX as f64) {
-                        return Err(self.bad(field("split"), "is not the floor of the float tree's split"));
+                        return Err(
+                            self.bad(field("split"), "is not the floor of the float tree's split")
+                        );
                     }
                     t.feature[i] = f.index() as u8;
                     t.split[i] = q.split;
@@ -571,7 +686,9 @@ impl Validator<'_> {
         }
         t.validate().map_err(|fault| {
             let field = match fault {
-                ModelFault::NodeChild(i) | ModelFault::NodeReach(i) | ModelFault::NodeFeature(i) => {
+                ModelFault::NodeChild(i)
+                | ModelFault::NodeReach(i)
+                | ModelFault::NodeFeature(i) => {
                     format!("quantized.tree.nodes[{i}].{}", fault.field())
                 }
                 other => format!("quantized.tree.{}", other.field()),
@@ -586,7 +703,12 @@ impl Validator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{dataset::Dataset, synthetic::SyntheticTrace, train::{train, TrainOptions}, Progress};
+    use crate::{
+        dataset::Dataset,
+        synthetic::SyntheticTrace,
+        train::{train, TrainOptions},
+        Progress,
+    };
     use std::sync::OnceLock;
 
     /// One trained model per kind, shared by the tests.
@@ -603,7 +725,11 @@ mod tests {
                 })
                 .collect()
         });
-        models.iter().find(|m| m.float.kind() == kind).unwrap().clone()
+        models
+            .iter()
+            .find(|m| m.float.kind() == kind)
+            .unwrap()
+            .clone()
     }
 
     #[test]
@@ -615,42 +741,131 @@ mod tests {
             assert_eq!(loaded.kind(), kind);
             assert_eq!(loaded.quantized, m.quantized, "{kind:?}");
             assert_eq!(loaded.float, m.float, "{kind:?}");
-            assert_eq!(loaded.file.training.workload.as_deref(), Some("synthetic queue"));
+            assert_eq!(
+                loaded.file.training.workload.as_deref(),
+                Some("synthetic queue")
+            );
         }
     }
 
     /// Edits one value of a valid file and expects the error to name `field`.
     fn refused(kind: ModelKind, edit: impl Fn(&mut serde_json::Value), field: &str) {
         let m = trained(kind);
-        let mut v: serde_json::Value = serde_json::from_str(&ModelFile::from_trained(&m).to_json()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&ModelFile::from_trained(&m).to_json()).unwrap();
         edit(&mut v);
-        let err = ModelFile::parse(&v.to_string(), "m.json").unwrap_err().to_string();
+        let err = ModelFile::parse(&v.to_string(), "m.json")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(field), "expected `{field}` in: {err}");
     }
 
     #[test]
     fn bad_files_are_refused_naming_the_field() {
         use ModelKind::*;
-        refused(Logistic, |v| v["schema_version"] = 2.into(), "field `schema_version`: 2 is not supported");
+        refused(
+            Logistic,
+            |v| v["schema_version"] = 2.into(),
+            "field `schema_version`: 2 is not supported",
+        );
         refused(Logistic, |v| v["kind"] = "forest".into(), "field `kind`");
-        refused(Logistic, |v| v["features"][1] = "colour".into(), "field `features[1]`: unknown feature `colour`");
-        refused(Logistic, |v| v["features"][1] = v["features"][0].clone(), "listed twice");
-        refused(Baseline, |v| v["features"][0] = "queued_same_dir".into(), "field `features`");
-        refused(Logistic, |v| v["float"]["linear"]["weights"].as_array_mut().unwrap().truncate(3), "float.linear.weights");
-        refused(Logistic, |v| v["scaling"][2]["std"] = 0.0.into(), "scaling[2].std");
-        refused(Logistic, |v| v["quantized"]["linear"]["product_shifts"][4] = 63.into(), "product_shifts[4]");
-        refused(Logistic, |v| v["quantized"]["linear"]["out_shift"] = 40.into(), "out_shift");
-        refused(Logistic, |v| v["quantized"]["linear"]["bias"] = (1i64 << 61).into(), "quantized.linear");
-        refused(Logistic, |v| v["quantized"]["linear"]["threshold"] = 12345678.into(), "quantized.linear.threshold");
-        refused(Logistic, |v| v["quantized"]["linear"]["input_min"][0] = (-5).into(), "input_min[0]");
-        refused(Logistic, |v| v["float"] = serde_json::json!({"tree": {"threshold": 0.5, "nodes": []}}), "field `float`");
-        refused(Tree, |v| v["float"]["tree"]["nodes"][0]["left"] = 0.into(), "float.tree.nodes[0].left");
-        refused(Tree, |v| v["float"]["tree"]["nodes"][0]["p_miss"] = 1.5.into(), "nodes[0].p_miss");
-        refused(Tree, |v| v["quantized"]["tree"]["nodes"][0]["value"] = 1.into(), "quantized.tree.nodes[0].value");
-        refused(Tree, |v| v["quantized"]["tree"]["depth"] = 9.into(), "quantized.tree.depth");
-        refused(Logistic, |v| v["time_unit_ns"] = 1000.into(), "time_unit_ns");
+        refused(
+            Logistic,
+            |v| v["features"][1] = "colour".into(),
+            "field `features[1]`: unknown feature `colour`",
+        );
+        refused(
+            Logistic,
+            |v| v["features"][1] = v["features"][0].clone(),
+            "listed twice",
+        );
+        refused(
+            Baseline,
+            |v| v["features"][0] = "queued_same_dir".into(),
+            "field `features`",
+        );
+        refused(
+            Logistic,
+            |v| {
+                v["float"]["linear"]["weights"]
+                    .as_array_mut()
+                    .unwrap()
+                    .truncate(3)
+            },
+            "float.linear.weights",
+        );
+        refused(
+            Logistic,
+            |v| v["scaling"][2]["std"] = 0.0.into(),
+            "scaling[2].std",
+        );
+        refused(
+            Logistic,
+            |v| v["quantized"]["linear"]["product_shifts"][4] = 63.into(),
+            "product_shifts[4]",
+        );
+        refused(
+            Logistic,
+            |v| v["quantized"]["linear"]["out_shift"] = 40.into(),
+            "out_shift",
+        );
+        refused(
+            Logistic,
+            |v| v["quantized"]["linear"]["bias"] = (1i64 << 61).into(),
+            "quantized.linear",
+        );
+        refused(
+            Logistic,
+            |v| v["quantized"]["linear"]["threshold"] = 12345678.into(),
+            "quantized.linear.threshold",
+        );
+        refused(
+            Logistic,
+            |v| v["quantized"]["linear"]["input_min"][0] = (-5).into(),
+            "input_min[0]",
+        );
+        refused(
+            Logistic,
+            |v| v["float"] = serde_json::json!({"tree": {"threshold": 0.5, "nodes": []}}),
+            "field `float`",
+        );
+        refused(
+            Tree,
+            |v| v["float"]["tree"]["nodes"][0]["left"] = 0.into(),
+            "float.tree.nodes[0].left",
+        );
+        refused(
+            Tree,
+            |v| v["float"]["tree"]["nodes"][0]["p_miss"] = 1.5.into(),
+            "nodes[0].p_miss",
+        );
+        refused(
+            Tree,
+            |v| v["quantized"]["tree"]["nodes"][0]["value"] = 1.into(),
+            "quantized.tree.nodes[0].value",
+        );
+        refused(
+            Tree,
+            |v| v["quantized"]["tree"]["depth"] = 9.into(),
+            "quantized.tree.depth",
+        );
+        refused(
+            Logistic,
+            |v| v["time_unit_ns"] = 1000.into(),
+            "time_unit_ns",
+        );
         // Unknown or missing fields: serde's message names them.
-        refused(Logistic, |v| v["colour"] = "blue".into(), "unknown field `colour`");
-        refused(Logistic, |v| { v.as_object_mut().unwrap().remove("training"); }, "missing field `training`");
+        refused(
+            Logistic,
+            |v| v["colour"] = "blue".into(),
+            "unknown field `colour`",
+        );
+        refused(
+            Logistic,
+            |v| {
+                v.as_object_mut().unwrap().remove("training");
+            },
+            "missing field `training`",
+        );
     }
 }

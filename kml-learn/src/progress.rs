@@ -11,7 +11,10 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
-        Progress { quiet, start: Instant::now() }
+        Progress {
+            quiet,
+            start: Instant::now(),
+        }
     }
 
     /// A progress reporter that prints nothing (tests, library callers).
@@ -21,7 +24,10 @@ impl Progress {
 
     pub fn step(&self, message: impl std::fmt::Display) {
         if !self.quiet {
-            eprintln!("[kml-learn {:7.2}s] {message}", self.start.elapsed().as_secs_f64());
+            eprintln!(
+                "[kml-learn {:7.2}s] {message}",
+                self.start.elapsed().as_secs_f64()
+            );
         }
     }
 }

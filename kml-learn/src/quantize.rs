@@ -22,7 +22,8 @@ use kml_ebpf_common::{
     features::{Feature, FeatureVector, NUM_FEATURES},
     inference::{infer_linear, infer_tree, Verdict},
     model::{
-        LinearModel, ModelKind, TreeModel, MAX_OUT_SHIFT, MAX_PRODUCT_SHIFT, TREE_LEAF, TREE_MAX_NODES,
+        LinearModel, ModelKind, TreeModel, MAX_OUT_SHIFT, MAX_PRODUCT_SHIFT, TREE_LEAF,
+        TREE_MAX_NODES,
     },
 };
 
@@ -57,7 +58,10 @@ impl QuantizedModel {
     /// The regressions' predicted dispatch delay ("µs"), from the integer score.
     pub fn predicted_delay_us(&self, x: &FeatureVector) -> Option<f64> {
         match self {
-            QuantizedModel::Linear(m) if m.model_kind().is_some_and(|k| !matches!(k, ModelKind::Logistic)) => {
+            QuantizedModel::Linear(m)
+                if m.model_kind()
+                    .is_some_and(|k| !matches!(k, ModelKind::Logistic)) =>
+            {
                 Some(infer_linear(m, x).score as f64 / (1u64 << m.out_shift) as f64)
             }
             _ => None,
@@ -73,14 +77,23 @@ impl QuantizedModel {
 }
 
 fn refuse(kind: ModelKind, message: impl Into<String>) -> LearnError {
-    LearnError::Quantize { kind: kind.name(), message: message.into() }
+    LearnError::Quantize {
+        kind: kind.name(),
+        message: message.into(),
+    }
 }
 
 /// Quantises a float linear model (baseline, linear regression, logistic).
 pub fn quantize_linear(m: &FloatLinearModel) -> Result<LinearModel> {
     let kind = m.kind;
-    let all_finite = m.weights.iter().chain([&m.intercept, &m.threshold]).all(|v| v.is_finite())
-        && m.scaling.iter().all(|s| s.mean.is_finite() && s.std.is_finite() && s.std > 0.0);
+    let all_finite = m
+        .weights
+        .iter()
+        .chain([&m.intercept, &m.threshold])
+        .all(|v| v.is_finite())
+        && m.scaling
+            .iter()
+            .all(|s| s.mean.is_finite() && s.std.is_finite() && s.std > 0.0);
     if !all_finite {
         return Err(refuse(kind, "a parameter is not a finite number"));
     }
@@ -110,11 +123,17 @@ pub fn quantize_linear(m: &FloatLinearModel) -> Result<LinearModel> {
         largest_weight = largest_weight.max(w.abs());
     }
     let mut out_shift = MAX_OUT_SHIFT as i32;
-    for limit in [TARGET_ACC / worst.max(1e-300), WEIGHT_LIMIT / largest_weight.max(1e-300)] {
+    for limit in [
+        TARGET_ACC / worst.max(1e-300),
+        WEIGHT_LIMIT / largest_weight.max(1e-300),
+    ] {
         out_shift = out_shift.min(limit.log2().floor() as i32);
     }
     if out_shift < 0 {
-        return Err(refuse(kind, format!("scores up to {worst:.3e} do not fit the 64-bit accumulator")));
+        return Err(refuse(
+            kind,
+            format!("scores up to {worst:.3e} do not fit the 64-bit accumulator"),
+        ));
     }
     q.out_shift = out_shift as u32;
     let unit = (out_shift as f64).exp2();
@@ -126,12 +145,18 @@ pub fn quantize_linear(m: &FloatLinearModel) -> Result<LinearModel> {
             continue;
         }
         // Extra precision: the largest r with |target 2^r| <= 2^30.
-        let r = ((WEIGHT_LIMIT / target.abs()).log2().floor() as i64).clamp(0, MAX_PRODUCT_SHIFT as i64);
+        let r = ((WEIGHT_LIMIT / target.abs()).log2().floor() as i64)
+            .clamp(0, MAX_PRODUCT_SHIFT as i64);
         let w = (target * (r as f64).exp2()).round();
         q.product_shift[j] = r as u32;
         q.weight[j] = w.clamp(-WEIGHT_LIMIT, WEIGHT_LIMIT) as i32;
     }
-    q.validate().map_err(|fault| refuse(kind, format!("the result fails validation at `{}`", fault.field())))?;
+    q.validate().map_err(|fault| {
+        refuse(
+            kind,
+            format!("the result fails validation at `{}`", fault.field()),
+        )
+    })?;
     q.seal(0);
     Ok(q)
 }
@@ -155,7 +180,10 @@ pub fn linear_error_bound(q: &LinearModel, x: &FeatureVector) -> f64 {
 pub fn quantize_tree(t: &FloatTreeModel) -> Result<TreeModel> {
     let kind = ModelKind::Tree;
     if t.nodes.is_empty() || t.nodes.len() > TREE_MAX_NODES {
-        return Err(refuse(kind, format!("{} nodes (1..={TREE_MAX_NODES} allowed)", t.nodes.len())));
+        return Err(refuse(
+            kind,
+            format!("{} nodes (1..={TREE_MAX_NODES} allowed)", t.nodes.len()),
+        ));
     }
     if !t.threshold.is_finite() {
         return Err(refuse(kind, "the threshold is not a finite number"));
@@ -170,7 +198,10 @@ pub fn quantize_tree(t: &FloatTreeModel) -> Result<TreeModel> {
     q.threshold = (t.threshold * unit).floor().clamp(-1.0, unit) as i32;
     for (i, n) in t.nodes.iter().enumerate() {
         if !(0.0..=1.0).contains(&n.p_miss) {
-            return Err(refuse(kind, format!("node {i}: miss probability {} is not in 0..=1", n.p_miss)));
+            return Err(refuse(
+                kind,
+                format!("node {i}: miss probability {} is not in 0..=1", n.p_miss),
+            ));
         }
         q.value[i] = (n.p_miss * unit).round() as i32;
         match n.feature {
@@ -187,7 +218,12 @@ pub fn quantize_tree(t: &FloatTreeModel) -> Result<TreeModel> {
             }
         }
     }
-    q.validate().map_err(|fault| refuse(kind, format!("the result fails validation at `{}`", fault.field())))?;
+    q.validate().map_err(|fault| {
+        refuse(
+            kind,
+            format!("the result fails validation at `{}`", fault.field()),
+        )
+    })?;
     q.seal(0);
     Ok(q)
 }
@@ -221,12 +257,29 @@ mod tests {
     use proptest::prelude::*;
 
     fn feature_strategy() -> impl Strategy<Value = Vec<(Feature, FeatureScaling, f64)>> {
-        let one = (0..NUM_FEATURES, any::<i32>(), any::<i32>(), -1.0f64..1.0, 1e-3f64..1e6, -8.0f64..8.0, -30i32..10)
+        let one = (
+            0..NUM_FEATURES,
+            any::<i32>(),
+            any::<i32>(),
+            -1.0f64..1.0,
+            1e-3f64..1e6,
+            -8.0f64..8.0,
+            -30i32..10,
+        )
             .prop_map(|(j, a, b, mean_frac, std, weight_mant, weight_exp)| {
                 let (lo, hi) = (a.min(b), a.max(b));
                 let mean = lo as f64 + (hi as f64 - lo as f64) * (mean_frac.abs());
                 let w = weight_mant * (weight_exp as f64).exp2();
-                (Feature::ALL[j], FeatureScaling { clip_min: lo, clip_max: hi, mean, std }, w)
+                (
+                    Feature::ALL[j],
+                    FeatureScaling {
+                        clip_min: lo,
+                        clip_max: hi,
+                        mean,
+                        std,
+                    },
+                    w,
+                )
             });
         proptest::collection::vec(one, 0..NUM_FEATURES).prop_map(|mut v| {
             v.sort_by_key(|t| t.0);
@@ -236,32 +289,79 @@ mod tests {
     }
 
     fn linear_strategy() -> impl Strategy<Value = FloatLinearModel> {
-        (feature_strategy(), -1e6f64..1e6, -1e3f64..1e3, 0usize..3).prop_map(|(fs, intercept, threshold, k)| {
-            FloatLinearModel {
-                kind: [ModelKind::Baseline, ModelKind::LinearRegression, ModelKind::Logistic][k],
+        (feature_strategy(), -1e6f64..1e6, -1e3f64..1e3, 0usize..3).prop_map(
+            |(fs, intercept, threshold, k)| FloatLinearModel {
+                kind: [
+                    ModelKind::Baseline,
+                    ModelKind::LinearRegression,
+                    ModelKind::Logistic,
+                ][k],
                 features: fs.iter().map(|t| t.0).collect(),
                 scaling: fs.iter().map(|t| t.1).collect(),
                 weights: fs.iter().map(|t| t.2).collect(),
                 intercept,
                 threshold,
-            }
-        })
+            },
+        )
     }
 
     /// Any bit pattern at all: valid or not.
     fn hostile_linear_strategy() -> impl Strategy<Value = LinearModel> {
         let arr = || proptest::array::uniform12(any::<i32>());
-        (arr(), arr(), arr(), arr(), proptest::array::uniform12(any::<u32>()), any::<i64>(), any::<i64>(), any::<u32>(), any::<u32>())
-            .prop_map(|(weight, offset, input_min, input_max, product_shift, bias, threshold, out_shift, rule)| {
-                LinearModel { kind: rule % 5, rule: rule % 4, version: 0, out_shift, bias, threshold, weight, offset, input_min, input_max, product_shift, checksum: 0 }
-            })
+        (
+            arr(),
+            arr(),
+            arr(),
+            arr(),
+            proptest::array::uniform12(any::<u32>()),
+            any::<i64>(),
+            any::<i64>(),
+            any::<u32>(),
+            any::<u32>(),
+        )
+            .prop_map(
+                |(
+                    weight,
+                    offset,
+                    input_min,
+                    input_max,
+                    product_shift,
+                    bias,
+                    threshold,
+                    out_shift,
+                    rule,
+                )| {
+                    LinearModel {
+                        kind: rule % 5,
+                        rule: rule % 4,
+                        version: 0,
+                        out_shift,
+                        bias,
+                        threshold,
+                        weight,
+                        offset,
+                        input_min,
+                        input_max,
+                        product_shift,
+                        checksum: 0,
+                    }
+                },
+            )
     }
 
     /// Models that pass validation: inputs within ±2^20 of the offset keep every
     /// product below 2^51, so the sum of 16 stays far from 2^62.
     fn valid_linear_strategy() -> impl Strategy<Value = LinearModel> {
         let small = || proptest::array::uniform12(-(1i32 << 19)..(1 << 19));
-        (proptest::array::uniform12(any::<i32>()), small(), small(), small(), proptest::array::uniform12(0..=MAX_PRODUCT_SHIFT), -(1i64 << 60)..(1 << 60), 0..=MAX_OUT_SHIFT)
+        (
+            proptest::array::uniform12(any::<i32>()),
+            small(),
+            small(),
+            small(),
+            proptest::array::uniform12(0..=MAX_PRODUCT_SHIFT),
+            -(1i64 << 60)..(1 << 60),
+            0..=MAX_OUT_SHIFT,
+        )
             .prop_map(|(weight, offset, a, b, product_shift, bias, out_shift)| {
                 let mut m = LinearModel::zeroed();
                 m.kind = ModelKind::Logistic as u32;
@@ -285,7 +385,8 @@ mod tests {
         let mut acc = m.bias as f64;
         for (j, &xj) in x.iter().enumerate() {
             let c = xj.clamp(m.input_min[j], m.input_max[j]) as f64;
-            acc += (c - m.offset[j] as f64) * m.weight[j] as f64 / (m.product_shift[j] as f64).exp2();
+            acc +=
+                (c - m.offset[j] as f64) * m.weight[j] as f64 / (m.product_shift[j] as f64).exp2();
         }
         acc
     }
@@ -367,15 +468,28 @@ mod tests {
             kind: ModelKind::Baseline,
             features: vec![Feature::SectorMib, Feature::Op],
             scaling: vec![
-                FeatureScaling { clip_min: 0, clip_max: 1000, mean: 500.4, std: 200.0 },
-                FeatureScaling { clip_min: 0, clip_max: 1, mean: 0.4, std: 0.5 },
+                FeatureScaling {
+                    clip_min: 0,
+                    clip_max: 1000,
+                    mean: 500.4,
+                    std: 200.0,
+                },
+                FeatureScaling {
+                    clip_min: 0,
+                    clip_max: 1,
+                    mean: 0.4,
+                    std: 0.5,
+                },
             ],
             weights: vec![10.0, -3.0],
             intercept: 250.0,
             threshold: 0.0,
         };
         let q = quantize_linear(&m).unwrap();
-        assert_eq!(used_features(&QuantizedModel::Linear(Box::new(q))), [Feature::SectorMib, Feature::Op]);
+        assert_eq!(
+            used_features(&QuantizedModel::Linear(Box::new(q))),
+            [Feature::SectorMib, Feature::Op]
+        );
         assert_eq!(q.offset[Feature::SectorMib.index()], 500);
         // The op weight, 3 / 0.5 per unit, limits the score unit: 6 * 2^27 <= 2^30.
         assert_eq!(q.out_shift, 27);

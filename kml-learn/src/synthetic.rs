@@ -95,15 +95,27 @@ impl SyntheticTrace {
                 let i = recs.len();
                 let read = self.rng.unit() < self.read_share;
                 let sequential = self.rng.unit() < 0.3;
-                let sector = if sequential { next_sector } else { (self.rng.next() % (1 << 21)) & !7 };
+                let sector = if sequential {
+                    next_sector
+                } else {
+                    (self.rng.next() % (1 << 21)) & !7
+                };
                 let nr_sectors = 8 << (self.rng.next() % 5); // 4..64 KiB
                 next_sector = sector + nr_sectors as u64;
-                let expire = if read { self.read_expire_ns } else { self.write_expire_ns };
+                let expire = if read {
+                    self.read_expire_ns
+                } else {
+                    self.write_expire_ns
+                };
                 recs.push(RequestRecord {
                     sector,
                     insert_ns: now,
                     deadline_ns: now + expire,
-                    since_last_insert_ns: if last_insert == 0 { 0 } else { now - last_insert },
+                    since_last_insert_ns: if last_insert == 0 {
+                        0
+                    } else {
+                        now - last_insert
+                    },
                     issue_distance: sector.abs_diff(last_issue_end),
                     dev: kml_ebpf_common::kernel_dev(7, 0),
                     nr_sectors,
@@ -114,7 +126,11 @@ impl SyntheticTrace {
                     dir_wait_ewma_ns: wait_ewma[!read as usize],
                     issue_gap_ewma_ns: gap_ewma,
                     op: if read { ReqOp::Read } else { ReqOp::Write } as u8,
-                    flags: if read || self.rng.unit() < 0.5 { ReqFlags::SYNC } else { 0 },
+                    flags: if read || self.rng.unit() < 0.5 {
+                        ReqFlags::SYNC
+                    } else {
+                        0
+                    },
                     ..Default::default()
                 });
                 last_insert = now;
@@ -144,7 +160,11 @@ impl SyntheticTrace {
             // write has expired or there is no read.
             while busy.len() < self.slots {
                 let write_expired = write_q.front().is_some_and(|&w| recs[w].deadline_ns < now);
-                let pick = if write_expired || read_q.is_empty() { write_q.pop_front() } else { read_q.pop_front() };
+                let pick = if write_expired || read_q.is_empty() {
+                    write_q.pop_front()
+                } else {
+                    read_q.pop_front()
+                };
                 let Some(i) = pick else { break };
                 let r = &mut recs[i];
                 r.issue_ns = now;
@@ -178,7 +198,12 @@ mod tests {
             assert!(r.insert_ns <= r.issue_ns && r.issue_ns < r.complete_ns);
         }
         // Completion order, as a trace is written.
-        assert!(recs.windows(2).all(|w| w[0].complete_ns <= w[1].complete_ns));
-        assert_eq!(SyntheticTrace::new(1).records(100), SyntheticTrace::new(1).records(100));
+        assert!(recs
+            .windows(2)
+            .all(|w| w[0].complete_ns <= w[1].complete_ns));
+        assert_eq!(
+            SyntheticTrace::new(1).records(100),
+            SyntheticTrace::new(1).records(100)
+        );
     }
 }

@@ -109,12 +109,22 @@ pub struct TrainedModel {
     pub baseline: Option<(FloatModel, QuantizedModel)>,
 }
 
-fn fit_float(kind: ModelKind, opts: &TrainOptions, fit: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatModel> {
+fn fit_float(
+    kind: ModelKind,
+    opts: &TrainOptions,
+    fit: &Dataset,
+    tune: &Dataset,
+    progress: &Progress,
+) -> Result<FloatModel> {
     let features = opts.feature_set();
     Ok(match kind {
-        ModelKind::Baseline => FloatModel::Linear(DelayRegressionParams::kml_baseline().fit(fit, tune, progress)?),
+        ModelKind::Baseline => {
+            FloatModel::Linear(DelayRegressionParams::kml_baseline().fit(fit, tune, progress)?)
+        }
         ModelKind::LinearRegression => FloatModel::Linear(
-            DelayRegressionParams::new(features).tune_threshold(opts.tune_threshold).fit(fit, tune, progress)?,
+            DelayRegressionParams::new(features)
+                .tune_threshold(opts.tune_threshold)
+                .fit(fit, tune, progress)?,
         ),
         ModelKind::Logistic => FloatModel::Linear(
             LogisticParams::new(features)
@@ -143,7 +153,9 @@ pub fn train(data: &Dataset, opts: &TrainOptions, progress: &Progress) -> Result
 
 /// The time split of one trace: (fit, tune, test) windows, in that order in time.
 pub fn split_windows(data: &Dataset, opts: &TrainOptions) -> Result<(Dataset, Dataset, Dataset)> {
-    let fractions_ok = 0.0 < opts.train_fraction && opts.train_fraction <= 1.0 && (0.0..1.0).contains(&opts.tune_fraction);
+    let fractions_ok = 0.0 < opts.train_fraction
+        && opts.train_fraction <= 1.0
+        && (0.0..1.0).contains(&opts.tune_fraction);
     if !fractions_ok {
         return Err(LearnError::NotEnoughData {
             what: "time split".into(),
@@ -170,7 +182,11 @@ fn tuning(opts: &TrainOptions) -> bool {
 /// Trains one model on several traces (e.g. several workloads): each trace is split
 /// by time as [`train`] splits one, and the fit, tune and test windows of all of
 /// them are joined. The held-back evaluation is on the joined test windows.
-pub fn train_many(datasets: &[Dataset], opts: &TrainOptions, progress: &Progress) -> Result<TrainedModel> {
+pub fn train_many(
+    datasets: &[Dataset],
+    opts: &TrainOptions,
+    progress: &Progress,
+) -> Result<TrainedModel> {
     let mut parts = (Vec::new(), Vec::new(), Vec::new());
     for d in datasets {
         let (fit, tune, test) = split_windows(d, opts)?;
@@ -178,7 +194,11 @@ pub fn train_many(datasets: &[Dataset], opts: &TrainOptions, progress: &Progress
         parts.1.push(tune);
         parts.2.push(test);
     }
-    let (fit, tune, test) = (Dataset::concat(&parts.0), Dataset::concat(&parts.1), Dataset::concat(&parts.2));
+    let (fit, tune, test) = (
+        Dataset::concat(&parts.0),
+        Dataset::concat(&parts.1),
+        Dataset::concat(&parts.2),
+    );
     train_on_windows(&fit, &tune, &test, opts, progress)
 }
 
@@ -223,14 +243,21 @@ pub fn train_on_windows(
     }
 
     let train_window = Dataset::concat(&[fit.clone(), tune.clone()]);
-    let baseline = if opts.compare_baseline && opts.kind != ModelKind::Baseline && !held_back.is_empty() {
-        progress.step("training KML's baseline on the same windows for comparison");
-        let base = fit_float(ModelKind::Baseline, opts, &train_window, tune, &Progress::silent())?;
-        let base_q = quantize(&base)?;
-        Some((base, base_q))
-    } else {
-        None
-    };
+    let baseline =
+        if opts.compare_baseline && opts.kind != ModelKind::Baseline && !held_back.is_empty() {
+            progress.step("training KML's baseline on the same windows for comparison");
+            let base = fit_float(
+                ModelKind::Baseline,
+                opts,
+                &train_window,
+                tune,
+                &Progress::silent(),
+            )?;
+            let base_q = quantize(&base)?;
+            Some((base, base_q))
+        } else {
+            None
+        };
     let baseline_test = baseline.as_ref().map(|(f, q)| evaluate(f, q, held_back));
 
     Ok(TrainedModel {
@@ -268,12 +295,21 @@ mod tests {
             let test = m.test.as_ref().unwrap();
             assert_eq!(test.data.records, 6000);
             assert!(
-                test.quantized.balanced_accuracy >= test.float.balanced_accuracy - MAX_QUANTIZATION_LOSS,
+                test.quantized.balanced_accuracy
+                    >= test.float.balanced_accuracy - MAX_QUANTIZATION_LOSS,
                 "{kind:?}: {test:?}"
             );
-            assert!(test.agreement > 0.99, "{kind:?} agreement {}", test.agreement);
+            assert!(
+                test.agreement > 0.99,
+                "{kind:?} agreement {}",
+                test.agreement
+            );
             if kind != ModelKind::Baseline {
-                assert!(test.float.balanced_accuracy > 0.6, "{kind:?}: {:?}", test.float);
+                assert!(
+                    test.float.balanced_accuracy > 0.6,
+                    "{kind:?}: {:?}",
+                    test.float
+                );
                 assert!(m.baseline_test.is_some());
             }
             assert_eq!(m.float.kind(), kind);

@@ -50,7 +50,10 @@ fn need_data(what: &str, train: &Dataset, min: usize) -> Result<()> {
     if train.len() < min {
         return Err(LearnError::NotEnoughData {
             what: what.into(),
-            message: format!("{} requests in the training window, need at least {min}", train.len()),
+            message: format!(
+                "{} requests in the training window, need at least {min}",
+                train.len()
+            ),
         });
     }
     Ok(())
@@ -58,7 +61,10 @@ fn need_data(what: &str, train: &Dataset, min: usize) -> Result<()> {
 
 /// Learns each feature's scaling on `train`.
 fn fit_scaling(train: &Dataset, features: &[Feature]) -> Vec<FeatureScaling> {
-    features.iter().map(|&f| FeatureScaling::fit(&train.column(f))).collect()
+    features
+        .iter()
+        .map(|&f| FeatureScaling::fit(&train.column(f)))
+        .collect()
 }
 
 /// Clipped, standardised design matrix, column-major: the solvers' products run
@@ -72,7 +78,10 @@ fn standardized(data: &Dataset, features: &[Feature], scaling: &[FeatureScaling]
 }
 
 /// Threshold on `margin` that maximises balanced accuracy on `tune` (0 if empty).
-fn tuned_threshold(tune: &Dataset, margin: impl Fn(&kml_ebpf_common::features::FeatureVector) -> f64) -> f64 {
+fn tuned_threshold(
+    tune: &Dataset,
+    margin: impl Fn(&kml_ebpf_common::features::FeatureVector) -> f64,
+) -> f64 {
     if tune.is_empty() {
         return 0.0;
     }
@@ -103,7 +112,11 @@ impl DelayRegressionParams {
 
     /// Linear regression on `features`, threshold tuned.
     pub fn new(features: Vec<Feature>) -> Self {
-        DelayRegressionParams { kind: ModelKind::LinearRegression, features, tune_threshold: true }
+        DelayRegressionParams {
+            kind: ModelKind::LinearRegression,
+            features,
+            tune_threshold: true,
+        }
     }
 
     pub fn tune_threshold(mut self, tune: bool) -> Self {
@@ -111,7 +124,12 @@ impl DelayRegressionParams {
         self
     }
 
-    pub fn fit(&self, train: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatLinearModel> {
+    pub fn fit(
+        &self,
+        train: &Dataset,
+        tune: &Dataset,
+        progress: &Progress,
+    ) -> Result<FloatLinearModel> {
         need_data("linear regression", train, self.features.len() + 2)?;
         let scaling = fit_scaling(train, &self.features);
         let x = standardized(train, &self.features, &scaling);
@@ -152,7 +170,10 @@ const RIDGE: f64 = 1e-6;
 /// Returns (weights, intercept).
 fn ridge_least_squares(x: &Array2<f64>, y: &Array1<f64>, lambda: f64) -> Result<(Vec<f64>, f64)> {
     let (n, p) = x.dim();
-    let fail = |message: String| LearnError::Fit { trainer: "linear regression", message };
+    let fail = |message: String| LearnError::Fit {
+        trainer: "linear regression",
+        message,
+    };
     // G = [XᵀX Xᵀ1; 1ᵀX n] + λ on the feature diagonal.
     let mut g = Array2::zeros((p + 1, p + 1));
     g.slice_mut(ndarray::s![..p, ..p]).assign(&x.t().dot(x));
@@ -175,7 +196,9 @@ fn ridge_least_squares(x: &Array2<f64>, y: &Array1<f64>, lambda: f64) -> Result<
             if i == j {
                 let d = g[(i, i)] - dot;
                 if d <= 0.0 || !d.is_finite() {
-                    return Err(fail(format!("Gram matrix not positive definite at column {i}")));
+                    return Err(fail(format!(
+                        "Gram matrix not positive definite at column {i}"
+                    )));
                 }
                 r[(i, i)] = d.sqrt();
             } else {
@@ -212,7 +235,12 @@ pub struct LogisticParams {
 
 impl LogisticParams {
     pub fn new(features: Vec<Feature>) -> Self {
-        LogisticParams { features, alpha: 1e-3, max_iterations: 5, tune_threshold: true }
+        LogisticParams {
+            features,
+            alpha: 1e-3,
+            max_iterations: 5,
+            tune_threshold: true,
+        }
     }
 
     /// L2 penalty weight.
@@ -231,13 +259,21 @@ impl LogisticParams {
         self
     }
 
-    pub fn fit(&self, train: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatLinearModel> {
+    pub fn fit(
+        &self,
+        train: &Dataset,
+        tune: &Dataset,
+        progress: &Progress,
+    ) -> Result<FloatLinearModel> {
         need_data("logistic regression", train, self.features.len() + 2)?;
         let misses = train.misses();
         if misses == 0 || misses == train.len() {
             return Err(LearnError::NotEnoughData {
                 what: "logistic regression".into(),
-                message: format!("the training window has {misses} misses in {} requests: need both classes", train.len()),
+                message: format!(
+                    "the training window has {misses} misses in {} requests: need both classes",
+                    train.len()
+                ),
             });
         }
         let scaling = fit_scaling(train, &self.features);
@@ -270,7 +306,10 @@ impl LogisticParams {
             .gradient_tolerance(GRADIENT_TOLERANCE * train.len() as f64)
             .initial_params(init)
             .fit(&DatasetBase::new(x, y))
-            .map_err(|e| LearnError::Fit { trainer: "logistic regression", message: e.to_string() })?;
+            .map_err(|e| LearnError::Fit {
+                trainer: "logistic regression",
+                message: e.to_string(),
+            })?;
         // linfa models the probability of its "positive" class, whichever label that
         // is: turn it into the log-odds of a miss.
         let sign = if fitted.labels().pos.class { 1.0 } else { -1.0 };
@@ -303,7 +342,13 @@ pub struct TreeParams {
 
 impl TreeParams {
     pub fn new(features: Vec<Feature>) -> Self {
-        TreeParams { features, max_depth: 6, min_samples_leaf: 50, max_samples: 50_000, tune_threshold: true }
+        TreeParams {
+            features,
+            max_depth: 6,
+            min_samples_leaf: 50,
+            max_samples: 50_000,
+            tune_threshold: true,
+        }
     }
 
     /// At most [`TREE_MAX_DEPTH`]: the kernel walks a bounded number of steps.
@@ -330,11 +375,19 @@ impl TreeParams {
         self
     }
 
-    pub fn fit(&self, train: &Dataset, tune: &Dataset, progress: &Progress) -> Result<FloatTreeModel> {
+    pub fn fit(
+        &self,
+        train: &Dataset,
+        tune: &Dataset,
+        progress: &Progress,
+    ) -> Result<FloatTreeModel> {
         if self.max_depth == 0 || self.max_depth > TREE_MAX_DEPTH {
             return Err(LearnError::Fit {
                 trainer: "decision tree",
-                message: format!("max depth {} is not in 1..={TREE_MAX_DEPTH}", self.max_depth),
+                message: format!(
+                    "max depth {} is not in 1..={TREE_MAX_DEPTH}",
+                    self.max_depth
+                ),
             });
         }
         need_data("decision tree", train, 2 * self.min_samples_leaf.max(1))?;
@@ -343,15 +396,25 @@ impl TreeParams {
         if misses == 0 || misses == sample.len() {
             return Err(LearnError::NotEnoughData {
                 what: "decision tree".into(),
-                message: format!("the training sample has {misses} misses in {} requests: need both classes", sample.len()),
+                message: format!(
+                    "the training sample has {misses} misses in {} requests: need both classes",
+                    sample.len()
+                ),
             });
         }
         // Balanced class weights: each class carries half the total weight.
         let n = sample.len() as f32;
-        let (w_miss, w_met) = (n / (2.0 * misses as f32), n / (2.0 * (sample.len() - misses) as f32));
+        let (w_miss, w_met) = (
+            n / (2.0 * misses as f32),
+            n / (2.0 * (sample.len() - misses) as f32),
+        );
         let labels: Array1<bool> = sample.missed().collect();
-        let weights: Array1<f32> = labels.iter().map(|&m| if m { w_miss } else { w_met }).collect();
-        let data = DatasetBase::new(sample.raw_matrix(&self.features), labels).with_weights(weights);
+        let weights: Array1<f32> = labels
+            .iter()
+            .map(|&m| if m { w_miss } else { w_met })
+            .collect();
+        let data =
+            DatasetBase::new(sample.raw_matrix(&self.features), labels).with_weights(weights);
         progress.step(format_args!(
             "growing a tree of depth <= {} on {} requests x {} features",
             self.max_depth,
@@ -364,11 +427,18 @@ impl TreeParams {
             .min_weight_split(2.0 * self.min_samples_leaf as f32)
             .min_weight_leaf(self.min_samples_leaf as f32)
             .fit(&data)
-            .map_err(|e| LearnError::Fit { trainer: "decision tree", message: e.to_string() })?;
+            .map_err(|e| LearnError::Fit {
+                trainer: "decision tree",
+                message: e.to_string(),
+            })?;
 
         let mut nodes = Vec::new();
         export_node(fitted.root_node(), &self.features, &mut nodes)?;
-        let mut model = FloatTreeModel { features: self.features.clone(), nodes, threshold: 0.5 };
+        let mut model = FloatTreeModel {
+            features: self.features.clone(),
+            nodes,
+            threshold: 0.5,
+        };
         progress.step(format_args!(
             "tree has {} nodes, depth {}; measuring leaf miss rates on {} requests",
             model.nodes.len(),
@@ -384,7 +454,11 @@ impl TreeParams {
 }
 
 /// Appends `node` and its subtree in pre-order (children after their parent).
-fn export_node(node: &TreeNode<f64, bool>, features: &[Feature], out: &mut Vec<FloatTreeNode>) -> Result<usize> {
+fn export_node(
+    node: &TreeNode<f64, bool>,
+    features: &[Feature],
+    out: &mut Vec<FloatTreeNode>,
+) -> Result<usize> {
     let index = out.len();
     if index >= TREE_MAX_NODES {
         return Err(LearnError::Fit {
@@ -392,13 +466,27 @@ fn export_node(node: &TreeNode<f64, bool>, features: &[Feature], out: &mut Vec<F
             message: format!("more than {TREE_MAX_NODES} nodes"),
         });
     }
-    out.push(FloatTreeNode { feature: None, split: 0.0, left: 0, right: 0, p_miss: 0.0, samples: 0 });
+    out.push(FloatTreeNode {
+        feature: None,
+        split: 0.0,
+        left: 0,
+        right: 0,
+        p_miss: 0.0,
+        samples: 0,
+    });
     let children = node.children();
     if let (false, [Some(left), Some(right)]) = (node.is_leaf(), children.as_slice()) {
         let (column, split, _) = node.split();
         let left = export_node(left, features, out)?;
         let right = export_node(right, features, out)?;
-        out[index] = FloatTreeNode { feature: Some(features[column]), split, left, right, p_miss: 0.0, samples: 0 };
+        out[index] = FloatTreeNode {
+            feature: Some(features[column]),
+            split,
+            left,
+            right,
+            p_miss: 0.0,
+            samples: 0,
+        };
     }
     Ok(index)
 }
@@ -416,13 +504,23 @@ pub fn measure_node_probabilities(tree: &mut FloatTreeModel, data: &Dataset) {
             let node = &tree.nodes[i];
             match node.feature {
                 None => break,
-                Some(f) => i = if (x[f.index()] as f64) <= node.split { node.left } else { node.right },
+                Some(f) => {
+                    i = if (x[f.index()] as f64) <= node.split {
+                        node.left
+                    } else {
+                        node.right
+                    }
+                }
             }
         }
     }
     // Pre-order: a parent's probability is known before its children's.
     const PRIOR_WEIGHT: f64 = 10.0;
-    let overall = if reached[0] > 0 { missed[0] as f64 / reached[0] as f64 } else { 0.0 };
+    let overall = if reached[0] > 0 {
+        missed[0] as f64 / reached[0] as f64
+    } else {
+        0.0
+    };
     let mut p = vec![overall; n];
     for i in 0..n {
         let prior = p[i];
@@ -451,9 +549,17 @@ mod tests {
     #[test]
     fn regression_learns_queue_delay() {
         let (train, tune) = data();
-        let m = DelayRegressionParams::new(all_features()).fit(&train, &tune, &Progress::silent()).unwrap();
+        let m = DelayRegressionParams::new(all_features())
+            .fit(&train, &tune, &Progress::silent())
+            .unwrap();
         // The synthetic delay is mostly queueing: the load features explain much of it.
-        let r2 = RegressionMetrics::from_pairs(tune.features().iter().map(|x| m.score(x)).zip(tune.delays_us())).r2;
+        let r2 = RegressionMetrics::from_pairs(
+            tune.features()
+                .iter()
+                .map(|x| m.score(x))
+                .zip(tune.delays_us()),
+        )
+        .r2;
         assert!(r2 > 0.3, "r2 {r2}");
         // The collinear pair op / write_dir shares one weight, without a singular
         // matrix.
@@ -461,14 +567,23 @@ mod tests {
         assert!((w(Feature::Op) - w(Feature::WriteDir)).abs() < 1e-6);
         // A constant feature (write_dir on reads only) gets no weight.
         let reads = |d: &Dataset| {
-            let recs = d.records().iter().filter(|r| r.op == kml_ebpf_common::op::ReqOp::Read as u8).copied().collect();
+            let recs = d
+                .records()
+                .iter()
+                .filter(|r| r.op == kml_ebpf_common::op::ReqOp::Read as u8)
+                .copied()
+                .collect();
             Dataset::from_records(recs, "reads")
         };
-        let m = DelayRegressionParams::new(all_features()).fit(&reads(&train), &reads(&tune), &Progress::silent()).unwrap();
+        let m = DelayRegressionParams::new(all_features())
+            .fit(&reads(&train), &reads(&tune), &Progress::silent())
+            .unwrap();
         let w = |f: Feature| m.weights[m.features.iter().position(|&g| g == f).unwrap()];
         assert!(w(Feature::WriteDir).abs() < 1e-6);
 
-        let base = DelayRegressionParams::kml_baseline().fit(&train, &tune, &Progress::silent()).unwrap();
+        let base = DelayRegressionParams::kml_baseline()
+            .fit(&train, &tune, &Progress::silent())
+            .unwrap();
         assert_eq!(base.features, KML_BASELINE_FEATURES);
         assert_eq!(base.threshold, 0.0);
     }
@@ -476,15 +591,25 @@ mod tests {
     #[test]
     fn logistic_separates_misses() {
         let (train, tune) = data();
-        let m = LogisticParams::new(all_features()).fit(&train, &tune, &Progress::silent()).unwrap();
-        let cm = ConfusionMatrix::from_pairs(tune.features().iter().map(|x| m.at_risk(x)).zip(tune.missed()));
+        let m = LogisticParams::new(all_features())
+            .fit(&train, &tune, &Progress::silent())
+            .unwrap();
+        let cm = ConfusionMatrix::from_pairs(
+            tune.features()
+                .iter()
+                .map(|x| m.at_risk(x))
+                .zip(tune.missed()),
+        );
         assert!(cm.balanced_accuracy() > 0.75, "{cm:?}");
     }
 
     #[test]
     fn tree_exports_in_preorder_within_bounds() {
         let (train, tune) = data();
-        let t = TreeParams::new(all_features()).max_depth(4).fit(&train, &tune, &Progress::silent()).unwrap();
+        let t = TreeParams::new(all_features())
+            .max_depth(4)
+            .fit(&train, &tune, &Progress::silent())
+            .unwrap();
         assert!(t.nodes.len() > 1 && t.depth() <= 4);
         for (i, n) in t.nodes.iter().enumerate() {
             if n.feature.is_some() {
@@ -493,6 +618,9 @@ mod tests {
             assert!((0.0..=1.0).contains(&n.p_miss));
         }
         assert_eq!(t.nodes[0].samples, train.len() as u64);
-        assert!(TreeParams::new(all_features()).max_depth(9).fit(&train, &tune, &Progress::silent()).is_err());
+        assert!(TreeParams::new(all_features())
+            .max_depth(9)
+            .fit(&train, &tune, &Progress::silent())
+            .is_err());
     }
 }

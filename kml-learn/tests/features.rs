@@ -6,8 +6,8 @@
 
 use kml_ebpf_common::{
     features::{
-        features_at_insert, log2_8, log_ratio_8, Feature, BUDGET_MAX, LOG2_8_MAX, LOG_RATIO_MAX, LOG_RATIO_ONE,
-        NUM_FEATURES,
+        features_at_insert, log2_8, log_ratio_8, Feature, BUDGET_MAX, LOG2_8_MAX, LOG_RATIO_MAX,
+        LOG_RATIO_ONE, NUM_FEATURES,
     },
     op::ReqOp,
     RequestRecord,
@@ -27,7 +27,11 @@ fn wide_u64() -> impl Strategy<Value = u64> {
 }
 
 fn wide_u32() -> impl Strategy<Value = u32> {
-    prop_oneof![Just(0u32), Just(u32::MAX), (0u32..32, any::<u32>()).prop_map(|(b, v)| if b == 0 { 0 } else { v >> (32 - b) })]
+    prop_oneof![
+        Just(0u32),
+        Just(u32::MAX),
+        (0u32..32, any::<u32>()).prop_map(|(b, v)| if b == 0 { 0 } else { v >> (32 - b) })
+    ]
 }
 
 /// A record as the observer fills it in at insert (anything the kernel could hold).
@@ -38,26 +42,33 @@ fn insert_record() -> impl Strategy<Value = RequestRecord> {
         (wide_u32(), wide_u32(), wide_u32(), wide_u32(), wide_u32()),
         (0u8..8, any::<u8>(), any::<u16>()),
     )
-        .prop_map(|((sector, insert, budget, distance), (since, wait, gap), (qr, qw, ir, iw, nr), (op, flags, ioprio))| {
-            RequestRecord {
-                sector,
-                insert_ns: insert,
-                deadline_ns: insert.wrapping_add(budget),
-                since_last_insert_ns: since,
-                issue_distance: distance,
-                dir_wait_ewma_ns: wait,
-                issue_gap_ewma_ns: gap,
-                queued_read: qr,
-                queued_write: qw,
-                inflight_read: ir,
-                inflight_write: iw,
-                nr_sectors: nr,
-                op,
-                flags,
-                ioprio,
-                ..Default::default()
-            }
-        })
+        .prop_map(
+            |(
+                (sector, insert, budget, distance),
+                (since, wait, gap),
+                (qr, qw, ir, iw, nr),
+                (op, flags, ioprio),
+            )| {
+                RequestRecord {
+                    sector,
+                    insert_ns: insert,
+                    deadline_ns: insert.wrapping_add(budget),
+                    since_last_insert_ns: since,
+                    issue_distance: distance,
+                    dir_wait_ewma_ns: wait,
+                    issue_gap_ewma_ns: gap,
+                    queued_read: qr,
+                    queued_write: qw,
+                    inflight_read: ir,
+                    inflight_write: iw,
+                    nr_sectors: nr,
+                    op,
+                    flags,
+                    ioprio,
+                    ..Default::default()
+                }
+            },
+        )
 }
 
 /// The definition of `log2_8`, in u128.
@@ -81,7 +92,11 @@ fn sat(v: u128) -> i64 {
 /// Every feature from its definition, in wide arithmetic.
 fn reference(r: &RequestRecord) -> [i64; NUM_FEATURES] {
     let write = r.op != ReqOp::Read as u8;
-    let (same, other) = if write { (r.queued_write, r.queued_read) } else { (r.queued_read, r.queued_write) };
+    let (same, other) = if write {
+        (r.queued_write, r.queued_read)
+    } else {
+        (r.queued_read, r.queued_write)
+    };
     let budget_ns = (r.deadline_ns as u128).saturating_sub(r.insert_ns as u128);
     let expected = same as u128 * (r.issue_gap_ewma_ns as u128).min(u32::MAX as u128);
     let mut x = [0i64; NUM_FEATURES];

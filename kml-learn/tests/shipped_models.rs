@@ -39,7 +39,10 @@ fn every_shipped_model_loads_and_validates() {
     for (path, m) in &models {
         let name = path.display();
         let size = std::fs::metadata(path).unwrap().len();
-        assert!(size < 1 << 20, "{name}: {size} bytes (keep model files below 1 MiB)");
+        assert!(
+            size < 1 << 20,
+            "{name}: {size} bytes (keep model files below 1 MiB)"
+        );
         // The kernel form: valid, sealed, and reading only known features.
         match &m.quantized {
             QuantizedModel::Linear(q) => {
@@ -60,9 +63,20 @@ fn every_shipped_model_loads_and_validates() {
         }
         // Provenance: what it was trained on, and how it did on held-back data.
         let t = &m.file.training;
-        assert!(t.workload.as_deref().is_some_and(|w| !w.is_empty()), "{name}: no workload description");
-        assert!(t.data.records > 0 && t.fit_records > 0, "{name}: no training records");
-        let test = m.file.metrics.test.as_ref().unwrap_or_else(|| panic!("{name}: no held-back metrics"));
+        assert!(
+            t.workload.as_deref().is_some_and(|w| !w.is_empty()),
+            "{name}: no workload description"
+        );
+        assert!(
+            t.data.records > 0 && t.fit_records > 0,
+            "{name}: no training records"
+        );
+        let test = m
+            .file
+            .metrics
+            .test
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no held-back metrics"));
         assert!(test.data.records > 0);
         assert!(
             test.quantized.balanced_accuracy >= test.float.balanced_accuracy - 0.005,
@@ -94,6 +108,11 @@ fn integer_verdicts_match_float_on_a_recorded_sample() {
     assert!(data.len() >= 500 && data.misses() > 0 && data.misses() < data.len());
     for (path, m) in shipped() {
         let e = evaluate(&m.float, &m.quantized, &data);
-        assert!(e.agreement >= 0.995, "{}: float and integer verdicts agree on {:.4}", path.display(), e.agreement);
+        assert!(
+            e.agreement >= 0.995,
+            "{}: float and integer verdicts agree on {:.4}",
+            path.display(),
+            e.agreement
+        );
     }
 }

@@ -181,7 +181,10 @@ mod tests {
             parts[0],
             format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH)
         );
-        assert_eq!(&parts[1..], ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"]);
+        assert_eq!(
+            &parts[1..],
+            ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"]
+        );
     }
 
     #[test]

@@ -788,7 +788,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kml-vm-lock-test-{}", std::process::id()));
         let first = lock_dir(&dir, "the test dir").unwrap();
         let err = lock_dir(&dir, "the test dir").unwrap_err().to_string();
-        assert!(err.contains("another `cargo xtask vm` is using the test dir"), "{err}");
+        assert!(
+            err.contains("another `cargo xtask vm` is using the test dir"),
+            "{err}"
+        );
         drop(first);
         drop(lock_dir(&dir, "the test dir").unwrap());
         fs::remove_dir_all(&dir).unwrap();

@@ -13,16 +13,27 @@ impl DoctorArgs {
         let report = KernelReport::probe();
         println!("kml doctor: kernel {}", report.release);
         for c in &report.checks {
-            println!("  [{}] {:<16} {}", if c.ok { "yes" } else { "no " }, c.name, c.detail);
+            println!(
+                "  [{}] {:<16} {}",
+                if c.ok { "yes" } else { "no " },
+                c.name,
+                c.detail
+            );
         }
         println!("block devices:");
         // Unattached loop devices (size 0) are noise.
         for d in devices::list().into_iter().filter(|d| d.size_sectors > 0) {
-            let iosched = ["read_expire", "write_expire", "fifo_batch", "writes_starved", "front_merges"]
-                .iter()
-                .filter_map(|k| d.iosched.get(*k).map(|v| format!("{k}={v}")))
-                .collect::<Vec<_>>()
-                .join(" ");
+            let iosched = [
+                "read_expire",
+                "write_expire",
+                "fifo_batch",
+                "writes_starved",
+                "front_merges",
+            ]
+            .iter()
+            .filter_map(|k| d.iosched.get(*k).map(|v| format!("{k}={v}")))
+            .collect::<Vec<_>>()
+            .join(" ");
             println!(
                 "  {:<10} {:>4}:{:<4} scheduler {:<12} {}",
                 d.name,

@@ -48,7 +48,10 @@ impl HookArgs {
         // The disks whose kernel counters are reported.
         let disks: Vec<BlockDevice> = match &device {
             Some(d) => vec![d.clone()],
-            None => crate::devices::list().into_iter().filter(|d| kernel_boosts(d).is_some()).collect(),
+            None => crate::devices::list()
+                .into_iter()
+                .filter(|d| kernel_boosts(d).is_some())
+                .collect(),
         };
         if let Some(d) = &device {
             if kernel_boosts(d).is_none() {
@@ -61,7 +64,10 @@ impl HookArgs {
                 );
             }
         }
-        let before: Vec<KernelBoosts> = disks.iter().map(|d| kernel_boosts(d).unwrap_or_default()).collect();
+        let before: Vec<KernelBoosts> = disks
+            .iter()
+            .map(|d| kernel_boosts(d).unwrap_or_default())
+            .collect();
         let (hook, fmod_ret) = match self.via {
             Via::Kprobe => (Some(Hook::attach(self.policy, device.as_ref())?), None),
             Via::FmodRet => {
@@ -72,13 +78,18 @@ impl HookArgs {
                 (None, Some(FmodRet::attach(&btf, self.policy)?))
             }
         };
-        let target = device.as_ref().map_or_else(|| "every mq-deadline disk".to_owned(), |d| d.name.clone());
+        let target = device
+            .as_ref()
+            .map_or_else(|| "every mq-deadline disk".to_owned(), |d| d.name.clone());
         let how = match self.via {
             Via::Kprobe => "kprobe + bpf_override_return",
             Via::FmodRet => "fmod_ret",
         };
         // The line scripts wait for before they start I/O.
-        eprintln!("kml-agent: hook attached to dd_kml_verdict ({how}, policy {}, {target})", self.policy);
+        eprintln!(
+            "kml-agent: hook attached to dd_kml_verdict ({how}, policy {}, {target})",
+            self.policy
+        );
 
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));

@@ -1,8 +1,8 @@
 //! The command line: one module per subcommand.
 
 mod doctor;
-mod models;
 mod hook;
+mod models;
 mod record;
 mod run;
 mod session;
@@ -72,9 +72,13 @@ pub fn init_logging(verbose: u8) {
 /// `10s`, `500ms`, `2m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (e.g. 10s, 500ms, 2m)"))?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 10s, 500ms, 2m)"))?;
     let secs = match unit {
         "" | "s" => value,
         "ms" => value / 1e3,
@@ -97,7 +101,9 @@ pub fn parse_size(s: &str) -> Result<u32, String> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 8M)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 8M)"))?;
     u32::try_from(n * mult).map_err(|_| format!("`{s}` is too large (max 2G)"))
 }
 

@@ -10,20 +10,33 @@ impl ModelsArgs {
             println!("no model files in {:?}", crate::models::search_dirs());
             return Ok(());
         }
-        println!("{:<28} {:<9} {:>9} {:>9} {:>9}  trained on", "model", "kind", "bal.acc", "f1 miss", "baseline");
+        println!(
+            "{:<28} {:<9} {:>9} {:>9} {:>9}  trained on",
+            "model", "kind", "bal.acc", "f1 miss", "baseline"
+        );
         for (path, loaded) in found {
-            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             match loaded {
                 Ok(m) => {
                     let test = m.file.metrics.test.as_ref();
-                    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
+                    let fmt = |v: Option<f64>| {
+                        v.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v))
+                    };
                     println!(
                         "{:<28} {:<9} {:>9} {:>9} {:>9}  {}",
                         name,
                         m.kind().name(),
                         fmt(test.map(|e| e.quantized.balanced_accuracy)),
                         fmt(test.map(|e| e.quantized.f1_miss)),
-                        fmt(m.file.metrics.baseline_test.as_ref().map(|e| e.quantized.balanced_accuracy)),
+                        fmt(m
+                            .file
+                            .metrics
+                            .baseline_test
+                            .as_ref()
+                            .map(|e| e.quantized.balanced_accuracy)),
                         m.file.training.workload.as_deref().unwrap_or("?"),
                     );
                 }

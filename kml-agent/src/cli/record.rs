@@ -11,9 +11,7 @@ use anyhow::Context as _;
 use kml_ebpf_common::{trace, Counter};
 
 use super::session;
-use crate::{
-    stats::{human_ns, LatencySummary},
-};
+use crate::stats::{human_ns, LatencySummary};
 
 #[derive(clap::Args, Debug)]
 pub struct RecordArgs {
@@ -37,7 +35,8 @@ impl RecordArgs {
 
     async fn run(self) -> anyhow::Result<()> {
         let targets = session::resolve(&self.device)?;
-        let file = File::create(&self.out).with_context(|| format!("creating {}", self.out.display()))?;
+        let file =
+            File::create(&self.out).with_context(|| format!("creating {}", self.out.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         writeln!(out, "{}", trace::header())?;
 
@@ -68,18 +67,19 @@ impl RecordArgs {
         let mut wait = Vec::new();
         let mut service = Vec::new();
         let mut misses = 0u64;
-        let mut write_batch = |batch: &mut Vec<kml_ebpf_common::RequestRecord>| -> anyhow::Result<()> {
-            for r in batch.iter() {
-                trace::write_row(&mut out, r)?;
-                if r.issue_ns != 0 {
-                    wait.push(r.insert_to_issue_ns());
-                    service.push(r.issue_to_complete_ns());
+        let mut write_batch =
+            |batch: &mut Vec<kml_ebpf_common::RequestRecord>| -> anyhow::Result<()> {
+                for r in batch.iter() {
+                    trace::write_row(&mut out, r)?;
+                    if r.issue_ns != 0 {
+                        wait.push(r.insert_to_issue_ns());
+                        service.push(r.issue_to_complete_ns());
+                    }
+                    misses += u64::from(r.deadline_missed());
                 }
-                misses += u64::from(r.deadline_missed());
-            }
-            batch.clear();
-            Ok(())
-        };
+                batch.clear();
+                Ok(())
+            };
         loop {
             tokio::select! {
                 () = &mut deadline => break,
@@ -91,7 +91,8 @@ impl RecordArgs {
         observer.detach();
         stream.drain(&mut batch);
         write_batch(&mut batch)?;
-        out.flush().with_context(|| format!("writing {}", self.out.display()))?;
+        out.flush()
+            .with_context(|| format!("writing {}", self.out.display()))?;
 
         let counters = observer.counters()?;
         let loss = session::losses(&observer)?;
@@ -113,7 +114,10 @@ impl RecordArgs {
         );
         eprintln!("kml-agent: {}", loss.line());
         if stream.undecodable > 0 {
-            anyhow::bail!("{} ring buffer items had the wrong size (agent and eBPF object disagree)", stream.undecodable);
+            anyhow::bail!(
+                "{} ring buffer items had the wrong size (agent and eBPF object disagree)",
+                stream.undecodable
+            );
         }
         Ok(())
     }

@@ -66,7 +66,8 @@ impl RunArgs {
             spec => Some(crate::models::resolve(spec)?),
         };
         let learn_kind = match (&self.learn_kind, &start_model) {
-            (Some(k), _) => ModelKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown --learn-kind `{k}`"))?,
+            (Some(k), _) => ModelKind::from_name(k)
+                .ok_or_else(|| anyhow::anyhow!("unknown --learn-kind `{k}`"))?,
             (None, Some((_, m))) => m.kind(),
             (None, None) => ModelKind::Logistic,
         };
@@ -76,7 +77,8 @@ impl RunArgs {
             }
         })?;
         let _pins = if self.pin {
-            let pins = crate::pin::pin_maps(observer.ebpf(), std::path::Path::new(crate::pin::PIN_DIR))?;
+            let pins =
+                crate::pin::pin_maps(observer.ebpf(), std::path::Path::new(crate::pin::PIN_DIR))?;
             eprintln!("kml-agent: maps pinned at {}", pins.dir().display());
             Some(pins)
         } else {
@@ -96,10 +98,19 @@ impl RunArgs {
             if let Some(ba) = crate::models::held_back_balanced_accuracy(m) {
                 learner.accepted(ba);
             }
-            eprintln!("kml-agent: model {} ({}) active as v{}", path.display(), m.kind().name(), active.version);
+            eprintln!(
+                "kml-agent: model {} ({}) active as v{}",
+                path.display(),
+                m.kind().name(),
+                active.version
+            );
         }
         let mut stream = observer.records()?;
-        let names: Vec<String> = observer.devices().iter().map(|d| d.device.name.clone()).collect();
+        let names: Vec<String> = observer
+            .devices()
+            .iter()
+            .map(|d| d.device.name.clone())
+            .collect();
         eprintln!(
             "kml-agent: observing {} ({}, {:?} mode); Ctrl-C stops",
             names.join(", "),
@@ -235,9 +246,16 @@ impl RunArgs {
         stream.drain(&mut window);
         total += window.len() as u64;
         let loss = session::losses(&observer)?;
-        eprintln!("kml-agent: {total} records in {:.1}s; {}", started.elapsed().as_secs_f64(), loss.line());
+        eprintln!(
+            "kml-agent: {total} records in {:.1}s; {}",
+            started.elapsed().as_secs_f64(),
+            loss.line()
+        );
         if self.mode == LossMode::Lossless && loss.ring_full_drops > 0 {
-            anyhow::bail!("lossless mode: {} records were dropped", loss.ring_full_drops);
+            anyhow::bail!(
+                "lossless mode: {} records were dropped",
+                loss.ring_full_drops
+            );
         }
         Ok(())
     }

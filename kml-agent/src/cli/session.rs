@@ -14,7 +14,10 @@ use crate::{
 pub fn resolve(devices: &[String]) -> anyhow::Result<Vec<BlockDevice>> {
     crate::kernel::caps::require_privileges()?;
     Ok(if devices.is_empty() {
-        let all: Vec<BlockDevice> = crate::devices::list().into_iter().filter(BlockDevice::is_mq_deadline).collect();
+        let all: Vec<BlockDevice> = crate::devices::list()
+            .into_iter()
+            .filter(BlockDevice::is_mq_deadline)
+            .collect();
         if all.is_empty() {
             anyhow::bail!(
                 "no disk uses mq-deadline: pick one with --device, after `echo mq-deadline > /sys/block/DEV/queue/scheduler`"
@@ -22,7 +25,10 @@ pub fn resolve(devices: &[String]) -> anyhow::Result<Vec<BlockDevice>> {
         }
         all
     } else {
-        devices.iter().map(|d| BlockDevice::find(d)).collect::<anyhow::Result<_>>()?
+        devices
+            .iter()
+            .map(|d| BlockDevice::find(d))
+            .collect::<anyhow::Result<_>>()?
     })
 }
 
@@ -72,8 +78,16 @@ pub fn start_with(
 
 /// Losses at the end of a session.
 pub fn losses(observer: &Observer) -> anyhow::Result<LossReport> {
-    let missed = observer.program_stats()?.iter().map(|p| p.recursion_misses).sum();
-    Ok(LossReport::new(&observer.counters()?, observer.live_inflight()?, missed))
+    let missed = observer
+        .program_stats()?
+        .iter()
+        .map(|p| p.recursion_misses)
+        .sum();
+    Ok(LossReport::new(
+        &observer.counters()?,
+        observer.live_inflight()?,
+        missed,
+    ))
 }
 
 /// Resolves on SIGINT or SIGTERM, with the signal's name.

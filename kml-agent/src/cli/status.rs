@@ -29,7 +29,8 @@ fn program_costs() -> Vec<(String, u64, u64)> {
         .flatten()
         .filter_map(|p| {
             let name = p.name_as_str()?.to_owned();
-            name.starts_with("kml_").then(|| (name, p.run_count(), p.run_time().as_nanos() as u64))
+            name.starts_with("kml_")
+                .then(|| (name, p.run_count(), p.run_time().as_nanos() as u64))
         })
         .collect()
 }
@@ -57,13 +58,15 @@ impl StatusArgs {
             }
             None => (0, false),
         };
-        let counters: PerCpuArray<_, Counters> = PerCpuArray::try_from(pin::open(dir, "COUNTERS")?)?;
+        let counters: PerCpuArray<_, Counters> =
+            PerCpuArray::try_from(pin::open(dir, "COUNTERS")?)?;
         let mut c = Counters::default();
         for cpu in counters.get(&0, 0)?.iter() {
             c.accumulate(cpu);
         }
         let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pin::open(dir, "DEVICES")?)?;
-        let states: HashMap<_, u32, DeviceState> = HashMap::try_from(pin::open(dir, "DEVICE_STATE")?)?;
+        let states: HashMap<_, u32, DeviceState> =
+            HashMap::try_from(pin::open(dir, "DEVICE_STATE")?)?;
         let mut devs = Vec::new();
         for entry in devices.iter().flatten() {
             let (dev, cfg) = entry;
@@ -83,16 +86,25 @@ impl StatusArgs {
             c.get(Counter::TrueMet),
             c.get(Counter::FalseMet),
         );
-        let ratio = |a: u64, b: u64| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
+        let ratio = |a: u64, b: u64| {
+            if b == 0 {
+                f64::NAN
+            } else {
+                a as f64 / b as f64
+            }
+        };
         let balanced = (ratio(tp, tp + fnn) + ratio(tn, tn + fp)) / 2.0;
         let accuracy = ratio(tp + tn, tp + fp + tn + fnn);
-        let stats_on = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1");
+        let stats_on = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .is_ok_and(|s| s.trim() == "1");
         let costs: Vec<_> = program_costs()
             .into_iter()
             .map(|(name, runs, ns)| json!({"program": name, "runs": runs, "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 }}))
             .collect();
-        let counters_json: serde_json::Map<String, serde_json::Value> =
-            Counters::ALL.iter().map(|k| (k.name().to_owned(), json!(c.get(*k)))).collect();
+        let counters_json: serde_json::Map<String, serde_json::Value> = Counters::ALL
+            .iter()
+            .map(|k| (k.name().to_owned(), json!(c.get(*k))))
+            .collect();
         let report = json!({
             "pin_dir": dir,
             "model": { "kind": kind.map(|k| k.name()), "slot": control.slot, "version": version, "checksum_ok": checksum_ok },
@@ -140,7 +152,10 @@ impl StatusArgs {
         }
         if stats_on {
             for p in &costs {
-                println!("  cost       {} ns/run over {} runs: {}", p["ns_per_run"], p["runs"], p["program"]);
+                println!(
+                    "  cost       {} ns/run over {} runs: {}",
+                    p["ns_per_run"], p["runs"], p["program"]
+                );
             }
         } else {
             println!("  cost       unknown: `sysctl kernel.bpf_stats_enabled=1` to measure ns per decision");

@@ -20,11 +20,15 @@ pub fn missing_capabilities() -> Vec<&'static str> {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
         .unwrap_or(0);
-    [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
-        .into_iter()
-        .filter(|(bit, _)| eff & (1u64 << bit) == 0)
-        .map(|(_, name)| name)
-        .collect()
+    [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| eff & (1u64 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect()
 }
 
 /// Fails with one clear line when the process cannot load BPF programs.
@@ -157,13 +161,17 @@ impl KernelReport {
                     l.rq_data_len,
                     l.rq_cmd_flags,
                     match l.ioprio_source {
-                        kml_ebpf_common::layout::IOPRIO_IN_REQUEST => format!("rq->ioprio@{}", l.rq_ioprio),
-                        kml_ebpf_common::layout::IOPRIO_IN_BIO => format!("rq->bio@{}->bi_ioprio@{}", l.rq_bio, l.bio_ioprio),
+                        kml_ebpf_common::layout::IOPRIO_IN_REQUEST =>
+                            format!("rq->ioprio@{}", l.rq_ioprio),
+                        kml_ebpf_common::layout::IOPRIO_IN_BIO =>
+                            format!("rq->bio@{}->bi_ioprio@{}", l.rq_bio, l.bio_ioprio),
                         _ => "not found".into(),
                     }
                 ),
                 (Ok(_), Err(e)) => format!("{} parsed, but: {e}", Btf::VMLINUX),
-                (Err(e), _) => format!("{e}: raw tracepoints unavailable, tracepoint mode is the fallback"),
+                (Err(e), _) => {
+                    format!("{e}: raw tracepoints unavailable, tracepoint mode is the fallback")
+                }
             },
         });
 
@@ -179,7 +187,11 @@ impl KernelReport {
                 Ok(t) => format!(
                     "{}{}",
                     t.root().display(),
-                    if t.mounted_by_us { " (mounted by kml)" } else { "" }
+                    if t.mounted_by_us {
+                        " (mounted by kml)"
+                    } else {
+                        ""
+                    }
                 ),
                 Err(e) => e.to_string(),
             },
@@ -219,7 +231,9 @@ impl KernelReport {
             ok: fentry.is_ok(),
             detail: match &fentry {
                 Ok(()) => "`tracing` program type loads (BPF trampolines)".into(),
-                Err(e) => format!("`tracing` program type: {e}; the tracepoint modes do not need it"),
+                Err(e) => {
+                    format!("`tracing` program type: {e}; the tracepoint modes do not need it")
+                }
             },
         });
         let bpffs = mounts::bpffs_mounted();
@@ -229,7 +243,10 @@ impl KernelReport {
             detail: if bpffs {
                 format!("mounted at {}", mounts::BPFFS)
             } else {
-                format!("not mounted at {} (kml mounts it when it pins)", mounts::BPFFS)
+                format!(
+                    "not mounted at {} (kml mounts it when it pins)",
+                    mounts::BPFFS
+                )
             },
         });
         let lockdown = mounts::lockdown_mode();
@@ -237,7 +254,9 @@ impl KernelReport {
             name: "lockdown",
             ok: lockdown.as_deref() != Some("confidentiality"),
             detail: match lockdown.as_deref() {
-                Some("confidentiality") => "confidentiality: kernel reads by BPF are refused".into(),
+                Some("confidentiality") => {
+                    "confidentiality: kernel reads by BPF are refused".into()
+                }
                 Some(m) => format!("{m} (BPF tracing allowed)"),
                 None => "no lockdown LSM".into(),
             },
@@ -266,10 +285,27 @@ impl KernelReport {
         };
         let raw_tracepoint_ready = need(raw_type.and(raw_layout.map(|_| ())));
         let tracepoint_ready = need(tp_type.and(tp_layout.map(|_| ())));
-        let detail = |name: &str| checks.iter().find(|c| c.name == name).map(|c| c.detail.clone()).unwrap_or_default();
-        let kprobe_ready = if kprobe_pmu { Ok(()) } else { Err(detail("kprobes")) };
+        let detail = |name: &str| {
+            checks
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.detail.clone())
+                .unwrap_or_default()
+        };
+        let kprobe_ready = if kprobe_pmu {
+            Ok(())
+        } else {
+            Err(detail("kprobes"))
+        };
         let fentry_ready = fentry.clone().map_err(|_| detail("fentry/fexit"));
-        KernelReport { release, checks, raw_tracepoint_ready, tracepoint_ready, kprobe_ready, fentry_ready }
+        KernelReport {
+            release,
+            checks,
+            raw_tracepoint_ready,
+            tracepoint_ready,
+            kprobe_ready,
+            fentry_ready,
+        }
     }
 
     /// The mode `auto` picks, or why the requested one cannot work.
@@ -279,7 +315,11 @@ impl KernelReport {
                 .raw_tracepoint_ready
                 .clone()
                 .map(|()| AttachMode::RawTracepoint)
-                .map_err(|e| anyhow::anyhow!("attach mode raw-tracepoint unavailable: {e}; try --attach tracepoint")),
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "attach mode raw-tracepoint unavailable: {e}; try --attach tracepoint"
+                    )
+                }),
             AttachRequest::Tracepoint => self
                 .tracepoint_ready
                 .clone()

@@ -1,7 +1,9 @@
 //! Builds the [`KernelLayout`] the programs read, from BTF and tracefs.
 
 use kml_ebpf_common::{
-    layout::{EventFields, RawTpLayout, TracepointLayout, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST, IOPRIO_NONE},
+    layout::{
+        EventFields, RawTpLayout, TracepointLayout, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST, IOPRIO_NONE,
+    },
     KernelLayout,
 };
 
@@ -14,11 +16,19 @@ pub enum LayoutError {
     #[error(transparent)]
     Tracefs(#[from] super::tracefs::TracefsError),
     #[error("{what} is {found} bytes in this kernel; kml reads it as {expected}")]
-    Size { what: String, found: u32, expected: u32 },
+    Size {
+        what: String,
+        found: u32,
+        expected: u32,
+    },
     #[error("{what} = {value} does not fit the layout kml uses")]
     Value { what: String, value: i64 },
     #[error("raw tracepoint {name} takes {found} arguments here; kml expects {expected}")]
-    Prototype { name: String, found: usize, expected: usize },
+    Prototype {
+        name: String,
+        found: usize,
+        expected: usize,
+    },
 }
 
 /// `struct request` and friends, from BTF; every size is checked against what the
@@ -27,18 +37,28 @@ pub fn raw_tp_layout(btf: &Btf) -> Result<RawTpLayout, LayoutError> {
     let member = |ty: &str, name: &str, size: u32| -> Result<u32, LayoutError> {
         let m = btf.member(ty, name)?;
         if m.size != size {
-            return Err(LayoutError::Size { what: format!("struct {ty}.{name}"), found: m.size, expected: size });
+            return Err(LayoutError::Size {
+                what: format!("struct {ty}.{name}"),
+                found: m.size,
+                expected: size,
+            });
         }
         Ok(m.offset)
     };
     let value = |name: &str| -> Result<u32, LayoutError> {
         let v = btf.enumerator(name)?;
-        u32::try_from(v).map_err(|_| LayoutError::Value { what: name.into(), value: v })
+        u32::try_from(v).map_err(|_| LayoutError::Value {
+            what: name.into(),
+            value: v,
+        })
     };
     let bit = |name: &str| -> Result<u32, LayoutError> {
         let b = value(name)?;
         if b >= 32 {
-            return Err(LayoutError::Value { what: name.into(), value: b.into() });
+            return Err(LayoutError::Value {
+                what: name.into(),
+                value: b.into(),
+            });
         }
         Ok(1u32 << b)
     };
@@ -52,14 +72,21 @@ pub fn raw_tp_layout(btf: &Btf) -> Result<RawTpLayout, LayoutError> {
     ] {
         let found = btf.typedef_fn_params(&format!("btf_trace_{tp}"))?;
         if found != args + 1 {
-            return Err(LayoutError::Prototype { name: tp.into(), found: found.saturating_sub(1), expected: args });
+            return Err(LayoutError::Prototype {
+                name: tp.into(),
+                found: found.saturating_sub(1),
+                expected: args,
+            });
         }
     }
     // Op values live in the low bits of cmd_flags; the first flag bit
     // (__REQ_FAILFAST_DEV == REQ_OP_BITS) tells how many.
     let op_bits = value("__REQ_FAILFAST_DEV")?;
     if op_bits == 0 || op_bits >= 32 {
-        return Err(LayoutError::Value { what: "__REQ_FAILFAST_DEV".into(), value: op_bits.into() });
+        return Err(LayoutError::Value {
+            what: "__REQ_FAILFAST_DEV".into(),
+            value: op_bits.into(),
+        });
     }
     // struct request lost its ioprio (6.18 keeps it in the bio only).
     let (ioprio_source, rq_ioprio, rq_bio, bio_ioprio) = match member("request", "ioprio", 2) {
@@ -100,7 +127,10 @@ fn offset(f: &super::tracefs::Field) -> Result<u16, LayoutError> {
     u16::try_from(f.offset)
         .ok()
         .filter(|o| *o != EventFields::ABSENT)
-        .ok_or(LayoutError::Value { what: format!("field {} offset", f.name), value: f.offset.into() })
+        .ok_or(LayoutError::Value {
+            what: format!("field {} offset", f.name),
+            value: f.offset.into(),
+        })
 }
 
 /// Offsets of one classic event's fields; `rwbs`/`error` only where asked for.
@@ -119,9 +149,16 @@ fn event_fields(
         // Programs read the first 8 bytes of rwbs (RWBS_LEN was 8; 6.18 has 10).
         let rwbs = fmt
             .field("rwbs")
-            .ok_or_else(|| super::tracefs::TracefsError::NoField { event: event.into(), field: "rwbs".into() })?;
+            .ok_or_else(|| super::tracefs::TracefsError::NoField {
+                event: event.into(),
+                field: "rwbs".into(),
+            })?;
         if rwbs.size < 8 {
-            return Err(LayoutError::Size { what: format!("{event}.rwbs"), found: rwbs.size, expected: 8 });
+            return Err(LayoutError::Size {
+                what: format!("{event}.rwbs"),
+                found: rwbs.size,
+                expected: 8,
+            });
         }
         f.rwbs = offset(rwbs)?;
         if let Some(io) = fmt.field("ioprio") {
@@ -148,7 +185,11 @@ pub fn tracepoint_layout(tracefs: &Tracefs) -> Result<TracepointLayout, LayoutEr
 }
 
 /// The global for the chosen mode (only that mode's part is filled in).
-pub fn kernel_layout(mode: AttachMode, wakeup_bytes: u32, sample_fill_bytes: u32) -> anyhow::Result<KernelLayout> {
+pub fn kernel_layout(
+    mode: AttachMode,
+    wakeup_bytes: u32,
+    sample_fill_bytes: u32,
+) -> anyhow::Result<KernelLayout> {
     let mut layout = KernelLayout::zeroed();
     layout.mode = mode.abi();
     layout.wakeup_bytes = wakeup_bytes;
