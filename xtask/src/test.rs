@@ -1,5 +1,6 @@
-//! `cargo xtask test`: build (debug), the host unit tests, then the integration
-//! tests (root only, one thread: they share loop devices and the kernel's BPF state).
+//! `cargo xtask test`: formatting, build (debug), the host unit tests, then the
+//! integration tests (root only, one thread: they share loop devices and the
+//! kernel's BPF state).
 
 use std::process::{Command, ExitCode, ExitStatus};
 
@@ -48,6 +49,18 @@ impl Outcome {
 impl TestArgs {
     pub fn execute(self) -> Result<ExitCode> {
         let root = workspace_root();
+        eprintln!("xtask: checking formatting (cargo fmt)");
+        let mut fmt = Command::new("cargo");
+        fmt.current_dir(&root).args(["fmt", "--all", "--check"]);
+        let mut format = Outcome::from_status(run_status(&mut fmt)?);
+        // kml-ebpf is outside the workspace; rustfmt follows its modules from main.rs.
+        let mut fmt_ebpf = Command::new("rustfmt");
+        fmt_ebpf
+            .current_dir(&root)
+            .args(["--edition", "2021", "--check", "kml-ebpf/src/main.rs"]);
+        if format.passed() {
+            format = Outcome::from_status(run_status(&mut fmt_ebpf)?);
+        }
         let agent = build_all(false)?;
         let object = ebpf_object_path(&root);
 
@@ -85,14 +98,17 @@ impl TestArgs {
         };
 
         eprintln!(
-            "xtask: test summary: host unit tests {}; integration tests {}",
+            "xtask: test summary: formatting {}; host unit tests {}; integration tests {}",
+            format.describe(),
             unit.describe(),
             integration.describe()
         );
-        Ok(if unit.passed() && integration.passed() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        })
+        Ok(
+            if format.passed() && unit.passed() && integration.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            },
+        )
     }
 }
