@@ -49,14 +49,6 @@ pub struct LearnConfig {
     pub drift_drop: f64,
 }
 
-/// Adds `b` into `a` (counts of two periods).
-pub fn merge(a: &mut ConfusionMatrix, b: &ConfusionMatrix) {
-    a.true_miss += b.true_miss;
-    a.false_miss += b.false_miss;
-    a.true_met += b.true_met;
-    a.false_met += b.false_met;
-}
-
 /// Seconds of live verdicts compared before and after a swap.
 pub const PROBATION_SECONDS: usize = 5;
 

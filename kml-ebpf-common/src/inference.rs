@@ -134,35 +134,6 @@ pub fn infer_tree(m: &TreeModel, x: &FeatureVector) -> Verdict {
     }
 }
 
-/// A model slot's contents, whatever the kind: what host code that handles either
-/// kind generically uses.
-pub trait IntegerModel {
-    fn infer(&self, x: &FeatureVector) -> Verdict;
-    fn checksum_ok(&self) -> bool;
-}
-
-impl IntegerModel for LinearModel {
-    #[inline(always)]
-    fn infer(&self, x: &FeatureVector) -> Verdict {
-        infer_linear(self, x)
-    }
-
-    fn checksum_ok(&self) -> bool {
-        LinearModel::checksum_ok(self)
-    }
-}
-
-impl IntegerModel for TreeModel {
-    #[inline(always)]
-    fn infer(&self, x: &FeatureVector) -> Verdict {
-        infer_tree(self, x)
-    }
-
-    fn checksum_ok(&self) -> bool {
-        TreeModel::checksum_ok(self)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

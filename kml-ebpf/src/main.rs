@@ -285,11 +285,9 @@ fn score_request(rec: &mut RequestRecord, x: &FeatureVector) {
 // ---------------------------------------------------------------------------
 // The shared body.
 
+/// `cfg` is the device's `DEVICES` entry, which the caller looked up as its filter.
 #[inline(always)]
-fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView) {
-    let Some(cfg) = DEVICES.get_ptr(v.dev) else {
-        return;
-    };
+fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView, cfg: *const DeviceConfig) {
     count(Counter::Inserts);
     let now = unsafe { bpf_ktime_get_ns() };
     let dir = v.op.direction();
@@ -491,10 +489,15 @@ unsafe fn queued_counter(s: *mut DeviceState, dir: Direction) -> *mut u64 {
     }
 }
 
-/// `dev_of` is only called when the request is not in flight, to tell a traced
-/// device's bypassing request from another disk's.
+/// One lookup of the in-flight map. `extent` (start sector, sectors as dispatched)
+/// is read only for a request in flight; `dev_of` only for one that is not, to tell
+/// a traced device's bypassing request from another disk's.
 #[inline(always)]
-fn on_issue(key: InflightKey, sector: u64, nr_sectors: u32, dev_of: impl FnOnce() -> Option<u32>) {
+fn on_issue(
+    key: InflightKey,
+    extent: impl FnOnce() -> Option<(u64, u32)>,
+    dev_of: impl FnOnce() -> Option<u32>,
+) {
     let Some(e) = INFLIGHT.get_ptr_mut(key) else {
         if let Some(dev) = dev_of() {
             if DEVICES.get_ptr(dev).is_some() {
@@ -505,6 +508,9 @@ fn on_issue(key: InflightKey, sector: u64, nr_sectors: u32, dev_of: impl FnOnce(
         return;
     };
     count(Counter::Issues);
+    let Some((sector, nr_sectors)) = extent() else {
+        return;
+    };
     let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
         let dev = (*e).dev;
@@ -571,8 +577,15 @@ fn on_merge(key: InflightKey) {
     }
 }
 
+/// One lookup of the in-flight map. `partial` says, for a request in flight,
+/// whether this completion covers only part of it (the request stays in flight).
 #[inline(always)]
-fn on_complete(key: InflightKey, error: i32, dev_of: impl FnOnce() -> Option<u32>) {
+fn on_complete(
+    key: InflightKey,
+    error: i32,
+    partial: impl FnOnce() -> bool,
+    dev_of: impl FnOnce() -> Option<u32>,
+) {
     let Some(e) = INFLIGHT.get_ptr_mut(key) else {
         if let Some(dev) = dev_of() {
             if DEVICES.get_ptr(dev).is_some() {
@@ -582,6 +595,10 @@ fn on_complete(key: InflightKey, error: i32, dev_of: impl FnOnce() -> Option<u32
         }
         return;
     };
+    if partial() {
+        count(Counter::PartialCompletions);
+        return;
+    }
     count(Counter::Completions);
     let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
@@ -740,9 +757,9 @@ pub fn kml_raw_rq_insert(ctx: RawTracePointContext) -> i32 {
     let rq: u64 = ctx.arg(0);
     let Some(dev) = raw_dev(rq) else { return 0 };
     // Untraced disks cost the dev lookup only.
-    if DEVICES.get_ptr(dev).is_none() {
+    let Some(cfg) = DEVICES.get_ptr(dev) else {
         return 0;
-    }
+    };
     let (Some(sector), Some(data_len), Some(cmd_flags)) = (
         read::<u64>(rq, layout!(raw.rq_sector)),
         read::<u32>(rq, layout!(raw.rq_data_len)),
@@ -763,6 +780,7 @@ pub fn kml_raw_rq_insert(ctx: RawTracePointContext) -> i32 {
             flags,
             ioprio,
         },
+        cfg,
     );
     0
 }
@@ -773,19 +791,12 @@ pub fn kml_raw_rq_issue(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let rq: u64 = ctx.arg(0);
-    let key = raw_key(rq);
-    if INFLIGHT.get_ptr(key).is_none() {
-        // Not ours, or a traced request that skipped the scheduler: tell which.
-        on_issue(key, 0, 0, || raw_dev(rq));
-        return 0;
-    }
-    let (Some(sector), Some(data_len)) = (
-        read::<u64>(rq, layout!(raw.rq_sector)),
-        read::<u32>(rq, layout!(raw.rq_data_len)),
-    ) else {
-        return 0;
+    let extent = || {
+        let sector = read::<u64>(rq, layout!(raw.rq_sector))?;
+        let data_len = read::<u32>(rq, layout!(raw.rq_data_len))?;
+        Some((sector, data_len >> 9))
     };
-    on_issue(key, sector, data_len >> 9, || None);
+    on_issue(raw_key(rq), extent, || raw_dev(rq));
     0
 }
 
@@ -798,18 +809,11 @@ pub fn kml_raw_rq_complete(ctx: RawTracePointContext) -> i32 {
     let rq: u64 = ctx.arg(0);
     let status: u64 = ctx.arg(1);
     let nr_bytes: u64 = ctx.arg(2);
-    let key = raw_key(rq);
-    if INFLIGHT.get_ptr(key).is_some() {
-        // blk_update_request() fires this before shrinking the request: a completion
-        // of fewer bytes than remain is partial and the request stays in flight.
-        if let Some(remaining) = read::<u32>(rq, layout!(raw.rq_data_len)) {
-            if (nr_bytes as u32) < remaining {
-                count(Counter::PartialCompletions);
-                return 0;
-            }
-        }
-    }
-    on_complete(key, (status & 0xff) as i32, || raw_dev(rq));
+    // blk_update_request() fires this before shrinking the request: a completion
+    // of fewer bytes than remain is partial and the request stays in flight.
+    let partial =
+        || read::<u32>(rq, layout!(raw.rq_data_len)).is_some_and(|left| (nr_bytes as u32) < left);
+    on_complete(raw_key(rq), (status & 0xff) as i32, partial, || raw_dev(rq));
     0
 }
 
@@ -878,9 +882,9 @@ pub fn kml_tp_rq_insert(ctx: TracePointContext) -> i32 {
     let Some((dev, sector, nr_sectors)) = tp_common(&ctx, &f) else {
         return 0;
     };
-    if DEVICES.get_ptr(dev).is_none() {
+    let Some(cfg) = DEVICES.get_ptr(dev) else {
         return 0;
-    }
+    };
     let Some(rwbs) = tp_read::<[u8; 8]>(&ctx, f.rwbs) else {
         return 0;
     };
@@ -897,6 +901,7 @@ pub fn kml_tp_rq_insert(ctx: TracePointContext) -> i32 {
             flags: flags.0,
             ioprio,
         },
+        cfg,
     );
     0
 }
@@ -910,7 +915,11 @@ pub fn kml_tp_rq_issue(ctx: TracePointContext) -> i32 {
     let Some((dev, sector, nr_sectors)) = tp_common(&ctx, &f) else {
         return 0;
     };
-    on_issue(tp_key(dev, sector), sector, nr_sectors, || Some(dev));
+    on_issue(
+        tp_key(dev, sector),
+        || Some((sector, nr_sectors)),
+        || Some(dev),
+    );
     0
 }
 
@@ -924,7 +933,9 @@ pub fn kml_tp_rq_complete(ctx: TracePointContext) -> i32 {
         return 0;
     };
     let error = tp_read::<i32>(&ctx, f.error).unwrap_or(0);
-    on_complete(tp_key(dev, sector), error, || Some(dev));
+    // The tracepoint's nr_sector is what remains, not what completed: a partial
+    // completion cannot be told here, so every completion ends the request.
+    on_complete(tp_key(dev, sector), error, || false, || Some(dev));
     0
 }
 

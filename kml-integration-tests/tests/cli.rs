@@ -3,6 +3,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
+    path::PathBuf,
     process::{Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -68,6 +69,45 @@ fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -
     }
 }
 
+/// A `kml-agent record` of one device, attached and recording; its CSV lives in a
+/// scratch folder removed on drop (the agent is killed on drop if still running).
+struct Recording {
+    agent: Agent,
+    dir: PathBuf,
+    csv: PathBuf,
+}
+
+impl Recording {
+    fn start(dev: &LoopDevice, tag: &str) -> Result<Recording> {
+        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let csv = dir.join("trace.csv");
+        let agent = spawn_agent(&[
+            "record",
+            "--device",
+            &dev.name,
+            "--duration",
+            "120s",
+            "--out",
+            csv.to_str().context("utf-8 path")?,
+        ])?;
+        wait_for_line(&agent.stderr, "recording", Duration::from_secs(30))?;
+        Ok(Recording { agent, dir, csv })
+    }
+
+    /// The trace the agent wrote (after it exited).
+    fn rows(&self) -> Result<Vec<RequestRecord>> {
+        trace::read_all(BufReader::new(std::fs::File::open(&self.csv)?))
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn doctor_reports_and_picks_a_mode() -> Result<()> {
     let out = Command::new(agent_bin()).arg("doctor").output()?;
@@ -101,23 +141,8 @@ fn doctor_reports_and_picks_a_mode() -> Result<()> {
 fn record_cli_writes_what_was_issued() -> Result<()> {
     const SIZE_MIB: u64 = 32;
     let dev = LoopDevice::new(SIZE_MIB, 500, 5000)?;
-    let dir = std::env::temp_dir().join(format!("kml-record-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let csv = dir.join("trace.csv");
-    let Agent {
-        child: mut agent,
-        stderr: rx,
-        ..
-    } = spawn_agent(&[
-        "record",
-        "--device",
-        &dev.name,
-        "--duration",
-        "60s",
-        "--out",
-        csv.to_str().context("utf-8 path")?,
-    ])?;
-    wait_for_line(&rx, "recording", Duration::from_secs(30))?;
+    let mut recording = Recording::start(&dev, "record")?;
+    let (agent, rx) = (&mut recording.agent.child, &recording.agent.stderr);
     let pattern = scattered_pattern(500, SIZE_MIB, 3);
     issue_direct(&dev, &pattern)?;
     // Ctrl-C ends the recording early and cleanly.
@@ -138,9 +163,7 @@ fn record_cli_writes_what_was_issued() -> Result<()> {
     );
     assert_no_kml_programs()?;
 
-    let rows = trace::read_all(BufReader::new(std::fs::File::open(&csv)?))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let _ = std::fs::remove_dir_all(&dir);
+    let rows = recording.rows()?;
     let me = std::process::id();
     let ours: Vec<Issued> = rows
         .iter()
@@ -181,24 +204,8 @@ fn bpftrace_stats(text: &str, name: &str) -> Option<(u64, u64)> {
 fn latencies_agree_with_bpftrace_and_counts_with_fio() -> Result<()> {
     let dev = LoopDevice::new(256, 500, 5000)?;
     let bdev = dev.block_device()?;
-    let dir = std::env::temp_dir().join(format!("kml-fio-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let csv = dir.join("trace.csv");
-
-    let Agent {
-        child: mut agent,
-        stderr: rx,
-        ..
-    } = spawn_agent(&[
-        "record",
-        "--device",
-        &dev.name,
-        "--duration",
-        "120s",
-        "--out",
-        csv.to_str().context("utf-8 path")?,
-    ])?;
-    wait_for_line(&rx, "recording", Duration::from_secs(30))?;
+    let mut recording = Recording::start(&dev, "fio")?;
+    let agent = &mut recording.agent.child;
 
     // bpftrace keys by sector on the one device: an independent issue→complete clock.
     let script = format!(
@@ -259,9 +266,7 @@ fn latencies_agree_with_bpftrace_and_counts_with_fio() -> Result<()> {
     ensure!(status.success(), "record exited with {status}");
     assert_no_kml_programs()?;
 
-    let rows = trace::read_all(BufReader::new(std::fs::File::open(&csv)?))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let _ = std::fs::remove_dir_all(&dir);
+    let rows = recording.rows()?;
     let ours: Vec<&RequestRecord> = rows
         .iter()
         .filter(|r| r.dev == bdev.dev() && r.issue_ns != 0)

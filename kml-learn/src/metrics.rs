@@ -28,6 +28,14 @@ impl ConfusionMatrix {
         }
     }
 
+    /// Adds another period's counts into these.
+    pub fn merge(&mut self, other: &ConfusionMatrix) {
+        self.true_miss += other.true_miss;
+        self.false_miss += other.false_miss;
+        self.true_met += other.true_met;
+        self.false_met += other.false_met;
+    }
+
     pub fn from_pairs(pairs: impl IntoIterator<Item = (bool, bool)>) -> Self {
         let mut m = ConfusionMatrix::default();
         for (predicted, actual) in pairs {

@@ -184,7 +184,7 @@ impl RunArgs {
                         recent.pop_front();
                     }
                     if let Some(p) = probation.as_mut() {
-                        learn::merge(&mut p.after, &live);
+                        p.after.merge(&live);
                         if p.started.elapsed() >= std::time::Duration::from_secs(learn::PROBATION_SECONDS as u64) {
                             let p = probation.take().expect("checked");
                             if let Some(reason) = p.verdict() {
@@ -219,7 +219,7 @@ impl RunArgs {
                                         probation = Some(learn::Probation::new(
                                             previous,
                                             learner.reference_ba.unwrap_or(0.0),
-                                            recent.iter().fold(kml_learn::ConfusionMatrix::default(), |mut m, s| { learn::merge(&mut m, s); m }),
+                                            recent.iter().fold(kml_learn::ConfusionMatrix::default(), |mut m, s| { m.merge(s); m }),
                                         ));
                                     }
                                     learner.accepted(c.candidate_ba);
