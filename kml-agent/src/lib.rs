@@ -4,7 +4,8 @@
 //! Modules follow the data flow: `kernel` (what the running kernel offers and how it
 //! lays out its structures) → `devices` (which disks, with which mq-deadline
 //! settings) → `observe` (load, configure, attach) → `record` (ring buffer → records)
-//! → `stats` (what the records say) → `infer` (models into the kernel's slots).
+//! → `stats` (what the records say) → `infer` (models into the kernel's slots) →
+//! `tune` (act on a stock kernel through mq-deadline's tunables).
 
 pub mod cli;
 pub mod devices;
@@ -17,3 +18,4 @@ pub mod observe;
 pub mod pin;
 pub mod record;
 pub mod stats;
+pub mod tune;

@@ -17,6 +17,8 @@ use anyhow::{bail, Context as _, Result};
 use kml_agent::devices::BlockDevice;
 use kml_ebpf_common::ReqOp;
 
+pub mod agent;
+
 /// A file-backed loop device (direct I/O on the backing file) using mq-deadline.
 /// Detached and its backing file removed on drop.
 pub struct LoopDevice {

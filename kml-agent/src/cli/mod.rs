@@ -4,6 +4,7 @@ mod doctor;
 mod hook;
 mod models;
 mod record;
+mod restore;
 mod run;
 mod session;
 mod status;
@@ -39,8 +40,11 @@ pub enum Command {
     Eval(kml_learn::cli::EvalArgs),
     /// List the model files `run --model` can start from, with their metrics.
     Models(models::ModelsArgs),
-    /// What a running agent (started with --pin) is doing: model, verdicts, costs.
+    /// What a running agent (started with --pin) is doing: model, verdicts, costs,
+    /// and what `run --tune` changed.
     Status(status::StatusArgs),
+    /// Put back the mq-deadline tunables a killed `run --tune` left changed.
+    Restore(restore::RestoreArgs),
 }
 
 impl Command {
@@ -54,6 +58,7 @@ impl Command {
             Command::Eval(a) => a.execute(),
             Command::Models(a) => a.execute(),
             Command::Status(a) => a.execute(),
+            Command::Restore(a) => a.execute(),
         }
     }
 }

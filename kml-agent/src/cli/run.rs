@@ -10,6 +10,7 @@ use crate::{
     infer::ModelSlots,
     learn::{self, LearnConfig, OnlineLearner},
     stats::{human_ns, RecordSummary},
+    tune::{policy::TuneConfig, Tuners},
 };
 
 /// What happens when the ring buffer fills up.
@@ -50,6 +51,15 @@ pub struct RunArgs {
     /// bpftool; removed on a clean exit.
     #[arg(long)]
     pub pin: bool,
+    /// Tune mq-deadline (fifo_batch, writes_starved, async_depth) from the live
+    /// predictions: protect reads the model predicts at risk while writes compete,
+    /// within safe ranges, undoing a change that costs more than its budget. The
+    /// originals are restored on exit (docs/tuning.md).
+    #[arg(long)]
+    pub tune: bool,
+    /// How often `--tune` decides (the length of its measuring window).
+    #[arg(long, value_parser = super::parse_duration, default_value = "5s")]
+    pub tune_every: Duration,
     #[command(flatten)]
     pub observe: session::ObserveArgs,
 }
@@ -70,6 +80,19 @@ impl RunArgs {
                 .ok_or_else(|| anyhow::anyhow!("unknown --learn-kind `{k}`"))?,
             (None, Some((_, m))) => m.kind(),
             (None, None) => ModelKind::Logistic,
+        };
+        let mut tuners = if self.tune {
+            // Before anything is loaded: a device another agent tunes is refused
+            // with nothing attached, and the originals are saved first.
+            let t = Tuners::start(&targets, self.tune_every, TuneConfig::default())?;
+            eprintln!(
+                "kml-agent: tuning mq-deadline every {:?}; originals saved in {}",
+                self.tune_every,
+                crate::tune::state::state_dir().display()
+            );
+            t
+        } else {
+            Tuners::default()
         };
         let mut observer = session::start_with(&targets, &self.observe, |c| {
             if self.mode == LossMode::Drop {
@@ -198,6 +221,8 @@ impl RunArgs {
                         eprintln!("kml-agent: drift: {reason}; retraining now");
                     }
                     learner.observe(&window);
+                    tuners.observe(&window);
+                    tuners.tick();
                     window.clear();
                     if self.retrain_every > Duration::ZERO && training.is_none() && learner.due() {
                         let data = learner.snapshot();
@@ -242,6 +267,8 @@ impl RunArgs {
                 n = stream.next_batch(&mut window) => { n?; }
             }
         }
+        // The originals go back before the programs go away.
+        drop(tuners);
         observer.detach();
         stream.drain(&mut window);
         total += window.len() as u64;

@@ -35,9 +35,95 @@ fn program_costs() -> Vec<(String, u64, u64)> {
         .collect()
 }
 
+/// What `run --tune` is doing to each device: from the state files, with the values
+/// the kernel reports now.
+fn tuning() -> Vec<serde_json::Value> {
+    use crate::tune::{state, sysfs::Queue};
+    state::TuneState::all(&state::state_dir())
+        .into_iter()
+        .map(|(path, st)| match st {
+            Ok(st) => {
+                let current = Queue::of(&st.device).read().ok();
+                json!({
+                    "device": st.device, "dev": st.dev, "pid": st.pid,
+                    "agent_running": state::agent_alive(st.pid),
+                    "level": st.level, "originals": st.originals, "applied": st.applied,
+                    "current": current, "decisions": st.decisions,
+                })
+            }
+            Err(e) => json!({"file": path, "error": format!("{e:#}")}),
+        })
+        .collect()
+}
+
+fn print_tuning(tuning: &[serde_json::Value]) {
+    for t in tuning {
+        if let Some(e) = t.get("error") {
+            println!("  tuning     {}: {e}", t["file"]);
+            continue;
+        }
+        let names = crate::tune::policy::Tunables::NAMES;
+        let show = |v: &serde_json::Value| {
+            names
+                .iter()
+                .map(|n| format!("{n} {}", v.get(n).unwrap_or(&json!("?"))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let running = if t["agent_running"].as_bool() == Some(true) {
+            "running"
+        } else {
+            "NOT running: `kml-agent restore` puts the originals back"
+        };
+        println!(
+            "  tuning     {} by pid {} ({running}) at level {}",
+            t["device"].as_str().unwrap_or("?"),
+            t["pid"],
+            t["level"]
+        );
+        println!("             now       {}", show(&t["current"]));
+        println!("             originals {}", show(&t["originals"]));
+        for d in t["decisions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .rev()
+            .take(5)
+        {
+            println!(
+                "             {} {} {} -> {}: {} ({})",
+                d["at_unix"],
+                d["action"].as_str().unwrap_or("?"),
+                d["from_level"],
+                d["to_level"],
+                d["change"].as_str().unwrap_or("?"),
+                d["reason"].as_str().unwrap_or("?")
+            );
+        }
+    }
+}
+
 impl StatusArgs {
     pub fn execute(self) -> anyhow::Result<()> {
         crate::kernel::caps::require_privileges()?;
+        let tuning = tuning();
+        match self.pinned(&tuning) {
+            Ok(()) => Ok(()),
+            // `run --tune` without --pin: the tuning state is all there is to show.
+            Err(e) if !tuning.is_empty() => {
+                if self.json {
+                    println!("{}", json!({"pinned": format!("{e:#}"), "tuning": tuning}));
+                } else {
+                    println!("kml status: no pinned maps ({e:#})");
+                    print_tuning(&tuning);
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn pinned(&self, tuning: &[serde_json::Value]) -> anyhow::Result<()> {
         let dir = &self.pin_dir;
         let control: Array<_, ModelControl> = Array::try_from(pin::open(dir, "MODEL_CONTROL")?)?;
         let control = control.get(&0, 0)?;
@@ -114,6 +200,7 @@ impl StatusArgs {
             "devices": devs,
             "bpf_stats_enabled": stats_on,
             "programs": costs,
+            "tuning": tuning,
         });
         if self.json {
             println!("{report}");
@@ -160,6 +247,7 @@ impl StatusArgs {
         } else {
             println!("  cost       unknown: `sysctl kernel.bpf_stats_enabled=1` to measure ns per decision");
         }
+        print_tuning(tuning);
         Ok(())
     }
 }
