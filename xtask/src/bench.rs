@@ -24,6 +24,7 @@ mod svg;
 mod sys;
 mod trace;
 mod training;
+mod tune;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -46,14 +47,17 @@ pub enum Phase {
     Overhead,
     /// In-kernel ns per event (bpf_stats).
     Cost,
+    /// Stock mq-deadline tunables vs `run --tune` on mixed workloads (writes TUNE.md).
+    Tune,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 4] = [
+    pub const ALL: [Phase; 5] = [
         Phase::Learning,
         Phase::Training,
         Phase::Overhead,
         Phase::Cost,
+        Phase::Tune,
     ];
 }
 
@@ -275,6 +279,26 @@ impl BenchArgs {
             not_run()
         };
         check_interrupt()?;
+        let tune = if want(Phase::Tune) {
+            run_phase("tune", || tune::run(&ctx))
+        } else {
+            not_run()
+        };
+        check_interrupt()?;
+        // Only the tuning measure: its section of the existing report is replaced,
+        // the other measures' results stay as they were.
+        if phases == [Phase::Tune] {
+            let path = report::splice_tune(&ctx)?;
+            eprintln!(
+                "xtask: bench: updated the tuning section of {}",
+                ctx.rel(&path)
+            );
+            return Ok(if matches!(tune, Outcome::Failed(_)) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
         let vm_report = root.join("target").join("vm").join("report.md");
         let vm = std::fs::read_to_string(&vm_report).ok();
 
@@ -308,6 +332,7 @@ impl BenchArgs {
             matches!(models, Outcome::Failed(_)),
             matches!(overhead, Outcome::Failed(_)),
             matches!(cost, Outcome::Failed(_)),
+            matches!(tune, Outcome::Failed(_)),
         ]
         .iter()
         .any(|f| *f);
@@ -319,6 +344,7 @@ impl BenchArgs {
             overhead,
             cost,
             vm,
+            tune: std::fs::read_to_string(ctx.out.join("TUNE.md")).ok(),
         };
         let path = report::write(&ctx, &results)?;
         eprintln!(

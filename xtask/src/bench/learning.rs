@@ -185,7 +185,7 @@ pub fn fio_result(ctx: &Ctx, name: &str) -> Result<FioSummary> {
 }
 
 /// `kml-agent record` for `secs` into `out`.
-fn record(ctx: &Ctx, dev: &LoopDevice, secs: u64, out: &Path, name: &str) -> Result<()> {
+pub fn record(ctx: &Ctx, dev: &LoopDevice, secs: u64, out: &Path, name: &str) -> Result<()> {
     run_logged(
         Command::new(&ctx.agent)
             .args([

@@ -67,6 +67,73 @@ pub fn parse_fio_json(text: &str) -> Result<FioSummary> {
     Ok(s)
 }
 
+/// Latency and throughput of a fio run, reads and writes apart (measure 6).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FioLatency {
+    /// Completion latency, ns: the mean weighted by I/Os over the jobs; the
+    /// percentiles the largest of any job (with `group_reporting` there is one).
+    pub read_mean_ns: f64,
+    pub read_p99_ns: f64,
+    pub read_p999_ns: f64,
+    pub write_mean_ns: f64,
+    pub write_p99_ns: f64,
+    pub write_p999_ns: f64,
+    /// Bytes read and written per second, all jobs.
+    pub bytes_per_s: f64,
+}
+
+pub fn parse_fio_latency(text: &str) -> Result<FioLatency> {
+    let start = text.find('{').context("no JSON object in fio's output")?;
+    let v: Value =
+        serde_json::from_str(&text[start..]).context("fio's JSON output does not parse")?;
+    let jobs = v["jobs"]
+        .as_array()
+        .context("fio's JSON has no `jobs` array")?;
+    let mut out = FioLatency::default();
+    let (mut read_ios, mut write_ios) = (0.0, 0.0);
+    for job in jobs {
+        for (dir, mean, p99, p999, ios) in [
+            (
+                "read",
+                &mut out.read_mean_ns,
+                &mut out.read_p99_ns,
+                &mut out.read_p999_ns,
+                &mut read_ios,
+            ),
+            (
+                "write",
+                &mut out.write_mean_ns,
+                &mut out.write_p99_ns,
+                &mut out.write_p999_ns,
+                &mut write_ios,
+            ),
+        ] {
+            let d = &job[dir];
+            let n = d["total_ios"].as_f64().unwrap_or(0.0);
+            if n == 0.0 {
+                continue;
+            }
+            let c = &d["clat_ns"];
+            *mean += c["mean"].as_f64().unwrap_or(0.0) * n;
+            *ios += n;
+            *p99 = p99.max(c["percentile"]["99.000000"].as_f64().unwrap_or(0.0));
+            *p999 = p999.max(c["percentile"]["99.900000"].as_f64().unwrap_or(0.0));
+            // fio's `bw_bytes` is bytes per second of this job and direction.
+            out.bytes_per_s += d["bw_bytes"].as_f64().unwrap_or(0.0);
+        }
+    }
+    if read_ios + write_ios == 0.0 {
+        bail!("fio completed no I/O");
+    }
+    if read_ios > 0.0 {
+        out.read_mean_ns /= read_ios;
+    }
+    if write_ios > 0.0 {
+        out.write_mean_ns /= write_ios;
+    }
+    Ok(out)
+}
+
 /// One program of `bpftool prog show -j`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgStat {
@@ -482,5 +549,22 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(&[f64::NAN, 1.0]), Some(1.0));
+    }
+
+    #[test]
+    fn fio_latency_per_direction() {
+        let text = r#"note: a warning first
+{"jobs": [
+ {"read": {"total_ios": 100, "bw_bytes": 1000, "clat_ns": {"mean": 2000.0, "percentile": {"99.000000": 9000, "99.900000": 12000}}},
+  "write": {"total_ios": 0, "bw_bytes": 0, "clat_ns": {"mean": 0.0}}},
+ {"read": {"total_ios": 300, "bw_bytes": 3000, "clat_ns": {"mean": 4000.0, "percentile": {"99.000000": 7000, "99.900000": 15000}}},
+  "write": {"total_ios": 50, "bw_bytes": 500, "clat_ns": {"mean": 50000.0, "percentile": {"99.000000": 90000, "99.900000": 99000}}}}
+]}"#;
+        let l = parse_fio_latency(text).unwrap();
+        assert_eq!(l.read_mean_ns, 3500.0);
+        assert_eq!((l.read_p99_ns, l.read_p999_ns), (9000.0, 15000.0));
+        assert_eq!((l.write_mean_ns, l.write_p99_ns), (50000.0, 90000.0));
+        assert_eq!(l.bytes_per_s, 4500.0);
+        assert!(parse_fio_latency(r#"{"jobs": []}"#).is_err());
     }
 }

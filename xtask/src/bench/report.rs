@@ -22,6 +22,8 @@ pub struct Results {
     pub overhead: Outcome<Overhead>,
     pub cost: Outcome<Cost>,
     pub vm: Option<String>,
+    /// TUNE.md as measure 6 wrote it (this run or an earlier one).
+    pub tune: Option<String>,
 }
 
 fn pct(v: f64) -> String {
@@ -108,13 +110,15 @@ pub fn write(ctx: &Ctx, r: &Results) -> Result<PathBuf> {
     agent_section(&mut md, ctx, r);
     learning_section(&mut md, &mut plots, ctx, r);
     vm_section(&mut md, r);
+    tune_section(&mut md, r.tune.as_deref());
     let _ = writeln!(
         md,
         "## Reproducing\n\n`cargo xtask bench` (about 15 minutes; `--quick` about 4) as root on a machine \
          with fio, bpftrace and bpftool (`cargo xtask setup` installs them). `--workload FILE.fio` \
          (repeatable) replaces the default `workloads/*.fio`: the device comes in the environment as \
          `FILENAME` and the run time as `RUNTIME`. `--pin` pins fio and the tracer to different CPUs in \
-         the overhead measure; `--only learning,training,overhead,cost` runs a subset. Work files \
+         the overhead measure; `--only learning,training,overhead,cost,tune` runs a subset \
+         (`--only tune` alone rewrites only section 6 of an existing report). Work files \
          (traces, models, fio/agent logs) are in `target/bench/`."
     );
 
@@ -312,10 +316,18 @@ fn summary(md: &mut String, r: &Results) {
     }
     let _ = writeln!(
         md,
-        "| VM: read latency with verdicts vs stock mq-deadline | ≥ 15% lower mean, ≥ 25% lower p99, ≤ 2% throughput loss | {} |\n",
+        "| VM: read latency with verdicts vs stock mq-deadline | ≥ 15% lower mean, ≥ 25% lower p99, ≤ 2% throughput loss | {} |",
         match &r.vm {
             Some(text) => format!("{} (see [Latency effect in the VM](#5-latency-effect-in-the-vm))", vm_headline(text)),
             None => "not run (no target/vm/report.md)".to_owned(),
+        }
+    );
+    let _ = writeln!(
+        md,
+        "| Stock kernel: `run --tune` vs stock tunables | ≥ 10% lower read p99, ≤ 3% throughput loss (mixed); never > 2% worse at p99 | {} |\n",
+        match &r.tune {
+            Some(text) => format!("{} (see [Tuning on a stock kernel](#6-tuning-on-a-stock-kernel))", vm_headline(text)),
+            None => "not run (no TUNE.md)".to_owned(),
         }
     );
 }
@@ -1044,6 +1056,60 @@ fn rel_link(ctx: &Ctx, p: &std::path::Path) -> String {
     }
 }
 
+const TUNE_HEADING: &str = "## 6. Tuning on a stock kernel";
+
+fn tune_section(md: &mut String, tune: Option<&str>) {
+    let _ = writeln!(md, "{TUNE_HEADING}\n");
+    match tune {
+        Some(text) => {
+            let _ = writeln!(
+                md,
+                "From [TUNE.md](TUNE.md) (measure 6), included as it was:\n"
+            );
+            for line in text.lines() {
+                if line.starts_with('#') {
+                    let _ = writeln!(md, "##{line}");
+                } else {
+                    let _ = writeln!(md, "{line}");
+                }
+            }
+            let _ = writeln!(md);
+        }
+        None => {
+            let _ = writeln!(md, "Not run: no TUNE.md beside this report (`cargo xtask bench --only tune` writes it).\n");
+        }
+    }
+}
+
+/// `--only tune`: section 6 of the existing REPORT.md replaced by the new TUNE.md
+/// (inserted before "Reproducing" when the report has no section 6 yet).
+pub fn splice_tune(ctx: &Ctx) -> Result<std::path::PathBuf> {
+    let path = ctx.out.join("REPORT.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let tune = std::fs::read_to_string(ctx.out.join("TUNE.md")).ok();
+    let mut section = String::new();
+    tune_section(&mut section, tune.as_deref());
+    let new = splice_section(&old, TUNE_HEADING, "## Reproducing", &section);
+    std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// `text` with the section starting at `heading` (up to the next `## `) replaced by
+/// `section`, or `section` inserted before `before` (or appended).
+fn splice_section(text: &str, heading: &str, before: &str, section: &str) -> String {
+    if let Some(start) = text.find(heading) {
+        let rest = &text[start + heading.len()..];
+        let end = rest
+            .find("\n## ")
+            .map_or(text.len(), |i| start + heading.len() + i + 1);
+        return format!("{}{section}{}", &text[..start], &text[end..]);
+    }
+    match text.find(before) {
+        Some(i) => format!("{}{section}{}", &text[..i], &text[i..]),
+        None => format!("{text}\n{section}"),
+    }
+}
+
 fn vm_section(md: &mut String, r: &Results) {
     let _ = writeln!(md, "## 5. Latency effect in the VM\n");
     match &r.vm {
@@ -1152,6 +1218,30 @@ mod tests {
             "Issue goal (>= 15% lower mean): met on 1 mixed workload(s); worse at p99: x."
         );
         assert_eq!(vm_headline("# nothing\n"), "from `cargo xtask vm`");
+    }
+
+    #[test]
+    fn splices_a_section_in_place_or_before_another() {
+        let text = "# r\n## 5. VM\nvm\n## 6. Tuning\nold\n## Reproducing\nx\n";
+        assert_eq!(
+            splice_section(
+                text,
+                "## 6. Tuning",
+                "## Reproducing",
+                "## 6. Tuning\nnew\n"
+            ),
+            "# r\n## 5. VM\nvm\n## 6. Tuning\nnew\n## Reproducing\nx\n"
+        );
+        let text = "# r\n## 5. VM\nvm\n## Reproducing\nx\n";
+        assert_eq!(
+            splice_section(
+                text,
+                "## 6. Tuning",
+                "## Reproducing",
+                "## 6. Tuning\nnew\n"
+            ),
+            "# r\n## 5. VM\nvm\n## 6. Tuning\nnew\n## Reproducing\nx\n"
+        );
     }
 
     #[test]
