@@ -118,6 +118,7 @@ impl WindowAccumulator {
             }
             Direction::Write => {
                 s.writes += 1;
+                s.write_bytes += r.nr_sectors as u64 * 512;
                 if r.deadline_missed() {
                     s.writes_missed += 1;
                 }

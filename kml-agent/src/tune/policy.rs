@@ -145,7 +145,9 @@ pub struct WindowStats {
     /// Insert → complete, ns.
     pub read_p99_ns: u64,
     pub write_p99_ns: u64,
+    /// Bytes completed, both directions, and of them written.
     pub bytes: u64,
+    pub write_bytes: u64,
 }
 
 /// Where the read risk of a window comes from.
@@ -166,8 +168,10 @@ impl WindowStats {
         }
     }
 
+    /// Share of the bytes moved that were written: how much of the device's time
+    /// writes take (a 128 KiB write costs more than a 4 KiB read).
     pub fn write_share(&self) -> f64 {
-        self.writes as f64 / (self.reads + self.writes).max(1) as f64
+        self.write_bytes as f64 / self.bytes.max(1) as f64
     }
 
     /// Share of reads at risk: the model's verdicts when it scored at least half
@@ -196,7 +200,7 @@ pub struct TuneConfig {
     /// Fewer reads than this in a window: no read risk to act on.
     pub min_reads: u64,
     /// The tunables trade writes for reads: act only when writes are at least this
-    /// share of the requests.
+    /// share of the bytes.
     pub min_write_share: f64,
     /// Budgets of a change, checked on the next window against the window before:
     /// undo it when throughput fell by more than `throughput_budget` (a share) or
@@ -341,7 +345,7 @@ impl Policy {
                     from_level: from,
                     to_level: self.level,
                     reason: format!(
-                        "{described} while writes are {} of requests",
+                        "{described} while writes are {} of the bytes",
                         pct(w.write_share())
                     ),
                 });
@@ -426,6 +430,7 @@ mod tests {
             read_p99_ns: 5_000_000,
             write_p99_ns: write_p99_ms * 1_000_000,
             bytes: (mbps * 1e6) as u64,
+            write_bytes: (mbps * 1e6) as u64 * writes / (reads + writes).max(1),
         }
     }
 
@@ -538,6 +543,7 @@ mod tests {
                 read_p99_ns: p99,
                 write_p99_ns: p99 / 2 + 1,
                 bytes,
+                write_bytes: bytes / 2,
             })
     }
 
