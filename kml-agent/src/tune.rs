@@ -182,14 +182,14 @@ impl DeviceTuner {
             }
         }
         let originals = queue.read()?;
-        let nr_requests = queue.nr_requests()?;
+        let tags = queue.tags()?;
         let state = TuneState {
             device: device.name.clone(),
             dev: dev_id,
             pid: std::process::id(),
             started_unix: state::unix_now(),
             originals,
-            nr_requests,
+            tags,
             level: 0,
             applied: originals,
             decisions: Vec::new(),
@@ -233,11 +233,7 @@ impl DeviceTuner {
         let Some(decision) = self.policy.decide(self.started.elapsed(), &stats) else {
             return Ok(None);
         };
-        let to = policy::settings(
-            decision.to_level,
-            &self.state.originals,
-            self.state.nr_requests,
-        );
+        let to = policy::settings(decision.to_level, &self.state.originals, self.state.tags);
         let change = self.state.applied.describe_change(&to);
         if let Err(e) = self.queue.write(&self.state.applied, &to) {
             self.active = false;

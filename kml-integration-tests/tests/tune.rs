@@ -124,7 +124,7 @@ fn tunes_when_reads_are_predicted_at_risk_and_restores_on_sigterm() -> Result<()
     let dev = LoopDevice::new(256, 500, 5000)?;
     let queue = Queue::of(&dev.name);
     let originals = queue.read()?;
-    let range = SafeRange::of(&originals, queue.nr_requests()?);
+    let range = SafeRange::of(&originals, queue.tags()?);
     let model = constant_model(&scratch.0, true)?;
     let mut agent = tune_agent(&dev, &model, &scratch.state_dir(), &[])?;
     // Saved before the first change.

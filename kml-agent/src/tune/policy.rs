@@ -60,8 +60,11 @@ impl Tunables {
 
 /// Inclusive bounds per tunable, from the device's originals: kml only ever makes
 /// write batches shorter, lets reads pass writes more often (at most
-/// [`MAX_WRITES_STARVED`] times), and gives writes fewer tags (never fewer than a
-/// quarter of the scheduler's tags, nor fewer than [`MIN_ASYNC_DEPTH`]).
+/// [`MAX_WRITES_STARVED`] times), and gives writes fewer tags (never fewer than half
+/// of `tags`, nor fewer than [`MIN_ASYNC_DEPTH`]).
+///
+/// `tags`: how many requests the device can hold at once, min(nr_requests, the
+/// hardware queue's tags) ([`crate::tune::sysfs::Queue::tags`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SafeRange {
     pub min: Tunables,
@@ -74,13 +77,13 @@ pub const MIN_ASYNC_DEPTH: u32 = 4;
 pub const MAX_LEVEL: u8 = 3;
 
 impl SafeRange {
-    pub fn of(originals: &Tunables, nr_requests: u32) -> SafeRange {
+    pub fn of(originals: &Tunables, tags: u32) -> SafeRange {
         let o = originals;
         SafeRange {
             min: Tunables {
                 fifo_batch: o.fifo_batch.min(1),
                 writes_starved: o.writes_starved,
-                async_depth: (nr_requests / 4).max(MIN_ASYNC_DEPTH).min(o.async_depth),
+                async_depth: (tags / 2).max(MIN_ASYNC_DEPTH).min(o.async_depth),
             },
             max: Tunables {
                 fifo_batch: o.fifo_batch,
@@ -102,8 +105,8 @@ impl SafeRange {
 
 /// The settings of `level` (0: the originals) for a device, always inside
 /// [`SafeRange::of`] the same originals.
-pub fn settings(level: u8, originals: &Tunables, nr_requests: u32) -> Tunables {
-    let range = SafeRange::of(originals, nr_requests);
+pub fn settings(level: u8, originals: &Tunables, tags: u32) -> Tunables {
+    let range = SafeRange::of(originals, tags);
     let o = originals;
     let t = match level {
         0 => return *o,
@@ -113,18 +116,19 @@ pub fn settings(level: u8, originals: &Tunables, nr_requests: u32) -> Tunables {
             writes_starved: o.writes_starved.max(4),
             async_depth: o.async_depth,
         },
-        // And writes may hold at most half of the scheduler's tags (a request keeps
-        // its tag until it completes, so this also bounds the writes queued in the
-        // device ahead of a read).
+        // And writes may not hold more tags than the device has (a request keeps
+        // its scheduler tag until it completes, so this bounds the writes queued
+        // in the scheduler and the device ahead of a read)...
         2 => Tunables {
             fifo_batch: o.fifo_batch.min(4),
             writes_starved: o.writes_starved.max(8),
-            async_depth: o.async_depth.min(nr_requests / 2),
+            async_depth: o.async_depth.min(tags),
         },
+        // ... and at most half of them: the other half stays free for reads.
         _ => Tunables {
             fifo_batch: 1,
             writes_starved: o.writes_starved.max(MAX_WRITES_STARVED),
-            async_depth: o.async_depth.min(nr_requests / 4),
+            async_depth: o.async_depth.min(tags / 2),
         },
     };
     range.clamp(t)
@@ -436,8 +440,8 @@ mod tests {
 
     #[test]
     fn levels_are_monotone_and_level_zero_is_the_original() {
-        assert_eq!(settings(0, &STOCK, 256), STOCK);
-        let l: Vec<Tunables> = (0..=MAX_LEVEL).map(|l| settings(l, &STOCK, 256)).collect();
+        assert_eq!(settings(0, &STOCK, 128), STOCK);
+        let l: Vec<Tunables> = (0..=MAX_LEVEL).map(|l| settings(l, &STOCK, 128)).collect();
         for w in l.windows(2) {
             assert!(w[1].fifo_batch <= w[0].fifo_batch);
             assert!(w[1].writes_starved >= w[0].writes_starved);

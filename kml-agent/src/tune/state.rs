@@ -46,7 +46,8 @@ pub struct TuneState {
     pub pid: u32,
     pub started_unix: u64,
     pub originals: Tunables,
-    pub nr_requests: u32,
+    /// min(nr_requests, hardware tags) when tuning started (the levels use it).
+    pub tags: u32,
     pub level: u8,
     pub applied: Tunables,
     #[serde(default)]
@@ -226,7 +227,7 @@ mod tests {
             pid: u32::MAX, // no such process
             started_unix: 0,
             originals: STOCK,
-            nr_requests: 256,
+            tags: 256,
             level: 2,
             applied: changed,
             decisions: vec![],
@@ -275,7 +276,7 @@ mod tests {
             pid: u32::MAX,
             started_unix: 0,
             originals: STOCK,
-            nr_requests: 256,
+            tags: 256,
             level: 1,
             applied: changed,
             decisions: vec![],
@@ -303,7 +304,7 @@ mod tests {
             pid: std::process::id(),
             started_unix: 0,
             originals: STOCK,
-            nr_requests: 256,
+            tags: 256,
             level: 0,
             applied: STOCK,
             decisions: vec![],

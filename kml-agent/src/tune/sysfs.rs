@@ -46,8 +46,18 @@ impl Queue {
             .is_ok_and(|s| s.contains("[mq-deadline]"))
     }
 
-    pub fn nr_requests(&self) -> anyhow::Result<u32> {
-        self.read_u32("nr_requests")
+    /// How many requests the device can hold at once: min(nr_requests, the
+    /// smallest hardware queue's tags). Without `mq/*/nr_tags`, nr_requests.
+    pub fn tags(&self) -> anyhow::Result<u32> {
+        let nr = self.read_u32("nr_requests")?;
+        let hw = std::fs::read_dir(self.dir.join("../mq"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("nr_tags")).ok())
+            .filter_map(|t| t.trim().parse::<u32>().ok())
+            .min();
+        Ok(hw.map_or(nr, |hw| hw.min(nr)))
     }
 
     pub fn read(&self) -> anyhow::Result<Tunables> {
