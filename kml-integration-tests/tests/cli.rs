@@ -5,69 +5,15 @@ use std::{
     io::{BufRead as _, BufReader},
     path::PathBuf,
     process::{Command, Stdio},
-    sync::mpsc,
     time::Duration,
 };
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use kml_ebpf_common::{trace, RequestRecord};
 use kml_integration_tests::{
-    agent_bin, assert_no_kml_programs, issue_direct, scattered_pattern, signal, ChildGuard, Issued,
-    LoopDevice,
+    agent_bin, assert_no_kml_programs, issue_direct, scattered_pattern, signal, spawn_agent,
+    wait_for_line, Agent, ChildGuard, Issued, LoopDevice,
 };
-
-/// Lines of `reader`, echoed with `tag` and sent to the returned channel.
-fn forward_lines(
-    reader: impl std::io::Read + Send + 'static,
-    tag: &'static str,
-) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep reading even when nobody listens: a closed pipe would make the
-        // agent's next print fail.
-        for line in BufReader::new(reader).lines().map_while(Result::ok) {
-            eprintln!("  {tag}: {line}");
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-/// A running agent and its output, line by line.
-struct Agent {
-    child: ChildGuard,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
-}
-
-/// Starts the agent with `args`.
-fn spawn_agent(args: &[&str]) -> Result<Agent> {
-    let mut child = Command::new(agent_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", agent_bin().display()))?;
-    let stdout = forward_lines(child.stdout.take().context("stdout")?, "agent out");
-    let stderr = forward_lines(child.stderr.take().context("stderr")?, "agent");
-    Ok(Agent {
-        child: ChildGuard(child),
-        stdout,
-        stderr,
-    })
-}
-
-fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Result<String> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return Ok(line),
-            Ok(_) => continue,
-            Err(_) => bail!("agent never printed {needle:?} within {timeout:?}"),
-        }
-    }
-}
 
 /// A `kml-agent record` of one device, attached and recording; its CSV lives in a
 /// scratch folder removed on drop (the agent is killed on drop if still running).

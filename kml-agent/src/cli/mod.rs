@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+pub use session::{losses_of, LossReport};
+
 /// kml: lightweight machine learning for the Linux block layer, on eBPF.
 #[derive(Parser, Debug)]
 #[command(name = "kml-agent", version, about, propagate_version = true)]

@@ -50,6 +50,11 @@ pub struct RunArgs {
     /// bpftool; removed on a clean exit.
     #[arg(long)]
     pub pin: bool,
+    /// Serve Prometheus metrics (records, every loss counter, verdicts, live
+    /// confusion matrix, ns per decision, model version, swaps) at
+    /// http://ADDR/metrics, e.g. 127.0.0.1:9477.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub observe: session::ObserveArgs,
 }
@@ -71,6 +76,17 @@ impl RunArgs {
             (None, Some((_, m))) => m.kind(),
             (None, None) => ModelKind::Logistic,
         };
+        // Bound before anything is loaded: a busy address fails with nothing attached.
+        let metrics = match self.metrics {
+            Some(addr) => {
+                let m = crate::metrics::Metrics::default();
+                let bound = m.serve(addr).await?;
+                eprintln!("kml-agent: metrics at http://{bound}/metrics");
+                Some(m)
+            }
+            None => None,
+        };
+        let mut events = crate::metrics::ModelEvents::default();
         let mut observer = session::start_with(&targets, &self.observe, |c| {
             if self.mode == LossMode::Drop {
                 c.sample_fill_bytes = Some(c.ring_bytes / 2);
@@ -118,6 +134,9 @@ impl RunArgs {
             self.mode
         );
 
+        if let Some(m) = &metrics {
+            m.publish(&observer, slots.active(), 0, events)?;
+        }
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
         tokio::pin!(stop_after);
@@ -190,12 +209,17 @@ impl RunArgs {
                             if let Some(reason) = p.verdict() {
                                 let back = slots.install(observer.ebpf_mut(), &p.previous)?;
                                 learner.accepted(p.previous_reference);
+                                events.rollbacks += 1;
                                 eprintln!("kml-agent: rollback to the previous model (now v{}): {reason}", back.version);
                             }
                         }
                     }
                     if let Some(reason) = learner.check_drift(&live) {
+                        events.drifts += 1;
                         eprintln!("kml-agent: drift: {reason}; retraining now");
+                    }
+                    if let Some(m) = &metrics {
+                        m.publish(&observer, slots.active(), total, events)?;
                     }
                     learner.observe(&window);
                     window.clear();
@@ -223,6 +247,7 @@ impl RunArgs {
                                         ));
                                     }
                                     learner.accepted(c.candidate_ba);
+                                    events.swaps += 1;
                                     eprintln!(
                                         "kml-agent: swap {} -> v{} {}: held-back balanced accuracy {before} -> {:.3} on {} records (trained in {:.1}s)",
                                         prev.map_or("none".into(), |p| format!("v{}", p.version)),
@@ -235,7 +260,10 @@ impl RunArgs {
                                     );
                                 }
                             }
-                            Err(e) => eprintln!("kml-agent: retraining failed: {e:#}"),
+                            Err(e) => {
+                                events.retrain_failures += 1;
+                                eprintln!("kml-agent: retraining failed: {e:#}");
+                            }
                         }
                     }
                 }

@@ -1,0 +1,152 @@
+//! What an operator sees: the metrics endpoint, `doctor --json`, the capability
+//! set of the systemd unit, and the unit itself.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{ensure, Context as _, Result};
+use kml_integration_tests::{
+    agent_bin, assert_no_kml_programs, issue_direct, scattered_pattern, signal, spawn_agent,
+    wait_for_line, wait_until, LoopDevice,
+};
+
+/// GET /metrics from `addr`, the body.
+fn scrape(addr: &str) -> Result<String> {
+    let mut conn = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: kml\r\n\r\n")?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply)?;
+    let (head, body) = reply.split_once("\r\n\r\n").context("no HTTP head")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "scrape: {head}");
+    Ok(body.to_owned())
+}
+
+/// The value of the sample `name{labels}` (exact match of everything before the value).
+/// Counters are integers; gauges are printed as floats (`0.0`).
+fn sample(text: &str, name_and_labels: &str) -> Option<u64> {
+    let v: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())?;
+    (v.fract() == 0.0 && v >= 0.0).then_some(v as u64)
+}
+
+#[test]
+fn metrics_count_what_was_issued_and_the_confusion_matrix_adds_up() -> Result<()> {
+    const SIZE_MIB: u64 = 64;
+    let dev = LoopDevice::new(SIZE_MIB, 500, 5000)?;
+    let mut agent = spawn_agent(&[
+        "run",
+        "--device",
+        &dev.name,
+        "--model",
+        "logistic",
+        "--retrain-every",
+        "0",
+        "--metrics",
+        "127.0.0.1:0",
+    ])?;
+    let line = wait_for_line(&agent.stderr, "metrics at http://", Duration::from_secs(30))?;
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .context("no address in the metrics line")?
+        .to_owned();
+    wait_for_line(&agent.stderr, "observing", Duration::from_secs(30))?;
+    let before = scrape(&addr)?;
+    ensure!(
+        sample(&before, "kml_model_version{kind=\"logistic\"}") == Some(1),
+        "model version: {before}"
+    );
+
+    // 300 writes then 300 reads, one request each.
+    let pattern = scattered_pattern(300, SIZE_MIB, 11);
+    issue_direct(&dev, &pattern)?;
+    let issued = pattern.len() as u64;
+    let mut last = String::new();
+    let settled = wait_until(Duration::from_secs(10), || {
+        last = scrape(&addr).unwrap_or_default();
+        sample(&last, "kml_records_received_total") == Some(issued)
+    });
+    ensure!(settled, "records received never reached {issued}: {last}");
+    ensure!(
+        sample(&last, "kml_records_total") == Some(issued),
+        "kernel records counter != {issued}: {last}"
+    );
+    ensure!(
+        sample(&last, "kml_ring_full_drops_total") == Some(0),
+        "drops: {last}"
+    );
+    let verdicts = sample(&last, "kml_verdicts_total").context("no verdicts counter")?;
+    ensure!(
+        verdicts == issued,
+        "verdicts {verdicts} != {issued}: {last}"
+    );
+    let confusion: u64 = [
+        ("at_risk", "missed"),
+        ("at_risk", "met"),
+        ("meets", "met"),
+        ("meets", "missed"),
+    ]
+    .iter()
+    .map(|(p, a)| {
+        sample(
+            &last,
+            &format!("kml_confusion_total{{predicted=\"{p}\",actual=\"{a}\"}}"),
+        )
+        .unwrap_or(u64::MAX / 8)
+    })
+    .sum();
+    ensure!(
+        confusion == verdicts,
+        "confusion matrix sums to {confusion}, verdicts {verdicts}: {last}"
+    );
+    ensure!(
+        last.contains("kml_program_runs_total{program=\"kml_raw_rq_insert\"")
+            || last.contains("kml_program_runs_total{program=\"kml_tp_rq_insert\""),
+        "no per-program runs: {last}"
+    );
+    for name in [
+        "kml_model_swaps_total",
+        "kml_model_rollbacks_total",
+        "kml_orphan_completions_total",
+        "kml_lru_evictions_total",
+        "kml_bpf_stats_enabled",
+    ] {
+        ensure!(sample(&last, name).is_some(), "{name} missing: {last}");
+    }
+
+    signal(&agent.child.0, libc::SIGTERM);
+    ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
+    assert_no_kml_programs()?;
+    Ok(())
+}
+
+#[test]
+fn metrics_address_in_use_is_one_clear_line_and_nothing_attached() -> Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let dev = LoopDevice::new(16, 500, 5000)?;
+    let out = Command::new(agent_bin())
+        .args(["run", "--device", &dev.name, "--metrics", &addr])
+        .args(["--duration", "5s"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "run with a busy --metrics address succeeded"
+    );
+    ensure!(
+        err.contains("cannot serve metrics on") && err.contains("--metrics"),
+        "unclear: {err}"
+    );
+    ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
+    assert_no_kml_programs()?;
+    Ok(())
+}
