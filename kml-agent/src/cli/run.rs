@@ -50,6 +50,9 @@ pub struct RunArgs {
     /// bpftool; removed on a clean exit.
     #[arg(long)]
     pub pin: bool,
+    /// Where --pin puts the maps (a directory on a bpffs).
+    #[arg(long, default_value = crate::pin::PIN_DIR, value_name = "DIR")]
+    pub pin_dir: std::path::PathBuf,
     /// Serve Prometheus metrics (records, every loss counter, verdicts, live
     /// confusion matrix, ns per decision, model version, swaps) at
     /// http://ADDR/metrics, e.g. 127.0.0.1:9477.
@@ -76,6 +79,9 @@ impl RunArgs {
             (None, Some((_, m))) => m.kind(),
             (None, None) => ModelKind::Logistic,
         };
+        if self.pin {
+            crate::pin::check_pin_dir(&self.pin_dir)?;
+        }
         // Bound before anything is loaded: a busy address fails with nothing attached.
         let metrics = match self.metrics {
             Some(addr) => {
@@ -93,8 +99,7 @@ impl RunArgs {
             }
         })?;
         let _pins = if self.pin {
-            let pins =
-                crate::pin::pin_maps(observer.ebpf(), std::path::Path::new(crate::pin::PIN_DIR))?;
+            let pins = crate::pin::pin_maps(observer.ebpf(), &self.pin_dir)?;
             eprintln!("kml-agent: maps pinned at {}", pins.dir().display());
             Some(pins)
         } else {
