@@ -490,6 +490,74 @@ fn pinned_state_is_readable_by_status_and_by_root_only() -> Result<()> {
         "nobody read the pinned weights: {}",
         String::from_utf8_lossy(&nobody.stdout)
     );
+    // Not even with the BPF capabilities: the modes, not only the missing
+    // capabilities, keep a non-root user from the weights and the verdict counters.
+    let as_nobody_with_bpf_caps = |args: &[&str]| -> Result<std::process::Output> {
+        let caps = "-all,+bpf,+perfmon,+sys_admin";
+        Ok(Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(format!("--bounding-set={caps}"))
+            .arg("bpftool")
+            .args(args)
+            .output()?)
+    };
+    let zero_key = ["key", "0", "0", "0", "0"];
+    for args in [
+        vec!["map", "dump", "pinned", "/sys/fs/bpf/kml/LINEAR_MODELS"],
+        vec!["map", "dump", "pinned", "/sys/fs/bpf/kml/COUNTERS"],
+        vec!["map", "dump", "pinned", "/sys/fs/bpf/kml/MODEL_CONTROL"],
+        [
+            &["map", "update", "pinned", "/sys/fs/bpf/kml/MODEL_CONTROL"][..],
+            &zero_key,
+            &["value", "0", "0", "0", "0", "0", "0", "0", "0"],
+            &["0", "0", "0", "0", "0", "0", "0", "0"],
+        ]
+        .concat(),
+    ] {
+        let out = as_nobody_with_bpf_caps(&args)?;
+        ensure!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "nobody with CAP_BPF: {args:?}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Control: the same user and capabilities read a pin whose modes allow it.
+    let scratch = std::env::temp_dir().join(format!("kml-pinctl-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let mounted = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&scratch)
+        .status()?
+        .success();
+    let control = (|| -> Result<()> {
+        ensure!(mounted, "mounting a scratch bpffs failed");
+        let pin = scratch.join("open");
+        let made = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&pin)
+            .args(["type", "array", "key", "4", "value", "8", "entries", "1"])
+            .args(["name", "kml_pinctl"])
+            .status()?;
+        ensure!(made.success(), "bpftool map create failed");
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o666))?;
+        let out =
+            as_nobody_with_bpf_caps(&["map", "dump", "pinned", pin.to_str().context("utf-8")?])?;
+        ensure!(
+            out.status.success(),
+            "control: nobody with CAP_BPF cannot read an open pin either: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    })();
+    if mounted {
+        let _ = Command::new("umount").arg(&scratch).status();
+    }
+    let _ = std::fs::remove_dir(&scratch);
+    control?;
 
     signal(&agent.0, libc::SIGINT);
     ensure!(agent.0.wait()?.success(), "run did not exit cleanly");

@@ -150,3 +150,143 @@ fn metrics_address_in_use_is_one_clear_line_and_nothing_attached() -> Result<()>
     assert_no_kml_programs()?;
     Ok(())
 }
+
+/// The shipped systemd unit.
+fn unit_file() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/kml-agent.service")
+}
+
+/// The capabilities the unit grants (`CapabilityBoundingSet=`), as setpriv names
+/// them (`bpf`, `perfmon`, ...).
+fn unit_capabilities() -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(unit_file())?;
+    let bounding = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .context("no CapabilityBoundingSet in the unit")?;
+    let ambient = text
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .context("no AmbientCapabilities in the unit")?;
+    ensure!(
+        bounding == ambient,
+        "the unit's bounding set and ambient set differ"
+    );
+    Ok(bounding
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect())
+}
+
+/// The agent as nobody:nogroup holding exactly `caps` (ambient, so they survive
+/// the exec into a non-root uid; bounding set cut to them).
+fn agent_as_nobody_with(caps: &[String]) -> Command {
+    let set = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(format!("--inh-caps={set}"))
+        .arg(format!("--ambient-caps={set}"))
+        .arg(format!("--bounding-set={set}"))
+        .arg(agent_bin());
+    cmd
+}
+
+#[test]
+fn the_units_capabilities_suffice_and_each_is_needed() -> Result<()> {
+    let caps = unit_capabilities()?;
+    let mut sorted = caps.clone();
+    sorted.sort();
+    ensure!(
+        sorted == ["bpf", "perfmon", "sys_admin"],
+        "the unit grants {caps:?}"
+    );
+    const SIZE_MIB: u64 = 32;
+    let dev = LoopDevice::new(SIZE_MIB, 500, 5000)?;
+
+    // Exactly those: a non-root user observes and counts every request.
+    let mut cmd = agent_as_nobody_with(&caps);
+    cmd.args(["run", "--device", &dev.name, "--duration", "4s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = kml_integration_tests::ChildGuard(cmd.spawn().context("running setpriv")?);
+    let stderr = kml_integration_tests::forward_lines(
+        child.0.stderr.take().context("stderr")?,
+        "agent (nobody)",
+    );
+    let _stdout = kml_integration_tests::forward_lines(
+        child.0.stdout.take().context("stdout")?,
+        "agent (nobody) out",
+    );
+    wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
+    let pattern = scattered_pattern(100, SIZE_MIB, 3);
+    issue_direct(&dev, &pattern)?;
+    let summary = wait_for_line(&stderr, " records in ", Duration::from_secs(30))?;
+    ensure!(child.0.wait()?.success(), "run as nobody failed");
+    ensure!(
+        summary.starts_with(&format!("kml-agent: {} records in ", pattern.len()))
+            && summary.contains("drops 0 |"),
+        "summary: {summary}"
+    );
+    assert_no_kml_programs()?;
+
+    // One fewer: one line naming the missing capability, nothing attached.
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let out = agent_as_nobody_with(&fewer)
+            .args(["run", "--device", &dev.name, "--duration", "2s"])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "ran without {missing}");
+        let name = format!("CAP_{}", missing.to_uppercase());
+        ensure!(
+            err.contains("not privileged enough") && err.contains(&format!("missing {name}")),
+            "without {name}: {err}"
+        );
+        ensure!(err.trim().lines().count() == 1, "more than one line: {err}");
+        assert_no_kml_programs()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn systemd_unit_verifies() -> Result<()> {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-analyze is not installed");
+        return Ok(());
+    }
+    // verify checks that ExecStart's binary exists: point it at the built agent.
+    let text = std::fs::read_to_string(unit_file())?;
+    ensure!(
+        text.contains("ExecStart=/usr/local/bin/kml-agent run"),
+        "unexpected ExecStart"
+    );
+    let dir = std::env::temp_dir().join(format!("kml-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let unit = dir.join("kml-agent.service");
+    std::fs::write(
+        &unit,
+        text.replace(
+            "/usr/local/bin/kml-agent",
+            agent_bin().to_str().context("utf-8")?,
+        ),
+    )?;
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+    Ok(())
+}
