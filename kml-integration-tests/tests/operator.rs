@@ -290,3 +290,71 @@ fn systemd_unit_verifies() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn doctor_json_agrees_with_the_system() -> Result<()> {
+    let dev = LoopDevice::new(16, 320, 4000)?;
+    let out = Command::new(agent_bin())
+        .args(["doctor", "--json"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "doctor --json failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("doctor --json is not one JSON value")?;
+    let uname = Command::new("uname").arg("-r").output()?;
+    ensure!(
+        doc["kernel"].as_str() == Some(String::from_utf8_lossy(&uname.stdout).trim()),
+        "kernel: {doc}"
+    );
+    let check = |name: &str| -> Result<bool> {
+        doc["checks"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == name))
+            .and_then(|c| c["ok"].as_bool())
+            .with_context(|| format!("no check {name}: {doc}"))
+    };
+    ensure!(
+        check("BTF")? == std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+        "BTF check disagrees with /sys/kernel/btf/vmlinux"
+    );
+    ensure!(
+        check("kprobes")?
+            == std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists(),
+        "kprobes check disagrees with the kprobe PMU"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    let bpffs = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+    });
+    ensure!(
+        check("bpffs")? == bpffs,
+        "bpffs check disagrees with /proc/self/mounts"
+    );
+    // Our loop device, with what sysfs says (mq-deadline stores jiffies: read back).
+    let read_expire = std::fs::read_to_string(dev.sys().join("queue/iosched/read_expire"))?;
+    let ours = doc["devices"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["name"] == dev.name.as_str()))
+        .with_context(|| format!("{} not listed: {doc}", dev.name))?;
+    ensure!(ours["scheduler"] == "mq-deadline", "scheduler: {ours}");
+    ensure!(
+        ours["iosched"]["read_expire"].as_str() == Some(read_expire.trim()),
+        "read_expire: {ours}"
+    );
+    ensure!(
+        ours["size_sectors"].as_u64() == Some((16 << 20) / 512),
+        "size: {ours}"
+    );
+    ensure!(
+        matches!(
+            doc["attach_mode"].as_str(),
+            Some("raw-tracepoint" | "tracepoint")
+        ) && doc["attach_error"].is_null(),
+        "attach mode: {doc}"
+    );
+    Ok(())
+}
