@@ -12,6 +12,7 @@ pub mod hook;
 pub mod infer;
 pub mod kernel;
 pub mod learn;
+pub mod logging;
 pub mod metrics;
 pub mod models;
 pub mod observe;

@@ -287,7 +287,7 @@ impl Metrics {
                 let me = me.clone();
                 tokio::spawn(async move {
                     if let Err(e) = me.answer(conn).await {
-                        log::debug!("metrics request from {peer}: {e}");
+                        tracing::debug!("metrics request from {peer}: {e}");
                     }
                 });
             }

@@ -58,7 +58,7 @@ pub fn check_pin_dir(dir: &Path) -> anyhow::Result<()> {
             )
         })?
     {
-        log::info!("mounted bpffs at {}", crate::kernel::mounts::BPFFS);
+        tracing::debug!("mounted bpffs at {}", crate::kernel::mounts::BPFFS);
     }
     let parent = dir
         .parent()
@@ -91,7 +91,7 @@ pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> anyhow::Result<Pins> {
     if dir.starts_with(crate::kernel::mounts::BPFFS)
         && crate::kernel::mounts::ensure_bpffs().context("mounting bpffs")?
     {
-        log::info!("mounted bpffs at {}", crate::kernel::mounts::BPFFS);
+        tracing::debug!("mounted bpffs at {}", crate::kernel::mounts::BPFFS);
     }
     if dir.exists() {
         // Left by an agent that did not exit cleanly: replace.

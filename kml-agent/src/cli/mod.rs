@@ -18,7 +18,8 @@ pub use session::{losses_of, LossReport};
 #[derive(Parser, Debug)]
 #[command(name = "kml-agent", version, about, propagate_version = true)]
 pub struct Cli {
-    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    /// More log output (-v: debug, -vv: trace); RUST_LOG (e.g.
+    /// `RUST_LOG=kml_agent=debug`) overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     #[command(subcommand)]
@@ -61,14 +62,7 @@ impl Command {
 }
 
 pub fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_timestamp_millis()
-        .init();
+    crate::logging::init(verbose);
 }
 
 /// `10s`, `500ms`, `2m`, `1h`, or a plain number of seconds.

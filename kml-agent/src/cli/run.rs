@@ -87,7 +87,7 @@ impl RunArgs {
             Some(addr) => {
                 let m = crate::metrics::Metrics::default();
                 let bound = m.serve(addr).await?;
-                eprintln!("kml-agent: metrics at http://{bound}/metrics");
+                tracing::info!("metrics at http://{bound}/metrics");
                 Some(m)
             }
             None => None,
@@ -100,7 +100,7 @@ impl RunArgs {
         })?;
         let _pins = if self.pin {
             let pins = crate::pin::pin_maps(observer.ebpf(), &self.pin_dir)?;
-            eprintln!("kml-agent: maps pinned at {}", pins.dir().display());
+            tracing::info!("maps pinned at {}", pins.dir().display());
             Some(pins)
         } else {
             None
@@ -119,8 +119,8 @@ impl RunArgs {
             if let Some(ba) = crate::models::held_back_balanced_accuracy(m) {
                 learner.accepted(ba);
             }
-            eprintln!(
-                "kml-agent: model {} ({}) active as v{}",
+            tracing::info!(
+                "model {} ({}) active as v{}",
                 path.display(),
                 m.kind().name(),
                 active.version
@@ -132,8 +132,8 @@ impl RunArgs {
             .iter()
             .map(|d| d.device.name.clone())
             .collect();
-        eprintln!(
-            "kml-agent: observing {} ({}, {:?} mode); Ctrl-C stops",
+        tracing::info!(
+            "observing {} ({}, {:?} mode); Ctrl-C stops",
             names.join(", "),
             observer.mode(),
             self.mode
@@ -160,7 +160,7 @@ impl RunArgs {
         loop {
             tokio::select! {
                 () = &mut stop_after => break,
-                sig = &mut signal => { eprintln!("kml-agent: {}, detaching", sig?); break }
+                sig = &mut signal => { tracing::info!("{}, detaching", sig?); break }
                 _ = tick.tick() => {
                     let secs = last_tick.elapsed().as_secs_f64();
                     last_tick = Instant::now();
@@ -200,7 +200,7 @@ impl RunArgs {
                         verdict_part,
                     );
                     if self.mode == LossMode::Lossless && drops > last_drops {
-                        eprintln!("kml-agent: ERROR lossless mode: {} records dropped (ring full); raise --ring-size", drops - last_drops);
+                        tracing::error!("lossless mode: {} records dropped (ring full); raise --ring-size", drops - last_drops);
                     }
                     last_drops = drops;
                     recent.push_back(live);
@@ -215,13 +215,13 @@ impl RunArgs {
                                 let back = slots.install(observer.ebpf_mut(), &p.previous)?;
                                 learner.accepted(p.previous_reference);
                                 events.rollbacks += 1;
-                                eprintln!("kml-agent: rollback to the previous model (now v{}): {reason}", back.version);
+                                tracing::info!("rollback to the previous model (now v{}): {reason}", back.version);
                             }
                         }
                     }
                     if let Some(reason) = learner.check_drift(&live) {
                         events.drifts += 1;
-                        eprintln!("kml-agent: drift: {reason}; retraining now");
+                        tracing::info!("drift: {reason}; retraining now");
                     }
                     if let Some(m) = &metrics {
                         m.publish(&observer, slots.active(), total, events)?;
@@ -253,21 +253,21 @@ impl RunArgs {
                                     }
                                     learner.accepted(c.candidate_ba);
                                     events.swaps += 1;
-                                    eprintln!(
-                                        "kml-agent: swap {} -> v{} {}: held-back balanced accuracy {before} -> {:.3} on {} records (trained in {:.1}s)",
+                                    tracing::info!(
+                                        "swap {} -> v{} {}: held-back balanced accuracy {before} -> {:.3} on {} records (trained in {:.1}s)",
                                         prev.map_or("none".into(), |p| format!("v{}", p.version)),
                                         active.version, active.kind.name(), c.candidate_ba, c.held_back, c.took.as_secs_f64()
                                     );
                                 } else {
-                                    eprintln!(
-                                        "kml-agent: kept the active model: candidate {:.3} vs active {before} on {} held-back records",
+                                    tracing::info!(
+                                        "kept the active model: candidate {:.3} vs active {before} on {} held-back records",
                                         c.candidate_ba, c.held_back
                                     );
                                 }
                             }
                             Err(e) => {
                                 events.retrain_failures += 1;
-                                eprintln!("kml-agent: retraining failed: {e:#}");
+                                tracing::warn!("retraining failed: {e:#}");
                             }
                         }
                     }
@@ -279,8 +279,8 @@ impl RunArgs {
         stream.drain(&mut window);
         total += window.len() as u64;
         let loss = session::losses(&observer)?;
-        eprintln!(
-            "kml-agent: {total} records in {:.1}s; {}",
+        tracing::info!(
+            "{total} records in {:.1}s; {}",
             started.elapsed().as_secs_f64(),
             loss.line()
         );
