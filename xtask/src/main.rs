@@ -8,6 +8,7 @@
 //! cargo xtask vm    [--smoke] [OPTIONS]        # patched kernel under QEMU: hook smoke test / comparison
 //! cargo xtask bench [--quick] [--workload F.fio]... [--out DIR]  # measure; write bench/REPORT.md
 //! cargo xtask fuzz  [--seconds N] [TARGET]      # cargo-fuzz targets in fuzz/ (installs cargo-fuzz)
+//! cargo xtask man   [--out DIR]                 # kml-agent man pages (default target/man)
 //! ```
 //!
 //! Each subcommand lives in its own module; `util` holds the process helpers.
@@ -15,6 +16,7 @@
 mod bench;
 mod build;
 mod fuzz;
+mod man;
 mod run;
 mod setup;
 mod test;
@@ -56,6 +58,8 @@ enum Command {
     /// Fuzz the model-file loader, the record decoder and the integer inference
     /// (cargo-fuzz, nightly; installs cargo-fuzz if missing), N seconds per target.
     Fuzz(fuzz::FuzzArgs),
+    /// Write kml-agent's man pages (clap_mangen) to target/man (or --out DIR).
+    Man(man::ManArgs),
 }
 
 impl Command {
@@ -68,6 +72,7 @@ impl Command {
             Command::Vm(args) => args.execute(),
             Command::Bench(args) => args.execute(),
             Command::Fuzz(args) => args.execute(),
+            Command::Man(args) => args.execute(),
         }
     }
 }
