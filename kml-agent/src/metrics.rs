@@ -281,8 +281,14 @@ impl Metrics {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((conn, peer)) = listener.accept().await else {
-                    continue;
+                let (conn, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, say: back off instead of spinning.
+                        tracing::warn!("metrics: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                 };
                 let me = me.clone();
                 tokio::spawn(async move {
