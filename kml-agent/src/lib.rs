@@ -13,6 +13,8 @@ pub mod hook;
 pub mod infer;
 pub mod kernel;
 pub mod learn;
+pub mod logging;
+pub mod metrics;
 pub mod models;
 pub mod observe;
 pub mod pin;

@@ -81,7 +81,11 @@ pub fn resolve(spec: &str) -> anyhow::Result<(PathBuf, LoadedModel)> {
                 )
             })?
     };
-    let loaded =
-        LoadedModel::load(&path).with_context(|| format!("refusing model {}", path.display()))?;
+    let loaded = LoadedModel::load(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "refusing model {}: {e}; train one for this build (`kml-agent train`) or pick a listed one (`kml-agent models`)",
+            path.display()
+        )
+    })?;
     Ok((path, loaded))
 }

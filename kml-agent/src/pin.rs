@@ -47,12 +47,51 @@ impl Drop for Pins {
     }
 }
 
+/// Checks, before anything is loaded, that maps can be pinned under `dir`: its
+/// parent is a writable bpffs (mounting /sys/fs/bpf if `dir` is under it).
+pub fn check_pin_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.starts_with(crate::kernel::mounts::BPFFS)
+        && crate::kernel::mounts::ensure_bpffs().with_context(|| {
+            format!(
+                "--pin: cannot mount bpffs at {}; mount it with `mount -t bpf bpf {0}`",
+                crate::kernel::mounts::BPFFS
+            )
+        })?
+    {
+        tracing::debug!("mounted bpffs at {}", crate::kernel::mounts::BPFFS);
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        anyhow::bail!(
+            "--pin: {} does not exist; mount a bpffs there (`mount -t bpf bpf {0}`) or pick another --pin-dir",
+            parent.display()
+        );
+    }
+    if !crate::kernel::mounts::is_bpffs(parent) {
+        anyhow::bail!(
+            "--pin: {} is not a bpf file system; mount one there (`mount -t bpf bpf {0}`) or use a --pin-dir under {}",
+            parent.display(),
+            crate::kernel::mounts::BPFFS
+        );
+    }
+    if crate::kernel::mounts::is_read_only(parent) {
+        anyhow::bail!(
+            "--pin: the bpf file system at {} is mounted read-only; remount it read-write (`mount -o remount,rw {0}`)",
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
 /// Pins [`PINNED_MAPS`] of `ebpf` under `dir` (mounting bpffs if needed).
 pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> anyhow::Result<Pins> {
     if dir.starts_with(crate::kernel::mounts::BPFFS)
         && crate::kernel::mounts::ensure_bpffs().context("mounting bpffs")?
     {
-        log::info!("mounted bpffs at {}", crate::kernel::mounts::BPFFS);
+        tracing::debug!("mounted bpffs at {}", crate::kernel::mounts::BPFFS);
     }
     if dir.exists() {
         // Left by an agent that did not exit cleanly: replace.

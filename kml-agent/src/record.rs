@@ -10,13 +10,9 @@ use kml_ebpf_common::RequestRecord;
 use tokio::io::{unix::AsyncFd, Interest};
 
 /// Decodes one ring buffer item; `None` if its size is not a record's.
+/// (`fuzz/fuzz_targets/record_decode.rs` fuzzes it.)
 pub fn decode(bytes: &[u8]) -> Option<RequestRecord> {
-    if bytes.len() != std::mem::size_of::<RequestRecord>() {
-        return None;
-    }
-    // SAFETY: exact size checked; RequestRecord is plain integers (any bit pattern
-    // is valid) and read_unaligned makes no alignment assumption.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RequestRecord>()) })
+    RequestRecord::from_bytes(bytes)
 }
 
 pub struct RecordStream {

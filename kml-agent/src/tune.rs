@@ -173,12 +173,12 @@ impl DeviceTuner {
         let state_dir = state::state_dir();
         match state::restore_leftover(&state_dir, &queue, &dev_id)? {
             Leftover::None => {}
-            Leftover::Restored { pid, change } => log::warn!(
+            Leftover::Restored { pid, change } => tracing::warn!(
                 "{}: restored the original tunables a killed agent (pid {pid}) left changed: {change}",
                 device.name
             ),
             Leftover::Stale { why } => {
-                log::warn!("{}: dropped a stale tuning state: {why}", device.name)
+                tracing::warn!("{}: dropped a stale tuning state: {why}", device.name)
             }
         }
         let originals = queue.read()?;
@@ -229,7 +229,7 @@ impl DeviceTuner {
         let secs = self.window_started.elapsed().as_secs_f64();
         self.window_started = Instant::now();
         let stats = self.window.finish(secs);
-        log::debug!("{}: window {stats:?}", self.queue.device);
+        tracing::debug!("{}: window {stats:?}", self.queue.device);
         let Some(decision) = self.policy.decide(self.started.elapsed(), &stats) else {
             return Ok(None);
         };
@@ -275,12 +275,12 @@ impl DeviceTuner {
 impl Drop for DeviceTuner {
     fn drop(&mut self) {
         match self.restore() {
-            Ok(change) => log::info!(
+            Ok(change) => tracing::info!(
                 "{}: original tunables restored ({change})",
                 self.queue.device
             ),
-            Err(e) => eprintln!(
-                "kml-agent: ERROR {}: could not restore the original tunables: {e:#}; \
+            Err(e) => tracing::error!(
+                "{}: could not restore the original tunables: {e:#}; \
                  `kml-agent restore --device {}` retries from {}",
                 self.queue.device,
                 self.queue.device,
@@ -318,9 +318,9 @@ impl Tuners {
     pub fn tick(&mut self) {
         for t in &mut self.0 {
             match t.tick() {
-                Ok(Some(a)) => eprintln!("kml-agent: {}", a.line()),
+                Ok(Some(a)) => tracing::info!("{}", a.line()),
                 Ok(None) => {}
-                Err(e) => eprintln!("kml-agent: ERROR {e:#}"),
+                Err(e) => tracing::error!("{e:#}"),
             }
         }
     }

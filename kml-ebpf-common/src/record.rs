@@ -97,6 +97,17 @@ impl Verdict {
 }
 
 impl RequestRecord {
+    /// Decodes one ring buffer item as the agent receives it; `None` if its size
+    /// is not a record's (a kernel/agent version mismatch).
+    pub fn from_bytes(bytes: &[u8]) -> Option<RequestRecord> {
+        if bytes.len() != core::mem::size_of::<RequestRecord>() {
+            return None;
+        }
+        // SAFETY: exact size checked; RequestRecord is plain integers (any bit
+        // pattern is valid) and read_unaligned makes no alignment assumption.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<RequestRecord>()) })
+    }
+
     pub const fn op(&self) -> ReqOp {
         ReqOp::from_u8(self.op)
     }

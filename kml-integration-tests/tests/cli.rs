@@ -11,9 +11,8 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use kml_ebpf_common::{trace, RequestRecord};
 use kml_integration_tests::{
-    agent::{spawn_agent, wait_for_line, Agent},
-    agent_bin, assert_no_kml_programs, issue_direct, scattered_pattern, signal, ChildGuard, Issued,
-    LoopDevice,
+    agent_bin, assert_no_kml_programs, issue_direct, scattered_pattern, signal, spawn_agent,
+    wait_for_line, Agent, ChildGuard, Issued, LoopDevice,
 };
 
 /// A `kml-agent record` of one device, attached and recording; its CSV lives in a
@@ -491,12 +490,240 @@ fn pinned_state_is_readable_by_status_and_by_root_only() -> Result<()> {
         "nobody read the pinned weights: {}",
         String::from_utf8_lossy(&nobody.stdout)
     );
+    // Not even with the BPF capabilities: the modes, not only the missing
+    // capabilities, keep a non-root user from the weights and the verdict counters.
+    let as_nobody_with_bpf_caps = |args: &[&str]| -> Result<std::process::Output> {
+        let caps = "-all,+bpf,+perfmon,+sys_admin";
+        Ok(Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(format!("--bounding-set={caps}"))
+            .arg("bpftool")
+            .args(args)
+            .output()?)
+    };
+    let zero_key = ["key", "0", "0", "0", "0"];
+    for args in [
+        vec!["map", "dump", "pinned", "/sys/fs/bpf/kml/LINEAR_MODELS"],
+        vec!["map", "dump", "pinned", "/sys/fs/bpf/kml/COUNTERS"],
+        vec!["map", "dump", "pinned", "/sys/fs/bpf/kml/MODEL_CONTROL"],
+        [
+            &["map", "update", "pinned", "/sys/fs/bpf/kml/MODEL_CONTROL"][..],
+            &zero_key,
+            &["value", "0", "0", "0", "0", "0", "0", "0", "0"],
+            &["0", "0", "0", "0", "0", "0", "0", "0"],
+        ]
+        .concat(),
+    ] {
+        let out = as_nobody_with_bpf_caps(&args)?;
+        ensure!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "nobody with CAP_BPF: {args:?}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Control: the same user and capabilities read a pin whose modes allow it.
+    let scratch = std::env::temp_dir().join(format!("kml-pinctl-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let mounted = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&scratch)
+        .status()?
+        .success();
+    let control = (|| -> Result<()> {
+        ensure!(mounted, "mounting a scratch bpffs failed");
+        let pin = scratch.join("open");
+        let made = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&pin)
+            .args(["type", "array", "key", "4", "value", "8", "entries", "1"])
+            .args(["name", "kml_pinctl"])
+            .status()?;
+        ensure!(made.success(), "bpftool map create failed");
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o666))?;
+        let out =
+            as_nobody_with_bpf_caps(&["map", "dump", "pinned", pin.to_str().context("utf-8")?])?;
+        ensure!(
+            out.status.success(),
+            "control: nobody with CAP_BPF cannot read an open pin either: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    })();
+    if mounted {
+        let _ = Command::new("umount").arg(&scratch).status();
+    }
+    let _ = std::fs::remove_dir(&scratch);
+    control?;
 
     signal(&agent.0, libc::SIGINT);
     ensure!(agent.0.wait()?.success(), "run did not exit cleanly");
     ensure!(
         !std::path::Path::new("/sys/fs/bpf/kml").exists(),
         "pins left behind after a clean exit"
+    );
+    assert_no_kml_programs()?;
+    Ok(())
+}
+
+/// Runs the agent with `args`, expecting a failure: its one stderr line.
+fn one_line_failure(args: &[&str]) -> Result<String> {
+    let out = Command::new(agent_bin()).args(args).output()?;
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    ensure!(!out.status.success(), "accepted: {args:?}");
+    ensure!(
+        err.lines().count() == 1,
+        "more than one line for {args:?}: {err}"
+    );
+    ensure!(
+        err.starts_with("kml-agent: "),
+        "not the agent's error line: {err}"
+    );
+    Ok(err)
+}
+
+/// A bpffs mounted read-only on a scratch directory; unmounted and removed on drop.
+struct ReadOnlyBpffs(PathBuf);
+
+impl ReadOnlyBpffs {
+    fn mount() -> Result<ReadOnlyBpffs> {
+        let dir = std::env::temp_dir().join(format!("kml-robpf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let guard = ReadOnlyBpffs(dir);
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "-o", "ro", "bpf"])
+            .arg(&guard.0)
+            .status()?;
+        ensure!(st.success(), "mount -t bpf -o ro failed");
+        Ok(guard)
+    }
+}
+
+impl Drop for ReadOnlyBpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn clear_errors_for_wrong_run_input() -> Result<()> {
+    let err = one_line_failure(&["run", "--device", "nosuchdisk9", "--duration", "2s"])?;
+    ensure!(
+        err.contains("unknown block device `nosuchdisk9`") && err.contains("whole disks here"),
+        "unknown device: {err}"
+    );
+
+    // A disk with another scheduler: what to echo where.
+    let dev = LoopDevice::new(16, 500, 5000)?;
+    dev.set_queue("scheduler", "none")?;
+    let err = one_line_failure(&["run", "--device", &dev.name, "--duration", "2s"])?;
+    ensure!(
+        err.contains("scheduler `none`")
+            && err.contains(&format!(
+                "echo mq-deadline > /sys/block/{}/queue/scheduler",
+                dev.name
+            )),
+        "no mq-deadline: {err}"
+    );
+    dev.set_queue("scheduler", "mq-deadline")?;
+
+    // Models made for other features or another schema: refused, with what to do.
+    let dir = std::env::temp_dir().join(format!("kml-badmodels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveDir(dir.clone());
+    let shipped: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/logistic.json"),
+    )?)?;
+    let mut fewer = shipped.clone();
+    fewer["features"].as_array_mut().context("features")?.pop();
+    let mut newer = shipped.clone();
+    newer["schema_version"] = 99.into();
+    let mut unknown = shipped.clone();
+    unknown["features"][0] = "feature_of_a_future_kernel".into();
+    for (name, model, needle) in [
+        ("fewer", fewer, "entries, `features` has"),
+        ("newer", newer, "99 is not supported"),
+        (
+            "unknown",
+            unknown,
+            "unknown feature `feature_of_a_future_kernel`",
+        ),
+    ] {
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, model.to_string())?;
+        let err = one_line_failure(&[
+            "run",
+            "--device",
+            &dev.name,
+            "--model",
+            path.to_str().context("utf-8")?,
+            "--duration",
+            "2s",
+        ])?;
+        ensure!(
+            err.contains("refusing model")
+                && err.contains(needle)
+                && err.contains("kml-agent train"),
+            "{name}: {err}"
+        );
+    }
+
+    // --pin where no writable bpffs is.
+    let not_bpffs = dir.join("kml");
+    let err = one_line_failure(&[
+        "run",
+        "--device",
+        &dev.name,
+        "--pin",
+        "--pin-dir",
+        not_bpffs.to_str().context("utf-8")?,
+        "--duration",
+        "2s",
+    ])?;
+    ensure!(
+        err.contains("is not a bpf file system") && err.contains("mount -t bpf bpf"),
+        "not bpffs: {err}"
+    );
+    let err = one_line_failure(&[
+        "run",
+        "--device",
+        &dev.name,
+        "--pin",
+        "--pin-dir",
+        "/nonexistent-kml-bpffs/kml",
+        "--duration",
+        "2s",
+    ])?;
+    ensure!(err.contains("does not exist"), "missing bpffs: {err}");
+    let ro = ReadOnlyBpffs::mount()?;
+    let pin_dir = ro.0.join("kml");
+    let err = one_line_failure(&[
+        "run",
+        "--device",
+        &dev.name,
+        "--pin",
+        "--pin-dir",
+        pin_dir.to_str().context("utf-8")?,
+        "--duration",
+        "2s",
+    ])?;
+    ensure!(
+        err.contains("mounted read-only") && err.contains("remount"),
+        "read-only bpffs: {err}"
+    );
+    ensure!(
+        !pin_dir.exists(),
+        "a pin directory was created on a read-only bpffs"
     );
     assert_no_kml_programs()?;
     Ok(())

@@ -16,8 +16,8 @@ use kml_agent::tune::{
     sysfs::Queue,
 };
 use kml_integration_tests::{
-    agent::{spawn_agent, wait_for_line, Agent},
-    agent_bin, assert_no_kml_programs, signal, wait_until, ChildGuard, LoopDevice,
+    agent_bin, assert_no_kml_programs, signal, spawn_agent, wait_for_line, wait_until, Agent,
+    ChildGuard, LoopDevice,
 };
 
 /// A scratch folder: the model files and the tuning state of one test.

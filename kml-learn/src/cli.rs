@@ -145,7 +145,7 @@ fn load_trace(path: &std::path::Path, progress: &Progress) -> anyhow::Result<Dat
 
 impl TrainArgs {
     pub fn execute(self) -> anyhow::Result<()> {
-        let progress = Progress::new(self.quiet);
+        let progress = Progress::interactive(self.quiet);
         let data = self
             .trace
             .iter()

@@ -7,12 +7,16 @@
 //! cargo xtask test  [-- ARGS...]               # host unit tests, then the root-only integration tests
 //! cargo xtask vm    [--smoke] [OPTIONS]        # patched kernel under QEMU: hook smoke test / comparison
 //! cargo xtask bench [--quick] [--workload F.fio]... [--out DIR]  # measure; write bench/REPORT.md
+//! cargo xtask fuzz  [--seconds N] [TARGET]      # cargo-fuzz targets in fuzz/ (installs cargo-fuzz)
+//! cargo xtask man   [--out DIR]                 # kml-agent man pages (default target/man)
 //! ```
 //!
 //! Each subcommand lives in its own module; `util` holds the process helpers.
 
 mod bench;
 mod build;
+mod fuzz;
+mod man;
 mod run;
 mod setup;
 mod test;
@@ -51,6 +55,11 @@ enum Command {
     /// Measure everything (overhead, in-kernel cost, agent, training time, learning
     /// quality) on this machine and write bench/REPORT.md with SVG plots (needs root).
     Bench(bench::BenchArgs),
+    /// Fuzz the model-file loader, the record decoder and the integer inference
+    /// (cargo-fuzz, nightly; installs cargo-fuzz if missing), N seconds per target.
+    Fuzz(fuzz::FuzzArgs),
+    /// Write kml-agent's man pages (clap_mangen) to target/man (or --out DIR).
+    Man(man::ManArgs),
 }
 
 impl Command {
@@ -62,6 +71,8 @@ impl Command {
             Command::Test(args) => args.execute(),
             Command::Vm(args) => args.execute(),
             Command::Bench(args) => args.execute(),
+            Command::Fuzz(args) => args.execute(),
+            Command::Man(args) => args.execute(),
         }
     }
 }

@@ -156,7 +156,7 @@ fn has_component(installed: &str, component: &str) -> bool {
     })
 }
 
-fn ensure_nightly() -> Result<()> {
+pub fn ensure_nightly() -> Result<()> {
     let toolchains = output(rustup_cmd("rustup").args(["toolchain", "list"]))?;
     if has_nightly(&toolchains) {
         eprintln!("xtask: nightly toolchain already installed");

@@ -86,8 +86,8 @@ impl HookArgs {
             Via::FmodRet => "fmod_ret",
         };
         // The line scripts wait for before they start I/O.
-        eprintln!(
-            "kml-agent: hook attached to dd_kml_verdict ({how}, policy {}, {target})",
+        tracing::info!(
+            "hook attached to dd_kml_verdict ({how}, policy {}, {target})",
             self.policy
         );
 
@@ -98,7 +98,7 @@ impl HookArgs {
         tokio::pin!(signal);
         tokio::select! {
             () = &mut stop_after => {}
-            sig = &mut signal => { eprintln!("kml-agent: {}, detaching", sig?); }
+            sig = &mut signal => { tracing::info!("{}, detaching", sig?); }
         }
         let counters = hook.as_ref().map(Hook::counters).transpose()?;
         drop(hook);

@@ -50,8 +50,8 @@ impl RecordArgs {
             }
         };
         let mut stream = observer.records()?;
-        eprintln!(
-            "kml-agent: recording {} ({}) for {:?} into {}",
+        tracing::info!(
+            "recording {} ({}) for {:?} into {}",
             self.device.join(", "),
             observer.mode(),
             self.duration,
@@ -83,7 +83,7 @@ impl RecordArgs {
         loop {
             tokio::select! {
                 () = &mut deadline => break,
-                sig = &mut signal => { eprintln!("kml-agent: {}, stopping", sig?); break }
+                sig = &mut signal => { tracing::info!("{}, stopping", sig?); break }
                 n = stream.next_batch(&mut batch) => { n?; write_batch(&mut batch)?; }
             }
         }
@@ -100,19 +100,19 @@ impl RecordArgs {
         let records = counters.get(Counter::Records);
         let wait = LatencySummary::of(wait);
         let service = LatencySummary::of(service);
-        eprintln!(
-            "kml-agent: {records} records in {elapsed:.1}s ({:.0}/s) to {}; deadline misses {misses}",
+        tracing::info!(
+            "{records} records in {elapsed:.1}s ({:.0}/s) to {}; deadline misses {misses}",
             records as f64 / elapsed.max(1e-9),
             self.out.display()
         );
-        eprintln!(
-            "kml-agent: insert→issue p50 {} p99 {} | issue→complete p50 {} p99 {}",
+        tracing::info!(
+            "insert→issue p50 {} p99 {} | issue→complete p50 {} p99 {}",
             human_ns(wait.p50_ns),
             human_ns(wait.p99_ns),
             human_ns(service.p50_ns),
             human_ns(service.p99_ns)
         );
-        eprintln!("kml-agent: {}", loss.line());
+        tracing::info!("{}", loss.line());
         if stream.undecodable > 0 {
             anyhow::bail!(
                 "{} ring buffer items had the wrong size (agent and eBPF object disagree)",

@@ -60,6 +60,14 @@ pub struct RunArgs {
     /// How often `--tune` decides (the length of its measuring window).
     #[arg(long, value_parser = super::parse_duration, default_value = "5s")]
     pub tune_every: Duration,
+    /// Where --pin puts the maps (a directory on a bpffs).
+    #[arg(long, default_value = crate::pin::PIN_DIR, value_name = "DIR")]
+    pub pin_dir: std::path::PathBuf,
+    /// Serve Prometheus metrics (records, every loss counter, verdicts, live
+    /// confusion matrix, ns per decision, model version, swaps) at
+    /// http://ADDR/metrics, e.g. 127.0.0.1:9477.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub observe: session::ObserveArgs,
 }
@@ -81,12 +89,26 @@ impl RunArgs {
             (None, Some((_, m))) => m.kind(),
             (None, None) => ModelKind::Logistic,
         };
+        if self.pin {
+            crate::pin::check_pin_dir(&self.pin_dir)?;
+        }
+        // Bound before anything is loaded: a busy address fails with nothing attached.
+        let metrics = match self.metrics {
+            Some(addr) => {
+                let m = crate::metrics::Metrics::default();
+                let bound = m.serve(addr).await?;
+                tracing::info!("metrics at http://{bound}/metrics");
+                Some(m)
+            }
+            None => None,
+        };
+        let mut events = crate::metrics::ModelEvents::default();
         let mut tuners = if self.tune {
             // Before anything is loaded: a device another agent tunes is refused
             // with nothing attached, and the originals are saved first.
             let t = Tuners::start(&targets, self.tune_every, TuneConfig::default())?;
-            eprintln!(
-                "kml-agent: tuning mq-deadline every {:?}; originals saved in {}",
+            tracing::info!(
+                "tuning mq-deadline every {:?}; originals saved in {}",
                 self.tune_every,
                 crate::tune::state::state_dir().display()
             );
@@ -100,9 +122,8 @@ impl RunArgs {
             }
         })?;
         let _pins = if self.pin {
-            let pins =
-                crate::pin::pin_maps(observer.ebpf(), std::path::Path::new(crate::pin::PIN_DIR))?;
-            eprintln!("kml-agent: maps pinned at {}", pins.dir().display());
+            let pins = crate::pin::pin_maps(observer.ebpf(), &self.pin_dir)?;
+            tracing::info!("maps pinned at {}", pins.dir().display());
             Some(pins)
         } else {
             None
@@ -121,8 +142,8 @@ impl RunArgs {
             if let Some(ba) = crate::models::held_back_balanced_accuracy(m) {
                 learner.accepted(ba);
             }
-            eprintln!(
-                "kml-agent: model {} ({}) active as v{}",
+            tracing::info!(
+                "model {} ({}) active as v{}",
                 path.display(),
                 m.kind().name(),
                 active.version
@@ -134,13 +155,16 @@ impl RunArgs {
             .iter()
             .map(|d| d.device.name.clone())
             .collect();
-        eprintln!(
-            "kml-agent: observing {} ({}, {:?} mode); Ctrl-C stops",
+        tracing::info!(
+            "observing {} ({}, {:?} mode); Ctrl-C stops",
             names.join(", "),
             observer.mode(),
             self.mode
         );
 
+        if let Some(m) = &metrics {
+            m.publish(&observer, slots.active(), 0, events)?;
+        }
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
         tokio::pin!(stop_after);
@@ -159,7 +183,7 @@ impl RunArgs {
         loop {
             tokio::select! {
                 () = &mut stop_after => break,
-                sig = &mut signal => { eprintln!("kml-agent: {}, detaching", sig?); break }
+                sig = &mut signal => { tracing::info!("{}, detaching", sig?); break }
                 _ = tick.tick() => {
                     let secs = last_tick.elapsed().as_secs_f64();
                     last_tick = Instant::now();
@@ -199,7 +223,7 @@ impl RunArgs {
                         verdict_part,
                     );
                     if self.mode == LossMode::Lossless && drops > last_drops {
-                        eprintln!("kml-agent: ERROR lossless mode: {} records dropped (ring full); raise --ring-size", drops - last_drops);
+                        tracing::error!("lossless mode: {} records dropped (ring full); raise --ring-size", drops - last_drops);
                     }
                     last_drops = drops;
                     recent.push_back(live);
@@ -213,12 +237,17 @@ impl RunArgs {
                             if let Some(reason) = p.verdict() {
                                 let back = slots.install(observer.ebpf_mut(), &p.previous)?;
                                 learner.accepted(p.previous_reference);
-                                eprintln!("kml-agent: rollback to the previous model (now v{}): {reason}", back.version);
+                                events.rollbacks += 1;
+                                tracing::info!("rollback to the previous model (now v{}): {reason}", back.version);
                             }
                         }
                     }
                     if let Some(reason) = learner.check_drift(&live) {
-                        eprintln!("kml-agent: drift: {reason}; retraining now");
+                        events.drifts += 1;
+                        tracing::info!("drift: {reason}; retraining now");
+                    }
+                    if let Some(m) = &metrics {
+                        m.publish(&observer, slots.active(), total, events)?;
                     }
                     learner.observe(&window);
                     tuners.observe(&window);
@@ -248,19 +277,23 @@ impl RunArgs {
                                         ));
                                     }
                                     learner.accepted(c.candidate_ba);
-                                    eprintln!(
-                                        "kml-agent: swap {} -> v{} {}: held-back balanced accuracy {before} -> {:.3} on {} records (trained in {:.1}s)",
+                                    events.swaps += 1;
+                                    tracing::info!(
+                                        "swap {} -> v{} {}: held-back balanced accuracy {before} -> {:.3} on {} records (trained in {:.1}s)",
                                         prev.map_or("none".into(), |p| format!("v{}", p.version)),
                                         active.version, active.kind.name(), c.candidate_ba, c.held_back, c.took.as_secs_f64()
                                     );
                                 } else {
-                                    eprintln!(
-                                        "kml-agent: kept the active model: candidate {:.3} vs active {before} on {} held-back records",
+                                    tracing::info!(
+                                        "kept the active model: candidate {:.3} vs active {before} on {} held-back records",
                                         c.candidate_ba, c.held_back
                                     );
                                 }
                             }
-                            Err(e) => eprintln!("kml-agent: retraining failed: {e:#}"),
+                            Err(e) => {
+                                events.retrain_failures += 1;
+                                tracing::warn!("retraining failed: {e:#}");
+                            }
                         }
                     }
                 }
@@ -273,8 +306,8 @@ impl RunArgs {
         stream.drain(&mut window);
         total += window.len() as u64;
         let loss = session::losses(&observer)?;
-        eprintln!(
-            "kml-agent: {total} records in {:.1}s; {}",
+        tracing::info!(
+            "{total} records in {:.1}s; {}",
             started.elapsed().as_secs_f64(),
             loss.line()
         );

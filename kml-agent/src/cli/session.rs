@@ -78,16 +78,17 @@ pub fn start_with(
 
 /// Losses at the end of a session.
 pub fn losses(observer: &Observer) -> anyhow::Result<LossReport> {
-    let missed = observer
-        .program_stats()?
-        .iter()
-        .map(|p| p.recursion_misses)
-        .sum();
-    Ok(LossReport::new(
-        &observer.counters()?,
-        observer.live_inflight()?,
-        missed,
-    ))
+    losses_of(observer, &observer.counters()?, &observer.program_stats()?)
+}
+
+/// Losses from counters and program statistics already read.
+pub fn losses_of(
+    observer: &Observer,
+    counters: &Counters,
+    programs: &[crate::observe::ProgramStats],
+) -> anyhow::Result<LossReport> {
+    let missed = programs.iter().map(|p| p.recursion_misses).sum();
+    Ok(LossReport::new(counters, observer.live_inflight()?, missed))
 }
 
 /// Resolves on SIGINT or SIGTERM, with the signal's name.

@@ -181,8 +181,7 @@ impl StatusArgs {
         };
         let balanced = (ratio(tp, tp + fnn) + ratio(tn, tn + fp)) / 2.0;
         let accuracy = ratio(tp + tn, tp + fp + tn + fnn);
-        let stats_on = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-            .is_ok_and(|s| s.trim() == "1");
+        let stats_on = crate::kernel::caps::bpf_stats_enabled();
         let costs: Vec<_> = program_costs()
             .into_iter()
             .map(|(name, runs, ns)| json!({"program": name, "runs": runs, "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 }}))

@@ -44,6 +44,11 @@ pub fn require_privileges() -> anyhow::Result<()> {
     }
 }
 
+/// Whether the kernel measures BPF program run times (`kernel.bpf_stats_enabled`).
+pub fn bpf_stats_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
+}
+
 /// How the observers reach the block layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {

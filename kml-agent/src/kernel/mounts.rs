@@ -37,7 +37,24 @@ fn mount(fstype: &str, target: &str) -> io::Result<()> {
 }
 
 pub fn bpffs_mounted() -> bool {
-    fs_magic(Path::new(BPFFS)) == Some(BPF_FS_MAGIC)
+    is_bpffs(Path::new(BPFFS))
+}
+
+/// Whether `path` is on a bpf file system.
+pub fn is_bpffs(path: &Path) -> bool {
+    fs_magic(path) == Some(BPF_FS_MAGIC)
+}
+
+/// Whether the file system holding `path` is mounted read-only.
+pub fn is_read_only(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a properly sized out-parameter.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_flag & libc::ST_RDONLY != 0
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it is there; returns whether it mounted it.

@@ -1,0 +1,6 @@
+//! The ring buffer record decoder and what the agent derives from a record.
+//! The property lives in `kml_learn::robustness`, where unit tests replay the
+//! kept inputs.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kml_learn::robustness::check_record(data));
