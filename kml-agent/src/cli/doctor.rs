@@ -43,9 +43,9 @@ impl DoctorArgs {
                 iosched
             );
         }
-        match report.choose(AttachRequest::Auto) {
-            Ok(mode) => {
-                println!("attach mode: {mode}");
+        match report.plan(AttachRequest::Auto) {
+            Ok(plan) => {
+                println!("attach mode: {plan}");
                 Ok(())
             }
             Err(e) => {

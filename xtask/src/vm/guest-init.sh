@@ -3,7 +3,10 @@
 #
 # Kernel command line (set by xtask):
 #   kml.mode=probe|smoke|full   what to run
-#   kml.policy=POLICY           kml-agent hook policy for the "hook" runs (full mode)
+#   kml.policy=POLICY           verdict policy for the "hook" runs (full mode): off, reads,
+#                               reads-under-writes (kml-agent hook), model, model-reads
+#                               (kml-agent run --model MODEL --act POLICY)
+#   kml.model=MODEL             model for the model policies (a name in /kml/models)
 #   kml.runtime=SECONDS         fio runtime per run (full mode; the job files read $KML_RUNTIME)
 #   kml.boost_max=N             if set: mq-deadline's kml_boost_max on the test disk
 #   kml.workloads=a,b           if set: only these workloads (full mode)
@@ -39,6 +42,7 @@ arg() {
 
 MODE=$(arg kml.mode smoke)
 POLICY=$(arg kml.policy reads-under-writes)
+MODEL=$(arg kml.model logistic)
 export KML_RUNTIME=$(arg kml.runtime 30)
 BOOST_MAX=$(arg kml.boost_max "")
 WORKLOADS=$(arg kml.workloads "")
@@ -103,13 +107,22 @@ boosts() { echo "$(cat $Q/iosched/kml_boosts) $(cat $Q/iosched/kml_capped)"; }
 HOOK_PID=
 HOOK_VIA=
 start_hook() {
-    # $1 policy, $2 log file
+    # $1 policy, $2 log file, $3 model (model policies)
     : > "$2"
-    if [ -n "$HOOK_VIA" ]; then
-        kml-agent hook --policy "$1" $HOOK_VIA > "$2" 2>&1 &
-    else
-        kml-agent hook --policy "$1" --device $DISK > "$2" 2>&1 &
-    fi
+    case "$1" in
+    model | model-reads)
+        # The observers, the model and the verdict program in one object; a fixed
+        # model (no online learning: it would learn from outcomes the verdicts changed).
+        kml-agent run --device $DISK --model "$3" --act "$1" --retrain-every 0 --ring-size 1M > "$2" 2>&1 &
+        ;;
+    *)
+        if [ -n "$HOOK_VIA" ]; then
+            kml-agent hook --policy "$1" $HOOK_VIA > "$2" 2>&1 &
+        else
+            kml-agent hook --policy "$1" --device $DISK > "$2" 2>&1 &
+        fi
+        ;;
+    esac
     HOOK_PID=$!
     i=0
     while ! grep -q "hook attached" "$2"; do
@@ -182,16 +195,39 @@ if [ "$MODE" = smoke ]; then
     stop_hook /tmp/smoke.fmodret.agent.log
     cp /tmp/smoke.fmodret.agent.log $OUT/smoke.fmodret.agent.log
     echo "hook $b2 $b3" > $OUT/smoke.fmodret.boosts
-    set -- $b0 $b1 $b2 $b3
+    # The model path: observers + a model + the verdict program (kml-agent run
+    # --act), with hand-set models whose verdicts are known: none at risk, all at risk.
+    echo "kml-guest: smoke: model run, a model that flags no request"
+    start_hook model-reads /tmp/smoke.never.agent.log smoke-never-at-risk
+    run_fio $JOB smoke.never
+    b4=$(boosts)
+    stop_hook /tmp/smoke.never.agent.log
+    cp /tmp/smoke.never.agent.log $OUT/smoke.never.agent.log
+    echo "hook $b3 $b4" > $OUT/smoke.never.boosts
+    echo "kml-guest: smoke: model run, a model that flags every request"
+    start_hook model-reads /tmp/smoke.model.agent.log smoke-always-at-risk
+    trace_start
+    run_fio $JOB smoke.model
+    trace_stop $OUT/smoke.model.trace
+    b5=$(boosts)
+    stop_hook /tmp/smoke.model.agent.log
+    cp /tmp/smoke.model.agent.log $OUT/smoke.model.agent.log
+    grep "kml-agent: hook" /tmp/smoke.model.agent.log
+    echo "hook $b4 $b5" > $OUT/smoke.model.boosts
+    set -- $b0 $b1 $b2 $b3 $b4 $b5
     stock_boosts=$(($3 - $1))
     hook_boosts=$(($5 - $3))
     hook_capped=$(($6 - $4))
     fmodret_boosts=$(($7 - $5))
-    echo "kml-guest: smoke: kernel boosts: stock run $stock_boosts, kprobe run $hook_boosts (refused by the cap: $hook_capped), fmod_ret run $fmodret_boosts"
+    never_boosts=$(($9 - $7))
+    model_boosts=$((${11} - $9))
+    echo "kml-guest: smoke: kernel boosts: stock run $stock_boosts, kprobe run $hook_boosts (refused by the cap: $hook_capped), fmod_ret run $fmodret_boosts, model runs: never $never_boosts, always $model_boosts"
     [ $stock_boosts = 0 ] || fail "requests were boosted with no program attached ($stock_boosts)"
     [ $hook_boosts -gt 0 ] || fail "the kprobe hook run boosted no request (kml_boosts did not move)"
     [ $fmodret_boosts -gt 0 ] || fail "the fmod_ret run boosted no request (kml_boosts did not move)"
-    finish PASS "smoke: hook attached, $hook_boosts requests served early (kprobe), $fmodret_boosts (fmod_ret)"
+    [ $never_boosts = 0 ] || fail "a model that flags nothing got $never_boosts requests boosted"
+    [ $model_boosts -gt 0 ] || fail "a model that flags every request got none boosted (kml_boosts did not move)"
+    finish PASS "smoke: hook attached, $hook_boosts requests served early (kprobe), $fmodret_boosts (fmod_ret), $model_boosts (model at risk), $never_boosts (model never at risk)"
 fi
 
 # ---------------------------------------------------------------- full comparison
@@ -204,7 +240,7 @@ stock_run() {
 }
 hook_run() {
     echo "kml-guest: $2: hook run $3, policy $POLICY (${KML_RUNTIME}s)"
-    start_hook $POLICY /tmp/$2.hook.$3.agent.log
+    start_hook $POLICY /tmp/$2.hook.$3.agent.log "$MODEL"
     b0=$(boosts)
     run_fio $1 $2.hook.$3
     b1=$(boosts)
