@@ -122,6 +122,17 @@ pub struct VmArgs {
     /// window) in the guest; default: the kernel's (16).
     #[arg(long)]
     pub boost_max: Option<u32>,
+    /// Set mq-deadline's read_expire (ms) in the guest, for every run (stock too):
+    /// the reads' deadline, which is what kml's models predict a miss of, and the
+    /// window of the boost cap; default: the kernel's (500 ms).
+    #[arg(long)]
+    pub read_expire: Option<u32>,
+    /// Record every stock run with `kml-agent record` (observers only) into
+    /// target/vm/out-full/NAME.stock.R.csv: training data for a model of the VM
+    /// (`kml-agent train --trace ...`). The recorder runs beside fio, so the
+    /// comparison of such a run is not a clean one.
+    #[arg(long)]
+    pub record: bool,
     /// Only these workloads (job file names without .fio; comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
     pub workload: Vec<String>,
@@ -301,6 +312,12 @@ impl VmArgs {
         );
         if let Some(b) = self.boost_max {
             let _ = write!(append, " kml.boost_max={b}");
+        }
+        if self.record {
+            append.push_str(" kml.record=1");
+        }
+        if let Some(ms) = self.read_expire {
+            let _ = write!(append, " kml.read_expire={ms}");
         }
         if self.policy.uses_model() {
             let file = root
@@ -755,7 +772,12 @@ fn full_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
                 .unwrap_or_default();
             agent.push_str(
                 log.lines()
-                    .filter(|l| l.contains("detached") || l.contains("served"))
+                    .filter(|l| {
+                        l.contains("detached")
+                            || l.contains("served")
+                            || l.starts_with("kml-agent: hook (")
+                            || l.contains(" active as v")
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
                     .as_str(),

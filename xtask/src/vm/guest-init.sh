@@ -9,8 +9,11 @@
 #   kml.model=MODEL             model for the model policies (a name in /kml/models)
 #   kml.runtime=SECONDS         fio runtime per run (full mode; the job files read $KML_RUNTIME)
 #   kml.boost_max=N             if set: mq-deadline's kml_boost_max on the test disk
+#   kml.read_expire=MS          if set: mq-deadline's read_expire on the test disk (every run)
 #   kml.workloads=a,b           if set: only these workloads (full mode)
 #   kml.repeat=N                stock/hook pairs per workload, order alternating (full mode)
+#   kml.record=1                if set: record each stock run with kml-agent record into
+#                               NAME.stock.R.csv (training data for a VM model)
 # Results go to the virtio-9p share `kmlout` (mounted at /mnt/out); the last line is
 # `KML-VM-RESULT: PASS` or `KML-VM-RESULT: FAIL <reason>`; then the guest tells QEMU
 # its result through isa-debug-exit (port 0xf4) and powers off.
@@ -45,8 +48,10 @@ POLICY=$(arg kml.policy reads-under-writes)
 MODEL=$(arg kml.model logistic)
 export KML_RUNTIME=$(arg kml.runtime 30)
 BOOST_MAX=$(arg kml.boost_max "")
+READ_EXPIRE=$(arg kml.read_expire "")
 WORKLOADS=$(arg kml.workloads "")
 REPEAT=$(arg kml.repeat 1)
+RECORD=$(arg kml.record "")
 
 SHARED=0
 finish() {
@@ -84,6 +89,9 @@ echo 64 > $Q/nr_requests || fail "cannot set nr_requests 64 on $DISK"
 # outside the scheduler): set it explicitly.
 echo 64 > $Q/iosched/async_depth || fail "cannot set async_depth 64 on $DISK"
 [ -f $Q/iosched/kml_boosts ] || fail "$Q/iosched/kml_boosts missing: not kml's patched mq-deadline"
+if [ -n "$READ_EXPIRE" ]; then
+    echo "$READ_EXPIRE" > $Q/iosched/read_expire || fail "cannot set read_expire"
+fi
 if [ -n "$BOOST_MAX" ]; then
     echo "$BOOST_MAX" > $Q/iosched/kml_boost_max || fail "cannot set kml_boost_max"
 fi
@@ -234,9 +242,30 @@ fi
 stock_run() {
     # $1 job, $2 name, $3 repeat
     echo "kml-guest: $2: stock run $3 (${KML_RUNTIME}s)"
+    rec=
+    if [ -n "$RECORD" ]; then
+        # Observers only (no verdict program): the trace a VM model is trained on.
+        log=/tmp/$2.record.$3.log
+        kml-agent record --device $DISK --out /tmp/$2.stock.$3.csv > $log 2>&1 &
+        rec=$!
+        i=0
+        while ! grep -q "kml-agent: recording" $log; do
+            kill -0 $rec 2>/dev/null || fail "kml-agent record exited: $(tr '\n' ' ' < $log)"
+            i=$((i + 1))
+            [ $i -gt 600 ] && fail "kml-agent record did not start within 60 s"
+            sleep 0.1
+        done
+    fi
     b0=$(boosts)
     run_fio $1 $2.stock.$3
     echo "stock $b0 $(boosts)" >> $OUT/$2.boosts
+    if [ -n "$rec" ]; then
+        kill -INT $rec
+        wait $rec || fail "kml-agent record failed: $(tr '\n' ' ' < $log)"
+        # Written to tmpfs first: 9p writes would slow the recorder.
+        cp /tmp/$2.stock.$3.csv $log $OUT/ && rm /tmp/$2.stock.$3.csv
+        tail -n3 $log
+    fi
 }
 hook_run() {
     echo "kml-guest: $2: hook run $3, policy $POLICY (${KML_RUNTIME}s)"
