@@ -340,47 +340,6 @@ fn clear_errors_for_bad_input() -> Result<()> {
         "a failed record left its output file"
     );
 
-    // Verdicts that should act on a kernel without kml's mq-deadline patch (this
-    // machine's): one line naming the missing hook, nothing loaded.
-    let hook_missing = !std::fs::read_to_string("/proc/kallsyms")
-        .unwrap_or_default()
-        .contains(" dd_kml_verdict");
-    if hook_missing {
-        for args in [
-            &["run", "--device", "vda", "--act", "--duration", "1"][..],
-            &[
-                "run",
-                "--device",
-                "vda",
-                "--attach",
-                "hook",
-                "--duration",
-                "1",
-            ][..],
-            &["hook", "--policy", "model-reads"][..],
-        ] {
-            let out = Command::new(agent_bin()).args(args).output()?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            ensure!(!out.status.success(), "{args:?} accepted without the hook");
-            ensure!(
-                err.contains("dd_kml_verdict")
-                    && err.contains("kernel/0001-mq-deadline-kml-hook.patch"),
-                "{args:?}: unclear: {err}"
-            );
-            ensure!(
-                err.trim().lines().count() == 1,
-                "{args:?}: more than one line: {err}"
-            );
-        }
-        let out = Command::new(agent_bin()).arg("doctor").output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            text.lines()
-                .any(|l| l.contains("[no ] mq-deadline hook") && l.contains("dd_kml_verdict")),
-            "doctor does not report the missing hook: {text}"
-        );
-    }
-
     // Not root: one line naming what is missing.
     let out = Command::new("setpriv")
         .args([
