@@ -6,10 +6,14 @@
 //!   once stock and once with `kml-agent hook --policy reads`; passes when the hook
 //!   attached, the kernel served requests early (`kml_boosts`), and the block
 //!   tracepoints show reads dispatched ahead of queued writes that stock
-//!   mq-deadline dispatched first; or
+//!   mq-deadline dispatched first; the same through fmod_ret; then through the
+//!   model (`run --act model-reads`) with a hand-set model that flags every request
+//!   (boosts, order changed) and one that flags none (no boost); or
 //! - the comparison (default): each job file of `workloads/vm/` (but `smoke.fio`)
-//!   once stock and once with `kml-agent hook --policy <policy>`, same seeds; the
-//!   report goes to `target/vm/report.md` and the last line sums it up.
+//!   once stock and once with `kml-agent hook --policy <policy>` (fixed policies) or
+//!   `kml-agent run --model <model> --act <policy>` (`model`, `model-reads`: the
+//!   learned verdicts act), same seeds; the report goes to `target/vm/report.md` and
+//!   the last line sums it up.
 //!
 //! The guest prints `KML-VM-RESULT: PASS|FAIL <reason>` and powers off; the exit
 //! status follows that line (and, for the smoke test, the host's checks of the
