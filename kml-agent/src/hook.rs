@@ -55,8 +55,7 @@ pub fn hook_unavailable_reason(btf: &Btf) -> Option<String> {
     None
 }
 
-/// The verdict policy the program applies (`HOOK_POLICY[0]`); the learned model
-/// replaces these later.
+/// The verdict policy the program applies (`HOOK_POLICY[0]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
     /// Attach, count calls, never boost.
@@ -65,6 +64,11 @@ pub enum Policy {
     Reads,
     /// Boost a read only while writes wait in the scheduler's FIFOs.
     ReadsUnderWrites,
+    /// Boost what the active model flagged at risk at insert (needs the observers
+    /// and a model in the same object: `kml-agent run --act model`).
+    Model,
+    /// The model's at-risk verdicts, for reads only (`kml-agent run --act`).
+    ModelReads,
 }
 
 impl Policy {
@@ -74,7 +78,14 @@ impl Policy {
             Policy::Off => 0,
             Policy::Reads => 1,
             Policy::ReadsUnderWrites => 2,
+            Policy::Model => 3,
+            Policy::ModelReads => 4,
         }
+    }
+
+    /// Whether the policy acts on the model's verdicts (stored by the observers).
+    pub fn uses_model(self) -> bool {
+        matches!(self, Policy::Model | Policy::ModelReads)
     }
 }
 
@@ -84,6 +95,8 @@ impl std::fmt::Display for Policy {
             Policy::Off => "off",
             Policy::Reads => "reads",
             Policy::ReadsUnderWrites => "reads-under-writes",
+            Policy::Model => "model",
+            Policy::ModelReads => "model-reads",
         })
     }
 }
@@ -101,6 +114,10 @@ pub struct HookCounters {
     pub read_failures: u64,
     /// Calls for requests of other disks than the filtered one.
     pub other_device: u64,
+    /// Model policies: requests without a fresh model verdict.
+    pub no_verdict: u64,
+    /// Model policies: requests the model flagged at risk (any direction).
+    pub model_at_risk: u64,
 }
 
 const COUNTER_SLOTS: usize = 8;
@@ -113,6 +130,8 @@ impl HookCounters {
             reads: s[2],
             read_failures: s[3],
             other_device: s[4],
+            no_verdict: s[5],
+            model_at_risk: s[6],
         }
     }
 }
@@ -276,6 +295,12 @@ impl Hook {
         if let Some(why) = hook_unavailable_reason(&btf) {
             anyhow::bail!("the mq-deadline hook is not available: {why}");
         }
+        if policy.uses_model() {
+            anyhow::bail!(
+                "policy {policy} acts on the model's verdicts, which the observers compute: \
+                 use `kml-agent run --model MODEL --act {policy}`"
+            );
+        }
         let globals = HookGlobals::from_btf(&btf, device)?;
         let object = crate::observe::ebpf_object()?;
         let mut loader = EbpfLoader::new();
@@ -357,8 +382,8 @@ pub fn fmod_ret_program(
             insn(MOV64_K, 0, 0, 0, 1),              // r0 = 1
             insn(EXIT, 0, 0, 0, 0),
         ],
-        Policy::ReadsUnderWrites => {
-            anyhow::bail!("the fmod_ret program implements the policies off and reads; use the kprobe path for reads-under-writes")
+        other => {
+            anyhow::bail!("the fmod_ret program implements the policies off and reads; use the kprobe path for {other}")
         }
     })
 }
@@ -494,6 +519,54 @@ impl FmodRet {
     }
 }
 
+impl HookCounters {
+    /// One line for the end of a session.
+    pub fn line(&self) -> String {
+        format!(
+            "{} calls, {} reads, {} positive verdicts, {} model at-risk verdicts, {} without a model verdict, \
+             {} read failures, {} other-disk calls",
+            self.calls,
+            self.reads,
+            self.verdicts,
+            self.model_at_risk,
+            self.no_verdict,
+            self.read_failures,
+            self.other_device
+        )
+    }
+}
+
+/// The kernel's boost counters of `disks` at one moment, to report what changed.
+pub struct BoostSnapshot(Vec<(BlockDevice, KernelBoosts)>);
+
+impl BoostSnapshot {
+    pub fn take(disks: &[BlockDevice]) -> BoostSnapshot {
+        BoostSnapshot(
+            disks
+                .iter()
+                .map(|d| (d.clone(), kernel_boosts(d).unwrap_or_default()))
+                .collect(),
+        )
+    }
+
+    /// One line per disk: what the kernel did since the snapshot.
+    pub fn lines_since(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|(d, before)| {
+                let now = kernel_boosts(d).unwrap_or_default();
+                format!(
+                    "{}: kernel served {} requests early, refused {} over the cap (kml_boost_max {})",
+                    d.name,
+                    now.boosts.saturating_sub(before.boosts),
+                    now.capped.saturating_sub(before.capped),
+                    now.boost_max
+                )
+            })
+            .collect()
+    }
+}
+
 /// The kernel's side of a disk's hook: the iosched attributes the patch adds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelBoosts {
@@ -532,6 +605,10 @@ mod tests {
         assert_eq!(Policy::Reads.abi(), 1);
         assert_eq!(Policy::ReadsUnderWrites.abi(), 2);
         assert_eq!(Policy::ReadsUnderWrites.to_string(), "reads-under-writes");
+        assert_eq!(Policy::Model.abi(), 3);
+        assert_eq!(Policy::ModelReads.abi(), 4);
+        assert_eq!(Policy::ModelReads.to_string(), "model-reads");
+        assert!(Policy::ModelReads.uses_model() && !Policy::Reads.uses_model());
     }
 
     #[test]
@@ -549,7 +626,7 @@ mod tests {
 
     #[test]
     fn counter_slots() {
-        let c = HookCounters::from_slots(&[5, 2, 4, 0, 1, 0, 0, 0]);
+        let c = HookCounters::from_slots(&[5, 2, 4, 0, 1, 3, 7, 0]);
         assert_eq!(
             c,
             HookCounters {
@@ -557,7 +634,9 @@ mod tests {
                 verdicts: 2,
                 reads: 4,
                 read_failures: 0,
-                other_device: 1
+                other_device: 1,
+                no_verdict: 3,
+                model_at_risk: 7,
             }
         );
     }

@@ -76,6 +76,10 @@ pub struct ObserverConfig {
     /// Drop mode: past this ring fill (bytes), keep only records near the model's
     /// decision boundary. `None`: lossless mode (never sample).
     pub sample_fill_bytes: Option<u32>,
+    /// Also prepare the verdict program for the patched mq-deadline's hook (its
+    /// globals are set at load; [`Observer::attach_hook`] attaches it). Raw
+    /// tracepoint mode only: the program finds the model's verdict by `struct request *`.
+    pub hook: Option<crate::hook::HookGlobals>,
 }
 
 impl ObserverConfig {
@@ -86,6 +90,7 @@ impl ObserverConfig {
             wakeup_bytes: 256 << 10,
             poll_interval: Duration::from_millis(50),
             sample_fill_bytes: None,
+            hook: None,
         }
     }
 }
@@ -114,10 +119,21 @@ impl Observer {
             config.wakeup_bytes,
             config.sample_fill_bytes.unwrap_or(0),
         )?;
+        if config.hook.is_some() && config.mode != AttachMode::RawTracepoint {
+            anyhow::bail!(
+                "the verdict hook needs the raw tracepoint observers (mode {})",
+                config.mode
+            );
+        }
         let object = ebpf_object()?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("KML_LAYOUT", &layout, true)
-            .map_max_entries("RECORDS", config.ring_bytes)
+            .map_max_entries("RECORDS", config.ring_bytes);
+        if let Some(h) = &config.hook {
+            h.apply(&mut loader, false);
+        }
+        let mut ebpf = loader
             .load(&object)
             .context("loading the kml eBPF object")?;
         for (event, raw, tp) in EVENTS {
@@ -244,8 +260,24 @@ impl Observer {
         Ok(())
     }
 
+    /// Attaches the verdict program to the patched mq-deadline's hook with `policy`
+    /// (the observer must have been loaded with [`ObserverConfig::hook`]). Detached
+    /// by [`Observer::detach`] or when the observer is dropped.
+    pub fn attach_hook(&mut self, policy: crate::hook::Policy) -> anyhow::Result<()> {
+        if self.config.hook.is_none() {
+            anyhow::bail!("the observer was loaded without the hook's globals");
+        }
+        crate::hook::attach(&mut self.ebpf, policy)
+    }
+
     /// Detaches every program (records already in the ring stay readable).
     pub fn detach(&mut self) {
+        // The hook first: no verdict acts once the observers stop.
+        if let Some(aya::programs::Program::KProbe(p)) =
+            self.ebpf.program_mut(crate::hook::HOOK_PROGRAM)
+        {
+            let _ = p.unload();
+        }
         if !self.attached {
             return;
         }

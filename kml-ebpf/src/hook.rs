@@ -10,12 +10,19 @@
 //! does when its verdict is positive (and only then: a verdict of 0 lets the stock
 //! function run and return 0).
 //!
-//! Policy (for now; the learned model plugs in at [`verdict`]): `HOOK_POLICY[0]`
+//! Policy, `HOOK_POLICY[0]` (see [`verdict`]):
 //! - [`POLICY_OFF`]: never boost (counts calls only);
 //! - [`POLICY_READS`]: boost every read;
 //! - [`POLICY_READS_UNDER_WRITES`]: boost a read only while writes wait in the
 //!   scheduler (a write FIFO of any priority level is non-empty), i.e. exactly when
-//!   a read may sit behind a batch of writes.
+//!   a read may sit behind a batch of writes;
+//! - [`POLICY_MODEL`]: boost a request the active model flagged at risk of missing
+//!   its deadline. The verdict is the one the observer's insert path stored in the
+//!   request's `INFLIGHT` entry: `block_rq_insert` fires in `dd_insert_request()`
+//!   before the request is put on its FIFO and this hook runs, and its tail-called
+//!   feature and model stages have finished by then (same CPU, same call chain);
+//! - [`POLICY_MODEL_READS`]: the same, for reads only (a write served early takes
+//!   a read's slot; reads are what a waiting process blocks on).
 //!
 //! Everything kernel-specific comes from the agent at load time: the `enum req_op`
 //! decoding from `KML_LAYOUT.raw` (shared with the observers) and the scheduler's
@@ -28,10 +35,13 @@ use aya_ebpf::{
     programs::ProbeContext,
     EbpfContext as _,
 };
+use kml_ebpf_common::Verdict;
 
 pub const POLICY_OFF: u32 = 0;
 pub const POLICY_READS: u32 = 1;
 pub const POLICY_READS_UNDER_WRITES: u32 = 2;
+pub const POLICY_MODEL: u32 = 3;
+pub const POLICY_MODEL_READS: u32 = 4;
 
 /// `HOOK_COUNTERS[0]` slots (per CPU; the agent sums them).
 pub const HOOK_CALLS: usize = 0;
@@ -39,6 +49,11 @@ pub const HOOK_BOOSTS: usize = 1;
 pub const HOOK_READS: usize = 2;
 pub const HOOK_READ_FAILURES: usize = 3;
 pub const HOOK_SKIPPED_DEVICE: usize = 4;
+/// Model policies: requests with no fresh verdict in `INFLIGHT` (not traced, no
+/// model active, the insert program did not run for it).
+pub const HOOK_NO_VERDICT: usize = 5;
+/// Model policies: requests the model flagged at risk (before the direction filter).
+pub const HOOK_MODEL_AT_RISK: usize = 6;
 pub const HOOK_COUNTER_SLOTS: usize = 8;
 
 /// Only requests of this disk (`major << 20 | minor`, as `KML_LAYOUT` devices) get a
@@ -159,21 +174,51 @@ fn writes_queued(rq: u64) -> bool {
     false
 }
 
-/// The verdict for one request: > 0 serves it early. This is where the learned
-/// model's integer inference plugs in (features of `rq` at insert → score →
-/// threshold); the policies below are the simple stand-ins.
+/// The model's verdict stored at insert for `rq`: `Some(at risk)`, or `None` when
+/// there is no fresh one. Fresh: the entry is not issued (this hook runs while
+/// the request is being queued; an issued entry under the same pointer is a
+/// previous request's whose insert event was missed).
+#[inline(always)]
+fn model_at_risk(rq: u64) -> Option<bool> {
+    let key = kml_ebpf_common::InflightKey { a: rq, b: 0 };
+    let e = crate::INFLIGHT.get_ptr(key)?;
+    // SAFETY: a map value, read while the entry exists (the scheduler lock is held
+    // and this request cannot complete before it is queued).
+    let (issue_ns, verdict) = unsafe { ((*e).issue_ns, (*e).verdict) };
+    if issue_ns != 0 {
+        return None;
+    }
+    match verdict {
+        Verdict::AT_RISK => Some(true),
+        Verdict::MEETS => Some(false),
+        _ => None,
+    }
+}
+
+/// The verdict for one request: > 0 serves it early.
 #[inline(always)]
 fn verdict(rq: u64, policy: u32) -> u64 {
     let Some(cmd_flags) = read::<u32>(rq + layout!(raw.rq_cmd_flags) as u64) else {
         return 0;
     };
-    if cmd_flags & layout!(raw.op_mask) != layout!(raw.op_read) {
-        return 0;
+    let is_read = cmd_flags & layout!(raw.op_mask) == layout!(raw.op_read);
+    if is_read {
+        bump(HOOK_READS);
     }
-    bump(HOOK_READS);
     match policy {
-        POLICY_READS => 1,
-        POLICY_READS_UNDER_WRITES if writes_queued(rq) => 1,
+        POLICY_MODEL | POLICY_MODEL_READS => match model_at_risk(rq) {
+            Some(true) => {
+                bump(HOOK_MODEL_AT_RISK);
+                (is_read || policy == POLICY_MODEL) as u64
+            }
+            Some(false) => 0,
+            None => {
+                bump(HOOK_NO_VERDICT);
+                0
+            }
+        },
+        POLICY_READS if is_read => 1,
+        POLICY_READS_UNDER_WRITES if is_read && writes_queued(rq) => 1,
         _ => 0,
     }
 }

@@ -73,6 +73,7 @@ fn doctor_reports_and_picks_a_mode() -> Result<()> {
         "bpffs",
         "lockdown",
         "ring buffer",
+        "mq-deadline hook",
     ] {
         ensure!(text.contains(needle), "doctor does not report {needle}");
     }

@@ -5,7 +5,9 @@
 //! `~/.cache/kml/vm`; the first build takes about 10 minutes on 2 cores, later runs
 //! reuse it), attaches `kml-agent hook` to `dd_kml_verdict`, and checks that the
 //! verdicts change the dispatch order of a constructed case and that the guest
-//! powers off. It is skipped, with a message saying why, only when xtask reports
+//! powers off; then the model path (`kml-agent run --model M --act model-reads`)
+//! with a hand-set model that flags every request (boosts, order changed) and one
+//! that flags none (no boost). It is skipped, with a message saying why, only when xtask reports
 //! that the kernel cannot be built on this machine (exit status 77: the Debian
 //! packages cannot be installed); any other failure fails the test.
 
@@ -66,6 +68,8 @@ fn vm_smoke_verdicts_change_dispatch_order() {
     let report = std::fs::read_to_string(workspace_root().join("target/vm/smoke.md"))
         .expect("target/vm/smoke.md");
     assert!(report.contains("Result: PASS"), "{report}");
+    // The model path ran: kml-agent run --act with the hand-set models.
+    assert!(report.contains("Model runs: none at risk: "), "{report}");
     eprintln!(
         "vm smoke test passed in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -83,8 +87,9 @@ fn vm_smoke_verdicts_change_dispatch_order() {
     );
 }
 
-/// On a kernel without the patch, `kml-agent hook` refuses with one clear line
-/// naming the missing function, and attaches nothing.
+/// On a kernel without the patch, `kml-agent hook`, `run --act` and `run --attach
+/// hook` refuse with one clear line naming the missing function and attach
+/// nothing; `doctor` says the hook is missing and picks a mode without it.
 #[test]
 fn hook_refused_on_a_stock_kernel() {
     let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("kernel BTF");
@@ -110,5 +115,43 @@ fn hook_refused_on_a_stock_kernel() {
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    for args in [
+        &["run", "--act", "--duration", "1"][..],
+        &["run", "--act", "model", "--duration", "1"][..],
+        &["run", "--attach", "hook", "--duration", "1"][..],
+    ] {
+        // Any mq-deadline disk will do (the refusal comes before anything loads).
+        let out = Command::new(agent_bin())
+            .args(args)
+            .output()
+            .expect("running kml-agent run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("no disk uses mq-deadline") {
+            eprintln!("no mq-deadline disk here: `run {args:?}` not checked");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "kml-agent {args:?}: {out:?}");
+        assert!(
+            stderr.contains("dd_kml_verdict")
+                && stderr.contains("kernel/0001-mq-deadline-kml-hook.patch"),
+            "kml-agent {args:?}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    let out = Command::new(agent_bin())
+        .arg("doctor")
+        .output()
+        .expect("running kml-agent doctor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("[no ] mq-deadline hook") && l.contains("dd_kml_verdict")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("attach mode: ") && !l.contains("hook")),
+        "{text}"
+    );
     kml_integration_tests::assert_no_kml_programs().expect("no kml program left loaded");
 }

@@ -6,10 +6,14 @@
 //!   once stock and once with `kml-agent hook --policy reads`; passes when the hook
 //!   attached, the kernel served requests early (`kml_boosts`), and the block
 //!   tracepoints show reads dispatched ahead of queued writes that stock
-//!   mq-deadline dispatched first; or
+//!   mq-deadline dispatched first; the same through fmod_ret; then through the
+//!   model (`run --act model-reads`) with a hand-set model that flags every request
+//!   (boosts, order changed) and one that flags none (no boost); or
 //! - the comparison (default): each job file of `workloads/vm/` (but `smoke.fio`)
-//!   once stock and once with `kml-agent hook --policy <policy>`, same seeds; the
-//!   report goes to `target/vm/report.md` and the last line sums it up.
+//!   once stock and once with `kml-agent hook --policy <policy>` (fixed policies) or
+//!   `kml-agent run --model <model> --act <policy>` (`model`, `model-reads`: the
+//!   learned verdicts act), same seeds; the report goes to `target/vm/report.md` and
+//!   the last line sums it up.
 //!
 //! The guest prints `KML-VM-RESULT: PASS|FAIL <reason>` and powers off; the exit
 //! status follows that line (and, for the smoke test, the host's checks of the
@@ -70,6 +74,10 @@ pub enum Policy {
     Off,
     Reads,
     ReadsUnderWrites,
+    /// `kml-agent run --model MODEL --act model`: the model's at-risk verdicts act.
+    Model,
+    /// `kml-agent run --model MODEL --act model-reads`: the same, reads only.
+    ModelReads,
 }
 
 impl Policy {
@@ -78,7 +86,13 @@ impl Policy {
             Policy::Off => "off",
             Policy::Reads => "reads",
             Policy::ReadsUnderWrites => "reads-under-writes",
+            Policy::Model => "model",
+            Policy::ModelReads => "model-reads",
         }
+    }
+
+    fn uses_model(self) -> bool {
+        matches!(self, Policy::Model | Policy::ModelReads)
     }
 }
 
@@ -91,9 +105,13 @@ pub struct VmArgs {
     /// QEMU accelerator: auto tries KVM with a quick probe boot, else TCG.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
-    /// The hook's policy in the comparison runs.
+    /// The hook's policy in the comparison runs (fixed policies through `kml-agent
+    /// hook`; the model policies through `kml-agent run --model MODEL --act POLICY`).
     #[arg(long, value_enum, default_value_t = Policy::ReadsUnderWrites)]
     pub policy: Policy,
+    /// The model of the model policies: a file name in `models/` without `.json`.
+    #[arg(long, default_value = "logistic")]
+    pub model: String,
     /// fio run time per run, in seconds (each workload runs twice: stock, hook).
     #[arg(long, default_value_t = 30)]
     pub runtime: u32,
@@ -108,6 +126,17 @@ pub struct VmArgs {
     /// window) in the guest; default: the kernel's (16).
     #[arg(long)]
     pub boost_max: Option<u32>,
+    /// Set mq-deadline's read_expire (ms) in the guest, for every run (stock too):
+    /// the reads' deadline, which is what kml's models predict a miss of, and the
+    /// window of the boost cap; default: the kernel's (500 ms).
+    #[arg(long)]
+    pub read_expire: Option<u32>,
+    /// Record every stock run with `kml-agent record` (observers only) into
+    /// target/vm/out-full/NAME.stock.R.csv: training data for a model of the VM
+    /// (`kml-agent train --trace ...`). The recorder runs beside fio, so the
+    /// comparison of such a run is not a clean one.
+    #[arg(long)]
+    pub record: bool,
     /// Only these workloads (job file names without .fio; comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
     pub workload: Vec<String>,
@@ -236,6 +265,7 @@ impl VmArgs {
             gen_init_cpio: &kernel.gen_init_cpio(),
             agent: &agent,
             workloads: &workloads_dir,
+            models: &root.join(initramfs::MODELS_DIR),
             work: &vm_dir.join("initramfs"),
             out: &vm_dir.join("initramfs.cpio.gz"),
             compress: true,
@@ -287,6 +317,24 @@ impl VmArgs {
         if let Some(b) = self.boost_max {
             let _ = write!(append, " kml.boost_max={b}");
         }
+        if self.record {
+            append.push_str(" kml.record=1");
+        }
+        if let Some(ms) = self.read_expire {
+            let _ = write!(append, " kml.read_expire={ms}");
+        }
+        if self.policy.uses_model() {
+            let file = root
+                .join(initramfs::MODELS_DIR)
+                .join(format!("{}.json", self.model));
+            anyhow::ensure!(
+                file.is_file(),
+                "--model {}: no {} (the guest has the files of models/)",
+                self.model,
+                file.display()
+            );
+            let _ = write!(append, " kml.model={}", self.model);
+        }
         if !self.workload.is_empty() {
             let _ = write!(append, " kml.workloads={}", workloads.join(","));
         }
@@ -327,7 +375,11 @@ impl VmArgs {
             iops: self.iops,
             runtime: self.runtime,
             repeat: self.repeat,
-            policy: self.policy.arg().to_owned(),
+            policy: if self.policy.uses_model() {
+                format!("{} (model {})", self.policy.arg(), self.model)
+            } else {
+                self.policy.arg().to_owned()
+            },
             workloads,
             share: share.clone(),
             boot_secs: None,
@@ -490,8 +542,60 @@ fn smoke_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
     let fmodret = ctx.fio("smoke.fmodret")?;
     let fmodret_boosts = report::parse_boosts(&ctx.read("smoke.fmodret.boosts")?)?;
     let fmodret_order = report::dispatch_order(&ctx.read("smoke.fmodret.trace")?);
+    // The model path (kml-agent run --act model-reads) with hand-set models.
+    let never_boosts = report::parse_boosts(&ctx.read("smoke.never.boosts")?)?;
+    let never_hook = report::parse_hook_line(&ctx.read("smoke.never.agent.log")?);
+    let model = ctx.fio("smoke.model")?;
+    let model_boosts = report::parse_boosts(&ctx.read("smoke.model.boosts")?)?;
+    let model_hook = report::parse_hook_line(&ctx.read("smoke.model.agent.log")?);
+    let model_order = report::dispatch_order(&ctx.read("smoke.model.trace")?);
 
     let mut problems = Vec::new();
+    match never_hook {
+        None => problems.push("the never-at-risk model run printed no hook counters".to_owned()),
+        Some(h) => {
+            // Not trivially 0: the model gave a verdict (meets) for most requests.
+            if h.calls == 0 || h.no_verdict * 2 > h.calls {
+                problems.push(format!(
+                    "never-at-risk model run: {} hook calls, {} without a model verdict",
+                    h.calls, h.no_verdict
+                ));
+            }
+            if h.verdicts != 0 || h.model_at_risk != 0 {
+                problems.push(format!(
+                    "a model that flags nothing gave {} at-risk verdicts, {} positive",
+                    h.model_at_risk, h.verdicts
+                ));
+            }
+        }
+    }
+    if never_boosts.hook_boosts != 0 {
+        problems.push(format!(
+            "a model that flags nothing got {} requests served early",
+            never_boosts.hook_boosts
+        ));
+    }
+    match model_hook {
+        None => problems.push("the always-at-risk model run printed no hook counters".to_owned()),
+        Some(h) if h.verdicts == 0 || h.model_at_risk < h.verdicts => problems.push(format!(
+            "always-at-risk model run: {} positive verdicts, {} model at-risk verdicts",
+            h.verdicts, h.model_at_risk
+        )),
+        Some(_) => {}
+    }
+    if model_boosts.hook_boosts == 0 {
+        problems
+            .push("the kernel served no request early in the always-at-risk model run".to_owned());
+    }
+    if model_order.reads > 0
+        && model_order.writes_dispatched_while_waiting
+            > 0.5 * stock_order.writes_dispatched_while_waiting
+    {
+        problems.push(format!(
+            "the model's verdicts did not change the dispatch order: writes dispatched while a read waited {:.2} (model) vs {:.2} (stock)",
+            model_order.writes_dispatched_while_waiting, stock_order.writes_dispatched_while_waiting
+        ));
+    }
     if boosts.hook_boosts == 0 {
         problems.push("the kernel served no request early in the hook run".to_owned());
     }
@@ -528,51 +632,77 @@ fn smoke_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
         "Constructed case (workloads/vm/smoke.fio): one random reader (depth 1) against a random writer \
          keeping 48 writes queued. Stock run, then `kml-agent hook --policy reads` (kprobe + \
          bpf_override_return, the \"hook\" columns below), then the same policy as a minimal fmod_ret program \
-         (`--via fmod-ret`).\n"
+         (`--via fmod-ret`), then the model path: `kml-agent run --model M --act model-reads` (observers, model and \
+         verdict program in one object) with two hand-set models, one that flags no request (\"model, none\"; \
+         not traced) and one that flags every request (\"model, all\").\n"
     );
     let _ = writeln!(
         md,
-        "| dispatch order (block tracepoints) | stock | hook (kprobe) | fmod_ret |\n| --- | ---: | ---: | ---: |"
+        "| dispatch order (block tracepoints) | stock | hook (kprobe) | fmod_ret | model, all |\n| --- | ---: | ---: | ---: | ---: |"
     );
     let _ = writeln!(
         md,
-        "| reads dispatched | {} | {} | {} |",
-        stock_order.reads, hook_order.reads, fmodret_order.reads
+        "| reads dispatched | {} | {} | {} | {} |",
+        stock_order.reads, hook_order.reads, fmodret_order.reads, model_order.reads
     );
     let _ = writeln!(
         md,
-        "| writes dispatched while a read waited (mean) | {:.2} | {:.2} | {:.2} |",
+        "| writes dispatched while a read waited (mean) | {:.2} | {:.2} | {:.2} | {:.2} |",
         stock_order.writes_dispatched_while_waiting,
         hook_order.writes_dispatched_while_waiting,
-        fmodret_order.writes_dispatched_while_waiting
+        fmodret_order.writes_dispatched_while_waiting,
+        model_order.writes_dispatched_while_waiting
     );
     let _ = writeln!(
         md,
-        "| earlier-queued writes a read overtook (mean) | {:.2} | {:.2} | {:.2} |",
-        stock_order.writes_overtaken, hook_order.writes_overtaken, fmodret_order.writes_overtaken
+        "| earlier-queued writes a read overtook (mean) | {:.2} | {:.2} | {:.2} | {:.2} |",
+        stock_order.writes_overtaken,
+        hook_order.writes_overtaken,
+        fmodret_order.writes_overtaken,
+        model_order.writes_overtaken
     );
     let _ = writeln!(
         md,
-        "| reads dispatched with at most 1 write before them | {:.0}% | {:.0}% | {:.0}% |",
+        "| reads dispatched with at most 1 write before them | {:.0}% | {:.0}% | {:.0}% | {:.0}% |",
         100.0 * stock_order.reads_served_next,
         100.0 * hook_order.reads_served_next,
-        100.0 * fmodret_order.reads_served_next
+        100.0 * fmodret_order.reads_served_next,
+        100.0 * model_order.reads_served_next
     );
     let _ = writeln!(
         md,
-        "| read latency mean (ms) | {:.1} | {:.1} | {:.1} |",
+        "| read latency mean (ms) | {:.1} | {:.1} | {:.1} | {:.1} |",
         stock.read.mean_ns / 1e6,
         hook.read.mean_ns / 1e6,
-        fmodret.read.mean_ns / 1e6
+        fmodret.read.mean_ns / 1e6,
+        model.read.mean_ns / 1e6
     );
     let _ = writeln!(
         md,
-        "| requests served early (kml_boosts), refused by the cap | {} | {}, {} | {}, {} |\n",
+        "| requests served early (kml_boosts), refused by the cap | {} | {}, {} | {}, {} | {}, {} |\n",
         boosts.stock_boosts,
         boosts.hook_boosts,
         boosts.hook_capped,
         fmodret_boosts.hook_boosts,
-        fmodret_boosts.hook_capped
+        fmodret_boosts.hook_capped,
+        model_boosts.hook_boosts,
+        model_boosts.hook_capped
+    );
+    let hook_line = |h: Option<report::HookLine>| {
+        h.map_or("(no counters)".to_owned(), |h| {
+            format!(
+                "{} calls, {} model at-risk verdicts, {} without a verdict, {} positive verdicts",
+                h.calls, h.model_at_risk, h.no_verdict, h.verdicts
+            )
+        })
+    };
+    let _ = writeln!(
+        md,
+        "Model runs: none at risk: {}, kernel boosts {}; all at risk: {}, kernel boosts {}.\n",
+        hook_line(never_hook),
+        never_boosts.hook_boosts,
+        hook_line(model_hook),
+        model_boosts.hook_boosts
     );
     let _ = writeln!(md, "Stock vs hook (kprobe):\n");
     let cmp = Comparison {
@@ -593,17 +723,22 @@ fn smoke_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
     fs::write(path, &md)?;
     eprintln!("xtask: vm: smoke report {}", path.display());
     println!(
-        "smoke: {verdict} | boosts: kprobe {} ({} over the cap), fmod_ret {} | writes dispatched while a read waited: \
-         {:.2} stock, {:.2} kprobe, {:.2} fmod_ret | read latency mean {:.1} / {:.1} / {:.1} ms | guest {:.0} s",
+        "smoke: {verdict} | boosts: kprobe {} ({} over the cap), fmod_ret {}, model all {} / none {} | writes dispatched \
+         while a read waited: {:.2} stock, {:.2} kprobe, {:.2} fmod_ret, {:.2} model | read latency mean \
+         {:.1} / {:.1} / {:.1} / {:.1} ms | guest {:.0} s",
         boosts.hook_boosts,
         boosts.hook_capped,
         fmodret_boosts.hook_boosts,
+        model_boosts.hook_boosts,
+        never_boosts.hook_boosts,
         stock_order.writes_dispatched_while_waiting,
         hook_order.writes_dispatched_while_waiting,
         fmodret_order.writes_dispatched_while_waiting,
+        model_order.writes_dispatched_while_waiting,
         stock.read.mean_ns / 1e6,
         hook.read.mean_ns / 1e6,
         fmodret.read.mean_ns / 1e6,
+        model.read.mean_ns / 1e6,
         ctx.guest_secs
     );
     Ok(if problems.is_empty() {
@@ -641,7 +776,12 @@ fn full_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
                 .unwrap_or_default();
             agent.push_str(
                 log.lines()
-                    .filter(|l| l.contains("detached") || l.contains("served"))
+                    .filter(|l| {
+                        l.contains("detached")
+                            || l.contains("served")
+                            || l.starts_with("kml-agent: hook (")
+                            || l.contains(" active as v")
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
                     .as_str(),
@@ -667,10 +807,12 @@ fn full_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
     let _ = writeln!(
         md,
         "Each workload (workloads/vm/NAME.fio, fixed seeds) ran {} s (after a 2 s ramp) with no program attached \
-         (stock) and with `kml-agent hook --policy {}`, {} pair(s), the order alternating (stock first in odd \
+         (stock) and with verdicts acting, policy {}, {} pair(s), the order alternating (stock first in odd \
          pairs); pairs are combined (rates averaged, latencies I/O-weighted). Latency is fio's total latency \
          (submission to completion). Where several jobs do the same direction, values are I/O-weighted averages \
-         of the jobs'.\n",
+         of the jobs'. Fixed policies run as `kml-agent hook --policy P`; the model policies as `kml-agent run \
+         --model M --act P --retrain-every 0` (observers, the model and the verdict program in one object; the \
+         model is not retrained during the run).\n",
         ctx.runtime, ctx.policy, ctx.repeat
     );
     let _ = writeln!(
@@ -849,6 +991,11 @@ mod tests {
             (2, 30, 100, Policy::ReadsUnderWrites)
         );
         assert!(C::try_parse_from(["vm", "--repeat", "0"]).is_err());
+        let c =
+            C::try_parse_from(["vm", "--policy", "model-reads", "--model", "vm-logistic"]).unwrap();
+        assert_eq!(c.vm.policy, Policy::ModelReads);
+        assert!(c.vm.policy.uses_model() && !Policy::Reads.uses_model());
+        assert_eq!(c.vm.model, "vm-logistic");
         assert!(C::try_parse_from(["vm", "--build-only", "--report-only"]).is_err());
     }
 }

@@ -31,7 +31,8 @@ impl DoctorArgs {
             .into_iter()
             .filter(|d| d.size_sectors > 0)
             .collect();
-        let mode = report.choose(AttachRequest::Auto);
+        // The observers' mode, and the hook when this kernel has it.
+        let mode = report.plan(AttachRequest::Auto);
         if self.json {
             let value = json!({
                 "kernel": report.release,

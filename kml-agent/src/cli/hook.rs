@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::session;
 use crate::{
     devices::BlockDevice,
-    hook::{kernel_boosts, FmodRet, Hook, KernelBoosts, Policy},
+    hook::{kernel_boosts, BoostSnapshot, FmodRet, Hook, Policy},
     kernel::btf::Btf,
 };
 
@@ -64,10 +64,7 @@ impl HookArgs {
                 );
             }
         }
-        let before: Vec<KernelBoosts> = disks
-            .iter()
-            .map(|d| kernel_boosts(d).unwrap_or_default())
-            .collect();
+        let before = BoostSnapshot::take(&disks);
         let (hook, fmod_ret) = match self.via {
             Via::Kprobe => (Some(Hook::attach(self.policy, device.as_ref())?), None),
             Via::FmodRet => {
@@ -103,27 +100,15 @@ impl HookArgs {
         let counters = hook.as_ref().map(Hook::counters).transpose()?;
         drop(hook);
         drop(fmod_ret);
+        let secs = started.elapsed().as_secs_f64();
         match counters {
-            Some(c) => println!(
-                "kml-agent: hook detached after {:.1}s: {} calls, {} reads, {} positive verdicts, {} read failures, {} other-disk calls",
-                started.elapsed().as_secs_f64(),
-                c.calls,
-                c.reads,
-                c.verdicts,
-                c.read_failures,
-                c.other_device
+            Some(c) => println!("kml-agent: hook detached after {secs:.1}s: {}", c.line()),
+            None => println!(
+                "kml-agent: hook detached after {secs:.1}s (fmod_ret: no program counters)"
             ),
-            None => println!("kml-agent: hook detached after {:.1}s (fmod_ret: no program counters)", started.elapsed().as_secs_f64()),
         }
-        for (d, b) in disks.iter().zip(before) {
-            let now = kernel_boosts(d).unwrap_or_default();
-            println!(
-                "kml-agent: {}: kernel served {} requests early, refused {} over the cap (kml_boost_max {})",
-                d.name,
-                now.boosts.saturating_sub(b.boosts),
-                now.capped.saturating_sub(b.capped),
-                now.boost_max
-            );
+        for line in before.lines_since() {
+            println!("kml-agent: {line}");
         }
         Ok(())
     }

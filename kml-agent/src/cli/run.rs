@@ -1,5 +1,6 @@
 //! `kml-agent run`: observe mq-deadline devices, score every request in the kernel
-//! (shadow mode), learn online, one live line per second.
+//! (shadow mode, or acting through the patched mq-deadline's hook with `--act`),
+//! learn online, one live line per second.
 
 use std::time::{Duration, Instant};
 
@@ -7,7 +8,9 @@ use kml_ebpf_common::{model::ModelKind, Counter};
 
 use super::session;
 use crate::{
+    hook::{BoostSnapshot, HookGlobals, Policy},
     infer::ModelSlots,
+    kernel::{btf::Btf, caps::KernelReport},
     learn::{self, LearnConfig, OnlineLearner},
     stats::{human_ns, RecordSummary},
     tune::{policy::TuneConfig, Tuners},
@@ -68,6 +71,12 @@ pub struct RunArgs {
     /// http://ADDR/metrics, e.g. 127.0.0.1:9477.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Let verdicts act: the verdict program on the patched mq-deadline's hook
+    /// applies this policy (`--act` alone: model-reads, i.e. reads the model flags
+    /// at risk are served early). Needs kml's mq-deadline patch (`doctor`: mq-deadline
+    /// hook). Without it, on such a kernel, the hook is attached and only counts.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "model-reads")]
+    pub act: Option<Policy>,
     #[command(flatten)]
     pub observe: session::ObserveArgs,
 }
@@ -116,10 +125,35 @@ impl RunArgs {
         } else {
             Tuners::default()
         };
-        let mut observer = session::start_with(&targets, &self.observe, |c| {
+        let report = KernelReport::probe();
+        let plan = report.plan(self.observe.attach)?;
+        if let (Some(policy), false) = (self.act, plan.hook) {
+            let why = match &report.hook_ready {
+                Err(why) => why.clone(),
+                Ok(()) => format!(
+                    "the observers run in {} mode; the hook needs raw tracepoints (--attach hook)",
+                    plan.observers
+                ),
+            };
+            anyhow::bail!("--act {policy}: the verdicts cannot act here: {why}");
+        }
+        let hook = if plan.hook {
+            let btf = Btf::from_sys_fs()?;
+            // One disk: only its requests get verdicts; else every traced disk's do
+            // (an untraced disk's requests have no model verdict).
+            let only = match targets.as_slice() {
+                [one] => Some(one),
+                _ => None,
+            };
+            Some(HookGlobals::from_btf(&btf, only)?)
+        } else {
+            None
+        };
+        let mut observer = session::start_in(plan.observers, &targets, &self.observe, |c| {
             if self.mode == LossMode::Drop {
                 c.sample_fill_bytes = Some(c.ring_bytes / 2);
             }
+            c.hook = hook;
         })?;
         let _pins = if self.pin {
             let pins = crate::pin::pin_maps(observer.ebpf(), &self.pin_dir)?;
@@ -148,6 +182,22 @@ impl RunArgs {
                 m.kind().name(),
                 active.version
             );
+        }
+        let boosts_before = BoostSnapshot::take(&targets);
+        let policy = self.act.unwrap_or(Policy::Off);
+        if plan.hook {
+            observer.attach_hook(policy)?;
+            // Scripts wait for "hook attached" before they start I/O.
+            eprintln!(
+                "kml-agent: hook attached to dd_kml_verdict (kprobe + bpf_override_return, policy {policy}{})",
+                if self.act.is_some() { "" } else { ": counting only, add --act to let verdicts act" }
+            );
+            if policy.uses_model() && self.retrain_every > Duration::ZERO {
+                eprintln!(
+                    "kml-agent: note: with --act {policy} the online learner sees outcomes the verdicts changed \
+                     (boosted requests meet their deadlines); --retrain-every 0 keeps the starting model"
+                );
+            }
         }
         let mut stream = observer.records()?;
         let names: Vec<String> = observer
@@ -302,7 +352,18 @@ impl RunArgs {
         }
         // The originals go back before the programs go away.
         drop(tuners);
+        let hook_counters = if plan.hook {
+            Some(crate::hook::counters(observer.ebpf())?)
+        } else {
+            None
+        };
         observer.detach();
+        if let Some(c) = hook_counters {
+            eprintln!("kml-agent: hook (policy {policy}): {}", c.line());
+            for line in boosts_before.lines_since() {
+                eprintln!("kml-agent: {line}");
+            }
+        }
         stream.drain(&mut window);
         total += window.len() as u64;
         let loss = session::losses(&observer)?;

@@ -5,7 +5,7 @@ use kml_ebpf_common::{Counter, Counters};
 
 use crate::{
     devices::BlockDevice,
-    kernel::caps::{AttachRequest, KernelReport},
+    kernel::caps::{AttachMode, AttachRequest, KernelReport},
     observe::{Observer, ObserverConfig},
 };
 
@@ -35,7 +35,8 @@ pub fn resolve(devices: &[String]) -> anyhow::Result<Vec<BlockDevice>> {
 /// How to observe: the options `record` and `run` share.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ObserveArgs {
-    /// How to attach: auto picks raw tracepoints when BTF allows, else tracepoints.
+    /// How to attach: auto picks raw tracepoints when BTF allows, else tracepoints,
+    /// and (`run`) adds the verdict hook on a kernel with kml's mq-deadline patch.
     #[arg(long, value_enum, default_value_t = AttachRequest::Auto)]
     pub attach: AttachRequest,
     /// Ring buffer size (power of two: 1M, 8M, 64M).
@@ -65,6 +66,16 @@ pub fn start_with(
     adjust: impl FnOnce(&mut ObserverConfig),
 ) -> anyhow::Result<Observer> {
     let mode = KernelReport::probe().choose(how.attach)?;
+    start_in(mode, targets, how, adjust)
+}
+
+/// [`start_with`] in a mode the caller chose.
+pub fn start_in(
+    mode: AttachMode,
+    targets: &[BlockDevice],
+    how: &ObserveArgs,
+    adjust: impl FnOnce(&mut ObserverConfig),
+) -> anyhow::Result<Observer> {
     let mut config = ObserverConfig::new(mode);
     config.ring_bytes = how.ring_size;
     adjust(&mut config);

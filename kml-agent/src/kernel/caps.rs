@@ -91,6 +91,31 @@ pub enum AttachRequest {
     Kprobe,
     /// fentry/fexit through BPF trampolines (kernels that allow `tracing` programs).
     Fentry,
+    /// Raw tracepoints plus kml's verdict program on the patched mq-deadline's
+    /// hook (`dd_kml_verdict`): verdicts can act (`run --act`).
+    Hook,
+}
+
+/// What `run` attaches: the observers' mode and, on a kernel with kml's
+/// mq-deadline patch, the verdict hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttachPlan {
+    pub observers: AttachMode,
+    pub hook: bool,
+}
+
+impl fmt::Display for AttachPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.hook {
+            write!(
+                f,
+                "hook ({} observers + verdict program on dd_kml_verdict)",
+                self.observers
+            )
+        } else {
+            write!(f, "{}", self.observers)
+        }
+    }
 }
 
 /// One line of the report.
@@ -109,6 +134,8 @@ pub struct KernelReport {
     pub tracepoint_ready: Result<(), String>,
     pub kprobe_ready: Result<(), String>,
     pub fentry_ready: Result<(), String>,
+    /// kml's mq-deadline hook (kernel/0001-mq-deadline-kml-hook.patch) can be used.
+    pub hook_ready: Result<(), String>,
 }
 
 /// An error and its causes on one line ("a: b: c").
@@ -241,6 +268,24 @@ impl KernelReport {
                 }
             },
         });
+        let hook_ready = match &btf {
+            Ok(btf) => match crate::hook::hook_unavailable_reason(btf) {
+                None => Ok(()),
+                Some(why) => Err(why),
+            },
+            Err(e) => Err(format!("no kernel BTF ({e}): the hook cannot be found")),
+        };
+        checks.push(Check {
+            name: "mq-deadline hook",
+            ok: hook_ready.is_ok(),
+            detail: match &hook_ready {
+                Ok(()) => format!(
+                    "{} in BTF, kprobe PMU present: verdicts can act (`run --act`)",
+                    crate::hook::HOOK_FUNCTION
+                ),
+                Err(why) => format!("{why}; verdicts are counted, not acted on"),
+            },
+        });
         let bpffs = mounts::bpffs_mounted();
         checks.push(Check {
             name: "bpffs",
@@ -310,12 +355,45 @@ impl KernelReport {
             tracepoint_ready,
             kprobe_ready,
             fentry_ready,
+            hook_ready,
+        }
+    }
+
+    /// What `run` attaches for `request`: `auto` adds the hook whenever the kernel
+    /// has it and the observers run on raw tracepoints (the model's verdict is found
+    /// by the request's address); `hook` insists on it.
+    pub fn plan(&self, request: AttachRequest) -> anyhow::Result<AttachPlan> {
+        match request {
+            AttachRequest::Hook => {
+                if let Err(why) = &self.hook_ready {
+                    anyhow::bail!("attach mode hook unavailable: {why}");
+                }
+                let observers = self
+                    .choose(AttachRequest::RawTracepoint)
+                    .map_err(|e| anyhow::anyhow!("attach mode hook needs raw tracepoints: {e}"))?;
+                Ok(AttachPlan {
+                    observers,
+                    hook: true,
+                })
+            }
+            AttachRequest::Auto => {
+                let observers = self.choose(request)?;
+                Ok(AttachPlan {
+                    observers,
+                    hook: observers == AttachMode::RawTracepoint && self.hook_ready.is_ok(),
+                })
+            }
+            other => Ok(AttachPlan {
+                observers: self.choose(other)?,
+                hook: false,
+            }),
         }
     }
 
     /// The mode `auto` picks, or why the requested one cannot work.
     pub fn choose(&self, request: AttachRequest) -> anyhow::Result<AttachMode> {
         match request {
+            AttachRequest::Hook => self.plan(request).map(|p| p.observers),
             AttachRequest::RawTracepoint => self
                 .raw_tracepoint_ready
                 .clone()
@@ -358,5 +436,73 @@ impl KernelReport {
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(raw: bool, hook: bool) -> KernelReport {
+        let ready = |ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err("missing".to_owned())
+            }
+        };
+        KernelReport {
+            release: "test".into(),
+            checks: Vec::new(),
+            raw_tracepoint_ready: ready(raw),
+            tracepoint_ready: Ok(()),
+            kprobe_ready: ready(hook),
+            fentry_ready: Err("no".into()),
+            hook_ready: ready(hook),
+        }
+    }
+
+    #[test]
+    fn auto_adds_the_hook_only_with_raw_tracepoints() {
+        let p = report(true, true).plan(AttachRequest::Auto).unwrap();
+        assert_eq!(
+            p,
+            AttachPlan {
+                observers: AttachMode::RawTracepoint,
+                hook: true
+            }
+        );
+        assert!(p.to_string().starts_with("hook (raw-tracepoint observers"));
+        assert!(!report(true, false).plan(AttachRequest::Auto).unwrap().hook);
+        // Tracepoint fallback: keyed by sector, the hook could not find the verdict.
+        let p = report(false, true).plan(AttachRequest::Auto).unwrap();
+        assert_eq!(p.observers, AttachMode::Tracepoint);
+        assert!(!p.hook);
+        assert_eq!(p.to_string(), "tracepoint");
+    }
+
+    #[test]
+    fn hook_request_says_what_is_missing() {
+        let e = report(true, false)
+            .plan(AttachRequest::Hook)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attach mode hook unavailable: missing"), "{e}");
+        let e = report(false, true)
+            .plan(AttachRequest::Hook)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs raw tracepoints"), "{e}");
+        assert_eq!(
+            report(true, true).choose(AttachRequest::Hook).unwrap(),
+            AttachMode::RawTracepoint
+        );
+        // An explicit observer mode never adds the hook.
+        assert!(
+            !report(true, true)
+                .plan(AttachRequest::RawTracepoint)
+                .unwrap()
+                .hook
+        );
     }
 }

@@ -3,11 +3,17 @@
 #
 # Kernel command line (set by xtask):
 #   kml.mode=probe|smoke|full   what to run
-#   kml.policy=POLICY           kml-agent hook policy for the "hook" runs (full mode)
+#   kml.policy=POLICY           verdict policy for the "hook" runs (full mode): off, reads,
+#                               reads-under-writes (kml-agent hook), model, model-reads
+#                               (kml-agent run --model MODEL --act POLICY)
+#   kml.model=MODEL             model for the model policies (a name in /kml/models)
 #   kml.runtime=SECONDS         fio runtime per run (full mode; the job files read $KML_RUNTIME)
 #   kml.boost_max=N             if set: mq-deadline's kml_boost_max on the test disk
+#   kml.read_expire=MS          if set: mq-deadline's read_expire on the test disk (every run)
 #   kml.workloads=a,b           if set: only these workloads (full mode)
 #   kml.repeat=N                stock/hook pairs per workload, order alternating (full mode)
+#   kml.record=1                if set: record each stock run with kml-agent record into
+#                               NAME.stock.R.csv (training data for a VM model)
 # Results go to the virtio-9p share `kmlout` (mounted at /mnt/out); the last line is
 # `KML-VM-RESULT: PASS` or `KML-VM-RESULT: FAIL <reason>`; then the guest tells QEMU
 # its result through isa-debug-exit (port 0xf4) and powers off.
@@ -39,10 +45,13 @@ arg() {
 
 MODE=$(arg kml.mode smoke)
 POLICY=$(arg kml.policy reads-under-writes)
+MODEL=$(arg kml.model logistic)
 export KML_RUNTIME=$(arg kml.runtime 30)
 BOOST_MAX=$(arg kml.boost_max "")
+READ_EXPIRE=$(arg kml.read_expire "")
 WORKLOADS=$(arg kml.workloads "")
 REPEAT=$(arg kml.repeat 1)
+RECORD=$(arg kml.record "")
 
 SHARED=0
 finish() {
@@ -80,6 +89,9 @@ echo 64 > $Q/nr_requests || fail "cannot set nr_requests 64 on $DISK"
 # outside the scheduler): set it explicitly.
 echo 64 > $Q/iosched/async_depth || fail "cannot set async_depth 64 on $DISK"
 [ -f $Q/iosched/kml_boosts ] || fail "$Q/iosched/kml_boosts missing: not kml's patched mq-deadline"
+if [ -n "$READ_EXPIRE" ]; then
+    echo "$READ_EXPIRE" > $Q/iosched/read_expire || fail "cannot set read_expire"
+fi
 if [ -n "$BOOST_MAX" ]; then
     echo "$BOOST_MAX" > $Q/iosched/kml_boost_max || fail "cannot set kml_boost_max"
 fi
@@ -103,13 +115,22 @@ boosts() { echo "$(cat $Q/iosched/kml_boosts) $(cat $Q/iosched/kml_capped)"; }
 HOOK_PID=
 HOOK_VIA=
 start_hook() {
-    # $1 policy, $2 log file
+    # $1 policy, $2 log file, $3 model (model policies)
     : > "$2"
-    if [ -n "$HOOK_VIA" ]; then
-        kml-agent hook --policy "$1" $HOOK_VIA > "$2" 2>&1 &
-    else
-        kml-agent hook --policy "$1" --device $DISK > "$2" 2>&1 &
-    fi
+    case "$1" in
+    model | model-reads)
+        # The observers, the model and the verdict program in one object; a fixed
+        # model (no online learning: it would learn from outcomes the verdicts changed).
+        kml-agent run --device $DISK --model "$3" --act "$1" --retrain-every 0 --ring-size 1M > "$2" 2>&1 &
+        ;;
+    *)
+        if [ -n "$HOOK_VIA" ]; then
+            kml-agent hook --policy "$1" $HOOK_VIA > "$2" 2>&1 &
+        else
+            kml-agent hook --policy "$1" --device $DISK > "$2" 2>&1 &
+        fi
+        ;;
+    esac
     HOOK_PID=$!
     i=0
     while ! grep -q "hook attached" "$2"; do
@@ -182,29 +203,73 @@ if [ "$MODE" = smoke ]; then
     stop_hook /tmp/smoke.fmodret.agent.log
     cp /tmp/smoke.fmodret.agent.log $OUT/smoke.fmodret.agent.log
     echo "hook $b2 $b3" > $OUT/smoke.fmodret.boosts
-    set -- $b0 $b1 $b2 $b3
+    # The model path: observers + a model + the verdict program (kml-agent run
+    # --act), with hand-set models whose verdicts are known: none at risk, all at risk.
+    echo "kml-guest: smoke: model run, a model that flags no request"
+    start_hook model-reads /tmp/smoke.never.agent.log smoke-never-at-risk
+    run_fio $JOB smoke.never
+    b4=$(boosts)
+    stop_hook /tmp/smoke.never.agent.log
+    cp /tmp/smoke.never.agent.log $OUT/smoke.never.agent.log
+    echo "hook $b3 $b4" > $OUT/smoke.never.boosts
+    echo "kml-guest: smoke: model run, a model that flags every request"
+    start_hook model-reads /tmp/smoke.model.agent.log smoke-always-at-risk
+    trace_start
+    run_fio $JOB smoke.model
+    trace_stop $OUT/smoke.model.trace
+    b5=$(boosts)
+    stop_hook /tmp/smoke.model.agent.log
+    cp /tmp/smoke.model.agent.log $OUT/smoke.model.agent.log
+    grep "kml-agent: hook" /tmp/smoke.model.agent.log
+    echo "hook $b4 $b5" > $OUT/smoke.model.boosts
+    set -- $b0 $b1 $b2 $b3 $b4 $b5
     stock_boosts=$(($3 - $1))
     hook_boosts=$(($5 - $3))
     hook_capped=$(($6 - $4))
     fmodret_boosts=$(($7 - $5))
-    echo "kml-guest: smoke: kernel boosts: stock run $stock_boosts, kprobe run $hook_boosts (refused by the cap: $hook_capped), fmod_ret run $fmodret_boosts"
+    never_boosts=$(($9 - $7))
+    model_boosts=$((${11} - $9))
+    echo "kml-guest: smoke: kernel boosts: stock run $stock_boosts, kprobe run $hook_boosts (refused by the cap: $hook_capped), fmod_ret run $fmodret_boosts, model runs: never $never_boosts, always $model_boosts"
     [ $stock_boosts = 0 ] || fail "requests were boosted with no program attached ($stock_boosts)"
     [ $hook_boosts -gt 0 ] || fail "the kprobe hook run boosted no request (kml_boosts did not move)"
     [ $fmodret_boosts -gt 0 ] || fail "the fmod_ret run boosted no request (kml_boosts did not move)"
-    finish PASS "smoke: hook attached, $hook_boosts requests served early (kprobe), $fmodret_boosts (fmod_ret)"
+    [ $never_boosts = 0 ] || fail "a model that flags nothing got $never_boosts requests boosted"
+    [ $model_boosts -gt 0 ] || fail "a model that flags every request got none boosted (kml_boosts did not move)"
+    finish PASS "smoke: hook attached, $hook_boosts requests served early (kprobe), $fmodret_boosts (fmod_ret), $model_boosts (model at risk), $never_boosts (model never at risk)"
 fi
 
 # ---------------------------------------------------------------- full comparison
 stock_run() {
     # $1 job, $2 name, $3 repeat
     echo "kml-guest: $2: stock run $3 (${KML_RUNTIME}s)"
+    rec=
+    if [ -n "$RECORD" ]; then
+        # Observers only (no verdict program): the trace a VM model is trained on.
+        log=/tmp/$2.record.$3.log
+        kml-agent record --device $DISK --out /tmp/$2.stock.$3.csv > $log 2>&1 &
+        rec=$!
+        i=0
+        while ! grep -q "kml-agent: recording" $log; do
+            kill -0 $rec 2>/dev/null || fail "kml-agent record exited: $(tr '\n' ' ' < $log)"
+            i=$((i + 1))
+            [ $i -gt 600 ] && fail "kml-agent record did not start within 60 s"
+            sleep 0.1
+        done
+    fi
     b0=$(boosts)
     run_fio $1 $2.stock.$3
     echo "stock $b0 $(boosts)" >> $OUT/$2.boosts
+    if [ -n "$rec" ]; then
+        kill -INT $rec
+        wait $rec || fail "kml-agent record failed: $(tr '\n' ' ' < $log)"
+        # Written to tmpfs first: 9p writes would slow the recorder.
+        cp /tmp/$2.stock.$3.csv $log $OUT/ && rm /tmp/$2.stock.$3.csv
+        tail -n3 $log
+    fi
 }
 hook_run() {
     echo "kml-guest: $2: hook run $3, policy $POLICY (${KML_RUNTIME}s)"
-    start_hook $POLICY /tmp/$2.hook.$3.agent.log
+    start_hook $POLICY /tmp/$2.hook.$3.agent.log "$MODEL"
     b0=$(boosts)
     run_fio $1 $2.hook.$3
     b1=$(boosts)

@@ -16,11 +16,20 @@ pub const GUEST_INIT: &str = include_str!("guest-init.sh");
 const BUSYBOX: &str = "/bin/busybox";
 /// The VM workloads, relative to the workspace root.
 pub const WORKLOADS_DIR: &str = "workloads/vm";
+/// The shipped models, relative to the workspace root; in the guest: `/kml/models`.
+pub const MODELS_DIR: &str = "models";
+/// The smoke test's hand-set models (written into `/kml/models`): every request
+/// at risk, and none.
+pub const SMOKE_ALWAYS: &str = "smoke-always-at-risk";
+pub const SMOKE_NEVER: &str = "smoke-never-at-risk";
 
 pub struct Inputs<'a> {
     pub gen_init_cpio: &'a Path,
     pub agent: &'a Path,
     pub workloads: &'a Path,
+    /// The shipped models (`models/`): every `*.json` goes to `/kml/models`, with the
+    /// smoke test's two hand-set models derived from `logistic.json`.
+    pub models: &'a Path,
     /// Scratch directory for the stripped agent, the init script and the list.
     pub work: &'a Path,
     pub out: &'a Path,
@@ -67,6 +76,43 @@ fn add_dirs(dirs: &mut BTreeSet<String>, path: &str) {
         dirs.insert(s.into_owned());
         p = d.parent();
     }
+}
+
+/// A logistic model file whose verdict does not depend on the request: its
+/// threshold (float and quantised, consistently) is moved far below (`at_risk`) or
+/// above any score the model can reach. The smoke test knows each request's verdict
+/// in advance that way.
+pub fn fixed_verdict_model(
+    logistic: &serde_json::Value,
+    at_risk: bool,
+) -> Result<serde_json::Value> {
+    let mut m = logistic.clone();
+    ensure!(m["kind"] == "logistic", "not a logistic model file");
+    let out_shift = m["quantized"]["linear"]["out_shift"]
+        .as_u64()
+        .context("quantized.linear.out_shift")?;
+    ensure!(out_shift <= 40, "out_shift {out_shift} too large");
+    // 1e6 in log-odds: scores stay within about ±2^35 of 0 for any input.
+    let threshold: f64 = if at_risk { -1e6 } else { 1e6 };
+    m["float"]["linear"]["threshold"] = threshold.into();
+    m["quantized"]["linear"]["threshold"] = ((threshold as i64) << out_shift).into();
+    // What a constant verdict scores, whatever the data: `--model auto` must not
+    // prefer it.
+    for part in ["float", "quantized"] {
+        if m["metrics"]["test"][part].is_object() {
+            m["metrics"]["test"][part]["balanced_accuracy"] = 0.5.into();
+        }
+    }
+    m["training"]["workload"] = format!(
+        "kml VM smoke test: logistic.json with its threshold set to {threshold:e}: {}",
+        if at_risk {
+            "every request at risk"
+        } else {
+            "no request at risk"
+        }
+    )
+    .into();
+    Ok(m)
 }
 
 /// Builds the initramfs; returns its path and its uncompressed size in bytes.
@@ -131,12 +177,41 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
         let name = j.file_name().unwrap().to_string_lossy().into_owned();
         files.push((format!("/kml/workloads/{name}"), j.clone(), "0644"));
     }
-    // Library search path for the loader (there is no ld.so.cache in the guest).
+    let mut models = Vec::new();
+    for e in
+        fs::read_dir(inp.models).with_context(|| format!("reading {}", inp.models.display()))?
+    {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "json") {
+            models.push(p);
+        }
+    }
+    models.sort();
+    let logistic = inp.models.join("logistic.json");
+    let base: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(&logistic)
+            .with_context(|| format!("reading {}", logistic.display()))?,
+    )
+    .with_context(|| format!("parsing {}", logistic.display()))?;
+    for (name, at_risk) in [(SMOKE_ALWAYS, true), (SMOKE_NEVER, false)] {
+        let path = inp.work.join(format!("{name}.json"));
+        fs::write(
+            &path,
+            serde_json::to_string_pretty(&fixed_verdict_model(&base, at_risk)?)?,
+        )?;
+        models.push(path);
+    }
+    for m in &models {
+        let name = m.file_name().unwrap().to_string_lossy().into_owned();
+        files.push((format!("/kml/models/{name}"), m.clone(), "0644"));
+    }
+    // Library search path for the loader (there is no ld.so.cache in the guest);
+    // where `run --model NAME` finds the models.
     let env = inp.work.join("env");
     fs::write(
         &env,
         format!(
-            "export LD_LIBRARY_PATH={}\n",
+            "export LD_LIBRARY_PATH={}\nexport KML_MODELS_DIR=/kml/models\n",
             lib_dirs.iter().cloned().collect::<Vec<_>>().join(":")
         ),
     )?;
@@ -191,12 +266,13 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
         fs::rename(&cpio, inp.out)?;
     }
     eprintln!(
-        "xtask: initramfs {} ({} files, {:.0} MiB before compression: busybox, kml-agent, fio and {} libraries, {} job files)",
+        "xtask: initramfs {} ({} files, {:.0} MiB before compression: busybox, kml-agent, fio and {} libraries, {} job files, {} models)",
         inp.out.display(),
         files.len(),
         total as f64 / (1 << 20) as f64,
         libs.len(),
-        jobs.len()
+        jobs.len(),
+        models.len()
     );
     Ok((inp.out.to_path_buf(), total))
 }
@@ -226,6 +302,29 @@ mod tests {
             d.into_iter().collect::<Vec<_>>(),
             ["/lib", "/lib/x86_64-linux-gnu"]
         );
+    }
+
+    /// The hand-set models load (kml-learn validates the threshold against the
+    /// float one) and give the verdict they promise on a shipped sample.
+    #[test]
+    fn fixed_verdict_models_are_consistent() {
+        let root = crate::util::workspace_root();
+        let text = fs::read_to_string(root.join(MODELS_DIR).join("logistic.json")).unwrap();
+        let base: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for at_risk in [true, false] {
+            let m = fixed_verdict_model(&base, at_risk).unwrap();
+            let q = m["quantized"]["linear"]["threshold"].as_i64().unwrap();
+            let f = m["float"]["linear"]["threshold"].as_f64().unwrap();
+            let unit = (1u64 << m["quantized"]["linear"]["out_shift"].as_u64().unwrap()) as f64;
+            assert_eq!(q as f64, f * unit);
+            assert_eq!(q < 0, at_risk);
+            // Beyond any accumulator value the model can produce.
+            let bias = m["quantized"]["linear"]["bias"].as_i64().unwrap();
+            assert!(q.unsigned_abs() > 1000 * bias.unsigned_abs());
+        }
+        let mut bad = base.clone();
+        bad["kind"] = "tree".into();
+        assert!(fixed_verdict_model(&bad, true).is_err());
     }
 
     #[test]

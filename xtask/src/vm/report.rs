@@ -181,6 +181,41 @@ pub fn parse_boosts(text: &str) -> Result<Boosts> {
     Ok(b)
 }
 
+/// The verdict program's counters as an agent prints them when it stops
+/// (`kml-agent hook` and `kml-agent run` with the hook: `N calls, N reads, N positive
+/// verdicts, N model at-risk verdicts, N without a model verdict, ...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HookLine {
+    pub calls: u64,
+    pub reads: u64,
+    pub verdicts: u64,
+    pub model_at_risk: u64,
+    pub no_verdict: u64,
+}
+
+/// The last hook counter line of an agent's log, if any.
+pub fn parse_hook_line(log: &str) -> Option<HookLine> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("kml-agent: hook") && l.contains(" calls, "))?;
+    let (_, counts) = line.split_once("): ").or_else(|| line.split_once("s: "))?;
+    let mut h = HookLine::default();
+    for part in counts.split(", ") {
+        let (n, what) = part.split_once(' ')?;
+        let n: u64 = n.parse().ok()?;
+        match what {
+            "calls" => h.calls = n,
+            "reads" => h.reads = n,
+            "positive verdicts" => h.verdicts = n,
+            "model at-risk verdicts" => h.model_at_risk = n,
+            "without a model verdict" => h.no_verdict = n,
+            _ => {}
+        }
+    }
+    Some(h)
+}
+
 /// One workload's stock and hook runs.
 #[derive(Clone, Debug)]
 pub struct Comparison {
@@ -489,6 +524,30 @@ mod tests {
             (c.write.ios, c.write.mean_ns, c.write.iops),
             (2000, a.write.mean_ns, a.write.iops)
         );
+    }
+
+    #[test]
+    fn hook_lines() {
+        let run = "kml-agent: hook attached to dd_kml_verdict (kprobe + bpf_override_return, policy model-reads)\n\
+                   [    1s] ...\n\
+                   kml-agent: hook (policy model-reads): 120 calls, 40 reads, 38 positive verdicts, 90 model at-risk verdicts, \
+                   2 without a model verdict, 0 read failures, 0 other-disk calls\n\
+                   kml-agent: vda: kernel served 30 requests early, refused 8 over the cap (kml_boost_max 16)\n";
+        assert_eq!(
+            parse_hook_line(run),
+            Some(HookLine {
+                calls: 120,
+                reads: 40,
+                verdicts: 38,
+                model_at_risk: 90,
+                no_verdict: 2
+            })
+        );
+        let hook = "kml-agent: hook detached after 9.1s: 7 calls, 3 reads, 3 positive verdicts, 0 model at-risk verdicts, \
+                    7 without a model verdict, 0 read failures, 0 other-disk calls\n";
+        assert_eq!(parse_hook_line(hook).unwrap().calls, 7);
+        assert_eq!(parse_hook_line(hook).unwrap().no_verdict, 7);
+        assert_eq!(parse_hook_line("kml-agent: hook attached\n"), None);
     }
 
     #[test]
