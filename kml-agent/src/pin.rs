@@ -24,6 +24,7 @@ pub const PINNED_MAPS: &[&str] = &[
     "COUNTERS",
     "DEVICES",
     "DEVICE_STATE",
+    "INFLIGHT",
 ];
 
 /// Pinned maps; unpinned on drop.

@@ -7,6 +7,7 @@
 //! cargo xtask test  [-- ARGS...]               # host unit tests, then the root-only integration tests
 //! cargo xtask vm    [--smoke] [OPTIONS]        # patched kernel under QEMU: hook smoke test / comparison
 //! cargo xtask bench [--quick] [--workload F.fio]... [--out DIR]  # measure; write bench/REPORT.md
+//! cargo xtask soak  [--minutes 30]            # agent under rate-limited fio; write bench/SOAK.md
 //! ```
 //!
 //! Each subcommand lives in its own module; `util` holds the process helpers.
@@ -15,6 +16,7 @@ mod bench;
 mod build;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod util;
 mod vm;
@@ -51,6 +53,9 @@ enum Command {
     /// Measure everything (overhead, in-kernel cost, agent, training time, learning
     /// quality) on this machine and write bench/REPORT.md with SVG plots (needs root).
     Bench(bench::BenchArgs),
+    /// Leave the agent running under rate-limited mixed fio (default 30 minutes) and
+    /// write bench/SOAK.md: in-flight map size, drops, RSS and CPU (needs root; not CI).
+    Soak(soak::SoakArgs),
 }
 
 impl Command {
@@ -62,6 +67,7 @@ impl Command {
             Command::Test(args) => args.execute(),
             Command::Vm(args) => args.execute(),
             Command::Bench(args) => args.execute(),
+            Command::Soak(args) => args.execute(),
         }
     }
 }

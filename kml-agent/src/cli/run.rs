@@ -50,6 +50,9 @@ pub struct RunArgs {
     /// bpftool; removed on a clean exit.
     #[arg(long)]
     pub pin: bool,
+    /// Where --pin pins (a directory on bpffs).
+    #[arg(long, default_value = crate::pin::PIN_DIR)]
+    pub pin_dir: std::path::PathBuf,
     #[command(flatten)]
     pub observe: session::ObserveArgs,
 }
@@ -77,8 +80,7 @@ impl RunArgs {
             }
         })?;
         let _pins = if self.pin {
-            let pins =
-                crate::pin::pin_maps(observer.ebpf(), std::path::Path::new(crate::pin::PIN_DIR))?;
+            let pins = crate::pin::pin_maps(observer.ebpf(), &self.pin_dir)?;
             eprintln!("kml-agent: maps pinned at {}", pins.dir().display());
             Some(pins)
         } else {

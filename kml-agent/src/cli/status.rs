@@ -7,7 +7,7 @@ use aya::maps::{Array, HashMap, PerCpuArray};
 use kml_ebpf_common::{
     model::{LinearModel, ModelKind, TreeModel},
     slot::{status_index, ModelControl, SlotStatus},
-    Counter, Counters, DeviceConfig, DeviceState,
+    Counter, Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord,
 };
 use serde_json::json;
 
@@ -67,6 +67,10 @@ impl StatusArgs {
         let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pin::open(dir, "DEVICES")?)?;
         let states: HashMap<_, u32, DeviceState> =
             HashMap::try_from(pin::open(dir, "DEVICE_STATE")?)?;
+        // Entries in the in-flight map now (a soak watches this stay bounded).
+        let inflight: HashMap<_, InflightKey, RequestRecord> =
+            HashMap::try_from(pin::open(dir, "INFLIGHT")?)?;
+        let inflight_entries = inflight.keys().filter(Result::is_ok).count();
         let mut devs = Vec::new();
         for entry in devices.iter().flatten() {
             let (dev, cfg) = entry;
@@ -112,6 +116,7 @@ impl StatusArgs {
             "accuracy": accuracy, "balanced_accuracy": balanced,
             "counters": counters_json,
             "devices": devs,
+            "inflight_entries": inflight_entries,
             "bpf_stats_enabled": stats_on,
             "programs": costs,
         });
@@ -147,6 +152,7 @@ impl StatusArgs {
             c.get(Counter::SampledOut),
             c.get(Counter::OrphanCompletions)
         );
+        println!("  in flight  {inflight_entries} entries");
         for d in &devs {
             println!("  device     {d}");
         }
