@@ -6,9 +6,11 @@
 //! settings) → `observe` (load, configure, attach) → `record` (ring buffer → records)
 //! → `stats` (what the records say) → `infer` (models into the kernel's slots).
 
+pub mod adopt;
 pub mod cli;
 pub mod devices;
 pub mod hook;
+pub mod hotplug;
 pub mod infer;
 pub mod kernel;
 pub mod learn;
@@ -17,3 +19,4 @@ pub mod observe;
 pub mod pin;
 pub mod record;
 pub mod stats;
+pub mod test_swaps;

@@ -74,19 +74,31 @@ impl RunArgs {
             (None, Some((_, m))) => m.kind(),
             (None, None) => ModelKind::Logistic,
         };
-        let mut observer = session::start_with(&targets, &self.observe, |c| {
-            if self.mode == LossMode::Drop {
+        let mode = self.mode;
+        let adjust = |c: &mut crate::observe::ObserverConfig| {
+            if mode == LossMode::Drop {
                 c.sample_fill_bytes = Some(c.ring_bytes / 2);
             }
-        })?;
-        let _pins = if self.pin {
-            let pins = crate::pin::pin_maps(observer.ebpf(), &self.pin_dir)?;
-            eprintln!("kml-agent: maps pinned at {}", pins.dir().display());
-            Some(pins)
-        } else {
-            None
         };
         let mut slots = ModelSlots::new();
+        let mut observer = if self.pin {
+            let (mut observer, outcome) =
+                session::start_pinned(&targets, &self.observe, adjust, &self.pin_dir)?;
+            eprintln!(
+                "kml-agent: maps pinned at {}: {outcome}",
+                self.pin_dir.display()
+            );
+            if let Some(a) = slots.adopt(observer.ebpf_mut())? {
+                eprintln!(
+                    "kml-agent: model v{} {} keeps serving (adopted)",
+                    a.version,
+                    a.kind.name()
+                );
+            }
+            observer
+        } else {
+            session::start_with(&targets, &self.observe, adjust)?
+        };
         let mut learner = OnlineLearner::new(LearnConfig {
             kind: learn_kind,
             every: self.retrain_every,
@@ -95,7 +107,13 @@ impl RunArgs {
             min_gain: 0.005,
             drift_drop: 0.10,
         });
-        if let Some((path, m)) = &start_model {
+        if let (Some((path, _)), Some(a)) = (&start_model, slots.active()) {
+            eprintln!(
+                "kml-agent: not installing {}: the adopted model v{} serves (stop the agent cleanly to start from another model)",
+                path.display(),
+                a.version
+            );
+        } else if let Some((path, m)) = &start_model {
             let active = slots.install(observer.ebpf_mut(), &m.quantized)?;
             if let Some(ba) = crate::models::held_back_balanced_accuracy(m) {
                 learner.accepted(ba);
@@ -125,6 +143,8 @@ impl RunArgs {
         tokio::pin!(stop_after);
         let signal = session::shutdown_signal();
         tokio::pin!(signal);
+        let mut watch = crate::hotplug::DeviceWatch::new(&self.device);
+        let mut test_swaps = crate::test_swaps::from_env()?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         let mut window = Vec::with_capacity(65536);
@@ -139,7 +159,13 @@ impl RunArgs {
             tokio::select! {
                 () = &mut stop_after => break,
                 sig = &mut signal => { eprintln!("kml-agent: {}, detaching", sig?); break }
+                () = crate::test_swaps::tick(&mut test_swaps) => {
+                    if let Some(m) = slots.active().and_then(|a| slots.version(a.version).cloned()) {
+                        slots.install(observer.ebpf_mut(), &m)?;
+                    }
+                }
                 _ = tick.tick() => {
+                    watch.check(&mut observer);
                     let secs = last_tick.elapsed().as_secs_f64();
                     last_tick = Instant::now();
                     let s = RecordSummary::of(&window);

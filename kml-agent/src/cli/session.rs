@@ -16,7 +16,8 @@ pub fn resolve(devices: &[String]) -> anyhow::Result<Vec<BlockDevice>> {
     Ok(if devices.is_empty() {
         let all: Vec<BlockDevice> = crate::devices::list()
             .into_iter()
-            .filter(BlockDevice::is_mq_deadline)
+            // An unattached loop device (size 0) keeps its scheduler: not a disk now.
+            .filter(|d| d.is_mq_deadline() && d.size_sectors > 0)
             .collect();
         if all.is_empty() {
             anyhow::bail!(
@@ -74,6 +75,35 @@ pub fn start_with(
     }
     observer.attach()?;
     Ok(observer)
+}
+
+/// [`start_with`] with `--pin`: every map and link pinned under `dir`, adopting
+/// what a killed agent left there when it can (see [`crate::adopt`]). The devices
+/// the adopted programs traced that are not in `targets` stop being traced.
+pub fn start_pinned(
+    targets: &[BlockDevice],
+    how: &ObserveArgs,
+    adjust: impl FnOnce(&mut ObserverConfig),
+    dir: &std::path::Path,
+) -> anyhow::Result<(Observer, crate::observe::PinOutcome)> {
+    let mode = KernelReport::probe().choose(how.attach)?;
+    let mut config = ObserverConfig::new(mode);
+    config.ring_bytes = how.ring_size;
+    adjust(&mut config);
+    let (mut observer, outcome) = Observer::load_pinned(config, dir)?;
+    let wanted: Vec<u32> = targets.iter().map(BlockDevice::dev).collect();
+    for dev in observer.kernel_devices()? {
+        if !wanted.contains(&dev) {
+            let stale = observer.remove_device(dev)?;
+            let (major, minor) = kml_ebpf_common::kernel_dev_split(dev);
+            eprintln!("kml-agent: no longer tracing {major}:{minor} (traced by the adopted programs, not asked for now; {stale} in-flight entries dropped)");
+        }
+    }
+    for d in targets {
+        observer.add_device(d)?;
+    }
+    observer.attach()?;
+    Ok((observer, outcome))
 }
 
 /// Losses at the end of a session.

@@ -109,8 +109,20 @@ impl StatusArgs {
             .iter()
             .map(|k| (k.name().to_owned(), json!(c.get(*k))))
             .collect();
+        // Who owns the pins: a running agent, or none (orphaned: the programs stay
+        // attached and keep scoring, nobody reads the records until an agent adopts).
+        let owner = std::fs::read_link(dir.join(crate::adopt::META))
+            .ok()
+            .and_then(|t| crate::adopt::PinMeta::decode(&t.to_string_lossy()).ok())
+            .map(|m| m.owner_pid);
+        let owner_running = owner.is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "kml-agent")
+        });
         let report = json!({
             "pin_dir": dir,
+            "owner_pid": owner,
+            "owner_running": owner_running,
             "model": { "kind": kind.map(|k| k.name()), "slot": control.slot, "version": version, "checksum_ok": checksum_ok },
             "confusion": { "true_miss": tp, "false_miss": fp, "true_met": tn, "false_met": fnn },
             "accuracy": accuracy, "balanced_accuracy": balanced,
@@ -125,6 +137,11 @@ impl StatusArgs {
             return Ok(());
         }
         println!("kml status (maps pinned at {})", dir.display());
+        match (owner, owner_running) {
+            (Some(pid), true) => println!("  agent      pid {pid} running"),
+            (Some(pid), false) => println!("  agent      none running (pid {pid} is gone): programs stay attached with the last model; `kml-agent run --pin` adopts them, a clean exit removes them"),
+            (None, _) => println!("  agent      unknown (no {} description)", crate::adopt::META),
+        }
         match kind {
             Some(k) => println!(
                 "  model      v{version} {} in slot {} (in-kernel checker {})",
