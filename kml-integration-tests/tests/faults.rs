@@ -205,6 +205,8 @@ impl Fio {
                 "--ioengine=libaio",
                 "--iodepth=8",
                 "--rate_iops=1500",
+                // Jobs as threads: killing fio (the guard) ends all its I/O at once.
+                "--thread",
                 "--time_based",
             ])
             .arg(format!("--runtime={seconds}"))

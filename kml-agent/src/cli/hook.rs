@@ -86,6 +86,9 @@ impl HookArgs {
             Via::FmodRet => "fmod_ret",
         };
         // The line scripts wait for before they start I/O.
+        // Before the ready line: a signal right after it must find the handlers.
+        let signal = session::shutdown_signal();
+        tokio::pin!(signal);
         eprintln!(
             "kml-agent: hook attached to dd_kml_verdict ({how}, policy {}, {target})",
             self.policy
@@ -94,8 +97,6 @@ impl HookArgs {
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
         tokio::pin!(stop_after);
-        let signal = session::shutdown_signal();
-        tokio::pin!(signal);
         tokio::select! {
             () = &mut stop_after => {}
             sig = &mut signal => { eprintln!("kml-agent: {}, detaching", sig?); }

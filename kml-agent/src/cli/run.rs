@@ -125,6 +125,9 @@ impl RunArgs {
                 active.version
             );
         }
+        // Before the ready line: a signal right after it must find the handlers.
+        let signal = session::shutdown_signal();
+        tokio::pin!(signal);
         let mut stream = observer.records()?;
         let names: Vec<String> = observer
             .devices()
@@ -141,8 +144,6 @@ impl RunArgs {
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
         tokio::pin!(stop_after);
-        let signal = session::shutdown_signal();
-        tokio::pin!(signal);
         let mut watch = crate::hotplug::DeviceWatch::new(&self.device);
         let mut test_swaps = crate::test_swaps::from_env()?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -120,15 +120,20 @@ pub fn losses(observer: &Observer) -> anyhow::Result<LossReport> {
     ))
 }
 
-/// Resolves on SIGINT or SIGTERM, with the signal's name.
-pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+/// Resolves on SIGINT or SIGTERM, with the signal's name. The handlers are
+/// installed when this is called (not when first awaited), so a signal sent right
+/// after the agent says it is ready still stops it cleanly.
+pub fn shutdown_signal() -> impl std::future::Future<Output = anyhow::Result<&'static str>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    Ok(tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    })
+    let int = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        let (mut int, mut term) = (int?, term?);
+        Ok(tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        })
+    }
 }
 
 /// Losses and oddities, derived from the counters and the map's live size.
