@@ -659,3 +659,57 @@ fn a_new_mq_deadline_disk_joins_a_run_without_device() -> Result<()> {
     ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
     Ok(())
 }
+
+#[test]
+fn a_restart_on_other_devices_adopts_and_retargets_the_pinned_programs() -> Result<()> {
+    let baseline = unowned_baseline()?;
+    let first_dev = LoopDevice::new(64, 500, 5000)?;
+    let second_dev = LoopDevice::new(64, 500, 5000)?;
+    let (a, b) = (first_dev.block_device()?, second_dev.block_device()?);
+    let pins = PinDir::new("retarget");
+    let run = |dev: &str| -> Result<Agent> {
+        spawn_agent(
+            &[
+                "run",
+                "--device",
+                dev,
+                "--retrain-every",
+                "0",
+                "--pin",
+                "--pin-dir",
+                pins.arg(),
+            ],
+            &[],
+        )
+    };
+    let mut agent = run(&first_dev.name)?;
+    wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
+    kill9(&mut agent)?;
+    let mut agent = run(&second_dev.name)?;
+    // The devices are reconciled as the pins are taken over, then the outcome is said.
+    wait_for_line(
+        &agent.stderr,
+        &format!("no longer tracing {}:{}", a.major, a.minor),
+        Duration::from_secs(60),
+    )?;
+    let line = wait_for_line(&agent.stderr, "maps pinned at", Duration::from_secs(10))?;
+    ensure!(line.contains("adopted"), "not adopted: {line}");
+    wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
+    ensure!(
+        device_in_pins(&pins.0, a.dev())?.is_none(),
+        "the old device is still traced"
+    );
+    let before = device_in_pins(&pins.0, b.dev())?.context("the new device is not traced")?;
+    issue_direct(&second_dev, &scattered_pattern(50, 64, 6))?;
+    let after = device_in_pins(&pins.0, b.dev())?.context("device gone")?;
+    ensure!(
+        after.last_insert_ns > before.last_insert_ns,
+        "no insert traced on the new device"
+    );
+    let set = our_programs(&[agent.child.0.id()], &baseline)?;
+    ensure!(set.len() == 8, "not exactly one set: {set:?}");
+    signal(&agent.child.0, libc::SIGINT);
+    ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
+    ensure!(!pins.0.exists(), "pins left behind");
+    assert_none_left(&baseline)
+}
