@@ -202,8 +202,22 @@ pub fn inspect(dir: &Path, want: &PinMeta) -> Found {
     Found::Adoptable(meta)
 }
 
+/// A warning for an agent started without `--pin` while a killed agent's pinned
+/// programs are still attached at `dir` (both sets would observe the same disks).
+pub fn orphan_note(dir: &Path) -> Option<String> {
+    let target = std::fs::read_link(dir.join(META)).ok()?;
+    let meta = PinMeta::decode(&target.to_string_lossy()).ok()?;
+    (!agent_alive(meta.owner_pid)).then(|| {
+        format!(
+            "note: programs pinned at {} by a killed agent (pid {}) are still attached; `kml-agent run --pin` adopts them and removes them on a clean exit",
+            dir.display(),
+            meta.owner_pid
+        )
+    })
+}
+
 /// Is `pid` a running kml-agent?
-fn agent_alive(pid: u32) -> bool {
+pub fn agent_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "kml-agent")
 }
 

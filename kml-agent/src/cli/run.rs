@@ -97,6 +97,9 @@ impl RunArgs {
             }
             observer
         } else {
+            if let Some(note) = crate::adopt::orphan_note(&self.pin_dir) {
+                eprintln!("kml-agent: {note}");
+            }
             session::start_with(&targets, &self.observe, adjust)?
         };
         let mut learner = OnlineLearner::new(LearnConfig {

@@ -115,10 +115,7 @@ impl StatusArgs {
             .ok()
             .and_then(|t| crate::adopt::PinMeta::decode(&t.to_string_lossy()).ok())
             .map(|m| m.owner_pid);
-        let owner_running = owner.is_some_and(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "kml-agent")
-        });
+        let owner_running = owner.is_some_and(crate::adopt::agent_alive);
         let report = json!({
             "pin_dir": dir,
             "owner_pid": owner,
