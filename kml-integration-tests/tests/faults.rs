@@ -308,6 +308,53 @@ fn check_orphan_verdicts(
     Ok((n, checked))
 }
 
+/// What a kill between a slot write and its check leaves: the idle slot half
+/// written (contents that do not match its checksum, a newer version). The kernel
+/// keeps scoring with the active model; and even pointed at the torn slot (which
+/// the agent never does: it flips only after the checker vouched), the model stage
+/// refuses it (no verdict, counted) instead of using it.
+fn torn_slots_are_never_used(dir: &Path, active_version: u32) -> Result<()> {
+    let mut control: Array<_, ModelControl> = Array::try_from(pin::open(dir, "MODEL_CONTROL")?)?;
+    let ctl = control.get(&0, 0)?;
+    ensure!(
+        ModelKind::from_u32(ctl.kind).is_some_and(|k| k.is_linear()),
+        "the test expects a linear model"
+    );
+    let mut models: Array<_, LinearModel> = Array::try_from(pin::open(dir, "LINEAR_MODELS")?)?;
+    let idle = 1 - ctl.slot;
+    let mut torn = models.get(&ctl.slot, 0)?;
+    torn.version = active_version + 1000;
+    torn.weight[0] = torn.weight[0].wrapping_add(12345);
+    ensure!(
+        !torn.checksum_ok(),
+        "the torn model should not match its checksum"
+    );
+    models.set(idle, torn, 0)?;
+
+    let scored = |c: &Counters| (c.get(Counter::Verdicts), c.get(Counter::ModelRejects));
+    let (v0, r0) = scored(&counters(dir)?);
+    std::thread::sleep(Duration::from_millis(500));
+    let (v1, r1) = scored(&counters(dir)?);
+    ensure!(
+        v1 > v0 && r1 == r0,
+        "a torn idle slot disturbed scoring: verdicts {v0}->{v1}, rejects {r0}->{r1}"
+    );
+
+    control.set(0, ModelControl { slot: idle, ..ctl }, 0)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (v2, r2) = scored(&counters(dir)?);
+    control.set(0, ctl, 0)?;
+    ensure!(
+        r2 > r1 && v2 == v1,
+        "pointed at a torn slot, the kernel still scored: verdicts {v1}->{v2}, rejects {r1}->{r2}"
+    );
+    eprintln!(
+        "torn slot: ignored while idle; pointed at, refused {} times and never used",
+        r2 - r1
+    );
+    Ok(())
+}
+
 fn model_path() -> String {
     format!("{}/../models/logistic.json", env!("CARGO_MANIFEST_DIR"))
 }
@@ -408,6 +455,9 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
             "round {round}: after SIGKILL expected the 5 event programs and 2 stages, found {left:?}"
         );
         let (version, active) = active_model(&pins.0)?.context("no active model after the kill")?;
+        if round == 0 {
+            torn_slots_are_never_used(&pins.0, version)?;
+        }
         let before = counters(&pins.0)?;
         let (records, checked) =
             check_orphan_verdicts(&pins.0, version, &active, Duration::from_secs(1))?;
