@@ -355,6 +355,18 @@ fn torn_slots_are_never_used(dir: &Path, active_version: u32) -> Result<()> {
     Ok(())
 }
 
+fn status_json(pins: &PinDir) -> Result<serde_json::Value> {
+    let out = Command::new(agent_bin())
+        .args(["status", "--json", "--pin-dir", pins.arg()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 fn model_path() -> String {
     format!("{}/../models/logistic.json", env!("CARGO_MANIFEST_DIR"))
 }
@@ -442,6 +454,14 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
                 old.keys().all(|id| set.contains_key(id)),
                 "round {round}: the restarted agent did not adopt {old:?} (holds {set:?})"
             );
+            // And status reads the adopted pins, naming the new owner.
+            let st = status_json(&pins)?;
+            ensure!(
+                st["owner_pid"] == pid
+                    && st["owner_running"] == true
+                    && st["model"]["checksum_ok"] == true,
+                "round {round}: status on adopted pins: {st}"
+            );
         }
         std::thread::sleep(jitter(200, 1200, round));
         kill9(&mut agent)?;
@@ -482,15 +502,7 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
         orphaned = Some(left);
 
         // Status works against orphaned pins.
-        let out = Command::new(agent_bin())
-            .args(["status", "--json", "--pin-dir", pins.arg()])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "status on orphaned pins: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let st: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let st = status_json(&pins)?;
         ensure!(
             st["owner_running"] == false && st["model"]["checksum_ok"] == true,
             "status: {st}"
