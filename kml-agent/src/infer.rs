@@ -152,6 +152,65 @@ impl ModelSlots {
         Ok(active)
     }
 
+    /// Takes over the slots of adopted (pinned) maps: the model the kernel runs
+    /// becomes the active one if the checker still vouches for it, and new versions
+    /// continue after the highest one in any slot. A model the checker does not
+    /// vouch for is switched off (the kernel would not use it anyway).
+    pub fn adopt(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<Option<ActiveModel>> {
+        run_slot_checker(ebpf)?;
+        let linear: Array<&MapData, LinearModel> = array_ref(ebpf, "LINEAR_MODELS")?;
+        let tree: Array<&MapData, TreeModel> = array_ref(ebpf, "TREE_MODELS")?;
+        let mut slots = Vec::new();
+        for slot in 0..MODEL_SLOTS {
+            let l = linear.get(&slot, 0).context("reading LINEAR_MODELS")?;
+            let t = tree.get(&slot, 0).context("reading TREE_MODELS")?;
+            slots.push((false, slot, QuantizedModel::Linear(Box::new(l))));
+            slots.push((true, slot, QuantizedModel::Tree(Box::new(t))));
+        }
+        let highest = slots
+            .iter()
+            .map(|(_, _, m)| match m {
+                QuantizedModel::Linear(m) => m.version,
+                QuantizedModel::Tree(m) => m.version,
+            })
+            .max()
+            .unwrap_or(0);
+        self.next_version = self.next_version.max(highest + 1);
+        let ctl: Array<&MapData, ModelControl> = array_ref(ebpf, "MODEL_CONTROL")?;
+        let control = ctl.get(&0, 0).context("reading MODEL_CONTROL")?;
+        self.near_margin = control.near_margin;
+        let Some(kind) = ModelKind::from_u32(control.kind) else {
+            return Ok(None);
+        };
+        let tree_kind = is_tree(kind);
+        let Some((_, _, model)) = slots
+            .into_iter()
+            .find(|(t, s, _)| *t == tree_kind && *s == control.slot)
+        else {
+            return Ok(None);
+        };
+        let (version, checksum) = match &model {
+            QuantizedModel::Linear(m) => (m.version, m.checksum),
+            QuantizedModel::Tree(m) => (m.version, m.checksum),
+        };
+        let status = slot_status(ebpf, status_index(tree_kind, control.slot))?;
+        if !status.vouches(version, checksum) {
+            tracing::warn!(
+                "the adopted active slot is not vouched for ({status:?}); switching the model off"
+            );
+            self.deactivate(ebpf)?;
+            return Ok(None);
+        }
+        let active = ActiveModel {
+            kind,
+            slot: control.slot,
+            version,
+        };
+        self.active = Some(active);
+        self.history.insert(version, model);
+        Ok(Some(active))
+    }
+
     /// No model: the programs stop scoring (observe only).
     pub fn deactivate(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
         let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, "MODEL_CONTROL")?;
@@ -171,6 +230,13 @@ fn array_mut<'a, V: aya::Pod>(
 ) -> anyhow::Result<Array<&'a mut MapData, V>> {
     let m = ebpf
         .map_mut(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    Array::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn array_ref<'a, V: aya::Pod>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<Array<&'a MapData, V>> {
+    let m = ebpf
+        .map(name)
         .with_context(|| format!("map {name} missing from the eBPF object"))?;
     Array::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
 }

@@ -7,9 +7,11 @@
 //! → `stats` (what the records say) → `infer` (models into the kernel's slots) →
 //! `tune` (act on a stock kernel through mq-deadline's tunables).
 
+pub mod adopt;
 pub mod cli;
 pub mod devices;
 pub mod hook;
+pub mod hotplug;
 pub mod infer;
 pub mod kernel;
 pub mod learn;
@@ -20,4 +22,5 @@ pub mod observe;
 pub mod pin;
 pub mod record;
 pub mod stats;
+pub mod test_swaps;
 pub mod tune;

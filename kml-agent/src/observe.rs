@@ -2,17 +2,26 @@
 //! attaches one set of programs. Dropping the [`Observer`] detaches everything
 //! and frees the maps (nothing is pinned here), also when a caller fails midway.
 
-use std::{borrow::Cow, os::fd::AsFd as _, time::Duration};
+use std::{
+    borrow::Cow,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::{
+        links::{FdLink, PinnedLink},
+        RawTracePoint, TracePoint,
+    },
     Ebpf, EbpfLoader,
 };
 use kml_ebpf_common::{Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord};
 
 use crate::{
+    adopt::{self, PinMeta},
     devices::BlockDevice,
     kernel::{caps::AttachMode, layout},
     record::RecordStream,
@@ -107,6 +116,43 @@ pub struct Observer {
     config: ObserverConfig,
     devices: Vec<TracedDevice>,
     attached: bool,
+    pinned: Option<Pinned>,
+}
+
+/// The pins of a `--pin` observer: removed (programs detached) on a clean exit,
+/// left in place when the agent is killed.
+struct Pinned {
+    dir: PathBuf,
+    meta: PinMeta,
+    /// The links keeping the event programs attached, with their pins.
+    links: Vec<(PathBuf, FdLink)>,
+}
+
+/// What `--pin` found and did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinOutcome {
+    /// Nothing was pinned: loaded and pinned a new set.
+    Fresh,
+    /// Reused the maps and attached programs a killed agent (`previous_pid`) left.
+    Adopted { previous_pid: u32 },
+    /// Pins that could not be adopted were removed (why), then a new set was loaded.
+    Replaced(String),
+}
+
+impl std::fmt::Display for PinOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinOutcome::Fresh => write!(f, "pinned a new set of programs and maps"),
+            PinOutcome::Adopted { previous_pid } => write!(
+                f,
+                "adopted the programs and maps pinned by agent {previous_pid} (still attached; nothing reloaded)"
+            ),
+            PinOutcome::Replaced(why) => write!(
+                f,
+                "replaced the pinned programs and maps ({why}) with a new set"
+            ),
+        }
+    }
 }
 
 impl Observer {
@@ -114,80 +160,189 @@ impl Observer {
     /// programs; nothing is attached yet.
     pub fn load(config: ObserverConfig) -> anyhow::Result<Observer> {
         crate::kernel::caps::require_privileges()?;
-        let layout = layout::kernel_layout(
-            config.mode,
-            config.wakeup_bytes,
-            config.sample_fill_bytes.unwrap_or(0),
-        )?;
-        if config.hook.is_some() && config.mode != AttachMode::RawTracepoint {
-            anyhow::bail!(
-                "the verdict hook needs the raw tracepoint observers (mode {})",
-                config.mode
-            );
-        }
         let object = ebpf_object()?;
-        let mut loader = EbpfLoader::new();
-        loader
-            .override_global("KML_LAYOUT", &layout, true)
-            .map_max_entries("RECORDS", config.ring_bytes);
-        if let Some(h) = &config.hook {
-            h.apply(&mut loader, false);
-        }
-        let mut ebpf = loader
-            .load(&object)
-            .context("loading the kml eBPF object")?;
-        for (event, raw, tp) in EVENTS {
-            match config.mode {
-                AttachMode::RawTracepoint => {
-                    let p: &mut RawTracePoint = program(&mut ebpf, raw)?;
-                    p.load()
-                        .with_context(|| format!("verifying {raw} (raw tracepoint {event})"))?;
-                }
-                AttachMode::Tracepoint => {
-                    let p: &mut TracePoint = program(&mut ebpf, tp)?;
-                    p.load()
-                        .with_context(|| format!("verifying {tp} (tracepoint block:{event})"))?;
-                }
-            }
-        }
-        // Inference stages (tail-called from insert) and the slot checker (run on demand).
-        let stages: [&str; 2] = match config.mode {
-            AttachMode::RawTracepoint => ["kml_raw_features", "kml_raw_model"],
-            AttachMode::Tracepoint => ["kml_tp_features", "kml_tp_model"],
-        };
-        let mut fds = Vec::new();
-        for name in stages {
-            let fd = match config.mode {
-                AttachMode::RawTracepoint => {
-                    let p: &mut RawTracePoint = program(&mut ebpf, name)?;
-                    p.load().with_context(|| format!("verifying {name}"))?;
-                    p.fd()?.try_clone()?
-                }
-                AttachMode::Tracepoint => {
-                    let p: &mut TracePoint = program(&mut ebpf, name)?;
-                    p.load().with_context(|| format!("verifying {name}"))?;
-                    p.fd()?.try_clone()?
-                }
-            };
-            fds.push(fd);
-        }
-        let mut infer: ProgramArray<&mut MapData> =
-            ProgramArray::try_from(ebpf.map_mut("INFER").context("map INFER missing")?)?;
-        for (i, fd) in fds.iter().enumerate() {
-            infer
-                .set(i as u32, fd, 0)
-                .context("installing the inference stages")?;
-        }
-        let checker: &mut RawTracePoint = program(&mut ebpf, "kml_verify_slots")?;
-        checker.load().context("verifying kml_verify_slots")?;
+        let mut ebpf = load_object(&config, &object, None)?;
+        load_programs(&mut ebpf, config.mode)?;
         Ok(Observer {
             ebpf,
             config,
             devices: Vec::new(),
             attached: false,
+            pinned: None,
         })
     }
 
+    /// [`Observer::load`] with every map and link pinned under `dir`; adopts what a
+    /// killed agent left there when it is the same object with the same settings
+    /// (nothing is loaded twice then: the attached programs keep running, only the
+    /// slot checker is loaded), else replaces it. Refuses pins of a live agent.
+    pub fn load_pinned(
+        config: ObserverConfig,
+        dir: &Path,
+    ) -> anyhow::Result<(Observer, PinOutcome)> {
+        crate::kernel::caps::require_privileges()?;
+        let object = ebpf_object()?;
+        let meta = PinMeta {
+            object: adopt::fingerprint(&object),
+            mode: config.mode.name().to_owned(),
+            ring_bytes: config.ring_bytes,
+            wakeup_bytes: config.wakeup_bytes,
+            sample_fill_bytes: config.sample_fill_bytes.unwrap_or(0),
+            owner_pid: std::process::id(),
+        };
+        adopt::make_dir(dir)?;
+        let mut outcome = match adopt::inspect(dir, &meta) {
+            adopt::Found::Owned(pid) => anyhow::bail!(
+                "the kml-agent with pid {pid} owns the pins at {}: stop it first, or pin elsewhere with --pin-dir",
+                dir.display()
+            ),
+            adopt::Found::Nothing => PinOutcome::Fresh,
+            adopt::Found::Stale(why) => PinOutcome::Replaced(why),
+            adopt::Found::Adoptable(old) => PinOutcome::Adopted {
+                previous_pid: old.owner_pid,
+            },
+        };
+        let mut links = Vec::new();
+        if matches!(outcome, PinOutcome::Adopted { .. }) {
+            for (event, ..) in EVENTS {
+                let path = adopt::link_pin(dir, event);
+                match PinnedLink::from_pin(&path) {
+                    Ok(l) => links.push((path, FdLink::from(l))),
+                    Err(_) => {
+                        outcome = PinOutcome::Replaced(format!(
+                            "the link of {event} is not pinned ({} missing)",
+                            path.display()
+                        ));
+                        links.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        if let PinOutcome::Replaced(_) = outcome {
+            adopt::clear(dir).with_context(|| format!("removing the pins at {}", dir.display()))?;
+            adopt::make_dir(dir)?;
+        }
+        let mut ebpf = load_object(&config, &object, Some(dir))?;
+        for name in adopt::MAPS {
+            adopt::restrict(&dir.join(name))?;
+        }
+        let adopted = matches!(outcome, PinOutcome::Adopted { .. });
+        if adopted {
+            // The event programs and the inference stages (held by the pinned
+            // INFER array) are the killed agent's; only the checker is needed anew.
+            let checker: &mut RawTracePoint = program(&mut ebpf, "kml_verify_slots")?;
+            checker.load().context("verifying kml_verify_slots")?;
+            adopt::write_meta(dir, &meta)?;
+        } else {
+            load_programs(&mut ebpf, config.mode)?;
+        }
+        let observer = Observer {
+            ebpf,
+            config,
+            devices: Vec::new(),
+            attached: adopted,
+            pinned: Some(Pinned {
+                dir: dir.to_owned(),
+                meta,
+                links,
+            }),
+        };
+        Ok((observer, outcome))
+    }
+
+    /// Devices the programs trace now (the DEVICES map; with adopted pins, what
+    /// the previous agent traced).
+    pub fn kernel_devices(&self) -> anyhow::Result<Vec<u32>> {
+        let map: HashMap<&MapData, u32, DeviceConfig> = map_ref(&self.ebpf, "DEVICES")?;
+        Ok(map.keys().filter_map(Result::ok).collect())
+    }
+}
+
+/// Loads the object (maps created, or reused from `pin_dir`, where new ones are
+/// pinned); programs are not loaded yet.
+fn load_object(
+    config: &ObserverConfig,
+    object: &[u8],
+    pin_dir: Option<&Path>,
+) -> anyhow::Result<Ebpf> {
+    let layout = layout::kernel_layout(
+        config.mode,
+        config.wakeup_bytes,
+        config.sample_fill_bytes.unwrap_or(0),
+    )?;
+    if config.hook.is_some() && config.mode != AttachMode::RawTracepoint {
+        anyhow::bail!(
+            "the verdict hook needs the raw tracepoint observers (mode {})",
+            config.mode
+        );
+    }
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global("KML_LAYOUT", &layout, true)
+        .map_max_entries("RECORDS", config.ring_bytes);
+    if let Some(h) = &config.hook {
+        h.apply(&mut loader, false);
+    }
+    if let Some(dir) = pin_dir {
+        for name in adopt::MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    loader.load(object).context("loading the kml eBPF object")
+}
+
+/// Loads (verifies) the mode's programs, installs the inference stages, loads the
+/// slot checker.
+fn load_programs(ebpf: &mut Ebpf, mode: AttachMode) -> anyhow::Result<()> {
+    for (event, raw, tp) in EVENTS {
+        match mode {
+            AttachMode::RawTracepoint => {
+                let p: &mut RawTracePoint = program(ebpf, raw)?;
+                p.load()
+                    .with_context(|| format!("verifying {raw} (raw tracepoint {event})"))?;
+            }
+            AttachMode::Tracepoint => {
+                let p: &mut TracePoint = program(ebpf, tp)?;
+                p.load()
+                    .with_context(|| format!("verifying {tp} (tracepoint block:{event})"))?;
+            }
+        }
+    }
+    // Inference stages (tail-called from insert) and the slot checker (run on demand).
+    let stages: [&str; 2] = match mode {
+        AttachMode::RawTracepoint => ["kml_raw_features", "kml_raw_model"],
+        AttachMode::Tracepoint => ["kml_tp_features", "kml_tp_model"],
+    };
+    let mut fds = Vec::new();
+    for name in stages {
+        let fd = match mode {
+            AttachMode::RawTracepoint => {
+                let p: &mut RawTracePoint = program(ebpf, name)?;
+                p.load().with_context(|| format!("verifying {name}"))?;
+                p.fd()?.try_clone()?
+            }
+            AttachMode::Tracepoint => {
+                let p: &mut TracePoint = program(ebpf, name)?;
+                p.load().with_context(|| format!("verifying {name}"))?;
+                p.fd()?.try_clone()?
+            }
+        };
+        fds.push(fd);
+    }
+    let mut infer: ProgramArray<&mut MapData> =
+        ProgramArray::try_from(ebpf.map_mut("INFER").context("map INFER missing")?)?;
+    for (i, fd) in fds.iter().enumerate() {
+        infer
+            .set(i as u32, fd, 0)
+            .context("installing the inference stages")?;
+    }
+    let checker: &mut RawTracePoint = program(ebpf, "kml_verify_slots")?;
+    checker.load().context("verifying kml_verify_slots")?;
+    Ok(())
+}
+
+impl Observer {
     pub fn mode(&self) -> AttachMode {
         self.config.mode
     }
@@ -213,14 +368,18 @@ impl Observer {
         };
         let dev = device.dev();
         // State first: the programs count only devices that have a config entry.
+        // An existing state (adopted pins) keeps its live in-flight counts.
         let mut state: HashMap<&mut MapData, u32, DeviceState> =
             map_mut(&mut self.ebpf, "DEVICE_STATE")?;
-        state
-            .insert(dev, DeviceState::default(), 0)
-            .context("DEVICE_STATE insert")?;
+        if state.get(&dev, 0).is_err() {
+            state
+                .insert(dev, DeviceState::default(), 0)
+                .context("DEVICE_STATE insert")?;
+        }
         let mut devices: HashMap<&mut MapData, u32, DeviceConfig> =
             map_mut(&mut self.ebpf, "DEVICES")?;
         devices.insert(dev, config, 0).context("DEVICES insert")?;
+        self.devices.retain(|d| d.device.dev() != dev);
         self.devices.push(TracedDevice {
             device: device.clone(),
             config,
@@ -228,33 +387,75 @@ impl Observer {
         Ok(())
     }
 
-    /// Stops tracing a device (its in-flight entries complete as orphans or age out).
-    pub fn remove_device(&mut self, dev: u32) -> anyhow::Result<()> {
+    /// Stops tracing a device: its config and state go, and so do its in-flight
+    /// entries (a detached disk never completes them). Returns how many in-flight
+    /// entries were removed.
+    pub fn remove_device(&mut self, dev: u32) -> anyhow::Result<usize> {
+        // Config first: from here on the programs ignore the device.
         let mut devices: HashMap<&mut MapData, u32, DeviceConfig> =
             map_mut(&mut self.ebpf, "DEVICES")?;
         let _ = devices.remove(&dev);
+        let mut inflight: HashMap<&mut MapData, InflightKey, RequestRecord> =
+            map_mut(&mut self.ebpf, "INFLIGHT")?;
+        let stale: Vec<InflightKey> = inflight
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| r.dev == dev)
+            .map(|(k, _)| k)
+            .collect();
+        let removed = stale.iter().filter(|k| inflight.remove(k).is_ok()).count();
         let mut state: HashMap<&mut MapData, u32, DeviceState> =
             map_mut(&mut self.ebpf, "DEVICE_STATE")?;
         let _ = state.remove(&dev);
         self.devices.retain(|d| d.device.dev() != dev);
-        Ok(())
+        Ok(removed)
     }
 
-    /// Attaches the mode's programs to their tracepoints.
+    /// Attaches the mode's programs to their tracepoints (pinned: each link is
+    /// pinned, so the programs stay attached if the agent is killed). Adopted
+    /// programs are attached already.
     pub fn attach(&mut self) -> anyhow::Result<()> {
+        if self.attached {
+            return Ok(());
+        }
         for (event, raw, tp) in EVENTS {
-            match self.config.mode {
+            let link: Option<FdLink> = match self.config.mode {
                 AttachMode::RawTracepoint => {
                     let p: &mut RawTracePoint = program(&mut self.ebpf, raw)?;
-                    p.attach(event)
+                    let id = p
+                        .attach(event)
                         .with_context(|| format!("attaching {raw} to raw tracepoint {event}"))?;
+                    match self.pinned {
+                        Some(_) => Some(p.take_link(id)?.into()),
+                        None => None,
+                    }
                 }
                 AttachMode::Tracepoint => {
                     let p: &mut TracePoint = program(&mut self.ebpf, tp)?;
-                    p.attach("block", event)
+                    let id = p
+                        .attach("block", event)
                         .with_context(|| format!("attaching {tp} to block:{event}"))?;
+                    match self.pinned {
+                        Some(_) => Some(FdLink::try_from(p.take_link(id)?).with_context(|| {
+                            format!("{tp}: this kernel gives no bpf_link to pin for a tracepoint")
+                        })?),
+                        None => None,
+                    }
                 }
+            };
+            if let (Some(link), Some(pinned)) = (link, self.pinned.as_mut()) {
+                let path = adopt::link_pin(&pinned.dir, event);
+                let link = FdLink::from(
+                    link.pin(&path)
+                        .with_context(|| format!("pinning the link of {event}"))?,
+                );
+                adopt::restrict(&path)?;
+                pinned.links.push((path, link));
             }
+        }
+        if let Some(pinned) = &self.pinned {
+            // Last: only a complete set is ever described as adoptable.
+            adopt::write_meta(&pinned.dir, &pinned.meta)?;
         }
         self.attached = true;
         Ok(())
@@ -280,6 +481,13 @@ impl Observer {
         }
         if !self.attached {
             return;
+        }
+        if let Some(pinned) = self.pinned.as_mut() {
+            // Unpinned and closed: the kernel detaches the programs.
+            for (path, link) in pinned.links.drain(..) {
+                let _ = std::fs::remove_file(&path);
+                drop(link);
+            }
         }
         for (_, raw, tp) in EVENTS {
             let name = match self.config.mode {
@@ -341,12 +549,15 @@ impl Observer {
                 AttachMode::RawTracepoint => *raw,
                 AttachMode::Tracepoint => *tp,
             };
-            let Some(p) = self.ebpf.program(name) else {
-                continue;
-            };
-            let Ok(fd) = p.fd() else { continue };
-            let info = prog_info(fd.as_fd())
-                .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD on {name}"))?;
+            let info = match self.ebpf.program(name).and_then(|p| p.fd().ok()) {
+                Some(fd) => prog_info(fd.as_fd()),
+                // Adopted: the program is the one its pinned link holds.
+                None => match self.adopted_program_fd(event) {
+                    Some(fd) => prog_info(fd.as_fd()),
+                    None => continue,
+                },
+            }
+            .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD on {name}"))?;
             out.push(ProgramStats {
                 name,
                 event,
@@ -356,6 +567,26 @@ impl Observer {
             });
         }
         Ok(out)
+    }
+
+    /// The program attached by the adopted link of `event`.
+    fn adopted_program_fd(&self, event: &str) -> Option<aya::programs::ProgramFd> {
+        let pinned = self.pinned.as_ref()?;
+        let (_, link) = pinned
+            .links
+            .iter()
+            .find(|(p, _)| *p == adopt::link_pin(&pinned.dir, event))?;
+        let id = link.info().ok()?.program_id();
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == id)?
+            .fd()
+            .ok()
+    }
+
+    /// The pin directory, with `--pin`.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pinned.as_ref().map(|p| p.dir.as_path())
     }
 
     /// Direct access for tools that need more (tests, status).
@@ -416,6 +647,11 @@ fn prog_info(
 impl Drop for Observer {
     fn drop(&mut self) {
         self.detach();
+        if let Some(pinned) = &self.pinned {
+            if let Err(e) = adopt::clear(&pinned.dir) {
+                tracing::warn!("removing the pins at {}: {e}", pinned.dir.display());
+            }
+        }
     }
 }
 

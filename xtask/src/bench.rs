@@ -18,10 +18,10 @@
 mod cost;
 mod learning;
 mod overhead;
-mod parse;
+pub mod parse;
 mod report;
 mod svg;
-mod sys;
+pub mod sys;
 mod trace;
 mod training;
 mod tune;

@@ -9,6 +9,7 @@
 //! cargo xtask bench [--quick] [--workload F.fio]... [--out DIR]  # measure; write bench/REPORT.md
 //! cargo xtask fuzz  [--seconds N] [TARGET]      # cargo-fuzz targets in fuzz/ (installs cargo-fuzz)
 //! cargo xtask man   [--out DIR]                 # kml-agent man pages (default target/man)
+//! cargo xtask soak  [--minutes 30]            # agent under rate-limited fio; write bench/SOAK.md
 //! ```
 //!
 //! Each subcommand lives in its own module; `util` holds the process helpers.
@@ -19,6 +20,7 @@ mod fuzz;
 mod man;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod util;
 mod vm;
@@ -60,6 +62,9 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Write kml-agent's man pages (clap_mangen) to target/man (or --out DIR).
     Man(man::ManArgs),
+    /// Leave the agent running under rate-limited mixed fio (default 30 minutes) and
+    /// write bench/SOAK.md: in-flight map size, drops, RSS and CPU (needs root; not CI).
+    Soak(soak::SoakArgs),
 }
 
 impl Command {
@@ -73,6 +78,7 @@ impl Command {
             Command::Bench(args) => args.execute(),
             Command::Fuzz(args) => args.execute(),
             Command::Man(args) => args.execute(),
+            Command::Soak(args) => args.execute(),
         }
     }
 }

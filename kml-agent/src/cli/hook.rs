@@ -82,6 +82,9 @@ impl HookArgs {
             Via::Kprobe => "kprobe + bpf_override_return",
             Via::FmodRet => "fmod_ret",
         };
+        // Before the ready line: a signal right after it must find the handlers.
+        let signal = session::shutdown_signal();
+        tokio::pin!(signal);
         // The line scripts wait for before they start I/O.
         tracing::info!(
             "hook attached to dd_kml_verdict ({how}, policy {}, {target})",
@@ -91,8 +94,6 @@ impl HookArgs {
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
         tokio::pin!(stop_after);
-        let signal = session::shutdown_signal();
-        tokio::pin!(signal);
         tokio::select! {
             () = &mut stop_after => {}
             sig = &mut signal => { tracing::info!("{}, detaching", sig?); }

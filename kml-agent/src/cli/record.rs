@@ -50,6 +50,9 @@ impl RecordArgs {
             }
         };
         let mut stream = observer.records()?;
+        // Before the ready line: a signal right after it must find the handlers.
+        let signal = session::shutdown_signal();
+        tokio::pin!(signal);
         tracing::info!(
             "recording {} ({}) for {:?} into {}",
             self.device.join(", "),
@@ -61,8 +64,6 @@ impl RecordArgs {
         let started = Instant::now();
         let deadline = tokio::time::sleep(self.duration);
         tokio::pin!(deadline);
-        let signal = session::shutdown_signal();
-        tokio::pin!(signal);
         let mut batch = Vec::with_capacity(8192);
         let mut wait = Vec::new();
         let mut service = Vec::new();

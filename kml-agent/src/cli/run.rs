@@ -149,20 +149,37 @@ impl RunArgs {
         } else {
             None
         };
-        let mut observer = session::start_in(plan.observers, &targets, &self.observe, |c| {
-            if self.mode == LossMode::Drop {
+        let mode = self.mode;
+        let adjust = move |c: &mut crate::observe::ObserverConfig| {
+            if mode == LossMode::Drop {
                 c.sample_fill_bytes = Some(c.ring_bytes / 2);
             }
             c.hook = hook;
-        })?;
-        let _pins = if self.pin {
-            let pins = crate::pin::pin_maps(observer.ebpf(), &self.pin_dir)?;
-            tracing::info!("maps pinned at {}", pins.dir().display());
-            Some(pins)
-        } else {
-            None
         };
         let mut slots = ModelSlots::new();
+        let mut observer = if self.pin {
+            let (mut observer, outcome) = session::start_pinned(
+                plan.observers,
+                &targets,
+                &self.observe,
+                adjust,
+                &self.pin_dir,
+            )?;
+            tracing::info!("maps pinned at {}: {outcome}", self.pin_dir.display());
+            if let Some(a) = slots.adopt(observer.ebpf_mut())? {
+                tracing::info!(
+                    "model v{} {} keeps serving (adopted)",
+                    a.version,
+                    a.kind.name()
+                );
+            }
+            observer
+        } else {
+            if let Some(note) = crate::adopt::orphan_note(&self.pin_dir) {
+                tracing::info!("{note}");
+            }
+            session::start_in(plan.observers, &targets, &self.observe, adjust)?
+        };
         let mut learner = OnlineLearner::new(LearnConfig {
             kind: learn_kind,
             every: self.retrain_every,
@@ -171,7 +188,13 @@ impl RunArgs {
             min_gain: 0.005,
             drift_drop: 0.10,
         });
-        if let Some((path, m)) = &start_model {
+        if let (Some((path, _)), Some(a)) = (&start_model, slots.active()) {
+            tracing::info!(
+                "not installing {}: the adopted model v{} serves (stop the agent cleanly to start from another model)",
+                path.display(),
+                a.version
+            );
+        } else if let Some((path, m)) = &start_model {
             let active = slots.install(observer.ebpf_mut(), &m.quantized)?;
             if let Some(ba) = crate::models::held_back_balanced_accuracy(m) {
                 learner.accepted(ba);
@@ -188,17 +211,24 @@ impl RunArgs {
         if plan.hook {
             observer.attach_hook(policy)?;
             // Scripts wait for "hook attached" before they start I/O.
-            eprintln!(
-                "kml-agent: hook attached to dd_kml_verdict (kprobe + bpf_override_return, policy {policy}{})",
-                if self.act.is_some() { "" } else { ": counting only, add --act to let verdicts act" }
+            tracing::info!(
+                "hook attached to dd_kml_verdict (kprobe + bpf_override_return, policy {policy}{})",
+                if self.act.is_some() {
+                    ""
+                } else {
+                    ": counting only, add --act to let verdicts act"
+                }
             );
             if policy.uses_model() && self.retrain_every > Duration::ZERO {
-                eprintln!(
-                    "kml-agent: note: with --act {policy} the online learner sees outcomes the verdicts changed \
+                tracing::info!(
+                    "note: with --act {policy} the online learner sees outcomes the verdicts changed \
                      (boosted requests meet their deadlines); --retrain-every 0 keeps the starting model"
                 );
             }
         }
+        // Before the ready line: a signal right after it must find the handlers.
+        let signal = session::shutdown_signal();
+        tokio::pin!(signal);
         let mut stream = observer.records()?;
         let names: Vec<String> = observer
             .devices()
@@ -218,8 +248,8 @@ impl RunArgs {
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
         tokio::pin!(stop_after);
-        let signal = session::shutdown_signal();
-        tokio::pin!(signal);
+        let mut watch = crate::hotplug::DeviceWatch::new(&self.device);
+        let mut test_swaps = crate::test_swaps::from_env()?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         let mut window = Vec::with_capacity(65536);
@@ -234,7 +264,13 @@ impl RunArgs {
             tokio::select! {
                 () = &mut stop_after => break,
                 sig = &mut signal => { tracing::info!("{}, detaching", sig?); break }
+                () = crate::test_swaps::tick(&mut test_swaps) => {
+                    if let Some(m) = slots.active().and_then(|a| slots.version(a.version).cloned()) {
+                        slots.install(observer.ebpf_mut(), &m)?;
+                    }
+                }
                 _ = tick.tick() => {
+                    watch.check(&mut observer);
                     let secs = last_tick.elapsed().as_secs_f64();
                     last_tick = Instant::now();
                     let s = RecordSummary::of(&window);
@@ -359,9 +395,9 @@ impl RunArgs {
         };
         observer.detach();
         if let Some(c) = hook_counters {
-            eprintln!("kml-agent: hook (policy {policy}): {}", c.line());
+            tracing::info!("hook (policy {policy}): {}", c.line());
             for line in boosts_before.lines_since() {
-                eprintln!("kml-agent: {line}");
+                tracing::info!("{line}");
             }
         }
         stream.drain(&mut window);

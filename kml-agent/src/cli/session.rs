@@ -16,7 +16,8 @@ pub fn resolve(devices: &[String]) -> anyhow::Result<Vec<BlockDevice>> {
     Ok(if devices.is_empty() {
         let all: Vec<BlockDevice> = crate::devices::list()
             .into_iter()
-            .filter(BlockDevice::is_mq_deadline)
+            // An unattached loop device (size 0) keeps its scheduler: not a disk now.
+            .filter(|d| d.is_mq_deadline() && d.size_sectors > 0)
             .collect();
         if all.is_empty() {
             anyhow::bail!(
@@ -87,6 +88,35 @@ pub fn start_in(
     Ok(observer)
 }
 
+/// [`start_in`] with `--pin`: every map and link pinned under `dir`, adopting
+/// what a killed agent left there when it can (see [`crate::adopt`]). The devices
+/// the adopted programs traced that are not in `targets` stop being traced.
+pub fn start_pinned(
+    mode: AttachMode,
+    targets: &[BlockDevice],
+    how: &ObserveArgs,
+    adjust: impl FnOnce(&mut ObserverConfig),
+    dir: &std::path::Path,
+) -> anyhow::Result<(Observer, crate::observe::PinOutcome)> {
+    let mut config = ObserverConfig::new(mode);
+    config.ring_bytes = how.ring_size;
+    adjust(&mut config);
+    let (mut observer, outcome) = Observer::load_pinned(config, dir)?;
+    let wanted: Vec<u32> = targets.iter().map(BlockDevice::dev).collect();
+    for dev in observer.kernel_devices()? {
+        if !wanted.contains(&dev) {
+            let stale = observer.remove_device(dev)?;
+            let (major, minor) = kml_ebpf_common::kernel_dev_split(dev);
+            tracing::info!("no longer tracing {major}:{minor} (traced by the adopted programs, not asked for now; {stale} in-flight entries dropped)");
+        }
+    }
+    for d in targets {
+        observer.add_device(d)?;
+    }
+    observer.attach()?;
+    Ok((observer, outcome))
+}
+
 /// Losses at the end of a session.
 pub fn losses(observer: &Observer) -> anyhow::Result<LossReport> {
     losses_of(observer, &observer.counters()?, &observer.program_stats()?)
@@ -102,15 +132,20 @@ pub fn losses_of(
     Ok(LossReport::new(counters, observer.live_inflight()?, missed))
 }
 
-/// Resolves on SIGINT or SIGTERM, with the signal's name.
-pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+/// Resolves on SIGINT or SIGTERM, with the signal's name. The handlers are
+/// installed when this is called (not when first awaited), so a signal sent right
+/// after the agent says it is ready still stops it cleanly.
+pub fn shutdown_signal() -> impl std::future::Future<Output = anyhow::Result<&'static str>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    Ok(tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    })
+    let int = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        let (mut int, mut term) = (int?, term?);
+        Ok(tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        })
+    }
 }
 
 /// Losses and oddities, derived from the counters and the map's live size.

@@ -7,7 +7,7 @@ use aya::maps::{Array, HashMap, PerCpuArray};
 use kml_ebpf_common::{
     model::{LinearModel, ModelKind, TreeModel},
     slot::{status_index, ModelControl, SlotStatus},
-    Counter, Counters, DeviceConfig, DeviceState,
+    Counter, Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord,
 };
 use serde_json::json;
 
@@ -153,6 +153,10 @@ impl StatusArgs {
         let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pin::open(dir, "DEVICES")?)?;
         let states: HashMap<_, u32, DeviceState> =
             HashMap::try_from(pin::open(dir, "DEVICE_STATE")?)?;
+        // Entries in the in-flight map now (a soak watches this stay bounded).
+        let inflight: HashMap<_, InflightKey, RequestRecord> =
+            HashMap::try_from(pin::open(dir, "INFLIGHT")?)?;
+        let inflight_entries = inflight.keys().filter(Result::is_ok).count();
         let mut devs = Vec::new();
         for entry in devices.iter().flatten() {
             let (dev, cfg) = entry;
@@ -190,13 +194,23 @@ impl StatusArgs {
             .iter()
             .map(|k| (k.name().to_owned(), json!(c.get(*k))))
             .collect();
+        // Who owns the pins: a running agent, or none (orphaned: the programs stay
+        // attached and keep scoring, nobody reads the records until an agent adopts).
+        let owner = std::fs::read_link(dir.join(crate::adopt::META))
+            .ok()
+            .and_then(|t| crate::adopt::PinMeta::decode(&t.to_string_lossy()).ok())
+            .map(|m| m.owner_pid);
+        let owner_running = owner.is_some_and(crate::adopt::agent_alive);
         let report = json!({
             "pin_dir": dir,
+            "owner_pid": owner,
+            "owner_running": owner_running,
             "model": { "kind": kind.map(|k| k.name()), "slot": control.slot, "version": version, "checksum_ok": checksum_ok },
             "confusion": { "true_miss": tp, "false_miss": fp, "true_met": tn, "false_met": fnn },
             "accuracy": accuracy, "balanced_accuracy": balanced,
             "counters": counters_json,
             "devices": devs,
+            "inflight_entries": inflight_entries,
             "bpf_stats_enabled": stats_on,
             "programs": costs,
             "tuning": tuning,
@@ -206,6 +220,11 @@ impl StatusArgs {
             return Ok(());
         }
         println!("kml status (maps pinned at {})", dir.display());
+        match (owner, owner_running) {
+            (Some(pid), true) => println!("  agent      pid {pid} running"),
+            (Some(pid), false) => println!("  agent      none running (pid {pid} is gone): programs stay attached with the last model; `kml-agent run --pin` adopts them, a clean exit removes them"),
+            (None, _) => println!("  agent      unknown (no {} description)", crate::adopt::META),
+        }
         match kind {
             Some(k) => println!(
                 "  model      v{version} {} in slot {} (in-kernel checker {})",
@@ -233,6 +252,7 @@ impl StatusArgs {
             c.get(Counter::SampledOut),
             c.get(Counter::OrphanCompletions)
         );
+        println!("  in flight  {inflight_entries} entries");
         for d in &devs {
             println!("  device     {d}");
         }

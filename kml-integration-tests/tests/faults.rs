@@ -1,0 +1,777 @@
+//! Faults an operator's box will see: the agent killed (SIGKILL) at any moment,
+//! also in the middle of a model write, with and without `--pin`; disks that go
+//! away and come (back) while the agent observes them.
+//!
+//! Loaded programs are attributed through /proc/PID/fdinfo (program and link fds
+//! name their `prog_id`), so other agents and tests on the machine are neither
+//! blamed nor counted.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use aya::maps::{Array, HashMap, PerCpuArray, RingBuf};
+use kml_agent::pin;
+use kml_ebpf_common::{
+    features::features_at_insert,
+    model::{LinearModel, ModelKind, TreeModel},
+    slot::{status_index, ModelControl, SlotStatus},
+    Counter, Counters, DeviceConfig, DeviceState, Verdict,
+};
+use kml_integration_tests::{
+    agent_bin, issue_direct, scattered_pattern, signal, ChildGuard, LoopDevice,
+};
+use kml_learn::QuantizedModel;
+
+fn forward_lines(
+    reader: impl std::io::Read + Send + 'static,
+    tag: &'static str,
+) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            eprintln!("  {tag}: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+struct Agent {
+    child: ChildGuard,
+    stderr: mpsc::Receiver<String>,
+}
+
+fn spawn_agent(args: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", agent_bin().display()))?;
+    let stderr = forward_lines(child.stderr.take().context("stderr")?, "agent");
+    Ok(Agent {
+        child: ChildGuard(child),
+        stderr,
+    })
+}
+
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return Ok(line),
+            Ok(_) => continue,
+            Err(_) => bail!("agent never printed {needle:?} within {timeout:?}"),
+        }
+    }
+}
+
+fn kill9(agent: &mut Agent) -> Result<()> {
+    signal(&agent.child.0, libc::SIGKILL);
+    let status = agent.child.0.wait()?;
+    ensure!(
+        status.code().is_none(),
+        "the agent exited by itself ({status}) before SIGKILL"
+    );
+    Ok(())
+}
+
+/// A pin directory of this test, removed (with whatever is pinned) on drop.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new(tag: &str) -> PinDir {
+        PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/kml-test-{tag}-{}",
+            std::process::id()
+        )))
+    }
+    fn arg(&self) -> &str {
+        self.0.to_str().expect("utf-8")
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = kml_agent::adopt::clear(&self.0);
+    }
+}
+
+/// Loaded kml programs: id → name.
+fn kml_programs() -> Result<BTreeMap<u32, String>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()?;
+    ensure!(out.status.success(), "bpftool prog show failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            let name = p["name"].as_str()?;
+            name.starts_with("kml_")
+                .then_some(())
+                .and_then(|()| Some((p["id"].as_u64()? as u32, name.to_owned())))
+        })
+        .collect())
+}
+
+/// Program ids some process other than `except` holds a fd of (program or link).
+fn held_elsewhere(except: &[u32]) -> BTreeSet<u32> {
+    let mut ids = BTreeSet::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return ids;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if except.contains(&pid) {
+            continue;
+        }
+        ids.extend(prog_ids_of(pid));
+    }
+    ids
+}
+
+/// `prog_id:` of every fd of `pid` (program fds and bpf_link fds).
+fn prog_ids_of(pid: u32) -> BTreeSet<u32> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return BTreeSet::new();
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// kml programs held by `agents` or by nobody (pinned, or a dead agent's),
+/// excluding `baseline` (what was there before the test).
+fn our_programs(agents: &[u32], baseline: &BTreeSet<u32>) -> Result<BTreeMap<u32, String>> {
+    let elsewhere = held_elsewhere(agents);
+    Ok(kml_programs()?
+        .into_iter()
+        .filter(|(id, _)| !elsewhere.contains(id) && !baseline.contains(id))
+        .collect())
+}
+
+fn unowned_baseline() -> Result<BTreeSet<u32>> {
+    Ok(our_programs(&[], &BTreeSet::new())?.into_keys().collect())
+}
+
+/// Waits (3 s: RCU) until none of our programs remain.
+fn assert_none_left(baseline: &BTreeSet<u32>) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let left = our_programs(&[], baseline)?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(3) {
+            bail!("kml programs still loaded: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A background fio (random mixed 4 KiB, moderate depth) until dropped.
+struct Fio {
+    _child: ChildGuard,
+}
+
+impl Fio {
+    fn start(dev: &LoopDevice, seconds: u32) -> Result<Fio> {
+        let child = Command::new("fio")
+            .args([
+                "--name=faults",
+                "--rw=randrw",
+                "--bs=4k",
+                "--direct=1",
+                "--ioengine=libaio",
+                "--iodepth=8",
+                "--rate_iops=1500",
+                // Jobs as threads: killing fio (the guard) ends all its I/O at once.
+                "--thread",
+                "--time_based",
+            ])
+            .arg(format!("--runtime={seconds}"))
+            .arg(format!("--filename={}", dev.path.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting fio")?;
+        Ok(Fio {
+            _child: ChildGuard(child),
+        })
+    }
+}
+
+fn counters(dir: &Path) -> Result<Counters> {
+    let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(pin::open(dir, "COUNTERS")?)?;
+    let mut c = Counters::default();
+    for cpu in map.get(&0, 0)?.iter() {
+        c.accumulate(cpu);
+    }
+    Ok(c)
+}
+
+/// The active model as the pinned maps hold it, checked the way the kernel does:
+/// the checker vouches for exactly this (version, checksum), and the contents
+/// match the checksum (nothing torn).
+fn active_model(dir: &Path) -> Result<Option<(u32, QuantizedModel)>> {
+    let control: Array<_, ModelControl> = Array::try_from(pin::open(dir, "MODEL_CONTROL")?)?;
+    let control = control.get(&0, 0)?;
+    let status: Array<_, SlotStatus> = Array::try_from(pin::open(dir, "SLOT_STATUS")?)?;
+    let Some(kind) = ModelKind::from_u32(control.kind) else {
+        return Ok(None);
+    };
+    let (version, checksum, intact, model) = if kind.is_linear() {
+        let m: Array<_, LinearModel> = Array::try_from(pin::open(dir, "LINEAR_MODELS")?)?;
+        let m = m.get(&control.slot, 0)?;
+        (
+            m.version,
+            m.checksum,
+            m.checksum_ok(),
+            QuantizedModel::Linear(Box::new(m)),
+        )
+    } else {
+        let m: Array<_, TreeModel> = Array::try_from(pin::open(dir, "TREE_MODELS")?)?;
+        let m = m.get(&control.slot, 0)?;
+        (
+            m.version,
+            m.checksum,
+            m.checksum_ok(),
+            QuantizedModel::Tree(Box::new(m)),
+        )
+    };
+    let st = status.get(&status_index(!kind.is_linear(), control.slot), 0)?;
+    ensure!(
+        st.vouches(version, checksum),
+        "active slot {} (v{version}) is not vouched for by the checker: {st:?}",
+        control.slot
+    );
+    ensure!(
+        intact,
+        "active slot {} (v{version}) is torn: checksum mismatch",
+        control.slot
+    );
+    Ok(Some((version, model)))
+}
+
+/// Reads records from the pinned ring (nobody else consumes it while the agent is
+/// dead) for `during`; checks every record scored by `version` against the host's
+/// inference. Returns (records, checked).
+fn check_orphan_verdicts(
+    dir: &Path,
+    version: u32,
+    model: &QuantizedModel,
+    during: Duration,
+) -> Result<(usize, usize)> {
+    let mut ring = RingBuf::try_from(pin::open(dir, "RECORDS")?)?;
+    let (mut n, mut checked) = (0, 0);
+    let end = Instant::now() + during;
+    while Instant::now() < end {
+        while let Some(item) = ring.next() {
+            let r = kml_agent::record::decode(&item).context("a record of the wrong size")?;
+            n += 1;
+            if r.verdict == Verdict::NONE || r.model_version != version {
+                continue;
+            }
+            let host = model.infer(&features_at_insert(&r));
+            ensure!(
+                host.score == r.score && host.at_risk == (r.verdict == Verdict::AT_RISK),
+                "v{version}: kernel score {} verdict {}, host score {} at_risk {}",
+                r.score,
+                r.verdict,
+                host.score,
+                host.at_risk
+            );
+            checked += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((n, checked))
+}
+
+/// What a kill between a slot write and its check leaves: the idle slot half
+/// written (contents that do not match its checksum, a newer version). The kernel
+/// keeps scoring with the active model; and even pointed at the torn slot (which
+/// the agent never does: it flips only after the checker vouched), the model stage
+/// refuses it (no verdict, counted) instead of using it.
+fn torn_slots_are_never_used(dir: &Path, active_version: u32) -> Result<()> {
+    let mut control: Array<_, ModelControl> = Array::try_from(pin::open(dir, "MODEL_CONTROL")?)?;
+    let ctl = control.get(&0, 0)?;
+    ensure!(
+        ModelKind::from_u32(ctl.kind).is_some_and(|k| k.is_linear()),
+        "the test expects a linear model"
+    );
+    let mut models: Array<_, LinearModel> = Array::try_from(pin::open(dir, "LINEAR_MODELS")?)?;
+    let idle = 1 - ctl.slot;
+    let mut torn = models.get(&ctl.slot, 0)?;
+    torn.version = active_version + 1000;
+    torn.weight[0] = torn.weight[0].wrapping_add(12345);
+    ensure!(
+        !torn.checksum_ok(),
+        "the torn model should not match its checksum"
+    );
+    models.set(idle, torn, 0)?;
+
+    let scored = |c: &Counters| (c.get(Counter::Verdicts), c.get(Counter::ModelRejects));
+    let (v0, r0) = scored(&counters(dir)?);
+    std::thread::sleep(Duration::from_millis(500));
+    let (v1, r1) = scored(&counters(dir)?);
+    ensure!(
+        v1 > v0 && r1 == r0,
+        "a torn idle slot disturbed scoring: verdicts {v0}->{v1}, rejects {r0}->{r1}"
+    );
+
+    control.set(0, ModelControl { slot: idle, ..ctl }, 0)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (v2, r2) = scored(&counters(dir)?);
+    control.set(0, ctl, 0)?;
+    ensure!(
+        r2 > r1 && v2 == v1,
+        "pointed at a torn slot, the kernel still scored: verdicts {v1}->{v2}, rejects {r1}->{r2}"
+    );
+    eprintln!(
+        "torn slot: ignored while idle; pointed at, refused {} times and never used",
+        r2 - r1
+    );
+    Ok(())
+}
+
+fn status_json(pins: &PinDir) -> Result<serde_json::Value> {
+    let out = Command::new(agent_bin())
+        .args(["status", "--json", "--pin-dir", pins.arg()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn model_path() -> String {
+    format!("{}/../models/logistic.json", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A pseudo-random pause in [lo, hi) ms (no RNG dependency: time-seeded LCG).
+fn jitter(lo: u64, hi: u64, i: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let seed = now ^ (u64::from(std::process::id()) << 16) ^ i;
+    let x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        >> 33;
+    Duration::from_millis(lo + x % (hi - lo))
+}
+
+#[test]
+fn sigkill_without_pin_takes_every_program_away() -> Result<()> {
+    let baseline = unowned_baseline()?;
+    let dev = LoopDevice::new(256, 50, 500)?;
+    let _fio = Fio::start(&dev, 120)?;
+    let model = model_path();
+    for round in 0..5 {
+        let mut agent = spawn_agent(
+            &[
+                "run",
+                "--device",
+                &dev.name,
+                "--model",
+                &model,
+                "--retrain-every",
+                "0",
+            ],
+            // Swap models continuously: the kill lands in or near a slot write.
+            &[("KML_TEST_SWAP_EVERY", "2ms")],
+        )?;
+        wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
+        let pid = agent.child.0.id();
+        let mine = our_programs(&[pid], &baseline)?;
+        ensure!(mine.len() == 8, "round {round}: agent holds {mine:?}");
+        std::thread::sleep(jitter(100, 900, round));
+        kill9(&mut agent)?;
+        assert_none_left(&baseline).with_context(|| format!("round {round}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() -> Result<()> {
+    let baseline = unowned_baseline()?;
+    let dev = LoopDevice::new(256, 50, 500)?;
+    let pins = PinDir::new("kill");
+    let _fio = Fio::start(&dev, 180)?;
+    let model = model_path();
+    let args = [
+        "run",
+        "--device",
+        &dev.name,
+        "--model",
+        &model,
+        "--retrain-every",
+        "0",
+        "--pin",
+        "--pin-dir",
+        pins.arg(),
+    ];
+    let env = [("KML_TEST_SWAP_EVERY", "2ms")];
+    let mut orphaned: Option<BTreeMap<u32, String>> = None;
+    let mut agent = spawn_agent(&args, &env)?;
+    wait_for_line(&agent.stderr, "pinned a new set", Duration::from_secs(60))?;
+    for round in 0..5u64 {
+        let pid = agent.child.0.id();
+        wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
+        let set = our_programs(&[pid], &baseline)?;
+        let names: BTreeSet<&String> = set.values().collect();
+        ensure!(
+            set.len() == 8 && names.len() == 8,
+            "round {round}: not exactly one set of kml programs: {set:?}"
+        );
+        if let Some(old) = &orphaned {
+            // Adopted: the attached programs are the very ones the killed agent left.
+            ensure!(
+                old.keys().all(|id| set.contains_key(id)),
+                "round {round}: the restarted agent did not adopt {old:?} (holds {set:?})"
+            );
+            // And status reads the adopted pins, naming the new owner.
+            let st = status_json(&pins)?;
+            ensure!(
+                st["owner_pid"] == pid
+                    && st["owner_running"] == true
+                    && st["model"]["checksum_ok"] == true,
+                "round {round}: status on adopted pins: {st}"
+            );
+        }
+        std::thread::sleep(jitter(200, 1200, round));
+        kill9(&mut agent)?;
+
+        // Dead agent: the programs stay attached (links pinned) and keep scoring
+        // with a model the checker vouched for.
+        std::thread::sleep(Duration::from_millis(200));
+        let left = our_programs(&[], &baseline)?;
+        ensure!(
+            left.len() == 7 && !left.values().any(|n| n == "kml_verify_slots"),
+            "round {round}: after SIGKILL expected the 5 event programs and 2 stages, found {left:?}"
+        );
+        let (version, active) = active_model(&pins.0)?.context("no active model after the kill")?;
+        if round == 0 {
+            torn_slots_are_never_used(&pins.0, version)?;
+        }
+        let before = counters(&pins.0)?;
+        let (records, checked) =
+            check_orphan_verdicts(&pins.0, version, &active, Duration::from_secs(1))?;
+        let after = counters(&pins.0)?;
+        let verdicts = after.get(Counter::Verdicts) - before.get(Counter::Verdicts);
+        eprintln!(
+            "round {round}: v{version} active after the kill; {verdicts} verdicts in 1 s; {checked} of {records} records checked bit for bit; rejects {}",
+            after.get(Counter::ModelRejects)
+        );
+        ensure!(
+            verdicts > 100,
+            "round {round}: verdicts stopped after the kill ({verdicts})"
+        );
+        ensure!(
+            checked > 0,
+            "round {round}: no record scored by v{version} to check"
+        );
+        ensure!(
+            after.get(Counter::ModelRejects) == before.get(Counter::ModelRejects),
+            "round {round}: the model stage refused the active slot after the kill"
+        );
+        orphaned = Some(left);
+
+        // Status works against orphaned pins.
+        let st = status_json(&pins)?;
+        ensure!(
+            st["owner_running"] == false && st["model"]["checksum_ok"] == true,
+            "status: {st}"
+        );
+
+        agent = spawn_agent(&args, &env)?;
+        let line = wait_for_line(&agent.stderr, "maps pinned at", Duration::from_secs(60))?;
+        ensure!(
+            line.contains("adopted"),
+            "round {round}: restart did not adopt: {line}"
+        );
+        wait_for_line(
+            &agent.stderr,
+            &format!("model v{version} "),
+            Duration::from_secs(10),
+        )?;
+    }
+    // A clean exit removes links, programs and pins.
+    wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
+    signal(&agent.child.0, libc::SIGTERM);
+    ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
+    ensure!(!pins.0.exists(), "pins left behind after a clean exit");
+    assert_none_left(&baseline)
+}
+
+#[test]
+fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Result<()> {
+    let baseline = unowned_baseline()?;
+    let dev = LoopDevice::new(64, 500, 5000)?;
+    let pins = PinDir::new("replace");
+    let args = [
+        "run",
+        "--device",
+        &dev.name,
+        "--retrain-every",
+        "0",
+        "--pin",
+        "--pin-dir",
+        pins.arg(),
+    ];
+    let mut first = spawn_agent(&args, &[])?;
+    wait_for_line(&first.stderr, "observing", Duration::from_secs(60))?;
+    // A second agent on the same pins refuses while the first runs.
+    let second = Command::new(agent_bin()).args(args).output()?;
+    ensure!(
+        !second.status.success(),
+        "a second agent took over live pins"
+    );
+    let err = String::from_utf8_lossy(&second.stderr);
+    ensure!(err.contains("owns the pins"), "unclear refusal: {err}");
+    kill9(&mut first)?;
+    // Pretend the pins come from another build of the eBPF object.
+    let meta_path = pins.0.join(kml_agent::adopt::META);
+    let mut meta =
+        kml_agent::adopt::PinMeta::decode(&std::fs::read_link(&meta_path)?.to_string_lossy())?;
+    meta.object = "0000000000000000".into();
+    kml_agent::adopt::write_meta(&pins.0, &meta)?;
+    let old: BTreeSet<u32> = our_programs(&[], &baseline)?.into_keys().collect();
+    let mut third = spawn_agent(&args, &[])?;
+    let line = wait_for_line(&third.stderr, "maps pinned at", Duration::from_secs(60))?;
+    ensure!(
+        line.contains("replaced") && line.contains("build"),
+        "not replaced: {line}"
+    );
+    wait_for_line(&third.stderr, "observing", Duration::from_secs(60))?;
+    let now = our_programs(&[third.child.0.id()], &baseline)?;
+    ensure!(now.len() == 8, "not one set after replacing: {now:?}");
+    ensure!(
+        now.keys().all(|id| !old.contains(id)),
+        "old programs survived the replacement"
+    );
+    signal(&third.child.0, libc::SIGINT);
+    ensure!(third.child.0.wait()?.success(), "run did not exit cleanly");
+    ensure!(!pins.0.exists(), "pins left behind");
+    assert_none_left(&baseline)
+}
+
+fn device_in_pins(dir: &Path, dev: u32) -> Result<Option<DeviceState>> {
+    let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pin::open(dir, "DEVICES")?)?;
+    if devices.get(&dev, 0).is_err() {
+        return Ok(None);
+    }
+    let states: HashMap<_, u32, DeviceState> = HashMap::try_from(pin::open(dir, "DEVICE_STATE")?)?;
+    Ok(Some(states.get(&dev, 0).unwrap_or_default()))
+}
+
+#[test]
+fn a_detached_disk_is_dropped_and_a_returning_one_is_traced_again() -> Result<()> {
+    let dev = LoopDevice::new(64, 500, 5000)?;
+    let bd = dev.block_device()?;
+    let pins = PinDir::new("hotplug");
+    let mut agent = spawn_agent(
+        &[
+            "run",
+            "--device",
+            &dev.name,
+            "--retrain-every",
+            "0",
+            "--pin",
+            "--pin-dir",
+            pins.arg(),
+        ],
+        &[],
+    )?;
+    wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
+    issue_direct(&dev, &scattered_pattern(100, 64, 3))?;
+    ensure!(
+        device_in_pins(&pins.0, bd.dev())?.is_some(),
+        "device not traced at start"
+    );
+
+    let backing = Command::new("losetup")
+        .args(["-nO", "BACK-FILE"])
+        .arg(&dev.path)
+        .output()?;
+    let backing = String::from_utf8_lossy(&backing.stdout).trim().to_owned();
+    ensure!(
+        Command::new("losetup")
+            .arg("-d")
+            .arg(&dev.path)
+            .status()?
+            .success(),
+        "losetup -d"
+    );
+    wait_for_line(
+        &agent.stderr,
+        &format!("{} detached: no longer traced", dev.name),
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        device_in_pins(&pins.0, bd.dev())?.is_none(),
+        "DEVICES still holds the detached disk"
+    );
+    ensure!(
+        agent.child.0.try_wait()?.is_none(),
+        "the agent died when the disk went"
+    );
+
+    // The same name comes back (the queue keeps mq-deadline): traced again.
+    ensure!(
+        Command::new("losetup")
+            .args(["--direct-io=on"])
+            .arg(&dev.path)
+            .arg(&backing)
+            .status()?
+            .success(),
+        "losetup re-attach"
+    );
+    dev.set_queue("scheduler", "mq-deadline")?;
+    wait_for_line(
+        &agent.stderr,
+        &format!("{} ({}:{}) appeared", dev.name, bd.major, bd.minor),
+        Duration::from_secs(10),
+    )?;
+    let before =
+        device_in_pins(&pins.0, bd.dev())?.context("re-added device missing from DEVICES")?;
+    issue_direct(&dev, &scattered_pattern(100, 64, 4))?;
+    let after = device_in_pins(&pins.0, bd.dev())?.context("device gone")?;
+    ensure!(
+        after.last_insert_ns > before.last_insert_ns,
+        "no insert traced on the returning disk"
+    );
+    signal(&agent.child.0, libc::SIGINT);
+    ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
+    Ok(())
+}
+
+#[test]
+fn a_new_mq_deadline_disk_joins_a_run_without_device() -> Result<()> {
+    let pins = PinDir::new("newdisk");
+    let mut agent = spawn_agent(
+        &[
+            "run",
+            "--retrain-every",
+            "0",
+            "--pin",
+            "--pin-dir",
+            pins.arg(),
+        ],
+        &[],
+    )?;
+    wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
+    let dev = LoopDevice::new(64, 500, 5000)?;
+    let bd = dev.block_device()?;
+    wait_for_line(
+        &agent.stderr,
+        &format!("{} ({}:{}) appeared", dev.name, bd.major, bd.minor),
+        Duration::from_secs(10),
+    )?;
+    let before = device_in_pins(&pins.0, bd.dev())?.context("new disk missing from DEVICES")?;
+    let records_before = counters(&pins.0)?.get(Counter::Records);
+    issue_direct(&dev, &scattered_pattern(200, 64, 5))?;
+    let after = device_in_pins(&pins.0, bd.dev())?.context("device gone")?;
+    ensure!(
+        after.last_insert_ns > before.last_insert_ns,
+        "no insert traced on the new disk"
+    );
+    let records = counters(&pins.0)?.get(Counter::Records) - records_before;
+    ensure!(
+        records >= 400,
+        "only {records} records after 400 requests on the new disk"
+    );
+    // And it goes away again cleanly.
+    let name = dev.name.clone();
+    drop(dev);
+    wait_for_line(
+        &agent.stderr,
+        &format!("{name} detached: no longer traced"),
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        device_in_pins(&pins.0, bd.dev())?.is_none(),
+        "detached disk still traced"
+    );
+    signal(&agent.child.0, libc::SIGINT);
+    ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
+    Ok(())
+}
+
+#[test]
+fn a_restart_on_other_devices_adopts_and_retargets_the_pinned_programs() -> Result<()> {
+    let baseline = unowned_baseline()?;
+    let first_dev = LoopDevice::new(64, 500, 5000)?;
+    let second_dev = LoopDevice::new(64, 500, 5000)?;
+    let (a, b) = (first_dev.block_device()?, second_dev.block_device()?);
+    let pins = PinDir::new("retarget");
+    let run = |dev: &str| -> Result<Agent> {
+        spawn_agent(
+            &[
+                "run",
+                "--device",
+                dev,
+                "--retrain-every",
+                "0",
+                "--pin",
+                "--pin-dir",
+                pins.arg(),
+            ],
+            &[],
+        )
+    };
+    let mut agent = run(&first_dev.name)?;
+    wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
+    kill9(&mut agent)?;
+    let mut agent = run(&second_dev.name)?;
+    // The devices are reconciled as the pins are taken over, then the outcome is said.
+    wait_for_line(
+        &agent.stderr,
+        &format!("no longer tracing {}:{}", a.major, a.minor),
+        Duration::from_secs(60),
+    )?;
+    let line = wait_for_line(&agent.stderr, "maps pinned at", Duration::from_secs(10))?;
+    ensure!(line.contains("adopted"), "not adopted: {line}");
+    wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
+    ensure!(
+        device_in_pins(&pins.0, a.dev())?.is_none(),
+        "the old device is still traced"
+    );
+    let before = device_in_pins(&pins.0, b.dev())?.context("the new device is not traced")?;
+    issue_direct(&second_dev, &scattered_pattern(50, 64, 6))?;
+    let after = device_in_pins(&pins.0, b.dev())?.context("device gone")?;
+    ensure!(
+        after.last_insert_ns > before.last_insert_ns,
+        "no insert traced on the new device"
+    );
+    let set = our_programs(&[agent.child.0.id()], &baseline)?;
+    ensure!(set.len() == 8, "not exactly one set: {set:?}");
+    signal(&agent.child.0, libc::SIGINT);
+    ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
+    ensure!(!pins.0.exists(), "pins left behind");
+    assert_none_left(&baseline)
+}
