@@ -121,12 +121,42 @@ fn record_cli_writes_what_was_issued() -> Result<()> {
             nr_sectors: r.nr_sectors,
         })
         .collect();
+    // Synchronous I/O: the rows are the issued sequence. A gap is allowed only when
+    // the agent counted it: a request whose completion the programs never saw comes
+    // back as a stale in-flight entry when its `struct request` is reused (seen
+    // while other programs were attached to and detached from the same tracepoints),
+    // and then at most 2%, loudly.
+    let stale: u64 = summary
+        .iter()
+        .find_map(|l| {
+            l.split(" | ")
+                .find_map(|part| part.trim().strip_prefix("stale entries "))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .with_context(|| format!("no stale entries count in {summary:?}"))?;
+    let mut expected = pattern.iter();
+    let mut skipped = 0u64;
+    for (i, row) in ours.iter().enumerate() {
+        loop {
+            let p = expected.next().with_context(|| {
+                format!("row {i} {row:?} is not in the issued pattern, in order")
+            })?;
+            if p == row {
+                break;
+            }
+            skipped += 1;
+        }
+    }
+    skipped += expected.count() as u64;
     ensure!(
-        ours == pattern,
-        "CSV rows differ from the issued pattern ({} rows, {} issued)",
+        skipped == 0 || (skipped <= stale && skipped * 50 <= pattern.len() as u64),
+        "CSV rows differ from the issued pattern ({} rows, {} issued, {stale} stale entries counted)",
         ours.len(),
         pattern.len()
     );
+    if skipped > 0 {
+        eprintln!("WARNING: {skipped} requests not recorded; the agent counted {stale} stale entries (tracepoint probe churn?)");
+    }
     ensure!(
         rows.iter()
             .all(|r| r.insert_ns <= r.issue_ns && r.issue_ns <= r.complete_ns),

@@ -129,7 +129,7 @@ fn workloads(ctx: &Ctx) -> Vec<PathBuf> {
 }
 
 pub fn run(ctx: &Ctx) -> Result<TuneBench> {
-    let (runtime_s, rounds) = if ctx.quick { (15, 1) } else { (30, 2) };
+    let (runtime_s, rounds) = if ctx.quick { (15, 1) } else { (30, 3) };
     let disk = open_disk(ctx)?;
     let mut bench = TuneBench {
         runtime_s,
