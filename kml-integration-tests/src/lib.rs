@@ -386,10 +386,17 @@ pub struct Agent {
 
 /// Starts the agent with `args`.
 pub fn spawn_agent(args: &[&str]) -> Result<Agent> {
-    let mut child = Command::new(agent_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    spawn_agent_with_env(args, &[])
+}
+
+/// [`spawn_agent`] with extra environment variables.
+pub fn spawn_agent_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", agent_bin().display()))?;
     let stdout = forward_lines(child.stdout.take().context("stdout")?, "agent out");

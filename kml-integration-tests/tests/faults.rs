@@ -8,10 +8,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -25,56 +23,10 @@ use kml_ebpf_common::{
     Counter, Counters, DeviceConfig, DeviceState, Verdict,
 };
 use kml_integration_tests::{
-    agent_bin, issue_direct, scattered_pattern, signal, ChildGuard, LoopDevice,
+    agent_bin, issue_direct, scattered_pattern, signal, spawn_agent_with_env, wait_for_line, Agent,
+    ChildGuard, LoopDevice,
 };
 use kml_learn::QuantizedModel;
-
-fn forward_lines(
-    reader: impl std::io::Read + Send + 'static,
-    tag: &'static str,
-) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(reader).lines().map_while(Result::ok) {
-            eprintln!("  {tag}: {line}");
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-struct Agent {
-    child: ChildGuard,
-    stderr: mpsc::Receiver<String>,
-}
-
-fn spawn_agent(args: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
-    let mut cmd = Command::new(agent_bin());
-    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", agent_bin().display()))?;
-    let stderr = forward_lines(child.stderr.take().context("stderr")?, "agent");
-    Ok(Agent {
-        child: ChildGuard(child),
-        stderr,
-    })
-}
-
-fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return Ok(line),
-            Ok(_) => continue,
-            Err(_) => bail!("agent never printed {needle:?} within {timeout:?}"),
-        }
-    }
-}
 
 fn kill9(agent: &mut Agent) -> Result<()> {
     signal(&agent.child.0, libc::SIGKILL);
@@ -392,7 +344,7 @@ fn sigkill_without_pin_takes_every_program_away() -> Result<()> {
     let _fio = Fio::start(&dev, 120)?;
     let model = model_path();
     for round in 0..5 {
-        let mut agent = spawn_agent(
+        let mut agent = spawn_agent_with_env(
             &[
                 "run",
                 "--device",
@@ -437,7 +389,7 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
     ];
     let env = [("KML_TEST_SWAP_EVERY", "2ms")];
     let mut orphaned: Option<BTreeMap<u32, String>> = None;
-    let mut agent = spawn_agent(&args, &env)?;
+    let mut agent = spawn_agent_with_env(&args, &env)?;
     wait_for_line(&agent.stderr, "pinned a new set", Duration::from_secs(60))?;
     for round in 0..5u64 {
         let pid = agent.child.0.id();
@@ -508,7 +460,7 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
             "status: {st}"
         );
 
-        agent = spawn_agent(&args, &env)?;
+        agent = spawn_agent_with_env(&args, &env)?;
         let line = wait_for_line(&agent.stderr, "maps pinned at", Duration::from_secs(60))?;
         ensure!(
             line.contains("adopted"),
@@ -543,7 +495,7 @@ fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Res
         "--pin-dir",
         pins.arg(),
     ];
-    let mut first = spawn_agent(&args, &[])?;
+    let mut first = spawn_agent_with_env(&args, &[])?;
     wait_for_line(&first.stderr, "observing", Duration::from_secs(60))?;
     // A second agent on the same pins refuses while the first runs.
     let second = Command::new(agent_bin()).args(args).output()?;
@@ -561,7 +513,7 @@ fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Res
     meta.object = "0000000000000000".into();
     kml_agent::adopt::write_meta(&pins.0, &meta)?;
     let old: BTreeSet<u32> = our_programs(&[], &baseline)?.into_keys().collect();
-    let mut third = spawn_agent(&args, &[])?;
+    let mut third = spawn_agent_with_env(&args, &[])?;
     let line = wait_for_line(&third.stderr, "maps pinned at", Duration::from_secs(60))?;
     ensure!(
         line.contains("replaced") && line.contains("build"),
@@ -594,7 +546,7 @@ fn a_detached_disk_is_dropped_and_a_returning_one_is_traced_again() -> Result<()
     let dev = LoopDevice::new(64, 500, 5000)?;
     let bd = dev.block_device()?;
     let pins = PinDir::new("hotplug");
-    let mut agent = spawn_agent(
+    let mut agent = spawn_agent_with_env(
         &[
             "run",
             "--device",
@@ -673,7 +625,7 @@ fn a_detached_disk_is_dropped_and_a_returning_one_is_traced_again() -> Result<()
 #[test]
 fn a_new_mq_deadline_disk_joins_a_run_without_device() -> Result<()> {
     let pins = PinDir::new("newdisk");
-    let mut agent = spawn_agent(
+    let mut agent = spawn_agent_with_env(
         &[
             "run",
             "--retrain-every",
@@ -730,7 +682,7 @@ fn a_restart_on_other_devices_adopts_and_retargets_the_pinned_programs() -> Resu
     let (a, b) = (first_dev.block_device()?, second_dev.block_device()?);
     let pins = PinDir::new("retarget");
     let run = |dev: &str| -> Result<Agent> {
-        spawn_agent(
+        spawn_agent_with_env(
             &[
                 "run",
                 "--device",

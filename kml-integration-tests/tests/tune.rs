@@ -16,8 +16,8 @@ use kml_agent::tune::{
     sysfs::Queue,
 };
 use kml_integration_tests::{
-    agent_bin, assert_no_kml_programs, signal, spawn_agent, wait_for_line, wait_until, Agent,
-    ChildGuard, LoopDevice,
+    agent_bin, assert_no_kml_programs, signal, spawn_agent_with_env, wait_for_line, wait_until,
+    Agent, ChildGuard, LoopDevice,
 };
 
 /// A scratch folder: the model files and the tuning state of one test.
@@ -104,8 +104,10 @@ fn tune_agent(dev: &LoopDevice, model: &Path, state: &Path, extra: &[&str]) -> R
         "1s",
     ];
     args.extend_from_slice(extra);
-    std::env::set_var("KML_TUNE_STATE_DIR", state);
-    let agent = spawn_agent(&args)?;
+    let agent = spawn_agent_with_env(
+        &args,
+        &[("KML_TUNE_STATE_DIR", state.to_str().context("utf-8 path")?)],
+    )?;
     wait_for_line(&agent.stderr, "observing", Duration::from_secs(30))?;
     Ok(agent)
 }

@@ -36,12 +36,8 @@ impl FioSummary {
 /// Parses fio's `--output-format=json` output (anything before the first `{`, such as
 /// a warning, is skipped).
 pub fn parse_fio_json(text: &str) -> Result<FioSummary> {
-    let start = text.find('{').context("no JSON object in fio's output")?;
-    let v: Value =
-        serde_json::from_str(&text[start..]).context("fio's JSON output does not parse")?;
-    let jobs = v["jobs"]
-        .as_array()
-        .context("fio's JSON has no `jobs` array")?;
+    let jobs = fio_jobs(text)?;
+    let jobs = &jobs;
     if jobs.is_empty() {
         bail!("fio's JSON has no job");
     }
@@ -82,16 +78,23 @@ pub struct FioLatency {
     pub bytes_per_s: f64,
 }
 
-pub fn parse_fio_latency(text: &str) -> Result<FioLatency> {
+/// The `jobs` of fio's `--output-format=json` output (anything before the first
+/// `{`, such as a warning, is skipped).
+fn fio_jobs(text: &str) -> Result<Vec<Value>> {
     let start = text.find('{').context("no JSON object in fio's output")?;
-    let v: Value =
+    let mut v: Value =
         serde_json::from_str(&text[start..]).context("fio's JSON output does not parse")?;
-    let jobs = v["jobs"]
-        .as_array()
-        .context("fio's JSON has no `jobs` array")?;
+    match v["jobs"].take() {
+        Value::Array(jobs) => Ok(jobs),
+        _ => bail!("fio's JSON has no `jobs` array"),
+    }
+}
+
+pub fn parse_fio_latency(text: &str) -> Result<FioLatency> {
+    let jobs = fio_jobs(text)?;
     let mut out = FioLatency::default();
     let (mut read_ios, mut write_ios) = (0.0, 0.0);
-    for job in jobs {
+    for job in &jobs {
         for (dir, mean, p99, p999, ios) in [
             (
                 "read",

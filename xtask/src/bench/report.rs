@@ -1056,6 +1056,18 @@ fn rel_link(ctx: &Ctx, p: &std::path::Path) -> String {
     }
 }
 
+/// Another report's text, its headings demoted below this section's by `prefix`.
+fn include_demoted(md: &mut String, text: &str, prefix: &str) {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            let _ = writeln!(md, "{prefix}{line}");
+        } else {
+            let _ = writeln!(md, "{line}");
+        }
+    }
+    let _ = writeln!(md);
+}
+
 const TUNE_HEADING: &str = "## 6. Tuning on a stock kernel";
 
 fn tune_section(md: &mut String, tune: Option<&str>) {
@@ -1066,14 +1078,7 @@ fn tune_section(md: &mut String, tune: Option<&str>) {
                 md,
                 "From [TUNE.md](TUNE.md) (measure 6), included as it was:\n"
             );
-            for line in text.lines() {
-                if line.starts_with('#') {
-                    let _ = writeln!(md, "##{line}");
-                } else {
-                    let _ = writeln!(md, "{line}");
-                }
-            }
-            let _ = writeln!(md);
+            include_demoted(md, text, "##");
         }
         None => {
             let _ = writeln!(md, "Not run: no TUNE.md beside this report (`cargo xtask bench --only tune` writes it).\n");
@@ -1119,15 +1124,7 @@ fn vm_section(md: &mut String, r: &Results) {
                 "From `target/vm/report.md` (written by `cargo xtask vm`: the patched Linux 6.12 under QEMU, \
                  stock mq-deadline vs kml's verdicts), included as it was:\n"
             );
-            // Demote its headings below this section's.
-            for line in text.lines() {
-                if line.starts_with('#') {
-                    let _ = writeln!(md, "###{line}");
-                } else {
-                    let _ = writeln!(md, "{line}");
-                }
-            }
-            let _ = writeln!(md);
+            include_demoted(md, text, "###");
         }
         None => {
             let _ = writeln!(

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 
 use super::learning::{open_disk, record, spawn_fio, Disk, CALIBRATION_QUANTILE};
-use super::parse::{parse_fio_latency, FioLatency};
+use super::parse::{median, parse_fio_latency, FioLatency};
 use super::sys::{self, Proc};
 use super::trace::{self, TraceStats};
 use super::{workload_name, Ctx};
@@ -75,22 +75,13 @@ pub struct TuneBench {
 impl WorkloadTune {
     /// Median over rounds of one arm's value.
     pub fn median(&self, arm: Arm, f: impl Fn(&FioLatency) -> f64) -> Option<f64> {
-        let mut v: Vec<f64> = self
+        let v: Vec<f64> = self
             .runs
             .iter()
             .filter(|r| r.arm == arm)
             .map(|r| f(&r.fio))
             .collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        })
+        median(&v)
     }
 
     /// How far apart the stock arm's rounds are on `f` (max / min - 1): the noise
