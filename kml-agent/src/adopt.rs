@@ -185,7 +185,7 @@ pub fn inspect(dir: &Path, want: &PinMeta) -> Found {
         Ok(m) => m,
         Err(e) => return Found::Stale(e.to_string()),
     };
-    if meta.owner_pid != std::process::id() && agent_alive(meta.owner_pid) {
+    if crate::owner::other_agent_alive(meta.owner_pid) {
         return Found::Owned(meta.owner_pid);
     }
     if let Some(why) = meta.mismatch(want) {
@@ -207,18 +207,13 @@ pub fn inspect(dir: &Path, want: &PinMeta) -> Found {
 pub fn orphan_note(dir: &Path) -> Option<String> {
     let target = std::fs::read_link(dir.join(META)).ok()?;
     let meta = PinMeta::decode(&target.to_string_lossy()).ok()?;
-    (!agent_alive(meta.owner_pid)).then(|| {
+    (!crate::owner::agent_alive(meta.owner_pid)).then(|| {
         format!(
             "note: programs pinned at {} by a killed agent (pid {}) are still attached; `kml-agent run --pin` adopts them and removes them on a clean exit",
             dir.display(),
             meta.owner_pid
         )
     })
-}
-
-/// Is `pid` a running kml-agent?
-pub fn agent_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "kml-agent")
 }
 
 /// Creates `dir` (0700) on bpffs, mounting bpffs at its usual place if needed.

@@ -19,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod models;
 pub mod observe;
+pub mod owner;
 pub mod pin;
 pub mod record;
 pub mod stats;

@@ -46,7 +46,7 @@ fn tuning() -> Vec<serde_json::Value> {
                 let current = Queue::of(&st.device).read().ok();
                 json!({
                     "device": st.device, "dev": st.dev, "pid": st.pid,
-                    "agent_running": state::agent_alive(st.pid),
+                    "agent_running": crate::owner::agent_alive(st.pid),
                     "level": st.level, "originals": st.originals, "applied": st.applied,
                     "current": current, "decisions": st.decisions,
                 })
@@ -200,7 +200,7 @@ impl StatusArgs {
             .ok()
             .and_then(|t| crate::adopt::PinMeta::decode(&t.to_string_lossy()).ok())
             .map(|m| m.owner_pid);
-        let owner_running = owner.is_some_and(crate::adopt::agent_alive);
+        let owner_running = owner.is_some_and(crate::owner::agent_alive);
         let report = json!({
             "pin_dir": dir,
             "owner_pid": owner,

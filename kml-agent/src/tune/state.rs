@@ -60,11 +60,6 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Whether `pid` is a running kml-agent.
-pub fn agent_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "kml-agent")
-}
-
 impl TuneState {
     pub fn path(dir: &Path, device: &str) -> PathBuf {
         dir.join(format!("{device}.json"))
@@ -149,7 +144,7 @@ pub fn restore_leftover(dir: &Path, queue: &Queue, dev: &str) -> anyhow::Result<
         return Ok(Leftover::None);
     }
     let state = TuneState::load(&path)?;
-    if state.pid != std::process::id() && agent_alive(state.pid) {
+    if crate::owner::other_agent_alive(state.pid) {
         anyhow::bail!(
             "{} is tuned by kml-agent pid {} ({}); stop that agent first",
             queue.device,
@@ -314,7 +309,7 @@ mod tests {
             restore_leftover(&dir, &q, "7:3").unwrap(),
             Leftover::Restored { .. }
         ));
-        assert!(!agent_alive(std::process::id()));
+        assert!(!crate::owner::agent_alive(std::process::id()));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -204,24 +204,17 @@ pub fn record(ctx: &Ctx, dev: &LoopDevice, secs: u64, out: &Path, name: &str) ->
     Ok(())
 }
 
-/// Records one workload: warm up, calibrate the expiries, record.
-pub fn record_workload(ctx: &Ctx, disk: &Disk, job: &Path, plan: Plan) -> Result<WorkloadRun> {
-    let name = workload_name(job);
-    let traces = ctx.work.join("traces");
-    std::fs::create_dir_all(&traces)?;
-    let dev = &disk.dev;
-    dev.set_expiries_ms(disk.defaults.0, disk.defaults.1)?;
-    // Calibration: its own fio run at the default expiries.
-    let calib_name = format!("{name}.calibration");
-    let mut fio = spawn_fio(
-        ctx,
-        job,
-        &dev.path,
-        plan.warm_s + plan.calibrate_s + 15,
-        &calib_name,
-        None,
-    )?;
-    sys::sleep(Duration::from_secs(plan.warm_s))?;
+/// [`spawn_fio`] for `runtime_s`, then `warm_s` of waiting; fails if fio ended by then.
+fn spawn_fio_warm(
+    ctx: &Ctx,
+    job: &Path,
+    dev: &LoopDevice,
+    runtime_s: u64,
+    name: &str,
+    warm_s: u64,
+) -> Result<Proc> {
+    let mut fio = spawn_fio(ctx, job, &dev.path, runtime_s, name, None)?;
+    sys::sleep(Duration::from_secs(warm_s))?;
     if let Some(s) = fio.poll()? {
         bail!(
             "fio ended early ({}): {}",
@@ -229,13 +222,42 @@ pub fn record_workload(ctx: &Ctx, disk: &Disk, job: &Path, plan: Plan) -> Result
             sys::tail(&fio.stderr, 5)
         );
     }
-    let calib_path = traces.join(format!("{name}.calibration.csv"));
+    Ok(fio)
+}
+
+/// Sets the device's expiries to [`CALIBRATION_QUANTILE`] of each direction's
+/// insert → dispatch waits, measured by its own fio run of `job` at the default
+/// expiries (`warm_s` of warm-up, then `calibrate_s` recorded). Files are named
+/// after `tag`. Returns the expiries asked for and those the kernel applied (ms).
+pub fn calibrate_expiries(
+    ctx: &Ctx,
+    disk: &Disk,
+    job: &Path,
+    tag: &str,
+    warm_s: u64,
+    calibrate_s: u64,
+) -> Result<((u64, u64), (u64, u64))> {
+    let dev = &disk.dev;
+    let traces = ctx.work.join("traces");
+    std::fs::create_dir_all(&traces)?;
+    dev.set_expiries_ms(disk.defaults.0, disk.defaults.1)?;
+    // Calibration: its own fio run at the default expiries.
+    let calib_name = format!("{tag}.calibration");
+    let mut fio = spawn_fio_warm(
+        ctx,
+        job,
+        dev,
+        warm_s + calibrate_s + 15,
+        &calib_name,
+        warm_s,
+    )?;
+    let calib_path = traces.join(format!("{tag}.calibration.csv"));
     record(
         ctx,
         dev,
-        plan.calibrate_s,
+        calibrate_s,
         &calib_path,
-        &format!("{name}.calibration.record"),
+        &format!("{tag}.calibration.record"),
     )?;
     fio.stop(Duration::from_secs(15));
     drop(fio);
@@ -250,29 +272,32 @@ pub fn record_workload(ctx: &Ctx, disk: &Disk, job: &Path, plan: Plan) -> Result
     // requests for seconds here (the queued ones keep their old, far deadlines).
     let applied = dev.set_expiries_ms(asked.0, asked.1)?;
     eprintln!(
-        "xtask: bench: {name}: calibration p{:.0} waits → read_expire {} ms (applied {}), write_expire {} ms (applied {})",
+        "xtask: bench: {tag}: calibration p{:.0} waits → read_expire {} ms (applied {}), write_expire {} ms (applied {})",
         CALIBRATION_QUANTILE * 100.0,
         asked.0,
         applied.0,
         asked.1,
         applied.1
     );
-    let mut fio = spawn_fio(
+    Ok((asked, applied))
+}
+
+/// Records one workload: warm up, calibrate the expiries, record.
+pub fn record_workload(ctx: &Ctx, disk: &Disk, job: &Path, plan: Plan) -> Result<WorkloadRun> {
+    let name = workload_name(job);
+    let traces = ctx.work.join("traces");
+    std::fs::create_dir_all(&traces)?;
+    let dev = &disk.dev;
+    let (asked, applied) =
+        calibrate_expiries(ctx, disk, job, &name, plan.warm_s, plan.calibrate_s)?;
+    let mut fio = spawn_fio_warm(
         ctx,
         job,
-        &dev.path,
+        dev,
         plan.warm_s + plan.settle_s + plan.record_s + 15,
         &name,
-        None,
+        plan.warm_s + plan.settle_s,
     )?;
-    sys::sleep(Duration::from_secs(plan.warm_s + plan.settle_s))?;
-    if let Some(s) = fio.poll()? {
-        bail!(
-            "fio ended early ({}): {}",
-            crate::util::describe_status(s),
-            sys::tail(&fio.stderr, 5)
-        );
-    }
     let trace_path = traces.join(format!("{name}.csv"));
     record(
         ctx,

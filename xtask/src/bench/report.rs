@@ -318,7 +318,7 @@ fn summary(md: &mut String, r: &Results) {
         md,
         "| VM: read latency with verdicts vs stock mq-deadline | ≥ 15% lower mean, ≥ 25% lower p99, ≤ 2% throughput loss | {} |",
         match &r.vm {
-            Some(text) => format!("{} (see [Latency effect in the VM](#5-latency-effect-in-the-vm))", vm_headline(text)),
+            Some(text) => format!("{} (see [Latency effect in the VM](#5-latency-effect-in-the-vm))", goal_line(text)),
             None => "not run (no target/vm/report.md)".to_owned(),
         }
     );
@@ -326,7 +326,7 @@ fn summary(md: &mut String, r: &Results) {
         md,
         "| Stock kernel: `run --tune` vs stock tunables | ≥ 10% lower read p99, ≤ 3% throughput loss (mixed); never > 2% worse at p99 | {} |\n",
         match &r.tune {
-            Some(text) => format!("{} (see [Tuning on a stock kernel](#6-tuning-on-a-stock-kernel))", vm_headline(text)),
+            Some(text) => format!("{} (see [Tuning on a stock kernel](#6-tuning-on-a-stock-kernel))", goal_line(text)),
             None => "not run (no TUNE.md)".to_owned(),
         }
     );
@@ -1136,8 +1136,8 @@ fn vm_section(md: &mut String, r: &Results) {
     }
 }
 
-/// The VM report's verdict line (`Issue goal ...: met on N ...`), or a pointer.
-fn vm_headline(text: &str) -> String {
+/// A sub-report's verdict line (`Issue goal ...: met on N ...`), or a pointer.
+fn goal_line(text: &str) -> String {
     text.lines()
         .find(|l| l.trim_start().starts_with("Issue goal"))
         .map_or_else(
@@ -1211,10 +1211,10 @@ mod tests {
     fn vm_verdict_line() {
         let text = "# kml VM\n\n| a |\n\nIssue goal (>= 15% lower mean): met on 1 mixed workload(s); worse at p99: x.\n";
         assert_eq!(
-            vm_headline(text),
+            goal_line(text),
             "Issue goal (>= 15% lower mean): met on 1 mixed workload(s); worse at p99: x."
         );
-        assert_eq!(vm_headline("# nothing\n"), "from `cargo xtask vm`");
+        assert_eq!(goal_line("# nothing\n"), "from `cargo xtask vm`");
     }
 
     #[test]

@@ -15,10 +15,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::learning::{open_disk, record, spawn_fio, Disk, CALIBRATION_QUANTILE};
+use super::learning::{calibrate_expiries, open_disk, spawn_fio, Disk, CALIBRATION_QUANTILE};
 use super::parse::{median, parse_fio_latency, FioLatency};
 use super::sys::{self, Proc};
-use super::trace::{self, TraceStats};
 use super::{workload_name, Ctx};
 
 /// The mixed read/write workloads the measure uses when it can (file stems in
@@ -172,25 +171,8 @@ fn one_workload(
     rounds: usize,
 ) -> Result<WorkloadTune> {
     let name = workload_name(job);
-    let dev = &disk.dev;
-    dev.set_expiries_ms(disk.defaults.0, disk.defaults.1)?;
-    // Calibrate the expiries at the stock settings, as the learning measure does.
-    let calib = format!("tune.{name}.calibration");
-    let mut fio = spawn_fio(ctx, job, &dev.path, 20, &calib, None)?;
-    sys::sleep(Duration::from_secs(1))?;
-    let calib_csv = ctx.work.join("traces").join(format!("{calib}.csv"));
-    std::fs::create_dir_all(ctx.work.join("traces"))?;
-    record(ctx, dev, 3, &calib_csv, &format!("{calib}.record"))?;
-    fio.stop(Duration::from_secs(15));
-    drop(fio);
-    let stats = TraceStats::of(&trace::read_trace(&calib_csv)?);
-    let asked = (
-        trace::expiry_for_quantile(&stats.read, CALIBRATION_QUANTILE, 200)
-            .unwrap_or(disk.defaults.0),
-        trace::expiry_for_quantile(&stats.write, CALIBRATION_QUANTILE, 200)
-            .unwrap_or(disk.defaults.1),
-    );
-    let expiries_ms = dev.set_expiries_ms(asked.0, asked.1)?;
+    // The expiries calibrated at the stock settings, as in the learning measure.
+    let (_, expiries_ms) = calibrate_expiries(ctx, disk, job, &format!("tune.{name}"), 1, 3)?;
     let stock = tunables(disk)?;
     eprintln!(
         "xtask: bench: tune {name}: read_expire {} ms, write_expire {} ms; stock {stock}",
