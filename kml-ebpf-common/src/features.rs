@@ -5,8 +5,8 @@
 //! function on a record read back from a trace. Only fields that are final at insert
 //! are read (see [`INSERT_TIME_FIELDS`]), so both compute the same vector bit for bit.
 //!
-//! Everything is an integer, computed with shifts, masks, compares, saturation and
-//! two multiplies: no floats, no division, no loop. Times are in "µs" of 1024 ns
+//! Everything is an integer, computed with shifts, masks, compares, saturation and a
+//! few multiplies (one product, one per logarithm's bit count): no floats, no division, no loop. Times are in "µs" of 1024 ns
 //! (`ns >> 10`): a shift where a division by 1000 would be needed, 2.4% off a real
 //! microsecond. Load relative to the deadline budget is a difference of fixed-point
 //! logarithms ([`log_ratio_8`]), a ratio without a division. Scaling to a common
@@ -17,7 +17,7 @@
 //! Cost (BPF, `kml-learn/bpf-bench`): about 300 instructions, 17 ns. Which features
 //! earned their place, and the evaluation behind it: `docs/learning.md`.
 
-use crate::{op::ReqOp, record::RequestRecord};
+use crate::{op::Direction, record::RequestRecord};
 
 /// Number of features every model slot is laid out for.
 pub const NUM_FEATURES: usize = 12;
@@ -253,9 +253,8 @@ const fn log_ratio_of_logs(log_num: i32, log_den: i32) -> i32 {
 /// 32×32→64-bit product, and one per logarithm's bit count); no division, no loop.
 #[inline(always)]
 pub fn features_at_insert(r: &RequestRecord) -> FeatureVector {
-    // Every op but a read is on the write side (ReqOp::direction).
-    let op = ReqOp::from_u8(r.op);
-    let write = !matches!(op, ReqOp::Read);
+    let op = r.op();
+    let write = op.direction() == Direction::Write;
     let (queued_same, queued_other) = if write {
         (r.queued_write, r.queued_read)
     } else {

@@ -10,7 +10,7 @@
 //! does when its verdict is positive (and only then: a verdict of 0 lets the stock
 //! function run and return 0).
 //!
-//! Policy, `HOOK_POLICY[0]` (see [`verdict`]):
+//! Policy, `HOOK_POLICY[0]` (see [`model_verdict`] and [`fixed_verdict`]):
 //! - [`POLICY_OFF`]: never boost (counts calls only);
 //! - [`POLICY_READS`]: boost every read;
 //! - [`POLICY_READS_UNDER_WRITES`]: boost a read only while writes wait in the
@@ -35,7 +35,7 @@ use aya_ebpf::{
     programs::ProbeContext,
     EbpfContext as _,
 };
-use kml_ebpf_common::Verdict;
+use kml_ebpf_common::{ReqOp, Verdict};
 
 pub const POLICY_OFF: u32 = 0;
 pub const POLICY_READS: u32 = 1;
@@ -174,30 +174,60 @@ fn writes_queued(rq: u64) -> bool {
     false
 }
 
-/// The model's verdict stored at insert for `rq`: `Some(at risk)`, or `None` when
-/// there is no fresh one. Fresh: the entry is not issued (this hook runs while
-/// the request is being queued; an issued entry under the same pointer is a
-/// previous request's whose insert event was missed).
+/// The model policies. Everything comes from the request's in-flight entry, which
+/// the insert program filled a moment earlier in this call chain (device, op,
+/// verdict): the request itself is read only when there is no entry. A verdict is
+/// fresh when the entry is not issued (this hook runs while the request is being
+/// queued; an issued entry under the same pointer is a previous request's whose
+/// insert event was missed).
 #[inline(always)]
-fn model_at_risk(rq: u64) -> Option<bool> {
-    let key = kml_ebpf_common::InflightKey { a: rq, b: 0 };
-    let e = crate::INFLIGHT.get_ptr(key)?;
+fn model_verdict(rq: u64, policy: u32, want: u32) -> u64 {
+    let Some(e) = crate::INFLIGHT.get_ptr(crate::raw_key(rq)) else {
+        // An untraced disk's request, or a missed insert.
+        if want != 0 && device_of(rq) != Some(want) {
+            bump(HOOK_SKIPPED_DEVICE);
+            return 0;
+        }
+        if read::<u32>(rq + layout!(raw.rq_cmd_flags) as u64)
+            .is_some_and(|f| f & layout!(raw.op_mask) == layout!(raw.op_read))
+        {
+            bump(HOOK_READS);
+        }
+        bump(HOOK_NO_VERDICT);
+        return 0;
+    };
     // SAFETY: a map value, read while the entry exists (the scheduler lock is held
     // and this request cannot complete before it is queued).
-    let (issue_ns, verdict) = unsafe { ((*e).issue_ns, (*e).verdict) };
-    if issue_ns != 0 {
-        return None;
+    let (dev, op, issue_ns, verdict) = unsafe { ((*e).dev, (*e).op, (*e).issue_ns, (*e).verdict) };
+    if want != 0 && dev != want {
+        bump(HOOK_SKIPPED_DEVICE);
+        return 0;
+    }
+    let is_read = ReqOp::from_u8(op) == ReqOp::Read;
+    if is_read {
+        bump(HOOK_READS);
     }
     match verdict {
-        Verdict::AT_RISK => Some(true),
-        Verdict::MEETS => Some(false),
-        _ => None,
+        Verdict::AT_RISK if issue_ns == 0 => {
+            bump(HOOK_MODEL_AT_RISK);
+            (is_read || policy == POLICY_MODEL) as u64
+        }
+        Verdict::MEETS if issue_ns == 0 => 0,
+        _ => {
+            bump(HOOK_NO_VERDICT);
+            0
+        }
     }
 }
 
-/// The verdict for one request: > 0 serves it early.
+/// The fixed policies: the verdict from the request's own op (and, for
+/// reads-under-writes, the scheduler's write FIFOs).
 #[inline(always)]
-fn verdict(rq: u64, policy: u32) -> u64 {
+fn fixed_verdict(rq: u64, policy: u32, want: u32) -> u64 {
+    if want != 0 && device_of(rq) != Some(want) {
+        bump(HOOK_SKIPPED_DEVICE);
+        return 0;
+    }
     let Some(cmd_flags) = read::<u32>(rq + layout!(raw.rq_cmd_flags) as u64) else {
         return 0;
     };
@@ -206,17 +236,6 @@ fn verdict(rq: u64, policy: u32) -> u64 {
         bump(HOOK_READS);
     }
     match policy {
-        POLICY_MODEL | POLICY_MODEL_READS => match model_at_risk(rq) {
-            Some(true) => {
-                bump(HOOK_MODEL_AT_RISK);
-                (is_read || policy == POLICY_MODEL) as u64
-            }
-            Some(false) => 0,
-            None => {
-                bump(HOOK_NO_VERDICT);
-                0
-            }
-        },
         POLICY_READS if is_read => 1,
         POLICY_READS_UNDER_WRITES if is_read && writes_queued(rq) => 1,
         _ => 0,
@@ -237,16 +256,10 @@ pub fn kml_hook_verdict(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let want = global!(KML_HOOK_DEV);
-    if want != 0 {
-        match device_of(rq) {
-            Some(dev) if dev == want => {}
-            _ => {
-                bump(HOOK_SKIPPED_DEVICE);
-                return 0;
-            }
-        }
-    }
-    let v = verdict(rq, policy);
+    let v = match policy {
+        POLICY_MODEL | POLICY_MODEL_READS => model_verdict(rq, policy, want),
+        _ => fixed_verdict(rq, policy, want),
+    };
     if v > 0 {
         bump(HOOK_BOOSTS);
         // Replaces dd_kml_verdict()'s return value; the kernel function does not run.

@@ -306,6 +306,10 @@ fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView, cfg: *const DeviceConfig) {
             unsafe {
                 (*e).insert_ns = now;
                 (*e).deadline_ns = now + expire;
+                // The verdict was for the first insert's features and deadline: no
+                // verdict now (neither the hook nor the live confusion matrix may
+                // use it against the new deadline).
+                (*e).verdict = Verdict::NONE;
             }
             return;
         }
@@ -508,9 +512,6 @@ fn on_issue(
         return;
     };
     count(Counter::Issues);
-    let Some((sector, nr_sectors)) = extent() else {
-        return;
-    };
     let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
         let dev = (*e).dev;
@@ -537,7 +538,11 @@ fn on_issue(
                 (*s).issue_gap_ewma_ns = ewma_step((*s).issue_gap_ewma_ns, now - last);
             }
             (*s).last_issue_ns = now;
-            (*s).last_issue_end_sector = sector + nr_sectors as u64;
+            // Only the next inserts' issue distance needs the extent: a failed read
+            // (counted) leaves the last end sector as it was, nothing else.
+            if let Some((sector, nr_sectors)) = extent() {
+                (*s).last_issue_end_sector = sector + nr_sectors as u64;
+            }
         }
     }
 }
@@ -745,7 +750,7 @@ fn raw_enabled() -> bool {
 }
 
 #[inline(always)]
-fn raw_key(rq: u64) -> InflightKey {
+pub(crate) fn raw_key(rq: u64) -> InflightKey {
     InflightKey { a: rq, b: 0 }
 }
 
