@@ -6,24 +6,24 @@
 //! cargo xtask run   [--release] [-- ARGS...]   # build, then run kml-agent as root (default ARGS: `run`)
 //! cargo xtask test  [-- ARGS...]               # host unit tests, then the root-only integration tests
 //! cargo xtask vm    [--smoke] [OPTIONS]        # patched kernel under QEMU: hook smoke test / comparison
-//! cargo xtask bench [--quick] [--workload F.fio]... [--out DIR]  # measure; write bench/REPORT.md
+//! cargo xtask bench [--quick] [--workload F.fio]... [--out DIR]  # measure (kml-bench); write bench/REPORT.md
 //! cargo xtask fuzz  [--seconds N] [TARGET]      # cargo-fuzz targets in fuzz/ (installs cargo-fuzz)
 //! cargo xtask man   [--out DIR]                 # kml-agent man pages (default target/man)
-//! cargo xtask soak  [--minutes 30]            # agent under rate-limited fio; write bench/SOAK.md
+//! cargo xtask soak  [--minutes 30]            # agent under rate-limited fio (kml-bench); write bench/SOAK.md
 //! ```
 //!
-//! Each subcommand lives in its own module; `util` holds the process helpers.
+//! Each subcommand lives in its own module; `bench` and `soak` forward to the
+//! kml-bench crate. The library part of this crate (`util`: the process helpers,
+//! `setup`, `build`) is shared with kml-bench.
 
 mod bench;
-mod build;
 mod fuzz;
 mod man;
 mod run;
-mod setup;
-mod soak;
 mod test;
-mod util;
 mod vm;
+
+use xtask::{build, setup, util};
 
 use std::process::ExitCode;
 
@@ -54,17 +54,17 @@ enum Command {
     /// Build the patched kernel and boot it under QEMU: the hook's smoke test
     /// (--smoke) or the stock-vs-verdicts comparison (report in target/vm/).
     Vm(vm::VmArgs),
-    /// Measure everything (overhead, in-kernel cost, agent, training time, learning
-    /// quality) on this machine and write bench/REPORT.md with SVG plots (needs root).
-    Bench(bench::BenchArgs),
+    /// Run `kml-bench bench`: every headline number measured on this machine, into
+    /// bench/REPORT.md (needs root; `cargo xtask bench --help` for its options).
+    Bench(bench::ForwardArgs),
     /// Fuzz the model-file loader, the record decoder and the integer inference
     /// (cargo-fuzz, nightly; installs cargo-fuzz if missing), N seconds per target.
     Fuzz(fuzz::FuzzArgs),
     /// Write kml-agent's man pages (clap_mangen) to target/man (or --out DIR).
     Man(man::ManArgs),
-    /// Leave the agent running under rate-limited mixed fio (default 30 minutes) and
-    /// write bench/SOAK.md: in-flight map size, drops, RSS and CPU (needs root; not CI).
-    Soak(soak::SoakArgs),
+    /// Run `kml-bench soak`: the agent for a long while under rate-limited fio, into
+    /// bench/SOAK.md (needs root; not CI; `cargo xtask soak --help` for its options).
+    Soak(bench::ForwardArgs),
 }
 
 impl Command {
@@ -75,22 +75,16 @@ impl Command {
             Command::Run(args) => args.execute(),
             Command::Test(args) => args.execute(),
             Command::Vm(args) => args.execute(),
-            Command::Bench(args) => args.execute(),
+            Command::Bench(args) => args.execute("bench"),
             Command::Fuzz(args) => args.execute(),
             Command::Man(args) => args.execute(),
-            Command::Soak(args) => args.execute(),
+            Command::Soak(args) => args.execute("soak"),
         }
     }
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command.execute() {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("xtask: error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    util::exit_code(Cli::parse().command.execute())
 }
 
 #[cfg(test)]
@@ -120,6 +114,16 @@ mod tests {
                 assert!(args.release);
                 assert_eq!(args.args, ["record", "--dev", "loop0"]);
             }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "bench", "--quick", "--only", "tune"]).unwrap();
+        match cli.command {
+            Command::Bench(args) => assert_eq!(args.args, ["--quick", "--only", "tune"]),
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "soak", "--help"]).unwrap();
+        match cli.command {
+            Command::Soak(args) => assert_eq!(args.args, ["--help"]),
             other => panic!("parsed as {other:?}"),
         }
         let cli = Cli::try_parse_from(["xtask", "test", "--", "some_filter"]).unwrap();

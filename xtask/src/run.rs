@@ -2,11 +2,11 @@
 
 use std::process::{Command, ExitCode};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::Args;
 
 use crate::build::build_all;
-use crate::util::{self, display};
+use crate::util;
 
 /// What kml-agent runs when no arguments are given.
 const DEFAULT_AGENT_ARGS: &[&str] = &["run"];
@@ -37,36 +37,6 @@ impl RunArgs {
         } else {
             cmd.args(&self.args);
         }
-        let line = display(&cmd);
-        eprintln!("xtask: running {line}");
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("could not start `{line}`"))?;
-        // The child shares our process group, so Ctrl-C reaches it directly; xtask
-        // only has to outlive it to report its status (ignored *after* the spawn, so
-        // the child keeps the default disposition).
-        util::ignore_sigint();
-        let status = child
-            .wait()
-            .with_context(|| format!("waiting for `{line}` failed"))?;
-        Ok(forward_status(status, &line))
+        util::run_forwarding(&mut cmd)
     }
-}
-
-/// The child's exit code, or 128 + signal number when a signal killed it.
-fn forward_status(status: std::process::ExitStatus, line: &str) -> ExitCode {
-    use std::os::unix::process::ExitStatusExt as _;
-    if status.success() {
-        return ExitCode::SUCCESS;
-    }
-    eprintln!(
-        "xtask: `{line}` ended with {}",
-        util::describe_status(status)
-    );
-    let code = match (status.code(), status.signal()) {
-        (Some(code), _) => code,
-        (None, Some(signal)) => 128 + signal,
-        (None, None) => 1,
-    };
-    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -3,7 +3,7 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output};
+use std::process::{Command, ExitCode, ExitStatus, Output};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -158,6 +158,50 @@ pub fn ignore_sigint() {
     unsafe {
         signal(SIGINT, SIG_IGN);
     }
+}
+
+/// Runs `cmd` as the foreground work of xtask (`cargo xtask run`, `bench`, `soak`)
+/// and passes on how it ended: its exit code, or 128 + the signal that killed it.
+pub fn run_forwarding(cmd: &mut Command) -> Result<ExitCode> {
+    let line = announce(cmd);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("could not start `{line}`"))?;
+    // The child shares our process group, so Ctrl-C reaches it directly; xtask
+    // only has to outlive it to report its status (ignored *after* the spawn, so
+    // the child keeps the default disposition).
+    ignore_sigint();
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{line}` failed"))?;
+    Ok(forward_status(status, &line))
+}
+
+/// What `main` returns for a subcommand's result: its exit code, or failure after
+/// one `xtask: error: ...` line.
+pub fn exit_code(result: Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The child's exit code, or 128 + signal number when a signal killed it.
+fn forward_status(status: ExitStatus, line: &str) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt as _;
+    if status.success() {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("xtask: `{line}` ended with {}", describe_status(status));
+    let code = match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 #[cfg(test)]
