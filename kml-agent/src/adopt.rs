@@ -20,26 +20,13 @@ use std::{
 };
 
 use anyhow::Context as _;
+use kml_ebpf_common::abi::names::map;
 
 /// The symlink describing the pinned state.
 pub const META: &str = "AGENT";
 
-/// Every map of the object, pinned by name (so a restarted agent reuses them all).
-pub const MAPS: &[&str] = &[
-    "MODEL_CONTROL",
-    "LINEAR_MODELS",
-    "TREE_MODELS",
-    "SLOT_STATUS",
-    "COUNTERS",
-    "DEVICES",
-    "DEVICE_STATE",
-    "INFLIGHT",
-    "RECORDS",
-    "INFER",
-    "SCRATCH_FEATURES",
-    "SCRATCH_KEY",
-    "SCRATCH",
-];
+/// Every map of the observers, pinned by name (so a restarted agent reuses them all).
+pub const MAPS: &[&str] = map::OBSERVER;
 
 /// The pin of the link attaching the program of `event`.
 pub fn link_pin(dir: &Path, event: &str) -> PathBuf {
@@ -323,7 +310,7 @@ mod tests {
         assert_eq!(inspect(&dir, &want), Found::Nothing);
         std::fs::create_dir_all(&dir).unwrap();
         assert_eq!(inspect(&dir, &want), Found::Nothing);
-        std::fs::write(dir.join("COUNTERS"), b"").unwrap();
+        std::fs::write(dir.join(map::COUNTERS), b"").unwrap();
         assert!(matches!(inspect(&dir, &want), Found::Stale(w) if w.contains("incomplete")));
         let mut dead = want.clone();
         dead.owner_pid = u32::MAX; // no such process

@@ -19,7 +19,15 @@ use aya::{
     programs::KProbe,
     Ebpf, EbpfLoader,
 };
-use kml_ebpf_common::KernelLayout;
+use kml_ebpf_common::{
+    abi::{
+        hook::{self as abi_hook, HookCounters},
+        names::{global, map, program},
+    },
+    KernelLayout,
+};
+
+pub use kml_ebpf_common::abi::hook::Policy;
 
 use crate::{
     devices::BlockDevice,
@@ -27,9 +35,9 @@ use crate::{
 };
 
 /// The kernel function the patch adds.
-pub const HOOK_FUNCTION: &str = "dd_kml_verdict";
+pub const HOOK_FUNCTION: &str = abi_hook::FUNCTION;
 /// The kprobe program in kml's eBPF object.
-pub const HOOK_PROGRAM: &str = "kml_hook_verdict";
+pub const HOOK_PROGRAM: &str = program::HOOK_VERDICT;
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 
 /// Whether this kernel has the hook and kml can attach to it: the kernel's BTF
@@ -53,87 +61,6 @@ pub fn hook_unavailable_reason(btf: &Btf) -> Option<String> {
         ));
     }
     None
-}
-
-/// The verdict policy the program applies (`HOOK_POLICY[0]`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Policy {
-    /// Attach, count calls, never boost.
-    Off,
-    /// Boost every read.
-    Reads,
-    /// Boost a read only while writes wait in the scheduler's FIFOs.
-    ReadsUnderWrites,
-    /// Boost what the active model flagged at risk at insert (needs the observers
-    /// and a model in the same object: `kml-agent run --act model`).
-    Model,
-    /// The model's at-risk verdicts, for reads only (`kml-agent run --act`).
-    ModelReads,
-}
-
-impl Policy {
-    /// The value the eBPF program understands (kml-ebpf/src/hook.rs `POLICY_*`).
-    pub fn abi(self) -> u32 {
-        match self {
-            Policy::Off => 0,
-            Policy::Reads => 1,
-            Policy::ReadsUnderWrites => 2,
-            Policy::Model => 3,
-            Policy::ModelReads => 4,
-        }
-    }
-
-    /// Whether the policy acts on the model's verdicts (stored by the observers).
-    pub fn uses_model(self) -> bool {
-        matches!(self, Policy::Model | Policy::ModelReads)
-    }
-}
-
-impl std::fmt::Display for Policy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Policy::Off => "off",
-            Policy::Reads => "reads",
-            Policy::ReadsUnderWrites => "reads-under-writes",
-            Policy::Model => "model",
-            Policy::ModelReads => "model-reads",
-        })
-    }
-}
-
-/// The program's counters (`HOOK_COUNTERS`, summed over CPUs); slots as in
-/// kml-ebpf/src/hook.rs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HookCounters {
-    /// Program runs (requests that entered a FIFO of a patched mq-deadline).
-    pub calls: u64,
-    /// Positive verdicts handed to the kernel (it may still refuse some: cap).
-    pub verdicts: u64,
-    /// Reads among the calls (for the device filter's disk).
-    pub reads: u64,
-    pub read_failures: u64,
-    /// Calls for requests of other disks than the filtered one.
-    pub other_device: u64,
-    /// Model policies: requests without a fresh model verdict.
-    pub no_verdict: u64,
-    /// Model policies: requests the model flagged at risk (any direction).
-    pub model_at_risk: u64,
-}
-
-const COUNTER_SLOTS: usize = 8;
-
-impl HookCounters {
-    fn from_slots(s: &[u64; COUNTER_SLOTS]) -> Self {
-        HookCounters {
-            calls: s[0],
-            verdicts: s[1],
-            reads: s[2],
-            read_failures: s[3],
-            other_device: s[4],
-            no_verdict: s[5],
-            model_at_risk: s[6],
-        }
-    }
 }
 
 /// The scheduler layout `reads-under-writes` reads (from BTF), as the program's
@@ -219,16 +146,20 @@ impl HookGlobals {
     /// `KML_LAYOUT` to a caller that sets it itself (it must fill `raw`).
     pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>, with_kml_layout: bool) {
         if with_kml_layout {
-            loader.override_global("KML_LAYOUT", &self.layout, true);
+            loader.override_global(global::LAYOUT, &self.layout, true);
         }
         loader
-            .override_global("KML_HOOK_DEV", &self.dev, true)
-            .override_global("KML_HOOK_Q_ELEVATOR", &self.sched.q_elevator, true)
-            .override_global("KML_HOOK_EQ_DATA", &self.sched.eq_data, true)
-            .override_global("KML_HOOK_DD_PER_PRIO", &self.sched.dd_per_prio, true)
-            .override_global("KML_HOOK_PER_PRIO_SIZE", &self.sched.per_prio_size, true)
-            .override_global("KML_HOOK_PER_PRIO_COUNT", &self.sched.per_prio_count, true)
-            .override_global("KML_HOOK_WRITE_FIFO", &self.sched.write_fifo, true);
+            .override_global(global::HOOK_DEV, &self.dev, true)
+            .override_global(global::HOOK_Q_ELEVATOR, &self.sched.q_elevator, true)
+            .override_global(global::HOOK_EQ_DATA, &self.sched.eq_data, true)
+            .override_global(global::HOOK_DD_PER_PRIO, &self.sched.dd_per_prio, true)
+            .override_global(global::HOOK_PER_PRIO_SIZE, &self.sched.per_prio_size, true)
+            .override_global(
+                global::HOOK_PER_PRIO_COUNT,
+                &self.sched.per_prio_count,
+                true,
+            )
+            .override_global(global::HOOK_WRITE_FIFO, &self.sched.write_fifo, true);
     }
 }
 
@@ -255,29 +186,34 @@ pub fn attach(ebpf: &mut Ebpf, policy: Policy) -> anyhow::Result<()> {
 
 /// Writes `HOOK_POLICY[0]`; takes effect for the next request.
 pub fn set_policy(ebpf: &mut Ebpf, policy: Policy) -> anyhow::Result<()> {
+    let name = map::HOOK_POLICY;
     let map = ebpf
-        .map_mut("HOOK_POLICY")
-        .context("map HOOK_POLICY missing from the eBPF object")?;
+        .map_mut(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
     let mut arr: Array<&mut MapData, u32> =
-        Array::try_from(map).context("HOOK_POLICY is not an array")?;
-    arr.set(0, policy.abi(), 0).context("writing HOOK_POLICY")?;
+        Array::try_from(map).with_context(|| format!("{name} is not an array"))?;
+    arr.set(0, policy as u32, 0)
+        .with_context(|| format!("writing {name}"))?;
     Ok(())
 }
 
 /// The program's counters, summed over CPUs.
 pub fn counters(ebpf: &Ebpf) -> anyhow::Result<HookCounters> {
+    let name = map::HOOK_COUNTERS;
     let map = ebpf
-        .map("HOOK_COUNTERS")
-        .context("map HOOK_COUNTERS missing from the eBPF object")?;
-    let arr: PerCpuArray<&MapData, [u64; COUNTER_SLOTS]> =
-        PerCpuArray::try_from(map).context("HOOK_COUNTERS is not a per-CPU array")?;
-    let mut sum = [0u64; COUNTER_SLOTS];
-    for cpu in arr.get(&0, 0).context("reading HOOK_COUNTERS")?.iter() {
-        for (s, v) in sum.iter_mut().zip(cpu.iter()) {
-            *s += v;
-        }
+        .map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    let arr: PerCpuArray<&MapData, HookCounters> =
+        PerCpuArray::try_from(map).with_context(|| format!("{name} is not a per-CPU array"))?;
+    let mut sum = HookCounters::default();
+    for cpu in arr
+        .get(&0, 0)
+        .with_context(|| format!("reading {name}"))?
+        .iter()
+    {
+        sum.accumulate(cpu);
     }
-    Ok(HookCounters::from_slots(&sum))
+    Ok(sum)
 }
 
 /// The hook on its own: kml's object loaded for the hook program only (the
@@ -306,7 +242,7 @@ impl Hook {
         let mut loader = EbpfLoader::new();
         globals.apply(&mut loader, true);
         // The observers' ring buffer is not used here: keep it small.
-        loader.map_max_entries("RECORDS", 64 << 10);
+        loader.map_max_entries(map::RECORDS, 64 << 10);
         let mut ebpf = loader
             .load(&object)
             .context("loading the kml eBPF object")?;
@@ -433,7 +369,8 @@ impl FmodRet {
         let license = c"GPL";
         let mut log = vec![0u8; 1 << 16];
         let mut name = [0u8; 16];
-        name[..14].copy_from_slice(b"kml_hook_fmret");
+        let prog_name = program::HOOK_FMOD_RET.as_bytes();
+        name[..prog_name.len()].copy_from_slice(prog_name);
         let attr = ProgLoad {
             prog_type: BPF_PROG_TYPE_TRACING,
             insn_cnt: insns.len() as u32,
@@ -519,21 +456,19 @@ impl FmodRet {
     }
 }
 
-impl HookCounters {
-    /// One line for the end of a session.
-    pub fn line(&self) -> String {
-        format!(
+/// The verdict program's counters in one line, for the end of a session.
+pub fn counters_line(c: &HookCounters) -> String {
+    format!(
             "{} calls, {} reads, {} positive verdicts, {} model at-risk verdicts, {} without a model verdict, \
              {} read failures, {} other-disk calls",
-            self.calls,
-            self.reads,
-            self.verdicts,
-            self.model_at_risk,
-            self.no_verdict,
-            self.read_failures,
-            self.other_device
+            c.calls,
+            c.reads,
+            c.boosts,
+            c.model_at_risk,
+            c.no_verdict,
+            c.read_failures,
+            c.skipped_device
         )
-    }
 }
 
 /// The kernel's boost counters of `disks` at one moment, to report what changed.
@@ -589,27 +524,15 @@ pub fn kernel_boosts(device: &BlockDevice) -> Option<KernelBoosts> {
             .ok()
     };
     Some(KernelBoosts {
-        boosts: read("kml_boosts")?,
-        capped: read("kml_capped")?,
-        boost_max: read("kml_boost_max")?,
+        boosts: read(abi_hook::ATTR_BOOSTS)?,
+        capped: read(abi_hook::ATTR_CAPPED)?,
+        boost_max: read(abi_hook::ATTR_BOOST_MAX)?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn policy_values_match_the_program() {
-        assert_eq!(Policy::Off.abi(), 0);
-        assert_eq!(Policy::Reads.abi(), 1);
-        assert_eq!(Policy::ReadsUnderWrites.abi(), 2);
-        assert_eq!(Policy::ReadsUnderWrites.to_string(), "reads-under-writes");
-        assert_eq!(Policy::Model.abi(), 3);
-        assert_eq!(Policy::ModelReads.abi(), 4);
-        assert_eq!(Policy::ModelReads.to_string(), "model-reads");
-        assert!(Policy::ModelReads.uses_model() && !Policy::Reads.uses_model());
-    }
 
     #[test]
     fn fmod_ret_program_encoding() {
@@ -622,23 +545,6 @@ mod tests {
         assert_eq!(p[6], [0x95, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(fmod_ret_program(Policy::Off, 24, 0xff, 0).unwrap().len(), 2);
         assert!(fmod_ret_program(Policy::ReadsUnderWrites, 24, 0xff, 0).is_err());
-    }
-
-    #[test]
-    fn counter_slots() {
-        let c = HookCounters::from_slots(&[5, 2, 4, 0, 1, 3, 7, 0]);
-        assert_eq!(
-            c,
-            HookCounters {
-                calls: 5,
-                verdicts: 2,
-                reads: 4,
-                read_failures: 0,
-                other_device: 1,
-                no_verdict: 3,
-                model_at_risk: 7,
-            }
-        );
     }
 
     /// The scheduler layout from this machine's BTF (mq-deadline built in):

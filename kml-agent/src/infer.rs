@@ -20,6 +20,7 @@ use aya::{
     Ebpf,
 };
 use kml_ebpf_common::{
+    abi::names::{map, program},
     model::{LinearModel, ModelKind, TreeModel},
     slot::{status_index, ModelControl, SlotStatus, MODEL_SLOTS},
 };
@@ -102,7 +103,8 @@ impl ModelSlots {
                 m.seal(version);
                 m.validate()
                     .map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
-                let mut map: Array<&mut MapData, LinearModel> = array_mut(ebpf, "LINEAR_MODELS")?;
+                let mut map: Array<&mut MapData, LinearModel> =
+                    array_mut(ebpf, map::LINEAR_MODELS)?;
                 map.set(slot, **m, 0).context("writing LINEAR_MODELS")?;
                 let back = map.get(&slot, 0).context("reading LINEAR_MODELS back")?;
                 if back != **m {
@@ -113,7 +115,7 @@ impl ModelSlots {
                 m.seal(version);
                 m.validate()
                     .map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
-                let mut map: Array<&mut MapData, TreeModel> = array_mut(ebpf, "TREE_MODELS")?;
+                let mut map: Array<&mut MapData, TreeModel> = array_mut(ebpf, map::TREE_MODELS)?;
                 map.set(slot, **m, 0).context("writing TREE_MODELS")?;
                 let back = map.get(&slot, 0).context("reading TREE_MODELS back")?;
                 if back != **m {
@@ -136,7 +138,7 @@ impl ModelSlots {
             slot,
             near_margin: self.near_margin,
         };
-        let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, "MODEL_CONTROL")?;
+        let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, map::MODEL_CONTROL)?;
         ctl.set(0, control, 0).context("flipping MODEL_CONTROL")?;
         if let Some(prev) = self.active {
             self.released
@@ -158,8 +160,8 @@ impl ModelSlots {
     /// vouch for is switched off (the kernel would not use it anyway).
     pub fn adopt(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<Option<ActiveModel>> {
         run_slot_checker(ebpf)?;
-        let linear: Array<&MapData, LinearModel> = array_ref(ebpf, "LINEAR_MODELS")?;
-        let tree: Array<&MapData, TreeModel> = array_ref(ebpf, "TREE_MODELS")?;
+        let linear: Array<&MapData, LinearModel> = array_ref(ebpf, map::LINEAR_MODELS)?;
+        let tree: Array<&MapData, TreeModel> = array_ref(ebpf, map::TREE_MODELS)?;
         let mut slots = Vec::new();
         for slot in 0..MODEL_SLOTS {
             let l = linear.get(&slot, 0).context("reading LINEAR_MODELS")?;
@@ -176,7 +178,7 @@ impl ModelSlots {
             .max()
             .unwrap_or(0);
         self.next_version = self.next_version.max(highest + 1);
-        let ctl: Array<&MapData, ModelControl> = array_ref(ebpf, "MODEL_CONTROL")?;
+        let ctl: Array<&MapData, ModelControl> = array_ref(ebpf, map::MODEL_CONTROL)?;
         let control = ctl.get(&0, 0).context("reading MODEL_CONTROL")?;
         self.near_margin = control.near_margin;
         let Some(kind) = ModelKind::from_u32(control.kind) else {
@@ -213,7 +215,7 @@ impl ModelSlots {
 
     /// No model: the programs stop scoring (observe only).
     pub fn deactivate(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
-        let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, "MODEL_CONTROL")?;
+        let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, map::MODEL_CONTROL)?;
         ctl.set(0, ModelControl::default(), 0)
             .context("clearing MODEL_CONTROL")?;
         if let Some(prev) = self.active.take() {
@@ -243,16 +245,14 @@ fn array_ref<'a, V: aya::Pod>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<Arra
 
 /// What the checker last recorded for one slot.
 pub fn slot_status(ebpf: &Ebpf, index: u32) -> anyhow::Result<SlotStatus> {
-    let m = ebpf.map("SLOT_STATUS").context("map SLOT_STATUS missing")?;
-    let map: Array<&MapData, SlotStatus> =
-        Array::try_from(m).context("SLOT_STATUS has an unexpected type")?;
+    let map: Array<&MapData, SlotStatus> = array_ref(ebpf, map::SLOT_STATUS)?;
     map.get(&index, 0).context("reading SLOT_STATUS")
 }
 
 /// Runs `kml_verify_slots` once in the kernel (BPF_PROG_TEST_RUN).
 pub fn run_slot_checker(ebpf: &Ebpf) -> anyhow::Result<()> {
     let prog = ebpf
-        .program("kml_verify_slots")
+        .program(program::VERIFY_SLOTS)
         .context("program kml_verify_slots missing")?;
     let prog: &RawTracePoint = prog
         .try_into()

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use kml_ebpf_common::{Counter, Counters};
+use kml_ebpf_common::{abi::names::Event, Counter, Counters};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -68,7 +68,7 @@ impl Snapshot {
         let insert = self
             .programs
             .iter()
-            .find(|p| p.event == "block_rq_insert")?;
+            .find(|p| p.event == Event::INSERT.tracepoint)?;
         (self.bpf_stats_enabled && insert.run_count > 0)
             .then(|| insert.run_time_ns as f64 / insert.run_count as f64)
     }

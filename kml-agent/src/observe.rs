@@ -18,7 +18,10 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use kml_ebpf_common::{Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord};
+use kml_ebpf_common::{
+    abi::names::{global, map, program, Event, EVENTS, RAW_STAGES, TP_STAGES},
+    Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord,
+};
 
 use crate::{
     adopt::{self, PinMeta},
@@ -26,23 +29,6 @@ use crate::{
     kernel::{caps::AttachMode, layout},
     record::RecordStream,
 };
-
-/// The tracepoints kml observes, with the program that handles each in each mode.
-const EVENTS: &[(&str, &str, &str)] = &[
-    ("block_rq_insert", "kml_raw_rq_insert", "kml_tp_rq_insert"),
-    ("block_rq_issue", "kml_raw_rq_issue", "kml_tp_rq_issue"),
-    (
-        "block_rq_complete",
-        "kml_raw_rq_complete",
-        "kml_tp_rq_complete",
-    ),
-    (
-        "block_rq_requeue",
-        "kml_raw_rq_requeue",
-        "kml_tp_rq_requeue",
-    ),
-    ("block_rq_merge", "kml_raw_rq_merge", "kml_tp_rq_merge"),
-];
 
 /// The eBPF object: `KML_EBPF_OBJECT` at run time if set (development), else the
 /// one embedded at build time.
@@ -204,13 +190,13 @@ impl Observer {
         };
         let mut links = Vec::new();
         if matches!(outcome, PinOutcome::Adopted { .. }) {
-            for (event, ..) in EVENTS {
-                let path = adopt::link_pin(dir, event);
+            for Event { tracepoint, .. } in EVENTS {
+                let path = adopt::link_pin(dir, tracepoint);
                 match PinnedLink::from_pin(&path) {
                     Ok(l) => links.push((path, FdLink::from(l))),
                     Err(_) => {
                         outcome = PinOutcome::Replaced(format!(
-                            "the link of {event} is not pinned ({} missing)",
+                            "the link of {tracepoint} is not pinned ({} missing)",
                             path.display()
                         ));
                         links.clear();
@@ -231,7 +217,7 @@ impl Observer {
         if adopted {
             // The event programs and the inference stages (held by the pinned
             // INFER array) are the killed agent's; only the checker is needed anew.
-            let checker: &mut RawTracePoint = program(&mut ebpf, "kml_verify_slots")?;
+            let checker: &mut RawTracePoint = program(&mut ebpf, program::VERIFY_SLOTS)?;
             checker.load().context("verifying kml_verify_slots")?;
             adopt::write_meta(dir, &meta)?;
         } else {
@@ -254,7 +240,7 @@ impl Observer {
     /// Devices the programs trace now (the DEVICES map; with adopted pins, what
     /// the previous agent traced).
     pub fn kernel_devices(&self) -> anyhow::Result<Vec<u32>> {
-        let map: HashMap<&MapData, u32, DeviceConfig> = map_ref(&self.ebpf, "DEVICES")?;
+        let map: HashMap<&MapData, u32, DeviceConfig> = map_ref(&self.ebpf, map::DEVICES)?;
         Ok(map.keys().filter_map(Result::ok).collect())
     }
 }
@@ -279,8 +265,8 @@ fn load_object(
     }
     let mut loader = EbpfLoader::new();
     loader
-        .override_global("KML_LAYOUT", &layout, true)
-        .map_max_entries("RECORDS", config.ring_bytes);
+        .override_global(global::LAYOUT, &layout, true)
+        .map_max_entries(map::RECORDS, config.ring_bytes);
     if let Some(h) = &config.hook {
         h.apply(&mut loader, false);
     }
@@ -295,24 +281,30 @@ fn load_object(
 /// Loads (verifies) the mode's programs, installs the inference stages, loads the
 /// slot checker.
 fn load_programs(ebpf: &mut Ebpf, mode: AttachMode) -> anyhow::Result<()> {
-    for (event, raw, tp) in EVENTS {
+    for Event {
+        tracepoint,
+        raw,
+        tp,
+        ..
+    } in EVENTS
+    {
         match mode {
             AttachMode::RawTracepoint => {
                 let p: &mut RawTracePoint = program(ebpf, raw)?;
                 p.load()
-                    .with_context(|| format!("verifying {raw} (raw tracepoint {event})"))?;
+                    .with_context(|| format!("verifying {raw} (raw tracepoint {tracepoint})"))?;
             }
             AttachMode::Tracepoint => {
                 let p: &mut TracePoint = program(ebpf, tp)?;
                 p.load()
-                    .with_context(|| format!("verifying {tp} (tracepoint block:{event})"))?;
+                    .with_context(|| format!("verifying {tp} (tracepoint block:{tracepoint})"))?;
             }
         }
     }
     // Inference stages (tail-called from insert) and the slot checker (run on demand).
-    let stages: [&str; 2] = match mode {
-        AttachMode::RawTracepoint => ["kml_raw_features", "kml_raw_model"],
-        AttachMode::Tracepoint => ["kml_tp_features", "kml_tp_model"],
+    let stages = match mode {
+        AttachMode::RawTracepoint => RAW_STAGES,
+        AttachMode::Tracepoint => TP_STAGES,
     };
     let mut fds = Vec::new();
     for name in stages {
@@ -331,13 +323,13 @@ fn load_programs(ebpf: &mut Ebpf, mode: AttachMode) -> anyhow::Result<()> {
         fds.push(fd);
     }
     let mut infer: ProgramArray<&mut MapData> =
-        ProgramArray::try_from(ebpf.map_mut("INFER").context("map INFER missing")?)?;
+        ProgramArray::try_from(ebpf.map_mut(map::INFER).context("map INFER missing")?)?;
     for (i, fd) in fds.iter().enumerate() {
         infer
             .set(i as u32, fd, 0)
             .context("installing the inference stages")?;
     }
-    let checker: &mut RawTracePoint = program(ebpf, "kml_verify_slots")?;
+    let checker: &mut RawTracePoint = program(ebpf, program::VERIFY_SLOTS)?;
     checker.load().context("verifying kml_verify_slots")?;
     Ok(())
 }
@@ -370,14 +362,14 @@ impl Observer {
         // State first: the programs count only devices that have a config entry.
         // An existing state (adopted pins) keeps its live in-flight counts.
         let mut state: HashMap<&mut MapData, u32, DeviceState> =
-            map_mut(&mut self.ebpf, "DEVICE_STATE")?;
+            map_mut(&mut self.ebpf, map::DEVICE_STATE)?;
         if state.get(&dev, 0).is_err() {
             state
                 .insert(dev, DeviceState::default(), 0)
                 .context("DEVICE_STATE insert")?;
         }
         let mut devices: HashMap<&mut MapData, u32, DeviceConfig> =
-            map_mut(&mut self.ebpf, "DEVICES")?;
+            map_mut(&mut self.ebpf, map::DEVICES)?;
         devices.insert(dev, config, 0).context("DEVICES insert")?;
         self.devices.retain(|d| d.device.dev() != dev);
         self.devices.push(TracedDevice {
@@ -393,10 +385,10 @@ impl Observer {
     pub fn remove_device(&mut self, dev: u32) -> anyhow::Result<usize> {
         // Config first: from here on the programs ignore the device.
         let mut devices: HashMap<&mut MapData, u32, DeviceConfig> =
-            map_mut(&mut self.ebpf, "DEVICES")?;
+            map_mut(&mut self.ebpf, map::DEVICES)?;
         let _ = devices.remove(&dev);
         let mut inflight: HashMap<&mut MapData, InflightKey, RequestRecord> =
-            map_mut(&mut self.ebpf, "INFLIGHT")?;
+            map_mut(&mut self.ebpf, map::INFLIGHT)?;
         let stale: Vec<InflightKey> = inflight
             .iter()
             .filter_map(Result::ok)
@@ -405,7 +397,7 @@ impl Observer {
             .collect();
         let removed = stale.iter().filter(|k| inflight.remove(k).is_ok()).count();
         let mut state: HashMap<&mut MapData, u32, DeviceState> =
-            map_mut(&mut self.ebpf, "DEVICE_STATE")?;
+            map_mut(&mut self.ebpf, map::DEVICE_STATE)?;
         let _ = state.remove(&dev);
         self.devices.retain(|d| d.device.dev() != dev);
         Ok(removed)
@@ -418,7 +410,13 @@ impl Observer {
         if self.attached {
             return Ok(());
         }
-        for (event, raw, tp) in EVENTS {
+        for Event {
+            tracepoint: event,
+            raw,
+            tp,
+            ..
+        } in EVENTS
+        {
             let link: Option<FdLink> = match self.config.mode {
                 AttachMode::RawTracepoint => {
                     let p: &mut RawTracePoint = program(&mut self.ebpf, raw)?;
@@ -489,7 +487,7 @@ impl Observer {
                 drop(link);
             }
         }
-        for (_, raw, tp) in EVENTS {
+        for Event { raw, tp, .. } in EVENTS {
             let name = match self.config.mode {
                 AttachMode::RawTracepoint => raw,
                 AttachMode::Tracepoint => tp,
@@ -510,7 +508,7 @@ impl Observer {
     pub fn records(&mut self) -> anyhow::Result<RecordStream> {
         let map = self
             .ebpf
-            .take_map("RECORDS")
+            .take_map(map::RECORDS)
             .context("RECORDS ring buffer already taken")?;
         let ring = RingBuf::try_from(map).context("RECORDS is not a ring buffer")?;
         RecordStream::new(ring, self.config.poll_interval)
@@ -518,7 +516,7 @@ impl Observer {
 
     /// The programs' counters summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<Counters> {
-        let map: PerCpuArray<&MapData, Counters> = map_ref(&self.ebpf, "COUNTERS")?;
+        let map: PerCpuArray<&MapData, Counters> = map_ref(&self.ebpf, map::COUNTERS)?;
         let per_cpu = map.get(&0, 0).context("reading COUNTERS")?;
         let mut total = Counters::default();
         for c in per_cpu.iter() {
@@ -529,13 +527,14 @@ impl Observer {
 
     /// Requests in the in-flight map now.
     pub fn live_inflight(&self) -> anyhow::Result<u64> {
-        let map: HashMap<&MapData, InflightKey, RequestRecord> = map_ref(&self.ebpf, "INFLIGHT")?;
+        let map: HashMap<&MapData, InflightKey, RequestRecord> =
+            map_ref(&self.ebpf, map::INFLIGHT)?;
         Ok(map.keys().filter(Result::is_ok).count() as u64)
     }
 
     /// Per-device counts kept by the programs.
     pub fn device_state(&self, dev: u32) -> anyhow::Result<DeviceState> {
-        let map: HashMap<&MapData, u32, DeviceState> = map_ref(&self.ebpf, "DEVICE_STATE")?;
+        let map: HashMap<&MapData, u32, DeviceState> = map_ref(&self.ebpf, map::DEVICE_STATE)?;
         map.get(&dev, 0).context("reading DEVICE_STATE")
     }
 
@@ -544,10 +543,16 @@ impl Observer {
     /// have nested in itself on a CPU (events lost to the kernel, not to kml).
     pub fn program_stats(&self) -> anyhow::Result<Vec<ProgramStats>> {
         let mut out = Vec::new();
-        for (event, raw, tp) in EVENTS {
+        for Event {
+            tracepoint: event,
+            raw,
+            tp,
+            ..
+        } in EVENTS
+        {
             let name = match self.config.mode {
-                AttachMode::RawTracepoint => *raw,
-                AttachMode::Tracepoint => *tp,
+                AttachMode::RawTracepoint => raw,
+                AttachMode::Tracepoint => tp,
             };
             let info = match self.ebpf.program(name).and_then(|p| p.fd().ok()) {
                 Some(fd) => prog_info(fd.as_fd()),
@@ -684,4 +689,42 @@ where
         .map(name)
         .with_context(|| format!("map {name} missing from the eBPF object"))?;
     M::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use kml_ebpf_common::abi::names;
+
+    /// The names the agent uses (the shared crate's `abi::names`) are exactly the
+    /// maps and programs the built object defines: a renamed map or program on
+    /// either side fails here, not at load time on some kernel.
+    #[test]
+    fn abi_names_match_the_object() {
+        let object = match super::ebpf_object() {
+            Ok(o) => o,
+            Err(e) => {
+                // Only a build without `cargo xtask build` lacks it; `cargo xtask
+                // test` always has it.
+                eprintln!("skipped: no eBPF object ({e:#})");
+                return;
+            }
+        };
+        let obj = aya_obj::Object::parse(&object).expect("the eBPF object parses");
+        let maps: BTreeSet<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            // Global data (.rodata, .bss, .data) and aya's own maps are not kml's.
+            .filter(|m| !m.starts_with('.'))
+            .collect();
+        let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
+        assert_eq!(maps, names::all_maps().collect::<BTreeSet<_>>(), "maps");
+        assert_eq!(
+            programs,
+            names::all_programs().collect::<BTreeSet<_>>(),
+            "programs"
+        );
+    }
 }

@@ -155,7 +155,7 @@ impl SoakArgs {
         drop(dev);
         let _ = std::fs::remove_file(&backing);
 
-        let verdict = Verdict::of(&samples);
+        let verdict = Judgement::of(&samples);
         let report = render(
             &self,
             &samples,
@@ -254,7 +254,7 @@ pub fn slope(points: &[(f64, f64)]) -> f64 {
 
 /// The soak's three judgements.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Verdict {
+pub struct Judgement {
     pub samples: usize,
     /// Largest in-flight map size in the first and the second half.
     pub inflight_max_first: u64,
@@ -271,11 +271,11 @@ pub struct Verdict {
     pub rss_flat: bool,
 }
 
-/// The in-flight map's capacity (LRU, `INFLIGHT` in kml-ebpf).
-const INFLIGHT_CAPACITY: u64 = 65536;
+/// The in-flight map's capacity (LRU, `INFLIGHT`).
+const INFLIGHT_CAPACITY: u64 = kml_ebpf_common::record::INFLIGHT_CAPACITY as u64;
 
-impl Verdict {
-    pub fn of(samples: &[Sample]) -> Verdict {
+impl Judgement {
+    pub fn of(samples: &[Sample]) -> Judgement {
         let half = samples.len() / 2;
         let (first, second) = samples.split_at(half);
         let max = |s: &[Sample]| s.iter().map(|x| x.inflight_entries).max().unwrap_or(0);
@@ -316,7 +316,7 @@ impl Verdict {
         // 1 MiB, whichever is larger) over that half.
         let rss_flat = rss_slope_kib_per_min * span_min <= (0.05 * rss_mean_kib).max(1024.0)
             && !rss.is_empty();
-        Verdict {
+        Judgement {
             samples: samples.len(),
             inflight_max_first,
             inflight_max_second,
@@ -356,7 +356,7 @@ struct Outcome {
     elapsed_s: f64,
 }
 
-fn render(args: &SoakArgs, samples: &[Sample], v: &Verdict, o: &Outcome) -> String {
+fn render(args: &SoakArgs, samples: &[Sample], v: &Judgement, o: &Outcome) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# kml soak\n");
     let _ = writeln!(
@@ -461,7 +461,7 @@ mod tests {
         let s: Vec<Sample> = (0..20)
             .map(|i| sample(i as f64 * 10.0, 10 + i % 3, 5, 50_000 + (i % 2) * 100))
             .collect();
-        let v = Verdict::of(&s);
+        let v = Judgement::of(&s);
         assert!(v.pass(), "{v:?}");
     }
 
@@ -471,27 +471,27 @@ mod tests {
         let s: Vec<Sample> = (0..20)
             .map(|i| sample(i as f64 * 10.0, 10, 0, 50_000 + i * 1024))
             .collect();
-        assert!(!Verdict::of(&s).rss_flat);
+        assert!(!Judgement::of(&s).rss_flat);
         // Transient derived evictions (non-atomic reads) are not growth; lasting ones are.
         let mut s: Vec<Sample> = (0..20)
             .map(|i| sample(i as f64 * 10.0, 10, 0, 50_000))
             .collect();
         s[12].evictions = 3;
         s[19].evictions = 2;
-        assert!(Verdict::of(&s).drops_ok);
+        assert!(Judgement::of(&s).drops_ok);
         for (i, x) in s.iter_mut().enumerate() {
             x.evictions = if i >= 14 { 5 } else { 0 };
         }
-        assert!(!Verdict::of(&s).drops_ok);
+        assert!(!Judgement::of(&s).drops_ok);
         // Drops growing in the second half.
         let s: Vec<Sample> = (0..20)
             .map(|i| sample(i as f64 * 10.0, 10, i, 50_000))
             .collect();
-        assert!(!Verdict::of(&s).drops_ok);
+        assert!(!Judgement::of(&s).drops_ok);
         // In-flight entries leaking.
         let s: Vec<Sample> = (0..20)
             .map(|i| sample(i as f64 * 10.0, 10 + i * 100, 0, 50_000))
             .collect();
-        assert!(!Verdict::of(&s).inflight_bounded);
+        assert!(!Judgement::of(&s).inflight_bounded);
     }
 }

@@ -16,7 +16,7 @@ use crate::{
 
 /// What a model says about one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Verdict {
+pub struct Prediction {
     /// The model's raw output in its fixed-point unit: predicted delay
     /// (`2^-out_shift` "µs"), log-odds (`2^-out_shift`) or tree leaf probability
     /// (`2^-value_shift`).
@@ -67,9 +67,9 @@ pub fn linear_score(m: &LinearModel, x: &FeatureVector) -> i64 {
 
 /// Integer inference of a linear model: baseline, linear regression or logistic.
 #[inline(always)]
-pub fn infer_linear(m: &LinearModel, x: &FeatureVector) -> Verdict {
+pub fn infer_linear(m: &LinearModel, x: &FeatureVector) -> Prediction {
     let score = linear_score(m, x);
-    Verdict {
+    Prediction {
         score,
         at_risk: score > linear_limit(m, x),
     }
@@ -104,7 +104,7 @@ pub fn linear_limit(m: &LinearModel, x: &FeatureVector) -> i64 {
 /// the root; a malformed index ends the walk at the current node, whose value is
 /// still a probability.
 #[inline(always)]
-pub fn infer_tree(m: &TreeModel, x: &FeatureVector) -> Verdict {
+pub fn infer_tree(m: &TreeModel, x: &FeatureVector) -> Prediction {
     let mut node = 0usize;
     for _ in 0..TREE_MAX_DEPTH {
         let feature = match m.feature.get(node) {
@@ -128,7 +128,7 @@ pub fn infer_tree(m: &TreeModel, x: &FeatureVector) -> Verdict {
         Some(&v) => v as i64,
         None => 0,
     };
-    Verdict {
+    Prediction {
         score,
         at_risk: score > m.threshold as i64,
     }
@@ -242,14 +242,14 @@ mod tests {
         assert_eq!(t.validate(), Ok(()));
         assert_eq!(
             infer_tree(&t, &x_with(7, 0)),
-            Verdict {
+            Prediction {
                 score: 10,
                 at_risk: false
             }
         );
         assert_eq!(
             infer_tree(&t, &x_with(8, 0)),
-            Verdict {
+            Prediction {
                 score: 90,
                 at_risk: true
             }

@@ -10,18 +10,19 @@
 //! does when its verdict is positive (and only then: a verdict of 0 lets the stock
 //! function run and return 0).
 //!
-//! Policy, `HOOK_POLICY[0]` (see [`model_verdict`] and [`fixed_verdict`]):
-//! - [`POLICY_OFF`]: never boost (counts calls only);
-//! - [`POLICY_READS`]: boost every read;
-//! - [`POLICY_READS_UNDER_WRITES`]: boost a read only while writes wait in the
+//! Policy, `HOOK_POLICY[0]` (the values of [`Policy`]; see [`model_verdict`] and
+//! [`fixed_verdict`]):
+//! - [`Policy::Off`]: never boost (counts calls only);
+//! - [`Policy::Reads`]: boost every read;
+//! - [`Policy::ReadsUnderWrites`]: boost a read only while writes wait in the
 //!   scheduler (a write FIFO of any priority level is non-empty), i.e. exactly when
 //!   a read may sit behind a batch of writes;
-//! - [`POLICY_MODEL`]: boost a request the active model flagged at risk of missing
+//! - [`Policy::Model`]: boost a request the active model flagged at risk of missing
 //!   its deadline. The verdict is the one the observer's insert path stored in the
 //!   request's `INFLIGHT` entry: `block_rq_insert` fires in `dd_insert_request()`
 //!   before the request is put on its FIFO and this hook runs, and its tail-called
 //!   feature and model stages have finished by then (same CPU, same call chain);
-//! - [`POLICY_MODEL_READS`]: the same, for reads only (a write served early takes
+//! - [`Policy::ModelReads`]: the same, for reads only (a write served early takes
 //!   a read's slot; reads are what a waiting process blocks on).
 //!
 //! Everything kernel-specific comes from the agent at load time: the `enum req_op`
@@ -35,26 +36,10 @@ use aya_ebpf::{
     programs::ProbeContext,
     EbpfContext as _,
 };
-use kml_ebpf_common::{ReqOp, Verdict};
-
-pub const POLICY_OFF: u32 = 0;
-pub const POLICY_READS: u32 = 1;
-pub const POLICY_READS_UNDER_WRITES: u32 = 2;
-pub const POLICY_MODEL: u32 = 3;
-pub const POLICY_MODEL_READS: u32 = 4;
-
-/// `HOOK_COUNTERS[0]` slots (per CPU; the agent sums them).
-pub const HOOK_CALLS: usize = 0;
-pub const HOOK_BOOSTS: usize = 1;
-pub const HOOK_READS: usize = 2;
-pub const HOOK_READ_FAILURES: usize = 3;
-pub const HOOK_SKIPPED_DEVICE: usize = 4;
-/// Model policies: requests with no fresh verdict in `INFLIGHT` (not traced, no
-/// model active, the insert program did not run for it).
-pub const HOOK_NO_VERDICT: usize = 5;
-/// Model policies: requests the model flagged at risk (before the direction filter).
-pub const HOOK_MODEL_AT_RISK: usize = 6;
-pub const HOOK_COUNTER_SLOTS: usize = 8;
+use kml_ebpf_common::{
+    abi::hook::{HookCounter, HookCounters, Policy},
+    ReqOp, Verdict,
+};
 
 /// Only requests of this disk (`major << 20 | minor`, as `KML_LAYOUT` devices) get a
 /// verdict; 0 means every disk that uses the patched mq-deadline.
@@ -86,7 +71,7 @@ const MAX_PRIO_LEVELS: u32 = 4;
 static HOOK_POLICY: Array<u32, 1> = Array::new();
 
 #[btf_map]
-static HOOK_COUNTERS: PerCpuArray<[u64; HOOK_COUNTER_SLOTS], 1> = PerCpuArray::new();
+static HOOK_COUNTERS: PerCpuArray<HookCounters, 1> = PerCpuArray::new();
 
 macro_rules! global {
     ($name:ident) => {
@@ -103,13 +88,10 @@ macro_rules! layout {
 }
 
 #[inline(always)]
-fn bump(slot: usize) {
-    if slot >= HOOK_COUNTER_SLOTS {
-        return;
-    }
+fn bump(counter: HookCounter) {
     if let Some(p) = HOOK_COUNTERS.get_ptr_mut(0) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
-        unsafe { (*p)[slot] += 1 };
+        unsafe { *(*p).slot(counter) += 1 };
     }
 }
 
@@ -118,7 +100,7 @@ fn read<T>(addr: u64) -> Option<T> {
     match unsafe { bpf_probe_read_kernel(addr as *const T) } {
         Ok(v) => Some(v),
         Err(_) => {
-            bump(HOOK_READ_FAILURES);
+            bump(HookCounter::ReadFailures);
             None
         }
     }
@@ -181,40 +163,40 @@ fn writes_queued(rq: u64) -> bool {
 /// queued; an issued entry under the same pointer is a previous request's whose
 /// insert event was missed).
 #[inline(always)]
-fn model_verdict(rq: u64, policy: u32, want: u32) -> u64 {
+fn model_verdict(rq: u64, policy: Policy, want: u32) -> u64 {
     let Some(e) = crate::INFLIGHT.get_ptr(crate::raw_key(rq)) else {
         // An untraced disk's request, or a missed insert.
         if want != 0 && device_of(rq) != Some(want) {
-            bump(HOOK_SKIPPED_DEVICE);
+            bump(HookCounter::SkippedDevice);
             return 0;
         }
         if read::<u32>(rq + layout!(raw.rq_cmd_flags) as u64)
             .is_some_and(|f| f & layout!(raw.op_mask) == layout!(raw.op_read))
         {
-            bump(HOOK_READS);
+            bump(HookCounter::Reads);
         }
-        bump(HOOK_NO_VERDICT);
+        bump(HookCounter::NoVerdict);
         return 0;
     };
     // SAFETY: a map value, read while the entry exists (the scheduler lock is held
     // and this request cannot complete before it is queued).
     let (dev, op, issue_ns, verdict) = unsafe { ((*e).dev, (*e).op, (*e).issue_ns, (*e).verdict) };
     if want != 0 && dev != want {
-        bump(HOOK_SKIPPED_DEVICE);
+        bump(HookCounter::SkippedDevice);
         return 0;
     }
     let is_read = ReqOp::from_u8(op) == ReqOp::Read;
     if is_read {
-        bump(HOOK_READS);
+        bump(HookCounter::Reads);
     }
     match verdict {
         Verdict::AT_RISK if issue_ns == 0 => {
-            bump(HOOK_MODEL_AT_RISK);
-            (is_read || policy == POLICY_MODEL) as u64
+            bump(HookCounter::ModelAtRisk);
+            (is_read || policy == Policy::Model) as u64
         }
         Verdict::MEETS if issue_ns == 0 => 0,
         _ => {
-            bump(HOOK_NO_VERDICT);
+            bump(HookCounter::NoVerdict);
             0
         }
     }
@@ -223,9 +205,9 @@ fn model_verdict(rq: u64, policy: u32, want: u32) -> u64 {
 /// The fixed policies: the verdict from the request's own op (and, for
 /// reads-under-writes, the scheduler's write FIFOs).
 #[inline(always)]
-fn fixed_verdict(rq: u64, policy: u32, want: u32) -> u64 {
+fn fixed_verdict(rq: u64, policy: Policy, want: u32) -> u64 {
     if want != 0 && device_of(rq) != Some(want) {
-        bump(HOOK_SKIPPED_DEVICE);
+        bump(HookCounter::SkippedDevice);
         return 0;
     }
     let Some(cmd_flags) = read::<u32>(rq + layout!(raw.rq_cmd_flags) as u64) else {
@@ -233,35 +215,35 @@ fn fixed_verdict(rq: u64, policy: u32, want: u32) -> u64 {
     };
     let is_read = cmd_flags & layout!(raw.op_mask) == layout!(raw.op_read);
     if is_read {
-        bump(HOOK_READS);
+        bump(HookCounter::Reads);
     }
     match policy {
-        POLICY_READS if is_read => 1,
-        POLICY_READS_UNDER_WRITES if is_read && writes_queued(rq) => 1,
+        Policy::Reads if is_read => 1,
+        Policy::ReadsUnderWrites if is_read && writes_queued(rq) => 1,
         _ => 0,
     }
 }
 
 #[kprobe]
 pub fn kml_hook_verdict(ctx: ProbeContext) -> u32 {
-    bump(HOOK_CALLS);
+    bump(HookCounter::Calls);
     let Some(rq) = ctx.arg::<u64>(0) else {
         return 0;
     };
-    let policy = match HOOK_POLICY.get(0) {
-        Some(p) => *p,
+    let policy = match HOOK_POLICY.get(0).and_then(|p| Policy::from_u32(*p)) {
+        Some(p) => p,
         None => return 0,
     };
-    if policy == POLICY_OFF || layout!(raw.op_mask) == 0 {
+    if policy == Policy::Off || layout!(raw.op_mask) == 0 {
         return 0;
     }
     let want = global!(KML_HOOK_DEV);
     let v = match policy {
-        POLICY_MODEL | POLICY_MODEL_READS => model_verdict(rq, policy, want),
+        Policy::Model | Policy::ModelReads => model_verdict(rq, policy, want),
         _ => fixed_verdict(rq, policy, want),
     };
     if v > 0 {
-        bump(HOOK_BOOSTS);
+        bump(HookCounter::Boosts);
         // Replaces dd_kml_verdict()'s return value; the kernel function does not run.
         unsafe { bpf_override_return(ctx.as_ptr().cast(), v) };
     }

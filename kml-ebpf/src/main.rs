@@ -32,13 +32,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use kml_ebpf_common::{
+    abi::names::stage,
     attach_mode,
     features::{features_at_insert, FeatureVector},
     inference::{infer_linear, infer_tree, linear_limit},
     layout::{EventFields, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST},
     model::{LinearModel, ModelKind, TreeModel},
     op::{parse_rwbs, Direction, ReqFlags, ReqOp},
-    record::ewma_step,
+    record::{ewma_step, INFLIGHT_CAPACITY},
     slot::{status_index, ModelControl, SlotStatus, MODEL_SLOTS, STATUS_ENTRIES},
     Counter, Counters, DeviceConfig, DeviceState, InflightKey, KernelLayout, RequestRecord,
     Verdict,
@@ -52,7 +53,7 @@ static KML_LAYOUT: KernelLayout = KernelLayout::zeroed();
 /// complete (or a missed event) cannot fill it for good; evictions are derived by
 /// the agent from `inflight_added - inflight_removed - live entries`.
 #[btf_map]
-static INFLIGHT: LruHashMap<InflightKey, RequestRecord, 65536> = LruHashMap::new();
+static INFLIGHT: LruHashMap<InflightKey, RequestRecord, INFLIGHT_CAPACITY> = LruHashMap::new();
 
 /// Device filter and per-device mq-deadline expiries (written by the agent).
 #[btf_map]
@@ -88,7 +89,7 @@ static SLOT_STATUS: Array<SlotStatus, { STATUS_ENTRIES as usize }> = Array::new(
 /// computes the features, slot 1 runs the model and finishes the insert. Each is
 /// verified on its own: together with insert they exceed the verifier's budget.
 #[btf_map]
-static INFER: ProgramArray<2> = ProgramArray::new();
+static INFER: ProgramArray<{ stage::COUNT }> = ProgramArray::new();
 
 /// The feature vector of the entry being built (stage 0 → stage 1).
 #[btf_map]
@@ -201,7 +202,7 @@ pub fn kml_verify_slots(_ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "block_rq_insert")]
 pub fn kml_raw_features(ctx: RawTracePointContext) -> i32 {
     if compute_features() {
-        unsafe { INFER.tail_call(&ctx, 1) };
+        unsafe { INFER.tail_call(&ctx, stage::MODEL) };
     }
     finish_unscored();
     0
@@ -218,7 +219,7 @@ pub fn kml_raw_model(_ctx: RawTracePointContext) -> i32 {
 #[tracepoint(category = "block", name = "block_rq_insert")]
 pub fn kml_tp_features(ctx: TracePointContext) -> i32 {
     if compute_features() {
-        unsafe { INFER.tail_call(&ctx, 1) };
+        unsafe { INFER.tail_call(&ctx, stage::MODEL) };
     }
     finish_unscored();
     0
@@ -406,7 +407,7 @@ fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView, cfg: *const DeviceConfig) {
         // Inference runs in its own program (verified on its own: features and
         // models together exceed what the verifier accepts inline); it finishes
         // the insert. Returning here means the tail call failed.
-        unsafe { INFER.tail_call(ctx, 0) };
+        unsafe { INFER.tail_call(ctx, stage::FEATURES) };
         count(Counter::ModelRejects);
     }
     finish_insert(rec, v.key);
@@ -751,7 +752,7 @@ fn raw_enabled() -> bool {
 
 #[inline(always)]
 pub(crate) fn raw_key(rq: u64) -> InflightKey {
-    InflightKey { a: rq, b: 0 }
+    InflightKey::raw(rq)
 }
 
 #[raw_tracepoint(tracepoint = "block_rq_insert")]
@@ -872,10 +873,7 @@ fn tp_common(ctx: &TracePointContext, f: &EventFields) -> Option<(u32, u64, u32)
 
 #[inline(always)]
 fn tp_key(dev: u32, sector: u64) -> InflightKey {
-    InflightKey {
-        a: sector,
-        b: dev as u64,
-    }
+    InflightKey::tracepoint(dev, sector)
 }
 
 #[tracepoint(category = "block", name = "block_rq_insert")]

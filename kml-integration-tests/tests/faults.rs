@@ -17,6 +17,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use kml_agent::pin;
 use kml_ebpf_common::{
+    abi::names::{map, program},
     features::features_at_insert,
     model::{LinearModel, ModelKind, TreeModel},
     slot::{status_index, ModelControl, SlotStatus},
@@ -174,7 +175,7 @@ impl Fio {
 }
 
 fn counters(dir: &Path) -> Result<Counters> {
-    let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(pin::open(dir, "COUNTERS")?)?;
+    let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(pin::open(dir, map::COUNTERS)?)?;
     let mut c = Counters::default();
     for cpu in map.get(&0, 0)?.iter() {
         c.accumulate(cpu);
@@ -186,14 +187,14 @@ fn counters(dir: &Path) -> Result<Counters> {
 /// the checker vouches for exactly this (version, checksum), and the contents
 /// match the checksum (nothing torn).
 fn active_model(dir: &Path) -> Result<Option<(u32, QuantizedModel)>> {
-    let control: Array<_, ModelControl> = Array::try_from(pin::open(dir, "MODEL_CONTROL")?)?;
+    let control: Array<_, ModelControl> = Array::try_from(pin::open(dir, map::MODEL_CONTROL)?)?;
     let control = control.get(&0, 0)?;
-    let status: Array<_, SlotStatus> = Array::try_from(pin::open(dir, "SLOT_STATUS")?)?;
+    let status: Array<_, SlotStatus> = Array::try_from(pin::open(dir, map::SLOT_STATUS)?)?;
     let Some(kind) = ModelKind::from_u32(control.kind) else {
         return Ok(None);
     };
     let (version, checksum, intact, model) = if kind.is_linear() {
-        let m: Array<_, LinearModel> = Array::try_from(pin::open(dir, "LINEAR_MODELS")?)?;
+        let m: Array<_, LinearModel> = Array::try_from(pin::open(dir, map::LINEAR_MODELS)?)?;
         let m = m.get(&control.slot, 0)?;
         (
             m.version,
@@ -202,7 +203,7 @@ fn active_model(dir: &Path) -> Result<Option<(u32, QuantizedModel)>> {
             QuantizedModel::Linear(Box::new(m)),
         )
     } else {
-        let m: Array<_, TreeModel> = Array::try_from(pin::open(dir, "TREE_MODELS")?)?;
+        let m: Array<_, TreeModel> = Array::try_from(pin::open(dir, map::TREE_MODELS)?)?;
         let m = m.get(&control.slot, 0)?;
         (
             m.version,
@@ -234,7 +235,7 @@ fn check_orphan_verdicts(
     model: &QuantizedModel,
     during: Duration,
 ) -> Result<(usize, usize)> {
-    let mut ring = RingBuf::try_from(pin::open(dir, "RECORDS")?)?;
+    let mut ring = RingBuf::try_from(pin::open(dir, map::RECORDS)?)?;
     let (mut n, mut checked) = (0, 0);
     let end = Instant::now() + during;
     while Instant::now() < end {
@@ -266,13 +267,13 @@ fn check_orphan_verdicts(
 /// the agent never does: it flips only after the checker vouched), the model stage
 /// refuses it (no verdict, counted) instead of using it.
 fn torn_slots_are_never_used(dir: &Path, active_version: u32) -> Result<()> {
-    let mut control: Array<_, ModelControl> = Array::try_from(pin::open(dir, "MODEL_CONTROL")?)?;
+    let mut control: Array<_, ModelControl> = Array::try_from(pin::open(dir, map::MODEL_CONTROL)?)?;
     let ctl = control.get(&0, 0)?;
     ensure!(
         ModelKind::from_u32(ctl.kind).is_some_and(|k| k.is_linear()),
         "the test expects a linear model"
     );
-    let mut models: Array<_, LinearModel> = Array::try_from(pin::open(dir, "LINEAR_MODELS")?)?;
+    let mut models: Array<_, LinearModel> = Array::try_from(pin::open(dir, map::LINEAR_MODELS)?)?;
     let idle = 1 - ctl.slot;
     let mut torn = models.get(&ctl.slot, 0)?;
     torn.version = active_version + 1000;
@@ -423,7 +424,7 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
         std::thread::sleep(Duration::from_millis(200));
         let left = our_programs(&[], &baseline)?;
         ensure!(
-            left.len() == 7 && !left.values().any(|n| n == "kml_verify_slots"),
+            left.len() == 7 && !left.values().any(|n| n == program::VERIFY_SLOTS),
             "round {round}: after SIGKILL expected the 5 event programs and 2 stages, found {left:?}"
         );
         let (version, active) = active_model(&pins.0)?.context("no active model after the kill")?;
@@ -533,11 +534,12 @@ fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Res
 }
 
 fn device_in_pins(dir: &Path, dev: u32) -> Result<Option<DeviceState>> {
-    let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pin::open(dir, "DEVICES")?)?;
+    let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pin::open(dir, map::DEVICES)?)?;
     if devices.get(&dev, 0).is_err() {
         return Ok(None);
     }
-    let states: HashMap<_, u32, DeviceState> = HashMap::try_from(pin::open(dir, "DEVICE_STATE")?)?;
+    let states: HashMap<_, u32, DeviceState> =
+        HashMap::try_from(pin::open(dir, map::DEVICE_STATE)?)?;
     Ok(Some(states.get(&dev, 0).unwrap_or_default()))
 }
 

@@ -20,7 +20,7 @@
 
 use kml_ebpf_common::{
     features::{Feature, FeatureVector, NUM_FEATURES},
-    inference::{infer_linear, infer_tree, Verdict},
+    inference::{infer_linear, infer_tree, Prediction},
     model::{
         LinearModel, ModelKind, TreeModel, MAX_OUT_SHIFT, MAX_PRODUCT_SHIFT, TREE_LEAF,
         TREE_MAX_NODES,
@@ -48,7 +48,7 @@ pub enum QuantizedModel {
 
 impl QuantizedModel {
     /// Exactly what the eBPF program computes.
-    pub fn infer(&self, x: &FeatureVector) -> Verdict {
+    pub fn infer(&self, x: &FeatureVector) -> Prediction {
         match self {
             QuantizedModel::Linear(m) => infer_linear(m, x),
             QuantizedModel::Tree(m) => infer_tree(m, x),

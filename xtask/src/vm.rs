@@ -69,32 +69,8 @@ pub const SKIP_STATUS: u8 = 77;
 /// Size of the guest's virtio disk image.
 const DISK_BYTES: u64 = 1 << 30;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Policy {
-    Off,
-    Reads,
-    ReadsUnderWrites,
-    /// `kml-agent run --model MODEL --act model`: the model's at-risk verdicts act.
-    Model,
-    /// `kml-agent run --model MODEL --act model-reads`: the same, reads only.
-    ModelReads,
-}
-
-impl Policy {
-    fn arg(self) -> &'static str {
-        match self {
-            Policy::Off => "off",
-            Policy::Reads => "reads",
-            Policy::ReadsUnderWrites => "reads-under-writes",
-            Policy::Model => "model",
-            Policy::ModelReads => "model-reads",
-        }
-    }
-
-    fn uses_model(self) -> bool {
-        matches!(self, Policy::Model | Policy::ModelReads)
-    }
-}
+/// The verdict hook's policy, as kml-agent names it (`hook --policy`, `run --act`).
+pub use kml_ebpf_common::abi::hook::Policy;
 
 #[derive(Debug, Args)]
 pub struct VmArgs {
@@ -310,7 +286,7 @@ impl VmArgs {
 
         let mut append = format!(
             "virtio_blk.queue_depth=1 kml.mode={mode} kml.policy={} kml.runtime={} kml.repeat={}",
-            self.policy.arg(),
+            self.policy.name(),
             self.runtime,
             self.repeat
         );
@@ -376,9 +352,9 @@ impl VmArgs {
             runtime: self.runtime,
             repeat: self.repeat,
             policy: if self.policy.uses_model() {
-                format!("{} (model {})", self.policy.arg(), self.model)
+                format!("{} (model {})", self.policy.name(), self.model)
             } else {
-                self.policy.arg().to_owned()
+                self.policy.name().to_owned()
             },
             workloads,
             share: share.clone(),

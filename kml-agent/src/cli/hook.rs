@@ -103,7 +103,10 @@ impl HookArgs {
         drop(fmod_ret);
         let secs = started.elapsed().as_secs_f64();
         match counters {
-            Some(c) => println!("kml-agent: hook detached after {secs:.1}s: {}", c.line()),
+            Some(c) => println!(
+                "kml-agent: hook detached after {secs:.1}s: {}",
+                crate::hook::counters_line(&c)
+            ),
             None => println!(
                 "kml-agent: hook detached after {secs:.1}s (fmod_ret: no program counters)"
             ),

@@ -395,7 +395,7 @@ impl RunArgs {
         };
         observer.detach();
         if let Some(c) = hook_counters {
-            tracing::info!("hook (policy {policy}): {}", c.line());
+            tracing::info!("hook (policy {policy}): {}", crate::hook::counters_line(&c));
             for line in boosts_before.lines_since() {
                 tracing::info!("{line}");
             }

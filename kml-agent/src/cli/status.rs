@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, PerCpuArray};
 use kml_ebpf_common::{
+    abi::names::map,
     model::{LinearModel, ModelKind, TreeModel},
     slot::{status_index, ModelControl, SlotStatus},
     Counter, Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord,
@@ -125,19 +126,20 @@ impl StatusArgs {
 
     fn pinned(&self, tuning: &[serde_json::Value]) -> anyhow::Result<()> {
         let dir = &self.pin_dir;
-        let control: Array<_, ModelControl> = Array::try_from(pin::open(dir, "MODEL_CONTROL")?)?;
+        let control: Array<_, ModelControl> = Array::try_from(pin::open(dir, map::MODEL_CONTROL)?)?;
         let control = control.get(&0, 0)?;
-        let status: Array<_, SlotStatus> = Array::try_from(pin::open(dir, "SLOT_STATUS")?)?;
+        let status: Array<_, SlotStatus> = Array::try_from(pin::open(dir, map::SLOT_STATUS)?)?;
         let kind = ModelKind::from_u32(control.kind);
         let (version, checksum_ok) = match kind {
             Some(ModelKind::Tree) => {
-                let m: Array<_, TreeModel> = Array::try_from(pin::open(dir, "TREE_MODELS")?)?;
+                let m: Array<_, TreeModel> = Array::try_from(pin::open(dir, map::TREE_MODELS)?)?;
                 let m = m.get(&control.slot, 0)?;
                 let st = status.get(&status_index(true, control.slot), 0)?;
                 (m.version, st.vouches(m.version, m.checksum))
             }
             Some(_) => {
-                let m: Array<_, LinearModel> = Array::try_from(pin::open(dir, "LINEAR_MODELS")?)?;
+                let m: Array<_, LinearModel> =
+                    Array::try_from(pin::open(dir, map::LINEAR_MODELS)?)?;
                 let m = m.get(&control.slot, 0)?;
                 let st = status.get(&status_index(false, control.slot), 0)?;
                 (m.version, st.vouches(m.version, m.checksum))
@@ -145,17 +147,18 @@ impl StatusArgs {
             None => (0, false),
         };
         let counters: PerCpuArray<_, Counters> =
-            PerCpuArray::try_from(pin::open(dir, "COUNTERS")?)?;
+            PerCpuArray::try_from(pin::open(dir, map::COUNTERS)?)?;
         let mut c = Counters::default();
         for cpu in counters.get(&0, 0)?.iter() {
             c.accumulate(cpu);
         }
-        let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pin::open(dir, "DEVICES")?)?;
+        let devices: HashMap<_, u32, DeviceConfig> =
+            HashMap::try_from(pin::open(dir, map::DEVICES)?)?;
         let states: HashMap<_, u32, DeviceState> =
-            HashMap::try_from(pin::open(dir, "DEVICE_STATE")?)?;
+            HashMap::try_from(pin::open(dir, map::DEVICE_STATE)?)?;
         // Entries in the in-flight map now (a soak watches this stay bounded).
         let inflight: HashMap<_, InflightKey, RequestRecord> =
-            HashMap::try_from(pin::open(dir, "INFLIGHT")?)?;
+            HashMap::try_from(pin::open(dir, map::INFLIGHT)?)?;
         let inflight_entries = inflight.keys().filter(Result::is_ok).count();
         let mut devs = Vec::new();
         for entry in devices.iter().flatten() {

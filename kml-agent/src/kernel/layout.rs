@@ -1,6 +1,7 @@
 //! Builds the [`KernelLayout`] the programs read, from BTF and tracefs.
 
 use kml_ebpf_common::{
+    abi::names::{Event, EVENTS},
     layout::{
         EventFields, RawTpLayout, TracepointLayout, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST, IOPRIO_NONE,
     },
@@ -63,13 +64,12 @@ pub fn raw_tp_layout(btf: &Btf) -> Result<RawTpLayout, LayoutError> {
         Ok(1u32 << b)
     };
     // The tracepoints' prototypes (args + the hidden ctx): what args[n] the programs read.
-    for (tp, args) in [
-        ("block_rq_insert", 1),
-        ("block_rq_issue", 1),
-        ("block_rq_complete", 3),
-        ("block_rq_requeue", 1),
-        ("block_rq_merge", 1),
-    ] {
+    for Event {
+        tracepoint: tp,
+        raw_args: args,
+        ..
+    } in EVENTS
+    {
         let found = btf.typedef_fn_params(&format!("btf_trace_{tp}"))?;
         if found != args + 1 {
             return Err(LayoutError::Prototype {
@@ -176,11 +176,11 @@ fn event_fields(
 /// The classic tracepoints' field offsets, from their tracefs format files.
 pub fn tracepoint_layout(tracefs: &Tracefs) -> Result<TracepointLayout, LayoutError> {
     Ok(TracepointLayout {
-        insert: event_fields(tracefs, "block_rq_insert", true, false)?,
-        issue: event_fields(tracefs, "block_rq_issue", false, false)?,
-        complete: event_fields(tracefs, "block_rq_complete", false, true)?,
-        requeue: event_fields(tracefs, "block_rq_requeue", false, false)?,
-        merge: event_fields(tracefs, "block_rq_merge", false, false)?,
+        insert: event_fields(tracefs, Event::INSERT.tracepoint, true, false)?,
+        issue: event_fields(tracefs, Event::ISSUE.tracepoint, false, false)?,
+        complete: event_fields(tracefs, Event::COMPLETE.tracepoint, false, true)?,
+        requeue: event_fields(tracefs, Event::REQUEUE.tracepoint, false, false)?,
+        merge: event_fields(tracefs, Event::MERGE.tracepoint, false, false)?,
     })
 }
 

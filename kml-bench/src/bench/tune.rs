@@ -267,13 +267,13 @@ fn ms(x: Option<f64>) -> String {
 }
 
 /// Goals of issue 8, judged on the medians.
-pub struct Verdict {
+pub struct GoalCheck {
     pub mixed_met: Vec<String>,
     pub worse: Vec<String>,
 }
 
-pub fn verdict(b: &TuneBench) -> Verdict {
-    let mut v = Verdict {
+pub fn verdict(b: &TuneBench) -> GoalCheck {
+    let mut v = GoalCheck {
         mixed_met: Vec::new(),
         worse: Vec::new(),
     };

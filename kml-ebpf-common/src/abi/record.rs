@@ -8,17 +8,42 @@
 
 use crate::op::{ReqFlags, ReqOp};
 
-/// Key of the in-flight map.
+/// Entries of the in-flight map (`INFLIGHT`, LRU): requests between insert and
+/// completion that kml follows at once.
+pub const INFLIGHT_CAPACITY: usize = 65536;
+
+/// Key of the in-flight map: the identity of a request as the attach mode sees it.
 ///
-/// Raw tracepoint mode: `a` is the `struct request *`, `b` is 0: unique for the
-/// request's lifetime. Tracepoint mode (no BTF): `a` is the start sector and `b` the
-/// device, which is what the classic tracepoints expose; two requests in flight at
-/// the same sector of the same device collide, and that is counted.
+/// Raw tracepoint mode ([`InflightKey::raw`]): the `struct request *`, unique for
+/// the request's lifetime. Tracepoint mode ([`InflightKey::tracepoint`], no BTF):
+/// the start sector and the device, which is what the classic tracepoints expose;
+/// two requests in flight at the same sector of the same device collide, and that
+/// is counted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct InflightKey {
-    pub a: u64,
-    pub b: u64,
+    /// The `struct request *` (raw tracepoints) or the start sector (tracepoints).
+    pub id: u64,
+    /// 0 (raw tracepoints: the pointer alone is unique) or the disk's kernel
+    /// `dev_t` (tracepoints).
+    pub dev: u64,
+}
+
+impl InflightKey {
+    /// The key of the request at `rq` (raw tracepoint mode).
+    #[inline(always)]
+    pub const fn raw(rq: u64) -> InflightKey {
+        InflightKey { id: rq, dev: 0 }
+    }
+
+    /// The key of the request starting at `sector` of `dev` (tracepoint mode).
+    #[inline(always)]
+    pub const fn tracepoint(dev: u32, sector: u64) -> InflightKey {
+        InflightKey {
+            id: sector,
+            dev: dev as u64,
+        }
+    }
 }
 
 /// One block request from insert to completion (the in-flight map's value and the

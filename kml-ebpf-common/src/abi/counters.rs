@@ -1,54 +1,73 @@
-//! Per-CPU counters of the observer: nothing is lost without being counted.
+//! Per-CPU counters of the programs: nothing is lost without being counted.
+//!
+//! Each counter set is one `#[repr(C)]` struct of `u64`s (the value of a per-CPU
+//! array map, BTF-typed, so `bpftool map dump name MAP` prints every field by name)
+//! and an enum naming its fields: the programs bump a field by name and the agent
+//! reads it by name, never by position.
 
-macro_rules! counters {
-    ($( $(#[doc = $doc:literal])* $field:ident => $variant:ident ),+ $(,)?) => {
-        /// One slot of the per-CPU `COUNTERS` map. BTF-typed, so
-        /// `bpftool map dump name COUNTERS` prints every field by name.
+/// Defines a counter struct and the enum that names its fields.
+macro_rules! counter_set {
+    (
+        $(#[$struct_doc:meta])* pub struct $Struct:ident;
+        $(#[$enum_doc:meta])* pub enum $Enum:ident;
+        $( $(#[doc = $doc:literal])* $field:ident => $variant:ident ),+ $(,)?
+    ) => {
+        $(#[$struct_doc])*
         #[repr(C)]
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-        pub struct Counters {
+        pub struct $Struct {
             $( $(#[doc = $doc])* pub $field: u64, )+
         }
 
-        /// Names a field of [`Counters`].
+        $(#[$enum_doc])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum Counter {
+        pub enum $Enum {
             $( $variant, )+
         }
 
-        impl Counters {
-            pub const ALL: &'static [Counter] = &[$(Counter::$variant),+];
+        impl $Struct {
+            pub const ALL: &'static [$Enum] = &[$($Enum::$variant),+];
 
             #[inline(always)]
-            pub fn slot(&mut self, c: Counter) -> &mut u64 {
+            pub fn slot(&mut self, c: $Enum) -> &mut u64 {
                 match c {
-                    $( Counter::$variant => &mut self.$field, )+
+                    $( $Enum::$variant => &mut self.$field, )+
                 }
             }
 
-            pub const fn get(&self, c: Counter) -> u64 {
+            pub const fn get(&self, c: $Enum) -> u64 {
                 match c {
-                    $( Counter::$variant => self.$field, )+
+                    $( $Enum::$variant => self.$field, )+
                 }
             }
 
             /// Adds another CPU's counters into these.
-            pub fn accumulate(&mut self, other: &Counters) {
+            pub fn accumulate(&mut self, other: &$Struct) {
                 $( self.$field = self.$field.wrapping_add(other.$field); )+
             }
         }
 
-        impl Counter {
+        impl $Enum {
             pub const fn name(self) -> &'static str {
                 match self {
-                    $( Counter::$variant => stringify!($field), )+
+                    $( $Enum::$variant => stringify!($field), )+
                 }
             }
         }
+
+        #[cfg(feature = "user")]
+        // SAFETY: repr(C), only u64 fields.
+        unsafe impl aya::Pod for $Struct {}
     };
 }
 
-counters! {
+pub(crate) use counter_set;
+
+counter_set! {
+    /// The observers' counters: one slot of the per-CPU `COUNTERS` map.
+    pub struct Counters;
+    /// Names a field of [`Counters`].
+    pub enum Counter;
     /// block_rq_insert events on traced devices.
     inserts => Inserts,
     /// block_rq_issue events on traced devices.
@@ -102,10 +121,6 @@ counters! {
     /// of the request (sampling mode: uncertain requests are kept first).
     sampled_out => SampledOut,
 }
-
-#[cfg(feature = "user")]
-// SAFETY: repr(C), only u64 fields.
-unsafe impl aya::Pod for Counters {}
 
 #[cfg(test)]
 mod tests {

@@ -89,7 +89,7 @@ pub struct TracepointLayout {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
-    /// [`crate::attach_mode`] value; 0 means "not configured": programs do nothing.
+    /// [`crate::abi::attach_mode`] value; 0 means "not configured": programs do nothing.
     pub mode: u32,
     /// Wake the agent when this many bytes wait in the ring buffer; below it records
     /// are written without a wake-up and the agent's poll timer collects them.
