@@ -354,9 +354,29 @@ impl Observer {
             );
         }
         let (read, write) = device.expiries()?;
+        // Classic tracepoints rebuild the scheduler's deadline in jiffies from the
+        // expiries (raw tracepoints read it from the request). Unknown HZ: 0, and
+        // the label falls back to the ns estimate (said once, here).
+        let hz = match self.config.mode {
+            AttachMode::Tracepoint => match crate::kernel::clock::tick_rate() {
+                Ok(rate) => rate.hz,
+                Err(e) => {
+                    tracing::warn!(
+                        "HZ unknown ({e}): {} is labelled by the ns estimate of its deadline",
+                        device.name
+                    );
+                    0
+                }
+            },
+            AttachMode::RawTracepoint => 0,
+        };
+        let jiffies =
+            |d: Duration| kml_ebpf_common::label::expire_jiffies(d.as_millis() as u64, hz);
         let config = DeviceConfig {
             read_expire_ns: read.as_nanos() as u64,
             write_expire_ns: write.as_nanos() as u64,
+            read_expire_jiffies: jiffies(read),
+            write_expire_jiffies: jiffies(write),
         };
         let dev = device.dev();
         // State first: the programs count only devices that have a config entry.

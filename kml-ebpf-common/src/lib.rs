@@ -18,6 +18,7 @@ extern crate std;
 pub mod abi;
 pub mod features;
 pub mod inference;
+pub mod label;
 pub mod model;
 #[cfg(feature = "user")]
 pub mod trace;

@@ -2,7 +2,8 @@
 //! read by the learning code. One definition of the columns, here.
 //!
 //! Reading goes by header names, so columns may be reordered or added; every column
-//! in [`COLUMNS`] must be present.
+//! in [`COLUMNS`] must be present but those in [`OPTIONAL_COLUMNS`] (added later:
+//! a trace written before them reads them as 0, "unknown").
 
 extern crate std;
 
@@ -41,7 +42,17 @@ pub const COLUMNS: &[&str] = &[
     "verdict",
     "score",
     "model_version",
+    "insert_jiffies",
+    "issue_jiffies",
+    "fifo_time",
 ];
+
+/// Columns a trace may lack (read as 0): the scheduler's deadline in jiffies and
+/// the jiffies it is compared with, added with the label of [`crate::label`].
+pub const OPTIONAL_COLUMNS: &[&str] = &["insert_jiffies", "issue_jiffies", "fifo_time"];
+
+/// Position of an optional column absent from the header.
+const ABSENT: usize = usize::MAX;
 
 const FLAG_NAMES: &[(u8, &str)] = &[
     (ReqFlags::SYNC, "sync"),
@@ -100,7 +111,7 @@ pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
     let (major, minor) = crate::kernel_dev_split(r.dev);
     writeln!(
         w,
-        "{major}:{minor},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        "{major}:{minor},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
         r.sector,
         r.nr_sectors,
         r.op().name(),
@@ -126,6 +137,9 @@ pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
         verdict_text(r.verdict),
         r.score,
         r.model_version,
+        r.insert_jiffies,
+        r.issue_jiffies,
+        r.fifo_time,
     )
 }
 
@@ -186,10 +200,11 @@ impl RowReader {
         let names: Vec<&str> = header_line.trim_end().split(',').map(str::trim).collect();
         let mut index = [0usize; COLUMNS.len()];
         for (slot, col) in index.iter_mut().zip(COLUMNS) {
-            *slot = names
-                .iter()
-                .position(|n| n == col)
-                .ok_or(TraceError::MissingColumn(col))?;
+            *slot = match names.iter().position(|n| n == col) {
+                Some(i) => i,
+                None if OPTIONAL_COLUMNS.contains(col) => ABSENT,
+                None => return Err(TraceError::MissingColumn(col)),
+            };
         }
         Ok(RowReader {
             index,
@@ -207,7 +222,10 @@ impl RowReader {
                 found: fields.len(),
             });
         }
-        let get = |i: usize| fields[self.index[i]].trim();
+        let get = |i: usize| match self.index[i] {
+            ABSENT => "0",
+            at => fields[at].trim(),
+        };
         let bad = |i: usize| TraceError::BadValue {
             line,
             column: COLUMNS[i],
@@ -253,6 +271,9 @@ impl RowReader {
             model_version: num!(25),
             near_boundary: 0,
             _pad: [0; 4],
+            insert_jiffies: num!(26),
+            issue_jiffies: num!(27),
+            fifo_time: num!(28),
         };
         let inflight: u32 = num!(12);
         if inflight != r.inflight() {
@@ -317,6 +338,9 @@ mod tests {
             flags: ReqFlags::SYNC | ReqFlags::FUA,
             near_boundary: 0,
             _pad: [0; 4],
+            insert_jiffies: 4_295_000_000,
+            issue_jiffies: 4_295_000_126,
+            fifo_time: 4_295_000_125,
         }
     }
 
@@ -329,6 +353,33 @@ mod tests {
         assert!(text.contains("7:3,123456,8,write,sync+fua,"), "{text}");
         let back = read_all(text.as_bytes()).unwrap();
         assert_eq!(back, std::vec![sample()]);
+    }
+
+    #[test]
+    fn traces_without_the_jiffies_columns_still_read() {
+        let old: Vec<&str> = COLUMNS
+            .iter()
+            .copied()
+            .filter(|c| !OPTIONAL_COLUMNS.contains(c))
+            .collect();
+        let mut row = Vec::new();
+        write_row(&mut row, &sample()).unwrap();
+        let text = String::from_utf8(row).unwrap();
+        let fields: Vec<&str> = text.trim_end().split(',').collect();
+        let old_row = fields[..old.len()].join(",");
+        let back = RowReader::new(&old.join(","))
+            .unwrap()
+            .parse(&old_row, 2)
+            .unwrap();
+        let mut want = sample();
+        want.insert_jiffies = 0;
+        want.issue_jiffies = 0;
+        want.fifo_time = 0;
+        assert_eq!(back, want);
+        // Without jiffies the label is the ns estimate.
+        assert_eq!(back.deadline_missed(), back.deadline_missed_ns());
+        // The sample was dispatched one jiffy after its fifo_time.
+        assert!(sample().deadline_missed() && !sample().deadline_missed_ns());
     }
 
     #[test]

@@ -25,7 +25,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_ringbuf_query,
+        generated::{bpf_jiffies64, bpf_ringbuf_query},
     },
     macros::{btf_map, raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
@@ -36,6 +36,7 @@ use kml_ebpf_common::{
     attach_mode,
     features::{features_at_insert, FeatureVector},
     inference::{infer_linear, infer_tree, linear_limit},
+    label::fifo_time_fallback,
     layout::{EventFields, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST},
     model::{LinearModel, ModelKind, TreeModel},
     op::{parse_rwbs, Direction, ReqFlags, ReqOp},
@@ -291,12 +292,21 @@ fn score_request(rec: &mut RequestRecord, x: &FeatureVector) {
 fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView, cfg: *const DeviceConfig) {
     count(Counter::Inserts);
     let now = unsafe { bpf_ktime_get_ns() };
+    let jiffies = unsafe { bpf_jiffies64() };
     let dir = v.op.direction();
-    let expire = unsafe {
+    let (expire, expire_jiffies) = unsafe {
         match dir {
-            Direction::Read => (*cfg).read_expire_ns,
-            Direction::Write => (*cfg).write_expire_ns,
+            Direction::Read => ((*cfg).read_expire_ns, (*cfg).read_expire_jiffies),
+            Direction::Write => ((*cfg).write_expire_ns, (*cfg).write_expire_jiffies),
         }
+    };
+    // The scheduler's deadline: raw tracepoints read `rq->fifo_time` at issue (it
+    // is set after this tracepoint); classic tracepoints compute what the scheduler
+    // computes (see kml_ebpf_common::label).
+    let fifo_time = if tp_enabled() {
+        fifo_time_fallback(jiffies, expire_jiffies)
+    } else {
+        0
     };
 
     if let Some(e) = INFLIGHT.get_ptr_mut(v.key) {
@@ -307,6 +317,8 @@ fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView, cfg: *const DeviceConfig) {
             unsafe {
                 (*e).insert_ns = now;
                 (*e).deadline_ns = now + expire;
+                (*e).insert_jiffies = jiffies;
+                (*e).fifo_time = fifo_time;
                 // The verdict was for the first insert's features and deadline: no
                 // verdict now (neither the hook nor the live confusion matrix may
                 // use it against the new deadline).
@@ -399,6 +411,9 @@ fn on_insert<C: EbpfContext>(ctx: &C, v: &ReqView, cfg: *const DeviceConfig) {
         verdict: Verdict::NONE,
         near_boundary: 0,
         _pad: [0; 4],
+        insert_jiffies: jiffies,
+        issue_jiffies: 0,
+        fifo_time,
     };
     if let Some(k) = SCRATCH_KEY.get_ptr_mut(0) {
         unsafe { *k = v.key };
@@ -495,12 +510,14 @@ unsafe fn queued_counter(s: *mut DeviceState, dir: Direction) -> *mut u64 {
 }
 
 /// One lookup of the in-flight map. `extent` (start sector, sectors as dispatched)
-/// is read only for a request in flight; `dev_of` only for one that is not, to tell
-/// a traced device's bypassing request from another disk's.
+/// and `fifo_time` (the scheduler's deadline, raw tracepoints only) are read only
+/// for a request in flight; `dev_of` only for one that is not, to tell a traced
+/// device's bypassing request from another disk's.
 #[inline(always)]
 fn on_issue(
     key: InflightKey,
     extent: impl FnOnce() -> Option<(u64, u32)>,
+    fifo_time: impl FnOnce() -> Option<u64>,
     dev_of: impl FnOnce() -> Option<u32>,
 ) {
     let Some(e) = INFLIGHT.get_ptr_mut(key) else {
@@ -514,11 +531,16 @@ fn on_issue(
     };
     count(Counter::Issues);
     let now = unsafe { bpf_ktime_get_ns() };
+    let jiffies = unsafe { bpf_jiffies64() };
     unsafe {
         let dev = (*e).dev;
         let dir = ReqOp::from_u8((*e).op).direction();
         let was_queued = (*e).issue_ns == 0;
         (*e).issue_ns = now;
+        (*e).issue_jiffies = jiffies;
+        if let Some(t) = fifo_time() {
+            (*e).fifo_time = t;
+        }
         if let Some(s) = DEVICE_STATE.get_ptr_mut(dev) {
             if was_queued {
                 dec_saturating(queued_counter(s, dir));
@@ -559,6 +581,7 @@ fn on_requeue(key: InflightKey) {
         if (*e).issue_ns != 0 {
             // Back in the scheduler: queued again until the next issue.
             (*e).issue_ns = 0;
+            (*e).issue_jiffies = 0;
             if let Some(s) = DEVICE_STATE.get_ptr_mut((*e).dev) {
                 fetch_inc(queued_counter(s, ReqOp::from_u8((*e).op).direction()));
             }
@@ -802,7 +825,8 @@ pub fn kml_raw_rq_issue(ctx: RawTracePointContext) -> i32 {
         let data_len = read::<u32>(rq, layout!(raw.rq_data_len))?;
         Some((sector, data_len >> 9))
     };
-    on_issue(raw_key(rq), extent, || raw_dev(rq));
+    let fifo_time = || read::<u64>(rq, layout!(raw.rq_fifo_time));
+    on_issue(raw_key(rq), extent, fifo_time, || raw_dev(rq));
     0
 }
 
@@ -918,9 +942,11 @@ pub fn kml_tp_rq_issue(ctx: TracePointContext) -> i32 {
     let Some((dev, sector, nr_sectors)) = tp_common(&ctx, &f) else {
         return 0;
     };
+    // fifo_time was computed at insert (no `struct request` here).
     on_issue(
         tp_key(dev, sector),
         || Some((sector, nr_sectors)),
+        || None,
         || Some(dev),
     );
     0

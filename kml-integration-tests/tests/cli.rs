@@ -74,6 +74,7 @@ fn doctor_reports_and_picks_a_mode() -> Result<()> {
         "lockdown",
         "ring buffer",
         "mq-deadline hook",
+        "deadline label",
     ] {
         ensure!(text.contains(needle), "doctor does not report {needle}");
     }

@@ -5,7 +5,11 @@ use kml_agent::{
     kernel::caps::AttachMode,
     observe::{Observer, ObserverConfig},
 };
-use kml_ebpf_common::{record::ewma_step, Counter, ReqOp, RequestRecord};
+use kml_ebpf_common::{
+    label::{expire_jiffies, time_after_eq},
+    record::ewma_step,
+    Counter, ReqOp, RequestRecord,
+};
 use kml_integration_tests::{
     assert_no_kml_programs, issue_direct, scattered_pattern, Issued, LoopDevice,
 };
@@ -27,6 +31,9 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
     let dev = LoopDevice::new(SIZE_MIB, READ_EXPIRE_MS, WRITE_EXPIRE_MS)?;
     let bdev = dev.block_device()?;
     let pattern = scattered_pattern(1000, SIZE_MIB, 7);
+    let hz = kml_agent::kernel::clock::tick_rate()
+        .map_err(anyhow::Error::msg)?
+        .hz;
 
     let (records, counters, missed) = runtime().block_on(async {
         let mut observer = Observer::load(ObserverConfig::new(mode))?;
@@ -152,9 +159,32 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
             "request {i}: deadline is insert + {} ns, expected {expire_ms} ms",
             r.deadline_ns - r.insert_ns
         );
+        // The scheduler's deadline in jiffies (kml_ebpf_common::label): raw
+        // tracepoints read mq-deadline's own `fifo_time`, set from the jiffies just
+        // after the insert tracepoint (a tick may fall in between); classic ones
+        // compute insert jiffies + expiry.
+        let expire_j = expire_jiffies(u64::from(expire_ms), hz);
+        let fifo_after = r.fifo_time.wrapping_sub(r.insert_jiffies);
+        let tick_between = match mode {
+            AttachMode::RawTracepoint => 1,
+            AttachMode::Tracepoint => 0,
+        };
+        ensure!(
+            r.insert_jiffies != 0 && (expire_j..=expire_j + tick_between).contains(&fifo_after),
+            "request {i}: fifo_time is insert jiffies + {fifo_after}, expected {expire_j} (HZ {hz}): {r:?}"
+        );
+        // The jiffies moved with the ns clock: each tick is 1/HZ s.
+        let ticks = |from_ns: u64, to_ns: u64| (to_ns - from_ns) * hz / 1_000_000_000;
+        let dj = r.issue_jiffies.wrapping_sub(r.insert_jiffies);
+        let dt = ticks(r.insert_ns, r.issue_ns);
+        ensure!(
+            time_after_eq(r.issue_jiffies, r.insert_jiffies) && dj <= dt + 1 && dj + 1 >= dt,
+            "request {i}: {dj} jiffies from insert to issue in {} ns (HZ {hz})",
+            r.issue_ns - r.insert_ns
+        );
         ensure!(r.error == 0 && r.requeues == 0, "request {i}: {r:?}");
         ensure!(
-            !r.deadline_missed(),
+            !r.deadline_missed() && !r.deadline_missed_ns(),
             "request {i} missed a {expire_ms} ms deadline on an idle disk: {r:?}"
         );
         // One synchronous request at a time: nothing else in flight or queued.
@@ -332,6 +362,36 @@ fn in_flight_counts_and_misses_under_concurrency() -> Result<()> {
     {
         anyhow::bail!("deadline is not insert + read/write_expire ({read_expire:?}): {r:?}");
     }
+    // The scheduler's own deadline, read at issue: jiffies at insert + the expiry
+    // in jiffies (+1 if a tick fell between the tracepoint and the assignment),
+    // earlier only for a request that absorbed an older one by a merge.
+    let hz = kml_agent::kernel::clock::tick_rate()
+        .map_err(anyhow::Error::msg)?
+        .hz;
+    let expire_j = expire_jiffies(read_expire.as_millis() as u64, hz);
+    let mut earlier = 0u64;
+    for r in &records {
+        let after = r.fifo_time.wrapping_sub(r.insert_jiffies) as i64;
+        ensure!(
+            r.requeues == 0 && r.issue_jiffies != 0 && after <= expire_j as i64 + 1,
+            "fifo_time is insert jiffies + {after}, expiry {expire_j} jiffies: {r:?}"
+        );
+        earlier += u64::from(after < expire_j as i64);
+    }
+    ensure!(
+        earlier <= merges,
+        "{earlier} requests with a deadline earlier than their own, {merges} merges"
+    );
+    let missed = records.iter().filter(|r| r.deadline_missed()).count();
+    let missed_ns = records.iter().filter(|r| r.deadline_missed_ns()).count();
+    eprintln!(
+        "{} records: {missed} dispatched after the scheduler's deadline, {missed_ns} by the ns estimate",
+        records.len()
+    );
+    ensure!(
+        missed > 0,
+        "no request missed a {read_expire:?} deadline under 256 in flight"
+    );
     Ok(())
 }
 

@@ -325,6 +325,24 @@ fn doctor_json_agrees_with_the_system() -> Result<()> {
             == std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists(),
         "kprobes check disagrees with the kprobe PMU"
     );
+    // The tick rate the classic tracepoint label uses, against the kernel's config.
+    let label = doc["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "deadline label"))
+        .and_then(|c| c["detail"].as_str())
+        .with_context(|| format!("no deadline label check: {doc}"))?;
+    let config = Command::new("sh")
+        .args(["-c", "zcat /proc/config.gz 2>/dev/null"])
+        .output()?;
+    if let Some(hz) =
+        kml_agent::kernel::clock::hz_from_config(&String::from_utf8_lossy(&config.stdout))
+    {
+        ensure!(
+            label.contains(&format!("(HZ {hz}, ")),
+            "CONFIG_HZ={hz}, doctor: {label}"
+        );
+    }
+    ensure!(label.contains("rq->fifo_time@"), "deadline label: {label}");
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
     let bpffs = mounts.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();

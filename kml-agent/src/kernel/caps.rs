@@ -247,6 +247,26 @@ impl KernelReport {
                 Err(e) => e.clone(),
             },
         });
+        // The label: the scheduler's own deadline (see kml_ebpf_common::label).
+        let tick = super::clock::tick_rate();
+        checks.push(Check {
+            name: "deadline label",
+            ok: raw_layout.is_ok() || tick.is_ok(),
+            detail: format!(
+                "raw tracepoints: {}; classic tracepoints: {}",
+                match &raw_layout {
+                    Ok(l) => format!("rq->fifo_time@{} read at issue", l.rq_fifo_time),
+                    Err(_) => "unavailable".into(),
+                },
+                match &tick {
+                    Ok(t) => format!(
+                        "insert jiffies + expiry in jiffies (HZ {}, {}): misses a merge's or head insert's earlier deadline",
+                        t.hz, t.source
+                    ),
+                    Err(e) => format!("HZ unknown ({e}): the ns estimate insert + expiry"),
+                }
+            ),
+        });
         let kprobe_pmu = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
         checks.push(Check {
             name: "kprobes",

@@ -105,6 +105,7 @@ pub fn raw_tp_layout(btf: &Btf) -> Result<RawTpLayout, LayoutError> {
         rq_sector: member("request", "__sector", 8)?,
         rq_data_len: member("request", "__data_len", 4)?,
         rq_cmd_flags: member("request", "cmd_flags", 4)?,
+        rq_fifo_time: member("request", "fifo_time", 8)?,
         q_disk: member("request_queue", "disk", 8)?,
         disk_major: member("gendisk", "major", 4)?,
         disk_first_minor: member("gendisk", "first_minor", 4)?,

@@ -2,6 +2,7 @@
 
 pub mod btf;
 pub mod caps;
+pub mod clock;
 pub mod layout;
 pub mod mounts;
 pub mod tracefs;

@@ -15,6 +15,8 @@ pub struct RawTpLayout {
     pub rq_sector: u32,
     pub rq_data_len: u32,
     pub rq_cmd_flags: u32,
+    /// `rq->fifo_time`: mq-deadline's deadline in jiffies (read at issue).
+    pub rq_fifo_time: u32,
     /// Where the I/O priority is: [`IOPRIO_NONE`], [`IOPRIO_IN_REQUEST`]
     /// (`rq->ioprio`, kernels up to 6.x) or [`IOPRIO_IN_BIO`] (`rq->bio->bi_ioprio`).
     pub ioprio_source: u32,
@@ -113,6 +115,7 @@ impl KernelLayout {
                 rq_sector: 0,
                 rq_data_len: 0,
                 rq_cmd_flags: 0,
+                rq_fifo_time: 0,
                 ioprio_source: IOPRIO_NONE,
                 rq_ioprio: 0,
                 rq_bio: 0,

@@ -109,6 +109,19 @@ pub struct RequestRecord {
     /// 1 when the score was within the control's `near_margin` of the limit.
     pub near_boundary: u8,
     pub _pad: [u8; 4],
+    /// `jiffies` (`bpf_jiffies64`) at `block_rq_insert`: the clock mq-deadline sets
+    /// the request's deadline from, read a few instructions before it does.
+    pub insert_jiffies: u64,
+    /// `jiffies` at `block_rq_issue` (0 if never issued).
+    pub issue_jiffies: u64,
+    /// The scheduler's own deadline in jiffies, `rq->fifo_time`: raw tracepoint
+    /// mode reads it at issue (mq-deadline sets it to `jiffies + fifo_expire[dir]`
+    /// just after the insert tracepoint, `jiffies` for a request inserted at the
+    /// head, and moves it earlier when it merges an older request into this one).
+    /// Classic tracepoint mode has no `struct request`: `insert_jiffies` + the
+    /// device's expiry in jiffies (HZ probed by the agent), see
+    /// [`crate::label`]. 0 when unknown (then the label falls back to ns).
+    pub fifo_time: u64,
 }
 
 /// Values of [`RequestRecord::verdict`].
@@ -151,10 +164,21 @@ impl RequestRecord {
         self.complete_ns.saturating_sub(self.issue_ns)
     }
 
-    /// Classification target: the request was dispatched after its FIFO deadline.
-    /// A request never issued (issue_ns 0) that completed counts as missed only if it
-    /// completed after the deadline.
+    /// Classification target: the request was dispatched after the scheduler's
+    /// own deadline ([`crate::label::missed`]): `issue_jiffies` after `fifo_time`
+    /// in the kernel's `time_after` sense. Without both (an old trace, a request
+    /// never issued, an unknown HZ in classic tracepoint mode) the nanosecond
+    /// estimate [`RequestRecord::deadline_missed_ns`] decides.
     pub const fn deadline_missed(&self) -> bool {
+        crate::label::missed(self)
+    }
+
+    /// The nanosecond estimate of the label (kml's label before the scheduler's
+    /// own deadline was read): dispatched after `insert_ns` + the device's expiry.
+    /// A request never issued (issue_ns 0) that completed counts as missed only if
+    /// it completed after the deadline. It can disagree with
+    /// [`RequestRecord::deadline_missed`] by up to a jiffy.
+    pub const fn deadline_missed_ns(&self) -> bool {
         let dispatched = if self.issue_ns != 0 {
             self.issue_ns
         } else {
@@ -183,6 +207,11 @@ pub struct DeviceConfig {
     pub read_expire_ns: u64,
     /// mq-deadline `write_expire`, ns.
     pub write_expire_ns: u64,
+    /// The same expiries in jiffies (`fifo_expire[dir]` as mq-deadline keeps it),
+    /// for the classic tracepoint fallback of `fifo_time`; 0 when the agent could
+    /// not probe HZ (the label then falls back to ns).
+    pub read_expire_jiffies: u64,
+    pub write_expire_jiffies: u64,
 }
 
 /// Per-device state the programs keep (updated with atomics; read by the agent).
@@ -242,16 +271,18 @@ mod tests {
     fn record_layout_is_stable() {
         // The eBPF side and the host decode the same bytes: a size change must be
         // deliberate (and the ring buffer decoder checks it).
-        assert_eq!(core::mem::size_of::<RequestRecord>(), 128);
+        assert_eq!(core::mem::size_of::<RequestRecord>(), 152);
         assert_eq!(core::mem::align_of::<RequestRecord>(), 8);
         assert_eq!(core::mem::size_of::<InflightKey>(), 16);
     }
 
     #[test]
     fn label_met_and_missed() {
-        // Issued exactly at the deadline meets it; one ns later misses it.
+        // No jiffies (an old trace): the ns estimate. Issued exactly at the
+        // deadline meets it; one ns later misses it.
         assert!(!rec(100, 600, 700, 600).deadline_missed());
         assert!(rec(100, 601, 700, 600).deadline_missed());
+        assert!(rec(100, 601, 700, 600).deadline_missed_ns());
         assert_eq!(rec(100, 601, 700, 600).insert_to_issue_ns(), 501);
         assert_eq!(rec(100, 601, 700, 600).issue_to_complete_ns(), 99);
     }

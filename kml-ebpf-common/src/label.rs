@@ -1,0 +1,144 @@
+//! The label: did mq-deadline dispatch the request after its own deadline?
+//!
+//! mq-deadline gives each request `rq->fifo_time = jiffies + fifo_expire[dir]` in
+//! `dd_insert_request()`, just after the `block_rq_insert` tracepoint (`jiffies` for
+//! a request inserted at the head of the dispatch list, e.g. a requeue; an earlier
+//! value when it absorbs an older request by a merge). kml reads that value at
+//! `block_rq_issue` (raw tracepoints; the offset of `fifo_time` comes from BTF) with
+//! the jiffies of the issue (`bpf_jiffies64`), and calls the request missed when it
+//! was dispatched after its `fifo_time`, compared as the kernel compares jiffies
+//! ([`time_after`]: wrap-safe). mq-deadline itself starts serving an expired FIFO
+//! once `time_after_eq(jiffies, fifo_time)`, one jiffy earlier: a request dispatched
+//! in the very jiffy of its deadline is on time here.
+//!
+//! Classic tracepoints have no `struct request`: there `fifo_time` is
+//! [`fifo_time_fallback`] (`insert_jiffies` + the device's expiry in jiffies, from
+//! sysfs milliseconds and a probed HZ, see [`expire_jiffies`]). It misses the merge
+//! and head-insert cases and a tick between the tracepoint and the assignment.
+//!
+//! The nanosecond times stay in the record for latency (and for the regression
+//! target); [`crate::RequestRecord::deadline_missed_ns`] is the old estimate,
+//! used when the jiffies are unknown (traces from before, an unprobed HZ).
+
+use crate::record::RequestRecord;
+
+/// The kernel's `time_after(a, b)`: `a` is later than `b`, modulo wrap-around.
+#[inline(always)]
+pub const fn time_after(a: u64, b: u64) -> bool {
+    (b.wrapping_sub(a) as i64) < 0
+}
+
+/// The kernel's `time_after_eq(a, b)`: `a` is `b` or later, modulo wrap-around.
+#[inline(always)]
+pub const fn time_after_eq(a: u64, b: u64) -> bool {
+    (a.wrapping_sub(b) as i64) >= 0
+}
+
+/// The label of a finished request: dispatched after the scheduler's own
+/// deadline. Falls back to the nanosecond estimate when `fifo_time` or the issue
+/// jiffies are unknown (0).
+#[inline(always)]
+pub const fn missed(r: &RequestRecord) -> bool {
+    if r.fifo_time != 0 && r.issue_jiffies != 0 {
+        time_after(r.issue_jiffies, r.fifo_time)
+    } else {
+        r.deadline_missed_ns()
+    }
+}
+
+/// Classic tracepoint mode's `fifo_time`: what `dd_insert_request()` computes,
+/// `jiffies + fifo_expire[dir]`, from the jiffies at the insert tracepoint. 0
+/// (unknown) when the expiry in jiffies is unknown.
+#[inline(always)]
+pub const fn fifo_time_fallback(insert_jiffies: u64, expire_jiffies: u64) -> u64 {
+    if expire_jiffies == 0 {
+        0
+    } else {
+        insert_jiffies.wrapping_add(expire_jiffies)
+    }
+}
+
+/// mq-deadline's `fifo_expire` in jiffies from the milliseconds its sysfs file
+/// shows (`jiffies_to_msecs`, which rounds up). For HZ ≤ 1000 the floor of
+/// `ms × HZ / 1000` inverts that rounding exactly: `ms` lies in
+/// `[j × 1000 / HZ, j × 1000 / HZ + 1)`, so `ms × HZ / 1000` lies in
+/// `[j, j + HZ / 1000)`. Host side only (a division); 0 for an unknown HZ.
+pub const fn expire_jiffies(ms: u64, hz: u64) -> u64 {
+    ms.saturating_mul(hz) / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(issue_j: u64, fifo: u64) -> RequestRecord {
+        RequestRecord {
+            insert_ns: 100,
+            issue_ns: 200,
+            complete_ns: 300,
+            // The ns estimate says "met" everywhere below.
+            deadline_ns: 1_000,
+            insert_jiffies: 10,
+            issue_jiffies: issue_j,
+            fifo_time: fifo,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kernel_time_comparisons_wrap() {
+        assert!(time_after(5, 4) && !time_after(4, 4) && !time_after(3, 4));
+        assert!(time_after_eq(4, 4) && time_after_eq(5, 4) && !time_after_eq(3, 4));
+        // Across the wrap: 2 is after u64::MAX - 1.
+        assert!(time_after(2, u64::MAX - 1) && !time_after(u64::MAX - 1, 2));
+        assert!(time_after_eq(0, u64::MAX));
+    }
+
+    #[test]
+    fn missed_means_dispatched_after_fifo_time() {
+        // In the deadline's jiffy: on time; one jiffy later: missed.
+        assert!(!missed(&rec(14, 14)));
+        assert!(missed(&rec(15, 14)));
+        assert!(!missed(&rec(11, 14)));
+        // The scheduler's label wins over the ns estimate both ways.
+        let mut r = rec(15, 14);
+        r.deadline_ns = 10_000;
+        assert!(!r.deadline_missed_ns() && r.deadline_missed());
+        let mut r = rec(12, 14);
+        r.issue_ns = 20_000;
+        assert!(r.deadline_missed_ns() && !r.deadline_missed());
+        // A head insert (fifo_time = jiffies at insert) dispatched in a later jiffy.
+        assert!(missed(&rec(11, 10)));
+        // Jiffies that wrap.
+        assert!(missed(&rec(1, u64::MAX)));
+        assert!(!missed(&rec(u64::MAX, 1)));
+    }
+
+    #[test]
+    fn unknown_jiffies_fall_back_to_ns() {
+        let mut r = rec(0, 14);
+        r.issue_ns = 2_000;
+        assert!(missed(&r), "never issued: ns rule");
+        let mut r = rec(20, 0);
+        assert!(!missed(&r), "unknown fifo_time: ns rule");
+        r.issue_ns = 1_001;
+        assert!(missed(&r));
+    }
+
+    #[test]
+    fn fallback_fifo_time_and_expiry_in_jiffies() {
+        assert_eq!(fifo_time_fallback(1_000, 125), 1_125);
+        assert_eq!(fifo_time_fallback(1_000, 0), 0);
+        assert_eq!(fifo_time_fallback(u64::MAX, 2), 1);
+        // sysfs shows jiffies_to_msecs(j) (rounded up); the floor inverts it.
+        for hz in [100u64, 250, 300, 1000] {
+            for j in 1..5000u64 {
+                let ms = (j * 1000).div_ceil(hz);
+                assert_eq!(expire_jiffies(ms, hz), j, "HZ {hz} j {j}");
+            }
+        }
+        assert_eq!(expire_jiffies(500, 250), 125);
+        assert_eq!(expire_jiffies(1, 250), 0);
+        assert_eq!(expire_jiffies(500, 0), 0);
+    }
+}
