@@ -17,10 +17,14 @@
 //! Cost (BPF, `kml-learn/bpf-bench`): about 300 instructions, 17 ns. Which features
 //! earned their place, and the evaluation behind it: `docs/learning.md`.
 
-use crate::{op::Direction, record::RequestRecord};
+use crate::{
+    op::Direction,
+    position::{PositionFeatures, COUNT_MAX, DUE_NONE},
+    record::RequestRecord,
+};
 
 /// Number of features every model slot is laid out for.
-pub const NUM_FEATURES: usize = 12;
+pub const NUM_FEATURES: usize = 18;
 
 /// One request's features, in [`Feature`] order.
 pub type FeatureVector = [i32; NUM_FEATURES];
@@ -78,6 +82,20 @@ pub enum Feature {
     /// capped at [`BUDGET_MAX`]. The regression verdict compares the predicted delay
     /// with it.
     DeadlineBudgetUs = 11,
+    /// Age of the FIFO head against the budget, log scale
+    /// ([`PositionFeatures::head_age_log`]): how far behind the queue runs.
+    HeadAgeLog = 12,
+    /// Queued requests of this direction older than half the budget.
+    OlderHalf = 13,
+    /// Queued requests of this direction already past the budget.
+    Expired = 14,
+    /// Queued requests between this one and the nearest due batch start below it
+    /// in sector order ([`PositionFeatures::due_below`]; [`DUE_NONE`] if none near).
+    DueBelow = 15,
+    /// Age of the oldest queued request just below in sector order, log scale.
+    BelowAgeLog = 16,
+    /// Requests queued in the last eighth to half of a budget (burst onset).
+    Recent = 17,
 }
 
 impl Feature {
@@ -95,6 +113,12 @@ impl Feature {
         Feature::ExpectedWaitLog,
         Feature::IssueDistanceLog2,
         Feature::DeadlineBudgetUs,
+        Feature::HeadAgeLog,
+        Feature::OlderHalf,
+        Feature::Expired,
+        Feature::DueBelow,
+        Feature::BelowAgeLog,
+        Feature::Recent,
     ];
 
     /// Position in a [`FeatureVector`].
@@ -117,6 +141,12 @@ impl Feature {
             Feature::ExpectedWaitLog => "expected_wait_log",
             Feature::IssueDistanceLog2 => "issue_distance_log2",
             Feature::DeadlineBudgetUs => "deadline_budget_us",
+            Feature::HeadAgeLog => "head_age_log",
+            Feature::OlderHalf => "older_half",
+            Feature::Expired => "expired",
+            Feature::DueBelow => "due_below",
+            Feature::BelowAgeLog => "below_age_log",
+            Feature::Recent => "recent",
         }
     }
 
@@ -126,7 +156,12 @@ impl Feature {
             Feature::Op => 6,
             Feature::WriteDir => 1,
             Feature::IssueDistanceLog2 => 64,
-            Feature::DirWaitLog | Feature::ExpectedWaitLog => LOG_RATIO_MAX,
+            Feature::DirWaitLog
+            | Feature::ExpectedWaitLog
+            | Feature::HeadAgeLog
+            | Feature::BelowAgeLog => LOG_RATIO_MAX,
+            Feature::OlderHalf | Feature::Expired | Feature::Recent => COUNT_MAX,
+            Feature::DueBelow => DUE_NONE,
             Feature::DeadlineBudgetUs => BUDGET_MAX,
             Feature::SectorMib
             | Feature::QueuedSameDir
@@ -247,12 +282,22 @@ const fn log_ratio_of_logs(log_num: i32, log_den: i32) -> i32 {
     }
 }
 
-/// The feature vector of a request as known at insert. Used unchanged by the eBPF
-/// program (on the record it filled in at insert) and by the host (on a trace
-/// record). Integer only: shifts, masks, adds, compares, two multiplies (one
-/// 32×32→64-bit product, and one per logarithm's bit count); no division, no loop.
+/// The feature vector of a request as known at insert, without position state
+/// (the position features are [`PositionFeatures::UNKNOWN`]): what a kernel that
+/// keeps no [`crate::position::QueueShape`] computes.
 #[inline(always)]
 pub fn features_at_insert(r: &RequestRecord) -> FeatureVector {
+    features_with_position(r, &PositionFeatures::UNKNOWN)
+}
+
+/// The feature vector of a request as known at insert. Used unchanged by the eBPF
+/// program (on the record it filled in at insert, and the position it took from its
+/// direction's [`crate::position::QueueShape`] before adding the request) and by the
+/// host (on a trace record, with the position replayed or recorded). Integer only:
+/// shifts, masks, adds, compares, two multiplies (one 32×32→64-bit product, and one
+/// per logarithm's bit count); no division, no loop.
+#[inline(always)]
+pub fn features_with_position(r: &RequestRecord, p: &PositionFeatures) -> FeatureVector {
     let op = r.op();
     let write = op.direction() == Direction::Write;
     let (queued_same, queued_other) = if write {
@@ -285,7 +330,26 @@ pub fn features_at_insert(r: &RequestRecord) -> FeatureVector {
         log_ratio_of_logs(log2_8(expected_ns), log_budget),
         bit_length(r.issue_distance),
         budget,
+        clamp_to(p.head_age_log, LOG_RATIO_MAX),
+        clamp_to(p.older_half, COUNT_MAX),
+        clamp_to(p.expired, COUNT_MAX),
+        clamp_to(p.due_below, DUE_NONE),
+        clamp_to(p.below_age_log, LOG_RATIO_MAX),
+        clamp_to(p.recent, COUNT_MAX),
     ]
+}
+
+/// `v` clamped to `0..=max` (position values come from a record: keep every
+/// feature inside its declared range whatever the record holds).
+#[inline(always)]
+const fn clamp_to(v: i32, max: i32) -> i32 {
+    if v < 0 {
+        0
+    } else if v > max {
+        max
+    } else {
+        v
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod features;
 pub mod inference;
 pub mod label;
 pub mod model;
+pub mod position;
 #[cfg(feature = "user")]
 pub mod trace;
 

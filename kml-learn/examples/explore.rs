@@ -120,7 +120,7 @@ fn run(
     features: &[Feature],
     w: &Windows,
     args: &Args,
-) -> anyhow::Result<(Vec<f64>, f64)> {
+) -> anyhow::Result<(Vec<Cell>, f64)> {
     let mut opts = TrainOptions::new(kind);
     opts.features = Some(features.to_vec());
     opts.compare_baseline = false;
@@ -135,12 +135,37 @@ fn run(
         .tests
         .iter()
         .map(|(_, d)| {
-            evaluate(&m.float, &m.quantized, d)
-                .quantized
-                .balanced_accuracy
+            let e = evaluate(&m.float, &m.quantized, d);
+            Cell {
+                ba: e.quantized.balanced_accuracy,
+                auc: e.quantized_auc,
+                one_class: e.one_class(),
+            }
         })
         .collect();
     Ok((bal, secs))
+}
+
+/// One table cell: balanced accuracy and AUC of the integer model on one dataset.
+#[derive(Clone, Copy)]
+struct Cell {
+    ba: f64,
+    auc: Option<f64>,
+    one_class: bool,
+}
+
+impl std::fmt::Display for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = if self.one_class {
+            "one class".to_string()
+        } else {
+            match self.auc {
+                Some(a) => format!("{:.1}/{:.3}", 100.0 * self.ba, a),
+                None => format!("{:.1}/-", 100.0 * self.ba),
+            }
+        };
+        write!(f, "{text:>12}")
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -197,7 +222,7 @@ fn main() -> anyhow::Result<()> {
     for (n, _) in &windows.tests {
         print!(" {:>12}", &n[..n.len().min(12)]);
     }
-    println!("  train s");
+    println!("  train s   (balanced accuracy %/AUC)");
 
     if args.univariate {
         let train = Dataset::concat(&[windows.fit.clone(), windows.tune.clone()]);
@@ -240,7 +265,7 @@ fn main() -> anyhow::Result<()> {
     if args.oracle {
         print!("{:<28}", "1 ms window oracle");
         for (_, d) in &windows.tests {
-            print!(" {:>12.2}", 100.0 * window_oracle(d, 1_000_000));
+            print!(" {}", window_oracle(d, 1_000_000));
         }
         println!();
     }
@@ -250,7 +275,7 @@ fn main() -> anyhow::Result<()> {
         let (bal, secs) = run(kind, &features, &windows, &args)?;
         print!("{:<28}", k);
         for b in &bal {
-            print!(" {:>12.2}", 100.0 * b);
+            print!(" {b}");
         }
         println!("  {secs:.2}");
         if args.ablate && kind != ModelKind::Baseline {
@@ -259,7 +284,7 @@ fn main() -> anyhow::Result<()> {
                 let (bal, _) = run(kind, &rest, &windows, &args)?;
                 print!("{:<28}", format!("  - {}", f.name()));
                 for b in &bal {
-                    print!(" {:>12.2}", 100.0 * b);
+                    print!(" {b}");
                 }
                 println!();
             }
@@ -269,7 +294,7 @@ fn main() -> anyhow::Result<()> {
                 let (bal, _) = run(kind, &more, &windows, &args)?;
                 print!("{:<28}", format!("  + {}", f.name()));
                 for b in &bal {
-                    print!(" {:>12.2}", 100.0 * b);
+                    print!(" {b}");
                 }
                 println!();
             }
@@ -307,7 +332,7 @@ fn loo(
     print!("{:<12}", "set/kind");
     for (n, _) in tests {
         let n = n.trim_end_matches(" later");
-        print!(" {:>10}", &n[..n.len().min(10)]);
+        print!(" {:>12}", &n[..n.len().min(12)]);
     }
     println!(" {:>10} {:>10} {:>10}", "mean-out", "min-out", "mean-later");
     for (si, set) in sets.iter().enumerate() {
@@ -330,14 +355,16 @@ fn loo(
                 };
                 let (bal, _) = run(kind, set, &w, args)?;
                 outs.push(bal[0]);
-                laters.extend_from_slice(&bal[1..]);
+                laters.extend(bal[1..].iter().filter(|c| !c.one_class).map(|c| c.ba));
             }
             print!("{:<12}", format!("s{si} {k}"));
             for b in &outs {
-                print!(" {:>10.2}", 100.0 * b);
+                print!(" {b}");
             }
             let mean = |v: &[f64]| 100.0 * v.iter().sum::<f64>() / v.len() as f64;
-            let min = outs.iter().cloned().fold(f64::INFINITY, f64::min);
+            let scored: Vec<f64> = outs.iter().filter(|c| !c.one_class).map(|c| c.ba).collect();
+            let min = scored.iter().cloned().fold(f64::INFINITY, f64::min);
+            let outs = scored;
             println!(
                 " {:>10.2} {:>10.2} {:>10.2}",
                 mean(&outs),
@@ -358,7 +385,7 @@ fn loo(
 /// Balanced accuracy of the best "flag every request of this window" rule, where a
 /// window is `window_ns` of insert time in one direction and windows are flagged in
 /// order of their actual miss rate (hindsight).
-fn window_oracle(d: &Dataset, window_ns: u64) -> f64 {
+fn window_oracle(d: &Dataset, window_ns: u64) -> Cell {
     let mut cells: std::collections::HashMap<(u8, u64), (u64, u64)> = Default::default();
     for (r, missed) in d.records().iter().zip(d.missed()) {
         let c = cells
@@ -370,9 +397,23 @@ fn window_oracle(d: &Dataset, window_ns: u64) -> f64 {
     let (pos, total) = cells.values().fold((0, 0), |(p, t), c| (p + c.1, t + c.0));
     let neg = total - pos;
     if pos == 0 || neg == 0 {
-        return 1.0;
+        return Cell {
+            ba: 1.0,
+            auc: None,
+            one_class: true,
+        };
     }
-    let mut order: Vec<(u64, u64)> = cells.into_values().collect();
+    // Its score for a request: the miss rate of the request's window.
+    let scores: Vec<f64> = d
+        .records()
+        .iter()
+        .map(|r| {
+            let c = cells[&(r.op().direction() as u8, r.insert_ns / window_ns)];
+            c.1 as f64 / c.0 as f64
+        })
+        .collect();
+    let auc = kml_learn::metrics::auc(&scores, &d.missed().collect::<Vec<_>>());
+    let mut order: Vec<(u64, u64)> = cells.values().copied().collect();
     order.sort_by(|a, b| (b.1 as f64 / b.0 as f64).total_cmp(&(a.1 as f64 / a.0 as f64)));
     let (mut tp, mut fp, mut best) = (0u64, 0u64, 0.5f64);
     for (n, m) in order {
@@ -380,5 +421,9 @@ fn window_oracle(d: &Dataset, window_ns: u64) -> f64 {
         fp += n - m;
         best = best.max(0.5 * (tp as f64 / pos as f64 + (neg - fp) as f64 / neg as f64));
     }
-    best
+    Cell {
+        ba: best,
+        auc,
+        one_class: false,
+    }
 }

@@ -11,7 +11,8 @@
 # NAME.fio.txt (fio's report) and NAME.rec.txt (the agent's summary, and the
 # expiries read back: mq-deadline keeps them in jiffies, so with HZ=250 `1` acts
 # as 4 ms and `10` as 12 ms). The loop device is detached and fio stopped on any
-# exit. Needs root and `cargo xtask build --release` (target/release/kml-agent).
+# exit. NR_REQUESTS in the environment overrides the 1024 (deeper queues). Needs
+# root and `cargo xtask build --release` (target/release/kml-agent).
 set -euo pipefail
 
 NAME=$1; JOB=$(realpath "$2"); R=$3; W=$4; DUR=${5:-12}; OUT=${6:-/tmp/kml-traces}
@@ -33,7 +34,7 @@ DEV=$(losetup -f --show --direct-io=on "$IMG")
 N=$(basename "$DEV")
 Q=/sys/block/$N/queue
 echo mq-deadline > "$Q/scheduler"
-echo 1024 > "$Q/nr_requests"
+echo "${NR_REQUESTS:-1024}" > "$Q/nr_requests"
 echo "$R" > "$Q/iosched/read_expire"
 echo "$W" > "$Q/iosched/write_expire"
 # Pre-fill so reads are served from allocated blocks, as on a used disk.

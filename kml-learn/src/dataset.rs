@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, fs::File, io::BufReader, path::Path};
 
 use kml_ebpf_common::{
-    features::{features_at_insert, Feature, FeatureVector, TIME_SHIFT},
+    features::{features_with_position, Feature, FeatureVector, TIME_SHIFT},
     op::Direction,
     trace, RequestRecord,
 };
@@ -59,13 +59,21 @@ fn usable(r: &RequestRecord) -> bool {
 
 impl Dataset {
     /// Builds a dataset from records in any order (a trace is in completion order).
-    pub fn from_records(mut records: Vec<RequestRecord>, source: impl Into<String>) -> Self {
+    /// The position features are replayed from the records themselves
+    /// ([`crate::replay`]): every record, usable or not, takes its place in the queue.
+    pub fn from_records(records: Vec<RequestRecord>, source: impl Into<String>) -> Self {
+        let positions = crate::replay::replay_positions(&records, &Default::default());
         let before = records.len();
-        records.retain(usable);
-        let skipped = before - records.len();
+        let mut pairs: Vec<(RequestRecord, FeatureVector)> = records
+            .into_iter()
+            .zip(positions)
+            .filter(|(r, _)| usable(r))
+            .map(|(r, p)| (r, features_with_position(&r, &p)))
+            .collect();
+        let skipped = before - pairs.len();
         // Stable: records inserted in the same ns keep their trace order.
-        records.sort_by_key(|r| r.insert_ns);
-        let features = records.iter().map(features_at_insert).collect();
+        pairs.sort_by_key(|(r, _)| r.insert_ns);
+        let (records, features): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
         let window = format!("all {} records by insert time", records.len());
         let span_ns = span_of(&records);
         Dataset {

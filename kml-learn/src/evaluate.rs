@@ -24,6 +24,18 @@ pub struct Evaluation {
     pub quantized_regression: Option<RegressionMetrics>,
     /// Share of requests on which the two forms give the same verdict.
     pub agreement: f64,
+    /// Area under the ROC curve of the integer model's margin (its ranking of the
+    /// requests); `None` when the data holds one class only ("one class").
+    #[serde(default)]
+    pub quantized_auc: Option<f64>,
+}
+
+impl Evaluation {
+    /// The data held only misses or only met deadlines: no score means anything.
+    pub fn one_class(&self) -> bool {
+        let c = &self.quantized.confusion;
+        c.actual_misses() == 0 || c.actual_met() == 0
+    }
 }
 
 pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) -> Evaluation {
@@ -31,6 +43,7 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
     let mut quant_cm = ConfusionMatrix::default();
     let mut agree = 0u64;
     let (mut float_reg, mut quant_reg) = (Vec::new(), Vec::new());
+    let mut margins = Vec::with_capacity(data.len());
     for ((x, missed), delay) in data
         .features()
         .iter()
@@ -39,6 +52,7 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
     {
         let f = float.at_risk(x);
         let q = quantized.infer(x).at_risk;
+        margins.push(quantized.margin(x) as f64);
         float_cm.add(f, missed);
         quant_cm.add(q, missed);
         agree += (f == q) as u64;
@@ -57,6 +71,7 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
         quantized: quant_cm.summary(),
         float_regression: regression(float_reg),
         quantized_regression: regression(quant_reg),
+        quantized_auc: crate::metrics::auc(&margins, &data.missed().collect::<Vec<_>>()),
         agreement: if data.is_empty() {
             1.0
         } else {

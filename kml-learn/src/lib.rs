@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model_file;
 pub mod progress;
 pub mod quantize;
+pub mod replay;
 pub mod robustness;
 pub mod synthetic;
 pub mod train;

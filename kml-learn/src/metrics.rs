@@ -162,6 +162,35 @@ impl RegressionMetrics {
     }
 }
 
+/// Area under the ROC curve of `scores` (higher = more likely a miss) against
+/// `labels`: the probability that a random miss scores above a random met request,
+/// ties counting one half (Mann-Whitney). `None` when the labels hold one class
+/// only: there is no ranking to judge, and a trace like that is reported as "one
+/// class", never with a score.
+pub fn auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
+    assert_eq!(scores.len(), labels.len());
+    let positives = labels.iter().filter(|&&l| l).count() as f64;
+    let negatives = labels.len() as f64 - positives;
+    if positives == 0.0 || negatives == 0.0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_unstable_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    // Sum of the positives' ranks (1-based, ties at their mean rank).
+    let (mut rank_sum, mut k) = (0.0, 0);
+    while k < order.len() {
+        let mut end = k;
+        while end < order.len() && scores[order[end]] == scores[order[k]] {
+            end += 1;
+        }
+        let mean_rank = (k + 1 + end) as f64 / 2.0;
+        let pos_here = order[k..end].iter().filter(|&&i| labels[i]).count() as f64;
+        rank_sum += mean_rank * pos_here;
+        k = end;
+    }
+    Some((rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives))
+}
+
 /// The threshold `t` on `scores` (verdict: `score > t`) that maximises balanced
 /// accuracy against `labels`. Ties keep the higher threshold (fewer flags). With one
 /// class only, returns a threshold that predicts it.
@@ -259,6 +288,28 @@ mod tests {
             RegressionMetrics::from_pairs([(1.0, 1.0), (1.0, 1.0)]).r2,
             0.0
         );
+    }
+
+    #[test]
+    fn auc_by_hand() {
+        assert_eq!(
+            auc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]),
+            Some(1.0)
+        );
+        assert_eq!(
+            auc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]),
+            Some(0.0)
+        );
+        // One of the four pairs misordered, one tied.
+        let a = auc(
+            &[0.1, 0.5, 0.5, 0.9, 0.3],
+            &[false, false, true, true, true],
+        )
+        .unwrap();
+        // pairs (pos, neg): (0.5,0.1)=1 (0.5,0.5)=.5 (0.9,*)=2 (0.3,0.1)=1 (0.3,0.5)=0
+        assert!((a - 4.5 / 6.0).abs() < 1e-12, "{a}");
+        assert_eq!(auc(&[1.0, 2.0], &[false, false]), None);
+        assert_eq!(auc(&[1.0, 2.0], &[true, true]), None);
     }
 
     #[test]

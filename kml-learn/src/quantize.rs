@@ -20,7 +20,7 @@
 
 use kml_ebpf_common::{
     features::{Feature, FeatureVector, NUM_FEATURES},
-    inference::{infer_linear, infer_tree, Prediction},
+    inference::{infer_linear, infer_tree, linear_limit, linear_score, Prediction},
     model::{
         LinearModel, ModelKind, TreeModel, MAX_OUT_SHIFT, MAX_PRODUCT_SHIFT, TREE_LEAF,
         TREE_MAX_NODES,
@@ -52,6 +52,15 @@ impl QuantizedModel {
         match self {
             QuantizedModel::Linear(m) => infer_linear(m, x),
             QuantizedModel::Tree(m) => infer_tree(m, x),
+        }
+    }
+
+    /// How far above its verdict boundary the integer score is (the verdict is
+    /// `margin > 0`): the ranking AUC is measured on.
+    pub fn margin(&self, x: &FeatureVector) -> i64 {
+        match self {
+            QuantizedModel::Linear(m) => linear_score(m, x).saturating_sub(linear_limit(m, x)),
+            QuantizedModel::Tree(m) => infer_tree(m, x).score - m.threshold as i64,
         }
     }
 
@@ -307,13 +316,13 @@ mod tests {
 
     /// Any bit pattern at all: valid or not.
     fn hostile_linear_strategy() -> impl Strategy<Value = LinearModel> {
-        let arr = || proptest::array::uniform12(any::<i32>());
+        let arr = || proptest::array::uniform(any::<i32>());
         (
             arr(),
             arr(),
             arr(),
             arr(),
-            proptest::array::uniform12(any::<u32>()),
+            proptest::array::uniform(any::<u32>()),
             any::<i64>(),
             any::<i64>(),
             any::<u32>(),
@@ -352,13 +361,13 @@ mod tests {
     /// Models that pass validation: inputs within ±2^20 of the offset keep every
     /// product below 2^51, so the sum of 16 stays far from 2^62.
     fn valid_linear_strategy() -> impl Strategy<Value = LinearModel> {
-        let small = || proptest::array::uniform12(-(1i32 << 19)..(1 << 19));
+        let small = || proptest::array::uniform(-(1i32 << 19)..(1 << 19));
         (
-            proptest::array::uniform12(any::<i32>()),
+            proptest::array::uniform(any::<i32>()),
             small(),
             small(),
             small(),
-            proptest::array::uniform12(0..=MAX_PRODUCT_SHIFT),
+            proptest::array::uniform(0..=MAX_PRODUCT_SHIFT),
             -(1i64 << 60)..(1 << 60),
             0..=MAX_OUT_SHIFT,
         )
@@ -397,14 +406,14 @@ mod tests {
         /// Any model at all, valid or not, any input: no panic (tests run with
         /// overflow checks on).
         #[test]
-        fn integer_linear_never_traps(m in hostile_linear_strategy(), x in proptest::array::uniform12(any::<i32>())) {
+        fn integer_linear_never_traps(m in hostile_linear_strategy(), x in proptest::array::uniform(any::<i32>())) {
             let _ = infer_linear(&m, &x);
         }
 
         /// A valid model's integer score is its exact twin's value rounded down
         /// term by term: within [-16, 0] units (plus f64's own rounding).
         #[test]
-        fn integer_linear_tracks_its_twin(m in valid_linear_strategy(), x in proptest::array::uniform12(any::<i32>())) {
+        fn integer_linear_tracks_its_twin(m in valid_linear_strategy(), x in proptest::array::uniform(any::<i32>())) {
             prop_assert!(m.validate().is_ok());
             let score = infer_linear(&m, &x).score as f64;
             let twin = twin_score(&m, &x);
@@ -415,7 +424,7 @@ mod tests {
         /// Quantising a float model keeps the score within the stated bound of the
         /// float model for every input, and the verdict agrees away from the edge.
         #[test]
-        fn quantized_linear_matches_float_within_bound(m in linear_strategy(), xs in proptest::collection::vec(proptest::array::uniform12(any::<i32>()), 1..8)) {
+        fn quantized_linear_matches_float_within_bound(m in linear_strategy(), xs in proptest::collection::vec(proptest::array::uniform(any::<i32>()), 1..8)) {
             let q = quantize_linear(&m).unwrap();
             prop_assert!(q.validate().is_ok() && q.checksum_ok());
             let unit = (q.out_shift as f64).exp2();
@@ -438,7 +447,7 @@ mod tests {
 
         /// Trees: for integer inputs the quantised tree reaches the same leaf.
         #[test]
-        fn quantized_tree_walks_like_the_float_tree(splits in proptest::collection::vec((0..NUM_FEATURES, -1e5f64..1e5, 0.0f64..=1.0), 1..40), xs in proptest::collection::vec(proptest::array::uniform12(-100_000i32..100_000), 1..16), threshold in 0.0f64..1.0) {
+        fn quantized_tree_walks_like_the_float_tree(splits in proptest::collection::vec((0..NUM_FEATURES, -1e5f64..1e5, 0.0f64..=1.0), 1..40), xs in proptest::collection::vec(proptest::array::uniform(-100_000i32..100_000), 1..16), threshold in 0.0f64..1.0) {
             // A chain: split node i has leaf i+1 on its left, the next split (or the
             // last leaf) i+2 on its right.
             let mut nodes = Vec::new();

@@ -10,6 +10,7 @@ use kml_ebpf_common::{
         LOG_RATIO_ONE, NUM_FEATURES,
     },
     op::ReqOp,
+    position::DUE_NONE,
     RequestRecord,
 };
 use proptest::prelude::*;
@@ -114,6 +115,14 @@ fn reference(r: &RequestRecord) -> [i64; NUM_FEATURES] {
             Feature::ExpectedWaitLog => ref_log_ratio(expected as u64, budget_ns as u64),
             Feature::IssueDistanceLog2 => 128 - (r.issue_distance as u128).leading_zeros() as i64,
             Feature::DeadlineBudgetUs => (budget_ns / 1024).min(BUDGET_MAX as u128) as i64,
+            // Without position state: PositionFeatures::UNKNOWN (tests/position.rs
+            // checks the lanes with position values).
+            Feature::DueBelow => DUE_NONE as i64,
+            Feature::HeadAgeLog
+            | Feature::OlderHalf
+            | Feature::Expired
+            | Feature::BelowAgeLog
+            | Feature::Recent => 0,
         };
     }
     x

@@ -1,0 +1,395 @@
+//! Where a request stands in mq-deadline's queue: the state an eBPF program keeps
+//! per device and direction, its updates, and the position features computed from
+//! it at insert. One definition, used by the kernel and by the host (which replays
+//! it over recorded traces, `kml_learn::replay`).
+//!
+//! Why these. Once a FIFO head has expired, mq-deadline starts each batch at the
+//! oldest queued request and continues up to `fifo_batch` (16) requests upward in
+//! sector order. A request is then served early when a request just below it in
+//! sector order becomes a batch start before its own deadline, else it waits until
+//! it is the oldest itself. So what decides its fate is the ages of the queued
+//! requests just below it, how old the FIFO head is (how far behind the queue runs),
+//! and how many queued requests are already old. `docs/learning.md` has the
+//! measurements that chose them.
+//!
+//! The state ([`QueueShape`], about 0.8 KiB per direction):
+//! - a sector-bucket array: per bucket of `2^bucket_shift` sectors, the number of
+//!   queued requests and the insert time of the oldest one queued there since the
+//!   bucket was last empty (a request leaving does not make a bucket younger: a kernel
+//!   cannot find the next oldest without a list; measured, this loses little);
+//! - an age ring: queued requests counted by insert time in [`AGE_SLOTS`] slots of
+//!   `2^slot_shift` ns, where `slot_shift` comes from the direction's expiry (a slot is
+//!   above 1/8 and at most 1/4 of it), so the ring spans 4 to 8 expiries; a slot is reused when the
+//!   ring comes round, and the requests still counted there then count as older than
+//!   the ring.
+//!
+//! Rules kept for the eBPF side: integers only, no division (shifts, masks), loops
+//! bounded by constants, indices masked into range, nothing that can panic, and every
+//! counter saturating (a remove without its insert, as after an attach in the middle
+//! of the I/O, or an update lost to a race between CPUs, leaves the state a little
+//! off, never invalid).
+
+use crate::features::{bit_length, log_ratio_8, LOG_RATIO_MAX};
+
+/// Sector buckets per direction.
+pub const SECTOR_BUCKETS: usize = 64;
+/// Buckets walked down from the request's own at insert (its own included).
+pub const WALK_BUCKETS: usize = 8;
+/// Slots of the age ring.
+pub const AGE_SLOTS: usize = 32;
+/// [`PositionFeatures::due_below`] when no bucket within the walk is due.
+pub const DUE_NONE: i32 = 255;
+/// Largest value of a count feature (a queue is at most `nr_requests` deep: 8192 on
+/// Linux 6.x; more is saturated).
+pub const COUNT_MAX: i32 = 0xffff;
+
+const _: () = assert!(SECTOR_BUCKETS.is_power_of_two() && AGE_SLOTS.is_power_of_two());
+const _: () = assert!(WALK_BUCKETS <= SECTOR_BUCKETS);
+
+/// The queued requests of one direction of one device, as the position features
+/// need them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueShape {
+    /// Requests queued (inserted, not yet dispatched or merged away).
+    pub queued: u32,
+    pub _pad: u32,
+    /// Queued requests per sector bucket.
+    pub count: [u16; SECTOR_BUCKETS],
+    /// ns of the oldest insert into the bucket since it was last empty.
+    pub oldest_ns: [u64; SECTOR_BUCKETS],
+    /// Which slot period (`insert_ns >> slot_shift`, low 32 bits) a ring slot counts.
+    pub slot_epoch: [u32; AGE_SLOTS],
+    /// Queued requests inserted in that period.
+    pub slot_count: [u16; AGE_SLOTS],
+}
+
+impl Default for QueueShape {
+    fn default() -> Self {
+        QueueShape::EMPTY
+    }
+}
+
+/// The position features of one request at insert (before it joins the queue).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PositionFeatures {
+    /// Age of the FIFO head (the oldest queued request) against the deadline budget,
+    /// on the log scale of [`log_ratio_8`]: 256 when the head is exactly one budget
+    /// old, +8 per doubling. 0 when the queue is empty.
+    pub head_age_log: i32,
+    /// Queued requests older than half the budget (to the ring's slot resolution).
+    pub older_half: i32,
+    /// Queued requests older than the budget (already expired).
+    pub expired: i32,
+    /// Queued requests counted walking down from this request's sector bucket to
+    /// the first bucket whose oldest request is *due*: it becomes the FIFO head
+    /// before this request's deadline (its age is at least the head's age minus
+    /// the budget), so a batch will start there in time. Small: this request sits
+    /// within a batch's reach above a coming batch start. [`DUE_NONE`] when none of
+    /// the [`WALK_BUCKETS`] buckets is due.
+    pub due_below: i32,
+    /// Age of the oldest request in the walked buckets against the budget, log scale.
+    pub below_age_log: i32,
+    /// Queued requests inserted in the current and the previous ring slot (the last
+    /// eighth to half of a budget): the onset of a burst shows here before any wait
+    /// average moves.
+    pub recent: i32,
+}
+
+impl PositionFeatures {
+    /// What a request is given when no position state is kept for its device.
+    pub const UNKNOWN: PositionFeatures = PositionFeatures {
+        head_age_log: 0,
+        older_half: 0,
+        expired: 0,
+        due_below: DUE_NONE,
+        below_age_log: 0,
+        recent: 0,
+    };
+}
+
+/// `v` saturated to [`COUNT_MAX`].
+#[inline(always)]
+const fn count_feature(v: u32) -> i32 {
+    if v > COUNT_MAX as u32 {
+        COUNT_MAX
+    } else {
+        v as i32
+    }
+}
+
+/// The ring's slot width for a direction whose deadline budget is `budget_ns`: a
+/// quarter of the largest power of two not above the budget (more than 1/8 of the
+/// budget and at most 1/4; 1 ns for budgets under 8 ns).
+#[inline(always)]
+pub const fn slot_shift(budget_ns: u64) -> u32 {
+    let n = bit_length(budget_ns);
+    if n > 3 {
+        (n - 3) as u32
+    } else {
+        0
+    }
+}
+
+/// The sector bucket of `sector` (wraps past `SECTOR_BUCKETS << bucket_shift`).
+#[inline(always)]
+pub const fn bucket_of(sector: u64, bucket_shift: u32) -> usize {
+    ((sector >> (bucket_shift & 63)) as usize) & (SECTOR_BUCKETS - 1)
+}
+
+/// The bucket shift that spreads `capacity_sectors` over [`SECTOR_BUCKETS`]
+/// buckets (the agent computes it once per device from its size).
+pub const fn bucket_shift_for(capacity_sectors: u64) -> u32 {
+    let n = bit_length(capacity_sectors.saturating_sub(1)) as u32;
+    n.saturating_sub(SECTOR_BUCKETS.trailing_zeros())
+}
+
+impl QueueShape {
+    pub const EMPTY: QueueShape = QueueShape {
+        queued: 0,
+        _pad: 0,
+        count: [0; SECTOR_BUCKETS],
+        oldest_ns: [0; SECTOR_BUCKETS],
+        slot_epoch: [0; AGE_SLOTS],
+        slot_count: [0; AGE_SLOTS],
+    };
+
+    /// A request joins the queue (`block_rq_insert`, after [`QueueShape::position`]
+    /// was taken for it). `budget_ns` is its deadline budget (the direction's expiry).
+    #[inline(always)]
+    pub fn on_insert(&mut self, sector: u64, bucket_shift: u32, now_ns: u64, budget_ns: u64) {
+        self.queued = self.queued.saturating_add(1);
+        let b = bucket_of(sector, bucket_shift);
+        if let (Some(c), Some(o)) = (self.count.get_mut(b), self.oldest_ns.get_mut(b)) {
+            if *c == 0 {
+                *o = now_ns;
+            }
+            *c = c.saturating_add(1);
+        }
+        let epoch = now_ns >> slot_shift(budget_ns);
+        let s = (epoch as usize) & (AGE_SLOTS - 1);
+        if let (Some(e), Some(c)) = (self.slot_epoch.get_mut(s), self.slot_count.get_mut(s)) {
+            if *e != epoch as u32 {
+                *e = epoch as u32;
+                *c = 0;
+            }
+            *c = c.saturating_add(1);
+        }
+    }
+
+    /// A queued request leaves the queue: dispatched (`block_rq_issue`), or merged
+    /// into another request (`block_rq_merge`). `sector`, `insert_ns` and
+    /// `budget_ns` are the values it had at insert.
+    #[inline(always)]
+    pub fn on_remove(&mut self, sector: u64, bucket_shift: u32, insert_ns: u64, budget_ns: u64) {
+        self.queued = self.queued.saturating_sub(1);
+        let b = bucket_of(sector, bucket_shift);
+        if let Some(c) = self.count.get_mut(b) {
+            *c = c.saturating_sub(1);
+        }
+        let epoch = insert_ns >> slot_shift(budget_ns);
+        let s = (epoch as usize) & (AGE_SLOTS - 1);
+        if let (Some(e), Some(c)) = (self.slot_epoch.get(s), self.slot_count.get_mut(s)) {
+            if *e == epoch as u32 {
+                *c = c.saturating_sub(1);
+            }
+        }
+    }
+
+    /// The position features of a request about to join this queue at `now_ns`
+    /// with deadline budget `budget_ns`. Two bounded loops ([`AGE_SLOTS`] and
+    /// [`WALK_BUCKETS`] steps), no division.
+    #[inline(always)]
+    pub fn position(
+        &self,
+        sector: u64,
+        bucket_shift: u32,
+        now_ns: u64,
+        budget_ns: u64,
+    ) -> PositionFeatures {
+        let sh = slot_shift(budget_ns);
+        let now_epoch = now_ns >> sh;
+        // Slots younger than half the budget / than the budget.
+        let half_slots = (budget_ns >> 1) >> sh;
+        let budget_slots = budget_ns >> sh;
+        let (mut in_ring, mut young_half, mut young_budget, mut recent) = (0u32, 0u32, 0u32, 0u32);
+        let mut oldest_k = 0u64;
+        let mut k = 0u64;
+        while k < AGE_SLOTS as u64 {
+            let epoch = now_epoch.wrapping_sub(k);
+            let s = (epoch as usize) & (AGE_SLOTS - 1);
+            let c = match (self.slot_epoch.get(s), self.slot_count.get(s)) {
+                (Some(&e), Some(&c)) if e == epoch as u32 => c as u32,
+                _ => 0,
+            };
+            in_ring += c;
+            if k < half_slots {
+                young_half += c;
+            }
+            if k < budget_slots {
+                young_budget += c;
+            }
+            if k < 2 {
+                recent += c;
+            }
+            if c != 0 {
+                oldest_k = k;
+            }
+            k += 1;
+        }
+        let head_age_ns = if self.queued == 0 {
+            0
+        } else if self.queued > in_ring {
+            (AGE_SLOTS as u64) << sh
+        } else {
+            // The oldest slot's requests are at least `oldest_k` slots old.
+            oldest_k << sh
+        };
+        // A request in a walked bucket is due when it is at least this old.
+        let due_age = head_age_ns.saturating_sub(budget_ns);
+        let b0 = bucket_of(sector, bucket_shift);
+        let (mut walked, mut due_below, mut below_age) = (0u32, DUE_NONE, 0u64);
+        let mut w = 0usize;
+        while w < WALK_BUCKETS {
+            if w <= b0 {
+                let b = b0 - w;
+                if let (Some(&c), Some(&o)) = (self.count.get(b), self.oldest_ns.get(b)) {
+                    if c != 0 {
+                        walked += c as u32;
+                        let age = now_ns.saturating_sub(o);
+                        if age > below_age {
+                            below_age = age;
+                        }
+                        if due_below == DUE_NONE && self.queued > 0 && age >= due_age {
+                            due_below = if walked > (DUE_NONE - 1) as u32 {
+                                DUE_NONE - 1
+                            } else {
+                                walked as i32
+                            };
+                        }
+                    }
+                }
+            }
+            w += 1;
+        }
+        PositionFeatures {
+            head_age_log: if self.queued == 0 {
+                0
+            } else {
+                log_ratio_8(head_age_ns, budget_ns)
+            },
+            older_half: count_feature(self.queued.saturating_sub(young_half)),
+            expired: count_feature(self.queued.saturating_sub(young_budget)),
+            due_below,
+            below_age_log: if walked == 0 {
+                0
+            } else {
+                log_ratio_8(below_age, budget_ns)
+            },
+            recent: count_feature(recent),
+        }
+    }
+}
+
+const _: () = assert!(LOG_RATIO_MAX < DUE_NONE * 4);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn shifts() {
+        // 8 ms = 2^22.9 ns: bit length 23, slots of 2^20 ns (about 1 ms, 1/8 of it).
+        assert_eq!(slot_shift(8 * MS), 20);
+        assert_eq!(slot_shift(4 * MS), 19);
+        assert_eq!(slot_shift(0), 0);
+        assert_eq!(slot_shift(7), 0);
+        // 1 GiB = 2^21 sectors over 64 buckets: 2^15 sectors each.
+        assert_eq!(bucket_shift_for(1 << 21), 15);
+        assert_eq!(bucket_shift_for((1 << 21) + 1), 16);
+        assert_eq!(bucket_shift_for(10), 0);
+        assert_eq!(bucket_of(3 << 15, 15), 3);
+        assert_eq!(bucket_of(64 << 15, 15), 0);
+    }
+
+    #[test]
+    fn empty_queue() {
+        let q = QueueShape::EMPTY;
+        let p = q.position(123, 15, 50 * MS, 8 * MS);
+        assert_eq!(
+            p,
+            PositionFeatures {
+                due_below: DUE_NONE,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_request_above_an_old_one_is_within_reach() {
+        let mut q = QueueShape::EMPTY;
+        let budget = 8 * MS;
+        // An old request (inserted at 0) in bucket 10, young ones in buckets 20..24.
+        q.on_insert(10 << 15, 15, 0, budget);
+        for b in 20..24u64 {
+            q.on_insert(b << 15, 15, 19 * MS, budget);
+        }
+        let now = 20 * MS;
+        // Just above the old one: due right away, one request below.
+        let p = q.position((11 << 15) + 5, 15, now, budget);
+        assert_eq!(p.due_below, 1);
+        // The head is 20 ms old: 2.5 budgets, 256 + 8 log2(2.5) ≈ 266.6 (±2).
+        assert!((264..=269).contains(&p.head_age_log), "{p:?}");
+        assert_eq!(p.expired, 1);
+        assert_eq!(p.older_half, 1);
+        assert!(p.below_age_log >= p.head_age_log - 2);
+        // Far above it (beyond the walk): nothing due below.
+        let p = q.position(40 << 15, 15, now, budget);
+        assert_eq!((p.due_below, p.below_age_log), (DUE_NONE, 0));
+        // Above the young ones only: they are not due (age 1 ms < 20 - 8 ms).
+        let p = q.position(24 << 15, 15, now, budget);
+        assert_eq!(p.due_below, DUE_NONE);
+        assert!(p.below_age_log < 256 - 16, "{p:?}");
+        // The young ones are recent.
+        assert_eq!(p.recent, 4);
+    }
+
+    #[test]
+    fn removal_restores_the_state() {
+        let mut q = QueueShape::EMPTY;
+        let budget = 4 * MS;
+        let reqs = [
+            (5u64 << 15, MS),
+            (5 << 15 | 9, 2 * MS),
+            (60 << 15, 3 * MS),
+        ];
+        for &(s, t) in &reqs {
+            q.on_insert(s, 15, t, budget);
+        }
+        assert_eq!(q.queued, 3);
+        for &(s, t) in &reqs {
+            q.on_remove(s, 15, t, budget);
+        }
+        assert_eq!(q.queued, 0);
+        assert!(q.count.iter().all(|&c| c == 0));
+        assert!(q.slot_count.iter().all(|&c| c == 0));
+        // A remove without its insert saturates.
+        q.on_remove(7, 15, 0, budget);
+        assert_eq!(q.queued, 0);
+    }
+
+    #[test]
+    fn requests_older_than_the_ring_count_as_old() {
+        let mut q = QueueShape::EMPTY;
+        let budget = 8 * MS; // slots of 2^20 ns, ring of 32 slots ≈ 33.5 ms
+        q.on_insert(0, 15, 0, budget);
+        let now = 100 * MS;
+        q.on_insert(1 << 15, 15, now, budget); // reuses no slot of the first
+        let p = q.position(2 << 15, 15, now + 1, budget);
+        assert_eq!(p.expired, 1);
+        // Head age saturates at the ring's span (32 << 20 ns ≈ 4.2 budgets).
+        assert_eq!(p.head_age_log, log_ratio_8(32 << 20, budget));
+    }
+}

@@ -1,0 +1,231 @@
+//! Offline experiment (issue 13): rebuilds mq-deadline's queued set at every insert
+//! of a recorded trace and writes candidate sort-order features, one row per request
+//! in insert order, as little-endian f64 (`OUT.bin`, columns in `OUT.cols`).
+//!
+//! ```sh
+//! cargo run --release -p kml-learn --example sortorder_export -- TRACE.csv OUT
+//! ```
+//! Exact (from the full queued set): FIFO head age, requests already expired / older
+//! than half the expiry, the ages of the 16 nearest queued same-direction requests
+//! below in sector order, the sweep distance from the last dispatched sector.
+//! Bucketed (what a kernel array can keep): per 2^13-sector bucket count, mean age
+//! and oldest age for the request's bucket and the 7 below.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+};
+
+use kml_ebpf_common::features::{features_at_insert, Feature};
+use kml_learn::Dataset;
+
+const NB: usize = 16;
+const WALK: usize = 8;
+const BUCKET_SHIFT: u32 = 13;
+
+/// Per bucket: count, sum of insert times, the queued (insert, idx) for the exact
+/// oldest, and the oldest insert since the bucket was last empty.
+type Bucket = (u64, u128, BTreeSet<(u64, usize)>, u64);
+
+#[derive(Default)]
+struct Side {
+    /// (sector, idx) -> insert_ns
+    sorted: BTreeMap<(u64, usize), u64>,
+    /// (insert_ns, idx)
+    fifo: BTreeSet<(u64, usize)>,
+    /// bucket -> (count, sum insert, set of inserts for exact min, oldest insert
+    /// since the bucket was last empty: what a kernel can keep without a list)
+    buckets: BTreeMap<u64, Bucket>,
+    /// start sector of the last dispatched request in this direction
+    latest_pos: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let (input, out) = (&args[1], &args[2]);
+    let d = Dataset::from_trace_file(std::path::Path::new(input))?;
+    let recs = d.records();
+    let n = recs.len();
+    // Events: (time, kind 0 = issue first, 1 = insert, idx)
+    let mut ev: Vec<(u64, u8, usize)> = Vec::with_capacity(2 * n);
+    for (i, r) in recs.iter().enumerate() {
+        ev.push((r.insert_ns, 1, i));
+        let disp = if r.issue_ns != 0 {
+            r.issue_ns
+        } else {
+            r.complete_ns
+        };
+        ev.push((disp.max(r.insert_ns), 0, i));
+    }
+    ev.sort_unstable();
+    let mut sides: BTreeMap<(u32, u8), Side> = BTreeMap::new();
+    let mut cols: Vec<String> = vec!["missed".into(), "insert_ns".into(), "delay_ns".into()];
+    for f in Feature::ALL {
+        cols.push(f.name().into());
+    }
+    for c in [
+        "budget_ns",
+        "qsame",
+        "qother",
+        "head_age",
+        "n_exp",
+        "n_half",
+        "other_head_age",
+        "other_n_exp",
+        "rank_below",
+        "sweep_ahead",
+        "last_dir_same",
+    ] {
+        cols.push(c.into());
+    }
+    for j in 1..=NB {
+        cols.push(format!("age_b{j}"));
+    }
+    for j in 1..=NB {
+        cols.push(format!("fifo_rank_b{j}"));
+    }
+    for j in 1..=4 {
+        cols.push(format!("age_a{j}"));
+    }
+    for w in 0..WALK {
+        cols.push(format!("bk{w}_count"));
+        cols.push(format!("bk{w}_mean_age"));
+        cols.push(format!("bk{w}_old_age"));
+        cols.push(format!("bk{w}_stale_age"));
+    }
+    std::fs::write(format!("{out}.cols"), cols.join("\n") + "\n")?;
+    let mut rows: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut last_dir: u8 = 0;
+    for &(t, kind, i) in &ev {
+        let r = &recs[i];
+        let dir = r.op().direction() as u8;
+        let key = (r.dev, dir);
+        if kind == 0 {
+            let s = sides.entry(key).or_default();
+            if s.sorted.remove(&(r.sector, i)).is_some() {
+                s.fifo.remove(&(r.insert_ns, i));
+                let b = r.sector >> BUCKET_SHIFT;
+                let e = s.buckets.get_mut(&b).unwrap();
+                e.0 -= 1;
+                e.1 -= r.insert_ns as u128;
+                e.2.remove(&(r.insert_ns, i));
+                if e.0 == 0 {
+                    s.buckets.remove(&b);
+                }
+            }
+            s.latest_pos = r.sector;
+            last_dir = dir;
+            continue;
+        }
+        let budget = r.deadline_ns - r.insert_ns;
+        let x = features_at_insert(r);
+        let mut row: Vec<f64> = Vec::with_capacity(cols.len());
+        let delay = (if r.issue_ns != 0 {
+            r.issue_ns
+        } else {
+            r.complete_ns
+        })
+        .saturating_sub(r.insert_ns);
+        row.push(r.deadline_missed() as u8 as f64);
+        row.push(r.insert_ns as f64);
+        row.push(delay as f64);
+        row.extend(x.iter().map(|&v| v as f64));
+        let other = sides
+            .get(&(r.dev, 1 - dir))
+            .map(|o| {
+                let head = o.fifo.first().map(|h| t - h.0).unwrap_or(0);
+                let nexp = o
+                    .fifo
+                    .range(..(t.saturating_sub(budget), usize::MAX))
+                    .count();
+                (head, nexp, o.sorted.len())
+            })
+            .unwrap_or((0, 0, 0));
+        let s = sides.entry(key).or_default();
+        let head_age = s.fifo.first().map(|h| t - h.0).unwrap_or(0);
+        let n_exp = s
+            .fifo
+            .range(..(t.saturating_sub(budget), usize::MAX))
+            .count();
+        let n_half = s
+            .fifo
+            .range(..(t.saturating_sub(budget / 2), usize::MAX))
+            .count();
+        let rank_below = s.sorted.range(..(r.sector, 0)).count();
+        let sweep_ahead = if r.sector >= s.latest_pos {
+            s.sorted.range((s.latest_pos, 0)..(r.sector, 0)).count()
+        } else {
+            s.sorted.range((s.latest_pos, 0)..).count() + s.sorted.range(..(r.sector, 0)).count()
+        };
+        row.extend([
+            budget as f64,
+            s.sorted.len() as f64,
+            other.2 as f64,
+            head_age as f64,
+            n_exp as f64,
+            n_half as f64,
+            other.0 as f64,
+            other.1 as f64,
+            rank_below as f64,
+            sweep_ahead as f64,
+            (last_dir == dir) as u8 as f64,
+        ]);
+        let below: Vec<(u64, usize, u64)> = s
+            .sorted
+            .range(..(r.sector, i))
+            .rev()
+            .take(NB)
+            .map(|(&(sec, j), &ins)| (sec, j, ins))
+            .collect();
+        for j in 0..NB {
+            row.push(below.get(j).map(|b| (t - b.2) as f64).unwrap_or(-1.0));
+        }
+        for j in 0..NB {
+            // How many queued are older than this neighbour (its place in the FIFO).
+            row.push(
+                below
+                    .get(j)
+                    .map(|b| s.fifo.range(..(b.2, b.1)).count() as f64)
+                    .unwrap_or(-1.0),
+            );
+        }
+        let above: Vec<u64> = s
+            .sorted
+            .range((r.sector, i)..)
+            .take(4)
+            .map(|(_, &ins)| ins)
+            .collect();
+        for j in 0..4 {
+            row.push(above.get(j).map(|&a| (t - a) as f64).unwrap_or(-1.0));
+        }
+        let b0 = r.sector >> BUCKET_SHIFT;
+        for w in 0..WALK as u64 {
+            match b0.checked_sub(w).and_then(|b| s.buckets.get(&b)) {
+                Some(e) => {
+                    let mean = t as f64 - (e.1 as f64 / e.0 as f64);
+                    let old = t - e.2.first().unwrap().0;
+                    row.extend([e.0 as f64, mean, old as f64, (t - e.3) as f64]);
+                }
+                None => row.extend([0.0, -1.0, -1.0, -1.0]),
+            }
+        }
+        rows[i] = row;
+        s.sorted.insert((r.sector, i), r.insert_ns);
+        s.fifo.insert((r.insert_ns, i));
+        let e = s.buckets.entry(b0).or_default();
+        e.0 += 1;
+        e.1 += r.insert_ns as u128;
+        if e.0 == 1 {
+            e.3 = r.insert_ns;
+        }
+        e.2.insert((r.insert_ns, i));
+    }
+    let mut f = std::io::BufWriter::new(std::fs::File::create(format!("{out}.bin"))?);
+    for row in &rows {
+        for v in row {
+            f.write_all(&v.to_le_bytes())?;
+        }
+    }
+    eprintln!("{n} rows x {} columns", cols.len());
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! The kernel's position state replayed over a recorded trace.
+//!
+//! A trace holds every request's insert and dispatch times, sector and direction,
+//! which is all [`QueueShape`] is updated from. Replaying those events in time order
+//! through the same [`QueueShape`] code the eBPF program runs gives, for each
+//! request, the [`PositionFeatures`] the kernel would have computed at its insert
+//! (up to the order of events closer together than a nanosecond, and to requests the
+//! trace does not hold: those queued before recording started, and those merged
+//! away, which the kernel removes at `block_rq_merge`).
+
+use std::collections::HashMap;
+
+use kml_ebpf_common::{
+    position::{bucket_shift_for, PositionFeatures, QueueShape},
+    RequestRecord,
+};
+
+/// When a request left the queue: its issue, else its completion (the label's
+/// convention), never before its insert.
+fn left_at(r: &RequestRecord) -> u64 {
+    let t = if r.issue_ns != 0 {
+        r.issue_ns
+    } else {
+        r.complete_ns
+    };
+    t.max(r.insert_ns)
+}
+
+/// The bucket shift the replay uses for a device: its highest end sector seen
+/// spread over the buckets (the kernel uses the device's capacity; on a trace that
+/// covers the device they agree).
+pub fn bucket_shifts(records: &[RequestRecord]) -> HashMap<u32, u32> {
+    let mut end: HashMap<u32, u64> = HashMap::new();
+    for r in records {
+        let e = end.entry(r.dev).or_default();
+        *e = (*e).max(r.sector.saturating_add(r.nr_sectors as u64));
+    }
+    end.into_iter()
+        .map(|(dev, e)| (dev, bucket_shift_for(e)))
+        .collect()
+}
+
+/// The position features of every record (same order as `records`), replayed with
+/// the given bucket shift per device (devices not in `shifts`: from
+/// [`bucket_shifts`]). Records without a deadline get [`PositionFeatures::UNKNOWN`]
+/// and do not enter the queue.
+pub fn replay_positions(
+    records: &[RequestRecord],
+    shifts: &HashMap<u32, u32>,
+) -> Vec<PositionFeatures> {
+    let own = bucket_shifts(records);
+    let shift = |dev: u32| {
+        shifts
+            .get(&dev)
+            .or_else(|| own.get(&dev))
+            .copied()
+            .unwrap_or(0)
+    };
+    // (time, 0 = leaves / 1 = joins, index): at one instant a departure goes first.
+    let mut events: Vec<(u64, u8, usize)> = Vec::with_capacity(2 * records.len());
+    for (i, r) in records.iter().enumerate() {
+        if r.deadline_ns <= r.insert_ns {
+            continue;
+        }
+        events.push((r.insert_ns, 1, i));
+        events.push((left_at(r), 0, i));
+    }
+    events.sort_unstable();
+    let mut queues: HashMap<(u32, u8), QueueShape> = HashMap::new();
+    let mut out = vec![PositionFeatures::UNKNOWN; records.len()];
+    for (t, kind, i) in events {
+        let r = &records[i];
+        let q = queues
+            .entry((r.dev, r.op().direction() as u8))
+            .or_insert(QueueShape::EMPTY);
+        let budget = r.deadline_ns - r.insert_ns;
+        let sh = shift(r.dev);
+        if kind == 0 {
+            q.on_remove(r.sector, sh, r.insert_ns, budget);
+        } else {
+            out[i] = q.position(r.sector, sh, t, budget);
+            q.on_insert(r.sector, sh, t, budget);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kml_ebpf_common::{op::ReqOp, position::DUE_NONE};
+
+    const MS: u64 = 1_000_000;
+
+    fn read(sector: u64, insert: u64, issue: u64) -> RequestRecord {
+        RequestRecord {
+            sector,
+            nr_sectors: 8,
+            insert_ns: insert,
+            issue_ns: issue,
+            complete_ns: issue + 1,
+            deadline_ns: insert + 8 * MS,
+            op: ReqOp::Read as u8,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn replay_sees_only_what_is_queued_at_insert() {
+        let shifts = HashMap::from([(0u32, 15u32)]);
+        // An old read at bucket 10, dispatched at 25 ms; a read above it inserted at
+        // 20 ms sees it; a read inserted at 30 ms does not (it left at 25 ms).
+        let recs = vec![
+            read(11 << 15, 20 * MS, 26 * MS),
+            read(10 << 15, 0, 25 * MS),
+            read(11 << 15, 30 * MS, 31 * MS),
+        ];
+        let p = replay_positions(&recs, &shifts);
+        assert_eq!(
+            p[1],
+            PositionFeatures {
+                due_below: DUE_NONE,
+                ..Default::default()
+            }
+        );
+        assert_eq!(p[0].due_below, 1);
+        assert_eq!(p[0].expired, 1);
+        assert_eq!(p[2].due_below, DUE_NONE);
+        assert_eq!(p[2].expired, 0);
+        // The same in any record order.
+        let mut rev = recs.clone();
+        rev.reverse();
+        let q = replay_positions(&rev, &shifts);
+        assert_eq!((q[2], q[1], q[0]), (p[0], p[1], p[2]));
+    }
+
+    #[test]
+    fn shift_from_the_highest_sector() {
+        let recs = vec![read((1 << 21) - 8, 0, 1)];
+        assert_eq!(bucket_shifts(&recs)[&0], 15);
+    }
+}
