@@ -83,6 +83,15 @@ impl ModelSlots {
             QuantizedModel::Tree(m) => ModelKind::from_u32(m.kind),
         }
         .context("model has an unknown kind")?;
+        let missing = kml_learn::quantize::features_not_in_kernel(model);
+        if !missing.is_empty() {
+            let names: Vec<&str> = missing.iter().map(|f| f.name()).collect();
+            bail!(
+                "model refused: it uses {} which this build's kernel programs do not compute yet \
+                 (the position state is not wired into the insert path)",
+                names.join(", ")
+            );
+        }
         let tree = is_tree(kind);
         // The idle slot: not the active one when the active model has the same type.
         let slot = match self.active {

@@ -24,7 +24,7 @@ use crate::{
 };
 
 /// Number of features every model slot is laid out for.
-pub const NUM_FEATURES: usize = 18;
+pub const NUM_FEATURES: usize = 20;
 
 /// One request's features, in [`Feature`] order.
 pub type FeatureVector = [i32; NUM_FEATURES];
@@ -96,6 +96,12 @@ pub enum Feature {
     BelowAgeLog = 16,
     /// Requests queued in the last eighth to half of a budget (burst onset).
     Recent = 17,
+    /// Time until the oldest request within a batch's reach below becomes the
+    /// FIFO head, against the budget, log scale ([`PositionFeatures::lead_log`]).
+    LeadLog = 18,
+    /// Queued requests within reach below that head a batch before this request's
+    /// deadline.
+    DueCount = 19,
 }
 
 impl Feature {
@@ -119,7 +125,33 @@ impl Feature {
         Feature::DueBelow,
         Feature::BelowAgeLog,
         Feature::Recent,
+        Feature::LeadLog,
+        Feature::DueCount,
     ];
+
+    /// The features that describe the request's position in the queue
+    /// ([`crate::position`]).
+    pub const POSITION: [Feature; 8] = [
+        Feature::HeadAgeLog,
+        Feature::OlderHalf,
+        Feature::Expired,
+        Feature::DueBelow,
+        Feature::BelowAgeLog,
+        Feature::Recent,
+        Feature::LeadLog,
+        Feature::DueCount,
+    ];
+
+    /// A position feature ([`Feature::POSITION`]).
+    pub const fn is_position(self) -> bool {
+        (self as u8) >= (Feature::HeadAgeLog as u8)
+    }
+
+    /// The kernel computes this feature (a position feature only once the eBPF
+    /// side keeps the state: [`crate::position::KERNEL_COMPUTES_POSITION`]).
+    pub const fn in_kernel(self) -> bool {
+        !self.is_position() || crate::position::KERNEL_COMPUTES_POSITION
+    }
 
     /// Position in a [`FeatureVector`].
     pub const fn index(self) -> usize {
@@ -147,6 +179,8 @@ impl Feature {
             Feature::DueBelow => "due_below",
             Feature::BelowAgeLog => "below_age_log",
             Feature::Recent => "recent",
+            Feature::LeadLog => "lead_log",
+            Feature::DueCount => "due_count",
         }
     }
 
@@ -159,8 +193,11 @@ impl Feature {
             Feature::DirWaitLog
             | Feature::ExpectedWaitLog
             | Feature::HeadAgeLog
-            | Feature::BelowAgeLog => LOG_RATIO_MAX,
-            Feature::OlderHalf | Feature::Expired | Feature::Recent => COUNT_MAX,
+            | Feature::BelowAgeLog
+            | Feature::LeadLog => LOG_RATIO_MAX,
+            Feature::OlderHalf | Feature::Expired | Feature::Recent | Feature::DueCount => {
+                COUNT_MAX
+            }
             Feature::DueBelow => DUE_NONE,
             Feature::DeadlineBudgetUs => BUDGET_MAX,
             Feature::SectorMib
@@ -336,6 +373,8 @@ pub fn features_with_position(r: &RequestRecord, p: &PositionFeatures) -> Featur
         clamp_to(p.due_below, DUE_NONE),
         clamp_to(p.below_age_log, LOG_RATIO_MAX),
         clamp_to(p.recent, COUNT_MAX),
+        clamp_to(p.lead_log, LOG_RATIO_MAX),
+        clamp_to(p.due_count, COUNT_MAX),
     ]
 }
 

@@ -31,10 +31,22 @@
 
 use crate::features::{bit_length, log_ratio_8, LOG_RATIO_MAX};
 
+/// Whether kml-ebpf keeps [`QueueShape`] and fills the position lanes of the
+/// feature vector at insert. Until it does, the kernel computes
+/// [`PositionFeatures::UNKNOWN`] there, so a model that uses a position feature is
+/// refused at install (its kernel verdicts would not be the ones it was judged on),
+/// and the default feature sets leave them out. Whoever wires the state into the
+/// insert path sets this to `true` in the same commit.
+pub const KERNEL_COMPUTES_POSITION: bool = false;
+
 /// Sector buckets per direction.
-pub const SECTOR_BUCKETS: usize = 64;
+pub const SECTOR_BUCKETS: usize = 256;
+/// Requests a batch covers (mq-deadline's default `fifo_batch`): a batch that
+/// starts further below than this cannot reach the request; the walk stops
+/// looking once it has passed this many.
+pub const REACH: u32 = 16;
 /// Buckets walked down from the request's own at insert (its own included).
-pub const WALK_BUCKETS: usize = 8;
+pub const WALK_BUCKETS: usize = 16;
 /// Slots of the age ring.
 pub const AGE_SLOTS: usize = 32;
 /// [`PositionFeatures::due_below`] when no bucket within the walk is due.
@@ -88,8 +100,15 @@ pub struct PositionFeatures {
     /// within a batch's reach above a coming batch start. [`DUE_NONE`] when none of
     /// the [`WALK_BUCKETS`] buckets is due.
     pub due_below: i32,
-    /// Age of the oldest request in the walked buckets against the budget, log scale.
+    /// Age of the oldest request within reach below (the walked buckets up to the
+    /// one where [`REACH`] requests are passed) against the budget, log scale.
     pub below_age_log: i32,
+    /// How long until that request becomes the FIFO head (head age minus its age)
+    /// against the budget, log scale: below 256 it heads a batch before this
+    /// request's deadline. [`LOG_RATIO_MAX`] when nothing is queued within reach.
+    pub lead_log: i32,
+    /// Queued requests within reach below that are due (see `due_below`).
+    pub due_count: i32,
     /// Queued requests inserted in the current and the previous ring slot (the last
     /// eighth to half of a budget): the onset of a burst shows here before any wait
     /// average moves.
@@ -104,6 +123,8 @@ impl PositionFeatures {
         expired: 0,
         due_below: DUE_NONE,
         below_age_log: 0,
+        lead_log: LOG_RATIO_MAX,
+        due_count: 0,
         recent: 0,
     };
 }
@@ -248,10 +269,11 @@ impl QueueShape {
         // A request in a walked bucket is due when it is at least this old.
         let due_age = head_age_ns.saturating_sub(budget_ns);
         let b0 = bucket_of(sector, bucket_shift);
-        let (mut walked, mut due_below, mut below_age) = (0u32, DUE_NONE, 0u64);
+        let (mut walked, mut due_below, mut below_age, mut due_count) =
+            (0u32, DUE_NONE, 0u64, 0u32);
         let mut w = 0usize;
         while w < WALK_BUCKETS {
-            if w <= b0 {
+            if w <= b0 && walked < REACH {
                 let b = b0 - w;
                 if let (Some(&c), Some(&o)) = (self.count.get(b), self.oldest_ns.get(b)) {
                     if c != 0 {
@@ -260,12 +282,15 @@ impl QueueShape {
                         if age > below_age {
                             below_age = age;
                         }
-                        if due_below == DUE_NONE && self.queued > 0 && age >= due_age {
-                            due_below = if walked > (DUE_NONE - 1) as u32 {
-                                DUE_NONE - 1
-                            } else {
-                                walked as i32
-                            };
+                        if age >= due_age {
+                            due_count += c as u32;
+                            if due_below == DUE_NONE {
+                                due_below = if walked > (DUE_NONE - 1) as u32 {
+                                    DUE_NONE - 1
+                                } else {
+                                    walked as i32
+                                };
+                            }
                         }
                     }
                 }
@@ -286,6 +311,12 @@ impl QueueShape {
             } else {
                 log_ratio_8(below_age, budget_ns)
             },
+            lead_log: if walked == 0 {
+                LOG_RATIO_MAX
+            } else {
+                log_ratio_8(head_age_ns.saturating_sub(below_age), budget_ns)
+            },
+            due_count: count_feature(due_count),
             recent: count_feature(recent),
         }
     }
@@ -306,12 +337,12 @@ mod tests {
         assert_eq!(slot_shift(4 * MS), 19);
         assert_eq!(slot_shift(0), 0);
         assert_eq!(slot_shift(7), 0);
-        // 1 GiB = 2^21 sectors over 64 buckets: 2^15 sectors each.
-        assert_eq!(bucket_shift_for(1 << 21), 15);
-        assert_eq!(bucket_shift_for((1 << 21) + 1), 16);
+        // 1 GiB = 2^21 sectors over 256 buckets: 2^13 sectors each.
+        assert_eq!(bucket_shift_for(1 << 21), 13);
+        assert_eq!(bucket_shift_for((1 << 21) + 1), 14);
         assert_eq!(bucket_shift_for(10), 0);
         assert_eq!(bucket_of(3 << 15, 15), 3);
-        assert_eq!(bucket_of(64 << 15, 15), 0);
+        assert_eq!(bucket_of(256 << 15, 15), 0);
     }
 
     #[test]
@@ -322,6 +353,7 @@ mod tests {
             p,
             PositionFeatures {
                 due_below: DUE_NONE,
+                lead_log: LOG_RATIO_MAX,
                 ..Default::default()
             }
         );
@@ -345,13 +377,20 @@ mod tests {
         assert_eq!(p.expired, 1);
         assert_eq!(p.older_half, 1);
         assert!(p.below_age_log >= p.head_age_log - 2);
+        // It is the head: no lead at all (0 ns, the bottom of the log scale).
+        assert_eq!(p.due_count, 1);
+        assert!(p.lead_log < 100, "{p:?}");
         // Far above it (beyond the walk): nothing due below.
         let p = q.position(40 << 15, 15, now, budget);
         assert_eq!((p.due_below, p.below_age_log), (DUE_NONE, 0));
-        // Above the young ones only: they are not due (age 1 ms < 20 - 8 ms).
-        let p = q.position(24 << 15, 15, now, budget);
+        assert_eq!(p.lead_log, LOG_RATIO_MAX);
+        // Above the young ones only (the old one is beyond the walk): they are
+        // not due (age 1 ms < 20 - 8 ms).
+        let p = q.position(30 << 15, 15, now, budget);
         assert_eq!(p.due_below, DUE_NONE);
         assert!(p.below_age_log < 256 - 16, "{p:?}");
+        // The young ones head a batch only after about 19 ms: 2.4 budgets away.
+        assert!((262..=269).contains(&p.lead_log), "{p:?}");
         // The young ones are recent.
         assert_eq!(p.recent, 4);
     }
@@ -360,11 +399,7 @@ mod tests {
     fn removal_restores_the_state() {
         let mut q = QueueShape::EMPTY;
         let budget = 4 * MS;
-        let reqs = [
-            (5u64 << 15, MS),
-            (5 << 15 | 9, 2 * MS),
-            (60 << 15, 3 * MS),
-        ];
+        let reqs = [(5u64 << 15, MS), (5 << 15 | 9, 2 * MS), (60 << 15, 3 * MS)];
         for &(s, t) in &reqs {
             q.on_insert(s, 15, t, budget);
         }

@@ -4,7 +4,8 @@
 //! ```sh
 //! cargo run --release -p kml-learn --example explore -- \
 //!     --train a.csv,b.csv [--test c.csv] [--kinds baseline,linear,logistic,tree] \
-//!     [--features all|portable|f1,f2,...] [--univariate] [--ablate] [--loo [--sets "f1,f2;f3"]]
+//!     [--features all|load|portable|portable+position|f1,f2,...] [--univariate] [--ablate]
+//!     [--loo [--sets "f1,f2;portable;all"]]
 //! ```
 //! Trains on the union of the `--train` traces (each split by time: first 70% trains,
 //! its last 20% tunes the threshold, the last 30% is held back) and prints balanced
@@ -174,6 +175,17 @@ fn main() -> anyhow::Result<()> {
         Feature::ALL.to_vec()
     } else if args.features == ["portable"] {
         PORTABLE_FEATURES.to_vec()
+    } else if args.features == ["portable+position"] {
+        PORTABLE_FEATURES
+            .iter()
+            .chain(&Feature::POSITION)
+            .copied()
+            .collect()
+    } else if args.features == ["load"] {
+        Feature::ALL
+            .into_iter()
+            .filter(|f| !f.is_position())
+            .collect()
     } else {
         args.features
             .iter()
@@ -304,8 +316,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn parse_set(text: &str) -> anyhow::Result<Vec<Feature>> {
-    if text.trim() == "all" {
-        return Ok(Feature::ALL.to_vec());
+    match text.trim() {
+        "all" => return Ok(Feature::ALL.to_vec()),
+        "load" => {
+            return Ok(Feature::ALL
+                .into_iter()
+                .filter(|f| !f.is_position())
+                .collect())
+        }
+        "portable" => return Ok(PORTABLE_FEATURES.to_vec()),
+        "portable+position" => {
+            return Ok(PORTABLE_FEATURES
+                .iter()
+                .chain(&Feature::POSITION)
+                .copied()
+                .collect())
+        }
+        _ => {}
     }
     text.split(',')
         .map(|n| Feature::from_name(n.trim()).ok_or_else(|| anyhow::anyhow!("unknown feature {n}")))

@@ -16,7 +16,7 @@ use std::{
     io::Write,
 };
 
-use kml_ebpf_common::features::{features_at_insert, Feature};
+use kml_ebpf_common::features::{features_with_position, Feature};
 use kml_learn::Dataset;
 
 const NB: usize = 16;
@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
     let d = Dataset::from_trace_file(std::path::Path::new(input))?;
     let recs = d.records();
     let n = recs.len();
+    let positions = kml_learn::replay::replay_positions(recs, &Default::default());
     // Events: (time, kind 0 = issue first, 1 = insert, idx)
     let mut ev: Vec<(u64, u8, usize)> = Vec::with_capacity(2 * n);
     for (i, r) in recs.iter().enumerate() {
@@ -118,7 +119,7 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let budget = r.deadline_ns - r.insert_ns;
-        let x = features_at_insert(r);
+        let x = features_with_position(r, &positions[i]);
         let mut row: Vec<f64> = Vec::with_capacity(cols.len());
         let delay = (if r.issue_ns != 0 {
             r.issue_ns

@@ -105,7 +105,7 @@ fn parse_features(names: &[String]) -> anyhow::Result<Option<Vec<Feature>>> {
         return Ok(None);
     }
     match names {
-        [one] if one.trim() == "all" => return Ok(Some(Feature::ALL.to_vec())),
+        [one] if one.trim() == "all" => return Ok(Some(crate::trainers::all_features())),
         [one] if one.trim() == "portable" => {
             return Ok(Some(crate::trainers::PORTABLE_FEATURES.to_vec()))
         }
@@ -334,12 +334,14 @@ fn eval_json(model: &LoadedModel, path: &std::path::Path, e: &Evaluation) -> Val
         "quantized_mae_us": q_mae,
         "quantized_r2": q_r2,
         "agreement": e.agreement,
+        "quantized_auc": e.quantized_auc,
+        "one_class": e.one_class(),
     })
 }
 
 fn print_table_header() {
     println!(
-        "{:<9} {:<24} {:>8} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} | {:>9} {:>6}",
+        "{:<9} {:<24} {:>8} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6} | {:>9} {:>6}",
         "model",
         "data",
         "requests",
@@ -351,6 +353,7 @@ fn print_table_header() {
         "f1",
         "q.acc",
         "q.bal",
+        "q.auc",
         "mae(µs)",
         "r2"
     );
@@ -367,8 +370,27 @@ fn print_row(name: &str, data: &str, e: &Evaluation) {
     } else {
         data
     };
+    if e.one_class() {
+        // Only misses or only met deadlines: no score means anything.
+        println!(
+            "{:<9} {:<24} {:>8} {:>6} | one class: {}",
+            name,
+            data,
+            e.data.records,
+            pct(e.data.miss_rate),
+            if e.data.miss_rate > 0.0 {
+                "every request missed"
+            } else {
+                "no request missed"
+            }
+        );
+        return;
+    }
+    let auc = e
+        .quantized_auc
+        .map_or_else(|| "-".to_string(), |a| format!("{a:.3}"));
     println!(
-        "{:<9} {:<24} {:>8} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} | {:>9} {:>6}",
+        "{:<9} {:<24} {:>8} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6} | {:>9} {:>6}",
         name,
         data,
         e.data.records,
@@ -380,6 +402,7 @@ fn print_row(name: &str, data: &str, e: &Evaluation) {
         pct(e.float.f1_miss),
         pct(e.quantized.accuracy),
         pct(e.quantized.balanced_accuracy),
+        auc,
         mae,
         r2
     );

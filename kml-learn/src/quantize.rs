@@ -246,6 +246,15 @@ pub fn quantize(m: &FloatModel) -> Result<QuantizedModel> {
 }
 
 /// The features a kernel model reads (non-zero weight, or split on).
+/// The features `q` uses that the kernel does not compute (see
+/// [`Feature::in_kernel`]): such a model must not be installed in a model slot.
+pub fn features_not_in_kernel(q: &QuantizedModel) -> Vec<Feature> {
+    used_features(q)
+        .into_iter()
+        .filter(|f| !f.in_kernel())
+        .collect()
+}
+
 pub fn used_features(q: &QuantizedModel) -> Vec<Feature> {
     match q {
         QuantizedModel::Linear(m) => Feature::ALL.into_iter().filter(|&f| m.uses(f)).collect(),

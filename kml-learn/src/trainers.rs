@@ -25,9 +25,10 @@ use crate::{
     progress::Progress,
 };
 
-/// Every feature, in vector order.
+/// Every feature the kernel computes, in vector order (the position features
+/// once kml-ebpf keeps their state: [`Feature::in_kernel`]).
 pub fn all_features() -> Vec<Feature> {
-    Feature::ALL.to_vec()
+    Feature::ALL.into_iter().filter(|f| f.in_kernel()).collect()
 }
 
 /// The features of models meant for workloads they were not trained on (the

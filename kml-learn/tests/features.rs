@@ -118,11 +118,13 @@ fn reference(r: &RequestRecord) -> [i64; NUM_FEATURES] {
             // Without position state: PositionFeatures::UNKNOWN (tests/position.rs
             // checks the lanes with position values).
             Feature::DueBelow => DUE_NONE as i64,
+            Feature::LeadLog => LOG_RATIO_MAX as i64,
             Feature::HeadAgeLog
             | Feature::OlderHalf
             | Feature::Expired
             | Feature::BelowAgeLog
-            | Feature::Recent => 0,
+            | Feature::Recent
+            | Feature::DueCount => 0,
         };
     }
     x

@@ -8,7 +8,8 @@ use kml_ebpf_common::{
     features::{features_with_position, Feature, LOG_RATIO_MAX, LOG_RATIO_ONE},
     op::ReqOp,
     position::{
-        PositionFeatures, QueueShape, AGE_SLOTS, COUNT_MAX, DUE_NONE, SECTOR_BUCKETS, WALK_BUCKETS,
+        PositionFeatures, QueueShape, AGE_SLOTS, COUNT_MAX, DUE_NONE, REACH, SECTOR_BUCKETS,
+        WALK_BUCKETS,
     },
     RequestRecord,
 };
@@ -91,8 +92,12 @@ impl Reference {
         let sat = |v: u128| v.min(COUNT_MAX as u128) as i32;
         let due_age = head_age.saturating_sub(self.budget);
         let b0 = self.bucket(sector);
-        let (mut walked, mut due, mut below_age) = (0u128, DUE_NONE, 0u128);
+        let (mut walked, mut due, mut below_age, mut due_count) = (0u128, DUE_NONE, 0u128, 0u128);
         for step in 0..WALK_BUCKETS.min(b0 + 1) {
+            // Buckets are looked at until REACH requests have been passed.
+            if walked >= REACH as u128 {
+                break;
+            }
             let b = b0 - step;
             let c = self
                 .live
@@ -105,8 +110,11 @@ impl Reference {
             walked += c;
             let age = now as u128 - self.first_since_empty[b];
             below_age = below_age.max(age);
-            if due == DUE_NONE && age >= due_age {
-                due = walked.min(DUE_NONE as u128 - 1) as i32;
+            if age >= due_age {
+                due_count += c;
+                if due == DUE_NONE {
+                    due = walked.min(DUE_NONE as u128 - 1) as i32;
+                }
             }
         }
         PositionFeatures {
@@ -123,6 +131,12 @@ impl Reference {
             } else {
                 ref_log_ratio(below_age, self.budget) as i32
             },
+            lead_log: if walked == 0 {
+                LOG_RATIO_MAX
+            } else {
+                ref_log_ratio(head_age.saturating_sub(below_age), self.budget) as i32
+            },
+            due_count: sat(due_count),
             recent: sat(younger(2)),
         }
     }
@@ -199,14 +213,14 @@ proptest! {
     /// Whatever the position values, the vector keeps every feature in its range,
     /// and the position lanes carry them unchanged when they are in range.
     #[test]
-    fn position_lanes_in_range(h in any::<i32>(), o in any::<i32>(), e in any::<i32>(), d in any::<i32>(), b in any::<i32>(), n in any::<i32>()) {
-        let p = PositionFeatures { head_age_log: h, older_half: o, expired: e, due_below: d, below_age_log: b, recent: n };
+    fn position_lanes_in_range(h in any::<i32>(), o in any::<i32>(), e in any::<i32>(), d in any::<i32>(), b in any::<i32>(), n in any::<i32>(), l in any::<i32>(), c in any::<i32>()) {
+        let p = PositionFeatures { head_age_log: h, older_half: o, expired: e, due_below: d, below_age_log: b, recent: n, lead_log: l, due_count: c };
         let r = RequestRecord { op: ReqOp::Read as u8, insert_ns: 1, deadline_ns: 8_000_001, ..Default::default() };
         let x = features_with_position(&r, &p);
         for f in Feature::ALL {
             prop_assert!((0..=f.max_value()).contains(&x[f.index()]), "{}", f.name());
         }
-        let lanes = [(Feature::HeadAgeLog, h), (Feature::OlderHalf, o), (Feature::Expired, e), (Feature::DueBelow, d), (Feature::BelowAgeLog, b), (Feature::Recent, n)];
+        let lanes = [(Feature::HeadAgeLog, h), (Feature::OlderHalf, o), (Feature::Expired, e), (Feature::DueBelow, d), (Feature::BelowAgeLog, b), (Feature::Recent, n), (Feature::LeadLog, l), (Feature::DueCount, c)];
         for (f, v) in lanes {
             prop_assert_eq!(x[f.index()], v.clamp(0, f.max_value()), "{}", f.name());
         }
