@@ -66,6 +66,10 @@ struct Args {
     /// (`all` for every feature).
     #[arg(long)]
     sets: Option<String>,
+    /// Print, per trace, how many labels the scheduler's own deadline (`fifo_time`,
+    /// jiffies) changes against the nanosecond estimate, then stop.
+    #[arg(long)]
+    labels: bool,
     /// Experiment: replace `sector` with the distance (sectors, wrapped) ahead of the
     /// end of the last request issued in the same direction (host reconstruction).
     #[arg(long)]
@@ -192,6 +196,43 @@ fn main() -> anyhow::Result<()> {
             .map(|n| Feature::from_name(n).ok_or_else(|| anyhow::anyhow!("unknown feature {n}")))
             .collect::<Result<_, _>>()?
     };
+    if args.labels {
+        println!(
+            "{:<20} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7}",
+            "trace", "requests", "jiffies", "miss ns", "miss", "ns→miss", "ns→met", "changed"
+        );
+        for p in args.train.iter().chain(&args.test) {
+            let d = Dataset::from_trace_file(p)?;
+            let r = d.records();
+            let with_jiffies = r
+                .iter()
+                .filter(|r| r.fifo_time != 0 && r.issue_jiffies != 0)
+                .count();
+            let old = r.iter().filter(|r| r.deadline_missed_ns()).count();
+            let new = r.iter().filter(|r| r.deadline_missed()).count();
+            let up = r
+                .iter()
+                .filter(|r| r.deadline_missed() && !r.deadline_missed_ns())
+                .count();
+            let down = r
+                .iter()
+                .filter(|r| !r.deadline_missed() && r.deadline_missed_ns())
+                .count();
+            let pct = |v: usize| 100.0 * v as f64 / r.len().max(1) as f64;
+            println!(
+                "{:<20} {:>9} {:>8.1}% {:>7.2}% {:>7.2}% {:>8.2}% {:>8.2}% {:>6.2}%",
+                name(p),
+                r.len(),
+                pct(with_jiffies),
+                pct(old),
+                pct(new),
+                pct(up),
+                pct(down),
+                pct(up + down)
+            );
+        }
+        return Ok(());
+    }
     let started = Instant::now();
     let opts = TrainOptions::new(ModelKind::Logistic);
     let (mut fits, mut tunes, mut tests) = (Vec::new(), Vec::new(), Vec::new());

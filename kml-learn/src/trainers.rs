@@ -422,12 +422,21 @@ impl TreeParams {
             sample.len(),
             self.features.len()
         ));
-        let fitted = DecisionTree::params()
+        let params = DecisionTree::params()
             .split_quality(SplitQuality::Gini)
             .max_depth(Some(self.max_depth))
             .min_weight_split(2.0 * self.min_samples_leaf as f32)
-            .min_weight_leaf(self.min_samples_leaf as f32)
-            .fit(&data)
+            .min_weight_leaf(self.min_samples_leaf as f32);
+        // linfa-trees 0.8.1 can panic inside its Gini computation (an assertion on
+        // a child's f32 weight sum, seen on a 200k-request sample of a real trace):
+        // a failed fit, not a crash of the agent.
+        let fitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| params.fit(&data)))
+            .map_err(|_| LearnError::Fit {
+                trainer: "decision tree",
+                message:
+                    "linfa-trees panicked while growing the tree (try another --tree-max-samples)"
+                        .into(),
+            })?
             .map_err(|e| LearnError::Fit {
                 trainer: "decision tree",
                 message: e.to_string(),
