@@ -131,19 +131,20 @@ impl Feature {
 
     /// The features that describe the request's position in the queue
     /// ([`crate::position`]).
-    pub const POSITION: [Feature; 8] = [
-        Feature::HeadAgeLog,
-        Feature::OlderHalf,
-        Feature::Expired,
-        Feature::DueBelow,
-        Feature::BelowAgeLog,
-        Feature::Recent,
-        Feature::LeadLog,
-        Feature::DueCount,
-    ];
+    pub const POSITION: [Feature; 8] = {
+        // The last eight of ALL (from HeadAgeLog on).
+        let mut out = [Feature::HeadAgeLog; 8];
+        let mut i = 0;
+        while i < 8 {
+            out[i] = Feature::ALL[Feature::HeadAgeLog as usize + i];
+            i += 1;
+        }
+        out
+    };
 
     /// A position feature ([`Feature::POSITION`]).
     pub const fn is_position(self) -> bool {
+        // Position features come last in the vector (checked by a test).
         (self as u8) >= (Feature::HeadAgeLog as u8)
     }
 
@@ -428,6 +429,17 @@ mod tests {
             assert_eq!(Feature::from_name(f.name()), Some(*f));
         }
         assert_eq!(Feature::from_name("nope"), None);
+        // The position features are the vector's tail, in PositionFeatures order.
+        let tail = &Feature::ALL[NUM_FEATURES - Feature::POSITION.len()..];
+        assert_eq!(tail, Feature::POSITION);
+        for f in Feature::ALL {
+            assert_eq!(
+                f.is_position(),
+                Feature::POSITION.contains(&f),
+                "{}",
+                f.name()
+            );
+        }
     }
 
     #[test]
