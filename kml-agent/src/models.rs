@@ -53,12 +53,15 @@ pub fn held_back_balanced_accuracy(m: &LoadedModel) -> Option<f64> {
 }
 
 /// Resolves `--model`: a path, a shipped name (`logistic` → `models/logistic.json`),
-/// or `auto` (the shipped model with the best held-back balanced accuracy).
+/// or `auto` (the shipped model with the best held-back balanced accuracy among
+/// those this build's kernel programs can run: a model that uses the position
+/// features waits until kml-ebpf computes them).
 pub fn resolve(spec: &str) -> anyhow::Result<(PathBuf, LoadedModel)> {
     if spec == "auto" {
         return list()
             .into_iter()
             .filter_map(|(p, m)| m.ok().map(|m| (p, m)))
+            .filter(|(_, m)| kml_learn::quantize::features_not_in_kernel(&m.quantized).is_empty())
             .max_by(|a, b| {
                 let ka = held_back_balanced_accuracy(&a.1).unwrap_or(0.0);
                 let kb = held_back_balanced_accuracy(&b.1).unwrap_or(0.0);

@@ -1,7 +1,12 @@
 #!/bin/bash
-# Trains the shipped default models (models/{baseline,linear,logistic,tree}.json)
-# on the union of the traces recorded by record-all.sh:
+# Trains the shipped default models on the union of the traces recorded by
+# record-all.sh:
 #   kml-learn/scripts/train-shipped.sh [TRACEDIR] [MODELDIR]
+# models/{baseline,linear,logistic,tree}.json use the portable features (what the
+# kernel computes today); models/{logistic,tree}-position.json add the eight
+# position features (kml_ebpf_common::position): `run --model auto` takes them
+# once kml-ebpf computes those (position::KERNEL_COMPUTES_POSITION), and the agent
+# refuses to install them before.
 # Each trace is split by insert time (first 70% trains, its last 20% tunes the
 # threshold, the last 30% is held back); the model file keeps the held-back metrics.
 set -euo pipefail
@@ -13,9 +18,10 @@ AGENT=$ROOT/target/release/kml-agent
 NAMES=$(grep -v '^#' "$HERE/workloads.txt" | awk 'NF {print $1}')
 LIST=$(for n in $NAMES; do printf '%s/%s.csv,' "$TRACES" "$n"; done)
 LIST=${LIST%,}
-FEATURES=portable
 DESC="union of 8 fio workloads (workloads/{$(echo $NAMES | tr ' ' ',')}.fio), 12 s each on a 1 GiB direct-I/O loop device, mq-deadline, nr_requests 1024, expiries per kml-learn/scripts/workloads.txt; see docs/learning.md"
 mkdir -p "$MODELS"
 for KIND in baseline linear logistic tree; do
-    "$AGENT" train --trace "$LIST" --model "$KIND" --features "$FEATURES" --out "$MODELS/$KIND.json" --workload "$DESC" --quiet
+    "$AGENT" train --trace "$LIST" --model "$KIND" --features portable --out "$MODELS/$KIND.json" --workload "$DESC" --quiet
 done
+"$AGENT" train --trace "$LIST" --model logistic --features portable+position --out "$MODELS/logistic-position.json" --workload "$DESC" --quiet
+"$AGENT" train --trace "$LIST" --model tree --features portable+position --max-depth 8 --min-samples-leaf 100 --tree-max-samples 100000 --out "$MODELS/tree-position.json" --workload "$DESC" --quiet

@@ -69,10 +69,12 @@ pub struct TrainArgs {
     /// Keep the default verdict threshold (delay > budget; log-odds > 0; p > 0.5).
     #[arg(long)]
     pub no_tune: bool,
-    /// Features to use, comma-separated; or `all` (the default: best on later I/O
-    /// of the same workload) or `portable` (write_dir, dir_wait_log,
-    /// expected_wait_log, dir_wait_us, expected_wait_us, deadline_budget_us,
-    /// issue_distance_log2: best on other workloads; the shipped models use it).
+    /// Features to use, comma-separated; or `all` (the default: every feature the
+    /// kernel computes; best on later I/O of the same workload) or `portable`
+    /// (write_dir, dir_wait_log, expected_wait_log, dir_wait_us, expected_wait_us,
+    /// deadline_budget_us, issue_distance_log2: best on other workloads) or
+    /// `portable+position` (those and the eight position features: head_age_log,
+    /// older_half, expired, due_below, below_age_log, recent, lead_log, due_count).
     /// The baseline always uses sector_mib,op. An unknown name lists the known ones.
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     pub features: Vec<String>,
@@ -108,6 +110,15 @@ fn parse_features(names: &[String]) -> anyhow::Result<Option<Vec<Feature>>> {
         [one] if one.trim() == "all" => return Ok(Some(crate::trainers::all_features())),
         [one] if one.trim() == "portable" => {
             return Ok(Some(crate::trainers::PORTABLE_FEATURES.to_vec()))
+        }
+        [one] if one.trim() == "portable+position" => {
+            return Ok(Some(
+                crate::trainers::PORTABLE_FEATURES
+                    .iter()
+                    .chain(&Feature::POSITION)
+                    .copied()
+                    .collect(),
+            ))
         }
         _ => {}
     }

@@ -324,6 +324,25 @@ pub struct EvalMetrics {
     pub q_balanced_accuracy: f64,
     pub q_f1_miss: f64,
     pub agreement: Option<f64>,
+    /// The data held one class only (`eval`'s `one_class`): no score means
+    /// anything, the report says "one class".
+    pub one_class: bool,
+    /// AUC of the integer model's ranking (`None` for one class, or an older agent).
+    pub q_auc: Option<f64>,
+}
+
+impl EvalMetrics {
+    /// The integer model's balanced accuracy as a table cell: "one class" when the
+    /// data has no ranking to judge, else the percentage (and the AUC when known).
+    pub fn q_cell(&self) -> String {
+        if self.one_class {
+            return "one class".into();
+        }
+        match self.q_auc {
+            Some(a) => format!("{:.1} (AUC {a:.3})", 100.0 * self.q_balanced_accuracy),
+            None => format!("{:.1}", 100.0 * self.q_balanced_accuracy),
+        }
+    }
 }
 
 /// `eval --json` with `--baseline`: the model's metrics and the baseline's, if present.
@@ -352,6 +371,8 @@ fn eval_metrics(v: &Value) -> Result<EvalMetrics> {
         q_balanced_accuracy: f("quantized_balanced_accuracy")?,
         q_f1_miss: f("quantized_f1_miss")?,
         agreement: v["agreement"].as_f64(),
+        one_class: v["one_class"].as_bool().unwrap_or(false),
+        q_auc: v["quantized_auc"].as_f64(),
     })
 }
 
@@ -533,6 +554,21 @@ mod tests {
         assert_eq!(e.records, 100);
         assert_eq!(e.q_balanced_accuracy, 0.79);
         assert_eq!(e.agreement, Some(0.99));
+        // An agent before AUC and one-class reporting: a plain percentage.
+        assert!(!e.one_class);
+        assert_eq!(e.q_cell(), "79.0");
+        let one = r#"{"records":100,"miss_rate":0.0,"accuracy":1.0,"balanced_accuracy":1.0,"f1_miss":0.0,
+            "quantized_accuracy":1.0,"quantized_balanced_accuracy":1.0,"quantized_f1_miss":0.0,
+            "quantized_auc":null,"one_class":true}"#;
+        assert_eq!(
+            parse_eval_with_baseline(one).unwrap().0.q_cell(),
+            "one class"
+        );
+        let auc = one.replace("null", "0.8766").replace("true", "false");
+        assert_eq!(
+            parse_eval_with_baseline(&auc).unwrap().0.q_cell(),
+            "100.0 (AUC 0.877)"
+        );
         assert!(parse_eval_with_baseline(r#"{"records":1}"#).is_err());
         let both = r#"{"records":100,"miss_rate":0.2,"accuracy":0.9,"balanced_accuracy":0.8,"f1_miss":0.7,
             "quantized_accuracy":0.89,"quantized_balanced_accuracy":0.79,"quantized_f1_miss":0.69,

@@ -709,13 +709,16 @@ fn agent_section(md: &mut String, ctx: &Ctx, r: &Results) {
 
 fn metrics_cells(m: Option<&Result<EvalMetrics, String>>) -> String {
     match m {
+        Some(Ok(e)) if e.one_class => {
+            "one class | one class | – | one class | one class | –".into()
+        }
         Some(Ok(e)) => format!(
             "{} | {} | {:.3} | {} | {} | {:.3}",
             pct(e.accuracy),
             pct(e.balanced_accuracy),
             e.f1_miss,
             pct(e.q_accuracy),
-            pct(e.q_balanced_accuracy),
+            e.q_cell(),
             e.q_f1_miss
         ),
         Some(Err(e)) => format!("eval FAILED: {} | | | | |", one_line(e)),
@@ -939,10 +942,8 @@ fn learning_section(md: &mut String, plots: &mut Vec<(String, String)>, ctx: &Ct
                         k.cross.iter().find(|(n, _)| *n == col.name).map(|(_, m)| m)
                     };
                     let cell = match m {
-                        Some(Ok(e)) if col.name == row.name => {
-                            format!("*{}*", pct(e.q_balanced_accuracy))
-                        }
-                        Some(Ok(e)) => pct(e.q_balanced_accuracy),
+                        Some(Ok(e)) if col.name == row.name => format!("*{}*", e.q_cell()),
+                        Some(Ok(e)) => e.q_cell(),
                         Some(Err(_)) => "failed".into(),
                         None => "–".into(),
                     };
