@@ -274,7 +274,11 @@ impl QueueShape {
         let mut w = 0usize;
         while w < WALK_BUCKETS {
             if w <= b0 && walked < REACH {
-                let b = b0 - w;
+                // Masked through black_box: the BPF verifier must see the index
+                // bounded by the mask. Without it LLVM proves `b0 - w` in range,
+                // drops the check and walks a decrementing pointer the verifier
+                // cannot bound ("invalid access to map value, off=-2").
+                let b = core::hint::black_box(b0 - w) & (SECTOR_BUCKETS - 1);
                 if let (Some(&c), Some(&o)) = (self.count.get(b), self.oldest_ns.get(b)) {
                     if c != 0 {
                         walked += c as u32;
