@@ -170,6 +170,37 @@ pub const fn bucket_shift_for(capacity_sectors: u64) -> u32 {
     n.saturating_sub(SECTOR_BUCKETS.trailing_zeros())
 }
 
+/// All ones when `bit` is 1, zero when it is 0 (branch-free selects).
+#[inline(always)]
+const fn mask(bit: u64) -> u64 {
+    0u64.wrapping_sub(bit & 1)
+}
+
+/// 1 when `a < b`, else 0, for values below 2^63 (all the times, counts and
+/// indices here): the sign of the difference, no compare.
+#[inline(always)]
+fn lt(a: u64, b: u64) -> u64 {
+    core::hint::black_box(a.wrapping_sub(b)) >> 63
+}
+
+/// 1 when `v != 0`, else 0, for values below 2^63.
+#[inline(always)]
+fn nonzero(v: u64) -> u64 {
+    core::hint::black_box(v | v.wrapping_neg()) >> 63
+}
+
+/// 1 when `a == b` (both below 2^63), else 0.
+#[inline(always)]
+fn eq(a: u64, b: u64) -> u64 {
+    1 ^ nonzero(a ^ b)
+}
+
+/// `yes` when `bit` is 1, else `no`, without a branch.
+#[inline(always)]
+fn select(bit: u64, yes: u64, no: u64) -> u64 {
+    no ^ ((no ^ yes) & mask(bit))
+}
+
 impl QueueShape {
     pub const EMPTY: QueueShape = QueueShape {
         queued: 0,
@@ -238,34 +269,32 @@ impl QueueShape {
         // Slots younger than half the budget / than the budget.
         let half_slots = (budget_ns >> 1) >> sh;
         let budget_slots = budget_ns >> sh;
-        let (mut in_ring, mut young_half, mut young_budget, mut recent) = (0u32, 0u32, 0u32, 0u32);
+        // Both loops are branch-free (masks, see `mask`/`lt`): the verifier walks
+        // every path, and a compare-and-branch per step on a value an earlier
+        // step computed made it give up ("BPF program is too large", 1 M
+        // instructions) on a socket-filter build of this function.
+        let (mut in_ring, mut young_half, mut young_budget, mut recent) = (0u64, 0u64, 0u64, 0u64);
         let mut oldest_k = 0u64;
         let mut k = 0u64;
         while k < AGE_SLOTS as u64 {
             let epoch = now_epoch.wrapping_sub(k);
             let s = (epoch as usize) & (AGE_SLOTS - 1);
-            let c = match (self.slot_epoch.get(s), self.slot_count.get(s)) {
-                (Some(&e), Some(&c)) if e == epoch as u32 => c as u32,
-                _ => 0,
+            let (e, c) = match (self.slot_epoch.get(s), self.slot_count.get(s)) {
+                (Some(&e), Some(&c)) => (e, c as u64),
+                _ => (0, 0),
             };
+            let c = c & mask(eq(e as u64, epoch & 0xffff_ffff));
             in_ring += c;
-            if k < half_slots {
-                young_half += c;
-            }
-            if k < budget_slots {
-                young_budget += c;
-            }
-            if k < 2 {
-                recent += c;
-            }
-            if c != 0 {
-                oldest_k = k;
-            }
+            young_half += c & mask(lt(k, half_slots));
+            young_budget += c & mask(lt(k, budget_slots));
+            recent += c & mask(lt(k, 2));
+            oldest_k = select(nonzero(c), k, oldest_k);
             k += 1;
         }
-        let head_age_ns = if self.queued == 0 {
+        let queued = self.queued as u64;
+        let head_age_ns = if queued == 0 {
             0
-        } else if self.queued > in_ring {
+        } else if queued > in_ring {
             (AGE_SLOTS as u64) << sh
         } else {
             // The oldest slot's requests are at least `oldest_k` slots old.
@@ -273,39 +302,44 @@ impl QueueShape {
         };
         // A request in a walked bucket is due when it is at least this old.
         let due_age = head_age_ns.saturating_sub(budget_ns);
-        let b0 = bucket_of(sector, bucket_shift);
-        let (mut walked, mut due_below, mut below_age, mut due_count) =
-            (0u32, DUE_NONE, 0u64, 0u32);
-        let mut w = 0usize;
-        while w < WALK_BUCKETS {
-            if w <= b0 && walked < REACH {
-                // Masked through black_box: the BPF verifier must see the index
-                // bounded by the mask. Without it LLVM proves `b0 - w` in range,
-                // drops the check and walks a decrementing pointer the verifier
-                // cannot bound ("invalid access to map value, off=-2").
-                let b = core::hint::black_box(b0 - w) & (SECTOR_BUCKETS - 1);
-                if let (Some(&c), Some(&o)) = (self.count.get(b), self.oldest_ns.get(b)) {
-                    if c != 0 {
-                        walked += c as u32;
-                        let age = now_ns.saturating_sub(o);
-                        if age > below_age {
-                            below_age = age;
-                        }
-                        if age >= due_age {
-                            due_count += c as u32;
-                            if due_below == DUE_NONE {
-                                due_below = if walked > (DUE_NONE - 1) as u32 {
-                                    DUE_NONE - 1
-                                } else {
-                                    walked as i32
-                                };
-                            }
-                        }
-                    }
-                }
-            }
+        let b0 = bucket_of(sector, bucket_shift) as u64;
+        let (mut walked, mut below_age, mut due_count) = (0u64, 0u64, 0u64);
+        let (mut found, mut due_at) = (0u64, 0u64);
+        let mut w = 0u64;
+        while w < WALK_BUCKETS as u64 {
+            // Masked through black_box: the verifier must see the index bounded
+            // by the mask (without it LLVM proves `b0 - w` in range and walks a
+            // decrementing pointer the verifier cannot bound).
+            let b = (core::hint::black_box(b0.wrapping_sub(w)) as usize) & (SECTOR_BUCKETS - 1);
+            let (c, o) = match (self.count.get(b), self.oldest_ns.get(b)) {
+                (Some(&c), Some(&o)) => (c as u64, o),
+                _ => (0, 0),
+            };
+            // This bucket counts while it exists below (w <= b0) and fewer than
+            // REACH requests have been passed.
+            let live = (1 ^ lt(b0, w)) & lt(walked, REACH as u64) & nonzero(c);
+            let c = c & mask(live);
+            let d = now_ns.wrapping_sub(o);
+            // now - oldest, saturating at 0, and 0 for a bucket not counted.
+            let age = d & !mask(d >> 63) & mask(live);
+            walked += c;
+            below_age = select(lt(below_age, age), age, below_age);
+            let due = live & (1 ^ lt(age, due_age));
+            due_count += c & mask(due);
+            due_at = select(due & (1 ^ found), walked, due_at);
+            found |= due;
             w += 1;
         }
+        let due_below = if found == 0 {
+            DUE_NONE
+        } else if due_at > (DUE_NONE - 1) as u64 {
+            DUE_NONE - 1
+        } else {
+            due_at as i32
+        };
+        let (walked, due_count) = (walked as u32, due_count as u32);
+        let (recent, young_half, young_budget) =
+            (recent as u32, young_half as u32, young_budget as u32);
         PositionFeatures {
             head_age_log: if self.queued == 0 {
                 0
