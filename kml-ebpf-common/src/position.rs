@@ -170,23 +170,25 @@ pub const fn bucket_shift_for(capacity_sectors: u64) -> u32 {
     n.saturating_sub(SECTOR_BUCKETS.trailing_zeros())
 }
 
-/// All ones when `bit` is 1, zero when it is 0 (branch-free selects).
+/// All ones when `bit` is 1, zero when it is 0 (branch-free selects). Through
+/// `black_box`: otherwise LLVM turns `v & mask(sign bit)` back into a
+/// compare-and-branch on the sign, a diamond per loop step for the verifier.
 #[inline(always)]
-const fn mask(bit: u64) -> u64 {
-    0u64.wrapping_sub(bit & 1)
+fn mask(bit: u64) -> u64 {
+    core::hint::black_box(0u64.wrapping_sub(bit & 1))
 }
 
 /// 1 when `a < b`, else 0, for values below 2^63 (all the times, counts and
 /// indices here): the sign of the difference, no compare.
 #[inline(always)]
 fn lt(a: u64, b: u64) -> u64 {
-    core::hint::black_box(a.wrapping_sub(b)) >> 63
+    core::hint::black_box(core::hint::black_box(a.wrapping_sub(b)) >> 63)
 }
 
 /// 1 when `v != 0`, else 0, for values below 2^63.
 #[inline(always)]
 fn nonzero(v: u64) -> u64 {
-    core::hint::black_box(v | v.wrapping_neg()) >> 63
+    core::hint::black_box(core::hint::black_box(v | v.wrapping_neg()) >> 63)
 }
 
 /// 1 when `a == b` (both below 2^63), else 0.
