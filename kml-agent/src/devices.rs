@@ -160,6 +160,30 @@ fn parse_scheduler(s: &str) -> (Option<String>, Vec<String>) {
     (active, all)
 }
 
+/// Checks privileges and resolves `devices` (names or /dev paths; empty means every
+/// mq-deadline disk) before anything is created or loaded.
+pub fn resolve(devices: &[String]) -> anyhow::Result<Vec<BlockDevice>> {
+    crate::kernel::caps::require_privileges()?;
+    Ok(if devices.is_empty() {
+        let all: Vec<BlockDevice> = list()
+            .into_iter()
+            // An unattached loop device (size 0) keeps its scheduler: not a disk now.
+            .filter(|d| d.is_mq_deadline() && d.size_sectors > 0)
+            .collect();
+        if all.is_empty() {
+            anyhow::bail!(
+                "no disk uses mq-deadline: pick one with --device, after `echo mq-deadline > /sys/block/DEV/queue/scheduler`"
+            );
+        }
+        all
+    } else {
+        devices
+            .iter()
+            .map(|d| BlockDevice::find(d))
+            .collect::<anyhow::Result<_>>()?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

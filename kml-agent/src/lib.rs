@@ -1,27 +1,39 @@
-//! kml-agent: loads kml's block-layer eBPF observers, consumes their ring buffer,
-//! and (later stages) learns from the records.
+//! kml-agent: loads kml's block-layer eBPF programs, consumes their records, learns
+//! from them and acts on the verdicts.
 //!
-//! Modules follow the data flow: `kernel` (what the running kernel offers and how it
-//! lays out its structures) → `devices` (which disks, with which mq-deadline
-//! settings) → `observe` (load, configure, attach) → `record` (ring buffer → records)
-//! → `stats` (what the records say) → `infer` (models into the kernel's slots) →
-//! `tune` (act on a stock kernel through mq-deadline's tunables).
+//! Modules follow the data flow, each importing only those before it:
+//!
+//! - [`kernel`]: what the running kernel offers and how it lays out its structures;
+//! - [`devices`]: which disks, with which mq-deadline settings;
+//! - [`object`]: kml's eBPF object, its load-time globals, its maps and programs;
+//! - [`observe`]: load, configure, attach; the ring buffer; losses; pins;
+//! - [`stats`] and [`record`]: what the records say; recording them to a trace;
+//! - [`learn`]: online learning (a pure state machine) and model files;
+//! - [`slots`]: models into the kernel's slots;
+//! - [`act`]: the verdicts act (the patched mq-deadline's hook) or tune mq-deadline;
+//! - [`metrics`]: the agent's state for Prometheus;
+//! - [`agent`]: the run loop (start / step / shutdown) that drives them all;
+//! - [`cli`]: argument parsing and printing only.
+//!
+//! [`units`], [`runtime`], [`logging`] and [`owner`] are small helpers every stage
+//! may use; [`testing`] holds the test hooks (cargo feature `testing`).
 
-pub mod adopt;
+pub mod act;
+pub mod agent;
 pub mod cli;
 pub mod devices;
-pub mod hook;
-pub mod hotplug;
-pub mod infer;
 pub mod kernel;
 pub mod learn;
 pub mod logging;
 pub mod metrics;
-pub mod models;
+pub mod object;
 pub mod observe;
 pub mod owner;
-pub mod pin;
 pub mod record;
+pub mod runtime;
+pub mod slots;
 pub mod stats;
-pub mod test_swaps;
-pub mod tune;
+pub mod status;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod units;

@@ -22,8 +22,9 @@ use prometheus_client::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
-    infer::ActiveModel,
+    learn::online::ModelEvents,
     observe::{Observer, ProgramStats},
+    slots::ActiveModel,
 };
 
 /// The confusion matrix counters, exposed as one labelled family instead.
@@ -50,15 +51,6 @@ pub struct Snapshot {
     pub bpf_stats_enabled: bool,
     pub model: Option<ActiveModel>,
     pub events: ModelEvents,
-}
-
-/// What online learning did so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ModelEvents {
-    pub swaps: u64,
-    pub rollbacks: u64,
-    pub drifts: u64,
-    pub retrain_failures: u64,
 }
 
 impl Snapshot {
@@ -246,7 +238,7 @@ impl Metrics {
     ) -> anyhow::Result<()> {
         let counters = observer.counters()?;
         let programs = observer.program_stats()?;
-        let loss = crate::cli::losses_of(observer, &counters, &programs)?;
+        let loss = observer.losses_of(&counters, &programs)?;
         let bpf_stats_enabled = crate::kernel::caps::bpf_stats_enabled();
         self.update(|s| {
             *s = Snapshot {

@@ -1,9 +1,20 @@
 //! Loads kml's eBPF object, configures it for this kernel and these devices,
 //! attaches one set of programs. Dropping the [`Observer`] detaches everything
-//! and frees the maps (nothing is pinned here), also when a caller fails midway.
+//! and frees the maps (removing the pins, with `--pin`), also when a caller fails
+//! midway.
+//!
+//! The stage's parts: [`pins`] (`--pin`: what outlives the agent, and adopting it),
+//! [`ring`] (the ring buffer → records), [`losses`] (what the counters say was
+//! lost), [`programs`] (the kernel's statistics of each program), [`hotplug`]
+//! (disks that come and go while the observer runs).
+
+pub mod hotplug;
+pub mod losses;
+pub mod pins;
+pub mod programs;
+pub mod ring;
 
 use std::{
-    borrow::Cow,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     time::Duration,
@@ -24,39 +35,18 @@ use kml_ebpf_common::{
 };
 
 use crate::{
-    adopt::{self, PinMeta},
     devices::BlockDevice,
-    kernel::{caps::AttachMode, layout},
-    record::RecordStream,
+    kernel::{attach::AttachMode, layout},
+    object::{self, ebpf_object, map_mut, program, HookGlobals},
 };
+use losses::LossReport;
+use pins::PinMeta;
+use programs::prog_info;
+pub use programs::ProgramStats;
+use ring::RecordStream;
 
-/// The eBPF object: `KML_EBPF_OBJECT` at run time if set (development), else the
-/// one embedded at build time.
-pub fn ebpf_object() -> anyhow::Result<Cow<'static, [u8]>> {
-    if let Some(path) = std::env::var_os("KML_EBPF_OBJECT") {
-        let bytes = std::fs::read(&path).with_context(|| {
-            format!(
-                "reading eBPF object {} (KML_EBPF_OBJECT)",
-                path.to_string_lossy()
-            )
-        })?;
-        return Ok(Cow::Owned(bytes));
-    }
-    embedded_object()
-}
-
-#[cfg(kml_ebpf_embedded)]
-fn embedded_object() -> anyhow::Result<Cow<'static, [u8]>> {
-    static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("KML_EBPF_OBJECT_PATH"));
-    Ok(Cow::Borrowed(OBJECT))
-}
-
-#[cfg(not(kml_ebpf_embedded))]
-fn embedded_object() -> anyhow::Result<Cow<'static, [u8]>> {
-    anyhow::bail!(
-        "this kml-agent was built without its eBPF object: build it with `cargo xtask build`"
-    )
-}
+/// Read-only access to a map of the object.
+use object::map as map_ref;
 
 /// Sizes and policies of the observer.
 #[derive(Clone, Debug)]
@@ -74,7 +64,7 @@ pub struct ObserverConfig {
     /// Also prepare the verdict program for the patched mq-deadline's hook (its
     /// globals are set at load; [`Observer::attach_hook`] attaches it). Raw
     /// tracepoint mode only: the program finds the model's verdict by `struct request *`.
-    pub hook: Option<crate::hook::HookGlobals>,
+    pub hook: Option<HookGlobals>,
 }
 
 impl ObserverConfig {
@@ -169,29 +159,29 @@ impl Observer {
         crate::kernel::caps::require_privileges()?;
         let object = ebpf_object()?;
         let meta = PinMeta {
-            object: adopt::fingerprint(&object),
+            object: pins::fingerprint(&object),
             mode: config.mode.name().to_owned(),
             ring_bytes: config.ring_bytes,
             wakeup_bytes: config.wakeup_bytes,
             sample_fill_bytes: config.sample_fill_bytes.unwrap_or(0),
             owner_pid: std::process::id(),
         };
-        adopt::make_dir(dir)?;
-        let mut outcome = match adopt::inspect(dir, &meta) {
-            adopt::Found::Owned(pid) => anyhow::bail!(
+        pins::make_dir(dir)?;
+        let mut outcome = match pins::inspect(dir, &meta) {
+            pins::Found::Owned(pid) => anyhow::bail!(
                 "the kml-agent with pid {pid} owns the pins at {}: stop it first, or pin elsewhere with --pin-dir",
                 dir.display()
             ),
-            adopt::Found::Nothing => PinOutcome::Fresh,
-            adopt::Found::Stale(why) => PinOutcome::Replaced(why),
-            adopt::Found::Adoptable(old) => PinOutcome::Adopted {
+            pins::Found::Nothing => PinOutcome::Fresh,
+            pins::Found::Stale(why) => PinOutcome::Replaced(why),
+            pins::Found::Adoptable(old) => PinOutcome::Adopted {
                 previous_pid: old.owner_pid,
             },
         };
         let mut links = Vec::new();
         if matches!(outcome, PinOutcome::Adopted { .. }) {
             for Event { tracepoint, .. } in EVENTS {
-                let path = adopt::link_pin(dir, tracepoint);
+                let path = pins::link_pin(dir, tracepoint);
                 match PinnedLink::from_pin(&path) {
                     Ok(l) => links.push((path, FdLink::from(l))),
                     Err(_) => {
@@ -206,12 +196,12 @@ impl Observer {
             }
         }
         if let PinOutcome::Replaced(_) = outcome {
-            adopt::clear(dir).with_context(|| format!("removing the pins at {}", dir.display()))?;
-            adopt::make_dir(dir)?;
+            pins::clear(dir).with_context(|| format!("removing the pins at {}", dir.display()))?;
+            pins::make_dir(dir)?;
         }
         let mut ebpf = load_object(&config, &object, Some(dir))?;
-        for name in adopt::MAPS {
-            adopt::restrict(&dir.join(name))?;
+        for name in pins::MAPS {
+            pins::restrict(&dir.join(name))?;
         }
         let adopted = matches!(outcome, PinOutcome::Adopted { .. });
         if adopted {
@@ -219,7 +209,7 @@ impl Observer {
             // INFER array) are the killed agent's; only the checker is needed anew.
             let checker: &mut RawTracePoint = program(&mut ebpf, program::VERIFY_SLOTS)?;
             checker.load().context("verifying kml_verify_slots")?;
-            adopt::write_meta(dir, &meta)?;
+            pins::write_meta(dir, &meta)?;
         } else {
             load_programs(&mut ebpf, config.mode)?;
         }
@@ -234,6 +224,40 @@ impl Observer {
                 links,
             }),
         };
+        Ok((observer, outcome))
+    }
+
+    /// Loads the observer, adds `targets`, attaches.
+    pub fn start(config: ObserverConfig, targets: &[BlockDevice]) -> anyhow::Result<Observer> {
+        let mut observer = Observer::load(config)?;
+        for d in targets {
+            observer.add_device(d)?;
+        }
+        observer.attach()?;
+        Ok(observer)
+    }
+
+    /// [`Observer::start`] with `--pin`: every map and link pinned under `dir`,
+    /// adopting what a killed agent left there when it can (see [`pins`]). The
+    /// devices the adopted programs traced that are not in `targets` stop being traced.
+    pub fn start_pinned(
+        config: ObserverConfig,
+        targets: &[BlockDevice],
+        dir: &Path,
+    ) -> anyhow::Result<(Observer, PinOutcome)> {
+        let (mut observer, outcome) = Observer::load_pinned(config, dir)?;
+        let wanted: Vec<u32> = targets.iter().map(BlockDevice::dev).collect();
+        for dev in observer.kernel_devices()? {
+            if !wanted.contains(&dev) {
+                let stale = observer.remove_device(dev)?;
+                let (major, minor) = kml_ebpf_common::kernel_dev_split(dev);
+                tracing::info!("no longer tracing {major}:{minor} (traced by the adopted programs, not asked for now; {stale} in-flight entries dropped)");
+            }
+        }
+        for d in targets {
+            observer.add_device(d)?;
+        }
+        observer.attach()?;
         Ok((observer, outcome))
     }
 
@@ -271,7 +295,7 @@ fn load_object(
         h.apply(&mut loader, false);
     }
     if let Some(dir) = pin_dir {
-        for name in adopt::MAPS {
+        for name in pins::MAPS {
             loader.map_pin_path(name, dir.join(name));
         }
     }
@@ -462,38 +486,34 @@ impl Observer {
                 }
             };
             if let (Some(link), Some(pinned)) = (link, self.pinned.as_mut()) {
-                let path = adopt::link_pin(&pinned.dir, event);
+                let path = pins::link_pin(&pinned.dir, event);
                 let link = FdLink::from(
                     link.pin(&path)
                         .with_context(|| format!("pinning the link of {event}"))?,
                 );
-                adopt::restrict(&path)?;
+                pins::restrict(&path)?;
                 pinned.links.push((path, link));
             }
         }
         if let Some(pinned) = &self.pinned {
             // Last: only a complete set is ever described as adoptable.
-            adopt::write_meta(&pinned.dir, &pinned.meta)?;
+            pins::write_meta(&pinned.dir, &pinned.meta)?;
         }
         self.attached = true;
         Ok(())
     }
 
-    /// Attaches the verdict program to the patched mq-deadline's hook with `policy`
-    /// (the observer must have been loaded with [`ObserverConfig::hook`]). Detached
-    /// by [`Observer::detach`] or when the observer is dropped.
-    pub fn attach_hook(&mut self, policy: crate::hook::Policy) -> anyhow::Result<()> {
-        if self.config.hook.is_none() {
-            anyhow::bail!("the observer was loaded without the hook's globals");
-        }
-        crate::hook::attach(&mut self.ebpf, policy)
+    /// Whether the object was loaded with the verdict program's globals
+    /// ([`ObserverConfig::hook`]), so that the act stage can attach it.
+    pub fn hook_loaded(&self) -> bool {
+        self.config.hook.is_some()
     }
 
     /// Detaches every program (records already in the ring stay readable).
     pub fn detach(&mut self) {
         // The hook first: no verdict acts once the observers stop.
         if let Some(aya::programs::Program::KProbe(p)) =
-            self.ebpf.program_mut(crate::hook::HOOK_PROGRAM)
+            self.ebpf.program_mut(program::HOOK_VERDICT)
         {
             let _ = p.unload();
         }
@@ -543,6 +563,21 @@ impl Observer {
             total.accumulate(c);
         }
         Ok(total)
+    }
+
+    /// Losses so far (at the end of a session: all of them).
+    pub fn losses(&self) -> anyhow::Result<LossReport> {
+        self.losses_of(&self.counters()?, &self.program_stats()?)
+    }
+
+    /// Losses from counters and program statistics already read.
+    pub fn losses_of(
+        &self,
+        counters: &Counters,
+        programs: &[ProgramStats],
+    ) -> anyhow::Result<LossReport> {
+        let missed = programs.iter().map(|p| p.recursion_misses).sum();
+        Ok(LossReport::new(counters, self.live_inflight()?, missed))
     }
 
     /// Requests in the in-flight map now.
@@ -600,7 +635,7 @@ impl Observer {
         let (_, link) = pinned
             .links
             .iter()
-            .find(|(p, _)| *p == adopt::link_pin(&pinned.dir, event))?;
+            .find(|(p, _)| *p == pins::link_pin(&pinned.dir, event))?;
         let id = link.info().ok()?.program_id();
         aya::programs::loaded_programs()
             .filter_map(Result::ok)
@@ -624,127 +659,13 @@ impl Observer {
     }
 }
 
-/// Kernel-side statistics of one program (`bpf_prog_info`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProgramStats {
-    pub name: &'static str,
-    pub event: &'static str,
-    pub run_count: u64,
-    pub run_time_ns: u64,
-    pub recursion_misses: u64,
-}
-
-/// `BPF_OBJ_GET_INFO_BY_FD` for a program (aya keeps `recursion_misses` private).
-fn prog_info(
-    fd: std::os::fd::BorrowedFd<'_>,
-) -> std::io::Result<aya_obj::generated::bpf_prog_info> {
-    use std::os::fd::AsRawFd as _;
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    // SAFETY: bpf_prog_info is plain integers; all-zero is its documented initial state.
-    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
-    let attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: (&raw mut info) as u64,
-    };
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw const attr,
-            std::mem::size_of::<InfoAttr>(),
-        )
-    };
-    if rc == 0 {
-        Ok(info)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 impl Drop for Observer {
     fn drop(&mut self) {
         self.detach();
         if let Some(pinned) = &self.pinned {
-            if let Err(e) = adopt::clear(&pinned.dir) {
+            if let Err(e) = pins::clear(&pinned.dir) {
                 tracing::warn!("removing the pins at {}: {e}", pinned.dir.display());
             }
         }
-    }
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    let p = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} missing from the eBPF object"))?;
-    p.try_into()
-        .with_context(|| format!("program {name} has an unexpected type"))
-}
-
-fn map_mut<'a, K: aya::Pod, V: aya::Pod>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> anyhow::Result<HashMap<&'a mut MapData, K, V>> {
-    let m = ebpf
-        .map_mut(name)
-        .with_context(|| format!("map {name} missing from the eBPF object"))?;
-    HashMap::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
-}
-
-fn map_ref<'a, M>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<M>
-where
-    M: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let m = ebpf
-        .map(name)
-        .with_context(|| format!("map {name} missing from the eBPF object"))?;
-    M::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    use kml_ebpf_common::abi::names;
-
-    /// The names the agent uses (the shared crate's `abi::names`) are exactly the
-    /// maps and programs the built object defines: a renamed map or program on
-    /// either side fails here, not at load time on some kernel.
-    #[test]
-    fn abi_names_match_the_object() {
-        let object = match super::ebpf_object() {
-            Ok(o) => o,
-            Err(e) => {
-                // Only a build without `cargo xtask build` lacks it; `cargo xtask
-                // test` always has it.
-                eprintln!("skipped: no eBPF object ({e:#})");
-                return;
-            }
-        };
-        let obj = aya_obj::Object::parse(&object).expect("the eBPF object parses");
-        let maps: BTreeSet<&str> = obj
-            .maps
-            .keys()
-            .map(String::as_str)
-            // Global data (.rodata, .bss, .data) and aya's own maps are not kml's.
-            .filter(|m| !m.starts_with('.'))
-            .collect();
-        let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
-        assert_eq!(maps, names::all_maps().collect::<BTreeSet<_>>(), "maps");
-        assert_eq!(
-            programs,
-            names::all_programs().collect::<BTreeSet<_>>(),
-            "programs"
-        );
     }
 }

@@ -1,97 +1,138 @@
-//! Ring buffer → [`RequestRecord`]s, asynchronously: the agent sleeps in epoll
-//! (tokio `AsyncFd`) until the programs wake it for a batch, and a poll timer
-//! collects the tail that has not reached the wake-up threshold. No busy loop.
+//! `record`: every request of the chosen devices into a CSV trace (the format of
+//! `kml_ebpf_common::trace`), until a duration passes or a signal comes.
 
-use std::{os::fd::AsRawFd, time::Duration};
+use std::{
+    fs::File,
+    io::{BufWriter, Write as _},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
-use kml_ebpf_common::RequestRecord;
-use tokio::io::{unix::AsyncFd, Interest};
+use kml_ebpf_common::{trace, Counter, RequestRecord};
 
-/// Decodes one ring buffer item; `None` if its size is not a record's.
-/// (`fuzz/fuzz_targets/record_decode.rs` fuzzes it.)
-pub fn decode(bytes: &[u8]) -> Option<RequestRecord> {
-    RequestRecord::from_bytes(bytes)
+use crate::{
+    kernel::{attach::AttachRequest, caps::KernelReport},
+    observe::{losses::LossReport, Observer, ObserverConfig},
+    stats::LatencySummary,
+};
+
+/// What to record, where, for how long.
+#[derive(Clone, Debug)]
+pub struct RecordConfig {
+    pub devices: Vec<String>,
+    pub duration: Duration,
+    pub out: PathBuf,
+    pub attach: AttachRequest,
+    pub ring_bytes: u32,
 }
 
-pub struct RecordStream {
-    ring: AsyncFd<RingBuf<MapData>>,
-    poll_interval: Duration,
-    /// Items whose size did not match a record (a kernel/agent version mismatch).
+/// What a recording wrote and saw.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub records: u64,
+    pub elapsed: Duration,
+    pub deadline_misses: u64,
+    /// insert → issue and issue → complete of the issued requests.
+    pub wait: LatencySummary,
+    pub service: LatencySummary,
+    pub loss: LossReport,
+    /// Ring items of the wrong size (agent and eBPF object disagree).
     pub undecodable: u64,
 }
 
-impl RecordStream {
-    pub(crate) fn new(ring: RingBuf<MapData>, poll_interval: Duration) -> anyhow::Result<Self> {
-        let fd = ring.as_raw_fd();
-        // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as
-        // long as the AsyncFd owns the ring buffer.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)
-            .with_context(|| format!("registering ring buffer fd {fd} with the runtime"))?;
-        Ok(RecordStream {
-            ring,
-            poll_interval,
-            undecodable: 0,
-        })
-    }
+/// The trace file and the latencies of what went into it.
+struct TraceWriter {
+    out: BufWriter<File>,
+    wait: Vec<u64>,
+    service: Vec<u64>,
+    misses: u64,
+}
 
-    /// Appends every record available now to `out`; returns how many.
-    pub fn drain(&mut self, out: &mut Vec<RequestRecord>) -> usize {
-        let before = out.len();
-        let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
-            match decode(&item) {
-                Some(r) => out.push(r),
-                None => self.undecodable += 1,
+impl TraceWriter {
+    fn write(&mut self, batch: &mut Vec<RequestRecord>) -> anyhow::Result<()> {
+        for r in batch.iter() {
+            trace::write_row(&mut self.out, r)?;
+            if r.issue_ns != 0 {
+                self.wait.push(r.insert_to_issue_ns());
+                self.service.push(r.issue_to_complete_ns());
             }
+            self.misses += u64::from(r.deadline_missed());
         }
-        out.len() - before
-    }
-
-    /// Waits until records arrive (a wake-up or the poll timer), then drains them.
-    /// Returns 0 only after a poll interval with nothing new.
-    pub async fn next_batch(&mut self, out: &mut Vec<RequestRecord>) -> anyhow::Result<usize> {
-        let n = self.drain(out);
-        if n > 0 {
-            return Ok(n);
-        }
-        tokio::select! {
-            guard = self.ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                guard.clear_ready();
-            }
-            () = tokio::time::sleep(self.poll_interval) => {}
-        }
-        Ok(self.drain(out))
+        batch.clear();
+        Ok(())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decode_checks_size() {
-        let rec = RequestRecord {
-            sector: 42,
-            nr_sectors: 8,
-            insert_ns: 1,
-            ..Default::default()
-        };
-        // SAFETY: viewing a plain-integer struct as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&raw const rec).cast::<u8>(),
-                std::mem::size_of::<RequestRecord>(),
-            )
-        };
-        assert_eq!(decode(bytes), Some(rec));
-        assert_eq!(decode(&bytes[1..]), None);
-        // Unaligned input decodes too.
-        let mut shifted = vec![0u8; bytes.len() + 1];
-        shifted[1..].copy_from_slice(bytes);
-        assert_eq!(decode(&shifted[1..]), Some(rec));
+/// Records until `config.duration` passes or SIGINT/SIGTERM comes.
+pub async fn record(config: &RecordConfig) -> anyhow::Result<Recorded> {
+    let targets = crate::devices::resolve(&config.devices)?;
+    let file =
+        File::create(&config.out).with_context(|| format!("creating {}", config.out.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    writeln!(out, "{}", trace::header())?;
+    let mut observer = match start(config, &targets) {
+        Ok(o) => o,
+        Err(e) => {
+            // Leave nothing behind for a recording that never started.
+            drop(out);
+            let _ = std::fs::remove_file(&config.out);
+            return Err(e);
+        }
+    };
+    let mut stream = observer.records()?;
+    // Before the ready line: a signal right after it must find the handlers.
+    let signal = crate::runtime::shutdown_signal();
+    tokio::pin!(signal);
+    tracing::info!(
+        "recording {} ({}) for {:?} into {}",
+        config.devices.join(", "),
+        observer.mode(),
+        config.duration,
+        config.out.display()
+    );
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(config.duration);
+    tokio::pin!(deadline);
+    let mut batch = Vec::with_capacity(8192);
+    let mut writer = TraceWriter {
+        out,
+        wait: Vec::new(),
+        service: Vec::new(),
+        misses: 0,
+    };
+    loop {
+        tokio::select! {
+            () = &mut deadline => break,
+            sig = &mut signal => { tracing::info!("{}, stopping", sig?); break }
+            n = stream.next_batch(&mut batch) => { n?; writer.write(&mut batch)?; }
+        }
     }
+    // Detach first so the ring holds everything that will ever be emitted.
+    observer.detach();
+    stream.drain(&mut batch);
+    writer.write(&mut batch)?;
+    writer
+        .out
+        .flush()
+        .with_context(|| format!("writing {}", config.out.display()))?;
+    Ok(Recorded {
+        records: observer.counters()?.get(Counter::Records),
+        elapsed: started.elapsed(),
+        deadline_misses: writer.misses,
+        wait: LatencySummary::of(writer.wait),
+        service: LatencySummary::of(writer.service),
+        loss: observer.losses()?,
+        undecodable: stream.undecodable,
+    })
+}
+
+fn start(
+    config: &RecordConfig,
+    targets: &[crate::devices::BlockDevice],
+) -> anyhow::Result<Observer> {
+    let mode = KernelReport::probe().choose(config.attach)?;
+    let mut oc = ObserverConfig::new(mode);
+    oc.ring_bytes = config.ring_bytes;
+    Observer::start(oc, targets)
 }

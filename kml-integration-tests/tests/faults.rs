@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::{Array, HashMap, PerCpuArray, RingBuf};
-use kml_agent::pin;
+use kml_agent::observe::pins as pin;
 use kml_ebpf_common::{
     abi::names::{map, program},
     features::features_at_insert,
@@ -56,7 +56,7 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = kml_agent::adopt::clear(&self.0);
+        let _ = kml_agent::observe::pins::clear(&self.0);
     }
 }
 
@@ -240,7 +240,8 @@ fn check_orphan_verdicts(
     let end = Instant::now() + during;
     while Instant::now() < end {
         while let Some(item) = ring.next() {
-            let r = kml_agent::record::decode(&item).context("a record of the wrong size")?;
+            let r =
+                kml_agent::observe::ring::decode(&item).context("a record of the wrong size")?;
             n += 1;
             if r.verdict == Verdict::NONE || r.model_version != version {
                 continue;
@@ -508,11 +509,12 @@ fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Res
     ensure!(err.contains("owns the pins"), "unclear refusal: {err}");
     kill9(&mut first)?;
     // Pretend the pins come from another build of the eBPF object.
-    let meta_path = pins.0.join(kml_agent::adopt::META);
-    let mut meta =
-        kml_agent::adopt::PinMeta::decode(&std::fs::read_link(&meta_path)?.to_string_lossy())?;
+    let meta_path = pins.0.join(kml_agent::observe::pins::META);
+    let mut meta = kml_agent::observe::pins::PinMeta::decode(
+        &std::fs::read_link(&meta_path)?.to_string_lossy(),
+    )?;
     meta.object = "0000000000000000".into();
-    kml_agent::adopt::write_meta(&pins.0, &meta)?;
+    kml_agent::observe::pins::write_meta(&pins.0, &meta)?;
     let old: BTreeSet<u32> = our_programs(&[], &baseline)?.into_keys().collect();
     let mut third = spawn_agent_with_env(&args, &[])?;
     let line = wait_for_line(&third.stderr, "maps pinned at", Duration::from_secs(60))?;

@@ -2,7 +2,7 @@
 
 use anyhow::{ensure, Context as _, Result};
 use kml_agent::{
-    kernel::caps::AttachMode,
+    kernel::attach::AttachMode,
     observe::{Observer, ObserverConfig},
 };
 use kml_ebpf_common::{

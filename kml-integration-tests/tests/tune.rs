@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
-use kml_agent::tune::{
+use kml_agent::act::tune::{
     policy::{SafeRange, Tunables},
     state::TuneState,
     sysfs::Queue,

@@ -21,6 +21,9 @@ pub mod model_file;
 pub mod progress;
 pub mod quantize;
 pub mod replay;
+// The properties the fuzz targets check: test-only, compiled for the unit tests and
+// for the fuzz crate (feature `fuzzing`), never into the agent.
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod robustness;
 pub mod synthetic;
 pub mod train;

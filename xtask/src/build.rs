@@ -122,13 +122,22 @@ pub fn build_ebpf(root: &Path, tools: &Tools) -> Result<PathBuf> {
     Ok(object)
 }
 
-/// Builds kml-agent against the eBPF object; returns the agent binary's path.
-pub fn build_agent(root: &Path, object: &Path, release: bool) -> Result<PathBuf> {
+/// Builds kml-agent (with the cargo `features`) against the eBPF object; returns
+/// the agent binary's path.
+pub fn build_agent(
+    root: &Path,
+    object: &Path,
+    release: bool,
+    features: &[&str],
+) -> Result<PathBuf> {
     eprintln!("xtask: building kml-agent");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root).arg("build");
     if release {
         cmd.arg("--release");
+    }
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
     }
     cmd.args(["-p", "kml-agent", "--target-dir"])
         .arg(host_target_dir(root))
@@ -145,10 +154,15 @@ pub fn build_agent(root: &Path, object: &Path, release: bool) -> Result<PathBuf>
 
 /// Setup, the eBPF object, then kml-agent. Returns the agent binary's absolute path.
 pub fn build_all(release: bool) -> Result<PathBuf> {
+    build_all_with(release, &[])
+}
+
+/// [`build_all`], with kml-agent's cargo `features` (the tests' agent has `testing`).
+pub fn build_all_with(release: bool, features: &[&str]) -> Result<PathBuf> {
     let root = workspace_root();
     let tools = setup::ensure(&SetupArgs::default())?;
     let object = build_ebpf(&root, &tools)?;
-    build_agent(&root, &object, release)
+    build_agent(&root, &object, release, features)
 }
 
 #[cfg(test)]

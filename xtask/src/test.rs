@@ -7,7 +7,7 @@ use std::process::{Command, ExitCode, ExitStatus};
 use anyhow::Result;
 use clap::Args;
 
-use crate::build::{build_all, ebpf_object_path, host_target_dir};
+use crate::build::{build_all_with, ebpf_object_path, host_target_dir};
 use crate::util::{self, describe_status, run_status, workspace_root};
 
 #[derive(Debug, Args)]
@@ -61,7 +61,8 @@ impl TestArgs {
         if format.passed() {
             format = Outcome::from_status(run_status(&mut fmt_ebpf)?);
         }
-        let agent = build_all(false)?;
+        // With the test hooks (kml-agent's `testing` feature: KML_TEST_SWAP_EVERY).
+        let agent = build_all_with(false, &["testing"])?;
         let object = ebpf_object_path(&root);
 
         eprintln!("xtask: running the host unit tests");

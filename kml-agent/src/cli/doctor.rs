@@ -4,7 +4,7 @@ use serde_json::json;
 
 use crate::{
     devices,
-    kernel::caps::{AttachRequest, KernelReport},
+    kernel::{attach::AttachRequest, caps::KernelReport},
 };
 
 #[derive(clap::Args, Debug)]

@@ -5,10 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use super::session;
 use crate::{
+    act::{
+        fmod_ret::FmodRet,
+        hook::{kernel_boosts, BoostSnapshot, Hook, Policy},
+    },
     devices::BlockDevice,
-    hook::{kernel_boosts, BoostSnapshot, FmodRet, Hook, Policy},
     kernel::btf::Btf,
 };
 
@@ -39,7 +41,7 @@ pub struct HookArgs {
 
 impl HookArgs {
     pub fn execute(self) -> anyhow::Result<()> {
-        session::block_on(self.run())
+        crate::runtime::block_on(self.run())
     }
 
     async fn run(self) -> anyhow::Result<()> {
@@ -83,7 +85,7 @@ impl HookArgs {
             Via::FmodRet => "fmod_ret",
         };
         // Before the ready line: a signal right after it must find the handlers.
-        let signal = session::shutdown_signal();
+        let signal = crate::runtime::shutdown_signal();
         tokio::pin!(signal);
         // The line scripts wait for before they start I/O.
         tracing::info!(
@@ -105,7 +107,7 @@ impl HookArgs {
         match counters {
             Some(c) => println!(
                 "kml-agent: hook detached after {secs:.1}s: {}",
-                crate::hook::counters_line(&c)
+                crate::act::hook::counters_line(&c)
             ),
             None => println!(
                 "kml-agent: hook detached after {secs:.1}s (fmod_ret: no program counters)"

@@ -5,9 +5,12 @@ pub struct ModelsArgs {}
 
 impl ModelsArgs {
     pub fn execute(self) -> anyhow::Result<()> {
-        let found = crate::models::list();
+        let found = crate::learn::models::list();
         if found.is_empty() {
-            println!("no model files in {:?}", crate::models::search_dirs());
+            println!(
+                "no model files in {:?}",
+                crate::learn::models::search_dirs()
+            );
             return Ok(());
         }
         println!(

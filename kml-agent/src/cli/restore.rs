@@ -11,11 +11,11 @@ pub struct RestoreArgs {
 impl RestoreArgs {
     pub fn execute(self) -> anyhow::Result<()> {
         crate::kernel::caps::require_privileges()?;
-        let done = crate::tune::restore_all(self.device.as_deref())?;
+        let done = crate::act::tune::restore_all(self.device.as_deref())?;
         if done.is_empty() {
             println!(
                 "kml-agent: nothing to restore (no state in {})",
-                crate::tune::state::state_dir().display()
+                crate::act::tune::state::state_dir().display()
             );
         }
         for line in done {

@@ -1,60 +1,21 @@
-//! `kml-agent status`: what a running agent (started with `--pin`) is doing, read
-//! from its pinned maps and the kernel's program statistics.
+//! `kml-agent status`: what a running agent (started with `--pin`) is doing (read by
+//! [`crate::status`]), printed for people or as one JSON object.
 
 use std::path::PathBuf;
 
-use aya::maps::{Array, HashMap, PerCpuArray};
-use kml_ebpf_common::{
-    abi::names::map,
-    model::{LinearModel, ModelKind, TreeModel},
-    slot::{status_index, ModelControl, SlotStatus},
-    Counter, Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord,
-};
-use serde_json::json;
+use kml_ebpf_common::{model::ModelKind, Counter};
+use serde_json::{json, Value};
 
-use crate::pin;
+use crate::{observe::pins, status};
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// Where the agent pinned its maps.
-    #[arg(long, default_value = pin::PIN_DIR)]
+    #[arg(long, default_value = pins::PIN_DIR)]
     pub pin_dir: PathBuf,
     /// One JSON object on standard output.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Average run time of the loaded kml programs (needs kernel.bpf_stats_enabled=1).
-fn program_costs() -> Vec<(String, u64, u64)> {
-    aya::programs::loaded_programs()
-        .flatten()
-        .filter_map(|p| {
-            let name = p.name_as_str()?.to_owned();
-            name.starts_with("kml_")
-                .then(|| (name, p.run_count(), p.run_time().as_nanos() as u64))
-        })
-        .collect()
-}
-
-/// What `run --tune` is doing to each device: from the state files, with the values
-/// the kernel reports now.
-fn tuning() -> Vec<serde_json::Value> {
-    use crate::tune::{state, sysfs::Queue};
-    state::TuneState::all(&state::state_dir())
-        .into_iter()
-        .map(|(path, st)| match st {
-            Ok(st) => {
-                let current = Queue::of(&st.device).read().ok();
-                json!({
-                    "device": st.device, "dev": st.dev, "pid": st.pid,
-                    "agent_running": crate::owner::agent_alive(st.pid),
-                    "level": st.level, "originals": st.originals, "applied": st.applied,
-                    "current": current, "decisions": st.decisions,
-                })
-            }
-            Err(e) => json!({"file": path, "error": format!("{e:#}")}),
-        })
-        .collect()
 }
 
 fn print_tuning(tuning: &[serde_json::Value]) {
@@ -63,7 +24,7 @@ fn print_tuning(tuning: &[serde_json::Value]) {
             println!("  tuning     {}: {e}", t["file"]);
             continue;
         }
-        let names = crate::tune::policy::Tunables::NAMES;
+        let names = crate::act::tune::policy::Tunables::NAMES;
         let show = |v: &serde_json::Value| {
             names
                 .iter()
@@ -107,9 +68,17 @@ fn print_tuning(tuning: &[serde_json::Value]) {
 impl StatusArgs {
     pub fn execute(self) -> anyhow::Result<()> {
         crate::kernel::caps::require_privileges()?;
-        let tuning = tuning();
-        match self.pinned(&tuning) {
-            Ok(()) => Ok(()),
+        let tuning = status::tuning();
+        match status::pinned(&self.pin_dir, &tuning) {
+            Ok(report) if self.json => {
+                println!("{report}");
+                Ok(())
+            }
+            Ok(report) => {
+                print_pinned(&self.pin_dir, &report);
+                print_tuning(&tuning);
+                Ok(())
+            }
             // `run --tune` without --pin: the tuning state is all there is to show.
             Err(e) if !tuning.is_empty() => {
                 if self.json {
@@ -123,153 +92,76 @@ impl StatusArgs {
             Err(e) => Err(e),
         }
     }
+}
 
-    fn pinned(&self, tuning: &[serde_json::Value]) -> anyhow::Result<()> {
-        let dir = &self.pin_dir;
-        let control: Array<_, ModelControl> = Array::try_from(pin::open(dir, map::MODEL_CONTROL)?)?;
-        let control = control.get(&0, 0)?;
-        let status: Array<_, SlotStatus> = Array::try_from(pin::open(dir, map::SLOT_STATUS)?)?;
-        let kind = ModelKind::from_u32(control.kind);
-        let (version, checksum_ok) = match kind {
-            Some(ModelKind::Tree) => {
-                let m: Array<_, TreeModel> = Array::try_from(pin::open(dir, map::TREE_MODELS)?)?;
-                let m = m.get(&control.slot, 0)?;
-                let st = status.get(&status_index(true, control.slot), 0)?;
-                (m.version, st.vouches(m.version, m.checksum))
-            }
-            Some(_) => {
-                let m: Array<_, LinearModel> =
-                    Array::try_from(pin::open(dir, map::LINEAR_MODELS)?)?;
-                let m = m.get(&control.slot, 0)?;
-                let st = status.get(&status_index(false, control.slot), 0)?;
-                (m.version, st.vouches(m.version, m.checksum))
-            }
-            None => (0, false),
-        };
-        let counters: PerCpuArray<_, Counters> =
-            PerCpuArray::try_from(pin::open(dir, map::COUNTERS)?)?;
-        let mut c = Counters::default();
-        for cpu in counters.get(&0, 0)?.iter() {
-            c.accumulate(cpu);
-        }
-        let devices: HashMap<_, u32, DeviceConfig> =
-            HashMap::try_from(pin::open(dir, map::DEVICES)?)?;
-        let states: HashMap<_, u32, DeviceState> =
-            HashMap::try_from(pin::open(dir, map::DEVICE_STATE)?)?;
-        // Entries in the in-flight map now (a soak watches this stay bounded).
-        let inflight: HashMap<_, InflightKey, RequestRecord> =
-            HashMap::try_from(pin::open(dir, map::INFLIGHT)?)?;
-        let inflight_entries = inflight.keys().filter(Result::is_ok).count();
-        let mut devs = Vec::new();
-        for entry in devices.iter().flatten() {
-            let (dev, cfg) = entry;
-            let st = states.get(&dev, 0).unwrap_or_default();
-            let (major, minor) = kml_ebpf_common::kernel_dev_split(dev);
-            devs.push(json!({
-                "dev": format!("{major}:{minor}"),
-                "read_expire_ms": cfg.read_expire_ns / 1_000_000,
-                "write_expire_ms": cfg.write_expire_ns / 1_000_000,
-                "inflight_read": st.inflight_read, "inflight_write": st.inflight_write,
-                "queued_read": st.queued_read, "queued_write": st.queued_write,
-            }));
-        }
-        let (tp, fp, tn, fnn) = (
-            c.get(Counter::TrueMiss),
-            c.get(Counter::FalseMiss),
-            c.get(Counter::TrueMet),
-            c.get(Counter::FalseMet),
-        );
-        let ratio = |a: u64, b: u64| {
-            if b == 0 {
-                f64::NAN
+/// The pinned agent's state (from [`status::pinned`]), for people.
+fn print_pinned(dir: &std::path::Path, r: &Value) {
+    println!("kml status (maps pinned at {})", dir.display());
+    let owner = r["owner_pid"].as_u64();
+    match (owner, r["owner_running"].as_bool() == Some(true)) {
+        (Some(pid), true) => println!("  agent      pid {pid} running"),
+        (Some(pid), false) => println!("  agent      none running (pid {pid} is gone): programs stay attached with the last model; `kml-agent run --pin` adopts them, a clean exit removes them"),
+        (None, _) => println!("  agent      unknown (no {} description)", pins::META),
+    }
+    let model = &r["model"];
+    match model["kind"].as_str().and_then(ModelKind::from_name) {
+        Some(k) => println!(
+            "  model      v{} {} in slot {} (in-kernel checker {})",
+            model["version"],
+            k.name(),
+            model["slot"],
+            if model["checksum_ok"].as_bool() == Some(true) {
+                "ok"
             } else {
-                a as f64 / b as f64
+                "REFUSED"
             }
-        };
-        let balanced = (ratio(tp, tp + fnn) + ratio(tn, tn + fp)) / 2.0;
-        let accuracy = ratio(tp + tn, tp + fp + tn + fnn);
-        let stats_on = crate::kernel::caps::bpf_stats_enabled();
-        let costs: Vec<_> = program_costs()
-            .into_iter()
-            .map(|(name, runs, ns)| json!({"program": name, "runs": runs, "ns_per_run": if runs > 0 { ns as f64 / runs as f64 } else { 0.0 }}))
-            .collect();
-        let counters_json: serde_json::Map<String, serde_json::Value> = Counters::ALL
-            .iter()
-            .map(|k| (k.name().to_owned(), json!(c.get(*k))))
-            .collect();
-        // Who owns the pins: a running agent, or none (orphaned: the programs stay
-        // attached and keep scoring, nobody reads the records until an agent adopts).
-        let owner = std::fs::read_link(dir.join(crate::adopt::META))
-            .ok()
-            .and_then(|t| crate::adopt::PinMeta::decode(&t.to_string_lossy()).ok())
-            .map(|m| m.owner_pid);
-        let owner_running = owner.is_some_and(crate::owner::agent_alive);
-        let report = json!({
-            "pin_dir": dir,
-            "owner_pid": owner,
-            "owner_running": owner_running,
-            "model": { "kind": kind.map(|k| k.name()), "slot": control.slot, "version": version, "checksum_ok": checksum_ok },
-            "confusion": { "true_miss": tp, "false_miss": fp, "true_met": tn, "false_met": fnn },
-            "accuracy": accuracy, "balanced_accuracy": balanced,
-            "counters": counters_json,
-            "devices": devs,
-            "inflight_entries": inflight_entries,
-            "bpf_stats_enabled": stats_on,
-            "programs": costs,
-            "tuning": tuning,
-        });
-        if self.json {
-            println!("{report}");
-            return Ok(());
-        }
-        println!("kml status (maps pinned at {})", dir.display());
-        match (owner, owner_running) {
-            (Some(pid), true) => println!("  agent      pid {pid} running"),
-            (Some(pid), false) => println!("  agent      none running (pid {pid} is gone): programs stay attached with the last model; `kml-agent run --pin` adopts them, a clean exit removes them"),
-            (None, _) => println!("  agent      unknown (no {} description)", crate::adopt::META),
-        }
-        match kind {
-            Some(k) => println!(
-                "  model      v{version} {} in slot {} (in-kernel checker {})",
-                k.name(),
-                control.slot,
-                if checksum_ok { "ok" } else { "REFUSED" }
-            ),
-            None => println!("  model      none (observing only)"),
-        }
+        ),
+        None => println!("  model      none (observing only)"),
+    }
+    let c = |k: Counter| r["counters"][k.name()].as_u64().unwrap_or(0);
+    println!(
+        "  verdicts   {} ({} at risk), rejected {}",
+        c(Counter::Verdicts),
+        c(Counter::VerdictsAtRisk),
+        c(Counter::ModelRejects)
+    );
+    let (tp, fp, tn, fnn) = (
+        c(Counter::TrueMiss),
+        c(Counter::FalseMiss),
+        c(Counter::TrueMet),
+        c(Counter::FalseMet),
+    );
+    if tp + fp + tn + fnn > 0 {
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
         println!(
-            "  verdicts   {} ({} at risk), rejected {}",
-            c.get(Counter::Verdicts),
-            c.get(Counter::VerdictsAtRisk),
-            c.get(Counter::ModelRejects)
+            "  live       tp {tp} fp {fp} tn {tn} fn {fnn}: accuracy {:.3}, balanced accuracy {:.3}",
+            f(&r["accuracy"]),
+            f(&r["balanced_accuracy"])
         );
-        if tp + fp + tn + fnn > 0 {
-            println!("  live       tp {tp} fp {fp} tn {tn} fn {fnn}: accuracy {accuracy:.3}, balanced accuracy {balanced:.3}");
-        } else {
-            println!("  live       no scored request has completed yet");
+    } else {
+        println!("  live       no scored request has completed yet");
+    }
+    println!(
+        "  records    {} | drops {} | sampled out {} | orphans {}",
+        c(Counter::Records),
+        c(Counter::RingFullDrops),
+        c(Counter::SampledOut),
+        c(Counter::OrphanCompletions)
+    );
+    println!("  in flight  {} entries", r["inflight_entries"]);
+    for d in r["devices"].as_array().into_iter().flatten() {
+        println!("  device     {d}");
+    }
+    if r["bpf_stats_enabled"].as_bool() == Some(true) {
+        for p in r["programs"].as_array().into_iter().flatten() {
+            println!(
+                "  cost       {} ns/run over {} runs: {}",
+                p["ns_per_run"], p["runs"], p["program"]
+            );
         }
+    } else {
         println!(
-            "  records    {} | drops {} | sampled out {} | orphans {}",
-            c.get(Counter::Records),
-            c.get(Counter::RingFullDrops),
-            c.get(Counter::SampledOut),
-            c.get(Counter::OrphanCompletions)
+            "  cost       unknown: `sysctl kernel.bpf_stats_enabled=1` to measure ns per decision"
         );
-        println!("  in flight  {inflight_entries} entries");
-        for d in &devs {
-            println!("  device     {d}");
-        }
-        if stats_on {
-            for p in &costs {
-                println!(
-                    "  cost       {} ns/run over {} runs: {}",
-                    p["ns_per_run"], p["runs"], p["program"]
-                );
-            }
-        } else {
-            println!("  cost       unknown: `sysctl kernel.bpf_stats_enabled=1` to measure ns per decision");
-        }
-        print_tuning(tuning);
-        Ok(())
     }
 }

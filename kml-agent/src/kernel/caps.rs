@@ -1,10 +1,13 @@
 //! Privileges and kernel features, probed: what `doctor` prints and what the
 //! observer's attach mode is chosen from.
 
-use std::{fmt, path::Path};
+use std::path::Path;
 
 use aya::programs::ProgramType;
 
+use kml_ebpf_common::abi::hook::FUNCTION as HOOK_FUNCTION;
+
+use super::attach::{AttachMode, AttachPlan, AttachRequest};
 use super::{btf::Btf, layout, mounts, tracefs::Tracefs};
 
 /// Linux capability numbers kml needs.
@@ -44,78 +47,30 @@ pub fn require_privileges() -> anyhow::Result<()> {
     }
 }
 
+/// Present when the kernel has kprobes (CONFIG_KPROBES).
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
+
+/// Why kml's mq-deadline hook cannot be used here, for `doctor` and error messages;
+/// `None` when it can: the kernel's BTF has `FUNC dd_kml_verdict` (only the patched
+/// mq-deadline defines it) and the kprobe PMU exists (CONFIG_KPROBES).
+pub fn hook_unavailable_reason(btf: &Btf) -> Option<String> {
+    if !btf.has_func(HOOK_FUNCTION) {
+        return Some(format!(
+            "no function {HOOK_FUNCTION} in the kernel's BTF: not a kernel with kml's mq-deadline patch \
+             (kernel/0001-mq-deadline-kml-hook.patch; `cargo xtask vm` builds and boots one)"
+        ));
+    }
+    if !Path::new(KPROBE_PMU).exists() {
+        return Some(format!(
+            "no kprobe PMU ({KPROBE_PMU}): kernel built without CONFIG_KPROBES"
+        ));
+    }
+    None
+}
+
 /// Whether the kernel measures BPF program run times (`kernel.bpf_stats_enabled`).
 pub fn bpf_stats_enabled() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
-}
-
-/// How the observers reach the block layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AttachMode {
-    /// Raw tracepoints with `struct request` offsets from BTF (exact request identity).
-    RawTracepoint,
-    /// Classic tracepoints with tracefs format offsets (no BTF needed; keyed by sector).
-    Tracepoint,
-}
-
-impl AttachMode {
-    pub const fn name(self) -> &'static str {
-        match self {
-            AttachMode::RawTracepoint => "raw-tracepoint",
-            AttachMode::Tracepoint => "tracepoint",
-        }
-    }
-
-    pub const fn abi(self) -> u32 {
-        match self {
-            AttachMode::RawTracepoint => kml_ebpf_common::attach_mode::RAW_TRACEPOINT,
-            AttachMode::Tracepoint => kml_ebpf_common::attach_mode::TRACEPOINT,
-        }
-    }
-}
-
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// What was asked for on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum AttachRequest {
-    #[default]
-    Auto,
-    RawTracepoint,
-    Tracepoint,
-    /// kprobes on block-layer functions (kernels with CONFIG_KPROBES).
-    Kprobe,
-    /// fentry/fexit through BPF trampolines (kernels that allow `tracing` programs).
-    Fentry,
-    /// Raw tracepoints plus kml's verdict program on the patched mq-deadline's
-    /// hook (`dd_kml_verdict`): verdicts can act (`run --act`).
-    Hook,
-}
-
-/// What `run` attaches: the observers' mode and, on a kernel with kml's
-/// mq-deadline patch, the verdict hook.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AttachPlan {
-    pub observers: AttachMode,
-    pub hook: bool,
-}
-
-impl fmt::Display for AttachPlan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.hook {
-            write!(
-                f,
-                "hook ({} observers + verdict program on dd_kml_verdict)",
-                self.observers
-            )
-        } else {
-            write!(f, "{}", self.observers)
-        }
-    }
 }
 
 /// One line of the report.
@@ -158,6 +113,212 @@ fn program_type(t: ProgramType) -> Result<(), String> {
     }
 }
 
+/// CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN in the effective set.
+fn privileges_check(missing: &[&str]) -> Check {
+    Check {
+        name: "privileges",
+        ok: missing.is_empty(),
+        detail: if missing.is_empty() {
+            "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN effective".into()
+        } else {
+            format!("missing {}: run as root", missing.join(", "))
+        },
+    }
+}
+
+/// The kernel's BTF and the `struct request` layout read from it.
+fn btf_check(
+    btf: &Result<Btf, super::btf::BtfError>,
+    raw_layout: &Result<kml_ebpf_common::RawTpLayout, String>,
+) -> Check {
+    Check {
+        name: "BTF",
+        ok: btf.is_ok(),
+        detail: match (&btf, &raw_layout) {
+            (Ok(_), Ok(l)) => format!(
+                "{} (struct request: __sector@{}, __data_len@{}, cmd_flags@{}; ioprio {})",
+                Btf::VMLINUX,
+                l.rq_sector,
+                l.rq_data_len,
+                l.rq_cmd_flags,
+                match l.ioprio_source {
+                    kml_ebpf_common::layout::IOPRIO_IN_REQUEST =>
+                        format!("rq->ioprio@{}", l.rq_ioprio),
+                    kml_ebpf_common::layout::IOPRIO_IN_BIO =>
+                        format!("rq->bio@{}->bi_ioprio@{}", l.rq_bio, l.bio_ioprio),
+                    _ => "not found".into(),
+                }
+            ),
+            (Ok(_), Err(e)) => format!("{} parsed, but: {e}", Btf::VMLINUX),
+            (Err(e), _) => {
+                format!("{e}: raw tracepoints unavailable, tracepoint mode is the fallback")
+            }
+        },
+    }
+}
+
+/// Where tracefs is (mounted by kml if it was not).
+fn tracefs_check(tracefs: &Result<Tracefs, super::tracefs::TracefsError>) -> Check {
+    Check {
+        name: "tracefs",
+        ok: tracefs.is_ok(),
+        detail: match &tracefs {
+            Ok(t) => format!(
+                "{}{}",
+                t.root().display(),
+                if t.mounted_by_us {
+                    " (mounted by kml)"
+                } else {
+                    ""
+                }
+            ),
+            Err(e) => e.to_string(),
+        },
+    }
+}
+
+/// Classic tracepoint programs load and the block events' formats are read.
+fn tracepoints_check(
+    tp_type: &Result<(), String>,
+    tp_layout: &Result<kml_ebpf_common::TracepointLayout, String>,
+) -> Check {
+    Check {
+        name: "tracepoints",
+        ok: tp_type.is_ok() && tp_layout.is_ok(),
+        detail: match (&tp_type, &tp_layout) {
+            (Ok(()), Ok(_)) => {
+                "program type loads; block_rq_{insert,issue,complete,requeue,merge} formats read"
+                    .into()
+            }
+            (Err(e), _) => e.clone(),
+            (_, Err(e)) => e.clone(),
+        },
+    }
+}
+
+/// Raw tracepoint programs load.
+fn raw_tracepoints_check(raw_type: &Result<(), String>) -> Check {
+    Check {
+        name: "raw tracepoints",
+        ok: raw_type.is_ok(),
+        detail: match &raw_type {
+            Ok(()) => "program type loads".into(),
+            Err(e) => e.clone(),
+        },
+    }
+}
+
+/// Where the label comes from: the scheduler's own deadline (see
+/// `kml_ebpf_common::label`).
+fn label_check(raw_layout: &Result<kml_ebpf_common::RawTpLayout, String>) -> Check {
+    let tick = super::clock::tick_rate();
+    Check {
+        name: "deadline label",
+        ok: raw_layout.is_ok() || tick.is_ok(),
+        detail: format!(
+            "raw tracepoints: {}; classic tracepoints: {}",
+            match &raw_layout {
+                Ok(l) => format!("rq->fifo_time@{} read at issue", l.rq_fifo_time),
+                Err(_) => "unavailable".into(),
+            },
+            match &tick {
+                Ok(t) => format!(
+                    "insert jiffies + expiry in jiffies (HZ {}, {}): misses a merge's or head insert's earlier deadline",
+                    t.hz, t.source
+                ),
+                Err(e) => format!("HZ unknown ({e}): the ns estimate insert + expiry"),
+            }
+        ),
+    }
+}
+
+/// The kprobe PMU (CONFIG_KPROBES).
+fn kprobes_check(kprobe_pmu: bool) -> Check {
+    Check {
+        name: "kprobes",
+        ok: kprobe_pmu,
+        detail: if kprobe_pmu {
+            "kprobe PMU present".into()
+        } else {
+            "no kprobe PMU (/sys/bus/event_source/devices/kprobe): kernel built without CONFIG_KPROBES".into()
+        },
+    }
+}
+
+/// `tracing` programs (fentry/fexit) load.
+fn fentry_check(fentry: &Result<(), String>) -> Check {
+    Check {
+        name: "fentry/fexit",
+        ok: fentry.is_ok(),
+        detail: match &fentry {
+            Ok(()) => "`tracing` program type loads (BPF trampolines)".into(),
+            Err(e) => {
+                format!("`tracing` program type: {e}; the tracepoint modes do not need it")
+            }
+        },
+    }
+}
+
+/// kml's mq-deadline hook can be used.
+fn hook_check(hook_ready: &Result<(), String>) -> Check {
+    Check {
+        name: "mq-deadline hook",
+        ok: hook_ready.is_ok(),
+        detail: match &hook_ready {
+            Ok(()) => format!(
+                "{} in BTF, kprobe PMU present: verdicts can act (`run --act`)",
+                HOOK_FUNCTION
+            ),
+            Err(why) => format!("{why}; verdicts are counted, not acted on"),
+        },
+    }
+}
+
+/// bpffs at its usual place.
+fn bpffs_check() -> Check {
+    let bpffs = mounts::bpffs_mounted();
+    Check {
+        name: "bpffs",
+        ok: bpffs,
+        detail: if bpffs {
+            format!("mounted at {}", mounts::BPFFS)
+        } else {
+            format!(
+                "not mounted at {} (kml mounts it when it pins)",
+                mounts::BPFFS
+            )
+        },
+    }
+}
+
+/// The lockdown mode lets BPF read kernel memory.
+fn lockdown_check() -> Check {
+    let lockdown = mounts::lockdown_mode();
+    Check {
+        name: "lockdown",
+        ok: lockdown.as_deref() != Some("confidentiality"),
+        detail: match lockdown.as_deref() {
+            Some("confidentiality") => "confidentiality: kernel reads by BPF are refused".into(),
+            Some(m) => format!("{m} (BPF tracing allowed)"),
+            None => "no lockdown LSM".into(),
+        },
+    }
+}
+
+/// Ring buffer maps.
+fn ring_buffer_check() -> Check {
+    let ringbuf = aya::sys::is_map_supported(aya::maps::MapType::RingBuf);
+    Check {
+        name: "ring buffer",
+        ok: matches!(ringbuf, Ok(true)),
+        detail: match ringbuf {
+            Ok(true) => "BPF_MAP_TYPE_RINGBUF supported".into(),
+            Ok(false) => "BPF_MAP_TYPE_RINGBUF not supported (kernel < 5.8)".into(),
+            Err(e) => format!("probe failed: {e}"),
+        },
+    }
+}
+
 impl KernelReport {
     /// Probes everything. Cheap (well under a second) and side-effect free apart
     /// from mounting tracefs/securityfs when they are missing.
@@ -165,183 +326,42 @@ impl KernelReport {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into());
-        let mut checks = Vec::new();
         let missing = missing_capabilities();
-        checks.push(Check {
-            name: "privileges",
-            ok: missing.is_empty(),
-            detail: if missing.is_empty() {
-                "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN effective".into()
-            } else {
-                format!("missing {}: run as root", missing.join(", "))
-            },
-        });
-
         let btf = Btf::from_sys_fs();
         let raw_layout = match &btf {
             Ok(btf) => layout::raw_tp_layout(btf).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        checks.push(Check {
-            name: "BTF",
-            ok: btf.is_ok(),
-            detail: match (&btf, &raw_layout) {
-                (Ok(_), Ok(l)) => format!(
-                    "{} (struct request: __sector@{}, __data_len@{}, cmd_flags@{}; ioprio {})",
-                    Btf::VMLINUX,
-                    l.rq_sector,
-                    l.rq_data_len,
-                    l.rq_cmd_flags,
-                    match l.ioprio_source {
-                        kml_ebpf_common::layout::IOPRIO_IN_REQUEST =>
-                            format!("rq->ioprio@{}", l.rq_ioprio),
-                        kml_ebpf_common::layout::IOPRIO_IN_BIO =>
-                            format!("rq->bio@{}->bi_ioprio@{}", l.rq_bio, l.bio_ioprio),
-                        _ => "not found".into(),
-                    }
-                ),
-                (Ok(_), Err(e)) => format!("{} parsed, but: {e}", Btf::VMLINUX),
-                (Err(e), _) => {
-                    format!("{e}: raw tracepoints unavailable, tracepoint mode is the fallback")
-                }
-            },
-        });
-
         let tracefs = Tracefs::locate_or_mount();
         let tp_layout = match &tracefs {
             Ok(t) => layout::tracepoint_layout(t).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        checks.push(Check {
-            name: "tracefs",
-            ok: tracefs.is_ok(),
-            detail: match &tracefs {
-                Ok(t) => format!(
-                    "{}{}",
-                    t.root().display(),
-                    if t.mounted_by_us {
-                        " (mounted by kml)"
-                    } else {
-                        ""
-                    }
-                ),
-                Err(e) => e.to_string(),
-            },
-        });
         let tp_type = program_type(ProgramType::TracePoint);
-        checks.push(Check {
-            name: "tracepoints",
-            ok: tp_type.is_ok() && tp_layout.is_ok(),
-            detail: match (&tp_type, &tp_layout) {
-                (Ok(()), Ok(_)) => "program type loads; block_rq_{insert,issue,complete,requeue,merge} formats read".into(),
-                (Err(e), _) => e.clone(),
-                (_, Err(e)) => e.clone(),
-            },
-        });
         let raw_type = program_type(ProgramType::RawTracePoint);
-        checks.push(Check {
-            name: "raw tracepoints",
-            ok: raw_type.is_ok(),
-            detail: match &raw_type {
-                Ok(()) => "program type loads".into(),
-                Err(e) => e.clone(),
-            },
-        });
-        // The label: the scheduler's own deadline (see kml_ebpf_common::label).
-        let tick = super::clock::tick_rate();
-        checks.push(Check {
-            name: "deadline label",
-            ok: raw_layout.is_ok() || tick.is_ok(),
-            detail: format!(
-                "raw tracepoints: {}; classic tracepoints: {}",
-                match &raw_layout {
-                    Ok(l) => format!("rq->fifo_time@{} read at issue", l.rq_fifo_time),
-                    Err(_) => "unavailable".into(),
-                },
-                match &tick {
-                    Ok(t) => format!(
-                        "insert jiffies + expiry in jiffies (HZ {}, {}): misses a merge's or head insert's earlier deadline",
-                        t.hz, t.source
-                    ),
-                    Err(e) => format!("HZ unknown ({e}): the ns estimate insert + expiry"),
-                }
-            ),
-        });
-        let kprobe_pmu = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
-        checks.push(Check {
-            name: "kprobes",
-            ok: kprobe_pmu,
-            detail: if kprobe_pmu {
-                "kprobe PMU present".into()
-            } else {
-                "no kprobe PMU (/sys/bus/event_source/devices/kprobe): kernel built without CONFIG_KPROBES".into()
-            },
-        });
+        let kprobe_pmu = Path::new(KPROBE_PMU).exists();
         let fentry = program_type(ProgramType::Tracing);
-        checks.push(Check {
-            name: "fentry/fexit",
-            ok: fentry.is_ok(),
-            detail: match &fentry {
-                Ok(()) => "`tracing` program type loads (BPF trampolines)".into(),
-                Err(e) => {
-                    format!("`tracing` program type: {e}; the tracepoint modes do not need it")
-                }
-            },
-        });
         let hook_ready = match &btf {
-            Ok(btf) => match crate::hook::hook_unavailable_reason(btf) {
+            Ok(btf) => match hook_unavailable_reason(btf) {
                 None => Ok(()),
                 Some(why) => Err(why),
             },
             Err(e) => Err(format!("no kernel BTF ({e}): the hook cannot be found")),
         };
-        checks.push(Check {
-            name: "mq-deadline hook",
-            ok: hook_ready.is_ok(),
-            detail: match &hook_ready {
-                Ok(()) => format!(
-                    "{} in BTF, kprobe PMU present: verdicts can act (`run --act`)",
-                    crate::hook::HOOK_FUNCTION
-                ),
-                Err(why) => format!("{why}; verdicts are counted, not acted on"),
-            },
-        });
-        let bpffs = mounts::bpffs_mounted();
-        checks.push(Check {
-            name: "bpffs",
-            ok: bpffs,
-            detail: if bpffs {
-                format!("mounted at {}", mounts::BPFFS)
-            } else {
-                format!(
-                    "not mounted at {} (kml mounts it when it pins)",
-                    mounts::BPFFS
-                )
-            },
-        });
-        let lockdown = mounts::lockdown_mode();
-        checks.push(Check {
-            name: "lockdown",
-            ok: lockdown.as_deref() != Some("confidentiality"),
-            detail: match lockdown.as_deref() {
-                Some("confidentiality") => {
-                    "confidentiality: kernel reads by BPF are refused".into()
-                }
-                Some(m) => format!("{m} (BPF tracing allowed)"),
-                None => "no lockdown LSM".into(),
-            },
-        });
-        let ringbuf = aya::sys::is_map_supported(aya::maps::MapType::RingBuf);
-        checks.push(Check {
-            name: "ring buffer",
-            ok: matches!(ringbuf, Ok(true)),
-            detail: match ringbuf {
-                Ok(true) => "BPF_MAP_TYPE_RINGBUF supported".into(),
-                Ok(false) => "BPF_MAP_TYPE_RINGBUF not supported (kernel < 5.8)".into(),
-                Err(e) => format!("probe failed: {e}"),
-            },
-        });
-
+        let checks = vec![
+            privileges_check(&missing),
+            btf_check(&btf, &raw_layout),
+            tracefs_check(&tracefs),
+            tracepoints_check(&tp_type, &tp_layout),
+            raw_tracepoints_check(&raw_type),
+            label_check(&raw_layout),
+            kprobes_check(kprobe_pmu),
+            fentry_check(&fentry),
+            hook_check(&hook_ready),
+            bpffs_check(),
+            lockdown_check(),
+            ring_buffer_check(),
+        ];
         let ringbuf_ok = checks.last().is_some_and(|c| c.ok);
         let need = |r: Result<(), String>| -> Result<(), String> {
             r?;
@@ -524,5 +544,17 @@ mod tests {
                 .unwrap()
                 .hook
         );
+    }
+
+    /// On a stock kernel (no patch) the hook is reported missing, never attached.
+    #[test]
+    fn stock_kernel_has_no_hook() {
+        let Ok(btf) = Btf::from_sys_fs() else { return };
+        if btf.has_func(HOOK_FUNCTION) {
+            return;
+        }
+        assert!(hook_unavailable_reason(&btf)
+            .unwrap()
+            .contains(HOOK_FUNCTION));
     }
 }

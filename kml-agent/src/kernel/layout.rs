@@ -1,5 +1,6 @@
 //! Builds the [`KernelLayout`] the programs read, from BTF and tracefs.
 
+use anyhow::Context as _;
 use kml_ebpf_common::{
     abi::names::{Event, EVENTS},
     layout::{
@@ -8,7 +9,7 @@ use kml_ebpf_common::{
     KernelLayout,
 };
 
-use super::{btf::Btf, caps::AttachMode, tracefs::Tracefs};
+use super::{attach::AttachMode, btf::Btf, tracefs::Tracefs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -200,4 +201,82 @@ pub fn kernel_layout(
         AttachMode::Tracepoint => layout.tp = tracepoint_layout(&Tracefs::locate_or_mount()?)?,
     }
     Ok(layout)
+}
+/// mq-deadline's layout, which the verdict program's policy `reads-under-writes`
+/// reads (from BTF), handed to it as its `KML_HOOK_*` globals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedLayout {
+    pub q_elevator: u32,
+    pub eq_data: u32,
+    pub dd_per_prio: u32,
+    pub per_prio_size: u32,
+    pub per_prio_count: u32,
+    pub write_fifo: u32,
+}
+
+/// `struct request_queue.elevator` → `struct elevator_queue.elevator_data` →
+/// `struct deadline_data.per_prio[]` → `struct dd_per_prio.fifo_list[DD_WRITE]`.
+pub fn sched_layout(btf: &Btf) -> anyhow::Result<SchedLayout> {
+    let ptr = |ty: &str, member: &str| -> anyhow::Result<u32> {
+        let m = btf
+            .member(ty, member)
+            .with_context(|| format!("struct {ty}.{member}"))?;
+        anyhow::ensure!(
+            m.size == 8,
+            "struct {ty}.{member} is {} bytes; kml reads it as a pointer",
+            m.size
+        );
+        Ok(m.offset)
+    };
+    let per_prio = btf
+        .member("deadline_data", "per_prio")
+        .context("struct deadline_data.per_prio")?;
+    let per_prio_size = btf
+        .struct_size("dd_per_prio")
+        .context("struct dd_per_prio")?;
+    anyhow::ensure!(
+        per_prio_size > 0 && per_prio.size % per_prio_size == 0,
+        "deadline_data.per_prio is not an array of dd_per_prio"
+    );
+    let fifo = btf
+        .member("dd_per_prio", "fifo_list")
+        .context("struct dd_per_prio.fifo_list")?;
+    let list_head = btf.struct_size("list_head").context("struct list_head")?;
+    anyhow::ensure!(list_head == 16, "struct list_head is {list_head} bytes");
+    let dd_write = btf.enumerator("DD_WRITE").context("enum dd_data_dir")?;
+    let dd_write = u32::try_from(dd_write)
+        .ok()
+        .filter(|d| (d + 1) * list_head <= fifo.size)
+        .context("DD_WRITE out of range")?;
+    Ok(SchedLayout {
+        q_elevator: ptr("request_queue", "elevator")?,
+        eq_data: ptr("elevator_queue", "elevator_data")?,
+        dd_per_prio: per_prio.offset,
+        per_prio_size,
+        per_prio_count: (per_prio.size / per_prio_size).min(4),
+        write_fifo: fifo.offset + dd_write * list_head,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scheduler layout from this machine's BTF (mq-deadline built in):
+    /// per_prio[3] of dd_per_prio, fifo_list[DD_WRITE] after fifo_list[DD_READ].
+    #[test]
+    fn scheduler_layout_from_live_btf() {
+        let Ok(btf) = Btf::from_sys_fs() else { return };
+        if btf.struct_size("deadline_data").is_err() {
+            return;
+        }
+        let l = sched_layout(&btf).unwrap();
+        assert_eq!(l.per_prio_count, 3);
+        assert_eq!(l.per_prio_size, btf.struct_size("dd_per_prio").unwrap());
+        assert_eq!(
+            l.write_fifo,
+            btf.member("dd_per_prio", "fifo_list").unwrap().offset + 16
+        );
+        assert!(l.dd_per_prio > 0 && l.q_elevator > 0);
+    }
 }

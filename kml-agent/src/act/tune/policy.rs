@@ -64,7 +64,7 @@ impl Tunables {
 /// of `tags`, nor fewer than [`MIN_ASYNC_DEPTH`]).
 ///
 /// `tags`: how many requests the device can hold at once, min(nr_requests, the
-/// hardware queue's tags) ([`crate::tune::sysfs::Queue::tags`]).
+/// hardware queue's tags) ([`crate::act::tune::sysfs::Queue::tags`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SafeRange {
     pub min: Tunables,

@@ -1,5 +1,6 @@
-//! `run --pin`: kml programs that outlive the agent, and a restarted agent that
-//! adopts them instead of loading a second copy.
+//! `run --pin`: kml programs that outlive the agent, a restarted agent that
+//! adopts them instead of loading a second copy, and other commands (`status`)
+//! that open them.
 //!
 //! The pin directory (bpffs, 0700) holds every map of the object, one bpf_link per
 //! observed tracepoint (the links keep the programs attached after the agent is
@@ -20,7 +21,11 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{Map, MapData};
 use kml_ebpf_common::abi::names::map;
+
+/// Where `--pin` puts the pins unless told otherwise.
+pub const PIN_DIR: &str = "/sys/fs/bpf/kml";
 
 /// The symlink describing the pinned state.
 pub const META: &str = "AGENT";
@@ -252,6 +257,57 @@ pub fn write_meta(dir: &Path, meta: &PinMeta) -> anyhow::Result<()> {
 pub fn restrict(path: &Path) -> anyhow::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))
+}
+
+/// Checks, before anything is loaded, that maps can be pinned under `dir`: its
+/// parent is a writable bpffs (mounting /sys/fs/bpf if `dir` is under it).
+pub fn check_pin_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.starts_with(crate::kernel::mounts::BPFFS)
+        && crate::kernel::mounts::ensure_bpffs().with_context(|| {
+            format!(
+                "--pin: cannot mount bpffs at {}; mount it with `mount -t bpf bpf {0}`",
+                crate::kernel::mounts::BPFFS
+            )
+        })?
+    {
+        tracing::debug!("mounted bpffs at {}", crate::kernel::mounts::BPFFS);
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        anyhow::bail!(
+            "--pin: {} does not exist; mount a bpffs there (`mount -t bpf bpf {0}`) or pick another --pin-dir",
+            parent.display()
+        );
+    }
+    if !crate::kernel::mounts::is_bpffs(parent) {
+        anyhow::bail!(
+            "--pin: {} is not a bpf file system; mount one there (`mount -t bpf bpf {0}`) or use a --pin-dir under {}",
+            parent.display(),
+            crate::kernel::mounts::BPFFS
+        );
+    }
+    if crate::kernel::mounts::is_read_only(parent) {
+        anyhow::bail!(
+            "--pin: the bpf file system at {} is mounted read-only; remount it read-write (`mount -o remount,rw {0}`)",
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// Opens a pinned map.
+pub fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "no pinned map at {} (is an agent running with --pin?)",
+            path.display()
+        )
+    })?;
+    Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
 }
 
 #[cfg(test)]

@@ -180,7 +180,7 @@ pub fn restore_leftover(dir: &Path, queue: &Queue, dev: &str) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tune::policy::Action;
+    use crate::act::tune::policy::Action;
 
     /// A queue directory laid out like sysfs's, in a temporary directory.
     fn fake_queue(root: &Path, name: &str, t: Tunables) -> Queue {

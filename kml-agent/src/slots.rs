@@ -1,4 +1,5 @@
-//! Models into the kernel: the two-slot protocol on the agent's side.
+//! Models into the kernel's slots: the two-slot protocol on the agent's side (the
+//! inference itself runs in the kernel, `kml_ebpf_common::inference`).
 //!
 //! Write the idle slot whole → run the in-kernel checker (`kml_verify_slots`,
 //! through BPF_PROG_TEST_RUN) and require it to vouch for the slot → flip
@@ -25,6 +26,8 @@ use kml_ebpf_common::{
     slot::{status_index, ModelControl, SlotStatus, MODEL_SLOTS},
 };
 use kml_learn::quantize::QuantizedModel;
+
+use crate::object::{map, map_mut};
 
 /// Longer than any program run by orders of magnitude (they take microseconds).
 pub const GRACE: Duration = Duration::from_millis(20);
@@ -112,8 +115,7 @@ impl ModelSlots {
                 m.seal(version);
                 m.validate()
                     .map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
-                let mut map: Array<&mut MapData, LinearModel> =
-                    array_mut(ebpf, map::LINEAR_MODELS)?;
+                let mut map: Array<&mut MapData, LinearModel> = map_mut(ebpf, map::LINEAR_MODELS)?;
                 map.set(slot, **m, 0).context("writing LINEAR_MODELS")?;
                 let back = map.get(&slot, 0).context("reading LINEAR_MODELS back")?;
                 if back != **m {
@@ -124,7 +126,7 @@ impl ModelSlots {
                 m.seal(version);
                 m.validate()
                     .map_err(|f| anyhow::anyhow!("model refused: {}", f.field()))?;
-                let mut map: Array<&mut MapData, TreeModel> = array_mut(ebpf, map::TREE_MODELS)?;
+                let mut map: Array<&mut MapData, TreeModel> = map_mut(ebpf, map::TREE_MODELS)?;
                 map.set(slot, **m, 0).context("writing TREE_MODELS")?;
                 let back = map.get(&slot, 0).context("reading TREE_MODELS back")?;
                 if back != **m {
@@ -147,7 +149,7 @@ impl ModelSlots {
             slot,
             near_margin: self.near_margin,
         };
-        let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, map::MODEL_CONTROL)?;
+        let mut ctl: Array<&mut MapData, ModelControl> = map_mut(ebpf, map::MODEL_CONTROL)?;
         ctl.set(0, control, 0).context("flipping MODEL_CONTROL")?;
         if let Some(prev) = self.active {
             self.released
@@ -169,8 +171,8 @@ impl ModelSlots {
     /// vouch for is switched off (the kernel would not use it anyway).
     pub fn adopt(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<Option<ActiveModel>> {
         run_slot_checker(ebpf)?;
-        let linear: Array<&MapData, LinearModel> = array_ref(ebpf, map::LINEAR_MODELS)?;
-        let tree: Array<&MapData, TreeModel> = array_ref(ebpf, map::TREE_MODELS)?;
+        let linear: Array<&MapData, LinearModel> = map(ebpf, map::LINEAR_MODELS)?;
+        let tree: Array<&MapData, TreeModel> = map(ebpf, map::TREE_MODELS)?;
         let mut slots = Vec::new();
         for slot in 0..MODEL_SLOTS {
             let l = linear.get(&slot, 0).context("reading LINEAR_MODELS")?;
@@ -187,7 +189,7 @@ impl ModelSlots {
             .max()
             .unwrap_or(0);
         self.next_version = self.next_version.max(highest + 1);
-        let ctl: Array<&MapData, ModelControl> = array_ref(ebpf, map::MODEL_CONTROL)?;
+        let ctl: Array<&MapData, ModelControl> = map(ebpf, map::MODEL_CONTROL)?;
         let control = ctl.get(&0, 0).context("reading MODEL_CONTROL")?;
         self.near_margin = control.near_margin;
         let Some(kind) = ModelKind::from_u32(control.kind) else {
@@ -224,7 +226,7 @@ impl ModelSlots {
 
     /// No model: the programs stop scoring (observe only).
     pub fn deactivate(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
-        let mut ctl: Array<&mut MapData, ModelControl> = array_mut(ebpf, map::MODEL_CONTROL)?;
+        let mut ctl: Array<&mut MapData, ModelControl> = map_mut(ebpf, map::MODEL_CONTROL)?;
         ctl.set(0, ModelControl::default(), 0)
             .context("clearing MODEL_CONTROL")?;
         if let Some(prev) = self.active.take() {
@@ -235,26 +237,9 @@ impl ModelSlots {
     }
 }
 
-fn array_mut<'a, V: aya::Pod>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> anyhow::Result<Array<&'a mut MapData, V>> {
-    let m = ebpf
-        .map_mut(name)
-        .with_context(|| format!("map {name} missing from the eBPF object"))?;
-    Array::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
-}
-
-fn array_ref<'a, V: aya::Pod>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<Array<&'a MapData, V>> {
-    let m = ebpf
-        .map(name)
-        .with_context(|| format!("map {name} missing from the eBPF object"))?;
-    Array::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
-}
-
 /// What the checker last recorded for one slot.
 pub fn slot_status(ebpf: &Ebpf, index: u32) -> anyhow::Result<SlotStatus> {
-    let map: Array<&MapData, SlotStatus> = array_ref(ebpf, map::SLOT_STATUS)?;
+    let map: Array<&MapData, SlotStatus> = map(ebpf, map::SLOT_STATUS)?;
     map.get(&index, 0).context("reading SLOT_STATUS")
 }
 

@@ -1,0 +1,584 @@
+//! The run loop of `kml-agent run`: observe mq-deadline devices, score every
+//! request in the kernel (shadow mode, or acting through the patched mq-deadline's
+//! hook), learn online, tune, publish metrics.
+//!
+//! [`Agent::start`] sets everything up (in the order that leaves nothing behind when
+//! a step fails), [`Agent::step`] waits for the next thing to happen and handles it
+//! (records, the one-second tick, a finished training, a signal),
+//! [`Agent::shutdown`] undoes it and reports what was lost. The command line only
+//! turns its arguments into an [`AgentConfig`] and prints the [`Tick`]s.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    time::{Duration, Instant},
+};
+
+use kml_ebpf_common::{model::ModelKind, Counter, RequestRecord};
+use kml_learn::{ConfusionMatrix, LoadedModel};
+use tokio::task::JoinHandle;
+
+use crate::{
+    act::{
+        hook::{self, BoostSnapshot, Policy},
+        tune::{policy::TuneConfig, Tuners},
+    },
+    devices::BlockDevice,
+    kernel::{
+        attach::{AttachPlan, AttachRequest},
+        btf::Btf,
+        caps::KernelReport,
+    },
+    learn::{
+        candidate::{train_candidate, Candidate},
+        models,
+        online::{self, LearnConfig, OnlineLearner, Rollback, Swap, TrainJob, TrainingOutcome},
+    },
+    metrics::Metrics,
+    object::HookGlobals,
+    observe::{hotplug::DeviceWatch, pins, ring::RecordStream, Observer, ObserverConfig},
+    slots::{ActiveModel, ModelSlots},
+    stats::RecordSummary,
+};
+
+/// What happens when the ring buffer fills up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossMode {
+    /// A full ring drops (counted); under pressure the kernel keeps the records the
+    /// model is least sure of (active learning).
+    Drop,
+    /// Every record must be processed: any drop is reported as an error state.
+    Lossless,
+}
+
+/// Everything `run` was asked to do.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Devices to observe (names or /dev paths; empty: every mq-deadline disk).
+    pub devices: Vec<String>,
+    /// Stop after this long (`None`: until a signal).
+    pub duration: Option<Duration>,
+    /// The model to start from: a file, a shipped name, `auto` or `none`.
+    pub model: String,
+    /// Retrain this often; zero turns online learning off.
+    pub retrain_every: Duration,
+    /// The kind trained online (default: the starting model's, else logistic).
+    pub learn_kind: Option<String>,
+    /// Records in the sliding training window.
+    pub window: usize,
+    pub mode: LossMode,
+    /// Pin maps and links (`run --pin`) in `pin_dir`.
+    pub pin: bool,
+    /// Where pins are (without `--pin`: where a killed agent's may still be).
+    pub pin_dir: PathBuf,
+    /// Tune mq-deadline, deciding this often (`run --tune`).
+    pub tune_every: Option<Duration>,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
+    /// Let verdicts act with this policy (`run --act`).
+    pub act: Option<Policy>,
+    pub attach: AttachRequest,
+    pub ring_bytes: u32,
+}
+
+/// One second of the run, for the live line.
+#[derive(Clone, Debug)]
+pub struct Tick {
+    /// Since the agent was ready.
+    pub elapsed: Duration,
+    /// The length of this tick (about a second).
+    pub secs: f64,
+    pub summary: RecordSummary,
+    /// The kernel's counters of ring-full drops and orphan completions, so far.
+    pub drops: u64,
+    pub orphans: u64,
+    pub model: Option<ActiveModel>,
+    /// The active model's verdicts against the outcomes of this second.
+    pub live: ConfusionMatrix,
+}
+
+/// What one [`Agent::step`] did.
+pub enum Step {
+    /// Records arrived (kept for the next tick).
+    Records,
+    /// A second passed.
+    Tick(Box<Tick>),
+    /// The duration passed or a signal came: time for [`Agent::shutdown`].
+    Stop,
+}
+
+/// The verdict program on the patched mq-deadline's hook, while attached.
+struct HookSession {
+    policy: Policy,
+    boosts_before: BoostSnapshot,
+}
+
+type Signal = Pin<Box<dyn Future<Output = anyhow::Result<&'static str>>>>;
+
+pub struct Agent {
+    config: AgentConfig,
+    observer: Observer,
+    stream: RecordStream,
+    slots: ModelSlots,
+    learner: OnlineLearner,
+    training: Option<JoinHandle<anyhow::Result<Candidate>>>,
+    tuners: Tuners,
+    metrics: Option<Metrics>,
+    watch: DeviceWatch,
+    hook: Option<HookSession>,
+    signal: Signal,
+    stop_after: Pin<Box<tokio::time::Sleep>>,
+    tick: tokio::time::Interval,
+    #[cfg(feature = "testing")]
+    test_swaps: Option<tokio::time::Interval>,
+    /// Records since the last tick.
+    window: Vec<RequestRecord>,
+    total: u64,
+    started: Instant,
+    last_tick: Instant,
+    last_drops: u64,
+}
+
+impl Agent {
+    /// Checks, loads and attaches everything; returns once the agent observes.
+    pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
+        let targets = crate::devices::resolve(&config.devices)?;
+        let start_model = match config.model.as_str() {
+            "none" => None,
+            spec => Some(models::resolve(spec)?),
+        };
+        let learn_kind = learn_kind(config.learn_kind.as_deref(), start_model.as_ref())?;
+        if config.pin {
+            pins::check_pin_dir(&config.pin_dir)?;
+        }
+        // Bound before anything is loaded: a busy address fails with nothing attached.
+        let metrics = match config.metrics {
+            Some(addr) => Some(serve_metrics(addr).await?),
+            None => None,
+        };
+        // Before anything is loaded: a device another agent tunes is refused with
+        // nothing attached, and the originals are saved first.
+        let tuners = start_tuners(&targets, config.tune_every)?;
+        let plan = attach_plan(&config)?;
+        let (mut observer, mut slots) = start_observer(&config, &plan, &targets)?;
+        let mut learner = OnlineLearner::new(
+            LearnConfig::new(learn_kind, config.retrain_every, config.window),
+            Instant::now(),
+        );
+        if let Some((path, m)) = &start_model {
+            install_start_model(&mut observer, &mut slots, &mut learner, path, m)?;
+        }
+        let hook = if plan.hook {
+            Some(attach_hook(&mut observer, &config, &targets)?)
+        } else {
+            None
+        };
+        // Before the ready line: a signal right after it must find the handlers.
+        let signal: Signal = Box::pin(crate::runtime::shutdown_signal());
+        let stream = observer.records()?;
+        let names: Vec<String> = observer
+            .devices()
+            .iter()
+            .map(|d| d.device.name.clone())
+            .collect();
+        tracing::info!(
+            "observing {} ({}, {:?} mode); Ctrl-C stops",
+            names.join(", "),
+            observer.mode(),
+            config.mode
+        );
+        if let Some(m) = &metrics {
+            m.publish(&observer, slots.active(), 0, learner.events())?;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let now = Instant::now();
+        Ok(Agent {
+            stop_after: Box::pin(tokio::time::sleep(
+                config.duration.unwrap_or(Duration::MAX / 4),
+            )),
+            watch: DeviceWatch::new(&config.devices),
+            #[cfg(feature = "testing")]
+            test_swaps: crate::testing::from_env()?,
+            config,
+            observer,
+            stream,
+            slots,
+            learner,
+            training: None,
+            tuners,
+            metrics,
+            hook,
+            signal,
+            tick,
+            window: Vec::with_capacity(65536),
+            total: 0,
+            started: now,
+            last_tick: now,
+            last_drops: 0,
+        })
+    }
+
+    /// Waits for the next event and handles it.
+    pub async fn step(&mut self) -> anyhow::Result<Step> {
+        #[cfg(feature = "testing")]
+        let test_swap = crate::testing::tick(&mut self.test_swaps);
+        #[cfg(not(feature = "testing"))]
+        let test_swap = std::future::pending::<()>();
+        tokio::select! {
+            () = &mut self.stop_after => Ok(Step::Stop),
+            sig = &mut self.signal => {
+                tracing::info!("{}, detaching", sig?);
+                Ok(Step::Stop)
+            }
+            () = test_swap => {
+                self.reinstall_active()?;
+                Ok(Step::Records)
+            }
+            _ = self.tick.tick() => Ok(Step::Tick(Box::new(self.on_tick().await?))),
+            n = self.stream.next_batch(&mut self.window) => {
+                n?;
+                Ok(Step::Records)
+            }
+        }
+    }
+
+    /// Detaches everything (the tunables go back first), then reports the hook's
+    /// work and what was lost. In lossless mode a drop is an error.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        // The originals go back before the programs go away.
+        self.tuners = Tuners::default();
+        let hook_counters = match &self.hook {
+            Some(_) => Some(hook::counters(self.observer.ebpf())?),
+            None => None,
+        };
+        self.observer.detach();
+        if let (Some(c), Some(h)) = (hook_counters, &self.hook) {
+            tracing::info!("hook (policy {}): {}", h.policy, hook::counters_line(&c));
+            for line in h.boosts_before.lines_since() {
+                tracing::info!("{line}");
+            }
+        }
+        self.stream.drain(&mut self.window);
+        self.total += self.window.len() as u64;
+        let loss = self.observer.losses()?;
+        tracing::info!(
+            "{} records in {:.1}s; {}",
+            self.total,
+            self.started.elapsed().as_secs_f64(),
+            loss.line()
+        );
+        if self.config.mode == LossMode::Lossless && loss.ring_full_drops > 0 {
+            anyhow::bail!(
+                "lossless mode: {} records were dropped",
+                loss.ring_full_drops
+            );
+        }
+        Ok(())
+    }
+
+    /// The second's work: disks that came or went, the live line's numbers, online
+    /// learning, metrics, tuning.
+    async fn on_tick(&mut self) -> anyhow::Result<Tick> {
+        self.watch.check(&mut self.observer);
+        let now = Instant::now();
+        let secs = now.duration_since(self.last_tick).as_secs_f64();
+        self.last_tick = now;
+        self.total += self.window.len() as u64;
+        let counters = self.observer.counters()?;
+        let drops = counters.get(Counter::RingFullDrops);
+        let tick = Tick {
+            elapsed: self.started.elapsed(),
+            secs,
+            summary: RecordSummary::of(&self.window),
+            drops,
+            orphans: counters.get(Counter::OrphanCompletions),
+            model: self.slots.active(),
+            live: online::live_matrix(&self.window),
+        };
+        if self.config.mode == LossMode::Lossless && drops > self.last_drops {
+            tracing::error!(
+                "lossless mode: {} records dropped (ring full); raise --ring-size",
+                drops - self.last_drops
+            );
+        }
+        self.last_drops = drops;
+        let (slots, observer) = (&mut self.slots, &mut self.observer);
+        let decisions = self.learner.tick(now, &self.window, |rollback| {
+            roll_back(slots, observer, rollback)
+        });
+        if let Some(reason) = decisions.drift {
+            tracing::info!("drift: {reason}; retraining now");
+        }
+        if let Some(m) = &self.metrics {
+            m.publish(
+                &self.observer,
+                self.slots.active(),
+                self.total,
+                self.learner.events(),
+            )?;
+        }
+        self.tuners.observe(&self.window);
+        self.tuners.tick();
+        self.window.clear();
+        if let Some(job) = decisions.train {
+            self.start_training(job);
+        }
+        self.collect_training().await;
+        Ok(tick)
+    }
+
+    /// Trains off the loop, against the model serving now.
+    fn start_training(&mut self, job: TrainJob) {
+        let active = self.active_model();
+        self.training = Some(tokio::task::spawn_blocking(move || {
+            train_candidate(job.kind, job.records, active)
+        }));
+    }
+
+    /// A finished training: swap the candidate in when it is better.
+    async fn collect_training(&mut self) {
+        if !self.training.as_ref().is_some_and(|t| t.is_finished()) {
+            return;
+        }
+        let done = self.training.take().expect("checked").await;
+        let result = done.map_err(anyhow::Error::from).and_then(|r| r);
+        match self.learner.trained(result) {
+            TrainingOutcome::Swap(swap) => self.swap(swap),
+            TrainingOutcome::Keep(c) => tracing::info!(
+                "kept the active model: candidate {:.3} vs active {} on {} held-back records",
+                c.candidate_ba,
+                c.active_ba
+                    .map_or("none".to_string(), |a| format!("{a:.3}")),
+                c.held_back
+            ),
+            TrainingOutcome::Failed(e) => tracing::warn!("retraining failed: {e}"),
+        }
+    }
+
+    /// Installs a better candidate; refused by the kernel, the active model stays.
+    fn swap(&mut self, swap: Swap) {
+        let prev = self.slots.active();
+        let previous = self.active_model();
+        let c = &swap.candidate;
+        match self.slots.install(self.observer.ebpf_mut(), &c.model) {
+            Ok(active) => {
+                tracing::info!(
+                    "swap {} -> v{} {}: held-back balanced accuracy {} -> {:.3} on {} records (trained in {:.1}s)",
+                    prev.map_or("none".into(), |p| format!("v{}", p.version)),
+                    active.version,
+                    active.kind.name(),
+                    c.active_ba.map_or("none".to_string(), |a| format!("{a:.3}")),
+                    c.candidate_ba,
+                    c.held_back,
+                    c.took.as_secs_f64()
+                );
+                self.learner.swapped(Instant::now(), &swap, previous, true);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "the candidate (held-back balanced accuracy {:.3}) was not installed: {e:#}; the active model keeps serving",
+                    c.candidate_ba
+                );
+                self.learner.swapped(Instant::now(), &swap, previous, false);
+            }
+        }
+    }
+
+    /// The model serving now, as the agent wrote it.
+    fn active_model(&self) -> Option<kml_learn::QuantizedModel> {
+        self.slots
+            .active()
+            .and_then(|a| self.slots.version(a.version).cloned())
+    }
+
+    /// Test hook (`KML_TEST_SWAP_EVERY`): writes the active model again.
+    fn reinstall_active(&mut self) -> anyhow::Result<()> {
+        if let Some(m) = self.active_model() {
+            self.slots.install(self.observer.ebpf_mut(), &m)?;
+        }
+        Ok(())
+    }
+}
+
+/// Puts the previous model back; refused by the kernel, the new one stays.
+fn roll_back(slots: &mut ModelSlots, observer: &mut Observer, rollback: &Rollback) -> bool {
+    match slots.install(observer.ebpf_mut(), &rollback.model) {
+        Ok(back) => {
+            tracing::info!(
+                "rollback to the previous model (now v{}): {}",
+                back.version,
+                rollback.reason
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                "rollback ({}) failed: {e:#}; the swapped-in model keeps serving",
+                rollback.reason
+            );
+            false
+        }
+    }
+}
+
+/// The kind trained online: asked for, else the starting model's, else logistic.
+fn learn_kind(
+    asked: Option<&str>,
+    start_model: Option<&(PathBuf, LoadedModel)>,
+) -> anyhow::Result<ModelKind> {
+    Ok(match (asked, start_model) {
+        (Some(k), _) => {
+            ModelKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown --learn-kind `{k}`"))?
+        }
+        (None, Some((_, m))) => m.kind(),
+        (None, None) => ModelKind::Logistic,
+    })
+}
+
+async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<Metrics> {
+    let m = Metrics::default();
+    let bound = m.serve(addr).await?;
+    tracing::info!("metrics at http://{bound}/metrics");
+    Ok(m)
+}
+
+fn start_tuners(targets: &[BlockDevice], every: Option<Duration>) -> anyhow::Result<Tuners> {
+    let Some(every) = every else {
+        return Ok(Tuners::default());
+    };
+    let t = Tuners::start(targets, every, TuneConfig::default())?;
+    tracing::info!(
+        "tuning mq-deadline every {:?}; originals saved in {}",
+        every,
+        crate::act::tune::state::state_dir().display()
+    );
+    Ok(t)
+}
+
+/// What to attach here; `--act` on a kernel without the hook is refused.
+fn attach_plan(config: &AgentConfig) -> anyhow::Result<AttachPlan> {
+    let report = KernelReport::probe();
+    let plan = report.plan(config.attach)?;
+    if let (Some(policy), false) = (config.act, plan.hook) {
+        let why = match &report.hook_ready {
+            Err(why) => why.clone(),
+            Ok(()) => format!(
+                "the observers run in {} mode; the hook needs raw tracepoints (--attach hook)",
+                plan.observers
+            ),
+        };
+        anyhow::bail!("--act {policy}: the verdicts cannot act here: {why}");
+    }
+    Ok(plan)
+}
+
+/// Loads and attaches the observers (pinned and adopting, with `--pin`) and takes
+/// over the model slots an adopted object serves from.
+fn start_observer(
+    config: &AgentConfig,
+    plan: &AttachPlan,
+    targets: &[BlockDevice],
+) -> anyhow::Result<(Observer, ModelSlots)> {
+    let mut oc = ObserverConfig::new(plan.observers);
+    oc.ring_bytes = config.ring_bytes;
+    if config.mode == LossMode::Drop {
+        oc.sample_fill_bytes = Some(oc.ring_bytes / 2);
+    }
+    if plan.hook {
+        let btf = Btf::from_sys_fs()?;
+        // One disk: only its requests get verdicts; else every traced disk's do
+        // (an untraced disk's requests have no model verdict).
+        let only = match targets {
+            [one] => Some(one),
+            _ => None,
+        };
+        oc.hook = Some(HookGlobals::from_btf(&btf, only)?);
+    }
+    let mut slots = ModelSlots::new();
+    let dir = &config.pin_dir;
+    let observer = match config.pin {
+        true => {
+            let (mut observer, outcome) = Observer::start_pinned(oc, targets, dir)?;
+            tracing::info!("maps pinned at {}: {outcome}", dir.display());
+            if let Some(a) = slots.adopt(observer.ebpf_mut())? {
+                tracing::info!(
+                    "model v{} {} keeps serving (adopted)",
+                    a.version,
+                    a.kind.name()
+                );
+            }
+            observer
+        }
+        false => {
+            if let Some(note) = pins::orphan_note(dir) {
+                tracing::info!("{note}");
+            }
+            Observer::start(oc, targets)?
+        }
+    };
+    Ok((observer, slots))
+}
+
+/// The starting model, unless an adopted one serves already.
+fn install_start_model(
+    observer: &mut Observer,
+    slots: &mut ModelSlots,
+    learner: &mut OnlineLearner,
+    path: &std::path::Path,
+    m: &LoadedModel,
+) -> anyhow::Result<()> {
+    if let Some(a) = slots.active() {
+        tracing::info!(
+            "not installing {}: the adopted model v{} serves (stop the agent cleanly to start from another model)",
+            path.display(),
+            a.version
+        );
+        return Ok(());
+    }
+    let active = slots.install(observer.ebpf_mut(), &m.quantized)?;
+    if let Some(ba) = models::held_back_balanced_accuracy(m) {
+        learner.accepted(ba);
+    }
+    tracing::info!(
+        "model {} ({}) active as v{}",
+        path.display(),
+        m.kind().name(),
+        active.version
+    );
+    Ok(())
+}
+
+/// Attaches the verdict program with `--act`'s policy (off: it only counts).
+fn attach_hook(
+    observer: &mut Observer,
+    config: &AgentConfig,
+    targets: &[BlockDevice],
+) -> anyhow::Result<HookSession> {
+    if !observer.hook_loaded() {
+        anyhow::bail!("the observer was loaded without the hook's globals");
+    }
+    let boosts_before = BoostSnapshot::take(targets);
+    let policy = config.act.unwrap_or(Policy::Off);
+    hook::attach(observer.ebpf_mut(), policy)?;
+    tracing::info!(
+        "hook attached to dd_kml_verdict (kprobe + bpf_override_return, policy {policy}{})",
+        if config.act.is_some() {
+            ""
+        } else {
+            ": counting only, add --act to let verdicts act"
+        }
+    );
+    if policy.uses_model() && config.retrain_every > Duration::ZERO {
+        tracing::info!(
+            "note: with --act {policy} the online learner sees outcomes the verdicts changed \
+             (boosted requests meet their deadlines); --retrain-every 0 keeps the starting model"
+        );
+    }
+    Ok(HookSession {
+        policy,
+        boosts_before,
+    })
+}

@@ -1,0 +1,680 @@
+//! The online loop's decisions, as a state machine with no I/O: it is told what
+//! happened (a second of records, a finished training, what the kernel's slots made
+//! of an install) and answers what to do next. The run loop ([`crate::agent`]) does
+//! it: trains off the loop, installs through [`crate::slots`], logs.
+//!
+//! - A sliding window of the newest records is retrained on every `every`, or at
+//!   once when drift is seen (live balanced accuracy `drift_drop` below the active
+//!   model's held-back score), once the window holds enough of both classes.
+//! - A candidate replaces the active model only if it is better by `min_gain` on
+//!   the same held-back newest records ([`super::candidate`]).
+//! - A swap is on probation for [`PROBATION_SECONDS`]: if the new model does worse
+//!   live than the one it replaced did just before, the previous one comes back.
+//! - A candidate the kernel refuses (or a rollback it refuses) changes nothing: the
+//!   model that served keeps serving.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use kml_ebpf_common::{model::ModelKind, RequestRecord, Verdict};
+use kml_learn::{ConfusionMatrix, QuantizedModel};
+
+use super::candidate::Candidate;
+
+/// Live quality of the kernel's verdicts in a batch of records.
+pub fn live_matrix(records: &[RequestRecord]) -> ConfusionMatrix {
+    ConfusionMatrix::from_pairs(
+        records
+            .iter()
+            .filter(|r| r.verdict != Verdict::NONE)
+            .map(|r| (r.verdict == Verdict::AT_RISK, r.deadline_missed())),
+    )
+}
+
+#[derive(Clone, Debug)]
+pub struct LearnConfig {
+    pub kind: ModelKind,
+    /// Retrain this often; zero turns online learning off (the starting model stays).
+    pub every: Duration,
+    pub window: usize,
+    /// Fewest records (and misses) worth training on.
+    pub min_records: usize,
+    /// A candidate must beat the active model by this much balanced accuracy.
+    pub min_gain: f64,
+    /// Live balanced accuracy this far below the model's held-back score is drift.
+    pub drift_drop: f64,
+}
+
+impl LearnConfig {
+    /// The run loop's settings: `kind` every `every` on `window` records.
+    pub fn new(kind: ModelKind, every: Duration, window: usize) -> LearnConfig {
+        LearnConfig {
+            kind,
+            every,
+            window,
+            min_records: 20_000,
+            min_gain: 0.005,
+            drift_drop: 0.10,
+        }
+    }
+}
+
+/// Seconds of live verdicts compared before and after a swap.
+pub const PROBATION_SECONDS: usize = 5;
+
+/// What online learning did so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelEvents {
+    pub swaps: u64,
+    pub rollbacks: u64,
+    pub drifts: u64,
+    /// Trainings that failed, and candidates the kernel refused.
+    pub retrain_failures: u64,
+}
+
+/// A swap on probation: if the new model does worse live than the one it
+/// replaced did just before, the old one comes back.
+pub struct Probation {
+    pub previous: QuantizedModel,
+    pub previous_reference: f64,
+    pub before: ConfusionMatrix,
+    pub after: ConfusionMatrix,
+    pub started: Instant,
+}
+
+impl Probation {
+    pub fn new(
+        previous: QuantizedModel,
+        previous_reference: f64,
+        before: ConfusionMatrix,
+        started: Instant,
+    ) -> Self {
+        Probation {
+            previous,
+            previous_reference,
+            before,
+            after: ConfusionMatrix::default(),
+            started,
+        }
+    }
+
+    /// `Some(reason)` when the new model should be rolled back.
+    pub fn judge(&self) -> Option<String> {
+        let judgeable =
+            |m: &ConfusionMatrix| m.total() >= 200 && m.actual_misses() > 0 && m.actual_met() > 0;
+        if !judgeable(&self.before) || !judgeable(&self.after) {
+            return None;
+        }
+        let (before, after) = (
+            self.before.balanced_accuracy(),
+            self.after.balanced_accuracy(),
+        );
+        (after < before - 0.05).then(|| {
+            format!("live balanced accuracy {after:.3} after the swap, {before:.3} before")
+        })
+    }
+}
+
+/// Train a candidate of `kind` on `records` (taken now; trained off the loop).
+pub struct TrainJob {
+    pub kind: ModelKind,
+    pub records: Vec<RequestRecord>,
+}
+
+/// Put the previous model back: the swap did worse live.
+pub struct Rollback {
+    pub model: QuantizedModel,
+    /// The previous model's held-back score, the live reference again once it is back.
+    pub reference: f64,
+    pub reason: String,
+}
+
+/// What one second of records calls for.
+#[derive(Default)]
+pub struct TickDecisions {
+    /// Live accuracy fell below the reference: why (a retrain follows at once).
+    pub drift: Option<String>,
+    pub train: Option<TrainJob>,
+}
+
+/// Install the candidate: it beat the active model on the held-back records.
+pub struct Swap {
+    pub candidate: Candidate,
+}
+
+/// What a finished training calls for.
+pub enum TrainingOutcome {
+    Swap(Swap),
+    /// The candidate is not better: the active model stays.
+    Keep(Candidate),
+    /// The training failed: why.
+    Failed(String),
+}
+
+pub struct OnlineLearner {
+    pub config: LearnConfig,
+    window: VecDeque<RequestRecord>,
+    last_train: Instant,
+    /// Held-back balanced accuracy of the active model when it was chosen.
+    pub reference_ba: Option<f64>,
+    drift_seen: bool,
+    /// The live matrices of the last [`PROBATION_SECONDS`] seconds.
+    recent: VecDeque<ConfusionMatrix>,
+    probation: Option<Probation>,
+    training: bool,
+    events: ModelEvents,
+}
+
+impl OnlineLearner {
+    pub fn new(config: LearnConfig, now: Instant) -> Self {
+        OnlineLearner {
+            window: VecDeque::with_capacity(config.window),
+            config,
+            last_train: now,
+            reference_ba: None,
+            drift_seen: false,
+            recent: VecDeque::new(),
+            probation: None,
+            training: false,
+            events: ModelEvents::default(),
+        }
+    }
+
+    pub fn events(&self) -> ModelEvents {
+        self.events
+    }
+
+    /// Whether a swap is on probation now.
+    pub fn on_probation(&self) -> bool {
+        self.probation.is_some()
+    }
+
+    /// One second of records: a swap whose probation ends is judged (and rolled
+    /// back through `roll_back`, which says whether the kernel took the previous
+    /// model back), drift is watched, the records join the window, and a retrain
+    /// starts when one is due.
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        records: &[RequestRecord],
+        roll_back: impl FnOnce(&Rollback) -> bool,
+    ) -> TickDecisions {
+        let live = live_matrix(records);
+        let mut out = TickDecisions::default();
+        self.recent.push_back(live);
+        if self.recent.len() > PROBATION_SECONDS {
+            self.recent.pop_front();
+        }
+        if let Some(p) = self.probation.as_mut() {
+            p.after.merge(&live);
+            if now.duration_since(p.started) >= Duration::from_secs(PROBATION_SECONDS as u64) {
+                let p = self.probation.take().expect("checked");
+                if let Some(reason) = p.judge() {
+                    let rollback = Rollback {
+                        model: p.previous,
+                        reference: p.previous_reference,
+                        reason,
+                    };
+                    let installed = roll_back(&rollback);
+                    self.rolled_back(&rollback, installed);
+                }
+            }
+        }
+        out.drift = self.check_drift(&live);
+        if out.drift.is_some() {
+            self.events.drifts += 1;
+        }
+        self.observe(records);
+        if self.config.every > Duration::ZERO && !self.training && self.due(now) {
+            self.training = true;
+            self.last_train = now;
+            self.drift_seen = false;
+            out.train = Some(TrainJob {
+                kind: self.config.kind,
+                records: self.window.iter().copied().collect(),
+            });
+        }
+        out
+    }
+
+    /// A training run ended.
+    pub fn trained(&mut self, result: anyhow::Result<Candidate>) -> TrainingOutcome {
+        self.training = false;
+        match result {
+            Ok(c) => {
+                let better = c
+                    .active_ba
+                    .is_none_or(|a| c.candidate_ba >= a + self.config.min_gain);
+                if better {
+                    TrainingOutcome::Swap(Swap { candidate: c })
+                } else {
+                    TrainingOutcome::Keep(c)
+                }
+            }
+            Err(e) => {
+                self.events.retrain_failures += 1;
+                TrainingOutcome::Failed(format!("{e:#}"))
+            }
+        }
+    }
+
+    /// What the kernel made of a swap: on success it is on probation against
+    /// `previous` (the model it replaced, if any); refused, nothing changes.
+    pub fn swapped(
+        &mut self,
+        now: Instant,
+        swap: &Swap,
+        previous: Option<QuantizedModel>,
+        installed: bool,
+    ) {
+        if !installed {
+            self.events.retrain_failures += 1;
+            return;
+        }
+        if let Some(previous) = previous {
+            let before = self
+                .recent
+                .iter()
+                .fold(ConfusionMatrix::default(), |mut m, s| {
+                    m.merge(s);
+                    m
+                });
+            self.probation = Some(Probation::new(
+                previous,
+                self.reference_ba.unwrap_or(0.0),
+                before,
+                now,
+            ));
+        }
+        self.accepted(swap.candidate.candidate_ba);
+        self.events.swaps += 1;
+    }
+
+    /// What the kernel made of a rollback: on success the previous model's score is
+    /// the reference again; refused, the swapped-in model keeps serving.
+    fn rolled_back(&mut self, rollback: &Rollback, installed: bool) {
+        if installed {
+            self.accepted(rollback.reference);
+            self.events.rollbacks += 1;
+        }
+    }
+
+    /// The model now serving was chosen with this held-back score: the live reference.
+    pub fn accepted(&mut self, held_back_ba: f64) {
+        self.reference_ba = Some(held_back_ba);
+    }
+
+    fn observe(&mut self, records: &[RequestRecord]) {
+        for r in records {
+            if self.window.len() == self.config.window {
+                self.window.pop_front();
+            }
+            self.window.push_back(*r);
+        }
+    }
+
+    /// Checks one second's live matrix against the reference; `Some` when drift.
+    fn check_drift(&mut self, live: &ConfusionMatrix) -> Option<String> {
+        let reference = self.reference_ba?;
+        if live.total() < 200 || live.actual_misses() == 0 || live.actual_met() == 0 {
+            return None;
+        }
+        let ba = live.balanced_accuracy();
+        if ba < reference - self.config.drift_drop && !self.drift_seen {
+            self.drift_seen = true;
+            return Some(format!(
+                "live balanced accuracy {ba:.3} < {reference:.3} - {:.2}",
+                self.config.drift_drop
+            ));
+        }
+        None
+    }
+
+    /// Whether a retrain is due (period elapsed or drift), with enough data.
+    fn due(&self, now: Instant) -> bool {
+        let misses = self.window.iter().filter(|r| r.deadline_missed()).count();
+        let enough = self.window.len() >= self.config.min_records
+            && misses >= 50
+            && misses < self.window.len() - 50;
+        enough && (self.drift_seen || now.duration_since(self.last_train) >= self.config.every)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> LearnConfig {
+        LearnConfig {
+            kind: ModelKind::Logistic,
+            every: Duration::from_secs(3600),
+            window: 1000,
+            min_records: 100,
+            min_gain: 0.005,
+            drift_drop: 0.10,
+        }
+    }
+
+    fn matrix(tp: u64, fp: u64, tn: u64, fnn: u64) -> ConfusionMatrix {
+        ConfusionMatrix {
+            true_miss: tp,
+            false_miss: fp,
+            true_met: tn,
+            false_met: fnn,
+        }
+    }
+
+    fn rec(missed: bool, at: u64) -> RequestRecord {
+        RequestRecord {
+            insert_ns: at,
+            issue_ns: at + if missed { 10 } else { 1 },
+            deadline_ns: at + 5,
+            ..Default::default()
+        }
+    }
+
+    /// Records whose kernel verdicts make the live matrix `m` (one second of them).
+    fn second(m: ConfusionMatrix, at: u64) -> Vec<RequestRecord> {
+        let mut out = Vec::new();
+        let mut push = |n: u64, at_risk: bool, missed: bool| {
+            for _ in 0..n {
+                let mut r = rec(missed, at + out.len() as u64);
+                r.verdict = if at_risk {
+                    Verdict::AT_RISK
+                } else {
+                    Verdict::MEETS
+                };
+                out.push(r);
+            }
+        };
+        push(m.true_miss, true, true);
+        push(m.false_miss, true, false);
+        push(m.true_met, false, false);
+        push(m.false_met, false, true);
+        out
+    }
+
+    fn model(marker: i32) -> QuantizedModel {
+        let mut m = kml_ebpf_common::model::LinearModel::zeroed();
+        m.bias = marker.into();
+        QuantizedModel::Linear(Box::new(m))
+    }
+
+    fn bias(m: &QuantizedModel) -> i64 {
+        match m {
+            QuantizedModel::Linear(m) => m.bias,
+            QuantizedModel::Tree(_) => unreachable!("linear models only here"),
+        }
+    }
+
+    fn candidate(candidate_ba: f64, active_ba: Option<f64>) -> Candidate {
+        Candidate {
+            model: model(7),
+            candidate_ba,
+            active_ba,
+            held_back: 200,
+            took: Duration::from_millis(1),
+        }
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn no_rollback(r: &Rollback) -> bool {
+        panic!("unexpected rollback: {}", r.reason)
+    }
+
+    #[test]
+    fn window_slides_and_training_waits_for_both_classes() {
+        let t0 = Instant::now();
+        let mut cfg = config();
+        cfg.every = SECOND;
+        let mut l = OnlineLearner::new(cfg, t0);
+        let met: Vec<RequestRecord> = (0..2000).map(|i| rec(false, i)).collect();
+        assert!(
+            l.tick(t0 + 2 * SECOND, &met, no_rollback).train.is_none(),
+            "no misses: nothing to learn"
+        );
+        let mixed: Vec<RequestRecord> = (0..1000).map(|i| rec(i % 3 == 0, 5000 + i)).collect();
+        let job = l
+            .tick(t0 + 3 * SECOND, &mixed, no_rollback)
+            .train
+            .expect("due, both classes");
+        assert_eq!(
+            job.records.len(),
+            1000,
+            "the window keeps the newest records"
+        );
+        assert_eq!(job.records.first().map(|r| r.insert_ns), Some(5000));
+        assert!(
+            l.tick(t0 + 10 * SECOND, &mixed, no_rollback)
+                .train
+                .is_none(),
+            "one training at a time"
+        );
+        assert!(matches!(
+            l.trained(Err(anyhow::anyhow!("no"))),
+            TrainingOutcome::Failed(_)
+        ));
+        assert_eq!(l.events().retrain_failures, 1);
+        assert!(
+            l.tick(t0 + 10 * SECOND, &mixed, no_rollback)
+                .train
+                .is_some(),
+            "the next period trains again"
+        );
+    }
+
+    #[test]
+    fn online_learning_off_never_trains() {
+        let t0 = Instant::now();
+        let mut cfg = config();
+        cfg.every = Duration::ZERO;
+        let mut l = OnlineLearner::new(cfg, t0);
+        let mixed: Vec<RequestRecord> = (0..1000).map(|i| rec(i % 3 == 0, i)).collect();
+        assert!(l
+            .tick(t0 + 3600 * SECOND, &mixed, no_rollback)
+            .train
+            .is_none());
+    }
+
+    #[test]
+    fn a_candidate_replaces_the_model_only_if_better() {
+        let mut l = OnlineLearner::new(config(), Instant::now());
+        assert!(
+            matches!(
+                l.trained(Ok(candidate(0.70, None))),
+                TrainingOutcome::Swap(_)
+            ),
+            "no active model: any candidate"
+        );
+        assert!(matches!(
+            l.trained(Ok(candidate(0.80, Some(0.79)))),
+            TrainingOutcome::Swap(_)
+        ));
+        assert!(
+            matches!(
+                l.trained(Ok(candidate(0.80, Some(0.798)))),
+                TrainingOutcome::Keep(_)
+            ),
+            "a gain below min_gain keeps the active model"
+        );
+        assert!(matches!(
+            l.trained(Ok(candidate(0.70, Some(0.80)))),
+            TrainingOutcome::Keep(_)
+        ));
+        assert_eq!(
+            l.events(),
+            ModelEvents::default(),
+            "deciding is not swapping"
+        );
+    }
+
+    #[test]
+    fn a_refused_candidate_keeps_the_old_model_serving() {
+        let t0 = Instant::now();
+        let mut l = OnlineLearner::new(config(), t0);
+        l.accepted(0.75);
+        let TrainingOutcome::Swap(swap) = l.trained(Ok(candidate(0.90, Some(0.75)))) else {
+            panic!("a better candidate is a swap");
+        };
+        l.swapped(t0, &swap, Some(model(1)), false);
+        assert_eq!(
+            l.reference_ba,
+            Some(0.75),
+            "the old model's reference stays"
+        );
+        assert!(!l.on_probation(), "nothing swapped, nothing on probation");
+        assert_eq!(l.events().swaps, 0);
+        assert_eq!(l.events().retrain_failures, 1);
+    }
+
+    /// A learner whose model (reference 0.80) did `before` live for the last
+    /// seconds, after a swap to a better candidate (0.90) at the returned instant.
+    fn swapped_learner(t0: Instant, before: ConfusionMatrix) -> (OnlineLearner, Instant) {
+        let mut l = OnlineLearner::new(config(), t0);
+        l.accepted(0.80);
+        for s in 0..PROBATION_SECONDS as u64 {
+            l.tick(
+                t0 + SECOND * s as u32,
+                &second(before, s * 1000),
+                no_rollback,
+            );
+        }
+        let TrainingOutcome::Swap(swap) = l.trained(Ok(candidate(0.90, Some(0.80)))) else {
+            panic!("a better candidate is a swap");
+        };
+        let swapped_at = t0 + 5 * SECOND;
+        l.swapped(swapped_at, &swap, Some(model(1)), true);
+        assert!(l.on_probation());
+        assert_eq!(l.reference_ba, Some(0.90));
+        assert_eq!(l.events().swaps, 1);
+        (l, swapped_at)
+    }
+
+    #[test]
+    fn a_swap_that_does_as_well_live_stays() {
+        let t0 = Instant::now();
+        let good = matrix(90, 10, 480, 10);
+        let (mut l, at) = swapped_learner(t0, good);
+        for s in 1..=PROBATION_SECONDS as u64 {
+            l.tick(
+                at + SECOND * s as u32,
+                &second(good, 10_000 + s * 1000),
+                no_rollback,
+            );
+        }
+        assert!(
+            !l.on_probation(),
+            "probation ends after {PROBATION_SECONDS} s"
+        );
+        assert_eq!(l.reference_ba, Some(0.90));
+    }
+
+    #[test]
+    fn a_swap_that_does_clearly_worse_live_is_rolled_back_after_its_probation() {
+        let t0 = Instant::now();
+        let (good, bad) = (matrix(90, 10, 480, 10), matrix(40, 100, 390, 60));
+        let (mut l, at) = swapped_learner(t0, good);
+        for s in 1..PROBATION_SECONDS as u64 {
+            l.tick(
+                at + SECOND * s as u32,
+                &second(bad, 10_000 + s * 1000),
+                no_rollback,
+            );
+        }
+        let mut back = None;
+        l.tick(at + 5 * SECOND, &second(bad, 20_000), |r| {
+            back = Some((bias(&r.model), r.reason.clone()));
+            true
+        });
+        let (previous, reason) = back.expect("rolled back once the probation ends");
+        assert_eq!(previous, 1, "the previous model comes back");
+        assert!(reason.contains("after the swap"), "{reason}");
+        assert!(!l.on_probation());
+        assert_eq!(l.reference_ba, Some(0.80), "its reference is back");
+        assert_eq!(l.events().rollbacks, 1);
+    }
+
+    #[test]
+    fn a_refused_rollback_keeps_the_swapped_in_model() {
+        let t0 = Instant::now();
+        let (good, bad) = (matrix(90, 10, 480, 10), matrix(40, 100, 390, 60));
+        let (mut l, at) = swapped_learner(t0, good);
+        for s in 1..=PROBATION_SECONDS as u64 {
+            l.tick(
+                at + SECOND * s as u32,
+                &second(bad, 10_000 + s * 1000),
+                |_| false,
+            );
+        }
+        assert_eq!(l.reference_ba, Some(0.90), "the serving model's reference");
+        assert_eq!(l.events().rollbacks, 0);
+    }
+
+    #[test]
+    fn probation_needs_evidence() {
+        let mut p = Probation::new(model(1), 0.9, matrix(90, 10, 480, 10), Instant::now());
+        p.after = matrix(88, 12, 478, 12);
+        assert_eq!(p.judge(), None, "about as good: keep");
+        p.after = matrix(40, 100, 390, 60);
+        assert!(p.judge().is_some(), "clearly worse: roll back");
+        p.after = matrix(1, 1, 1, 1);
+        assert_eq!(p.judge(), None, "too little evidence");
+    }
+
+    #[test]
+    fn drift_is_a_drop_below_the_reference_reported_once() {
+        let t0 = Instant::now();
+        let mut cfg = config();
+        cfg.min_records = 100_000; // never enough to train: drift is only reported
+        let mut l = OnlineLearner::new(cfg, t0);
+        let fine = matrix(90, 10, 480, 10);
+        let poor = matrix(30, 200, 300, 70);
+        assert!(
+            l.tick(t0, &second(poor, 0), no_rollback).drift.is_none(),
+            "no reference yet"
+        );
+        l.accepted(0.90);
+        assert!(
+            l.tick(t0, &second(fine, 1000), no_rollback).drift.is_none(),
+            "0.90 live is fine"
+        );
+        assert!(
+            l.tick(t0, &second(matrix(1, 1, 50, 1), 2000), no_rollback)
+                .drift
+                .is_none(),
+            "too few requests to judge"
+        );
+        let d = l.tick(t0, &second(poor, 3000), no_rollback);
+        assert!(
+            d.drift
+                .is_some_and(|m| m.contains("live balanced accuracy")),
+            "0.6 live is drift"
+        );
+        assert!(d.train.is_none(), "not enough records to train");
+        assert!(
+            l.tick(t0, &second(poor, 4000), no_rollback).drift.is_none(),
+            "reported once until a retrain starts"
+        );
+        assert_eq!(l.events().drifts, 1);
+    }
+
+    #[test]
+    fn drift_retrains_without_waiting_for_the_period() {
+        let t0 = Instant::now();
+        let mut l = OnlineLearner::new(config(), t0);
+        l.accepted(0.90);
+        let d = l.tick(
+            t0 + SECOND,
+            &second(matrix(30, 200, 300, 70), 0),
+            no_rollback,
+        );
+        assert!(d.drift.is_some());
+        assert!(
+            d.train.is_some(),
+            "drift with both classes in the window retrains now (the period is an hour)"
+        );
+    }
+}
