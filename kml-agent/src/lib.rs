@@ -11,12 +11,12 @@
 //! - [`learn`]: online learning (a pure state machine) and model files;
 //! - [`slots`]: models into the kernel's slots;
 //! - [`act`]: the verdicts act (the patched mq-deadline's hook) or tune mq-deadline;
-//! - [`metrics`]: the agent's state for Prometheus;
+//! - [`metrics`] and [`status`]: the agent's state for Prometheus and as JSON;
 //! - [`agent`]: the run loop (start / step / shutdown) that drives them all;
 //! - [`cli`]: argument parsing and printing only.
 //!
-//! [`units`], [`runtime`], [`logging`] and [`owner`] are small helpers every stage
-//! may use; [`testing`] holds the test hooks (cargo feature `testing`).
+//! [`units`], [`runtime`], [`logging`], [`owner`] and [`sys`] (the bpf(2) calls aya
+//! does not offer) are small helpers every stage may use; `testing` holds the test hooks (cargo feature `testing`).
 
 pub mod act;
 pub mod agent;
@@ -34,6 +34,7 @@ pub mod runtime;
 pub mod slots;
 pub mod stats;
 pub mod status;
+pub mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod units;

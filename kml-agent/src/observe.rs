@@ -5,13 +5,11 @@
 //!
 //! The stage's parts: [`pins`] (`--pin`: what outlives the agent, and adopting it),
 //! [`ring`] (the ring buffer → records), [`losses`] (what the counters say was
-//! lost), [`programs`] (the kernel's statistics of each program), [`hotplug`]
-//! (disks that come and go while the observer runs).
+//! lost), [`hotplug`] (disks that come and go while the observer runs).
 
 pub mod hotplug;
 pub mod losses;
 pub mod pins;
-pub mod programs;
 pub mod ring;
 
 use std::{
@@ -34,6 +32,7 @@ use kml_ebpf_common::{
     Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord,
 };
 
+use crate::sys::prog_info;
 use crate::{
     devices::BlockDevice,
     kernel::{attach::AttachMode, layout},
@@ -41,8 +40,6 @@ use crate::{
 };
 use losses::LossReport;
 use pins::PinMeta;
-use programs::prog_info;
-pub use programs::ProgramStats;
 use ring::RecordStream;
 
 /// Read-only access to a map of the object.
@@ -62,7 +59,7 @@ pub struct ObserverConfig {
     /// decision boundary. `None`: lossless mode (never sample).
     pub sample_fill_bytes: Option<u32>,
     /// Also prepare the verdict program for the patched mq-deadline's hook (its
-    /// globals are set at load; [`Observer::attach_hook`] attaches it). Raw
+    /// globals are set at load; `act::hook::attach` attaches it). Raw
     /// tracepoint mode only: the program finds the model's verdict by `struct request *`.
     pub hook: Option<HookGlobals>,
 }
@@ -657,6 +654,16 @@ impl Observer {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// Kernel-side statistics of one program (`bpf_prog_info`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub event: &'static str,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    pub recursion_misses: u64,
 }
 
 impl Drop for Observer {

@@ -10,7 +10,7 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     time::{Duration, Instant},
 };
 
@@ -252,48 +252,5 @@ pub fn run_slot_checker(ebpf: &Ebpf) -> anyhow::Result<()> {
         .try_into()
         .context("kml_verify_slots has an unexpected type")?;
     let fd = prog.fd().context("kml_verify_slots is not loaded")?;
-    test_run(fd.as_fd().as_raw_fd()).context("BPF_PROG_TEST_RUN of kml_verify_slots")
-}
-
-fn test_run(prog_fd: i32) -> std::io::Result<()> {
-    // `union bpf_attr`'s `test` member (kernel ABI); everything but the fd zero.
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestRunAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-    let attr = TestRunAttr {
-        prog_fd: prog_fd as u32,
-        ..Default::default()
-    };
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    // SAFETY: attr outlives the call; no buffers are passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &raw const attr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::sys::test_run(fd.as_fd()).context("BPF_PROG_TEST_RUN of kml_verify_slots")
 }
