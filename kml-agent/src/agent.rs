@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     act::{
-        hook::{self, BoostSnapshot, Policy},
+        hook::{self, BoostChange, BoostSnapshot, Policy},
         tune::{policy::TuneConfig, Tuners},
     },
     devices::BlockDevice,
@@ -38,7 +38,10 @@ use crate::{
     },
     metrics::Metrics,
     object::HookGlobals,
-    observe::{hotplug::DeviceWatch, pins, ring::RecordStream, Observer, ObserverConfig},
+    observe::{
+        hotplug::DeviceWatch, losses::LossReport, pins, ring::RecordStream, Observer,
+        ObserverConfig,
+    },
     slots::{ActiveModel, ModelSlots},
     stats::RecordSummary,
 };
@@ -97,6 +100,76 @@ pub struct Tick {
     pub model: Option<ActiveModel>,
     /// The active model's verdicts against the outcomes of this second.
     pub live: ConfusionMatrix,
+    /// What online learning did this second.
+    pub learning: Vec<LearningNote>,
+    /// The tuning decisions applied this second (`run --tune`).
+    pub tuning: Vec<String>,
+}
+
+/// One thing online learning did (also logged, in the same words).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LearningNote {
+    /// `drift`, `swap`, `keep` (the candidate was not better), `refused` (the kernel
+    /// refused the candidate), `rollback`, `rollback-refused` or `failed` (training).
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// Logs `message` (a warning for the failures) and keeps it for the tick.
+fn note(notes: &mut Vec<LearningNote>, kind: &'static str, message: String) {
+    if matches!(kind, "refused" | "rollback-refused" | "failed") {
+        tracing::warn!("{message}");
+    } else {
+        tracing::info!("{message}");
+    }
+    notes.push(LearningNote { kind, message });
+}
+
+/// What the agent observes, once it is ready.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Ready {
+    pub devices: Vec<String>,
+    /// The observers' attach mode.
+    pub attach: String,
+    /// The verdict program's policy, when it is attached.
+    pub hook_policy: Option<String>,
+    pub model: Option<ModelId>,
+}
+
+/// Which model serves: its version (counted by the agent) and kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ModelId {
+    pub version: u32,
+    pub kind: &'static str,
+}
+
+impl From<ActiveModel> for ModelId {
+    fn from(a: ActiveModel) -> ModelId {
+        ModelId {
+            version: a.version,
+            kind: a.kind.name(),
+        }
+    }
+}
+
+/// The verdict program's work, at the end of a session.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HookReport {
+    pub policy: String,
+    /// `HOOK_COUNTERS` by name.
+    pub counters: serde_json::Value,
+    /// What the kernel did, per disk.
+    pub boosts: Vec<BoostChange>,
+}
+
+/// What a session did, at its end.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    /// Records the agent took from the ring buffer.
+    pub records: u64,
+    pub seconds: f64,
+    pub losses: LossReport,
+    pub hook: Option<HookReport>,
 }
 
 /// What one [`Agent::step`] did.
@@ -139,6 +212,8 @@ pub struct Agent {
     started: Instant,
     last_tick: Instant,
     last_drops: u64,
+    /// What online learning did since the last tick.
+    notes: Vec<LearningNote>,
 }
 
 impl Agent {
@@ -218,6 +293,7 @@ impl Agent {
             started: now,
             last_tick: now,
             last_drops: 0,
+            notes: Vec::new(),
         })
     }
 
@@ -245,9 +321,24 @@ impl Agent {
         }
     }
 
+    /// What the agent observes now.
+    pub fn ready(&self) -> Ready {
+        Ready {
+            devices: self
+                .observer
+                .devices()
+                .iter()
+                .map(|d| d.device.name.clone())
+                .collect(),
+            attach: self.observer.mode().to_string(),
+            hook_policy: self.hook.as_ref().map(|h| h.policy.to_string()),
+            model: self.slots.active().map(ModelId::from),
+        }
+    }
+
     /// Detaches everything (the tunables go back first), then reports the hook's
     /// work and what was lost. In lossless mode a drop is an error.
-    pub fn shutdown(mut self) -> anyhow::Result<()> {
+    pub fn shutdown(mut self) -> anyhow::Result<Summary> {
         // The originals go back before the programs go away.
         self.tuners = Tuners::default();
         let hook_counters = match &self.hook {
@@ -255,11 +346,18 @@ impl Agent {
             None => None,
         };
         self.observer.detach();
+        let mut hook_report = None;
         if let (Some(c), Some(h)) = (hook_counters, &self.hook) {
             tracing::info!("hook (policy {}): {}", h.policy, hook::counters_line(&c));
-            for line in h.boosts_before.lines_since() {
-                tracing::info!("{line}");
+            let boosts = h.boosts_before.changes_since();
+            for b in &boosts {
+                tracing::info!("{}", b.line());
             }
+            hook_report = Some(HookReport {
+                policy: h.policy.to_string(),
+                counters: hook::counters_json(&c),
+                boosts,
+            });
         }
         self.stream.drain(&mut self.window);
         self.total += self.window.len() as u64;
@@ -276,7 +374,12 @@ impl Agent {
                 loss.ring_full_drops
             );
         }
-        Ok(())
+        Ok(Summary {
+            records: self.total,
+            seconds: self.started.elapsed().as_secs_f64(),
+            losses: loss,
+            hook: hook_report,
+        })
     }
 
     /// The second's work: disks that came or went, the live line's numbers, online
@@ -289,7 +392,7 @@ impl Agent {
         self.total += self.window.len() as u64;
         let counters = self.observer.counters()?;
         let drops = counters.get(Counter::RingFullDrops);
-        let tick = Tick {
+        let mut tick = Tick {
             elapsed: self.started.elapsed(),
             secs,
             summary: RecordSummary::of(&self.window),
@@ -297,6 +400,8 @@ impl Agent {
             orphans: counters.get(Counter::OrphanCompletions),
             model: self.slots.active(),
             live: online::live_matrix(&self.window),
+            learning: Vec::new(),
+            tuning: Vec::new(),
         };
         if self.config.mode == LossMode::Lossless && drops > self.last_drops {
             tracing::error!(
@@ -305,12 +410,13 @@ impl Agent {
             );
         }
         self.last_drops = drops;
-        let (slots, observer) = (&mut self.slots, &mut self.observer);
+        let (slots, observer, notes) = (&mut self.slots, &mut self.observer, &mut self.notes);
         let decisions = self.learner.tick(now, &self.window, |rollback| {
-            roll_back(slots, observer, rollback)
+            roll_back(slots, observer, notes, rollback)
         });
         if let Some(reason) = decisions.drift {
-            tracing::info!("drift: {reason}; retraining now");
+            let message = format!("drift: {reason}; retraining now");
+            note(&mut self.notes, "drift", message);
         }
         if let Some(m) = &self.metrics {
             m.publish(
@@ -321,12 +427,13 @@ impl Agent {
             )?;
         }
         self.tuners.observe(&self.window);
-        self.tuners.tick();
+        tick.tuning = self.tuners.tick();
         self.window.clear();
         if let Some(job) = decisions.train {
             self.start_training(job);
         }
         self.collect_training().await;
+        tick.learning = std::mem::take(&mut self.notes);
         Ok(tick)
     }
 
@@ -347,14 +454,19 @@ impl Agent {
         let result = done.map_err(anyhow::Error::from).and_then(|r| r);
         match self.learner.trained(result) {
             TrainingOutcome::Swap(swap) => self.swap(swap),
-            TrainingOutcome::Keep(c) => tracing::info!(
-                "kept the active model: candidate {:.3} vs active {} on {} held-back records",
-                c.candidate_ba,
-                c.active_ba
-                    .map_or("none".to_string(), |a| format!("{a:.3}")),
-                c.held_back
-            ),
-            TrainingOutcome::Failed(e) => tracing::warn!("retraining failed: {e}"),
+            TrainingOutcome::Keep(c) => {
+                let message = format!(
+                    "kept the active model: candidate {:.3} vs active {} on {} held-back records",
+                    c.candidate_ba,
+                    c.active_ba
+                        .map_or("none".to_string(), |a| format!("{a:.3}")),
+                    c.held_back
+                );
+                note(&mut self.notes, "keep", message);
+            }
+            TrainingOutcome::Failed(e) => {
+                note(&mut self.notes, "failed", format!("retraining failed: {e}"));
+            }
         }
     }
 
@@ -365,7 +477,7 @@ impl Agent {
         let c = &swap.candidate;
         match self.slots.install(self.observer.ebpf_mut(), &c.model) {
             Ok(active) => {
-                tracing::info!(
+                let message = format!(
                     "swap {} -> v{} {}: held-back balanced accuracy {} -> {:.3} on {} records (trained in {:.1}s)",
                     prev.map_or("none".into(), |p| format!("v{}", p.version)),
                     active.version,
@@ -375,13 +487,15 @@ impl Agent {
                     c.held_back,
                     c.took.as_secs_f64()
                 );
+                note(&mut self.notes, "swap", message);
                 self.learner.swapped(Instant::now(), &swap, previous, true);
             }
             Err(e) => {
-                tracing::warn!(
+                let message = format!(
                     "the candidate (held-back balanced accuracy {:.3}) was not installed: {e:#}; the active model keeps serving",
                     c.candidate_ba
                 );
+                note(&mut self.notes, "refused", message);
                 self.learner.swapped(Instant::now(), &swap, previous, false);
             }
         }
@@ -404,21 +518,27 @@ impl Agent {
 }
 
 /// Puts the previous model back; refused by the kernel, the new one stays.
-fn roll_back(slots: &mut ModelSlots, observer: &mut Observer, rollback: &Rollback) -> bool {
+fn roll_back(
+    slots: &mut ModelSlots,
+    observer: &mut Observer,
+    notes: &mut Vec<LearningNote>,
+    rollback: &Rollback,
+) -> bool {
     match slots.install(observer.ebpf_mut(), &rollback.model) {
         Ok(back) => {
-            tracing::info!(
+            let message = format!(
                 "rollback to the previous model (now v{}): {}",
-                back.version,
-                rollback.reason
+                back.version, rollback.reason
             );
+            note(notes, "rollback", message);
             true
         }
         Err(e) => {
-            tracing::warn!(
+            let message = format!(
                 "rollback ({}) failed: {e:#}; the swapped-in model keeps serving",
                 rollback.reason
             );
+            note(notes, "rollback-refused", message);
             false
         }
     }

@@ -28,10 +28,10 @@ pub struct RecordConfig {
 }
 
 /// What a recording wrote and saw.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Recorded {
     pub records: u64,
-    pub elapsed: Duration,
+    pub seconds: f64,
     pub deadline_misses: u64,
     /// insert → issue and issue → complete of the issued requests.
     pub wait: LatencySummary,
@@ -64,8 +64,9 @@ impl TraceWriter {
     }
 }
 
-/// Records until `config.duration` passes or SIGINT/SIGTERM comes.
-pub async fn record(config: &RecordConfig) -> anyhow::Result<Recorded> {
+/// Records until `config.duration` passes or SIGINT/SIGTERM comes; `ready` is called
+/// once the programs are attached and recording.
+pub async fn record(config: &RecordConfig, ready: impl FnOnce()) -> anyhow::Result<Recorded> {
     let targets = crate::devices::resolve(&config.devices)?;
     let file =
         File::create(&config.out).with_context(|| format!("creating {}", config.out.display()))?;
@@ -91,6 +92,7 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<Recorded> {
         config.duration,
         config.out.display()
     );
+    ready();
     let started = Instant::now();
     let deadline = tokio::time::sleep(config.duration);
     tokio::pin!(deadline);
@@ -118,7 +120,7 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<Recorded> {
         .with_context(|| format!("writing {}", config.out.display()))?;
     Ok(Recorded {
         records: observer.counters()?.get(Counter::Records),
-        elapsed: started.elapsed(),
+        seconds: started.elapsed().as_secs_f64(),
         deadline_misses: writer.misses,
         wait: LatencySummary::of(writer.wait),
         service: LatencySummary::of(writer.service),

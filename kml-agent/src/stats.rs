@@ -14,7 +14,7 @@ pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
 }
 
 /// Percentiles of one latency.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct LatencySummary {
     pub count: usize,
     pub p50_ns: u64,
@@ -55,7 +55,7 @@ pub fn human_ns(ns: u64) -> String {
 }
 
 /// What a set of records says: counts and the two latencies, plus deadline misses.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RecordSummary {
     pub records: usize,
     pub reads: usize,

@@ -300,7 +300,7 @@ impl BenchArgs {
             });
         }
         let vm_report = root.join("target").join("vm").join("report.md");
-        let vm = std::fs::read_to_string(&vm_report).ok();
+        let vm = report::SubReport::read(&vm_report);
 
         let info = RunInfo {
             date: tool_version("date", "-u"),
@@ -344,7 +344,7 @@ impl BenchArgs {
             overhead,
             cost,
             vm,
-            tune: std::fs::read_to_string(ctx.out.join("TUNE.md")).ok(),
+            tune: report::SubReport::read(&ctx.out.join("TUNE.md")),
         };
         let path = report::write(&ctx, &results)?;
         eprintln!(

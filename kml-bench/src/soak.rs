@@ -82,14 +82,14 @@ impl SoakArgs {
 
         let mut agent_proc = sys::Proc::spawn(
             Command::new(&agent)
-                .args(["run", "--device", &dev.name, "--pin", "--pin-dir"])
+                .args(["run", "--json", "--device", &dev.name, "--pin", "--pin-dir"])
                 .arg(&pin_dir)
                 .args(["--model", "auto"])
                 .current_dir(&root),
             "agent",
             &work,
         )?;
-        agent_proc.wait_for_output("observing", Duration::from_secs(60))?;
+        agent_proc.wait_for_event("ready", Duration::from_secs(60))?;
         let runtime = self.minutes * 60;
         let mut fio = sys::Proc::spawn(
             Command::new("fio").args([

@@ -141,40 +141,91 @@ pub fn home_dir() -> Result<PathBuf> {
     }
 }
 
-/// Ignores SIGINT in xtask itself, so that on Ctrl-C (which the terminal sends to
-/// the whole foreground process group, children included) xtask outlives its child
-/// and reports the child's exit status. Call it only *after* spawning the child:
-/// an ignored disposition would be inherited across exec.
-pub fn ignore_sigint() {
-    // std links libc, but has no signal API; declare the one function needed.
-    extern "C" {
-        fn signal(signum: i32, handler: usize) -> usize;
-    }
-    const SIGINT: i32 = 2;
-    const SIG_IGN: usize = 1;
-    // SAFETY: `signal` with SIG_IGN installs no handler code; it only changes the
-    // disposition of SIGINT for this process. The return value (the previous
-    // disposition, or SIG_ERR) is not needed: failing to ignore is harmless.
-    unsafe {
-        signal(SIGINT, SIG_IGN);
-    }
-}
-
 /// Runs `cmd` as the foreground work of xtask (`cargo xtask run`, `bench`, `soak`)
 /// and passes on how it ended: its exit code, or 128 + the signal that killed it.
+/// SIGINT and SIGTERM sent to xtask go to the child (`kill -TERM` on `cargo xtask
+/// run` stops the agent cleanly), and xtask waits for it.
 pub fn run_forwarding(cmd: &mut Command) -> Result<ExitCode> {
+    let line = display(cmd);
+    let status = run_signals_forwarded(cmd)?;
+    Ok(forward_status(status, &line))
+}
+
+/// Spawns `cmd`, forwards SIGINT and SIGTERM to it until it ends, returns its status.
+fn run_signals_forwarded(cmd: &mut Command) -> Result<ExitStatus> {
     let line = announce(cmd);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("could not start `{line}`"))?;
-    // The child shares our process group, so Ctrl-C reaches it directly; xtask
-    // only has to outlive it to report its status (ignored *after* the spawn, so
-    // the child keeps the default disposition).
-    ignore_sigint();
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for `{line}` failed"))?;
-    Ok(forward_status(status, &line))
+    // Installed *after* the spawn: the child keeps the default dispositions.
+    signals::forward_to(child.id());
+    let status = child.wait();
+    signals::stop_forwarding();
+    status.with_context(|| format!("waiting for `{line}` failed"))
+}
+
+/// SIGINT and SIGTERM handlers that pass the signal on to one child. (On Ctrl-C the
+/// terminal signals the whole process group, so the child may get SIGINT twice;
+/// the agent and kml-bench treat a second one like the first.)
+mod signals {
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    // std links libc, but has no signal API; declare the functions needed.
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    const SIGINT: i32 = 2;
+    const SIGTERM: i32 = 15;
+    const SIG_DFL: usize = 0;
+
+    /// The child signals go to (0: none).
+    static CHILD: AtomicI32 = AtomicI32::new(0);
+
+    extern "C" fn pass_on(sig: i32) {
+        // An atomic load and kill(2): async-signal-safe.
+        let pid = CHILD.load(Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: kill has no memory effects; a gone child makes it fail harmlessly.
+            unsafe { kill(pid, sig) };
+        }
+    }
+
+    pub fn forward_to(pid: u32) {
+        CHILD.store(pid as i32, Ordering::SeqCst);
+        let handler = pass_on as extern "C" fn(i32) as usize;
+        // SAFETY: the handler only loads an atomic and calls kill(2).
+        unsafe {
+            signal(SIGINT, handler);
+            signal(SIGTERM, handler);
+        }
+    }
+
+    /// Back to the default dispositions, once the child has ended.
+    pub fn stop_forwarding() {
+        CHILD.store(0, Ordering::SeqCst);
+        // SAFETY: restores the default dispositions; no handler code is involved.
+        unsafe {
+            signal(SIGINT, SIG_DFL);
+            signal(SIGTERM, SIG_DFL);
+        }
+    }
+
+    /// The child signals go to now (tests).
+    #[cfg(test)]
+    pub fn forwarding_to() -> i32 {
+        CHILD.load(Ordering::SeqCst)
+    }
+
+    /// Sends `sig` to this process (tests).
+    #[cfg(test)]
+    pub fn raise_here(sig: i32) {
+        // SAFETY: signals this process; its handler forwards it.
+        unsafe { kill(std::process::id() as i32, sig) };
+    }
+
+    #[cfg(test)]
+    pub const TERM: i32 = SIGTERM;
 }
 
 /// What `main` returns for a subcommand's result: its exit code, or failure after
@@ -225,6 +276,38 @@ mod tests {
         assert_eq!(
             shell_quote(OsStr::new("--cfg=a=\"b\"\x1f-Cx")),
             "$'--cfg=a=\"b\"\\x1f-Cx'"
+        );
+    }
+
+    /// `kill -TERM` on xtask reaches the child it runs (the agent under `cargo xtask
+    /// run`): here a shell that exits 7 on SIGTERM and would otherwise run for a minute.
+    #[test]
+    fn sigterm_to_xtask_is_forwarded_to_the_child() {
+        let started = std::time::Instant::now();
+        let sender = std::thread::spawn(|| {
+            while signals::forwarding_to() == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // The shell's trap must be set before it is signalled.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            signals::raise_here(signals::TERM);
+        });
+        let status = run_signals_forwarded(Command::new("sh").args([
+            "-c",
+            "trap 'exit 7' TERM; i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+        ]))
+        .unwrap();
+        sender.join().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(7),
+            "the child saw SIGTERM and handled it"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        assert_eq!(
+            signals::forwarding_to(),
+            0,
+            "handlers removed after the child"
         );
     }
 

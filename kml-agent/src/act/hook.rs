@@ -147,6 +147,26 @@ pub fn counters_line(c: &HookCounters) -> String {
         )
 }
 
+/// The verdict program's counters as one JSON object, by name.
+pub fn counters_json(c: &HookCounters) -> serde_json::Value {
+    HookCounters::ALL
+        .iter()
+        .map(|k| (k.name().to_owned(), serde_json::json!(c.get(*k))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// What the kernel did for one disk while the hook was attached.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BoostChange {
+    pub disk: String,
+    /// Requests served early.
+    pub served_early: u64,
+    /// Positive verdicts refused over the cap.
+    pub refused: u64,
+    pub boost_max: u64,
+}
+
 /// The kernel's boost counters of `disks` at one moment, to report what changed.
 pub struct BoostSnapshot(Vec<(BlockDevice, KernelBoosts)>);
 
@@ -160,21 +180,30 @@ impl BoostSnapshot {
         )
     }
 
-    /// One line per disk: what the kernel did since the snapshot.
-    pub fn lines_since(&self) -> Vec<String> {
+    /// Per disk: what the kernel did since the snapshot.
+    pub fn changes_since(&self) -> Vec<BoostChange> {
         self.0
             .iter()
             .map(|(d, before)| {
                 let now = kernel_boosts(d).unwrap_or_default();
-                format!(
-                    "{}: kernel served {} requests early, refused {} over the cap (kml_boost_max {})",
-                    d.name,
-                    now.boosts.saturating_sub(before.boosts),
-                    now.capped.saturating_sub(before.capped),
-                    now.boost_max
-                )
+                BoostChange {
+                    disk: d.name.clone(),
+                    served_early: now.boosts.saturating_sub(before.boosts),
+                    refused: now.capped.saturating_sub(before.capped),
+                    boost_max: now.boost_max,
+                }
             })
             .collect()
+    }
+}
+
+impl BoostChange {
+    /// One line for people.
+    pub fn line(&self) -> String {
+        format!(
+            "{}: kernel served {} requests early, refused {} over the cap (kml_boost_max {})",
+            self.disk, self.served_early, self.refused, self.boost_max
+        )
     }
 }
 

@@ -314,15 +314,22 @@ impl Tuners {
         }
     }
 
-    /// Each device's decision of this tick, printed as it is applied.
-    pub fn tick(&mut self) {
+    /// Each device's decision of this tick, logged as it is applied; returns the
+    /// decisions applied (their log lines).
+    pub fn tick(&mut self) -> Vec<String> {
+        let mut applied = Vec::new();
         for t in &mut self.0 {
             match t.tick() {
-                Ok(Some(a)) => tracing::info!("{}", a.line()),
+                Ok(Some(a)) => {
+                    let line = a.line();
+                    tracing::info!("{line}");
+                    applied.push(line);
+                }
                 Ok(None) => {}
                 Err(e) => tracing::error!("{e:#}"),
             }
         }
+        applied
     }
 }
 

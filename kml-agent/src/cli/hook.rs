@@ -5,10 +5,12 @@
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use crate::{
     act::{
         fmod_ret::FmodRet,
-        hook::{kernel_boosts, BoostSnapshot, Hook, Policy},
+        hook::{counters_json, counters_line, kernel_boosts, BoostSnapshot, Hook, Policy},
     },
     devices::BlockDevice,
     kernel::btf::Btf,
@@ -37,6 +39,11 @@ pub struct HookArgs {
     /// Attach as a kprobe with bpf_override_return (kml's program) or as fmod_ret.
     #[arg(long, value_enum, default_value_t = Via::Kprobe)]
     pub via: Via,
+    /// Machine-readable output for tools: a JSON object on stdout when the program
+    /// is attached (`"event": "ready"`) and one when it is detached (`"end"`: the
+    /// program's counters, the kernel's boosts per disk). Messages stay on stderr.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl HookArgs {
@@ -87,11 +94,17 @@ impl HookArgs {
         // Before the ready line: a signal right after it must find the handlers.
         let signal = crate::runtime::shutdown_signal();
         tokio::pin!(signal);
-        // The line scripts wait for before they start I/O.
         tracing::info!(
             "hook attached to dd_kml_verdict ({how}, policy {}, {target})",
             self.policy
         );
+        if self.json {
+            // What scripts wait for before they start I/O.
+            super::run::print_event(
+                "ready",
+                &json!({"policy": self.policy.name(), "via": how, "target": target}),
+            );
+        }
 
         let started = Instant::now();
         let stop_after = tokio::time::sleep(self.duration.unwrap_or(Duration::MAX / 4));
@@ -104,17 +117,32 @@ impl HookArgs {
         drop(hook);
         drop(fmod_ret);
         let secs = started.elapsed().as_secs_f64();
+        let boosts = before.changes_since();
+        if self.json {
+            super::run::print_event(
+                "end",
+                &json!({
+                    "seconds": secs,
+                    "hook": {
+                        "policy": self.policy.name(),
+                        "counters": counters.as_ref().map(counters_json),
+                        "boosts": boosts,
+                    },
+                }),
+            );
+            return Ok(());
+        }
         match counters {
             Some(c) => println!(
                 "kml-agent: hook detached after {secs:.1}s: {}",
-                crate::act::hook::counters_line(&c)
+                counters_line(&c)
             ),
             None => println!(
                 "kml-agent: hook detached after {secs:.1}s (fmod_ret: no program counters)"
             ),
         }
-        for line in before.lines_since() {
-            println!("kml-agent: {line}");
+        for b in &boosts {
+            println!("kml-agent: {}", b.line());
         }
         Ok(())
     }

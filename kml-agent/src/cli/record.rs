@@ -18,6 +18,11 @@ pub struct RecordArgs {
     /// CSV file to write (header row first).
     #[arg(long, short)]
     pub out: PathBuf,
+    /// Machine-readable output for tools: a JSON object on stdout once recording
+    /// (`"event": "ready"`) and one at the end (`"end"`: records, latencies, losses).
+    /// Messages stay on stderr.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub observe: super::ObserveArgs,
 }
@@ -31,9 +36,19 @@ impl RecordArgs {
             attach: self.observe.attach,
             ring_bytes: self.observe.ring_size,
         };
+        let json = self.json;
         crate::runtime::block_on(async {
-            let r = record(&config).await?;
-            let elapsed = r.elapsed.as_secs_f64();
+            let r = record(&config, || {
+                if json {
+                    let ready = serde_json::json!({"devices": config.devices, "out": config.out});
+                    super::run::print_event("ready", &ready);
+                }
+            })
+            .await?;
+            if json {
+                super::run::print_event("end", &r);
+            }
+            let elapsed = r.seconds;
             tracing::info!(
                 "{} records in {elapsed:.1}s ({:.0}/s) to {}; deadline misses {}",
                 r.records,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::{
     act::hook::Policy,
-    agent::{Agent, AgentConfig, LossMode, Step, Tick},
+    agent::{Agent, AgentConfig, LossMode, ModelId, Step, Tick},
     observe::pins,
     stats::human_ns,
 };
@@ -62,23 +62,38 @@ pub struct RunArgs {
     /// hook). Without it, on such a kernel, the hook is attached and only counts.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "model-reads")]
     pub act: Option<Policy>,
+    /// Machine-readable output for tools: one JSON object per line on stdout, an
+    /// `"event"` of `ready` (attached, observing), `tick` (each second: what the live
+    /// line says) or `end` (records, losses, the hook's counters). Messages stay on
+    /// stderr.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub observe: super::ObserveArgs,
 }
 
 impl RunArgs {
     pub fn execute(self) -> anyhow::Result<()> {
+        let json = self.json;
         let config = self.config();
         crate::runtime::block_on(async {
             let mut agent = Agent::start(config).await?;
+            if json {
+                print_event("ready", &agent.ready());
+            }
             loop {
                 match agent.step().await? {
                     Step::Records => {}
+                    Step::Tick(t) if json => print_event("tick", &tick_json(&t)),
                     Step::Tick(t) => println!("{}", tick_line(&t)),
                     Step::Stop => break,
                 }
             }
-            agent.shutdown()
+            let summary = agent.shutdown()?;
+            if json {
+                print_event("end", &summary);
+            }
+            Ok(())
         })
     }
 
@@ -100,6 +115,33 @@ impl RunArgs {
             ring_bytes: self.observe.ring_size,
         }
     }
+}
+
+/// One JSON object on a line of stdout: `{"event": EVENT, ...what}`.
+pub(super) fn print_event(event: &str, what: &impl serde::Serialize) {
+    let mut v = serde_json::to_value(what).unwrap_or_default();
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("event".into(), event.into());
+    }
+    println!("{v}");
+}
+
+/// The second as JSON (`run --json`): what the live line says, by name.
+fn tick_json(t: &Tick) -> serde_json::Value {
+    let live = &t.live;
+    let both_classes = live.actual_misses() > 0 && live.actual_met() > 0;
+    serde_json::json!({
+        "t_s": t.elapsed.as_secs_f64(),
+        "records_per_s": t.summary.records as f64 / t.secs,
+        "summary": t.summary,
+        "drops": t.drops,
+        "orphans": t.orphans,
+        "model": t.model.map(ModelId::from),
+        "live": live,
+        "balanced_accuracy": both_classes.then(|| live.balanced_accuracy()),
+        "learning": t.learning,
+        "tuning": t.tuning,
+    })
 }
 
 /// The live line: records/s, wait and service percentiles, misses, drops, and the

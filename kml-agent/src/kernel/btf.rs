@@ -23,6 +23,7 @@
 //!   [`Btf::func_id`] do here), comes from the same parse as the rest; answering it
 //!   with aya-obj would parse the 5.5 MB vmlinux BTF a second time (about 13 ms
 //!   here, plus a 2.5 ms linear scan per lookup) to save a few lines.
+//!
 //! When aya-obj makes type reading public, this file should become calls to it.
 //!
 //! Format reference: the kernel's `Documentation/bpf/btf.rst` and

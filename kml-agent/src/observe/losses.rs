@@ -4,7 +4,7 @@
 use kml_ebpf_common::{Counter, Counters};
 
 /// Losses and oddities, derived from the counters and the map's live size.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct LossReport {
     pub ring_full_drops: u64,
     pub orphan_completions: u64,

@@ -759,6 +759,7 @@ pub fn switch(ctx: &Ctx, runs: &[WorkloadRun]) -> Result<Switch> {
         let mut cmd = Command::new(&ctx.agent);
         cmd.args([
             "run",
+            "--json",
             "--device",
             &disk.dev.name,
             "--retrain-every",
@@ -768,7 +769,7 @@ pub fn switch(ctx: &Ctx, runs: &[WorkloadRun]) -> Result<Switch> {
         .arg(&model)
         .args(["--learn-kind", "logistic"]);
         let mut p = Proc::spawn(&mut cmd, "switch.agent", &ctx.logs)?;
-        p.wait_for_output("observing", Duration::from_secs(60))?;
+        p.wait_for_event("ready", Duration::from_secs(60))?;
         p
     };
     let mut fio_a = spawn_fio(
@@ -782,13 +783,12 @@ pub fn switch(ctx: &Ctx, runs: &[WorkloadRun]) -> Result<Switch> {
     sys::sleep(Duration::from_secs(before_s))?;
     fio_a.stop(Duration::from_secs(15));
     let mut fio_b = spawn_fio(ctx, &b.file, &disk.dev.path, after_s + 30, "switch.b", None)?;
-    // The switch, on the agent's clock: its live lines count seconds from its start.
+    // The switch, on the agent's clock: its ticks count seconds from its start.
     let switch_at_s = agent_clock(&agent);
     sys::sleep(Duration::from_secs(after_s))?;
     fio_b.stop(Duration::from_secs(15));
     agent.stop(Duration::from_secs(30));
     let out = std::fs::read_to_string(&agent.stdout).unwrap_or_default();
-    let err = std::fs::read_to_string(&agent.stderr).unwrap_or_default();
     drop(agent);
     drop(disk);
     let points = out
@@ -796,11 +796,7 @@ pub fn switch(ctx: &Ctx, runs: &[WorkloadRun]) -> Result<Switch> {
         .filter_map(parse::parse_agent_line)
         .map(|l| (l.t_s, l.balanced_accuracy, l.model.map(|m| m.0)))
         .collect();
-    let swaps = err
-        .lines()
-        .filter(|l| l.contains("swap") || l.contains("kept the active") || l.contains("drift"))
-        .map(|l| l.trim_start_matches("kml-agent: ").to_owned())
-        .collect();
+    let swaps = parse::agent_learning(&out);
     Ok(Switch {
         from: a.name.clone(),
         to: b.name.clone(),
@@ -813,7 +809,7 @@ pub fn switch(ctx: &Ctx, runs: &[WorkloadRun]) -> Result<Switch> {
     })
 }
 
-/// The agent's clock (seconds of its last live line).
+/// The agent's clock (seconds of its last tick).
 fn agent_clock(agent: &Proc) -> f64 {
     std::fs::read_to_string(&agent.stdout)
         .unwrap_or_default()

@@ -132,6 +132,7 @@ pub fn start_agent(ctx: &Ctx, dev: &LoopDevice, model: Option<&Path>, name: &str
     let mut cmd = ctx.agent_cmd(true);
     cmd.args([
         "run",
+        "--json",
         "--device",
         &dev.name,
         "--retrain-every",
@@ -143,7 +144,7 @@ pub fn start_agent(ctx: &Ctx, dev: &LoopDevice, model: Option<&Path>, name: &str
         None => cmd.arg("none"),
     };
     let mut p = Proc::spawn(&mut cmd, name, &ctx.logs)?;
-    p.wait_for_output("observing", Duration::from_secs(60))?;
+    p.wait_for_event("ready", Duration::from_secs(60))?;
     Ok(p)
 }
 
@@ -239,10 +240,9 @@ fn measure(
             }
         }
         if is_agent {
-            let err = std::fs::read_to_string(&p.stderr).unwrap_or_default();
             let out = std::fs::read_to_string(&p.stdout).unwrap_or_default();
             let (records, _agent_secs, drops) =
-                parse::parse_agent_summary(&err).with_context(|| {
+                parse::parse_agent_summary(&out).with_context(|| {
                     format!(
                         "the agent ({}) printed no summary: {}",
                         status.map_or("?".into(), crate::util::describe_status),

@@ -239,7 +239,24 @@ pub fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
     Some([it.next()??, it.next()??, it.next()??])
 }
 
-/// One live line of `kml-agent run`.
+/// One JSON event of `kml-agent run --json` / `hook --json` on a line of its
+/// stdout: its `"event"` name and the whole object (`None`: not an event).
+pub fn parse_agent_event(line: &str) -> Option<(String, Value)> {
+    let v: Value = serde_json::from_str(line.trim()).ok()?;
+    let event = v.get("event")?.as_str()?.to_owned();
+    Some((event, v))
+}
+
+/// The events named `name` in an agent's stdout, in order.
+pub fn agent_events<'a>(stdout: &'a str, name: &'a str) -> impl Iterator<Item = Value> + 'a {
+    stdout
+        .lines()
+        .filter_map(parse_agent_event)
+        .filter(move |(e, _)| e == name)
+        .map(|(_, v)| v)
+}
+
+/// One second of `kml-agent run` (a `tick` event).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentLine {
     pub t_s: f64,
@@ -247,58 +264,52 @@ pub struct AgentLine {
     pub drops: u64,
     /// `(version, kind)` of the active model.
     pub model: Option<(u32, String)>,
-    /// Live balanced accuracy of the active model over that second.
+    /// Live balanced accuracy of the active model over that second (both classes seen).
     pub balanced_accuracy: Option<f64>,
 }
 
-/// Parses `[    7s]  115136 rec/s | wait ... | drops 0 orphans 0 | v1 logistic bal.acc 0.812 (...)`.
+/// A `tick` event of `kml-agent run --json`.
 pub fn parse_agent_line(line: &str) -> Option<AgentLine> {
-    let rest = line.trim_start().strip_prefix('[')?;
-    let (t, rest) = rest.split_once("s]")?;
-    let t_s = t.trim().parse().ok()?;
-    let (rate, rest) = rest.split_once("rec/s")?;
-    let records_per_s = rate.trim().parse().ok()?;
-    let mut drops = 0;
-    let mut model = None;
-    let mut balanced_accuracy = None;
-    for part in rest.split('|').map(str::trim) {
-        if let Some(d) = part.strip_prefix("drops ") {
-            drops = d.split_whitespace().next()?.parse().ok()?;
-        } else if let Some(v) = part.strip_prefix('v') {
-            let mut words = v.split_whitespace();
-            let (Some(ver), Some(kind)) = (words.next(), words.next()) else {
-                continue;
-            };
-            let Ok(ver) = ver.parse() else { continue };
-            model = Some((ver, kind.to_owned()));
-            if words.next() == Some("bal.acc") {
-                balanced_accuracy = words.next().and_then(|w| w.parse().ok());
-            }
-        }
+    let (event, v) = parse_agent_event(line)?;
+    if event != "tick" {
+        return None;
     }
+    let model = v.get("model").filter(|m| !m.is_null()).and_then(|m| {
+        Some((
+            u32::try_from(m.get("version")?.as_u64()?).ok()?,
+            m.get("kind")?.as_str()?.to_owned(),
+        ))
+    });
     Some(AgentLine {
-        t_s,
-        records_per_s,
-        drops,
+        t_s: v.get("t_s")?.as_f64()?,
+        records_per_s: v.get("records_per_s")?.as_f64()?,
+        drops: v.get("drops")?.as_u64()?,
         model,
-        balanced_accuracy,
+        balanced_accuracy: v.get("balanced_accuracy").and_then(Value::as_f64),
     })
 }
 
-/// The agent's closing line on stderr: `kml-agent: N records in Ts; drops D | ...`.
-pub fn parse_agent_summary(stderr: &str) -> Option<(u64, f64, u64)> {
-    stderr.lines().rev().find_map(|l| {
-        let rest = l.strip_prefix("kml-agent: ")?;
-        let (n, rest) = rest.split_once(" records in ")?;
-        let (secs, rest) = rest.split_once("s;")?;
-        let drops = rest
-            .trim()
-            .strip_prefix("drops ")
-            .and_then(|d| d.split_whitespace().next())
-            .and_then(|d| d.parse().ok())
-            .unwrap_or(0);
-        Some((n.trim().parse().ok()?, secs.trim().parse().ok()?, drops))
-    })
+/// The agent's `end` event: records received, seconds, ring-full drops.
+pub fn parse_agent_summary(stdout: &str) -> Option<(u64, f64, u64)> {
+    let end = agent_events(stdout, "end").last()?;
+    Some((
+        end.get("records")?.as_u64()?,
+        end.get("seconds")?.as_f64()?,
+        end.get("losses")?.get("ring_full_drops")?.as_u64()?,
+    ))
+}
+
+/// What online learning did, in the agent's words (the `learning` notes of its ticks).
+pub fn agent_learning(stdout: &str) -> Vec<String> {
+    agent_events(stdout, "tick")
+        .flat_map(|t| {
+            t.get("learning")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|n| n.get("message")?.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// The `training.train_seconds` and record counts of a model file.
@@ -515,29 +526,27 @@ mod tests {
     }
 
     #[test]
-    fn agent_lines() {
-        let l = "[    7s]  115136 rec/s | wait p50    480ns p99    1.1µs | service p50   71.1µs p99   3.03ms | misses 0 (0.0%) | drops 3 orphans 0 | no model";
-        let a = parse_agent_line(l).unwrap();
-        assert_eq!(a.t_s, 7.0);
-        assert_eq!(a.records_per_s, 115136.0);
-        assert_eq!(a.drops, 3);
-        assert_eq!(a.model, None);
-        let l = "[   12s]   30211 rec/s | wait p50 1.2ms p99 9ms | service p50 1ms p99 2ms | misses 10 (3.1%) | drops 0 orphans 1 | v2 logistic bal.acc 0.812 (tp 1 fp 2 tn 3 fn 4)";
-        let a = parse_agent_line(l).unwrap();
-        assert_eq!(a.model, Some((2, "logistic".to_owned())));
-        assert_eq!(a.balanced_accuracy, Some(0.812));
-        let l = "[    1s]       0 rec/s | wait p50 - p99 - | service p50 - p99 - | misses 0 (0.0%) | drops 0 orphans 0 | v1 tree";
-        let a = parse_agent_line(l).unwrap();
-        assert_eq!(a.model, Some((1, "tree".to_owned())));
-        assert_eq!(a.balanced_accuracy, None);
+    fn agent_events() {
+        let out = r#"{"attach":"raw-tracepoint","devices":["loop1"],"event":"ready","hook_policy":null,"model":null}
+{"balanced_accuracy":null,"drops":3,"event":"tick","learning":[],"model":null,"orphans":0,"records_per_s":115136.0,"t_s":7.0}
+{"balanced_accuracy":0.812,"drops":0,"event":"tick","learning":[{"kind":"swap","message":"swap v1 -> v2 logistic: ..."}],"model":{"kind":"logistic","version":2},"orphans":1,"records_per_s":30211.0,"t_s":12.0}
+{"balanced_accuracy":null,"drops":0,"event":"tick","learning":[],"model":{"kind":"tree","version":1},"orphans":0,"records_per_s":0.0,"t_s":1.0}
+{"event":"end","hook":null,"losses":{"ring_full_drops":7,"orphan_completions":0},"records":805638,"seconds":8.2}
+"#;
+        let lines: Vec<AgentLine> = out.lines().filter_map(parse_agent_line).collect();
+        assert_eq!(lines.len(), 3, "ticks only");
+        assert_eq!(lines[0].t_s, 7.0);
+        assert_eq!(lines[0].records_per_s, 115136.0);
+        assert_eq!(lines[0].drops, 3);
+        assert_eq!(lines[0].model, None);
+        assert_eq!(lines[1].model, Some((2, "logistic".to_owned())));
+        assert_eq!(lines[1].balanced_accuracy, Some(0.812));
+        assert_eq!(lines[2].model, Some((1, "tree".to_owned())));
+        assert_eq!(lines[2].balanced_accuracy, None);
         assert_eq!(parse_agent_line("kml-agent: observing loop1"), None);
-    }
-
-    #[test]
-    fn agent_summary() {
-        let err = "kml-agent: observing loop1 (raw-tracepoint, Drop mode); Ctrl-C stops\nkml-agent: SIGINT, detaching\nkml-agent: 805638 records in 8.2s; drops 7 | orphans 0 | evictions 0\n";
-        assert_eq!(parse_agent_summary(err), Some((805638, 8.2, 7)));
+        assert_eq!(parse_agent_summary(out), Some((805638, 8.2, 7)));
         assert_eq!(parse_agent_summary("kml-agent: observing\n"), None);
+        assert_eq!(agent_learning(out), ["swap v1 -> v2 logistic: ..."]);
     }
 
     fn e_text() -> &'static str {

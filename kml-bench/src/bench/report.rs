@@ -2,7 +2,7 @@
 //! section per measure) and its SVG plots, written into the output directory.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
@@ -21,9 +21,44 @@ pub struct Results {
     pub models: Outcome<Models>,
     pub overhead: Outcome<Overhead>,
     pub cost: Outcome<Cost>,
-    pub vm: Option<String>,
+    /// `target/vm/report.md`, as `cargo xtask vm` wrote it.
+    pub vm: Option<SubReport>,
     /// TUNE.md as measure 6 wrote it (this run or an earlier one).
-    pub tune: Option<String>,
+    pub tune: Option<SubReport>,
+}
+
+/// A report another measure wrote (`cargo xtask vm`, measure 6): its Markdown,
+/// included as it is, and its goal sentence, from the JSON file beside it
+/// (`{"goal": "..."}`, same name with `.json`).
+pub struct SubReport {
+    pub text: String,
+    pub goal: Option<String>,
+}
+
+impl SubReport {
+    /// `md` and its JSON companion; `None` when `md` does not exist.
+    pub fn read(md: &Path) -> Option<SubReport> {
+        let text = std::fs::read_to_string(md).ok()?;
+        let goal = std::fs::read_to_string(md.with_extension("json"))
+            .ok()
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+            .and_then(|v| v["goal"].as_str().map(str::to_owned));
+        Some(SubReport { text, goal })
+    }
+
+    /// The goal sentence, or where to find it.
+    fn goal_line(&self, pointer: &str) -> String {
+        self.goal
+            .as_deref()
+            .map_or_else(|| pointer.to_owned(), one_line)
+    }
+}
+
+/// Writes `{"goal": goal}` beside the sub-report `md` (as `SubReport::read` reads it).
+pub fn write_goal(md: &Path, goal: &str) -> Result<()> {
+    let path = md.with_extension("json");
+    std::fs::write(&path, serde_json::json!({ "goal": goal }).to_string())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn pct(v: f64) -> String {
@@ -110,7 +145,7 @@ pub fn write(ctx: &Ctx, r: &Results) -> Result<PathBuf> {
     agent_section(&mut md, ctx, r);
     learning_section(&mut md, &mut plots, ctx, r);
     vm_section(&mut md, r);
-    tune_section(&mut md, r.tune.as_deref());
+    tune_section(&mut md, r.tune.as_ref().map(|t| t.text.as_str()));
     let _ = writeln!(
         md,
         "## Reproducing\n\n`cargo xtask bench` (about 15 minutes; `--quick` about 4) as root on a machine \
@@ -318,7 +353,7 @@ fn summary(md: &mut String, r: &Results) {
         md,
         "| VM: read latency with verdicts vs stock mq-deadline | ≥ 15% lower mean, ≥ 25% lower p99, ≤ 2% throughput loss | {} |",
         match &r.vm {
-            Some(text) => format!("{} (see [Latency effect in the VM](#5-latency-effect-in-the-vm))", goal_line(text)),
+            Some(sub) => format!("{} (see [Latency effect in the VM](#5-latency-effect-in-the-vm))", sub.goal_line("from `cargo xtask vm`")),
             None => "not run (no target/vm/report.md)".to_owned(),
         }
     );
@@ -326,7 +361,7 @@ fn summary(md: &mut String, r: &Results) {
         md,
         "| Stock kernel: `run --tune` vs stock tunables | ≥ 10% lower read p99, ≤ 3% throughput loss (mixed); never > 2% worse at p99 | {} |\n",
         match &r.tune {
-            Some(text) => format!("{} (see [Tuning on a stock kernel](#6-tuning-on-a-stock-kernel))", goal_line(text)),
+            Some(sub) => format!("{} (see [Tuning on a stock kernel](#6-tuning-on-a-stock-kernel))", sub.goal_line("see TUNE.md")),
             None => "not run (no TUNE.md)".to_owned(),
         }
     );
@@ -1119,13 +1154,13 @@ fn splice_section(text: &str, heading: &str, before: &str, section: &str) -> Str
 fn vm_section(md: &mut String, r: &Results) {
     let _ = writeln!(md, "## 5. Latency effect in the VM\n");
     match &r.vm {
-        Some(text) => {
+        Some(sub) => {
             let _ = writeln!(
                 md,
                 "From `target/vm/report.md` (written by `cargo xtask vm`: the patched Linux 6.12 under QEMU, \
                  stock mq-deadline vs kml's verdicts), included as it was:\n"
             );
-            include_demoted(md, text, "###");
+            include_demoted(md, &sub.text, "###");
         }
         None => {
             let _ = writeln!(
@@ -1135,16 +1170,6 @@ fn vm_section(md: &mut String, r: &Results) {
             );
         }
     }
-}
-
-/// A sub-report's verdict line (`Issue goal ...: met on N ...`), or a pointer.
-fn goal_line(text: &str) -> String {
-    text.lines()
-        .find(|l| l.trim_start().starts_with("Issue goal"))
-        .map_or_else(
-            || "from `cargo xtask vm`".to_owned(),
-            |l| one_line(l.trim()),
-        )
 }
 
 fn models_note(md: &mut String, r: &Results) {
@@ -1209,13 +1234,31 @@ mod tests {
     }
 
     #[test]
-    fn vm_verdict_line() {
-        let text = "# kml VM\n\n| a |\n\nIssue goal (>= 15% lower mean): met on 1 mixed workload(s); worse at p99: x.\n";
-        assert_eq!(
-            goal_line(text),
-            "Issue goal (>= 15% lower mean): met on 1 mixed workload(s); worse at p99: x."
+    fn sub_report_goal_from_its_json() {
+        let dir = std::env::temp_dir().join(format!("kml-subreport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let md = dir.join("report.md");
+        assert!(
+            SubReport::read(&md).is_none(),
+            "no report, nothing to include"
         );
-        assert_eq!(goal_line("# nothing\n"), "from `cargo xtask vm`");
+        std::fs::write(&md, "# kml VM\n\nIssue goal (prose, not read)\n").unwrap();
+        let sub = SubReport::read(&md).unwrap();
+        assert_eq!(
+            sub.goal_line("from `cargo xtask vm`"),
+            "from `cargo xtask vm`"
+        );
+        write_goal(
+            &md,
+            "Issue goal (>= 15% lower mean): met on 1 mixed workload(s).",
+        )
+        .unwrap();
+        let sub = SubReport::read(&md).unwrap();
+        assert_eq!(
+            sub.goal_line("x"),
+            "Issue goal (>= 15% lower mean): met on 1 mixed workload(s)."
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

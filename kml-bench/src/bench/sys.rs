@@ -384,18 +384,36 @@ impl Proc {
         self.status
     }
 
-    /// Waits until `needle` appears in its stdout or stderr (a readiness line).
+    /// Waits until `needle` appears in its stdout or stderr (a readiness line of a
+    /// tool that has no other way to say it is ready, such as bpftrace).
     pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let seen = |out: &str, err: &str| out.contains(needle) || err.contains(needle);
+        self.wait_until(seen, &format!("`{needle}`"), timeout)
+    }
+
+    /// Waits for the agent's JSON event `name` on its stdout (`kml-agent ... --json`:
+    /// `ready` once it is attached and observing).
+    pub fn wait_for_event(&mut self, name: &str, timeout: Duration) -> Result<()> {
+        let seen = |out: &str, _: &str| super::parse::agent_events(out, name).next().is_some();
+        self.wait_until(seen, &format!("the `{name}` event"), timeout)
+    }
+
+    /// Waits until `seen(stdout, stderr)` holds.
+    fn wait_until(
+        &mut self,
+        seen: impl Fn(&str, &str) -> bool,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         let end = Instant::now() + timeout;
         loop {
-            for file in [&self.stdout, &self.stderr] {
-                if fs::read_to_string(file).is_ok_and(|t| t.contains(needle)) {
-                    return Ok(());
-                }
+            let read = |f: &PathBuf| fs::read_to_string(f).unwrap_or_default();
+            if seen(&read(&self.stdout), &read(&self.stderr)) {
+                return Ok(());
             }
             if let Some(s) = self.poll()? {
                 bail!(
-                    "{} ended ({}) before printing `{needle}`: {}",
+                    "{} ended ({}) before printing {needle}: {}",
                     self.name,
                     crate::util::describe_status(s),
                     tail(&self.stderr, 5)
@@ -404,7 +422,7 @@ impl Proc {
             check_interrupted()?;
             if Instant::now() >= end {
                 bail!(
-                    "{} did not print `{needle}` within {timeout:?}: {}",
+                    "{} did not print {needle} within {timeout:?}: {}",
                     self.name,
                     tail(&self.stderr, 5)
                 );

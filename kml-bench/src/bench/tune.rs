@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 
 use super::learning::{calibrate_expiries, open_disk, spawn_fio, Disk, CALIBRATION_QUANTILE};
-use super::parse::{median, parse_fio_latency, FioLatency};
+use super::parse::{self, median, parse_fio_latency, FioLatency};
 use super::sys::{self, Proc};
 use super::{workload_name, Ctx};
 
@@ -147,6 +147,7 @@ pub fn run(ctx: &Ctx) -> Result<TuneBench> {
     let path = ctx.out.join("TUNE.md");
     std::fs::write(&path, render(ctx, &bench))
         .with_context(|| format!("writing {}", path.display()))?;
+    super::report::write_goal(&path, &goal(&bench))?;
     eprintln!("xtask: bench: wrote {}", ctx.rel(&path));
     Ok(bench)
 }
@@ -224,12 +225,19 @@ fn one_arm(
 ) -> Result<ArmRun> {
     let tag = format!("tune.{name}.{round}.{}", arm.name());
     let mut cmd = ctx.agent_cmd(false);
-    cmd.args(["run", "--device", &disk.dev.name, "--model", MODEL]);
+    cmd.args([
+        "run",
+        "--json",
+        "--device",
+        &disk.dev.name,
+        "--model",
+        MODEL,
+    ]);
     if arm == Arm::Tune {
         cmd.args(["--tune", "--tune-every", TUNE_EVERY]);
     }
     let mut agent = Proc::spawn(&mut cmd, &format!("{tag}.agent"), &ctx.logs)?;
-    agent.wait_for_output("observing", Duration::from_secs(60))?;
+    agent.wait_for_event("ready", Duration::from_secs(60))?;
     let mut fio = spawn_fio(ctx, job, &disk.dev.path, runtime_s, &tag, None)?;
     fio.wait(Duration::from_secs(runtime_s + 60))?;
     let status = agent.stop(Duration::from_secs(20));
@@ -244,11 +252,10 @@ fn one_arm(
         &std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?,
     )
     .with_context(|| format!("parsing {}", json.display()))?;
-    let log = std::fs::read_to_string(&agent.stderr).unwrap_or_default();
-    let decisions = log
-        .lines()
-        .filter(|l| l.contains(": tune "))
-        .map(str::to_owned)
+    let out = std::fs::read_to_string(&agent.stdout).unwrap_or_default();
+    let decisions = parse::agent_events(&out, "tick")
+        .flat_map(|t| t["tuning"].as_array().cloned().unwrap_or_default())
+        .filter_map(|d| d.as_str().map(str::to_owned))
         .collect();
     Ok(ArmRun {
         arm,
@@ -295,6 +302,20 @@ pub fn verdict(b: &TuneBench) -> GoalCheck {
         }
     }
     v
+}
+
+/// The issue goal and how far it was met, in one sentence (REPORT.md's summary
+/// reads it from TUNE.json).
+pub fn goal(b: &TuneBench) -> String {
+    let v = verdict(b);
+    format!(
+        "Issue goal (≥ 10% lower read p99 with ≤ 3% throughput loss on mixed workloads): met on {} of {} ({}). \
+         Worse than stock by more than 2% at p99 (read or write): {}.",
+        v.mixed_met.len(),
+        b.workloads.len(),
+        if v.mixed_met.is_empty() { "none".to_owned() } else { v.mixed_met.join(", ") },
+        if v.worse.is_empty() { "none".to_owned() } else { v.worse.join("; ") }
+    )
 }
 
 pub fn render(ctx: &Ctx, b: &TuneBench) -> String {
@@ -375,16 +396,10 @@ pub fn render(ctx: &Ctx, b: &TuneBench) -> String {
             e.replace('|', "/")
         );
     }
-    let v = verdict(b);
     let _ = writeln!(
         md,
-        "\nIssue goal (≥ 10% lower read p99 with ≤ 3% throughput loss on mixed workloads): met on {} of {} ({}). \
-         Worse than stock by more than 2% at p99 (read or write): {}. \
-         A change smaller than the stock rounds' own spread (last column) is noise, not an effect.\n",
-        v.mixed_met.len(),
-        b.workloads.len(),
-        if v.mixed_met.is_empty() { "none".to_owned() } else { v.mixed_met.join(", ") },
-        if v.worse.is_empty() { "none".to_owned() } else { v.worse.join("; ") }
+        "\n{} A change smaller than the stock rounds' own spread (last column) is noise, not an effect.\n",
+        goal(b)
     );
     let _ = writeln!(md, "Every run:\n");
     let _ = writeln!(md, "| workload | round | arm | read mean ms | read p99 ms | read p99.9 ms | write p99 ms | MB/s | decisions |");

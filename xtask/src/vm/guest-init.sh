@@ -112,33 +112,42 @@ cat $OUT/doctor.txt
 
 boosts() { echo "$(cat $Q/iosched/kml_boosts) $(cat $Q/iosched/kml_capped)"; }
 
+# The agent runs with --json: its events (one JSON object a line: "ready" once
+# attached, "end" with its counters) go to NAME.json, its messages to NAME.log.
+# $1 pid, $2 the events file, $3 the log, $4 what is waited for.
+wait_ready() {
+    i=0
+    while ! grep -q '"event":"ready"' "$2"; do
+        kill -0 $1 2>/dev/null || fail "kml-agent exited before $4: $(tr '\n' ' ' < "$3")"
+        i=$((i + 1))
+        [ $i -gt 600 ] && fail "kml-agent did not get to $4 within 60 s"
+        sleep 0.1
+    done
+}
+
 HOOK_PID=
 HOOK_VIA=
 start_hook() {
-    # $1 policy, $2 log file, $3 model (model policies)
+    # $1 policy, $2 log file (NAME.log; events to NAME.json), $3 model (model policies)
     : > "$2"
+    : > "${2%.log}.json"
     case "$1" in
     model | model-reads)
         # The observers, the model and the verdict program in one object; a fixed
         # model (no online learning: it would learn from outcomes the verdicts changed).
-        kml-agent run --device $DISK --model "$3" --act "$1" --retrain-every 0 --ring-size 1M > "$2" 2>&1 &
+        kml-agent run --json --device $DISK --model "$3" --act "$1" --retrain-every 0 --ring-size 1M \
+            > "${2%.log}.json" 2> "$2" &
         ;;
     *)
         if [ -n "$HOOK_VIA" ]; then
-            kml-agent hook --policy "$1" $HOOK_VIA > "$2" 2>&1 &
+            kml-agent hook --json --policy "$1" $HOOK_VIA > "${2%.log}.json" 2> "$2" &
         else
-            kml-agent hook --policy "$1" --device $DISK > "$2" 2>&1 &
+            kml-agent hook --json --policy "$1" --device $DISK > "${2%.log}.json" 2> "$2" &
         fi
         ;;
     esac
     HOOK_PID=$!
-    i=0
-    while ! grep -q "hook attached" "$2"; do
-        kill -0 $HOOK_PID 2>/dev/null || fail "kml-agent hook exited: $(tr '\n' ' ' < "$2")"
-        i=$((i + 1))
-        [ $i -gt 600 ] && fail "kml-agent hook did not attach within 60 s"
-        sleep 0.1
-    done
+    wait_ready $HOOK_PID "${2%.log}.json" "$2" "attaching the hook"
 }
 stop_hook() {
     kill -INT $HOOK_PID
@@ -187,7 +196,7 @@ if [ "$MODE" = smoke ]; then
     trace_stop $OUT/smoke.hook.trace
     b2=$(boosts)
     stop_hook /tmp/smoke.hook.agent.log
-    cp /tmp/smoke.hook.agent.log $OUT/smoke.hook.agent.log
+    cp /tmp/smoke.hook.agent.log /tmp/smoke.hook.agent.json $OUT/
     cat /tmp/smoke.hook.agent.log
     echo "stock $b0 $b1" > $OUT/smoke.boosts
     echo "hook $b1 $b2" >> $OUT/smoke.boosts
@@ -201,7 +210,7 @@ if [ "$MODE" = smoke ]; then
     trace_stop $OUT/smoke.fmodret.trace
     b3=$(boosts)
     stop_hook /tmp/smoke.fmodret.agent.log
-    cp /tmp/smoke.fmodret.agent.log $OUT/smoke.fmodret.agent.log
+    cp /tmp/smoke.fmodret.agent.log /tmp/smoke.fmodret.agent.json $OUT/
     echo "hook $b2 $b3" > $OUT/smoke.fmodret.boosts
     # The model path: observers + a model + the verdict program (kml-agent run
     # --act), with hand-set models whose verdicts are known: none at risk, all at risk.
@@ -210,7 +219,7 @@ if [ "$MODE" = smoke ]; then
     run_fio $JOB smoke.never
     b4=$(boosts)
     stop_hook /tmp/smoke.never.agent.log
-    cp /tmp/smoke.never.agent.log $OUT/smoke.never.agent.log
+    cp /tmp/smoke.never.agent.log /tmp/smoke.never.agent.json $OUT/
     echo "hook $b3 $b4" > $OUT/smoke.never.boosts
     echo "kml-guest: smoke: model run, a model that flags every request"
     start_hook model-reads /tmp/smoke.model.agent.log smoke-always-at-risk
@@ -219,7 +228,7 @@ if [ "$MODE" = smoke ]; then
     trace_stop $OUT/smoke.model.trace
     b5=$(boosts)
     stop_hook /tmp/smoke.model.agent.log
-    cp /tmp/smoke.model.agent.log $OUT/smoke.model.agent.log
+    cp /tmp/smoke.model.agent.log /tmp/smoke.model.agent.json $OUT/
     grep "kml-agent: hook" /tmp/smoke.model.agent.log
     echo "hook $b4 $b5" > $OUT/smoke.model.boosts
     set -- $b0 $b1 $b2 $b3 $b4 $b5
@@ -246,15 +255,9 @@ stock_run() {
     if [ -n "$RECORD" ]; then
         # Observers only (no verdict program): the trace a VM model is trained on.
         log=/tmp/$2.record.$3.log
-        kml-agent record --device $DISK --out /tmp/$2.stock.$3.csv > $log 2>&1 &
+        kml-agent record --json --device $DISK --out /tmp/$2.stock.$3.csv > ${log%.log}.json 2> $log &
         rec=$!
-        i=0
-        while ! grep -q "kml-agent: recording" $log; do
-            kill -0 $rec 2>/dev/null || fail "kml-agent record exited: $(tr '\n' ' ' < $log)"
-            i=$((i + 1))
-            [ $i -gt 600 ] && fail "kml-agent record did not start within 60 s"
-            sleep 0.1
-        done
+        wait_ready $rec ${log%.log}.json $log "recording"
     fi
     b0=$(boosts)
     run_fio $1 $2.stock.$3
@@ -275,7 +278,7 @@ hook_run() {
     b1=$(boosts)
     stop_hook /tmp/$2.hook.$3.agent.log
     echo "hook $b0 $b1" >> $OUT/$2.boosts
-    cp /tmp/$2.hook.$3.agent.log $OUT/$2.hook.$3.agent.log
+    cp /tmp/$2.hook.$3.agent.log /tmp/$2.hook.$3.agent.json $OUT/
     tail -n2 /tmp/$2.hook.$3.agent.log
 }
 if [ "$MODE" = full ]; then

@@ -181,39 +181,76 @@ pub fn parse_boosts(text: &str) -> Result<Boosts> {
     Ok(b)
 }
 
-/// The verdict program's counters as an agent prints them when it stops
-/// (`kml-agent hook` and `kml-agent run` with the hook: `N calls, N reads, N positive
-/// verdicts, N model at-risk verdicts, N without a model verdict, ...`).
+/// The verdict program's counters, from the agent's `end` event (`kml-agent hook
+/// --json` and `kml-agent run --json` with the hook attached).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HookLine {
+pub struct HookCounts {
     pub calls: u64,
     pub reads: u64,
+    /// Positive verdicts handed to the kernel.
     pub verdicts: u64,
     pub model_at_risk: u64,
     pub no_verdict: u64,
 }
 
-/// The last hook counter line of an agent's log, if any.
-pub fn parse_hook_line(log: &str) -> Option<HookLine> {
-    let line = log
+/// The agent's event `name` (the last one) from its JSON events, one a line.
+pub fn agent_event(events: &str, name: &str) -> Option<Value> {
+    events
         .lines()
         .rev()
-        .find(|l| l.starts_with("kml-agent: hook") && l.contains(" calls, "))?;
-    let (_, counts) = line.split_once("): ").or_else(|| line.split_once("s: "))?;
-    let mut h = HookLine::default();
-    for part in counts.split(", ") {
-        let (n, what) = part.split_once(' ')?;
-        let n: u64 = n.parse().ok()?;
-        match what {
-            "calls" => h.calls = n,
-            "reads" => h.reads = n,
-            "positive verdicts" => h.verdicts = n,
-            "model at-risk verdicts" => h.model_at_risk = n,
-            "without a model verdict" => h.no_verdict = n,
-            _ => {}
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .find(|v| v["event"] == name)
+}
+
+/// The verdict program's counters at the agent's end, if it reported them.
+pub fn hook_counts(events: &str) -> Option<HookCounts> {
+    let end = agent_event(events, "end")?;
+    let c = end["hook"]["counters"].as_object()?;
+    let n = |k: &str| c.get(k).and_then(Value::as_u64).unwrap_or(0);
+    Some(HookCounts {
+        calls: n("calls"),
+        reads: n("reads"),
+        verdicts: n("boosts"),
+        model_at_risk: n("model_at_risk"),
+        no_verdict: n("no_verdict"),
+    })
+}
+
+/// What the agent reported, for people: the model it started with, the verdict
+/// program's counters and what the kernel did per disk.
+pub fn agent_summary(events: &str) -> String {
+    let mut lines = Vec::new();
+    if let Some(m) = agent_event(events, "ready").and_then(|r| r["model"].as_object().cloned()) {
+        lines.push(format!(
+            "model v{} {} active",
+            m["version"],
+            m["kind"].as_str().unwrap_or("?")
+        ));
+    }
+    if let Some(end) = agent_event(events, "end") {
+        let hook = &end["hook"];
+        if let Some(h) = hook_counts(events) {
+            lines.push(format!(
+                "hook (policy {}): {} calls, {} reads, {} positive verdicts, {} model at-risk verdicts, {} without a model verdict",
+                hook["policy"].as_str().unwrap_or("?"),
+                h.calls,
+                h.reads,
+                h.verdicts,
+                h.model_at_risk,
+                h.no_verdict
+            ));
+        }
+        for b in hook["boosts"].as_array().into_iter().flatten() {
+            lines.push(format!(
+                "{}: kernel served {} requests early, refused {} over the cap (kml_boost_max {})",
+                b["disk"].as_str().unwrap_or("?"),
+                b["served_early"],
+                b["refused"],
+                b["boost_max"]
+            ));
         }
     }
-    Some(h)
+    lines.join("\n")
 }
 
 /// One workload's stock and hook runs.
@@ -527,15 +564,14 @@ mod tests {
     }
 
     #[test]
-    fn hook_lines() {
-        let run = "kml-agent: hook attached to dd_kml_verdict (kprobe + bpf_override_return, policy model-reads)\n\
-                   [    1s] ...\n\
-                   kml-agent: hook (policy model-reads): 120 calls, 40 reads, 38 positive verdicts, 90 model at-risk verdicts, \
-                   2 without a model verdict, 0 read failures, 0 other-disk calls\n\
-                   kml-agent: vda: kernel served 30 requests early, refused 8 over the cap (kml_boost_max 16)\n";
+    fn agent_events() {
+        let run = r#"{"attach":"raw-tracepoint","devices":["vda"],"event":"ready","hook_policy":"model-reads","model":{"kind":"logistic","version":1}}
+{"event":"tick","drops":0}
+{"event":"end","hook":{"boosts":[{"boost_max":16,"disk":"vda","refused":8,"served_early":30}],"counters":{"boosts":38,"calls":120,"model_at_risk":90,"no_verdict":2,"read_failures":0,"reads":40,"skipped_device":0},"policy":"model-reads"},"records":5}
+"#;
         assert_eq!(
-            parse_hook_line(run),
-            Some(HookLine {
+            hook_counts(run),
+            Some(HookCounts {
                 calls: 120,
                 reads: 40,
                 verdicts: 38,
@@ -543,11 +579,20 @@ mod tests {
                 no_verdict: 2
             })
         );
-        let hook = "kml-agent: hook detached after 9.1s: 7 calls, 3 reads, 3 positive verdicts, 0 model at-risk verdicts, \
-                    7 without a model verdict, 0 read failures, 0 other-disk calls\n";
-        assert_eq!(parse_hook_line(hook).unwrap().calls, 7);
-        assert_eq!(parse_hook_line(hook).unwrap().no_verdict, 7);
-        assert_eq!(parse_hook_line("kml-agent: hook attached\n"), None);
+        let summary = agent_summary(run);
+        assert!(summary.contains("model v1 logistic active"), "{summary}");
+        assert!(summary.contains("120 calls"), "{summary}");
+        assert!(
+            summary.contains("vda: kernel served 30 requests early, refused 8"),
+            "{summary}"
+        );
+        let fmod_ret = r#"{"event":"end","hook":{"boosts":[],"counters":null,"policy":"reads"},"seconds":9.1}"#;
+        assert_eq!(
+            hook_counts(fmod_ret),
+            None,
+            "fmod_ret has no program counters"
+        );
+        assert_eq!(hook_counts("kml-agent: hook attached\n"), None);
     }
 
     #[test]
