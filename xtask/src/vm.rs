@@ -21,10 +21,12 @@
 //! Exit status 77 means the kernel cannot be built on this machine (its Debian
 //! packages cannot be installed): a skip, said so on stderr.
 
+mod full;
 mod initramfs;
 mod kernel;
 mod qemu;
 mod report;
+mod smoke;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -38,8 +40,10 @@ use clap::Args;
 use crate::build::build_all;
 use crate::setup::ensure_packages;
 use crate::util::workspace_root;
+use full::full_report;
 use qemu::{Accel, Boot};
-use report::{Comparison, RunStats};
+use report::RunStats;
+use smoke::smoke_report;
 
 /// Debian packages the VM needs: the kernel source and its build tools, pahole
 /// (BTF), busybox (static) for the guest, QEMU, fio.
@@ -222,37 +226,10 @@ impl VmArgs {
                 full_report(&ctx, &vm_dir.join("report.md"))
             };
         }
-        eprintln!("xtask: vm: checking the Debian packages the VM needs");
-        if let Err(e) = ensure_packages(VM_PACKAGES) {
-            // Not a failure of kml: this machine cannot build the guest kernel.
-            eprintln!("xtask: vm: SKIP: the guest kernel cannot be built on this machine: {e:#}");
+        let Some((kernel, initrd)) = build_guest(&root, &vm_dir)? else {
             return Ok(ExitCode::from(SKIP_STATUS));
-        }
-        let kernel = {
-            let cache = kernel::cache_dir()?;
-            let _cache_lock = lock_dir(&cache, "the kernel cache")?;
-            kernel::ensure(&root, nproc())?
         };
-        let agent = build_all(true)?;
-
         let workloads_dir = root.join(initramfs::WORKLOADS_DIR);
-        let t = Instant::now();
-        let (initrd, _) = initramfs::build(&initramfs::Inputs {
-            gen_init_cpio: &kernel.gen_init_cpio(),
-            agent: &agent,
-            workloads: &workloads_dir,
-            models: &root.join(initramfs::MODELS_DIR),
-            work: &vm_dir.join("initramfs"),
-            out: &vm_dir.join("initramfs.cpio.gz"),
-            compress: true,
-        })?;
-        let initramfs_secs = t.elapsed().as_secs_f64();
-        eprintln!(
-            "xtask: vm: kernel Linux {} (Debian {}), {}; initramfs built in {initramfs_secs:.1} s",
-            kernel.version,
-            kernel.package_version,
-            kernel.bzimage.display()
-        );
         if self.build_only {
             return Ok(ExitCode::SUCCESS);
         }
@@ -284,6 +261,47 @@ impl VmArgs {
         let disk = vm_dir.join("disk.img");
         create_disk(&disk)?;
 
+        let append = self.kernel_command_line(&root, mode, &workloads)?;
+        let timeout = self.boot_timeout(workloads.len());
+        let boot = Boot {
+            accel,
+            kernel: kernel.bzimage.clone(),
+            initrd,
+            append,
+            disk: Some((disk.clone(), self.iops)),
+            share: Some(share.clone()),
+            timeout,
+            console_log: vm_dir.join(format!("console-{mode}.log")),
+            echo: !self.quiet,
+        };
+        eprintln!(
+            "xtask: vm: booting ({accel}, {} run, timeout {} s; console log {})",
+            mode,
+            timeout.as_secs(),
+            boot.console_log.display()
+        );
+        let mut ctx = self.run_context(&kernel, why, workloads, &share);
+        ctx.save()?;
+        let outcome = qemu::boot(&boot)?;
+        let _ = fs::remove_file(&disk);
+        eprintln!("xtask: vm: {}", outcome.describe());
+        ctx.boot_secs = outcome.boot_secs;
+        ctx.guest_secs = outcome.elapsed.as_secs_f64();
+        ctx.total_secs = started.elapsed().as_secs_f64();
+        ctx.save()?;
+        if !outcome.passed() {
+            eprintln!("xtask: vm: FAILED: {}", outcome.describe());
+            return Ok(ExitCode::FAILURE);
+        }
+        if self.smoke {
+            smoke_report(&ctx, &vm_dir.join("smoke.md"))
+        } else {
+            full_report(&ctx, &vm_dir.join("report.md"))
+        }
+    }
+
+    /// The guest's kernel command line: what the guest script runs (`kml.*`).
+    fn kernel_command_line(&self, root: &Path, mode: &str, workloads: &[String]) -> Result<String> {
         let mut append = format!(
             "virtio_blk.queue_depth=1 kml.mode={mode} kml.policy={} kml.runtime={} kml.repeat={}",
             self.policy.name(),
@@ -314,40 +332,35 @@ impl VmArgs {
         if !self.workload.is_empty() {
             let _ = write!(append, " kml.workloads={}", workloads.join(","));
         }
+        Ok(append)
+    }
+
+    /// `--timeout`, else long enough for the runs asked for.
+    fn boot_timeout(&self, workloads: usize) -> Duration {
         let default_timeout = if self.smoke {
             420
         } else {
             // Two runs per workload and repeat (+ ramp and fio start-up), boot and slack.
-            180 + workloads.len() as u64
-                * 2
-                * u64::from(self.repeat)
-                * (u64::from(self.runtime) + 2 + 45)
+            180 + workloads as u64 * 2 * u64::from(self.repeat) * (u64::from(self.runtime) + 2 + 45)
         };
-        let timeout = Duration::from_secs(self.timeout.unwrap_or(default_timeout));
-        let boot = Boot {
-            accel,
-            kernel: kernel.bzimage.clone(),
-            initrd,
-            append,
-            disk: Some((disk.clone(), self.iops)),
-            share: Some(share.clone()),
-            timeout,
-            console_log: vm_dir.join(format!("console-{mode}.log")),
-            echo: !self.quiet,
-        };
-        eprintln!(
-            "xtask: vm: booting ({accel}, {} run, timeout {} s; console log {})",
-            mode,
-            timeout.as_secs(),
-            boot.console_log.display()
-        );
-        let mut ctx = RunContext {
+        Duration::from_secs(self.timeout.unwrap_or(default_timeout))
+    }
+
+    /// What this run is, for its report (and `--report-only`).
+    fn run_context(
+        &self,
+        kernel: &kernel::Kernel,
+        accel_note: String,
+        workloads: Vec<String>,
+        share: &Path,
+    ) -> RunContext {
+        RunContext {
             kernel_line: format!(
                 "Linux {} (Debian linux-source-6.12 {}) + kernel/0001-mq-deadline-kml-hook.patch, key {}",
                 kernel.version, kernel.package_version, kernel.key
             ),
             build_secs: kernel.build_secs,
-            accel_note: why,
+            accel_note,
             iops: self.iops,
             runtime: self.runtime,
             repeat: self.repeat,
@@ -357,29 +370,48 @@ impl VmArgs {
                 self.policy.name().to_owned()
             },
             workloads,
-            share: share.clone(),
+            share: share.to_owned(),
             boot_secs: None,
             guest_secs: 0.0,
             total_secs: 0.0,
-        };
-        ctx.save()?;
-        let outcome = qemu::boot(&boot)?;
-        let _ = fs::remove_file(&disk);
-        eprintln!("xtask: vm: {}", outcome.describe());
-        ctx.boot_secs = outcome.boot_secs;
-        ctx.guest_secs = outcome.elapsed.as_secs_f64();
-        ctx.total_secs = started.elapsed().as_secs_f64();
-        ctx.save()?;
-        if !outcome.passed() {
-            eprintln!("xtask: vm: FAILED: {}", outcome.describe());
-            return Ok(ExitCode::FAILURE);
-        }
-        if self.smoke {
-            smoke_report(&ctx, &vm_dir.join("smoke.md"))
-        } else {
-            full_report(&ctx, &vm_dir.join("report.md"))
         }
     }
+}
+
+/// The patched guest kernel (built once, cached) and an initramfs with the release
+/// agent, the workloads and the models; `None` when this machine cannot build the
+/// kernel (its Debian packages cannot be installed: a skip, not a failure).
+fn build_guest(root: &Path, vm_dir: &Path) -> Result<Option<(kernel::Kernel, PathBuf)>> {
+    eprintln!("xtask: vm: checking the Debian packages the VM needs");
+    if let Err(e) = ensure_packages(VM_PACKAGES) {
+        // Not a failure of kml: this machine cannot build the guest kernel.
+        eprintln!("xtask: vm: SKIP: the guest kernel cannot be built on this machine: {e:#}");
+        return Ok(None);
+    }
+    let kernel = {
+        let cache = kernel::cache_dir()?;
+        let _cache_lock = lock_dir(&cache, "the kernel cache")?;
+        kernel::ensure(root, nproc())?
+    };
+    let agent = build_all(true)?;
+    let t = Instant::now();
+    let (initrd, _) = initramfs::build(&initramfs::Inputs {
+        gen_init_cpio: &kernel.gen_init_cpio(),
+        agent: &agent,
+        workloads: &root.join(initramfs::WORKLOADS_DIR),
+        models: &root.join(initramfs::MODELS_DIR),
+        work: &vm_dir.join("initramfs"),
+        out: &vm_dir.join("initramfs.cpio.gz"),
+        compress: true,
+    })?;
+    let initramfs_secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "xtask: vm: kernel Linux {} (Debian {}), {}; initramfs built in {initramfs_secs:.1} s",
+        kernel.version,
+        kernel.package_version,
+        kernel.bzimage.display()
+    );
+    Ok(Some((kernel, initrd)))
 }
 
 /// What a run was, kept in the share as `host.txt` (so `--report-only` can
@@ -506,388 +538,6 @@ impl RunContext {
         }
         s
     }
-}
-
-fn smoke_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
-    let stock = ctx.fio("smoke.stock")?;
-    let hook = ctx.fio("smoke.hook")?;
-    let boosts = report::parse_boosts(&ctx.read("smoke.boosts")?)?;
-    let stock_order = report::dispatch_order(&ctx.read("smoke.stock.trace")?);
-    let hook_order = report::dispatch_order(&ctx.read("smoke.hook.trace")?);
-    let agent = report::agent_summary(&ctx.read("smoke.hook.agent.json").unwrap_or_default());
-    let fmodret = ctx.fio("smoke.fmodret")?;
-    let fmodret_boosts = report::parse_boosts(&ctx.read("smoke.fmodret.boosts")?)?;
-    let fmodret_order = report::dispatch_order(&ctx.read("smoke.fmodret.trace")?);
-    // The model path (kml-agent run --act model-reads) with hand-set models.
-    let never_boosts = report::parse_boosts(&ctx.read("smoke.never.boosts")?)?;
-    let never_hook = report::hook_counts(&ctx.read("smoke.never.agent.json")?);
-    let model = ctx.fio("smoke.model")?;
-    let model_boosts = report::parse_boosts(&ctx.read("smoke.model.boosts")?)?;
-    let model_hook = report::hook_counts(&ctx.read("smoke.model.agent.json")?);
-    let model_order = report::dispatch_order(&ctx.read("smoke.model.trace")?);
-
-    let mut problems = Vec::new();
-    match never_hook {
-        None => problems.push("the never-at-risk model run printed no hook counters".to_owned()),
-        Some(h) => {
-            // Not trivially 0: the model gave a verdict (meets) for most requests.
-            if h.calls == 0 || h.no_verdict * 2 > h.calls {
-                problems.push(format!(
-                    "never-at-risk model run: {} hook calls, {} without a model verdict",
-                    h.calls, h.no_verdict
-                ));
-            }
-            if h.verdicts != 0 || h.model_at_risk != 0 {
-                problems.push(format!(
-                    "a model that flags nothing gave {} at-risk verdicts, {} positive",
-                    h.model_at_risk, h.verdicts
-                ));
-            }
-        }
-    }
-    if never_boosts.hook_boosts != 0 {
-        problems.push(format!(
-            "a model that flags nothing got {} requests served early",
-            never_boosts.hook_boosts
-        ));
-    }
-    match model_hook {
-        None => problems.push("the always-at-risk model run printed no hook counters".to_owned()),
-        Some(h) if h.verdicts == 0 || h.model_at_risk < h.verdicts => problems.push(format!(
-            "always-at-risk model run: {} positive verdicts, {} model at-risk verdicts",
-            h.verdicts, h.model_at_risk
-        )),
-        Some(_) => {}
-    }
-    if model_boosts.hook_boosts == 0 {
-        problems
-            .push("the kernel served no request early in the always-at-risk model run".to_owned());
-    }
-    if model_order.reads > 0
-        && model_order.writes_dispatched_while_waiting
-            > 0.5 * stock_order.writes_dispatched_while_waiting
-    {
-        problems.push(format!(
-            "the model's verdicts did not change the dispatch order: writes dispatched while a read waited {:.2} (model) vs {:.2} (stock)",
-            model_order.writes_dispatched_while_waiting, stock_order.writes_dispatched_while_waiting
-        ));
-    }
-    if boosts.hook_boosts == 0 {
-        problems.push("the kernel served no request early in the hook run".to_owned());
-    }
-    if fmodret_boosts.hook_boosts == 0 {
-        problems.push("the kernel served no request early in the fmod_ret run".to_owned());
-    }
-    if boosts.stock_boosts != 0 {
-        problems.push(format!(
-            "{} boosts without a program attached",
-            boosts.stock_boosts
-        ));
-    }
-    if stock_order.reads == 0 || hook_order.reads == 0 {
-        problems.push("the trace holds no dispatched reads".to_owned());
-    } else {
-        if stock_order.writes_dispatched_while_waiting < 1.0 {
-            problems.push(format!(
-                "the constructed case did not hold: stock reads waited for only {:.2} writes",
-                stock_order.writes_dispatched_while_waiting
-            ));
-        }
-        if hook_order.writes_dispatched_while_waiting
-            > 0.5 * stock_order.writes_dispatched_while_waiting
-        {
-            problems.push(format!(
-                "verdicts did not change the dispatch order: writes dispatched while a read waited {:.2} (hook) vs {:.2} (stock)",
-                hook_order.writes_dispatched_while_waiting, stock_order.writes_dispatched_while_waiting
-            ));
-        }
-    }
-    let mut md = ctx.header("kml VM smoke test");
-    let _ = writeln!(
-        md,
-        "Constructed case (workloads/vm/smoke.fio): one random reader (depth 1) against a random writer \
-         keeping 48 writes queued. Stock run, then `kml-agent hook --policy reads` (kprobe + \
-         bpf_override_return, the \"hook\" columns below), then the same policy as a minimal fmod_ret program \
-         (`--via fmod-ret`), then the model path: `kml-agent run --model M --act model-reads` (observers, model and \
-         verdict program in one object) with two hand-set models, one that flags no request (\"model, none\"; \
-         not traced) and one that flags every request (\"model, all\").\n"
-    );
-    let _ = writeln!(
-        md,
-        "| dispatch order (block tracepoints) | stock | hook (kprobe) | fmod_ret | model, all |\n| --- | ---: | ---: | ---: | ---: |"
-    );
-    let _ = writeln!(
-        md,
-        "| reads dispatched | {} | {} | {} | {} |",
-        stock_order.reads, hook_order.reads, fmodret_order.reads, model_order.reads
-    );
-    let _ = writeln!(
-        md,
-        "| writes dispatched while a read waited (mean) | {:.2} | {:.2} | {:.2} | {:.2} |",
-        stock_order.writes_dispatched_while_waiting,
-        hook_order.writes_dispatched_while_waiting,
-        fmodret_order.writes_dispatched_while_waiting,
-        model_order.writes_dispatched_while_waiting
-    );
-    let _ = writeln!(
-        md,
-        "| earlier-queued writes a read overtook (mean) | {:.2} | {:.2} | {:.2} | {:.2} |",
-        stock_order.writes_overtaken,
-        hook_order.writes_overtaken,
-        fmodret_order.writes_overtaken,
-        model_order.writes_overtaken
-    );
-    let _ = writeln!(
-        md,
-        "| reads dispatched with at most 1 write before them | {:.0}% | {:.0}% | {:.0}% | {:.0}% |",
-        100.0 * stock_order.reads_served_next,
-        100.0 * hook_order.reads_served_next,
-        100.0 * fmodret_order.reads_served_next,
-        100.0 * model_order.reads_served_next
-    );
-    let _ = writeln!(
-        md,
-        "| read latency mean (ms) | {:.1} | {:.1} | {:.1} | {:.1} |",
-        stock.read.mean_ns / 1e6,
-        hook.read.mean_ns / 1e6,
-        fmodret.read.mean_ns / 1e6,
-        model.read.mean_ns / 1e6
-    );
-    let _ = writeln!(
-        md,
-        "| requests served early (kml_boosts), refused by the cap | {} | {}, {} | {}, {} | {}, {} |\n",
-        boosts.stock_boosts,
-        boosts.hook_boosts,
-        boosts.hook_capped,
-        fmodret_boosts.hook_boosts,
-        fmodret_boosts.hook_capped,
-        model_boosts.hook_boosts,
-        model_boosts.hook_capped
-    );
-    let hook_line = |h: Option<report::HookCounts>| {
-        h.map_or("(no counters)".to_owned(), |h| {
-            format!(
-                "{} calls, {} model at-risk verdicts, {} without a verdict, {} positive verdicts",
-                h.calls, h.model_at_risk, h.no_verdict, h.verdicts
-            )
-        })
-    };
-    let _ = writeln!(
-        md,
-        "Model runs: none at risk: {}, kernel boosts {}; all at risk: {}, kernel boosts {}.\n",
-        hook_line(never_hook),
-        never_boosts.hook_boosts,
-        hook_line(model_hook),
-        model_boosts.hook_boosts
-    );
-    let _ = writeln!(md, "Stock vs hook (kprobe):\n");
-    let cmp = Comparison {
-        name: "smoke".into(),
-        stock,
-        hook,
-        boosts,
-        agent,
-        pairs: Vec::new(),
-    };
-    md.push_str(&cmp.table());
-    let verdict = if problems.is_empty() {
-        "PASS".to_owned()
-    } else {
-        format!("FAIL: {}", problems.join("; "))
-    };
-    let _ = writeln!(md, "\nResult: {verdict}");
-    fs::write(path, &md)?;
-    eprintln!("xtask: vm: smoke report {}", path.display());
-    println!(
-        "smoke: {verdict} | boosts: kprobe {} ({} over the cap), fmod_ret {}, model all {} / none {} | writes dispatched \
-         while a read waited: {:.2} stock, {:.2} kprobe, {:.2} fmod_ret, {:.2} model | read latency mean \
-         {:.1} / {:.1} / {:.1} / {:.1} ms | guest {:.0} s",
-        boosts.hook_boosts,
-        boosts.hook_capped,
-        fmodret_boosts.hook_boosts,
-        model_boosts.hook_boosts,
-        never_boosts.hook_boosts,
-        stock_order.writes_dispatched_while_waiting,
-        hook_order.writes_dispatched_while_waiting,
-        fmodret_order.writes_dispatched_while_waiting,
-        model_order.writes_dispatched_while_waiting,
-        stock.read.mean_ns / 1e6,
-        hook.read.mean_ns / 1e6,
-        fmodret.read.mean_ns / 1e6,
-        model.read.mean_ns / 1e6,
-        ctx.guest_secs
-    );
-    Ok(if problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-fn full_report(ctx: &RunContext, path: &Path) -> Result<ExitCode> {
-    let mut cmps = Vec::new();
-    // Pairs the guest did not finish (a guest stopped midway, seen by --report-only).
-    let mut incomplete = Vec::new();
-    for name in &ctx.workloads {
-        let mut pairs = Vec::new();
-        let mut agent = String::new();
-        for r in 1..=ctx.repeat {
-            match (
-                ctx.fio(&format!("{name}.stock.{r}")),
-                ctx.fio(&format!("{name}.hook.{r}")),
-            ) {
-                (Ok(st), Ok(hk)) => pairs.push((st, hk)),
-                (st, hk) => {
-                    let why = st
-                        .err()
-                        .or(hk.err())
-                        .map(|e| format!("{e:#}"))
-                        .unwrap_or_default();
-                    incomplete.push(format!("{name} pair {r}: {why}"));
-                    continue;
-                }
-            }
-            let events = ctx
-                .read(&format!("{name}.hook.{r}.agent.json"))
-                .unwrap_or_default();
-            agent.push_str(&report::agent_summary(&events));
-            agent.push('\n');
-        }
-        if pairs.is_empty() {
-            continue;
-        }
-        let boosts = report::parse_boosts(&ctx.read(&format!("{name}.boosts"))?)?;
-        let stock = report::combine(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
-        let hook = report::combine(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
-        cmps.push(Comparison {
-            name: name.clone(),
-            stock,
-            hook,
-            boosts,
-            agent,
-            pairs,
-        });
-    }
-    let mut md = ctx.header("kml VM comparison: stock mq-deadline vs kml verdicts");
-    let _ = writeln!(
-        md,
-        "Each workload (workloads/vm/NAME.fio, fixed seeds) ran {} s (after a 2 s ramp) with no program attached \
-         (stock) and with verdicts acting, policy {}, {} pair(s), the order alternating (stock first in odd \
-         pairs); pairs are combined (rates averaged, latencies I/O-weighted). Latency is fio's total latency \
-         (submission to completion). Where several jobs do the same direction, values are I/O-weighted averages \
-         of the jobs'. Fixed policies run as `kml-agent hook --policy P`; the model policies as `kml-agent run \
-         --model M --act P --retrain-every 0` (observers, the model and the verdict program in one object; the \
-         model is not retrained during the run).\n",
-        ctx.runtime, ctx.policy, ctx.repeat
-    );
-    let _ = writeln!(
-        md,
-        "The `randread-*` readers are closed-loop (the next read goes out when the previous one completes): when \
-         verdicts make reads faster, the reader issues more of them and takes more of the disk's I/O slots, which \
-         costs the writer throughput (a merged sequential write op carries several 4 KiB writes). The \
-         `rateread-*` readers read at a fixed rate, so their throughput change is the cost of the reordering \
-         itself.\n"
-    );
-    let _ = writeln!(
-        md,
-        "| workload | read mean | read p99 | write p99 | throughput | boosts (capped) | issue goal |\n| --- | ---: | ---: | ---: | ---: | ---: | --- |"
-    );
-    for c in &cmps {
-        let goal = if !c.stock.mixed() {
-            if c.read_worse_at_p99() || c.write_worse_at_p99() {
-                "control: worse at p99 (> 2%)"
-            } else {
-                "control: not worse"
-            }
-        } else if c.meets_goal() && c.write_worse_at_p99() {
-            "met for reads; write p99 worse"
-        } else if c.meets_goal() {
-            "met"
-        } else {
-            "not met"
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {:+.1}% | {:+.1}% | {} | {:+.1}% | {} ({}) | {goal} |",
-            c.name,
-            c.read_mean_pct(),
-            c.read_p99_pct(),
-            if c.stock.write.ios > 0 {
-                format!("{:+.1}%", c.write_p99_pct())
-            } else {
-                "-".into()
-            },
-            c.throughput_pct(),
-            c.boosts.hook_boosts,
-            c.boosts.hook_capped
-        );
-    }
-    let met = cmps
-        .iter()
-        .filter(|c| c.stock.mixed() && c.meets_goal())
-        .count();
-    let list = |f: &dyn Fn(&Comparison) -> bool| -> String {
-        let v: Vec<&str> = cmps
-            .iter()
-            .filter(|c| f(c))
-            .map(|c| c.name.as_str())
-            .collect();
-        if v.is_empty() {
-            "none".to_owned()
-        } else {
-            v.join(", ")
-        }
-    };
-    let goal = format!(
-        "Issue goal (>= 15% lower mean and >= 25% lower p99 read latency, <= 2% throughput loss, on at least two \
-         mixed workloads; no workload > 2% worse at p99): latency and throughput met on {met} mixed workload(s); \
-         read p99 more than 2% worse in: {}; write p99 more than 2% worse in: {} (serving reads first delays \
-         writes on a saturated disk).",
-        list(&|c| c.read_worse_at_p99()),
-        list(&|c| c.write_worse_at_p99()),
-    );
-    let _ = writeln!(md, "\n{goal}\n");
-    if !incomplete.is_empty() {
-        let _ = writeln!(
-            md,
-            "Left out, incomplete (the guest stopped before the pair finished; boosts of a finished half \
-             are still counted):\n\n- {}\n",
-            incomplete.join("\n- ")
-        );
-    }
-    for c in &cmps {
-        let _ = writeln!(md, "## {}\n\n{}", c.name, c.table());
-    }
-    let line = match report::summary(&cmps) {
-        Some((mean, p99, tput, n)) => {
-            let _ = writeln!(
-                md,
-                "Summary (average over the {n} mixed workloads): {}",
-                report::summary_line(mean, p99, tput)
-            );
-            report::summary_line(mean, p99, tput)
-        }
-        None => "read latency: no mixed workload ran".to_owned(),
-    };
-    fs::write(path, &md)?;
-    // The goal sentence for `cargo xtask bench`'s summary (it reads this, not the prose).
-    let goal_path = path.with_extension("json");
-    fs::write(&goal_path, serde_json::json!({ "goal": goal }).to_string())
-        .with_context(|| format!("writing {}", goal_path.display()))?;
-    eprintln!("xtask: vm: report {}", path.display());
-    for c in &cmps {
-        eprintln!(
-            "xtask: vm: {:<22} read mean {:+6.1}%  p99 {:+6.1}%  throughput {:+5.1}%  boosts {} ({} capped)",
-            c.name,
-            c.read_mean_pct(),
-            c.read_p99_pct(),
-            c.throughput_pct(),
-            c.boosts.hook_boosts,
-            c.boosts.hook_capped
-        );
-    }
-    println!("{line}");
-    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

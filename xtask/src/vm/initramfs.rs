@@ -115,6 +115,9 @@ pub fn fixed_verdict_model(
     Ok(m)
 }
 
+/// A file of the initramfs: its path in the guest, its source, its mode.
+type Entry = (String, PathBuf, &'static str);
+
 /// Builds the initramfs; returns its path and its uncompressed size in bytes.
 pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
     ensure!(
@@ -130,7 +133,48 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
         fs::remove_dir_all(inp.work)?;
     }
     fs::create_dir_all(inp.work)?;
+    let (mut files, lib_dirs) = binaries(inp)?;
+    let libs = files.len() - 4;
+    let jobs = files_with_extension(inp.workloads, "fio")?;
+    ensure!(
+        !jobs.is_empty(),
+        "no .fio job files in {}",
+        inp.workloads.display()
+    );
+    for j in &jobs {
+        files.push((guest_path("/kml/workloads", j), j.clone(), "0644"));
+    }
+    let models = models(inp)?;
+    for m in &models {
+        files.push((guest_path("/kml/models", m), m.clone(), "0644"));
+    }
+    // Library search path for the loader (there is no ld.so.cache in the guest);
+    // where `run --model NAME` finds the models.
+    let env = inp.work.join("env");
+    fs::write(
+        &env,
+        format!(
+            "export LD_LIBRARY_PATH={}\nexport KML_MODELS_DIR=/kml/models\n",
+            lib_dirs.iter().cloned().collect::<Vec<_>>().join(":")
+        ),
+    )?;
+    files.push(("/kml/env".into(), env, "0644"));
+    let total = pack(inp, &files)?;
+    eprintln!(
+        "xtask: initramfs {} ({} files, {:.0} MiB before compression: busybox, kml-agent, fio and {} libraries, {} job files, {} models)",
+        inp.out.display(),
+        files.len(),
+        total as f64 / (1 << 20) as f64,
+        libs,
+        jobs.len(),
+        models.len()
+    );
+    Ok((inp.out.to_path_buf(), total))
+}
 
+/// `/init`, busybox, the stripped agent and fio (in that order), then the shared
+/// libraries they load; and the directories of those libraries.
+fn binaries(inp: &Inputs<'_>) -> Result<(Vec<Entry>, BTreeSet<String>)> {
     // The agent without its debug info (tens of MB less to load into the guest).
     let agent = inp.work.join("kml-agent");
     run(Command::new("strip").arg("-o").arg(&agent).arg(inp.agent))
@@ -138,8 +182,7 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
     let init = inp.work.join("init");
     fs::write(&init, GUEST_INIT)?;
     let fio = find_program("fio")?;
-
-    let mut files: Vec<(String, PathBuf, &str)> = vec![
+    let mut files: Vec<Entry> = vec![
         ("/init".into(), init, "0755"),
         (BUSYBOX.into(), PathBuf::from(BUSYBOX), "0755"),
         ("/usr/bin/kml-agent".into(), agent.clone(), "0755"),
@@ -158,35 +201,33 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
         }
         files.push((lib.to_string_lossy().into_owned(), real, "0755"));
     }
-    let mut jobs = Vec::new();
-    for e in fs::read_dir(inp.workloads)
-        .with_context(|| format!("reading {}", inp.workloads.display()))?
-    {
+    Ok((files, lib_dirs))
+}
+
+/// The files of `dir` ending in `.ext`, sorted.
+fn files_with_extension(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let p = e?.path();
-        if p.extension().is_some_and(|x| x == "fio") {
-            jobs.push(p);
+        if p.extension().is_some_and(|x| x == ext) {
+            out.push(p);
         }
     }
-    jobs.sort();
-    ensure!(
-        !jobs.is_empty(),
-        "no .fio job files in {}",
-        inp.workloads.display()
-    );
-    for j in &jobs {
-        let name = j.file_name().unwrap().to_string_lossy().into_owned();
-        files.push((format!("/kml/workloads/{name}"), j.clone(), "0644"));
-    }
-    let mut models = Vec::new();
-    for e in
-        fs::read_dir(inp.models).with_context(|| format!("reading {}", inp.models.display()))?
-    {
-        let p = e?.path();
-        if p.extension().is_some_and(|x| x == "json") {
-            models.push(p);
-        }
-    }
-    models.sort();
+    out.sort();
+    Ok(out)
+}
+
+/// `dir/NAME` in the guest for the host file `p`.
+fn guest_path(dir: &str, p: &Path) -> String {
+    let name = p
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    format!("{dir}/{name}")
+}
+
+/// The shipped models and the smoke test's two hand-set ones.
+fn models(inp: &Inputs<'_>) -> Result<Vec<PathBuf>> {
+    let mut models = files_with_extension(inp.models, "json")?;
     let logistic = inp.models.join("logistic.json");
     let base: serde_json::Value = serde_json::from_str(
         &fs::read_to_string(&logistic)
@@ -201,22 +242,13 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
         )?;
         models.push(path);
     }
-    for m in &models {
-        let name = m.file_name().unwrap().to_string_lossy().into_owned();
-        files.push((format!("/kml/models/{name}"), m.clone(), "0644"));
-    }
-    // Library search path for the loader (there is no ld.so.cache in the guest);
-    // where `run --model NAME` finds the models.
-    let env = inp.work.join("env");
-    fs::write(
-        &env,
-        format!(
-            "export LD_LIBRARY_PATH={}\nexport KML_MODELS_DIR=/kml/models\n",
-            lib_dirs.iter().cloned().collect::<Vec<_>>().join(":")
-        ),
-    )?;
-    files.push(("/kml/env".into(), env, "0644"));
+    Ok(models)
+}
 
+/// Writes the cpio list of `files` (and the directories and device nodes the guest
+/// needs), packs it with the kernel's gen_init_cpio (gzip'd when asked) into
+/// `inp.out`; returns the files' total size.
+fn pack(inp: &Inputs<'_>, files: &[Entry]) -> Result<u64> {
     let mut dirs: BTreeSet<String> = [
         "/dev",
         "/proc",
@@ -233,7 +265,7 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
     .into_iter()
     .map(String::from)
     .collect();
-    for (name, _, _) in &files {
+    for (name, _, _) in files {
         add_dirs(&mut dirs, name);
     }
     let mut list = String::new();
@@ -243,7 +275,7 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
     }
     list.push_str("nod /dev/console 0600 0 0 c 5 1\nnod /dev/null 0666 0 0 c 1 3\n");
     let mut total = 0u64;
-    for (name, src, mode) in &files {
+    for (name, src, mode) in files {
         total += fs::metadata(src)
             .with_context(|| format!("{}", src.display()))?
             .len();
@@ -265,16 +297,7 @@ pub fn build(inp: &Inputs<'_>) -> Result<(PathBuf, u64)> {
     } else {
         fs::rename(&cpio, inp.out)?;
     }
-    eprintln!(
-        "xtask: initramfs {} ({} files, {:.0} MiB before compression: busybox, kml-agent, fio and {} libraries, {} job files, {} models)",
-        inp.out.display(),
-        files.len(),
-        total as f64 / (1 << 20) as f64,
-        libs.len(),
-        jobs.len(),
-        models.len()
-    );
-    Ok((inp.out.to_path_buf(), total))
+    Ok(total)
 }
 
 #[cfg(test)]
