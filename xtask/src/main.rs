@@ -132,4 +132,62 @@ mod tests {
             other => panic!("parsed as {other:?}"),
         }
     }
+
+    /// README's layout section names every top-level directory of the repository,
+    /// and every path it names exists.
+    #[test]
+    fn readme_layout_matches_the_tree() {
+        let root = util::workspace_root();
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let section = readme
+            .split("## Layout")
+            .nth(1)
+            .and_then(|s| s.split("```").nth(1))
+            .expect("README.md has a Layout section with a code block");
+        let mut parent = String::new();
+        let mut listed = Vec::new();
+        for line in section.lines().filter(|l| !l.trim().is_empty()) {
+            let first = line.split_whitespace().next().unwrap_or("");
+            let top_level = !line.starts_with(' ');
+            if top_level {
+                parent = first.to_owned();
+                listed.push(first.trim_end_matches('/').to_owned());
+            }
+            // An entry is a path (of the repository, or under the crate above it)
+            // when it is a top-level entry or ends in `/` or `.rs` (`,` trimmed).
+            let path = first.trim_end_matches(',');
+            if !(top_level || path.ends_with('/') || path.ends_with(".rs")) {
+                continue;
+            }
+            let full = if top_level {
+                root.join(path)
+            } else {
+                root.join(&parent).join(path)
+            };
+            assert!(
+                full.exists(),
+                "README layout names {}, which does not exist",
+                full.display()
+            );
+        }
+        // The directories git tracks (not build output or other ignored files).
+        let tracked = std::process::Command::new("git")
+            .current_dir(&root)
+            .args(["ls-files", "-z"])
+            .output()
+            .expect("git ls-files");
+        let tracked = String::from_utf8_lossy(&tracked.stdout).into_owned();
+        let dirs: std::collections::BTreeSet<&str> = tracked
+            .split('\0')
+            .filter_map(|f| f.split_once('/').map(|(d, _)| d))
+            .filter(|d| !d.starts_with('.'))
+            .collect();
+        assert!(dirs.contains("kml-agent"), "git ls-files lists the tree");
+        for d in dirs {
+            assert!(
+                listed.iter().any(|l| l == d),
+                "README layout does not name {d}/"
+            );
+        }
+    }
 }
