@@ -3,6 +3,7 @@
 //! and the agent's live lines. All unit-tested on captured text.
 
 use anyhow::{bail, Context as _, Result};
+use kml_ebpf_common::abi::names::Event;
 use serde_json::Value;
 
 /// One fio run, summed over its jobs (or its one group-reported job).
@@ -178,18 +179,24 @@ pub enum EventProg {
 impl EventProg {
     pub const ALL: [EventProg; 3] = [EventProg::Insert, EventProg::Issue, EventProg::Complete];
 
+    /// The event program called `name` (as the kernel reports it: at most 15
+    /// characters, `BPF_OBJ_NAME_LEN` - 1), by the shared names of the programs.
     pub fn of_name(name: &str) -> Option<EventProg> {
-        if !name.starts_with("kml_") {
-            return None;
-        }
-        if name.contains("rq_ins") {
-            Some(EventProg::Insert)
-        } else if name.contains("rq_iss") {
-            Some(EventProg::Issue)
-        } else if name.contains("rq_com") {
-            Some(EventProg::Complete)
-        } else {
-            None
+        const KERNEL_NAME_LEN: usize = 15;
+        let is =
+            |full: &str| full == name || (name.len() == KERNEL_NAME_LEN && full.starts_with(name));
+        EventProg::ALL.into_iter().find(|p| {
+            let e = p.event();
+            is(e.raw) || is(e.tp)
+        })
+    }
+
+    /// The tracepoint and programs of this event.
+    fn event(self) -> Event {
+        match self {
+            EventProg::Insert => Event::INSERT,
+            EventProg::Issue => Event::ISSUE,
+            EventProg::Complete => Event::COMPLETE,
         }
     }
 
