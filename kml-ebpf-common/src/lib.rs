@@ -19,6 +19,7 @@ pub mod abi;
 pub mod features;
 pub mod inference;
 pub mod label;
+pub mod logscale;
 pub mod model;
 pub mod position;
 #[cfg(feature = "user")]

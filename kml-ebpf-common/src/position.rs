@@ -30,7 +30,7 @@
 //! of the I/O, or an update lost to a race between CPUs, leaves the state a little
 //! off, never invalid).
 
-use crate::features::{bit_length, log_ratio_8, LOG_RATIO_MAX};
+use crate::logscale::{bit_length, log_ratio_8, LOG_RATIO_MAX};
 
 /// Whether kml-ebpf keeps [`QueueShape`] and fills the position lanes of the
 /// feature vector at insert. Until it does, the kernel computes
