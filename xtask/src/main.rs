@@ -42,7 +42,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what the build needs (idempotent): bpftool, bpftrace, fio, the nightly
+    /// Install what the build needs (idempotent): bpftool, bpftrace, fio, systemd, the nightly
     /// toolchain with rust-src, and bpf-linker built against nightly's LLVM.
     Setup(setup::SetupArgs),
     /// Run setup, build the eBPF object with nightly, then build kml-agent.

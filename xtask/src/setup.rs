@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: idempotently installs what building and testing kml needs.
 //!
-//! - Debian packages bpftool, bpftrace, fio (apt-get; needs root when one is missing);
+//! - Debian packages bpftool, bpftrace, fio and systemd (for `systemd-analyze verify`
+//!   of the shipped unit) (apt-get; needs root when one is missing);
 //! - the nightly toolchain and its rust-src component (for `-Z build-std=core`);
 //! - bpf-linker, built against the nightly toolchain's own libLLVM (the default
 //!   `cargo install bpf-linker` wants a system LLVM this machine does not have).
@@ -18,7 +19,7 @@ use clap::Args;
 use crate::util::{self, home_dir, output, probe, run};
 
 /// Debian packages the tests and the tooling use.
-pub const DEBIAN_PACKAGES: &[&str] = &["bpftool", "bpftrace", "fio"];
+pub const DEBIAN_PACKAGES: &[&str] = &["bpftool", "bpftrace", "fio", "systemd"];
 
 #[derive(Debug, Default, Args)]
 pub struct SetupArgs {

@@ -1120,11 +1120,10 @@ mod tests {
     fn live_vmlinux() {
         let path = Path::new(Btf::VMLINUX);
         if !path.exists() {
-            eprintln!(
-                "\n!!!!!!!! SKIPPING live_vmlinux: {} does not exist on this machine !!!!!!!!\n",
+            return kml_testkit::skip(format_args!(
+                "{} does not exist (a kernel without BTF)",
                 Btf::VMLINUX
-            );
-            return;
+            ));
         }
         let start = std::time::Instant::now();
         let btf = Btf::from_sys_fs().expect("vmlinux BTF parses");
