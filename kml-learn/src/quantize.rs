@@ -272,24 +272,67 @@ pub fn used_features(q: &QuantizedModel) -> Vec<Feature> {
 mod tests {
     use super::*;
     use crate::float_model::{FeatureScaling, FloatTreeNode};
+    use kml_ebpf_common::model::{VerdictRule, ACC_LIMIT};
     use proptest::prelude::*;
+
+    /// A feature vector of the kernel's length ([`NUM_FEATURES`], whatever it grows to).
+    fn vector<S: Strategy>(
+        s: S,
+    ) -> proptest::array::UniformArrayStrategy<S, [S::Value; NUM_FEATURES]> {
+        proptest::array::uniform(s)
+    }
+
+    /// Any i32, with its edges (0, ±1, MIN, MAX) drawn often.
+    fn i32_edgy() -> BoxedStrategy<i32> {
+        // Boxed: arrays of unboxed unions overflow the test thread's stack.
+        prop_oneof![
+            4 => any::<i32>(),
+            1 => Just(0),
+            1 => Just(1),
+            1 => Just(-1),
+            1 => Just(i32::MIN),
+            1 => Just(i32::MAX),
+        ]
+        .boxed()
+    }
+
+    /// Any i64, with its edges drawn often (and the accumulator limit's).
+    fn i64_edgy() -> BoxedStrategy<i64> {
+        let acc = ACC_LIMIT as i64;
+        prop_oneof![
+            4 => any::<i64>(),
+            1 => Just(0i64),
+            1 => Just(i64::MIN),
+            1 => Just(i64::MAX),
+            1 => Just(acc - 1),
+            1 => Just(1 - acc),
+        ]
+        .boxed()
+    }
+
+    /// Which features a model uses: often all of them, often none, else any subset.
+    fn feature_set() -> impl Strategy<Value = Vec<usize>> {
+        prop_oneof![
+            1 => Just((0..NUM_FEATURES).collect::<Vec<_>>()),
+            1 => Just(Vec::new()),
+            3 => proptest::sample::subsequence((0..NUM_FEATURES).collect::<Vec<_>>(), 0..=NUM_FEATURES),
+        ]
+    }
 
     fn feature_strategy() -> impl Strategy<Value = Vec<(Feature, FeatureScaling, f64)>> {
         let one = (
-            0..NUM_FEATURES,
-            any::<i32>(),
-            any::<i32>(),
+            i32_edgy(),
+            i32_edgy(),
             -1.0f64..1.0,
             1e-3f64..1e6,
             -8.0f64..8.0,
             -30i32..10,
         )
-            .prop_map(|(j, a, b, mean_frac, std, weight_mant, weight_exp)| {
+            .prop_map(|(a, b, mean_frac, std, weight_mant, weight_exp)| {
                 let (lo, hi) = (a.min(b), a.max(b));
                 let mean = lo as f64 + (hi as f64 - lo as f64) * (mean_frac.abs());
                 let w = weight_mant * (weight_exp as f64).exp2();
                 (
-                    Feature::ALL[j],
                     FeatureScaling {
                         clip_min: lo,
                         clip_max: hi,
@@ -299,10 +342,11 @@ mod tests {
                     w,
                 )
             });
-        proptest::collection::vec(one, 0..NUM_FEATURES).prop_map(|mut v| {
-            v.sort_by_key(|t| t.0);
-            v.dedup_by_key(|t| t.0);
-            v
+        (feature_set(), proptest::collection::vec(one, NUM_FEATURES)).prop_map(|(set, params)| {
+            set.into_iter()
+                .zip(params)
+                .map(|(j, (s, w))| (Feature::ALL[j], s, w))
+                .collect()
         })
     }
 
@@ -323,17 +367,25 @@ mod tests {
         )
     }
 
-    /// Any bit pattern at all: valid or not.
+    /// Any bit pattern at all, valid or not, its edges drawn often.
     fn hostile_linear_strategy() -> impl Strategy<Value = LinearModel> {
-        let arr = || proptest::array::uniform(any::<i32>());
+        let shift = prop_oneof![
+            3 => any::<u32>(),
+            1 => Just(0u32),
+            1 => Just(MAX_PRODUCT_SHIFT),
+            1 => Just(63u32),
+            1 => Just(64u32),
+            1 => Just(u32::MAX),
+        ]
+        .boxed();
         (
-            arr(),
-            arr(),
-            arr(),
-            arr(),
-            proptest::array::uniform(any::<u32>()),
-            any::<i64>(),
-            any::<i64>(),
+            vector(i32_edgy()),
+            vector(i32_edgy()),
+            vector(i32_edgy()),
+            vector(i32_edgy()),
+            vector(shift),
+            i64_edgy(),
+            i64_edgy(),
             any::<u32>(),
             any::<u32>(),
         )
@@ -367,86 +419,220 @@ mod tests {
             )
     }
 
-    /// Models that pass validation: inputs within ±2^20 of the offset keep every
-    /// product below 2^51, so the sum of 16 stays far from 2^62.
+    /// Models that pass validation, up to the accumulator's limit: any weights,
+    /// ranges and shifts (edges often), kept when `validate` accepts them.
     fn valid_linear_strategy() -> impl Strategy<Value = LinearModel> {
-        let small = || proptest::array::uniform(-(1i32 << 19)..(1 << 19));
+        let width = prop_oneof![
+            Just(0i32),
+            Just(1),
+            0i32..1 << 10,
+            0i32..1 << 20,
+            0i32..1 << 30,
+        ]
+        .boxed();
+        let shift = prop_oneof![
+            1 => Just(0u32),
+            1 => Just(MAX_PRODUCT_SHIFT),
+            4 => 0..=MAX_PRODUCT_SHIFT,
+        ]
+        .boxed();
         (
-            proptest::array::uniform(any::<i32>()),
-            small(),
-            small(),
-            small(),
-            proptest::array::uniform(0..=MAX_PRODUCT_SHIFT),
-            -(1i64 << 60)..(1 << 60),
+            vector(i32_edgy()),
+            vector(i32_edgy()),
+            vector(width),
+            vector(shift),
+            i64_edgy(),
+            i64_edgy(),
             0..=MAX_OUT_SHIFT,
+            0usize..3,
         )
-            .prop_map(|(weight, offset, a, b, product_shift, bias, out_shift)| {
-                let mut m = LinearModel::zeroed();
-                m.kind = ModelKind::Logistic as u32;
-                m.rule = ModelKind::Logistic.verdict_rule() as u32;
-                m.weight = weight;
-                m.offset = offset;
-                for j in 0..NUM_FEATURES {
-                    m.input_min[j] = a[j].min(b[j]);
-                    m.input_max[j] = a[j].max(b[j]);
-                }
-                m.product_shift = product_shift;
-                m.bias = bias;
-                m.out_shift = out_shift;
-                m
-            })
+            .prop_map(
+                |(weight, lo, width, product_shift, bias, threshold, out_shift, k)| {
+                    let kind = [
+                        ModelKind::Baseline,
+                        ModelKind::LinearRegression,
+                        ModelKind::Logistic,
+                    ][k];
+                    let mut m = LinearModel::zeroed();
+                    m.kind = kind as u32;
+                    m.rule = kind.verdict_rule() as u32;
+                    m.weight = weight;
+                    for j in 0..NUM_FEATURES {
+                        m.input_min[j] = lo[j];
+                        m.input_max[j] = lo[j].saturating_add(width[j]);
+                        m.offset[j] = lo[j].saturating_add(width[j] / 2);
+                    }
+                    m.product_shift = product_shift;
+                    // Biases and thresholds within the accumulator's limit, edges included.
+                    let acc = ACC_LIMIT as i64;
+                    m.bias = bias.clamp(1 - acc, acc - 1) >> (bias.unsigned_abs() % 3);
+                    m.threshold = threshold.clamp(1 - acc, acc - 1);
+                    m.out_shift = out_shift;
+                    m
+                },
+            )
+            .prop_filter("fails validation", |m| m.validate().is_ok())
     }
 
-    /// The integer routine's float twin: the same model's parameters, computed exactly
-    /// (in f64, which is exact here up to its 53-bit rounding).
-    fn twin_score(m: &LinearModel, x: &FeatureVector) -> f64 {
-        let mut acc = m.bias as f64;
+    /// An input for `m`: any values, the edges of i32 and of the model's own input
+    /// ranges (just inside, on, just outside) drawn often.
+    fn input_for(m: &LinearModel) -> impl Strategy<Value = FeatureVector> {
+        let per: Vec<BoxedStrategy<i32>> = (0..NUM_FEATURES)
+            .map(|j| {
+                let (lo, hi) = (m.input_min[j], m.input_max[j]);
+                prop_oneof![
+                    3 => i32_edgy(),
+                    1 => Just(lo),
+                    1 => Just(hi),
+                    1 => Just(lo.saturating_sub(1)),
+                    1 => Just(hi.saturating_add(1)),
+                ]
+                .boxed()
+            })
+            .collect();
+        per.prop_map(|v| {
+            let mut x = [0i32; NUM_FEATURES];
+            x.copy_from_slice(&v);
+            x
+        })
+    }
+
+    /// The exact twin of the integer accumulator, in i128: the bias plus, per lane,
+    /// the clipped and centred input times the weight, divided by 2^shift rounding
+    /// towards -inf (`div_euclid` by a positive power of two), the shift taken
+    /// modulo 64 as the masked kernel shift does. Returns the unwrapped sum.
+    fn exact_sum(m: &LinearModel, x: &FeatureVector) -> i128 {
+        let mut acc = i128::from(m.bias);
         for (j, &xj) in x.iter().enumerate() {
-            let c = xj.clamp(m.input_min[j], m.input_max[j]) as f64;
-            acc +=
-                (c - m.offset[j] as f64) * m.weight[j] as f64 / (m.product_shift[j] as f64).exp2();
+            // clip: at least lo, then at most hi (with lo > hi: hi).
+            let c = xj.max(m.input_min[j]).min(m.input_max[j]);
+            let d = i128::from(c) - i128::from(m.offset[j]);
+            let p = d * i128::from(m.weight[j]);
+            acc += p.div_euclid(1i128 << (m.product_shift[j] % 64));
         }
         acc
+    }
+
+    /// The twin of the verdict's limit: the budget (clipped to 0..=2^30) in the
+    /// score's unit plus the threshold, saturating at i64's ends; or the threshold.
+    fn exact_limit(m: &LinearModel, x: &FeatureVector) -> i64 {
+        match VerdictRule::from_u32(m.rule) {
+            Some(VerdictRule::DelayOverBudget) => {
+                let budget = i128::from(x[Feature::DeadlineBudgetUs.index()].clamp(0, 1 << 30));
+                let unit = 1i128 << m.out_shift.min(MAX_OUT_SHIFT);
+                (budget * unit + i128::from(m.threshold))
+                    .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+            }
+            Some(VerdictRule::ScoreOverThreshold) => m.threshold,
+            None => i64::MAX,
+        }
+    }
+
+    /// The module doc's error bound, |integer score - float score·2^S|, computed here
+    /// from the quantised parameters (not by the code under test).
+    fn documented_bound(q: &LinearModel, x: &FeatureVector) -> f64 {
+        // 1/2 for the bias' rounding, per used lane |d_j| 2^-(r_j+1) for the weight's
+        // rounding and 1 for the floor of the shift (module doc).
+        let mut bound = 0.5;
+        for (j, &xj) in x.iter().enumerate() {
+            if q.weight[j] == 0 {
+                continue;
+            }
+            let c = xj.max(q.input_min[j]).min(q.input_max[j]);
+            let d = (i64::from(c) - i64::from(q.offset[j])).unsigned_abs() as f64;
+            bound += d / 2f64.powi(q.product_shift[j] as i32 + 1) + 1.0;
+        }
+        bound
+    }
+
+    #[test]
+    fn generators_reach_all_features_and_the_edges() {
+        use proptest::{strategy::ValueTree as _, test_runner::TestRunner};
+        let mut runner = TestRunner::deterministic();
+        let (mut all, mut none, mut max_shift, mut at_limit) = (0, 0, 0, 0);
+        for _ in 0..400 {
+            let m = linear_strategy().new_tree(&mut runner).unwrap().current();
+            all += usize::from(m.features.len() == NUM_FEATURES);
+            none += usize::from(m.features.is_empty());
+            let v = valid_linear_strategy()
+                .new_tree(&mut runner)
+                .unwrap()
+                .current();
+            max_shift += usize::from(v.product_shift.contains(&MAX_PRODUCT_SHIFT));
+            at_limit += usize::from(v.accumulator_bound() >= ACC_LIMIT / 4);
+        }
+        assert!(
+            all > 20 && none > 20,
+            "all features {all}, none {none} of 400"
+        );
+        assert!(
+            max_shift > 20,
+            "product shift {MAX_PRODUCT_SHIFT} in {max_shift} of 400"
+        );
+        assert!(
+            at_limit > 5,
+            "models near the accumulator limit: {at_limit} of 400"
+        );
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
         /// Any model at all, valid or not, any input: no panic (tests run with
-        /// overflow checks on).
+        /// overflow checks on), and the score is the exact twin's sum wrapped to 64
+        /// bits, the verdict its comparison with the twin's limit.
         #[test]
-        fn integer_linear_never_traps(m in hostile_linear_strategy(), x in proptest::array::uniform(any::<i32>())) {
-            let _ = infer_linear(&m, &x);
+        fn integer_linear_is_its_exact_twin_for_any_model(m in hostile_linear_strategy(), x in vector(i32_edgy())) {
+            let v = infer_linear(&m, &x);
+            prop_assert_eq!(v.score, exact_sum(&m, &x) as i64);
+            prop_assert_eq!(v.at_risk, v.score > exact_limit(&m, &x));
         }
 
-        /// A valid model's integer score is its exact twin's value rounded down
-        /// term by term: within [-16, 0] units (plus f64's own rounding).
+        /// A valid model never wraps: its score is the exact twin's sum, unwrapped,
+        /// for every input, the edges of its ranges and of i32 included.
         #[test]
-        fn integer_linear_tracks_its_twin(m in valid_linear_strategy(), x in proptest::array::uniform(any::<i32>())) {
-            prop_assert!(m.validate().is_ok());
-            let score = infer_linear(&m, &x).score as f64;
-            let twin = twin_score(&m, &x);
-            let rounding = twin.abs().max(m.bias.unsigned_abs() as f64) * 1e-14;
-            prop_assert!(score <= twin + rounding && score >= twin - NUM_FEATURES as f64 - rounding, "int {score} twin {twin}");
+        fn integer_linear_never_wraps_for_a_valid_model((m, x) in valid_linear_strategy().prop_flat_map(|m| { let x = input_for(&m); (Just(m), x) })) {
+            let exact = exact_sum(&m, &x);
+            prop_assert!(exact.unsigned_abs() < u128::from(ACC_LIMIT), "sum {exact} past the limit of a valid model");
+            prop_assert_eq!(i128::from(infer_linear(&m, &x).score), exact);
         }
 
-        /// Quantising a float model keeps the score within the stated bound of the
-        /// float model for every input, and the verdict agrees away from the edge.
+        /// Quantising a float model: each parameter is the float one rounded to its
+        /// fixed-point unit, and the score stays within the documented bound of the
+        /// float model's for every input (the verdict agrees away from the edge).
         #[test]
-        fn quantized_linear_matches_float_within_bound(m in linear_strategy(), xs in proptest::collection::vec(proptest::array::uniform(any::<i32>()), 1..8)) {
+        fn quantized_linear_matches_float_within_bound(m in linear_strategy(), xs in proptest::collection::vec(vector(i32_edgy()), 1..8)) {
             let q = quantize_linear(&m).unwrap();
             prop_assert!(q.validate().is_ok() && q.checksum_ok());
             let unit = (q.out_shift as f64).exp2();
+            // The bias: the intercept plus each weight times (offset - mean), rounded.
+            let mut bias = m.intercept;
+            let mut raw = [0.0f64; NUM_FEATURES];
+            for ((f, s), w) in m.features.iter().zip(&m.scaling).zip(&m.weights) {
+                raw[f.index()] += w / s.std;
+                bias += w / s.std * (q.offset[f.index()] as f64 - s.mean);
+            }
+            let bias_rounding = (bias * unit).abs() * 1e-15 + 0.5;
+            prop_assert!((q.bias as f64 - bias * unit).abs() <= bias_rounding, "bias {} vs {}", q.bias, bias * unit);
+            for (j, w_raw) in raw.iter().enumerate() {
+                let scaled = w_raw * unit * 2f64.powi(q.product_shift[j] as i32);
+                let limited = q.weight[j].unsigned_abs() == 1 << 30;
+                prop_assert!(limited || (q.weight[j] as f64 - scaled).abs() <= 0.5 + scaled.abs() * 1e-15,
+                    "weight {j}: {} vs {scaled}", q.weight[j]);
+            }
             for x in xs {
                 let int = infer_linear(&q, &x);
+                prop_assert_eq!(i128::from(int.score), exact_sum(&q, &x));
                 let float = m.score(&x) * unit;
                 // Plus f64's own rounding in the float model (its terms can cancel).
                 let magnitude: f64 = m.intercept.abs() + m.features.iter().zip(&m.scaling).zip(&m.weights)
                     .map(|((f, s), w)| (w / s.std).abs() * (s.mean.abs() + s.clip(x[f.index()]).unsigned_abs() as f64 + 1.0))
                     .sum::<f64>();
-                let bound = linear_error_bound(&q, &x) + magnitude * unit * 1e-13;
+                let bound = documented_bound(&q, &x) + magnitude * unit * 1e-13;
                 prop_assert!((int.score as f64 - float).abs() <= bound,
                     "int {} float {float} bound {bound} shift {}", int.score, q.out_shift);
+                // The code's own bound is the documented one.
+                prop_assert!((linear_error_bound(&q, &x) - documented_bound(&q, &x)).abs() < 1e-9);
                 let edge = (m.margin(&x) - m.threshold).abs() * unit;
                 if edge > bound + 2.0 {
                     prop_assert_eq!(int.at_risk, m.at_risk(&x));
@@ -456,7 +642,7 @@ mod tests {
 
         /// Trees: for integer inputs the quantised tree reaches the same leaf.
         #[test]
-        fn quantized_tree_walks_like_the_float_tree(splits in proptest::collection::vec((0..NUM_FEATURES, -1e5f64..1e5, 0.0f64..=1.0), 1..40), xs in proptest::collection::vec(proptest::array::uniform(-100_000i32..100_000), 1..16), threshold in 0.0f64..1.0) {
+        fn quantized_tree_walks_like_the_float_tree(splits in proptest::collection::vec((0..NUM_FEATURES, -1e5f64..1e5, 0.0f64..=1.0), 1..40), xs in proptest::collection::vec(vector(-100_000i32..100_000), 1..16), threshold in 0.0f64..1.0) {
             // A chain: split node i has leaf i+1 on its left, the next split (or the
             // last leaf) i+2 on its right.
             let mut nodes = Vec::new();
