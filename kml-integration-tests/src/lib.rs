@@ -6,6 +6,7 @@
 
 use std::{
     alloc::{alloc_zeroed, dealloc, Layout},
+    collections::{BTreeMap, BTreeSet},
     fs::{File, OpenOptions},
     io::{BufRead as _, BufReader},
     os::unix::fs::{FileExt as _, OpenOptionsExt as _},
@@ -16,6 +17,9 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+
+pub mod accounting;
+pub mod chain;
 use kml_agent::devices::BlockDevice;
 use kml_ebpf_common::ReqOp;
 
@@ -230,8 +234,8 @@ fn gcd(a: u64, b: u64) -> u64 {
     }
 }
 
-/// Loaded kml programs (`kml_*`) with the pids holding them (from bpftool).
-pub fn kml_programs() -> Result<Vec<(String, Vec<u32>)>> {
+/// Loaded kml programs (`kml_*`): id → name (from bpftool).
+pub fn kml_programs() -> Result<BTreeMap<u32, String>> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
@@ -250,77 +254,166 @@ pub fn kml_programs() -> Result<Vec<(String, Vec<u32>)>> {
         .iter()
         .filter_map(|p| {
             let name = p["name"].as_str()?;
-            name.starts_with("kml_").then(|| {
-                let pids = p["pids"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x["pid"].as_u64().map(|v| v as u32))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (name.to_owned(), pids)
-            })
+            let id = u32::try_from(p["id"].as_u64()?).ok()?;
+            name.starts_with("kml_").then(|| (id, name.to_owned()))
         })
         .collect())
 }
 
-/// Fails if a kml program is still loaded 3 s from now by this test process, or by
-/// no process at all (leaked: pinned or held by a dead agent's link). Programs of
-/// other agents running on the machine are not this test's. The kernel frees a
-/// program after an RCU grace period once its last fd and link are gone, so one
-/// of a process that just exited may linger for a moment.
-pub fn assert_no_kml_programs() -> Result<()> {
-    let me = std::process::id();
-    // Where bpftool cannot name the holding pids (Debian's 7.1 cannot), programs of
-    // another agent on the machine cannot be told from ours: say so, don't guess.
-    let pids_known = kml_programs()?.iter().any(|(_, pids)| !pids.is_empty());
-    let foreign = foreign_agents();
-    if !pids_known && !foreign.is_empty() {
-        eprintln!("note: other kml-agent processes {foreign:?} run here; cannot attribute loaded kml programs");
-        return Ok(());
-    }
-    let ours = || -> Result<Vec<String>> {
-        Ok(kml_programs()?
-            .into_iter()
-            .filter(|(_, pids)| pids.is_empty() || pids.contains(&me))
-            .map(|(n, _)| n)
-            .collect())
+/// Every process id on the machine.
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `prog_id:` of every fd of `pid` (program fds and bpf_link fds both name it in
+/// their fdinfo): the kernel's own answer to "who holds this program", which
+/// needs no bpftool built with pid support (Debian's 7.1 is not).
+pub fn prog_ids_of(pid: u32) -> BTreeSet<u32> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return BTreeSet::new();
     };
-    let start = std::time::Instant::now();
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// The parent of `pid`, from /proc/PID/stat.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// This process and its descendants (the agents, fio and bpftrace it started).
+pub fn this_test_and_children() -> BTreeSet<u32> {
+    let parents: Vec<(u32, u32)> = all_pids()
+        .into_iter()
+        .filter_map(|p| Some((p, parent_of(p)?)))
+        .collect();
+    let mut ours = BTreeSet::from([std::process::id()]);
     loop {
-        let left = ours()?;
-        if left.is_empty() {
-            return Ok(());
+        let before = ours.len();
+        for (pid, ppid) in &parents {
+            if ours.contains(ppid) {
+                ours.insert(*pid);
+            }
         }
-        if start.elapsed() > Duration::from_secs(3) {
-            bail!("kml programs still loaded: {left:?}");
+        if ours.len() == before {
+            return ours;
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// kml-agent processes that are not children of this test.
-fn foreign_agents() -> Vec<u32> {
-    let me = std::process::id();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .and_then(|t| t.split_whitespace().nth(1))
-                        .and_then(|p| p.parse::<u32>().ok())
-                });
-            comm.trim() == "kml-agent" && ppid != Some(me)
+/// Who holds each loaded kml program: program id → (name, holding pids).
+pub fn kml_program_holders() -> Result<BTreeMap<u32, (String, BTreeSet<u32>)>> {
+    let mut progs: BTreeMap<u32, (String, BTreeSet<u32>)> = kml_programs()?
+        .into_iter()
+        .map(|(id, name)| (id, (name, BTreeSet::new())))
+        .collect();
+    for pid in all_pids() {
+        for id in prog_ids_of(pid) {
+            if let Some((_, holders)) = progs.get_mut(&id) {
+                holders.insert(pid);
+            }
+        }
+    }
+    Ok(progs)
+}
+
+/// kml programs that are this test's to clean up: held by this process or one it
+/// started, or held by no process at all (pinned, or a killed agent's links) and
+/// not in `baseline`. Programs of agents this test did not start are not its own.
+pub fn programs_of_this_test(baseline: &BTreeSet<u32>) -> Result<BTreeMap<u32, String>> {
+    let ours = this_test_and_children();
+    Ok(kml_program_holders()?
+        .into_iter()
+        .filter(|(id, (_, holders))| {
+            if holders.is_empty() {
+                !baseline.contains(id)
+            } else {
+                holders.iter().any(|p| ours.contains(p))
+            }
         })
-        .collect()
+        .map(|(id, (name, _))| (id, name))
+        .collect())
+}
+
+/// The leak check of one test: every kml program the test loaded must be gone at
+/// its end. Programs that nobody held before the test started (left by someone
+/// else: a killed agent's pins) are named at the start and not blamed on it;
+/// programs held by agents the test did not start are never its own.
+pub struct LeakCheck {
+    baseline: BTreeSet<u32>,
+}
+
+impl LeakCheck {
+    pub fn start() -> Result<LeakCheck> {
+        let holders = kml_program_holders()?;
+        let baseline: BTreeSet<u32> = holders
+            .iter()
+            .filter(|(_, (_, h))| h.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        if !baseline.is_empty() {
+            eprintln!(
+                "NOTE: {} kml programs held by no process were loaded before this test \
+                 (pinned by someone else): {:?}",
+                baseline.len(),
+                holders
+                    .iter()
+                    .filter(|(id, _)| baseline.contains(id))
+                    .map(|(id, (n, _))| format!("{id} {n}"))
+                    .collect::<Vec<_>>()
+            );
+        }
+        Ok(LeakCheck { baseline })
+    }
+
+    /// Fails if a kml program of this test is still loaded 3 s from now. The kernel
+    /// frees a program after an RCU grace period once its last fd and link are
+    /// gone, so one of a process that just exited may linger for a moment.
+    pub fn assert_none_left(&self) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let left = programs_of_this_test(&self.baseline)?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(3) {
+                bail!("kml programs still loaded (held by this test, or by no process): {left:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The programs of this test now (no waiting).
+    pub fn programs(&self) -> Result<BTreeMap<u32, String>> {
+        programs_of_this_test(&self.baseline)
+    }
+}
+
+/// [`LeakCheck::assert_none_left`] against no baseline: any kml program held by
+/// this test (or a process it started) or by no process at all is a leak.
+pub fn assert_no_kml_programs() -> Result<()> {
+    LeakCheck {
+        baseline: BTreeSet::new(),
+    }
+    .assert_none_left()
 }
 
 /// The agent binary built by xtask.

@@ -4,7 +4,8 @@
 //!
 //! Loaded programs are attributed through /proc/PID/fdinfo (program and link fds
 //! name their `prog_id`), so other agents and tests on the machine are neither
-//! blamed nor counted.
+//! blamed nor counted (`kml_integration_tests::LeakCheck`); every test ends with
+//! the leak check.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use aya::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use kml_agent::observe::pins as pin;
 use kml_ebpf_common::{
@@ -23,9 +24,10 @@ use kml_ebpf_common::{
     slot::{status_index, ModelControl, SlotStatus},
     Counter, Counters, DeviceConfig, DeviceState, Verdict,
 };
+use kml_integration_tests::prog_ids_of;
 use kml_integration_tests::{
     agent_bin, issue_direct, scattered_pattern, signal, spawn_agent_with_env, wait_for_line, Agent,
-    ChildGuard, LoopDevice,
+    ChildGuard, LeakCheck, LoopDevice,
 };
 use kml_learn::QuantizedModel;
 
@@ -57,88 +59,6 @@ impl PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = kml_agent::observe::pins::clear(&self.0);
-    }
-}
-
-/// Loaded kml programs: id → name.
-fn kml_programs() -> Result<BTreeMap<u32, String>> {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()?;
-    ensure!(out.status.success(), "bpftool prog show failed");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v.as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|p| {
-            let name = p["name"].as_str()?;
-            name.starts_with("kml_")
-                .then_some(())
-                .and_then(|()| Some((p["id"].as_u64()? as u32, name.to_owned())))
-        })
-        .collect())
-}
-
-/// Program ids some process other than `except` holds a fd of (program or link).
-fn held_elsewhere(except: &[u32]) -> BTreeSet<u32> {
-    let mut ids = BTreeSet::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return ids;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if except.contains(&pid) {
-            continue;
-        }
-        ids.extend(prog_ids_of(pid));
-    }
-    ids
-}
-
-/// `prog_id:` of every fd of `pid` (program fds and bpf_link fds).
-fn prog_ids_of(pid: u32) -> BTreeSet<u32> {
-    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return BTreeSet::new();
-    };
-    rd.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("prog_id:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .collect()
-}
-
-/// kml programs held by `agents` or by nobody (pinned, or a dead agent's),
-/// excluding `baseline` (what was there before the test).
-fn our_programs(agents: &[u32], baseline: &BTreeSet<u32>) -> Result<BTreeMap<u32, String>> {
-    let elsewhere = held_elsewhere(agents);
-    Ok(kml_programs()?
-        .into_iter()
-        .filter(|(id, _)| !elsewhere.contains(id) && !baseline.contains(id))
-        .collect())
-}
-
-fn unowned_baseline() -> Result<BTreeSet<u32>> {
-    Ok(our_programs(&[], &BTreeSet::new())?.into_keys().collect())
-}
-
-/// Waits (3 s: RCU) until none of our programs remain.
-fn assert_none_left(baseline: &BTreeSet<u32>) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let left = our_programs(&[], baseline)?;
-        if left.is_empty() {
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(3) {
-            bail!("kml programs still loaded: {left:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -341,7 +261,7 @@ fn jitter(lo: u64, hi: u64, i: u64) -> Duration {
 
 #[test]
 fn sigkill_without_pin_takes_every_program_away() -> Result<()> {
-    let baseline = unowned_baseline()?;
+    let leaks = LeakCheck::start()?;
     let dev = LoopDevice::new(256, 50, 500)?;
     let _fio = Fio::start(&dev, 120)?;
     let model = model_path();
@@ -360,19 +280,24 @@ fn sigkill_without_pin_takes_every_program_away() -> Result<()> {
             &[("KML_TEST_SWAP_EVERY", "2ms")],
         )?;
         wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
-        let pid = agent.child.0.id();
-        let mine = our_programs(&[pid], &baseline)?;
-        ensure!(mine.len() == 8, "round {round}: agent holds {mine:?}");
+        let held = prog_ids_of(agent.child.0.id());
+        let mine = leaks.programs()?;
+        ensure!(
+            mine.len() == 8 && mine.keys().all(|id| held.contains(id)),
+            "round {round}: the agent holds {held:?}, this test's programs are {mine:?}"
+        );
         std::thread::sleep(jitter(100, 900, round));
         kill9(&mut agent)?;
-        assert_none_left(&baseline).with_context(|| format!("round {round}"))?;
+        leaks
+            .assert_none_left()
+            .with_context(|| format!("round {round}"))?;
     }
     Ok(())
 }
 
 #[test]
 fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() -> Result<()> {
-    let baseline = unowned_baseline()?;
+    let leaks = LeakCheck::start()?;
     let dev = LoopDevice::new(256, 50, 500)?;
     let pins = PinDir::new("kill");
     let _fio = Fio::start(&dev, 180)?;
@@ -396,7 +321,7 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
     for round in 0..5u64 {
         let pid = agent.child.0.id();
         wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
-        let set = our_programs(&[pid], &baseline)?;
+        let set = leaks.programs()?;
         let names: BTreeSet<&String> = set.values().collect();
         ensure!(
             set.len() == 8 && names.len() == 8,
@@ -423,7 +348,7 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
         // Dead agent: the programs stay attached (links pinned) and keep scoring
         // with a model the checker vouched for.
         std::thread::sleep(Duration::from_millis(200));
-        let left = our_programs(&[], &baseline)?;
+        let left = leaks.programs()?;
         ensure!(
             left.len() == 7 && !left.values().any(|n| n == program::VERIFY_SLOTS),
             "round {round}: after SIGKILL expected the 5 event programs and 2 stages, found {left:?}"
@@ -479,12 +404,12 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
     signal(&agent.child.0, libc::SIGTERM);
     ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
     ensure!(!pins.0.exists(), "pins left behind after a clean exit");
-    assert_none_left(&baseline)
+    leaks.assert_none_left()
 }
 
 #[test]
 fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Result<()> {
-    let baseline = unowned_baseline()?;
+    let leaks = LeakCheck::start()?;
     let dev = LoopDevice::new(64, 500, 5000)?;
     let pins = PinDir::new("replace");
     let args = [
@@ -515,7 +440,7 @@ fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Res
     )?;
     meta.object = "0000000000000000".into();
     kml_agent::observe::pins::write_meta(&pins.0, &meta)?;
-    let old: BTreeSet<u32> = our_programs(&[], &baseline)?.into_keys().collect();
+    let old: BTreeSet<u32> = leaks.programs()?.into_keys().collect();
     let mut third = spawn_agent_with_env(&args, &[])?;
     let line = wait_for_line(&third.stderr, "maps pinned at", Duration::from_secs(60))?;
     ensure!(
@@ -523,7 +448,7 @@ fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Res
         "not replaced: {line}"
     );
     wait_for_line(&third.stderr, "observing", Duration::from_secs(60))?;
-    let now = our_programs(&[third.child.0.id()], &baseline)?;
+    let now = leaks.programs()?;
     ensure!(now.len() == 8, "not one set after replacing: {now:?}");
     ensure!(
         now.keys().all(|id| !old.contains(id)),
@@ -532,7 +457,7 @@ fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Res
     signal(&third.child.0, libc::SIGINT);
     ensure!(third.child.0.wait()?.success(), "run did not exit cleanly");
     ensure!(!pins.0.exists(), "pins left behind");
-    assert_none_left(&baseline)
+    leaks.assert_none_left()
 }
 
 fn device_in_pins(dir: &Path, dev: u32) -> Result<Option<DeviceState>> {
@@ -547,6 +472,7 @@ fn device_in_pins(dir: &Path, dev: u32) -> Result<Option<DeviceState>> {
 
 #[test]
 fn a_detached_disk_is_dropped_and_a_returning_one_is_traced_again() -> Result<()> {
+    let leaks = LeakCheck::start()?;
     let dev = LoopDevice::new(64, 500, 5000)?;
     let bd = dev.block_device()?;
     let pins = PinDir::new("hotplug");
@@ -623,11 +549,13 @@ fn a_detached_disk_is_dropped_and_a_returning_one_is_traced_again() -> Result<()
     );
     signal(&agent.child.0, libc::SIGINT);
     ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
-    Ok(())
+    ensure!(!pins.0.exists(), "pins left behind after a clean exit");
+    leaks.assert_none_left()
 }
 
 #[test]
 fn a_new_mq_deadline_disk_joins_a_run_without_device() -> Result<()> {
+    let leaks = LeakCheck::start()?;
     let pins = PinDir::new("newdisk");
     let mut agent = spawn_agent_with_env(
         &[
@@ -675,12 +603,13 @@ fn a_new_mq_deadline_disk_joins_a_run_without_device() -> Result<()> {
     );
     signal(&agent.child.0, libc::SIGINT);
     ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
-    Ok(())
+    ensure!(!pins.0.exists(), "pins left behind after a clean exit");
+    leaks.assert_none_left()
 }
 
 #[test]
 fn a_restart_on_other_devices_adopts_and_retargets_the_pinned_programs() -> Result<()> {
-    let baseline = unowned_baseline()?;
+    let leaks = LeakCheck::start()?;
     let first_dev = LoopDevice::new(64, 500, 5000)?;
     let second_dev = LoopDevice::new(64, 500, 5000)?;
     let (a, b) = (first_dev.block_device()?, second_dev.block_device()?);
@@ -724,10 +653,10 @@ fn a_restart_on_other_devices_adopts_and_retargets_the_pinned_programs() -> Resu
         after.last_insert_ns > before.last_insert_ns,
         "no insert traced on the new device"
     );
-    let set = our_programs(&[agent.child.0.id()], &baseline)?;
+    let set = leaks.programs()?;
     ensure!(set.len() == 8, "not exactly one set: {set:?}");
     signal(&agent.child.0, libc::SIGINT);
     ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
     ensure!(!pins.0.exists(), "pins left behind");
-    assert_none_left(&baseline)
+    leaks.assert_none_left()
 }

@@ -1,0 +1,265 @@
+//! The device-state features of every record, recomputed on the host by replaying
+//! the records of one device in kernel event order (insert, issue, complete).
+//!
+//! Each record carries what the programs saw at its insert: requests in flight and
+//! queued per direction, time since the last insert, distance from the last issued
+//! extent, and two moving averages (queue wait per direction, issue gap). The
+//! replay derives each one from the other records' timestamps, with its own
+//! statement of the moving-average rule, and compares, record by record, requests
+//! of every task on the device (a probe of the new disk included).
+//!
+//! A request whose record was lost (each loss counted by the kernel, see
+//! [`crate::accounting`]) still moved the kernel's state, invisibly to the host:
+//! at the first record that disagrees after one, the chain *restarts* from what
+//! that record says, and checking goes on. Each counted loss pays for at most two
+//! restarts (one where its record is missing, one where the kernel releases its
+//! stale entry); with no loss there is no restart: every field of every record
+//! must match.
+
+use anyhow::{bail, Result};
+use kml_ebpf_common::{ReqOp, RequestRecord};
+
+/// `avg += (x - avg) / 8`, the division truncating towards zero; the first sample
+/// (avg 0) is taken as it is. Stated here independently of the programs' shifts.
+pub fn moving_average(avg: u64, x: u64) -> u64 {
+    if avg == 0 {
+        return x;
+    }
+    let d = i128::from(x) - i128::from(avg);
+    (i128::from(avg) + d / 8) as u64
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    // At one timestamp: a request's insert before its issue before its completion.
+    Insert,
+    Issue,
+    Complete,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Snapshot {
+    inflight_read: u64,
+    inflight_write: u64,
+    queued_read: u64,
+    queued_write: u64,
+    since_last_insert_ns: u64,
+    issue_distance: u64,
+    dir_wait_ewma_ns: u64,
+    issue_gap_ewma_ns: u64,
+}
+
+impl Snapshot {
+    fn of(r: &RequestRecord) -> Snapshot {
+        Snapshot {
+            inflight_read: r.inflight_read.into(),
+            inflight_write: r.inflight_write.into(),
+            queued_read: r.queued_read.into(),
+            queued_write: r.queued_write.into(),
+            since_last_insert_ns: r.since_last_insert_ns,
+            issue_distance: r.issue_distance,
+            dir_wait_ewma_ns: r.dir_wait_ewma_ns,
+            issue_gap_ewma_ns: r.issue_gap_ewma_ns,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    inflight: [u64; 2],
+    queued: [u64; 2],
+    last_insert_ns: u64,
+    last_issue_end: u64,
+    last_issue_ns: u64,
+    gap_ewma: u64,
+    wait_ewma: [u64; 2],
+}
+
+fn dir(r: &RequestRecord) -> usize {
+    usize::from(r.op() != ReqOp::Read)
+}
+
+impl State {
+    fn expect(&self, r: &RequestRecord) -> Snapshot {
+        let d = dir(r);
+        Snapshot {
+            inflight_read: self.inflight[0],
+            inflight_write: self.inflight[1],
+            queued_read: self.queued[0],
+            queued_write: self.queued[1],
+            since_last_insert_ns: if self.last_insert_ns != 0 && r.insert_ns > self.last_insert_ns {
+                r.insert_ns - self.last_insert_ns
+            } else {
+                0
+            },
+            issue_distance: r.sector.abs_diff(self.last_issue_end),
+            dir_wait_ewma_ns: self.wait_ewma[d],
+            issue_gap_ewma_ns: self.gap_ewma,
+        }
+    }
+
+    /// Takes what a record says as the truth (a restart).
+    fn adopt(&mut self, r: &RequestRecord) {
+        let s = Snapshot::of(r);
+        self.inflight = [s.inflight_read, s.inflight_write];
+        self.queued = [s.queued_read, s.queued_write];
+        self.wait_ewma[dir(r)] = s.dir_wait_ewma_ns;
+        self.gap_ewma = s.issue_gap_ewma_ns;
+        // The distance is from the last issued end: the record pins it only up to
+        // the side; the next issue sets it again.
+    }
+
+    fn insert(&mut self, r: &RequestRecord) {
+        let d = dir(r);
+        self.inflight[d] += 1;
+        self.queued[d] += 1;
+        self.last_insert_ns = r.insert_ns;
+    }
+
+    fn issue(&mut self, r: &RequestRecord) {
+        let d = dir(r);
+        self.queued[d] = self.queued[d].saturating_sub(1);
+        self.wait_ewma[d] = moving_average(self.wait_ewma[d], r.issue_ns - r.insert_ns);
+        if self.last_issue_ns != 0 && r.issue_ns > self.last_issue_ns {
+            self.gap_ewma = moving_average(self.gap_ewma, r.issue_ns - self.last_issue_ns);
+        }
+        self.last_issue_ns = r.issue_ns;
+        self.last_issue_end = r.sector + u64::from(r.nr_sectors);
+    }
+
+    fn complete(&mut self, r: &RequestRecord) {
+        let d = dir(r);
+        self.inflight[d] = self.inflight[d].saturating_sub(1);
+    }
+}
+
+/// What a replay found.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Records whose every field was checked against the replay (and matched).
+    pub checked: usize,
+    /// Records where the chain restarted after a counted loss, with what differed.
+    pub restarts: Vec<String>,
+}
+
+/// Replays `records` (one device; any order) and checks every record's state
+/// features. `losses`: records of the device the kernel counted as lost.
+pub fn replay(records: &[RequestRecord], losses: u64) -> Result<Replay> {
+    let mut events: Vec<(u64, Event, usize)> = Vec::with_capacity(records.len() * 3);
+    for (i, r) in records.iter().enumerate() {
+        if r.insert_ns == 0 || r.issue_ns < r.insert_ns || r.complete_ns < r.issue_ns {
+            bail!("record {i}: timestamps out of order: {r:?}");
+        }
+        events.push((r.insert_ns, Event::Insert, i));
+        events.push((r.issue_ns, Event::Issue, i));
+        events.push((r.complete_ns, Event::Complete, i));
+    }
+    events.sort();
+    let mut budget = losses.saturating_mul(2);
+    let mut state = State::default();
+    let mut out = Replay::default();
+    for (_, event, i) in events {
+        let r = &records[i];
+        match event {
+            Event::Insert => {
+                let want = state.expect(r);
+                let got = Snapshot::of(r);
+                if want == got {
+                    out.checked += 1;
+                } else if budget > 0 {
+                    budget -= 1;
+                    out.restarts.push(format!(
+                        "record {i} at {}: replay {want:?}, kernel {got:?}",
+                        r.insert_ns
+                    ));
+                    state.adopt(r);
+                } else {
+                    bail!(
+                        "record {i} ({r:?}): the kernel's state features {got:?} differ from the \
+                         replay of the records before it {want:?} (restarts left: 0 of {}; \
+                         {} records checked before)",
+                        losses * 2,
+                        out.checked
+                    );
+                }
+                state.insert(r);
+            }
+            Event::Issue => state.issue(r),
+            Event::Complete => state.complete(r),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(op: ReqOp, sector: u64, insert: u64, issue: u64, complete: u64) -> RequestRecord {
+        let mut r = RequestRecord {
+            sector,
+            nr_sectors: 8,
+            insert_ns: insert,
+            issue_ns: issue,
+            complete_ns: complete,
+            ..Default::default()
+        };
+        r.op = op as u8;
+        r
+    }
+
+    #[test]
+    fn moving_average_rule() {
+        assert_eq!(moving_average(0, 80), 80);
+        assert_eq!(moving_average(80, 160), 90);
+        assert_eq!(moving_average(80, 0), 70);
+        // Truncation towards zero on both sides.
+        assert_eq!(moving_average(100, 107), 100);
+        assert_eq!(moving_average(100, 93), 100);
+    }
+
+    /// Two synchronous requests; the second one's features come from the first.
+    fn pair() -> Vec<RequestRecord> {
+        let mut a = rec(ReqOp::Write, 800, 1000, 1100, 1500);
+        a.issue_distance = 800; // from sector 0: nothing issued before
+        let mut b = rec(ReqOp::Read, 80, 2000, 2300, 2600);
+        b.since_last_insert_ns = 1000;
+        b.issue_distance = 808 - 80;
+        b.dir_wait_ewma_ns = 0; // no read issued before
+        b.issue_gap_ewma_ns = 0; // one issue before: no gap yet
+        vec![a, b]
+    }
+
+    #[test]
+    fn a_consistent_chain_passes_and_any_changed_field_fails() {
+        let recs = pair();
+        assert_eq!(replay(&recs, 0).unwrap().checked, 2);
+        for change in 0..5 {
+            let mut bad = recs.clone();
+            match change {
+                0 => bad[1].since_last_insert_ns += 1,
+                1 => bad[1].issue_distance += 8,
+                2 => bad[1].inflight_write = 1,
+                3 => bad[1].dir_wait_ewma_ns = 100,
+                _ => bad[1].issue_gap_ewma_ns = 1,
+            }
+            assert!(replay(&bad, 0).is_err(), "change {change} not caught");
+            // A counted loss pays for a restart there.
+            let r = replay(&bad, 1).unwrap();
+            assert_eq!(r.restarts.len(), 1);
+        }
+    }
+
+    #[test]
+    fn concurrent_requests_are_counted_in_flight_and_queued() {
+        let a = rec(ReqOp::Write, 0, 1000, 5000, 6000);
+        let mut b = rec(ReqOp::Write, 8, 2000, 5100, 6100);
+        b.inflight_write = 1;
+        b.queued_write = 1;
+        b.since_last_insert_ns = 1000;
+        b.issue_distance = 8;
+        assert!(replay(&[a, b], 0).is_ok());
+        b.queued_write = 0;
+        assert!(replay(&[a, b], 0).is_err());
+    }
+}
