@@ -12,6 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 
@@ -132,6 +133,8 @@ struct Suite {
     /// The binary did not end the way libtest ends (crashed, killed, no result
     /// line, or a status that disagrees with the counts).
     broken: Option<String>,
+    /// Wall-clock time of the suite.
+    secs: f64,
 }
 
 impl Suite {
@@ -142,6 +145,7 @@ impl Suite {
             skipped: Vec::new(),
             failures: Vec::new(),
             broken: Some(why),
+            secs: 0.0,
         }
     }
 
@@ -185,6 +189,7 @@ fn judge(name: String, status: ExitStatus, t: Transcript, skipped: Vec<(String, 
         skipped,
         failures: t.failures,
         broken,
+        secs: 0.0,
     }
 }
 
@@ -302,13 +307,15 @@ fn run_suite(name: String, mut cmd: Command, skips: &Path) -> Result<Suite> {
     eprintln!("\nxtask: suite {name}");
     let line = display(&cmd);
     eprintln!("xtask: running {line}");
+    let started = std::time::Instant::now();
     let mut child = cmd
         .spawn()
         .with_context(|| format!("could not start `{line}`"))?;
     let stdout = child.stdout.take().context("test stdout")?;
     let transcript = Transcript::read(BufReader::new(stdout).lines().map_while(Result::ok), true);
     let status = child.wait()?;
-    let suite = judge(name, status, transcript, read_skips(skips));
+    let mut suite = judge(name, status, transcript, read_skips(skips));
+    suite.secs = started.elapsed().as_secs_f64();
     for (test, why) in &suite.skipped {
         eprintln!("xtask: {}: SKIPPED {test}: {why}", suite.name);
     }
@@ -328,6 +335,7 @@ fn binary_command(bin: &TestBinary, env: &[(&str, &Path)]) -> Command {
 
 impl TestArgs {
     pub fn execute(self) -> Result<ExitCode> {
+        let started = std::time::Instant::now();
         let root = workspace_root();
         let ci = in_ci();
         if ci {
@@ -350,6 +358,7 @@ impl TestArgs {
         // With the test hooks (kml-agent's `testing` feature: KML_TEST_SWAP_EVERY).
         let agent = build_all_with(false, &["testing"])?;
         let object = ebpf_object_path(&root);
+        let built = started.elapsed().as_secs_f64();
         let logs = host_target_dir(&root).join("xtask-test");
         let mut suites = Vec::new();
 
@@ -387,7 +396,19 @@ impl TestArgs {
             match build_tests(&root, &["-p", "kml-integration-tests"], &env)? {
                 Err(why) => suites.push(Suite::not_run("integration tests (build)".into(), why)),
                 Ok(bins) => {
+                    // The VM suite's guest kernel builds (niced) while the other
+                    // suites run: they mostly wait on I/O.
+                    let mut prebuild = if self.args.is_empty() {
+                        Some(VmPrebuild::start(&logs)?)
+                    } else {
+                        None
+                    };
                     for bin in &bins {
+                        if bin.name.ends_with("/vm") {
+                            if let Some(p) = prebuild.take() {
+                                p.finish();
+                            }
+                        }
                         let skips = skip_log(&logs, &bin.name)?;
                         let mut cmd = binary_command(bin, &env);
                         // One at a time (they share the block tracepoints), their
@@ -405,7 +426,76 @@ impl TestArgs {
             ));
         }
 
+        eprintln!(
+            "\nxtask: timings: setup, formatting and build {built:.0} s; everything {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
         Ok(summary(&steps, &suites, ci))
+    }
+}
+
+/// `cargo xtask vm --build-only` in the background, at the lowest CPU and I/O
+/// priority: the guest kernel (about 10 minutes on 2 cores the first time), the
+/// release agent and the initramfs, built while the integration tests run.
+struct VmPrebuild {
+    child: std::process::Child,
+    log: PathBuf,
+    started: std::time::Instant,
+}
+
+impl VmPrebuild {
+    fn start(logs: &Path) -> Result<VmPrebuild> {
+        std::fs::create_dir_all(logs)?;
+        let log = logs.join("vm-prebuild.log");
+        let out = std::fs::File::create(&log)?;
+        let mut cmd = Command::new("nice");
+        cmd.args(["-n", "19", "ionice", "-c", "3"])
+            .arg(std::env::current_exe().context("the xtask executable")?)
+            .args(["vm", "--build-only", "--quiet"])
+            .current_dir(workspace_root())
+            // Its own process group: make's jobs go with it if the run stops early.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out));
+        eprintln!(
+            "xtask: building the VM's kernel and initramfs in the background (log {})",
+            log.display()
+        );
+        eprintln!("xtask: running {}", display(&cmd));
+        let child = cmd.spawn().context("starting the VM prebuild")?;
+        Ok(VmPrebuild {
+            child,
+            log,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// Waits for the build; a failure is only reported here (the VM suite builds
+    /// again and says what is wrong).
+    fn finish(mut self) {
+        eprintln!("xtask: waiting for the VM prebuild");
+        match self.child.wait() {
+            Ok(status) => eprintln!(
+                "xtask: VM prebuild ended ({}) after {:.0} s; log {}",
+                describe_status(status),
+                self.started.elapsed().as_secs_f64(),
+                self.log.display()
+            ),
+            Err(e) => eprintln!("xtask: VM prebuild: {e}"),
+        }
+    }
+}
+
+impl Drop for VmPrebuild {
+    fn drop(&mut self) {
+        // Not waited for (the run ended early): stop it with the run.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &format!("-{}", self.child.id())])
+                .status();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -437,11 +527,12 @@ fn summary(steps: &[(&str, Step)], suites: &[Suite], ci: bool) -> ExitCode {
             String::new()
         };
         eprintln!(
-            "  {:<width$}  {:>4} passed  {:>3} skipped  {:>3} failed{filtered}{}",
+            "  {:<width$}  {:>4} passed  {:>3} skipped  {:>3} failed  {:>6.1} s{filtered}{}",
             s.name,
             s.passed_count(),
             s.skipped_count(),
             s.failed_count(),
+            s.secs,
             if s.ok() { "" } else { "  <-" }
         );
         passed += s.passed_count();
