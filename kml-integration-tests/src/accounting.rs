@@ -104,6 +104,14 @@ impl Losses {
             .saturating_sub(c.get(Counter::InflightRemoved))
             .saturating_sub(live_entries);
         terms.insert("lru_evictions".into(), evicted);
+        // An insert that finds a queued entry under its key is a requeued request
+        // coming back (not a loss), or, in classic tracepoint mode (keyed by
+        // sector), a second request at the sector of a queued one: one record for two.
+        terms.insert(
+            "reinserts_without_requeue".into(),
+            c.get(Counter::Reinserts)
+                .saturating_sub(c.get(Counter::Requeues)),
+        );
         Losses(terms)
     }
 
@@ -115,6 +123,8 @@ impl Losses {
             let n = line
                 .split(" | ")
                 .find_map(|part| {
+                    // The first part carries the line's prefix (`kml-agent: drops 0`).
+                    let part = part.rsplit(": ").next().unwrap_or(part);
                     let rest = part.trim().strip_prefix(name)?;
                     rest.trim().parse::<u64>().ok()
                 })
@@ -303,7 +313,7 @@ mod tests {
         assert!(explain("t", 10, 6, &l).is_err());
         assert!(explain("t", 10, 11, &l).is_err());
         let l = Losses::from_summary(
-            "drops 0 | missed events 2 | stale entries 1 | merged 4",
+            "kml-agent: drops 0 | missed events 2 | stale entries 1 | merged 4",
             &["drops", "missed events", "stale entries"],
         )
         .unwrap();

@@ -23,6 +23,10 @@ pub mod chain;
 use kml_agent::devices::BlockDevice;
 use kml_ebpf_common::ReqOp;
 
+/// `nr_requests` of a test device: the kernel's default for the loop driver's 128
+/// hardware tags with a scheduler (2 x 128).
+pub const DEFAULT_NR_REQUESTS: u32 = 256;
+
 /// A file-backed loop device (direct I/O on the backing file) using mq-deadline.
 /// Detached and its backing file removed on drop.
 pub struct LoopDevice {
@@ -64,7 +68,16 @@ impl LoopDevice {
             path,
             backing,
         };
+        // Loop devices are reused, and a queue keeps its settings across detach and
+        // attach (the disk statistics too: tests use differences). A fresh
+        // mq-deadline instance has the kernel's defaults; nr_requests belongs to the
+        // queue: set to the default for the loop driver's 128 tags (2 x 128).
+        dev.set_queue("scheduler", "none")?;
         dev.set_queue("scheduler", "mq-deadline")?;
+        let nr = std::fs::read_to_string(dev.sys().join("queue/nr_requests"))?;
+        if nr.trim() != DEFAULT_NR_REQUESTS.to_string() {
+            dev.set_queue("nr_requests", &DEFAULT_NR_REQUESTS.to_string())?;
+        }
         dev.set_iosched("read_expire", &read_expire_ms.to_string())?;
         dev.set_iosched("write_expire", &write_expire_ms.to_string())?;
         Ok(dev)
