@@ -215,6 +215,10 @@ fn torn_slots_are_never_used(dir: &Path, active_version: u32) -> Result<()> {
     );
 
     control.set(0, ModelControl { slot: idle, ..ctl }, 0)?;
+    // Program runs that read the control before the flip may still score with the
+    // active model: count from a moment after they ended.
+    std::thread::sleep(Duration::from_millis(50));
+    let (v1, r1) = scored(&counters(dir)?);
     std::thread::sleep(Duration::from_millis(500));
     let (v2, r2) = scored(&counters(dir)?);
     control.set(0, ctl, 0)?;
@@ -658,5 +662,66 @@ fn a_restart_on_other_devices_adopts_and_retargets_the_pinned_programs() -> Resu
     signal(&agent.child.0, libc::SIGINT);
     ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
     ensure!(!pins.0.exists(), "pins left behind");
+    leaks.assert_none_left()
+}
+
+/// Records that reach the pinned ring while no agent runs wait there: the next
+/// agent adopts the ring and consumes every one of them. The first agent sees no
+/// I/O at all (so it leaves nothing behind); with no agent, a known pattern of
+/// requests; the adopting agent, with no further I/O, must report exactly those.
+#[test]
+fn an_adopted_agent_consumes_the_records_that_waited() -> Result<()> {
+    let leaks = LeakCheck::start()?;
+    let dev = LoopDevice::new(64, 500, 5000)?;
+    let pins = PinDir::new("waiting");
+    let args = |duration: &'static str| -> Vec<String> {
+        [
+            "run",
+            "--device",
+            &dev.name,
+            "--retrain-every",
+            "0",
+            "--pin",
+            "--pin-dir",
+            pins.arg(),
+            "--duration",
+            duration,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let first_args = args("120s");
+    let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
+    let mut first = spawn_agent_with_env(&first_args, &[])?;
+    wait_for_line(&first.stderr, "observing", Duration::from_secs(60))?;
+    kill9(&mut first)?;
+    let before = counters(&pins.0)?;
+    let pattern = scattered_pattern(500, 64, 8);
+    issue_direct(&dev, &pattern)?;
+    let after = counters(&pins.0)?;
+    let waiting = after.get(Counter::Records) - before.get(Counter::Records);
+    ensure!(
+        waiting == pattern.len() as u64,
+        "{waiting} records emitted into the orphaned ring for {} requests: counters {before:?} -> {after:?}",
+        pattern.len()
+    );
+    let second_args = args("3s");
+    let second_args: Vec<&str> = second_args.iter().map(String::as_str).collect();
+    let mut second = spawn_agent_with_env(&second_args, &[])?;
+    let line = wait_for_line(&second.stderr, "maps pinned at", Duration::from_secs(60))?;
+    ensure!(line.contains("adopted"), "not adopted: {line}");
+    let summary = wait_for_line(&second.stderr, " records in ", Duration::from_secs(30))?;
+    ensure!(
+        second.child.0.wait()?.success(),
+        "the adopting agent failed"
+    );
+    ensure!(
+        summary.starts_with(&format!("kml-agent: {} records in ", pattern.len()))
+            && summary.contains("drops 0 |"),
+        "the adopting agent did not consume exactly the {} waiting records: {summary}",
+        pattern.len()
+    );
+    ensure!(!pins.0.exists(), "pins left behind after a clean exit");
     leaks.assert_none_left()
 }
