@@ -4,17 +4,14 @@
 //! started after a SIGKILLed one restores what that one changed.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{ensure, Context as _, Result};
-use kml_agent::act::tune::{
-    policy::{SafeRange, Tunables},
-    state::TuneState,
-    sysfs::Queue,
-};
+use kml_agent::act::tune::{policy::Tunables, state::TuneState, sysfs::Queue};
 use kml_integration_tests::{
     agent_bin, assert_no_kml_programs, signal, spawn_agent_with_env, wait_for_line, wait_until,
     Agent, ChildGuard, LoopDevice,
@@ -120,13 +117,69 @@ fn exit_code(agent: &mut Agent, timeout: Duration) -> Result<i32> {
     Ok(agent.child.0.wait()?.code().unwrap_or(-1))
 }
 
+/// The test device as the kernel makes it: a fresh loop device with mq-deadline.
+/// Its stock tunables and tags, written down here rather than taken from the
+/// agent, so that the safe range below is the documented one (docs/tuning.md),
+/// not whatever the code under test computes.
+const STOCK: Tunables = Tunables {
+    fifo_batch: 16,
+    writes_starved: 2,
+    async_depth: 256,
+};
+/// min(nr_requests 256, the loop driver's 128 hardware tags).
+const STOCK_TAGS: u32 = 128;
+
+/// docs/tuning.md's safe range for [`STOCK`]: fifo_batch 1 … original, writes_starved
+/// original … max(original, 16), async_depth max(tags/2, 4) … original.
+fn documented_range(t: &Tunables) -> bool {
+    (1..=16).contains(&t.fifo_batch)
+        && (2..=16).contains(&t.writes_starved)
+        && (64..=256).contains(&t.async_depth)
+}
+
+/// Every iosched attribute but the three tunables kml may change (the expiries,
+/// front_merges, prio_aging_expire, ...): name → value.
+fn untouchable(dev: &LoopDevice) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dev.sys().join("queue/iosched"))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !Tunables::NAMES.contains(&name.as_str()) {
+            out.insert(name, std::fs::read_to_string(e.path())?.trim().to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// The test device is the one the constants describe, or the test cannot judge.
+fn stock_device(dev: &LoopDevice, queue: &Queue) -> Result<Option<Tunables>> {
+    let originals = queue.read()?;
+    let tags = queue.tags()?;
+    if originals != STOCK || tags != STOCK_TAGS {
+        kml_testkit::skip::<()>(format_args!(
+            "{} came up with {originals:?} and {tags} tags, not the stock {STOCK:?} and \
+             {STOCK_TAGS} tags this test's safe range is written for (another kernel?)",
+            dev.name
+        ));
+        return Ok(None);
+    }
+    Ok(Some(originals))
+}
+
 #[test]
 fn tunes_when_reads_are_predicted_at_risk_and_restores_on_sigterm() -> Result<()> {
     let scratch = Scratch::new("raise")?;
     let dev = LoopDevice::new(256, 500, 5000)?;
     let queue = Queue::of(&dev.name);
-    let originals = queue.read()?;
-    let range = SafeRange::of(&originals, queue.tags()?);
+    let Some(originals) = stock_device(&dev, &queue)? else {
+        return Ok(());
+    };
+    let fixed = untouchable(&dev)?;
+    ensure!(
+        fixed.get("read_expire").map(String::as_str) == Some("500")
+            && fixed.get("write_expire").map(String::as_str) == Some("5000"),
+        "expiries not as set: {fixed:?}"
+    );
     let model = constant_model(&scratch.0, true)?;
     let mut agent = tune_agent(&dev, &model, &scratch.state_dir(), &[])?;
     // Saved before the first change.
@@ -135,16 +188,29 @@ fn tunes_when_reads_are_predicted_at_risk_and_restores_on_sigterm() -> Result<()
     let _io = mixed_io(&dev, 30)?;
     // Every value the kernel reports while the agent works stays in range.
     let mut seen = vec![originals];
+    // And nothing else in iosched/ ever changes: the expiries are the deadlines.
+    let mut touched = None;
     let raised = wait_until(Duration::from_secs(20), || {
         if let Ok(t) = queue.read() {
             if seen.last() != Some(&t) {
                 seen.push(t);
             }
         }
+        match untouchable(&dev) {
+            Ok(now) if now != fixed => touched = Some(now),
+            _ => {}
+        }
         seen.len() >= 3
     });
+    ensure!(
+        touched.is_none(),
+        "tuning changed attributes it must never touch: {fixed:?} -> {touched:?}"
+    );
     for t in &seen {
-        ensure!(range.contains(t), "{t:?} outside the safe range {range:?}");
+        ensure!(
+            documented_range(t),
+            "{t:?} outside the documented safe range of the stock device"
+        );
     }
     ensure!(raised, "the tunables did not move twice in 20 s: {seen:?}");
     let line = wait_for_line(&agent.stderr, "raise level", Duration::from_secs(5))?;
@@ -178,6 +244,10 @@ fn tunes_when_reads_are_predicted_at_risk_and_restores_on_sigterm() -> Result<()
         queue.read()? == originals,
         "not restored: {:?}",
         queue.read()?
+    );
+    ensure!(
+        untouchable(&dev)? == fixed,
+        "untouchable attributes changed"
     );
     ensure!(
         !TuneState::path(&scratch.state_dir(), &dev.name).exists(),
