@@ -528,27 +528,73 @@ mod tests {
         assert_eq!(w.read_risk(), (0.3, RiskSource::Observed));
     }
 
+    /// Any window, every field drawn on its own: the write p99 independently of
+    /// the read p99, the bytes independently of the counts, and both often equal
+    /// to a fixed value, so that consecutive windows differ in one budget at a time
+    /// (each undo path runs, not only the throughput one).
     fn any_window() -> impl Strategy<Value = WindowStats> {
+        let p99 = prop_oneof![1 => Just(4_000_000u64), 3 => 1u64..1 << 30];
+        let bytes = prop_oneof![1 => Just(1u64 << 26), 3 => 1u64..1 << 30];
         (
-            0u64..5000,
-            0u64..5000,
-            0u64..5000,
-            1u64..1 << 30,
-            1u64..1 << 30,
+            (0u64..5000, 0u64..5000, 0u64..5000, 0u64..5000, 0u64..5000),
+            (p99.clone(), p99, bytes, 0u64..=100),
         )
-            .prop_map(|(reads, risk, writes, bytes, p99)| WindowStats {
-                secs: 1.0,
-                reads,
-                writes,
-                reads_scored: reads,
-                reads_at_risk: risk.min(reads),
-                reads_missed: risk.min(reads) / 2,
-                writes_missed: 0,
-                read_p99_ns: p99,
-                write_p99_ns: p99 / 2 + 1,
-                bytes,
-                write_bytes: bytes / 2,
-            })
+            .prop_map(
+                |(
+                    (reads, scored, risk, missed, writes),
+                    (read_p99, write_p99, bytes, write_pct),
+                )| {
+                    WindowStats {
+                        secs: 1.0,
+                        reads,
+                        writes,
+                        reads_scored: scored.min(reads),
+                        reads_at_risk: risk.min(scored.min(reads)),
+                        reads_missed: missed.min(reads),
+                        writes_missed: missed.min(writes),
+                        read_p99_ns: read_p99,
+                        write_p99_ns: write_p99,
+                        bytes,
+                        write_bytes: bytes / 100 * write_pct,
+                    }
+                },
+            )
+    }
+
+    /// docs/tuning.md's budget rule, stated on its own: a raise is undone on the
+    /// next window when throughput fell by more than 5%, or, with at least 20
+    /// writes in both windows, the write p99 rose by more than 30%.
+    fn documented_over_budget(before: &WindowStats, after: &WindowStats) -> bool {
+        let (t0, t1) = (before.throughput(), after.throughput());
+        let fell = t0 > 0.0 && t1 < t0 * 0.95;
+        let judged = before.writes >= 20 && after.writes >= 20;
+        let rose = judged
+            && before.write_p99_ns > 0
+            && after.write_p99_ns as f64 > before.write_p99_ns as f64 * 1.30;
+        fell || rose
+    }
+
+    #[test]
+    fn the_window_generator_runs_both_undo_paths() {
+        use proptest::{strategy::ValueTree as _, test_runner::TestRunner};
+        let mut runner = TestRunner::deterministic();
+        let (mut by_throughput, mut by_write_p99) = (0, 0);
+        for _ in 0..2000 {
+            let a = any_window().new_tree(&mut runner).unwrap().current();
+            let b = any_window().new_tree(&mut runner).unwrap().current();
+            if !documented_over_budget(&a, &b) {
+                continue;
+            }
+            if b.throughput() < a.throughput() * 0.95 {
+                by_throughput += 1;
+            } else {
+                by_write_p99 += 1;
+            }
+        }
+        assert!(
+            by_throughput > 100 && by_write_p99 > 100,
+            "undo by throughput {by_throughput}, by write p99 {by_write_p99} of 2000 pairs"
+        );
     }
 
     proptest! {
@@ -563,15 +609,30 @@ mod tests {
             prop_assert!(range.contains(&settings(level, &o, nr)));
         }
 
+        /// One level at a time; and the window after a raise undoes it exactly
+        /// when the documented budget rule says it broke its budget, naming which.
         #[test]
         fn any_sequence_moves_one_level_at_a_time(ws in proptest::collection::vec(any_window(), 1..60)) {
             let mut p = Policy::new(TuneConfig::default());
+            let mut raised_on: Option<WindowStats> = None;
             for (i, w) in ws.iter().enumerate() {
                 let before = p.level();
-                if let Some(d) = p.decide(Duration::from_secs(5 * i as u64), w) {
+                let decision = p.decide(Duration::from_secs(5 * i as u64), w);
+                if let Some(baseline) = raised_on.take() {
+                    let undo = decision.as_ref().is_some_and(|d| d.action == Action::Undo);
+                    prop_assert_eq!(undo, documented_over_budget(&baseline, w),
+                        "after a raise on {:?}, window {:?} gave {:?}", baseline, w, decision);
+                    if let Some(d) = decision.as_ref().filter(|_| undo) {
+                        prop_assert!(d.reason.contains("throughput fell") || d.reason.contains("write p99 rose"), "{}", d.reason);
+                    }
+                }
+                if let Some(d) = &decision {
                     prop_assert_eq!(d.from_level, before);
                     prop_assert_eq!(d.to_level, p.level());
                     prop_assert!(d.from_level.abs_diff(d.to_level) == 1);
+                    if d.action == Action::Raise {
+                        raised_on = Some(*w);
+                    }
                 } else {
                     prop_assert_eq!(p.level(), before);
                 }
