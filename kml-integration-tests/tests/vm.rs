@@ -85,6 +85,7 @@ fn vm_smoke_verdicts_change_dispatch_order() {
             .any(|l| l.starts_with("qemu-system-x86_64") && l.contains("kml.mode=smoke")),
         "a smoke-test QEMU is still running"
     );
+    kml_integration_tests::assert_no_kml_programs().expect("no kml program left loaded");
 }
 
 /// On a kernel without the patch, `kml-agent hook`, `run --act` and `run --attach

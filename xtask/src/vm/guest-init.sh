@@ -183,6 +183,8 @@ run_fio() {
 if [ "$MODE" = smoke ]; then
     JOB=/kml/workloads/smoke.fio
     [ -f $JOB ] || fail "no $JOB"
+    # Runs whose dispatch order is compared take 8 s; those that only count take 3.
+    export KML_SMOKE_RUNTIME=8
     echo "kml-guest: smoke: stock run (no program attached)"
     b0=$(boosts)
     trace_start
@@ -200,28 +202,51 @@ if [ "$MODE" = smoke ]; then
     cat /tmp/smoke.hook.agent.log
     echo "stock $b0 $b1" > $OUT/smoke.boosts
     echo "hook $b1 $b2" >> $OUT/smoke.boosts
-    # The same verdicts through the other attach path: fmod_ret.
-    echo "kml-guest: smoke: fmod_ret run (policy reads)"
+    # The same verdicts through the other attach path, fmod_ret, under a cap of
+    # one boost per direction per read_expire window.
+    export KML_SMOKE_RUNTIME=3
+    echo "kml-guest: smoke: fmod_ret run (policy reads, kml_boost_max 1)"
+    cap_default=$(cat $Q/iosched/kml_boost_max)
+    echo 1 > $Q/iosched/kml_boost_max || fail "cannot set kml_boost_max 1"
     HOOK_VIA="--via fmod-ret"
     start_hook reads /tmp/smoke.fmodret.agent.log
     HOOK_VIA=
+    t0=$(cut -d' ' -f1 /proc/uptime)
     trace_start
     run_fio $JOB smoke.fmodret
     trace_stop $OUT/smoke.fmodret.trace
     b3=$(boosts)
+    t1=$(cut -d' ' -f1 /proc/uptime)
     stop_hook /tmp/smoke.fmodret.agent.log
+    echo "$cap_default" > $Q/iosched/kml_boost_max || fail "cannot restore kml_boost_max"
     cp /tmp/smoke.fmodret.agent.log /tmp/smoke.fmodret.agent.json $OUT/
     echo "hook $b2 $b3" > $OUT/smoke.fmodret.boosts
+    echo "boost_max 1 read_expire_ms $(cat $Q/iosched/read_expire) uptime $t0 $t1" > $OUT/smoke.fmodret.cap
+    # The fixed policies that must not boost: off (every call says no), and
+    # reads-under-writes with no write queued; then reads-under-writes with writes.
+    for run in off:smoke.fio:smoke.off reads-under-writes:smoke-reads.fio:smoke.rwalone reads-under-writes:smoke.fio:smoke.rw; do
+        policy=${run%%:*}; rest=${run#*:}; job=/kml/workloads/${rest%%:*}; name=${rest#*:}
+        echo "kml-guest: smoke: $name run (policy $policy, $(basename $job))"
+        start_hook $policy /tmp/$name.agent.log
+        bb=$(boosts)
+        run_fio $job $name
+        ba=$(boosts)
+        stop_hook /tmp/$name.agent.log
+        cp /tmp/$name.agent.log /tmp/$name.agent.json $OUT/
+        echo "hook $bb $ba" > $OUT/$name.boosts
+    done
     # The model path: observers + a model + the verdict program (kml-agent run
     # --act), with hand-set models whose verdicts are known: none at risk, all at risk.
     echo "kml-guest: smoke: model run, a model that flags no request"
+    b3n=$(boosts)
     start_hook model-reads /tmp/smoke.never.agent.log smoke-never-at-risk
     run_fio $JOB smoke.never
     b4=$(boosts)
     stop_hook /tmp/smoke.never.agent.log
     cp /tmp/smoke.never.agent.log /tmp/smoke.never.agent.json $OUT/
-    echo "hook $b3 $b4" > $OUT/smoke.never.boosts
+    echo "hook $b3n $b4" > $OUT/smoke.never.boosts
     echo "kml-guest: smoke: model run, a model that flags every request"
+    export KML_SMOKE_RUNTIME=8
     start_hook model-reads /tmp/smoke.model.agent.log smoke-always-at-risk
     trace_start
     run_fio $JOB smoke.model
@@ -231,13 +256,13 @@ if [ "$MODE" = smoke ]; then
     cp /tmp/smoke.model.agent.log /tmp/smoke.model.agent.json $OUT/
     grep "kml-agent: hook" /tmp/smoke.model.agent.log
     echo "hook $b4 $b5" > $OUT/smoke.model.boosts
-    set -- $b0 $b1 $b2 $b3 $b4 $b5
+    set -- $b0 $b1 $b2 $b3 $b3n $b4 $b5
     stock_boosts=$(($3 - $1))
     hook_boosts=$(($5 - $3))
     hook_capped=$(($6 - $4))
     fmodret_boosts=$(($7 - $5))
-    never_boosts=$(($9 - $7))
-    model_boosts=$((${11} - $9))
+    never_boosts=$((${11} - $9))
+    model_boosts=$((${13} - ${11}))
     echo "kml-guest: smoke: kernel boosts: stock run $stock_boosts, kprobe run $hook_boosts (refused by the cap: $hook_capped), fmod_ret run $fmodret_boosts, model runs: never $never_boosts, always $model_boosts"
     [ $stock_boosts = 0 ] || fail "requests were boosted with no program attached ($stock_boosts)"
     [ $hook_boosts -gt 0 ] || fail "the kprobe hook run boosted no request (kml_boosts did not move)"

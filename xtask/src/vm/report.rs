@@ -193,6 +193,42 @@ pub struct HookCounts {
     pub no_verdict: u64,
 }
 
+/// The boost cap of a run (`smoke.fmodret.cap`: `boost_max N read_expire_ms N
+/// uptime T0 T1`, the guest's uptime in seconds around the run).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cap {
+    pub boost_max: u64,
+    pub window_ms: u64,
+    pub elapsed_s: f64,
+}
+
+impl Cap {
+    /// The most boosts one direction can get: `boost_max` in each window, a window
+    /// opening at the first verdict after the last one closed.
+    pub fn allowed(&self) -> u64 {
+        let windows = (self.elapsed_s * 1000.0 / self.window_ms.max(1) as f64).floor() as u64 + 1;
+        self.boost_max * windows
+    }
+}
+
+pub fn parse_cap(text: &str) -> Result<Cap> {
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let num = |key: &str, k: usize| -> Result<f64> {
+        let i = f
+            .iter()
+            .position(|w| *w == key)
+            .with_context(|| format!("no `{key}` in {text:?}"))?;
+        f.get(i + k)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("`{key}` without a number in {text:?}"))
+    };
+    Ok(Cap {
+        boost_max: num("boost_max", 1)? as u64,
+        window_ms: num("read_expire_ms", 1)? as u64,
+        elapsed_s: num("uptime", 2)? - num("uptime", 1)?,
+    })
+}
+
 /// The agent's event `name` (the last one) from its JSON events, one a line.
 pub fn agent_event(events: &str, name: &str) -> Option<Value> {
     events
@@ -491,6 +527,16 @@ pub fn dispatch_order(trace: &str) -> OrderStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boost_cap_bound() {
+        let c = parse_cap("boost_max 1 read_expire_ms 500 uptime 10.25 14.30\n").unwrap();
+        assert_eq!((c.boost_max, c.window_ms), (1, 500));
+        assert!((c.elapsed_s - 4.05).abs() < 1e-9);
+        // 4.05 s: windows opening at 0, 0.5, ..., 4.0 s.
+        assert_eq!(c.allowed(), 9);
+        assert!(parse_cap("boost_max 1").is_err());
+    }
 
     const FIO: &str = r#"note: a warning line
 {

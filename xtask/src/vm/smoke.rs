@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::report::{
-    agent_summary, dispatch_order, hook_counts, parse_boosts, Boosts, Comparison, HookCounts,
-    OrderStats, RunStats,
+    agent_summary, dispatch_order, hook_counts, parse_boosts, parse_cap, Boosts, Cap, Comparison,
+    HookCounts, OrderStats, RunStats,
 };
 use super::RunContext;
 
@@ -31,6 +31,12 @@ struct Smoke {
     model_boosts: Boosts,
     model_hook: Option<HookCounts>,
     model_order: OrderStats,
+    /// The fixed policies: off, reads-under-writes with reads alone, and with writes.
+    off: (Boosts, Option<HookCounts>),
+    rw_alone: (Boosts, Option<HookCounts>),
+    rw: (Boosts, Option<HookCounts>),
+    /// The boost cap of the fmod_ret run.
+    cap: Cap,
 }
 
 impl Smoke {
@@ -51,12 +57,75 @@ impl Smoke {
             model_boosts: parse_boosts(&ctx.read("smoke.model.boosts")?)?,
             model_hook: hook_counts(&ctx.read("smoke.model.agent.json")?),
             model_order: dispatch_order(&ctx.read("smoke.model.trace")?),
+            off: fixed_run(ctx, "smoke.off")?,
+            rw_alone: fixed_run(ctx, "smoke.rwalone")?,
+            rw: fixed_run(ctx, "smoke.rw")?,
+            cap: parse_cap(&ctx.read("smoke.fmodret.cap")?)?,
         })
+    }
+
+    /// The fixed policies and the cap: off never boosts though the program runs,
+    /// reads-under-writes boosts nothing while no write is queued and boosts under
+    /// writes, and the kernel keeps to kml_boost_max per read_expire window.
+    fn policy_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match self.off {
+            (b, Some(h)) if h.calls > 0 && h.verdicts == 0 && b.hook_boosts == 0 => {}
+            (b, h) => problems.push(format!(
+                "policy off: the program must run and never boost: {h:?}, {} served early",
+                b.hook_boosts
+            )),
+        }
+        match self.rw_alone {
+            (b, Some(h)) if h.reads > 0 && h.verdicts == 0 && b.hook_boosts == 0 => {}
+            (b, h) => problems.push(format!(
+                "reads-under-writes with no write queued: the program must see reads and boost none: {h:?}, {} served early",
+                b.hook_boosts
+            )),
+        }
+        match self.rw {
+            (b, Some(h)) if h.verdicts > 0 && b.hook_boosts > 0 => {}
+            (b, h) => problems.push(format!(
+                "reads-under-writes under writes: no read served early ({} boosts, {h:?})",
+                b.hook_boosts
+            )),
+        }
+        let allowed = self.cap.allowed();
+        let f = self.fmodret_boosts;
+        if f.hook_boosts > allowed || f.hook_capped == 0 {
+            problems.push(format!(
+                "boost cap {} per {} ms window over {:.1} s allows at most {allowed} boosts and must refuse \
+                 some: {} served early, {} refused",
+                self.cap.boost_max, self.cap.window_ms, self.cap.elapsed_s, f.hook_boosts, f.hook_capped
+            ));
+        }
+        problems
+    }
+
+    /// The fixed policies' and the cap's paragraph of the report.
+    fn policy_paragraph(&self, hook_line: impl Fn(Option<HookCounts>) -> String) -> String {
+        format!(
+            "Fixed policies (3 s each): off: {}, kernel boosts {}; reads-under-writes, reads alone: {}, kernel \
+             boosts {}; reads-under-writes, the smoke case: {}, kernel boosts {}. Boost cap (the fmod_ret run, \
+             kml_boost_max {} per {} ms window, {:.1} s): {} served early (at most {}), {} refused.\n",
+            hook_line(self.off.1),
+            self.off.0.hook_boosts,
+            hook_line(self.rw_alone.1),
+            self.rw_alone.0.hook_boosts,
+            hook_line(self.rw.1),
+            self.rw.0.hook_boosts,
+            self.cap.boost_max,
+            self.cap.window_ms,
+            self.cap.elapsed_s,
+            self.fmodret_boosts.hook_boosts,
+            self.cap.allowed(),
+            self.fmodret_boosts.hook_capped
+        )
     }
 
     /// What went wrong (empty: PASS).
     fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.policy_problems();
         match self.never_hook {
             None => {
                 problems.push("the never-at-risk model run printed no hook counters".to_owned())
@@ -214,6 +283,7 @@ impl Smoke {
                 )
             })
         };
+        let _ = writeln!(md, "{}", self.policy_paragraph(hook_line));
         let _ = writeln!(
             md,
             "Model runs: none at risk: {}, kernel boosts {}; all at risk: {}, kernel boosts {}.\n",
@@ -258,6 +328,14 @@ impl Smoke {
             guest_secs
         )
     }
+}
+
+/// A fixed-policy run's boosts and the verdict program's counters.
+fn fixed_run(ctx: &RunContext, name: &str) -> Result<(Boosts, Option<HookCounts>)> {
+    Ok((
+        parse_boosts(&ctx.read(&format!("{name}.boosts"))?)?,
+        hook_counts(&ctx.read(&format!("{name}.agent.json"))?),
+    ))
 }
 
 /// Checks the smoke run and writes its report; fails when a check failed.
