@@ -142,8 +142,7 @@ mod tests {
             Err(e) => {
                 // Only a build without `cargo xtask build` lacks it; `cargo xtask
                 // test` always has it.
-                eprintln!("skipped: no eBPF object ({e:#})");
-                return;
+                return kml_testkit::skip(format_args!("no eBPF object ({e:#})"));
             }
         };
         let obj = aya_obj::Object::parse(&object).expect("the eBPF object parses");

@@ -695,6 +695,68 @@ test result: ok. 4 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; fini
         assert_eq!(bins[0].package_dir, Path::new("/w/kml-agent"));
     }
 
+    /// Test code of the workspace: `tests/*.rs` of every crate, and what follows
+    /// `#[cfg(test)]` in its sources.
+    fn test_code() -> Vec<(PathBuf, String)> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                let name = e.file_name();
+                if p.is_dir() && name != "target" && name != ".git" {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    out.push(p);
+                }
+            }
+        }
+        let root = workspace_root();
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(&root).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() && (n.starts_with("kml") || n == "xtask") && n != "kml-testkit" {
+                walk(&e.path(), &mut files);
+            }
+        }
+        files
+            .into_iter()
+            .filter_map(|p| {
+                let text = std::fs::read_to_string(&p).ok()?;
+                let in_tests_dir = p.components().any(|c| c.as_os_str() == "tests");
+                let code = if in_tests_dir {
+                    text
+                } else {
+                    text.split_once("#[cfg(test)]")?.1.to_owned()
+                };
+                Some((p, code))
+            })
+            .collect()
+    }
+
+    /// A test that cannot run must say so through `kml_testkit::skip` (counted,
+    /// and a failure in CI), never by printing "skip" and returning.
+    #[test]
+    fn no_test_skips_on_its_own() {
+        let mut found = Vec::new();
+        for (path, code) in test_code() {
+            for (at, _) in code.match_indices("eprintln!(") {
+                let tail = &code[at..];
+                let end = tail.find(");").unwrap_or(tail.len());
+                if tail[..end].to_lowercase().contains("skip") {
+                    found.push(format!(
+                        "{}: {}",
+                        path.display(),
+                        tail[..end].lines().next().unwrap_or("")
+                    ));
+                }
+            }
+        }
+        assert!(
+            found.is_empty(),
+            "tests that skip by printing instead of kml_testkit::skip:\n{}",
+            found.join("\n")
+        );
+    }
+
     #[test]
     fn skip_logs_count_each_test_once() {
         let dir = std::env::temp_dir().join(format!("kml-skiplog-{}", std::process::id()));
