@@ -155,6 +155,46 @@ impl fmt::Display for Losses {
     }
 }
 
+/// The runs the kernel skipped, summed over the observer's programs
+/// (`recursion_misses`: a program that would nest in itself, or, for classic
+/// tracepoints, in any tracing program on the CPU). Read while the programs are
+/// loaded: detaching unloads them and their statistics with them, so a count read
+/// after it would be a silent 0.
+pub fn recursion_misses(observer: &kml_agent::observe::Observer) -> Result<u64> {
+    let stats = observer.program_stats()?;
+    ensure!(
+        stats.len() == kml_ebpf_common::abi::names::EVENTS.len(),
+        "statistics of {} programs, expected one per block event: {stats:?}",
+        stats.len()
+    );
+    Ok(stats.iter().map(|p| p.recursion_misses).sum())
+}
+
+/// Name and `recursion_misses` (the runs the kernel skipped) of each loaded BPF
+/// program among `ids`, from `bpftool prog show`.
+pub fn program_misses(ids: &std::collections::BTreeSet<u32>) -> Result<Vec<(String, u64)>> {
+    Ok(bpftool_json(&["prog", "show"])?
+        .into_iter()
+        .filter(|p| {
+            p["id"]
+                .as_u64()
+                .is_some_and(|id| ids.contains(&(id as u32)))
+        })
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or("?").to_owned(),
+                p["recursion_misses"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect())
+}
+
+/// [`program_misses`] of the programs process `pid` holds (another tool's, such
+/// as bpftrace's).
+pub fn program_misses_of(pid: u32) -> Result<Vec<(String, u64)>> {
+    program_misses(&crate::prog_ids_of(pid))
+}
+
 /// `expected` requests, `seen` records: every missing record must be counted by a
 /// loss term, and no record may appear that was not expected.
 pub fn explain(what: &str, expected: u64, seen: u64, losses: &Losses) -> Result<u64> {

@@ -11,10 +11,12 @@
 //! A request whose record was lost (each loss counted by the kernel, see
 //! [`crate::accounting`]) still moved the kernel's state, invisibly to the host:
 //! at the first record that disagrees after one, the chain *restarts* from what
-//! that record says, and checking goes on. Each counted loss pays for at most two
-//! restarts (one where its record is missing, one where the kernel releases its
-//! stale entry); with no loss there is no restart: every field of every record
-//! must match.
+//! that record says (and what it cannot say, the other direction's wait average
+//! and the issue-gap average it is about to move, from the next records that show
+//! them), and checking goes on. Each counted loss pays for at most two restarts
+//! (one where its record is missing, one where the kernel releases its stale
+//! entry); with no loss there is no restart: every field of every record must
+//! match.
 
 use anyhow::{bail, Result};
 use kml_ebpf_common::{ReqOp, RequestRecord};
@@ -73,6 +75,11 @@ struct State {
     last_issue_ns: u64,
     gap_ewma: u64,
     wait_ewma: [u64; 2],
+    /// After a restart: values a lost request may have moved that the restarting
+    /// record does not show (the gap average until the next issue is seen, the
+    /// other direction's wait average): taken from the next record that shows them.
+    gap_unknown: bool,
+    wait_unknown: [bool; 2],
 }
 
 fn dir(r: &RequestRecord) -> usize {
@@ -80,8 +87,16 @@ fn dir(r: &RequestRecord) -> usize {
 }
 
 impl State {
-    fn expect(&self, r: &RequestRecord) -> Snapshot {
+    fn expect(&mut self, r: &RequestRecord) -> Snapshot {
         let d = dir(r);
+        if self.wait_unknown[d] {
+            self.wait_ewma[d] = r.dir_wait_ewma_ns;
+            self.wait_unknown[d] = false;
+        }
+        if self.gap_unknown {
+            self.gap_ewma = r.issue_gap_ewma_ns;
+            self.gap_unknown = false;
+        }
         Snapshot {
             inflight_read: self.inflight[0],
             inflight_write: self.inflight[1],
@@ -101,10 +116,16 @@ impl State {
     /// Takes what a record says as the truth (a restart).
     fn adopt(&mut self, r: &RequestRecord) {
         let s = Snapshot::of(r);
+        let d = dir(r);
         self.inflight = [s.inflight_read, s.inflight_write];
         self.queued = [s.queued_read, s.queued_write];
-        self.wait_ewma[dir(r)] = s.dir_wait_ewma_ns;
+        self.wait_ewma[d] = s.dir_wait_ewma_ns;
         self.gap_ewma = s.issue_gap_ewma_ns;
+        // The other direction's average, and the gap average as this record's
+        // issue will move it (from an unseen last issue), come from later records.
+        self.wait_unknown[1 - d] = true;
+        self.gap_unknown = true;
+        self.last_issue_ns = 0;
         // The distance is from the last issued end: the record pins it only up to
         // the side; the next issue sets it again.
     }
@@ -120,7 +141,7 @@ impl State {
         let d = dir(r);
         self.queued[d] = self.queued[d].saturating_sub(1);
         self.wait_ewma[d] = moving_average(self.wait_ewma[d], r.issue_ns - r.insert_ns);
-        if self.last_issue_ns != 0 && r.issue_ns > self.last_issue_ns {
+        if !self.gap_unknown && self.last_issue_ns != 0 && r.issue_ns > self.last_issue_ns {
             self.gap_ewma = moving_average(self.gap_ewma, r.issue_ns - self.last_issue_ns);
         }
         self.last_issue_ns = r.issue_ns;

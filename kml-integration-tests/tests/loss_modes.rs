@@ -18,7 +18,7 @@ use kml_ebpf_common::{
     Counter, ReqOp, RequestRecord, Verdict,
 };
 use kml_integration_tests::{
-    accounting::{alone_on_the_block_tracepoints, explain, DiskStats, Losses},
+    accounting::{alone_on_the_block_tracepoints, explain, recursion_misses, DiskStats, Losses},
     agent_bin, assert_no_kml_programs, LoopDevice,
 };
 use kml_learn::QuantizedModel;
@@ -114,14 +114,10 @@ fn drop_mode_samples_out_only_far_from_the_boundary() -> Result<()> {
             }
         }
         let stats = before.delta(&DiskStats::read(&dev.name)?);
+        let missed = recursion_misses(&observer)?;
         observer.detach();
         stream.drain(&mut records);
         let counters = observer.counters()?;
-        let missed: u64 = observer
-            .program_stats()?
-            .iter()
-            .map(|p| p.recursion_misses)
-            .sum();
         let losses = Losses::from_counters(&counters, missed, observer.live_inflight()?);
         anyhow::Ok((records, counters, losses, stats))
     })?;
@@ -153,11 +149,13 @@ fn drop_mode_samples_out_only_far_from_the_boundary() -> Result<()> {
             r.op()
         );
     }
-    // Every read completed on the device is a record, but for ring-full drops
-    // (sampling never leaves a near-boundary record out).
+    // Every read completed on the device is a record, but for the losses other
+    // than sampling (ring full, ...): sampling never leaves a near-boundary record out.
+    let not_sampling = losses.total() - sampled;
     ensure!(
-        read_records <= stats.reads && stats.reads - read_records <= drops,
-        "{} reads completed, {read_records} recorded, {drops} ring-full drops: near-boundary reads were left out",
+        read_records <= stats.reads && stats.reads - read_records <= not_sampling,
+        "{} reads completed, {read_records} recorded, {not_sampling} losses other than sampling ({losses}): \
+         near-boundary reads were sampled out",
         stats.reads
     );
     // And everything adds up: records + sampled out + every other counted loss.

@@ -10,7 +10,7 @@ use kml_ebpf_common::{
     Counter, ReqOp, RequestRecord,
 };
 use kml_integration_tests::{
-    accounting::{alone_on_the_block_tracepoints, explain, DiskStats, Losses},
+    accounting::{alone_on_the_block_tracepoints, explain, recursion_misses, DiskStats, Losses},
     assert_no_kml_programs, chain, issue_direct, scattered_pattern, Issued, LoopDevice,
 };
 
@@ -50,15 +50,11 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         // 2,000 records fit the default 8 MiB ring: drain once at the end.
         issue_direct(&dev, &pattern)?;
         let stats = before.delta(&DiskStats::read(&dev.name)?);
+        let missed = recursion_misses(&observer)?;
         observer.detach();
         let mut records = Vec::new();
         stream.drain(&mut records);
         let counters = observer.counters()?;
-        let missed: u64 = observer
-            .program_stats()?
-            .iter()
-            .map(|p| p.recursion_misses)
-            .sum();
         let losses = Losses::from_counters(&counters, missed, observer.live_inflight()?);
         anyhow::Ok((records, counters, losses, stats))
     })?;
@@ -258,15 +254,11 @@ fn concurrency_is_accounted(mode: AttachMode) -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
         let stats = before.delta(&DiskStats::read(&dev.name)?);
+        let missed = recursion_misses(&observer)?;
         observer.detach();
         let mut records = Vec::new();
         stream.drain(&mut records);
         let state = observer.device_state(bdev.dev())?;
-        let missed: u64 = observer
-            .program_stats()?
-            .iter()
-            .map(|p| p.recursion_misses)
-            .sum();
         let counters = observer.counters()?;
         let losses = Losses::from_counters(&counters, missed, observer.live_inflight()?);
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
