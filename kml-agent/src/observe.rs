@@ -90,6 +90,9 @@ pub struct Observer {
     devices: Vec<TracedDevice>,
     attached: bool,
     pinned: Option<Pinned>,
+    /// The event programs' statistics as they were when [`Observer::detach`]
+    /// unloaded them (their count of skipped runs must outlive them).
+    final_stats: Option<Vec<ProgramStats>>,
 }
 
 /// The pins of a `--pin` observer: removed (programs detached) on a clean exit,
@@ -142,6 +145,7 @@ impl Observer {
             devices: Vec::new(),
             attached: false,
             pinned: None,
+            final_stats: None,
         })
     }
 
@@ -215,6 +219,7 @@ impl Observer {
             config,
             devices: Vec::new(),
             attached: adopted,
+            final_stats: None,
             pinned: Some(Pinned {
                 dir: dir.to_owned(),
                 meta,
@@ -451,6 +456,7 @@ impl Observer {
         if self.attached {
             return Ok(());
         }
+        self.final_stats = None;
         for Event {
             tracepoint: event,
             raw,
@@ -517,6 +523,9 @@ impl Observer {
         if !self.attached {
             return;
         }
+        // Unloading takes the programs' statistics (the runs the kernel skipped:
+        // lost events) with them: keep the last ones.
+        self.final_stats = self.program_stats().ok();
         if let Some(pinned) = self.pinned.as_mut() {
             // Unpinned and closed: the kernel detaches the programs.
             for (path, link) in pinned.links.drain(..) {
@@ -594,6 +603,10 @@ impl Observer {
     /// `kernel.bpf_stats_enabled` is 1) and runs skipped because the program would
     /// have nested in itself on a CPU (events lost to the kernel, not to kml).
     pub fn program_stats(&self) -> anyhow::Result<Vec<ProgramStats>> {
+        if let Some(last) = &self.final_stats {
+            // Detached: the programs are gone; their statistics at detach.
+            return Ok(last.clone());
+        }
         let mut out = Vec::new();
         for Event {
             tracepoint: event,

@@ -357,7 +357,8 @@ fn concurrency_is_accounted(mode: AttachMode) -> Result<()> {
     }
     ensure!(
         earlier <= counters.get(Counter::Merges),
-        "{earlier} requests with a deadline earlier than their own, {} merges", counters.get(Counter::Merges)
+        "{earlier} requests with a deadline earlier than their own, {} merges",
+        counters.get(Counter::Merges)
     );
     let missed = records.iter().filter(|r| r.deadline_missed()).count();
     let missed_ns = records.iter().filter(|r| r.deadline_missed_ns()).count();
