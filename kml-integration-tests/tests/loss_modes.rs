@@ -8,9 +8,9 @@ use std::{process::Command, time::Duration};
 
 use anyhow::{ensure, Context as _, Result};
 use kml_agent::{
-    infer::ModelSlots,
-    kernel::caps::AttachMode,
+    kernel::attach::AttachMode,
     observe::{Observer, ObserverConfig},
+    slots::ModelSlots,
 };
 use kml_ebpf_common::{
     features::{Feature, NUM_FEATURES},

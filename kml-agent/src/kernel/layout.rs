@@ -271,7 +271,9 @@ mod tests {
             Err(e) => return kml_testkit::skip(format_args!("no kernel BTF: {e}")),
         };
         if btf.struct_size("deadline_data").is_err() {
-            return kml_testkit::skip("mq-deadline is not built into this kernel (no deadline_data in BTF)");
+            return kml_testkit::skip(
+                "mq-deadline is not built into this kernel (no deadline_data in BTF)",
+            );
         }
         let l = sched_layout(&btf).unwrap();
         assert_eq!(l.per_prio_count, 3);
