@@ -750,9 +750,18 @@ test result: ok. 4 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; fini
                 }
             }
         }
+        // A let-else whose else-branch returns: a precondition that ends the test in silence.
+        for (path, code) in test_code() {
+            for (at, _) in code.match_indices("else {") {
+                let rest = code[at + "else {".len()..].trim_start();
+                if rest.starts_with("return }") || rest.starts_with("return;") {
+                    found.push(format!("{}: else {{ return ... }}", path.display()));
+                }
+            }
+        }
         assert!(
             found.is_empty(),
-            "tests that skip by printing instead of kml_testkit::skip:\n{}",
+            "tests that skip on their own (printing, or returning in silence) instead of kml_testkit::skip:\n{}",
             found.join("\n")
         );
     }
