@@ -12,8 +12,8 @@ use anyhow::{ensure, Context as _, Result};
 use kml_ebpf_common::{trace, RequestRecord};
 use kml_integration_tests::{
     accounting::{alone_on_the_block_tracepoints, explain, program_misses_of, DiskStats, Losses},
-    agent_bin, assert_no_kml_programs, chain, issue_direct, scattered_pattern, signal, spawn_agent,
-    wait_for_line, Agent, ChildGuard, Issued, LoopDevice,
+    agent_bin, assert_no_kml_programs, chain, interrupt_until_exit, issue_direct,
+    scattered_pattern, signal, spawn_agent, wait_for_line, Agent, ChildGuard, Issued, LoopDevice,
 };
 
 /// A `kml-agent record` of one device, attached and recording; its CSV lives in a
@@ -302,11 +302,11 @@ fn latencies_agree_with_bpftrace_and_counts_with_fio() -> Result<()> {
         bt_programs.len() >= 2,
         "bpftrace holds {bt_programs:?}: not its two tracepoint programs"
     );
-    signal(&bpftrace.0, libc::SIGINT);
+    let bt_status = interrupt_until_exit(&mut bpftrace.0, Duration::from_secs(30))?;
     signal(&agent.0, libc::SIGINT);
     let mut bt_text = String::new();
     std::io::Read::read_to_string(&mut bt_out, &mut bt_text)?;
-    let _ = bpftrace.0.wait();
+    ensure!(bt_status.success(), "bpftrace exited with {bt_status}");
     let status = agent.0.wait()?;
     let mut summary = Vec::new();
     while let Ok(l) = recording.agent.stderr.recv_timeout(Duration::from_secs(2)) {
