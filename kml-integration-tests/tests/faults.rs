@@ -29,8 +29,8 @@ use kml_integration_tests::{
     prog_ids_of,
 };
 use kml_integration_tests::{
-    agent_bin, issue_direct, scattered_pattern, signal, spawn_agent_with_env, wait_for_line, Agent,
-    ChildGuard, LeakCheck, LoopDevice,
+    agent_bin, issue_direct, scattered_pattern, signal, spawn_agent_with_env, wait_for_line,
+    wait_until, Agent, ChildGuard, LeakCheck, LoopDevice,
 };
 use kml_learn::QuantizedModel;
 
@@ -325,6 +325,14 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
     let mut orphaned: Option<BTreeMap<u32, String>> = None;
     let mut agent = spawn_agent_with_env(&args, &env)?;
     wait_for_line(&agent.stderr, "pinned a new set", Duration::from_secs(60))?;
+    // fio's I/O flowing and being scored before the first kill: under load fio may
+    // not have issued anything yet, and the checks after the kill need verdicts.
+    ensure!(
+        wait_until(Duration::from_secs(60), || {
+            counters(&pins.0).is_ok_and(|c| c.get(Counter::Verdicts) > 100)
+        }),
+        "no request scored within 60 s of the first agent's start"
+    );
     for round in 0..5u64 {
         let pid = agent.child.0.id();
         wait_for_line(&agent.stderr, "observing", Duration::from_secs(60))?;
