@@ -525,6 +525,10 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
             .args([
                 "--iodepth=256",
                 "--numjobs=2",
+                // Jobs as threads: killing fio ends all its I/O at once (job
+                // processes outlived a killed parent, holding the device and the
+                // inherited machine lock until their runtime ended).
+                "--thread",
                 "--size=400M",
                 "--runtime=60",
                 "--time_based",
