@@ -17,12 +17,13 @@ use kml_ebpf_common::{
     RequestRecord,
 };
 
-/// Deterministic generator (splitmix64), so tests are reproducible without a crate.
+/// Deterministic generator (splitmix64), so tests and samples are reproducible
+/// from a seed without a crate.
 #[derive(Clone, Debug)]
-struct SplitMix(u64);
+pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -31,8 +32,8 @@ impl SplitMix {
     }
 
     /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     fn exp(&mut self, mean: f64) -> f64 {
@@ -98,9 +99,9 @@ impl SyntheticTrace {
                 let sector = if sequential {
                     next_sector
                 } else {
-                    (self.rng.next() % (1 << 21)) & !7
+                    (self.rng.next_u64() % (1 << 21)) & !7
                 };
-                let nr_sectors = 8 << (self.rng.next() % 5); // 4..64 KiB
+                let nr_sectors = 8 << (self.rng.next_u64() % 5); // 4..64 KiB
                 next_sector = sector + nr_sectors as u64;
                 let expire = if read {
                     self.read_expire_ns
