@@ -11,6 +11,7 @@
 //! The features and the integer inference live in `kml_ebpf_common` and are shared
 //! with the eBPF programs unchanged; this crate only adds host-side work.
 
+pub mod calibrate;
 pub mod cli;
 pub mod dataset;
 pub mod error;

@@ -1,0 +1,347 @@
+//! Live calibration of a serving model's verdict threshold.
+//!
+//! A model's threshold is tuned on its training workloads' miss rates, and it does not
+//! transfer: on a trace where most requests miss, a model that ranks requests well
+//! (AUC 0.6–0.7) can still flag almost none of them (balanced accuracy near 50%).
+//! The agent sees every request's outcome milliseconds after its dispatch, so it can
+//! move the threshold of the model that serves, long before a retrain.
+//!
+//! The rule: keep the newest `window` labelled requests scored by the serving model,
+//! as (margin, missed) pairs (the margin is [`QuantizedModel::margin`]: how far the
+//! integer score is above the model's own limit; the verdict is `margin > 0`), and
+//! move the limit by the integer `shift` that maximises balanced accuracy on them
+//! (verdict: `margin > shift`), once both classes hold `min_per_class` requests.
+//! Only records already labelled decide it, so a shift applied from now on was chosen
+//! without looking at the requests it judges. [`with_threshold_shift`] gives the model
+//! to install (one integer differs: the threshold).
+
+use std::collections::VecDeque;
+
+use kml_ebpf_common::model::ACC_LIMIT;
+
+use crate::quantize::QuantizedModel;
+
+/// How much labelled evidence moves the threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CalibrationConfig {
+    /// Newest labelled requests the shift is chosen on.
+    pub window: usize,
+    /// Fewest misses and fewest met deadlines in the window before any shift.
+    pub min_per_class: usize,
+}
+
+impl Default for CalibrationConfig {
+    fn default() -> Self {
+        CalibrationConfig {
+            window: 20_000,
+            min_per_class: 100,
+        }
+    }
+}
+
+/// The newest labelled (margin, missed) pairs of the serving model.
+#[derive(Clone, Debug)]
+pub struct ThresholdCalibrator {
+    config: CalibrationConfig,
+    window: VecDeque<(i64, bool)>,
+    misses: usize,
+}
+
+impl ThresholdCalibrator {
+    pub fn new(config: CalibrationConfig) -> Self {
+        ThresholdCalibrator {
+            window: VecDeque::with_capacity(config.window.min(1 << 20)),
+            config,
+            misses: 0,
+        }
+    }
+
+    pub fn config(&self) -> CalibrationConfig {
+        self.config
+    }
+
+    /// One labelled request: its margin under the serving model (at the model's
+    /// own threshold) and whether it missed.
+    pub fn observe(&mut self, margin: i64, missed: bool) {
+        if self.config.window == 0 {
+            return;
+        }
+        if self.window.len() == self.config.window {
+            if let Some((_, m)) = self.window.pop_front() {
+                self.misses -= m as usize;
+            }
+        }
+        self.window.push_back((margin, missed));
+        self.misses += missed as usize;
+    }
+
+    /// Forget everything: the serving model changed, its margins are not comparable.
+    pub fn reset(&mut self) {
+        self.window.clear();
+        self.misses = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.window.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.window.is_empty()
+    }
+
+    /// Misses and met deadlines in the window.
+    pub fn classes(&self) -> (usize, usize) {
+        (self.misses, self.window.len() - self.misses)
+    }
+
+    /// The shift to apply (verdict: `margin > shift`), or `None` while either class
+    /// has fewer than `min_per_class` requests in the window.
+    pub fn shift(&self) -> Option<i64> {
+        let (misses, met) = self.classes();
+        let min = self.config.min_per_class.max(1);
+        if misses < min || met < min {
+            return None;
+        }
+        let (margins, labels): (Vec<i64>, Vec<bool>) = self.window.iter().copied().unzip();
+        Some(best_balanced_shift(&margins, &labels))
+    }
+}
+
+/// The integer `t` (verdict: `margin > t`) that maximises balanced accuracy of
+/// `margins` against `labels`; among equals the highest (fewest flags), and 0 (the
+/// model's own threshold) when flagging nothing is as good as anything. Both
+/// classes must be present for the answer to mean anything.
+pub fn best_balanced_shift(margins: &[i64], labels: &[bool]) -> i64 {
+    assert_eq!(margins.len(), labels.len());
+    let positives = labels.iter().filter(|&&l| l).count() as f64;
+    let negatives = labels.len() as f64 - positives;
+    if positives == 0.0 || negatives == 0.0 {
+        return 0;
+    }
+    let mut order: Vec<usize> = (0..margins.len()).collect();
+    // Highest margin first: lowering t flags one more group of equal margins at a time.
+    order.sort_unstable_by(|&a, &b| margins[b].cmp(&margins[a]));
+    let (mut tp, mut fp) = (0.0, 0.0);
+    // Flag nothing: t at the top margin.
+    let (mut best, mut best_t) = (0.5, margins[order[0]]);
+    let mut k = 0;
+    while k < order.len() {
+        let m = margins[order[k]];
+        while k < order.len() && margins[order[k]] == m {
+            if labels[order[k]] {
+                tp += 1.0;
+            } else {
+                fp += 1.0;
+            }
+            k += 1;
+        }
+        let ba = 0.5 * (tp / positives + (negatives - fp) / negatives);
+        if ba > best {
+            best = ba;
+            // Between this margin and the next lower one (flags every margin >= m).
+            best_t = match order.get(k) {
+                Some(&next) => midpoint_below(m, margins[next]),
+                None => m.saturating_sub(1),
+            };
+        }
+    }
+    best_t
+}
+
+/// An integer in `[lo, hi)` (the verdict `margin > t` flags `hi` and not `lo`),
+/// halfway, without overflow.
+fn midpoint_below(hi: i64, lo: i64) -> i64 {
+    debug_assert!(hi > lo);
+    let mid = (hi as i128 + lo as i128).div_euclid(2) as i64;
+    mid.clamp(lo, hi - 1)
+}
+
+/// `base` with its verdict limit moved up by `shift` (the verdict becomes
+/// `old margin > shift`); scores are unchanged. The threshold stays within what the
+/// kernel accepts (a linear threshold below the accumulator limit, a tree's in i32),
+/// so the model validates as before.
+pub fn with_threshold_shift(base: &QuantizedModel, shift: i64) -> QuantizedModel {
+    match base {
+        QuantizedModel::Linear(m) => {
+            let mut m = m.clone();
+            let bound = ACC_LIMIT as i64 - 1;
+            m.threshold = m.threshold.saturating_add(shift).clamp(-bound, bound);
+            QuantizedModel::Linear(m)
+        }
+        QuantizedModel::Tree(m) => {
+            let mut m = m.clone();
+            let t = (m.threshold as i64).saturating_add(shift);
+            m.threshold = t.clamp(i32::MIN as i64, i32::MAX as i64) as i32;
+            QuantizedModel::Tree(m)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kml_ebpf_common::{
+        features::{Feature, FeatureVector, NUM_FEATURES},
+        model::{LinearModel, ModelKind, TreeModel, TREE_LEAF},
+    };
+
+    fn ba(margins: &[i64], labels: &[bool], t: i64) -> f64 {
+        crate::ConfusionMatrix::from_pairs(margins.iter().zip(labels).map(|(&m, &l)| (m > t, l)))
+            .balanced_accuracy()
+    }
+
+    /// Every threshold that can matter: the verdicts only change at a margin, so
+    /// each margin and the integer below it cover every integer threshold.
+    fn brute_best(margins: &[i64], labels: &[bool]) -> f64 {
+        margins
+            .iter()
+            .flat_map(|&m| [m, m.saturating_sub(1)])
+            .map(|t| ba(margins, labels, t))
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn the_shift_is_the_best_integer_threshold() {
+        // A shifted model: misses sit at margins -40..-20, met at -90..-30.
+        let margins: Vec<i64> = (0..50)
+            .map(|i| -40 + (i % 21))
+            .chain((0..50).map(|i| -90 + (i % 61)))
+            .collect();
+        let labels: Vec<bool> = (0..100).map(|i| i < 50).collect();
+        let t = best_balanced_shift(&margins, &labels);
+        assert!(t < 0, "the model's own threshold (0) flags nothing: {t}");
+        assert!((ba(&margins, &labels, t) - brute_best(&margins, &labels)).abs() < 1e-12);
+        assert!(ba(&margins, &labels, t) > ba(&margins, &labels, 0) + 0.2);
+        // Separable: the threshold separates exactly.
+        let t = best_balanced_shift(&[5, 6, 10, 11], &[false, false, true, true]);
+        assert!((6..10).contains(&t), "{t}");
+        // Inverted ranking: flagging nothing is best, the shift leaves nothing flagged.
+        let t = best_balanced_shift(&[10, 11, 1, 2], &[false, false, true, true]);
+        assert!(t >= 11, "{t}");
+        // One class: no change.
+        assert_eq!(best_balanced_shift(&[1, 2], &[true, true]), 0);
+    }
+
+    #[test]
+    fn shift_matches_brute_force_on_random_data() {
+        // A small LCG: margins with ties and extremes, labels correlated with them.
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            s >> 33
+        };
+        for round in 0..200 {
+            let n = 1 + (next() % 60) as usize;
+            let spread = [3i64, 50, 1_000_000][round % 3];
+            let margins: Vec<i64> = (0..n)
+                .map(|_| (next() as i64 % (2 * spread + 1)) - spread)
+                .collect();
+            let labels: Vec<bool> = margins
+                .iter()
+                .map(|&m| (next() % 100) < if m > 0 { 70 } else { 30 })
+                .collect();
+            if labels.iter().all(|&l| l) || labels.iter().all(|&l| !l) {
+                continue;
+            }
+            let t = best_balanced_shift(&margins, &labels);
+            assert!(
+                (ba(&margins, &labels, t) - brute_best(&margins, &labels)).abs() < 1e-12,
+                "round {round}: t {t} margins {margins:?} labels {labels:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn extreme_margins_do_not_overflow() {
+        let t = best_balanced_shift(&[i64::MAX, i64::MIN], &[true, false]);
+        assert!(t < i64::MAX);
+        assert_eq!(ba(&[i64::MAX, i64::MIN], &[true, false], t), 1.0);
+    }
+
+    #[test]
+    fn calibrator_waits_for_both_classes_and_slides() {
+        let mut c = ThresholdCalibrator::new(CalibrationConfig {
+            window: 100,
+            min_per_class: 10,
+        });
+        for i in 0..200 {
+            c.observe(i, false);
+        }
+        assert_eq!(c.len(), 100, "the window keeps the newest only");
+        assert_eq!(c.shift(), None, "no misses: nothing to calibrate on");
+        for _ in 0..9 {
+            c.observe(500, true);
+        }
+        assert_eq!(c.shift(), None, "9 misses < 10");
+        c.observe(500, true);
+        assert_eq!(c.classes(), (10, 90));
+        // Misses at 500, met at 110..199: flag 500, not the met ones.
+        let t = c.shift().unwrap();
+        assert!((199..500).contains(&t), "{t}");
+        // The misses slide out again.
+        for i in 0..100 {
+            c.observe(i, false);
+        }
+        assert_eq!(c.classes(), (0, 100));
+        assert_eq!(c.shift(), None);
+        c.reset();
+        assert!(c.is_empty());
+    }
+
+    fn linear() -> QuantizedModel {
+        let mut m = LinearModel::zeroed();
+        m.kind = ModelKind::Logistic as u32;
+        m.rule = ModelKind::Logistic.verdict_rule() as u32;
+        m.out_shift = 8;
+        let j = Feature::QueuedSameDir.index();
+        m.weight[j] = 256;
+        m.input_max[j] = 1000;
+        m.threshold = 10 << 8;
+        QuantizedModel::Linear(Box::new(m))
+    }
+
+    #[test]
+    fn a_shifted_model_flags_exactly_margin_above_shift() {
+        let tree = {
+            let mut t = TreeModel::zeroed();
+            let j = Feature::QueuedSameDir.index();
+            t.node_count = 3;
+            t.depth = 1;
+            t.feature[0] = j as u8;
+            t.split[0] = 20;
+            t.left[0] = 1;
+            t.right[0] = 2;
+            t.feature[1] = TREE_LEAF;
+            t.feature[2] = TREE_LEAF;
+            t.value[1] = 1000;
+            t.value[2] = 50_000;
+            t.threshold = 60_000;
+            QuantizedModel::Tree(Box::new(t))
+        };
+        for base in [linear(), tree] {
+            for shift in [-20_000i64, -3000, -1, 0, 1, 700, 20_000] {
+                let shifted = with_threshold_shift(&base, shift);
+                for q in [0, 5, 9, 10, 11, 15, 20, 21, 40, 1000] {
+                    let mut x: FeatureVector = [0; NUM_FEATURES];
+                    x[Feature::QueuedSameDir.index()] = q;
+                    assert_eq!(shifted.infer(&x).score, base.infer(&x).score);
+                    assert_eq!(
+                        shifted.infer(&x).at_risk,
+                        base.margin(&x) > shift,
+                        "shift {shift} queued {q}"
+                    );
+                }
+            }
+        }
+        // Far beyond the kernel's limits: clamped, still a valid model.
+        match with_threshold_shift(&linear(), i64::MAX) {
+            QuantizedModel::Linear(m) => {
+                assert!(m.validate().is_ok());
+                assert_eq!(m.threshold, ACC_LIMIT as i64 - 1);
+            }
+            _ => unreachable!(),
+        }
+    }
+}
