@@ -46,6 +46,26 @@ pub const fn missed(r: &RequestRecord) -> bool {
     }
 }
 
+/// The request missed the deadline it was given at insert: dispatched after
+/// `insert_jiffies` + its direction's expiry in jiffies (what `dd_insert_request()`
+/// set `fifo_time` to), whatever happened to `fifo_time` since. A boost by the kml
+/// hook sets `fifo_time` to the insert's jiffy and a merge with an older request
+/// moves it earlier, and [`missed`] judges that moved deadline; this judges every
+/// request against its own, so policies that boost can be compared with stock
+/// ("no class misses more of its own deadlines"). The expiry is the one the
+/// record carries (`deadline_ns - insert_ns`, sysfs milliseconds), `hz` the
+/// kernel's tick rate; without jiffies or HZ, the nanosecond estimate. Host side
+/// (divisions).
+pub const fn missed_own_deadline(r: &RequestRecord, hz: u64) -> bool {
+    let expire_ms = (r.deadline_ns.saturating_sub(r.insert_ns) + 500_000) / 1_000_000;
+    let deadline = fifo_time_fallback(r.insert_jiffies, expire_jiffies(expire_ms, hz));
+    if deadline != 0 && r.insert_jiffies != 0 && r.issue_jiffies != 0 {
+        time_after(r.issue_jiffies, deadline)
+    } else {
+        r.deadline_missed_ns()
+    }
+}
+
 /// Classic tracepoint mode's `fifo_time`: what `dd_insert_request()` computes,
 /// `jiffies + fifo_expire[dir]`, from the jiffies at the insert tracepoint. 0
 /// (unknown) when the expiry in jiffies is unknown.
@@ -123,6 +143,34 @@ mod tests {
         assert!(!missed(&r), "unknown fifo_time: ns rule");
         r.issue_ns = 1_001;
         assert!(missed(&r));
+    }
+
+    #[test]
+    fn own_deadline_ignores_a_boost() {
+        // read_expire 100 ms at HZ 250: 25 jiffies; inserted at jiffy 1000.
+        let at = |issue_j: u64, fifo: u64| RequestRecord {
+            insert_ns: 5_000_000_000,
+            issue_ns: 5_000_000_000 + (issue_j - 1000) * 4_000_000,
+            deadline_ns: 5_100_000_000,
+            insert_jiffies: 1000,
+            issue_jiffies: issue_j,
+            fifo_time: fifo,
+            ..Default::default()
+        };
+        // Boosted (fifo_time = the insert's jiffy), dispatched 10 jiffies later:
+        // the scheduler's label says missed, its own deadline was met.
+        let boosted = at(1010, 1000);
+        assert!(missed(&boosted) && !missed_own_deadline(&boosted, 250));
+        // Unboosted: both agree, on either side of the deadline.
+        for (issue, late) in [(1025, false), (1026, true)] {
+            let r = at(issue, 1025);
+            assert_eq!(missed(&r), late);
+            assert_eq!(missed_own_deadline(&r, 250), late, "issued at {issue}");
+        }
+        assert!(missed_own_deadline(&at(1026, 1000), 250));
+        // Unknown HZ: the nanosecond estimate (26 jiffies = 104 ms > 100 ms).
+        assert!(missed_own_deadline(&at(1026, 1025), 0));
+        assert!(!missed_own_deadline(&at(1010, 1000), 0));
     }
 
     #[test]
