@@ -222,7 +222,10 @@ impl Agent {
         let targets = crate::devices::resolve(&config.devices)?;
         let start_model = match config.model.as_str() {
             "none" => None,
-            spec => Some(models::resolve(spec)?),
+            spec => {
+                let disks: Vec<_> = targets.iter().map(models::DiskRegime::of).collect();
+                Some(models::resolve(spec, &disks)?)
+            }
         };
         let learn_kind = learn_kind(config.learn_kind.as_deref(), start_model.as_ref())?;
         if config.pin {

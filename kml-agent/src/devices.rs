@@ -66,6 +66,18 @@ impl BlockDevice {
         }
     }
 
+    /// Hardware tags per queue (`mq/*/nr_tags`, the smallest of the hardware
+    /// queues): how many requests the device itself holds; the rest wait in the
+    /// scheduler. `None` without a blk-mq queue.
+    pub fn hw_queue_depth(&self) -> Option<u32> {
+        fs::read_dir(self.sys_path().join("mq"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| fs::read_to_string(e.path().join("nr_tags")).ok())
+            .filter_map(|t| t.trim().parse().ok())
+            .min()
+    }
+
     /// Reads one device; `name` is a /sys/block entry.
     pub fn read(name: &str) -> anyhow::Result<BlockDevice> {
         let dir = Path::new(SYS_BLOCK).join(name);

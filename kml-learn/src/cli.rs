@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::{
     dataset::Dataset,
     evaluate::{evaluate, Evaluation},
-    model_file::{save, LoadedModel},
+    model_file::{DeviceRegime, LoadedModel, ModelFile},
     progress::Progress,
     train::{train_many, TrainOptions},
 };
@@ -97,9 +97,46 @@ pub struct TrainArgs {
     /// a few suffice: 3, 5, 10 and 30 give the same held-back accuracy).
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub max_iterations: u64,
+    /// The kind of disk the model is made for (free text), for a model that only
+    /// fits one kind of device: with `--for-queue-depth` and `--for-read-expire`,
+    /// `kml-agent run --model auto` takes it only on disks in that range (and
+    /// prefers it there). Without it the model is general.
+    #[arg(long, value_name = "TEXT", requires_all = ["for_queue_depth", "for_read_expire"])]
+    pub for_device: Option<String>,
+    /// Hardware queue depth (`/sys/block/DEV/mq/*/nr_tags`) of the disks it is
+    /// made for: `N` or `LOW-HIGH`.
+    #[arg(long, value_name = "N[-M]", requires = "for_device")]
+    pub for_queue_depth: Option<String>,
+    /// mq-deadline read_expire (ms) of the disks it is made for: `MS` or `LOW-HIGH`.
+    #[arg(long, value_name = "MS[-MS]", requires = "for_device")]
+    pub for_read_expire: Option<String>,
     /// Do not print progress on stderr.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// `--for-device`, `--for-queue-depth`, `--for-read-expire` as the file's regime.
+    fn device_regime(&self) -> anyhow::Result<Option<DeviceRegime>> {
+        let (Some(description), Some(depth), Some(expire)) = (
+            &self.for_device,
+            &self.for_queue_depth,
+            &self.for_read_expire,
+        ) else {
+            return Ok(None);
+        };
+        let depth = DeviceRegime::parse_range(depth)
+            .map_err(|e| anyhow::anyhow!("--for-queue-depth {e}"))?;
+        let narrow = |v: u64| {
+            u32::try_from(v).map_err(|_| anyhow::anyhow!("--for-queue-depth: {v} is too large"))
+        };
+        Ok(Some(DeviceRegime {
+            description: description.clone(),
+            hw_queue_depth: [narrow(depth[0])?, narrow(depth[1])?],
+            read_expire_ms: DeviceRegime::parse_range(expire)
+                .map_err(|e| anyhow::anyhow!("--for-read-expire {e}"))?,
+        }))
+    }
 }
 
 fn parse_features(names: &[String]) -> anyhow::Result<Option<Vec<Feature>>> {
@@ -172,9 +209,12 @@ impl TrainArgs {
         opts.tree_max_samples = self.tree_max_samples;
         opts.logistic_max_iterations = self.max_iterations;
         opts.workload = self.workload.clone();
+        let device = self.device_regime()?;
         let model = train_many(&data, &opts, &progress)?;
 
-        save(&model, &self.out)?;
+        let mut file = ModelFile::from_trained(&model);
+        file.device = device;
+        crate::model_file::write(&file, &self.out)?;
         progress.step(format_args!("wrote {}", self.out.display()));
 
         println!(

@@ -55,6 +55,77 @@ pub struct ModelFile {
     pub training: TrainingInfo,
     #[serde(default)]
     pub metrics: Metrics,
+    /// The kind of device and scheduler setting the model was made for. Absent: a
+    /// general model (the shipped defaults, trained on host disks), what
+    /// `kml-agent run --model auto` starts from on a disk no specific model fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceRegime>,
+}
+
+/// The devices a model was made for: where its held-back score means something.
+/// `kml-agent run --model auto` prefers a model whose regime fits every disk it
+/// serves, and never takes one that fits none of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRegime {
+    /// What the training disk was (free text: driver, throttling, host).
+    pub description: String,
+    /// Hardware tags per queue (`/sys/block/DEV/mq/*/nr_tags`) it applies to,
+    /// inclusive range: how many requests the device holds, so how many wait in
+    /// the scheduler.
+    pub hw_queue_depth: [u32; 2],
+    /// mq-deadline `read_expire` (ms) it applies to, inclusive range.
+    pub read_expire_ms: [u64; 2],
+}
+
+impl DeviceRegime {
+    /// Whether a disk with this hardware queue depth and read expiry is one the
+    /// model was made for.
+    pub fn fits(&self, hw_queue_depth: u32, read_expire_ms: u64) -> bool {
+        let [dlo, dhi] = self.hw_queue_depth;
+        let [rlo, rhi] = self.read_expire_ms;
+        (dlo..=dhi).contains(&hw_queue_depth) && (rlo..=rhi).contains(&read_expire_ms)
+    }
+
+    /// `lo-hi` or a single value, e.g. `1`, `64-256`.
+    pub fn parse_range(text: &str) -> std::result::Result<[u64; 2], String> {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<u64>()
+                .map_err(|e| format!("`{t}` is not a number ({e})"))
+        };
+        let [lo, hi] = match text.split_once('-') {
+            Some((a, b)) => [num(a)?, num(b)?],
+            None => {
+                let v = num(text)?;
+                [v, v]
+            }
+        };
+        if lo > hi {
+            return Err(format!("`{text}`: {lo} is above {hi}"));
+        }
+        Ok([lo, hi])
+    }
+}
+
+impl std::fmt::Display for DeviceRegime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let range = |[lo, hi]: [u64; 2]| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        };
+        let [dlo, dhi] = self.hw_queue_depth;
+        write!(
+            f,
+            "{} (hardware queue depth {}, read_expire {} ms)",
+            self.description,
+            range([dlo as u64, dhi as u64]),
+            range(self.read_expire_ms)
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -241,6 +312,7 @@ impl ModelFile {
                 test: m.test.clone(),
                 baseline_test: m.baseline_test.clone(),
             },
+            device: None,
         }
     }
 
@@ -305,7 +377,12 @@ impl LoadedModel {
 
 /// Writes a trained model's file (pretty JSON, trailing newline).
 pub fn save(m: &TrainedModel, path: &Path) -> Result<()> {
-    let mut text = ModelFile::from_trained(m).to_json();
+    write(&ModelFile::from_trained(m), path)
+}
+
+/// Writes a model file (pretty JSON, trailing newline).
+pub fn write(file: &ModelFile, path: &Path) -> Result<()> {
+    let mut text = file.to_json();
     text.push('\n');
     std::fs::write(path, text).map_err(|source| LearnError::Io {
         path: path.into(),
@@ -348,6 +425,20 @@ impl Validator<'_> {
             ));
         }
         let features = self.features(f, kind)?;
+        if let Some(d) = &f.device {
+            if d.hw_queue_depth[0] > d.hw_queue_depth[1] {
+                return Err(self.bad(
+                    "device.hw_queue_depth",
+                    "the range is empty (low above high)",
+                ));
+            }
+            if d.read_expire_ms[0] > d.read_expire_ms[1] {
+                return Err(self.bad(
+                    "device.read_expire_ms",
+                    "the range is empty (low above high)",
+                ));
+            }
+        }
         match (&f.float, &f.quantized) {
             (FloatParams::Linear(fl), QuantizedParams::Linear(ql)) if kind.is_linear() => {
                 let float = self.float_linear(f, kind, &features, fl)?;

@@ -1,4 +1,5 @@
-//! `kml-agent models`: the model files `run --model` can start from.
+//! `kml-agent models`: the model files `run --model` can start from (a model made
+//! for one kind of disk says so on a second line).
 
 #[derive(clap::Args, Debug)]
 pub struct ModelsArgs {}
@@ -42,6 +43,12 @@ impl ModelsArgs {
                             .map(|e| e.quantized.balanced_accuracy)),
                         m.file.training.workload.as_deref().unwrap_or("?"),
                     );
+                    if let Some(d) = &m.file.device {
+                        println!(
+                            "{:<28} made for {d}: `--model auto` takes it only there",
+                            ""
+                        );
+                    }
                 }
                 Err(e) => println!("{name:<28} refused: {e}"),
             }

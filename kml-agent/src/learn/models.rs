@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kml_learn::LoadedModel;
+use kml_learn::{model_file::DeviceRegime, LoadedModel};
+
+use crate::devices::BlockDevice;
 
 /// Where shipped models are looked for: `$KML_MODELS_DIR`, `./models`, and the
 /// source tree's `models/` (for a binary run from the build tree).
@@ -52,22 +54,175 @@ pub fn held_back_balanced_accuracy(m: &LoadedModel) -> Option<f64> {
         .map(|e| e.quantized.balanced_accuracy)
 }
 
+/// A disk as `--model auto` sees it: what decides which models were made for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskRegime {
+    pub name: String,
+    /// Hardware tags per queue (`None`: unknown, e.g. no blk-mq queue).
+    pub hw_queue_depth: Option<u32>,
+    /// mq-deadline's read_expire, ms (`None`: not mq-deadline).
+    pub read_expire_ms: Option<u64>,
+}
+
+impl DiskRegime {
+    pub fn of(d: &BlockDevice) -> DiskRegime {
+        DiskRegime {
+            name: d.name.clone(),
+            hw_queue_depth: d.hw_queue_depth(),
+            read_expire_ms: d.expiries().ok().map(|(r, _)| r.as_millis() as u64),
+        }
+    }
+
+    fn fits(&self, r: &DeviceRegime) -> bool {
+        match (self.hw_queue_depth, self.read_expire_ms) {
+            (Some(depth), Some(expire)) => r.fits(depth, expire),
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for DiskRegime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let opt = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
+        write!(
+            f,
+            "{} (hardware queue depth {}, read_expire {} ms)",
+            self.name,
+            opt(self.hw_queue_depth.map(u64::from)),
+            opt(self.read_expire_ms)
+        )
+    }
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_stem().map_or_else(
+        || p.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
+}
+
+/// `--model auto`: which of `models` to start from on `disks`, and why.
+///
+/// Held-back scores are comparable only between models judged on the same kind of
+/// data: a model made for one kind of disk (its file's `device`, e.g. the VM's
+/// virtio disk at depth 1) scores high on its own disk's traces and says nothing
+/// about another. So a model made for a kind of disk competes only where every
+/// disk served is of that kind (the best held-back score among those wins); on any
+/// other disk the general models (no `device`: the shipped defaults, trained and
+/// judged together on host traces) compete. Models the kernel programs cannot run
+/// yet (the position features) are left out.
+pub fn choose_auto(
+    models: &[(PathBuf, LoadedModel)],
+    disks: &[DiskRegime],
+) -> anyhow::Result<(usize, String)> {
+    let runnable: Vec<usize> = (0..models.len())
+        .filter(|&i| kml_learn::quantize::features_not_in_kernel(&models[i].1.quantized).is_empty())
+        .collect();
+    let best = |pool: &[usize]| {
+        pool.iter().copied().max_by(|&a, &b| {
+            let ka = held_back_balanced_accuracy(&models[a].1).unwrap_or(0.0);
+            let kb = held_back_balanced_accuracy(&models[b].1).unwrap_or(0.0);
+            // Equal scores: the first in file order (max_by keeps the last).
+            ka.total_cmp(&kb).then(b.cmp(&a))
+        })
+    };
+    let score = |i: usize| {
+        held_back_balanced_accuracy(&models[i].1).map_or("no held-back score".to_string(), |b| {
+            format!("held-back balanced accuracy {:.1}%", 100.0 * b)
+        })
+    };
+    let made_for: Vec<usize> = runnable
+        .iter()
+        .copied()
+        .filter(|&i| {
+            models[i]
+                .1
+                .file
+                .device
+                .as_ref()
+                .is_some_and(|r| !disks.is_empty() && disks.iter().all(|d| d.fits(r)))
+        })
+        .collect();
+    let disk_list = || {
+        disks
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(i) = best(&made_for) {
+        let r = models[i].1.file.device.as_ref().expect("filtered");
+        return Ok((
+            i,
+            format!(
+                "made for {r}, which fits {}; {} (best of {} made for such disks)",
+                disk_list(),
+                score(i),
+                made_for.len()
+            ),
+        ));
+    }
+    let general: Vec<usize> = runnable
+        .iter()
+        .copied()
+        .filter(|&i| models[i].1.file.device.is_none())
+        .collect();
+    let elsewhere: Vec<String> = runnable
+        .iter()
+        .filter_map(|&i| {
+            let r = models[i].1.file.device.as_ref()?;
+            Some(format!("{} (made for {r})", name_of(&models[i].0)))
+        })
+        .collect();
+    let skipped = if elsewhere.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; not for {}: {}",
+            if disks.is_empty() {
+                "these disks".to_string()
+            } else {
+                disk_list()
+            },
+            elsewhere.join(", ")
+        )
+    };
+    match best(&general) {
+        Some(i) => Ok((
+            i,
+            format!(
+                "general model, {} (best of {} general models){skipped}",
+                score(i),
+                general.len()
+            ),
+        )),
+        None => {
+            anyhow::bail!(
+            "--model auto: no general model and none made for {}{skipped}; name one with --model",
+            if disks.is_empty() { "these disks".to_string() } else { disk_list() }
+        )
+        }
+    }
+}
+
 /// Resolves `--model`: a path, a shipped name (`logistic` → `models/logistic.json`),
-/// or `auto` (the shipped model with the best held-back balanced accuracy among
-/// those this build's kernel programs can run: a model that uses the position
-/// features waits until kml-ebpf computes them).
-pub fn resolve(spec: &str) -> anyhow::Result<(PathBuf, LoadedModel)> {
+/// or `auto` ([`choose_auto`] among the shipped models, for the disks served; the
+/// choice and its reason are logged).
+pub fn resolve(spec: &str, disks: &[DiskRegime]) -> anyhow::Result<(PathBuf, LoadedModel)> {
     if spec == "auto" {
-        return list()
+        let mut models: Vec<(PathBuf, LoadedModel)> = list()
             .into_iter()
             .filter_map(|(p, m)| m.ok().map(|m| (p, m)))
-            .filter(|(_, m)| kml_learn::quantize::features_not_in_kernel(&m.quantized).is_empty())
-            .max_by(|a, b| {
-                let ka = held_back_balanced_accuracy(&a.1).unwrap_or(0.0);
-                let kb = held_back_balanced_accuracy(&b.1).unwrap_or(0.0);
-                ka.total_cmp(&kb)
-            })
-            .with_context(|| format!("--model auto: no valid model file in {:?}", search_dirs()));
+            .collect();
+        anyhow::ensure!(
+            !models.is_empty(),
+            "--model auto: no valid model file in {:?}",
+            search_dirs()
+        );
+        let (i, why) = choose_auto(&models, disks)?;
+        let chosen = models.swap_remove(i);
+        tracing::info!("--model auto: {}: {why}", chosen.0.display());
+        return Ok(chosen);
     }
     let direct = PathBuf::from(spec);
     let path = if direct.is_file() {
@@ -91,4 +246,153 @@ pub fn resolve(spec: &str) -> anyhow::Result<(PathBuf, LoadedModel)> {
         )
     })?;
     Ok((path, loaded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The model files of the source tree's `models/`, as shipped.
+    fn shipped() -> Vec<(PathBuf, LoadedModel)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .map(|p| {
+                let m = LoadedModel::load(&p).unwrap();
+                (p, m)
+            })
+            .collect()
+    }
+
+    fn disk(name: &str, depth: Option<u32>, expire: Option<u64>) -> DiskRegime {
+        DiskRegime {
+            name: name.into(),
+            hw_queue_depth: depth,
+            read_expire_ms: expire,
+        }
+    }
+
+    fn chosen(models: &[(PathBuf, LoadedModel)], disks: &[DiskRegime]) -> String {
+        let (i, why) = choose_auto(models, disks).unwrap();
+        assert!(!why.is_empty());
+        name_of(&models[i].0)
+    }
+
+    /// The best held-back score among the runnable general models, by hand.
+    fn best_general(models: &[(PathBuf, LoadedModel)]) -> String {
+        let mut general: Vec<&(PathBuf, LoadedModel)> = models
+            .iter()
+            .filter(|(_, m)| m.file.device.is_none())
+            .filter(|(_, m)| kml_learn::quantize::features_not_in_kernel(&m.quantized).is_empty())
+            .collect();
+        general.sort_by(|a, b| {
+            held_back_balanced_accuracy(&b.1)
+                .unwrap_or(0.0)
+                .total_cmp(&held_back_balanced_accuracy(&a.1).unwrap_or(0.0))
+        });
+        name_of(&general[0].0)
+    }
+
+    #[test]
+    fn a_host_disk_starts_from_a_general_model_never_the_vm_one() {
+        let models = shipped();
+        // The VM's model records the best held-back score of all (on its own
+        // traces): the reason auto used to pick it everywhere.
+        let vm = models
+            .iter()
+            .find(|(p, _)| name_of(p) == "vm-logistic")
+            .expect("models/vm-logistic.json is shipped");
+        let best_any = models
+            .iter()
+            .filter(|(_, m)| kml_learn::quantize::features_not_in_kernel(&m.quantized).is_empty())
+            .map(|(_, m)| held_back_balanced_accuracy(m).unwrap_or(0.0))
+            .fold(0.0, f64::max);
+        assert_eq!(held_back_balanced_accuracy(&vm.1), Some(best_any));
+        assert!(vm.1.file.device.is_some(), "vm-logistic declares its disk");
+        let general = best_general(&models);
+        assert_ne!(general, "vm-logistic");
+        for d in [
+            disk("loop0", Some(128), Some(8)),
+            disk("nvme0n1", Some(1023), Some(500)),
+            disk("sda", Some(32), Some(500)),
+            // The VM's disk at the default expiry: not what the VM model was made for.
+            disk("vda", Some(1), Some(500)),
+            // Unknown depth: nothing specific can be said to fit.
+            disk("vdb", None, Some(100)),
+        ] {
+            assert_eq!(chosen(&models, std::slice::from_ref(&d)), general, "{d}");
+        }
+    }
+
+    #[test]
+    fn the_vm_disk_starts_from_the_model_made_for_it() {
+        let models = shipped();
+        let vda = disk("vda", Some(1), Some(100));
+        assert_eq!(chosen(&models, std::slice::from_ref(&vda)), "vm-logistic");
+        let (_, why) = choose_auto(&models, std::slice::from_ref(&vda)).unwrap();
+        assert!(why.contains("made for") && why.contains("vda"), "{why}");
+        // Serving the VM disk and a host disk at once: only a general model fits both.
+        let both = [vda, disk("loop0", Some(128), Some(8))];
+        assert_eq!(chosen(&models, &both), best_general(&models));
+        let (_, why) = choose_auto(&models, &both).unwrap();
+        assert!(
+            why.contains("not for") && why.contains("vm-logistic"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_specific_model_never_competes_outside_its_regime() {
+        let mut models = shipped();
+        // A model made for deep queues at 4-12 ms with a perfect score of its own.
+        let (p, mut m) = models
+            .iter()
+            .find(|(p, _)| name_of(p) == "logistic")
+            .cloned()
+            .unwrap();
+        m.file.device = Some(DeviceRegime {
+            description: "a test disk".into(),
+            hw_queue_depth: [64, 256],
+            read_expire_ms: [4, 12],
+        });
+        m.file
+            .metrics
+            .test
+            .as_mut()
+            .unwrap()
+            .quantized
+            .balanced_accuracy = 1.0;
+        models.push((p.with_file_name("perfect-here.json"), m));
+        assert_eq!(
+            chosen(&models, &[disk("loop0", Some(128), Some(8))]),
+            "perfect-here"
+        );
+        assert_eq!(
+            chosen(&models, &[disk("loop0", Some(128), Some(16))]),
+            best_general(&models)
+        );
+        assert_eq!(
+            chosen(&models, &[disk("nvme0n1", Some(1023), Some(8))]),
+            best_general(&models)
+        );
+        // No general model and none that fits: refused, naming what was there.
+        let only_specific: Vec<_> = models
+            .into_iter()
+            .filter(|(_, m)| m.file.device.is_some())
+            .collect();
+        let err = choose_auto(&only_specific, &[disk("sda", Some(32), Some(500))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no general model") && err.contains("vm-logistic") && err.contains("sda"),
+            "{err}"
+        );
+    }
 }
