@@ -10,10 +10,14 @@
 //!   model (`run --act model-reads`) with a hand-set model that flags every request
 //!   (boosts, order changed) and one that flags none (no boost); or
 //! - the comparison (default): each job file of `workloads/vm/` (but `smoke.fio`)
-//!   once stock and once with `kml-agent hook --policy <policy>` (fixed policies) or
-//!   `kml-agent run --model <model> --act <policy>` (`model`, `model-reads`: the
-//!   learned verdicts act), same seeds; the report goes to `target/vm/report.md` and
-//!   the last line sums it up.
+//!   in rounds: stock, and each `--policy` through `kml-agent hook --policy <policy>`
+//!   (fixed policies) or `kml-agent run --model <model> --act <policy>` (`model`,
+//!   `model-reads`: the learned verdicts act), once per round, same seeds, the order
+//!   rotating from round to round; `kml-agent record` witnesses every run (each
+//!   request's own deadline, per class). The report goes to `target/vm/report.md`
+//!   (changes from stock with the spread between rounds, deadline misses per class,
+//!   the learned verdict against the fixed rule) and the last line sums it up for the
+//!   learned verdict (else the last policy).
 //!
 //! The guest prints `KML-VM-RESULT: PASS|FAIL <reason>` and powers off; the exit
 //! status follows that line (and, for the smoke test, the host's checks of the
@@ -85,20 +89,35 @@ pub struct VmArgs {
     /// QEMU accelerator: auto tries KVM with a quick probe boot, else TCG.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
-    /// The hook's policy in the comparison runs (fixed policies through `kml-agent
-    /// hook`; the model policies through `kml-agent run --model MODEL --act POLICY`).
-    #[arg(long, value_enum, default_value_t = Policy::ReadsUnderWrites)]
-    pub policy: Policy,
+    /// The hook's policies compared with stock, comma-separated (fixed policies
+    /// through `kml-agent hook`; the model policies through `kml-agent run --model
+    /// MODEL --act POLICY`), e.g. `reads-under-writes,model-reads`: the learned
+    /// verdict and the fixed rule on the same rounds.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "reads-under-writes"
+    )]
+    pub policy: Vec<Policy>,
     /// The model of the model policies: a file name in `models/` without `.json`.
     #[arg(long, default_value = "logistic")]
     pub model: String,
-    /// fio run time per run, in seconds (each workload runs twice: stock, hook).
+    /// The model policies learn online (`run --retrain-every 10s`) instead of
+    /// keeping the model they start from.
+    #[arg(long)]
+    pub online: bool,
+    /// fio run time per run, in seconds (each workload runs once per arm and round).
     #[arg(long, default_value_t = 30)]
     pub runtime: u32,
-    /// Stock/hook pairs per workload, in alternating order (the report combines
-    /// them and lists each pair's changes).
+    /// Rounds per workload: stock and each policy once, the order rotating from
+    /// round to round (the report combines them and gives each round's changes).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub repeat: u32,
+    /// fio's random seed for every job (the job files read `$KML_SEED`): record
+    /// training traces with one seed, compare with another.
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u32,
     /// QEMU drive throttling of the virtio disk (throttling.iops-total).
     #[arg(long, default_value_t = 100)]
     pub iops: u32,
@@ -111,12 +130,6 @@ pub struct VmArgs {
     /// window of the boost cap; default: the kernel's (500 ms).
     #[arg(long)]
     pub read_expire: Option<u32>,
-    /// Record every stock run with `kml-agent record` (observers only) into
-    /// target/vm/out-full/NAME.stock.R.csv: training data for a model of the VM
-    /// (`kml-agent train --trace ...`). The recorder runs beside fio, so the
-    /// comparison of such a run is not a clean one.
-    #[arg(long)]
-    pub record: bool,
     /// Only these workloads (job file names without .fio; comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
     pub workload: Vec<String>,
@@ -303,21 +316,22 @@ impl VmArgs {
     /// The guest's kernel command line: what the guest script runs (`kml.*`).
     fn kernel_command_line(&self, root: &Path, mode: &str, workloads: &[String]) -> Result<String> {
         let mut append = format!(
-            "virtio_blk.queue_depth=1 kml.mode={mode} kml.policy={} kml.runtime={} kml.repeat={}",
-            self.policy.name(),
+            "virtio_blk.queue_depth=1 kml.mode={mode} kml.policy={} kml.runtime={} kml.repeat={} kml.seed={}",
+            self.policy_list(),
             self.runtime,
-            self.repeat
+            self.repeat,
+            self.seed
         );
         if let Some(b) = self.boost_max {
             let _ = write!(append, " kml.boost_max={b}");
         }
-        if self.record {
-            append.push_str(" kml.record=1");
+        if self.online {
+            append.push_str(" kml.online=1");
         }
         if let Some(ms) = self.read_expire {
             let _ = write!(append, " kml.read_expire={ms}");
         }
-        if self.policy.uses_model() {
+        if self.policy.iter().any(|p| p.uses_model()) {
             let file = root
                 .join(initramfs::MODELS_DIR)
                 .join(format!("{}.json", self.model));
@@ -335,13 +349,27 @@ impl VmArgs {
         Ok(append)
     }
 
+    /// `--policy` as the guest reads it.
+    fn policy_list(&self) -> String {
+        self.policy
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// `--timeout`, else long enough for the runs asked for.
     fn boot_timeout(&self, workloads: usize) -> Duration {
         let default_timeout = if self.smoke {
             420
         } else {
-            // Two runs per workload and repeat (+ ramp and fio start-up), boot and slack.
-            180 + workloads as u64 * 2 * u64::from(self.repeat) * (u64::from(self.runtime) + 2 + 45)
+            // One run per arm, workload and round (+ ramp, fio and agent start-up), boot
+            // and slack.
+            let arms = 1 + self.policy.len() as u64;
+            180 + workloads as u64
+                * arms
+                * u64::from(self.repeat)
+                * (u64::from(self.runtime) + 2 + 45)
         };
         Duration::from_secs(self.timeout.unwrap_or(default_timeout))
     }
@@ -364,11 +392,13 @@ impl VmArgs {
             iops: self.iops,
             runtime: self.runtime,
             repeat: self.repeat,
-            policy: if self.policy.uses_model() {
-                format!("{} (model {})", self.policy.name(), self.model)
-            } else {
-                self.policy.name().to_owned()
-            },
+            policies: self.policy.iter().map(|p| p.name().to_owned()).collect(),
+            model: self
+                .policy
+                .iter()
+                .any(|p| p.uses_model())
+                .then(|| format!("{}{}", self.model, if self.online { ", online" } else { "" })),
+            seed: self.seed,
             workloads,
             share: share.to_owned(),
             boot_secs: None,
@@ -424,7 +454,11 @@ struct RunContext {
     iops: u32,
     runtime: u32,
     repeat: u32,
-    policy: String,
+    /// The policies compared with stock, by name.
+    policies: Vec<String>,
+    /// The model of the model policies (`NAME` or `NAME, online`).
+    model: Option<String>,
+    seed: u32,
     workloads: Vec<String>,
     share: PathBuf,
     boot_secs: Option<f64>,
@@ -438,15 +472,17 @@ impl RunContext {
     fn to_text(&self) -> String {
         let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x:.1}"));
         format!(
-            "kernel={}\nbuild_secs={}\naccel={}\niops={}\nruntime={}\nrepeat={}\npolicy={}\nworkloads={}\n\
-             boot_secs={}\nguest_secs={:.1}\ntotal_secs={:.1}\n",
+            "kernel={}\nbuild_secs={}\naccel={}\niops={}\nruntime={}\nrepeat={}\npolicies={}\nmodel={}\n\
+             seed={}\nworkloads={}\nboot_secs={}\nguest_secs={:.1}\ntotal_secs={:.1}\n",
             self.kernel_line,
             opt(self.build_secs),
             self.accel_note,
             self.iops,
             self.runtime,
             self.repeat,
-            self.policy,
+            self.policies.join(","),
+            self.model.as_deref().unwrap_or(""),
+            self.seed,
             self.workloads.join(","),
             opt(self.boot_secs),
             self.guest_secs,
@@ -475,7 +511,16 @@ impl RunContext {
             iops: num("iops")?,
             runtime: num("runtime")?,
             repeat: num("repeat")?,
-            policy: get("policy")?.to_owned(),
+            policies: get("policies")?
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect(),
+            model: get("model")
+                .ok()
+                .filter(|m| !m.is_empty())
+                .map(String::from),
+            seed: num("seed")?,
             workloads: get("workloads")?
                 .split(',')
                 .filter(|w| !w.is_empty())
@@ -569,7 +614,9 @@ mod tests {
             iops: 100,
             runtime: 30,
             repeat: 2,
-            policy: "reads-under-writes".into(),
+            policies: vec!["reads-under-writes".into(), "model-reads".into()],
+            model: Some("vm-position, online".into()),
+            seed: 7,
             workloads: vec!["a".into(), "b".into()],
             share: PathBuf::from("/s"),
             boot_secs: Some(4.5),
@@ -581,6 +628,15 @@ mod tests {
             ctx
         );
         assert!(RunContext::from_text("kernel=x\n", Path::new("/s")).is_err());
+        let fixed = RunContext {
+            policies: vec!["reads".into()],
+            model: None,
+            ..ctx
+        };
+        assert_eq!(
+            RunContext::from_text(&fixed.to_text(), Path::new("/s")).unwrap(),
+            fixed
+        );
     }
 
     #[test]
@@ -606,15 +662,25 @@ mod tests {
         assert_eq!(c.vm.accel, Accel::Tcg);
         assert_eq!(c.vm.workload, ["a", "b"]);
         assert_eq!(
-            (c.vm.repeat, c.vm.runtime, c.vm.iops, c.vm.policy),
-            (2, 30, 100, Policy::ReadsUnderWrites)
+            (c.vm.repeat, c.vm.runtime, c.vm.iops, c.vm.seed),
+            (2, 30, 100, 1234)
         );
+        assert_eq!(c.vm.policy, [Policy::ReadsUnderWrites]);
         assert!(C::try_parse_from(["vm", "--repeat", "0"]).is_err());
-        let c =
-            C::try_parse_from(["vm", "--policy", "model-reads", "--model", "vm-logistic"]).unwrap();
-        assert_eq!(c.vm.policy, Policy::ModelReads);
-        assert!(c.vm.policy.uses_model() && !Policy::Reads.uses_model());
-        assert_eq!(c.vm.model, "vm-logistic");
+        let c = C::try_parse_from([
+            "vm",
+            "--policy",
+            "reads-under-writes,model-reads",
+            "--model",
+            "vm-logistic",
+            "--seed",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(c.vm.policy, [Policy::ReadsUnderWrites, Policy::ModelReads]);
+        assert_eq!(c.vm.policy_list(), "reads-under-writes,model-reads");
+        assert!(Policy::ModelReads.uses_model() && !Policy::Reads.uses_model());
+        assert_eq!((c.vm.model.as_str(), c.vm.seed), ("vm-logistic", 7));
         assert!(C::try_parse_from(["vm", "--build-only", "--report-only"]).is_err());
     }
 }

@@ -3,17 +3,21 @@
 #
 # Kernel command line (set by xtask):
 #   kml.mode=probe|smoke|full   what to run
-#   kml.policy=POLICY           verdict policy for the "hook" runs (full mode): off, reads,
+#   kml.policy=P1,P2            verdict policies compared with stock (full mode): off, reads,
 #                               reads-under-writes (kml-agent hook), model, model-reads
 #                               (kml-agent run --model MODEL --act POLICY)
 #   kml.model=MODEL             model for the model policies (a name in /kml/models)
+#   kml.online=1                if set: the model policies learn online (retrain every 10 s)
 #   kml.runtime=SECONDS         fio runtime per run (full mode; the job files read $KML_RUNTIME)
+#   kml.seed=N                  fio's random seed (the job files read $KML_SEED; default 1234)
 #   kml.boost_max=N             if set: mq-deadline's kml_boost_max on the test disk
 #   kml.read_expire=MS          if set: mq-deadline's read_expire on the test disk (every run)
 #   kml.workloads=a,b           if set: only these workloads (full mode)
-#   kml.repeat=N                stock/hook pairs per workload, order alternating (full mode)
-#   kml.record=1                if set: record each stock run with kml-agent record into
-#                               NAME.stock.R.csv (training data for a VM model)
+#   kml.repeat=N                rounds per workload: stock and each policy once, the order
+#                               rotating from round to round (full mode)
+# In full mode every run is recorded by `kml-agent record` (observers only, the same in
+# every run) into NAME.ARM.R.csv: the witness of each request's own deadline, and the
+# training data of a VM model (NAME.stock.R.csv).
 # Results go to the virtio-9p share `kmlout` (mounted at /mnt/out); the last line is
 # `KML-VM-RESULT: PASS` or `KML-VM-RESULT: FAIL <reason>`; then the guest tells QEMU
 # its result through isa-debug-exit (port 0xf4) and powers off.
@@ -44,14 +48,15 @@ arg() {
 }
 
 MODE=$(arg kml.mode smoke)
-POLICY=$(arg kml.policy reads-under-writes)
+POLICIES=$(arg kml.policy reads-under-writes)
 MODEL=$(arg kml.model logistic)
+ONLINE=$(arg kml.online "")
 export KML_RUNTIME=$(arg kml.runtime 30)
+export KML_SEED=$(arg kml.seed 1234)
 BOOST_MAX=$(arg kml.boost_max "")
 READ_EXPIRE=$(arg kml.read_expire "")
 WORKLOADS=$(arg kml.workloads "")
 REPEAT=$(arg kml.repeat 1)
-RECORD=$(arg kml.record "")
 
 SHARED=0
 finish() {
@@ -134,8 +139,11 @@ start_hook() {
     case "$1" in
     model | model-reads)
         # The observers, the model and the verdict program in one object; a fixed
-        # model (no online learning: it would learn from outcomes the verdicts changed).
-        kml-agent run --json --device $DISK --model "$3" --act "$1" --retrain-every 0 --ring-size 1M \
+        # model unless kml.online (online learning learns from outcomes the verdicts
+        # changed).
+        retrain=0
+        [ -n "$ONLINE" ] && retrain=10s
+        kml-agent run --json --device $DISK --model "$3" --act "$1" --retrain-every $retrain --ring-size 1M \
             > "${2%.log}.json" 2> "$2" &
         ;;
     *)
@@ -273,40 +281,35 @@ if [ "$MODE" = smoke ]; then
 fi
 
 # ---------------------------------------------------------------- full comparison
-stock_run() {
-    # $1 job, $2 name, $3 repeat
-    echo "kml-guest: $2: stock run $3 (${KML_RUNTIME}s)"
-    rec=
-    if [ -n "$RECORD" ]; then
-        # Observers only (no verdict program): the trace a VM model is trained on.
-        log=/tmp/$2.record.$3.log
-        kml-agent record --json --device $DISK --out /tmp/$2.stock.$3.csv > ${log%.log}.json 2> $log &
-        rec=$!
-        wait_ready $rec ${log%.log}.json $log "recording"
-    fi
+arm_run() {
+    # $1 job, $2 workload name, $3 arm (stock or a policy), $4 round
+    run=$2.$3.$4
+    echo "kml-guest: $2: $3, round $4 (${KML_RUNTIME}s)"
+    # The witness, the same in every run: observers only, no verdict program. Its
+    # records carry each request's insert and dispatch jiffies (its own deadline).
+    log=/tmp/$run.record.log
+    kml-agent record --json --device $DISK --out /tmp/$run.csv > ${log%.log}.json 2> $log &
+    rec=$!
+    wait_ready $rec ${log%.log}.json $log "recording"
+    [ "$3" = stock ] || start_hook $3 /tmp/$run.agent.log "$MODEL"
     b0=$(boosts)
-    run_fio $1 $2.stock.$3
-    echo "stock $b0 $(boosts)" >> $OUT/$2.boosts
-    if [ -n "$rec" ]; then
-        kill -INT $rec
-        wait $rec || fail "kml-agent record failed: $(tr '\n' ' ' < $log)"
-        # Written to tmpfs first: 9p writes would slow the recorder.
-        cp /tmp/$2.stock.$3.csv $log $OUT/ && rm /tmp/$2.stock.$3.csv
-        tail -n3 $log
-    fi
-}
-hook_run() {
-    echo "kml-guest: $2: hook run $3, policy $POLICY (${KML_RUNTIME}s)"
-    start_hook $POLICY /tmp/$2.hook.$3.agent.log "$MODEL"
-    b0=$(boosts)
-    run_fio $1 $2.hook.$3
+    run_fio $1 $run
     b1=$(boosts)
-    stop_hook /tmp/$2.hook.$3.agent.log
-    echo "hook $b0 $b1" >> $OUT/$2.boosts
-    cp /tmp/$2.hook.$3.agent.log /tmp/$2.hook.$3.agent.json $OUT/
-    tail -n2 /tmp/$2.hook.$3.agent.log
+    if [ "$3" != stock ]; then
+        stop_hook /tmp/$run.agent.log
+        cp /tmp/$run.agent.log /tmp/$run.agent.json $OUT/
+        tail -n2 /tmp/$run.agent.log
+    fi
+    echo "$3 $b0 $b1" >> $OUT/$2.boosts
+    kill -INT $rec
+    wait $rec || fail "kml-agent record failed: $(tr '\n' ' ' < $log)"
+    # Written to tmpfs first: 9p writes would slow the recorder.
+    cp /tmp/$run.csv $log $OUT/ && rm /tmp/$run.csv
+    tail -n1 $log
 }
 if [ "$MODE" = full ]; then
+    ARMS="stock $(echo "$POLICIES" | tr ',' ' ')"
+    K=$(echo $ARMS | wc -w)
     n=0
     for JOB in /kml/workloads/*.fio; do
         name=$(basename $JOB .fio)
@@ -318,19 +321,24 @@ if [ "$MODE" = full ]; then
         : > $OUT/$name.boosts
         r=1
         while [ $r -le $REPEAT ]; do
-            # Alternate the order (stock first, then hook first) against drift.
-            if [ $((r % 2)) = 1 ]; then
-                stock_run $JOB $name $r
-                hook_run $JOB $name $r
-            else
-                hook_run $JOB $name $r
-                stock_run $JOB $name $r
-            fi
+            # Each round runs every arm once; the order rotates by one each round, so
+            # that over K rounds each arm runs once in each position (against drift).
+            set -- $ARMS
+            i=0
+            while [ $i -lt $(((r - 1) % K)) ]; do
+                first=$1
+                shift
+                set -- "$@" $first
+                i=$((i + 1))
+            done
+            for arm in "$@"; do
+                arm_run $JOB $name $arm $r
+            done
             r=$((r + 1))
         done
     done
     [ $n -gt 0 ] || fail "no workload ran"
-    finish PASS "full: $n workloads x $REPEAT"
+    finish PASS "full: $n workloads x $REPEAT rounds of: $ARMS"
 fi
 
 fail "unknown kml.mode=$MODE"

@@ -181,6 +181,99 @@ pub fn parse_boosts(text: &str) -> Result<Boosts> {
     Ok(b)
 }
 
+/// The boost counters per arm of the comparison (lines `ARM b c b c`: kml_boosts
+/// and kml_capped before and after a run), summed over the arm's runs: arm →
+/// (requests served early, positive verdicts refused by the cap).
+pub fn parse_arm_boosts(text: &str) -> HashMap<String, (u64, u64)> {
+    let mut out: HashMap<String, (u64, u64)> = HashMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() != 5 {
+            continue;
+        }
+        let n: Vec<u64> = f[1..].iter().map(|x| x.parse().unwrap_or(0)).collect();
+        let e = out.entry(f[0].to_owned()).or_default();
+        e.0 += n[2].saturating_sub(n[0]);
+        e.1 += n[3].saturating_sub(n[1]);
+    }
+    out
+}
+
+/// Requests of one class (direction) in a witness trace, and how many were
+/// dispatched after their own deadline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassCount {
+    pub requests: u64,
+    pub missed: u64,
+}
+
+impl ClassCount {
+    pub fn share(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.missed as f64 / self.requests as f64
+        }
+    }
+
+    pub fn add(&mut self, o: ClassCount) {
+        self.requests += o.requests;
+        self.missed += o.missed;
+    }
+}
+
+/// Own-deadline misses per class in one run's witness trace (`kml-agent record`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassMisses {
+    pub read: ClassCount,
+    pub write: ClassCount,
+}
+
+impl ClassMisses {
+    pub fn add(&mut self, o: &ClassMisses) {
+        self.read.add(o.read);
+        self.write.add(o.write);
+    }
+}
+
+/// Counts a witness trace: every request with a deadline that was dispatched, by
+/// direction, missed when dispatched after its own deadline
+/// ([`kml_ebpf_common::label::missed_own_deadline`]: boosts do not move it).
+pub fn witness_misses(csv: &str, hz: u64) -> Result<ClassMisses> {
+    let records = kml_ebpf_common::trace::read_all(csv.as_bytes())
+        .map_err(|e| anyhow::anyhow!("witness trace: {e}"))?;
+    let mut m = ClassMisses::default();
+    for r in records
+        .iter()
+        .filter(|r| r.deadline_ns > r.insert_ns && (r.issue_ns != 0 || r.complete_ns != 0))
+    {
+        let c = match r.op().direction() {
+            kml_ebpf_common::Direction::Read => &mut m.read,
+            kml_ebpf_common::Direction::Write => &mut m.write,
+        };
+        c.requests += 1;
+        c.missed += kml_ebpf_common::label::missed_own_deadline(r, hz) as u64;
+    }
+    Ok(m)
+}
+
+/// The guest kernel's HZ, from `kml-agent doctor`'s deadline-label line (`(HZ 250,`).
+pub fn doctor_hz(doctor: &str) -> Option<u64> {
+    let at = doctor.find("(HZ ")? + "(HZ ".len();
+    let digits: String = doctor[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok().filter(|&hz| hz > 0)
+}
+
+/// The smallest and largest of `values` (`None` when empty).
+pub fn spread(values: &[f64]) -> Option<(f64, f64)> {
+    let lo = values.iter().copied().reduce(f64::min)?;
+    let hi = values.iter().copied().reduce(f64::max)?;
+    Some((lo, hi))
+}
+
 /// The verdict program's counters, from the agent's `end` event (`kml-agent hook
 /// --json` and `kml-agent run --json` with the hook attached).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -639,6 +732,69 @@ mod tests {
             "fmod_ret has no program counters"
         );
         assert_eq!(hook_counts("kml-agent: hook attached\n"), None);
+    }
+
+    #[test]
+    fn arm_boosts_and_doctor_hz() {
+        let b = parse_arm_boosts(
+            "stock 0 0 0 0\nreads-under-writes 0 0 57 3\nmodel-reads 57 3 60 3\nstock 60 3 60 3\nmodel-reads 60 3 70 5\n",
+        );
+        assert_eq!(b["stock"], (0, 0));
+        assert_eq!(b["reads-under-writes"], (57, 3));
+        assert_eq!(b["model-reads"], (13, 2));
+        let doctor = "  [yes] deadline label   raw tracepoints: rq->fifo_time@216 read at issue; classic tracepoints: insert jiffies + expiry in jiffies (HZ 250, the coarse clock's tick): ...";
+        assert_eq!(doctor_hz(doctor), Some(250));
+        assert_eq!(doctor_hz("no such line"), None);
+        assert_eq!(spread(&[3.0, -1.0, 2.0]), Some((-1.0, 3.0)));
+        assert_eq!(spread(&[]), None);
+    }
+
+    #[test]
+    fn witness_counts_own_deadlines_per_class() {
+        use kml_ebpf_common::{trace, ReqOp, RequestRecord};
+        // read_expire 100 ms, write_expire 5 s, HZ 250; inserted at jiffy 1000.
+        let rec = |op: ReqOp, expire_ms: u64, issue_j: u64, fifo: u64| RequestRecord {
+            sector: 8,
+            insert_ns: 1_000_000_000,
+            issue_ns: 1_000_000_000 + (issue_j - 1000) * 4_000_000,
+            complete_ns: 1_000_000_000 + (issue_j - 999) * 4_000_000,
+            deadline_ns: 1_000_000_000 + expire_ms * 1_000_000,
+            nr_sectors: 8,
+            op: op as u8,
+            insert_jiffies: 1000,
+            issue_jiffies: issue_j,
+            fifo_time: fifo,
+            ..Default::default()
+        };
+        let rows = [
+            rec(ReqOp::Read, 100, 1010, 1000), // boosted, met its own deadline
+            rec(ReqOp::Read, 100, 1030, 1000), // boosted, missed its own
+            rec(ReqOp::Read, 100, 1020, 1025), // met
+            rec(ReqOp::Write, 5000, 2300, 2250), // missed (1250 jiffies)
+            rec(ReqOp::Write, 5000, 1100, 2250), // met
+        ];
+        let mut csv = Vec::new();
+        csv.extend_from_slice(trace::header().as_bytes());
+        csv.push(b'\n');
+        for r in &rows {
+            trace::write_row(&mut csv, r).unwrap();
+        }
+        let m = witness_misses(std::str::from_utf8(&csv).unwrap(), 250).unwrap();
+        assert_eq!(
+            m.read,
+            ClassCount {
+                requests: 3,
+                missed: 1
+            }
+        );
+        assert_eq!(
+            m.write,
+            ClassCount {
+                requests: 2,
+                missed: 1
+            }
+        );
+        assert!((m.read.share() - 1.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]
