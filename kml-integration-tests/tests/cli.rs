@@ -491,6 +491,74 @@ fn run_prints_live_lines_and_detaches_on_sigterm() -> Result<()> {
     Ok(())
 }
 
+/// `run --model auto` on a host loop device starts from a general model (a file that
+/// declares no disk), never from one made for another kind of disk: vm-logistic
+/// records the best held-back score of all (measured on its own VM traces) and used
+/// to win everywhere. The loop device gets the VM model's own read_expire, so only the
+/// disk's hardware queue depth (read from sysfs) tells the two apart.
+#[test]
+fn model_auto_on_a_host_loop_device_is_never_a_model_made_for_another_disk() -> Result<()> {
+    use kml_agent::learn::models::{self, DiskRegime};
+    let dev = LoopDevice::new(32, 100, 5000)?;
+    let regime = DiskRegime::of(&dev.block_device()?);
+    ensure!(
+        regime.hw_queue_depth.is_some_and(|d| d > 1) && regime.read_expire_ms == Some(100),
+        "the loop device as sysfs shows it: {regime}"
+    );
+    // Otherwise the test could not fail: a model made for some disk is shipped.
+    let made_for_a_disk: Vec<String> = models::list()
+        .into_iter()
+        .filter_map(|(p, m)| m.ok()?.file.device.map(|_| p.display().to_string()))
+        .collect();
+    ensure!(
+        !made_for_a_disk.is_empty(),
+        "no shipped model declares a disk"
+    );
+    let (path, chosen) = models::resolve("auto", std::slice::from_ref(&regime))?;
+    ensure!(
+        chosen.file.device.is_none(),
+        "auto picked {} (made for {}) for {regime}",
+        path.display(),
+        chosen
+            .file
+            .device
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_default()
+    );
+    // The agent binary, as an operator runs it, says what it picked and why.
+    let Agent {
+        child: mut agent,
+        stderr,
+        ..
+    } = spawn_agent(&["run", "--device", &dev.name, "--model", "auto"])?;
+    let line = wait_for_line(&stderr, "--model auto:", Duration::from_secs(30))?;
+    let picked = line
+        .split("--model auto: ")
+        .nth(1)
+        .and_then(|s| s.split(": ").next())
+        .map(PathBuf::from)
+        .with_context(|| format!("no model path in {line:?}"))?;
+    let file = kml_learn::LoadedModel::load(&picked)?.file;
+    ensure!(
+        file.device.is_none() && line.contains("general model"),
+        "the agent started {} from {line:?}",
+        dev.name
+    );
+    ensure!(
+        picked.file_name() == path.file_name(),
+        "agent picked {}, the library {}",
+        picked.display(),
+        path.display()
+    );
+    wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
+    signal(&agent.0, libc::SIGTERM);
+    let status = agent.0.wait()?;
+    ensure!(status.success(), "run exited with {status} after SIGTERM");
+    assert_no_kml_programs()?;
+    Ok(())
+}
+
 #[test]
 fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
     // Short deadlines and a deep queue, so that a share of requests misses.
