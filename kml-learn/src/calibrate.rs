@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 
 use kml_ebpf_common::model::ACC_LIMIT;
 
+use crate::metrics::best_cut;
 use crate::quantize::QuantizedModel;
 
 /// How much labelled evidence moves the threshold.
@@ -108,9 +109,9 @@ impl ThresholdCalibrator {
 }
 
 /// The integer `t` (verdict: `margin > t`) that maximises balanced accuracy of
-/// `margins` against `labels`; among equals the highest (fewest flags), and 0 (the
-/// model's own threshold) when flagging nothing is as good as anything. Both
-/// classes must be present for the answer to mean anything.
+/// `margins` against `labels`; among equals the highest (fewest flags): the top
+/// margin (flags nothing) when nothing does better than flagging nothing, and 0 (the
+/// model's own threshold) with one class only, where the answer means nothing.
 pub fn best_balanced_shift(margins: &[i64], labels: &[bool]) -> i64 {
     assert_eq!(margins.len(), labels.len());
     let positives = labels.iter().filter(|&&l| l).count() as f64;
@@ -121,31 +122,13 @@ pub fn best_balanced_shift(margins: &[i64], labels: &[bool]) -> i64 {
     let mut order: Vec<usize> = (0..margins.len()).collect();
     // Highest margin first: lowering t flags one more group of equal margins at a time.
     order.sort_unstable_by(|&a, &b| margins[b].cmp(&margins[a]));
-    let (mut tp, mut fp) = (0.0, 0.0);
-    // Flag nothing: t at the top margin.
-    let (mut best, mut best_t) = (0.5, margins[order[0]]);
-    let mut k = 0;
-    while k < order.len() {
-        let m = margins[order[k]];
-        while k < order.len() && margins[order[k]] == m {
-            if labels[order[k]] {
-                tp += 1.0;
-            } else {
-                fp += 1.0;
-            }
-            k += 1;
-        }
-        let ba = 0.5 * (tp / positives + (negatives - fp) / negatives);
-        if ba > best {
-            best = ba;
-            // Between this margin and the next lower one (flags every margin >= m).
-            best_t = match order.get(k) {
-                Some(&next) => midpoint_below(m, margins[next]),
-                None => m.saturating_sub(1),
-            };
-        }
+    match best_cut(margins, labels, &order) {
+        // Flag nothing: t at the top margin.
+        None => margins[order[0]],
+        // Between the lowest margin flagged and the next lower one.
+        Some((m, Some(next))) => midpoint_below(m, next),
+        Some((m, None)) => m.saturating_sub(1),
     }
-    best_t
 }
 
 /// An integer in `[lo, hi)` (the verdict `margin > t` flags `hi` and not `lo`),

@@ -214,12 +214,32 @@ pub fn best_balanced_threshold(scores: &[f64], labels: &[bool]) -> f64 {
     if negatives == 0.0 {
         return bottom - 1.0;
     }
+    match best_cut(scores, labels, &order) {
+        None => top + 1.0,
+        Some((s, Some(next))) => (s + next) / 2.0,
+        Some((s, None)) => s - 1.0,
+    }
+}
+
+/// The sweep behind every best threshold (this one's, and the live calibration's
+/// integer shift): `order` lists indices of `scores`, highest score first. Flags the
+/// highest scores first, every request of one score at once (a threshold cannot split
+/// them), and says where balanced accuracy against `labels` peaks: the lowest score
+/// flagged and the next lower one (`None`: every score flagged); `None` when flagging
+/// nothing is as good. Ties keep the higher threshold (fewer flags). Both classes must
+/// be present in `labels`.
+pub(crate) fn best_cut<T: Copy + PartialEq>(
+    scores: &[T],
+    labels: &[bool],
+    order: &[usize],
+) -> Option<(T, Option<T>)> {
+    let positives = labels.iter().filter(|&&l| l).count() as f64;
+    let negatives = labels.len() as f64 - positives;
     let (mut tp, mut fp) = (0.0, 0.0);
     // Flag nothing: recall_met = 1, recall_miss = 0.
-    let (mut best, mut best_t) = (0.5, top + 1.0);
+    let (mut best, mut cut) = (0.5, None);
     let mut k = 0;
     while k < order.len() {
-        // Take every request with this score at once: a threshold cannot split them.
         let s = scores[order[k]];
         while k < order.len() && scores[order[k]] == s {
             if labels[order[k]] {
@@ -232,13 +252,10 @@ pub fn best_balanced_threshold(scores: &[f64], labels: &[bool]) -> f64 {
         let ba = 0.5 * (tp / positives + (negatives - fp) / negatives);
         if ba > best {
             best = ba;
-            best_t = match order.get(k) {
-                Some(&next) => (s + scores[next]) / 2.0,
-                None => s - 1.0,
-            };
+            cut = Some((s, order.get(k).map(|&next| scores[next])));
         }
     }
-    best_t
+    cut
 }
 
 #[cfg(test)]
