@@ -53,6 +53,49 @@ pub struct Snapshot {
     pub events: ModelEvents,
 }
 
+/// The agent process's CPU time and memory, from /proc/self.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+}
+
+impl ProcessStats {
+    pub fn of_self() -> Option<ProcessStats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        // SAFETY: sysconf only reads a configuration value.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Self::parse(&stat, &status, u64::try_from(ticks).ok()?)
+    }
+
+    /// From `/proc/PID/stat` (utime and stime, fields 14 and 15, after the
+    /// parenthesised command name) and `/proc/PID/status` (VmRSS, VmHWM in kB).
+    pub fn parse(stat: &str, status: &str, ticks_per_second: u64) -> Option<ProcessStats> {
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        let kib = |key: &str| -> Option<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        };
+        (ticks_per_second > 0).then_some(())?;
+        Some(ProcessStats {
+            cpu_seconds: (utime + stime) as f64 / ticks_per_second as f64,
+            rss_bytes: kib("VmRSS")? * 1024,
+            peak_rss_bytes: kib("VmHWM")? * 1024,
+        })
+    }
+}
+
 impl Snapshot {
     /// Nanoseconds per insert decision (features + inference are tail calls of the
     /// insert program, so its run time includes them); `None` without bpf_stats.
@@ -171,6 +214,28 @@ impl Collector for Shared {
                 "ns_per_decision",
                 "average run time of the insert program (features and inference included)",
                 ns,
+            )?;
+        }
+        // The agent process itself, read at scrape time (not from the snapshot).
+        if let Some(p) = ProcessStats::of_self() {
+            let c = ConstCounter::new(p.cpu_seconds);
+            c.encode(enc.encode_descriptor(
+                "process_cpu_seconds",
+                "user + system CPU time of the agent process (all threads), seconds",
+                None,
+                c.metric_type(),
+            )?)?;
+            gauge(
+                &mut enc,
+                "process_resident_memory_bytes",
+                "resident set size of the agent process now (VmRSS)",
+                p.rss_bytes as f64,
+            )?;
+            gauge(
+                &mut enc,
+                "process_peak_resident_memory_bytes",
+                "largest resident set size of the agent process so far (VmHWM)",
+                p.peak_rss_bytes as f64,
             )?;
         }
         type Field = fn(&ProgramStats) -> u64;
@@ -424,6 +489,26 @@ mod tests {
             let confusion = CONFUSION.iter().any(|(k, _, _)| k == c);
             assert_eq!(listed, !confusion, "{}", c.name());
         }
+    }
+
+    #[test]
+    fn process_stats_from_proc() {
+        let stat = "4242 (kml agent) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
+        let status = "Name:\tkml-agent\nVmHWM:\t  51200 kB\nVmRSS:\t  40960 kB\n";
+        let p = ProcessStats::parse(stat, status, 100).unwrap();
+        assert_eq!(p.cpu_seconds, 3.25);
+        assert_eq!(p.rss_bytes, 40960 * 1024);
+        assert_eq!(p.peak_rss_bytes, 51200 * 1024);
+        assert_eq!(ProcessStats::parse(stat, "VmRSS: 1 kB", 100), None);
+        assert_eq!(ProcessStats::parse("garbage", status, 100), None);
+        // The exposition carries this process's numbers.
+        let text = Metrics::default().render();
+        assert!(
+            sample(&text, "kml_process_cpu_seconds_total").is_some(),
+            "{text}"
+        );
+        assert!(sample(&text, "kml_process_resident_memory_bytes").unwrap() > 0.0);
+        assert!(sample(&text, "kml_process_peak_resident_memory_bytes").unwrap() > 0.0);
     }
 
     #[test]

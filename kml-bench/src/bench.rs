@@ -15,11 +15,17 @@
 //! harness itself fails. Loop devices, the tmpfs mount, `bpf_stats_enabled` and the
 //! child processes are undone by guards, also on an error or Ctrl-C.
 
+pub mod alternation;
+mod before;
 mod cost;
+pub mod fiolog;
 mod learning;
 mod overhead;
+mod overhead_report;
 pub mod parse;
+mod refs;
 mod report;
+pub mod stats;
 mod svg;
 pub mod sys;
 mod trace;
@@ -80,6 +86,26 @@ pub struct BenchArgs {
     /// Run only these phases (comma-separated); the report says which did not run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Phase>,
+    /// Overhead: cycles of the alternation (every arm once per cycle, inside one fio
+    /// run). Default 20 (--quick: 3).
+    #[arg(long, value_name = "N")]
+    pub cycles: Option<usize>,
+    /// Overhead: measured seconds per arm and cycle (plus 0.5 s so that whole seconds
+    /// of fio's log fit, after 1 s of settling). Default 4.
+    #[arg(long, value_name = "S")]
+    pub arm_secs: Option<u64>,
+    /// Overhead: the arms to run (comma-separated: none, aa, null, biolatency,
+    /// biosnoop, bpftrace, observe, infer); `none`, the baseline, always runs.
+    /// Default: all.
+    #[arg(long, value_delimiter = ',', value_name = "ARMS")]
+    pub arms: Vec<String>,
+    /// Overhead: also run the agent of this git revision (built once into
+    /// ~/.cache/kml/bench-before/) as arms of the same run: the before/after of a change.
+    #[arg(long, value_name = "REV")]
+    pub before: Option<String>,
+    /// Tune: cycles of stock / stock again / tune per workload. Default 8 (--quick: 2).
+    #[arg(long, value_name = "N")]
+    pub tune_cycles: Option<usize>,
 }
 
 /// What every phase needs.
@@ -93,6 +119,13 @@ pub struct Ctx {
     pub quick: bool,
     pub pin: bool,
     pub workloads: Vec<PathBuf>,
+    pub cycles: Option<usize>,
+    pub arm_secs: Option<u64>,
+    pub arms: Vec<String>,
+    pub before: Option<String>,
+    pub tune_cycles: Option<usize>,
+    /// The command line, for the reports.
+    pub command: String,
 }
 
 impl Ctx {
@@ -209,16 +242,6 @@ impl BenchArgs {
         for d in [&work, &logs, &out] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let ctx = Ctx {
-            root: root.clone(),
-            agent,
-            work,
-            logs,
-            out,
-            quick: self.quick,
-            pin: self.pin,
-            workloads,
-        };
         let mut args_line = vec!["cargo xtask bench".to_owned()];
         if self.quick {
             args_line.push("--quick".into());
@@ -237,6 +260,37 @@ impl BenchArgs {
         for w in &self.workload {
             args_line.push(format!("--workload {}", w.display()));
         }
+        if let Some(n) = self.cycles {
+            args_line.push(format!("--cycles {n}"));
+        }
+        if let Some(s) = self.arm_secs {
+            args_line.push(format!("--arm-secs {s}"));
+        }
+        if !self.arms.is_empty() {
+            args_line.push(format!("--arms {}", self.arms.join(",")));
+        }
+        if let Some(r) = &self.before {
+            args_line.push(format!("--before {r}"));
+        }
+        if let Some(n) = self.tune_cycles {
+            args_line.push(format!("--tune-cycles {n}"));
+        }
+        let ctx = Ctx {
+            root: root.clone(),
+            agent,
+            work,
+            logs,
+            out,
+            quick: self.quick,
+            pin: self.pin,
+            workloads,
+            cycles: self.cycles,
+            arm_secs: self.arm_secs,
+            arms: self.arms.clone(),
+            before: self.before.clone(),
+            tune_cycles: self.tune_cycles,
+            command: args_line.join(" "),
+        };
         let load_before = loadavg();
         eprintln!(
             "xtask: bench: phases {:?}, {} workload(s), work files in {}, report in {}",
@@ -254,7 +308,7 @@ impl BenchArgs {
         };
         check_interrupt()?;
         let training = if want(Phase::Training) {
-            run_phase("training", || training::run(&ctx, learning.done()))
+            run_phase("training", || training::run(&ctx))
         } else {
             not_run()
         };
@@ -285,19 +339,34 @@ impl BenchArgs {
             not_run()
         };
         check_interrupt()?;
-        // Only the tuning measure: its section of the existing report is replaced,
-        // the other measures' results stay as they were.
-        if phases == [Phase::Tune] {
-            let path = report::splice_tune(&ctx)?;
-            eprintln!(
-                "xtask: bench: updated the tuning section of {}",
-                ctx.rel(&path)
+        // Only the overhead and/or tuning measures: their sections of the existing
+        // report are replaced, the other measures' results stay as they were.
+        if phases
+            .iter()
+            .all(|p| matches!(p, Phase::Overhead | Phase::Tune))
+            && ctx.out.join("REPORT.md").is_file()
+        {
+            if want(Phase::Overhead) && !matches!(overhead, Outcome::Failed(_)) {
+                let path = report::splice_overhead(&ctx)?;
+                eprintln!(
+                    "xtask: bench: updated the overhead section of {}",
+                    ctx.rel(&path)
+                );
+            }
+            if want(Phase::Tune) {
+                let path = report::splice_tune(&ctx)?;
+                eprintln!(
+                    "xtask: bench: updated the tuning section of {}",
+                    ctx.rel(&path)
+                );
+            }
+            return Ok(
+                if matches!(tune, Outcome::Failed(_)) || matches!(overhead, Outcome::Failed(_)) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                },
             );
-            return Ok(if matches!(tune, Outcome::Failed(_)) {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            });
         }
         let vm_report = root.join("target").join("vm").join("report.md");
         let vm = report::SubReport::read(&vm_report);
@@ -316,7 +385,7 @@ impl BenchArgs {
             mem_gib: parse::parse_kib_field(&read("/proc/meminfo"), "MemTotal").unwrap_or(0) as f64
                 / (1 << 20) as f64,
             quick: ctx.quick,
-            command: args_line.join(" "),
+            command: ctx.command.clone(),
             load_before,
             load_after: loadavg(),
             duration: started.elapsed(),
@@ -343,6 +412,7 @@ impl BenchArgs {
             models,
             overhead,
             cost,
+            overhead_md: std::fs::read_to_string(ctx.out.join(overhead::OVERHEAD_MD)).ok(),
             vm,
             tune: report::SubReport::read(&ctx.out.join("TUNE.md")),
         };

@@ -16,6 +16,7 @@
 extern crate std;
 
 pub mod abi;
+pub mod bench_refs;
 pub mod features;
 pub mod inference;
 pub mod label;

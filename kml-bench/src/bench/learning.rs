@@ -163,6 +163,20 @@ pub fn spawn_fio(
     name: &str,
     cpus: Option<&str>,
 ) -> Result<Proc> {
+    spawn_fio_with(ctx, job, dev, runtime_s, name, cpus, &[])
+}
+
+/// [`spawn_fio`] with more fio options (given before the job file: they apply to
+/// every job in it).
+pub fn spawn_fio_with(
+    ctx: &Ctx,
+    job: &Path,
+    dev: &Path,
+    runtime_s: u64,
+    name: &str,
+    cpus: Option<&str>,
+    extra: &[String],
+) -> Result<Proc> {
     let json = ctx.logs.join(format!("{name}.fio.json"));
     let _ = std::fs::remove_file(&json);
     let mut cmd = Command::new("fio");
@@ -171,6 +185,7 @@ pub fn spawn_fio(
     if let Some(c) = cpus {
         cmd.arg(format!("--cpus_allowed={c}"));
     }
+    cmd.args(extra);
     cmd.arg(job)
         .env("FILENAME", dev)
         .env("RUNTIME", runtime_s.to_string());

@@ -296,16 +296,6 @@ pub fn parse_agent_line(line: &str) -> Option<AgentLine> {
     })
 }
 
-/// The agent's `end` event: records received, seconds, ring-full drops.
-pub fn parse_agent_summary(stdout: &str) -> Option<(u64, f64, u64)> {
-    let end = agent_events(stdout, "end").last()?;
-    Some((
-        end.get("records")?.as_u64()?,
-        end.get("seconds")?.as_f64()?,
-        end.get("losses")?.get("ring_full_drops")?.as_u64()?,
-    ))
-}
-
 /// What online learning did, in the agent's words (the `learning` notes of its ticks).
 pub fn agent_learning(stdout: &str) -> Vec<String> {
     agent_events(stdout, "tick")
@@ -316,6 +306,14 @@ pub fn agent_learning(stdout: &str) -> Vec<String> {
                 .unwrap_or_default()
         })
         .filter_map(|n| n.get("message")?.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// What the tuner decided, in the agent's words (the `tuning` notes of its ticks).
+pub fn agent_tuning(stdout: &str) -> Vec<String> {
+    agent_events(stdout, "tick")
+        .flat_map(|t| t["tuning"].as_array().cloned().unwrap_or_default())
+        .filter_map(|d| d.as_str().map(str::to_owned))
         .collect()
 }
 
@@ -342,11 +340,11 @@ pub struct EvalMetrics {
     pub q_balanced_accuracy: f64,
     pub q_f1_miss: f64,
     pub agreement: Option<f64>,
-    /// The data held one class only (`eval`'s `one_class`): no score means
-    /// anything, the report says "one class".
-    pub one_class: bool,
     /// AUC of the integer model's ranking (`None` for one class, or an older agent).
     pub q_auc: Option<f64>,
+    /// The data held one class only (`eval`'s `one_class`, kml-learn's
+    /// `Evaluation::one_class`): no score means anything, the report says "one class".
+    pub one_class: bool,
 }
 
 impl EvalMetrics {
@@ -360,6 +358,11 @@ impl EvalMetrics {
             Some(a) => format!("{:.1} (AUC {a:.3})", 100.0 * self.q_balanced_accuracy),
             None => format!("{:.1}", 100.0 * self.q_balanced_accuracy),
         }
+    }
+
+    /// The integer model's balanced accuracy, unless the data held one class.
+    pub fn score(&self) -> Option<f64> {
+        (!self.one_class).then_some(self.q_balanced_accuracy)
     }
 }
 
@@ -389,8 +392,8 @@ fn eval_metrics(v: &Value) -> Result<EvalMetrics> {
         q_balanced_accuracy: f("quantized_balanced_accuracy")?,
         q_f1_miss: f("quantized_f1_miss")?,
         agreement: v["agreement"].as_f64(),
-        one_class: v["one_class"].as_bool().unwrap_or(false),
         q_auc: v["quantized_auc"].as_f64(),
+        one_class: v["one_class"].as_bool().unwrap_or(false),
     })
 }
 
@@ -407,6 +410,34 @@ pub fn median(values: &[f64]) -> Option<f64> {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     })
+}
+
+/// The samples of a Prometheus / OpenMetrics text exposition (the agent's
+/// `--metrics` page): `(name{labels}, value)` in page order; comments skipped.
+pub fn parse_exposition(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.trim().rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of the sample named exactly `name` (no labels).
+pub fn exposition_value(samples: &[(String, f64)], name: &str) -> Option<f64> {
+    samples.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+}
+
+/// The samples of a labelled family `name{...}`: (the label set, value).
+pub fn exposition_family<'a>(samples: &'a [(String, f64)], name: &str) -> Vec<(&'a str, f64)> {
+    samples
+        .iter()
+        .filter_map(|(k, v)| {
+            let labels = k.strip_prefix(name)?.strip_prefix('{')?.strip_suffix('}')?;
+            Some((labels, *v))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -536,7 +567,7 @@ mod tests {
     fn agent_events() {
         let out = r#"{"attach":"raw-tracepoint","devices":["loop1"],"event":"ready","hook_policy":null,"model":null}
 {"balanced_accuracy":null,"drops":3,"event":"tick","learning":[],"model":null,"orphans":0,"records_per_s":115136.0,"t_s":7.0}
-{"balanced_accuracy":0.812,"drops":0,"event":"tick","learning":[{"kind":"swap","message":"swap v1 -> v2 logistic: ..."}],"model":{"kind":"logistic","version":2},"orphans":1,"records_per_s":30211.0,"t_s":12.0}
+{"balanced_accuracy":0.812,"drops":0,"event":"tick","learning":[{"kind":"swap","message":"swap v1 -> v2 logistic: ..."}],"model":{"kind":"logistic","version":2},"orphans":1,"records_per_s":30211.0,"t_s":12.0,"tuning":["fifo_batch 16 -> 8"]}
 {"balanced_accuracy":null,"drops":0,"event":"tick","learning":[],"model":{"kind":"tree","version":1},"orphans":0,"records_per_s":0.0,"t_s":1.0}
 {"event":"end","hook":null,"losses":{"ring_full_drops":7,"orphan_completions":0},"records":805638,"seconds":8.2}
 "#;
@@ -551,9 +582,9 @@ mod tests {
         assert_eq!(lines[2].model, Some((1, "tree".to_owned())));
         assert_eq!(lines[2].balanced_accuracy, None);
         assert_eq!(parse_agent_line("kml-agent: observing loop1"), None);
-        assert_eq!(parse_agent_summary(out), Some((805638, 8.2, 7)));
-        assert_eq!(parse_agent_summary("kml-agent: observing\n"), None);
         assert_eq!(agent_learning(out), ["swap v1 -> v2 logistic: ..."]);
+        assert_eq!(agent_tuning(out), ["fifo_batch 16 -> 8"]);
+        assert!(agent_tuning("kml-agent: tune fifo_batch 16 -> 8\n").is_empty());
     }
 
     fn e_text() -> &'static str {
@@ -595,6 +626,23 @@ mod tests {
         assert_eq!(m.agreement, None);
         assert_eq!(b.unwrap().q_balanced_accuracy, 0.51);
         assert_eq!(parse_eval_with_baseline(e_text()).unwrap().1, None);
+        assert!(!m.one_class);
+        assert_eq!(m.score(), Some(0.79));
+    }
+
+    #[test]
+    fn one_class_evaluations_have_no_score() {
+        let said = r#"{"records":50,"miss_rate":0.0,"accuracy":1.0,"balanced_accuracy":1.0,"f1_miss":0.0,
+            "quantized_accuracy":1.0,"quantized_balanced_accuracy":1.0,"quantized_f1_miss":0.0,
+            "quantized_auc":null,"one_class":true}"#;
+        let e = parse_eval_with_baseline(said).unwrap().0;
+        assert!(e.one_class);
+        assert_eq!((e.score(), e.q_auc), (None, None));
+        let two = r#"{"records":50,"miss_rate":0.1,"accuracy":0.9,"balanced_accuracy":0.8,"f1_miss":0.5,
+            "quantized_accuracy":0.9,"quantized_balanced_accuracy":0.8,"quantized_f1_miss":0.5,
+            "quantized_auc":0.85,"one_class":false}"#;
+        let e = parse_eval_with_baseline(two).unwrap().0;
+        assert_eq!((e.score(), e.q_auc), (Some(0.8), Some(0.85)));
     }
 
     #[test]
@@ -621,5 +669,23 @@ mod tests {
         assert_eq!((l.write_mean_ns, l.write_p99_ns), (50000.0, 90000.0));
         assert_eq!(l.bytes_per_s, 4500.0);
         assert!(parse_fio_latency(r#"{"jobs": []}"#).is_err());
+    }
+    #[test]
+    fn exposition_samples() {
+        let text = "# HELP kml_records records\n# TYPE kml_records counter\nkml_records_total 17\n\
+kml_program_runs_total{program=\"kml_raw_rq_insert\",event=\"block_rq_insert\"} 4\n\
+kml_program_runs_total{program=\"kml_raw_rq_issue\",event=\"block_rq_issue\"} 5\n\
+kml_process_cpu_seconds_total 1.25\nbroken line\n# EOF\n";
+        let s = parse_exposition(text);
+        assert_eq!(exposition_value(&s, "kml_records_total"), Some(17.0));
+        assert_eq!(
+            exposition_value(&s, "kml_process_cpu_seconds_total"),
+            Some(1.25)
+        );
+        assert_eq!(exposition_value(&s, "kml_missing"), None);
+        let fam = exposition_family(&s, "kml_program_runs_total");
+        assert_eq!(fam.len(), 2);
+        assert_eq!(fam[1].1, 5.0);
+        assert!(fam[0].0.contains("kml_raw_rq_insert"));
     }
 }

@@ -178,47 +178,6 @@ pub fn expiry_for_quantile(d: &DirStats, q: f64, min_requests: usize) -> Option<
     Some(ns.div_ceil(1_000_000).max(1))
 }
 
-/// Joins `parts` end to end (in the given order) and repeats them until exactly `n`
-/// records; every repetition is shifted in time past the previous one, so insert
-/// times keep increasing and every window stays a real stretch of I/O.
-pub fn join_to(parts: &[Vec<RequestRecord>], n: usize) -> Vec<RequestRecord> {
-    let total: usize = parts.iter().map(Vec::len).sum();
-    let mut out = Vec::with_capacity(n);
-    if total == 0 {
-        return out;
-    }
-    // Where the next part may start: 1 ms after everything before it.
-    let mut next_start = 0u64;
-    'outer: loop {
-        for part in parts {
-            let Some(first) = part.iter().map(|r| r.insert_ns).min() else {
-                continue;
-            };
-            let last = part
-                .iter()
-                .map(|r| r.complete_ns.max(r.issue_ns).max(r.insert_ns))
-                .max()
-                .unwrap_or(first);
-            // Parts recorded one after another keep their own times (shift 0).
-            let shift = next_start.saturating_sub(first);
-            for r in part {
-                if out.len() == n {
-                    break 'outer;
-                }
-                let mut r = *r;
-                let sh = |t: u64| if t == 0 { 0 } else { t + shift };
-                r.insert_ns = sh(r.insert_ns);
-                r.issue_ns = sh(r.issue_ns);
-                r.complete_ns = sh(r.complete_ns);
-                r.deadline_ns = sh(r.deadline_ns);
-                out.push(r);
-            }
-            next_start = last + shift + 1_000_000;
-        }
-    }
-    out
-}
-
 /// Writes the matrix kml-learn trains on, as CSV: usable requests in insert-time
 /// order; one column per feature (`features_at_insert`, the kernel's integers, named
 /// as in model files), then `missed` (0/1: the classification label) and `delay_us`
@@ -318,30 +277,6 @@ mod tests {
         assert_eq!(expiry_for_quantile(&d, 0.75, 1), Some(8)); // 7.000001 ms → 8
         assert_eq!(expiry_for_quantile(&d, 0.25, 1), Some(1)); // 0.1 ms → at least 1
         assert_eq!(expiry_for_quantile(&d, 0.75, 5), None);
-    }
-
-    #[test]
-    fn join_repeats_and_keeps_time_increasing() {
-        let a: Vec<RequestRecord> = (0..3)
-            .map(|i| rec(1_000 + i * 10, 50, 1_000, false))
-            .collect();
-        let b: Vec<RequestRecord> = (0..2).map(|i| rec(500 + i * 10, 70, 1_000, true)).collect();
-        let j = join_to(&[a.clone(), b.clone()], 12);
-        assert_eq!(j.len(), 12);
-        assert!(
-            j.windows(2).all(|w| w[0].insert_ns < w[1].insert_ns),
-            "{:?}",
-            j.iter().map(|r| r.insert_ns).collect::<Vec<_>>()
-        );
-        // Shifting keeps each request's own timings (and so its label and features).
-        for (r, o) in j.iter().zip(a.iter().chain(&b).cycle()) {
-            assert_eq!(r.issue_ns - r.insert_ns, o.issue_ns - o.insert_ns);
-            assert_eq!(r.deadline_ns - r.insert_ns, o.deadline_ns - o.insert_ns);
-            assert_eq!(r.deadline_missed(), o.deadline_missed());
-            assert_eq!(features_at_insert(r), features_at_insert(o));
-        }
-        assert_eq!(join_to(std::slice::from_ref(&a), 2).len(), 2);
-        assert!(join_to(&[], 5).is_empty());
     }
 
     #[test]

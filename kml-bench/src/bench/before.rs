@@ -1,0 +1,108 @@
+//! `--before REV`: the agent as it was at a git revision, built once into
+//! `$HOME/.cache/kml/bench-before/<commit>/` (or `$KML_BENCH_BEFORE_CACHE`) from
+//! `git archive` (no worktree to clean up), so that a before/after comparison runs
+//! both agents as arms of the same fio run. Outside this workspace: cargo would
+//! otherwise take the tree's excluded eBPF crate for a member of this one.
+//! The agent binary embeds its own eBPF object: it observes exactly as that
+//! revision did.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+use super::Ctx;
+
+pub struct BeforeAgent {
+    /// As given (`main`, `HEAD~3`, a hash).
+    pub rev: String,
+    pub commit: String,
+    pub binary: PathBuf,
+}
+
+impl BeforeAgent {
+    pub fn short(&self) -> &str {
+        &self.commit[..self.commit.len().min(10)]
+    }
+}
+
+/// Where the agents of earlier revisions are built.
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("KML_BENCH_BEFORE_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    Ok(crate::util::home_dir()?.join(".cache/kml/bench-before"))
+}
+
+pub fn build(ctx: &Ctx, rev: &str) -> Result<BeforeAgent> {
+    let commit = crate::util::output(
+        Command::new("git")
+            .arg("-C")
+            .arg(&ctx.root)
+            .args(["rev-parse", "--verify"])
+            .arg(format!("{rev}^{{commit}}")),
+    )
+    .with_context(|| format!("--before {rev}: not a commit of this repository"))?
+    .trim()
+    .to_owned();
+    let dir = cache_dir()?.join(&commit);
+    let binary = dir.join("target").join("release").join("kml-agent");
+    if binary.is_file() {
+        eprintln!(
+            "xtask: bench: --before {rev}: using the agent built earlier at {}",
+            binary.display()
+        );
+        return Ok(BeforeAgent {
+            rev: rev.to_owned(),
+            commit,
+            binary,
+        });
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    eprintln!(
+        "xtask: bench: --before {rev}: building the agent of {commit} in {} (once; minutes)",
+        dir.display()
+    );
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("git -C \"$1\" archive --format=tar \"$2\" | tar -x -C \"$3\"")
+        .arg("sh")
+        .arg(&ctx.root)
+        .arg(&commit)
+        .arg(&dir)
+        .status()
+        .context("running git archive | tar")?;
+    if !status.success() {
+        bail!("git archive {commit} | tar -x failed");
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&dir).args(["xtask", "build", "--release"]);
+    // The outer cargo's settings would point the inner build at this tree.
+    for var in [
+        "CARGO",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET_DIR",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_PKG_NAME",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "KML_EBPF_OBJECT",
+    ] {
+        cmd.env_remove(var);
+    }
+    crate::util::run(&mut cmd).with_context(|| format!("building the agent of {commit}"))?;
+    if !binary.is_file() {
+        bail!("the build of {commit} left no {}", binary.display());
+    }
+    Ok(BeforeAgent {
+        rev: rev.to_owned(),
+        commit,
+        binary,
+    })
+}
