@@ -544,7 +544,7 @@ pub fn reading(md: &mut String, o: &Overhead) {
     if let Some(ns) = per_req {
         let _ = writeln!(
             md,
-            "Reading: kml's three programs take {ns:.0} ns per request in the kernel (section 2, with \
+            "Reading: kml's three programs take {ns:.0} ns per request in the kernel (the per-event table below, with \
              bpf_stats' clock reads); at the no-probe rate of {:.0}k IOPS that is {:.0}% of one CPU in the \
              submission and completion paths that fio and the loop worker already saturate on this \
              2-CPU machine.\n",
