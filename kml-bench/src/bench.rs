@@ -69,7 +69,7 @@ impl Phase {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Shorter runs (about 4 minutes): one overhead round of 5 s, shorter traces.
+    /// Shorter runs: 3 overhead cycles, 2 tune cycles of 2 workloads, shorter traces.
     #[arg(long)]
     pub quick: bool,
     /// fio job files for the learning measure (repeat); the device is passed as
@@ -103,7 +103,7 @@ pub struct BenchArgs {
     /// ~/.cache/kml/bench-before/) as arms of the same run: the before/after of a change.
     #[arg(long, value_name = "REV")]
     pub before: Option<String>,
-    /// Tune: cycles of stock / stock again / tune per workload. Default 8 (--quick: 2).
+    /// Tune: cycles of stock / stock again / tune per workload. Default 6 (--quick: 2).
     #[arg(long, value_name = "N")]
     pub tune_cycles: Option<usize>,
 }
