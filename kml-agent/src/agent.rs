@@ -371,6 +371,9 @@ impl Agent {
             self.started.elapsed().as_secs_f64(),
             loss.line()
         );
+        for line in loss.counter_lines() {
+            tracing::info!("{line}");
+        }
         if self.config.mode == LossMode::Lossless && loss.ring_full_drops > 0 {
             anyhow::bail!(
                 "lossless mode: {} records were dropped",

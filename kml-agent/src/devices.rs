@@ -50,6 +50,19 @@ impl BlockDevice {
             .map(Duration::from_millis)
     }
 
+    /// Hardware queues (`mq/` entries) and scheduler tags per queue
+    /// (`queue/nr_requests`), as sysfs says now.
+    pub fn hw_queues(&self) -> (u32, u32) {
+        let queues = fs::read_dir(self.sys_path().join("mq"))
+            .map(|d| d.filter(|e| e.is_ok()).count() as u32)
+            .unwrap_or(1);
+        let nr_requests = fs::read_to_string(self.sys_path().join("queue/nr_requests"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        (queues.max(1), nr_requests)
+    }
+
     /// mq-deadline's (read_expire, write_expire).
     pub fn expiries(&self) -> anyhow::Result<(Duration, Duration)> {
         match (

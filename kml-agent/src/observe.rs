@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         RawTracePoint, TracePoint,
@@ -29,7 +29,9 @@ use aya::{
 };
 use kml_ebpf_common::{
     abi::names::{global, map, program, Event, EVENTS, RAW_STAGES, TP_STAGES},
-    Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord,
+    device::{unpack_counts, Control, DeviceSlot, ReqState, MAX_DEVICES},
+    position::{bucket_shift_for, QueueShape},
+    Counters, DeviceConfig, DeviceEvents, DeviceState, InflightKey,
 };
 
 use crate::sys::prog_info;
@@ -41,9 +43,6 @@ use crate::{
 use losses::LossReport;
 use pins::PinMeta;
 use ring::RecordStream;
-
-/// Read-only access to a map of the object.
-use object::map as map_ref;
 
 /// Sizes and policies of the observer.
 #[derive(Clone, Debug)]
@@ -266,7 +265,7 @@ impl Observer {
     /// Devices the programs trace now (the DEVICES map; with adopted pins, what
     /// the previous agent traced).
     pub fn kernel_devices(&self) -> anyhow::Result<Vec<u32>> {
-        let map: HashMap<&MapData, u32, DeviceConfig> = map_ref(&self.ebpf, map::DEVICES)?;
+        let map: HashMap<&MapData, u32, u32> = object::map(&self.ebpf, map::DEV_SLOTS)?;
         Ok(map.keys().filter_map(Result::ok).collect())
     }
 }
@@ -293,6 +292,12 @@ fn load_object(
     loader
         .override_global(global::LAYOUT, &layout, true)
         .map_max_entries(map::RECORDS, config.ring_bytes);
+    // Each mode keeps its requests in its own map: the other one is left at one
+    // entry (REQS is 12 MiB, INFLIGHT preallocates 65536 entries).
+    match config.mode {
+        AttachMode::RawTracepoint => loader.map_max_entries(map::INFLIGHT, 1),
+        AttachMode::Tracepoint => loader.map_max_entries(map::REQS, 1),
+    };
     if let Some(h) = &config.hook {
         h.apply(&mut loader, false);
     }
@@ -327,13 +332,13 @@ fn load_programs(ebpf: &mut Ebpf, mode: AttachMode) -> anyhow::Result<()> {
             }
         }
     }
-    // Inference stages (tail-called from insert) and the slot checker (run on demand).
+    // The tail-called stages (position, inference) and the slot checker (run on
+    // demand).
     let stages = match mode {
         AttachMode::RawTracepoint => RAW_STAGES,
         AttachMode::Tracepoint => TP_STAGES,
     };
-    let mut fds = Vec::new();
-    for name in stages {
+    for (index, name) in stages.into_iter().enumerate() {
         let fd = match mode {
             AttachMode::RawTracepoint => {
                 let p: &mut RawTracePoint = program(ebpf, name)?;
@@ -346,14 +351,11 @@ fn load_programs(ebpf: &mut Ebpf, mode: AttachMode) -> anyhow::Result<()> {
                 p.fd()?.try_clone()?
             }
         };
-        fds.push(fd);
-    }
-    let mut infer: ProgramArray<&mut MapData> =
-        ProgramArray::try_from(ebpf.map_mut(map::INFER).context("map INFER missing")?)?;
-    for (i, fd) in fds.iter().enumerate() {
-        infer
-            .set(i as u32, fd, 0)
-            .context("installing the inference stages")?;
+        let mut array: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(ebpf.map_mut(map::INFER).context("map INFER missing")?)?;
+        array
+            .set(index as u32, &fd, 0)
+            .with_context(|| format!("installing the stage {name}"))?;
     }
     let checker: &mut RawTracePoint = program(ebpf, program::VERIFY_SLOTS)?;
     checker.load().context("verifying kml_verify_slots")?;
@@ -405,18 +407,57 @@ impl Observer {
             write_expire_jiffies: jiffies(write),
         };
         let dev = device.dev();
-        // State first: the programs count only devices that have a config entry.
-        // An existing state (adopted pins) keeps its live in-flight counts.
-        let mut state: HashMap<&mut MapData, u32, DeviceState> =
-            map_mut(&mut self.ebpf, map::DEVICE_STATE)?;
-        if state.get(&dev, 0).is_err() {
-            state
-                .insert(dev, DeviceState::default(), 0)
-                .context("DEVICE_STATE insert")?;
+        let (queues, nr_requests) = device.hw_queues();
+        let slots: Array<&MapData, DeviceSlot> = object::map(&self.ebpf, map::DEVICES)?;
+        // The device's slot: its own (adopted pins keep their live counts), else a
+        // free one.
+        let mut chosen = None;
+        for i in 0..MAX_DEVICES {
+            let s = slots.get(&i, 0).context("reading DEVICES")?;
+            if s.active == 1 && s.dev == dev {
+                chosen = Some((i, s));
+                break;
+            }
+            if s.active == 0 && chosen.is_none() {
+                chosen = Some((i, DeviceSlot::default()));
+            }
         }
-        let mut devices: HashMap<&mut MapData, u32, DeviceConfig> =
-            map_mut(&mut self.ebpf, map::DEVICES)?;
-        devices.insert(dev, config, 0).context("DEVICES insert")?;
+        let Some((slot, mut s)) = chosen else {
+            anyhow::bail!(
+                "{}: kml traces at most {MAX_DEVICES} devices at once",
+                device.name
+            );
+        };
+        if s.active == 0 {
+            // A new device in this slot: its position state starts empty.
+            let mut shapes: Array<&mut MapData, [QueueShape; 2]> =
+                map_mut(&mut self.ebpf, map::SHAPES)?;
+            shapes
+                .set(slot, [QueueShape::EMPTY; 2], 0)
+                .context("SHAPES reset")?;
+        }
+        s.dev = dev;
+        s.active = 1;
+        s.bucket_shift = bucket_shift_for(device.size_sectors);
+        s.read_expire_ns = config.read_expire_ns;
+        s.write_expire_ns = config.write_expire_ns;
+        s.read_expire_jiffies = config.read_expire_jiffies;
+        s.write_expire_jiffies = config.write_expire_jiffies;
+        s.hctx_stride = if queues > 1 { nr_requests } else { 0 };
+        let tags = u64::from(queues) * u64::from(nr_requests);
+        let room = 1u64 << kml_ebpf_common::device::DEFAULT_TAG_BITS;
+        if tags > room {
+            tracing::warn!(
+                "{}: {queues} hardware queue(s) × nr_requests {nr_requests} = {tags} scheduler tags, kml follows {room} per device: requests with higher tags are counted as untracked_requests",
+                device.name
+            );
+        }
+        let mut slots: Array<&mut MapData, DeviceSlot> = map_mut(&mut self.ebpf, map::DEVICES)?;
+        slots.set(slot, s, 0).context("DEVICES update")?;
+        let mut by_dev: HashMap<&mut MapData, u32, u32> = map_mut(&mut self.ebpf, map::DEV_SLOTS)?;
+        by_dev.insert(dev, slot, 0).context("DEV_SLOTS insert")?;
+        // Cached "not traced" answers from before are void now.
+        self.bump_epoch()?;
         self.devices.retain(|d| d.device.dev() != dev);
         self.devices.push(TracedDevice {
             device: device.clone(),
@@ -425,26 +466,51 @@ impl Observer {
         Ok(())
     }
 
-    /// Stops tracing a device: its config and state go, and so do its in-flight
-    /// entries (a detached disk never completes them). Returns how many in-flight
-    /// entries were removed.
+    fn bump_epoch(&mut self) -> anyhow::Result<()> {
+        let mut control: Array<&mut MapData, Control> = map_mut(&mut self.ebpf, map::CONTROL)?;
+        let mut c = control.get(&0, 0).context("reading CONTROL")?;
+        c.epoch = c.epoch.wrapping_add(1);
+        control.set(0, c, 0).context("CONTROL update")
+    }
+
+    /// The slot of a traced device.
+    fn slot_of(&self, dev: u32) -> anyhow::Result<Option<u32>> {
+        let by_dev: HashMap<&MapData, u32, u32> = object::map(&self.ebpf, map::DEV_SLOTS)?;
+        Ok(by_dev.get(&dev, 0).ok())
+    }
+
+    /// Stops tracing a device: its slot and its in-flight entries go (a detached
+    /// disk never completes them). Returns how many in-flight entries were removed.
     pub fn remove_device(&mut self, dev: u32) -> anyhow::Result<usize> {
-        // Config first: from here on the programs ignore the device.
-        let mut devices: HashMap<&mut MapData, u32, DeviceConfig> =
-            map_mut(&mut self.ebpf, map::DEVICES)?;
-        let _ = devices.remove(&dev);
-        let mut inflight: HashMap<&mut MapData, InflightKey, RequestRecord> =
+        let slot = self.slot_of(dev)?;
+        // The lookup first: from here on the programs ignore the device.
+        let mut by_dev: HashMap<&mut MapData, u32, u32> = map_mut(&mut self.ebpf, map::DEV_SLOTS)?;
+        let _ = by_dev.remove(&dev);
+        let mut removed = 0;
+        if let Some(slot) = slot {
+            let mut slots: Array<&mut MapData, DeviceSlot> = map_mut(&mut self.ebpf, map::DEVICES)?;
+            slots
+                .set(slot, DeviceSlot::default(), 0)
+                .context("DEVICES update")?;
+            let tag_bits = kml_ebpf_common::device::DEFAULT_TAG_BITS;
+            let mut reqs: Array<&mut MapData, ReqState> = map_mut(&mut self.ebpf, map::REQS)?;
+            for i in (slot << tag_bits)..((slot + 1) << tag_bits) {
+                if reqs.get(&i, 0).is_ok_and(|e| e.rq != 0) {
+                    reqs.set(i, ReqState::default(), 0)?;
+                    removed += 1;
+                }
+            }
+        }
+        let mut inflight: HashMap<&mut MapData, InflightKey, ReqState> =
             map_mut(&mut self.ebpf, map::INFLIGHT)?;
         let stale: Vec<InflightKey> = inflight
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, r)| r.dev == dev)
+            .filter(|(_, e)| e.rec.dev == dev)
             .map(|(k, _)| k)
             .collect();
-        let removed = stale.iter().filter(|k| inflight.remove(k).is_ok()).count();
-        let mut state: HashMap<&mut MapData, u32, DeviceState> =
-            map_mut(&mut self.ebpf, map::DEVICE_STATE)?;
-        let _ = state.remove(&dev);
+        removed += stale.iter().filter(|k| inflight.remove(k).is_ok()).count();
+        self.bump_epoch()?;
         self.devices.retain(|d| d.device.dev() != dev);
         Ok(removed)
     }
@@ -562,7 +628,7 @@ impl Observer {
 
     /// The programs' counters summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<Counters> {
-        let map: PerCpuArray<&MapData, Counters> = map_ref(&self.ebpf, map::COUNTERS)?;
+        let map: PerCpuArray<&MapData, Counters> = object::map(&self.ebpf, map::COUNTERS)?;
         let per_cpu = map.get(&0, 0).context("reading COUNTERS")?;
         let mut total = Counters::default();
         for c in per_cpu.iter() {
@@ -583,20 +649,60 @@ impl Observer {
         programs: &[ProgramStats],
     ) -> anyhow::Result<LossReport> {
         let missed = programs.iter().map(|p| p.recursion_misses).sum();
-        Ok(LossReport::new(counters, self.live_inflight()?, missed))
+        let mut report = LossReport::new(counters, self.live_inflight()?, missed);
+        for d in &self.devices {
+            report.add_device(&d.device.name, &self.device_events(d.device.dev())?);
+        }
+        Ok(report)
     }
 
-    /// Requests in the in-flight map now.
+    /// Requests with an entry now (in flight or queued). Raw tracepoints: the
+    /// entries in use in the traced devices' parts of `REQS` (2048 reads a device);
+    /// classic tracepoints: the hash map's keys.
     pub fn live_inflight(&self) -> anyhow::Result<u64> {
-        let map: HashMap<&MapData, InflightKey, RequestRecord> =
-            map_ref(&self.ebpf, map::INFLIGHT)?;
-        Ok(map.keys().filter(Result::is_ok).count() as u64)
+        match self.config.mode {
+            AttachMode::RawTracepoint => {
+                let by_dev: HashMap<&MapData, u32, u32> = object::map(&self.ebpf, map::DEV_SLOTS)?;
+                let reqs: Array<&MapData, ReqState> = object::map(&self.ebpf, map::REQS)?;
+                let bits = kml_ebpf_common::device::DEFAULT_TAG_BITS;
+                let mut live = 0;
+                for slot in by_dev.iter().filter_map(Result::ok).map(|(_, s)| s) {
+                    live += ((slot << bits)..((slot + 1) << bits))
+                        .filter(|i| reqs.get(i, 0).is_ok_and(|e| e.rq != 0))
+                        .count() as u64;
+                }
+                Ok(live)
+            }
+            AttachMode::Tracepoint => {
+                let map: HashMap<&MapData, InflightKey, ReqState> =
+                    object::map(&self.ebpf, map::INFLIGHT)?;
+                Ok(map.keys().filter(Result::is_ok).count() as u64)
+            }
+        }
     }
 
     /// Per-device counts kept by the programs.
     pub fn device_state(&self, dev: u32) -> anyhow::Result<DeviceState> {
-        let map: HashMap<&MapData, u32, DeviceState> = map_ref(&self.ebpf, map::DEVICE_STATE)?;
-        map.get(&dev, 0).context("reading DEVICE_STATE")
+        let slot = self
+            .slot_of(dev)?
+            .with_context(|| format!("device {dev:#x} is not traced"))?;
+        let slots: Array<&MapData, DeviceSlot> = object::map(&self.ebpf, map::DEVICES)?;
+        Ok(device_state(
+            &slots.get(&slot, 0).context("reading DEVICES")?,
+        ))
+    }
+
+    /// Per-device event counts (summed over CPUs).
+    pub fn device_events(&self, dev: u32) -> anyhow::Result<DeviceEvents> {
+        let slot = self
+            .slot_of(dev)?
+            .with_context(|| format!("device {dev:#x} is not traced"))?;
+        let map: PerCpuArray<&MapData, DeviceEvents> = object::map(&self.ebpf, map::DEVICE_EVENTS)?;
+        let mut total = DeviceEvents::default();
+        for c in map.get(&slot, 0).context("reading DEVICE_EVENTS")?.iter() {
+            total.accumulate(c);
+        }
+        Ok(total)
     }
 
     /// The kernel's statistics of each attached program: runs, time (when
@@ -687,5 +793,23 @@ impl Drop for Observer {
                 tracing::warn!("removing the pins at {}: {e}", pinned.dir.display());
             }
         }
+    }
+}
+
+/// The counts of a device slot, as the host reads them.
+pub fn device_state(s: &DeviceSlot) -> DeviceState {
+    let (inflight_read, queued_read) = unpack_counts(s.counts_read);
+    let (inflight_write, queued_write) = unpack_counts(s.counts_write);
+    DeviceState {
+        inflight_read: inflight_read.into(),
+        inflight_write: inflight_write.into(),
+        queued_read: queued_read.into(),
+        queued_write: queued_write.into(),
+        last_insert_ns: s.last_insert_ns,
+        last_issue_end_sector: s.last_issue_end_sector,
+        last_issue_ns: s.last_issue_ns,
+        issue_gap_ewma_ns: s.issue_gap_ewma_ns,
+        wait_ewma_read_ns: s.wait_ewma_read_ns,
+        wait_ewma_write_ns: s.wait_ewma_write_ns,
     }
 }

@@ -55,7 +55,10 @@ impl TraceWriter {
             trace::write_row(&mut self.out, r)?;
             if r.issue_ns != 0 {
                 self.wait.push(r.insert_to_issue_ns());
-                self.service.push(r.issue_to_complete_ns());
+                // complete_ns 0: the completion was never seen (no service time).
+                if r.complete_ns != 0 {
+                    self.service.push(r.issue_to_complete_ns());
+                }
             }
             self.misses += u64::from(r.deadline_missed());
         }

@@ -84,8 +84,14 @@ impl RecordSummary {
             insert_to_issue: LatencySummary::of(
                 issued.iter().map(|r| r.insert_to_issue_ns()).collect(),
             ),
+            // A record whose completion was never seen (complete_ns 0) has no
+            // service time.
             issue_to_complete: LatencySummary::of(
-                issued.iter().map(|r| r.issue_to_complete_ns()).collect(),
+                issued
+                    .iter()
+                    .filter(|r| r.complete_ns != 0)
+                    .map(|r| r.issue_to_complete_ns())
+                    .collect(),
             ),
         }
     }

@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, PerCpuArray};
+use aya::maps::{Array, PerCpuArray};
 use kml_ebpf_common::{
     abi::names::map,
     model::{LinearModel, ModelKind, TreeModel},
     slot::{status_index, ModelControl, SlotStatus},
-    Counter, Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord,
+    Counter, Counters,
 };
 use serde_json::json;
 
@@ -75,22 +75,16 @@ pub fn pinned(dir: &Path, tuning: &[serde_json::Value]) -> anyhow::Result<serde_
     for cpu in counters.get(&0, 0)?.iter() {
         c.accumulate(cpu);
     }
-    let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pins::open(dir, map::DEVICES)?)?;
-    let states: HashMap<_, u32, DeviceState> =
-        HashMap::try_from(pins::open(dir, map::DEVICE_STATE)?)?;
-    // Entries in the in-flight map now (a soak watches this stay bounded).
-    let inflight: HashMap<_, InflightKey, RequestRecord> =
-        HashMap::try_from(pins::open(dir, map::INFLIGHT)?)?;
-    let inflight_entries = inflight.keys().filter(Result::is_ok).count();
+    // Entries in use now (a soak watches this stay bounded).
+    let inflight_entries = pins::live_entries(dir)?;
     let mut devs = Vec::new();
-    for entry in devices.iter().flatten() {
-        let (dev, cfg) = entry;
-        let st = states.get(&dev, 0).unwrap_or_default();
+    for (dev, slot) in pins::traced_devices(dir)? {
+        let st = crate::observe::device_state(&slot);
         let (major, minor) = kml_ebpf_common::kernel_dev_split(dev);
         devs.push(json!({
             "dev": format!("{major}:{minor}"),
-            "read_expire_ms": cfg.read_expire_ns / 1_000_000,
-            "write_expire_ms": cfg.write_expire_ns / 1_000_000,
+            "read_expire_ms": slot.read_expire_ns / 1_000_000,
+            "write_expire_ms": slot.write_expire_ns / 1_000_000,
             "inflight_read": st.inflight_read, "inflight_write": st.inflight_write,
             "queued_read": st.queued_read, "queued_write": st.queued_write,
         }));

@@ -15,6 +15,7 @@
 //! impls (`aya::Pod`), the `clap` feature the command-line parsing of [`hook::Policy`].
 
 pub mod counters;
+pub mod device;
 pub mod hook;
 pub mod layout;
 pub mod names;

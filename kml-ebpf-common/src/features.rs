@@ -262,6 +262,17 @@ pub fn features_at_insert(r: &RequestRecord) -> FeatureVector {
     features_with_position(r, &PositionFeatures::UNKNOWN)
 }
 
+/// The feature vector the programs computed for a finished record: with the
+/// position it recorded at insert, [`PositionFeatures::UNKNOWN`] when it has none
+/// (a trace without those columns: replay it, `kml_learn::replay`).
+#[inline(always)]
+pub fn features_of_record(r: &RequestRecord) -> FeatureVector {
+    features_with_position(
+        r,
+        &r.recorded_position().unwrap_or(PositionFeatures::UNKNOWN),
+    )
+}
+
 /// The feature vector of a request as known at insert. Used unchanged by the eBPF
 /// program (on the record it filled in at insert, and the position it took from its
 /// direction's [`crate::position::QueueShape`] before adding the request) and by the

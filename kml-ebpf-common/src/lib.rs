@@ -27,9 +27,11 @@ pub mod position;
 pub mod trace;
 
 // The contract's modules at their earlier paths.
-pub use abi::{attach_mode, counters, kernel_dev, kernel_dev_split, layout, op, record, slot};
+pub use abi::{
+    attach_mode, counters, device, kernel_dev, kernel_dev_split, layout, op, record, slot,
+};
 
-pub use counters::{Counter, Counters};
+pub use counters::{Counter, Counters, DeviceEvents};
 pub use layout::{KernelLayout, RawTpLayout, TracepointLayout};
 pub use op::{Direction, ReqFlags, ReqOp};
 pub use record::{DeviceConfig, DeviceState, InflightKey, RequestRecord, Verdict};

@@ -38,6 +38,13 @@ use crate::logscale::{bit_length, log_ratio_8, LOG_RATIO_MAX};
 /// refused at install (its kernel verdicts would not be the ones it was judged on),
 /// and the default feature sets leave them out. Whoever wires the state into the
 /// insert path sets this to `true` in the same commit.
+///
+/// The wiring is in kml-ebpf (`SHAPES`, `lifecycle::shape_insert` in the
+/// inference stage, the position lanes of the record, which the host reads back
+/// with `RequestRecord::recorded_position`), but the verifier of Linux 6.18 does not
+/// accept [`QueueShape::position`] yet: inlined into the insert program, inside
+/// the inference stage, and as a tail-called stage of its own, it gave up after
+/// a million instructions processed. Off until it verifies.
 pub const KERNEL_COMPUTES_POSITION: bool = false;
 
 /// Sector buckets per direction.
@@ -132,6 +139,55 @@ impl PositionFeatures {
         due_count: 0,
         recent: 0,
     };
+}
+
+/// Lanes of [`PositionFeatures`] in a record (`RequestRecord::position`), in
+/// `Feature::POSITION` order: head_age_log, older_half, expired, due_below,
+/// below_age_log, recent, lead_log, due_count.
+pub const LANES: usize = 8;
+
+impl PositionFeatures {
+    /// The record's form: every value fits a u16 (log ratios ≤ [`LOG_RATIO_MAX`],
+    /// counts ≤ [`COUNT_MAX`], `due_below` ≤ [`DUE_NONE`]); a value outside (never
+    /// produced) saturates.
+    #[inline(always)]
+    pub const fn to_lanes(&self) -> [u16; LANES] {
+        const fn lane(v: i32) -> u16 {
+            if v < 0 {
+                0
+            } else if v > u16::MAX as i32 {
+                u16::MAX
+            } else {
+                v as u16
+            }
+        }
+        [
+            lane(self.head_age_log),
+            lane(self.older_half),
+            lane(self.expired),
+            lane(self.due_below),
+            lane(self.below_age_log),
+            lane(self.recent),
+            lane(self.lead_log),
+            lane(self.due_count),
+        ]
+    }
+
+    /// Back from the record's form: the kernel computes the features from these,
+    /// so a record read back gives the host the same vector bit for bit.
+    #[inline(always)]
+    pub const fn from_lanes(l: &[u16; LANES]) -> PositionFeatures {
+        PositionFeatures {
+            head_age_log: l[0] as i32,
+            older_half: l[1] as i32,
+            expired: l[2] as i32,
+            due_below: l[3] as i32,
+            below_age_log: l[4] as i32,
+            recent: l[5] as i32,
+            lead_log: l[6] as i32,
+            due_count: l[7] as i32,
+        }
+    }
 }
 
 /// `v` saturated to [`COUNT_MAX`].
@@ -369,11 +425,44 @@ impl QueueShape {
 
 const _: () = assert!(LOG_RATIO_MAX < DUE_NONE * 4);
 
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no padding (asserted above).
+unsafe impl aya::Pod for QueueShape {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn lanes_round_trip_in_feature_order() {
+        let p = PositionFeatures {
+            head_age_log: LOG_RATIO_MAX,
+            older_half: COUNT_MAX,
+            expired: 3,
+            due_below: DUE_NONE,
+            below_age_log: 7,
+            recent: 9,
+            lead_log: 11,
+            due_count: 13,
+        };
+        assert_eq!(PositionFeatures::from_lanes(&p.to_lanes()), p);
+        assert_eq!(
+            PositionFeatures::from_lanes(&PositionFeatures::UNKNOWN.to_lanes()),
+            PositionFeatures::UNKNOWN
+        );
+        // Lane i is Feature::POSITION[i].
+        let r = crate::RequestRecord {
+            insert_ns: 1,
+            deadline_ns: 1 + 4 * MS,
+            ..Default::default()
+        };
+        let x = crate::features::features_with_position(&r, &p);
+        for (i, f) in crate::features::Feature::POSITION.iter().enumerate() {
+            assert_eq!(x[f.index()], p.to_lanes()[i] as i32, "{}", f.name());
+        }
+    }
 
     #[test]
     fn shifts() {

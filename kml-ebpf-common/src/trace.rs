@@ -11,7 +11,8 @@ use std::{fmt, io, string::String, vec::Vec};
 
 use crate::{
     op::{ReqFlags, ReqOp},
-    record::{RequestRecord, Verdict},
+    position::LANES,
+    record::{Known, RequestRecord, Verdict},
 };
 
 /// Columns in the order `record` writes them.
@@ -45,11 +46,30 @@ pub const COLUMNS: &[&str] = &[
     "insert_jiffies",
     "issue_jiffies",
     "fifo_time",
+    "complete_bytes",
+    "head_age_log",
+    "older_half",
+    "expired",
+    "due_below",
+    "below_age_log",
+    "recent",
+    "lead_log",
+    "due_count",
 ];
 
+/// Index in [`COLUMNS`] of the first position lane (`Feature::POSITION` order, named
+/// as the features).
+const POSITION_AT: usize = 30;
+
 /// Columns a trace may lack (read as 0): the scheduler's deadline in jiffies and
-/// the jiffies it is compared with, added with the label of [`crate::label`].
-pub const OPTIONAL_COLUMNS: &[&str] = &["insert_jiffies", "issue_jiffies", "fifo_time"];
+/// the jiffies it is compared with, added with the label of [`crate::label`]; the
+/// bytes at completion; the position at insert (empty in a row, or absent: not
+/// known, and the host replays it).
+pub const OPTIONAL_COLUMNS: &[&str] = COLUMNS.split_at(OPTIONAL_AT).1;
+
+/// Index in [`COLUMNS`] of the first optional column (they are the last ones).
+const OPTIONAL_AT: usize = 26;
+const _: () = assert!(matches!(COLUMNS[OPTIONAL_AT].as_bytes(), b"insert_jiffies"));
 
 /// Position of an optional column absent from the header.
 const ABSENT: usize = usize::MAX;
@@ -109,9 +129,9 @@ fn parse_flags(s: &str) -> Option<u8> {
 /// Writes one record as a CSV line (with newline), columns as in [`COLUMNS`].
 pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
     let (major, minor) = crate::kernel_dev_split(r.dev);
-    writeln!(
+    write!(
         w,
-        "{major}:{minor},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        "{major}:{minor},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
         r.sector,
         r.nr_sectors,
         r.op().name(),
@@ -140,7 +160,17 @@ pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
         r.insert_jiffies,
         r.issue_jiffies,
         r.fifo_time,
-    )
+        r.complete_bytes,
+    )?;
+    match r.recorded_position() {
+        Some(_) => {
+            for v in r.position {
+                write!(w, ",{v}")?;
+            }
+        }
+        None => write!(w, ",,,,,,,,")?,
+    }
+    writeln!(w)
 }
 
 /// Why a trace line could not be read.
@@ -270,11 +300,29 @@ impl RowReader {
             score: num!(24),
             model_version: num!(25),
             near_boundary: 0,
-            _pad: [0; 4],
             insert_jiffies: num!(26),
             issue_jiffies: num!(27),
             fifo_time: num!(28),
+            complete_bytes: num!(29),
+            ..RequestRecord::default()
         };
+        let mut r = r;
+        // The position lanes: all there (known) or none (empty or absent columns).
+        let lanes: Vec<&str> = (POSITION_AT..POSITION_AT + LANES)
+            .map(|i| match self.index[i] {
+                ABSENT => "",
+                at => fields[at].trim(),
+            })
+            .collect();
+        if lanes.iter().all(|v| !v.is_empty()) {
+            for (k, lane) in r.position.iter_mut().enumerate() {
+                *lane = num!(POSITION_AT + k);
+            }
+            r.known |= Known::POSITION;
+        } else if lanes.iter().any(|v| !v.is_empty()) {
+            let k = lanes.iter().position(|v| v.is_empty()).unwrap_or(0);
+            return Err(bad(POSITION_AT + k));
+        }
         let inflight: u32 = num!(12);
         if inflight != r.inflight() {
             return Err(bad(12));
@@ -337,10 +385,13 @@ mod tests {
             op: ReqOp::Write as u8,
             flags: ReqFlags::SYNC | ReqFlags::FUA,
             near_boundary: 0,
-            _pad: [0; 4],
+            complete_bytes: 4096,
             insert_jiffies: 4_295_000_000,
             issue_jiffies: 4_295_000_126,
             fifo_time: 4_295_000_125,
+            position: [300, 2, 1, 255, 280, 4, 512, 0],
+            known: Known::POSITION,
+            _pad: [0; 7],
         }
     }
 
@@ -375,11 +426,40 @@ mod tests {
         want.insert_jiffies = 0;
         want.issue_jiffies = 0;
         want.fifo_time = 0;
+        want.complete_bytes = 0;
+        want.position = [0; LANES];
+        want.known = 0;
         assert_eq!(back, want);
         // Without jiffies the label is the ns estimate.
         assert_eq!(back.deadline_missed(), back.deadline_missed_ns());
         // The sample was dispatched one jiffy after its fifo_time.
         assert!(sample().deadline_missed() && !sample().deadline_missed_ns());
+    }
+
+    #[test]
+    fn position_lanes_are_named_as_the_features_and_optional_per_row() {
+        for (i, f) in crate::features::Feature::POSITION.iter().enumerate() {
+            assert_eq!(COLUMNS[POSITION_AT + i], f.name());
+            assert!(OPTIONAL_COLUMNS.contains(&f.name()));
+        }
+        // A row without a known position writes empty lanes and reads back unknown.
+        let mut r = sample();
+        r.known = 0;
+        r.position = [0; LANES];
+        let mut buf = Vec::new();
+        std::writeln!(buf, "{}", header()).unwrap();
+        write_row(&mut buf, &r).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        assert!(text.trim_end().ends_with(",,,,,,,,"), "{text}");
+        assert_eq!(read_all(text.as_bytes()).unwrap(), std::vec![r]);
+        // Half the lanes: an error naming the first empty one.
+        let reader = RowReader::new(&header()).unwrap();
+        let mut row = Vec::new();
+        write_row(&mut row, &sample()).unwrap();
+        let row = String::from_utf8(row).unwrap();
+        let cut = String::from(row.trim_end().rsplitn(3, ',').nth(2).unwrap()) + ",,";
+        let err = reader.parse(&cut, 2).unwrap_err();
+        assert!(std::format!("{err}").contains("lead_log"), "{err}");
     }
 
     #[test]

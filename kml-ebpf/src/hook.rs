@@ -19,7 +19,7 @@
 //!   a read may sit behind a batch of writes;
 //! - [`Policy::Model`]: boost a request the active model flagged at risk of missing
 //!   its deadline. The verdict is the one the observer's insert path stored in the
-//!   request's `INFLIGHT` entry: `block_rq_insert` fires in `dd_insert_request()`
+//!   request's entry (`REQS`): `block_rq_insert` fires in `dd_insert_request()`
 //!   before the request is put on its FIFO and this hook runs, and its tail-called
 //!   feature and model stages have finished by then (same CPU, same call chain);
 //! - [`Policy::ModelReads`]: the same, for reads only (a write served early takes
@@ -81,11 +81,7 @@ macro_rules! global {
     };
 }
 
-macro_rules! layout {
-    ($($field:tt)+) => {
-        unsafe { core::ptr::read_volatile(&raw const crate::KML_LAYOUT.$($field)+) }
-    };
-}
+use crate::maps::layout;
 
 #[inline(always)]
 fn bump(counter: HookCounter) {
@@ -156,15 +152,14 @@ fn writes_queued(rq: u64) -> bool {
     false
 }
 
-/// The model policies. Everything comes from the request's in-flight entry, which
-/// the insert program filled a moment earlier in this call chain (device, op,
-/// verdict): the request itself is read only when there is no entry. A verdict is
-/// fresh when the entry is not issued (this hook runs while the request is being
-/// queued; an issued entry under the same pointer is a previous request's whose
-/// insert event was missed).
+/// The model policies. Everything comes from the request's entry (`REQS`), which
+/// the insert program and its inference stage filled a moment earlier in this call
+/// chain (device, op, verdict): the request itself is read only when there is no
+/// entry. A verdict is fresh when the entry is queued (this hook runs while the
+/// request is being queued).
 #[inline(always)]
 fn model_verdict(rq: u64, policy: Policy, want: u32) -> u64 {
-    let Some(e) = crate::INFLIGHT.get_ptr(crate::raw_key(rq)) else {
+    let Some(e) = crate::raw_tp::entry_of(rq) else {
         // An untraced disk's request, or a missed insert.
         if want != 0 && device_of(rq) != Some(want) {
             bump(HookCounter::SkippedDevice);
@@ -180,7 +175,8 @@ fn model_verdict(rq: u64, policy: Policy, want: u32) -> u64 {
     };
     // SAFETY: a map value, read while the entry exists (the scheduler lock is held
     // and this request cannot complete before it is queued).
-    let (dev, op, issue_ns, verdict) = unsafe { ((*e).dev, (*e).op, (*e).issue_ns, (*e).verdict) };
+    let (dev, op, phase, verdict) =
+        unsafe { ((*e).rec.dev, (*e).rec.op, (*e).phase, (*e).rec.verdict) };
     if want != 0 && dev != want {
         bump(HookCounter::SkippedDevice);
         return 0;
@@ -189,12 +185,13 @@ fn model_verdict(rq: u64, policy: Policy, want: u32) -> u64 {
     if is_read {
         bump(HookCounter::Reads);
     }
+    let fresh = phase == crate::lifecycle::Phase::Queued as u32;
     match verdict {
-        Verdict::AT_RISK if issue_ns == 0 => {
+        Verdict::AT_RISK if fresh => {
             bump(HookCounter::ModelAtRisk);
             (is_read || policy == Policy::Model) as u64
         }
-        Verdict::MEETS if issue_ns == 0 => 0,
+        Verdict::MEETS if fresh => 0,
         _ => {
             bump(HookCounter::NoVerdict);
             0

@@ -168,12 +168,19 @@ pub struct Replay {
 pub fn replay(records: &[RequestRecord], losses: u64) -> Result<Replay> {
     let mut events: Vec<(u64, Event, usize)> = Vec::with_capacity(records.len() * 3);
     for (i, r) in records.iter().enumerate() {
-        if r.insert_ns == 0 || r.issue_ns < r.insert_ns || r.complete_ns < r.issue_ns {
+        // complete_ns 0: the completion was never seen (the kernel skipped the
+        // program's run, a counted loss); the record went out when the request's
+        // entry was found stale. The kernel released it then, unseen by the host:
+        // the replay restarts there, paid for by that loss.
+        let unseen = r.complete_ns == 0;
+        if r.insert_ns == 0 || r.issue_ns < r.insert_ns || (r.complete_ns < r.issue_ns && !unseen) {
             bail!("record {i}: timestamps out of order: {r:?}");
         }
         events.push((r.insert_ns, Event::Insert, i));
         events.push((r.issue_ns, Event::Issue, i));
-        events.push((r.complete_ns, Event::Complete, i));
+        if !unseen {
+            events.push((r.complete_ns, Event::Complete, i));
+        }
     }
     events.sort();
     let mut budget = losses.saturating_mul(2);

@@ -133,6 +133,34 @@ fn record_cli_writes_what_was_issued() -> Result<()> {
         summary.iter().any(|l| l.contains("insert→issue p50")),
         "no latency summary: {summary:?}"
     );
+    // Every counter at the end, by name, and one line for the device: they add up
+    // to the records written.
+    let counters = summary
+        .iter()
+        .find_map(|l| l.split_once("counters: ").map(|(_, c)| c.to_owned()))
+        .with_context(|| format!("no counters line: {summary:?}"))?;
+    let value = |name: &str| -> Result<u64> {
+        counters
+            .split(", ")
+            .find_map(|kv| kv.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("counter {name} missing from {counters}"))
+    };
+    for c in kml_ebpf_common::Counters::ALL {
+        value(c.name())?;
+    }
+    ensure!(
+        value("sampled_out")? == 0 && value("partial_completions")? == 0,
+        "{counters}"
+    );
+    let device_line = summary
+        .iter()
+        .find(|l| l.contains(&format!("{}: inserts ", dev.name)))
+        .with_context(|| format!("no line for {}: {summary:?}", dev.name))?;
+    ensure!(
+        device_line.contains(&format!("records {}", value("records")?)),
+        "{device_line} vs {counters}"
+    );
     assert_no_kml_programs()?;
     let losses = summary_losses(&summary)?;
 

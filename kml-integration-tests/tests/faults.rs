@@ -15,14 +15,14 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
-use aya::maps::{Array, HashMap, PerCpuArray, RingBuf};
+use aya::maps::{Array, PerCpuArray, RingBuf};
 use kml_agent::observe::pins as pin;
 use kml_ebpf_common::{
-    abi::names::{map, program},
-    features::features_at_insert,
+    abi::names::{map, program, EVENTS},
+    features::features_of_record,
     model::{LinearModel, ModelKind, TreeModel},
     slot::{status_index, ModelControl, SlotStatus},
-    Counter, Counters, DeviceConfig, DeviceState, InflightKey, RequestRecord, Verdict,
+    Counter, Counters, DeviceState, Verdict,
 };
 use kml_integration_tests::{
     accounting::{explain, program_misses, Losses},
@@ -34,6 +34,9 @@ use kml_integration_tests::{
 };
 use kml_learn::QuantizedModel;
 
+/// Programs one agent holds: the observers, the tail-called stages (position,
+/// inference), the slot checker.
+const PROGRAMS: usize = EVENTS.len() + kml_ebpf_common::abi::names::stage::COUNT + 1;
 fn kill9(agent: &mut Agent) -> Result<()> {
     signal(&agent.child.0, libc::SIGKILL);
     let status = agent.child.0.wait()?;
@@ -169,7 +172,7 @@ fn check_orphan_verdicts(
             if r.verdict == Verdict::NONE || r.model_version != version {
                 continue;
             }
-            let host = model.infer(&features_at_insert(&r));
+            let host = model.infer(&features_of_record(&r));
             ensure!(
                 host.score == r.score && host.at_risk == (r.verdict == Verdict::AT_RISK),
                 "v{version}: kernel score {} verdict {}, host score {} at_risk {}",
@@ -290,7 +293,7 @@ fn sigkill_without_pin_takes_every_program_away() -> Result<()> {
         let held = prog_ids_of(agent.child.0.id());
         let mine = leaks.programs()?;
         ensure!(
-            mine.len() == 8 && mine.keys().all(|id| held.contains(id)),
+            mine.len() == PROGRAMS && mine.keys().all(|id| held.contains(id)),
             "round {round}: the agent holds {held:?}, this test's programs are {mine:?}"
         );
         std::thread::sleep(jitter(100, 900, round));
@@ -339,7 +342,7 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
         let set = leaks.programs()?;
         let names: BTreeSet<&String> = set.values().collect();
         ensure!(
-            set.len() == 8 && names.len() == 8,
+            set.len() == PROGRAMS && names.len() == PROGRAMS,
             "round {round}: not exactly one set of kml programs: {set:?}"
         );
         if let Some(old) = &orphaned {
@@ -365,8 +368,10 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
         std::thread::sleep(Duration::from_millis(200));
         let left = leaks.programs()?;
         ensure!(
-            left.len() == 7 && !left.values().any(|n| n == program::VERIFY_SLOTS),
-            "round {round}: after SIGKILL expected the 5 event programs and 2 stages, found {left:?}"
+            left.len() == PROGRAMS - 1 && !left.values().any(|n| n == program::VERIFY_SLOTS),
+            "round {round}: after SIGKILL expected the {} event programs and the {} stages, found {left:?}",
+            EVENTS.len(),
+            kml_ebpf_common::abi::names::stage::COUNT
         );
         let (version, active) = active_model(&pins.0)?.context("no active model after the kill")?;
         if round == 0 {
@@ -464,7 +469,10 @@ fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Res
     );
     wait_for_line(&third.stderr, "observing", Duration::from_secs(60))?;
     let now = leaks.programs()?;
-    ensure!(now.len() == 8, "not one set after replacing: {now:?}");
+    ensure!(
+        now.len() == PROGRAMS,
+        "not one set after replacing: {now:?}"
+    );
     ensure!(
         now.keys().all(|id| !old.contains(id)),
         "old programs survived the replacement"
@@ -476,13 +484,10 @@ fn pins_of_another_build_are_replaced_and_a_live_owner_is_not_displaced() -> Res
 }
 
 fn device_in_pins(dir: &Path, dev: u32) -> Result<Option<DeviceState>> {
-    let devices: HashMap<_, u32, DeviceConfig> = HashMap::try_from(pin::open(dir, map::DEVICES)?)?;
-    if devices.get(&dev, 0).is_err() {
-        return Ok(None);
-    }
-    let states: HashMap<_, u32, DeviceState> =
-        HashMap::try_from(pin::open(dir, map::DEVICE_STATE)?)?;
-    Ok(Some(states.get(&dev, 0).unwrap_or_default()))
+    Ok(pin::traced_devices(dir)?
+        .into_iter()
+        .find(|(d, _)| *d == dev)
+        .map(|(_, slot)| kml_agent::observe::device_state(&slot)))
 }
 
 #[test]
@@ -669,22 +674,26 @@ fn a_restart_on_other_devices_adopts_and_retargets_the_pinned_programs() -> Resu
         "no insert traced on the new device"
     );
     let set = leaks.programs()?;
-    ensure!(set.len() == 8, "not exactly one set: {set:?}");
+    ensure!(set.len() == PROGRAMS, "not exactly one set: {set:?}");
     signal(&agent.child.0, libc::SIGINT);
     ensure!(agent.child.0.wait()?.success(), "run did not exit cleanly");
     ensure!(!pins.0.exists(), "pins left behind");
     leaks.assert_none_left()
 }
 
-/// The runs the kernel skipped of this test's programs (after a SIGKILL: the
-/// pinned programs nobody holds).
-/// Entries left in the pinned in-flight map.
+/// Entries left in the pinned in-flight state (raw tracepoints: the entries in
+/// use in `REQS`, whatever device they belong to).
 fn live_inflight(dir: &Path) -> Result<u64> {
-    let map: HashMap<_, InflightKey, RequestRecord> =
-        HashMap::try_from(pin::open(dir, map::INFLIGHT)?)?;
-    Ok(map.keys().filter(Result::is_ok).count() as u64)
+    let reqs: Array<_, kml_ebpf_common::device::ReqState> =
+        Array::try_from(pin::open(dir, map::REQS)?)?;
+    Ok(reqs
+        .iter()
+        .filter(|e| e.as_ref().is_ok_and(|e| e.rq != 0))
+        .count() as u64)
 }
 
+/// The runs the kernel skipped of this test's programs (after a SIGKILL: the
+/// pinned programs nobody holds).
 fn pinned_misses(leaks: &LeakCheck) -> Result<u64> {
     let ids = leaks.programs()?.into_keys().collect();
     Ok(program_misses(&ids)?.iter().map(|(_, m)| m).sum())

@@ -6,7 +6,10 @@ use kml_agent::{
     observe::{Observer, ObserverConfig},
 };
 use kml_ebpf_common::{
+    abi::names::map,
+    device::ReqState,
     label::{expire_jiffies, time_after_eq},
+    position::KERNEL_COMPUTES_POSITION,
     Counter, ReqOp, RequestRecord,
 };
 use kml_integration_tests::{
@@ -180,6 +183,27 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
             !r.deadline_missed() && !r.deadline_missed_ns(),
             "request {i} missed a {expire_ms} ms deadline on an idle disk: {r:?}"
         );
+        // One request at a time: the queue it joins is empty, and the position it
+        // recorded is that of an empty queue (exact when no loss and no other task).
+        // No position at all while the kernel does not compute it.
+        if !KERNEL_COMPUTES_POSITION {
+            ensure!(
+                r.recorded_position().is_none(),
+                "request {i}: a position recorded, but the kernel does not compute it: {r:?}"
+            );
+        } else if lost == 0 && others == 0 {
+            let expect = kml_ebpf_common::position::QueueShape::EMPTY.position(
+                r.sector,
+                kml_ebpf_common::position::bucket_shift_for(bdev.size_sectors),
+                r.insert_ns,
+                r.deadline_ns - r.insert_ns,
+            );
+            ensure!(
+                r.recorded_position() == Some(expect),
+                "request {i}: position {:?}, an empty queue gives {expect:?}",
+                r.recorded_position()
+            );
+        }
         let sync = r.flags().contains(kml_ebpf_common::ReqFlags::SYNC);
         ensure!(
             r.op() == ReqOp::Read || sync,
@@ -191,6 +215,19 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         counters.get(Counter::Records) == records.len() as u64,
         "records counter {counters:?}"
     );
+    let unseen = records.iter().filter(|r| r.complete_ns == 0).count() as u64;
+    ensure!(
+        unseen <= counters.get(Counter::StaleEntries),
+        "{unseen} records without a completion, {} stale entries",
+        counters.get(Counter::StaleEntries)
+    );
+    for c in [
+        Counter::RingFullDrops,
+        Counter::InflightInsertFailures,
+        Counter::ReadFailures,
+    ] {
+        ensure!(counters.get(c) == 0, "{} = {}", c.name(), counters.get(c));
+    }
     ensure!(
         lost > 0 || counters.get(Counter::Inserts) == stats.requests(),
         "inserts {} != requests completed {} ({counters:?})",
@@ -234,52 +271,30 @@ fn concurrency_is_accounted(mode: AttachMode) -> Result<()> {
     }
     let dev = LoopDevice::new(128, 1, 1)?;
     let bdev = dev.block_device()?;
-    let (records, counters, state, fio_ios, losses, stats) = runtime().block_on(async {
-        let mut observer = Observer::load(ObserverConfig::new(mode))?;
-        observer.add_device(&bdev)?;
-        let mut stream = observer.records()?;
-        observer.attach()?;
-        let before = DiskStats::read(&dev.name)?;
-        let out = std::process::Command::new("fio")
-            .args([
-                "--name=burst",
-                "--rw=randrw",
-                "--bs=4k",
-                "--direct=1",
-                "--ioengine=libaio",
-                // 2 × 128 in flight exceeds the loop device's 128 driver tags, so
-                // requests must wait in mq-deadline.
-                "--iodepth=128",
-                "--numjobs=2",
-                "--size=64M",
-                "--io_size=16M",
-                "--randseed=42",
-                "--group_reporting",
-                "--output-format=json",
-            ])
-            .arg(format!("--filename={}", dev.path.display()))
-            .output()
-            .context("running fio")?;
-        ensure!(
-            out.status.success(),
-            "fio failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stats = before.delta(&DiskStats::read(&dev.name)?);
-        let missed = recursion_misses(&observer)?;
-        observer.detach();
-        let mut records = Vec::new();
-        stream.drain(&mut records);
-        let state = observer.device_state(bdev.dev())?;
-        let counters = observer.counters()?;
-        let losses = Losses::from_counters(&counters, missed, observer.live_inflight()?);
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
-        let job = &json["jobs"][0];
-        let fio_ios = job["read"]["total_ios"].as_u64().unwrap_or(0)
-            + job["write"]["total_ios"].as_u64().unwrap_or(0);
-        anyhow::Ok((records, counters, state, fio_ios, losses, stats))
-    })?;
-    assert_no_kml_programs()?;
+    let mut fio = std::process::Command::new("fio");
+    fio.args([
+        "--name=burst",
+        "--rw=randrw",
+        "--bs=4k",
+        "--direct=1",
+        "--ioengine=libaio",
+        // 2 × 128 in flight exceeds the loop device's 128 driver tags, so
+        // requests must wait in mq-deadline.
+        "--iodepth=128",
+        "--numjobs=2",
+        "--size=64M",
+        "--io_size=16M",
+        "--randseed=42",
+        "--group_reporting",
+        "--output-format=json",
+    ])
+    .arg(format!("--filename={}", dev.path.display()));
+    let run = observe_fio(mode, &dev, &bdev, &mut fio)?;
+    let (records, counters, state, losses, stats) =
+        (run.records, run.counters, run.state, run.losses, run.stats);
+    let job = &run.fio["jobs"][0];
+    let fio_ios = job["read"]["total_ios"].as_u64().unwrap_or(0)
+        + job["write"]["total_ios"].as_u64().unwrap_or(0);
     eprintln!(
         "{mode:?}: fio {fio_ios} I/Os, device {stats:?}, {} records; reinserts {} requeues {}; losses: {losses}",
         records.len(),
@@ -386,6 +401,42 @@ fn concurrency_is_accounted(mode: AttachMode) -> Result<()> {
         "{earlier} requests with a deadline earlier than their own, {} merges",
         counters.get(Counter::Merges)
     );
+    // The position the programs recorded at insert, against the host's replay of
+    // the same state over the records (kml_learn::replay). Inserts are serialised
+    // by the scheduler's lock but dispatches update the state from other CPUs
+    // without one, and the replay orders events by their ns times: close events
+    // can land in another order. Most must agree exactly.
+    let shifts = std::collections::HashMap::from([(
+        bdev.dev(),
+        kml_ebpf_common::position::bucket_shift_for(bdev.size_sectors),
+    )]);
+    let replayed = kml_learn::replay::replay_positions(&records, &shifts);
+    if !KERNEL_COMPUTES_POSITION {
+        ensure!(
+            records.iter().all(|r| r.recorded_position().is_none()),
+            "records with a position, but the kernel does not compute it"
+        );
+    }
+    let known = records
+        .iter()
+        .filter(|r| r.recorded_position().is_some())
+        .count();
+    let same = records
+        .iter()
+        .zip(&replayed)
+        .filter(|(r, p)| r.recorded_position() == Some(**p))
+        .count();
+    eprintln!(
+        "{mode:?} position: {known} of {} records carry one; {same} equal the host's replay",
+        records.len()
+    );
+    if KERNEL_COMPUTES_POSITION {
+        ensure!(known == records.len(), "records without a position");
+        ensure!(
+            same * 2 >= known,
+            "{same} of {known} positions agree with the replay"
+        );
+    }
     let missed = records.iter().filter(|r| r.deadline_missed()).count();
     let missed_ns = records.iter().filter(|r| r.deadline_missed_ns()).count();
     eprintln!(
@@ -462,4 +513,258 @@ fn live_drain_keeps_up_without_drops() -> Result<()> {
         counters.get(Counter::Records)
     );
     Ok(())
+}
+
+/// What one fio run under the observer left: the records, the counters and the
+/// named losses, and the witnesses that do not use kml (the device's own
+/// statistics over the run, fio's JSON report).
+struct FioRun {
+    records: Vec<RequestRecord>,
+    counters: kml_ebpf_common::Counters,
+    losses: Losses,
+    stats: DiskStats,
+    /// The runs the kernel skipped (read while the programs were loaded).
+    missed: u64,
+    /// Entries left after fio ended.
+    live: u64,
+    state: kml_ebpf_common::DeviceState,
+    events: kml_ebpf_common::DeviceEvents,
+    fio: serde_json::Value,
+}
+
+/// Runs `fio` (JSON output) on `dev` under an observer in `mode`; checks that no
+/// kml program stays loaded afterwards.
+fn observe_fio(
+    mode: AttachMode,
+    dev: &LoopDevice,
+    bdev: &kml_agent::devices::BlockDevice,
+    fio: &mut std::process::Command,
+) -> Result<FioRun> {
+    let run = runtime().block_on(async {
+        let mut observer = Observer::load(ObserverConfig::new(mode))?;
+        observer.add_device(bdev)?;
+        let mut stream = observer.records()?;
+        observer.attach()?;
+        let before = DiskStats::read(&dev.name)?;
+        let out = fio.output().context("running fio")?;
+        ensure!(
+            out.status.success(),
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stats = before.delta(&DiskStats::read(&dev.name)?);
+        // Read while the programs are loaded (detach unloads them).
+        let missed = recursion_misses(&observer)?;
+        observer.detach();
+        let mut records = Vec::new();
+        stream.drain(&mut records);
+        let live = observer.live_inflight()?;
+        if live > 0 && mode == AttachMode::Tracepoint {
+            // What is left in flight after fio ended (printed to explain it).
+            let left: aya::maps::HashMap<_, kml_ebpf_common::InflightKey, ReqState> =
+                aya::maps::HashMap::try_from(
+                    observer.ebpf().map(map::INFLIGHT).context("INFLIGHT")?,
+                )?;
+            for (k, e) in left.iter().filter_map(Result::ok).take(20) {
+                eprintln!("left in flight: {k:?} phase {} {:?}", e.phase, e.rec);
+            }
+        }
+        let counters = observer.counters()?;
+        anyhow::Ok(FioRun {
+            losses: Losses::from_counters(&counters, missed, live),
+            state: observer.device_state(bdev.dev())?,
+            events: observer.device_events(bdev.dev())?,
+            fio: serde_json::from_slice(&out.stdout).context("fio JSON")?,
+            records,
+            counters,
+            stats,
+            missed,
+            live,
+        })
+    })?;
+    assert_no_kml_programs()?;
+    Ok(run)
+}
+
+/// Every I/O accounted for (issue 14, part 2): a deep mixed workload with fsync,
+/// where sequential bios merge into queued requests and every fsync sends a flush
+/// past the scheduler. Witnesses that do not use kml: fio's own counts and the
+/// block layer's (`/sys/block/DEV/stat`). fio's reads + writes + fsyncs = the
+/// device's requests + merges (no kml involved; an fsync is one empty write); every
+/// request the device completed is a data record, a flush parent or a named kernel
+/// loss; the device's merges are kml's request
+/// merges + bio merges; each flush the device completed is a flush record of its
+/// own (issue → complete); fio's fsyncs are the completions of the requests that
+/// asked for a flush.
+fn every_io_is_accounted_for(mode: AttachMode) -> Result<()> {
+    if !alone_on_the_block_tracepoints()? {
+        return Ok(());
+    }
+    let dev = LoopDevice::new(256, 20, 100)?;
+    let bdev = dev.block_device()?;
+    let job = std::env::temp_dir().join(format!("kml-accounting-{}.fio", std::process::id()));
+    std::fs::write(
+        &job,
+        format!(
+            "[global]\nfilename={}\ndirect=1\nioengine=libaio\nthread\nrandseed=7\nsize=256M\n\
+             [mixed]\nrw=randrw\nbs=4k\niodepth=96\nio_size=24M\n\
+             [seqwrite]\nrw=write\nbs=4k\niodepth=48\nio_size=16M\noffset=128M\nfsync=16\n\
+             [seqread]\nrw=read\nbs=4k\niodepth=48\nio_size=16M\noffset=64M\n",
+            dev.path.display()
+        ),
+    )?;
+    let mut fio = std::process::Command::new("fio");
+    fio.arg("--output-format=json").arg(&job);
+    let run = observe_fio(mode, &dev, &bdev, &mut fio);
+    let _ = std::fs::remove_file(&job);
+    let FioRun {
+        records,
+        counters,
+        losses,
+        stats,
+        missed,
+        live,
+        events,
+        fio,
+        ..
+    } = run?;
+    let jobs = fio["jobs"].as_array().context("fio jobs")?;
+    let total = |k: &str| -> u64 {
+        jobs.iter()
+            .map(|j| j[k]["total_ios"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let (fio_ios, fio_syncs) = (total("read") + total("write"), total("sync"));
+    let c = |k: Counter| counters.get(k);
+    let flushes: Vec<&RequestRecord> = records.iter().filter(|r| r.op() == ReqOp::Flush).collect();
+    let data = (records.len() - flushes.len()) as u64;
+    let merges = c(Counter::Merges);
+    let bio_merges = c(Counter::BioBackMerges) + c(Counter::BioFrontMerges);
+    let summary = format!(
+        "{mode:?}: fio {fio_ios} I/Os, {fio_syncs} fsyncs; device {stats:?}; kml: {data} data \
+         records + {merges} request merges + {bio_merges} bio merges, {} flush records, {} flush \
+         parents; {live} left in flight; losses: {losses}; per device {events:?}; counters {counters:?}",
+        flushes.len(),
+        c(Counter::FlushParentCompletions)
+    );
+    eprintln!("{summary}");
+    ensure!(
+        bio_merges > 0,
+        "no bio merged: the workload does not test merges: {summary}"
+    );
+    ensure!(
+        fio_syncs > 0 && !flushes.is_empty(),
+        "no fsync seen: {summary}"
+    );
+    // fio against the block layer, no kml involved: each 4 KiB I/O is one bio,
+    // which is a request or was merged into one, and each fsync one more write
+    // request (empty, asking for the flush; the device counts it as a write).
+    ensure!(
+        fio_ios + fio_syncs == stats.requests() + stats.merges(),
+        "fio against the device: {summary}"
+    );
+    // Nothing lost to kml itself, nothing half seen.
+    for k in [
+        Counter::RingFullDrops,
+        Counter::ReadFailures,
+        Counter::InflightInsertFailures,
+        Counter::PartialCompletions,
+        Counter::SampledOut,
+    ] {
+        ensure!(c(k) == 0, "{} = {}: {summary}", k.name(), c(k));
+    }
+    // An issue without its insert: an insert run the kernel skipped (classic
+    // tracepoints skip a program while any tracing program runs on the CPU).
+    ensure!(
+        c(Counter::IssuesWithoutInsert) <= missed,
+        "issues without insert beyond the skipped runs: {summary}"
+    );
+    // Raw tracepoints know each request by its tag: nothing can collide. Classic
+    // tracepoints know it by (dev, sector): two requests in flight at one sector
+    // collide, the second insert finds the first's entry (a stale entry) and the
+    // first's completion then finds none (an orphan), one of each per collision;
+    // a skipped insert run leaves an orphan too.
+    let collisions = match mode {
+        AttachMode::RawTracepoint => 0,
+        AttachMode::Tracepoint => c(Counter::StaleEntries),
+    };
+    ensure!(
+        c(Counter::OrphanCompletions) <= collisions + missed,
+        "orphans not explained by sector collisions or skipped runs: {summary}"
+    );
+    // The only I/O on the device is fio's (its jobs are threads of one process).
+    let pids: std::collections::BTreeSet<u32> = records
+        .iter()
+        .filter(|r| r.op() != ReqOp::Flush)
+        .map(|r| r.pid)
+        .collect();
+    ensure!(
+        pids.len() == 1,
+        "records of several processes {pids:?}: {summary}"
+    );
+    // The block layer against kml: every completed request is a data record, an
+    // fsync's empty write (counted as a flush parent) or a named loss; every merge
+    // the device counted is a traced request or bio merge (exact, but for runs the
+    // kernel skipped); every flush it completed is a flush record (or a named loss).
+    explain(
+        "requests completed on the device",
+        stats.requests(),
+        data + c(Counter::FlushParentCompletions),
+        &losses,
+    )
+    .with_context(|| summary.clone())?;
+    ensure!(
+        (merges + bio_merges).abs_diff(stats.merges()) <= missed,
+        "merges do not add up: {summary}"
+    );
+    explain(
+        "flushes completed on the device",
+        stats.flushes,
+        flushes.len() as u64,
+        &losses,
+    )
+    .with_context(|| summary.clone())?;
+    ensure!(
+        c(Counter::FlushParentCompletions).abs_diff(fio_syncs) <= losses.total(),
+        "fsyncs do not add up: {summary}"
+    );
+    ensure!(
+        flushes.len() as u64 <= fio_syncs && flushes.len() as u64 == c(Counter::Flushes),
+        "flush records: {summary}"
+    );
+    ensure!(
+        events.records == records.len() as u64
+            && events.bio_back_merges + events.bio_front_merges == bio_merges
+            && events.rq_merges == merges,
+        "per-device counts disagree with the totals: {summary}"
+    );
+    for f in &flushes {
+        ensure!(
+            f.dev == bdev.dev()
+                && f.issue_ns != 0
+                && (f.complete_ns >= f.issue_ns || f.complete_ns == 0)
+                && f.insert_ns == f.issue_ns
+                && f.error == 0,
+            "flush record {f:?}"
+        );
+    }
+    // Bios merged after insert make a request complete more than it had at insert.
+    ensure!(
+        records
+            .iter()
+            .filter(|r| r.op() != ReqOp::Flush && r.complete_ns != 0)
+            .all(|r| u64::from(r.complete_bytes) >= u64::from(r.nr_sectors) << 9),
+        "a request completed fewer bytes than it had at insert: {summary}"
+    );
+    Ok(())
+}
+
+#[test]
+fn raw_tracepoints_account_for_every_io() -> Result<()> {
+    every_io_is_accounted_for(AttachMode::RawTracepoint)
+}
+
+#[test]
+fn tracepoints_account_for_every_io() -> Result<()> {
+    every_io_is_accounted_for(AttachMode::Tracepoint)
 }

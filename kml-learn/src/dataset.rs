@@ -59,8 +59,9 @@ fn usable(r: &RequestRecord) -> bool {
 
 impl Dataset {
     /// Builds a dataset from records in any order (a trace is in completion order).
-    /// The position features are replayed from the records themselves
-    /// ([`crate::replay`]): every record, usable or not, takes its place in the queue.
+    /// The position features are those the kernel recorded, else replayed from the
+    /// records themselves ([`crate::replay`]): every record, usable or not, takes
+    /// its place in the queue.
     pub fn from_records(records: Vec<RequestRecord>, source: impl Into<String>) -> Self {
         let positions = crate::replay::replay_positions(&records, &Default::default());
         let before = records.len();
@@ -68,7 +69,12 @@ impl Dataset {
             .into_iter()
             .zip(positions)
             .filter(|(r, _)| usable(r))
-            .map(|(r, p)| (r, features_with_position(&r, &p)))
+            // The position the kernel recorded wins over the replay (the replay
+            // cannot see requests queued before the trace began, nor races).
+            .map(|(r, p)| {
+                let p = r.recorded_position().unwrap_or(p);
+                (r, features_with_position(&r, &p))
+            })
             .collect();
         let skipped = before - pairs.len();
         // Stable: records inserted in the same ns keep their trace order.

@@ -99,6 +99,10 @@ struct WindowAccumulator {
 
 impl WindowAccumulator {
     fn add(&mut self, r: &RequestRecord) {
+        if r.complete_ns == 0 {
+            // Completion never seen (a stale entry's record): no latency to judge.
+            return;
+        }
         let s = &mut self.stats;
         let latency = r.complete_ns.saturating_sub(r.insert_ns);
         s.bytes += r.nr_sectors as u64 * 512;

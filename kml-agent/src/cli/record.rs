@@ -64,6 +64,9 @@ impl RecordArgs {
                 human_ns(r.service.p99_ns)
             );
             tracing::info!("{}", r.loss.line());
+            for line in r.loss.counter_lines() {
+                tracing::info!("{line}");
+            }
             if r.undecodable > 0 {
                 anyhow::bail!(
                     "{} ring buffer items had the wrong size (agent and eBPF object disagree)",

@@ -5,6 +5,7 @@ use kml_ebpf_common::{
     abi::names::{Event, EVENTS},
     layout::{
         EventFields, RawTpLayout, TracepointLayout, IOPRIO_IN_BIO, IOPRIO_IN_REQUEST, IOPRIO_NONE,
+        RQ_WIDE_WINDOW, RQ_WINDOW,
     },
     KernelLayout,
 };
@@ -90,23 +91,66 @@ pub fn raw_tp_layout(btf: &Btf) -> Result<RawTpLayout, LayoutError> {
         });
     }
     // struct request lost its ioprio (6.18 keeps it in the bio only).
-    let (ioprio_source, rq_ioprio, rq_bio, bio_ioprio) = match member("request", "ioprio", 2) {
-        Ok(off) => (IOPRIO_IN_REQUEST, off, 0, 0),
-        Err(_) => match (member("request", "bio", 8), member("bio", "bi_ioprio", 2)) {
-            (Ok(bio), Ok(prio)) => (IOPRIO_IN_BIO, 0, bio, prio),
-            _ => (IOPRIO_NONE, 0, 0, 0),
+    let rq_bio = member("request", "bio", 8)?;
+    let (ioprio_source, rq_ioprio, bio_ioprio) = match member("request", "ioprio", 2) {
+        Ok(off) => (IOPRIO_IN_REQUEST, off, 0),
+        Err(_) => match member("bio", "bi_ioprio", 2) {
+            Ok(prio) => (IOPRIO_IN_BIO, 0, prio),
+            _ => (IOPRIO_NONE, 0, 0),
         },
     };
+    let rq_q = member("request", "q", 8)?;
+    let rq_mq_hctx = member("request", "mq_hctx", 8)?;
+    let rq_cmd_flags = member("request", "cmd_flags", 4)?;
+    let rq_rq_flags = member("request", "rq_flags", 4)?;
+    let rq_internal_tag = member("request", "internal_tag", 4)?;
+    let rq_data_len = member("request", "__data_len", 4)?;
+    let rq_sector = member("request", "__sector", 8)?;
+    // One probe read per event brings these: they must share RQ_WINDOW bytes.
+    let hot = [
+        (rq_q, 8),
+        (rq_mq_hctx, 8),
+        (rq_cmd_flags, 4),
+        (rq_rq_flags, 4),
+        (rq_internal_tag, 4),
+        (rq_data_len, 4),
+        (rq_sector, 8),
+        (rq_bio, 8),
+    ];
+    let rq_window = hot.iter().map(|(o, _)| *o).min().unwrap_or(0);
+    let rq_fifo_time = member("request", "fifo_time", 8)?;
+    let end = hot.iter().map(|(o, s)| o + s).max().unwrap_or(0);
+    if (end - rq_window) as usize > RQ_WINDOW {
+        return Err(LayoutError::Value {
+            what: format!(
+                "the span of struct request's hot fields ({}..{end}, more than {RQ_WINDOW} bytes)",
+                rq_window
+            ),
+            value: (end - rq_window).into(),
+        });
+    }
     Ok(RawTpLayout {
+        rq_window,
+        rq_mq_hctx,
+        hctx_queue_num: member("blk_mq_hw_ctx", "queue_num", 4)?,
+        rq_rq_flags,
+        rq_internal_tag,
+        // A hint only (a flush's parent is also told by its empty completion).
+        rqf_flush_seq: bit("__RQF_FLUSH_SEQ").unwrap_or(0),
+        bio_bdev: member("bio", "bi_bdev", 8)?,
+        bdev_queue: member("block_device", "bd_queue", 8)?,
         ioprio_source,
         rq_ioprio,
         rq_bio,
         bio_ioprio,
-        rq_q: member("request", "q", 8)?,
-        rq_sector: member("request", "__sector", 8)?,
-        rq_data_len: member("request", "__data_len", 4)?,
-        rq_cmd_flags: member("request", "cmd_flags", 4)?,
-        rq_fifo_time: member("request", "fifo_time", 8)?,
+        rq_q,
+        rq_sector,
+        rq_data_len,
+        rq_cmd_flags,
+        rq_fifo_time,
+        fifo_in_wide_window: (rq_fifo_time >= rq_window
+            && (rq_fifo_time + 8 - rq_window) as usize <= RQ_WIDE_WINDOW)
+            as u32,
         q_disk: member("request_queue", "disk", 8)?,
         disk_major: member("gendisk", "major", 4)?,
         disk_first_minor: member("gendisk", "first_minor", 4)?,
@@ -179,11 +223,27 @@ fn event_fields(
 pub fn tracepoint_layout(tracefs: &Tracefs) -> Result<TracepointLayout, LayoutError> {
     Ok(TracepointLayout {
         insert: event_fields(tracefs, Event::INSERT.tracepoint, true, false)?,
-        issue: event_fields(tracefs, Event::ISSUE.tracepoint, false, false)?,
+        // rwbs: a flush is told at its issue.
+        issue: event_fields(tracefs, Event::ISSUE.tracepoint, true, false)?,
         complete: event_fields(tracefs, Event::COMPLETE.tracepoint, false, true)?,
         requeue: event_fields(tracefs, Event::REQUEUE.tracepoint, false, false)?,
         merge: event_fields(tracefs, Event::MERGE.tracepoint, false, false)?,
+        bio_backmerge: event_fields(tracefs, Event::BIO_BACKMERGE.tracepoint, false, false)?,
+        bio_frontmerge: event_fields(tracefs, Event::BIO_FRONTMERGE.tracepoint, false, false)?,
     })
+}
+
+/// Records (with the ring's 8-byte header) per CPU between forced wake-ups, as a
+/// mask (a power of two less one): about `wakeup_bytes` waiting when the CPUs
+/// produce alike. 0 when `wakeup_bytes` is 0 (every record may wake the agent).
+pub fn wake_mask(wakeup_bytes: u32, cpus: u32) -> u32 {
+    let per_record = std::mem::size_of::<kml_ebpf_common::RequestRecord>() as u32 + 8;
+    let n = wakeup_bytes / per_record / cpus.max(1);
+    if n <= 1 {
+        0
+    } else {
+        (1u32 << (31 - n.leading_zeros())) - 1
+    }
 }
 
 /// The global for the chosen mode (only that mode's part is filled in).
@@ -196,6 +256,19 @@ pub fn kernel_layout(
     layout.mode = mode.abi();
     layout.wakeup_bytes = wakeup_bytes;
     layout.sample_fill_bytes = sample_fill_bytes;
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1) as u32);
+    layout.wake_mask = wake_mask(wakeup_bytes, cpus);
+    layout.tag_bits = kml_ebpf_common::device::DEFAULT_TAG_BITS;
+    // Measurement only: put back earlier ways of one hot-path step (layout::ablate).
+    if let Some(bits) = std::env::var("KML_ABLATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        tracing::warn!(
+            "KML_ABLATE={bits}: measurement mode, parts of the observer run as before issue 14"
+        );
+        layout.ablate = bits;
+    }
     match mode {
         AttachMode::RawTracepoint => layout.raw = raw_tp_layout(&Btf::from_sys_fs()?)?,
         AttachMode::Tracepoint => layout.tp = tracepoint_layout(&Tracefs::locate_or_mount()?)?,

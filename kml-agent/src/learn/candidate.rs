@@ -3,14 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use kml_ebpf_common::{features::features_at_insert, model::ModelKind, RequestRecord};
+use kml_ebpf_common::{features::features_of_record, model::ModelKind, RequestRecord};
 use kml_learn::{ConfusionMatrix, Dataset, Progress, QuantizedModel, TrainOptions};
 
 /// Balanced accuracy of an integer model on records (the kernel's computation).
 pub fn integer_balanced_accuracy(model: &QuantizedModel, records: &[RequestRecord]) -> f64 {
     ConfusionMatrix::from_pairs(records.iter().map(|r| {
         (
-            model.infer(&features_at_insert(r)).at_risk,
+            model.infer(&features_of_record(r)).at_risk,
             r.deadline_missed(),
         )
     }))

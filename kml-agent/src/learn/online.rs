@@ -307,7 +307,8 @@ impl OnlineLearner {
     }
 
     fn observe(&mut self, records: &[RequestRecord]) {
-        for r in records {
+        // Flushes never pass the scheduler: nothing to learn about its deadlines.
+        for r in records.iter().filter(|r| r.went_through_scheduler()) {
             if self.window.len() == self.config.window {
                 self.window.pop_front();
             }

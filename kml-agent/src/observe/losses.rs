@@ -1,7 +1,9 @@
 //! What was lost, and why: the observers' counters and the in-flight map's live
 //! size, read together at the end of a session (and once a second for `--metrics`).
 
-use kml_ebpf_common::{Counter, Counters};
+use std::collections::BTreeMap;
+
+use kml_ebpf_common::{Counter, Counters, DeviceEvents};
 
 /// Losses and oddities, derived from the counters and the map's live size.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -20,6 +22,10 @@ pub struct LossReport {
     pub missed_events: u64,
     /// Entries dropped because their key came back without a completion.
     pub stale_entries: u64,
+    /// Every counter of the programs by name, summed over CPUs.
+    pub counters: BTreeMap<&'static str, u64>,
+    /// Per traced device: its name and its event counts by name.
+    pub devices: Vec<(String, BTreeMap<&'static str, u64>)>,
 }
 
 impl LossReport {
@@ -39,7 +45,46 @@ impl LossReport {
             merges: c.get(Counter::Merges),
             missed_events,
             stale_entries: c.get(Counter::StaleEntries),
+            counters: Counters::ALL
+                .iter()
+                .map(|k| (k.name(), c.get(*k)))
+                .collect(),
+            devices: Vec::new(),
         }
+    }
+
+    /// Adds a device's event counts.
+    pub fn add_device(&mut self, name: &str, e: &DeviceEvents) {
+        let events = DeviceEvents::ALL
+            .iter()
+            .map(|k| (k.name(), e.get(*k)))
+            .collect();
+        self.devices.push((name.to_owned(), events));
+    }
+
+    /// Every counter by name (`name value`, comma-separated), then one line per
+    /// device: what a user needs to account for every I/O (records, request and bio
+    /// merges, flushes and the fsyncs behind them, sampled-out and partial
+    /// completions among the rest).
+    pub fn counter_lines(&self) -> Vec<String> {
+        let join = |m: &BTreeMap<&'static str, u64>,
+                    order: &mut dyn Iterator<Item = &'static str>| {
+            order
+                .map(|k| format!("{k} {}", m.get(k).copied().unwrap_or(0)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut out = vec![format!(
+            "counters: {}",
+            join(&self.counters, &mut Counters::ALL.iter().map(|k| k.name()))
+        )];
+        for (name, events) in &self.devices {
+            out.push(format!(
+                "{name}: {}",
+                join(events, &mut DeviceEvents::ALL.iter().map(|k| k.name()))
+            ));
+        }
+        out
     }
 
     pub fn line(&self) -> String {

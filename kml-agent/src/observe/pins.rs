@@ -310,6 +310,37 @@ pub fn open(dir: &Path, name: &str) -> anyhow::Result<Map> {
     Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
 }
 
+/// The traced devices in pinned maps: dev_t, slot contents (settings and counts).
+pub fn traced_devices(
+    dir: &Path,
+) -> anyhow::Result<Vec<(u32, kml_ebpf_common::device::DeviceSlot)>> {
+    use aya::maps::{Array, HashMap};
+    let by_dev: HashMap<_, u32, u32> =
+        HashMap::try_from(open(dir, kml_ebpf_common::abi::names::map::DEV_SLOTS)?)?;
+    let slots: Array<_, kml_ebpf_common::device::DeviceSlot> =
+        Array::try_from(open(dir, kml_ebpf_common::abi::names::map::DEVICES)?)?;
+    let mut out = Vec::new();
+    for (dev, slot) in by_dev.iter().flatten() {
+        out.push((dev, slots.get(&slot, 0)?));
+    }
+    Ok(out)
+}
+
+/// Requests with an entry in pinned maps (a soak watches this stay bounded).
+pub fn live_entries(dir: &Path) -> anyhow::Result<u64> {
+    use aya::maps::{Array, HashMap};
+    use kml_ebpf_common::{device::ReqState, InflightKey};
+    let reqs: Array<_, ReqState> =
+        Array::try_from(open(dir, kml_ebpf_common::abi::names::map::REQS)?)?;
+    let raw = reqs
+        .iter()
+        .filter(|e| e.as_ref().is_ok_and(|e| e.rq != 0))
+        .count();
+    let inflight: HashMap<_, InflightKey, ReqState> =
+        HashMap::try_from(open(dir, kml_ebpf_common::abi::names::map::INFLIGHT)?)?;
+    Ok((raw + inflight.keys().filter(Result::is_ok).count()) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,7 +76,8 @@ counter_set! {
     completions => Completions,
     /// block_rq_requeue events on traced devices.
     requeues => Requeues,
-    /// block_rq_merge events (a queued request merged into another and freed).
+    /// block_rq_merge events on traced devices (a request merged into another and
+    /// freed: its I/O is in the other's record).
     merges => Merges,
     /// Records written to the ring buffer.
     records => Records,
@@ -98,9 +99,11 @@ counter_set! {
     partial_completions => PartialCompletions,
     /// Inserts of a requeued request (it is still in flight: same entry, new deadline).
     reinserts => Reinserts,
-    /// Inserts that found an issued, uncompleted entry under their key: its
-    /// completion event was missed (see the programs' recursion misses), or, in
-    /// tracepoint mode, two requests at one sector. The stale entry is dropped.
+    /// Inserts (and flushes) that found the entry of an earlier request under their
+    /// tag (raw tracepoints) or key: its completion was never seen (the kernel did
+    /// not run the completion program for it), or, in tracepoint mode, two requests
+    /// at one sector. An issued stale entry goes out as a record with
+    /// `complete_ns` 0; one never issued is only counted.
     stale_entries => StaleEntries,
     /// Events dropped because a kernel read (bpf_probe_read_kernel) failed.
     read_failures => ReadFailures,
@@ -120,6 +123,48 @@ counter_set! {
     /// Records not written because the ring was filling up and the model was sure
     /// of the request (sampling mode: uncertain requests are kept first).
     sampled_out => SampledOut,
+    /// Of the stale entries: the request had been inserted and never issued (its
+    /// issue and completion both unseen, or an insert seen twice).
+    stale_never_issued => StaleNeverIssued,
+    /// Bios merged into a request already formed (`block_bio_backmerge` /
+    /// `block_bio_frontmerge`): I/Os of the application that make no request of
+    /// their own, on traced devices.
+    bio_back_merges => BioBackMerges,
+    bio_front_merges => BioFrontMerges,
+    /// Flush requests (`REQ_OP_FLUSH`, issued without passing the scheduler) seen
+    /// issued on traced devices: each becomes a record of its own (op flush).
+    flushes => Flushes,
+    /// Completions of requests that went through the flush machinery without an
+    /// entry of their own: the empty `REQ_PREFLUSH` write an fsync sends (its flush
+    /// is the `flushes` record). One per fsync of the application; not orphans.
+    flush_parent_completions => FlushParentCompletions,
+    /// Of the merges: requests merged as they were being inserted, before their
+    /// insert event (they never had an entry).
+    merges_at_insert => MergesAtInsert,
+    /// Raw tracepoints: events of requests whose scheduler tag lies beyond the
+    /// device's share of `REQS` (hardware queues × nr_requests above 4096): not
+    /// followed.
+    untracked_requests => UntrackedRequests,
+    /// Raw tracepoints: request queue → device lookups that missed the cache (the
+    /// first event of a disk, or after the traced set changed).
+    qcache_misses => QcacheMisses,
+}
+
+counter_set! {
+    /// Per-device event counts: one slot of the per-CPU `DEVICE_EVENTS` map, per
+    /// device slot (the agent sums the CPUs).
+    pub struct DeviceEvents;
+    /// Names a field of [`DeviceEvents`].
+    pub enum DeviceEvent;
+    inserts => Inserts,
+    records => Records,
+    /// Requests merged into another (`block_rq_merge`).
+    rq_merges => RqMerges,
+    bio_back_merges => BioBackMerges,
+    bio_front_merges => BioFrontMerges,
+    flushes => Flushes,
+    flush_parent_completions => FlushParentCompletions,
+    stale_entries => StaleEntries,
 }
 
 #[cfg(test)]

@@ -6,17 +6,70 @@ pub const IOPRIO_NONE: u32 = 0;
 pub const IOPRIO_IN_REQUEST: u32 = 1;
 pub const IOPRIO_IN_BIO: u32 = 2;
 
+/// Bytes of `struct request` the raw tracepoint programs read in one probe read per
+/// event, from [`RawTpLayout::rq_window`]: every field they need at insert, issue and
+/// completion but `fifo_time` lies inside (the agent checks it).
+pub const RQ_WINDOW: usize = 96;
+
+/// The window read at issue when `fifo_time` lies within this many bytes of
+/// [`RawTpLayout::rq_window`] (one probe read instead of two).
+pub const RQ_WIDE_WINDOW: usize = 256;
+
+/// Bits of [`KernelLayout::ablate`] (the agent sets them from `KML_ABLATE`, a
+/// measurement knob; see docs of issue 14 in the notes).
+pub mod ablate {
+    /// Per record: `bpf_ringbuf_query`, and a forced wake-up whenever the ring holds
+    /// `wakeup_bytes` or more (the observer before issue 14).
+    pub const WAKE_BY_QUERY: u32 = 1;
+    /// No request-queue cache: queue → disk → major/minor and a hash lookup per event.
+    pub const NO_QCACHE: u32 = 2;
+    /// One probe read per field of `struct request` instead of one for the window.
+    pub const READ_PER_FIELD: u32 = 4;
+    /// At issue, the small window and `fifo_time` in two reads, not one wide read.
+    pub const TWO_READS_AT_ISSUE: u32 = 8;
+    /// Cost probes, not earlier ways (they change what is recorded): no ioprio read
+    /// at insert (ioprio 0), and no ring buffer write at completion (the record is
+    /// counted as sampled out).
+    pub const PROBE_NO_IOPRIO: u32 = 16;
+    pub const PROBE_NO_RING: u32 = 32;
+    /// The floor: every raw tracepoint program returns at once (nothing recorded),
+    /// so bpf_stats shows what an attached program costs before it does anything.
+    pub const PROBE_NULL: u32 = 64;
+    /// Cost probe: no position state (no `QueueShape` update, position unknown).
+    pub const PROBE_NO_POSITION: u32 = 128;
+    /// Cost probe: ring records of 64 bytes (the first 64 of the record; the agent
+    /// cannot decode them): what the record's size costs at completion.
+    pub const PROBE_RECORD_64: u32 = 256;
+}
+
 /// Offsets and values for raw tracepoints, from the running kernel's BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawTpLayout {
+    /// Where the [`RQ_WINDOW`] bytes read per event start in `struct request`; the
+    /// offsets below are from the start of the struct.
+    pub rq_window: u32,
     /// Byte offsets in `struct request`.
     pub rq_q: u32,
+    /// `rq->mq_hctx` and `hctx->queue_num`: read only for a device with several
+    /// hardware queues.
+    pub rq_mq_hctx: u32,
+    pub hctx_queue_num: u32,
+    pub rq_rq_flags: u32,
+    /// `rq->internal_tag`: the scheduler tag, the request's index in `REQS`.
+    pub rq_internal_tag: u32,
+    /// `RQF_FLUSH_SEQ` (`rq_flags` bit of a request in the flush machinery).
+    pub rqf_flush_seq: u32,
+    /// `bio->bi_bdev` and `block_device->bd_queue`: a merged bio's disk.
+    pub bio_bdev: u32,
+    pub bdev_queue: u32,
     pub rq_sector: u32,
     pub rq_data_len: u32,
     pub rq_cmd_flags: u32,
     /// `rq->fifo_time`: mq-deadline's deadline in jiffies (read at issue).
     pub rq_fifo_time: u32,
+    /// 1 when `fifo_time` lies inside the [`RQ_WIDE_WINDOW`] read at issue.
+    pub fifo_in_wide_window: u32,
     /// Where the I/O priority is: [`IOPRIO_NONE`], [`IOPRIO_IN_REQUEST`]
     /// (`rq->ioprio`, kernels up to 6.x) or [`IOPRIO_IN_BIO`] (`rq->bio->bi_ioprio`).
     pub ioprio_source: u32,
@@ -85,6 +138,9 @@ pub struct TracepointLayout {
     pub complete: EventFields,
     pub requeue: EventFields,
     pub merge: EventFields,
+    /// `block:block_bio_backmerge` / `frontmerge` (only `dev` is read).
+    pub bio_backmerge: EventFields,
+    pub bio_frontmerge: EventFields,
 }
 
 /// The one global the agent overrides at load (`KML_LAYOUT`).
@@ -100,6 +156,16 @@ pub struct KernelLayout {
     /// model's decision boundary are written (the rest counted as sampled out).
     /// 0: never sample (lossless mode).
     pub sample_fill_bytes: u32,
+    /// A record whose per-CPU sequence number has these low bits all zero forces a
+    /// wake-up of the agent (the others wake nobody; its poll timer collects them).
+    /// 0 with `wakeup_bytes` 0: the ring's default (wake when the agent waits).
+    pub wake_mask: u32,
+    /// `REQS` holds `MAX_DEVICES << tag_bits` entries.
+    pub tag_bits: u32,
+    /// Measurement only ([`ablate`]): bits that put back an earlier way of doing one
+    /// thing, to measure what each change of the hot path is worth in one build.
+    /// 0 in production (the verifier removes the branches it never takes).
+    pub ablate: u32,
     pub raw: RawTpLayout,
     pub tp: TracepointLayout,
 }
@@ -110,12 +176,24 @@ impl KernelLayout {
             mode: 0,
             wakeup_bytes: 0,
             sample_fill_bytes: 0,
+            wake_mask: 0,
+            tag_bits: 0,
+            ablate: 0,
             raw: RawTpLayout {
+                rq_window: 0,
                 rq_q: 0,
+                rq_mq_hctx: 0,
+                hctx_queue_num: 0,
+                rq_rq_flags: 0,
+                rq_internal_tag: 0,
+                rqf_flush_seq: 0,
+                bio_bdev: 0,
+                bdev_queue: 0,
                 rq_sector: 0,
                 rq_data_len: 0,
                 rq_cmd_flags: 0,
                 rq_fifo_time: 0,
+                fifo_in_wide_window: 0,
                 ioprio_source: IOPRIO_NONE,
                 rq_ioprio: 0,
                 rq_bio: 0,
@@ -142,6 +220,8 @@ impl KernelLayout {
                 complete: EventFields::NONE,
                 requeue: EventFields::NONE,
                 merge: EventFields::NONE,
+                bio_backmerge: EventFields::NONE,
+                bio_frontmerge: EventFields::NONE,
             },
         }
     }

@@ -8,14 +8,22 @@
 
 /// Map names.
 pub mod map {
-    /// Requests from insert to completion (`InflightKey` → `RequestRecord`).
-    pub const INFLIGHT: &str = "INFLIGHT";
-    /// Traced devices and their mq-deadline expiries.
+    /// The traced disks by slot (`device::DeviceSlot`: settings, counts, averages).
     pub const DEVICES: &str = "DEVICES";
-    /// Per-device live counts the programs keep.
-    pub const DEVICE_STATE: &str = "DEVICE_STATE";
+    /// dev_t → slot of the traced disks (`u32` → `u32`).
+    pub const DEV_SLOTS: &str = "DEV_SLOTS";
+    /// `struct request_queue *` → slot, filled by the programs (`device::QSlot`).
+    pub const QCACHE: &str = "QCACHE";
+    /// Run-time settings of the agent (`device::Control`).
+    pub const CONTROL: &str = "CONTROL";
+    /// Raw tracepoints: one entry per (device slot, scheduler tag) (`device::ReqState`).
+    pub const REQS: &str = "REQS";
+    /// Classic tracepoints: requests by (dev, sector) (`InflightKey` → `device::ReqState`).
+    pub const INFLIGHT: &str = "INFLIGHT";
     /// The observers' per-CPU counters (`Counters`).
     pub const COUNTERS: &str = "COUNTERS";
+    /// Per-device per-CPU event counts (`DeviceEvents`).
+    pub const DEVICE_EVENTS: &str = "DEVICE_EVENTS";
     /// The ring buffer of completed requests.
     pub const RECORDS: &str = "RECORDS";
     /// Model slots (see `slot`).
@@ -23,12 +31,16 @@ pub mod map {
     pub const TREE_MODELS: &str = "TREE_MODELS";
     pub const MODEL_CONTROL: &str = "MODEL_CONTROL";
     pub const SLOT_STATUS: &str = "SLOT_STATUS";
-    /// The inference stages, tail-called from insert (indices in [`super::stage`]).
+    /// The inference stage, tail-called from insert (index [`super::stage::INFER`]).
     pub const INFER: &str = "INFER";
-    /// Per-CPU scratch space of the insert path.
-    pub const SCRATCH_FEATURES: &str = "SCRATCH_FEATURES";
-    pub const SCRATCH_KEY: &str = "SCRATCH_KEY";
-    pub const SCRATCH: &str = "SCRATCH";
+    /// Per-CPU: which entry insert hands to the inference stage.
+    pub const HANDOFF: &str = "HANDOFF";
+    /// Per-CPU scratch of the classic tracepoints' insert (and of a flush's issue).
+    pub const TP_SCRATCH: &str = "TP_SCRATCH";
+    /// Per-CPU: the issue program's wide window of `struct request`.
+    pub const ISSUE_WINDOW: &str = "ISSUE_WINDOW";
+    /// The position state per device slot (`[position::QueueShape; 2]`).
+    pub const SHAPES: &str = "SHAPES";
     /// The verdict program's policy (`hook::Policy`) and counters (`hook::HookCounters`).
     pub const HOOK_POLICY: &str = "HOOK_POLICY";
     pub const HOOK_COUNTERS: &str = "HOOK_COUNTERS";
@@ -40,14 +52,19 @@ pub mod map {
         TREE_MODELS,
         SLOT_STATUS,
         COUNTERS,
+        DEVICE_EVENTS,
         DEVICES,
-        DEVICE_STATE,
+        DEV_SLOTS,
+        QCACHE,
+        CONTROL,
+        REQS,
         INFLIGHT,
         RECORDS,
         INFER,
-        SCRATCH_FEATURES,
-        SCRATCH_KEY,
-        SCRATCH,
+        HANDOFF,
+        TP_SCRATCH,
+        ISSUE_WINDOW,
+        SHAPES,
     ];
     /// The verdict program's maps (never pinned).
     pub const HOOK: &[&str] = &[HOOK_POLICY, HOOK_COUNTERS];
@@ -77,14 +94,13 @@ pub mod global {
     pub const HOOK_WRITE_FIFO: &str = "KML_HOOK_WRITE_FIFO";
 }
 
-/// Indices of the inference stages in the `INFER` program array.
+/// Indices of the inference stage in the `INFER` program array.
 pub mod stage {
-    /// Features at insert (`kml_*_features`), tail-called by the insert program.
-    pub const FEATURES: u32 = 0;
-    /// The model (`kml_*_model`), tail-called by the features stage.
-    pub const MODEL: u32 = 1;
+    /// Features and model at insert (`kml_*_infer`), tail-called by the insert
+    /// program once the request's entry is stored.
+    pub const INFER: u32 = 0;
     /// Entries of `INFER`.
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 1;
 }
 
 /// One block tracepoint and the program that handles it in each attach mode.
@@ -134,20 +150,36 @@ impl Event {
         tp: "kml_tp_rq_merge",
         raw_args: 1,
     };
+    /// `(struct bio *)`: a bio joins the back of a request already formed.
+    pub const BIO_BACKMERGE: Event = Event {
+        tracepoint: "block_bio_backmerge",
+        raw: "kml_raw_bio_backmerge",
+        tp: "kml_tp_bio_backmerge",
+        raw_args: 1,
+    };
+    /// `(struct bio *)`: a bio joins the front of a request already formed.
+    pub const BIO_FRONTMERGE: Event = Event {
+        tracepoint: "block_bio_frontmerge",
+        raw: "kml_raw_bio_frontmerge",
+        tp: "kml_tp_bio_frontmerge",
+        raw_args: 1,
+    };
 }
 
 /// The tracepoints kml observes, in the order the programs are loaded.
-pub const EVENTS: [Event; 5] = [
+pub const EVENTS: [Event; 7] = [
     Event::INSERT,
     Event::ISSUE,
     Event::COMPLETE,
     Event::REQUEUE,
     Event::MERGE,
+    Event::BIO_BACKMERGE,
+    Event::BIO_FRONTMERGE,
 ];
 
-/// The inference stages per attach mode, in [`stage`] order.
-pub const RAW_STAGES: [&str; stage::COUNT] = ["kml_raw_features", "kml_raw_model"];
-pub const TP_STAGES: [&str; stage::COUNT] = ["kml_tp_features", "kml_tp_model"];
+/// The tail-called stages per attach mode, in [`stage`] order.
+pub const RAW_STAGES: [&str; stage::COUNT] = ["kml_raw_infer"];
+pub const TP_STAGES: [&str; stage::COUNT] = ["kml_tp_infer"];
 
 /// Every program in the object.
 pub fn all_programs() -> impl Iterator<Item = &'static str> {

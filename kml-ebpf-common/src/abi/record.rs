@@ -57,7 +57,8 @@ pub struct RequestRecord {
     pub insert_ns: u64,
     /// ns when it was dispatched to the driver (`block_rq_issue`); 0 if never issued.
     pub issue_ns: u64,
-    /// ns when it completed (`block_rq_complete`).
+    /// ns when it completed (`block_rq_complete`); 0 when the completion was never
+    /// seen (counted as a stale entry: the record went out when its tag was reused).
     pub complete_ns: u64,
     /// mq-deadline's FIFO deadline: `insert_ns` + read_expire or write_expire of the
     /// device at insert time (the agent hands the expiries in from sysfs).
@@ -108,7 +109,11 @@ pub struct RequestRecord {
     pub verdict: u8,
     /// 1 when the score was within the control's `near_margin` of the limit.
     pub near_boundary: u8,
-    pub _pad: [u8; 4],
+    /// Bytes the final completion reported (`block_rq_complete`'s `nr_bytes`): more
+    /// than `nr_sectors` at insert when bios merged into the queued request later.
+    /// Classic tracepoints report what remains to complete, in sectors: the same
+    /// number for a request completed whole.
+    pub complete_bytes: u32,
     /// `jiffies` (`bpf_jiffies64`) at `block_rq_insert`: the clock mq-deadline sets
     /// the request's deadline from, read a few instructions before it does.
     pub insert_jiffies: u64,
@@ -122,6 +127,22 @@ pub struct RequestRecord {
     /// device's expiry in jiffies (HZ probed by the agent), see
     /// [`crate::label`]. 0 when unknown (then the label falls back to ns).
     pub fifo_time: u64,
+    /// The request's place in the scheduler's queue at insert
+    /// ([`crate::position::PositionFeatures`] as
+    /// [`crate::position::PositionFeatures::to_lanes`]): what the in-kernel features
+    /// were computed from. Meaningful when `known` has [`Known::POSITION`].
+    pub position: [u16; crate::position::LANES],
+    /// [`Known`] bits: which optional parts of the record were filled in.
+    pub known: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Bits of [`RequestRecord::known`].
+pub struct Known;
+
+impl Known {
+    /// `position` was computed by the programs (not a trace without those columns).
+    pub const POSITION: u8 = 1;
 }
 
 /// Values of [`RequestRecord::verdict`].
@@ -185,6 +206,24 @@ impl RequestRecord {
             self.complete_ns
         };
         dispatched > self.deadline_ns
+    }
+
+    /// The position recorded at insert, if the programs computed one.
+    pub const fn recorded_position(&self) -> Option<crate::position::PositionFeatures> {
+        if self.known & Known::POSITION != 0 {
+            Some(crate::position::PositionFeatures::from_lanes(
+                &self.position,
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// False for a flush (op flush): it is issued without passing the scheduler, so
+    /// its record has no insert (`insert_ns` = `issue_ns`) and no deadline
+    /// (`deadline_ns` = `insert_ns`); its latency is issue → complete.
+    pub const fn went_through_scheduler(&self) -> bool {
+        !matches!(self.op(), ReqOp::Flush)
     }
 
     /// Total in flight on the device at insert (both directions).
@@ -271,7 +310,7 @@ mod tests {
     fn record_layout_is_stable() {
         // The eBPF side and the host decode the same bytes: a size change must be
         // deliberate (and the ring buffer decoder checks it).
-        assert_eq!(core::mem::size_of::<RequestRecord>(), 152);
+        assert_eq!(core::mem::size_of::<RequestRecord>(), 176);
         assert_eq!(core::mem::align_of::<RequestRecord>(), 8);
         assert_eq!(core::mem::size_of::<InflightKey>(), 16);
     }

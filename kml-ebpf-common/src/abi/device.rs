@@ -1,0 +1,229 @@
+//! Where the raw tracepoint observers keep per-device and per-request state.
+//!
+//! - `DEVICES`: an array of [`DeviceSlot`]s, one per traced disk (the agent picks the
+//!   slot), holding the agent's settings and the counts and averages the programs
+//!   keep, each group on its own cache line.
+//! - `QCACHE`: a direct-mapped cache from `struct request_queue *` to the slot
+//!   ([`QSlot`], index [`qcache_index`]), so that an event costs one probe read of the
+//!   request instead of the chain request → queue → disk → major/minor.
+//! - `REQS`: an array of [`ReqState`]s indexed by device slot and scheduler tag
+//!   ([`req_index`]). A request keeps its `internal_tag` (the scheduler tag) from
+//!   allocation to completion and the tag is reused only after the request is freed,
+//!   so the index names one request at a time; the stored `rq` pointer checks it. No
+//!   hash insert or delete per request.
+//!
+//! Classic tracepoints have no request pointer: there a request is found by
+//! (dev, sector) in a hash map, as before.
+
+use crate::record::RequestRecord;
+
+/// Device slots (entries of `DEVICES`).
+pub const MAX_DEVICES: u32 = 16;
+
+/// Entries of `QCACHE` (a power of two).
+pub const QCACHE_ENTRIES: u32 = 1024;
+
+/// `DEVICES` slot value meaning "not traced" in a [`QSlot`].
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// Log2 of the per-request entries per device (`REQS` holds
+/// `MAX_DEVICES << tag_bits`, 65536 entries of 168 bytes, as many as the hash map
+/// of before held): 4096 scheduler tags (hardware queues × `nr_requests`). A
+/// request whose tag lies beyond is not followed, and counted
+/// (`untracked_requests`); the agent warns when a device can have such tags.
+pub const DEFAULT_TAG_BITS: u32 = 12;
+
+/// One traced disk. Three cache lines: the agent's settings (read by every event),
+/// what inserts write, what issues write.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceSlot {
+    // --- settings (written by the agent; read-mostly) ---
+    /// Kernel `dev_t` of the disk (`major << 20 | minor`).
+    pub dev: u32,
+    /// 1 while the device is traced.
+    pub active: u32,
+    /// mq-deadline `read_expire` / `write_expire`, ns.
+    pub read_expire_ns: u64,
+    pub write_expire_ns: u64,
+    /// The same in jiffies, for the classic tracepoint label fallback (0: unknown HZ).
+    pub read_expire_jiffies: u64,
+    pub write_expire_jiffies: u64,
+    /// Scheduler tags per hardware queue (`nr_requests`) for devices with several
+    /// hardware queues; 0 for one (then the hardware queue is not read).
+    pub hctx_stride: u32,
+    /// Sector bucket width of the position state, `position::bucket_shift_for(size)`.
+    pub bucket_shift: u32,
+    pub _pad0: [u32; 4],
+    // --- written at insert ---
+    /// ns of the last insert on the device.
+    pub last_insert_ns: u64,
+    /// Reads: requests in flight (inserted, not completed) in the low 32 bits, queued
+    /// (inserted, not issued) in the high 32 bits; one atomic add per change.
+    pub counts_read: u64,
+    pub _pad1: [u64; 6],
+    /// Writes (and every other op), the same packing, on a line of its own.
+    pub counts_write: u64,
+    pub _pad2: [u64; 7],
+    // --- written at issue ---
+    pub last_issue_ns: u64,
+    pub last_issue_end_sector: u64,
+    pub issue_gap_ewma_ns: u64,
+    pub wait_ewma_read_ns: u64,
+    pub wait_ewma_write_ns: u64,
+    pub _pad3: [u64; 3],
+}
+
+/// Adds one request to a packed count (in flight and queued).
+pub const COUNT_INSERT: u64 = (1 << 32) | 1;
+/// Moves one request from queued to in flight only (issue).
+pub const COUNT_QUEUED: u64 = 1 << 32;
+/// One request in flight.
+pub const COUNT_INFLIGHT: u64 = 1;
+
+/// `(in flight, queued)` of a packed count.
+#[inline(always)]
+pub const fn unpack_counts(v: u64) -> (u32, u32) {
+    (v as u32, (v >> 32) as u32)
+}
+
+/// The `QCACHE` entry of a request queue: `q` → `slot` (or [`NO_SLOT`]) of device
+/// `dev`, valid while `epoch` is the control's (negative entries) or the slot still
+/// holds `dev` (positive ones).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QSlot {
+    pub q: u64,
+    pub slot: u32,
+    pub dev: u32,
+    pub epoch: u32,
+    pub _pad: u32,
+}
+
+/// Agent → programs settings that change at run time (`CONTROL[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    /// Bumped by the agent whenever the traced set changes: cached "not traced"
+    /// answers from before are void.
+    pub epoch: u32,
+    pub _pad: u32,
+}
+
+/// `QCACHE` index of a request queue pointer (Fibonacci hashing).
+#[inline(always)]
+pub const fn qcache_index(q: u64) -> u32 {
+    (q.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as u32 & (QCACHE_ENTRIES - 1)
+}
+
+/// Index in `REQS` of a request: device slot, hardware queue number and scheduler
+/// tag; `None` for a tag beyond the device's share (not followed, counted).
+#[inline(always)]
+pub const fn req_index(
+    slot: u32,
+    tag_bits: u32,
+    hctx: u32,
+    hctx_stride: u32,
+    tag: u32,
+) -> Option<u32> {
+    let within = hctx.wrapping_mul(hctx_stride).wrapping_add(tag);
+    if within >= 1 << tag_bits {
+        None
+    } else {
+        Some((slot << tag_bits) | within)
+    }
+}
+
+/// One request in `REQS` (raw tracepoints) or the in-flight hash (classic ones).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReqState {
+    /// The `struct request *` the entry belongs to; 0: free. Classic tracepoints: 1
+    /// while in use (the key names the request).
+    pub rq: u64,
+    /// Where the request is: free, queued, issued, requeued, or a bypass (a flush:
+    /// never in the scheduler). The programs' own bookkeeping.
+    pub phase: u32,
+    /// The device slot.
+    pub slot: u32,
+    /// [`ReqState::SHAPED`]: the request is counted in its direction's position
+    /// state (`SHAPES`) and must leave it when it leaves the queue.
+    pub flags: u32,
+    pub _pad: u32,
+    /// What will be the record.
+    pub rec: RequestRecord,
+}
+
+impl ReqState {
+    pub const SHAPED: u32 = 1;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: repr(C), integers only, explicit padding.
+    unsafe impl aya::Pod for super::DeviceSlot {}
+    unsafe impl aya::Pod for super::QSlot {}
+    unsafe impl aya::Pod for super::Control {}
+    unsafe impl aya::Pod for super::ReqState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn device_slot_lines() {
+        assert_eq!(size_of::<DeviceSlot>(), 256);
+        assert_eq!(offset_of!(DeviceSlot, last_insert_ns), 64);
+        assert_eq!(offset_of!(DeviceSlot, counts_write), 128);
+        assert_eq!(offset_of!(DeviceSlot, last_issue_ns), 192);
+        assert_eq!(size_of::<QSlot>(), 24);
+    }
+
+    #[test]
+    fn packed_counts() {
+        let mut v = 0u64;
+        v = v.wrapping_add(COUNT_INSERT).wrapping_add(COUNT_INSERT);
+        assert_eq!(unpack_counts(v), (2, 2));
+        v = v.wrapping_sub(COUNT_QUEUED);
+        assert_eq!(unpack_counts(v), (2, 1));
+        v = v.wrapping_sub(COUNT_INFLIGHT);
+        assert_eq!(unpack_counts(v), (1, 1));
+        v = v.wrapping_sub(COUNT_INSERT);
+        assert_eq!(v, 0);
+    }
+
+    #[test]
+    fn request_index() {
+        assert_eq!(req_index(0, 12, 0, 0, 5), Some(5));
+        assert_eq!(req_index(3, 12, 0, 0, 4095), Some(3 << 12 | 4095));
+        assert_eq!(req_index(3, 12, 1, 256, 5), Some(3 << 12 | 261));
+        // Beyond the device's share: not followed.
+        assert_eq!(req_index(3, 12, 16, 256, 5), None);
+        assert_eq!(req_index(3, 12, 0, 0, 4096), None);
+        // A tag of -1 (no tag) reads as u32::MAX.
+        assert_eq!(req_index(3, 12, 0, 0, u32::MAX), None);
+        assert_eq!(
+            req_index(MAX_DEVICES - 1, 12, 0, 0, 4095),
+            Some((MAX_DEVICES << 12) - 1)
+        );
+    }
+
+    #[test]
+    fn qcache_spreads_and_stays_in_range() {
+        let mut seen = [false; QCACHE_ENTRIES as usize];
+        let mut distinct = 0;
+        for i in 0..64u64 {
+            // request_queue structs: kmalloc'd, 8-aligned, a few KiB apart.
+            let q = 0xffff_8880_1234_0000 + i * 0x1800;
+            let k = qcache_index(q) as usize;
+            assert!(k < QCACHE_ENTRIES as usize);
+            if !seen[k] {
+                seen[k] = true;
+                distinct += 1;
+            }
+        }
+        assert!(distinct >= 60, "{distinct}");
+    }
+}

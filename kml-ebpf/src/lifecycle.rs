@@ -1,0 +1,598 @@
+//! What happens to a request, whatever the attach mode: the entry is found by the
+//! mode's own code (raw_tp.rs: by device slot and scheduler tag; tp.rs: by
+//! (dev, sector)) and handed in here.
+//!
+//! An entry goes QUEUED (inserted) → ISSUED → freed at completion, with REQUEUED
+//! (back in the scheduler after a requeue) on the side; a flush, which never passes
+//! the scheduler, starts at its issue as BYPASS. Every event on a traced device that
+//! finds no entry is counted for what it is.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{bpf_jiffies64, bpf_ringbuf_query},
+    },
+    EbpfContext,
+};
+use kml_ebpf_common::{
+    abi::names::stage,
+    device::{unpack_counts, DeviceSlot, ReqState, COUNT_INFLIGHT, COUNT_INSERT, COUNT_QUEUED},
+    label::fifo_time_fallback,
+    layout::ablate,
+    op::{Direction, ReqOp},
+    record::ewma_step,
+    record::Known,
+    Counter, Counters, RequestRecord, Verdict,
+};
+
+use crate::maps::{
+    add, count, counters, device_event, fetch_add, layout, load, sub, Handoff, DEVICES, HANDOFF,
+    INFER, MODEL_CONTROL, RECORDS, SHAPES,
+};
+
+/// Where an entry is in its life (`ReqState::phase`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Phase {
+    Free = 0,
+    Queued = 1,
+    Issued = 2,
+    Requeued = 3,
+    Bypass = 4,
+}
+
+/// What every event knows of a request, whatever the attach mode.
+pub struct Req {
+    pub sector: u64,
+    pub nr_sectors: u32,
+    pub op: ReqOp,
+    pub flags: u8,
+    pub ioprio: u16,
+}
+
+#[inline(always)]
+fn counts_of(s: *mut DeviceSlot, dir: Direction) -> *mut u64 {
+    unsafe {
+        match dir {
+            Direction::Read => &raw mut (*s).counts_read,
+            Direction::Write => &raw mut (*s).counts_write,
+        }
+    }
+}
+
+/// What the entry still holds in the device counts, by phase.
+#[inline(always)]
+fn held(phase: u32) -> u64 {
+    match phase {
+        p if p == Phase::Queued as u32 || p == Phase::Requeued as u32 => COUNT_INSERT,
+        p if p == Phase::Issued as u32 => COUNT_INFLIGHT,
+        _ => 0,
+    }
+}
+
+/// Gives back what an entry holds in its device's counts.
+#[inline(always)]
+pub fn release(s: *mut DeviceSlot, e: *mut ReqState) {
+    let (phase, op) = unsafe { ((*e).phase, (*e).rec.op) };
+    let h = held(phase);
+    if h != 0 {
+        sub(counts_of(s, ReqOp::from_u8(op).direction()), h);
+    }
+}
+
+/// `block_rq_insert` of a traced device. `owner` identifies the request in the
+/// entry (its `struct request *`; 1 in classic tracepoint mode, where the key does).
+/// Returns true when the entry is new and scored by the inference stage (the
+/// caller has then set up the hand-off).
+#[inline(always)]
+pub fn on_insert(
+    s: *mut DeviceSlot,
+    slot: u32,
+    e: *mut ReqState,
+    owner: u64,
+    dev: u32,
+    r: &Req,
+) -> bool {
+    let c = counters();
+    bump(c, Counter::Inserts);
+    device_event(slot, |d| d.inserts += 1);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let jiffies = unsafe { bpf_jiffies64() };
+    let dir = r.op.direction();
+    let (expire, expire_jiffies) = unsafe {
+        match dir {
+            Direction::Read => ((*s).read_expire_ns, (*s).read_expire_jiffies),
+            Direction::Write => ((*s).write_expire_ns, (*s).write_expire_jiffies),
+        }
+    };
+    // The scheduler's deadline: raw tracepoints read `rq->fifo_time` at issue (it
+    // is set after this tracepoint); classic tracepoints compute what the scheduler
+    // computes (see kml_ebpf_common::label).
+    let fifo_time = if crate::tp::enabled() {
+        fifo_time_fallback(jiffies, expire_jiffies)
+    } else {
+        0
+    };
+
+    let (old_owner, old_phase) = unsafe { ((*e).rq, (*e).phase) };
+    if old_owner == owner && old_phase == Phase::Requeued as u32 {
+        // Requeued and inserted again: mq-deadline gives it a fresh deadline (the
+        // requeue put it back in the queued count).
+        bump(c, Counter::Reinserts);
+        unsafe {
+            (*e).phase = Phase::Queued as u32;
+            (*e).rec.insert_ns = now;
+            (*e).rec.deadline_ns = now + expire;
+            (*e).rec.insert_jiffies = jiffies;
+            (*e).rec.fifo_time = fifo_time;
+            // The verdict was for the first insert's features and deadline: no
+            // verdict now (neither the hook nor the live confusion matrix may use
+            // it against the new deadline).
+            (*e).rec.verdict = Verdict::NONE;
+        }
+        return false;
+    }
+    if old_owner != 0 {
+        stale(c, s, slot, e);
+    }
+
+    let counts = counts_of(s, dir);
+    let other = counts_of(
+        s,
+        match dir {
+            Direction::Read => Direction::Write,
+            Direction::Write => Direction::Read,
+        },
+    );
+    // The others (the add returns the counts before this request).
+    let (inflight_same, queued_same) = unpack_counts(fetch_add(counts, COUNT_INSERT));
+    let (inflight_other, queued_other) = unpack_counts(load(other));
+    let (inflight_read, inflight_write, queued_read, queued_write, dir_wait) = unsafe {
+        match dir {
+            Direction::Read => (
+                inflight_same,
+                inflight_other,
+                queued_same,
+                queued_other,
+                (*s).wait_ewma_read_ns,
+            ),
+            Direction::Write => (
+                inflight_other,
+                inflight_same,
+                queued_other,
+                queued_same,
+                (*s).wait_ewma_write_ns,
+            ),
+        }
+    };
+    // Racy across CPUs by design: these are features, not accounting.
+    let (since_last, distance, issue_gap) = unsafe {
+        let last = (*s).last_insert_ns;
+        (*s).last_insert_ns = now;
+        let end = (*s).last_issue_end_sector;
+        (
+            if last != 0 && now > last {
+                now - last
+            } else {
+                0
+            },
+            if r.sector > end {
+                r.sector - end
+            } else {
+                end - r.sector
+            },
+            (*s).issue_gap_ewma_ns,
+        )
+    };
+    unsafe {
+        (*e).rq = owner;
+        (*e).phase = Phase::Queued as u32;
+        (*e).slot = slot;
+        (*e).flags = 0;
+        (*e).rec = RequestRecord {
+            sector: r.sector,
+            insert_ns: now,
+            issue_ns: 0,
+            complete_ns: 0,
+            deadline_ns: now + expire,
+            since_last_insert_ns: since_last,
+            issue_distance: distance,
+            dir_wait_ewma_ns: dir_wait,
+            issue_gap_ewma_ns: issue_gap,
+            score: 0,
+            dev,
+            nr_sectors: r.nr_sectors,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            error: 0,
+            inflight_read,
+            inflight_write,
+            queued_read,
+            queued_write,
+            model_version: 0,
+            requeues: 0,
+            ioprio: r.ioprio,
+            op: r.op as u8,
+            flags: r.flags,
+            verdict: Verdict::NONE,
+            near_boundary: 0,
+            complete_bytes: 0,
+            insert_jiffies: jiffies,
+            issue_jiffies: 0,
+            fifo_time,
+            position: [0; kml_ebpf_common::position::LANES],
+            known: 0,
+            _pad: [0; 7],
+        };
+    }
+    bump(c, Counter::InflightAdded);
+    position_on() || model_active()
+}
+
+/// Whether the inference stage takes each new request's position
+/// ([`shape_insert`]): then insert hands every new entry to it, model or not.
+#[inline(always)]
+pub fn position_on() -> bool {
+    kml_ebpf_common::position::KERNEL_COMPUTES_POSITION
+        && layout!(ablate) & ablate::PROBE_NO_POSITION == 0
+}
+
+/// The request's place in its direction's queue (`SHAPES`), taken before it
+/// joins, into the entry; then it joins. Run by the inference stage before it
+/// reads the entry. Switched off ([`position_on`]): the verifier does not accept
+/// the walk yet. Inlined into insert, inside the inference stage, and as a
+/// stage of its own, it processed over a million instructions ("BPF program is
+/// too large") on Linux 6.18; see the issue 14 notes.
+#[inline(always)]
+pub fn shape_insert(e: *mut ReqState) {
+    if !position_on() {
+        return;
+    }
+    let (slot, op, sector, now, budget) = unsafe {
+        (
+            (*e).slot,
+            (*e).rec.op,
+            (*e).rec.sector,
+            (*e).rec.insert_ns,
+            (*e).rec.deadline_ns.saturating_sub((*e).rec.insert_ns),
+        )
+    };
+    let Some(s) = DEVICES.get_ptr_mut(slot) else {
+        return;
+    };
+    let Some(shapes) = SHAPES.get_ptr_mut(slot) else {
+        return;
+    };
+    let dir = ReqOp::from_u8(op).direction();
+    let Some(q) = (unsafe { (*shapes).get_mut(dir as usize) }) else {
+        return;
+    };
+    let shift = unsafe { (*s).bucket_shift };
+    unsafe {
+        let p = q.position(sector, shift, now, budget);
+        q.on_insert(sector, shift, now, budget);
+        (*e).rec.position = p.to_lanes();
+        (*e).rec.known |= Known::POSITION;
+        (*e).flags |= ReqState::SHAPED;
+    }
+}
+
+/// The request leaves its direction's queue (dispatched, merged away, or found
+/// stale): out of `SHAPES`, with the values it joined with.
+#[inline(always)]
+fn shape_remove(s: *mut DeviceSlot, e: *mut ReqState) {
+    if !position_on() || unsafe { (*e).flags } & ReqState::SHAPED == 0 {
+        return;
+    }
+    unsafe { (*e).flags &= !ReqState::SHAPED };
+    let (slot, sector, insert_ns, budget, op) = unsafe {
+        (
+            (*e).slot,
+            (*e).rec.sector,
+            (*e).rec.insert_ns,
+            (*e).rec.deadline_ns.saturating_sub((*e).rec.insert_ns),
+            (*e).rec.op,
+        )
+    };
+    let Some(shapes) = SHAPES.get_ptr_mut(slot) else {
+        return;
+    };
+    let dir = ReqOp::from_u8(op).direction() as usize;
+    if let Some(q) = unsafe { (*shapes).get_mut(dir) } {
+        q.on_remove(sector, unsafe { (*s).bucket_shift }, insert_ns, budget);
+    }
+}
+
+/// The entry of an earlier request under this tag (or key) is still there when a
+/// new request takes it: the earlier one's completion was never seen (the kernel
+/// did not run the completion program for it: measured at 0.01–0.02% of the
+/// completions under deep random reads, for bpftrace's programs as well, see the
+/// issue 14 notes). Its record goes out now, with `complete_ns` 0 ("completion not
+/// seen"): insert, issue, the deadline and the label are known. An entry never
+/// issued carries no label and is only counted.
+#[inline(always)]
+fn stale(c: Option<*mut Counters>, s: *mut DeviceSlot, slot: u32, e: *mut ReqState) {
+    bump(c, Counter::StaleEntries);
+    device_event(slot, |d| d.stale_entries += 1);
+    let phase = unsafe { (*e).phase };
+    if phase == Phase::Queued as u32 {
+        bump(c, Counter::StaleNeverIssued);
+    }
+    shape_remove(s, e);
+    release(s, e);
+    bump(c, Counter::InflightRemoved);
+    if phase == Phase::Issued as u32 || phase == Phase::Bypass as u32 {
+        unsafe {
+            (*e).rec.complete_ns = 0;
+            emit(c, slot, &raw const (*e).rec);
+        }
+    }
+}
+
+/// Hands the new entry to the inference stage (a tail call: does not return when
+/// it succeeds). `fill` names the entry in the hand-off.
+#[inline(always)]
+pub fn infer<C: EbpfContext>(ctx: &C, fill: impl FnOnce(&mut Handoff)) {
+    let Some(h) = HANDOFF.get_ptr_mut(0) else {
+        return count(Counter::ModelRejects);
+    };
+    fill(unsafe { &mut *h });
+    unsafe { INFER.tail_call(ctx, stage::INFER) };
+    count(Counter::ModelRejects);
+}
+
+#[inline(always)]
+fn model_active() -> bool {
+    match MODEL_CONTROL.get_ptr(0) {
+        Some(c) => unsafe { core::ptr::read_volatile(&raw const (*c).kind) != 0 },
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn bump(c: Option<*mut Counters>, k: Counter) {
+    if let Some(p) = c {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *(*p).slot(k) += 1 };
+    }
+}
+
+/// `block_rq_issue` of a request with an entry (`e` checked by the caller).
+/// `fifo_time` (the scheduler's deadline; raw tracepoints) and `end_sector` (the
+/// extent as dispatched) are read only here.
+#[inline(always)]
+pub fn on_issue(
+    s: *mut DeviceSlot,
+    e: *mut ReqState,
+    fifo_time: impl FnOnce() -> Option<u64>,
+    end_sector: u64,
+) {
+    count(Counter::Issues);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let jiffies = unsafe { bpf_jiffies64() };
+    unsafe {
+        let phase = (*e).phase;
+        if phase == Phase::Issued as u32 || phase == Phase::Bypass as u32 {
+            // Dispatched twice without a requeue seen: keep the first dispatch.
+            return;
+        }
+        let dir = ReqOp::from_u8((*e).rec.op).direction();
+        shape_remove(s, e);
+        (*e).phase = Phase::Issued as u32;
+        (*e).rec.issue_ns = now;
+        (*e).rec.issue_jiffies = jiffies;
+        if let Some(t) = fifo_time() {
+            (*e).rec.fifo_time = t;
+        }
+        sub(counts_of(s, dir), COUNT_QUEUED);
+        // How long this direction's queue makes requests wait, and how fast the
+        // device drains: features of the next inserts.
+        let wait = now.saturating_sub((*e).rec.insert_ns);
+        match dir {
+            Direction::Read => (*s).wait_ewma_read_ns = ewma_step((*s).wait_ewma_read_ns, wait),
+            Direction::Write => (*s).wait_ewma_write_ns = ewma_step((*s).wait_ewma_write_ns, wait),
+        }
+        let last = (*s).last_issue_ns;
+        if last != 0 && now > last {
+            (*s).issue_gap_ewma_ns = ewma_step((*s).issue_gap_ewma_ns, now - last);
+        }
+        (*s).last_issue_ns = now;
+        (*s).last_issue_end_sector = end_sector;
+    }
+}
+
+/// `block_rq_issue` of a flush on a traced device: a record of its own starts
+/// here (it never passed the scheduler: no insert, no deadline). `e` is free or
+/// holds a stale entry.
+#[inline(always)]
+pub fn on_flush_issue(s: *mut DeviceSlot, slot: u32, e: *mut ReqState, owner: u64, dev: u32) {
+    let c = counters();
+    bump(c, Counter::Issues);
+    bump(c, Counter::Flushes);
+    device_event(slot, |d| d.flushes += 1);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let jiffies = unsafe { bpf_jiffies64() };
+    if unsafe { (*e).rq } != 0 {
+        stale(c, s, slot, e);
+    }
+    unsafe {
+        (*e).rq = owner;
+        (*e).phase = Phase::Bypass as u32;
+        (*e).slot = slot;
+        (*e).flags = 0;
+        (*e).rec = RequestRecord {
+            insert_ns: now,
+            issue_ns: now,
+            deadline_ns: now,
+            dev,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            op: ReqOp::Flush as u8,
+            insert_jiffies: jiffies,
+            issue_jiffies: jiffies,
+            ..RequestRecord::default()
+        };
+    }
+    bump(c, Counter::InflightAdded);
+}
+
+/// `block_rq_requeue` of a request with an entry.
+#[inline(always)]
+pub fn on_requeue(s: *mut DeviceSlot, e: *mut ReqState) {
+    count(Counter::Requeues);
+    unsafe {
+        (*e).rec.requeues = (*e).rec.requeues.saturating_add(1);
+        if (*e).phase == Phase::Issued as u32 {
+            // Back in the scheduler: queued again until the next issue.
+            (*e).phase = Phase::Requeued as u32;
+            (*e).rec.issue_ns = 0;
+            (*e).rec.issue_jiffies = 0;
+            add(
+                counts_of(s, ReqOp::from_u8((*e).rec.op).direction()),
+                COUNT_QUEUED,
+            );
+        }
+    }
+}
+
+/// `block_rq_merge`: a queued request merged into another is freed without
+/// completing.
+#[inline(always)]
+pub fn on_merge(s: *mut DeviceSlot, slot: u32, e: *mut ReqState) {
+    let c = counters();
+    bump(c, Counter::Merges);
+    device_event(slot, |d| d.rq_merges += 1);
+    shape_remove(s, e);
+    release(s, e);
+    unsafe { (*e).rq = 0 };
+    unsafe { (*e).phase = Phase::Free as u32 };
+    bump(c, Counter::InflightRemoved);
+}
+
+/// `block_rq_merge` of a request without an entry: merged as it was being
+/// inserted (`blk_mq_sched_try_insert_merge`, before the insert event).
+#[inline(always)]
+pub fn on_merge_before_insert(slot: u32) {
+    let c = counters();
+    bump(c, Counter::Merges);
+    bump(c, Counter::MergesAtInsert);
+    device_event(slot, |d| d.rq_merges += 1);
+}
+
+/// `block_rq_complete` of a request with an entry, whole (the caller has told a
+/// partial completion apart).
+#[inline(always)]
+pub fn on_complete(s: *mut DeviceSlot, slot: u32, e: *mut ReqState, error: i32, bytes: u32) {
+    let c = counters();
+    bump(c, Counter::Completions);
+    let now = unsafe { bpf_ktime_get_ns() };
+    shape_remove(s, e);
+    release(s, e);
+    unsafe {
+        (*e).rec.complete_ns = now;
+        (*e).rec.error = error;
+        (*e).rec.complete_bytes = bytes;
+        if (*e).phase != Phase::Bypass as u32 {
+            // Shadow mode: the verdict given at insert against what happened.
+            let missed = (*e).rec.deadline_missed();
+            match ((*e).rec.verdict, missed) {
+                (Verdict::AT_RISK, true) => bump(c, Counter::TrueMiss),
+                (Verdict::AT_RISK, false) => bump(c, Counter::FalseMiss),
+                (Verdict::MEETS, false) => bump(c, Counter::TrueMet),
+                (Verdict::MEETS, true) => bump(c, Counter::FalseMet),
+                _ => {}
+            }
+        }
+        emit(c, slot, &raw const (*e).rec);
+        (*e).rq = 0;
+        (*e).phase = Phase::Free as u32;
+    }
+    bump(c, Counter::InflightRemoved);
+}
+
+/// One finished request into the ring buffer.
+#[inline(always)]
+unsafe fn emit(c: Option<*mut Counters>, slot: u32, rec: *const RequestRecord) {
+    let Some(c) = c else { return };
+    // The per-CPU record count: this CPU's records in sequence.
+    let seq = unsafe { (*c).records };
+    let sample_fill = layout!(sample_fill_bytes) as u64;
+    if layout!(ablate) & ablate::WAKE_BY_QUERY != 0 {
+        return unsafe { emit_by_query(c, slot, rec) };
+    }
+    if layout!(ablate) & ablate::PROBE_NO_RING != 0 {
+        unsafe { (*c).sampled_out += 1 };
+        return;
+    }
+    if layout!(ablate) & ablate::PROBE_RECORD_64 != 0 {
+        if let Some(mut entry) = RECORDS.reserve_untyped::<[u8; 64]>(0) {
+            unsafe {
+                core::ptr::copy_nonoverlapping(rec.cast::<[u8; 64]>(), entry.as_mut_ptr(), 1)
+            };
+            entry.submit(BPF_RB_NO_WAKEUP as u64);
+            unsafe { (*c).records += 1 };
+        }
+        return;
+    }
+    if sample_fill != 0 && unsafe { (*rec).verdict } != Verdict::NONE {
+        // Under pressure (drop mode) keep what the model is unsure of: the records
+        // that teach it most. A record without a verdict is always kept.
+        let waiting = unsafe {
+            bpf_ringbuf_query(
+                (&raw const RECORDS).cast_mut().cast(),
+                BPF_RB_AVAIL_DATA as u64,
+            )
+        };
+        if waiting >= sample_fill && unsafe { (*rec).near_boundary } == 0 {
+            unsafe { (*c).sampled_out += 1 };
+            return;
+        }
+    }
+    // Waking the agent per record costs more than the record: one record in
+    // `wake_mask + 1` of this CPU's forces it, the others wake nobody (its poll
+    // timer collects them). No mask, no threshold: the ring's default.
+    let mask = layout!(wake_mask) as u64;
+    let flags = if mask == 0 && layout!(wakeup_bytes) == 0 {
+        0
+    } else if seq & mask == 0 {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    unsafe { submit(c, slot, rec, flags) };
+}
+
+/// The record into the ring (one copy), counted; a full ring drops it, counted.
+#[inline(always)]
+unsafe fn submit(c: *mut Counters, slot: u32, rec: *const RequestRecord, flags: u64) {
+    match RECORDS.reserve(0) {
+        Some(mut entry) => {
+            unsafe { core::ptr::copy_nonoverlapping(rec, entry.as_mut_ptr(), 1) };
+            entry.submit(flags);
+            unsafe { (*c).records += 1 };
+            device_event(slot, |d| d.records += 1);
+        }
+        None => unsafe { (*c).ring_full_drops += 1 },
+    }
+}
+
+/// Measurement only (`ablate::WAKE_BY_QUERY`): the emit of the observer before
+/// issue 14, a ring query per record and a forced wake-up on every record while
+/// `wakeup_bytes` or more wait.
+#[inline(never)]
+unsafe fn emit_by_query(c: *mut Counters, slot: u32, rec: *const RequestRecord) {
+    let wakeup_bytes = layout!(wakeup_bytes) as u64;
+    let waiting = unsafe {
+        bpf_ringbuf_query(
+            (&raw const RECORDS).cast_mut().cast(),
+            BPF_RB_AVAIL_DATA as u64,
+        )
+    };
+    let flags = if wakeup_bytes == 0 {
+        0
+    } else if waiting >= wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    unsafe { submit(c, slot, rec, flags) };
+}
