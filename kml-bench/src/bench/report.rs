@@ -409,31 +409,39 @@ pub fn splice_overhead(ctx: &Ctx) -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
-/// `text` with its lines that start with `prefix` replaced by `rows`, put where the
-/// first of them was (or after the summary table's header when there was none).
+/// `text` with the lines of its first summary table (the one under the first
+/// `| headline |` header) that start with `prefix` replaced by `rows`, put where the
+/// first of them was (or right under the header when there was none). Only that
+/// table: the sub-reports included further down have summary tables of their own
+/// whose rows start the same way, and they stay as they were.
 fn splice_rows(text: &str, prefix: &str, rows: &[&str]) -> String {
-    let mut out = Vec::new();
-    let mut placed = false;
     let lines: Vec<&str> = text.lines().collect();
-    let anchor = lines
-        .iter()
-        .position(|l| l.starts_with(prefix))
-        .or_else(|| {
-            lines
+    let header = lines.iter().position(|l| l.starts_with("| headline |"));
+    let (table_start, table_end) = match header {
+        Some(h) => {
+            let body = (h + 2).min(lines.len());
+            let end = lines[body..]
                 .iter()
-                .position(|l| l.starts_with("| headline |"))
-                .map(|i| i + 2)
-        });
-    for (i, l) in lines.iter().enumerate() {
-        if Some(i) == anchor && !placed {
-            out.extend(rows.iter().copied());
-            placed = true;
+                .position(|l| !l.starts_with('|'))
+                .map_or(lines.len(), |n| body + n);
+            (body, end)
         }
-        if !l.starts_with(prefix) {
+        None => (lines.len(), lines.len()),
+    };
+    let in_table = |i: usize| (table_start..table_end).contains(&i);
+    let anchor = (table_start..table_end)
+        .find(|&i| lines[i].starts_with(prefix))
+        .unwrap_or(table_start);
+    let mut out = Vec::with_capacity(lines.len() + rows.len());
+    for (i, l) in lines.iter().enumerate() {
+        if i == anchor {
+            out.extend(rows.iter().copied());
+        }
+        if !(in_table(i) && l.starts_with(prefix)) {
             out.push(l);
         }
     }
-    if !placed {
+    if anchor >= lines.len() {
         out.extend(rows.iter().copied());
     }
     let mut s = out.join("\n");
@@ -1203,6 +1211,12 @@ mod tests {
         assert_eq!(
             splice_rows(none, "| observer", &["| observer c | x | 9 |"]),
             "| headline | goal | measured |\n| --- | --- | --- |\n| observer c | x | 9 |\n| training | y | 3 |\n"
+        );
+        // A sub-report's own summary table further down keeps its rows.
+        let included = "| headline | goal | measured |\n| --- | --- | --- |\n| observer a | x | 1 |\n\n## 1. Observer overhead\n\n#### Summary\n\n| headline | goal | measured |\n| --- | --- | --- |\n| observer a | x | 1 |\n";
+        assert_eq!(
+            splice_rows(included, "| observer", &["| observer c | x | 9 |"]),
+            "| headline | goal | measured |\n| --- | --- | --- |\n| observer c | x | 9 |\n\n## 1. Observer overhead\n\n#### Summary\n\n| headline | goal | measured |\n| --- | --- | --- |\n| observer a | x | 1 |\n"
         );
         let doc = "# o\n\n## Summary\n\n| headline | goal | measured |\n| --- | --- | --- |\n| observer overhead: x | ≥ 0.95 | 0.9 |\n\n| arm | x |\n| observer-ish | no |\n";
         assert_eq!(
