@@ -31,6 +31,12 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 
+    /// Uniform in `0..n` (n > 0); the modulo bias is at most n / 2^64, below
+    /// 2^-40 for any n under 2^24 (the bootstrap's cycle counts, a trace's rows).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64

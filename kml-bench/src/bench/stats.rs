@@ -37,24 +37,8 @@ pub const LEVEL: f64 = 0.95;
 /// Fixed seed: reruns of the analysis give the same intervals.
 pub const SEED: u64 = 0x6b6d_6c2d_6265_6e63;
 
-/// splitmix64: small, deterministic, good enough to draw indices.
-#[derive(Clone, Debug)]
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0); the modulo bias is below 2^-40 for the n used here.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+// The bootstrap's index generator: kml-learn's deterministic splitmix64.
+use kml_learn::synthetic::SplitMix;
 
 /// `q`-quantile of sorted values by linear interpolation.
 pub fn quantile_sorted(sorted: &[f64], q: f64) -> Option<f64> {
