@@ -20,8 +20,9 @@ pub struct RunArgs {
     #[arg(long, value_parser = super::parse_duration)]
     pub duration: Option<Duration>,
     /// Model to start from: a model file, a shipped name (`logistic` for
-    /// models/logistic.json), `auto` (the shipped model with the best held-back
-    /// balanced accuracy) or `none` (observe, and learn from the first records).
+    /// models/logistic.json), `auto` (the shipped model that fits these disks
+    /// with the best held-back balanced accuracy: a model made for another disk
+    /// never competes) or `none` (observe, and learn from the first records).
     #[arg(long, default_value = "none")]
     pub model: String,
     /// Retrain on the sliding window this often; 0 turns online learning off.
