@@ -443,9 +443,15 @@ fn concurrency_is_accounted(mode: AttachMode) -> Result<()> {
         "{} records: {missed} dispatched after the scheduler's deadline, {missed_ns} by the ns estimate",
         records.len()
     );
+    // Requests wait past their expiry under 256 in flight on any machine measured
+    // (ns estimate: 95 in the quietest run, 338-1,129 in others), but the
+    // scheduler's own label needs a wait across a jiffy boundary past fifo_time
+    // (> 4 ms at HZ=250): 0 in one quiet run of 6, 164-829 in the others.
+    // So the wait is asserted, and the label's count reported beside it.
     ensure!(
-        missed > 0,
-        "no request missed a {read_expire:?} deadline under 256 in flight"
+        missed_ns > 0,
+        "no request waited past its {read_expire:?} expiry under 256 in flight \
+         ({missed} past the scheduler's fifo_time)"
     );
     Ok(())
 }
