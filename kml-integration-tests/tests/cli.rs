@@ -184,9 +184,13 @@ fn record_cli_writes_what_was_issued() -> Result<()> {
         &losses,
     )?;
     let me = std::process::id();
-    let ours: Vec<Issued> = on_dev
-        .iter()
-        .filter(|r| r.pid == me)
+    // In insert order: a request whose completion the program never saw (a
+    // counted stale entry) gets its row when its scheduler tag comes back, after
+    // rows of requests issued later.
+    let mut mine: Vec<_> = on_dev.iter().filter(|r| r.pid == me).collect();
+    mine.sort_by_key(|r| r.insert_ns);
+    let ours: Vec<Issued> = mine
+        .into_iter()
         .map(|r| Issued {
             op: r.op(),
             sector: r.sector,
