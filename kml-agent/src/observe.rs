@@ -61,6 +61,10 @@ pub struct ObserverConfig {
     /// globals are set at load; `act::hook::attach` attaches it). Raw
     /// tracepoint mode only: the program finds the model's verdict by `struct request *`.
     pub hook: Option<HookGlobals>,
+    /// Record every request's position in the queue, model or not (by default
+    /// the programs keep the position state only while a model is active; the
+    /// host replays positions from the records for training).
+    pub position_always: bool,
 }
 
 impl ObserverConfig {
@@ -72,6 +76,7 @@ impl ObserverConfig {
             poll_interval: Duration::from_millis(50),
             sample_fill_bytes: None,
             hook: None,
+            position_always: false,
         }
     }
 }
@@ -281,6 +286,7 @@ fn load_object(
         config.mode,
         config.wakeup_bytes,
         config.sample_fill_bytes.unwrap_or(0),
+        config.position_always,
     )?;
     if config.hook.is_some() && config.mode != AttachMode::RawTracepoint {
         anyhow::bail!(

@@ -11,6 +11,9 @@
 //! for `bpfel-unknown-none` (the kernel side) and for the host. The `user` feature
 //! adds the host-only trait impls (`aya::Pod`) and the trace format.
 #![no_std]
+// The kernel side's 32-bit atomic add (position.rs): the BPF target has no AtomicU32.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(feature = "clap")]
 extern crate std;

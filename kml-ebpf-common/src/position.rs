@@ -30,22 +30,23 @@
 //! of the I/O, or an update lost to a race between CPUs, leaves the state a little
 //! off, never invalid).
 
-use crate::logscale::{bit_length, log_ratio_8, LOG_RATIO_MAX};
+#[cfg(test)]
+use crate::logscale::log_ratio_8;
+use crate::logscale::{bit_length, log2_8, LOG_RATIO_MAX, LOG_RATIO_ONE};
 
 /// Whether kml-ebpf keeps [`QueueShape`] and fills the position lanes of the
-/// feature vector at insert. Until it does, the kernel computes
-/// [`PositionFeatures::UNKNOWN`] there, so a model that uses a position feature is
-/// refused at install (its kernel verdicts would not be the ones it was judged on),
-/// and the default feature sets leave them out. Whoever wires the state into the
-/// insert path sets this to `true` in the same commit.
+/// feature vector at insert (`lifecycle::shape_insert` in the inference stage,
+/// while a model is active or when the agent asks for every request's position).
+/// While it is false the kernel computes [`PositionFeatures::UNKNOWN`] there, so a
+/// model that uses a position feature is refused at install.
 ///
-/// The wiring is in kml-ebpf (`SHAPES`, `lifecycle::shape_insert` in the
-/// inference stage, the position lanes of the record, which the host reads back
-/// with `RequestRecord::recorded_position`), but the verifier of Linux 6.18 does not
-/// accept [`QueueShape::position`] yet: inlined into the insert program, inside
-/// the inference stage, and as a tail-called stage of its own, it gave up after
-/// a million instructions processed. Off until it verifies.
-pub const KERNEL_COMPUTES_POSITION: bool = false;
+/// The verifier of Linux 6.18 accepts [`QueueShape::position`] because it is
+/// branch-free end to end, with selects by multiplication: a branch whose result
+/// a later compare reads, or an AND with a value in [-1, 0] (the verifier splits
+/// its state on those), doubled the paths per step, and the stage gave up after a
+/// million instructions processed. Now it verifies in about 310,000 (the whole
+/// inference stage, features and model included).
+pub const KERNEL_COMPUTES_POSITION: bool = true;
 
 /// Sector buckets per direction.
 pub const SECTOR_BUCKETS: usize = 256;
@@ -75,7 +76,11 @@ const _: () = assert!(
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueShape {
-    /// Requests queued (inserted, not yet dispatched or merged away).
+    /// Requests queued (inserted, not yet dispatched or merged away). Changed by
+    /// atomic adds only (inserts run under the scheduler's lock, dispatches on
+    /// other CPUs outside it: plain read-modify-writes lost updates, and the count
+    /// drifted); a remove without its insert takes it below 0 (wrapping), which
+    /// reads as 0.
     pub queued: u32,
     pub _pad: u32,
     /// Queued requests per sector bucket.
@@ -190,27 +195,30 @@ impl PositionFeatures {
     }
 }
 
-/// `v` saturated to [`COUNT_MAX`].
-#[inline(always)]
-const fn count_feature(v: u32) -> i32 {
-    if v > COUNT_MAX as u32 {
-        COUNT_MAX
-    } else {
-        v as i32
-    }
-}
-
 /// The ring's slot width for a direction whose deadline budget is `budget_ns`: a
 /// quarter of the largest power of two not above the budget (more than 1/8 of the
-/// budget and at most 1/4; 1 ns for budgets under 8 ns).
+/// budget and at most 1/4; 1 ns for budgets under 8 ns). Branch-free: the shift
+/// feeds the ring's indices, so the verifier would carry both sides of a branch
+/// here through all that follows.
 #[inline(always)]
-pub const fn slot_shift(budget_ns: u64) -> u32 {
-    let n = bit_length(budget_ns);
-    if n > 3 {
-        (n - 3) as u32
-    } else {
-        0
-    }
+pub fn slot_shift(budget_ns: u64) -> u32 {
+    sat_sub(bit_length(budget_ns) as u64, 3) as u32
+}
+
+/// A request's deadline budget (`deadline_ns - insert_ns`, 0 if the deadline is
+/// not after the insert), without a branch, for the same reason.
+#[inline(always)]
+pub fn budget_of(insert_ns: u64, deadline_ns: u64) -> u64 {
+    let d = deadline_ns.wrapping_sub(insert_ns);
+    // A budget is far below 2^63 ns; a deadline before the insert wraps to the top half.
+    keep(1 ^ negative(d), d)
+}
+
+/// The index of a request's direction in a pair of shapes (0 read, 1 the rest:
+/// [`crate::ReqOp::direction`]), from its `ReqOp` byte, without a branch.
+#[inline(always)]
+pub fn direction_index(op: u8) -> usize {
+    (nonzero(op as u64) & 1) as usize
 }
 
 /// The sector bucket of `sector` (wraps past `SECTOR_BUCKETS << bucket_shift`).
@@ -226,12 +234,40 @@ pub const fn bucket_shift_for(capacity_sectors: u64) -> u32 {
     n.saturating_sub(SECTOR_BUCKETS.trailing_zeros())
 }
 
-/// All ones when `bit` is 1, zero when it is 0 (branch-free selects). Through
-/// `black_box`: otherwise LLVM turns `v & mask(sign bit)` back into a
-/// compare-and-branch on the sign, a diamond per loop step for the verifier.
+/// `v` when `bit` is 1, 0 when it is 0 (`bit` is 0 or 1, and opaque to LLVM: it
+/// comes out of `black_box`, see [`lt`]). A multiply, not `v & -bit`: Linux
+/// 6.18's verifier splits its state in two on an AND with a value in [-1, 0], and
+/// with a select per loop step that doubled the paths at every step (1 M
+/// instructions processed for a 32-step loop). Through `black_box` the bit stays
+/// a multiply: LLVM would turn `v * bit` of a known 0/1 back into a branch.
 #[inline(always)]
-fn mask(bit: u64) -> u64 {
-    core::hint::black_box(0u64.wrapping_sub(bit & 1))
+fn keep(bit: u64, v: u64) -> u64 {
+    v.wrapping_mul(bit)
+}
+
+/// 1 when `v`, read as signed, is negative (a wrapped difference), else 0.
+#[inline(always)]
+fn negative(v: u64) -> u64 {
+    core::hint::black_box(core::hint::black_box(v) >> 63)
+}
+
+/// Adds `v` (wrapping) with one atomic add: no update is lost to another CPU.
+#[inline(always)]
+fn atomic_add(p: &mut u32, v: u32) {
+    // The BPF target has no `AtomicU32` (it declares 64-bit atomics only), but
+    // its CPU v3 has a 32-bit atomic add: the intrinsic selects it.
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: `p` is a valid, aligned u32 in a map value for the call.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, v,
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: `p` is a valid, aligned u32 for the call, and AtomicU32 has u32's
+    // layout.
+    unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
+        .fetch_add(v, core::sync::atomic::Ordering::Relaxed);
 }
 
 /// 1 when `a < b`, else 0, for values below 2^63 (all the times, counts and
@@ -256,7 +292,7 @@ fn eq(a: u64, b: u64) -> u64 {
 /// `yes` when `bit` is 1, else `no`, without a branch.
 #[inline(always)]
 fn select(bit: u64, yes: u64, no: u64) -> u64 {
-    no ^ ((no ^ yes) & mask(bit))
+    no ^ keep(bit, no ^ yes)
 }
 
 impl QueueShape {
@@ -273,7 +309,7 @@ impl QueueShape {
     /// was taken for it). `budget_ns` is its deadline budget (the direction's expiry).
     #[inline(always)]
     pub fn on_insert(&mut self, sector: u64, bucket_shift: u32, now_ns: u64, budget_ns: u64) {
-        self.queued = self.queued.saturating_add(1);
+        atomic_add(&mut self.queued, 1);
         let b = bucket_of(sector, bucket_shift);
         if let (Some(c), Some(o)) = (self.count.get_mut(b), self.oldest_ns.get_mut(b)) {
             if *c == 0 {
@@ -297,7 +333,7 @@ impl QueueShape {
     /// `budget_ns` are the values it had at insert.
     #[inline(always)]
     pub fn on_remove(&mut self, sector: u64, bucket_shift: u32, insert_ns: u64, budget_ns: u64) {
-        self.queued = self.queued.saturating_sub(1);
+        atomic_add(&mut self.queued, u32::MAX);
         let b = bucket_of(sector, bucket_shift);
         if let Some(c) = self.count.get_mut(b) {
             *c = c.saturating_sub(1);
@@ -327,7 +363,7 @@ impl QueueShape {
         // Slots younger than half the budget / than the budget.
         let half_slots = (budget_ns >> 1) >> sh;
         let budget_slots = budget_ns >> sh;
-        // Both loops are branch-free (masks, see `mask`/`lt`): the verifier walks
+        // Both loops are branch-free (see `keep`/`lt`): the verifier walks
         // every path, and a compare-and-branch per step on a value an earlier
         // step computed made it give up ("BPF program is too large", 1 M
         // instructions) on a socket-filter build of this function.
@@ -341,25 +377,31 @@ impl QueueShape {
                 (Some(&e), Some(&c)) => (e, c as u64),
                 _ => (0, 0),
             };
-            let c = c & mask(eq(e as u64, epoch & 0xffff_ffff));
+            let c = keep(eq(e as u64, epoch & 0xffff_ffff), c);
             in_ring += c;
-            young_half += c & mask(lt(k, half_slots));
-            young_budget += c & mask(lt(k, budget_slots));
-            recent += c & mask(lt(k, 2));
+            young_half += keep(lt(k, half_slots), c);
+            young_budget += keep(lt(k, budget_slots), c);
+            recent += keep(lt(k, 2), c);
             oldest_k = select(nonzero(c), k, oldest_k);
             k += 1;
         }
+        // Below 0 (wrapped, see `queued`) reads as 0.
         let queued = self.queued as u64;
-        let head_age_ns = if queued == 0 {
-            0
-        } else if queued > in_ring {
-            (AGE_SLOTS as u64) << sh
-        } else {
-            // The oldest slot's requests are at least `oldest_k` slots old.
-            oldest_k << sh
-        };
+        let queued = keep(1 ^ negative(queued << 32), queued);
+        // 0 for an empty queue; the ring's span when some queued request is older
+        // than the ring; else the oldest slot's age (its requests are at least
+        // `oldest_k` slots old).
+        let head_age_ns = select(
+            nonzero(queued),
+            select(
+                lt(in_ring, queued),
+                (AGE_SLOTS as u64) << sh,
+                oldest_k << sh,
+            ),
+            0,
+        );
         // A request in a walked bucket is due when it is at least this old.
-        let due_age = head_age_ns.saturating_sub(budget_ns);
+        let due_age = sat_sub(head_age_ns, budget_ns);
         let b0 = bucket_of(sector, bucket_shift) as u64;
         let (mut walked, mut below_age, mut due_count) = (0u64, 0u64, 0u64);
         let (mut found, mut due_at) = (0u64, 0u64);
@@ -376,51 +418,72 @@ impl QueueShape {
             // This bucket counts while it exists below (w <= b0) and fewer than
             // REACH requests have been passed.
             let live = (1 ^ lt(b0, w)) & lt(walked, REACH as u64) & nonzero(c);
-            let c = c & mask(live);
+            let c = keep(live, c);
             let d = now_ns.wrapping_sub(o);
             // now - oldest, saturating at 0, and 0 for a bucket not counted.
-            let age = d & !mask(d >> 63) & mask(live);
+            let age = keep((1 ^ negative(d)) & live, d);
             walked += c;
             below_age = select(lt(below_age, age), age, below_age);
             let due = live & (1 ^ lt(age, due_age));
-            due_count += c & mask(due);
+            due_count += keep(due, c);
             due_at = select(due & (1 ^ found), walked, due_at);
             found |= due;
             w += 1;
         }
-        let due_below = if found == 0 {
-            DUE_NONE
-        } else if due_at > (DUE_NONE - 1) as u64 {
-            DUE_NONE - 1
-        } else {
-            due_at as i32
-        };
-        let (walked, due_count) = (walked as u32, due_count as u32);
-        let (recent, young_half, young_budget) =
-            (recent as u32, young_half as u32, young_budget as u32);
+        // From here on no branch either: every value below feeds a later compare
+        // (the clamps, the lanes), so a diamond here would not be pruned, and a
+        // dozen of them in a row doubled the verifier's paths a dozen times (1 M
+        // instructions processed for an 818-instruction stage).
+        let walked_any = nonzero(walked);
+        let due_below = select(found, min(due_at, (DUE_NONE - 1) as u64), DUE_NONE as u64);
+        let head_age_log = select(nonzero(queued), log_ratio_bf(head_age_ns, budget_ns), 0);
+        let below_age_log = select(walked_any, log_ratio_bf(below_age, budget_ns), 0);
+        let lead_log = select(
+            walked_any,
+            log_ratio_bf(sat_sub(head_age_ns, below_age), budget_ns),
+            LOG_RATIO_MAX as u64,
+        );
+        // Counts: the ring's sums never exceed `queued` by construction, but a
+        // remove lost to a race can leave them so; the difference saturates at 0.
+        let queued32 = queued & 0xffff_ffff;
         PositionFeatures {
-            head_age_log: if self.queued == 0 {
-                0
-            } else {
-                log_ratio_8(head_age_ns, budget_ns)
-            },
-            older_half: count_feature(self.queued.saturating_sub(young_half)),
-            expired: count_feature(self.queued.saturating_sub(young_budget)),
-            due_below,
-            below_age_log: if walked == 0 {
-                0
-            } else {
-                log_ratio_8(below_age, budget_ns)
-            },
-            lead_log: if walked == 0 {
-                LOG_RATIO_MAX
-            } else {
-                log_ratio_8(head_age_ns.saturating_sub(below_age), budget_ns)
-            },
-            due_count: count_feature(due_count),
-            recent: count_feature(recent),
+            head_age_log: head_age_log as i32,
+            older_half: count_bf(sat_sub(queued32, young_half & 0xffff_ffff)),
+            expired: count_bf(sat_sub(queued32, young_budget & 0xffff_ffff)),
+            due_below: due_below as i32,
+            below_age_log: below_age_log as i32,
+            lead_log: lead_log as i32,
+            due_count: count_bf(due_count & 0xffff_ffff),
+            recent: count_bf(recent & 0xffff_ffff),
         }
     }
+}
+
+/// `min(a, b)` without a branch (both below 2^63).
+#[inline(always)]
+fn min(a: u64, b: u64) -> u64 {
+    select(lt(b, a), b, a)
+}
+
+/// `a - b` saturating at 0, without a branch (both below 2^63).
+#[inline(always)]
+fn sat_sub(a: u64, b: u64) -> u64 {
+    keep(1 ^ lt(a, b), a.wrapping_sub(b))
+}
+
+/// [`count_feature`] without a branch, for a count below 2^63.
+#[inline(always)]
+fn count_bf(v: u64) -> i32 {
+    min(v, COUNT_MAX as u64) as i32
+}
+
+/// [`log_ratio_8`] without a branch: the same value (the clamp by multiplies).
+#[inline(always)]
+fn log_ratio_bf(num: u64, den: u64) -> u64 {
+    // -263..=775 before the clamp (see log_ratio_8).
+    let v = (log2_8(num) as i64 - log2_8(den) as i64 + LOG_RATIO_ONE as i64) as u64;
+    let v = keep(1 ^ negative(v), v);
+    min(v, LOG_RATIO_MAX as u64)
 }
 
 const _: () = assert!(LOG_RATIO_MAX < DUE_NONE * 4);
@@ -544,8 +607,15 @@ mod tests {
         assert_eq!(q.queued, 0);
         assert!(q.count.iter().all(|&c| c == 0));
         assert!(q.slot_count.iter().all(|&c| c == 0));
-        // A remove without its insert saturates.
+        // A remove without its insert (attached mid-I/O) takes the count below
+        // 0, which reads as an empty queue; the insert it lacked brings it back.
         q.on_remove(7, 15, 0, budget);
+        assert_eq!(q.queued as i32, -1);
+        assert_eq!(
+            q.position(9, 15, 5 * MS, budget),
+            QueueShape::EMPTY.position(9, 15, 5 * MS, budget)
+        );
+        q.on_insert(7, 15, 6 * MS, budget);
         assert_eq!(q.queued, 0);
     }
 
@@ -560,5 +630,145 @@ mod tests {
         assert_eq!(p.expired, 1);
         // Head age saturates at the ring's span (32 << 20 ns ≈ 4.2 budgets).
         assert_eq!(p.head_age_log, log_ratio_8(32 << 20, budget));
+    }
+
+    /// The definitions written plainly, with branches: what the branch-free
+    /// [`QueueShape::position`] must equal bit for bit.
+    fn plain_position(
+        q: &QueueShape,
+        sector: u64,
+        shift: u32,
+        now: u64,
+        budget: u64,
+    ) -> PositionFeatures {
+        let n = bit_length(budget) as u32;
+        let sh = n.saturating_sub(3);
+        let now_epoch = now >> sh;
+        let (half_slots, budget_slots) = ((budget / 2) >> sh, budget >> sh);
+        let (mut in_ring, mut young_half, mut young_budget, mut recent, mut oldest_k) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        for k in 0..AGE_SLOTS as u64 {
+            let epoch = now_epoch.wrapping_sub(k);
+            let s = (epoch as usize) % AGE_SLOTS;
+            if q.slot_epoch[s] as u64 != epoch % (1 << 32) {
+                continue;
+            }
+            let c = q.slot_count[s] as u64;
+            in_ring += c;
+            if k < half_slots {
+                young_half += c;
+            }
+            if k < budget_slots {
+                young_budget += c;
+            }
+            if k < 2 {
+                recent += c;
+            }
+            if c != 0 {
+                oldest_k = k;
+            }
+        }
+        let queued = if (q.queued as i32) < 0 {
+            0
+        } else {
+            q.queued as u64
+        };
+        let head_age = if queued == 0 {
+            0
+        } else if queued > in_ring {
+            (AGE_SLOTS as u64) << sh
+        } else {
+            oldest_k << sh
+        };
+        let due_age = head_age.saturating_sub(budget);
+        let b0 = bucket_of(sector, shift);
+        let (mut walked, mut below_age, mut due_count, mut due_at) = (0u64, 0u64, 0u64, None);
+        for w in 0..WALK_BUCKETS.min(b0 + 1) {
+            let c = q.count[b0 - w] as u64;
+            if c == 0 || walked >= REACH as u64 {
+                continue;
+            }
+            let age = now.saturating_sub(q.oldest_ns[b0 - w]);
+            walked += c;
+            below_age = below_age.max(age);
+            if age >= due_age {
+                due_count += c;
+                due_at.get_or_insert(walked);
+            }
+        }
+        let cap = |v: u64| v.min(COUNT_MAX as u64) as i32;
+        PositionFeatures {
+            head_age_log: if queued == 0 {
+                0
+            } else {
+                log_ratio_8(head_age, budget)
+            },
+            older_half: cap((queued as u32).saturating_sub(young_half as u32) as u64),
+            expired: cap((queued as u32).saturating_sub(young_budget as u32) as u64),
+            due_below: due_at.map_or(DUE_NONE, |d| d.min(DUE_NONE as u64 - 1) as i32),
+            below_age_log: if walked == 0 {
+                0
+            } else {
+                log_ratio_8(below_age, budget)
+            },
+            lead_log: if walked == 0 {
+                LOG_RATIO_MAX
+            } else {
+                log_ratio_8(head_age.saturating_sub(below_age), budget)
+            },
+            due_count: cap(due_count),
+            recent: cap(recent),
+        }
+    }
+
+    #[test]
+    fn branch_free_position_equals_the_plain_definition() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            // splitmix64
+            seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = seed;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        for case in 0..20_000 {
+            let budget = 1 + next() % (200 * MS);
+            let now = 1_000 * MS + next() % (1_000 * MS);
+            let shift = (next() % 20) as u32;
+            let sh = slot_shift(budget);
+            let mut q = QueueShape::EMPTY;
+            // Sparse or dense, young or old, some counts out of any ring slot.
+            let density = next() % 4;
+            for b in 0..SECTOR_BUCKETS {
+                if next() % 4 < density {
+                    q.count[b] = (next() % 40) as u16 * (next() % 2) as u16 + (next() % 3) as u16;
+                    // Times are below 2^63 (ns since boot); a few just after `now`.
+                    q.oldest_ns[b] = now.saturating_sub(next() % (8 * budget + 2)) + next() % 3;
+                }
+            }
+            let now_epoch = now >> sh;
+            let mut ring = 0u32;
+            for s in 0..AGE_SLOTS {
+                let back = next() % 48; // past 32: a stale slot
+                let epoch = now_epoch.wrapping_sub(back);
+                let slot = (epoch as usize) % AGE_SLOTS;
+                q.slot_epoch[slot] = epoch as u32;
+                q.slot_count[slot] = (next() % 30) as u16 * (next() % 2) as u16;
+                ring += q.slot_count[s] as u32;
+            }
+            q.queued = match next() % 4 {
+                0 => ring,
+                1 => ring + (next() % 50) as u32,
+                2 => (next() % 5) as u32,
+                _ => u32::MAX - (next() % 3) as u32,
+            };
+            let sector = (next() % (SECTOR_BUCKETS as u64)) << shift;
+            assert_eq!(
+                q.position(sector, shift, now, budget),
+                plain_position(&q, sector, shift, now, budget),
+                "case {case}: budget {budget} now {now} shift {shift}"
+            );
+        }
     }
 }

@@ -45,8 +45,8 @@ pub fn stage(raw: bool) {
         return count(Counter::ModelRejects);
     };
     // The request's place in the queue, before the features read the entry (a
-    // request must not see itself: taken before it joins). Off while
-    // `KERNEL_COMPUTES_POSITION` is false (see `lifecycle::position_on`).
+    // request must not see itself: taken before it joins); see
+    // `lifecycle::position_on` for when.
     crate::lifecycle::shape_insert(e);
     let Some(ctl) = MODEL_CONTROL.get_ptr(0) else {
         return;

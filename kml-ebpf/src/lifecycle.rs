@@ -20,6 +20,7 @@ use kml_ebpf_common::{
     device::{unpack_counts, DeviceSlot, ReqState, COUNT_INFLIGHT, COUNT_INSERT, COUNT_QUEUED},
     label::fifo_time_fallback,
     layout::ablate,
+    position::{budget_of, direction_index},
     op::{Direction, ReqOp},
     record::ewma_step,
     record::Known,
@@ -230,31 +231,34 @@ pub fn on_insert(
 }
 
 /// Whether the inference stage takes each new request's position
-/// ([`shape_insert`]): then insert hands every new entry to it, model or not.
+/// ([`shape_insert`]): while a model is active, or always when the agent asked
+/// (`KernelLayout::position_always`; then insert hands every new entry to the
+/// stage, model or not). A request inserted while it was off never joins the
+/// state, and its dispatch does not leave it (`ReqState::SHAPED`).
 #[inline(always)]
 pub fn position_on() -> bool {
     kml_ebpf_common::position::KERNEL_COMPUTES_POSITION
         && layout!(ablate) & ablate::PROBE_NO_POSITION == 0
+        && (layout!(position_always) != 0 || model_active())
 }
 
 /// The request's place in its direction's queue (`SHAPES`), taken before it
 /// joins, into the entry; then it joins. Run by the inference stage before it
-/// reads the entry. Switched off ([`position_on`]): the verifier does not accept
-/// the walk yet. Inlined into insert, inside the inference stage, and as a
-/// stage of its own, it processed over a million instructions ("BPF program is
-/// too large") on Linux 6.18; see the issue 14 notes.
+/// reads the entry, when [`position_on`].
 #[inline(always)]
 pub fn shape_insert(e: *mut ReqState) {
     if !position_on() {
         return;
     }
+    // Branch-free from the entry to the lanes (budget, direction, shift: see
+    // kml_ebpf_common::position): one path through the verifier.
     let (slot, op, sector, now, budget) = unsafe {
         (
             (*e).slot,
             (*e).rec.op,
             (*e).rec.sector,
             (*e).rec.insert_ns,
-            (*e).rec.deadline_ns.saturating_sub((*e).rec.insert_ns),
+            budget_of((*e).rec.insert_ns, (*e).rec.deadline_ns),
         )
     };
     let Some(s) = DEVICES.get_ptr_mut(slot) else {
@@ -263,8 +267,7 @@ pub fn shape_insert(e: *mut ReqState) {
     let Some(shapes) = SHAPES.get_ptr_mut(slot) else {
         return;
     };
-    let dir = ReqOp::from_u8(op).direction();
-    let Some(q) = (unsafe { (*shapes).get_mut(dir as usize) }) else {
+    let Some(q) = (unsafe { (*shapes).get_mut(direction_index(op)) }) else {
         return;
     };
     let shift = unsafe { (*s).bucket_shift };
@@ -290,15 +293,14 @@ fn shape_remove(s: *mut DeviceSlot, e: *mut ReqState) {
             (*e).slot,
             (*e).rec.sector,
             (*e).rec.insert_ns,
-            (*e).rec.deadline_ns.saturating_sub((*e).rec.insert_ns),
+            budget_of((*e).rec.insert_ns, (*e).rec.deadline_ns),
             (*e).rec.op,
         )
     };
     let Some(shapes) = SHAPES.get_ptr_mut(slot) else {
         return;
     };
-    let dir = ReqOp::from_u8(op).direction() as usize;
-    if let Some(q) = unsafe { (*shapes).get_mut(dir) } {
+    if let Some(q) = unsafe { (*shapes).get_mut(direction_index(op)) } {
         q.on_remove(sector, unsafe { (*s).bucket_shift }, insert_ns, budget);
     }
 }

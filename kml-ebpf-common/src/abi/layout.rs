@@ -166,6 +166,12 @@ pub struct KernelLayout {
     /// thing, to measure what each change of the hot path is worth in one build.
     /// 0 in production (the verifier removes the branches it never takes).
     pub ablate: u32,
+    /// 1: keep the position state and record every request's position
+    /// ([`crate::position`]) whether or not a model is active. 0 (the default):
+    /// only while a model is active, the only time a verdict needs it; the
+    /// observer alone then pays nothing for it (the host replays positions for
+    /// training, `kml_learn::replay`).
+    pub position_always: u32,
     pub raw: RawTpLayout,
     pub tp: TracepointLayout,
 }
@@ -179,6 +185,7 @@ impl KernelLayout {
             wake_mask: 0,
             tag_bits: 0,
             ablate: 0,
+            position_always: 0,
             raw: RawTpLayout {
                 rq_window: 0,
                 rq_q: 0,
