@@ -144,10 +144,19 @@ impl ModelSlots {
         if !status.vouches(version, expected_checksum) {
             bail!("the in-kernel checker refused slot {slot} (version {version}): {status:?}");
         }
+        let uses_position = kml_learn::quantize::used_features(&sealed)
+            .iter()
+            .any(|f| f.is_position());
         let control = ModelControl {
             kind: kind as u32,
             slot,
             near_margin: self.near_margin,
+            flags: if uses_position {
+                ModelControl::USES_POSITION
+            } else {
+                0
+            },
+            _pad: 0,
         };
         let mut ctl: Array<&mut MapData, ModelControl> = map_mut(ebpf, map::MODEL_CONTROL)?;
         ctl.set(0, control, 0).context("flipping MODEL_CONTROL")?;

@@ -231,7 +231,8 @@ pub fn on_insert(
 }
 
 /// Whether the inference stage takes each new request's position
-/// ([`shape_insert`]): while a model is active, or always when the agent asked
+/// ([`shape_insert`]): while the active model reads a position feature, or
+/// always when the agent asked
 /// (`KernelLayout::position_always`; then insert hands every new entry to the
 /// stage, model or not). A request inserted while it was off never joins the
 /// state, and its dispatch does not leave it (`ReqState::SHAPED`).
@@ -239,7 +240,21 @@ pub fn on_insert(
 pub fn position_on() -> bool {
     kml_ebpf_common::position::KERNEL_COMPUTES_POSITION
         && layout!(ablate) & ablate::PROBE_NO_POSITION == 0
-        && (layout!(position_always) != 0 || model_active())
+        && (layout!(position_always) != 0 || model_uses_position())
+}
+
+/// The active model reads a position feature (`ModelControl::USES_POSITION`).
+#[inline(always)]
+fn model_uses_position() -> bool {
+    match MODEL_CONTROL.get_ptr(0) {
+        Some(c) => unsafe {
+            core::ptr::read_volatile(&raw const (*c).kind) != 0
+                && core::ptr::read_volatile(&raw const (*c).flags)
+                    & kml_ebpf_common::slot::ModelControl::USES_POSITION
+                    != 0
+        },
+        None => false,
+    }
 }
 
 /// The request's place in its direction's queue (`SHAPES`), taken before it

@@ -23,6 +23,18 @@ pub struct ModelControl {
     /// units) marks the request "near the boundary": under ring pressure those are
     /// the records kept (active learning). 0 keeps none preferentially.
     pub near_margin: i64,
+    /// [`ModelControl::USES_POSITION`]: what the active model reads, so that the
+    /// programs do only the work it needs.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl ModelControl {
+    /// The active model reads a position feature: the inference stage keeps the
+    /// position state and computes the request's place in the queue at insert
+    /// (about 300 instructions more per insert; a model without position features
+    /// does not pay for them).
+    pub const USES_POSITION: u32 = 1;
 }
 
 /// What the in-kernel checker found in one slot (`SLOT_STATUS`, index from
@@ -58,7 +70,7 @@ pub const fn status_index(tree: bool, slot: u32) -> u32 {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: repr(C), integers only, no padding (u32 pairs, then u64).
+    // SAFETY: repr(C), integers only, no padding (u32 pair, u64, u32 pair).
     unsafe impl aya::Pod for super::ModelControl {}
     unsafe impl aya::Pod for super::SlotStatus {}
 }
