@@ -262,7 +262,7 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
             }
             if let Some(job) = decisions.train {
                 let wall = Instant::now();
-                let result = train_candidate(job.kind, job.records, Some(serving.clone()));
+                let result = train_candidate(job.kind, job.records, Some(serving.clone()), true);
                 let took = wall.elapsed();
                 train_s.push(took.as_secs_f64());
                 pending = Some((now + took, result));

@@ -446,8 +446,9 @@ impl Agent {
     /// Trains off the loop, against the model serving now.
     fn start_training(&mut self, job: TrainJob) {
         let active = self.active_model();
+        let positions = self.slots.kernel_positions;
         self.training = Some(tokio::task::spawn_blocking(move || {
-            train_candidate(job.kind, job.records, active)
+            train_candidate(job.kind, job.records, active, positions)
         }));
     }
 
@@ -645,6 +646,7 @@ fn start_observer(
             Observer::start(oc, targets)?
         }
     };
+    slots.kernel_positions = observer.mode() == crate::kernel::attach::AttachMode::RawTracepoint;
     Ok((observer, slots))
 }
 

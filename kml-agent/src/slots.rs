@@ -51,6 +51,9 @@ pub struct ModelSlots {
     history: BTreeMap<u32, QuantizedModel>,
     /// Score distance to the limit that counts as "near the boundary" (sampling).
     pub near_margin: i64,
+    /// The programs keep the position state (raw tracepoint mode); a model that
+    /// reads a position feature is refused where they do not.
+    pub kernel_positions: bool,
 }
 
 fn is_tree(kind: ModelKind) -> bool {
@@ -61,6 +64,7 @@ impl ModelSlots {
     pub fn new() -> Self {
         ModelSlots {
             next_version: 1,
+            kernel_positions: true,
             ..Default::default()
         }
     }
@@ -93,6 +97,17 @@ impl ModelSlots {
                 "model refused: it uses {} which this build's kernel programs do not compute yet \
                  (the position state is not wired into the insert path)",
                 names.join(", ")
+            );
+        }
+        let uses_position = kml_learn::quantize::used_features(model)
+            .iter()
+            .any(|f| f.is_position());
+        if uses_position && !self.kernel_positions {
+            bail!(
+                "model refused: it reads position features, which the programs keep only \
+                 in raw tracepoint mode (classic tracepoint programs lose events when \
+                 programs nest, and the position state would drift); use a model \
+                 without them (`train --features portable`) or raw tracepoints"
             );
         }
         let tree = is_tree(kind);
@@ -144,9 +159,6 @@ impl ModelSlots {
         if !status.vouches(version, expected_checksum) {
             bail!("the in-kernel checker refused slot {slot} (version {version}): {status:?}");
         }
-        let uses_position = kml_learn::quantize::used_features(&sealed)
-            .iter()
-            .any(|f| f.is_position());
         let control = ModelControl {
             kind: kind as u32,
             slot,

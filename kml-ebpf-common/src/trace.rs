@@ -55,16 +55,24 @@ pub const COLUMNS: &[&str] = &[
     "recent",
     "lead_log",
     "due_count",
+    "bucket_shift",
 ];
 
 /// Index in [`COLUMNS`] of the first position lane (`Feature::POSITION` order, named
 /// as the features).
 const POSITION_AT: usize = 30;
+/// Index in [`COLUMNS`] of the device's position bucket width (empty: not known).
+const BUCKET_SHIFT_AT: usize = POSITION_AT + LANES;
+const _: () = assert!(matches!(
+    COLUMNS[BUCKET_SHIFT_AT].as_bytes(),
+    b"bucket_shift"
+));
 
 /// Columns a trace may lack (read as 0): the scheduler's deadline in jiffies and
 /// the jiffies it is compared with, added with the label of [`crate::label`]; the
 /// bytes at completion; the position at insert (empty in a row, or absent: not
-/// known, and the host replays it).
+/// known, and the host replays it); the device's position bucket width (empty or
+/// absent: the replay derives one from the sectors in the trace).
 pub const OPTIONAL_COLUMNS: &[&str] = COLUMNS.split_at(OPTIONAL_AT).1;
 
 /// Index in [`COLUMNS`] of the first optional column (they are the last ones).
@@ -169,6 +177,11 @@ pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
             }
         }
         None => write!(w, ",,,,,,,,")?,
+    }
+    if r.known & Known::BUCKET_SHIFT != 0 {
+        write!(w, ",{}", r.bucket_shift)?;
+    } else {
+        write!(w, ",")?;
     }
     writeln!(w)
 }
@@ -323,6 +336,14 @@ impl RowReader {
             let k = lanes.iter().position(|v| v.is_empty()).unwrap_or(0);
             return Err(bad(POSITION_AT + k));
         }
+        let shift = match self.index[BUCKET_SHIFT_AT] {
+            ABSENT => "",
+            at => fields[at].trim(),
+        };
+        if !shift.is_empty() {
+            r.bucket_shift = num!(BUCKET_SHIFT_AT);
+            r.known |= Known::BUCKET_SHIFT;
+        }
         let inflight: u32 = num!(12);
         if inflight != r.inflight() {
             return Err(bad(12));
@@ -390,8 +411,9 @@ mod tests {
             issue_jiffies: 4_295_000_126,
             fifo_time: 4_295_000_125,
             position: [300, 2, 1, 255, 280, 4, 512, 0],
-            known: Known::POSITION,
-            _pad: [0; 7],
+            known: Known::POSITION | Known::BUCKET_SHIFT,
+            bucket_shift: 13,
+            _pad: [0; 6],
         }
     }
 
@@ -429,6 +451,7 @@ mod tests {
         want.complete_bytes = 0;
         want.position = [0; LANES];
         want.known = 0;
+        want.bucket_shift = 0;
         assert_eq!(back, want);
         // Without jiffies the label is the ns estimate.
         assert_eq!(back.deadline_missed(), back.deadline_missed_ns());
@@ -446,6 +469,7 @@ mod tests {
         let mut r = sample();
         r.known = 0;
         r.position = [0; LANES];
+        r.bucket_shift = 0;
         let mut buf = Vec::new();
         std::writeln!(buf, "{}", header()).unwrap();
         write_row(&mut buf, &r).unwrap();
@@ -457,7 +481,8 @@ mod tests {
         let mut row = Vec::new();
         write_row(&mut row, &sample()).unwrap();
         let row = String::from_utf8(row).unwrap();
-        let cut = String::from(row.trim_end().rsplitn(3, ',').nth(2).unwrap()) + ",,";
+        // (the last two lanes and the bucket width emptied)
+        let cut = String::from(row.trim_end().rsplitn(4, ',').nth(3).unwrap()) + ",,,";
         let err = reader.parse(&cut, 2).unwrap_err();
         assert!(std::format!("{err}").contains("lead_log"), "{err}");
     }

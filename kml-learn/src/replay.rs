@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use kml_ebpf_common::{
     position::{bucket_shift_for, PositionFeatures, QueueShape},
+    record::Known,
     RequestRecord,
 };
 
@@ -26,17 +27,26 @@ fn left_at(r: &RequestRecord) -> u64 {
     t.max(r.insert_ns)
 }
 
-/// The bucket shift the replay uses for a device: its highest end sector seen
-/// spread over the buckets (the kernel uses the device's capacity; on a trace that
-/// covers the device they agree).
+/// The bucket shift the replay uses for a device: the one its records carry (the
+/// kernel's, from the device's capacity: `RequestRecord::bucket_shift`), else its
+/// highest end sector seen spread over the buckets (on a trace that covers the
+/// device the two agree; on one that touches part of it, buckets come out
+/// narrower than the kernel's).
 pub fn bucket_shifts(records: &[RequestRecord]) -> HashMap<u32, u32> {
     let mut end: HashMap<u32, u64> = HashMap::new();
+    let mut recorded: HashMap<u32, u32> = HashMap::new();
     for r in records {
         let e = end.entry(r.dev).or_default();
         *e = (*e).max(r.sector.saturating_add(r.nr_sectors as u64));
+        if r.known & Known::BUCKET_SHIFT != 0 {
+            recorded.entry(r.dev).or_insert(r.bucket_shift as u32);
+        }
     }
     end.into_iter()
-        .map(|(dev, e)| (dev, bucket_shift_for(e)))
+        .map(|(dev, e)| {
+            let shift = recorded.get(&dev).copied().unwrap_or(bucket_shift_for(e));
+            (dev, shift)
+        })
         .collect()
 }
 
@@ -134,5 +144,30 @@ mod tests {
         // 1 GiB: 2^21 sectors over 256 buckets.
         let recs = vec![read((1 << 21) - 8, 0, 1)];
         assert_eq!(bucket_shifts(&recs)[&0], 13);
+    }
+
+    #[test]
+    fn shift_the_kernel_recorded_wins() {
+        // A 512 MiB job on a 1 GiB disk: the sectors alone say 12, the kernel
+        // (from the capacity) used 13, and the records say so.
+        let mut recs = vec![read((1 << 20) - 8, 0, 1), read(8, 2, 3)];
+        assert_eq!(bucket_shifts(&recs)[&0], 12);
+        recs[1].bucket_shift = 13;
+        recs[1].known |= Known::BUCKET_SHIFT;
+        assert_eq!(bucket_shifts(&recs)[&0], 13);
+        // And the positions follow it: a read 17 buckets of 2^12 sectors above an
+        // older one is beyond the walk (16 buckets), but 8.5 buckets of 2^13 are
+        // within it.
+        let above = |known| RequestRecord {
+            bucket_shift: 13,
+            known,
+            ..read(17 << 12, MS, 11 * MS)
+        };
+        let with = replay_positions(
+            &[read(0, 0, 10 * MS), above(Known::BUCKET_SHIFT)],
+            &HashMap::new(),
+        );
+        let without = replay_positions(&[read(0, 0, 10 * MS), above(0)], &HashMap::new());
+        assert_eq!((with[1].due_below, without[1].due_below), (1, DUE_NONE));
     }
 }

@@ -173,13 +173,30 @@ fn watch(ctx: &Ctx, dev: &LoopDevice, model: Option<&Path>, name: &str) -> Resul
     })
 }
 
+/// The shipped models (`models/NAME.json`) measured when no model was trained.
+const SHIPPED_FOR_COST: [&str; 3] = ["logistic", "tree", "tree-position"];
+
 pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
     // An even number of rounds: each order of the two agents equally often.
     let (rounds, secs) = if ctx.quick { (2, 2) } else { (6, 3) };
-    let kinds: Vec<(String, PathBuf)> = INFERENCE_KINDS
-        .iter()
-        .filter_map(|k| Some((k.to_string(), models?.get(k)?.to_path_buf())))
-        .collect();
+    let kinds: Vec<(String, PathBuf)> = match models {
+        Some(models) => INFERENCE_KINDS
+            .iter()
+            .filter_map(|k| Some((k.to_string(), models.get(k)?.to_path_buf())))
+            .collect(),
+        // The learning phase did not run (`--only cost`): the shipped models, the
+        // position one among them (its insert also keeps the position state).
+        None => SHIPPED_FOR_COST
+            .iter()
+            .map(|k| {
+                (
+                    k.to_string(),
+                    ctx.root.join("models").join(format!("{k}.json")),
+                )
+            })
+            .filter(|(_, p)| p.is_file())
+            .collect(),
+    };
     let mount = TmpfsMount::mount(&ctx.work.join("tmpfs"), "1200m")?;
     let file = mount.dir.join("disk");
     crate::util::run(Command::new("fallocate").args(["-l", "1G"]).arg(&file))?;

@@ -134,7 +134,13 @@ pub struct RequestRecord {
     pub position: [u16; crate::position::LANES],
     /// [`Known`] bits: which optional parts of the record were filled in.
     pub known: u8,
-    pub _pad: [u8; 7],
+    /// The sector bucket width of the device's position state
+    /// (`DeviceSlot::bucket_shift`, from its capacity) when `known` has
+    /// [`Known::BUCKET_SHIFT`]: the host replays positions with the width the
+    /// kernel used (a trace alone shows only the sectors it touched: a 512 MiB job
+    /// on a 1 GiB disk would give buckets half as wide).
+    pub bucket_shift: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Bits of [`RequestRecord::known`].
@@ -143,6 +149,8 @@ pub struct Known;
 impl Known {
     /// `position` was computed by the programs (not a trace without those columns).
     pub const POSITION: u8 = 1;
+    /// `bucket_shift` was set by the programs.
+    pub const BUCKET_SHIFT: u8 = 2;
 }
 
 /// Values of [`RequestRecord::verdict`].
