@@ -915,6 +915,24 @@ fn clear_errors_for_wrong_run_input() -> Result<()> {
         );
     }
 
+    // A model that reads position features where the programs keep none
+    // (classic tracepoints): refused at install, with the reason and a way out.
+    let err = one_line_failure(&[
+        "run",
+        "--device",
+        &dev.name,
+        "--attach",
+        "tracepoint",
+        "--model",
+        "tree-position",
+        "--duration",
+        "2s",
+    ])?;
+    ensure!(
+        err.contains("reads position features") && err.contains("raw tracepoint"),
+        "position model in tracepoint mode: {err}"
+    );
+
     // --pin where no writable bpffs is.
     let not_bpffs = dir.join("kml");
     let err = one_line_failure(&[
