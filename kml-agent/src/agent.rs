@@ -220,11 +220,14 @@ impl Agent {
     /// Checks, loads and attaches everything; returns once the agent observes.
     pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         let targets = crate::devices::resolve(&config.devices)?;
+        let plan = attach_plan(&config)?;
+        // Position features need the raw tracepoint observers (ModelSlots::kernel_positions).
+        let positions = plan.observers == crate::kernel::attach::AttachMode::RawTracepoint;
         let start_model = match config.model.as_str() {
             "none" => None,
             spec => {
                 let disks: Vec<_> = targets.iter().map(models::DiskRegime::of).collect();
-                Some(models::resolve(spec, &disks)?)
+                Some(models::resolve(spec, &disks, positions)?)
             }
         };
         let learn_kind = learn_kind(config.learn_kind.as_deref(), start_model.as_ref())?;
@@ -239,7 +242,6 @@ impl Agent {
         // Before anything is loaded: a device another agent tunes is refused with
         // nothing attached, and the originals are saved first.
         let tuners = start_tuners(&targets, config.tune_every)?;
-        let plan = attach_plan(&config)?;
         let (mut observer, mut slots) = start_observer(&config, &plan, &targets)?;
         let mut learner = OnlineLearner::new(
             LearnConfig::new(learn_kind, config.retrain_every, config.window),

@@ -110,13 +110,23 @@ fn name_of(p: &Path) -> String {
 /// disk served is of that kind (the best held-back score among those wins); on any
 /// other disk the general models (no `device`: the shipped defaults, trained and
 /// judged together on host traces) compete. Models the kernel programs cannot run
-/// yet (the position features) are left out.
+/// here are left out: features this build does not compute, and the position
+/// features unless `positions` (the programs keep their state in raw tracepoint
+/// mode only).
 pub fn choose_auto(
     models: &[(PathBuf, LoadedModel)],
     disks: &[DiskRegime],
+    positions: bool,
 ) -> anyhow::Result<(usize, String)> {
     let runnable: Vec<usize> = (0..models.len())
-        .filter(|&i| kml_learn::quantize::features_not_in_kernel(&models[i].1.quantized).is_empty())
+        .filter(|&i| {
+            let q = &models[i].1.quantized;
+            kml_learn::quantize::features_not_in_kernel(q).is_empty()
+                && (positions
+                    || !kml_learn::quantize::used_features(q)
+                        .iter()
+                        .any(|f| f.is_position()))
+        })
         .collect();
     let best = |pool: &[usize]| {
         pool.iter().copied().max_by(|&a, &b| {
@@ -208,7 +218,11 @@ pub fn choose_auto(
 /// Resolves `--model`: a path, a shipped name (`logistic` → `models/logistic.json`),
 /// or `auto` ([`choose_auto`] among the shipped models, for the disks served; the
 /// choice and its reason are logged).
-pub fn resolve(spec: &str, disks: &[DiskRegime]) -> anyhow::Result<(PathBuf, LoadedModel)> {
+pub fn resolve(
+    spec: &str,
+    disks: &[DiskRegime],
+    positions: bool,
+) -> anyhow::Result<(PathBuf, LoadedModel)> {
     if spec == "auto" {
         let mut models: Vec<(PathBuf, LoadedModel)> = list()
             .into_iter()
@@ -219,7 +233,7 @@ pub fn resolve(spec: &str, disks: &[DiskRegime]) -> anyhow::Result<(PathBuf, Loa
             "--model auto: no valid model file in {:?}",
             search_dirs()
         );
-        let (i, why) = choose_auto(&models, disks)?;
+        let (i, why) = choose_auto(&models, disks, positions)?;
         let chosen = models.swap_remove(i);
         tracing::info!("--model auto: {}: {why}", chosen.0.display());
         return Ok(chosen);
@@ -280,7 +294,7 @@ mod tests {
     }
 
     fn chosen(models: &[(PathBuf, LoadedModel)], disks: &[DiskRegime]) -> String {
-        let (i, why) = choose_auto(models, disks).unwrap();
+        let (i, why) = choose_auto(models, disks, true).unwrap();
         assert!(!why.is_empty());
         name_of(&models[i].0)
     }
@@ -336,16 +350,39 @@ mod tests {
         let models = shipped();
         let vda = disk("vda", Some(1), Some(100));
         assert_eq!(chosen(&models, std::slice::from_ref(&vda)), "vm-logistic");
-        let (_, why) = choose_auto(&models, std::slice::from_ref(&vda)).unwrap();
+        let (_, why) = choose_auto(&models, std::slice::from_ref(&vda), true).unwrap();
         assert!(why.contains("made for") && why.contains("vda"), "{why}");
         // Serving the VM disk and a host disk at once: only a general model fits both.
         let both = [vda, disk("loop0", Some(128), Some(8))];
         assert_eq!(chosen(&models, &both), best_general(&models));
-        let (_, why) = choose_auto(&models, &both).unwrap();
+        let (_, why) = choose_auto(&models, &both, true).unwrap();
         assert!(
             why.contains("not for") && why.contains("vm-logistic"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn without_position_state_no_position_model_is_chosen() {
+        let models = shipped();
+        let uses_position = |name: &str| {
+            let (_, m) = models.iter().find(|(p, _)| name_of(p) == name).unwrap();
+            kml_learn::quantize::used_features(&m.quantized)
+                .iter()
+                .any(|f| f.is_position())
+        };
+        assert!(
+            uses_position("tree-position"),
+            "the shipped position model reads them"
+        );
+        for d in [
+            disk("loop0", Some(128), Some(8)),
+            disk("vda", Some(1), Some(100)),
+        ] {
+            let (i, _) = choose_auto(&models, std::slice::from_ref(&d), false).unwrap();
+            let name = name_of(&models[i].0);
+            assert!(!uses_position(&name), "{d}: {name}");
+        }
     }
 
     #[test]
@@ -387,7 +424,7 @@ mod tests {
             .into_iter()
             .filter(|(_, m)| m.file.device.is_some())
             .collect();
-        let err = choose_auto(&only_specific, &[disk("sda", Some(32), Some(500))])
+        let err = choose_auto(&only_specific, &[disk("sda", Some(32), Some(500))], true)
             .unwrap_err()
             .to_string();
         assert!(
