@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::learning::{spawn_fio, Models, INFERENCE_KINDS};
+use super::learning::{spawn_fio, Models, INFERENCE_KINDS, POSITION_MODEL};
 use super::overhead::{job_file, start_agent};
 use super::parse::{self, EventProg, ProgStat};
 use super::sys::{self, LoopDevice, SysctlGuard, TmpfsMount};
@@ -173,30 +173,16 @@ fn watch(ctx: &Ctx, dev: &LoopDevice, model: Option<&Path>, name: &str) -> Resul
     })
 }
 
-/// The shipped models (`models/NAME.json`) measured when no model was trained.
-const SHIPPED_FOR_COST: [&str; 3] = ["logistic", "tree", "tree-position"];
-
 pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
     // An even number of rounds: each order of the two agents equally often.
     let (rounds, secs) = if ctx.quick { (2, 2) } else { (6, 3) };
-    let kinds: Vec<(String, PathBuf)> = match models {
-        Some(models) => INFERENCE_KINDS
-            .iter()
-            .filter_map(|k| Some((k.to_string(), models.get(k)?.to_path_buf())))
-            .collect(),
-        // The learning phase did not run (`--only cost`): the shipped models, the
-        // position one among them (its insert also keeps the position state).
-        None => SHIPPED_FOR_COST
-            .iter()
-            .map(|k| {
-                (
-                    k.to_string(),
-                    ctx.root.join("models").join(format!("{k}.json")),
-                )
-            })
-            .filter(|(_, p)| p.is_file())
-            .collect(),
-    };
+    // Each kind's own code path, and a position model where one is shipped (its
+    // insert also keeps the position state and takes the request's place).
+    let kinds: Vec<(String, PathBuf)> = INFERENCE_KINDS
+        .iter()
+        .chain(&[POSITION_MODEL])
+        .filter_map(|k| Some((k.to_string(), models?.get(k)?.to_path_buf())))
+        .collect();
     let mount = TmpfsMount::mount(&ctx.work.join("tmpfs"), "1200m")?;
     let file = mount.dir.join("disk");
     crate::util::run(Command::new("fallocate").args(["-l", "1G"]).arg(&file))?;

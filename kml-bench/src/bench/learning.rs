@@ -563,6 +563,10 @@ impl Models {
 /// The kinds the kernel runs with its own code paths (the baseline is a linear model).
 pub const INFERENCE_KINDS: [&str; 3] = ["linear", "logistic", "tree"];
 
+/// The shipped model whose insert cost includes the position state
+/// (`models/tree-position.json`), measured beside the kinds when present.
+pub const POSITION_MODEL: &str = "tree-position";
+
 /// Shipped models (models/*.json, by their `kind`, `<kind>.json` first), else the
 /// models trained by the learning measure, else a short trace of the first workload
 /// is recorded and trained on here.
@@ -605,6 +609,11 @@ pub fn models_for_inference(ctx: &Ctx, learning: Option<&Learning>) -> Result<Mo
     }
     if by_kind.is_empty() {
         bail!("no model could be found or trained for the inference measures");
+    }
+    let position = ctx.root.join("models").join(format!("{POSITION_MODEL}.json"));
+    if position.is_file() {
+        let origin = format!("shipped ({})", ctx.rel(&position));
+        by_kind.push((POSITION_MODEL.to_owned(), position, origin));
     }
     Ok(Models { by_kind })
 }
