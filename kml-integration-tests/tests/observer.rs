@@ -196,7 +196,8 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
                 "request {i}: a position recorded, but the kernel does not compute it: {r:?}"
             );
         } else if lost == 0 && others == 0 {
-            let expect = kml_ebpf_common::position::QueueShape::EMPTY.position(
+            let mut empty = kml_ebpf_common::position::QueueShape::EMPTY;
+            let expect = empty.position(
                 r.sector,
                 kml_ebpf_common::position::bucket_shift_for(bdev.size_sectors),
                 r.insert_ns,

@@ -610,7 +610,10 @@ pub fn models_for_inference(ctx: &Ctx, learning: Option<&Learning>) -> Result<Mo
     if by_kind.is_empty() {
         bail!("no model could be found or trained for the inference measures");
     }
-    let position = ctx.root.join("models").join(format!("{POSITION_MODEL}.json"));
+    let position = ctx
+        .root
+        .join("models")
+        .join(format!("{POSITION_MODEL}.json"));
     if position.is_file() {
         let origin = format!("shipped ({})", ctx.rel(&position));
         by_kind.push((POSITION_MODEL.to_owned(), position, origin));
