@@ -117,7 +117,7 @@ impl Default for QueueShape {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PositionFeatures {
     /// Age of the FIFO head (the oldest queued request) against the deadline budget,
-    /// on the log scale of [`log_ratio_8`]: 256 when the head is exactly one budget
+    /// on the log scale of [`crate::logscale::log_ratio_8`]: 256 when the head is exactly one budget
     /// old, +8 per doubling. 0 when the queue is empty.
     pub head_age_log: i32,
     /// Queued requests older than half the budget (to the ring's slot resolution).
@@ -268,7 +268,7 @@ fn negative(v: u64) -> u64 {
 /// Ring slots a query reads one by one (the young ones: under half the budget,
 /// under the budget, the last two); the rest only through `in_ring` and
 /// `occupied`.
-const YOUNG_SLOTS: u64 = 8;
+pub const YOUNG_SLOTS: u64 = 8;
 const _: () = assert!(YOUNG_SLOTS as usize <= AGE_SLOTS);
 
 /// Slot `s`'s bit in `QueueShape::occupied` (bit `31 - s`: one left rotation by
@@ -610,7 +610,7 @@ fn count_bf(v: u64) -> i32 {
     min(v, COUNT_MAX as u64) as i32
 }
 
-/// [`log_ratio_8`] without a branch: the same value (the clamp by multiplies).
+/// [`crate::logscale::log_ratio_8`] without a branch: the same value (the clamp by multiplies).
 #[inline(always)]
 fn log_ratio_bf(num: u64, den: u64) -> u64 {
     // -263..=775 before the clamp (see log_ratio_8).
