@@ -285,55 +285,35 @@ fn rotate_left_32(v: u32, r: u32) -> u32 {
     (v << r) | ((v as u64) >> ((32 - r) & 63)) as u32
 }
 
-/// Atomic or / and of a u32 shared with other CPUs (see [`atomic_add`]).
-#[inline(always)]
-fn atomic_or(p: &mut u32, v: u32) {
-    #[cfg(target_arch = "bpf")]
-    // SAFETY: `p` is a valid, aligned u32 in a map value for the call.
-    unsafe {
-        core::intrinsics::atomic_or::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            p, v,
-        );
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    // SAFETY: as in `atomic_add`.
-    unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
-        .fetch_or(v, core::sync::atomic::Ordering::Relaxed);
+/// Read-modify-writes of a u32 that other CPUs update too, as one atomic
+/// instruction each: no update is lost. The BPF target has no `AtomicU32` (it
+/// declares 64-bit atomics only), but its CPU v3 has the 32-bit instructions,
+/// which the intrinsics select.
+macro_rules! atomic_u32 {
+    ($(#[$doc:meta])* $name:ident, $intrinsic:ident, $method:ident) => {
+        $(#[$doc])*
+        #[inline(always)]
+        fn $name(p: &mut u32, v: u32) {
+            #[cfg(target_arch = "bpf")]
+            // SAFETY: `p` is a valid, aligned u32 in a map value for the call.
+            unsafe {
+                core::intrinsics::$intrinsic::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(p, v);
+            }
+            #[cfg(not(target_arch = "bpf"))]
+            // SAFETY: `p` is a valid, aligned u32 for the call, and AtomicU32 has
+            // u32's layout.
+            unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
+                .$method(v, core::sync::atomic::Ordering::Relaxed);
+        }
+    };
 }
 
-#[inline(always)]
-fn atomic_and(p: &mut u32, v: u32) {
-    #[cfg(target_arch = "bpf")]
-    // SAFETY: `p` is a valid, aligned u32 in a map value for the call.
-    unsafe {
-        core::intrinsics::atomic_and::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            p, v,
-        );
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    // SAFETY: as in `atomic_add`.
-    unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
-        .fetch_and(v, core::sync::atomic::Ordering::Relaxed);
-}
-
-/// Adds `v` (wrapping) with one atomic add: no update is lost to another CPU.
-#[inline(always)]
-fn atomic_add(p: &mut u32, v: u32) {
-    // The BPF target has no `AtomicU32` (it declares 64-bit atomics only), but
-    // its CPU v3 has a 32-bit atomic add: the intrinsic selects it.
-    #[cfg(target_arch = "bpf")]
-    // SAFETY: `p` is a valid, aligned u32 in a map value for the call.
-    unsafe {
-        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            p, v,
-        );
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    // SAFETY: `p` is a valid, aligned u32 for the call, and AtomicU32 has u32's
-    // layout.
-    unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
-        .fetch_add(v, core::sync::atomic::Ordering::Relaxed);
-}
+atomic_u32!(
+    /// Adds `v` (wrapping).
+    atomic_add, atomic_xadd, fetch_add
+);
+atomic_u32!(atomic_or, atomic_or, fetch_or);
+atomic_u32!(atomic_and, atomic_and, fetch_and);
 
 /// 1 when `a < b`, else 0, for values below 2^63 (all the times, counts and
 /// indices here): the sign of the difference, no compare.
