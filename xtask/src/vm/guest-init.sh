@@ -287,8 +287,9 @@ arm_run() {
     echo "kml-guest: $2: $3, round $4 (${KML_RUNTIME}s)"
     # The witness, the same in every run: observers only, no verdict program. Its
     # records carry each request's insert and dispatch jiffies (its own deadline).
+    # It records until the run ends (SIGINT below), not for record's default 10 s.
     log=/tmp/$run.record.log
-    kml-agent record --json --device $DISK --out /tmp/$run.csv > ${log%.log}.json 2> $log &
+    kml-agent record --json --device $DISK --duration 1h --out /tmp/$run.csv > ${log%.log}.json 2> $log &
     rec=$!
     wait_ready $rec ${log%.log}.json $log "recording"
     [ "$3" = stock ] || start_hook $3 /tmp/$run.agent.log "$MODEL"
