@@ -35,7 +35,7 @@ use clap::Parser;
 use kml_agent::learn::{
     candidate::train_candidate,
     models::held_back_balanced_accuracy,
-    online::{LearnConfig, OnlineLearner, TrainingOutcome},
+    online::{live_matrix, LearnConfig, OnlineLearner, TrainingOutcome},
 };
 use kml_ebpf_common::{RequestRecord, Verdict};
 use kml_learn::{
@@ -246,10 +246,13 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
         }
         let now = sim(tk);
         if arm.retrain {
-            // The agent's on_tick: the learner's tick (rollback, drift, a retrain due),
-            // then a finished training collected.
+            // The agent's on_tick (the second's records handed over as they arrived):
+            // the learner's tick (rollback, drift, a retrain due), then a finished
+            // training collected.
             let mut back: Option<QuantizedModel> = None;
-            let decisions = learner.tick(now, &arrived, |rb| {
+            learner.observe(&arrived);
+            let live = live_matrix(&arrived);
+            let decisions = learner.tick(now, &live, |rb| {
                 back = Some(rb.model.clone());
                 true
             });

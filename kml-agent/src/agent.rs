@@ -43,8 +43,12 @@ use crate::{
         ObserverConfig,
     },
     slots::{ActiveModel, ModelSlots},
-    stats::RecordSummary,
+    stats::{RecordSummary, SummaryAccumulator},
 };
+
+/// Records' room kept between drains (a drain at the wake-up threshold, 256 KiB
+/// of ring, is about 1,400 records).
+const BATCH_KEEP: usize = 4096;
 
 /// What happens when the ring buffer fills up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -206,8 +210,12 @@ pub struct Agent {
     tick: tokio::time::Interval,
     #[cfg(feature = "testing")]
     test_swaps: Option<tokio::time::Interval>,
-    /// Records since the last tick.
-    window: Vec<RequestRecord>,
+    /// The records of the last drain, handed on (stats, live verdicts, learning,
+    /// tuning) as they arrive, then cleared: a second of records is never held.
+    batch: Vec<RequestRecord>,
+    /// This second's latencies and counts, and its live verdicts.
+    second: SummaryAccumulator,
+    live: ConfusionMatrix,
     total: u64,
     started: Instant,
     last_tick: Instant,
@@ -257,6 +265,11 @@ impl Agent {
         };
         // Before the ready line: a signal right after it must find the handlers.
         let signal: Signal = Box::pin(crate::runtime::shutdown_signal());
+        // Loading parsed the kernel's BTF (aya's copy and ours) and the object: about
+        // 30 MB of heap, freed by now but kept by the allocator. Given back before
+        // the ring buffer is mapped (16 MB resident: its pages are mapped twice), so
+        // the two never add up in the peak.
+        crate::runtime::release_free_memory();
         let stream = observer.records()?;
         let names: Vec<String> = observer
             .devices()
@@ -293,7 +306,9 @@ impl Agent {
             hook,
             signal,
             tick,
-            window: Vec::with_capacity(65536),
+            batch: Vec::new(),
+            second: SummaryAccumulator::default(),
+            live: ConfusionMatrix::default(),
             total: 0,
             started: now,
             last_tick: now,
@@ -319,8 +334,9 @@ impl Agent {
                 Ok(Step::Records)
             }
             _ = self.tick.tick() => Ok(Step::Tick(Box::new(self.on_tick().await?))),
-            n = self.stream.next_batch(&mut self.window) => {
+            n = self.stream.next_batch(&mut self.batch) => {
                 n?;
+                self.absorb_batch();
                 Ok(Step::Records)
             }
         }
@@ -364,8 +380,9 @@ impl Agent {
                 boosts,
             });
         }
-        self.stream.drain(&mut self.window);
-        self.total += self.window.len() as u64;
+        self.stream.drain(&mut self.batch);
+        self.total += self.batch.len() as u64;
+        self.batch = Vec::new();
         let loss = self.observer.losses()?;
         tracing::info!(
             "{} records in {:.1}s; {}",
@@ -390,6 +407,20 @@ impl Agent {
         })
     }
 
+    /// Hands the records just drained to everything that reads them, then lets
+    /// them go.
+    fn absorb_batch(&mut self) {
+        let records = &self.batch;
+        self.total += records.len() as u64;
+        self.second.add(records);
+        self.live.merge(&online::live_matrix(records));
+        self.learner.observe(records);
+        self.tuners.observe(records);
+        self.batch.clear();
+        // A burst (up to a full ring) leaves a large buffer: keep a modest one.
+        self.batch.shrink_to(BATCH_KEEP);
+    }
+
     /// The second's work: disks that came or went, the live line's numbers, online
     /// learning, metrics, tuning.
     async fn on_tick(&mut self) -> anyhow::Result<Tick> {
@@ -397,17 +428,17 @@ impl Agent {
         let now = Instant::now();
         let secs = now.duration_since(self.last_tick).as_secs_f64();
         self.last_tick = now;
-        self.total += self.window.len() as u64;
+        let live = std::mem::take(&mut self.live);
         let counters = self.observer.counters()?;
         let drops = counters.get(Counter::RingFullDrops);
         let mut tick = Tick {
             elapsed: self.started.elapsed(),
             secs,
-            summary: RecordSummary::of(&self.window),
+            summary: self.second.finish(),
             drops,
             orphans: counters.get(Counter::OrphanCompletions),
             model: self.slots.active(),
-            live: online::live_matrix(&self.window),
+            live,
             learning: Vec::new(),
             tuning: Vec::new(),
         };
@@ -419,7 +450,7 @@ impl Agent {
         }
         self.last_drops = drops;
         let (slots, observer, notes) = (&mut self.slots, &mut self.observer, &mut self.notes);
-        let decisions = self.learner.tick(now, &self.window, |rollback| {
+        let decisions = self.learner.tick(now, &live, |rollback| {
             roll_back(slots, observer, notes, rollback)
         });
         if let Some(reason) = decisions.drift {
@@ -434,9 +465,7 @@ impl Agent {
                 self.learner.events(),
             )?;
         }
-        self.tuners.observe(&self.window);
         tick.tuning = self.tuners.tick();
-        self.window.clear();
         if let Some(job) = decisions.train {
             self.start_training(job);
         }
@@ -460,6 +489,8 @@ impl Agent {
             return;
         }
         let done = self.training.take().expect("checked").await;
+        // The training's dataset and matrices are freed: give the memory back.
+        crate::runtime::release_free_memory();
         let result = done.map_err(anyhow::Error::from).and_then(|r| r);
         match self.learner.trained(result) {
             TrainingOutcome::Swap(swap) => self.swap(swap),

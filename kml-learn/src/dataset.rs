@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, fs::File, io::BufReader, path::Path};
 use kml_ebpf_common::{
     features::{features_with_position, Feature, FeatureVector, TIME_SHIFT},
     op::Direction,
+    position::PositionFeatures,
     trace, RequestRecord,
 };
 use ndarray::Array2;
@@ -62,24 +63,40 @@ impl Dataset {
     /// The position features are those the kernel recorded, else replayed from the
     /// records themselves ([`crate::replay`]): every record, usable or not, takes
     /// its place in the queue.
-    pub fn from_records(records: Vec<RequestRecord>, source: impl Into<String>) -> Self {
+    pub fn from_records(mut records: Vec<RequestRecord>, source: impl Into<String>) -> Self {
         let positions = crate::replay::replay_positions(&records, &Default::default());
         let before = records.len();
-        let mut pairs: Vec<(RequestRecord, FeatureVector)> = records
-            .into_iter()
-            .zip(positions)
-            .filter(|(r, _)| usable(r))
-            // The position the kernel recorded wins over the replay (the replay
-            // cannot see requests queued before the trace began, nor races).
-            .map(|(r, p)| {
-                let p = r.recorded_position().unwrap_or(p);
-                (r, features_with_position(&r, &p))
-            })
-            .collect();
-        let skipped = before - pairs.len();
-        // Stable: records inserted in the same ns keep their trace order.
-        pairs.sort_by_key(|(r, _)| r.insert_ns);
-        let (records, features): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+        // The position the kernel recorded wins over the replay (the replay cannot
+        // see requests queued before the trace began, nor races).
+        let features_of = |r: &RequestRecord, p: PositionFeatures| {
+            features_with_position(r, &r.recorded_position().unwrap_or(p))
+        };
+        let (records, features) = if records.is_sorted_by_key(|r| r.insert_ns) {
+            // Already in insert order (the online window, sorted before training):
+            // filtered in place, without a sorted copy of every record.
+            let mut features = Vec::with_capacity(records.len());
+            let mut positions = positions.into_iter();
+            records.retain(|r| {
+                let p = positions.next().unwrap_or(PositionFeatures::UNKNOWN);
+                let keep = usable(r);
+                if keep {
+                    features.push(features_of(r, p));
+                }
+                keep
+            });
+            (records, features)
+        } else {
+            let mut pairs: Vec<(RequestRecord, FeatureVector)> = records
+                .into_iter()
+                .zip(positions)
+                .filter(|(r, _)| usable(r))
+                .map(|(r, p)| (r, features_of(&r, p)))
+                .collect();
+            // Stable: records inserted in the same ns keep their trace order.
+            pairs.sort_by_key(|(r, _)| r.insert_ns);
+            pairs.into_iter().unzip()
+        };
+        let skipped = before - records.len();
         let window = format!("all {} records by insert time", records.len());
         let span_ns = span_of(&records);
         Dataset {
@@ -197,6 +214,15 @@ impl Dataset {
             skipped: parts.iter().map(|p| p.skipped).sum(),
             span_ns: parts.iter().map(|p| p.span_ns).sum(),
         }
+    }
+
+    /// [`Dataset::concat`] of parts it may take: one part is itself, not a copy
+    /// (one trace's windows, as online training has, are never duplicated).
+    pub fn join(mut parts: Vec<Dataset>) -> Dataset {
+        if parts.len() == 1 {
+            return parts.pop().expect("one part");
+        }
+        Dataset::concat(&parts)
     }
 
     /// Every `stride`-th record (keeps time order and coverage of the whole window).
@@ -340,5 +366,37 @@ mod tests {
         assert_eq!(desc.read_expire_ms, Some(0.001));
         assert_eq!(desc.write_expire_ms, None);
         assert_eq!(d.every_nth(3).len(), 4);
+    }
+
+    #[test]
+    fn records_in_insert_order_give_the_dataset_of_any_order() {
+        // Ties in insert time and unusable records among them: the in-place path
+        // (sorted input) and the sorting one agree record for record.
+        let mut sorted: Vec<RequestRecord> = (0..300u64)
+            .map(|i| {
+                let mut r = rec(i / 2 * 100, i / 2 * 100 + 40 + i % 7 * 30, 150);
+                r.sector = i * 8;
+                if i % 13 == 0 {
+                    r.deadline_ns = 0;
+                }
+                r
+            })
+            .collect();
+        sorted.sort_by_key(|r| r.insert_ns);
+        let a = Dataset::from_records(sorted.clone(), "t");
+        // Not sorted: every other pair swapped (ties keep their relative order).
+        let mut shuffled = sorted.clone();
+        for pair in shuffled.chunks_mut(4) {
+            if pair.len() == 4 {
+                pair.swap(0, 2);
+                pair.swap(1, 3);
+            }
+        }
+        assert!(!shuffled.is_sorted_by_key(|r| r.insert_ns));
+        let b = Dataset::from_records(shuffled, "t");
+        assert_eq!(a.records(), b.records());
+        assert_eq!(a.features(), b.features());
+        assert_eq!(a.describe().skipped_records, b.describe().skipped_records);
+        assert!(a.describe().skipped_records > 0);
     }
 }

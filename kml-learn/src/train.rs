@@ -169,7 +169,9 @@ pub fn split_windows(data: &Dataset, opts: &TrainOptions) -> Result<(Dataset, Da
     let (fit, tune) = if tuning(opts) {
         train_window.split_by_time(1.0 - opts.tune_fraction)
     } else {
-        (train_window.clone(), train_window.window_fraction(1.0, 1.0))
+        // The whole train window fits (moved, not copied: it can be 100 MB).
+        let tune = train_window.window_fraction(1.0, 1.0);
+        (train_window, tune)
     };
     Ok((fit, tune, test))
 }
@@ -195,9 +197,9 @@ pub fn train_many(
         parts.2.push(test);
     }
     let (fit, tune, test) = (
-        Dataset::concat(&parts.0),
-        Dataset::concat(&parts.1),
-        Dataset::concat(&parts.2),
+        Dataset::join(parts.0),
+        Dataset::join(parts.1),
+        Dataset::join(parts.2),
     );
     train_on_windows(&fit, &tune, &test, opts, progress)
 }

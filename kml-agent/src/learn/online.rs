@@ -155,7 +155,10 @@ pub enum TrainingOutcome {
 
 pub struct OnlineLearner {
     pub config: LearnConfig,
+    /// The newest records (none kept while online learning is off).
     window: VecDeque<RequestRecord>,
+    /// Deadline misses in `window`.
+    window_misses: usize,
     last_train: Instant,
     /// Held-back balanced accuracy of the active model when it was chosen.
     pub reference_ba: Option<f64>,
@@ -169,8 +172,16 @@ pub struct OnlineLearner {
 
 impl OnlineLearner {
     pub fn new(config: LearnConfig, now: Instant) -> Self {
+        // Exactly the window's size (grown by doubling, a ring of 200,000 records
+        // would take 262,144 slots); nothing while online learning is off.
+        let capacity = if config.every > Duration::ZERO {
+            config.window
+        } else {
+            0
+        };
         OnlineLearner {
-            window: VecDeque::with_capacity(config.window),
+            window: VecDeque::with_capacity(capacity),
+            window_misses: 0,
             config,
             last_train: now,
             reference_ba: None,
@@ -191,17 +202,18 @@ impl OnlineLearner {
         self.probation.is_some()
     }
 
-    /// One second of records: a swap whose probation ends is judged (and rolled
-    /// back through `roll_back`, which says whether the kernel took the previous
-    /// model back), drift is watched, the records join the window, and a retrain
-    /// starts when one is due.
+    /// The end of a second whose records were handed to [`OnlineLearner::observe`]
+    /// as they came and whose live verdicts made `live`: a swap whose probation ends
+    /// is judged (and rolled back through `roll_back`, which says whether the kernel
+    /// took the previous model back), drift is watched, and a retrain starts when
+    /// one is due.
     pub fn tick(
         &mut self,
         now: Instant,
-        records: &[RequestRecord],
+        live: &ConfusionMatrix,
         roll_back: impl FnOnce(&Rollback) -> bool,
     ) -> TickDecisions {
-        let live = live_matrix(records);
+        let live = *live;
         let mut out = TickDecisions::default();
         self.recent.push_back(live);
         if self.recent.len() > PROBATION_SECONDS {
@@ -226,7 +238,6 @@ impl OnlineLearner {
         if out.drift.is_some() {
             self.events.drifts += 1;
         }
-        self.observe(records);
         if self.config.every > Duration::ZERO && !self.training && self.due(now) {
             self.training = true;
             self.last_train = now;
@@ -306,14 +317,27 @@ impl OnlineLearner {
         self.reference_ba = Some(held_back_ba);
     }
 
-    fn observe(&mut self, records: &[RequestRecord]) {
+    /// Records join the window (the newest `config.window` are kept), batch by
+    /// batch as they arrive. Online learning off: nothing is kept.
+    pub fn observe(&mut self, records: &[RequestRecord]) {
+        if self.config.every == Duration::ZERO || self.config.window == 0 {
+            return;
+        }
         // Flushes never pass the scheduler: nothing to learn about its deadlines.
         for r in records.iter().filter(|r| r.went_through_scheduler()) {
             if self.window.len() == self.config.window {
-                self.window.pop_front();
+                if let Some(old) = self.window.pop_front() {
+                    self.window_misses -= usize::from(old.deadline_missed());
+                }
             }
+            self.window_misses += usize::from(r.deadline_missed());
             self.window.push_back(*r);
         }
+    }
+
+    /// Records in the window now.
+    pub fn window_len(&self) -> usize {
+        self.window.len()
     }
 
     /// Checks one second's live matrix against the reference; `Some` when drift.
@@ -335,7 +359,7 @@ impl OnlineLearner {
 
     /// Whether a retrain is due (period elapsed or drift), with enough data.
     fn due(&self, now: Instant) -> bool {
-        let misses = self.window.iter().filter(|r| r.deadline_missed()).count();
+        let misses = self.window_misses;
         let enough = self.window.len() >= self.config.min_records
             && misses >= 50
             && misses < self.window.len() - 50;
@@ -422,6 +446,17 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// One second of `records`, handed over as the run loop does.
+    fn tick(
+        l: &mut OnlineLearner,
+        now: Instant,
+        records: &[RequestRecord],
+        roll_back: impl FnOnce(&Rollback) -> bool,
+    ) -> TickDecisions {
+        l.observe(records);
+        l.tick(now, &live_matrix(records), roll_back)
+    }
+
     fn no_rollback(r: &Rollback) -> bool {
         panic!("unexpected rollback: {}", r.reason)
     }
@@ -434,12 +469,13 @@ mod tests {
         let mut l = OnlineLearner::new(cfg, t0);
         let met: Vec<RequestRecord> = (0..2000).map(|i| rec(false, i)).collect();
         assert!(
-            l.tick(t0 + 2 * SECOND, &met, no_rollback).train.is_none(),
+            tick(&mut l, t0 + 2 * SECOND, &met, no_rollback)
+                .train
+                .is_none(),
             "no misses: nothing to learn"
         );
         let mixed: Vec<RequestRecord> = (0..1000).map(|i| rec(i % 3 == 0, 5000 + i)).collect();
-        let job = l
-            .tick(t0 + 3 * SECOND, &mixed, no_rollback)
+        let job = tick(&mut l, t0 + 3 * SECOND, &mixed, no_rollback)
             .train
             .expect("due, both classes");
         assert_eq!(
@@ -449,7 +485,7 @@ mod tests {
         );
         assert_eq!(job.records.first().map(|r| r.insert_ns), Some(5000));
         assert!(
-            l.tick(t0 + 10 * SECOND, &mixed, no_rollback)
+            tick(&mut l, t0 + 10 * SECOND, &mixed, no_rollback)
                 .train
                 .is_none(),
             "one training at a time"
@@ -460,7 +496,7 @@ mod tests {
         ));
         assert_eq!(l.events().retrain_failures, 1);
         assert!(
-            l.tick(t0 + 10 * SECOND, &mixed, no_rollback)
+            tick(&mut l, t0 + 10 * SECOND, &mixed, no_rollback)
                 .train
                 .is_some(),
             "the next period trains again"
@@ -474,8 +510,7 @@ mod tests {
         cfg.every = Duration::ZERO;
         let mut l = OnlineLearner::new(cfg, t0);
         let mixed: Vec<RequestRecord> = (0..1000).map(|i| rec(i % 3 == 0, i)).collect();
-        assert!(l
-            .tick(t0 + 3600 * SECOND, &mixed, no_rollback)
+        assert!(tick(&mut l, t0 + 3600 * SECOND, &mixed, no_rollback)
             .train
             .is_none());
     }
@@ -537,7 +572,8 @@ mod tests {
         let mut l = OnlineLearner::new(config(), t0);
         l.accepted(0.80);
         for s in 0..PROBATION_SECONDS as u64 {
-            l.tick(
+            tick(
+                &mut l,
                 t0 + SECOND * s as u32,
                 &second(before, s * 1000),
                 no_rollback,
@@ -560,7 +596,8 @@ mod tests {
         let good = matrix(90, 10, 480, 10);
         let (mut l, at) = swapped_learner(t0, good);
         for s in 1..=PROBATION_SECONDS as u64 {
-            l.tick(
+            tick(
+                &mut l,
                 at + SECOND * s as u32,
                 &second(good, 10_000 + s * 1000),
                 no_rollback,
@@ -579,14 +616,15 @@ mod tests {
         let (good, bad) = (matrix(90, 10, 480, 10), matrix(40, 100, 390, 60));
         let (mut l, at) = swapped_learner(t0, good);
         for s in 1..PROBATION_SECONDS as u64 {
-            l.tick(
+            tick(
+                &mut l,
                 at + SECOND * s as u32,
                 &second(bad, 10_000 + s * 1000),
                 no_rollback,
             );
         }
         let mut back = None;
-        l.tick(at + 5 * SECOND, &second(bad, 20_000), |r| {
+        tick(&mut l, at + 5 * SECOND, &second(bad, 20_000), |r| {
             back = Some((bias(&r.model), r.reason.clone()));
             true
         });
@@ -604,7 +642,8 @@ mod tests {
         let (good, bad) = (matrix(90, 10, 480, 10), matrix(40, 100, 390, 60));
         let (mut l, at) = swapped_learner(t0, good);
         for s in 1..=PROBATION_SECONDS as u64 {
-            l.tick(
+            tick(
+                &mut l,
                 at + SECOND * s as u32,
                 &second(bad, 10_000 + s * 1000),
                 |_| false,
@@ -634,21 +673,25 @@ mod tests {
         let fine = matrix(90, 10, 480, 10);
         let poor = matrix(30, 200, 300, 70);
         assert!(
-            l.tick(t0, &second(poor, 0), no_rollback).drift.is_none(),
+            tick(&mut l, t0, &second(poor, 0), no_rollback)
+                .drift
+                .is_none(),
             "no reference yet"
         );
         l.accepted(0.90);
         assert!(
-            l.tick(t0, &second(fine, 1000), no_rollback).drift.is_none(),
+            tick(&mut l, t0, &second(fine, 1000), no_rollback)
+                .drift
+                .is_none(),
             "0.90 live is fine"
         );
         assert!(
-            l.tick(t0, &second(matrix(1, 1, 50, 1), 2000), no_rollback)
+            tick(&mut l, t0, &second(matrix(1, 1, 50, 1), 2000), no_rollback)
                 .drift
                 .is_none(),
             "too few requests to judge"
         );
-        let d = l.tick(t0, &second(poor, 3000), no_rollback);
+        let d = tick(&mut l, t0, &second(poor, 3000), no_rollback);
         assert!(
             d.drift
                 .is_some_and(|m| m.contains("live balanced accuracy")),
@@ -656,7 +699,9 @@ mod tests {
         );
         assert!(d.train.is_none(), "not enough records to train");
         assert!(
-            l.tick(t0, &second(poor, 4000), no_rollback).drift.is_none(),
+            tick(&mut l, t0, &second(poor, 4000), no_rollback)
+                .drift
+                .is_none(),
             "reported once until a retrain starts"
         );
         assert_eq!(l.events().drifts, 1);
@@ -667,7 +712,8 @@ mod tests {
         let t0 = Instant::now();
         let mut l = OnlineLearner::new(config(), t0);
         l.accepted(0.90);
-        let d = l.tick(
+        let d = tick(
+            &mut l,
             t0 + SECOND,
             &second(matrix(30, 200, 300, 70), 0),
             no_rollback,
@@ -677,5 +723,35 @@ mod tests {
             d.train.is_some(),
             "drift with both classes in the window retrains now (the period is an hour)"
         );
+    }
+
+    #[test]
+    fn the_window_keeps_nothing_while_online_learning_is_off() {
+        let t0 = Instant::now();
+        let mut cfg = config();
+        cfg.every = Duration::ZERO;
+        let mut l = OnlineLearner::new(cfg, t0);
+        let mixed: Vec<RequestRecord> = (0..1000).map(|i| rec(i % 3 == 0, i)).collect();
+        l.observe(&mixed);
+        assert_eq!(l.window_len(), 0);
+    }
+
+    #[test]
+    fn the_window_counts_its_misses_as_it_slides() {
+        let t0 = Instant::now();
+        let mut cfg = config();
+        cfg.every = SECOND;
+        let mut l = OnlineLearner::new(cfg, t0);
+        for batch in 0..7u64 {
+            let recs: Vec<RequestRecord> = (0..333)
+                .map(|i| rec((i + batch) % 5 == 0, batch * 1000 + i))
+                .collect();
+            l.observe(&recs);
+            assert_eq!(
+                l.window_misses,
+                l.window.iter().filter(|r| r.deadline_missed()).count()
+            );
+        }
+        assert_eq!(l.window_len(), 1000);
     }
 }
