@@ -228,9 +228,15 @@ impl Agent {
     /// Checks, loads and attaches everything; returns once the agent observes.
     pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         let targets = crate::devices::resolve(&config.devices)?;
-        let plan = attach_plan(&config)?;
-        // Position features need the raw tracepoint observers (ModelSlots::kernel_positions).
-        let positions = plan.observers == crate::kernel::attach::AttachMode::RawTracepoint;
+        // Position features need the raw tracepoint observers, which `auto` takes
+        // where the kernel has BTF: a guess here, before the probes (slow, and a
+        // tuned device must be refused before them); the slots refuse a position
+        // model at install if the observers turn out otherwise
+        // (ModelSlots::kernel_positions).
+        let positions = match config.attach {
+            AttachRequest::Tracepoint => false,
+            _ => std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+        };
         let start_model = match config.model.as_str() {
             "none" => None,
             spec => {
@@ -250,6 +256,7 @@ impl Agent {
         // Before anything is loaded: a device another agent tunes is refused with
         // nothing attached, and the originals are saved first.
         let tuners = start_tuners(&targets, config.tune_every)?;
+        let plan = attach_plan(&config)?;
         let (mut observer, mut slots) = start_observer(&config, &plan, &targets)?;
         let mut learner = OnlineLearner::new(
             LearnConfig::new(learn_kind, config.retrain_every, config.window),
