@@ -32,8 +32,8 @@ pub struct ModelControl {
 impl ModelControl {
     /// The active model reads a position feature: the inference stage keeps the
     /// position state and computes the request's place in the queue at insert
-    /// (about 300 instructions more per insert; a model without position features
-    /// does not pay for them).
+    /// (about 650-700 ns more per insert, measured: docs/learning.md; a model
+    /// without position features does not pay for them).
     pub const USES_POSITION: u32 = 1;
 }
 
