@@ -10,6 +10,7 @@
 //! that failed [`LinearModel::validate`] cannot make them wrap.
 
 use crate::{
+    branchless::sign_mask,
     features::{Feature, FeatureVector, BUDGET_MAX},
     model::{LinearModel, TreeModel, VerdictRule, MAX_OUT_SHIFT, TREE_LEAF, TREE_MAX_DEPTH},
 };
@@ -31,13 +32,14 @@ pub struct Prediction {
 fn clip(v: i32, lo: i32, hi: i32) -> i32 {
     // Branch-free (max, then min, by sign masks in i64, where no difference
     // overflows): the BPF verifier walks every branch of every lane, and a
-    // three-way branch per feature does not verify within its budget. The masks go
-    // through `black_box` so LLVM cannot fold them back into compare-and-branch.
+    // three-way branch per feature does not verify within its budget. The masks are
+    // opaque (`branchless::sign_mask`) so LLVM cannot fold them back into
+    // compare-and-branch.
     let (v, lo, hi) = (v as i64, lo as i64, hi as i64);
     let below = v - lo;
-    let v = v - (below & core::hint::black_box(below >> 63));
+    let v = v - (below & sign_mask(below));
     let above = v - hi;
-    let v = v - (above & !core::hint::black_box(above >> 63));
+    let v = v - (above & !sign_mask(above));
     v as i32
 }
 

@@ -13,6 +13,8 @@
 #![no_std]
 // The kernel side's 32-bit atomic add (position.rs): the BPF target has no AtomicU32.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+// The opaque one-instruction selects of `branchless` (inline BPF assembly).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(feature = "clap")]
@@ -20,6 +22,7 @@ extern crate std;
 
 pub mod abi;
 pub mod bench_refs;
+pub mod branchless;
 pub mod features;
 pub mod inference;
 pub mod label;

@@ -12,20 +12,28 @@
 //! and how many queued requests are already old. `docs/learning.md` has the
 //! measurements that chose them.
 //!
-//! The state ([`QueueShape`], 2,776 bytes per direction):
+//! The state ([`QueueShape`], 2,808 bytes per direction):
 //! - a sector-bucket array ([`SECTOR_BUCKETS`] = 256: 64 lost 5 points of balanced
 //!   accuracy, 1,024 gained nothing): per bucket of `2^bucket_shift` sectors, the number of
 //!   queued requests and the insert time of the oldest one queued there since the
 //!   bucket was last empty (a request leaving does not make a bucket younger: a kernel
-//!   cannot find the next oldest without a list; measured, this loses little);
+//!   cannot find the next oldest without a list; measured, this loses little),
+//!   and a bitmap of the buckets that hold a request, so that the walk down from a
+//!   request's bucket visits the occupied ones only;
 //! - an age ring: queued requests counted by insert time in [`AGE_SLOTS`] slots of
 //!   `2^slot_shift` ns, where `slot_shift` comes from the direction's expiry (a slot
 //!   is above 1/8 and at most 1/4 of it), so the ring spans 4 to 8 expiries; a slot
 //!   is reused when the ring comes round, and the requests still counted there then
 //!   count as older than the ring. The ring's sum and a bitmap of its occupied slots
-//!   are kept as the counts change, so that a query reads 8 slots (the young ones)
-//!   instead of 32: the first form, which summed all 32 at every insert, cost about
-//!   750 ns per insert (bench, cost measure).
+//!   are kept as the counts change, so that a query reads the occupied ones of the 8
+//!   young slots instead of all 32.
+//!
+//! Cost. The first form summed all 32 ring slots and walked all 16 buckets with
+//! selects that went through the stack (`black_box`): about 750 ns per insert
+//! (bench, cost measure). Reading occupied slots and buckets only, through the
+//! bitmaps, with one-instruction opaque selects ([`crate::branchless`]), brought
+//! the same work to a fifth to a half of that (docs/learning.md, "Cost in the
+//! kernel").
 //!
 //! Rules kept for the eBPF side: integers only, no division (shifts, masks), loops
 //! bounded by constants, indices masked into range, nothing that can panic, and every
@@ -33,6 +41,9 @@
 //! of the I/O, or an update lost to a race between CPUs, leaves the state a little
 //! off, never invalid).
 
+use crate::branchless::{
+    bit_index_16, eq, keep, lt, min, negative, nonzero, opaque, sat_sub, select,
+};
 #[cfg(test)]
 use crate::logscale::log_ratio_8;
 use crate::logscale::{bit_length, log2_8, LOG_RATIO_MAX, LOG_RATIO_ONE};
@@ -44,11 +55,11 @@ use crate::logscale::{bit_length, log2_8, LOG_RATIO_MAX, LOG_RATIO_ONE};
 /// model that uses a position feature is refused at install.
 ///
 /// The verifier of Linux 6.18 accepts [`QueueShape::position`] because it is
-/// branch-free end to end, with selects by multiplication: a branch whose result
-/// a later compare reads, or an AND with a value in [-1, 0] (the verifier splits
-/// its state on those), doubled the paths per step, and the stage gave up after a
-/// million instructions processed. Now it verifies in about 310,000 (the whole
-/// inference stage, features and model included).
+/// branch-free inside its loops, with selects by multiplication: a branch whose
+/// result a later compare reads, or an AND with a value in [-1, 0] (the verifier
+/// splits its state on those), doubled the paths per step, and the stage gave up
+/// after a million instructions processed. The loops' exits (no occupied slot or
+/// bucket left, a batch's reach passed) add one path per step, not a doubling.
 pub const KERNEL_COMPUTES_POSITION: bool = true;
 
 /// Sector buckets per direction.
@@ -69,9 +80,13 @@ pub const COUNT_MAX: i32 = 0xffff;
 
 const _: () = assert!(SECTOR_BUCKETS.is_power_of_two() && AGE_SLOTS.is_power_of_two());
 const _: () = assert!(WALK_BUCKETS <= SECTOR_BUCKETS);
+// The walk's window of the bucket bitmap is one u16 (`bit_index_16`), taken from
+// two of its four u64 words.
+const _: () = assert!(WALK_BUCKETS <= 16 && SECTOR_BUCKETS == 256);
 // No implicit padding: the state is a map value shared by the kernel and the host.
 const _: () = assert!(
-    core::mem::size_of::<QueueShape>() == 24 + SECTOR_BUCKETS * (2 + 8) + AGE_SLOTS * (4 + 2)
+    core::mem::size_of::<QueueShape>()
+        == 24 + SECTOR_BUCKETS / 8 + SECTOR_BUCKETS * (2 + 8) + AGE_SLOTS * (4 + 2)
 );
 
 /// The queued requests of one direction of one device, as the position features
@@ -97,6 +112,11 @@ pub struct QueueShape {
     /// Bit `31 - s` set while ring slot `s` counts a request: the oldest occupied
     /// slot by one rotation and a bit count, not a scan. Atomic or/and only.
     pub occupied: u32,
+    /// Bit `255 - b` (word `(255 - b) / 64`) set while bucket `b` counts a request:
+    /// the walk down from a bucket reads the occupied ones below it as the low bits
+    /// of one word and visits only those. Atomic or/and only; an insert sets a bit
+    /// that a race between CPUs left clear.
+    pub buckets_occupied: [u64; SECTOR_BUCKETS / 64],
     /// Queued requests per sector bucket.
     pub count: [u16; SECTOR_BUCKETS],
     /// ns of the oldest insert into the bucket since it was last empty.
@@ -248,23 +268,6 @@ pub const fn bucket_shift_for(capacity_sectors: u64) -> u32 {
     n.saturating_sub(SECTOR_BUCKETS.trailing_zeros())
 }
 
-/// `v` when `bit` is 1, 0 when it is 0 (`bit` is 0 or 1, and opaque to LLVM: it
-/// comes out of `black_box`, see [`lt`]). A multiply, not `v & -bit`: Linux
-/// 6.18's verifier splits its state in two on an AND with a value in [-1, 0], and
-/// with a select per loop step that doubled the paths at every step (1 M
-/// instructions processed for a 32-step loop). Through `black_box` the bit stays
-/// a multiply: LLVM would turn `v * bit` of a known 0/1 back into a branch.
-#[inline(always)]
-fn keep(bit: u64, v: u64) -> u64 {
-    v.wrapping_mul(bit)
-}
-
-/// 1 when `v`, read as signed, is negative (a wrapped difference), else 0.
-#[inline(always)]
-fn negative(v: u64) -> u64 {
-    core::hint::black_box(core::hint::black_box(v) >> 63)
-}
-
 /// Ring slots a query reads one by one (the young ones: under half the budget,
 /// under the budget, the last two); the rest only through `in_ring` and
 /// `occupied`.
@@ -289,55 +292,63 @@ fn rotate_left_32(v: u32, r: u32) -> u32 {
 /// instruction each: no update is lost. The BPF target has no `AtomicU32` (it
 /// declares 64-bit atomics only), but its CPU v3 has the 32-bit instructions,
 /// which the intrinsics select.
-macro_rules! atomic_u32 {
-    ($(#[$doc:meta])* $name:ident, $intrinsic:ident, $method:ident) => {
+macro_rules! atomic_rmw {
+    ($(#[$doc:meta])* $name:ident, $t:ty, $atomic:ty, $intrinsic:ident, $method:ident) => {
         $(#[$doc])*
         #[inline(always)]
-        fn $name(p: &mut u32, v: u32) {
+        fn $name(p: &mut $t, v: $t) {
             #[cfg(target_arch = "bpf")]
-            // SAFETY: `p` is a valid, aligned u32 in a map value for the call.
+            // SAFETY: `p` is a valid, aligned value in a map value for the call.
             unsafe {
-                core::intrinsics::$intrinsic::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(p, v);
+                core::intrinsics::$intrinsic::<$t, $t, { core::intrinsics::AtomicOrdering::Relaxed }>(p, v);
             }
             #[cfg(not(target_arch = "bpf"))]
-            // SAFETY: `p` is a valid, aligned u32 for the call, and AtomicU32 has
-            // u32's layout.
-            unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
-                .$method(v, core::sync::atomic::Ordering::Relaxed);
+            // SAFETY: `p` is a valid, aligned value for the call, and the atomic
+            // type has its layout.
+            unsafe { <$atomic>::from_ptr(p) }.$method(v, core::sync::atomic::Ordering::Relaxed);
         }
     };
 }
 
-atomic_u32!(
+atomic_rmw!(
     /// Adds `v` (wrapping).
-    atomic_add, atomic_xadd, fetch_add
+    atomic_add, u32, core::sync::atomic::AtomicU32, atomic_xadd, fetch_add
 );
-atomic_u32!(atomic_or, atomic_or, fetch_or);
-atomic_u32!(atomic_and, atomic_and, fetch_and);
+atomic_rmw!(
+    atomic_or,
+    u32,
+    core::sync::atomic::AtomicU32,
+    atomic_or,
+    fetch_or
+);
+atomic_rmw!(
+    atomic_and,
+    u32,
+    core::sync::atomic::AtomicU32,
+    atomic_and,
+    fetch_and
+);
+atomic_rmw!(
+    atomic_or_64,
+    u64,
+    core::sync::atomic::AtomicU64,
+    atomic_or,
+    fetch_or
+);
+atomic_rmw!(
+    atomic_and_64,
+    u64,
+    core::sync::atomic::AtomicU64,
+    atomic_and,
+    fetch_and
+);
 
-/// 1 when `a < b`, else 0, for values below 2^63 (all the times, counts and
-/// indices here): the sign of the difference, no compare.
+/// Bucket `b`'s word and bit in `QueueShape::buckets_occupied` (bit `255 - b`:
+/// the buckets below one sit at the bits above its own).
 #[inline(always)]
-fn lt(a: u64, b: u64) -> u64 {
-    core::hint::black_box(core::hint::black_box(a.wrapping_sub(b)) >> 63)
-}
-
-/// 1 when `v != 0`, else 0, for values below 2^63.
-#[inline(always)]
-fn nonzero(v: u64) -> u64 {
-    core::hint::black_box(core::hint::black_box(v | v.wrapping_neg()) >> 63)
-}
-
-/// 1 when `a == b` (both below 2^63), else 0.
-#[inline(always)]
-fn eq(a: u64, b: u64) -> u64 {
-    1 ^ nonzero(a ^ b)
-}
-
-/// `yes` when `bit` is 1, else `no`, without a branch.
-#[inline(always)]
-fn select(bit: u64, yes: u64, no: u64) -> u64 {
-    no ^ keep(bit, no ^ yes)
+fn bucket_bit(b: usize) -> (usize, u64) {
+    let r = (SECTOR_BUCKETS - 1) - (b & (SECTOR_BUCKETS - 1));
+    (r >> 6, 1u64 << (r & 63))
 }
 
 impl QueueShape {
@@ -347,6 +358,7 @@ impl QueueShape {
         ring_epoch: 0,
         ring_shift: 0,
         occupied: 0,
+        buckets_occupied: [0; SECTOR_BUCKETS / 64],
         count: [0; SECTOR_BUCKETS],
         oldest_ns: [0; SECTOR_BUCKETS],
         slot_epoch: [0; AGE_SLOTS],
@@ -364,6 +376,14 @@ impl QueueShape {
                 *o = now_ns;
             }
             *c = c.saturating_add(1);
+        }
+        let (word, bit) = bucket_bit(b);
+        if let Some(w) = self.buckets_occupied.get_mut(word) {
+            // Read first: the locked write only when the bit is clear (the bucket was
+            // empty, or a race cleared it).
+            if *w & bit == 0 {
+                atomic_or_64(w, bit);
+            }
         }
         let sh = slot_shift(budget_ns);
         let epoch = now_ns >> sh;
@@ -385,7 +405,11 @@ impl QueueShape {
         }
         if added {
             atomic_add(&mut self.in_ring, 1);
-            atomic_or(&mut self.occupied, ring_bit(s));
+            // The locked write only for a slot's first request (a line both CPUs
+            // write: each locked write there costs).
+            if self.occupied & ring_bit(s) == 0 {
+                atomic_or(&mut self.occupied, ring_bit(s));
+            }
         }
     }
 
@@ -398,6 +422,12 @@ impl QueueShape {
         let b = bucket_of(sector, bucket_shift);
         if let Some(c) = self.count.get_mut(b) {
             *c = c.saturating_sub(1);
+            if *c == 0 {
+                let (word, bit) = bucket_bit(b);
+                if let Some(w) = self.buckets_occupied.get_mut(word) {
+                    atomic_and_64(w, !bit);
+                }
+            }
         }
         let epoch = insert_ns >> slot_shift(budget_ns);
         let s = (epoch as usize) & (AGE_SLOTS - 1);
@@ -456,9 +486,32 @@ impl QueueShape {
         self.ring_epoch = epoch;
     }
 
+    /// Bit w set when bucket `b0 - w` is occupied, for w below [`WALK_BUCKETS`]
+    /// (none for buckets below 0): bits `255 - b0` on of `buckets_occupied`.
+    #[inline(always)]
+    fn occupied_below(&self, b0: u64) -> u64 {
+        let r0 = (SECTOR_BUCKETS as u64 - 1) - (b0 & (SECTOR_BUCKETS as u64 - 1));
+        let word = (r0 >> 6) as usize;
+        let off = r0 & 63;
+        let words = self.buckets_occupied.len();
+        let lo = self.buckets_occupied.get(word).copied().unwrap_or(0) >> off;
+        // The bits past this word's end from the next one, if there is a next one.
+        let next = self
+            .buckets_occupied
+            .get((word + 1) & (words - 1))
+            .copied()
+            .unwrap_or(0);
+        let hi = keep(
+            lt(word as u64 + 1, words as u64) & nonzero(off),
+            next << ((64 - off) & 63),
+        );
+        (lo | hi) & ((1 << WALK_BUCKETS) - 1)
+    }
+
     /// The position features of a request about to join this queue at `now_ns`
     /// with deadline budget `budget_ns` (first moving the ring to `now_ns`). Two
-    /// bounded loops ([`YOUNG_SLOTS`] and [`WALK_BUCKETS`] steps), no division.
+    /// bounded loops over occupied slots and buckets only (at most [`YOUNG_SLOTS`]
+    /// and [`WALK_BUCKETS`] steps), no division.
     #[inline(always)]
     pub fn position(
         &mut self,
@@ -474,13 +527,24 @@ impl QueueShape {
         // (a slot is more than 1/8 of the budget), so 8 steps cover them.
         let half_slots = (budget_ns >> 1) >> sh;
         let budget_slots = budget_ns >> sh;
-        // Both loops are branch-free (see `keep`/`lt`): the verifier walks
-        // every path, and a compare-and-branch per step on a value an earlier
-        // step computed made it give up ("BPF program is too large", 1 M
-        // instructions) on a socket-filter build of this function.
+        // Bit k of `by_age`: the slot of the period k before now is occupied.
+        let by_age = rotate_left_32(self.occupied, ((now_epoch + 1) & 31) as u32);
+        // Both loops visit occupied slots and buckets only, lowest bit first, and
+        // leave when none is left; inside, no branch (see `crate::branchless`):
+        // the verifier walks every path, and a compare-and-branch per step on a
+        // value an earlier step computed made it give up ("BPF program is too
+        // large", 1 M instructions). An exit adds one path per step, not a doubling.
         let (mut young_half, mut young_budget, mut recent) = (0u64, 0u64, 0u64);
-        let mut k = 0u64;
-        while k < YOUNG_SLOTS {
+        // Slots a budget old or older add to none of the three sums but `recent`
+        // (the last two): only the others are read (`budget_slots` is 4 to 7, see
+        // `slot_shift`; under 2 only for a budget under 2 ns).
+        let mut young =
+            (by_age as u64) & ((1 << YOUNG_SLOTS) - 1) & (((1 << (budget_slots & 7)) - 1) | 0b11);
+        let mut step = 0u64;
+        while step < YOUNG_SLOTS && young != 0 {
+            let low = young & young.wrapping_neg();
+            young ^= low;
+            let k = bit_index_16(low);
             let epoch = now_epoch.wrapping_sub(k);
             let s = (epoch as usize) & (AGE_SLOTS - 1);
             let (e, c) = match (self.slot_epoch.get(s), self.slot_count.get(s)) {
@@ -491,12 +555,10 @@ impl QueueShape {
             young_half += keep(lt(k, half_slots), c);
             young_budget += keep(lt(k, budget_slots), c);
             recent += keep(lt(k, 2), c);
-            k += 1;
+            step += 1;
         }
         // The ring's sum and its oldest occupied slot, kept as the counts change.
         let in_ring = self.in_ring as u64;
-        // Bit k of `by_age`: the slot of the period k before now is occupied.
-        let by_age = rotate_left_32(self.occupied, ((now_epoch + 1) & 31) as u32);
         let oldest_k = sat_sub(bit_length(by_age as u64) as u64, 1);
         // Below 0 (wrapped, see `queued`) reads as 0.
         let queued = self.queued as u64;
@@ -516,22 +578,25 @@ impl QueueShape {
         // A request in a walked bucket is due when it is at least this old.
         let due_age = sat_sub(head_age_ns, budget_ns);
         let b0 = bucket_of(sector, bucket_shift) as u64;
+        // Bit w: bucket b0 - w (w < WALK_BUCKETS, not below bucket 0) is occupied.
+        let mut below = self.occupied_below(b0);
         let (mut walked, mut below_age, mut due_count) = (0u64, 0u64, 0u64);
         let (mut found, mut due_at) = (0u64, 0u64);
-        let mut w = 0u64;
-        while w < WALK_BUCKETS as u64 {
-            // Masked through black_box: the verifier must see the index bounded
-            // by the mask (without it LLVM proves `b0 - w` in range and walks a
-            // decrementing pointer the verifier cannot bound).
-            let b = (core::hint::black_box(b0.wrapping_sub(w)) as usize) & (SECTOR_BUCKETS - 1);
+        let mut step = 0u64;
+        // Down to the first bucket where REACH requests have been passed.
+        while step < WALK_BUCKETS as u64 && below != 0 && walked < REACH as u64 {
+            let low = below & below.wrapping_neg();
+            below ^= low;
+            // Opaque, then masked: the verifier must see the index bounded by the
+            // mask (else LLVM proves `b0 - w` in range and walks a decrementing
+            // pointer the verifier cannot bound).
+            let b = (opaque(b0.wrapping_sub(bit_index_16(low))) as usize) & (SECTOR_BUCKETS - 1);
             let (c, o) = match (self.count.get(b), self.oldest_ns.get(b)) {
                 (Some(&c), Some(&o)) => (c as u64, o),
                 _ => (0, 0),
             };
-            // This bucket counts while it exists below (w <= b0) and fewer than
-            // REACH requests have been passed.
-            let live = (1 ^ lt(b0, w)) & lt(walked, REACH as u64) & nonzero(c);
-            let c = keep(live, c);
+            // An occupied bit over an empty count only after a race between CPUs.
+            let live = nonzero(c);
             let d = now_ns.wrapping_sub(o);
             // now - oldest, saturating at 0, and 0 for a bucket not counted.
             let age = keep((1 ^ negative(d)) & live, d);
@@ -541,7 +606,7 @@ impl QueueShape {
             due_count += keep(due, c);
             due_at = select(due & (1 ^ found), walked, due_at);
             found |= due;
-            w += 1;
+            step += 1;
         }
         // From here on no branch either: every value below feeds a later compare
         // (the clamps, the lanes), so a diamond here would not be pruned, and a
@@ -570,18 +635,6 @@ impl QueueShape {
             recent: count_bf(recent & 0xffff_ffff),
         }
     }
-}
-
-/// `min(a, b)` without a branch (both below 2^63).
-#[inline(always)]
-fn min(a: u64, b: u64) -> u64 {
-    select(lt(b, a), b, a)
-}
-
-/// `a - b` saturating at 0, without a branch (both below 2^63).
-#[inline(always)]
-fn sat_sub(a: u64, b: u64) -> u64 {
-    keep(1 ^ lt(a, b), a.wrapping_sub(b))
 }
 
 /// [`count_feature`] without a branch, for a count below 2^63.
@@ -731,6 +784,59 @@ mod tests {
         );
         q.on_insert(7, 15, 6 * MS, budget);
         assert_eq!(q.queued, 0);
+    }
+
+    #[test]
+    fn the_bucket_bitmap_follows_the_counts() {
+        let mut q = QueueShape::EMPTY;
+        let budget = 4 * MS;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        // The queued requests (sector, insert time): a fixed array (no_std).
+        let mut queued = [(0u64, 0u64); 3000];
+        let mut n = 0usize;
+        for i in 0..3000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let t = i * 1000;
+            if !x.is_multiple_of(3) || n == 0 {
+                // Clustered sectors, so that buckets fill and empty again.
+                let s = ((x >> 8) % 40 + 100) << 15 | (x >> 50);
+                q.on_insert(s, 15, t, budget);
+                queued[n] = (s, t);
+                n += 1;
+            } else {
+                let i = (x as usize >> 4) % n;
+                let (s, at) = queued[i];
+                n -= 1;
+                queued[i] = queued[n];
+                q.on_remove(s, 15, at, budget);
+            }
+            for b in 0..SECTOR_BUCKETS {
+                let (w, bit) = bucket_bit(b);
+                assert_eq!(
+                    q.buckets_occupied[w] & bit != 0,
+                    q.count[b] != 0,
+                    "bucket {b}"
+                );
+            }
+        }
+        // The walk's window: the occupied buckets from b0 down, none below 0.
+        for b0 in 0..SECTOR_BUCKETS as u64 {
+            let mut want = 0u64;
+            for w in 0..WALK_BUCKETS as u64 {
+                if w <= b0 && q.count[(b0 - w) as usize] != 0 {
+                    want |= 1 << w;
+                }
+            }
+            assert_eq!(q.occupied_below(b0), want, "bucket {b0}");
+        }
+        let mut full = QueueShape::EMPTY;
+        full.buckets_occupied = [u64::MAX; 4];
+        assert_eq!(full.occupied_below(255), 0xffff);
+        assert_eq!(full.occupied_below(130), 0xffff);
+        assert_eq!(full.occupied_below(5), 0x3f);
+        assert_eq!(full.occupied_below(0), 1);
     }
 
     #[test]

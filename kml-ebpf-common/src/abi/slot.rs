@@ -32,7 +32,7 @@ pub struct ModelControl {
 impl ModelControl {
     /// The active model reads a position feature: the inference stage keeps the
     /// position state and computes the request's place in the queue at insert
-    /// (about 650-700 ns more per insert, measured: docs/learning.md; a model
+    /// (measured per insert in docs/learning.md, "Cost in the kernel"; a model
     /// without position features does not pay for them).
     pub const USES_POSITION: u32 = 1;
 }
