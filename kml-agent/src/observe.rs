@@ -25,7 +25,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         RawTracePoint, TracePoint,
     },
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use kml_ebpf_common::{
     abi::names::{global, map, program, Event, EVENTS, RAW_STAGES, TP_STAGES},
@@ -65,6 +65,9 @@ pub struct ObserverConfig {
     /// the programs keep the position state only while a model is active; the
     /// host replays positions from the records for training).
     pub position_always: bool,
+    /// The raw tracepoint layout, when the caller has read it from BTF already
+    /// (`KernelReport::raw_layout`): one parse of the kernel's BTF, not two.
+    pub raw_layout: Option<kml_ebpf_common::RawTpLayout>,
 }
 
 impl ObserverConfig {
@@ -77,6 +80,7 @@ impl ObserverConfig {
             sample_fill_bytes: None,
             hook: None,
             position_always: false,
+            raw_layout: None,
         }
     }
 }
@@ -287,6 +291,9 @@ fn load_object(
         config.wakeup_bytes,
         config.sample_fill_bytes.unwrap_or(0),
         config.position_always,
+        config
+            .raw_layout
+            .or(config.hook.as_ref().map(|h| h.layout.raw)),
     )?;
     if config.hook.is_some() && config.mode != AttachMode::RawTracepoint {
         anyhow::bail!(
@@ -294,7 +301,7 @@ fn load_object(
             config.mode
         );
     }
-    let mut loader = EbpfLoader::new();
+    let mut loader = object::loader();
     loader
         .override_global(global::LAYOUT, &layout, true)
         .map_max_entries(map::RECORDS, config.ring_bytes);
