@@ -676,13 +676,21 @@ impl Observer {
         match self.config.mode {
             AttachMode::RawTracepoint => {
                 let by_dev: HashMap<&MapData, u32, u32> = object::map(&self.ebpf, map::DEV_SLOTS)?;
-                let reqs: Array<&MapData, ReqState> = object::map(&self.ebpf, map::REQS)?;
                 let bits = kml_ebpf_common::device::DEFAULT_TAG_BITS;
                 let mut live = 0;
                 for slot in by_dev.iter().filter_map(Result::ok).map(|(_, s)| s) {
-                    live += ((slot << bits)..((slot + 1) << bits))
-                        .filter(|i| reqs.get(i, 0).is_ok_and(|e| e.rq != 0))
-                        .count() as u64;
+                    let range = (slot << bits)..((slot + 1) << bits);
+                    live += match self.live_in_batches(range.clone()) {
+                        Ok(n) => n,
+                        // A kernel without batch lookups: one call an entry.
+                        Err(_) => {
+                            let reqs: Array<&MapData, ReqState> =
+                                object::map(&self.ebpf, map::REQS)?;
+                            range
+                                .filter(|i| reqs.get(i, 0).is_ok_and(|e| e.rq != 0))
+                                .count() as u64
+                        }
+                    };
                 }
                 Ok(live)
             }
@@ -692,6 +700,31 @@ impl Observer {
                 Ok(map.keys().filter(Result::is_ok).count() as u64)
             }
         }
+    }
+
+    /// Entries in use in `range` of `REQS`, read a chunk a call: `--metrics` reads
+    /// 4096 entries a device every second, which took 4096 bpf(2) calls (a quarter
+    /// of the agent's CPU at 20k IOPS).
+    fn live_in_batches(&self, range: std::ops::Range<u32>) -> anyhow::Result<u64> {
+        const CHUNK: usize = 256;
+        // Checks the entries' size against ReqState.
+        let _: Array<&MapData, ReqState> = object::map(&self.ebpf, map::REQS)?;
+        let Some(aya::maps::Map::Array(data)) = self.ebpf.map(map::REQS) else {
+            anyhow::bail!("map {} is not an array", map::REQS);
+        };
+        let fd = data.fd().as_fd();
+        let mut buf = vec![ReqState::default(); CHUNK];
+        let mut live = 0;
+        let mut at = range.start;
+        while at < range.end {
+            let want = CHUNK.min((range.end - at) as usize);
+            let n = crate::sys::array_lookup_batch(fd, at, &mut buf[..want])
+                .with_context(|| format!("batch lookup in {}", map::REQS))?;
+            anyhow::ensure!(n > 0, "{} ends at {at}", map::REQS);
+            live += buf[..n].iter().filter(|e| e.rq != 0).count() as u64;
+            at += n as u32;
+        }
+        Ok(live)
     }
 
     /// Per-device counts kept by the programs.
