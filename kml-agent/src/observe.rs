@@ -75,7 +75,10 @@ impl ObserverConfig {
         ObserverConfig {
             mode,
             ring_bytes: 8 << 20,
-            wakeup_bytes: 256 << 10,
+            // A wake-up costs the agent about 30 µs: at 256 KiB (290 a second at
+            // 150k IOPS) they were a third of its CPU. 1 MiB still leaves 3 MiB
+            // before drop mode starts sampling at half the ring.
+            wakeup_bytes: 1 << 20,
             poll_interval: Duration::from_millis(50),
             sample_fill_bytes: None,
             hook: None,
