@@ -28,7 +28,6 @@ use crate::{
     devices::BlockDevice,
     kernel::{
         attach::{AttachPlan, AttachRequest},
-        btf::Btf,
         caps::KernelReport,
     },
     learn::{
@@ -46,9 +45,9 @@ use crate::{
     stats::{RecordSummary, SummaryAccumulator},
 };
 
-/// Records' room kept between drains (a drain at the wake-up threshold, 256 KiB
-/// of ring, is about 1,400 records).
-const BATCH_KEEP: usize = 4096;
+/// Records' room kept between drains (a drain at the wake-up threshold, 1 MiB of
+/// ring, is about 5,700 records: kept, not reallocated every drain).
+const BATCH_KEEP: usize = 8192;
 
 /// What happens when the ring buffer fills up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -256,8 +255,9 @@ impl Agent {
         // Before anything is loaded: a device another agent tunes is refused with
         // nothing attached, and the originals are saved first.
         let tuners = start_tuners(&targets, config.tune_every)?;
-        let plan = attach_plan(&config)?;
-        let (mut observer, mut slots) = start_observer(&config, &plan, &targets)?;
+        let (plan, report) = attach_plan(&config)?;
+        let (mut observer, mut slots) = start_observer(&config, &plan, &report, &targets)?;
+        drop(report);
         let mut learner = OnlineLearner::new(
             LearnConfig::new(learn_kind, config.retrain_every, config.window),
             Instant::now(),
@@ -272,8 +272,8 @@ impl Agent {
         };
         // Before the ready line: a signal right after it must find the handlers.
         let signal: Signal = Box::pin(crate::runtime::shutdown_signal());
-        // Loading parsed the kernel's BTF (aya's copy and ours) and the object: about
-        // 30 MB of heap, freed by now but kept by the allocator. Given back before
+        // Loading parsed aya's copy of the kernel's BTF and the object: about 20 MB
+        // of heap, freed by now but kept by the allocator. Given back before
         // the ring buffer is mapped (16 MB resident: its pages are mapped twice), so
         // the two never add up in the peak.
         crate::runtime::release_free_memory();
@@ -625,8 +625,9 @@ fn start_tuners(targets: &[BlockDevice], every: Option<Duration>) -> anyhow::Res
     Ok(t)
 }
 
-/// What to attach here; `--act` on a kernel without the hook is refused.
-fn attach_plan(config: &AgentConfig) -> anyhow::Result<AttachPlan> {
+/// What to attach here; `--act` on a kernel without the hook is refused. The
+/// report carries the layouts read from BTF (its one parse) to the loaders.
+fn attach_plan(config: &AgentConfig) -> anyhow::Result<(AttachPlan, KernelReport)> {
     let report = KernelReport::probe();
     let plan = report.plan(config.attach)?;
     if let (Some(policy), false) = (config.act, plan.hook) {
@@ -639,7 +640,7 @@ fn attach_plan(config: &AgentConfig) -> anyhow::Result<AttachPlan> {
         };
         anyhow::bail!("--act {policy}: the verdicts cannot act here: {why}");
     }
-    Ok(plan)
+    Ok((plan, report))
 }
 
 /// Loads and attaches the observers (pinned and adopting, with `--pin`) and takes
@@ -647,22 +648,31 @@ fn attach_plan(config: &AgentConfig) -> anyhow::Result<AttachPlan> {
 fn start_observer(
     config: &AgentConfig,
     plan: &AttachPlan,
+    report: &KernelReport,
     targets: &[BlockDevice],
 ) -> anyhow::Result<(Observer, ModelSlots)> {
     let mut oc = ObserverConfig::new(plan.observers);
     oc.ring_bytes = config.ring_bytes;
+    oc.raw_layout = report.raw_layout.clone().ok();
     if config.mode == LossMode::Drop {
         oc.sample_fill_bytes = Some(oc.ring_bytes / 2);
     }
     if plan.hook {
-        let btf = Btf::from_sys_fs()?;
+        let raw = report
+            .raw_layout
+            .clone()
+            .map_err(|e| anyhow::anyhow!("struct request from BTF: {e}"))?;
+        let sched = report
+            .sched_layout
+            .clone()
+            .map_err(|e| anyhow::anyhow!("mq-deadline's layout from BTF: {e}"))?;
         // One disk: only its requests get verdicts; else every traced disk's do
         // (an untraced disk's requests have no model verdict).
         let only = match targets {
             [one] => Some(one),
             _ => None,
         };
-        oc.hook = Some(HookGlobals::from_btf(&btf, only)?);
+        oc.hook = Some(HookGlobals::new(raw, sched, only));
     }
     let mut slots = ModelSlots::new();
     let dir = &config.pin_dir;

@@ -10,7 +10,7 @@ use aya::{
     programs::{Program, ProgramError},
     Ebpf, EbpfLoader,
 };
-use kml_ebpf_common::{abi::names::global, KernelLayout};
+use kml_ebpf_common::{abi::names::global, KernelLayout, RawTpLayout};
 
 use crate::{
     devices::BlockDevice,
@@ -46,6 +46,17 @@ fn embedded_object() -> anyhow::Result<Cow<'static, [u8]>> {
     anyhow::bail!(
         "this kml-agent was built without its eBPF object: build it with `cargo xtask build`"
     )
+}
+
+/// An [`EbpfLoader`] that keeps no kernel BTF. aya parses all of
+/// /sys/kernel/btf/vmlinux in `EbpfLoader::new` (tens of MB of heap) for CO-RE
+/// relocations only, and kml's programs have none (rustc emits none; the test
+/// `object_has_no_core_relocations` checks the built object): dropped here, that
+/// parse is not held through the load, on top of the object's.
+pub fn loader<'a>() -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    loader
 }
 
 /// Program `name` of the object, as its type `T`.
@@ -96,13 +107,22 @@ pub struct HookGlobals {
 
 impl HookGlobals {
     pub fn from_btf(btf: &Btf, device: Option<&BlockDevice>) -> anyhow::Result<HookGlobals> {
+        Ok(Self::new(
+            layout::raw_tp_layout(btf)?,
+            layout::sched_layout(btf)?,
+            device,
+        ))
+    }
+
+    /// From layouts read from BTF already (`KernelReport`).
+    pub fn new(raw: RawTpLayout, sched: SchedLayout, device: Option<&BlockDevice>) -> HookGlobals {
         let mut kl = KernelLayout::zeroed();
-        kl.raw = layout::raw_tp_layout(btf)?;
-        Ok(HookGlobals {
+        kl.raw = raw;
+        HookGlobals {
             layout: kl,
-            sched: layout::sched_layout(btf)?,
+            sched,
             dev: device.map_or(0, BlockDevice::dev),
-        })
+        }
     }
 
     /// Sets the hook's globals on `loader`. `with_kml_layout` false leaves
@@ -159,6 +179,21 @@ mod tests {
             programs,
             names::all_programs().collect::<BTreeSet<_>>(),
             "programs"
+        );
+    }
+
+    /// [`super::loader`] gives aya no kernel BTF: right only while the object has
+    /// no CO-RE relocations (a C program with `preserve_access_index` would add some).
+    #[test]
+    fn object_has_no_core_relocations() {
+        let object = match super::ebpf_object() {
+            Ok(o) => o,
+            Err(e) => return kml_testkit::skip(format_args!("no eBPF object ({e:#})")),
+        };
+        let obj = aya_obj::Object::parse(&object).expect("the eBPF object parses");
+        assert!(
+            !obj.has_btf_relocations(),
+            "the eBPF object has CO-RE relocations: object::loader must give aya the kernel's BTF"
         );
     }
 }

@@ -136,8 +136,10 @@ fn start(
     config: &RecordConfig,
     targets: &[crate::devices::BlockDevice],
 ) -> anyhow::Result<Observer> {
-    let mode = KernelReport::probe().choose(config.attach)?;
+    let report = KernelReport::probe();
+    let mode = report.choose(config.attach)?;
     let mut oc = ObserverConfig::new(mode);
+    oc.raw_layout = report.raw_layout.ok();
     oc.ring_bytes = config.ring_bytes;
     Observer::start(oc, targets)
 }

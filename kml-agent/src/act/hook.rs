@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use aya::{
     maps::{Array, MapData, PerCpuArray},
     programs::KProbe,
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use kml_ebpf_common::abi::{
     hook::{self as abi_hook, HookCounters},
@@ -101,8 +101,10 @@ impl Hook {
             );
         }
         let globals = HookGlobals::from_btf(&btf, device)?;
+        // Everything needed is read: the parse is not held through the load.
+        drop(btf);
         let object = object::ebpf_object()?;
-        let mut loader = EbpfLoader::new();
+        let mut loader = object::loader();
         globals.apply(&mut loader, true);
         // The observers' ring buffer is not used here: keep it small.
         loader.map_max_entries(map::RECORDS, 64 << 10);

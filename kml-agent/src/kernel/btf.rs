@@ -32,7 +32,6 @@
 //! ids stay correct. All offsets and lengths are validated; garbage input
 //! yields [`BtfError::Malformed`], never a panic.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Errors from reading or querying BTF. Messages are one-liners meant to be
@@ -170,23 +169,41 @@ impl Ty {
     }
 }
 
-/// Enumerator value as indexed at parse time.
+/// One enumerator, as indexed at parse time.
 #[derive(Debug, Clone, Copy)]
-enum EnumVal {
-    Unique(i64),
-    Conflict(i64, i64),
+struct Enumerator {
+    hash: u32,
+    name_off: u32,
+    value: i64,
+}
+
+/// Hash of a name for the indexes, `mask`ed (tests make every name collide);
+/// equal hashes are checked against the names.
+fn name_hash(name: &str, mask: u32) -> u32 {
+    use std::hash::Hasher as _;
+    // Fixed keys: the same hash in every process (nothing here is adversarial).
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(name.as_bytes());
+    h.finish() as u32 & mask
 }
 
 /// Parsed kernel BTF: type table, string section and name indexes.
+///
+/// The indexes point into the string section instead of owning names: vmlinux
+/// has 70k named types and 19k enumerators, and a map of owned names cost about
+/// 15 MB of heap at start-up, part of the agent's peak memory.
 pub struct Btf {
     /// Type section as native-endian words (every BTF record is u32-based).
     words: Vec<u32>,
     /// `types[i]` is type id `i + 1` (id 0 is `void`).
     types: Vec<Ty>,
     strings: Vec<u8>,
-    /// Type name -> ids of all types with that name, in id order.
-    by_name: HashMap<Box<str>, Vec<u32>>,
-    enumerators: HashMap<Box<str>, EnumVal>,
+    /// (name hash, id) of every named type, sorted: ids of one name in id order.
+    by_name: Vec<(u32, u32)>,
+    /// Every enumerator in type-id order, then stably sorted by hash.
+    enumerators: Vec<Enumerator>,
+    /// All ones (tests clear it to make every name collide).
+    hash_mask: u32,
     ptr_size: u32,
 }
 
@@ -317,8 +334,9 @@ impl Btf {
             words,
             types,
             strings,
-            by_name: HashMap::new(),
-            enumerators: HashMap::new(),
+            by_name: Vec::new(),
+            enumerators: Vec::new(),
+            hash_mask: u32::MAX,
             ptr_size: DEFAULT_PTR_SIZE,
         };
         btf.build_indexes()?;
@@ -380,18 +398,13 @@ impl Btf {
     }
 
     fn build_indexes(&mut self) -> Result<(), BtfError> {
-        let mut by_name: HashMap<Box<str>, Vec<u32>> = HashMap::with_capacity(self.types.len());
-        let mut enumerators: HashMap<Box<str>, EnumVal> = HashMap::new();
+        let mut by_name = Vec::new();
+        let mut enumerators = Vec::new();
         for (idx, ty) in self.types.iter().enumerate() {
             let id = idx as u32 + 1;
             let name = self.name(ty.name_off)?;
             if !name.is_empty() {
-                match by_name.get_mut(name) {
-                    Some(ids) => ids.push(id),
-                    None => {
-                        by_name.insert(name.into(), vec![id]);
-                    }
-                }
+                by_name.push((name_hash(name, self.hash_mask), id));
             }
             let (stride, kind) = match ty.kind() {
                 KIND_ENUM => (2, KIND_ENUM),
@@ -407,25 +420,19 @@ impl Btf {
                     _ => ((u64::from(e[2]) << 32) | u64::from(e[1])) as i64,
                 };
                 let ename = self.name(e[0])?;
-                if ename.is_empty() {
-                    continue;
-                }
-                // Distinct enums may legitimately repeat a name with the
-                // same value; differing values make the name unusable.
-                match enumerators.get_mut(ename) {
-                    None => {
-                        enumerators.insert(ename.into(), EnumVal::Unique(value));
-                    }
-                    Some(slot) => {
-                        if let EnumVal::Unique(first) = *slot {
-                            if first != value {
-                                *slot = EnumVal::Conflict(first, value);
-                            }
-                        }
-                    }
+                if !ename.is_empty() {
+                    enumerators.push(Enumerator {
+                        hash: name_hash(ename, self.hash_mask),
+                        name_off: e[0],
+                        value,
+                    });
                 }
             }
         }
+        // (hash, id) pairs are unique: unstable sorting keeps ids in order.
+        by_name.sort_unstable();
+        // Stable: the enumerators of one name stay in type-id order.
+        enumerators.sort_by_key(|e| e.hash);
         self.by_name = by_name;
         self.enumerators = enumerators;
 
@@ -477,14 +484,19 @@ impl Btf {
         }
     }
 
-    /// Ids of types called `name` whose kind is in `kinds`.
-    fn ids_of<'s>(&'s self, name: &str, kinds: &'s [u32]) -> impl Iterator<Item = u32> + 's {
-        self.by_name
-            .get(name)
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(move |&id| self.ty(id).is_ok_and(|t| kinds.contains(&t.kind())))
+    /// Ids of types called `name` whose kind is in `kinds`, in id order.
+    fn ids_of<'s>(&'s self, name: &'s str, kinds: &'s [u32]) -> impl Iterator<Item = u32> + 's {
+        let hash = name_hash(name, self.hash_mask);
+        let start = self.by_name.partition_point(|&(h, _)| h < hash);
+        self.by_name[start..]
+            .iter()
+            .take_while(move |&&(h, _)| h == hash)
+            .map(|&(_, id)| id)
+            .filter(move |&id| {
+                self.ty(id).is_ok_and(|t| {
+                    kinds.contains(&t.kind()) && self.name(t.name_off).is_ok_and(|n| n == name)
+                })
+            })
     }
 
     /// Follows typedef/const/volatile/restrict/type-tag links to a "real" type.
@@ -634,16 +646,25 @@ impl Btf {
 
     /// Value of enumerator `name`, searched in all ENUM and ENUM64 types.
     /// Unsigned 64-bit values above `i64::MAX` keep their bit pattern.
+    /// Distinct enums may legitimately repeat a name with the same value;
+    /// differing values make the name unusable.
     pub fn enumerator(&self, name: &str) -> Result<i64, BtfError> {
-        match self.enumerators.get(name) {
-            Some(EnumVal::Unique(v)) => Ok(*v),
-            Some(EnumVal::Conflict(first, second)) => Err(BtfError::AmbiguousEnumerator {
+        let hash = name_hash(name, self.hash_mask);
+        let start = self.enumerators.partition_point(|e| e.hash < hash);
+        let mut values = self.enumerators[start..]
+            .iter()
+            .take_while(|e| e.hash == hash)
+            .filter(|e| self.name(e.name_off).is_ok_and(|n| n == name))
+            .map(|e| e.value);
+        let first = values.next().ok_or_else(|| BtfError::NoSuchEnumerator {
+            name: name.to_owned(),
+        })?;
+        match values.find(|&v| v != first) {
+            None => Ok(first),
+            Some(second) => Err(BtfError::AmbiguousEnumerator {
                 name: name.to_owned(),
-                first: *first,
-                second: *second,
-            }),
-            None => Err(BtfError::NoSuchEnumerator {
-                name: name.to_owned(),
+                first,
+                second,
             }),
         }
     }
@@ -1003,6 +1024,31 @@ mod tests {
             })
         ));
         assert_eq!(btf.enumerator("SAME").unwrap(), 7);
+    }
+
+    /// The indexes hold hashes, not names: lookups must still tell apart names
+    /// that share a hash (here all of them do).
+    #[test]
+    fn lookups_survive_hash_collisions() {
+        let answers = |btf: &Btf| {
+            (
+                btf.member("request", "__sector").unwrap(),
+                btf.struct_size("request").unwrap(),
+                btf.enumerator("REQ_OP_WRITE").unwrap(),
+                btf.enumerator("NEG_ONE").unwrap(),
+                btf.func_id("dd_insert_request"),
+                btf.typedef_fn_params("btf_trace_x").unwrap(),
+                btf.has_func("request"),
+                btf.enumerator("REQ_OP_NONE").is_err(),
+                btf.ptr_size,
+            )
+        };
+        let mut btf = Btf::parse(&sample().build(false)).unwrap();
+        let distinct = answers(&btf);
+        btf.hash_mask = 0;
+        btf.build_indexes().unwrap();
+        assert!(btf.by_name.iter().all(|&(h, _)| h == 0));
+        assert_eq!(answers(&btf), distinct);
     }
 
     #[test]

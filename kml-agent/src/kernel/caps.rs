@@ -91,6 +91,11 @@ pub struct KernelReport {
     pub fentry_ready: Result<(), String>,
     /// kml's mq-deadline hook (kernel/0001-mq-deadline-kml-hook.patch) can be used.
     pub hook_ready: Result<(), String>,
+    /// `struct request` and friends, read from BTF by the probe: the loaders take
+    /// it from here instead of parsing the 5.5 MB BTF again.
+    pub raw_layout: Result<kml_ebpf_common::RawTpLayout, String>,
+    /// mq-deadline's layout for the verdict program, from the same parse.
+    pub sched_layout: Result<layout::SchedLayout, String>,
 }
 
 /// An error and its causes on one line ("a: b: c").
@@ -128,7 +133,7 @@ fn privileges_check(missing: &[&str]) -> Check {
 
 /// The kernel's BTF and the `struct request` layout read from it.
 fn btf_check(
-    btf: &Result<Btf, super::btf::BtfError>,
+    btf: &Result<(), super::btf::BtfError>,
     raw_layout: &Result<kml_ebpf_common::RawTpLayout, String>,
 ) -> Check {
     Check {
@@ -327,11 +332,27 @@ impl KernelReport {
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into());
         let missing = missing_capabilities();
+        // Every fact from BTF first, then the parse goes: aya parses its own copy
+        // for the `tracing` program type probe below, and the two must not add up
+        // in the agent's peak memory.
         let btf = Btf::from_sys_fs();
         let raw_layout = match &btf {
             Ok(btf) => layout::raw_tp_layout(btf).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
+        let hook_ready = match &btf {
+            Ok(btf) => match hook_unavailable_reason(btf) {
+                None => Ok(()),
+                Some(why) => Err(why),
+            },
+            Err(e) => Err(format!("no kernel BTF ({e}): the hook cannot be found")),
+        };
+        let sched_layout = match &btf {
+            Ok(btf) => layout::sched_layout(btf).map_err(|e| format!("{e:#}")),
+            Err(e) => Err(e.to_string()),
+        };
+        let btf = btf.map(drop);
+        crate::runtime::release_free_memory();
         let tracefs = Tracefs::locate_or_mount();
         let tp_layout = match &tracefs {
             Ok(t) => layout::tracepoint_layout(t).map_err(|e| e.to_string()),
@@ -341,13 +362,6 @@ impl KernelReport {
         let raw_type = program_type(ProgramType::RawTracePoint);
         let kprobe_pmu = Path::new(KPROBE_PMU).exists();
         let fentry = program_type(ProgramType::Tracing);
-        let hook_ready = match &btf {
-            Ok(btf) => match hook_unavailable_reason(btf) {
-                None => Ok(()),
-                Some(why) => Err(why),
-            },
-            Err(e) => Err(format!("no kernel BTF ({e}): the hook cannot be found")),
-        };
         let checks = vec![
             privileges_check(&missing),
             btf_check(&btf, &raw_layout),
@@ -373,7 +387,8 @@ impl KernelReport {
             }
             Ok(())
         };
-        let raw_tracepoint_ready = need(raw_type.and(raw_layout.map(|_| ())));
+        let raw_tracepoint_ready =
+            need(raw_type.and(raw_layout.as_ref().map(|_| ()).map_err(String::clone)));
         let tracepoint_ready = need(tp_type.and(tp_layout.map(|_| ())));
         let detail = |name: &str| {
             checks
@@ -396,6 +411,8 @@ impl KernelReport {
             kprobe_ready,
             fentry_ready,
             hook_ready,
+            raw_layout,
+            sched_layout,
         }
     }
 
@@ -499,6 +516,8 @@ mod tests {
             kprobe_ready: ready(hook),
             fentry_ready: Err("no".into()),
             hook_ready: ready(hook),
+            raw_layout: Err("not probed".into()),
+            sched_layout: Err("not probed".into()),
         }
     }
 

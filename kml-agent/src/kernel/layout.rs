@@ -247,11 +247,14 @@ pub fn wake_mask(wakeup_bytes: u32, cpus: u32) -> u32 {
 }
 
 /// The global for the chosen mode (only that mode's part is filled in).
+/// `raw`: the raw tracepoint layout when the caller has read it already
+/// (`KernelReport::raw_layout`); else BTF is parsed here.
 pub fn kernel_layout(
     mode: AttachMode,
     wakeup_bytes: u32,
     sample_fill_bytes: u32,
     position_always: bool,
+    raw: Option<RawTpLayout>,
 ) -> anyhow::Result<KernelLayout> {
     let mut layout = KernelLayout::zeroed();
     layout.mode = mode.abi();
@@ -272,7 +275,12 @@ pub fn kernel_layout(
         layout.ablate = bits;
     }
     match mode {
-        AttachMode::RawTracepoint => layout.raw = raw_tp_layout(&Btf::from_sys_fs()?)?,
+        AttachMode::RawTracepoint => {
+            layout.raw = match raw {
+                Some(raw) => raw,
+                None => raw_tp_layout(&Btf::from_sys_fs()?)?,
+            }
+        }
         AttachMode::Tracepoint => layout.tp = tracepoint_layout(&Tracefs::locate_or_mount()?)?,
     }
     Ok(layout)
