@@ -21,62 +21,48 @@
 //! indices): a difference of two such values is negative exactly when it has its
 //! top bit set.
 
-/// `v >> 63` (logical), opaque to LLVM on BPF.
-#[inline(always)]
-pub fn sign_bit(v: u64) -> u64 {
-    #[cfg(target_arch = "bpf")]
-    {
-        let mut v = v;
-        // SAFETY: one ALU instruction on a register; no memory, no stack.
-        unsafe {
-            core::arch::asm!("{0} >>= 63", inout(reg) v, options(pure, nomem, nostack));
+/// A function of one register that is one BPF instruction, `$asm`, on the BPF
+/// target (opaque to LLVM: it cannot fold it into a compare and a branch), and
+/// `$host` on the host.
+macro_rules! one_instruction {
+    ($(#[$doc:meta])* $name:ident($t:ty), $asm:literal, $host:expr) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub fn $name(v: $t) -> $t {
+            #[cfg(target_arch = "bpf")]
+            {
+                let mut v = v;
+                // SAFETY: one ALU instruction on a register; no memory, no stack.
+                unsafe {
+                    core::arch::asm!($asm, inout(reg) v, options(pure, nomem, nostack));
+                }
+                v
+            }
+            #[cfg(not(target_arch = "bpf"))]
+            {
+                let host: fn($t) -> $t = $host;
+                host(v)
+            }
         }
-        v
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    {
-        v >> 63
-    }
+    };
 }
 
-/// `v >> 63` (arithmetic: -1 for a negative `v`, else 0), opaque to LLVM on BPF.
-#[inline(always)]
-pub fn sign_mask(v: i64) -> i64 {
-    #[cfg(target_arch = "bpf")]
-    {
-        let mut v = v;
-        // SAFETY: as for `sign_bit`.
-        unsafe {
-            core::arch::asm!("{0} s>>= 63", inout(reg) v, options(pure, nomem, nostack));
-        }
-        v
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    {
-        v >> 63
-    }
-}
-
-/// `v` unchanged, but of unknown origin to LLVM on BPF: an index it would otherwise
-/// prove in range and turn into a pointer walk the verifier cannot bound.
-#[inline(always)]
-pub fn opaque(v: u64) -> u64 {
-    #[cfg(target_arch = "bpf")]
-    {
-        let mut v = v;
-        // SAFETY: one register move onto itself. Not an empty template: an
-        // instruction-less asm leaves two line_info records at one offset, which
-        // the kernel refuses ("Invalid line_info").
-        unsafe {
-            core::arch::asm!("{0} = {0}", inout(reg) v, options(pure, nomem, nostack));
-        }
-        v
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    {
-        v
-    }
-}
+one_instruction!(
+    /// `v >> 63` (logical).
+    sign_bit(u64), "{0} >>= 63", |v| v >> 63
+);
+one_instruction!(
+    /// `v >> 63` (arithmetic: -1 for a negative `v`, else 0).
+    sign_mask(i64), "{0} s>>= 63", |v| v >> 63
+);
+one_instruction!(
+    /// `v` unchanged, but of unknown origin to LLVM on BPF: an index it would
+    /// otherwise prove in range and turn into a pointer walk the verifier cannot
+    /// bound. A move onto itself, not an empty template: an instruction-less asm
+    /// leaves two line_info records at one offset, which the kernel refuses
+    /// ("Invalid line_info").
+    opaque(u64), "{0} = {0}", |v| v
+);
 
 /// `v` when `bit` is 1, 0 when it is 0 (`bit` from one of the functions below).
 #[inline(always)]
