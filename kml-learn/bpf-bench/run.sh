@@ -13,7 +13,7 @@ FS=$(mktemp -d /tmp/kml-bpf-bench-fs.XXXXXX)
 PKT=$(mktemp /tmp/kml-bpf-bench-pkt.XXXXXX)
 cleanup() { rm -rf "$FS/progs" 2>/dev/null; umount "$FS" 2>/dev/null; rmdir "$FS"; rm -f "$PKT"; }
 trap cleanup EXIT INT TERM
-(cd "$HERE" && CARGO_ENCODED_RUSTFLAGS=$(printf -- '--cfg=bpf_target_arch="x86_64"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Ctarget-cpu=v3') \
+(cd "$HERE" && CARGO_ENCODED_RUSTFLAGS=$(printf -- '--cfg=bpf_target_arch="x86_64"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Clink-arg=--disable-expand-memcpy-in-order\x1f-Ctarget-cpu=v3') \
     cargo +nightly build --quiet --release --target bpfel-unknown-none -Z build-std=core --bins --target-dir "$TARGET")
 mount -t bpf bpf "$FS"
 head -c 64 /dev/zero > "$PKT"
