@@ -196,4 +196,47 @@ mod tests {
             "the eBPF object has CO-RE relocations: object::loader must give aya the kernel's BTF"
         );
     }
+
+    /// No program calls the memory builtins bpf-linker exports (compiler_builtins'
+    /// `memset` and kin: one load or store per byte in a loop). LLVM calls them when
+    /// it may not expand an intrinsic into loads and stores, as bpf-linker's default
+    /// `--bpf-expand-memcpy-in-order` made it do for every memset: the request
+    /// window's zeroing alone cost about 115 ns per insert (docs/benchmarking.md).
+    #[test]
+    fn programs_call_no_memory_builtins() {
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+        let bytes = match super::ebpf_object() {
+            Ok(o) => o,
+            Err(e) => return kml_testkit::skip(format_args!("no eBPF object ({e:#})")),
+        };
+        let elf = object::File::parse(&*bytes).expect("the eBPF object is an ELF file");
+        let mut calls = Vec::new();
+        let mut relocations = 0;
+        for section in elf.sections() {
+            for (offset, reloc) in section.relocations() {
+                relocations += 1;
+                let RelocationTarget::Symbol(index) = reloc.target() else {
+                    continue;
+                };
+                let Ok(name) = elf.symbol_by_index(index).and_then(|s| s.name()) else {
+                    continue;
+                };
+                if ["memset", "memcpy", "memmove", "memcmp", "bcmp"].contains(&name) {
+                    calls.push(format!(
+                        "{}+{offset:#x} → {name}",
+                        section.name().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        // Map and subprogram references are relocations too: an object read wrong
+        // would have none.
+        assert!(relocations > 0, "no relocation read from the eBPF object");
+        assert!(
+            calls.is_empty(),
+            "programs call memory builtins (build with -Clink-arg=--disable-expand-memcpy-in-order, \
+             and zero no large stack buffer): {calls:?}"
+        );
+    }
 }
