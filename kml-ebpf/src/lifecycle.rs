@@ -178,11 +178,7 @@ pub fn on_insert(
             } else {
                 0
             },
-            if r.sector > end {
-                r.sector - end
-            } else {
-                end - r.sector
-            },
+            r.sector.abs_diff(end),
             (*s).issue_gap_ewma_ns,
         )
     };

@@ -20,6 +20,9 @@
 // intrinsics lower to BPF_ATOMIC add/fetch-add, which the kernel supports.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
+// Map keys and values are passed by reference on purpose: aya's `insert` takes
+// `impl Borrow<V>`, and a value passed by value is a copy on the 512-byte stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod hook;
 mod infer;
