@@ -41,10 +41,10 @@ pub struct Window<'a, const N: usize>(&'a [u8; N]);
 
 /// Reads `N` bytes of the request at `rq` into `buf`; the bytes, once read.
 ///
-/// `buf` is not zeroed first: the probe read writes every byte or fails, and a
-/// zeroing would cost a byte loop per event (LLVM lowers it to a call to the
-/// `memset` of compiler_builtins, one store per byte: ~15% of the observer's
-/// in-kernel time, measured with `perf record -e cpu-clock`).
+/// `buf` is not zeroed first: the probe read writes every byte or fails, so a
+/// zeroing is wasted stores on every event. (Under bpf-linker's default flags it
+/// was worse, a call to compiler_builtins' byte-loop `memset`: see the eBPF
+/// rustflags in xtask's build.rs.)
 #[inline(always)]
 fn fill<const N: usize>(rq: u64, buf: &mut MaybeUninit<[u8; N]>) -> Option<&[u8; N]> {
     if layout!(ablate) & ablate::READ_PER_FIELD != 0 {
