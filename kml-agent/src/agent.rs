@@ -16,8 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kml_ebpf_common::{model::ModelKind, Counter, RequestRecord};
-use kml_learn::{ConfusionMatrix, LoadedModel};
+use kml_ebpf_common::{
+    features::features_of_record, model::ModelKind, Counter, RequestRecord, Verdict,
+};
+use kml_learn::{
+    calibrate::{CalibrationPolicy, LiveCalibration},
+    ConfusionMatrix, LoadedModel,
+};
 use tokio::task::JoinHandle;
 
 use crate::{
@@ -87,7 +92,15 @@ pub struct AgentConfig {
     pub act: Option<Policy>,
     pub attach: AttachRequest,
     pub ring_bytes: u32,
+    /// Move the serving model's threshold to what the newest outcomes say
+    /// (`None`: keep the model's own; always `None` while verdicts act).
+    pub calibrate: Option<CalibrationPolicy>,
 }
+
+/// Labelled requests a second that calibration scores on the host (a stride
+/// above that): enough to fill its window in seconds, and a bounded cost per
+/// second at any I/O rate.
+const CALIBRATION_SAMPLES_PER_SECOND: u64 = 4096;
 
 /// One second of the run, for the live line.
 #[derive(Clone, Debug)]
@@ -113,14 +126,18 @@ pub struct Tick {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LearningNote {
     /// `drift`, `swap`, `keep` (the candidate was not better), `refused` (the kernel
-    /// refused the candidate), `rollback`, `rollback-refused` or `failed` (training).
+    /// refused the candidate), `rollback`, `rollback-refused`, `failed` (training),
+    /// `calibrate` (the serving model's threshold moved) or `calibrate-refused`.
     pub kind: &'static str,
     pub message: String,
 }
 
 /// Logs `message` (a warning for the failures) and keeps it for the tick.
 fn note(notes: &mut Vec<LearningNote>, kind: &'static str, message: String) {
-    if matches!(kind, "refused" | "rollback-refused" | "failed") {
+    if matches!(
+        kind,
+        "refused" | "rollback-refused" | "failed" | "calibrate-refused"
+    ) {
         tracing::warn!("{message}");
     } else {
         tracing::info!("{message}");
@@ -173,6 +190,15 @@ pub struct Summary {
     pub seconds: f64,
     pub losses: LossReport,
     pub hook: Option<HookReport>,
+    /// Threshold calibration's installs, and the shift the serving model ended with.
+    pub calibration: Option<CalibrationReport>,
+}
+
+/// What live threshold calibration did in a session.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct CalibrationReport {
+    pub installs: u64,
+    pub shift: i64,
 }
 
 /// What one [`Agent::step`] did.
@@ -221,6 +247,13 @@ pub struct Agent {
     last_drops: u64,
     /// What online learning did since the last tick.
     notes: Vec<LearningNote>,
+    calibration: Option<LiveCalibration>,
+    /// Calibration scores every `calibration_stride`-th labelled request.
+    calibration_stride: u64,
+    calibration_seen: u64,
+    /// The model version calibration takes as serving; any other (a swap, a
+    /// rollback) becomes its new base at the next tick.
+    calibration_version: Option<u32>,
 }
 
 impl Agent {
@@ -265,6 +298,25 @@ impl Agent {
         if let Some((path, m)) = &start_model {
             install_start_model(&mut observer, &mut slots, &mut learner, path, m)?;
         }
+        // The base is the model serving now (started from, or adopted).
+        let calibration = match (config.calibrate, config.act) {
+            (Some(_), Some(policy)) => {
+                tracing::info!(
+                    "threshold calibration off: verdicts act (--act {policy}), so the outcomes it would learn from are the ones the verdicts changed"
+                );
+                None
+            }
+            (Some(policy), None) => {
+                let mut c = LiveCalibration::new(policy);
+                c.serving(
+                    slots
+                        .active()
+                        .and_then(|a| slots.version(a.version).cloned()),
+                );
+                Some(c)
+            }
+            (None, _) => None,
+        };
         let hook = if plan.hook {
             Some(attach_hook(&mut observer, &config, &targets)?)
         } else {
@@ -292,6 +344,7 @@ impl Agent {
         if let Some(m) = &metrics {
             m.publish(&observer, slots.active(), 0, learner.events())?;
         }
+        let calibration_version = slots.active().map(|a| a.version);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         let now = Instant::now();
@@ -321,6 +374,10 @@ impl Agent {
             last_tick: now,
             last_drops: 0,
             notes: Vec::new(),
+            calibration,
+            calibration_stride: 1,
+            calibration_seen: 0,
+            calibration_version,
         })
     }
 
@@ -400,6 +457,13 @@ impl Agent {
         for line in loss.counter_lines() {
             tracing::info!("{line}");
         }
+        if let Some(c) = &self.calibration {
+            tracing::info!(
+                "threshold calibration: {} recalibrated models installed; the serving model's threshold shift {}",
+                c.installs(),
+                c.applied()
+            );
+        }
         if self.config.mode == LossMode::Lossless && loss.ring_full_drops > 0 {
             anyhow::bail!(
                 "lossless mode: {} records were dropped",
@@ -411,6 +475,10 @@ impl Agent {
             seconds: self.started.elapsed().as_secs_f64(),
             losses: loss,
             hook: hook_report,
+            calibration: self.calibration.as_ref().map(|c| CalibrationReport {
+                installs: c.installs(),
+                shift: c.applied(),
+            }),
         })
     }
 
@@ -422,6 +490,19 @@ impl Agent {
         self.second.add(records);
         self.live.merge(&online::live_matrix(records));
         self.learner.observe(records);
+        if let Some(c) = &mut self.calibration {
+            if let Some(base) = c.base().cloned() {
+                for r in records {
+                    if r.verdict == Verdict::NONE || !r.went_through_scheduler() {
+                        continue;
+                    }
+                    self.calibration_seen += 1;
+                    if self.calibration_seen % self.calibration_stride == 0 {
+                        c.observe(base.margin(&features_of_record(r)), r.deadline_missed());
+                    }
+                }
+            }
+        }
         self.tuners.observe(records);
         self.batch.clear();
         // A burst (up to a full ring) leaves a large buffer: keep a modest one.
@@ -477,8 +558,57 @@ impl Agent {
             self.start_training(job);
         }
         self.collect_training().await;
+        self.calibrate(now, tick.summary.records as u64);
         tick.learning = std::mem::take(&mut self.notes);
         Ok(tick)
+    }
+
+    /// Installs the serving model with a better threshold when the newest outcomes
+    /// call for one (not while a swap is on probation: its judgement compares the
+    /// swapped-in model as it came).
+    fn calibrate(&mut self, now: Instant, records_this_second: u64) {
+        let Some(c) = &mut self.calibration else {
+            return;
+        };
+        self.calibration_stride = (records_this_second / CALIBRATION_SAMPLES_PER_SECOND).max(1);
+        let serving = self.slots.active().map(|a| a.version);
+        if serving != self.calibration_version {
+            c.serving(serving.and_then(|v| self.slots.version(v).cloned()));
+            self.calibration_version = serving;
+        }
+        if self.learner.on_probation() {
+            return;
+        }
+        let Some(r) = c.decide(now) else {
+            return;
+        };
+        let prev = self.slots.active();
+        match self.slots.install(self.observer.ebpf_mut(), &r.model) {
+            Ok(active) => {
+                let message = format!(
+                    "calibrate {} -> v{} {}: threshold shift {} -> {}; balanced accuracy on the newest {} labelled requests {:.3} -> {:.3}",
+                    prev.map_or("none".into(), |p| format!("v{}", p.version)),
+                    active.version,
+                    active.kind.name(),
+                    c.applied(),
+                    r.shift,
+                    r.window,
+                    r.before,
+                    r.after
+                );
+                c.installed(&r, now);
+                self.calibration_version = Some(active.version);
+                note(&mut self.notes, "calibrate", message);
+            }
+            Err(e) => {
+                c.refused(now);
+                let message = format!(
+                    "the recalibrated model (threshold shift {}) was not installed: {e:#}; the serving model keeps its threshold",
+                    r.shift
+                );
+                note(&mut self.notes, "calibrate-refused", message);
+            }
+        }
     }
 
     /// Trains off the loop, against the model serving now.

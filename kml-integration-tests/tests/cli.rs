@@ -611,36 +611,11 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
         "2s",
         "--window",
         "60000",
+        // The swapped-in model as trained (calibration would move it to v2).
+        "--no-calibrate",
     ])?;
     wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
-    let mut fio = ChildGuard(
-        Command::new("fio")
-            .args([
-                "--name=mix",
-                "--rw=randrw",
-                "--rwmixread=70",
-                "--bs=4k",
-                "--direct=1",
-                "--ioengine=libaio",
-            ])
-            .args([
-                "--iodepth=256",
-                "--numjobs=2",
-                // Jobs as threads: killing fio ends all its I/O at once (job
-                // processes outlived a killed parent, holding the device and the
-                // inherited machine lock until their runtime ended).
-                "--thread",
-                "--size=400M",
-                "--runtime=60",
-                "--time_based",
-                "--randseed=5",
-            ])
-            .arg(format!("--filename={}", dev.path.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting fio")?,
-    );
+    let mut fio = deep_randrw(&dev)?;
     let swap = wait_for_line(&stderr, "swap none -> v1", Duration::from_secs(50))?;
     ensure!(
         swap.contains("held-back balanced accuracy none ->"),
@@ -652,6 +627,120 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
     let _ = fio.0.kill();
     let _ = fio.0.wait();
     signal(&agent.0, libc::SIGTERM);
+    let status = agent.0.wait()?;
+    ensure!(status.success(), "run exited with {status}");
+    assert_no_kml_programs()?;
+    Ok(())
+}
+
+/// fio's deep random mix on `dev` for up to a minute, as threads (killing fio
+/// ends all its I/O at once).
+fn deep_randrw(dev: &LoopDevice) -> Result<ChildGuard> {
+    Ok(ChildGuard(
+        Command::new("fio")
+            .args([
+                "--name=mix",
+                "--rw=randrw",
+                "--rwmixread=70",
+                "--bs=4k",
+                "--direct=1",
+                "--ioengine=libaio",
+                "--iodepth=256",
+                "--numjobs=2",
+                "--thread",
+                "--size=400M",
+                "--runtime=60",
+                "--time_based",
+                "--randseed=5",
+            ])
+            .arg(format!("--filename={}", dev.path.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting fio")?,
+    ))
+}
+
+/// Live threshold calibration, end to end: a model whose threshold is set so
+/// high that it flags nothing (the shipped logistic weights, threshold +10^6
+/// log-odds) is recalibrated from the outcomes, and the kernel then flags
+/// requests with it.
+#[test]
+fn run_calibrates_a_threshold_that_flags_nothing() -> Result<()> {
+    let dev = LoopDevice::new(512, 4, 8)?;
+    dev.set_queue("nr_requests", "1024")?;
+    let dir = std::env::temp_dir().join(format!("kml-calibrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveDir(dir.clone());
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/logistic.json"),
+    )?)?;
+    let out_shift = m["quantized"]["linear"]["out_shift"]
+        .as_i64()
+        .context("out_shift")?;
+    m["float"]["linear"]["threshold"] = 1e6.into();
+    m["quantized"]["linear"]["threshold"] = (1_000_000i64 << out_shift).into();
+    let path = dir.join("flags-nothing.json");
+    std::fs::write(&path, m.to_string())?;
+    let Agent {
+        child: mut agent,
+        stdout,
+        stderr,
+    } = spawn_agent(&[
+        "run",
+        "--device",
+        &dev.name,
+        "--model",
+        path.to_str().context("utf-8 path")?,
+        "--retrain-every",
+        "0",
+    ])?;
+    wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
+    let mut fio = deep_randrw(&dev)?;
+    // Before: v1 serves and flags nothing, while requests miss.
+    let before = wait_for_line(&stdout, "v1 logistic bal.acc", Duration::from_secs(20))?;
+    ensure!(
+        before.contains("(tp 0 fp 0 "),
+        "the uncalibrated model flagged requests: {before}"
+    );
+    let line = wait_for_line(&stderr, "calibrate v1 -> v2", Duration::from_secs(20))?;
+    let (before_ba, after_ba) = line
+        .rsplit_once(" -> ")
+        .and_then(|(head, after)| {
+            let before = head.rsplit(' ').next()?.parse::<f64>().ok()?;
+            Some((before, after.trim().parse::<f64>().ok()?))
+        })
+        .with_context(|| format!("calibrate line: {line}"))?;
+    ensure!(
+        (before_ba - 0.5).abs() < 1e-9 && after_ba > before_ba,
+        "calibrate line: {line}"
+    );
+    // After: the kernel runs the recalibrated model (v2, or a later calibration)
+    // and flags requests with it.
+    let after = loop {
+        let l = wait_for_line(&stdout, "logistic bal.acc", Duration::from_secs(10))?;
+        if !l.contains("| v1 ") {
+            break l;
+        }
+    };
+    let flagged = after
+        .split("(tp ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next()?.parse::<u64>().ok())
+        .with_context(|| format!("live line: {after}"))?;
+    eprintln!("before: {before}\ncalibrate: {line}\nafter: {after}");
+    ensure!(flagged > 0, "after calibration: {after}");
+    let _ = fio.0.kill();
+    let _ = fio.0.wait();
+    signal(&agent.0, libc::SIGTERM);
+    let end = wait_for_line(&stderr, "threshold calibration:", Duration::from_secs(20))?;
+    ensure!(!end.contains(": 0 recalibrated"), "end: {end}");
     let status = agent.0.wait()?;
     ensure!(status.success(), "run exited with {status}");
     assert_no_kml_programs()?;

@@ -13,13 +13,17 @@
 //! (verdict: `margin > shift`), once both classes hold `min_per_class` requests.
 //! Only records already labelled decide it, so a shift applied from now on was chosen
 //! without looking at the requests it judges. [`with_threshold_shift`] gives the model
-//! to install (one integer differs: the threshold).
+//! to install (one integer differs: the threshold). [`LiveCalibration`] is the run
+//! loop's decision around it: when a new shift is worth installing.
 
-use std::collections::VecDeque;
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use kml_ebpf_common::model::ACC_LIMIT;
 
-use crate::metrics::best_cut;
+use crate::metrics::{best_cut, ConfusionMatrix};
 use crate::quantize::QuantizedModel;
 
 /// How much labelled evidence moves the threshold.
@@ -90,6 +94,11 @@ impl ThresholdCalibrator {
         self.window.is_empty()
     }
 
+    /// The window's (margin, missed) pairs, oldest first.
+    pub fn pairs(&self) -> impl Iterator<Item = (i64, bool)> + '_ {
+        self.window.iter().copied()
+    }
+
     /// Misses and met deadlines in the window.
     pub fn classes(&self) -> (usize, usize) {
         (self.misses, self.window.len() - self.misses)
@@ -157,6 +166,148 @@ pub fn with_threshold_shift(base: &QuantizedModel, shift: i64) -> QuantizedModel
             m.threshold = t.clamp(i32::MIN as i64, i32::MAX as i64) as i32;
             QuantizedModel::Tree(m)
         }
+    }
+}
+
+// The run loop's decision around the calibrator: `kml-agent run` lives it, the
+// `calibration_replay` example replays it on a trace with the same policy.
+
+/// How the run loop calibrates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CalibrationPolicy {
+    pub window: CalibrationConfig,
+    /// A new shift is installed only if it beats the installed one by this much
+    /// balanced accuracy on the window (fewer installs, no churn on noise).
+    pub min_gain: f64,
+    /// At most one install this often.
+    pub every: Duration,
+}
+
+impl Default for CalibrationPolicy {
+    fn default() -> Self {
+        CalibrationPolicy {
+            window: CalibrationConfig::default(),
+            min_gain: 0.005,
+            every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A shift worth installing, and what it is expected to do.
+#[derive(Clone, Debug)]
+pub struct Recalibration {
+    pub model: QuantizedModel,
+    pub shift: i64,
+    /// Balanced accuracy on the window: at the installed shift, and at the new one.
+    pub before: f64,
+    pub after: f64,
+    pub window: usize,
+}
+
+/// The serving model's base, its labelled margins, and the shift in force.
+pub struct LiveCalibration {
+    policy: CalibrationPolicy,
+    base: Option<QuantizedModel>,
+    calibrator: ThresholdCalibrator,
+    /// The shift the serving model carries (0: the base as it came).
+    applied: i64,
+    last_install: Option<Instant>,
+    installs: u64,
+}
+
+impl LiveCalibration {
+    pub fn new(policy: CalibrationPolicy) -> Self {
+        LiveCalibration {
+            calibrator: ThresholdCalibrator::new(policy.window),
+            policy,
+            base: None,
+            applied: 0,
+            last_install: None,
+            installs: 0,
+        }
+    }
+
+    /// A model started serving that this calibration did not make (the starting
+    /// model, a retrained candidate, a rollback): it becomes the base, and the old
+    /// margins, on another scale, are forgotten.
+    pub fn serving(&mut self, base: Option<QuantizedModel>) {
+        self.base = base;
+        self.calibrator.reset();
+        self.applied = 0;
+    }
+
+    pub fn base(&self) -> Option<&QuantizedModel> {
+        self.base.as_ref()
+    }
+
+    /// The shift the serving model carries.
+    pub fn applied(&self) -> i64 {
+        self.applied
+    }
+
+    /// One labelled request, scored by the base: its margin and its outcome.
+    pub fn observe(&mut self, margin: i64, missed: bool) {
+        if self.base.is_some() {
+            self.calibrator.observe(margin, missed);
+        }
+    }
+
+    /// Misses and met deadlines in the window.
+    pub fn classes(&self) -> (usize, usize) {
+        self.calibrator.classes()
+    }
+
+    /// A shift worth installing now, if any. The caller installs
+    /// [`Recalibration::model`] and then calls [`LiveCalibration::installed`].
+    pub fn decide(&self, now: Instant) -> Option<Recalibration> {
+        let base = self.base.as_ref()?;
+        if self
+            .last_install
+            .is_some_and(|at| now.duration_since(at) < self.policy.every)
+        {
+            return None;
+        }
+        let shift = self.calibrator.shift()?;
+        if shift == self.applied {
+            return None;
+        }
+        let (before, after) = (
+            self.balanced_accuracy_at(self.applied),
+            self.balanced_accuracy_at(shift),
+        );
+        if after < before + self.policy.min_gain {
+            return None;
+        }
+        Some(Recalibration {
+            model: with_threshold_shift(base, shift),
+            shift,
+            before,
+            after,
+            window: self.calibrator.len(),
+        })
+    }
+
+    /// The kernel took `r`: it is the serving model now (its base unchanged).
+    pub fn installed(&mut self, r: &Recalibration, now: Instant) {
+        self.applied = r.shift;
+        self.last_install = Some(now);
+        self.installs += 1;
+    }
+
+    /// The kernel refused the recalibrated model: the shift in force stays, and
+    /// the next try waits as after an install.
+    pub fn refused(&mut self, now: Instant) {
+        self.last_install = Some(now);
+    }
+
+    /// Recalibrated models the kernel took.
+    pub fn installs(&self) -> u64 {
+        self.installs
+    }
+
+    fn balanced_accuracy_at(&self, shift: i64) -> f64 {
+        ConfusionMatrix::from_pairs(self.calibrator.pairs().map(|(m, l)| (m > shift, l)))
+            .balanced_accuracy()
     }
 }
 
@@ -326,5 +477,108 @@ mod tests {
             }
             _ => unreachable!(),
         }
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+    use kml_ebpf_common::model::LinearModel;
+
+    /// A model whose threshold is `limit` (the margins are fed by hand).
+    fn base(limit: i64) -> QuantizedModel {
+        let mut m = LinearModel::zeroed();
+        m.threshold = limit;
+        QuantizedModel::Linear(Box::new(m))
+    }
+
+    fn threshold(m: &QuantizedModel) -> i64 {
+        match m {
+            QuantizedModel::Linear(m) => m.threshold,
+            QuantizedModel::Tree(m) => m.threshold as i64,
+        }
+    }
+
+    fn policy() -> CalibrationPolicy {
+        CalibrationPolicy {
+            window: CalibrationConfig {
+                window: 1000,
+                min_per_class: 10,
+            },
+            min_gain: 0.01,
+            every: Duration::from_secs(2),
+        }
+    }
+
+    /// Misses at margins -40..-21, met deadlines at -90..-51: the base (limit 0)
+    /// flags nothing; a shift into (-51, -40) separates them.
+    fn feed(c: &mut LiveCalibration, n: i64) {
+        for i in 0..n {
+            c.observe(-40 - (i % 20), true);
+            c.observe(-90 + (i % 40), false);
+        }
+    }
+
+    #[test]
+    fn a_model_that_flags_nothing_is_moved_to_the_best_threshold() {
+        let t0 = Instant::now();
+        let mut c = LiveCalibration::new(policy());
+        c.serving(Some(base(0)));
+        feed(&mut c, 5);
+        assert!(c.decide(t0).is_none(), "fewer than 10 of a class");
+        feed(&mut c, 20);
+        let r = c.decide(t0).expect("a better shift");
+        assert!(
+            r.shift < 0,
+            "the base flags nothing; the shift lowers it: {}",
+            r.shift
+        );
+        assert!(r.after > 0.99 && (r.before - 0.5).abs() < 1e-9, "{r:?}");
+        // The installed model differs from the base in its threshold only.
+        assert_eq!(threshold(&r.model), r.shift);
+        c.installed(&r, t0);
+        assert_eq!(c.applied(), r.shift);
+        // Same evidence: nothing more to do, now or later.
+        assert!(c.decide(t0 + Duration::from_secs(10)).is_none());
+    }
+
+    #[test]
+    fn installs_are_spaced_and_need_a_real_gain() {
+        let t0 = Instant::now();
+        let mut c = LiveCalibration::new(policy());
+        c.serving(Some(base(0)));
+        feed(&mut c, 25);
+        let r = c.decide(t0).unwrap();
+        c.installed(&r, t0);
+        // The met deadlines move up into the misses' range: a new best exists,
+        // but not before `every` has passed.
+        for i in 0..400 {
+            c.observe(-45 - (i % 10), false);
+        }
+        assert!(c.decide(t0 + Duration::from_secs(1)).is_none());
+        let later = c.decide(t0 + Duration::from_secs(3));
+        if let Some(r2) = &later {
+            assert!(r2.after >= r2.before + 0.01, "{r2:?}");
+            assert_ne!(r2.shift, r.shift);
+        }
+    }
+
+    #[test]
+    fn a_new_base_forgets_the_old_margins_and_shift() {
+        let t0 = Instant::now();
+        let mut c = LiveCalibration::new(policy());
+        c.serving(Some(base(0)));
+        feed(&mut c, 25);
+        let r = c.decide(t0).unwrap();
+        c.installed(&r, t0);
+        c.serving(Some(base(7)));
+        assert_eq!(c.applied(), 0);
+        assert_eq!(c.classes(), (0, 0));
+        assert!(c.decide(t0 + Duration::from_secs(10)).is_none());
+        // No model serving: nothing is kept.
+        c.serving(None);
+        feed(&mut c, 25);
+        assert_eq!(c.classes(), (0, 0));
+        assert!(c.decide(t0 + Duration::from_secs(20)).is_none());
     }
 }

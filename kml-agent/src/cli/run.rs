@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use kml_learn::calibrate::CalibrationPolicy;
+
 use crate::{
     act::hook::Policy,
     agent::{Agent, AgentConfig, LossMode, ModelId, Step, Tick},
@@ -63,6 +65,13 @@ pub struct RunArgs {
     /// hook). Without it, on such a kernel, the hook is attached and only counts.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "model-reads")]
     pub act: Option<Policy>,
+    /// Keep the serving model's own verdict threshold. By default the agent moves
+    /// it (weights unchanged) to the one that does best on the newest outcomes,
+    /// at most every 2 s and only for a clear gain: a model's threshold is tuned
+    /// on its training workloads and does not carry over to a new one. Always
+    /// off with --act (the verdicts would change the outcomes it learns from).
+    #[arg(long)]
+    pub no_calibrate: bool,
     /// Machine-readable output for tools: one JSON object per line on stdout, an
     /// `"event"` of `ready` (attached, observing), `tick` (each second: what the live
     /// line says) or `end` (records, losses, the hook's counters). Messages stay on
@@ -114,6 +123,7 @@ impl RunArgs {
             act: self.act,
             attach: self.observe.attach,
             ring_bytes: self.observe.ring_size,
+            calibrate: (!self.no_calibrate).then(CalibrationPolicy::default),
         }
     }
 }
