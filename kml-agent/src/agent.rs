@@ -497,7 +497,10 @@ impl Agent {
                         continue;
                     }
                     self.calibration_seen += 1;
-                    if self.calibration_seen % self.calibration_stride == 0 {
+                    if self
+                        .calibration_seen
+                        .is_multiple_of(self.calibration_stride)
+                    {
                         c.observe(base.margin(&features_of_record(r)), r.deadline_missed());
                     }
                 }

@@ -96,7 +96,7 @@ fn main() -> anyhow::Result<()> {
                         let j = by_completion[fed];
                         seen += 1;
                         this_second += 1;
-                        if seen % stride == 0 {
+                        if seen.is_multiple_of(stride) {
                             live.observe(margins[j], labels[j]);
                         }
                         fed += 1;
