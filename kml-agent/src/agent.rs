@@ -491,18 +491,16 @@ impl Agent {
         self.live.merge(&online::live_matrix(records));
         self.learner.observe(records);
         if let Some(c) = &mut self.calibration {
-            if let Some(base) = c.base().cloned() {
-                for r in records {
-                    if r.verdict == Verdict::NONE || !r.went_through_scheduler() {
-                        continue;
-                    }
-                    self.calibration_seen += 1;
-                    if self
-                        .calibration_seen
-                        .is_multiple_of(self.calibration_stride)
-                    {
-                        c.observe(base.margin(&features_of_record(r)), r.deadline_missed());
-                    }
+            for r in records {
+                if r.verdict == Verdict::NONE || !r.went_through_scheduler() {
+                    continue;
+                }
+                self.calibration_seen += 1;
+                if self
+                    .calibration_seen
+                    .is_multiple_of(self.calibration_stride)
+                {
+                    c.observe_features(&features_of_record(r), r.deadline_missed());
                 }
             }
         }

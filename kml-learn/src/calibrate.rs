@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kml_ebpf_common::model::ACC_LIMIT;
+use kml_ebpf_common::{features::FeatureVector, model::ACC_LIMIT};
 
 use crate::metrics::{best_cut, ConfusionMatrix};
 use crate::quantize::QuantizedModel;
@@ -236,10 +236,6 @@ impl LiveCalibration {
         self.applied = 0;
     }
 
-    pub fn base(&self) -> Option<&QuantizedModel> {
-        self.base.as_ref()
-    }
-
     /// The shift the serving model carries.
     pub fn applied(&self) -> i64 {
         self.applied
@@ -249,6 +245,13 @@ impl LiveCalibration {
     pub fn observe(&mut self, margin: i64, missed: bool) {
         if self.base.is_some() {
             self.calibrator.observe(margin, missed);
+        }
+    }
+
+    /// One labelled request by its features: the base scores it.
+    pub fn observe_features(&mut self, x: &FeatureVector, missed: bool) {
+        if let Some(base) = &self.base {
+            self.calibrator.observe(base.margin(x), missed);
         }
     }
 
@@ -540,6 +543,33 @@ mod live_tests {
         assert_eq!(c.applied(), r.shift);
         // Same evidence: nothing more to do, now or later.
         assert!(c.decide(t0 + Duration::from_secs(10)).is_none());
+    }
+
+    #[test]
+    fn requests_are_scored_by_the_base_from_their_features() {
+        use kml_ebpf_common::features::{Feature, FeatureVector, NUM_FEATURES};
+        // margin = dir_wait_log - 1000: misses at 600..699, met at 100..199.
+        let mut m = LinearModel::zeroed();
+        m.rule = kml_ebpf_common::model::VerdictRule::ScoreOverThreshold as u32;
+        let f = Feature::DirWaitLog as usize;
+        m.weight[f] = 1;
+        m.input_max[f] = 4096;
+        m.threshold = 1000;
+        let mut c = LiveCalibration::new(policy());
+        c.serving(Some(QuantizedModel::Linear(Box::new(m))));
+        let x = |v: i32| -> FeatureVector {
+            let mut x = [0; NUM_FEATURES];
+            x[f] = v;
+            x
+        };
+        for i in 0..100 {
+            c.observe_features(&x(600 + i), true);
+            c.observe_features(&x(100 + i), false);
+        }
+        assert_eq!(c.classes(), (100, 100));
+        let r = c.decide(Instant::now()).expect("the base flags nothing");
+        assert!((-801..-400).contains(&r.shift), "{}", r.shift);
+        assert!(r.after > 0.999, "{r:?}");
     }
 
     #[test]
