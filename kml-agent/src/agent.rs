@@ -38,7 +38,10 @@ use crate::{
     learn::{
         candidate::{train_candidate, Candidate},
         models,
-        online::{self, LearnConfig, OnlineLearner, Rollback, Swap, TrainJob, TrainingOutcome},
+        online::{
+            self, LearnConfig, ModelEvents, OnlineLearner, Rollback, Swap, TrainJob,
+            TrainingOutcome,
+        },
     },
     metrics::Metrics,
     object::HookGlobals,
@@ -551,7 +554,7 @@ impl Agent {
                 &self.observer,
                 self.slots.active(),
                 self.total,
-                self.learner.events(),
+                self.model_events(),
             )?;
         }
         tick.tuning = self.tuners.tick();
@@ -610,6 +613,16 @@ impl Agent {
                 note(&mut self.notes, "calibrate-refused", message);
             }
         }
+    }
+
+    /// What online learning and calibration did so far.
+    fn model_events(&self) -> ModelEvents {
+        let mut events = self.learner.events();
+        if let Some(c) = &self.calibration {
+            events.calibrations = c.installs();
+            events.threshold_shift = c.applied();
+        }
+        events
     }
 
     /// Trains off the loop, against the model serving now.

@@ -202,6 +202,18 @@ impl Collector for Shared {
             "online trainings that failed",
             s.events.retrain_failures,
         )?;
+        counter(
+            &mut enc,
+            "threshold_calibrations",
+            "recalibrated models installed (the serving model with its threshold moved to the newest outcomes)",
+            s.events.calibrations,
+        )?;
+        gauge(
+            &mut enc,
+            "threshold_shift",
+            "the serving model's threshold shift from live calibration, in score units (0: its own)",
+            s.events.threshold_shift as f64,
+        )?;
         gauge(
             &mut enc,
             "bpf_stats_enabled",
@@ -442,6 +454,8 @@ mod tests {
             *s.counters.slot(Counter::FalseMet) = 4;
             s.records_received = 15;
             s.events.swaps = 1;
+            s.events.calibrations = 3;
+            s.events.threshold_shift = -9025;
             s.model = Some(ActiveModel {
                 kind: ModelKind::Logistic,
                 slot: 1,
@@ -481,6 +495,8 @@ mod tests {
             Some(2.0)
         );
         assert_eq!(sample(&text, "kml_model_swaps_total"), Some(1.0));
+        assert_eq!(sample(&text, "kml_threshold_calibrations_total"), Some(3.0));
+        assert_eq!(sample(&text, "kml_threshold_shift"), Some(-9025.0));
         assert_eq!(sample(&text, "kml_ns_per_decision"), Some(250.0));
         assert!(text.trim_end().ends_with("# EOF"));
         // Every kernel counter but the confusion four is its own metric.

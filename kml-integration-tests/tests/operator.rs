@@ -115,6 +115,8 @@ fn metrics_count_what_was_issued_and_the_confusion_matrix_adds_up() -> Result<()
     for name in [
         "kml_model_swaps_total",
         "kml_model_rollbacks_total",
+        "kml_threshold_calibrations_total",
+        "kml_threshold_shift",
         "kml_orphan_completions_total",
         "kml_lru_evictions_total",
         "kml_bpf_stats_enabled",

@@ -72,6 +72,10 @@ pub struct ModelEvents {
     pub drifts: u64,
     /// Trainings that failed, and candidates the kernel refused.
     pub retrain_failures: u64,
+    /// Recalibrated models installed by live threshold calibration (filled in by
+    /// the run loop, which calibrates), and the serving model's threshold shift.
+    pub calibrations: u64,
+    pub threshold_shift: i64,
 }
 
 /// A swap on probation: if the new model does worse live than the one it
