@@ -105,6 +105,10 @@ pub struct AgentConfig {
 /// second at any I/O rate.
 const CALIBRATION_SAMPLES_PER_SECOND: u64 = 4096;
 
+/// No calibration decision for this long after the kernel sampled records out:
+/// about the time the window takes to fill again with unsampled ones.
+const CALIBRATION_HOLD_AFTER_SAMPLING: Duration = Duration::from_secs(6);
+
 /// One second of the run, for the live line.
 #[derive(Clone, Debug)]
 pub struct Tick {
@@ -257,6 +261,10 @@ pub struct Agent {
     /// The model version calibration takes as serving; any other (a swap, a
     /// rollback) becomes its new base at the next tick.
     calibration_version: Option<u32>,
+    /// The kernel's `sampled_out` when calibration last looked, and no decision
+    /// before this instant (sampling biased the window).
+    calibration_sampled_out: u64,
+    calibration_hold: Option<Instant>,
 }
 
 impl Agent {
@@ -381,6 +389,8 @@ impl Agent {
             calibration_stride: 1,
             calibration_seen: 0,
             calibration_version,
+            calibration_sampled_out: 0,
+            calibration_hold: None,
         })
     }
 
@@ -562,7 +572,8 @@ impl Agent {
             self.start_training(job);
         }
         self.collect_training().await;
-        self.calibrate(now, tick.summary.records as u64);
+        let sampled_out = counters.get(Counter::SampledOut);
+        self.calibrate(now, tick.summary.records as u64, sampled_out);
         tick.learning = std::mem::take(&mut self.notes);
         Ok(tick)
     }
@@ -570,17 +581,24 @@ impl Agent {
     /// Installs the serving model with a better threshold when the newest outcomes
     /// call for one (not while a swap is on probation: its judgement compares the
     /// swapped-in model as it came).
-    fn calibrate(&mut self, now: Instant, records_this_second: u64) {
+    fn calibrate(&mut self, now: Instant, records_this_second: u64, sampled_out: u64) {
         let Some(c) = &mut self.calibration else {
             return;
         };
+        // Under ring pressure the kernel keeps mostly the records near the model's
+        // boundary (`--mode drop`): a window of those would move the threshold
+        // wrong. Wait until the window has turned over without sampling.
+        if sampled_out > self.calibration_sampled_out {
+            self.calibration_sampled_out = sampled_out;
+            self.calibration_hold = Some(now + CALIBRATION_HOLD_AFTER_SAMPLING);
+        }
         self.calibration_stride = (records_this_second / CALIBRATION_SAMPLES_PER_SECOND).max(1);
         let serving = self.slots.active().map(|a| a.version);
         if serving != self.calibration_version {
             c.serving(serving.and_then(|v| self.slots.version(v).cloned()));
             self.calibration_version = serving;
         }
-        if self.learner.on_probation() {
+        if self.learner.on_probation() || self.calibration_hold.is_some_and(|t| now < t) {
             return;
         }
         let Some(r) = c.decide(now) else {
