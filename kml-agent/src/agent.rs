@@ -105,6 +105,9 @@ pub struct AgentConfig {
 /// second at any I/O rate.
 const CALIBRATION_SAMPLES_PER_SECOND: u64 = 4096;
 
+/// Model versions the run loop keeps for host-side use (the newest).
+const SLOT_HISTORY: usize = 64;
+
 /// No calibration decision for this long after the kernel sampled records out:
 /// about the time the window takes to fill again with unsampled ones.
 const CALIBRATION_HOLD_AFTER_SAMPLING: Duration = Duration::from_secs(6);
@@ -837,6 +840,9 @@ fn start_observer(
         oc.hook = Some(HookGlobals::new(raw, sched, only));
     }
     let mut slots = ModelSlots::new();
+    // Records name the version that scored them; a few seconds of versions cover
+    // every record still in flight or in the ring.
+    slots.history_limit = SLOT_HISTORY;
     let dir = &config.pin_dir;
     let observer = match config.pin {
         true => {

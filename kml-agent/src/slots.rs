@@ -47,8 +47,12 @@ pub struct ModelSlots {
     active: Option<ActiveModel>,
     /// When each slot (by `status_index`) last stopped being active.
     released: BTreeMap<u32, Instant>,
-    /// Every version written, for host-side recomputation of kernel verdicts.
+    /// The versions written, for host-side recomputation of kernel verdicts: all
+    /// of them, or the newest `history_limit`.
     history: BTreeMap<u32, QuantizedModel>,
+    /// Versions kept in `history` (the run loop bounds it: calibration and
+    /// retraining install a new version every few seconds for as long as it runs).
+    pub history_limit: usize,
     /// Score distance to the limit that counts as "near the boundary" (sampling).
     pub near_margin: i64,
     /// The programs keep the position state (raw tracepoint mode); a model that
@@ -65,6 +69,7 @@ impl ModelSlots {
         ModelSlots {
             next_version: 1,
             kernel_positions: true,
+            history_limit: usize::MAX,
             ..Default::default()
         }
     }
@@ -183,6 +188,9 @@ impl ModelSlots {
         };
         self.active = Some(active);
         self.history.insert(version, sealed);
+        while self.history.len() > self.history_limit.max(1) {
+            self.history.pop_first();
+        }
         Ok(active)
     }
 
