@@ -13,8 +13,10 @@
 //! records at completion) and only from the next tick on can it change anything. Arms:
 //!
 //! - `fixed`: the model as shipped;
-//! - `calibrated`: the same model, its threshold moved at each tick by
-//!   [`kml_learn::calibrate`] from the newest labelled requests it scored;
+//! - `calibrated`: the same model, its threshold moved by the agent's own live
+//!   calibration ([`LiveCalibration`], `run`'s default policy: the newest labelled
+//!   requests, sampled as the agent samples them; at most one install every 2 s,
+//!   for a gain of 0.005; none while a swap is on probation);
 //! - `retrain`: the agent's online learning, its own code: [`OnlineLearner`] (every
 //!   10 s, or at once on drift; window 200,000; swap when better on the newest fifth;
 //!   probation) with [`train_candidate`], trained synchronously here, the swap taking
@@ -24,7 +26,9 @@
 //! Scores per arm over every request of the trace (what a user meets from the first
 //! second): balanced accuracy of the verdicts served, and AUC of the served margin
 //! (the score against the threshold serving at the time; calibration moves the
-//! threshold only, so its AUC differs from `fixed` only by that).
+//! threshold only, so its AUC differs from `fixed` only by that). Beside them, the
+//! starting model's ceiling: its balanced accuracy at the best single threshold in
+//! hindsight over the whole trace (what no threshold rule can beat).
 
 use std::{
     path::PathBuf,
@@ -39,7 +43,7 @@ use kml_agent::learn::{
 };
 use kml_ebpf_common::{RequestRecord, Verdict};
 use kml_learn::{
-    calibrate::{CalibrationConfig, ThresholdCalibrator},
+    calibrate::{best_balanced_shift, CalibrationConfig, CalibrationPolicy, LiveCalibration},
     metrics::auc,
     ConfusionMatrix, Dataset, LoadedModel, QuantizedModel,
 };
@@ -154,8 +158,10 @@ struct Outcome {
     train_s: Vec<f64>,
     /// The threshold shift serving at the end (model units), if calibrated.
     final_shift: Option<i64>,
-    /// Ticks at which the calibrated threshold changed.
+    /// Recalibrated models installed.
     threshold_changes: usize,
+    /// The starting model at the best single threshold in hindsight, whole trace.
+    ceiling: Option<f64>,
 }
 
 /// When the agent learns a request's outcome: at its completion (its issue if the
@@ -193,20 +199,21 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
     if let Some(ba) = held_back_balanced_accuracy(start) {
         learner.accepted(ba);
     }
-    let mut calibrator = ThresholdCalibrator::new(CalibrationConfig {
-        window: args.window,
-        min_per_class: args.min_per_class,
+    let mut calibration = LiveCalibration::new(CalibrationPolicy {
+        window: CalibrationConfig {
+            window: args.window,
+            min_per_class: args.min_per_class,
+        },
+        ..CalibrationPolicy::default()
     });
     let mut serving: QuantizedModel = start.quantized.clone();
-    let mut version = 1u32;
+    calibration.serving(Some(serving.clone()));
     let mut shift: Option<i64> = None;
     let mut pending: Option<(
         Instant,
         anyhow::Result<kml_agent::learn::candidate::Candidate>,
     )> = None;
 
-    let mut base_margin = vec![0i64; n];
-    let mut served_by = vec![0u32; n];
     let mut verdict = vec![false; n];
     let mut served_margin = vec![0f64; n];
     let (mut swaps, mut rollbacks) = (0u64, 0u64);
@@ -222,8 +229,6 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
             let i = next_insert;
             let m = serving.margin(&feats[i]);
             let s = shift.unwrap_or(0);
-            base_margin[i] = m;
-            served_by[i] = version;
             verdict[i] = m > s;
             served_margin[i] = m.saturating_sub(s) as f64;
             next_insert += 1;
@@ -238,8 +243,8 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
             } else {
                 Verdict::MEETS
             };
-            if arm.calibrate && served_by[i] == version {
-                calibrator.observe(base_margin[i], r.deadline_missed());
+            if arm.calibrate {
+                calibration.offer(|| feats[i], r.deadline_missed());
             }
             arrived.push(r);
             next_known += 1;
@@ -258,9 +263,8 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
             });
             if let Some(m) = back {
                 serving = m;
-                version += 1;
                 rollbacks += 1;
-                calibrator.reset();
+                calibration.serving(Some(serving.clone()));
                 shift = None;
             }
             if let Some(job) = decisions.train {
@@ -274,19 +278,22 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
                 let (_, result) = pending.take().expect("checked");
                 if let TrainingOutcome::Swap(s) = learner.trained(result) {
                     let previous = std::mem::replace(&mut serving, s.candidate.model.clone());
-                    version += 1;
                     learner.swapped(now, &s, Some(previous), true);
                     swaps += 1;
                     swap_at_s.push((tk - t0) as f64 / 1e9);
-                    calibrator.reset();
+                    calibration.serving(Some(serving.clone()));
                     shift = None;
                 }
             }
         }
         if arm.calibrate {
-            if let Some(s) = calibrator.shift() {
-                threshold_changes += (shift != Some(s)) as usize;
-                shift = Some(s);
+            calibration.second_passed();
+            if !learner.on_probation() {
+                if let Some(rc) = calibration.decide(now) {
+                    calibration.installed(&rc, now);
+                    threshold_changes += 1;
+                    shift = Some(rc.shift);
+                }
             }
         }
         k += 1;
@@ -312,6 +319,7 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
         train_s,
         final_shift: shift,
         threshold_changes,
+        ceiling: None,
     };
     (outcome, verdict)
 }
@@ -341,13 +349,13 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let mut all = Vec::new();
     println!(
-        "| model | trace | requests | missed | {} | swaps (at s) |",
+        "| model | trace | requests | missed | {} | ceiling | swaps (at s) |",
         arms.iter()
             .map(|(a, _)| format!("{a}: BA / AUC (from {:.0} s)", args.late_from))
             .collect::<Vec<_>>()
             .join(" | ")
     );
-    println!("|{}", " --- |".repeat(5 + arms.len()));
+    println!("|{}", " --- |".repeat(6 + arms.len()));
     for path in &args.trace {
         let data = Dataset::from_trace_file(path)?;
         let trace = path
@@ -355,7 +363,19 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
+        let labels: Vec<bool> = data.missed().collect();
         for (name, model) in &models {
+            let margins: Vec<i64> = data
+                .features()
+                .iter()
+                .map(|x| model.quantized.margin(x))
+                .collect();
+            let best = best_balanced_shift(&margins, &labels);
+            let hindsight = ConfusionMatrix::from_pairs(
+                margins.iter().zip(&labels).map(|(&m, &l)| (m > best, l)),
+            );
+            let ceiling = (hindsight.actual_misses() > 0 && hindsight.actual_met() > 0)
+                .then(|| hindsight.balanced_accuracy());
             let mut cells = Vec::new();
             let mut swaps = String::new();
             let (mut requests, mut miss_rate) = (0, 0.0);
@@ -364,6 +384,7 @@ fn main() -> anyhow::Result<()> {
                 o.model = name.clone();
                 o.trace = trace.clone();
                 o.arm = arm_name.clone();
+                o.ceiling = ceiling;
                 (requests, miss_rate) = (o.requests, o.miss_rate);
                 cells.push(format!("{} ({})", o.whole.cell(), o.late.cell()));
                 if arm.retrain {
@@ -390,9 +411,10 @@ fn main() -> anyhow::Result<()> {
                 all.push(o);
             }
             println!(
-                "| {name} | {trace} | {requests} | {:.1}% | {} | {swaps} |",
+                "| {name} | {trace} | {requests} | {:.1}% | {} | {} | {swaps} |",
                 100.0 * miss_rate,
-                cells.join(" | ")
+                cells.join(" | "),
+                ceiling.map_or("one class".to_string(), |c| format!("{:.1}", 100.0 * c))
             );
         }
     }

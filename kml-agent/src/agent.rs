@@ -100,11 +100,6 @@ pub struct AgentConfig {
     pub calibrate: Option<CalibrationPolicy>,
 }
 
-/// Labelled requests a second that calibration scores on the host (a stride
-/// above that): enough to fill its window in seconds, and a bounded cost per
-/// second at any I/O rate.
-const CALIBRATION_SAMPLES_PER_SECOND: u64 = 4096;
-
 /// Model versions the run loop keeps for host-side use (the newest).
 const SLOT_HISTORY: usize = 64;
 
@@ -258,9 +253,6 @@ pub struct Agent {
     /// What online learning did since the last tick.
     notes: Vec<LearningNote>,
     calibration: Option<LiveCalibration>,
-    /// Calibration scores every `calibration_stride`-th labelled request.
-    calibration_stride: u64,
-    calibration_seen: u64,
     /// The model version calibration takes as serving; any other (a swap, a
     /// rollback) becomes its new base at the next tick.
     calibration_version: Option<u32>,
@@ -389,8 +381,6 @@ impl Agent {
             last_drops: 0,
             notes: Vec::new(),
             calibration,
-            calibration_stride: 1,
-            calibration_seen: 0,
             calibration_version,
             calibration_sampled_out: 0,
             calibration_hold: None,
@@ -508,15 +498,8 @@ impl Agent {
         self.learner.observe(records);
         if let Some(c) = &mut self.calibration {
             for r in records {
-                if r.verdict == Verdict::NONE || !r.went_through_scheduler() {
-                    continue;
-                }
-                self.calibration_seen += 1;
-                if self
-                    .calibration_seen
-                    .is_multiple_of(self.calibration_stride)
-                {
-                    c.observe_features(&features_of_record(r), r.deadline_missed());
+                if r.verdict != Verdict::NONE && r.went_through_scheduler() {
+                    c.offer(|| features_of_record(r), r.deadline_missed());
                 }
             }
         }
@@ -576,7 +559,7 @@ impl Agent {
         }
         self.collect_training().await;
         let sampled_out = counters.get(Counter::SampledOut);
-        self.calibrate(now, tick.summary.records as u64, sampled_out);
+        self.calibrate(now, sampled_out);
         tick.learning = std::mem::take(&mut self.notes);
         Ok(tick)
     }
@@ -584,10 +567,11 @@ impl Agent {
     /// Installs the serving model with a better threshold when the newest outcomes
     /// call for one (not while a swap is on probation: its judgement compares the
     /// swapped-in model as it came).
-    fn calibrate(&mut self, now: Instant, records_this_second: u64, sampled_out: u64) {
+    fn calibrate(&mut self, now: Instant, sampled_out: u64) {
         let Some(c) = &mut self.calibration else {
             return;
         };
+        c.second_passed();
         // Under ring pressure the kernel keeps mostly the records near the model's
         // boundary (`--mode drop`): a window of those would move the threshold
         // wrong. Wait until the window has turned over without sampling.
@@ -595,7 +579,6 @@ impl Agent {
             self.calibration_sampled_out = sampled_out;
             self.calibration_hold = Some(now + CALIBRATION_HOLD_AFTER_SAMPLING);
         }
-        self.calibration_stride = (records_this_second / CALIBRATION_SAMPLES_PER_SECOND).max(1);
         let serving = self.slots.active().map(|a| a.version);
         if serving != self.calibration_version {
             c.serving(serving.and_then(|v| self.slots.version(v).cloned()));

@@ -170,7 +170,7 @@ pub fn with_threshold_shift(base: &QuantizedModel, shift: i64) -> QuantizedModel
 }
 
 // The run loop's decision around the calibrator: `kml-agent run` lives it, the
-// `calibration_replay` example replays it on a trace with the same policy.
+// `prequential` example of kml-agent replays it on a trace with the same policy.
 
 /// How the run loop calibrates.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -181,6 +181,10 @@ pub struct CalibrationPolicy {
     pub min_gain: f64,
     /// At most one install this often.
     pub every: Duration,
+    /// Labelled requests a second scored for the window (one in
+    /// `offered / samples_per_second` above that): the window fills in seconds,
+    /// and the host's cost per second is bounded at any I/O rate.
+    pub samples_per_second: u64,
 }
 
 impl Default for CalibrationPolicy {
@@ -189,6 +193,7 @@ impl Default for CalibrationPolicy {
             window: CalibrationConfig::default(),
             min_gain: 0.005,
             every: Duration::from_secs(2),
+            samples_per_second: 4096,
         }
     }
 }
@@ -213,6 +218,10 @@ pub struct LiveCalibration {
     applied: i64,
     last_install: Option<Instant>,
     installs: u64,
+    /// Sampling: requests offered, this second and in all; one in `stride` is scored.
+    offered_this_second: u64,
+    offered: u64,
+    stride: u64,
 }
 
 impl LiveCalibration {
@@ -224,6 +233,9 @@ impl LiveCalibration {
             applied: 0,
             last_install: None,
             installs: 0,
+            offered_this_second: 0,
+            offered: 0,
+            stride: 1,
         }
     }
 
@@ -253,6 +265,23 @@ impl LiveCalibration {
         if let Some(base) = &self.base {
             self.calibrator.observe(base.margin(x), missed);
         }
+    }
+
+    /// One labelled request as it arrives: scored when the sampling picks it
+    /// (`features` is called only then).
+    pub fn offer(&mut self, features: impl FnOnce() -> FeatureVector, missed: bool) {
+        self.offered_this_second += 1;
+        self.offered += 1;
+        if self.offered.is_multiple_of(self.stride) {
+            self.observe_features(&features(), missed);
+        }
+    }
+
+    /// A second passed (the run loop's tick): the sampling stride follows the
+    /// rate of the second that ended.
+    pub fn second_passed(&mut self) {
+        self.stride = (self.offered_this_second / self.policy.samples_per_second.max(1)).max(1);
+        self.offered_this_second = 0;
     }
 
     /// Misses and met deadlines in the window.
@@ -510,6 +539,7 @@ mod live_tests {
             },
             min_gain: 0.01,
             every: Duration::from_secs(2),
+            samples_per_second: 100,
         }
     }
 
@@ -570,6 +600,39 @@ mod live_tests {
         let r = c.decide(Instant::now()).expect("the base flags nothing");
         assert!((-801..-400).contains(&r.shift), "{}", r.shift);
         assert!(r.after > 0.999, "{r:?}");
+    }
+
+    #[test]
+    fn offers_above_the_sample_rate_are_strided() {
+        let mut c = LiveCalibration::new(policy());
+        c.serving(Some(base(0)));
+        let x = [0; kml_ebpf_common::features::NUM_FEATURES];
+        let mut scored = 0;
+        // First second: every offer is scored (stride 1).
+        for _ in 0..1000 {
+            c.offer(
+                || {
+                    scored += 1;
+                    x
+                },
+                false,
+            );
+        }
+        assert_eq!((scored, c.classes()), (1000, (0, 1000)));
+        // 1000 offers a second at 100 samples a second: one in ten from now on.
+        c.second_passed();
+        scored = 0;
+        for _ in 0..1000 {
+            c.offer(
+                || {
+                    scored += 1;
+                    x
+                },
+                true,
+            );
+        }
+        assert_eq!(scored, 100);
+        assert_eq!(c.classes().0, 100);
     }
 
     #[test]
