@@ -49,6 +49,30 @@ impl Recording {
     }
 }
 
+/// A scratch folder, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> Result<ScratchDir> {
+        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// models/logistic.json as JSON, to derive test models from.
+fn shipped_logistic() -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/logistic.json"),
+    )?)?)
+}
+
 impl Drop for Recording {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -669,18 +693,9 @@ fn deep_randrw(dev: &LoopDevice) -> Result<ChildGuard> {
 fn run_calibrates_a_threshold_that_flags_nothing() -> Result<()> {
     let dev = LoopDevice::new(512, 4, 8)?;
     dev.set_queue("nr_requests", "1024")?;
-    let dir = std::env::temp_dir().join(format!("kml-calibrate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    struct RemoveDir(PathBuf);
-    impl Drop for RemoveDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = RemoveDir(dir.clone());
-    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/logistic.json"),
-    )?)?;
+    let scratch = ScratchDir::new("calibrate")?;
+    let dir = scratch.0.clone();
+    let mut m = shipped_logistic()?;
     let out_shift = m["quantized"]["linear"]["out_shift"]
         .as_i64()
         .context("out_shift")?;
@@ -959,18 +974,9 @@ fn clear_errors_for_wrong_run_input() -> Result<()> {
     dev.set_queue("scheduler", "mq-deadline")?;
 
     // Models made for other features or another schema: refused, with what to do.
-    let dir = std::env::temp_dir().join(format!("kml-badmodels-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    struct RemoveDir(PathBuf);
-    impl Drop for RemoveDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = RemoveDir(dir.clone());
-    let shipped: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/logistic.json"),
-    )?)?;
+    let scratch = ScratchDir::new("badmodels")?;
+    let dir = scratch.0.clone();
+    let shipped = shipped_logistic()?;
     let mut fewer = shipped.clone();
     fewer["features"].as_array_mut().context("features")?.pop();
     let mut newer = shipped.clone();

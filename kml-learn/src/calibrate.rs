@@ -635,35 +635,46 @@ mod live_tests {
         assert_eq!(c.classes().0, 100);
     }
 
-    #[test]
-    fn installs_are_spaced_and_need_a_real_gain() {
-        let t0 = Instant::now();
+    /// A calibration whose first shift (from `feed`) is installed at `t0`.
+    fn installed_once(t0: Instant) -> (LiveCalibration, Recalibration) {
         let mut c = LiveCalibration::new(policy());
         c.serving(Some(base(0)));
         feed(&mut c, 25);
-        let r = c.decide(t0).unwrap();
+        let r = c.decide(t0).expect("the base flags nothing");
         c.installed(&r, t0);
-        // The met deadlines move up into the misses' range: a new best exists,
-        // but not before `every` has passed.
-        for i in 0..400 {
-            c.observe(-45 - (i % 10), false);
+        (c, r)
+    }
+
+    #[test]
+    fn installs_are_spaced_and_need_a_real_gain() {
+        let t0 = Instant::now();
+        let (mut c, r) = installed_once(t0);
+        // The workload changes: the whole window now has misses at 100..199 and
+        // met deadlines at 0..99, which the installed shift flags alike.
+        for i in 0..500 {
+            c.observe(100 + i % 100, true);
+            c.observe(i % 100, false);
         }
-        assert!(c.decide(t0 + Duration::from_secs(1)).is_none());
-        let later = c.decide(t0 + Duration::from_secs(3));
-        if let Some(r2) = &later {
-            assert!(r2.after >= r2.before + 0.01, "{r2:?}");
-            assert_ne!(r2.shift, r.shift);
-        }
+        assert!(
+            c.decide(t0 + Duration::from_secs(1)).is_none(),
+            "within `every`"
+        );
+        let r2 = c
+            .decide(t0 + Duration::from_secs(3))
+            .expect("a new best, past `every`");
+        assert_eq!(r2.shift, 99);
+        assert!((r2.before - 0.5).abs() < 1e-9 && r2.after > 0.999, "{r2:?}");
+        assert_ne!(r2.shift, r.shift);
+        c.installed(&r2, t0 + Duration::from_secs(3));
+        // Evidence that gains less than `min_gain` over the shift in force: no install.
+        c.observe(99, true);
+        assert!(c.decide(t0 + Duration::from_secs(10)).is_none());
     }
 
     #[test]
     fn a_new_base_forgets_the_old_margins_and_shift() {
         let t0 = Instant::now();
-        let mut c = LiveCalibration::new(policy());
-        c.serving(Some(base(0)));
-        feed(&mut c, 25);
-        let r = c.decide(t0).unwrap();
-        c.installed(&r, t0);
+        let (mut c, _) = installed_once(t0);
         c.serving(Some(base(7)));
         assert_eq!(c.applied(), 0);
         assert_eq!(c.classes(), (0, 0));
