@@ -43,7 +43,10 @@ use kml_agent::learn::{
 };
 use kml_ebpf_common::{RequestRecord, Verdict};
 use kml_learn::{
-    calibrate::{best_balanced_shift, CalibrationConfig, CalibrationPolicy, LiveCalibration},
+    calibrate::{
+        best_balanced_shift, with_threshold_shift, CalibrationConfig, CalibrationPolicy,
+        LiveCalibration,
+    },
     metrics::auc,
     ConfusionMatrix, Dataset, LoadedModel, QuantizedModel,
 };
@@ -209,9 +212,11 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
     let mut serving: QuantizedModel = start.quantized.clone();
     calibration.serving(Some(serving.clone()));
     let mut shift: Option<i64> = None;
+    // (ready at, the training's result, the threshold shift serving when it began)
     let mut pending: Option<(
         Instant,
         anyhow::Result<kml_agent::learn::candidate::Candidate>,
+        Option<i64>,
     )> = None;
 
     let mut verdict = vec![false; n];
@@ -269,13 +274,19 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
             }
             if let Some(job) = decisions.train {
                 let wall = Instant::now();
-                let result = train_candidate(job.kind, job.records, Some(serving.clone()), true);
+                // Judged against the model serving, threshold shift included.
+                let active = with_threshold_shift(&serving, shift.unwrap_or(0));
+                let result = train_candidate(job.kind, job.records, Some(active), true);
                 let took = wall.elapsed();
                 train_s.push(took.as_secs_f64());
-                pending = Some((now + took, result));
+                pending = Some((now + took, result, shift));
             }
-            if pending.as_ref().is_some_and(|(ready, _)| *ready <= now) {
-                let (_, result) = pending.take().expect("checked");
+            if pending.as_ref().is_some_and(|(ready, _, _)| *ready <= now) {
+                let (_, mut result, began_with) = pending.take().expect("checked");
+                // As the agent: calibration moved the threshold meanwhile, judge again.
+                if let (Ok(c), true) = (&mut result, began_with != shift) {
+                    c.judge_against(&with_threshold_shift(&serving, shift.unwrap_or(0)));
+                }
                 if let TrainingOutcome::Swap(s) = learner.trained(result) {
                     let previous = std::mem::replace(&mut serving, s.candidate.model.clone());
                     learner.swapped(now, &s, Some(previous), true);

@@ -231,6 +231,8 @@ pub struct Agent {
     slots: ModelSlots,
     learner: OnlineLearner,
     training: Option<JoinHandle<anyhow::Result<Candidate>>>,
+    /// The model version the training in flight was judged against.
+    training_against: Option<u32>,
     tuners: Tuners,
     metrics: Option<Metrics>,
     watch: DeviceWatch,
@@ -367,6 +369,7 @@ impl Agent {
             slots,
             learner,
             training: None,
+            training_against: None,
             tuners,
             metrics,
             hook,
@@ -632,6 +635,7 @@ impl Agent {
     /// Trains off the loop, against the model serving now.
     fn start_training(&mut self, job: TrainJob) {
         let active = self.active_model();
+        self.training_against = self.slots.active().map(|a| a.version);
         let positions = self.slots.kernel_positions;
         self.training = Some(tokio::task::spawn_blocking(move || {
             train_candidate(job.kind, job.records, active, positions)
@@ -646,7 +650,17 @@ impl Agent {
         let done = self.training.take().expect("checked").await;
         // The training's dataset and matrices are freed: give the memory back.
         crate::runtime::release_free_memory();
-        let result = done.map_err(anyhow::Error::from).and_then(|r| r);
+        let mut result = done.map_err(anyhow::Error::from).and_then(|r| r);
+        // Calibration may have installed a new threshold while the candidate
+        // trained: judge it against the model serving now, not the one it began with.
+        if let Ok(c) = &mut result {
+            let serving = self.slots.active().map(|a| a.version);
+            if serving != self.training_against {
+                if let Some(active) = self.active_model() {
+                    c.judge_against(&active);
+                }
+            }
+        }
         match self.learner.trained(result) {
             TrainingOutcome::Swap(swap) => self.swap(swap),
             TrainingOutcome::Keep(c) => {

@@ -445,6 +445,7 @@ mod tests {
             active_ba,
             held_back: 200,
             took: Duration::from_millis(1),
+            held_back_set: Vec::new(),
         }
     }
 
