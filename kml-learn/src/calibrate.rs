@@ -257,15 +257,17 @@ impl LiveCalibration {
         self.applied
     }
 
-    /// One labelled request, scored by the base: its margin and its outcome.
-    pub fn observe(&mut self, margin: i64, missed: bool) {
+    /// One labelled request, scored by the base: its margin and its outcome (the
+    /// tests feed margins by hand; the run loop offers records).
+    #[cfg(test)]
+    fn observe(&mut self, margin: i64, missed: bool) {
         if self.base.is_some() {
             self.calibrator.observe(margin, missed);
         }
     }
 
     /// One labelled request by its features: the base scores it.
-    pub fn observe_features(&mut self, x: &FeatureVector, missed: bool) {
+    fn observe_features(&mut self, x: &FeatureVector, missed: bool) {
         if let Some(base) = &self.base {
             self.calibrator.observe(base.margin(x), missed);
         }

@@ -6,29 +6,9 @@ use std::time::{Duration, Instant};
 use kml_ebpf_common::{
     features::{features_with_position, FeatureVector},
     model::ModelKind,
-    position::PositionFeatures,
     RequestRecord,
 };
 use kml_learn::{ConfusionMatrix, Dataset, Progress, QuantizedModel, TrainOptions};
-
-/// Balanced accuracy of an integer model on records (the kernel's computation),
-/// each with the position the kernel recorded, else the replayed one (`replayed`,
-/// same order): the kernel records positions only while a model that reads them
-/// is active, so a first position model is judged on replayed ones.
-pub fn integer_balanced_accuracy(
-    model: &QuantizedModel,
-    records: &[RequestRecord],
-    replayed: &[PositionFeatures],
-) -> f64 {
-    ConfusionMatrix::from_pairs(records.iter().zip(replayed).map(|(r, p)| {
-        let p = r.recorded_position().unwrap_or(*p);
-        (
-            model.infer(&features_with_position(r, &p)).at_risk,
-            r.deadline_missed(),
-        )
-    }))
-    .balanced_accuracy()
-}
 
 /// A trained candidate and how both models did on the held-back part.
 pub struct Candidate {
@@ -51,6 +31,8 @@ impl Candidate {
     }
 }
 
+/// Balanced accuracy of an integer model (the kernel's computation) on requests
+/// as the kernel's models see them.
 fn balanced_accuracy_on(model: &QuantizedModel, set: &[(FeatureVector, bool)]) -> f64 {
     ConfusionMatrix::from_pairs(
         set.iter()
@@ -88,6 +70,9 @@ pub fn train_candidate(
         );
     }
     let trained = kml_learn::train(&data, &opts, &Progress::new(true))?;
+    // Each with the position the kernel recorded, else the replayed one: the
+    // kernel records positions only while a model that reads them is active, so
+    // a first position model is judged on replayed ones.
     let held_back_set: Vec<(FeatureVector, bool)> = held_back
         .iter()
         .zip(replayed)
