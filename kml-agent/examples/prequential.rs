@@ -21,7 +21,12 @@
 //!   10 s, or at once on drift; window 200,000; swap when better on the newest fifth;
 //!   probation) with [`train_candidate`], trained synchronously here, the swap taking
 //!   effect at the first tick after the training's measured wall time;
-//! - `retrain+calibrated`: both (the calibration starts over after a swap).
+//! - `retrain+calibrated`: both (the calibration starts over after a swap);
+//! - `raced`, `raced+retrain`: as `calibrated` and `retrain+calibrated`, the
+//!   starting model racing the other `--model`s as `run --model auto` races the
+//!   shipped ones ([`LiveCalibration::race`]: each at its own best threshold on
+//!   the same newest 20,000 sampled labelled requests after 5 s; the winner
+//!   serves if it beats the starting model's best).
 //!
 //! Scores per arm over every request of the trace (what a user meets from the first
 //! second): balanced accuracy of the verdicts served, and AUC of the served margin
@@ -44,7 +49,7 @@ use kml_agent::learn::{
 use kml_ebpf_common::{RequestRecord, Verdict};
 use kml_learn::{
     calibrate::{
-        best_balanced_shift, with_threshold_shift, CalibrationConfig, CalibrationPolicy,
+        best_balanced_shift, with_threshold_shift, CalibrationConfig, CalibrationPolicy, Contender,
         LiveCalibration,
     },
     metrics::auc,
@@ -64,7 +69,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "fixed,calibrated,retrain,retrain+calibrated"
+        default_value = "fixed,calibrated,retrain,retrain+calibrated,raced,raced+retrain"
     )]
     arms: Vec<String>,
     /// Calibration: newest labelled requests the threshold is chosen on.
@@ -91,6 +96,7 @@ struct Args {
 struct Arm {
     calibrate: bool,
     retrain: bool,
+    race: bool,
 }
 
 impl Arm {
@@ -99,18 +105,32 @@ impl Arm {
             "fixed" => Arm {
                 calibrate: false,
                 retrain: false,
+                race: false,
             },
             "calibrated" => Arm {
                 calibrate: true,
                 retrain: false,
+                race: false,
             },
             "retrain" => Arm {
                 calibrate: false,
                 retrain: true,
+                race: false,
             },
             "retrain+calibrated" => Arm {
                 calibrate: true,
                 retrain: true,
+                race: false,
+            },
+            "raced" => Arm {
+                calibrate: true,
+                retrain: false,
+                race: true,
+            },
+            "raced+retrain" => Arm {
+                calibrate: true,
+                retrain: true,
+                race: true,
             },
             _ => return None,
         })
@@ -165,6 +185,8 @@ struct Outcome {
     threshold_changes: usize,
     /// The starting model at the best single threshold in hindsight, whole trace.
     ceiling: Option<f64>,
+    /// The race's winner, when another model won.
+    switched_to: Option<String>,
 }
 
 /// When the agent learns a request's outcome: at its completion (its issue if the
@@ -178,7 +200,14 @@ fn known_at(r: &RequestRecord) -> u64 {
     t.max(r.insert_ns)
 }
 
-fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outcome, Vec<bool>) {
+fn simulate(
+    args: &Args,
+    data: &Dataset,
+    start: (&str, &LoadedModel),
+    others: &[(String, LoadedModel)],
+    arm: Arm,
+) -> (Outcome, Vec<bool>) {
+    let (start_name, start) = start;
     let recs = data.records();
     let feats = data.features();
     let n = recs.len();
@@ -211,6 +240,22 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
     });
     let mut serving: QuantizedModel = start.quantized.clone();
     calibration.serving(Some(serving.clone()));
+    if arm.race {
+        calibration.race(
+            start_name.to_string(),
+            others
+                .iter()
+                .map(|(name, m)| {
+                    Contender::new(
+                        name.clone(),
+                        m.quantized.clone(),
+                        held_back_balanced_accuracy(m),
+                    )
+                })
+                .collect(),
+        );
+    }
+    let mut switched_to = None;
     let mut shift: Option<i64> = None;
     // (ready at, the training's result, the threshold shift serving when it began)
     let mut pending: Option<(
@@ -300,7 +345,18 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
         if arm.calibrate {
             calibration.second_passed();
             if !learner.on_probation() {
-                if let Some(rc) = calibration.decide(now) {
+                if let Some(race) = calibration.race_result() {
+                    if let Some(sw) = race.switch {
+                        serving = sw.base().clone();
+                        shift = Some(sw.shift);
+                        learner.replaced(sw.held_back);
+                        if let Some((_, m)) = others.iter().find(|(n, _)| *n == sw.name) {
+                            learner.config.kind = m.kind();
+                        }
+                        switched_to = Some(sw.name.clone());
+                        calibration.switched(sw, now);
+                    }
+                } else if let Some(rc) = calibration.decide(now) {
                     calibration.installed(&rc, now);
                     threshold_changes += 1;
                     shift = Some(rc.shift);
@@ -331,6 +387,7 @@ fn simulate(args: &Args, data: &Dataset, start: &LoadedModel, arm: Arm) -> (Outc
         final_shift: shift,
         threshold_changes,
         ceiling: None,
+        switched_to,
     };
     (outcome, verdict)
 }
@@ -391,13 +448,22 @@ fn main() -> anyhow::Result<()> {
             let mut swaps = String::new();
             let (mut requests, mut miss_rate) = (0, 0.0);
             for (arm_name, arm) in &arms {
-                let (mut o, _) = simulate(&args, &data, model, *arm);
+                let others: Vec<(String, LoadedModel)> =
+                    models.iter().filter(|(n, _)| n != name).cloned().collect();
+                let (mut o, _) = simulate(&args, &data, (name, model), &others, *arm);
                 o.model = name.clone();
                 o.trace = trace.clone();
                 o.arm = arm_name.clone();
                 o.ceiling = ceiling;
                 (requests, miss_rate) = (o.requests, o.miss_rate);
-                cells.push(format!("{} ({})", o.whole.cell(), o.late.cell()));
+                cells.push(format!(
+                    "{} ({}){}",
+                    o.whole.cell(),
+                    o.late.cell(),
+                    o.switched_to
+                        .as_ref()
+                        .map_or(String::new(), |w| format!(" → {w}"))
+                ));
                 if arm.retrain {
                     swaps.push_str(&format!(
                         "{arm_name}: {} ({}) drifts {} rollbacks {}; ",

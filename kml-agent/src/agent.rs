@@ -20,7 +20,7 @@ use kml_ebpf_common::{
     features::features_of_record, model::ModelKind, Counter, RequestRecord, Verdict,
 };
 use kml_learn::{
-    calibrate::{CalibrationPolicy, LiveCalibration},
+    calibrate::{CalibrationPolicy, Contender, LiveCalibration, RaceResult},
     ConfusionMatrix, LoadedModel,
 };
 use tokio::task::JoinHandle;
@@ -37,7 +37,7 @@ use crate::{
     },
     learn::{
         candidate::{train_candidate, Candidate},
-        models,
+        models::{self, StartModel},
         online::{
             self, LearnConfig, ModelEvents, OnlineLearner, Rollback, Swap, TrainJob,
             TrainingOutcome,
@@ -132,7 +132,9 @@ pub struct Tick {
 pub struct LearningNote {
     /// `drift`, `swap`, `keep` (the candidate was not better), `refused` (the kernel
     /// refused the candidate), `rollback`, `rollback-refused`, `failed` (training),
-    /// `calibrate` (the serving model's threshold moved) or `calibrate-refused`.
+    /// `calibrate` (the serving model's threshold moved), `calibrate-refused`,
+    /// `race` (how `--model auto`'s models did live, and which serves), or
+    /// `race-refused`.
     pub kind: &'static str,
     pub message: String,
 }
@@ -141,7 +143,7 @@ pub struct LearningNote {
 fn note(notes: &mut Vec<LearningNote>, kind: &'static str, message: String) {
     if matches!(
         kind,
-        "refused" | "rollback-refused" | "failed" | "calibrate-refused"
+        "refused" | "rollback-refused" | "failed" | "calibrate-refused" | "race-refused"
     ) {
         tracing::warn!("{message}");
     } else {
@@ -284,7 +286,10 @@ impl Agent {
                 Some(models::resolve(spec, &disks, positions)?)
             }
         };
-        let learn_kind = learn_kind(config.learn_kind.as_deref(), start_model.as_ref())?;
+        let learn_kind = learn_kind(
+            config.learn_kind.as_deref(),
+            start_model.as_ref().map(|s| &s.model),
+        )?;
         if config.pin {
             pins::check_pin_dir(&config.pin_dir)?;
         }
@@ -303,9 +308,10 @@ impl Agent {
             LearnConfig::new(learn_kind, config.retrain_every, config.window),
             Instant::now(),
         );
-        if let Some((path, m)) = &start_model {
-            install_start_model(&mut observer, &mut slots, &mut learner, path, m)?;
-        }
+        let started_from = match &start_model {
+            Some(s) => install_start_model(&mut observer, &mut slots, &mut learner, s)?,
+            None => false,
+        };
         // The base is the model serving now (started from, or adopted).
         let calibration = match (config.calibrate, config.act) {
             (Some(_), Some(policy)) => {
@@ -321,6 +327,9 @@ impl Agent {
                         .active()
                         .and_then(|a| slots.version(a.version).cloned()),
                 );
+                if let Some(s) = start_model.filter(|_| started_from) {
+                    start_race(&mut c, s);
+                }
                 Some(c)
             }
             (None, _) => None,
@@ -590,15 +599,19 @@ impl Agent {
         if self.learner.on_probation() || self.calibration_hold.is_some_and(|t| now < t) {
             return;
         }
+        if let Some(race) = c.race_result() {
+            self.race_ended(race, now);
+            return;
+        }
         let Some(r) = c.decide(now) else {
             return;
         };
-        let prev = self.slots.active();
+        let prev = serving_label(self.slots.active());
         match self.slots.install(self.observer.ebpf_mut(), &r.model) {
             Ok(active) => {
                 let message = format!(
                     "calibrate {} -> v{} {}: threshold shift {} -> {}; balanced accuracy on the newest {} labelled requests {:.3} -> {:.3}",
-                    prev.map_or("none".into(), |p| format!("v{}", p.version)),
+                    prev,
                     active.version,
                     active.kind.name(),
                     c.applied(),
@@ -618,6 +631,56 @@ impl Agent {
                     r.shift
                 );
                 note(&mut self.notes, "calibrate-refused", message);
+            }
+        }
+    }
+
+    /// `--model auto`'s race ended: the winner serves, if it was not the base.
+    fn race_ended(&mut self, race: RaceResult, now: Instant) {
+        let standings = race
+            .standings
+            .iter()
+            .map(|(name, ba, _)| format!("{name} {ba:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let Some(switch) = race.switch else {
+            let message = format!(
+                "race: the starting model stays; balanced accuracy at each model's best threshold on the newest {} labelled requests: {}",
+                race.window,
+                if standings.is_empty() { "one class only, no race".to_string() } else { standings }
+            );
+            note(&mut self.notes, "race", message);
+            return;
+        };
+        let prev = serving_label(self.slots.active());
+        match self.slots.install(self.observer.ebpf_mut(), &switch.model) {
+            Ok(active) => {
+                let message = format!(
+                    "race: {} -> v{} {} ({}, threshold shift {}); balanced accuracy at each model's best threshold on the newest {} labelled requests: {standings}",
+                    prev,
+                    active.version,
+                    switch.name,
+                    active.kind.name(),
+                    switch.shift,
+                    race.window
+                );
+                self.calibration_version = Some(active.version);
+                self.learner.replaced(switch.held_back);
+                if self.config.learn_kind.is_none() {
+                    // Retrain the kind that serves (as when started from it).
+                    self.learner.config.kind = active.kind;
+                }
+                if let Some(c) = &mut self.calibration {
+                    c.switched(switch, now);
+                }
+                note(&mut self.notes, "race", message);
+            }
+            Err(e) => {
+                let message = format!(
+                    "race: {} did best ({standings}) but was not installed: {e:#}; the starting model keeps serving",
+                    switch.name
+                );
+                note(&mut self.notes, "race-refused", message);
             }
         }
     }
@@ -681,14 +744,14 @@ impl Agent {
 
     /// Installs a better candidate; refused by the kernel, the active model stays.
     fn swap(&mut self, swap: Swap) {
-        let prev = self.slots.active();
+        let prev = serving_label(self.slots.active());
         let previous = self.active_model();
         let c = &swap.candidate;
         match self.slots.install(self.observer.ebpf_mut(), &c.model) {
             Ok(active) => {
                 let message = format!(
                     "swap {} -> v{} {}: held-back balanced accuracy {} -> {:.3} on {} records (trained in {:.1}s)",
-                    prev.map_or("none".into(), |p| format!("v{}", p.version)),
+                    prev,
                     active.version,
                     active.kind.name(),
                     c.active_ba.map_or("none".to_string(), |a| format!("{a:.3}")),
@@ -726,6 +789,11 @@ impl Agent {
     }
 }
 
+/// The serving model as the log names it: `v3`, or `none`.
+fn serving_label(active: Option<crate::slots::ActiveModel>) -> String {
+    active.map_or("none".into(), |a| format!("v{}", a.version))
+}
+
 /// Puts the previous model back; refused by the kernel, the new one stays.
 fn roll_back(
     slots: &mut ModelSlots,
@@ -754,15 +822,12 @@ fn roll_back(
 }
 
 /// The kind trained online: asked for, else the starting model's, else logistic.
-fn learn_kind(
-    asked: Option<&str>,
-    start_model: Option<&(PathBuf, LoadedModel)>,
-) -> anyhow::Result<ModelKind> {
+fn learn_kind(asked: Option<&str>, start_model: Option<&LoadedModel>) -> anyhow::Result<ModelKind> {
     Ok(match (asked, start_model) {
         (Some(k), _) => {
             ModelKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown --learn-kind `{k}`"))?
         }
-        (None, Some((_, m))) => m.kind(),
+        (None, Some(m)) => m.kind(),
         (None, None) => ModelKind::Logistic,
     })
 }
@@ -866,20 +931,21 @@ fn start_observer(
 }
 
 /// The starting model, unless an adopted one serves already.
+/// Whether it was installed.
 fn install_start_model(
     observer: &mut Observer,
     slots: &mut ModelSlots,
     learner: &mut OnlineLearner,
-    path: &std::path::Path,
-    m: &LoadedModel,
-) -> anyhow::Result<()> {
+    start: &StartModel,
+) -> anyhow::Result<bool> {
+    let (path, m) = (&start.path, &start.model);
     if let Some(a) = slots.active() {
         tracing::info!(
             "not installing {}: the adopted model v{} serves (stop the agent cleanly to start from another model)",
             path.display(),
             a.version
         );
-        return Ok(());
+        return Ok(false);
     }
     let active = slots.install(observer.ebpf_mut(), &m.quantized)?;
     if let Some(ba) = models::held_back_balanced_accuracy(m) {
@@ -891,7 +957,39 @@ fn install_start_model(
         m.kind().name(),
         active.version
     );
-    Ok(())
+    Ok(true)
+}
+
+/// `--model auto`'s other models race the starting one on the first labelled
+/// requests. Models that read the position features race only when the starting
+/// one reads them too: the kernel records positions only for a model that does.
+fn start_race(c: &mut LiveCalibration, start: StartModel) {
+    let reads_positions = |m: &kml_learn::QuantizedModel| {
+        kml_learn::quantize::used_features(m)
+            .iter()
+            .any(|f| f.is_position())
+    };
+    let positions = reads_positions(&start.model.quantized);
+    let contenders: Vec<Contender> = start
+        .others
+        .into_iter()
+        .filter(|(_, m)| positions || !reads_positions(&m.quantized))
+        .map(|(path, m)| {
+            let held_back = models::held_back_balanced_accuracy(&m);
+            Contender::new(models::name_of(&path), m.quantized, held_back)
+        })
+        .collect();
+    if contenders.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = contenders.iter().map(|c| c.name.as_str()).collect();
+    tracing::info!(
+        "race: {} against {} at each one's best threshold on the newest labelled requests after {} s",
+        models::name_of(&start.path),
+        names.join(", "),
+        kml_learn::calibrate::RACE_SECONDS
+    );
+    c.race(models::name_of(&start.path), contenders);
 }
 
 /// Attaches the verdict program with `--act`'s policy (off: it only counts).

@@ -13,7 +13,8 @@ use kml_ebpf_common::{trace, RequestRecord};
 use kml_integration_tests::{
     accounting::{alone_on_the_block_tracepoints, explain, program_misses_of, DiskStats, Losses},
     agent_bin, assert_no_kml_programs, chain, interrupt_until_exit, issue_direct,
-    scattered_pattern, signal, spawn_agent, wait_for_line, Agent, ChildGuard, Issued, LoopDevice,
+    scattered_pattern, signal, spawn_agent, spawn_agent_with_env, wait_for_line, Agent, ChildGuard,
+    Issued, LoopDevice,
 };
 
 /// A `kml-agent record` of one device, attached and recording; its CSV lives in a
@@ -571,7 +572,14 @@ fn model_auto_on_a_host_loop_device_is_never_a_model_made_for_another_disk() -> 
         "no shipped model declares a disk"
     );
     // As the agent resolves it on a machine with raw tracepoints (CI's: BTF).
-    let (path, chosen) = models::resolve("auto", std::slice::from_ref(&regime), true)?;
+    let start = models::resolve("auto", std::slice::from_ref(&regime), true)?;
+    let (path, chosen) = (&start.path, &start.model);
+    // The models it races live are of the same pool: general ones too.
+    ensure!(
+        !start.others.is_empty() && start.others.iter().all(|(_, m)| m.file.device.is_none()),
+        "auto races {:?}",
+        start.others.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
     ensure!(
         chosen.file.device.is_none(),
         "auto picked {} (made for {}) for {regime}",
@@ -622,7 +630,7 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
     let dev = LoopDevice::new(512, 4, 8)?;
     dev.set_queue("nr_requests", "1024")?;
     let Agent {
-        child: mut agent,
+        child: agent,
         stdout,
         stderr,
     } = spawn_agent(&[
@@ -639,7 +647,7 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
         "--no-calibrate",
     ])?;
     wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
-    let mut fio = deep_randrw(&dev)?;
+    let fio = deep_randrw(&dev)?;
     let swap = wait_for_line(&stderr, "swap none -> v1", Duration::from_secs(50))?;
     ensure!(
         swap.contains("held-back balanced accuracy none ->"),
@@ -648,13 +656,18 @@ fn run_learns_online_and_swaps_in_a_model() -> Result<()> {
     // The live line now reports the kernel's verdicts of that model against outcomes.
     let live = wait_for_line(&stdout, "v1 logistic bal.acc", Duration::from_secs(10))?;
     eprintln!("swap: {swap}\nlive: {live}");
+    stop_fio_then_agent(fio, agent)
+}
+
+/// Stops fio, then the agent (SIGTERM, as an operator would), which must exit
+/// cleanly and leave nothing attached.
+fn stop_fio_then_agent(mut fio: ChildGuard, mut agent: ChildGuard) -> Result<()> {
     let _ = fio.0.kill();
     let _ = fio.0.wait();
     signal(&agent.0, libc::SIGTERM);
     let status = agent.0.wait()?;
     ensure!(status.success(), "run exited with {status}");
-    assert_no_kml_programs()?;
-    Ok(())
+    assert_no_kml_programs()
 }
 
 /// fio's deep random mix on `dev` for up to a minute, as threads (killing fio
@@ -760,6 +773,90 @@ fn run_calibrates_a_threshold_that_flags_nothing() -> Result<()> {
     ensure!(status.success(), "run exited with {status}");
     assert_no_kml_programs()?;
     Ok(())
+}
+
+/// `run --model auto` races the model its held-back scores pick against the other
+/// models of its pool on the first labelled requests, and serves the winner. The
+/// pick is rigged: the shipped logistic model with every weight, the intercept and
+/// the threshold negated (it ranks requests backwards, so no threshold makes it
+/// better than a coin), its file claiming a held-back balanced accuracy of 0.99.
+#[test]
+fn model_auto_races_its_pick_and_serves_the_winner() -> Result<()> {
+    let dev = LoopDevice::new(512, 4, 8)?;
+    dev.set_queue("nr_requests", "1024")?;
+    let scratch = ScratchDir::new("race")?;
+    let mut m = shipped_logistic()?;
+    let negate = |v: &mut serde_json::Value| {
+        *v = match (v.as_i64(), v.as_f64()) {
+            (Some(i), _) => (-i).into(),
+            (None, Some(f)) => (-f).into(),
+            _ => v.clone(),
+        }
+    };
+    for part in ["float", "quantized"] {
+        for w in m[part]["linear"]["weights"]
+            .as_array_mut()
+            .context("weights")?
+            .iter_mut()
+        {
+            negate(w);
+        }
+    }
+    for field in ["intercept", "threshold"] {
+        negate(&mut m["float"]["linear"][field]);
+    }
+    for field in ["bias", "threshold"] {
+        negate(&mut m["quantized"]["linear"][field]);
+    }
+    m["metrics"]["test"]["quantized"]["balanced_accuracy"] = 0.99.into();
+    std::fs::write(scratch.0.join("backwards.json"), m.to_string())?;
+    let dir = scratch.0.to_str().context("utf-8 path")?;
+    let Agent {
+        child: agent,
+        stdout,
+        stderr,
+    } = spawn_agent_with_env(
+        &[
+            "run",
+            "--device",
+            &dev.name,
+            "--model",
+            "auto",
+            "--retrain-every",
+            "0",
+        ],
+        &[("KML_MODELS_DIR", dir)],
+    )?;
+    let picked = wait_for_line(&stderr, "--model auto:", Duration::from_secs(30))?;
+    ensure!(picked.contains("backwards.json"), "auto: {picked}");
+    wait_for_line(&stderr, "race: backwards against", Duration::from_secs(30))?;
+    wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
+    let fio = deep_randrw(&dev)?;
+    // 20,000 labelled requests, sampled at most 4,096 a second: 5 s and more.
+    let race = wait_for_line(&stderr, "race:", Duration::from_secs(60))?;
+    eprintln!("race: {race}");
+    let standing = |name: &str| -> Option<f64> {
+        let after = race.split(&format!(" {name} ")).nth(1)?;
+        after.split([',', ' ']).next()?.parse().ok()
+    };
+    let backwards = standing("backwards").with_context(|| format!("race line: {race}"))?;
+    ensure!(
+        race.contains("race: v1 -> v") && !race.contains("-> v2 backwards"),
+        "the backwards model stayed or won: {race}"
+    );
+    ensure!(
+        backwards < 0.56,
+        "a model that ranks backwards did {backwards} at its best threshold: {race}"
+    );
+    // The kernel serves the winner from then on.
+    let after = loop {
+        let l = wait_for_line(&stdout, "bal.acc", Duration::from_secs(10))?;
+        if !l.contains("| v1 ") {
+            break l;
+        }
+    };
+    eprintln!("after: {after}");
+    stop_fio_then_agent(fio, agent)
 }
 
 #[test]

@@ -10,12 +10,16 @@
 #
 #   kml-learn/scripts/newuser.sh [OUTDIR] [SECONDS]
 #
+# ARMS="online" runs only the named arms; KML_AGENT=path runs another build of
+# the agent (to compare two builds, alternate them in one session).
+#
 # Needs root and `cargo xtask build --release`. Run it under
 # `flock /run/lock/kml-kernel.lock` beside other kernel work.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-AGENT=$ROOT/target/release/kml-agent
+AGENT=${KML_AGENT:-$ROOT/target/release/kml-agent}
+ARMS=${ARMS:-shipped calibrated online}
 OUT=${1:-/tmp/kml-newuser}
 DUR=${2:-30}
 mkdir -p "$OUT"
@@ -56,8 +60,13 @@ one() { # NAME R W NR ARM ARGS...
 
 grep -v '^#' "$HERE/heldout.txt" | while read -r NAME R W NR; do
     [ -n "$NAME" ] || continue
-    one "$NAME" "$R" "$W" "${NR:-1024}" shipped --no-calibrate --retrain-every 0
-    one "$NAME" "$R" "$W" "${NR:-1024}" calibrated --retrain-every 0
-    one "$NAME" "$R" "$W" "${NR:-1024}" online
+    for ARM in $ARMS; do
+        case $ARM in
+        shipped) one "$NAME" "$R" "$W" "${NR:-1024}" shipped --no-calibrate --retrain-every 0 ;;
+        calibrated) one "$NAME" "$R" "$W" "${NR:-1024}" calibrated --retrain-every 0 ;;
+        online) one "$NAME" "$R" "$W" "${NR:-1024}" online ;;
+        *) echo "unknown arm $ARM (shipped, calibrated, online)" >&2; exit 2 ;;
+        esac
+    done
 done
 python3 "$HERE/newuser_summary.py" "$OUT"

@@ -23,7 +23,7 @@ use std::{
 
 use kml_ebpf_common::{features::FeatureVector, model::ACC_LIMIT};
 
-use crate::metrics::{best_cut, ConfusionMatrix};
+use crate::metrics::{balanced_accuracy_standard_error, best_cut, ConfusionMatrix};
 use crate::quantize::QuantizedModel;
 
 /// How much labelled evidence moves the threshold.
@@ -213,11 +213,76 @@ pub struct Recalibration {
     pub window: usize,
 }
 
+/// Seconds a race runs at least: its window then spans several seconds of the
+/// workload (the first second alone fills it, before sampling strides), not one
+/// phase of it.
+pub const RACE_SECONDS: u32 = 5;
+
+/// A model that could serve instead of the base (`run --model auto`'s other
+/// choices), scored on the same labelled requests as the base.
+pub struct Contender {
+    pub name: String,
+    pub model: QuantizedModel,
+    /// Its held-back balanced accuracy from its file, handed back with a switch.
+    pub held_back: Option<f64>,
+    calibrator: ThresholdCalibrator,
+}
+
+impl Contender {
+    pub fn new(name: String, model: QuantizedModel, held_back: Option<f64>) -> Self {
+        Contender {
+            name,
+            model,
+            held_back,
+            // Sized by [`LiveCalibration::race`], to the policy's window.
+            calibrator: ThresholdCalibrator::new(CalibrationConfig::default()),
+        }
+    }
+
+    /// Its best shift on its window and the balanced accuracy there.
+    fn best(&self) -> Option<(i64, f64)> {
+        let shift = self.calibrator.shift()?;
+        Some((shift, balanced_accuracy_of(&self.calibrator, shift)))
+    }
+}
+
+/// How the race of `run --model auto` ended: every model at its own best
+/// threshold on the same newest labelled requests.
+pub struct RaceResult {
+    /// (name, balanced accuracy at its best threshold, that shift), the serving
+    /// base first.
+    pub standings: Vec<(String, f64, i64)>,
+    pub window: usize,
+    /// The winner, when it beat the base by the gain a threshold must show.
+    pub switch: Option<Switch>,
+}
+
+/// Serve another model: `model` (the contender with its best threshold) to
+/// install, then [`LiveCalibration::switched`].
+pub struct Switch {
+    pub name: String,
+    pub model: QuantizedModel,
+    pub shift: i64,
+    pub held_back: Option<f64>,
+    contender: Contender,
+}
+
+impl Switch {
+    /// The winner as it came, its threshold unmoved (`model` is it shifted).
+    pub fn base(&self) -> &QuantizedModel {
+        &self.contender.model
+    }
+}
+
 /// The serving model's base, its labelled margins, and the shift in force.
 pub struct LiveCalibration {
     policy: CalibrationPolicy,
     base: Option<QuantizedModel>,
     calibrator: ThresholdCalibrator,
+    /// The race of `run --model auto`, while it runs: the base's name and the
+    /// other models, scored on the same requests.
+    race: Option<(String, Vec<Contender>)>,
+    race_seconds: u32,
     /// The shift the serving model carries (0: the base as it came).
     applied: i64,
     last_install: Option<Instant>,
@@ -234,6 +299,8 @@ impl LiveCalibration {
             calibrator: ThresholdCalibrator::new(policy.window),
             policy,
             base: None,
+            race: None,
+            race_seconds: 0,
             applied: 0,
             last_install: None,
             installs: 0,
@@ -250,6 +317,91 @@ impl LiveCalibration {
         self.base = base;
         self.calibrator.reset();
         self.applied = 0;
+        // A race is between the model it started with and the others.
+        self.race = None;
+    }
+
+    /// Races the base (named `base_name`) against `contenders` on the same
+    /// labelled requests, once: when the window is full, [`Self::race_result`]
+    /// names the model that does best at its own best threshold. What a model's
+    /// held-back score on its training workloads says about a new workload is
+    /// little (docs/learning.md, table D′: the model chosen by it ranked the
+    /// held-out workloads' requests worse than another shipped model on three of
+    /// five); its outcomes on this one say more.
+    pub fn race(&mut self, base_name: String, mut contenders: Vec<Contender>) {
+        // All on the same requests, from now on.
+        self.calibrator.reset();
+        for c in &mut contenders {
+            c.calibrator = ThresholdCalibrator::new(self.policy.window);
+        }
+        self.race =
+            (!contenders.is_empty() && self.base.is_some()).then_some((base_name, contenders));
+        self.race_seconds = 0;
+    }
+
+    /// Whether a race runs.
+    pub fn racing(&self) -> bool {
+        self.race.is_some()
+    }
+
+    /// The race's end, once the window is full and [`RACE_SECONDS`] passed: the
+    /// standings, and the winner
+    /// if it beats the base's best threshold by the gain a new threshold must
+    /// show. The race ends here either way.
+    pub fn race_result(&mut self) -> Option<RaceResult> {
+        let window = self.calibrator.len();
+        if self.race.is_none()
+            || window < self.policy.window.window
+            || self.race_seconds < RACE_SECONDS
+        {
+            return None;
+        }
+        let (base_name, contenders) = self.race.take()?;
+        let Some(base_shift) = self.calibrator.shift() else {
+            // Full, and still one class short: nothing to race on.
+            return Some(RaceResult {
+                standings: Vec::new(),
+                window,
+                switch: None,
+            });
+        };
+        let base_best = self.balanced_accuracy_at(base_shift);
+        let mut standings = vec![(base_name, base_best, base_shift)];
+        let mut best: Option<(usize, i64, f64)> = None;
+        for (i, c) in contenders.iter().enumerate() {
+            if let Some((shift, ba)) = c.best() {
+                standings.push((c.name.clone(), ba, shift));
+                if best.is_none_or(|(_, _, b)| ba > b) {
+                    best = Some((i, shift, ba));
+                }
+            }
+        }
+        let switch = best
+            .filter(|&(_, _, ba)| ba >= base_best + self.required_gain())
+            .map(|(i, shift, _)| {
+                let contender = contenders.into_iter().nth(i).expect("an index of them");
+                Switch {
+                    name: contender.name.clone(),
+                    model: with_threshold_shift(&contender.model, shift),
+                    shift,
+                    held_back: contender.held_back,
+                    contender,
+                }
+            });
+        Some(RaceResult {
+            standings,
+            window,
+            switch,
+        })
+    }
+
+    /// The kernel took the race's winner: it is the base now, with its shift,
+    /// and its margins on the window (its own scale) are the window.
+    pub fn switched(&mut self, s: Switch, now: Instant) {
+        self.base = Some(s.contender.model);
+        self.calibrator = s.contender.calibrator;
+        self.applied = s.shift;
+        self.last_install = Some(now);
     }
 
     /// The shift the serving model carries.
@@ -266,10 +418,16 @@ impl LiveCalibration {
         }
     }
 
-    /// One labelled request by its features: the base scores it.
+    /// One labelled request by its features: the base scores it, and every
+    /// contender while a race runs.
     fn observe_features(&mut self, x: &FeatureVector, missed: bool) {
         if let Some(base) = &self.base {
             self.calibrator.observe(base.margin(x), missed);
+        }
+        if let Some((_, contenders)) = &mut self.race {
+            for c in contenders {
+                c.calibrator.observe(c.model.margin(x), missed);
+            }
         }
     }
 
@@ -286,6 +444,9 @@ impl LiveCalibration {
     /// A second passed (the run loop's tick): the sampling stride follows the
     /// rate of the second that ended.
     pub fn second_passed(&mut self) {
+        if self.race.is_some() {
+            self.race_seconds += 1;
+        }
         self.stride = (self.offered_this_second / self.policy.samples_per_second.max(1)).max(1);
         self.offered_this_second = 0;
     }
@@ -344,18 +505,21 @@ impl LiveCalibration {
     }
 
     /// The gain a new shift must show: `min_gain`, or more when the window's
-    /// balanced accuracy is uncertain. Its standard error is at most
-    /// ½·√(¼/misses + ¼/met) (each rate's variance is at most ¼ over its count).
+    /// balanced accuracy is uncertain.
     fn required_gain(&self) -> f64 {
         let (misses, met) = self.calibrator.classes();
-        let se = 0.25 * (1.0 / misses.max(1) as f64 + 1.0 / met.max(1) as f64).sqrt();
+        let se = balanced_accuracy_standard_error(misses as u64, met as u64);
         self.policy.min_gain.max(self.policy.min_gain_se * se)
     }
 
     fn balanced_accuracy_at(&self, shift: i64) -> f64 {
-        ConfusionMatrix::from_pairs(self.calibrator.pairs().map(|(m, l)| (m > shift, l)))
-            .balanced_accuracy()
+        balanced_accuracy_of(&self.calibrator, shift)
     }
+}
+
+/// Balanced accuracy of the verdict `margin > shift` on a calibrator's window.
+fn balanced_accuracy_of(c: &ThresholdCalibrator, shift: i64) -> f64 {
+    ConfusionMatrix::from_pairs(c.pairs().map(|(m, l)| (m > shift, l))).balanced_accuracy()
 }
 
 #[cfg(test)]
@@ -616,6 +780,105 @@ mod live_tests {
         let r = c.decide(Instant::now()).expect("the base flags nothing");
         assert!((-801..-400).contains(&r.shift), "{}", r.shift);
         assert!(r.after > 0.999, "{r:?}");
+    }
+
+    /// margin = `feature` - 1000: a model that reads one feature.
+    fn reads(feature: kml_ebpf_common::features::Feature) -> QuantizedModel {
+        let mut m = LinearModel::zeroed();
+        m.rule = kml_ebpf_common::model::VerdictRule::ScoreOverThreshold as u32;
+        m.weight[feature as usize] = 1;
+        m.input_max[feature as usize] = 4096;
+        m.threshold = 1000;
+        QuantizedModel::Linear(Box::new(m))
+    }
+
+    /// `n` misses and `n` met deadlines: queued-same-direction tells them apart
+    /// (misses at 600.., met at 100..), dir-wait-log does not (the same spread).
+    fn race_feed(c: &mut LiveCalibration, n: i32) {
+        use kml_ebpf_common::features::{Feature, NUM_FEATURES};
+        let x = |queued: i32, wait: i32| {
+            let mut x = [0; NUM_FEATURES];
+            x[Feature::QueuedSameDir as usize] = queued;
+            x[Feature::DirWaitLog as usize] = wait;
+            x
+        };
+        for i in 0..n {
+            c.offer(|| x(600 + i % 100, 100 + i % 200), true);
+            c.offer(|| x(100 + i % 100, 100 + (i + 50) % 200), false);
+        }
+    }
+
+    fn racing(base_feature: Feature, contender_feature: Feature) -> LiveCalibration {
+        let mut c = LiveCalibration::new(policy());
+        c.serving(Some(reads(base_feature)));
+        c.race(
+            "base".into(),
+            vec![Contender::new(
+                "contender".into(),
+                reads(contender_feature),
+                Some(0.8),
+            )],
+        );
+        // Its seconds, before any offer (the sampling stays at every request).
+        for _ in 0..RACE_SECONDS {
+            c.second_passed();
+        }
+        c
+    }
+
+    use kml_ebpf_common::features::Feature;
+
+    #[test]
+    fn a_race_switches_to_the_model_that_separates_this_workload() {
+        let t0 = Instant::now();
+        let mut c = racing(Feature::DirWaitLog, Feature::QueuedSameDir);
+        assert!(c.racing());
+        race_feed(&mut c, 400);
+        assert!(c.race_result().is_none(), "the window is not full");
+        let mut early = racing(Feature::DirWaitLog, Feature::QueuedSameDir);
+        early.race_seconds = RACE_SECONDS - 1;
+        race_feed(&mut early, 500);
+        assert!(early.race_result().is_none(), "too early");
+        race_feed(&mut c, 100);
+        let r = c.race_result().expect("a full window ends the race");
+        assert!(!c.racing(), "once");
+        assert_eq!(r.window, 1000);
+        assert_eq!(r.standings[0].0, "base");
+        assert!(r.standings[0].1 < 0.8, "{:?}", r.standings);
+        assert!(r.standings[1].1 > 0.999, "{:?}", r.standings);
+        let s = r
+            .switch
+            .expect("the contender separates, the base does not");
+        assert_eq!((s.name.as_str(), s.held_back), ("contender", Some(0.8)));
+        assert!((-801..-400).contains(&s.shift), "{}", s.shift);
+        assert_eq!(threshold(&s.model), 1000 + s.shift);
+        c.switched(s, t0);
+        // The winner is the base now, its margins the window: calibration goes on
+        // from its shift (nothing better to do on the same evidence).
+        assert!((-801..-400).contains(&c.applied()));
+        assert_eq!(c.classes(), (500, 500));
+        assert!(c.decide(t0 + Duration::from_secs(10)).is_none());
+    }
+
+    #[test]
+    fn a_race_the_base_wins_changes_nothing() {
+        let mut c = racing(Feature::QueuedSameDir, Feature::DirWaitLog);
+        race_feed(&mut c, 500);
+        let r = c.race_result().expect("ended");
+        assert!(r.switch.is_none(), "{:?}", r.standings);
+        assert!(!c.racing());
+        // The base still calibrates as before.
+        assert!(c.decide(Instant::now()).is_some_and(|d| d.after > 0.999));
+    }
+
+    #[test]
+    fn a_new_serving_model_ends_the_race() {
+        let mut c = racing(Feature::DirWaitLog, Feature::QueuedSameDir);
+        race_feed(&mut c, 200);
+        c.serving(Some(reads(Feature::DirWaitLog)));
+        assert!(!c.racing());
+        race_feed(&mut c, 500);
+        assert!(c.race_result().is_none());
     }
 
     #[test]

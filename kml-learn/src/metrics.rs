@@ -93,6 +93,12 @@ impl ConfusionMatrix {
         }
     }
 
+    /// An upper bound on the standard error of [`Self::balanced_accuracy`]: see
+    /// [`balanced_accuracy_standard_error`].
+    pub fn balanced_accuracy_standard_error(&self) -> f64 {
+        balanced_accuracy_standard_error(self.actual_misses(), self.actual_met())
+    }
+
     pub fn summary(&self) -> ClassificationMetrics {
         ClassificationMetrics {
             accuracy: self.accuracy(),
@@ -256,6 +262,14 @@ pub(crate) fn best_cut<T: Copy + PartialEq>(
         }
     }
     cut
+}
+
+/// An upper bound on the standard error of a balanced accuracy measured on `misses`
+/// and `met` requests: ½·√(¼/misses + ¼/met), each class's recall having a variance
+/// of at most ¼ over its count. Requests come in correlated bursts, so the true
+/// error is larger: a floor on what counts as a real difference, not a test.
+pub fn balanced_accuracy_standard_error(misses: u64, met: u64) -> f64 {
+    0.25 * (1.0 / misses.max(1) as f64 + 1.0 / met.max(1) as f64).sqrt()
 }
 
 #[cfg(test)]

@@ -94,11 +94,14 @@ impl std::fmt::Display for DiskRegime {
     }
 }
 
-fn name_of(p: &Path) -> String {
-    p.file_stem().map_or_else(
-        || p.display().to_string(),
-        |s| s.to_string_lossy().into_owned(),
-    )
+/// What `--model auto` chose.
+#[derive(Debug)]
+pub struct AutoChoice {
+    /// The model to start from (an index into the models given).
+    pub index: usize,
+    pub why: String,
+    /// The models it was chosen among (it too): made for these disks, or general.
+    pub pool: Vec<usize>,
 }
 
 /// `--model auto`: which of `models` to start from on `disks`, and why.
@@ -117,7 +120,7 @@ pub fn choose_auto(
     models: &[(PathBuf, LoadedModel)],
     disks: &[DiskRegime],
     positions: bool,
-) -> anyhow::Result<(usize, String)> {
+) -> anyhow::Result<AutoChoice> {
     let runnable: Vec<usize> = (0..models.len())
         .filter(|&i| {
             let q = &models[i].1.quantized;
@@ -162,15 +165,16 @@ pub fn choose_auto(
     };
     if let Some(i) = best(&made_for) {
         let r = models[i].1.file.device.as_ref().expect("filtered");
-        return Ok((
-            i,
-            format!(
+        return Ok(AutoChoice {
+            index: i,
+            why: format!(
                 "made for {r}, which fits {}; {} (best of {} made for such disks)",
                 disk_list(),
                 score(i),
                 made_for.len()
             ),
-        ));
+            pool: made_for,
+        });
     }
     let general: Vec<usize> = runnable
         .iter()
@@ -198,14 +202,15 @@ pub fn choose_auto(
         )
     };
     match best(&general) {
-        Some(i) => Ok((
-            i,
-            format!(
+        Some(i) => Ok(AutoChoice {
+            index: i,
+            why: format!(
                 "general model, {} (best of {} general models){skipped}",
                 score(i),
                 general.len()
             ),
-        )),
+            pool: general,
+        }),
         None => {
             anyhow::bail!(
             "--model auto: no general model and none made for {}{skipped}; name one with --model",
@@ -215,16 +220,29 @@ pub fn choose_auto(
     }
 }
 
+/// The model `run` starts from.
+pub struct StartModel {
+    pub path: PathBuf,
+    pub model: LoadedModel,
+    /// With `--model auto`, the others it was chosen among: they race it live
+    /// ([`kml_learn::calibrate::LiveCalibration::race`]).
+    pub others: Vec<(PathBuf, LoadedModel)>,
+}
+
+/// A model's name: its file's stem.
+pub fn name_of(p: &Path) -> String {
+    p.file_stem().map_or_else(
+        || p.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
+}
+
 /// Resolves `--model`: a path, a shipped name (`logistic` → `models/logistic.json`),
 /// or `auto` ([`choose_auto`] among the shipped models, for the disks served; the
 /// choice and its reason are logged).
-pub fn resolve(
-    spec: &str,
-    disks: &[DiskRegime],
-    positions: bool,
-) -> anyhow::Result<(PathBuf, LoadedModel)> {
+pub fn resolve(spec: &str, disks: &[DiskRegime], positions: bool) -> anyhow::Result<StartModel> {
     if spec == "auto" {
-        let mut models: Vec<(PathBuf, LoadedModel)> = list()
+        let models: Vec<(PathBuf, LoadedModel)> = list()
             .into_iter()
             .filter_map(|(p, m)| m.ok().map(|m| (p, m)))
             .collect();
@@ -233,10 +251,16 @@ pub fn resolve(
             "--model auto: no valid model file in {:?}",
             search_dirs()
         );
-        let (i, why) = choose_auto(&models, disks, positions)?;
-        let chosen = models.swap_remove(i);
-        tracing::info!("--model auto: {}: {why}", chosen.0.display());
-        return Ok(chosen);
+        let choice = choose_auto(&models, disks, positions)?;
+        let mut pool: Vec<Option<(PathBuf, LoadedModel)>> = models.into_iter().map(Some).collect();
+        let (path, model) = pool[choice.index].take().expect("chosen once");
+        let others = choice.pool.iter().filter_map(|&i| pool[i].take()).collect();
+        tracing::info!("--model auto: {}: {}", path.display(), choice.why);
+        return Ok(StartModel {
+            path,
+            model,
+            others,
+        });
     }
     let direct = PathBuf::from(spec);
     let path = if direct.is_file() {
@@ -259,7 +283,11 @@ pub fn resolve(
             path.display()
         )
     })?;
-    Ok((path, loaded))
+    Ok(StartModel {
+        path,
+        model: loaded,
+        others: Vec::new(),
+    })
 }
 
 #[cfg(test)]
@@ -294,9 +322,10 @@ mod tests {
     }
 
     fn chosen(models: &[(PathBuf, LoadedModel)], disks: &[DiskRegime]) -> String {
-        let (i, why) = choose_auto(models, disks, true).unwrap();
-        assert!(!why.is_empty());
-        name_of(&models[i].0)
+        let c = choose_auto(models, disks, true).unwrap();
+        assert!(!c.why.is_empty());
+        assert!(c.pool.contains(&c.index));
+        name_of(&models[c.index].0)
     }
 
     /// The best held-back score among the runnable general models, by hand.
@@ -350,12 +379,14 @@ mod tests {
         let models = shipped();
         let vda = disk("vda", Some(1), Some(100));
         assert_eq!(chosen(&models, std::slice::from_ref(&vda)), "vm-logistic");
-        let (_, why) = choose_auto(&models, std::slice::from_ref(&vda), true).unwrap();
+        let why = choose_auto(&models, std::slice::from_ref(&vda), true)
+            .unwrap()
+            .why;
         assert!(why.contains("made for") && why.contains("vda"), "{why}");
         // Serving the VM disk and a host disk at once: only a general model fits both.
         let both = [vda, disk("loop0", Some(128), Some(8))];
         assert_eq!(chosen(&models, &both), best_general(&models));
-        let (_, why) = choose_auto(&models, &both, true).unwrap();
+        let why = choose_auto(&models, &both, true).unwrap().why;
         assert!(
             why.contains("not for") && why.contains("vm-logistic"),
             "{why}"
@@ -379,7 +410,9 @@ mod tests {
             disk("loop0", Some(128), Some(8)),
             disk("vda", Some(1), Some(100)),
         ] {
-            let (i, _) = choose_auto(&models, std::slice::from_ref(&d), false).unwrap();
+            let i = choose_auto(&models, std::slice::from_ref(&d), false)
+                .unwrap()
+                .index;
             let name = name_of(&models[i].0);
             assert!(!uses_position(&name), "{d}: {name}");
         }

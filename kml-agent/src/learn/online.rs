@@ -4,8 +4,8 @@
 //! it: trains off the loop, installs through [`crate::slots`], logs.
 //!
 //! - A sliding window of the newest records is retrained on every `every`, or at
-//!   once when drift is seen (live balanced accuracy `drift_drop` below the active
-//!   model's held-back score), once the window holds enough of both classes.
+//!   once when drift is seen ([`DriftWatch`]), once the window holds enough of both
+//!   classes.
 //! - A candidate replaces the active model only if it is better by `min_gain` on
 //!   the same held-back newest records ([`super::candidate`]).
 //! - A swap is on probation for [`PROBATION_SECONDS`]: if the new model does worse
@@ -43,7 +43,8 @@ pub struct LearnConfig {
     pub min_records: usize,
     /// A candidate must beat the active model by this much balanced accuracy.
     pub min_gain: f64,
-    /// Live balanced accuracy this far below the model's held-back score is drift.
+    /// Live balanced accuracy this far below what the serving model showed is
+    /// drift ([`DriftWatch`]).
     pub drift_drop: f64,
 }
 
@@ -63,6 +64,127 @@ impl LearnConfig {
 
 /// Seconds of live verdicts compared before and after a swap.
 pub const PROBATION_SECONDS: usize = 5;
+
+/// Seconds of live verdicts pooled for one judgement of drift.
+pub const DRIFT_SECONDS: usize = 5;
+
+/// Fewest requests of each class in pooled live seconds worth judging.
+const DRIFT_MIN_PER_CLASS: u64 = 50;
+
+/// Watches the serving model's live verdicts for drift.
+///
+/// Drift is judged on [`DRIFT_SECONDS`] pooled, never on one second: misses come
+/// in bursts, and one second's balanced accuracy swings far more than the pool's
+/// (measured live on oltp-wal: seconds alternating 0.90 and 0.70 around a pooled
+/// 0.76). And it is judged against what the model showed *live*, never against
+/// its held-back score alone: at 67k requests/s the held-back newest fifth of a
+/// 200,000-record window is 0.6 s of one phase, and scored 0.87–0.91 where the
+/// same models served 0.73–0.76 pooled, so that every second looked like drift
+/// and retrained (9 versions in 30 s).
+///
+/// - A model *settles* over its first judgeable pooled seconds: that is its live
+///   reference. If it settles `drift_drop` below its held-back score, it does not
+///   fit this workload: one retrain, at once (the shipped model on a new workload).
+/// - Settled, the newest pooled seconds falling `drift_drop` below the reference
+///   (and beyond two standard errors of the difference) is drift.
+/// - A training that ends without a swap re-settles: what the model does now is
+///   what the newest data supports. A swap or rollback settles the new model.
+#[derive(Default)]
+pub struct DriftWatch {
+    settling: ConfusionMatrix,
+    settling_seconds: usize,
+    settled: Option<ConfusionMatrix>,
+    /// The serving model was checked against its held-back score once.
+    fit_checked: bool,
+    /// Seconds since it settled, the newest [`DRIFT_SECONDS`].
+    recent: VecDeque<ConfusionMatrix>,
+}
+
+impl DriftWatch {
+    fn judgeable(m: &ConfusionMatrix) -> bool {
+        m.actual_misses() >= DRIFT_MIN_PER_CLASS && m.actual_met() >= DRIFT_MIN_PER_CLASS
+    }
+
+    /// A new model serves: it settles again, and is checked against its held-back
+    /// score once more.
+    pub fn new_model(&mut self) {
+        *self = DriftWatch::default();
+    }
+
+    /// The serving model stays, but what it showed is no longer the reference.
+    pub fn settle_again(&mut self) {
+        let fit_checked = self.fit_checked;
+        *self = DriftWatch {
+            fit_checked,
+            ..DriftWatch::default()
+        };
+    }
+
+    /// The live reference, once settled.
+    pub fn reference(&self) -> Option<f64> {
+        self.settled
+            .as_ref()
+            .map(ConfusionMatrix::balanced_accuracy)
+    }
+
+    /// One second of live verdicts; `Some(reason)` when it calls for a retrain.
+    /// `held_back`: the serving model's held-back score, if known.
+    fn second(
+        &mut self,
+        live: &ConfusionMatrix,
+        held_back: Option<f64>,
+        drop: f64,
+    ) -> Option<String> {
+        let Some(settled) = self.settled else {
+            self.settling.merge(live);
+            self.settling_seconds += 1;
+            if self.settling_seconds < DRIFT_SECONDS || !Self::judgeable(&self.settling) {
+                return None;
+            }
+            self.settled = Some(self.settling);
+            let ba = self.settling.balanced_accuracy();
+            let se = self.settling.balanced_accuracy_standard_error();
+            let seconds = self.settling_seconds;
+            if std::mem::replace(&mut self.fit_checked, true) {
+                return None;
+            }
+            let promised = held_back?;
+            return (ba < promised - drop.max(2.0 * se)).then(|| {
+                format!(
+                    "the model serves balanced accuracy {ba:.3} live over its first {seconds} s, \
+                     more than {drop:.2} below the {promised:.3} it scored held back"
+                )
+            });
+        };
+        self.recent.push_back(*live);
+        if self.recent.len() > DRIFT_SECONDS {
+            self.recent.pop_front();
+        }
+        if self.recent.len() < DRIFT_SECONDS {
+            return None;
+        }
+        let pooled = self
+            .recent
+            .iter()
+            .fold(ConfusionMatrix::default(), |mut m, s| {
+                m.merge(s);
+                m
+            });
+        if !Self::judgeable(&pooled) {
+            return None;
+        }
+        let (now, before) = (pooled.balanced_accuracy(), settled.balanced_accuracy());
+        let se = pooled
+            .balanced_accuracy_standard_error()
+            .hypot(settled.balanced_accuracy_standard_error());
+        (now < before - drop.max(2.0 * se)).then(|| {
+            format!(
+                "live balanced accuracy {now:.3} over the last {DRIFT_SECONDS} s, \
+                 more than {drop:.2} below the {before:.3} the model showed when it settled"
+            )
+        })
+    }
+}
 
 /// What online learning did so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -166,6 +288,7 @@ pub struct OnlineLearner {
     last_train: Instant,
     /// Held-back balanced accuracy of the active model when it was chosen.
     pub reference_ba: Option<f64>,
+    drift: DriftWatch,
     drift_seen: bool,
     /// The live matrices of the last [`PROBATION_SECONDS`] seconds.
     recent: VecDeque<ConfusionMatrix>,
@@ -189,6 +312,7 @@ impl OnlineLearner {
             config,
             last_train: now,
             reference_ba: None,
+            drift: DriftWatch::default(),
             drift_seen: false,
             recent: VecDeque::new(),
             probation: None,
@@ -199,6 +323,11 @@ impl OnlineLearner {
 
     pub fn events(&self) -> ModelEvents {
         self.events
+    }
+
+    /// The serving model's live reference for drift, once it has settled.
+    pub fn live_reference(&self) -> Option<f64> {
+        self.drift.reference()
     }
 
     /// Whether a swap is on probation now.
@@ -223,6 +352,9 @@ impl OnlineLearner {
         if self.recent.len() > PROBATION_SECONDS {
             self.recent.pop_front();
         }
+        // A second served by a model on probation belongs to its judgement, also
+        // on the tick that ends it (and may roll it back).
+        let probation_second = self.probation.is_some();
         if let Some(p) = self.probation.as_mut() {
             p.after.merge(&live);
             if now.duration_since(p.started) >= Duration::from_secs(PROBATION_SECONDS as u64) {
@@ -238,7 +370,9 @@ impl OnlineLearner {
                 }
             }
         }
-        out.drift = self.check_drift(&live);
+        if !probation_second {
+            out.drift = self.check_drift(&live);
+        }
         if out.drift.is_some() {
             self.events.drifts += 1;
         }
@@ -254,7 +388,9 @@ impl OnlineLearner {
         out
     }
 
-    /// A training run ended.
+    /// A training run ended. Without a swap, the serving model's live reference
+    /// settles again: a retrain on the newest data found nothing better, so what
+    /// the model does now is not drift to retrain for again and again.
     pub fn trained(&mut self, result: anyhow::Result<Candidate>) -> TrainingOutcome {
         self.training = false;
         match result {
@@ -265,11 +401,13 @@ impl OnlineLearner {
                 if better {
                     TrainingOutcome::Swap(Swap { candidate: c })
                 } else {
+                    self.drift.settle_again();
                     TrainingOutcome::Keep(c)
                 }
             }
             Err(e) => {
                 self.events.retrain_failures += 1;
+                self.drift.settle_again();
                 TrainingOutcome::Failed(format!("{e:#}"))
             }
         }
@@ -286,6 +424,7 @@ impl OnlineLearner {
     ) {
         if !installed {
             self.events.retrain_failures += 1;
+            self.drift.settle_again();
             return;
         }
         if let Some(previous) = previous {
@@ -304,6 +443,7 @@ impl OnlineLearner {
             ));
         }
         self.accepted(swap.candidate.candidate_ba);
+        self.drift.new_model();
         self.events.swaps += 1;
     }
 
@@ -312,8 +452,16 @@ impl OnlineLearner {
     fn rolled_back(&mut self, rollback: &Rollback, installed: bool) {
         if installed {
             self.accepted(rollback.reference);
+            self.drift.new_model();
             self.events.rollbacks += 1;
         }
+    }
+
+    /// Another model serves, chosen outside online learning (`--model auto`'s
+    /// race): its held-back score, if known, and it settles anew.
+    pub fn replaced(&mut self, held_back: Option<f64>) {
+        self.reference_ba = held_back;
+        self.drift.new_model();
     }
 
     /// The model now serving was chosen with this held-back score: the live reference.
@@ -344,21 +492,13 @@ impl OnlineLearner {
         self.window.len()
     }
 
-    /// Checks one second's live matrix against the reference; `Some` when drift.
+    /// One second's live matrix to the drift watch; `Some` when drift, reported
+    /// once until a retrain starts.
     fn check_drift(&mut self, live: &ConfusionMatrix) -> Option<String> {
-        let reference = self.reference_ba?;
-        if live.total() < 200 || live.actual_misses() == 0 || live.actual_met() == 0 {
-            return None;
-        }
-        let ba = live.balanced_accuracy();
-        if ba < reference - self.config.drift_drop && !self.drift_seen {
-            self.drift_seen = true;
-            return Some(format!(
-                "live balanced accuracy {ba:.3} < {reference:.3} - {:.2}",
-                self.config.drift_drop
-            ));
-        }
-        None
+        let reason = self
+            .drift
+            .second(live, self.reference_ba, self.config.drift_drop)?;
+        (!std::mem::replace(&mut self.drift_seen, true)).then_some(reason)
     }
 
     /// Whether a retrain is due (period elapsed or drift), with enough data.
@@ -671,65 +811,120 @@ mod tests {
         assert_eq!(p.judge(), None, "too little evidence");
     }
 
+    /// Seconds `from..to` of `m`, ticked one by one; the drift reasons reported.
+    fn seconds(
+        l: &mut OnlineLearner,
+        t0: Instant,
+        from: u32,
+        to: u32,
+        m: ConfusionMatrix,
+    ) -> Vec<(u32, String, bool)> {
+        (from..to)
+            .filter_map(|s| {
+                let d = tick(
+                    l,
+                    t0 + SECOND * s,
+                    &second(m, u64::from(s) * 10_000),
+                    no_rollback,
+                );
+                d.drift.map(|r| (s, r, d.train.is_some()))
+            })
+            .collect()
+    }
+
+    // Balanced accuracy 0.94, 0.45 and 0.65, with 100 misses a second.
+    const FINE: ConfusionMatrix = ConfusionMatrix {
+        true_miss: 90,
+        false_miss: 10,
+        true_met: 480,
+        false_met: 10,
+    };
+    const POOR: ConfusionMatrix = ConfusionMatrix {
+        true_miss: 30,
+        false_miss: 200,
+        true_met: 300,
+        false_met: 70,
+    };
+    const MEDIOCRE: ConfusionMatrix = ConfusionMatrix {
+        true_miss: 60,
+        false_miss: 150,
+        true_met: 350,
+        false_met: 40,
+    };
+
     #[test]
-    fn drift_is_a_drop_below_the_reference_reported_once() {
+    fn drift_is_judged_on_pooled_seconds_against_what_the_model_showed_live() {
         let t0 = Instant::now();
         let mut cfg = config();
         cfg.min_records = 100_000; // never enough to train: drift is only reported
         let mut l = OnlineLearner::new(cfg, t0);
-        let fine = matrix(90, 10, 480, 10);
-        let poor = matrix(30, 200, 300, 70);
-        assert!(
-            tick(&mut l, t0, &second(poor, 0), no_rollback)
-                .drift
-                .is_none(),
-            "no reference yet"
-        );
         l.accepted(0.90);
+        let s = DRIFT_SECONDS as u32;
+        assert!(seconds(&mut l, t0, 0, s - 1, FINE).is_empty());
+        assert_eq!(l.live_reference(), None, "settling");
+        assert!(seconds(&mut l, t0, s - 1, s, FINE).is_empty(), "it fits");
+        assert!(l.live_reference().is_some_and(|r| (r - 0.94).abs() < 0.01));
+        // One poor second among fine ones: the pool holds (0.875), no drift. Judged
+        // second by second against the held-back 0.90, it was drift.
+        assert!(seconds(&mut l, t0, s, 2 * s - 1, FINE).is_empty());
+        assert!(seconds(&mut l, t0, 2 * s - 1, 2 * s, POOR).is_empty());
+        // Poor for a whole pool: drift, reported once.
+        let drifts = seconds(&mut l, t0, 2 * s, 4 * s, POOR);
+        assert_eq!(drifts.len(), 1, "{drifts:?}");
+        let (at, reason, train) = &drifts[0];
         assert!(
-            tick(&mut l, t0, &second(fine, 1000), no_rollback)
-                .drift
-                .is_none(),
-            "0.90 live is fine"
+            *at < 3 * s,
+            "reported as soon as the pool is poor (at {at})"
         );
         assert!(
-            tick(&mut l, t0, &second(matrix(1, 1, 50, 1), 2000), no_rollback)
-                .drift
-                .is_none(),
-            "too few requests to judge"
+            reason.contains("the model showed when it settled"),
+            "{reason}"
         );
-        let d = tick(&mut l, t0, &second(poor, 3000), no_rollback);
-        assert!(
-            d.drift
-                .is_some_and(|m| m.contains("live balanced accuracy")),
-            "0.6 live is drift"
-        );
-        assert!(d.train.is_none(), "not enough records to train");
-        assert!(
-            tick(&mut l, t0, &second(poor, 4000), no_rollback)
-                .drift
-                .is_none(),
-            "reported once until a retrain starts"
-        );
+        assert!(!train, "not enough records to train");
         assert_eq!(l.events().drifts, 1);
     }
 
     #[test]
-    fn drift_retrains_without_waiting_for_the_period() {
+    fn a_model_that_settles_far_below_its_held_back_score_retrains_once() {
         let t0 = Instant::now();
         let mut l = OnlineLearner::new(config(), t0);
         l.accepted(0.90);
-        let d = tick(
-            &mut l,
-            t0 + SECOND,
-            &second(matrix(30, 200, 300, 70), 0),
-            no_rollback,
-        );
-        assert!(d.drift.is_some());
-        assert!(
-            d.train.is_some(),
-            "drift with both classes in the window retrains now (the period is an hour)"
-        );
+        let s = DRIFT_SECONDS as u32;
+        let drifts = seconds(&mut l, t0, 0, s, MEDIOCRE);
+        assert_eq!(drifts.len(), 1, "{drifts:?}");
+        let (_, reason, train) = &drifts[0];
+        assert!(reason.contains("held back"), "{reason}");
+        assert!(*train, "retrains now (the period is an hour)");
+        // The retrain finds nothing better: the model settles again at what it
+        // does, and is not checked against its held-back score again.
+        assert!(matches!(
+            l.trained(Ok(candidate(0.60, Some(0.65)))),
+            TrainingOutcome::Keep(_)
+        ));
+        assert_eq!(l.live_reference(), None);
+        assert!(seconds(&mut l, t0, s, 4 * s, MEDIOCRE).is_empty());
+        assert!(l.live_reference().is_some_and(|r| (r - 0.65).abs() < 0.01));
+    }
+
+    #[test]
+    fn a_swapped_in_model_settles_after_its_probation() {
+        let t0 = Instant::now();
+        let (mut l, at) = swapped_learner(t0, FINE);
+        let p = PROBATION_SECONDS as u32;
+        // On probation: its seconds are the probation's, not the drift watch's.
+        for i in 1..=p {
+            tick(
+                &mut l,
+                at + SECOND * i,
+                &second(FINE, u64::from(i) * 10_000),
+                no_rollback,
+            );
+        }
+        assert!(!l.on_probation());
+        assert_eq!(l.live_reference(), None);
+        let d = seconds(&mut l, at, p + 1, p + 1 + DRIFT_SECONDS as u32, FINE);
+        assert!(d.is_empty(), "{d:?}");
+        assert!(l.live_reference().is_some());
     }
 
     #[test]
