@@ -647,7 +647,10 @@ impl Agent {
             let message = format!(
                 "race: the starting model stays; balanced accuracy at each model's best threshold on the newest {} labelled requests: {}",
                 race.window,
-                if standings.is_empty() { "one class only, no race".to_string() } else { standings }
+                if standings.is_empty() { format!(
+                        "one class only after {} s, no race",
+                        kml_learn::calibrate::RACE_LIMIT_SECONDS
+                    ) } else { standings }
             );
             note(&mut self.notes, "race", message);
             return;

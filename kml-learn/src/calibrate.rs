@@ -218,6 +218,10 @@ pub struct Recalibration {
 /// phase of it.
 pub const RACE_SECONDS: u32 = 5;
 
+/// A race whose window still lacks a class (few misses, or none yet) waits for
+/// them this long, then ends with the starting model.
+pub const RACE_LIMIT_SECONDS: u32 = 120;
+
 /// A model that could serve instead of the base (`run --model auto`'s other
 /// choices), scored on the same labelled requests as the base.
 pub struct Contender {
@@ -356,15 +360,20 @@ impl LiveCalibration {
         {
             return None;
         }
-        let (base_name, contenders) = self.race.take()?;
         let Some(base_shift) = self.calibrator.shift() else {
-            // Full, and still one class short: nothing to race on.
+            // A class short (misses come in bursts, and may not have come yet):
+            // wait for them, up to a limit.
+            if self.race_seconds < RACE_LIMIT_SECONDS {
+                return None;
+            }
+            self.race = None;
             return Some(RaceResult {
                 standings: Vec::new(),
                 window,
                 switch: None,
             });
         };
+        let (base_name, contenders) = self.race.take()?;
         let base_best = self.balanced_accuracy_at(base_shift);
         let mut standings = vec![(base_name, base_best, base_shift)];
         let mut best: Option<(usize, i64, f64)> = None;
@@ -869,6 +878,29 @@ mod live_tests {
         assert!(!c.racing());
         // The base still calibrates as before.
         assert!(c.decide(Instant::now()).is_some_and(|d| d.after > 0.999));
+    }
+
+    #[test]
+    fn a_race_waits_for_both_classes_up_to_a_limit() {
+        use kml_ebpf_common::features::NUM_FEATURES;
+        let mut c = racing(Feature::DirWaitLog, Feature::QueuedSameDir);
+        for _ in 0..1000 {
+            c.offer(|| [0; NUM_FEATURES], false);
+        }
+        assert!(c.race_result().is_none(), "no miss yet: it waits");
+        assert!(c.racing());
+        // The misses come: the race is run on them.
+        race_feed(&mut c, 500);
+        assert!(c.race_result().is_some_and(|r| r.switch.is_some()));
+        // None ever comes: it ends at the limit, the starting model staying.
+        let mut c = racing(Feature::DirWaitLog, Feature::QueuedSameDir);
+        for _ in 0..1000 {
+            c.offer(|| [0; NUM_FEATURES], false);
+        }
+        c.race_seconds = RACE_LIMIT_SECONDS;
+        let r = c.race_result().expect("ended at the limit");
+        assert!(r.switch.is_none() && r.standings.is_empty());
+        assert!(!c.racing());
     }
 
     #[test]
