@@ -117,9 +117,22 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
     let mut skipped = 0u64;
     for (i, s) in seen.iter().enumerate() {
         loop {
-            let p = expected
-                .next()
-                .with_context(|| format!("record {i} {s:?} is not in the issued pattern"))?;
+            let p = expected.next().with_context(|| {
+                // Seen once in a clean-clone CI run (2026-12-03, not again in 10
+                // runs of the suite): say enough to tell a duplicate, a reorder
+                // and a foreign request apart.
+                let at: Vec<usize> = (0..pattern.len()).filter(|&j| pattern[j] == *s).collect();
+                let before = seen[..i].iter().filter(|x| *x == s).count();
+                format!(
+                    "record {i} {s:?} is not in the issued pattern from where the records before it \
+                     matched ({} issued, {} records of this process, {} on the device); it is issued \
+                     at {at:?} and recorded {before} times before; the record: {:?}; {losses}",
+                    pattern.len(),
+                    ours.len(),
+                    on_dev.len(),
+                    ours[i]
+                )
+            })?;
             if p == s {
                 break;
             }
