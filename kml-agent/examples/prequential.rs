@@ -245,12 +245,10 @@ fn simulate(
             start_name.to_string(),
             others
                 .iter()
-                .map(|(name, m)| {
-                    Contender::new(
-                        name.clone(),
-                        m.quantized.clone(),
-                        held_back_balanced_accuracy(m),
-                    )
+                .map(|(name, m)| Contender {
+                    name: name.clone(),
+                    model: m.quantized.clone(),
+                    held_back: held_back_balanced_accuracy(m),
                 })
                 .collect(),
         );

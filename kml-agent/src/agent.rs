@@ -644,13 +644,17 @@ impl Agent {
             .collect::<Vec<_>>()
             .join(", ");
         let Some(switch) = race.switch else {
+            let standings = if standings.is_empty() {
+                format!(
+                    "one class only after {} s, no race",
+                    kml_learn::calibrate::RACE_LIMIT_SECONDS
+                )
+            } else {
+                standings
+            };
             let message = format!(
-                "race: the starting model stays; balanced accuracy at each model's best threshold on the newest {} labelled requests: {}",
-                race.window,
-                if standings.is_empty() { format!(
-                        "one class only after {} s, no race",
-                        kml_learn::calibrate::RACE_LIMIT_SECONDS
-                    ) } else { standings }
+                "race: the starting model stays; balanced accuracy at each model's best threshold on the newest {} labelled requests: {standings}",
+                race.window
             );
             note(&mut self.notes, "race", message);
             return;
@@ -933,8 +937,7 @@ fn start_observer(
     Ok((observer, slots))
 }
 
-/// The starting model, unless an adopted one serves already.
-/// Whether it was installed.
+/// Installs the starting model, unless an adopted one serves already; whether it did.
 fn install_start_model(
     observer: &mut Observer,
     slots: &mut ModelSlots,
@@ -967,19 +970,16 @@ fn install_start_model(
 /// requests. Models that read the position features race only when the starting
 /// one reads them too: the kernel records positions only for a model that does.
 fn start_race(c: &mut LiveCalibration, start: StartModel) {
-    let reads_positions = |m: &kml_learn::QuantizedModel| {
-        kml_learn::quantize::used_features(m)
-            .iter()
-            .any(|f| f.is_position())
-    };
+    use kml_learn::quantize::reads_positions;
     let positions = reads_positions(&start.model.quantized);
     let contenders: Vec<Contender> = start
         .others
         .into_iter()
         .filter(|(_, m)| positions || !reads_positions(&m.quantized))
-        .map(|(path, m)| {
-            let held_back = models::held_back_balanced_accuracy(&m);
-            Contender::new(models::name_of(&path), m.quantized, held_back)
+        .map(|(path, m)| Contender {
+            name: models::name_of(&path),
+            held_back: models::held_back_balanced_accuracy(&m),
+            model: m.quantized,
         })
         .collect();
     if contenders.is_empty() {

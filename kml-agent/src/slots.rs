@@ -104,9 +104,7 @@ impl ModelSlots {
                 names.join(", ")
             );
         }
-        let uses_position = kml_learn::quantize::used_features(model)
-            .iter()
-            .any(|f| f.is_position());
+        let uses_position = kml_learn::quantize::reads_positions(model);
         if uses_position && !self.kernel_positions {
             bail!(
                 "model refused: it reads position features, which the programs keep only \

@@ -223,26 +223,21 @@ pub const RACE_SECONDS: u32 = 5;
 pub const RACE_LIMIT_SECONDS: u32 = 120;
 
 /// A model that could serve instead of the base (`run --model auto`'s other
-/// choices), scored on the same labelled requests as the base.
+/// choices).
 pub struct Contender {
     pub name: String,
     pub model: QuantizedModel,
     /// Its held-back balanced accuracy from its file, handed back with a switch.
     pub held_back: Option<f64>,
+}
+
+/// A contender in a race: its margins on the same labelled requests as the base.
+struct Racer {
+    contender: Contender,
     calibrator: ThresholdCalibrator,
 }
 
-impl Contender {
-    pub fn new(name: String, model: QuantizedModel, held_back: Option<f64>) -> Self {
-        Contender {
-            name,
-            model,
-            held_back,
-            // Sized by [`LiveCalibration::race`], to the policy's window.
-            calibrator: ThresholdCalibrator::new(CalibrationConfig::default()),
-        }
-    }
-
+impl Racer {
     /// Its best shift on its window and the balanced accuracy there.
     fn best(&self) -> Option<(i64, f64)> {
         let shift = self.calibrator.shift()?;
@@ -268,13 +263,13 @@ pub struct Switch {
     pub model: QuantizedModel,
     pub shift: i64,
     pub held_back: Option<f64>,
-    contender: Contender,
+    racer: Racer,
 }
 
 impl Switch {
     /// The winner as it came, its threshold unmoved (`model` is it shifted).
     pub fn base(&self) -> &QuantizedModel {
-        &self.contender.model
+        &self.racer.contender.model
     }
 }
 
@@ -285,7 +280,7 @@ pub struct LiveCalibration {
     calibrator: ThresholdCalibrator,
     /// The race of `run --model auto`, while it runs: the base's name and the
     /// other models, scored on the same requests.
-    race: Option<(String, Vec<Contender>)>,
+    race: Option<(String, Vec<Racer>)>,
     race_seconds: u32,
     /// The shift the serving model carries (0: the base as it came).
     applied: i64,
@@ -332,14 +327,17 @@ impl LiveCalibration {
     /// little (docs/learning.md, table D′: the model chosen by it ranked the
     /// held-out workloads' requests worse than another shipped model on three of
     /// five); its outcomes on this one say more.
-    pub fn race(&mut self, base_name: String, mut contenders: Vec<Contender>) {
+    pub fn race(&mut self, base_name: String, contenders: Vec<Contender>) {
         // All on the same requests, from now on.
         self.calibrator.reset();
-        for c in &mut contenders {
-            c.calibrator = ThresholdCalibrator::new(self.policy.window);
-        }
-        self.race =
-            (!contenders.is_empty() && self.base.is_some()).then_some((base_name, contenders));
+        let racers: Vec<Racer> = contenders
+            .into_iter()
+            .map(|contender| Racer {
+                contender,
+                calibrator: ThresholdCalibrator::new(self.policy.window),
+            })
+            .collect();
+        self.race = (!racers.is_empty() && self.base.is_some()).then_some((base_name, racers));
         self.race_seconds = 0;
     }
 
@@ -348,10 +346,10 @@ impl LiveCalibration {
         self.race.is_some()
     }
 
-    /// The race's end, once the window is full and [`RACE_SECONDS`] passed: the
-    /// standings, and the winner
-    /// if it beats the base's best threshold by the gain a new threshold must
-    /// show. The race ends here either way.
+    /// The race's end, once the window is full, [`RACE_SECONDS`] have passed and
+    /// both classes are in it (or [`RACE_LIMIT_SECONDS`] have, without them): the
+    /// standings, and the winner if it beats the base's best threshold by the gain
+    /// a new threshold must show. The race ends here either way.
     pub fn race_result(&mut self) -> Option<RaceResult> {
         let window = self.calibrator.len();
         if self.race.is_none()
@@ -373,13 +371,13 @@ impl LiveCalibration {
                 switch: None,
             });
         };
-        let (base_name, contenders) = self.race.take()?;
+        let (base_name, racers) = self.race.take()?;
         let base_best = self.balanced_accuracy_at(base_shift);
         let mut standings = vec![(base_name, base_best, base_shift)];
         let mut best: Option<(usize, i64, f64)> = None;
-        for (i, c) in contenders.iter().enumerate() {
-            if let Some((shift, ba)) = c.best() {
-                standings.push((c.name.clone(), ba, shift));
+        for (i, r) in racers.iter().enumerate() {
+            if let Some((shift, ba)) = r.best() {
+                standings.push((r.contender.name.clone(), ba, shift));
                 if best.is_none_or(|(_, _, b)| ba > b) {
                     best = Some((i, shift, ba));
                 }
@@ -388,13 +386,13 @@ impl LiveCalibration {
         let switch = best
             .filter(|&(_, _, ba)| ba >= base_best + self.required_gain())
             .map(|(i, shift, _)| {
-                let contender = contenders.into_iter().nth(i).expect("an index of them");
+                let racer = racers.into_iter().nth(i).expect("an index of them");
                 Switch {
-                    name: contender.name.clone(),
-                    model: with_threshold_shift(&contender.model, shift),
+                    name: racer.contender.name.clone(),
+                    model: with_threshold_shift(&racer.contender.model, shift),
                     shift,
-                    held_back: contender.held_back,
-                    contender,
+                    held_back: racer.contender.held_back,
+                    racer,
                 }
             });
         Some(RaceResult {
@@ -407,8 +405,8 @@ impl LiveCalibration {
     /// The kernel took the race's winner: it is the base now, with its shift,
     /// and its margins on the window (its own scale) are the window.
     pub fn switched(&mut self, s: Switch, now: Instant) {
-        self.base = Some(s.contender.model);
-        self.calibrator = s.contender.calibrator;
+        self.base = Some(s.racer.contender.model);
+        self.calibrator = s.racer.calibrator;
         self.applied = s.shift;
         self.last_install = Some(now);
     }
@@ -433,9 +431,9 @@ impl LiveCalibration {
         if let Some(base) = &self.base {
             self.calibrator.observe(base.margin(x), missed);
         }
-        if let Some((_, contenders)) = &mut self.race {
-            for c in contenders {
-                c.calibrator.observe(c.model.margin(x), missed);
+        if let Some((_, racers)) = &mut self.race {
+            for r in racers {
+                r.calibrator.observe(r.contender.model.margin(x), missed);
             }
         }
     }
@@ -822,11 +820,11 @@ mod live_tests {
         c.serving(Some(reads(base_feature)));
         c.race(
             "base".into(),
-            vec![Contender::new(
-                "contender".into(),
-                reads(contender_feature),
-                Some(0.8),
-            )],
+            vec![Contender {
+                name: "contender".into(),
+                model: reads(contender_feature),
+                held_back: Some(0.8),
+            }],
         );
         // Its seconds, before any offer (the sampling stays at every request).
         for _ in 0..RACE_SECONDS {

@@ -264,6 +264,16 @@ pub(crate) fn best_cut<T: Copy + PartialEq>(
     cut
 }
 
+/// Matrices of several batches (seconds, windows) pooled into one.
+impl<'a> std::iter::Sum<&'a ConfusionMatrix> for ConfusionMatrix {
+    fn sum<I: Iterator<Item = &'a ConfusionMatrix>>(iter: I) -> Self {
+        iter.fold(ConfusionMatrix::default(), |mut m, s| {
+            m.merge(s);
+            m
+        })
+    }
+}
+
 /// An upper bound on the standard error of a balanced accuracy measured on `misses`
 /// and `met` requests: ½·√(¼/misses + ¼/met), each class's recall having a variance
 /// of at most ¼ over its count. Requests come in correlated bursts, so the true

@@ -255,6 +255,12 @@ pub fn features_not_in_kernel(q: &QuantizedModel) -> Vec<Feature> {
         .collect()
 }
 
+/// Whether the model reads any of the position features (which the kernel
+/// programs compute only in raw tracepoint mode, and record only for such a model).
+pub fn reads_positions(q: &QuantizedModel) -> bool {
+    used_features(q).iter().any(|f| f.is_position())
+}
+
 pub fn used_features(q: &QuantizedModel) -> Vec<Feature> {
     match q {
         QuantizedModel::Linear(m) => Feature::ALL.into_iter().filter(|&f| m.uses(f)).collect(),

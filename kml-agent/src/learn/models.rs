@@ -125,10 +125,7 @@ pub fn choose_auto(
         .filter(|&i| {
             let q = &models[i].1.quantized;
             kml_learn::quantize::features_not_in_kernel(q).is_empty()
-                && (positions
-                    || !kml_learn::quantize::used_features(q)
-                        .iter()
-                        .any(|f| f.is_position()))
+                && (positions || !kml_learn::quantize::reads_positions(q))
         })
         .collect();
     let best = |pool: &[usize]| {
@@ -398,9 +395,7 @@ mod tests {
         let models = shipped();
         let uses_position = |name: &str| {
             let (_, m) = models.iter().find(|(p, _)| name_of(p) == name).unwrap();
-            kml_learn::quantize::used_features(&m.quantized)
-                .iter()
-                .any(|f| f.is_position())
+            kml_learn::quantize::reads_positions(&m.quantized)
         };
         assert!(
             uses_position("tree-position"),

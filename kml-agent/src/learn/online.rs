@@ -163,13 +163,7 @@ impl DriftWatch {
         if self.recent.len() < DRIFT_SECONDS {
             return None;
         }
-        let pooled = self
-            .recent
-            .iter()
-            .fold(ConfusionMatrix::default(), |mut m, s| {
-                m.merge(s);
-                m
-            });
+        let pooled: ConfusionMatrix = self.recent.iter().sum();
         if !Self::judgeable(&pooled) {
             return None;
         }
@@ -428,13 +422,7 @@ impl OnlineLearner {
             return;
         }
         if let Some(previous) = previous {
-            let before = self
-                .recent
-                .iter()
-                .fold(ConfusionMatrix::default(), |mut m, s| {
-                    m.merge(s);
-                    m
-                });
+            let before: ConfusionMatrix = self.recent.iter().sum();
             self.probation = Some(Probation::new(
                 previous,
                 self.reference_ba.unwrap_or(0.0),
