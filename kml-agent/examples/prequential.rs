@@ -65,6 +65,9 @@ struct Args {
     /// Traces (CSV of `kml-agent record`).
     #[arg(long, value_delimiter = ',', required = true)]
     trace: Vec<PathBuf>,
+    /// Models that only race (the `raced` arms), never start.
+    #[arg(long, value_delimiter = ',')]
+    contender: Vec<PathBuf>,
     /// Arms to run.
     #[arg(
         long,
@@ -401,18 +404,21 @@ fn main() -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("unknown arm `{a}`"))
         })
         .collect::<anyhow::Result<_>>()?;
-    let models: Vec<(String, LoadedModel)> = args
-        .model
-        .iter()
-        .map(|p| {
-            let name = p
-                .file_stem()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            LoadedModel::load(p).map(|m| (name, m))
-        })
-        .collect::<Result<_, _>>()?;
+    let load = |paths: &[PathBuf]| -> Result<Vec<(String, LoadedModel)>, _> {
+        paths
+            .iter()
+            .map(|p| {
+                let name = p
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                LoadedModel::load(p).map(|m| (name, m))
+            })
+            .collect()
+    };
+    let models = load(&args.model)?;
+    let contenders = load(&args.contender)?;
     let mut all = Vec::new();
     println!(
         "| model | trace | requests | missed | {} | ceiling | swaps (at s) |",
@@ -446,8 +452,12 @@ fn main() -> anyhow::Result<()> {
             let mut swaps = String::new();
             let (mut requests, mut miss_rate) = (0, 0.0);
             for (arm_name, arm) in &arms {
-                let others: Vec<(String, LoadedModel)> =
-                    models.iter().filter(|(n, _)| n != name).cloned().collect();
+                let others: Vec<(String, LoadedModel)> = models
+                    .iter()
+                    .filter(|(n, _)| n != name)
+                    .chain(&contenders)
+                    .cloned()
+                    .collect();
                 let (mut o, _) = simulate(&args, &data, (name, model), &others, *arm);
                 o.model = name.clone();
                 o.trace = trace.clone();

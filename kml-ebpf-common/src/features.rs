@@ -21,6 +21,7 @@ pub use crate::logscale::{
     bit_length, log2_8, log_ratio_8, LOG2_8_MAX, LOG_RATIO_MAX, LOG_RATIO_ONE,
 };
 use crate::{
+    label::MISS_SHARE_ONE,
     logscale::log_ratio_of_logs,
     op::Direction,
     position::{PositionFeatures, COUNT_MAX, DUE_NONE},
@@ -28,7 +29,7 @@ use crate::{
 };
 
 /// Number of features every model slot is laid out for.
-pub const NUM_FEATURES: usize = 20;
+pub const NUM_FEATURES: usize = 22;
 
 /// One request's features, in [`Feature`] order.
 pub type FeatureVector = [i32; NUM_FEATURES];
@@ -98,6 +99,12 @@ pub enum Feature {
     /// Queued requests within reach below that head a batch before this request's
     /// deadline.
     DueCount = 19,
+    /// Share of this direction's recent dispatches that missed their deadline
+    /// ([`crate::label::miss_share_step`], 0..=[`MISS_SHARE_ONE`]): the label fed
+    /// back, known at each issue.
+    MissShareSame = 20,
+    /// The same for the other direction.
+    MissShareOther = 21,
 }
 
 impl Feature {
@@ -123,6 +130,8 @@ impl Feature {
         Feature::Recent,
         Feature::LeadLog,
         Feature::DueCount,
+        Feature::MissShareSame,
+        Feature::MissShareOther,
     ];
 
     /// The features that describe the request's position in the queue
@@ -140,8 +149,8 @@ impl Feature {
 
     /// A position feature ([`Feature::POSITION`]).
     pub const fn is_position(self) -> bool {
-        // Position features come last in the vector (checked by a test).
-        (self as u8) >= (Feature::HeadAgeLog as u8)
+        // Position features are contiguous from HeadAgeLog (checked by a test).
+        (self as u8) >= (Feature::HeadAgeLog as u8) && (self as u8) <= (Feature::DueCount as u8)
     }
 
     /// The kernel computes this feature (a position feature only once the eBPF
@@ -178,6 +187,8 @@ impl Feature {
             Feature::Recent => "recent",
             Feature::LeadLog => "lead_log",
             Feature::DueCount => "due_count",
+            Feature::MissShareSame => "miss_share_same",
+            Feature::MissShareOther => "miss_share_other",
         }
     }
 
@@ -197,6 +208,7 @@ impl Feature {
             }
             Feature::DueBelow => DUE_NONE,
             Feature::DeadlineBudgetUs => BUDGET_MAX,
+            Feature::MissShareSame | Feature::MissShareOther => MISS_SHARE_ONE as i32,
             Feature::SectorMib
             | Feature::QueuedSameDir
             | Feature::QueuedOtherDir
@@ -227,6 +239,8 @@ pub const INSERT_TIME_FIELDS: &[&str] = &[
     "issue_distance",
     "dir_wait_ewma_ns",
     "issue_gap_ewma_ns",
+    "miss_share_read",
+    "miss_share_write",
 ];
 
 const _: () = assert!(BUDGET_MAX == 1 << 30);
@@ -288,6 +302,11 @@ pub fn features_with_position(r: &RequestRecord, p: &PositionFeatures) -> Featur
     } else {
         (r.queued_read, r.queued_write)
     };
+    let (miss_same, miss_other) = if write {
+        (r.miss_share_write, r.miss_share_read)
+    } else {
+        (r.miss_share_read, r.miss_share_write)
+    };
     let budget_ns = r.deadline_ns.saturating_sub(r.insert_ns);
     let budget_us = budget_ns >> TIME_SHIFT;
     let budget = if budget_us > BUDGET_MAX as u64 {
@@ -321,6 +340,8 @@ pub fn features_with_position(r: &RequestRecord, p: &PositionFeatures) -> Featur
         clamp_to(p.recent, COUNT_MAX),
         clamp_to(p.lead_log, LOG_RATIO_MAX),
         clamp_to(p.due_count, COUNT_MAX),
+        clamp_to(miss_same as i32, MISS_SHARE_ONE as i32),
+        clamp_to(miss_other as i32, MISS_SHARE_ONE as i32),
     ]
 }
 
@@ -374,9 +395,13 @@ mod tests {
             assert_eq!(Feature::from_name(f.name()), Some(*f));
         }
         assert_eq!(Feature::from_name("nope"), None);
-        // The position features are the vector's tail, in PositionFeatures order.
-        let tail = &Feature::ALL[NUM_FEATURES - Feature::POSITION.len()..];
-        assert_eq!(tail, Feature::POSITION);
+        // The position features are contiguous from HeadAgeLog, in
+        // PositionFeatures order.
+        let from = Feature::HeadAgeLog.index();
+        assert_eq!(
+            &Feature::ALL[from..from + Feature::POSITION.len()],
+            Feature::POSITION
+        );
         for f in Feature::ALL {
             assert_eq!(
                 f.is_position(),

@@ -87,6 +87,37 @@ pub const fn expire_jiffies(ms: u64, hz: u64) -> u64 {
     ms.saturating_mul(hz) / 1000
 }
 
+/// The label fed back as a feature: per device and direction, the share of the
+/// requests dispatched lately that missed their deadline. The label of a request
+/// is known at its issue, so this is causal (it sees only requests dispatched
+/// before the insert that reads it) and says what no queue length does: that the
+/// scheduler is missing deadlines now. Fixed point, [`MISS_SHARE_ONE`] = all.
+///
+/// An exponentially weighted average over issues, weight 2^-[`MISS_SHARE_SHIFT`]:
+/// `share - share >> k + (missed ? ONE >> k : 0)`. Shifts and adds only; it stays in
+/// `0..=ONE` (at `ONE`, a miss keeps it there; below, `share >> k` rounds down, so
+/// at most `ONE >> k` is added on top of `share - share >> k ≤ ONE - ONE >> k`).
+pub const MISS_SHARE_SHIFT: u32 = 6;
+/// The share of [`miss_share_step`] that means "every request missed".
+pub const MISS_SHARE_ONE: u32 = 1 << 15;
+
+/// One dispatch into the miss share (see [`MISS_SHARE_SHIFT`]). Used unchanged by
+/// the eBPF program at `block_rq_issue` and by the host replay of a trace.
+#[inline(always)]
+pub const fn miss_share_step(share: u32, missed: bool) -> u32 {
+    let share = if share > MISS_SHARE_ONE {
+        MISS_SHARE_ONE
+    } else {
+        share
+    };
+    let add = if missed {
+        MISS_SHARE_ONE >> MISS_SHARE_SHIFT
+    } else {
+        0
+    };
+    share - (share >> MISS_SHARE_SHIFT) + add
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +219,34 @@ mod tests {
         assert_eq!(expire_jiffies(500, 250), 125);
         assert_eq!(expire_jiffies(1, 250), 0);
         assert_eq!(expire_jiffies(500, 0), 0);
+    }
+
+    #[test]
+    fn miss_share_stays_in_range_and_follows_the_misses() {
+        let mut share = 0;
+        for _ in 0..2_000 {
+            share = miss_share_step(share, true);
+            assert!(share <= MISS_SHARE_ONE);
+        }
+        // All missed: within one step of ONE (the floor of the shift).
+        assert!(
+            share > MISS_SHARE_ONE - (MISS_SHARE_ONE >> MISS_SHARE_SHIFT),
+            "{share}"
+        );
+        // Half missed, alternating: near half.
+        for i in 0..2_000 {
+            share = miss_share_step(share, i % 2 == 0);
+        }
+        let half = MISS_SHARE_ONE / 2;
+        assert!(share.abs_diff(half) < MISS_SHARE_ONE / 16, "{share}");
+        // None missed: down to the floor the rounding leaves (below 2^k).
+        for _ in 0..2_000 {
+            share = miss_share_step(share, false);
+        }
+        assert!(share < 1 << MISS_SHARE_SHIFT, "{share}");
+        // Out-of-range input (a corrupt record) is clamped first.
+        assert!(miss_share_step(u32::MAX, true) <= MISS_SHARE_ONE);
+        // The newest dispatch weighs 2^-k.
+        assert_eq!(miss_share_step(0, true), MISS_SHARE_ONE >> MISS_SHARE_SHIFT);
     }
 }

@@ -56,6 +56,8 @@ pub const COLUMNS: &[&str] = &[
     "lead_log",
     "due_count",
     "bucket_shift",
+    "miss_share_read",
+    "miss_share_write",
 ];
 
 /// Index in [`COLUMNS`] of the first position lane (`Feature::POSITION` order, named
@@ -67,12 +69,20 @@ const _: () = assert!(matches!(
     COLUMNS[BUCKET_SHIFT_AT].as_bytes(),
     b"bucket_shift"
 ));
+/// Index in [`COLUMNS`] of the read and write miss shares at insert (empty: not
+/// known, and the host replays them).
+const MISS_SHARE_AT: usize = BUCKET_SHIFT_AT + 1;
+const _: () = assert!(matches!(
+    COLUMNS[MISS_SHARE_AT].as_bytes(),
+    b"miss_share_read"
+));
 
 /// Columns a trace may lack (read as 0): the scheduler's deadline in jiffies and
 /// the jiffies it is compared with, added with the label of [`crate::label`]; the
 /// bytes at completion; the position at insert (empty in a row, or absent: not
 /// known, and the host replays it); the device's position bucket width (empty or
-/// absent: the replay derives one from the sectors in the trace).
+/// absent: the replay derives one from the sectors in the trace); the miss shares
+/// at insert (empty or absent: the host replays them).
 pub const OPTIONAL_COLUMNS: &[&str] = COLUMNS.split_at(OPTIONAL_AT).1;
 
 /// Index in [`COLUMNS`] of the first optional column (they are the last ones).
@@ -182,6 +192,11 @@ pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
         write!(w, ",{}", r.bucket_shift)?;
     } else {
         write!(w, ",")?;
+    }
+    if r.known & Known::MISS_SHARE != 0 {
+        write!(w, ",{},{}", r.miss_share_read, r.miss_share_write)?;
+    } else {
+        write!(w, ",,")?;
     }
     writeln!(w)
 }
@@ -344,6 +359,21 @@ impl RowReader {
             r.bucket_shift = num!(BUCKET_SHIFT_AT);
             r.known |= Known::BUCKET_SHIFT;
         }
+        // Both shares or neither.
+        let shares = [MISS_SHARE_AT, MISS_SHARE_AT + 1].map(|i| match self.index[i] {
+            ABSENT => "",
+            at => fields[at].trim(),
+        });
+        match shares.map(str::is_empty) {
+            [false, false] => {
+                r.miss_share_read = num!(MISS_SHARE_AT);
+                r.miss_share_write = num!(MISS_SHARE_AT + 1);
+                r.known |= Known::MISS_SHARE;
+            }
+            [true, true] => {}
+            [false, true] => return Err(bad(MISS_SHARE_AT + 1)),
+            [true, false] => return Err(bad(MISS_SHARE_AT)),
+        }
         let inflight: u32 = num!(12);
         if inflight != r.inflight() {
             return Err(bad(12));
@@ -411,9 +441,11 @@ mod tests {
             issue_jiffies: 4_295_000_126,
             fifo_time: 4_295_000_125,
             position: [300, 2, 1, 255, 280, 4, 512, 0],
-            known: Known::POSITION | Known::BUCKET_SHIFT,
+            known: Known::POSITION | Known::BUCKET_SHIFT | Known::MISS_SHARE,
             bucket_shift: 13,
-            _pad: [0; 6],
+            miss_share_read: 1234,
+            miss_share_write: 32768,
+            _pad: [0; 2],
         }
     }
 
@@ -452,6 +484,8 @@ mod tests {
         want.position = [0; LANES];
         want.known = 0;
         want.bucket_shift = 0;
+        want.miss_share_read = 0;
+        want.miss_share_write = 0;
         assert_eq!(back, want);
         // Without jiffies the label is the ns estimate.
         assert_eq!(back.deadline_missed(), back.deadline_missed_ns());
@@ -470,6 +504,7 @@ mod tests {
         r.known = 0;
         r.position = [0; LANES];
         r.bucket_shift = 0;
+        (r.miss_share_read, r.miss_share_write) = (0, 0);
         let mut buf = Vec::new();
         std::writeln!(buf, "{}", header()).unwrap();
         write_row(&mut buf, &r).unwrap();
@@ -481,10 +516,32 @@ mod tests {
         let mut row = Vec::new();
         write_row(&mut row, &sample()).unwrap();
         let row = String::from_utf8(row).unwrap();
-        // (the last two lanes and the bucket width emptied)
-        let cut = String::from(row.trim_end().rsplitn(4, ',').nth(3).unwrap()) + ",,,";
+        // (the last two lanes, the bucket width and the miss shares emptied)
+        let cut = String::from(row.trim_end().rsplitn(6, ',').nth(5).unwrap()) + ",,,,,";
         let err = reader.parse(&cut, 2).unwrap_err();
         assert!(std::format!("{err}").contains("lead_log"), "{err}");
+    }
+
+    #[test]
+    fn miss_shares_are_both_known_or_both_replayed() {
+        let reader = RowReader::new(&header()).unwrap();
+        let mut row = Vec::new();
+        write_row(&mut row, &sample()).unwrap();
+        let row = String::from(row_text(&row).trim_end());
+        assert!(row.ends_with(",1234,32768"), "{row}");
+        // Neither: not known, read as 0.
+        let none = String::from(row.rsplitn(3, ',').nth(2).unwrap()) + ",,";
+        let r = reader.parse(&none, 2).unwrap();
+        assert_eq!(r.known & Known::MISS_SHARE, 0);
+        assert_eq!((r.miss_share_read, r.miss_share_write), (0, 0));
+        // One of the two: an error naming the empty one.
+        let half = String::from(row.rsplit_once(',').unwrap().0) + ",";
+        let err = reader.parse(&half, 2).unwrap_err();
+        assert!(std::format!("{err}").contains("miss_share_write"), "{err}");
+    }
+
+    fn row_text(bytes: &[u8]) -> String {
+        String::from_utf8(bytes.to_vec()).unwrap()
     }
 
     #[test]

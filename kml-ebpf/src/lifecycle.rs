@@ -18,7 +18,7 @@ use aya_ebpf::{
 use kml_ebpf_common::{
     abi::names::stage,
     device::{unpack_counts, DeviceSlot, ReqState, COUNT_INFLIGHT, COUNT_INSERT, COUNT_QUEUED},
-    label::fifo_time_fallback,
+    label::{fifo_time_fallback, miss_share_step},
     layout::ablate,
     op::{Direction, ReqOp},
     position::{budget_of, direction_index},
@@ -218,9 +218,11 @@ pub fn on_insert(
             issue_jiffies: 0,
             fifo_time,
             position: [0; kml_ebpf_common::position::LANES],
-            known: Known::BUCKET_SHIFT,
+            known: Known::BUCKET_SHIFT | Known::MISS_SHARE,
             bucket_shift: (*s).bucket_shift as u8,
-            _pad: [0; 6],
+            miss_share_read: (*s).miss_share_read as u16,
+            miss_share_write: (*s).miss_share_write as u16,
+            _pad: [0; 2],
         };
     }
     bump(c, Counter::InflightAdded);
@@ -405,6 +407,15 @@ pub fn on_issue(
         (*e).rec.issue_jiffies = jiffies;
         if let Some(t) = fifo_time() {
             (*e).rec.fifo_time = t;
+        }
+        // Its label is known now: into the direction's miss share, a feature of
+        // the next inserts (racy across CPUs like the averages below).
+        let missed = (*e).rec.deadline_missed();
+        match dir {
+            Direction::Read => (*s).miss_share_read = miss_share_step((*s).miss_share_read, missed),
+            Direction::Write => {
+                (*s).miss_share_write = miss_share_step((*s).miss_share_write, missed)
+            }
         }
         sub(counts_of(s, dir), COUNT_QUEUED);
         // How long this direction's queue makes requests wait, and how fast the

@@ -11,6 +11,7 @@ use kml_ebpf_common::{
     features::{features_with_position, Feature, FeatureVector, TIME_SHIFT},
     op::Direction,
     position::PositionFeatures,
+    record::Known,
     trace, RequestRecord,
 };
 use ndarray::Array2;
@@ -65,6 +66,15 @@ impl Dataset {
     /// its place in the queue.
     pub fn from_records(mut records: Vec<RequestRecord>, source: impl Into<String>) -> Self {
         let positions = crate::replay::replay_positions(&records, &Default::default());
+        // The miss shares the kernel recorded, else replayed (like positions).
+        if records.iter().any(|r| r.known & Known::MISS_SHARE == 0) {
+            let shares = crate::replay::replay_miss_shares(&records);
+            for (r, (read, write)) in records.iter_mut().zip(shares) {
+                if r.known & Known::MISS_SHARE == 0 {
+                    (r.miss_share_read, r.miss_share_write) = (read, write);
+                }
+            }
+        }
         let before = records.len();
         // The position the kernel recorded wins over the replay (the replay cannot
         // see requests queued before the trace began, nor races).

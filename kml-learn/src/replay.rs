@@ -1,4 +1,5 @@
-//! The kernel's position state replayed over a recorded trace.
+//! The kernel's per-request state replayed over a recorded trace: the queue
+//! positions, and the miss shares (the label fed back, [`replay_miss_shares`]).
 //!
 //! A trace holds every request's insert and dispatch times, sector and direction,
 //! which is all [`QueueShape`] is updated from. Replaying those events in time order
@@ -11,6 +12,8 @@
 use std::collections::HashMap;
 
 use kml_ebpf_common::{
+    label::miss_share_step,
+    op::{Direction, ReqOp},
     position::{bucket_shift_for, PositionFeatures, QueueShape},
     record::Known,
     RequestRecord,
@@ -95,6 +98,40 @@ pub fn replay_positions(
     out
 }
 
+/// The miss shares (read, write) of every record's device at its insert (same
+/// order as `records`), as the programs keep them: each issue, in issue order,
+/// steps its device's share of its direction with its label
+/// ([`miss_share_step`]); each insert reads the device's two shares. Flushes
+/// never pass the scheduler and do not count. (A requeued request counts its last
+/// dispatch only: the trace keeps no other.)
+pub fn replay_miss_shares(records: &[RequestRecord]) -> Vec<(u16, u16)> {
+    // (time, 0 = issue / 1 = insert, index): at one instant the issue goes first.
+    let mut events: Vec<(u64, u8, usize)> = Vec::with_capacity(2 * records.len());
+    for (i, r) in records.iter().enumerate() {
+        events.push((r.insert_ns, 1, i));
+        if r.issue_ns != 0 && r.op() != ReqOp::Flush {
+            events.push((r.issue_ns, 0, i));
+        }
+    }
+    events.sort_unstable();
+    let mut shares: HashMap<u32, [u32; 2]> = HashMap::new();
+    let mut out = vec![(0, 0); records.len()];
+    for (_, kind, i) in events {
+        let r = &records[i];
+        let s = shares.entry(r.dev).or_default();
+        if kind == 0 {
+            let d = r.op().direction() as usize;
+            s[d] = miss_share_step(s[d], r.deadline_missed());
+        } else {
+            out[i] = (
+                s[Direction::Read as usize] as u16,
+                s[Direction::Write as usize] as u16,
+            );
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +206,35 @@ mod tests {
         );
         let without = replay_positions(&[read(0, 0, 10 * MS), above(0)], &HashMap::new());
         assert_eq!((with[1].due_below, without[1].due_below), (1, DUE_NONE));
+    }
+
+    #[test]
+    fn miss_shares_follow_the_labels_of_earlier_dispatches() {
+        use kml_ebpf_common::label::{MISS_SHARE_ONE, MISS_SHARE_SHIFT};
+        let step = (MISS_SHARE_ONE >> MISS_SHARE_SHIFT) as u16;
+        // A read dispatched past its 8 ms deadline (issued at 9 ms), then a read
+        // on time, a write inserted in between, and a flush that never counts.
+        let late = read(0, 0, 9 * MS);
+        let on_time = read(8, 10 * MS, 11 * MS);
+        let write = RequestRecord {
+            op: ReqOp::Write as u8,
+            ..read(16, 9 * MS + 1, 20 * MS)
+        };
+        let flush = RequestRecord {
+            op: ReqOp::Flush as u8,
+            deadline_ns: MS,
+            ..read(0, MS, 2 * MS)
+        };
+        let after = read(24, 12 * MS, 13 * MS);
+        let s = replay_miss_shares(&[after, write, late, on_time, flush]);
+        assert!(late.deadline_missed() && !on_time.deadline_missed());
+        // Nothing dispatched before the first insert.
+        assert_eq!(s[2], (0, 0));
+        // The write sees the late read's miss in the read share.
+        assert_eq!(s[1], (step, 0));
+        // After the on-time read, the share decays by 2^-k.
+        let decayed = kml_ebpf_common::label::miss_share_step(step.into(), false) as u16;
+        assert_eq!(s[0], (decayed, 0));
+        assert_eq!(s[3], (step, 0));
     }
 }

@@ -37,7 +37,7 @@ pub fn all_features() -> Vec<Feature> {
 /// lengths and the dispatch gap (their absolute values depend on the workload's
 /// queue depth: models that split on them do better on later I/O of the same
 /// workload and worse on other workloads) and KML's sector and op (no gain).
-pub const PORTABLE_FEATURES: [Feature; 7] = [
+pub const PORTABLE_FEATURES: [Feature; 9] = [
     Feature::WriteDir,
     Feature::DirWaitLog,
     Feature::ExpectedWaitLog,
@@ -45,6 +45,8 @@ pub const PORTABLE_FEATURES: [Feature; 7] = [
     Feature::ExpectedWaitUs,
     Feature::DeadlineBudgetUs,
     Feature::IssueDistanceLog2,
+    Feature::MissShareSame,
+    Feature::MissShareOther,
 ];
 
 fn need_data(what: &str, train: &Dataset, min: usize) -> Result<()> {

@@ -9,6 +9,7 @@ use kml_ebpf_common::{
         features_at_insert, log2_8, log_ratio_8, Feature, BUDGET_MAX, LOG2_8_MAX, LOG_RATIO_MAX,
         LOG_RATIO_ONE, NUM_FEATURES,
     },
+    label::MISS_SHARE_ONE,
     op::ReqOp,
     position::DUE_NONE,
     RequestRecord,
@@ -42,6 +43,7 @@ fn insert_record() -> impl Strategy<Value = RequestRecord> {
         (wide_u64(), wide_u64(), wide_u64()),
         (wide_u32(), wide_u32(), wide_u32(), wide_u32(), wide_u32()),
         (0u8..8, any::<u8>(), any::<u16>()),
+        (any::<u16>(), any::<u16>()),
     )
         .prop_map(
             |(
@@ -49,6 +51,7 @@ fn insert_record() -> impl Strategy<Value = RequestRecord> {
                 (since, wait, gap),
                 (qr, qw, ir, iw, nr),
                 (op, flags, ioprio),
+                (miss_read, miss_write),
             )| {
                 RequestRecord {
                     sector,
@@ -66,6 +69,8 @@ fn insert_record() -> impl Strategy<Value = RequestRecord> {
                     op,
                     flags,
                     ioprio,
+                    miss_share_read: miss_read,
+                    miss_share_write: miss_write,
                     ..Default::default()
                 }
             },
@@ -98,6 +103,11 @@ fn reference(r: &RequestRecord) -> [i64; NUM_FEATURES] {
     } else {
         (r.queued_read, r.queued_write)
     };
+    let (miss_same, miss_other) = if write {
+        (r.miss_share_write, r.miss_share_read)
+    } else {
+        (r.miss_share_read, r.miss_share_write)
+    };
     let budget_ns = (r.deadline_ns as u128).saturating_sub(r.insert_ns as u128);
     let expected = same as u128 * (r.issue_gap_ewma_ns as u128).min(u32::MAX as u128);
     let mut x = [0i64; NUM_FEATURES];
@@ -125,6 +135,10 @@ fn reference(r: &RequestRecord) -> [i64; NUM_FEATURES] {
             | Feature::BelowAgeLog
             | Feature::Recent
             | Feature::DueCount => 0,
+            // A record's share is at most MISS_SHARE_ONE (miss_share_step); a
+            // corrupt one is clamped.
+            Feature::MissShareSame => (miss_same as i64).min(MISS_SHARE_ONE as i64),
+            Feature::MissShareOther => (miss_other as i64).min(MISS_SHARE_ONE as i64),
         };
     }
     x

@@ -71,7 +71,11 @@ pub struct DeviceSlot {
     pub issue_gap_ewma_ns: u64,
     pub wait_ewma_read_ns: u64,
     pub wait_ewma_write_ns: u64,
-    pub _pad3: [u64; 3],
+    /// Share of this direction's recent dispatches that missed their deadline
+    /// (`label::miss_share_step`, 0..=`label::MISS_SHARE_ONE`): read at insert.
+    pub miss_share_read: u32,
+    pub miss_share_write: u32,
+    pub _pad3: [u64; 2],
 }
 
 /// Adds one request to a packed count (in flight and queued).

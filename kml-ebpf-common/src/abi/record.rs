@@ -140,7 +140,12 @@ pub struct RequestRecord {
     /// kernel used (a trace alone shows only the sectors it touched: a 512 MiB job
     /// on a 1 GiB disk would give buckets half as wide).
     pub bucket_shift: u8,
-    pub _pad: [u8; 6],
+    /// The device's miss shares at insert, reads and writes
+    /// ([`crate::label::miss_share_step`]), when `known` has
+    /// [`Known::MISS_SHARE`]; else the host replays them from the trace.
+    pub miss_share_read: u16,
+    pub miss_share_write: u16,
+    pub _pad: [u8; 2],
 }
 
 /// Bits of [`RequestRecord::known`].
@@ -151,6 +156,8 @@ impl Known {
     pub const POSITION: u8 = 1;
     /// `bucket_shift` was set by the programs.
     pub const BUCKET_SHIFT: u8 = 2;
+    /// `miss_share_read` / `miss_share_write` were set by the programs.
+    pub const MISS_SHARE: u8 = 4;
 }
 
 /// Values of [`RequestRecord::verdict`].
