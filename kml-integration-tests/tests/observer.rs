@@ -552,9 +552,20 @@ fn check_miss_shares(mode: AttachMode, records: &[RequestRecord], missed: usize)
         "{mode:?} miss shares: {exact} of {} equal the host's replay, {close} within {tolerance}; {nonzero} nonzero",
         records.len()
     );
-    // 8,118 of 8,120 were exact in the first run (raw tracepoints).
+    // Raw tracepoints: 8,118 of 8,120 and 8,151 of 8,151 exact in the first runs.
+    // Classic tracepoints lose events to the kernel's recursion guard (236
+    // recursion misses, 140 entries left in flight in one run): each lost issue
+    // is a step the kernel never took and the replay cannot know of, and its
+    // error decays over the next dispatches. There: 4,807 of 7,994 exact, 7,953
+    // within four steps.
+    // (Up to 585 recursion misses per 8,192 I/Os were seen on a loaded host: the
+    // classic floor leaves room for them.)
+    let (exact_floor, close_floor) = match mode {
+        AttachMode::RawTracepoint => (80, 95),
+        _ => (0, 80),
+    };
     ensure!(
-        exact * 100 >= records.len() * 80 && close * 100 >= records.len() * 95,
+        exact * 100 >= records.len() * exact_floor && close * 100 >= records.len() * close_floor,
         "{mode:?}: {exact} of {} miss shares equal the replay, {close} within {tolerance}",
         records.len()
     );
