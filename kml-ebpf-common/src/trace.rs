@@ -527,7 +527,8 @@ mod tests {
         let reader = RowReader::new(&header()).unwrap();
         let mut row = Vec::new();
         write_row(&mut row, &sample()).unwrap();
-        let row = String::from(row_text(&row).trim_end());
+        let row = String::from_utf8(row).unwrap();
+        let row = row.trim_end();
         assert!(row.ends_with(",1234,32768"), "{row}");
         // Neither: not known, read as 0.
         let none = String::from(row.rsplitn(3, ',').nth(2).unwrap()) + ",,";
@@ -538,10 +539,6 @@ mod tests {
         let half = String::from(row.rsplit_once(',').unwrap().0) + ",";
         let err = reader.parse(&half, 2).unwrap_err();
         assert!(std::format!("{err}").contains("miss_share_write"), "{err}");
-    }
-
-    fn row_text(bytes: &[u8]) -> String {
-        String::from_utf8(bytes.to_vec()).unwrap()
     }
 
     #[test]

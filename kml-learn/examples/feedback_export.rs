@@ -15,7 +15,9 @@
 //! Columns added: `mewma{2,4,6}`, the same direction's share with weight 2^-k per
 //! issue (scale 2^16); `oewma4`, the other direction's; `mfrac1ms`, the share
 //! among the same direction's issues of the last millisecond (per mille, -1 when
-//! none).
+//! none). These are the candidates the study chose from; what was built from them
+//! (`label::miss_share_step`, replayed by `kml_learn::replay`) is in the feature
+//! columns `miss_share_same` and `miss_share_other`, beside them.
 
 use std::{collections::VecDeque, io::Write, path::Path};
 

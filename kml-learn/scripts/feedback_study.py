@@ -30,6 +30,9 @@ SETS = {
     'portable+position': PORTABLE + POSITION,
     '+ miss feedback (ewma)': PORTABLE + POSITION + ['mewma2', 'mewma4', 'mewma6', 'oewma4'],
     '+ mewma4 only': PORTABLE + POSITION + ['mewma4'],
+    # What was built from the study (label::miss_share_step, weight 2^-6, both
+    # directions): the feature columns of the export.
+    '+ miss shares as shipped': PORTABLE + POSITION + ['miss_share_same', 'miss_share_other'],
 }
 MODELS = {
     'gbm': (dict(objective='binary', learning_rate=0.1, num_leaves=63,
