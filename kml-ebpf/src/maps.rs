@@ -29,9 +29,17 @@ macro_rules! layout {
 }
 pub(crate) use layout;
 
+/// Array flags that put the first value at the start of a page
+/// (`BPF_F_MMAPABLE`; nothing maps it): a plain array's values start wherever
+/// `struct bpf_array`'s header ends (56 bytes into a cache line on 6.18), which
+/// put `DeviceSlot`'s read-mostly settings on the line the inserts write, so
+/// every event missed on it (perf, issue 14). Page-aligned, its lines are its own.
+const ALIGNED: usize = aya_ebpf::bindings::BPF_F_MMAPABLE as usize;
+
 /// The traced disks, by slot (written by the agent, counts kept by the programs).
+/// Aligned: `DeviceSlot`'s cache lines are laid out by who writes them.
 #[btf_map]
-pub static DEVICES: Array<DeviceSlot, { MAX_DEVICES as usize }> = Array::new();
+pub static DEVICES: Array<DeviceSlot, { MAX_DEVICES as usize }, ALIGNED> = Array::new();
 
 /// dev_t → slot of the traced disks (written by the agent): the classic
 /// tracepoints' way in, and the raw ones' when `QCACHE` misses.
@@ -49,7 +57,8 @@ pub static CONTROL: Array<Control, 1> = Array::new();
 /// Raw tracepoints: one entry per (device slot, scheduler tag); the agent sizes it
 /// to `MAX_DEVICES << tag_bits` at load.
 #[btf_map]
-pub static REQS: Array<ReqState, { (MAX_DEVICES << DEFAULT_TAG_BITS) as usize }> = Array::new();
+pub static REQS: Array<ReqState, { (MAX_DEVICES << DEFAULT_TAG_BITS) as usize }, ALIGNED> =
+    Array::new();
 
 /// Classic tracepoints: requests from insert to completion by (dev, sector). LRU so
 /// that a request whose completion was never seen cannot hold a slot for good;
@@ -175,5 +184,8 @@ pub static ISSUE_WINDOW: PerCpuArray<[u8; kml_ebpf_common::layout::RQ_WIDE_WINDO
 /// The position state of each traced device, reads then writes
 /// (`kml_ebpf_common::position::QueueShape`, 2 × 3,384 bytes a device).
 #[btf_map]
-pub static SHAPES: Array<[kml_ebpf_common::position::QueueShape; 2], { MAX_DEVICES as usize }> =
-    Array::new();
+pub static SHAPES: Array<
+    [kml_ebpf_common::position::QueueShape; 2],
+    { MAX_DEVICES as usize },
+    ALIGNED,
+> = Array::new();

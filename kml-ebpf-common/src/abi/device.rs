@@ -2,7 +2,10 @@
 //!
 //! - `DEVICES`: an array of [`DeviceSlot`]s, one per traced disk (the agent picks the
 //!   slot), holding the agent's settings and the counts and averages the programs
-//!   keep, each group on its own cache line.
+//!   keep, each group on its own cache line. The lines are real ones only because
+//!   the map starts its values on a page (`BPF_F_MMAPABLE`): a plain array's
+//!   values start 56 bytes into a line on 6.18, and every event then missed on
+//!   the settings line, which shared a line with what inserts write.
 //! - `QCACHE`: a direct-mapped cache from `struct request_queue *` to the slot
 //!   ([`QSlot`], index [`qcache_index`]), so that an event costs one probe read of the
 //!   request instead of the chain request → queue → disk → major/minor.
