@@ -103,10 +103,6 @@ pub struct AgentConfig {
 /// Model versions the run loop keeps for host-side use (the newest).
 const SLOT_HISTORY: usize = 64;
 
-/// No calibration decision for this long after the kernel sampled records out:
-/// about the time the window takes to fill again with unsampled ones.
-const CALIBRATION_HOLD_AFTER_SAMPLING: Duration = Duration::from_secs(6);
-
 /// One second of the run, for the live line.
 #[derive(Clone, Debug)]
 pub struct Tick {
@@ -260,10 +256,6 @@ pub struct Agent {
     /// The model version calibration takes as serving; any other (a swap, a
     /// rollback) becomes its new base at the next tick.
     calibration_version: Option<u32>,
-    /// The kernel's `sampled_out` when calibration last looked, and no decision
-    /// before this instant (sampling biased the window).
-    calibration_sampled_out: u64,
-    calibration_hold: Option<Instant>,
 }
 
 impl Agent {
@@ -394,8 +386,6 @@ impl Agent {
             notes: Vec::new(),
             calibration,
             calibration_version,
-            calibration_sampled_out: 0,
-            calibration_hold: None,
         })
     }
 
@@ -509,8 +499,13 @@ impl Agent {
         self.live.merge(&online::live_matrix(records));
         self.learner.observe(records);
         if let Some(c) = &mut self.calibration {
+            // Under ring pressure (`--mode drop`) the kernel keeps mostly the
+            // records near the boundary: a window of those would move the
+            // threshold wrong and misjudge the race. Its audit sample is not
+            // biased: judged on it and on what came with no pressure, neither
+            // has to wait for the pressure to end (it may not).
             for r in records {
-                if r.verdict != Verdict::NONE && r.went_through_scheduler() {
+                if r.verdict != Verdict::NONE && r.went_through_scheduler() && r.unbiased_sample() {
                     c.offer(|| features_of_record(r), r.deadline_missed());
                 }
             }
@@ -570,8 +565,7 @@ impl Agent {
             self.start_training(job);
         }
         self.collect_training().await;
-        let sampled_out = counters.get(Counter::SampledOut);
-        self.calibrate(now, sampled_out);
+        self.calibrate(now);
         tick.learning = std::mem::take(&mut self.notes);
         Ok(tick)
     }
@@ -579,24 +573,17 @@ impl Agent {
     /// Installs the serving model with a better threshold when the newest outcomes
     /// call for one (not while a swap is on probation: its judgement compares the
     /// swapped-in model as it came).
-    fn calibrate(&mut self, now: Instant, sampled_out: u64) {
+    fn calibrate(&mut self, now: Instant) {
         let Some(c) = &mut self.calibration else {
             return;
         };
         c.second_passed();
-        // Under ring pressure the kernel keeps mostly the records near the model's
-        // boundary (`--mode drop`): a window of those would move the threshold
-        // wrong. Wait until the window has turned over without sampling.
-        if sampled_out > self.calibration_sampled_out {
-            self.calibration_sampled_out = sampled_out;
-            self.calibration_hold = Some(now + CALIBRATION_HOLD_AFTER_SAMPLING);
-        }
         let serving = self.slots.active().map(|a| a.version);
         if serving != self.calibration_version {
             c.serving(serving.and_then(|v| self.slots.version(v).cloned()));
             self.calibration_version = serving;
         }
-        if self.learner.on_probation() || self.calibration_hold.is_some_and(|t| now < t) {
+        if self.learner.on_probation() {
             return;
         }
         if let Some(race) = c.race_result() {

@@ -10,7 +10,7 @@ use kml_ebpf_common::{
     model::ModelKind,
     position::PositionFeatures,
     slot::{status_index, ModelControl, SlotStatus, MODEL_SLOTS},
-    Counter, Verdict,
+    Counter, Sampling, Verdict,
 };
 
 use crate::maps::{
@@ -98,7 +98,11 @@ pub fn stage(raw: bool) {
         } else {
             Verdict::MEETS
         };
-        (*e).rec.near_boundary = (ctl.near_margin > 0 && margin <= ctl.near_margin) as u8;
+        (*e).rec.sampling = if ctl.near_margin > 0 && margin <= ctl.near_margin {
+            Sampling::NEAR_BOUNDARY
+        } else {
+            0
+        };
     }
 }
 

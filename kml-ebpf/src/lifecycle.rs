@@ -24,7 +24,7 @@ use kml_ebpf_common::{
     position::{budget_of, direction_index},
     record::ewma_step,
     record::Known,
-    Counter, Counters, RequestRecord, Verdict,
+    Counter, Counters, RequestRecord, Sampling, Verdict,
 };
 
 use crate::maps::{
@@ -212,7 +212,7 @@ pub fn on_insert(
             op: r.op as u8,
             flags: r.flags,
             verdict: Verdict::NONE,
-            near_boundary: 0,
+            sampling: 0,
             complete_bytes: 0,
             insert_jiffies: jiffies,
             issue_jiffies: 0,
@@ -568,16 +568,26 @@ unsafe fn emit(c: Option<*mut Counters>, slot: u32, rec: *const RequestRecord) {
     }
     if sample_fill != 0 && unsafe { (*rec).verdict } != Verdict::NONE {
         // Under pressure (drop mode) keep what the model is unsure of: the records
-        // that teach it most. A record without a verdict is always kept.
+        // that teach it most; and one in `AUDIT_EVERY` of this CPU's, whatever they
+        // are: an unbiased sample to judge models by (`Sampling`). A record without
+        // a verdict is always kept.
         let waiting = unsafe {
             bpf_ringbuf_query(
                 (&raw const RECORDS).cast_mut().cast(),
                 BPF_RB_AVAIL_DATA as u64,
             )
         };
-        if waiting >= sample_fill && unsafe { (*rec).near_boundary } == 0 {
-            unsafe { (*c).sampled_out += 1 };
-            return;
+        if waiting >= sample_fill {
+            let audit = unsafe { (*c).records + (*c).sampled_out } & (Sampling::AUDIT_EVERY - 1)
+                == 0;
+            let sampling = unsafe { (*rec).sampling };
+            if !audit && sampling & Sampling::NEAR_BOUNDARY == 0 {
+                unsafe { (*c).sampled_out += 1 };
+                return;
+            }
+            let mark = Sampling::UNDER_PRESSURE | if audit { Sampling::AUDIT } else { 0 };
+            // The entry is this program's until it is freed.
+            unsafe { (*rec.cast_mut()).sampling = sampling | mark };
         }
     }
     // Waking the agent per record costs more than the record: one record in

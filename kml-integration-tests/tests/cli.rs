@@ -670,8 +670,9 @@ fn stop_fio_then_agent(mut fio: ChildGuard, mut agent: ChildGuard) -> Result<()>
     assert_no_kml_programs()
 }
 
-/// fio's deep random mix on `dev` for up to a minute, as threads (killing fio
-/// ends all its I/O at once).
+/// fio's deep random mix on `dev` for up to three minutes (every test stops it
+/// when done; a test may check that something happened while it ran), as threads
+/// (killing fio ends all its I/O at once).
 fn deep_randrw(dev: &LoopDevice) -> Result<ChildGuard> {
     Ok(ChildGuard(
         Command::new("fio")
@@ -686,7 +687,7 @@ fn deep_randrw(dev: &LoopDevice) -> Result<ChildGuard> {
                 "--numjobs=2",
                 "--thread",
                 "--size=400M",
-                "--runtime=60",
+                "--runtime=180",
                 "--time_based",
                 "--randseed=5",
             ])
@@ -782,6 +783,32 @@ fn run_calibrates_a_threshold_that_flags_nothing() -> Result<()> {
 /// better than a coin), its file claiming a held-back balanced accuracy of 0.99.
 #[test]
 fn model_auto_races_its_pick_and_serves_the_winner() -> Result<()> {
+    race_the_backwards_pick(&[]).map(drop)
+}
+
+/// The race under ring pressure that lasts as long as the I/O does (a 128 KiB
+/// ring: the kernel samples records out all along). Judged on the kernel's audit
+/// sample, the race ends as it does without pressure; it used to wait for the
+/// pressure to end, and never ended.
+#[test]
+fn model_auto_races_under_ring_pressure_that_never_ends() -> Result<()> {
+    let end = race_the_backwards_pick(&["--ring-size", "128K"])?;
+    let sampled_out = end
+        .split("sampled_out ")
+        .nth(1)
+        .and_then(|t| t.split([',', ' ']).next()?.parse::<u64>().ok())
+        .with_context(|| format!("counters: {end}"))?;
+    ensure!(
+        sampled_out > 0,
+        "no record was sampled out: the ring was never under pressure ({end})"
+    );
+    Ok(())
+}
+
+/// Runs `run --model auto` with `extra` arguments, its pick rigged to rank
+/// backwards, under fio's deep mix, until the race serves another model; then
+/// stops both. The agent's closing counters line.
+fn race_the_backwards_pick(extra: &[&str]) -> Result<String> {
     let dev = LoopDevice::new(512, 4, 8)?;
     dev.set_queue("nr_requests", "1024")?;
     let scratch = ScratchDir::new("race")?;
@@ -824,22 +851,30 @@ fn model_auto_races_its_pick_and_serves_the_winner() -> Result<()> {
             "auto",
             "--retrain-every",
             "0",
-        ],
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<_>>(),
         &[("KML_MODELS_DIR", dir)],
     )?;
     let picked = wait_for_line(&stderr, "--model auto:", Duration::from_secs(30))?;
     ensure!(picked.contains("backwards.json"), "auto: {picked}");
     wait_for_line(&stderr, "race: backwards against", Duration::from_secs(30))?;
     wait_for_line(&stderr, "observing", Duration::from_secs(30))?;
-    let fio = deep_randrw(&dev)?;
+    let mut fio = deep_randrw(&dev)?;
     // 20,000 labelled requests, sampled at most 4,096 a second: 5 s and more. On a
-    // loaded host it can take far longer: the agent's ticks lag (seen: its seconds
-    // 15-50 printed in bursts within 60 s of wall time, after a drift retraining),
-    // and calibration, the race with it, holds while the kernel samples records
-    // out under ring pressure. The race's own limit bounds the wait.
+    // loaded host it can take far longer (seen: the agent's seconds 15-50 printed
+    // in bursts within 60 s of wall time, after a drift retraining). The race's
+    // own limit bounds the wait.
     let limit = u64::from(kml_learn::calibrate::RACE_LIMIT_SECONDS) + 30;
     let race = wait_for_line(&stderr, "race:", Duration::from_secs(limit))?;
     eprintln!("race: {race}");
+    // Judged while the I/O (and any ring pressure with it) goes on, not after.
+    ensure!(
+        fio.0.try_wait()?.is_none(),
+        "the race ended only after the I/O did: {race}"
+    );
     let standing = |name: &str| -> Option<f64> {
         let after = race.split(&format!(" {name} ")).nth(1)?;
         after.split([',', ' ']).next()?.parse().ok()
@@ -865,7 +900,8 @@ fn model_auto_races_its_pick_and_serves_the_winner() -> Result<()> {
     let after = wait_for_line(&stdout, &format!("| v{version} "), Duration::from_secs(10));
     eprintln!("after: {after:?}");
     after?;
-    stop_fio_then_agent(fio, agent)
+    stop_fio_then_agent(fio, agent)?;
+    wait_for_line(&stderr, "counters:", Duration::from_secs(5))
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! What a full ring does, on the real kernel with a ring far too small for the
 //! load: in lossless mode a drop is an error; in drop mode, past the fill level,
-//! the kernel keeps the records near the model's decision boundary and counts
-//! every one it leaves out (`sampled_out`); and every request is a record or a
-//! named loss, whatever the mode.
+//! the kernel keeps the records near the model's decision boundary and its audit
+//! sample (one record in `Sampling::AUDIT_EVERY`), and counts every one it leaves
+//! out (`sampled_out`); and every request is a record or a named loss, whatever
+//! the mode.
 
 use std::{process::Command, time::Duration};
 
@@ -15,7 +16,7 @@ use kml_agent::{
 use kml_ebpf_common::{
     features::{Feature, NUM_FEATURES},
     model::{LinearModel, ModelKind, VerdictRule},
-    Counter, ReqOp, RequestRecord, Verdict,
+    Counter, ReqOp, RequestRecord, Sampling, Verdict,
 };
 use kml_integration_tests::{
     accounting::{alone_on_the_block_tracepoints, explain, recursion_misses, DiskStats, Losses},
@@ -137,18 +138,43 @@ fn drop_mode_samples_out_only_far_from_the_boundary() -> Result<()> {
     // The verdicts are what the model says: reads near (kept), writes far.
     for r in &on_dev {
         let want = if r.op() == ReqOp::Read {
-            (Verdict::MEETS, 1)
+            (Verdict::MEETS, Sampling::NEAR_BOUNDARY)
         } else {
             (Verdict::AT_RISK, 0)
         };
         ensure!(
-            (r.verdict, r.near_boundary) == want,
-            "verdict {} near {} for a {:?}",
+            (r.verdict, r.sampling & Sampling::NEAR_BOUNDARY) == want,
+            "verdict {} sampling {:#x} for a {:?}",
             r.verdict,
-            r.near_boundary,
+            r.sampling,
             r.op()
         );
+        // Kept under pressure: near the boundary or by the audit, nothing else.
+        ensure!(
+            r.sampling & Sampling::UNDER_PRESSURE == 0
+                || r.sampling & (Sampling::NEAR_BOUNDARY | Sampling::AUDIT) != 0,
+            "a {:?} kept under pressure, neither near the boundary nor audited (sampling {:#x})",
+            r.op(),
+            r.sampling
+        );
     }
+    // The audit sample: under pressure the far writes are kept one in
+    // `AUDIT_EVERY` (of this CPU's records, reads included: about that share of
+    // the writes), the rest sampled out.
+    let audited_writes = on_dev
+        .iter()
+        .filter(|r| r.op() != ReqOp::Read && r.sampling & Sampling::AUDIT != 0)
+        .count() as u64;
+    let share = audited_writes as f64 / (audited_writes + sampled) as f64;
+    eprintln!(
+        "audit: {audited_writes} far writes kept under pressure against {sampled} sampled out ({share:.3})"
+    );
+    let every = Sampling::AUDIT_EVERY as f64;
+    ensure!(
+        (1.0 / (4.0 * every)..=3.0 / every).contains(&share),
+        "the audit kept {audited_writes} far writes under pressure against {sampled} sampled out \
+         ({share:.3}); about 1 in {every} expected"
+    );
     // Every read completed on the device is a record, but for the losses other
     // than sampling (ring full, ...): sampling never leaves a near-boundary record out.
     let not_sampling = losses.total() - sampled;

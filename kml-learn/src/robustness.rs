@@ -100,7 +100,7 @@ pub fn check_record(bytes: &[u8]) {
         Verdict::MEETS | Verdict::AT_RISK => r.verdict,
         _ => Verdict::NONE,
     };
-    expected.near_boundary = 0;
+    expected.sampling = 0;
     assert_eq!(back, expected, "trace row {row:?}");
 }
 

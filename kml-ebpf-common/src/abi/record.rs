@@ -107,8 +107,9 @@ pub struct RequestRecord {
     /// In-kernel verdict at insert: [`Verdict::NONE`], [`Verdict::MEETS`] or
     /// [`Verdict::AT_RISK`].
     pub verdict: u8,
-    /// 1 when the score was within the control's `near_margin` of the limit.
-    pub near_boundary: u8,
+    /// [`Sampling`] bits: near the model's boundary, and how the record survived
+    /// the kernel's sampling under ring pressure.
+    pub sampling: u8,
     /// Bytes the final completion reported (`block_rq_complete`'s `nr_bytes`): more
     /// than `nr_sectors` at insert when bios merged into the queued request later.
     /// Classic tracepoints report what remains to complete, in sectors: the same
@@ -158,6 +159,30 @@ impl Known {
     pub const BUCKET_SHIFT: u8 = 2;
     /// `miss_share_read` / `miss_share_write` were set by the programs.
     pub const MISS_SHARE: u8 = 4;
+}
+
+/// Bits of [`RequestRecord::sampling`]. Under ring pressure (`--mode drop`, the
+/// ring past its sampling level) the kernel keeps the records near the model's
+/// boundary, which teach training most, and one record in
+/// [`Sampling::AUDIT_EVERY`] whatever it is: the audit sample. What judges
+/// models live (threshold calibration, `--model auto`'s race) reads only records
+/// that are an unbiased sample ([`RequestRecord::unbiased_sample`]): kept with
+/// no pressure, or by the audit.
+pub struct Sampling;
+
+impl Sampling {
+    /// The score was within the control's `near_margin` of the limit (set at
+    /// insert by the inference stage).
+    pub const NEAR_BOUNDARY: u8 = 1;
+    /// The ring was past its sampling level when the record went out: it was kept
+    /// for being near the boundary, or by the audit.
+    pub const UNDER_PRESSURE: u8 = 2;
+    /// Kept by the audit: the per-CPU record sequence (records and sampled-out
+    /// ones) is a multiple of [`Sampling::AUDIT_EVERY`].
+    pub const AUDIT: u8 = 4;
+    /// One record in this many is kept under pressure whatever its score (a power
+    /// of two: the kernel masks, it does not divide).
+    pub const AUDIT_EVERY: u64 = 8;
 }
 
 /// Values of [`RequestRecord::verdict`].
@@ -221,6 +246,12 @@ impl RequestRecord {
             self.complete_ns
         };
         dispatched > self.deadline_ns
+    }
+
+    /// Whether the record belongs to an unbiased sample of the requests: it did
+    /// not go out under ring pressure, or the audit kept it ([`Sampling`]).
+    pub const fn unbiased_sample(&self) -> bool {
+        self.sampling & Sampling::UNDER_PRESSURE == 0 || self.sampling & Sampling::AUDIT != 0
     }
 
     /// The position recorded at insert, if the programs computed one.
@@ -310,6 +341,26 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_records_kept_with_no_pressure_or_by_the_audit_are_an_unbiased_sample() {
+        let with = |sampling| RequestRecord {
+            sampling,
+            ..Default::default()
+        };
+        let (near, pressure, audit) = (
+            Sampling::NEAR_BOUNDARY,
+            Sampling::UNDER_PRESSURE,
+            Sampling::AUDIT,
+        );
+        assert!(with(0).unbiased_sample());
+        assert!(with(near).unbiased_sample());
+        // Kept under pressure for being near the boundary: biased.
+        assert!(!with(pressure | near).unbiased_sample());
+        assert!(with(pressure | audit).unbiased_sample());
+        assert!(with(pressure | near | audit).unbiased_sample());
+        assert!(Sampling::AUDIT_EVERY.is_power_of_two());
+    }
 
     fn rec(insert: u64, issue: u64, complete: u64, deadline: u64) -> RequestRecord {
         RequestRecord {
