@@ -72,10 +72,13 @@ pub fn train_candidate(
     let trained = kml_learn::train(&data, &opts, &Progress::new(true))?;
     // Each with the position the kernel recorded, else the replayed one: the
     // kernel records positions only while a model that reads them is active, so
-    // a first position model is judged on replayed ones.
+    // a first position model is judged on replayed ones. Judged on the unbiased
+    // records only: under ring pressure the kernel kept mostly those near the
+    // serving model's boundary (training still learns from them all).
     let held_back_set: Vec<(FeatureVector, bool)> = held_back
         .iter()
         .zip(replayed)
+        .filter(|(r, _)| r.unbiased_sample())
         .map(|(r, p)| {
             let p = r.recorded_position().unwrap_or(*p);
             (features_with_position(r, &p), r.deadline_missed())
@@ -89,7 +92,7 @@ pub fn train_candidate(
         model: trained.quantized,
         candidate_ba,
         active_ba,
-        held_back: held_back.len(),
+        held_back: held_back_set.len(),
         took: started.elapsed(),
         held_back_set,
     })
