@@ -578,8 +578,8 @@ unsafe fn emit(c: Option<*mut Counters>, slot: u32, rec: *const RequestRecord) {
             )
         };
         if waiting >= sample_fill {
-            let audit = unsafe { (*c).records + (*c).sampled_out } & (Sampling::AUDIT_EVERY - 1)
-                == 0;
+            let audit =
+                unsafe { (*c).records + (*c).sampled_out } & (Sampling::AUDIT_EVERY - 1) == 0;
             let sampling = unsafe { (*rec).sampling };
             if !audit && sampling & Sampling::NEAR_BOUNDARY == 0 {
                 unsafe { (*c).sampled_out += 1 };
