@@ -874,6 +874,9 @@ fn start_observer(
 ) -> anyhow::Result<(Observer, ModelSlots)> {
     let mut oc = ObserverConfig::new(plan.observers);
     oc.ring_bytes = config.ring_bytes;
+    // Nothing `run` does reads a request's I/O priority (no feature, no trace):
+    // the kernel does not read it (a probe read per insert saved).
+    oc.read_ioprio = false;
     oc.raw_layout = report.raw_layout.clone().ok();
     if config.mode == LossMode::Drop {
         oc.sample_fill_bytes = Some(oc.ring_bytes / 2);

@@ -65,6 +65,9 @@ pub struct ObserverConfig {
     /// the programs keep the position state only while a model is active; the
     /// host replays positions from the records for training).
     pub position_always: bool,
+    /// Read each request's I/O priority at insert (`KernelLayout::read_ioprio`):
+    /// on by default (a trace has the column); `run` turns it off.
+    pub read_ioprio: bool,
     /// The raw tracepoint layout, when the caller has read it from BTF already
     /// (`KernelReport::raw_layout`): one parse of the kernel's BTF, not two.
     pub raw_layout: Option<kml_ebpf_common::RawTpLayout>,
@@ -83,6 +86,7 @@ impl ObserverConfig {
             sample_fill_bytes: None,
             hook: None,
             position_always: false,
+            read_ioprio: true,
             raw_layout: None,
         }
     }
@@ -294,6 +298,7 @@ fn load_object(
         config.wakeup_bytes,
         config.sample_fill_bytes.unwrap_or(0),
         config.position_always,
+        config.read_ioprio,
         config
             .raw_layout
             .or(config.hook.as_ref().map(|h| h.layout.raw)),

@@ -246,7 +246,7 @@ pub fn entry_of(rq: u64) -> Option<*mut ReqState> {
 
 #[inline(always)]
 fn ioprio(rq: u64, w: &Window<'_, RQ_WINDOW>) -> u16 {
-    if layout!(ablate) & ablate::PROBE_NO_IOPRIO != 0 {
+    if layout!(read_ioprio) == 0 || layout!(ablate) & ablate::PROBE_NO_IOPRIO != 0 {
         return 0;
     }
     match layout!(raw.ioprio_source) {

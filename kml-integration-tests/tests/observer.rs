@@ -594,6 +594,84 @@ fn observer_rejects_device_without_mq_deadline() -> Result<()> {
     Ok(())
 }
 
+/// The I/O priority of a request is read at insert when the observer is asked to
+/// (`record`: a trace column), and not read when it is not (`run`: nothing reads
+/// it, and the read through `rq->bio` costs a probe read per insert). 200 direct
+/// reads by `dd` under `ionice -c 2 -n 5` (best effort, level 5).
+#[test]
+fn ioprio_is_read_when_asked_and_only_then() -> Result<()> {
+    if !alone_on_the_block_tracepoints()? {
+        return Ok(());
+    }
+    let dev = LoopDevice::new(16, READ_EXPIRE_MS, WRITE_EXPIRE_MS)?;
+    let bdev = dev.block_device()?;
+    let want = (2 << 13) | 5;
+    for read_ioprio in [true, false] {
+        let records = runtime().block_on(async {
+            let mut observer = Observer::load(ObserverConfig {
+                read_ioprio,
+                ..ObserverConfig::new(AttachMode::RawTracepoint)
+            })?;
+            observer.add_device(&bdev)?;
+            let mut stream = observer.records()?;
+            observer.attach()?;
+            let out = std::process::Command::new("ionice")
+                .args([
+                    "-c",
+                    "2",
+                    "-n",
+                    "5",
+                    "dd",
+                    "bs=4k",
+                    "count=200",
+                    "iflag=direct",
+                ])
+                .arg(format!("if={}", dev.path.display()))
+                .arg("of=/dev/null")
+                .output()
+                .context("running ionice dd")?;
+            ensure!(
+                out.status.success(),
+                "ionice dd: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            observer.detach();
+            let mut records = Vec::new();
+            stream.drain(&mut records);
+            anyhow::Ok(records)
+        })?;
+        assert_no_kml_programs()?;
+        let reads: Vec<u16> = records
+            .iter()
+            .filter(|r| r.dev == bdev.dev() && r.op() == ReqOp::Read)
+            .map(|r| r.ioprio)
+            .collect();
+        let with = reads.iter().filter(|&&p| p == want).count();
+        eprintln!(
+            "read_ioprio {read_ioprio}: {} reads, {with} with ioprio {want:#x}",
+            reads.len()
+        );
+        ensure!(
+            reads.len() >= 200,
+            "{} reads recorded of dd's 200",
+            reads.len()
+        );
+        if read_ioprio {
+            ensure!(
+                with == reads.len(),
+                "asked to read it: {with} of {} reads carry ioprio {want:#x}",
+                reads.len()
+            );
+        } else {
+            ensure!(
+                reads.iter().all(|&p| p == 0),
+                "not asked: reads carry a priority ({with} with {want:#x})"
+            );
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn live_drain_keeps_up_without_drops() -> Result<()> {
     // More records than the (small) ring holds: the async consumer must keep up.

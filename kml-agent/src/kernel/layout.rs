@@ -254,6 +254,7 @@ pub fn kernel_layout(
     wakeup_bytes: u32,
     sample_fill_bytes: u32,
     position_always: bool,
+    read_ioprio: bool,
     raw: Option<RawTpLayout>,
 ) -> anyhow::Result<KernelLayout> {
     let mut layout = KernelLayout::zeroed();
@@ -261,6 +262,7 @@ pub fn kernel_layout(
     layout.wakeup_bytes = wakeup_bytes;
     layout.sample_fill_bytes = sample_fill_bytes;
     layout.position_always = position_always as u32;
+    layout.read_ioprio = read_ioprio as u32;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1) as u32);
     layout.wake_mask = wake_mask(wakeup_bytes, cpus);
     layout.tag_bits = kml_ebpf_common::device::DEFAULT_TAG_BITS;

@@ -172,6 +172,12 @@ pub struct KernelLayout {
     /// observer alone then pays nothing for it (the host replays positions for
     /// training, `kml_learn::replay`).
     pub position_always: u32,
+    /// 1: read each request's I/O priority at insert (raw tracepoints: a second
+    /// probe read, through `rq->bio`, about 50 ns). `record` asks for it (a trace
+    /// column); `run` does not, since nothing it does reads it (no feature does):
+    /// its raw tracepoint records carry ioprio 0 (classic tracepoints read the
+    /// event's own field, at no cost, either way).
+    pub read_ioprio: u32,
     pub raw: RawTpLayout,
     pub tp: TracepointLayout,
 }
@@ -186,6 +192,7 @@ impl KernelLayout {
             tag_bits: 0,
             ablate: 0,
             position_always: 0,
+            read_ioprio: 0,
             raw: RawTpLayout {
                 rq_window: 0,
                 rq_q: 0,

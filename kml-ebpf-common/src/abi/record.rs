@@ -98,7 +98,9 @@ pub struct RequestRecord {
     pub model_version: u32,
     /// Times the request went back to the scheduler (`block_rq_requeue`).
     pub requeues: u16,
-    /// `rq->ioprio` (class << 13 | level); 0 when the kernel does not expose it.
+    /// `rq->ioprio` (class << 13 | level); 0 when the kernel does not expose it, or
+    /// in raw tracepoint mode when the observer was not asked to read it
+    /// (`KernelLayout::read_ioprio`: `run`).
     pub ioprio: u16,
     /// [`ReqOp`] as u8.
     pub op: u8,
