@@ -90,6 +90,13 @@ impl ObserverConfig {
             raw_layout: None,
         }
     }
+
+    /// The wake-up threshold the programs get: `wakeup_bytes`, capped at a quarter
+    /// of the ring. A threshold at or past the ring's size never fires, and only the
+    /// poll timer would drain a small ring (`--ring-size 1M` dropped records so).
+    pub fn wakeup_threshold(&self) -> u32 {
+        self.wakeup_bytes.min(self.ring_bytes / 4)
+    }
 }
 
 /// A traced device and the settings handed to the programs.
@@ -178,7 +185,7 @@ impl Observer {
             object: pins::fingerprint(&object),
             mode: config.mode.name().to_owned(),
             ring_bytes: config.ring_bytes,
-            wakeup_bytes: config.wakeup_bytes,
+            wakeup_bytes: config.wakeup_threshold(),
             sample_fill_bytes: config.sample_fill_bytes.unwrap_or(0),
             owner_pid: std::process::id(),
         };
@@ -295,7 +302,7 @@ fn load_object(
 ) -> anyhow::Result<Ebpf> {
     let layout = layout::kernel_layout(
         config.mode,
-        config.wakeup_bytes,
+        config.wakeup_threshold(),
         config.sample_fill_bytes.unwrap_or(0),
         config.position_always,
         config.read_ioprio,
@@ -865,5 +872,22 @@ pub fn device_state(s: &DeviceSlot) -> DeviceState {
         issue_gap_ewma_ns: s.issue_gap_ewma_ns,
         wait_ewma_read_ns: s.wait_ewma_read_ns,
         wait_ewma_write_ns: s.wait_ewma_write_ns,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakeup_threshold_is_capped_at_a_quarter_of_the_ring() {
+        let mut c = ObserverConfig::new(AttachMode::RawTracepoint);
+        assert_eq!(c.wakeup_threshold(), 1 << 20, "8 MiB ring: the default stands");
+        c.ring_bytes = 1 << 20;
+        assert_eq!(c.wakeup_threshold(), 256 << 10);
+        c.ring_bytes = 128 << 10;
+        assert_eq!(c.wakeup_threshold(), 32 << 10);
+        c.wakeup_bytes = 0;
+        assert_eq!(c.wakeup_threshold(), 0, "0 still wakes per record");
     }
 }

@@ -680,10 +680,11 @@ fn live_drain_keeps_up_without_drops() -> Result<()> {
     let (n, counters) = runtime().block_on(async {
         let mut config = ObserverConfig::new(AttachMode::RawTracepoint);
         config.ring_bytes = 1 << 20; // ~5,700 records
-        // Woken at a quarter of the ring, not only by the 50 ms poll timer: the
-        // default threshold (1 MiB) is the whole of this ring, and a loaded host
-        // that delays one poll then drops records (seen: 1,920 of 206,818).
-        config.wakeup_bytes = config.ring_bytes / 4;
+        // The default threshold (1 MiB) is the whole of this ring: the observer
+        // must cap it (`wakeup_threshold`), or only the 50 ms poll timer drains
+        // the ring, and a loaded host that delays one poll drops records (seen
+        // before the cap: 1,920 of 206,818).
+        assert_eq!(config.wakeup_threshold(), config.ring_bytes / 4);
         let mut observer = Observer::load(config)?;
         observer.add_device(&bdev)?;
         let mut stream = observer.records()?;
