@@ -4,9 +4,11 @@
 //! midway.
 //!
 //! The stage's parts: [`pins`] (`--pin`: what outlives the agent, and adopting it),
-//! [`ring`] (the ring buffer → records), [`losses`] (what the counters say was
+//! [`ring`] (the ring buffer → records), [`batches`] (records staged per CPU on
+//! their way to the ring), [`losses`] (what the counters say was
 //! lost), [`hotplug`] (disks that come and go while the observer runs).
 
+pub mod batches;
 pub mod hotplug;
 pub mod losses;
 pub mod pins;
@@ -115,6 +117,8 @@ pub struct Observer {
     /// The event programs' statistics as they were when [`Observer::detach`]
     /// unloaded them (their count of skipped runs must outlive them).
     final_stats: Option<Vec<ProgramStats>>,
+    /// Flushes the per-CPU record batches; `None`: batching is off.
+    flusher: Option<batches::BatchFlusher>,
 }
 
 /// The pins of a `--pin` observer: removed (programs detached) on a clean exit,
@@ -161,6 +165,7 @@ impl Observer {
         let object = ebpf_object()?;
         let mut ebpf = load_object(&config, &object, None)?;
         load_programs(&mut ebpf, config.mode)?;
+        let flusher = batches::start(&mut ebpf, true);
         Ok(Observer {
             ebpf,
             config,
@@ -168,6 +173,7 @@ impl Observer {
             attached: false,
             pinned: None,
             final_stats: None,
+            flusher,
         })
     }
 
@@ -236,12 +242,14 @@ impl Observer {
         } else {
             load_programs(&mut ebpf, config.mode)?;
         }
+        let flusher = batches::start(&mut ebpf, !adopted);
         let observer = Observer {
             ebpf,
             config,
             devices: Vec::new(),
             attached: adopted,
             final_stats: None,
+            flusher,
             pinned: Some(Pinned {
                 dir: dir.to_owned(),
                 meta,
@@ -642,6 +650,23 @@ impl Observer {
             }
         }
         self.attached = false;
+        // What the CPUs staged last goes to the ring, to be drained with the rest.
+        self.flush_batches();
+    }
+
+    /// Writes the records staged on every CPU to the ring (nothing when batching
+    /// is off). A failure is said; the records stay staged and counted.
+    pub fn flush_batches(&self) {
+        if let Some(f) = &self.flusher {
+            if let Err(e) = f.flush() {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
+
+    /// Whether finished requests are staged per CPU ([`batches`]).
+    pub fn batching(&self) -> bool {
+        self.flusher.is_some()
     }
 
     /// Takes the ring buffer for consumption (once).
@@ -651,7 +676,8 @@ impl Observer {
             .take_map(map::RECORDS)
             .context("RECORDS ring buffer already taken")?;
         let ring = RingBuf::try_from(map).context("RECORDS is not a ring buffer")?;
-        RecordStream::new(ring, self.config.poll_interval)
+        let flusher = self.flusher.as_ref().map(|f| f.try_clone()).transpose()?;
+        RecordStream::new(ring, self.config.poll_interval, flusher)
     }
 
     /// The programs' counters summed over CPUs.
@@ -882,7 +908,11 @@ mod tests {
     #[test]
     fn wakeup_threshold_is_capped_at_a_quarter_of_the_ring() {
         let mut c = ObserverConfig::new(AttachMode::RawTracepoint);
-        assert_eq!(c.wakeup_threshold(), 1 << 20, "8 MiB ring: the default stands");
+        assert_eq!(
+            c.wakeup_threshold(),
+            1 << 20,
+            "8 MiB ring: the default stands"
+        );
         c.ring_bytes = 1 << 20;
         assert_eq!(c.wakeup_threshold(), 256 << 10);
         c.ring_bytes = 128 << 10;

@@ -47,6 +47,20 @@ pub fn test_run(prog: BorrowedFd<'_>) -> std::io::Result<()> {
     unsafe { bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr) }.map(|_| ())
 }
 
+/// Runs the program once on `cpu` (BPF_PROG_TEST_RUN with
+/// `BPF_F_TEST_RUN_ON_CPU`, Linux 5.10; raw tracepoint programs only); returns
+/// the program's return value.
+pub fn test_run_on_cpu(prog: BorrowedFd<'_>, cpu: u32) -> std::io::Result<u32> {
+    let mut attr = zeroed_attr();
+    attr.test.prog_fd = prog.as_raw_fd() as u32;
+    attr.test.flags = aya_obj::generated::BPF_F_TEST_RUN_ON_CPU;
+    attr.test.cpu = cpu;
+    // SAFETY: no buffers are passed.
+    unsafe { bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr) }?;
+    // SAFETY: the kernel wrote the test member of the union.
+    Ok(unsafe { attr.test.retval })
+}
+
 /// The kernel's `bpf_prog_info` of a program (BPF_OBJ_GET_INFO_BY_FD).
 pub fn prog_info(prog: BorrowedFd<'_>) -> std::io::Result<bpf_prog_info> {
     // SAFETY: bpf_prog_info is plain integers; all-zero is its documented initial state.

@@ -40,4 +40,7 @@ pub use abi::{
 pub use counters::{Counter, Counters, DeviceEvents};
 pub use layout::{KernelLayout, RawTpLayout, TracepointLayout};
 pub use op::{Direction, ReqFlags, ReqOp};
-pub use record::{DeviceConfig, DeviceState, InflightKey, RequestRecord, Sampling, Verdict};
+pub use record::{
+    DeviceConfig, DeviceState, InflightKey, RecordBatch, RequestRecord, Sampling, Verdict,
+    BATCH_RECORDS,
+};

@@ -24,12 +24,12 @@ use kml_ebpf_common::{
     position::{budget_of, direction_index},
     record::ewma_step,
     record::Known,
-    Counter, Counters, RequestRecord, Sampling, Verdict,
+    Counter, Counters, RecordBatch, RequestRecord, Sampling, Verdict, BATCH_RECORDS,
 };
 
 use crate::maps::{
-    add, count, counters, device_event, fetch_add, layout, load, sub, Handoff, DEVICES, HANDOFF,
-    INFER, MODEL_CONTROL, RECORDS, SHAPES,
+    add, count, counters, device_event, fetch_add, layout, load, sub, Handoff, BATCHES, DEVICES,
+    HANDOFF, INFER, MODEL_CONTROL, RECORDS, SHAPES,
 };
 
 /// Where an entry is in its life (`ReqState::phase`).
@@ -594,14 +594,117 @@ unsafe fn emit(c: Option<*mut Counters>, slot: u32, rec: *const RequestRecord) {
     // `wake_mask + 1` of this CPU's forces it, the others wake nobody (its poll
     // timer collects them). No mask, no threshold: the ring's default.
     let mask = layout!(wake_mask) as u64;
-    let flags = if mask == 0 && layout!(wakeup_bytes) == 0 {
-        0
+    let wake = if mask == 0 && layout!(wakeup_bytes) == 0 {
+        RecordBatch::WAKE_DEFAULT
     } else if seq & mask == 0 {
-        BPF_RB_FORCE_WAKEUP as u64
+        RecordBatch::WAKE_FORCE
     } else {
-        BPF_RB_NO_WAKEUP as u64
+        RecordBatch::WAKE_NONE
     };
-    unsafe { submit(c, slot, rec, flags) };
+    unsafe { stage(c, slot, rec, wake) };
+}
+
+/// Ring flags of a wake-up level (`RecordBatch::wake`).
+#[inline(always)]
+fn wake_flags(wake: u32) -> u64 {
+    match wake {
+        RecordBatch::WAKE_NONE => BPF_RB_NO_WAKEUP as u64,
+        RecordBatch::WAKE_FORCE => BPF_RB_FORCE_WAKEUP as u64,
+        _ => 0,
+    }
+}
+
+/// The record into this CPU's batch, and the batch into the ring once full; the
+/// record goes to the ring alone when batching is off, or when the batch is
+/// being changed by the program (or flush) this one interrupted.
+#[inline(always)]
+unsafe fn stage(c: *mut Counters, slot: u32, rec: *const RequestRecord, wake: u32) {
+    let Some(b) = BATCHES.get_ptr_mut(0) else {
+        return unsafe { submit(c, slot, rec, wake_flags(wake)) };
+    };
+    // Volatile: an interrupting program on this CPU must see `busy` set before
+    // the batch changes, and cleared only after.
+    let busy = &raw mut (*b).busy;
+    let off = unsafe { (*b).enabled } == 0 || layout!(ablate) & ablate::NO_BATCH != 0;
+    if off || unsafe { core::ptr::read_volatile(busy) } != 0 {
+        return unsafe { submit(c, slot, rec, wake_flags(wake)) };
+    }
+    unsafe { core::ptr::write_volatile(busy, 1) };
+    let mut n = unsafe { (*b).count } as usize;
+    if n >= BATCH_RECORDS {
+        // Never left full; the bound is for the verifier.
+        unsafe { flush(c, b) };
+        n = 0;
+    }
+    let i = n & (BATCH_RECORDS - 1);
+    unsafe {
+        core::ptr::copy_nonoverlapping(rec, &raw mut (*b).records[i], 1);
+        (*b).slots[i] = slot as u8;
+        if wake > (*b).wake {
+            (*b).wake = wake;
+        }
+        (*b).count = (n + 1) as u32;
+        (*c).records += 1;
+    }
+    device_event(slot, |d| d.records += 1);
+    if n + 1 == BATCH_RECORDS {
+        unsafe { flush(c, b) };
+    }
+    unsafe { core::ptr::write_volatile(busy, 0) };
+}
+
+/// The staged records into the ring in one write (the caller holds `busy`); a
+/// full ring drops them all, counted: their `records` counts move to
+/// `ring_full_drops`.
+#[inline(always)]
+unsafe fn flush(c: *mut Counters, b: *mut RecordBatch) {
+    let n = unsafe { (*b).count } as usize;
+    let wake = unsafe { (*b).wake };
+    unsafe {
+        (*b).count = 0;
+        (*b).wake = RecordBatch::WAKE_NONE;
+    }
+    if n == 0 || n > BATCH_RECORDS {
+        return;
+    }
+    // SAFETY: `n` staged records, 1..=BATCH_RECORDS, within the map value.
+    let staged = unsafe { core::slice::from_raw_parts((&raw const (*b).records).cast(), n) };
+    if RECORDS
+        .output_untyped::<[RequestRecord]>(staged, wake_flags(wake))
+        .is_err()
+    {
+        unsafe {
+            (*c).records = (*c).records.wrapping_sub(n as u64);
+            (*c).ring_full_drops += n as u64;
+        }
+        for i in 0..BATCH_RECORDS {
+            if i < n {
+                device_event(unsafe { (*b).slots[i] } as u32, |d| {
+                    d.records = d.records.wrapping_sub(1)
+                });
+            }
+        }
+    }
+}
+
+/// `kml_flush_records`: writes this CPU's staged records to the ring. 0 when
+/// done (or nothing was staged); 1 when a program on this CPU was changing the
+/// batch (the agent retries).
+#[inline(always)]
+pub fn flush_this_cpu() -> i32 {
+    let (Some(c), Some(b)) = (counters(), BATCHES.get_ptr_mut(0)) else {
+        return 0;
+    };
+    let busy = unsafe { &raw mut (*b).busy };
+    if unsafe { core::ptr::read_volatile(busy) } != 0 {
+        return 1;
+    }
+    unsafe {
+        core::ptr::write_volatile(busy, 1);
+        flush(c, b);
+        core::ptr::write_volatile(busy, 0);
+    }
+    0
 }
 
 /// The record into the ring (one copy), counted; a full ring drops it, counted.

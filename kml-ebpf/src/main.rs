@@ -172,6 +172,13 @@ pub fn kml_tp_infer(_ctx: TracePointContext) -> i32 {
 /// The slot checker: recomputes every slot's checksum into `SLOT_STATUS`. Never
 /// attached; the agent runs it (BPF_PROG_TEST_RUN) after writing a slot and before
 /// flipping to it, so the long checksum loops stay out of the per-request path.
+/// Writes this CPU's staged records to the ring; never attached, the agent runs it
+/// on each CPU (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`).
+#[raw_tracepoint(tracepoint = "kml_flush_records")]
+pub fn kml_flush_records(_ctx: RawTracePointContext) -> i32 {
+    lifecycle::flush_this_cpu()
+}
+
 #[raw_tracepoint(tracepoint = "kml_verify_slots")]
 pub fn kml_verify_slots(_ctx: RawTracePointContext) -> i32 {
     infer::verify_slots();

@@ -13,7 +13,7 @@ use kml_ebpf_common::{
     model::{LinearModel, TreeModel},
     record::INFLIGHT_CAPACITY,
     slot::{ModelControl, SlotStatus, MODEL_SLOTS, STATUS_ENTRIES},
-    Counter, Counters, DeviceEvents, InflightKey, KernelLayout, RequestRecord,
+    Counter, Counters, DeviceEvents, InflightKey, KernelLayout, RecordBatch, RequestRecord,
 };
 
 /// Kernel layout, written by the agent at load time (`.rodata`, frozen).
@@ -76,6 +76,11 @@ pub static DEVICE_EVENTS: PerCpuArray<DeviceEvents, { MAX_DEVICES as usize }> = 
 /// Finished requests. Size is overridden by the agent at load.
 #[btf_map]
 pub static RECORDS: RingBuf<RequestRecord, { 4 << 20 }> = RingBuf::new();
+
+/// Per CPU: the records on their way to the ring, written in one go
+/// (`kml_ebpf_common::RecordBatch`).
+#[btf_map]
+pub static BATCHES: PerCpuArray<RecordBatch, 1> = PerCpuArray::new();
 
 /// The model slots (written whole by the agent while idle) and the active one.
 /// BTF-typed: `bpftool map dump name LINEAR_MODELS` prints every weight by name.

@@ -166,22 +166,24 @@ fn check_orphan_verdicts(
     let end = Instant::now() + during;
     while Instant::now() < end {
         while let Some(item) = ring.next() {
-            let r =
-                kml_agent::observe::ring::decode(&item).context("a record of the wrong size")?;
-            n += 1;
-            if r.verdict == Verdict::NONE || r.model_version != version {
-                continue;
+            let records =
+                kml_agent::observe::ring::decode(&item).context("an item of the wrong size")?;
+            for r in records {
+                n += 1;
+                if r.verdict == Verdict::NONE || r.model_version != version {
+                    continue;
+                }
+                let host = model.infer(&features_of_record(&r));
+                ensure!(
+                    host.score == r.score && host.at_risk == (r.verdict == Verdict::AT_RISK),
+                    "v{version}: kernel score {} verdict {}, host score {} at_risk {}",
+                    r.score,
+                    r.verdict,
+                    host.score,
+                    host.at_risk
+                );
+                checked += 1;
             }
-            let host = model.infer(&features_of_record(&r));
-            ensure!(
-                host.score == r.score && host.at_risk == (r.verdict == Verdict::AT_RISK),
-                "v{version}: kernel score {} verdict {}, host score {} at_risk {}",
-                r.score,
-                r.verdict,
-                host.score,
-                host.at_risk
-            );
-            checked += 1;
         }
         std::thread::sleep(Duration::from_millis(20));
     }

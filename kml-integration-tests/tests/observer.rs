@@ -10,7 +10,7 @@ use kml_ebpf_common::{
     device::ReqState,
     label::{expire_jiffies, time_after_eq},
     position::KERNEL_COMPUTES_POSITION,
-    Counter, ReqOp, RequestRecord,
+    Counter, ReqOp, RequestRecord, BATCH_RECORDS,
 };
 use kml_integration_tests::{
     accounting::{alone_on_the_block_tracepoints, explain, recursion_misses, DiskStats, Losses},
@@ -101,10 +101,12 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
         format!("{mode:?}: missing {missing:?}; {counters:?}")
     })?;
 
-    // Only the test's own requests: the issued sequence, in order (synchronous I/O
-    // completes in issue order), but for records the kernel counted as lost.
+    // Only the test's own requests: the issued sequence, in insert order
+    // (synchronous I/O), but for records the kernel counted as lost. The ring's
+    // order is not that: each CPU writes its records in batches.
     let me = std::process::id();
-    let ours: Vec<&RequestRecord> = on_dev.iter().filter(|r| r.pid == me).collect();
+    let mut ours: Vec<&RequestRecord> = on_dev.iter().filter(|r| r.pid == me).collect();
+    ours.sort_by_key(|r| r.insert_ns);
     let seen: Vec<Issued> = ours
         .iter()
         .map(|r| Issued {
@@ -979,4 +981,76 @@ fn raw_tracepoints_account_for_every_io() -> Result<()> {
 #[test]
 fn tracepoints_account_for_every_io() -> Result<()> {
     every_io_is_accounted_for(AttachMode::Tracepoint)
+}
+
+/// Finished requests wait in their CPU's batch until it holds `BATCH_RECORDS`
+/// or the agent flushes it; then they reach the ring, every one, in batches.
+#[test]
+fn records_wait_in_per_cpu_batches_until_flushed() -> Result<()> {
+    if !alone_on_the_block_tracepoints()? {
+        return Ok(());
+    }
+    let dev = LoopDevice::new(64, READ_EXPIRE_MS, WRITE_EXPIRE_MS)?;
+    let bdev = dev.block_device()?;
+    runtime().block_on(async {
+        let mut observer = Observer::load(ObserverConfig::new(AttachMode::RawTracepoint))?;
+        ensure!(
+            observer.batching(),
+            "record batches are off on this kernel (see the agent's warning)"
+        );
+        observer.add_device(&bdev)?;
+        let mut stream = observer.records()?;
+        observer.attach()?;
+        let cpus = aya::util::online_cpus().map_err(|(p, e)| anyhow::anyhow!("{p}: {e}"))?;
+        let mut got = Vec::new();
+
+        // Fewer records than one batch holds: none reaches the ring unflushed.
+        issue_direct(&dev, &scattered_pattern(3, 64, 11))?;
+        let staged = observer.counters()?.get(Counter::Records);
+        stream.drain(&mut got);
+        ensure!(
+            (3..BATCH_RECORDS as u64).contains(&staged) && got.is_empty(),
+            "{staged} records counted, {} in the ring before a flush",
+            got.len()
+        );
+        observer.flush_batches();
+        stream.drain(&mut got);
+        ensure!(
+            got.len() as u64 == staged,
+            "a flush wrote {} of {staged} staged records",
+            got.len()
+        );
+
+        // Many: the ring holds whole batches, and at most a batch less one per
+        // CPU waits for the flush that detaching does.
+        let items_before = stream.items;
+        issue_direct(&dev, &scattered_pattern(400, 64, 12))?;
+        let before_flush = got.len();
+        stream.drain(&mut got);
+        let unflushed = (got.len() - before_flush) as u64;
+        let records = observer.counters()?.get(Counter::Records);
+        let most_waiting = (cpus.len() * (BATCH_RECORDS - 1)) as u64;
+        ensure!(
+            unflushed + most_waiting >= records - staged,
+            "{unflushed} of {} records reached the ring unflushed",
+            records - staged
+        );
+        let items = stream.items - items_before;
+        ensure!(
+            unflushed >= 4 * items,
+            "{unflushed} records came in {items} ring items: not in batches"
+        );
+        observer.detach();
+        stream.drain(&mut got);
+        let counters = observer.counters()?;
+        ensure!(
+            got.len() as u64 == counters.get(Counter::Records)
+                && counters.get(Counter::RingFullDrops) == 0
+                && stream.undecodable == 0,
+            "{} records read, {counters:?}",
+            got.len()
+        );
+        anyhow::Ok(())
+    })?;
+    assert_no_kml_programs()
 }

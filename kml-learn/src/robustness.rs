@@ -67,14 +67,30 @@ pub fn check_model_file(bytes: &[u8]) {
     assert_eq!(again.quantized, loaded.quantized, "quantised model changed");
 }
 
-/// The record decoder: any ring buffer item decodes or is refused by size, and
-/// everything the agent derives from a record (features, labels, the trace row)
-/// is computed without a panic; the row reads back as the record.
+/// The record decoder: any ring buffer item decodes (one record, or a CPU's
+/// batch of them) or is refused by size, and everything the agent derives from
+/// a record (features, labels, the trace row) is computed without a panic; the
+/// row reads back as the record.
 pub fn check_record(bytes: &[u8]) {
-    let Some(r) = RequestRecord::from_bytes(bytes) else {
-        assert_ne!(bytes.len(), core::mem::size_of::<RequestRecord>());
+    let size = core::mem::size_of::<RequestRecord>();
+    let Some(records) = RequestRecord::batch_from_bytes(bytes) else {
+        let whole = !bytes.is_empty() && bytes.len().is_multiple_of(size);
+        assert!(!whole || bytes.len() / size > kml_ebpf_common::BATCH_RECORDS);
         return;
     };
+    let mut decoded = 0;
+    for r in records {
+        check_one_record(r);
+        decoded += 1;
+    }
+    assert_eq!(
+        decoded * size,
+        bytes.len(),
+        "every record of the item decodes"
+    );
+}
+
+fn check_one_record(r: RequestRecord) {
     let x = features_at_insert(&r);
     assert!(
         (0..=BUDGET_MAX).contains(&x[Feature::DeadlineBudgetUs.index()]),

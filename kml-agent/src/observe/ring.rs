@@ -1,6 +1,7 @@
 //! Ring buffer → [`RequestRecord`]s, asynchronously: the agent sleeps in epoll
 //! (tokio `AsyncFd`) until the programs wake it for a batch, and a poll timer
-//! collects the tail that has not reached the wake-up threshold. No busy loop.
+//! collects the tail that has not reached the wake-up threshold, after having
+//! the CPUs' staged records written (`super::batches`). No busy loop.
 
 use std::{os::fd::AsRawFd, time::Duration};
 
@@ -9,21 +10,32 @@ use aya::maps::{MapData, RingBuf};
 use kml_ebpf_common::RequestRecord;
 use tokio::io::{unix::AsyncFd, Interest};
 
-/// Decodes one ring buffer item; `None` if its size is not a record's.
-/// (`fuzz/fuzz_targets/record_decode.rs` fuzzes it.)
-pub fn decode(bytes: &[u8]) -> Option<RequestRecord> {
-    RequestRecord::from_bytes(bytes)
+use super::batches::BatchFlusher;
+
+/// Decodes one ring buffer item: one record, or a CPU's batch of them; `None`
+/// if it is not a whole number of records. (`fuzz/fuzz_targets/record_decode.rs`
+/// fuzzes it.)
+pub fn decode(bytes: &[u8]) -> Option<impl Iterator<Item = RequestRecord> + '_> {
+    RequestRecord::batch_from_bytes(bytes)
 }
 
 pub struct RecordStream {
     ring: AsyncFd<RingBuf<MapData>>,
     poll_interval: Duration,
+    /// Writes the CPUs' staged records to the ring before a timed drain.
+    flusher: Option<BatchFlusher>,
+    /// Ring items read (a record, or a CPU's batch of them).
+    pub items: u64,
     /// Items whose size did not match a record (a kernel/agent version mismatch).
     pub undecodable: u64,
 }
 
 impl RecordStream {
-    pub(crate) fn new(ring: RingBuf<MapData>, poll_interval: Duration) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        ring: RingBuf<MapData>,
+        poll_interval: Duration,
+        flusher: Option<BatchFlusher>,
+    ) -> anyhow::Result<Self> {
         let fd = ring.as_raw_fd();
         // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as
         // long as the AsyncFd owns the ring buffer.
@@ -33,6 +45,8 @@ impl RecordStream {
         Ok(RecordStream {
             ring,
             poll_interval,
+            flusher,
+            items: 0,
             undecodable: 0,
         })
     }
@@ -42,8 +56,9 @@ impl RecordStream {
         let before = out.len();
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
+            self.items += 1;
             match decode(&item) {
-                Some(r) => out.push(r),
+                Some(records) => out.extend(records),
                 None => self.undecodable += 1,
             }
         }
@@ -62,7 +77,15 @@ impl RecordStream {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 guard.clear_ready();
             }
-            () = tokio::time::sleep(self.poll_interval) => {}
+            () = tokio::time::sleep(self.poll_interval) => {
+                // A poll interval with no wake-up: what the CPUs staged is
+                // written now, so no record waits longer than this.
+                if let Some(f) = &self.flusher {
+                    if let Err(e) = f.flush() {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+            }
         }
         Ok(self.drain(out))
     }
@@ -70,7 +93,19 @@ impl RecordStream {
 
 #[cfg(test)]
 mod tests {
+    use kml_ebpf_common::BATCH_RECORDS;
+
     use super::*;
+
+    fn record_bytes(rec: &RequestRecord) -> &[u8] {
+        // SAFETY: viewing a plain-integer struct as bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(rec).cast::<u8>(),
+                std::mem::size_of::<RequestRecord>(),
+            )
+        }
+    }
 
     #[test]
     fn decode_checks_size() {
@@ -80,18 +115,23 @@ mod tests {
             insert_ns: 1,
             ..Default::default()
         };
-        // SAFETY: viewing a plain-integer struct as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&raw const rec).cast::<u8>(),
-                std::mem::size_of::<RequestRecord>(),
-            )
-        };
-        assert_eq!(decode(bytes), Some(rec));
-        assert_eq!(decode(&bytes[1..]), None);
+        let bytes = record_bytes(&rec);
+        let all = |b: &[u8]| decode(b).map(Iterator::collect::<Vec<_>>);
+        assert_eq!(all(bytes), Some(vec![rec]));
+        assert_eq!(all(&bytes[1..]), None);
+        assert_eq!(all(&[]), None);
         // Unaligned input decodes too.
         let mut shifted = vec![0u8; bytes.len() + 1];
         shifted[1..].copy_from_slice(bytes);
-        assert_eq!(decode(&shifted[1..]), Some(rec));
+        assert_eq!(all(&shifted[1..]), Some(vec![rec]));
+        // A CPU's batch: up to BATCH_RECORDS whole records, in order.
+        let mut other = rec;
+        other.sector = 43;
+        let pair = [bytes, record_bytes(&other)].concat();
+        assert_eq!(all(&pair), Some(vec![rec, other]));
+        assert_eq!(all(&pair[..pair.len() - 1]), None);
+        let full = bytes.repeat(BATCH_RECORDS);
+        assert_eq!(all(&full).map(|v| v.len()), Some(BATCH_RECORDS));
+        assert_eq!(all(&bytes.repeat(BATCH_RECORDS + 1)), None);
     }
 }

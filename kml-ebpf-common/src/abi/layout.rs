@@ -40,6 +40,9 @@ pub mod ablate {
     /// Cost probe: ring records of 64 bytes (the first 64 of the record; the agent
     /// cannot decode them): what the record's size costs at completion.
     pub const PROBE_RECORD_64: u32 = 256;
+    /// Each record into the ring alone, not staged in its CPU's batch
+    /// (`record::RecordBatch`): the observer before batching.
+    pub const NO_BATCH: u32 = 512;
 }
 
 /// Offsets and values for raw tracepoints, from the running kernel's BTF.

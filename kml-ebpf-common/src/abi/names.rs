@@ -26,6 +26,8 @@ pub mod map {
     pub const DEVICE_EVENTS: &str = "DEVICE_EVENTS";
     /// The ring buffer of completed requests.
     pub const RECORDS: &str = "RECORDS";
+    /// Per-CPU: records staged on their way to the ring (`record::RecordBatch`).
+    pub const BATCHES: &str = "BATCHES";
     /// Model slots (see `slot`).
     pub const LINEAR_MODELS: &str = "LINEAR_MODELS";
     pub const TREE_MODELS: &str = "TREE_MODELS";
@@ -60,6 +62,7 @@ pub mod map {
         REQS,
         INFLIGHT,
         RECORDS,
+        BATCHES,
         INFER,
         HANDOFF,
         TP_SCRATCH,
@@ -74,6 +77,9 @@ pub mod map {
 pub mod program {
     /// The slot checker, run on demand through BPF_PROG_TEST_RUN.
     pub const VERIFY_SLOTS: &str = "kml_verify_slots";
+    /// Writes this CPU's staged records to the ring, run on each CPU on demand
+    /// (BPF_PROG_TEST_RUN with `BPF_F_TEST_RUN_ON_CPU`).
+    pub const FLUSH_RECORDS: &str = "kml_flush_records";
     /// The verdict program: a kprobe on `hook::FUNCTION` with `bpf_override_return`.
     pub const HOOK_VERDICT: &str = "kml_hook_verdict";
     /// The fmod_ret verdict program the agent loads itself (not in the object).
@@ -188,7 +194,11 @@ pub fn all_programs() -> impl Iterator<Item = &'static str> {
         .flat_map(|e| [e.raw, e.tp])
         .chain(RAW_STAGES)
         .chain(TP_STAGES)
-        .chain([program::VERIFY_SLOTS, program::HOOK_VERDICT])
+        .chain([
+            program::VERIFY_SLOTS,
+            program::FLUSH_RECORDS,
+            program::HOOK_VERDICT,
+        ])
 }
 
 /// Every map in the object.
