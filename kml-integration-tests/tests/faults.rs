@@ -35,8 +35,8 @@ use kml_integration_tests::{
 use kml_learn::QuantizedModel;
 
 /// Programs one agent holds: the observers, the tail-called stages (position,
-/// inference), the slot checker.
-const PROGRAMS: usize = EVENTS.len() + kml_ebpf_common::abi::names::stage::COUNT + 1;
+/// inference), the slot checker and the record flush (both run on demand).
+const PROGRAMS: usize = EVENTS.len() + kml_ebpf_common::abi::names::stage::COUNT + 2;
 fn kill9(agent: &mut Agent) -> Result<()> {
     signal(&agent.child.0, libc::SIGKILL);
     let status = agent.child.0.wait()?;
@@ -370,7 +370,10 @@ fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() 
         std::thread::sleep(Duration::from_millis(200));
         let left = leaks.programs()?;
         ensure!(
-            left.len() == PROGRAMS - 1 && !left.values().any(|n| n == program::VERIFY_SLOTS),
+            left.len() == PROGRAMS - 2
+                && !left
+                    .values()
+                    .any(|n| n == program::VERIFY_SLOTS || n == program::FLUSH_RECORDS),
             "round {round}: after SIGKILL expected the {} event programs and the {} stages, found {left:?}",
             EVENTS.len(),
             kml_ebpf_common::abi::names::stage::COUNT
