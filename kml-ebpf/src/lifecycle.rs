@@ -185,7 +185,7 @@ pub fn on_insert(
     unsafe {
         (*e).rq = owner;
         (*e).phase = Phase::Queued as u32;
-        (*e).slot = slot;
+        (*e).slot = slot as u16;
         (*e).flags = 0;
         (*e).rec = RequestRecord {
             sector: r.sector,
@@ -276,7 +276,7 @@ pub fn shape_insert(e: *mut ReqState) {
     // kml_ebpf_common::position): one path through the verifier.
     let (slot, op, sector, now, budget) = unsafe {
         (
-            (*e).slot,
+            (*e).slot as u32,
             (*e).rec.op,
             (*e).rec.sector,
             (*e).rec.insert_ns,
@@ -312,7 +312,7 @@ fn shape_remove(s: *mut DeviceSlot, e: *mut ReqState) {
     unsafe { (*e).flags &= !ReqState::SHAPED };
     let (slot, sector, insert_ns, budget, op) = unsafe {
         (
-            (*e).slot,
+            (*e).slot as u32,
             (*e).rec.sector,
             (*e).rec.insert_ns,
             budget_of((*e).rec.insert_ns, (*e).rec.deadline_ns),
@@ -451,7 +451,7 @@ pub fn on_flush_issue(s: *mut DeviceSlot, slot: u32, e: *mut ReqState, owner: u6
     unsafe {
         (*e).rq = owner;
         (*e).phase = Phase::Bypass as u32;
-        (*e).slot = slot;
+        (*e).slot = slot as u16;
         (*e).flags = 0;
         (*e).rec = RequestRecord {
             insert_ns: now,

@@ -142,6 +142,9 @@ pub const fn req_index(
 }
 
 /// One request in `REQS` (raw tracepoints) or the in-flight hash (classic ones).
+/// Exactly three cache lines (192 bytes; `REQS` starts on a page): at 200 bytes,
+/// neighbouring tags' entries shared lines, and two requests in flight on two
+/// CPUs wrote each other's lines (issue 14).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReqState {
@@ -151,18 +154,17 @@ pub struct ReqState {
     /// Where the request is: free, queued, issued, requeued, or a bypass (a flush:
     /// never in the scheduler). The programs' own bookkeeping.
     pub phase: u32,
-    /// The device slot.
-    pub slot: u32,
+    /// The device slot (below [`MAX_DEVICES`]).
+    pub slot: u16,
     /// [`ReqState::SHAPED`]: the request is counted in its direction's position
     /// state (`SHAPES`) and must leave it when it leaves the queue.
-    pub flags: u32,
-    pub _pad: u32,
+    pub flags: u16,
     /// What will be the record.
     pub rec: RequestRecord,
 }
 
 impl ReqState {
-    pub const SHAPED: u32 = 1;
+    pub const SHAPED: u16 = 1;
 }
 
 #[cfg(feature = "user")]
@@ -186,6 +188,12 @@ mod tests {
         assert_eq!(offset_of!(DeviceSlot, counts_write), 128);
         assert_eq!(offset_of!(DeviceSlot, last_issue_ns), 192);
         assert_eq!(size_of::<QSlot>(), 24);
+    }
+
+    #[test]
+    fn request_entries_are_whole_cache_lines() {
+        assert_eq!(size_of::<ReqState>(), 3 * 64);
+        assert_eq!(offset_of!(ReqState, rec), 16);
     }
 
     #[test]
