@@ -1021,6 +1021,21 @@ fn records_wait_in_per_cpu_batches_until_flushed() -> Result<()> {
             got.len()
         );
 
+        // A trickle, with no explicit flush: the live stream has the CPUs flushed
+        // once a poll interval, so the records arrive all the same.
+        issue_direct(&dev, &scattered_pattern(2, 64, 13))?;
+        let want = observer.counters()?.get(Counter::Records);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while (got.len() as u64) < want && std::time::Instant::now() < deadline {
+            stream.next_batch(&mut got).await?;
+        }
+        ensure!(
+            got.len() as u64 == want,
+            "{} of {want} records arrived from the live stream within 2 s",
+            got.len()
+        );
+        let staged = want;
+
         // Many: the ring holds whole batches, and at most a batch less one per
         // CPU waits for the flush that detaching does.
         let items_before = stream.items;

@@ -187,7 +187,8 @@ pub struct ObserveArgs {
     /// and (`run`) adds the verdict hook on a kernel with kml's mq-deadline patch.
     #[arg(long, value_enum, default_value_t = AttachRequest::Auto)]
     pub attach: AttachRequest,
-    /// Ring buffer size (power of two: 1M, 8M, 64M).
+    /// Ring buffer size (power of two: 1M, 8M, 64M). The agent is woken once 1 MiB
+    /// waits, or a quarter of a smaller ring.
     #[arg(long, value_parser = parse_size, default_value = "8M")]
     pub ring_size: u32,
 }

@@ -3,7 +3,10 @@
 //! collects the tail that has not reached the wake-up threshold, after having
 //! the CPUs' staged records written (`super::batches`). No busy loop.
 
-use std::{os::fd::AsRawFd, time::Duration};
+use std::{
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -22,8 +25,9 @@ pub fn decode(bytes: &[u8]) -> Option<impl Iterator<Item = RequestRecord> + '_> 
 pub struct RecordStream {
     ring: AsyncFd<RingBuf<MapData>>,
     poll_interval: Duration,
-    /// Writes the CPUs' staged records to the ring before a timed drain.
+    /// Writes the CPUs' staged records to the ring once a poll interval.
     flusher: Option<BatchFlusher>,
+    last_flush: Instant,
     /// Ring items read (a record, or a CPU's batch of them).
     pub items: u64,
     /// Items whose size did not match a record (a kernel/agent version mismatch).
@@ -46,6 +50,7 @@ impl RecordStream {
             ring,
             poll_interval,
             flusher,
+            last_flush: Instant::now(),
             items: 0,
             undecodable: 0,
         })
@@ -68,6 +73,7 @@ impl RecordStream {
     /// Waits until records arrive (a wake-up or the poll timer), then drains them.
     /// Returns 0 only after a poll interval with nothing new.
     pub async fn next_batch(&mut self, out: &mut Vec<RequestRecord>) -> anyhow::Result<usize> {
+        self.flush_when_due();
         let n = self.drain(out);
         if n > 0 {
             return Ok(n);
@@ -77,17 +83,23 @@ impl RecordStream {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 guard.clear_ready();
             }
-            () = tokio::time::sleep(self.poll_interval) => {
-                // A poll interval with no wake-up: what the CPUs staged is
-                // written now, so no record waits longer than this.
-                if let Some(f) = &self.flusher {
-                    if let Err(e) = f.flush() {
-                        tracing::warn!("{e:#}");
-                    }
-                }
-            }
+            () = tokio::time::sleep(self.poll_interval) => self.flush_when_due(),
         }
         Ok(self.drain(out))
+    }
+
+    /// Once a poll interval, whatever wakes the agent: what the CPUs staged is
+    /// written to the ring, so no record waits much longer than that (a quiet
+    /// CPU's batch would otherwise wait while a busy one keeps waking the agent).
+    fn flush_when_due(&mut self) {
+        let Some(f) = &self.flusher else { return };
+        if self.last_flush.elapsed() < self.poll_interval {
+            return;
+        }
+        if let Err(e) = f.flush() {
+            tracing::warn!("{e:#}");
+        }
+        self.last_flush = Instant::now();
     }
 }
 
