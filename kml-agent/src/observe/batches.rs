@@ -37,7 +37,6 @@ const BUSY_WAIT: Duration = Duration::from_micros(50);
 #[derive(Debug)]
 pub struct BatchFlusher {
     prog: OwnedFd,
-    cpus: Vec<u32>,
 }
 
 impl BatchFlusher {
@@ -49,9 +48,7 @@ impl BatchFlusher {
         p.load()
             .with_context(|| format!("verifying {}", program::FLUSH_RECORDS))?;
         let prog = p.fd()?.as_fd().try_clone_to_owned()?;
-        let cpus =
-            aya::util::online_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
-        let flusher = BatchFlusher { prog, cpus };
+        let flusher = BatchFlusher { prog };
         // Nothing is staged yet on a fresh object, and a killed agent's batches
         // (adopted pins) are flushed rightly: the probe is a real flush.
         flusher.flush().context(
@@ -63,7 +60,10 @@ impl BatchFlusher {
     /// Writes every CPU's staged records to the ring. A CPU whose batch a
     /// program is changing is tried again until it is free.
     pub fn flush(&self) -> anyhow::Result<()> {
-        for &cpu in &self.cpus {
+        // Read each time: a CPU brought online since has a batch too.
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
+        for cpu in cpus {
             let mut tries = 0;
             loop {
                 let rc = match crate::sys::test_run_on_cpu(self.prog.as_fd(), cpu) {
@@ -92,7 +92,6 @@ impl BatchFlusher {
     pub fn try_clone(&self) -> anyhow::Result<BatchFlusher> {
         Ok(BatchFlusher {
             prog: self.prog.try_clone()?,
-            cpus: self.cpus.clone(),
         })
     }
 }
