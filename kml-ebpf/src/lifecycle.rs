@@ -99,6 +99,10 @@ pub fn on_insert(
     bump(c, Counter::Inserts);
     device_event(slot, |d| d.inserts += 1);
     let now = unsafe { bpf_ktime_get_ns() };
+    // The miss shares right at `now`: the host replays them in ns order
+    // (`kml_learn::replay::replay_miss_shares`), and an issue that steps them
+    // between this clock read and a later read would be out of that order.
+    let miss_shares = unsafe { ((*s).miss_share_read, (*s).miss_share_write) };
     let jiffies = unsafe { bpf_jiffies64() };
     let dir = r.op.direction();
     let (expire, expire_jiffies) = unsafe {
@@ -220,8 +224,8 @@ pub fn on_insert(
             position: [0; kml_ebpf_common::position::LANES],
             known: Known::BUCKET_SHIFT | Known::MISS_SHARE,
             bucket_shift: (*s).bucket_shift as u8,
-            miss_share_read: (*s).miss_share_read as u16,
-            miss_share_write: (*s).miss_share_write as u16,
+            miss_share_read: miss_shares.0 as u16,
+            miss_share_write: miss_shares.1 as u16,
             _pad: [0; 2],
         };
     }
@@ -392,7 +396,6 @@ pub fn on_issue(
     end_sector: u64,
 ) {
     count(Counter::Issues);
-    let now = unsafe { bpf_ktime_get_ns() };
     let jiffies = unsafe { bpf_jiffies64() };
     unsafe {
         let phase = (*e).phase;
@@ -403,20 +406,24 @@ pub fn on_issue(
         let dir = ReqOp::from_u8((*e).rec.op).direction();
         shape_remove(s, e);
         (*e).phase = Phase::Issued as u32;
-        (*e).rec.issue_ns = now;
         (*e).rec.issue_jiffies = jiffies;
         if let Some(t) = fifo_time() {
             (*e).rec.fifo_time = t;
         }
         // Its label is known now: into the direction's miss share, a feature of
-        // the next inserts (racy across CPUs like the averages below).
+        // the next inserts.
         let missed = (*e).rec.deadline_missed();
-        match dir {
-            Direction::Read => (*s).miss_share_read = miss_share_step((*s).miss_share_read, missed),
-            Direction::Write => {
-                (*s).miss_share_write = miss_share_step((*s).miss_share_write, missed)
-            }
-        }
+        step_miss_share(
+            match dir {
+                Direction::Read => &raw mut (*s).miss_share_read,
+                Direction::Write => &raw mut (*s).miss_share_write,
+            },
+            missed,
+        );
+        // The clock right after the step, as insert reads the shares right after
+        // its clock: the host replays steps and reads in ns order.
+        let now = bpf_ktime_get_ns();
+        (*e).rec.issue_ns = now;
         sub(counts_of(s, dir), COUNT_QUEUED);
         // How long this direction's queue makes requests wait, and how fast the
         // device drains: features of the next inserts.
@@ -431,6 +438,27 @@ pub fn on_issue(
         }
         (*s).last_issue_ns = now;
         (*s).last_issue_end_sector = end_sector;
+    }
+}
+
+/// One step of a miss share, compare-and-swapped: two CPUs dispatching at once
+/// would otherwise lose a step, and the share would then differ from the host's
+/// replay for many inserts after. Bounded: a step that loses four races in a row
+/// is dropped.
+#[inline(always)]
+fn step_miss_share(p: *mut u32, missed: bool) {
+    use core::intrinsics::{atomic_cxchg, AtomicOrdering};
+    for _ in 0..4 {
+        // SAFETY: `p` points into a map value that outlives the program run,
+        // 4-aligned.
+        let old = unsafe { core::ptr::read_volatile(p) };
+        let new = miss_share_step(old, missed);
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
+        };
+        if swapped {
+            return;
+        }
     }
 }
 
