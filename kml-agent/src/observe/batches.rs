@@ -127,11 +127,3 @@ pub fn enable(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         .set(0, values, 0)
         .context("turning the record batches on")
 }
-
-/// Whether the batches are on (CPU 0's flag; they are turned on all at once).
-pub fn enabled(ebpf: &Ebpf) -> anyhow::Result<bool> {
-    let batches: PerCpuArray<&aya::maps::MapData, RecordBatch> =
-        crate::object::map(ebpf, map::BATCHES)?;
-    let values = batches.get(&0, 0).context("reading BATCHES")?;
-    Ok(values.iter().next().is_some_and(|b| b.enabled != 0))
-}
