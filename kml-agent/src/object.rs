@@ -142,7 +142,9 @@ impl HookGlobals {
                 &self.sched.per_prio_count,
                 true,
             )
-            .override_global(global::HOOK_WRITE_FIFO, &self.sched.write_fifo, true);
+            .override_global(global::HOOK_WRITE_FIFO, &self.sched.write_fifo, true)
+            .override_global(global::HOOK_DD_LAST_DIR, &self.sched.last_dir, true)
+            .override_global(global::HOOK_DD_WRITE, &self.sched.dd_write, true);
     }
 }
 

@@ -17,6 +17,10 @@
 //! - [`Policy::ReadsUnderWrites`]: boost a read only while writes wait in the
 //!   scheduler (a write FIFO of any priority level is non-empty), i.e. exactly when
 //!   a read may sit behind a batch of writes;
+//! - [`Policy::ReadsBehindWrites`]: boost a read only while the scheduler serves
+//!   writes (writes wait and `deadline_data.last_dir` is `DD_WRITE`). A boost ends
+//!   the current batch; ending a read batch only brings the next forced write batch
+//!   closer (mq-deadline counts a read batch against `writes_starved` at each start);
 //! - [`Policy::Model`]: boost a request the active model flagged at risk of missing
 //!   its deadline. The verdict is the one the observer's insert path stored in the
 //!   request's entry (`REQS`): `block_rq_insert` fires in `dd_insert_request()`
@@ -63,6 +67,12 @@ static KML_HOOK_PER_PRIO_COUNT: u32 = 0;
 /// Byte offset of `fifo_list[DD_WRITE]` (a `struct list_head`) in `struct dd_per_prio`.
 #[no_mangle]
 static KML_HOOK_WRITE_FIFO: u32 = 0;
+/// Byte offset of `last_dir` (`enum dd_data_dir`, 4 bytes) in `struct deadline_data`.
+#[no_mangle]
+static KML_HOOK_DD_LAST_DIR: u32 = 0;
+/// The value of `DD_WRITE`.
+#[no_mangle]
+static KML_HOOK_DD_WRITE: u32 = 0;
 
 const MAX_PRIO_LEVELS: u32 = 4;
 
@@ -114,26 +124,36 @@ fn device_of(rq: u64) -> Option<u32> {
     Some(kml_ebpf_common::kernel_dev(major as u32, minor as u32))
 }
 
+/// The request's `struct deadline_data` (its queue's elevator data).
+#[inline(always)]
+fn deadline_data_of(rq: u64) -> Option<u64> {
+    let q = read::<u64>(rq + layout!(raw.rq_q) as u64)?;
+    let eq = read::<u64>(q + global!(KML_HOOK_Q_ELEVATOR) as u64).filter(|&eq| eq != 0)?;
+    read::<u64>(eq + global!(KML_HOOK_EQ_DATA) as u64).filter(|&dd| dd != 0)
+}
+
+/// Whether the scheduler's last dispatch was a write and writes still wait: a
+/// read inserted now sits behind the rest of a write batch. Read with the
+/// scheduler lock held, like the FIFOs.
+#[inline(always)]
+fn serving_writes(rq: u64) -> bool {
+    let Some(dd) = deadline_data_of(rq) else {
+        return false;
+    };
+    read::<u32>(dd + global!(KML_HOOK_DD_LAST_DIR) as u64) == Some(global!(KML_HOOK_DD_WRITE))
+        && writes_queued_in(dd)
+}
+
 /// Whether any write waits in a FIFO of the request's mq-deadline instance.
 /// Called with the scheduler lock held (inside dd_insert_request), so the lists
 /// are stable while they are read.
 #[inline(always)]
 fn writes_queued(rq: u64) -> bool {
-    let Some(q) = read::<u64>(rq + layout!(raw.rq_q) as u64) else {
-        return false;
-    };
-    let Some(eq) = read::<u64>(q + global!(KML_HOOK_Q_ELEVATOR) as u64) else {
-        return false;
-    };
-    if eq == 0 {
-        return false;
-    }
-    let Some(dd) = read::<u64>(eq + global!(KML_HOOK_EQ_DATA) as u64) else {
-        return false;
-    };
-    if dd == 0 {
-        return false;
-    }
+    deadline_data_of(rq).is_some_and(writes_queued_in)
+}
+
+#[inline(always)]
+fn writes_queued_in(dd: u64) -> bool {
     let levels = global!(KML_HOOK_PER_PRIO_COUNT);
     let size = global!(KML_HOOK_PER_PRIO_SIZE) as u64;
     let fifo = global!(KML_HOOK_WRITE_FIFO) as u64;
@@ -217,6 +237,7 @@ fn fixed_verdict(rq: u64, policy: Policy, want: u32) -> u64 {
     match policy {
         Policy::Reads if is_read => 1,
         Policy::ReadsUnderWrites if is_read && writes_queued(rq) => 1,
+        Policy::ReadsBehindWrites if is_read && serving_writes(rq) => 1,
         _ => 0,
     }
 }

@@ -287,8 +287,8 @@ pub fn kernel_layout(
     }
     Ok(layout)
 }
-/// mq-deadline's layout, which the verdict program's policy `reads-under-writes`
-/// reads (from BTF), handed to it as its `KML_HOOK_*` globals.
+/// mq-deadline's layout, which the verdict program's policies `reads-under-writes`
+/// and `reads-behind-writes` read (from BTF), handed to it as its `KML_HOOK_*` globals.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedLayout {
     pub q_elevator: u32,
@@ -297,10 +297,15 @@ pub struct SchedLayout {
     pub per_prio_size: u32,
     pub per_prio_count: u32,
     pub write_fifo: u32,
+    /// `struct deadline_data.last_dir` (the direction of the last dispatch).
+    pub last_dir: u32,
+    /// The value of `DD_WRITE` (`enum dd_data_dir`).
+    pub dd_write: u32,
 }
 
 /// `struct request_queue.elevator` → `struct elevator_queue.elevator_data` →
-/// `struct deadline_data.per_prio[]` → `struct dd_per_prio.fifo_list[DD_WRITE]`.
+/// `struct deadline_data.per_prio[]` → `struct dd_per_prio.fifo_list[DD_WRITE]`, and
+/// `struct deadline_data.last_dir`.
 pub fn sched_layout(btf: &Btf) -> anyhow::Result<SchedLayout> {
     let ptr = |ty: &str, member: &str| -> anyhow::Result<u32> {
         let m = btf
@@ -333,6 +338,14 @@ pub fn sched_layout(btf: &Btf) -> anyhow::Result<SchedLayout> {
         .ok()
         .filter(|d| (d + 1) * list_head <= fifo.size)
         .context("DD_WRITE out of range")?;
+    let last_dir = btf
+        .member("deadline_data", "last_dir")
+        .context("struct deadline_data.last_dir")?;
+    anyhow::ensure!(
+        last_dir.size == 4,
+        "struct deadline_data.last_dir is {} bytes; kml reads it as a 4-byte enum",
+        last_dir.size
+    );
     Ok(SchedLayout {
         q_elevator: ptr("request_queue", "elevator")?,
         eq_data: ptr("elevator_queue", "elevator_data")?,
@@ -340,6 +353,8 @@ pub fn sched_layout(btf: &Btf) -> anyhow::Result<SchedLayout> {
         per_prio_size,
         per_prio_count: (per_prio.size / per_prio_size).min(4),
         write_fifo: fifo.offset + dd_write * list_head,
+        last_dir: last_dir.offset,
+        dd_write,
     })
 }
 
@@ -368,5 +383,10 @@ mod tests {
             btf.member("dd_per_prio", "fifo_list").unwrap().offset + 16
         );
         assert!(l.dd_per_prio > 0 && l.q_elevator > 0);
+        assert_eq!(l.dd_write, 1);
+        assert_eq!(
+            l.last_dir,
+            btf.member("deadline_data", "last_dir").unwrap().offset
+        );
     }
 }

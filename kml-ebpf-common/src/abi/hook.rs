@@ -34,15 +34,20 @@ pub enum Policy {
     Model = 3,
     /// The model's at-risk verdicts, for reads only (`kml-agent run --act`).
     ModelReads = 4,
+    /// Boost a read only while the scheduler serves a write batch (its last
+    /// dispatch was a write and writes wait): a boost during a read batch ends that
+    /// batch and brings the next forced write batch closer (`writes_starved`).
+    ReadsBehindWrites = 5,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 5] = [
+    pub const ALL: [Policy; 6] = [
         Policy::Off,
         Policy::Reads,
         Policy::ReadsUnderWrites,
         Policy::Model,
         Policy::ModelReads,
+        Policy::ReadsBehindWrites,
     ];
 
     /// The policy a `HOOK_POLICY` value names; `None` for an unknown value.
@@ -54,6 +59,7 @@ impl Policy {
             2 => Some(Policy::ReadsUnderWrites),
             3 => Some(Policy::Model),
             4 => Some(Policy::ModelReads),
+            5 => Some(Policy::ReadsBehindWrites),
             _ => None,
         }
     }
@@ -66,6 +72,7 @@ impl Policy {
             Policy::ReadsUnderWrites => "reads-under-writes",
             Policy::Model => "model",
             Policy::ModelReads => "model-reads",
+            Policy::ReadsBehindWrites => "reads-behind-writes",
         }
     }
 

@@ -98,6 +98,8 @@ pub mod global {
     pub const HOOK_PER_PRIO_SIZE: &str = "KML_HOOK_PER_PRIO_SIZE";
     pub const HOOK_PER_PRIO_COUNT: &str = "KML_HOOK_PER_PRIO_COUNT";
     pub const HOOK_WRITE_FIFO: &str = "KML_HOOK_WRITE_FIFO";
+    pub const HOOK_DD_LAST_DIR: &str = "KML_HOOK_DD_LAST_DIR";
+    pub const HOOK_DD_WRITE: &str = "KML_HOOK_DD_WRITE";
 }
 
 /// Indices of the inference stage in the `INFER` program array.

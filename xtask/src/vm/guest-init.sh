@@ -231,8 +231,10 @@ if [ "$MODE" = smoke ]; then
     echo "hook $b2 $b3" > $OUT/smoke.fmodret.boosts
     echo "boost_max 1 read_expire_ms $(cat $Q/iosched/read_expire) uptime $t0 $t1" > $OUT/smoke.fmodret.cap
     # The fixed policies that must not boost: off (every call says no), and
-    # reads-under-writes with no write queued; then reads-under-writes with writes.
-    for run in off:smoke.fio:smoke.off reads-under-writes:smoke-reads.fio:smoke.rwalone reads-under-writes:smoke.fio:smoke.rw; do
+    # reads-under-writes and reads-behind-writes with no write queued; then both
+    # with writes.
+    for run in off:smoke.fio:smoke.off reads-under-writes:smoke-reads.fio:smoke.rwalone reads-under-writes:smoke.fio:smoke.rw \
+        reads-behind-writes:smoke-reads.fio:smoke.rbwalone reads-behind-writes:smoke.fio:smoke.rbw; do
         policy=${run%%:*}; rest=${run#*:}; job=/kml/workloads/${rest%%:*}; name=${rest#*:}
         echo "kml-guest: smoke: $name run (policy $policy, $(basename $job))"
         start_hook $policy /tmp/$name.agent.log

@@ -31,10 +31,13 @@ struct Smoke {
     model_boosts: Boosts,
     model_hook: Option<HookCounts>,
     model_order: OrderStats,
-    /// The fixed policies: off, reads-under-writes with reads alone, and with writes.
+    /// The fixed policies: off, reads-under-writes with reads alone, and with writes;
+    /// reads-behind-writes the same.
     off: (Boosts, Option<HookCounts>),
     rw_alone: (Boosts, Option<HookCounts>),
     rw: (Boosts, Option<HookCounts>),
+    rbw_alone: (Boosts, Option<HookCounts>),
+    rbw: (Boosts, Option<HookCounts>),
     /// The boost cap of the fmod_ret run.
     cap: Cap,
 }
@@ -60,6 +63,8 @@ impl Smoke {
             off: fixed_run(ctx, "smoke.off")?,
             rw_alone: fixed_run(ctx, "smoke.rwalone")?,
             rw: fixed_run(ctx, "smoke.rw")?,
+            rbw_alone: fixed_run(ctx, "smoke.rbwalone")?,
+            rbw: fixed_run(ctx, "smoke.rbw")?,
             cap: parse_cap(&ctx.read("smoke.fmodret.cap")?)?,
         })
     }
@@ -76,19 +81,24 @@ impl Smoke {
                 b.hook_boosts
             )),
         }
-        match self.rw_alone {
-            (b, Some(h)) if h.reads > 0 && h.verdicts == 0 && b.hook_boosts == 0 => {}
-            (b, h) => problems.push(format!(
-                "reads-under-writes with no write queued: the program must see reads and boost none: {h:?}, {} served early",
-                b.hook_boosts
-            )),
-        }
-        match self.rw {
-            (b, Some(h)) if h.verdicts > 0 && b.hook_boosts > 0 => {}
-            (b, h) => problems.push(format!(
-                "reads-under-writes under writes: no read served early ({} boosts, {h:?})",
-                b.hook_boosts
-            )),
+        for (policy, alone, under) in [
+            ("reads-under-writes", self.rw_alone, self.rw),
+            ("reads-behind-writes", self.rbw_alone, self.rbw),
+        ] {
+            match alone {
+                (b, Some(h)) if h.reads > 0 && h.verdicts == 0 && b.hook_boosts == 0 => {}
+                (b, h) => problems.push(format!(
+                    "{policy} with no write queued: the program must see reads and boost none: {h:?}, {} served early",
+                    b.hook_boosts
+                )),
+            }
+            match under {
+                (b, Some(h)) if h.verdicts > 0 && b.hook_boosts > 0 => {}
+                (b, h) => problems.push(format!(
+                    "{policy} under writes: no read served early ({} boosts, {h:?})",
+                    b.hook_boosts
+                )),
+            }
         }
         let allowed = self.cap.allowed();
         let f = self.fmodret_boosts;
@@ -106,7 +116,8 @@ impl Smoke {
     fn policy_paragraph(&self, hook_line: impl Fn(Option<HookCounts>) -> String) -> String {
         format!(
             "Fixed policies (3 s each): off: {}, kernel boosts {}; reads-under-writes, reads alone: {}, kernel \
-             boosts {}; reads-under-writes, the smoke case: {}, kernel boosts {}. Boost cap (the fmod_ret run, \
+             boosts {}; reads-under-writes, the smoke case: {}, kernel boosts {}; reads-behind-writes, reads alone: \
+             {}, kernel boosts {}; reads-behind-writes, the smoke case: {}, kernel boosts {}. Boost cap (the fmod_ret run, \
              kml_boost_max {} per {} ms window, {:.1} s): {} served early (at most {}), {} refused.\n",
             hook_line(self.off.1),
             self.off.0.hook_boosts,
@@ -114,6 +125,10 @@ impl Smoke {
             self.rw_alone.0.hook_boosts,
             hook_line(self.rw.1),
             self.rw.0.hook_boosts,
+            hook_line(self.rbw_alone.1),
+            self.rbw_alone.0.hook_boosts,
+            hook_line(self.rbw.1),
+            self.rbw.0.hook_boosts,
             self.cap.boost_max,
             self.cap.window_ms,
             self.cap.elapsed_s,
