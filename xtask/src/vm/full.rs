@@ -281,54 +281,60 @@ fn misses_table(md: &mut String, ws: &[Workload]) {
 
 /// The learned verdict against the fixed rule, round by round, and the issue's
 /// goals for it (issue 13, part 4). Returns the goal sentence.
+/// The same-round table of `arm` against the fixed `rule` on the mixed workloads;
+/// returns the workloads where `arm`'s read p99 is at least 10% lower (combined).
+fn against_rule(md: &mut String, mixed: &[&Workload], arm: &str, rule: &str) -> Vec<String> {
+    let mut beats_rule = Vec::new();
+    let _ = writeln!(
+        md,
+        "### {arm} against {rule} (same rounds)\n\n| workload | read mean | read p99 | write p99 | throughput | p99 >= 10% lower |\n| --- | ---: | ---: | ---: | ---: | --- |"
+    );
+    for w in mixed {
+        let (Some(l), Some(r)) = (w.arm(arm), w.arm(rule)) else {
+            continue;
+        };
+        let h2h = Comparison {
+            name: w.name.clone(),
+            stock: combine(&r.runs),
+            hook: combine(&l.runs),
+            boosts: Boosts::default(),
+            agent: String::new(),
+            pairs: r.runs.iter().copied().zip(l.runs.iter().copied()).collect(),
+        };
+        let rounds = per_round(&h2h, read_p99);
+        let lower = h2h.read_p99_pct() <= -10.0;
+        let every = rounds.iter().all(|&x| x <= -10.0);
+        if lower {
+            beats_rule.push(w.name.clone());
+        }
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            w.name,
+            with_spread(h2h.read_mean_pct(), &per_round(&h2h, read_mean)),
+            with_spread(h2h.read_p99_pct(), &rounds),
+            with_spread(h2h.write_p99_pct(), &per_round(&h2h, write_p99)),
+            with_spread(h2h.throughput_pct(), &per_round(&h2h, throughput)),
+            match (lower, every) {
+                (true, true) => "yes, in every round",
+                (true, false) => "yes combined, not in every round",
+                _ => "no",
+            }
+        );
+    }
+    let _ = writeln!(md);
+    beats_rule
+}
+
 fn learned_section(md: &mut String, ws: &[Workload], learned: &str, rule: Option<&str>) -> String {
     let mixed: Vec<&Workload> = ws
         .iter()
         .filter(|w| w.comparison(learned).is_some_and(|c| c.stock.mixed()))
         .collect();
-    let mut beats_rule = Vec::new();
-    let mut rule_rows = String::new();
-    if let Some(rule) = rule {
-        let _ = writeln!(
-            rule_rows,
-            "### {learned} against {rule} (same rounds)\n\n| workload | read mean | read p99 | write p99 | throughput | p99 >= 10% lower |\n| --- | ---: | ---: | ---: | ---: | --- |"
-        );
-        for w in &mixed {
-            let (Some(l), Some(r)) = (w.arm(learned), w.arm(rule)) else {
-                continue;
-            };
-            let h2h = Comparison {
-                name: w.name.clone(),
-                stock: combine(&r.runs),
-                hook: combine(&l.runs),
-                boosts: Boosts::default(),
-                agent: String::new(),
-                pairs: r.runs.iter().copied().zip(l.runs.iter().copied()).collect(),
-            };
-            let rounds = per_round(&h2h, read_p99);
-            let lower = h2h.read_p99_pct() <= -10.0;
-            let every = rounds.iter().all(|&x| x <= -10.0);
-            if lower {
-                beats_rule.push(w.name.clone());
-            }
-            let _ = writeln!(
-                rule_rows,
-                "| {} | {} | {} | {} | {} | {} |",
-                w.name,
-                with_spread(h2h.read_mean_pct(), &per_round(&h2h, read_mean)),
-                with_spread(h2h.read_p99_pct(), &rounds),
-                with_spread(h2h.write_p99_pct(), &per_round(&h2h, write_p99)),
-                with_spread(h2h.throughput_pct(), &per_round(&h2h, throughput)),
-                match (lower, every) {
-                    (true, true) => "yes, in every round",
-                    (true, false) => "yes combined, not in every round",
-                    _ => "no",
-                }
-            );
-        }
-        md.push_str(&rule_rows);
-        let _ = writeln!(md);
-    }
+    let beats_rule = match rule {
+        Some(rule) => against_rule(md, &mixed, learned, rule),
+        None => Vec::new(),
+    };
     let read_goal: Vec<String> = mixed
         .iter()
         .filter(|w| {
@@ -430,6 +436,20 @@ fn render(ctx: &RunContext, ws: &[Workload], incomplete: &[String]) -> (String, 
     }
     misses_table(&mut md, ws);
     let (learned, rule) = learned_and_rule(&ctx.policies);
+    // Every other policy against the rule too, in the same rounds (the learned
+    // verdict's table comes with its goals below).
+    if let Some(rule) = rule {
+        for p in ctx.policies.iter().map(String::as_str) {
+            if p == rule || Some(p) == learned {
+                continue;
+            }
+            let mixed: Vec<&Workload> = ws
+                .iter()
+                .filter(|w| w.comparison(p).is_some_and(|c| c.stock.mixed()))
+                .collect();
+            against_rule(&mut md, &mixed, p, rule);
+        }
+    }
     let mut goal = String::new();
     if let Some(l) = learned {
         goal = learned_section(&mut md, ws, l, rule);
