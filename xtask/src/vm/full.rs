@@ -279,8 +279,13 @@ fn misses_table(md: &mut String, ws: &[Workload]) {
     let _ = writeln!(md);
 }
 
-/// The learned verdict against the fixed rule, round by round, and the issue's
-/// goals for it (issue 13, part 4). Returns the goal sentence.
+/// The mixed workloads (reads and writes in the stock run) where `policy` ran.
+fn mixed_for<'a>(ws: &'a [Workload], policy: &str) -> Vec<&'a Workload> {
+    ws.iter()
+        .filter(|w| w.comparison(policy).is_some_and(|c| c.stock.mixed()))
+        .collect()
+}
+
 /// The same-round table of `arm` against the fixed `rule` on the mixed workloads;
 /// returns the workloads where `arm`'s read p99 is at least 10% lower (combined).
 fn against_rule(md: &mut String, mixed: &[&Workload], arm: &str, rule: &str) -> Vec<String> {
@@ -326,11 +331,10 @@ fn against_rule(md: &mut String, mixed: &[&Workload], arm: &str, rule: &str) -> 
     beats_rule
 }
 
+/// The learned verdict against the fixed rule, round by round, and the issue's
+/// goals for it (issue 13, part 4). Returns the goal sentence.
 fn learned_section(md: &mut String, ws: &[Workload], learned: &str, rule: Option<&str>) -> String {
-    let mixed: Vec<&Workload> = ws
-        .iter()
-        .filter(|w| w.comparison(learned).is_some_and(|c| c.stock.mixed()))
-        .collect();
+    let mixed = mixed_for(ws, learned);
     let beats_rule = match rule {
         Some(rule) => against_rule(md, &mixed, learned, rule),
         None => Vec::new(),
@@ -443,11 +447,7 @@ fn render(ctx: &RunContext, ws: &[Workload], incomplete: &[String]) -> (String, 
             if p == rule || Some(p) == learned {
                 continue;
             }
-            let mixed: Vec<&Workload> = ws
-                .iter()
-                .filter(|w| w.comparison(p).is_some_and(|c| c.stock.mixed()))
-                .collect();
-            against_rule(&mut md, &mixed, p, rule);
+            against_rule(&mut md, &mixed_for(ws, p), p, rule);
         }
     }
     let mut goal = String::new();
