@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use crate::{
     dataset::Dataset,
     evaluate::{evaluate, Evaluation},
+    metrics::ThresholdGoal,
     model_file::{DeviceRegime, LoadedModel, ModelFile},
     progress::Progress,
     train::{train_many, TrainOptions},
@@ -69,6 +70,11 @@ pub struct TrainArgs {
     /// Keep the default verdict threshold (delay > budget; log-odds > 0; p > 0.5).
     #[arg(long)]
     pub no_tune: bool,
+    /// Tune the threshold for a verdict that acts (`kml-agent run --act`): the highest
+    /// threshold that flags at least this share of the tune window's misses, e.g.
+    /// 0.99. Default: the best balanced accuracy (a verdict that is counted).
+    #[arg(long, value_name = "R", conflicts_with = "no_tune")]
+    pub miss_recall: Option<f64>,
     /// Features to use, comma-separated; or `all` (the default: every feature the
     /// kernel computes; best on later I/O of the same workload) or `portable`
     /// (write_dir, dir_wait_log, expected_wait_log, dir_wait_us, expected_wait_us,
@@ -204,6 +210,11 @@ impl TrainArgs {
         opts.train_fraction = self.train_fraction;
         opts.tune_fraction = self.tune_fraction;
         opts.tune_threshold = !self.no_tune;
+        if let Some(r) = self.miss_recall {
+            opts.threshold_goal = ThresholdGoal::MissRecall(r)
+                .checked()
+                .ok_or_else(|| anyhow::anyhow!("--miss-recall {r}: must be in (0, 1]"))?;
+        }
         opts.tree_max_depth = self.max_depth;
         opts.tree_min_samples_leaf = self.min_samples_leaf;
         opts.tree_max_samples = self.tree_max_samples;
@@ -491,28 +502,45 @@ mod tests {
         let model_path = dir.join("m.json");
         let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
 
-        let Cli::Train(t) = Cli::parse_from(args(&format!(
-            "x train --trace {} --model logistic --out {} --quiet --features queued_same_dir,dir_wait_log,op",
-            trace_path.display(),
-            model_path.display()
-        ))) else {
-            unreachable!()
+        let run = |line: String| match Cli::parse_from(args(&line)) {
+            Cli::Train(t) => t.execute(),
+            Cli::Eval(e) => e.execute(),
         };
-        t.execute().unwrap();
+        let train = |extra: &str, out: &std::path::Path| {
+            run(format!(
+                "x train --trace {} --model logistic --out {} --quiet {extra}",
+                trace_path.display(),
+                out.display()
+            ))
+        };
+        train("--features queued_same_dir,dir_wait_log,op", &model_path).unwrap();
         let loaded = LoadedModel::load(&model_path).unwrap();
         assert_eq!(
             loaded.float.features(),
             [Feature::QueuedSameDir, Feature::DirWaitLog, Feature::Op]
         );
 
-        let Cli::Eval(e) = Cli::parse_from(args(&format!(
+        run(format!(
             "x eval --trace {} --model {} --json --from 0.5 --quiet",
             trace_path.display(),
             model_path.display()
-        ))) else {
-            unreachable!()
-        };
-        e.execute().unwrap();
+        ))
+        .unwrap();
+
+        // A model to act with: the goal is kept in its file; a recall outside
+        // (0, 1] is refused before anything is written.
+        let act_path = dir.join("act.json");
+        train("--miss-recall 0.99", &act_path).unwrap();
+        let act = LoadedModel::load(&act_path).unwrap();
+        assert_eq!(
+            act.file.training.threshold_goal,
+            ThresholdGoal::MissRecall(0.99)
+        );
+        assert_eq!(loaded.file.training.threshold_goal, ThresholdGoal::Balanced);
+        let bad = dir.join("bad.json");
+        let err = train("--miss-recall 1.5", &bad).unwrap_err();
+        assert!(err.to_string().contains("--miss-recall"), "{err:#}");
+        assert!(!bad.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

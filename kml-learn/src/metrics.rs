@@ -197,6 +197,74 @@ pub fn auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
     Some((rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives))
 }
 
+/// What a tuned verdict threshold aims at.
+///
+/// A verdict that is only counted (shadow mode) is judged by balanced accuracy. A
+/// verdict that acts is not: serving a read early that did not need it costs little
+/// (measured in the VM: boosting every read costs no throughput against boosting
+/// some), while a read at risk that is left alone is the tail. Such a verdict wants
+/// nearly every miss flagged, at the fewest flags that do it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ThresholdGoal {
+    /// The best balanced accuracy ([`best_balanced_threshold`]).
+    #[default]
+    Balanced,
+    /// The highest threshold that flags at least this share (0 < r <= 1) of the
+    /// misses ([`miss_recall_threshold`]).
+    MissRecall(f64),
+}
+
+impl ThresholdGoal {
+    pub fn is_balanced(&self) -> bool {
+        *self == ThresholdGoal::Balanced
+    }
+
+    /// `None` unless the goal is well-formed (a recall in (0, 1]).
+    pub fn checked(self) -> Option<Self> {
+        match self {
+            ThresholdGoal::MissRecall(r) if !(r > 0.0 && r <= 1.0) => None,
+            goal => Some(goal),
+        }
+    }
+
+    /// The threshold on `scores` (verdict: `score > t`) that meets this goal on `labels`.
+    pub fn threshold(self, scores: &[f64], labels: &[bool]) -> f64 {
+        match self {
+            ThresholdGoal::Balanced => best_balanced_threshold(scores, labels),
+            ThresholdGoal::MissRecall(r) => miss_recall_threshold(scores, labels, r),
+        }
+    }
+}
+
+/// The highest threshold `t` on `scores` (verdict: `score > t`) that flags at least
+/// `recall` of the misses in `labels`: just below the score of the miss that makes
+/// the share, halfway to the next lower score (requests of one score are flagged
+/// together). With no miss, flags nothing.
+pub fn miss_recall_threshold(scores: &[f64], labels: &[bool], recall: f64) -> f64 {
+    assert_eq!(scores.len(), labels.len());
+    let mut finite: Vec<f64> = scores.iter().copied().filter(|s| s.is_finite()).collect();
+    let mut misses: Vec<f64> = scores
+        .iter()
+        .zip(labels)
+        .filter(|&(s, &l)| l && s.is_finite())
+        .map(|(&s, _)| s)
+        .collect();
+    let top = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if misses.is_empty() {
+        return if top.is_finite() { top + 1.0 } else { 0.0 };
+    }
+    misses.sort_unstable_by(|a, b| b.total_cmp(a));
+    let needed =
+        ((recall.clamp(0.0, 1.0) * misses.len() as f64).ceil() as usize).clamp(1, misses.len());
+    let cut = misses[needed - 1];
+    finite.sort_unstable_by(|a, b| b.total_cmp(a));
+    match finite.iter().find(|&&s| s < cut) {
+        Some(&next) => (cut + next) / 2.0,
+        None => cut - 1.0,
+    }
+}
+
 /// The threshold `t` on `scores` (verdict: `score > t`) that maximises balanced
 /// accuracy against `labels`. Ties keep the higher threshold (fewer flags). With one
 /// class only, returns a threshold that predicts it.
@@ -368,5 +436,80 @@ mod tests {
         assert!(best_balanced_threshold(&[1.0, 2.0], &[false, false]) > 2.0);
         assert_eq!(best_balanced_threshold(&[1.0, 2.0], &[true, true]), 0.0);
         assert_eq!(best_balanced_threshold(&[], &[]), 0.0);
+    }
+
+    #[test]
+    fn miss_recall_threshold_by_hand() {
+        // Misses at 0.9, 0.8, 0.5, 0.2; met at 0.7, 0.4, 0.1.
+        let scores = [0.9, 0.8, 0.7, 0.5, 0.4, 0.2, 0.1];
+        let labels = [true, true, false, true, false, true, false];
+        // Half the misses: the second (0.8) is the last one needed.
+        assert_eq!(miss_recall_threshold(&scores, &labels, 0.5), 0.75);
+        // Three quarters: down to 0.5, halfway to 0.4.
+        assert!((miss_recall_threshold(&scores, &labels, 0.75) - 0.45).abs() < 1e-12);
+        // All: the lowest miss (0.2) is flagged, 0.1 is not.
+        assert!((miss_recall_threshold(&scores, &labels, 1.0) - 0.15).abs() < 1e-12);
+        // Requests of one score go together; below the lowest score: everything.
+        assert_eq!(
+            miss_recall_threshold(&[0.3, 0.3], &[true, false], 1.0),
+            -0.7
+        );
+        // No miss: flag nothing. Nothing at all: 0.
+        assert!(miss_recall_threshold(&[1.0, 2.0], &[false, false], 0.9) > 2.0);
+        assert_eq!(miss_recall_threshold(&[], &[], 0.9), 0.0);
+        // Non-finite scores are skipped.
+        let t = miss_recall_threshold(&[f64::NAN, 0.5, 0.1], &[true, true, false], 1.0);
+        assert!((t - 0.3).abs() < 1e-12, "{t}");
+    }
+
+    #[test]
+    fn threshold_goal_checks_and_dispatches() {
+        assert_eq!(ThresholdGoal::MissRecall(0.0).checked(), None);
+        assert_eq!(ThresholdGoal::MissRecall(1.5).checked(), None);
+        assert_eq!(ThresholdGoal::MissRecall(f64::NAN).checked(), None);
+        assert!(ThresholdGoal::MissRecall(1.0).checked().is_some());
+        assert!(ThresholdGoal::Balanced.is_balanced());
+        let scores = [0.1, 0.2, 0.3, 0.8, 0.9, 0.35];
+        let labels = [false, false, false, true, true, false];
+        assert_eq!(
+            ThresholdGoal::Balanced.threshold(&scores, &labels),
+            best_balanced_threshold(&scores, &labels)
+        );
+        assert_eq!(
+            ThresholdGoal::MissRecall(1.0).threshold(&scores, &labels),
+            miss_recall_threshold(&scores, &labels, 1.0)
+        );
+        let json = serde_json::to_string(&ThresholdGoal::MissRecall(0.99)).unwrap();
+        assert_eq!(json, r#"{"miss_recall":0.99}"#);
+        assert_eq!(
+            serde_json::from_str::<ThresholdGoal>(r#""balanced""#).unwrap(),
+            ThresholdGoal::Balanced
+        );
+    }
+
+    proptest::proptest! {
+        /// The threshold flags at least the share of misses asked for, and one
+        /// notch higher (the next flagged score up) would not.
+        #[test]
+        fn miss_recall_threshold_meets_its_share(
+            pairs in proptest::collection::vec((0i32..50, proptest::bool::ANY), 1..200),
+            recall in 0.01f64..=1.0,
+        ) {
+            let scores: Vec<f64> = pairs.iter().map(|p| p.0 as f64).collect();
+            let labels: Vec<bool> = pairs.iter().map(|p| p.1).collect();
+            let misses = labels.iter().filter(|&&l| l).count();
+            let t = miss_recall_threshold(&scores, &labels, recall);
+            let flagged = |t: f64| scores.iter().zip(&labels).filter(|&(&s, &l)| l && s > t).count();
+            if misses == 0 {
+                proptest::prop_assert_eq!(flagged(t), 0);
+                proptest::prop_assert!(scores.iter().all(|&s| s <= t));
+            } else {
+                let needed = (recall * misses as f64).ceil() as usize;
+                proptest::prop_assert!(flagged(t) >= needed);
+                // The lowest flagged score, no longer flagged: too few.
+                let lowest = scores.iter().copied().filter(|&s| s > t).fold(f64::INFINITY, f64::min);
+                proptest::prop_assert!(flagged(lowest) < needed);
+            }
+        }
     }
 }

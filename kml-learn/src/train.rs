@@ -18,6 +18,7 @@ use crate::{
     error::{LearnError, Result},
     evaluate::{evaluate, Evaluation},
     float_model::FloatModel,
+    metrics::ThresholdGoal,
     progress::Progress,
     quantize::{quantize, QuantizedModel},
     trainers::{all_features, DelayRegressionParams, LogisticParams, TreeParams},
@@ -39,6 +40,9 @@ pub struct TrainOptions {
     /// Share of the training window, at its end, used to tune the verdict threshold.
     pub tune_fraction: f64,
     pub tune_threshold: bool,
+    /// What the tuned threshold aims at: balanced accuracy (a verdict that is
+    /// counted) or the share of misses flagged (a verdict that acts).
+    pub threshold_goal: ThresholdGoal,
     pub tree_max_depth: usize,
     pub tree_min_samples_leaf: usize,
     pub tree_max_samples: usize,
@@ -58,6 +62,7 @@ impl TrainOptions {
             train_fraction: 0.7,
             tune_fraction: 0.2,
             tune_threshold: true,
+            threshold_goal: ThresholdGoal::Balanced,
             tree_max_depth: 6,
             tree_min_samples_leaf: 50,
             tree_max_samples: 50_000,
@@ -90,6 +95,10 @@ pub struct TrainingInfo {
     pub train_fraction: f64,
     pub tune_fraction: f64,
     pub threshold_tuned: bool,
+    /// What the tuned threshold aimed at (absent: balanced accuracy, as in files
+    /// written before the choice existed).
+    #[serde(default, skip_serializing_if = "ThresholdGoal::is_balanced")]
+    pub threshold_goal: ThresholdGoal,
     /// Wall time of fitting and tuning (not reading the trace), seconds.
     pub train_seconds: f64,
     pub trained_by: String,
@@ -124,6 +133,7 @@ fn fit_float(
         ModelKind::LinearRegression => FloatModel::Linear(
             DelayRegressionParams::new(features)
                 .tune_threshold(opts.tune_threshold)
+                .threshold_goal(opts.threshold_goal)
                 .fit(fit, tune, progress)?,
         ),
         ModelKind::Logistic => FloatModel::Linear(
@@ -131,6 +141,7 @@ fn fit_float(
                 .alpha(opts.logistic_alpha)
                 .max_iterations(opts.logistic_max_iterations)
                 .tune_threshold(opts.tune_threshold)
+                .threshold_goal(opts.threshold_goal)
                 .fit(fit, tune, progress)?,
         ),
         ModelKind::Tree => FloatModel::Tree(
@@ -139,6 +150,7 @@ fn fit_float(
                 .min_samples_leaf(opts.tree_min_samples_leaf)
                 .max_samples(opts.tree_max_samples)
                 .tune_threshold(opts.tune_threshold)
+                .threshold_goal(opts.threshold_goal)
                 .fit(fit, tune, progress)?,
         ),
     })
@@ -273,6 +285,11 @@ pub fn train_on_windows(
             train_fraction: opts.train_fraction,
             tune_fraction: if tuning { opts.tune_fraction } else { 0.0 },
             threshold_tuned: tuning,
+            threshold_goal: if tuning {
+                opts.threshold_goal
+            } else {
+                ThresholdGoal::Balanced
+            },
             train_seconds,
             trained_by: concat!("kml-learn ", env!("CARGO_PKG_VERSION")).into(),
         },
@@ -315,6 +332,35 @@ mod tests {
                 assert!(m.baseline_test.is_some());
             }
             assert_eq!(m.float.kind(), kind);
+        }
+    }
+
+    #[test]
+    fn miss_recall_goal_flags_the_misses_it_was_asked_for() {
+        let data = Dataset::from_records(SyntheticTrace::new(5).records(20_000), "synthetic");
+        for kind in [
+            ModelKind::Logistic,
+            ModelKind::Tree,
+            ModelKind::LinearRegression,
+        ] {
+            let mut opts = TrainOptions::new(kind);
+            opts.tree_max_samples = 10_000;
+            let balanced = train(&data, &opts, &Progress::silent()).unwrap();
+            opts.threshold_goal = ThresholdGoal::MissRecall(1.0);
+            let m = train(&data, &opts, &Progress::silent()).unwrap();
+            assert_eq!(m.training.threshold_goal, ThresholdGoal::MissRecall(1.0));
+            assert_eq!(balanced.training.threshold_goal, ThresholdGoal::Balanced);
+            // Every miss of the tune window it was chosen on is flagged…
+            let (_, tune, _) = split_windows(&data, &opts).unwrap();
+            assert!(tune.miss_rate() > 0.0);
+            let on_tune = evaluate(&m.float, &m.quantized, &tune);
+            assert_eq!(on_tune.float.confusion.false_met, 0, "{kind:?}");
+            // …and on held-back data it flags at least as many as the balanced one.
+            let (r, rb) = (
+                m.test.as_ref().unwrap().quantized.recall_miss,
+                balanced.test.as_ref().unwrap().quantized.recall_miss,
+            );
+            assert!(r >= rb, "{kind:?}: recall {r} < balanced {rb}");
         }
     }
 

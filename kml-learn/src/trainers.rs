@@ -21,7 +21,7 @@ use crate::{
     dataset::Dataset,
     error::{LearnError, Result},
     float_model::{FeatureScaling, FloatLinearModel, FloatTreeModel, FloatTreeNode},
-    metrics::best_balanced_threshold,
+    metrics::ThresholdGoal,
     progress::Progress,
 };
 
@@ -80,9 +80,10 @@ fn standardized(data: &Dataset, features: &[Feature], scaling: &[FeatureScaling]
     })
 }
 
-/// Threshold on `margin` that maximises balanced accuracy on `tune` (0 if empty).
+/// Threshold on `margin` that meets `goal` on `tune` (0 if empty).
 fn tuned_threshold(
     tune: &Dataset,
+    goal: ThresholdGoal,
     margin: impl Fn(&kml_ebpf_common::features::FeatureVector) -> f64,
 ) -> f64 {
     if tune.is_empty() {
@@ -90,7 +91,7 @@ fn tuned_threshold(
     }
     let scores: Vec<f64> = tune.features().iter().map(margin).collect();
     let labels: Vec<bool> = tune.missed().collect();
-    best_balanced_threshold(&scores, &labels)
+    goal.threshold(&scores, &labels)
 }
 
 /// Linear regression of the dispatch delay (linfa-linear, least squares); verdict:
@@ -100,6 +101,7 @@ pub struct DelayRegressionParams {
     kind: ModelKind,
     features: Vec<Feature>,
     tune_threshold: bool,
+    goal: ThresholdGoal,
 }
 
 impl DelayRegressionParams {
@@ -110,6 +112,7 @@ impl DelayRegressionParams {
             kind: ModelKind::Baseline,
             features: KML_BASELINE_FEATURES.to_vec(),
             tune_threshold: false,
+            goal: ThresholdGoal::Balanced,
         }
     }
 
@@ -119,11 +122,18 @@ impl DelayRegressionParams {
             kind: ModelKind::LinearRegression,
             features,
             tune_threshold: true,
+            goal: ThresholdGoal::Balanced,
         }
     }
 
     pub fn tune_threshold(mut self, tune: bool) -> Self {
         self.tune_threshold = tune;
+        self
+    }
+
+    /// What the tuned threshold aims at (balanced accuracy unless told).
+    pub fn threshold_goal(mut self, goal: ThresholdGoal) -> Self {
+        self.goal = goal;
         self
     }
 
@@ -152,7 +162,7 @@ impl DelayRegressionParams {
             threshold: 0.0,
         };
         if self.tune_threshold {
-            model.threshold = tuned_threshold(tune, |x| model.margin(x));
+            model.threshold = tuned_threshold(tune, self.goal, |x| model.margin(x));
         }
         Ok(model)
     }
@@ -234,6 +244,7 @@ pub struct LogisticParams {
     alpha: f64,
     max_iterations: u64,
     tune_threshold: bool,
+    goal: ThresholdGoal,
 }
 
 impl LogisticParams {
@@ -243,6 +254,7 @@ impl LogisticParams {
             alpha: 1e-3,
             max_iterations: 5,
             tune_threshold: true,
+            goal: ThresholdGoal::Balanced,
         }
     }
 
@@ -259,6 +271,12 @@ impl LogisticParams {
 
     pub fn tune_threshold(mut self, tune: bool) -> Self {
         self.tune_threshold = tune;
+        self
+    }
+
+    /// What the tuned threshold aims at (balanced accuracy unless told).
+    pub fn threshold_goal(mut self, goal: ThresholdGoal) -> Self {
+        self.goal = goal;
         self
     }
 
@@ -325,7 +343,7 @@ impl LogisticParams {
             threshold: 0.0,
         };
         if self.tune_threshold {
-            model.threshold = tuned_threshold(tune, |x| model.margin(x));
+            model.threshold = tuned_threshold(tune, self.goal, |x| model.margin(x));
         }
         Ok(model)
     }
@@ -341,6 +359,7 @@ pub struct TreeParams {
     min_samples_leaf: usize,
     max_samples: usize,
     tune_threshold: bool,
+    goal: ThresholdGoal,
 }
 
 impl TreeParams {
@@ -351,6 +370,7 @@ impl TreeParams {
             min_samples_leaf: 50,
             max_samples: 50_000,
             tune_threshold: true,
+            goal: ThresholdGoal::Balanced,
         }
     }
 
@@ -375,6 +395,12 @@ impl TreeParams {
 
     pub fn tune_threshold(mut self, tune: bool) -> Self {
         self.tune_threshold = tune;
+        self
+    }
+
+    /// What the tuned threshold aims at (balanced accuracy unless told).
+    pub fn threshold_goal(mut self, goal: ThresholdGoal) -> Self {
+        self.goal = goal;
         self
     }
 
@@ -459,7 +485,7 @@ impl TreeParams {
         ));
         measure_node_probabilities(&mut model, train);
         if self.tune_threshold && !tune.is_empty() {
-            model.threshold = tuned_threshold(tune, |x| model.p_miss(x));
+            model.threshold = tuned_threshold(tune, self.goal, |x| model.p_miss(x));
         }
         Ok(model)
     }

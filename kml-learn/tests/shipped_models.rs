@@ -176,6 +176,11 @@ const NOT_SAMPLED: &[(&str, &str)] = &[
         "its held-back data is 775 requests of the VM's own stock traces (fio seed 11), \
          not the host traces the sample comes from; models/README.md has the commands",
     ),
+    (
+        "vm-act.json",
+        "its held-back data is 11,665 requests of the VM's own stock traces (fio seed \
+         1234), not the host traces the sample comes from; models/README.md has the commands",
+    ),
 ];
 
 #[test]
