@@ -275,7 +275,8 @@ impl Agent {
             "none" => None,
             spec => {
                 let disks: Vec<_> = targets.iter().map(models::DiskRegime::of).collect();
-                Some(models::resolve(spec, &disks, positions)?)
+                let acting = config.act.is_some_and(|p| p.uses_model());
+                Some(models::resolve(spec, &disks, positions, acting)?)
             }
         };
         let learn_kind = learn_kind(

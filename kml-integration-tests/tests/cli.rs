@@ -572,7 +572,15 @@ fn model_auto_on_a_host_loop_device_is_never_a_model_made_for_another_disk() -> 
         "no shipped model declares a disk"
     );
     // As the agent resolves it on a machine with raw tracepoints (CI's: BTF).
-    let start = models::resolve("auto", std::slice::from_ref(&regime), true)?;
+    let start = models::resolve("auto", std::slice::from_ref(&regime), true, false)?;
+    // Verdicts that act prefer a model made to act, but only among those that fit:
+    // vm-act is made for the VM's disk, not this one.
+    let acting = models::resolve("auto", std::slice::from_ref(&regime), true, true)?;
+    ensure!(
+        acting.model.file.device.is_none(),
+        "auto for acting picked {} for {regime}",
+        acting.path.display()
+    );
     let (path, chosen) = (&start.path, &start.model);
     // The models it races live are of the same pool: general ones too.
     ensure!(

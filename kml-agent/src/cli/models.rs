@@ -49,6 +49,15 @@ impl ModelsArgs {
                             ""
                         );
                     }
+                    if let kml_learn::metrics::ThresholdGoal::MissRecall(r) =
+                        m.file.training.threshold_goal
+                    {
+                        println!(
+                            "{:<28} made to act: its threshold flags {:.1}% of misses; `run --act --model auto` takes it first",
+                            "",
+                            100.0 * r
+                        );
+                    }
                 }
                 Err(e) => println!("{name:<28} refused: {e}"),
             }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kml_learn::{model_file::DeviceRegime, LoadedModel};
+use kml_learn::{metrics::ThresholdGoal, model_file::DeviceRegime, LoadedModel};
 
 use crate::devices::BlockDevice;
 
@@ -115,11 +115,16 @@ pub struct AutoChoice {
 /// judged together on host traces) compete. Models the kernel programs cannot run
 /// here are left out: features this build does not compute, and the position
 /// features unless `positions` (the programs keep their state in raw tracepoint
-/// mode only).
+/// mode only). With `acting` (`run --act` with a model policy), a model made to
+/// act (its threshold tuned to flag a share of the misses, `train --miss-recall`)
+/// goes before the others of its pool, whatever their scores: a threshold tuned
+/// for balanced accuracy leaves at-risk reads alone that a verdict in charge must
+/// serve (kernel/README.md, `vm-act`).
 pub fn choose_auto(
     models: &[(PathBuf, LoadedModel)],
     disks: &[DiskRegime],
     positions: bool,
+    acting: bool,
 ) -> anyhow::Result<AutoChoice> {
     let runnable: Vec<usize> = (0..models.len())
         .filter(|&i| {
@@ -128,18 +133,30 @@ pub fn choose_auto(
                 && (positions || !kml_learn::quantize::reads_positions(q))
         })
         .collect();
+    let made_to_act = |i: usize| acting && made_to_act(&models[i].1);
     let best = |pool: &[usize]| {
         pool.iter().copied().max_by(|&a, &b| {
             let ka = held_back_balanced_accuracy(&models[a].1).unwrap_or(0.0);
             let kb = held_back_balanced_accuracy(&models[b].1).unwrap_or(0.0);
             // Equal scores: the first in file order (max_by keeps the last).
-            ka.total_cmp(&kb).then(b.cmp(&a))
+            made_to_act(a)
+                .cmp(&made_to_act(b))
+                .then(ka.total_cmp(&kb))
+                .then(b.cmp(&a))
         })
     };
     let score = |i: usize| {
-        held_back_balanced_accuracy(&models[i].1).map_or("no held-back score".to_string(), |b| {
-            format!("held-back balanced accuracy {:.1}%", 100.0 * b)
-        })
+        let ba = held_back_balanced_accuracy(&models[i].1)
+            .map_or("no held-back score".to_string(), |b| {
+                format!("held-back balanced accuracy {:.1}%", 100.0 * b)
+            });
+        match models[i].1.file.training.threshold_goal {
+            ThresholdGoal::MissRecall(r) if made_to_act(i) => format!(
+                "made to act (threshold flags {:.1}% of misses), {ba}",
+                100.0 * r
+            ),
+            _ => ba,
+        }
     };
     let made_for: Vec<usize> = runnable
         .iter()
@@ -217,6 +234,11 @@ pub fn choose_auto(
     }
 }
 
+/// Whether a model's threshold was tuned for a verdict that acts.
+pub fn made_to_act(m: &LoadedModel) -> bool {
+    matches!(m.file.training.threshold_goal, ThresholdGoal::MissRecall(_))
+}
+
 /// The model `run` starts from.
 pub struct StartModel {
     pub path: PathBuf,
@@ -236,8 +258,13 @@ pub fn name_of(p: &Path) -> String {
 
 /// Resolves `--model`: a path, a shipped name (`logistic` → `models/logistic.json`),
 /// or `auto` ([`choose_auto`] among the shipped models, for the disks served; the
-/// choice and its reason are logged).
-pub fn resolve(spec: &str, disks: &[DiskRegime], positions: bool) -> anyhow::Result<StartModel> {
+/// choice and its reason are logged; `acting` as in [`choose_auto`]).
+pub fn resolve(
+    spec: &str,
+    disks: &[DiskRegime],
+    positions: bool,
+    acting: bool,
+) -> anyhow::Result<StartModel> {
     if spec == "auto" {
         let models: Vec<(PathBuf, LoadedModel)> = list()
             .into_iter()
@@ -248,7 +275,7 @@ pub fn resolve(spec: &str, disks: &[DiskRegime], positions: bool) -> anyhow::Res
             "--model auto: no valid model file in {:?}",
             search_dirs()
         );
-        let choice = choose_auto(&models, disks, positions)?;
+        let choice = choose_auto(&models, disks, positions, acting)?;
         let mut pool: Vec<Option<(PathBuf, LoadedModel)>> = models.into_iter().map(Some).collect();
         let (path, model) = pool[choice.index].take().expect("chosen once");
         let others = choice.pool.iter().filter_map(|&i| pool[i].take()).collect();
@@ -319,7 +346,7 @@ mod tests {
     }
 
     fn chosen(models: &[(PathBuf, LoadedModel)], disks: &[DiskRegime]) -> String {
-        let c = choose_auto(models, disks, true).unwrap();
+        let c = choose_auto(models, disks, true, false).unwrap();
         assert!(!c.why.is_empty());
         assert!(c.pool.contains(&c.index));
         name_of(&models[c.index].0)
@@ -376,18 +403,39 @@ mod tests {
         let models = shipped();
         let vda = disk("vda", Some(1), Some(100));
         assert_eq!(chosen(&models, std::slice::from_ref(&vda)), "vm-logistic");
-        let why = choose_auto(&models, std::slice::from_ref(&vda), true)
+        let why = choose_auto(&models, std::slice::from_ref(&vda), true, false)
             .unwrap()
             .why;
         assert!(why.contains("made for") && why.contains("vda"), "{why}");
         // Serving the VM disk and a host disk at once: only a general model fits both.
         let both = [vda, disk("loop0", Some(128), Some(8))];
         assert_eq!(chosen(&models, &both), best_general(&models));
-        let why = choose_auto(&models, &both, true).unwrap().why;
+        let why = choose_auto(&models, &both, true, false).unwrap().why;
         assert!(
             why.contains("not for") && why.contains("vm-logistic"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn a_verdict_that_acts_starts_from_a_model_made_to_act() {
+        let models = shipped();
+        let vda = disk("vda", Some(1), Some(100));
+        let act = choose_auto(&models, std::slice::from_ref(&vda), true, true).unwrap();
+        assert_eq!(name_of(&models[act.index].0), "vm-act");
+        assert!(made_to_act(&models[act.index].1));
+        assert!(act.why.contains("made to act"), "{}", act.why);
+        // Counting only: the best held-back score, as before.
+        let count = choose_auto(&models, std::slice::from_ref(&vda), true, false).unwrap();
+        assert_ne!(count.index, act.index);
+        assert!(!count.why.contains("made to act"), "{}", count.why);
+        // A host disk: no general model is made to act, so the best general one.
+        let host = [disk("loop0", Some(128), Some(8))];
+        let c = choose_auto(&models, &host, true, true).unwrap();
+        assert_eq!(name_of(&models[c.index].0), best_general(&models));
+        // Without position state vm-act (which reads position features) cannot run.
+        let c = choose_auto(&models, std::slice::from_ref(&vda), false, true).unwrap();
+        assert_ne!(name_of(&models[c.index].0), "vm-act");
     }
 
     #[test]
@@ -405,7 +453,7 @@ mod tests {
             disk("loop0", Some(128), Some(8)),
             disk("vda", Some(1), Some(100)),
         ] {
-            let i = choose_auto(&models, std::slice::from_ref(&d), false)
+            let i = choose_auto(&models, std::slice::from_ref(&d), false, false)
                 .unwrap()
                 .index;
             let name = name_of(&models[i].0);
@@ -452,9 +500,14 @@ mod tests {
             .into_iter()
             .filter(|(_, m)| m.file.device.is_some())
             .collect();
-        let err = choose_auto(&only_specific, &[disk("sda", Some(32), Some(500))], true)
-            .unwrap_err()
-            .to_string();
+        let err = choose_auto(
+            &only_specific,
+            &[disk("sda", Some(32), Some(500))],
+            true,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("no general model") && err.contains("vm-logistic") && err.contains("sda"),
             "{err}"
