@@ -200,17 +200,17 @@ fn load_trace(path: &std::path::Path, progress: &Progress) -> anyhow::Result<Dat
 impl TrainArgs {
     pub fn execute(self) -> anyhow::Result<()> {
         let progress = Progress::interactive(self.quiet);
-        let data = self
-            .trace
-            .iter()
-            .map(|p| load_trace(p, &progress))
-            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut opts = TrainOptions::new(self.model.into());
         opts.features = parse_features(&self.features)?;
         opts.train_fraction = self.train_fraction;
         opts.tune_fraction = self.tune_fraction;
         opts.tune_threshold = !self.no_tune;
         if let Some(r) = self.miss_recall {
+            // Without a tune window (or for the baseline, which keeps KML's verdict)
+            // no threshold is tuned: the goal would be dropped without a word.
+            if self.tune_fraction <= 0.0 || opts.kind == ModelKind::Baseline {
+                bail!("--miss-recall tunes the threshold: it needs --tune-fraction > 0 and a model other than baseline");
+            }
             opts.threshold_goal = ThresholdGoal::MissRecall(r)
                 .checked()
                 .ok_or_else(|| anyhow::anyhow!("--miss-recall {r}: must be in (0, 1]"))?;
@@ -220,7 +220,13 @@ impl TrainArgs {
         opts.tree_max_samples = self.tree_max_samples;
         opts.logistic_max_iterations = self.max_iterations;
         opts.workload = self.workload.clone();
+        // Options checked before the traces (which can be large) are read.
         let device = self.device_regime()?;
+        let data = self
+            .trace
+            .iter()
+            .map(|p| load_trace(p, &progress))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let model = train_many(&data, &opts, &progress)?;
 
         let mut file = ModelFile::from_trained(&model);
@@ -540,6 +546,8 @@ mod tests {
         let bad = dir.join("bad.json");
         let err = train("--miss-recall 1.5", &bad).unwrap_err();
         assert!(err.to_string().contains("--miss-recall"), "{err:#}");
+        let err = train("--miss-recall 0.99 --tune-fraction 0", &bad).unwrap_err();
+        assert!(err.to_string().contains("--tune-fraction"), "{err:#}");
         assert!(!bad.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -133,14 +133,14 @@ pub fn choose_auto(
                 && (positions || !kml_learn::quantize::reads_positions(q))
         })
         .collect();
-    let made_to_act = |i: usize| acting && made_to_act(&models[i].1);
+    let acts_first = |i: usize| acting && made_to_act(&models[i].1);
     let best = |pool: &[usize]| {
         pool.iter().copied().max_by(|&a, &b| {
             let ka = held_back_balanced_accuracy(&models[a].1).unwrap_or(0.0);
             let kb = held_back_balanced_accuracy(&models[b].1).unwrap_or(0.0);
             // Equal scores: the first in file order (max_by keeps the last).
-            made_to_act(a)
-                .cmp(&made_to_act(b))
+            acts_first(a)
+                .cmp(&acts_first(b))
                 .then(ka.total_cmp(&kb))
                 .then(b.cmp(&a))
         })
@@ -151,7 +151,7 @@ pub fn choose_auto(
                 format!("held-back balanced accuracy {:.1}%", 100.0 * b)
             });
         match models[i].1.file.training.threshold_goal {
-            ThresholdGoal::MissRecall(r) if made_to_act(i) => format!(
+            ThresholdGoal::MissRecall(r) if acts_first(i) => format!(
                 "made to act (threshold flags {:.1}% of misses), {ba}",
                 100.0 * r
             ),
