@@ -42,9 +42,9 @@ use std::{
 
 use clap::Parser;
 use kml_agent::learn::{
-    candidate::train_candidate,
+    candidate::{train_candidate, Recipe},
     models::held_back_balanced_accuracy,
-    online::{live_matrix, LearnConfig, OnlineLearner, TrainingOutcome},
+    online::{LearnConfig, OnlineLearner, TrainingOutcome},
 };
 use kml_ebpf_common::{RequestRecord, Verdict};
 use kml_learn::{
@@ -307,7 +307,8 @@ fn simulate(
             // training collected.
             let mut back: Option<QuantizedModel> = None;
             learner.observe(&arrived);
-            let live = live_matrix(&arrived);
+            // As the agent counts it in shadow mode (no verdict acted).
+            let live = Recipe::default().live_matrix(&arrived);
             let decisions = learner.tick(now, &live, |rb| {
                 back = Some(rb.model.clone());
                 true
@@ -322,7 +323,8 @@ fn simulate(
                 let wall = Instant::now();
                 // Judged against the model serving, threshold shift included.
                 let active = with_threshold_shift(&serving, shift.unwrap_or(0));
-                let result = train_candidate(job.kind, job.records, Some(active), true);
+                let result =
+                    train_candidate(job.kind, job.records, Some(active), true, &job.recipe);
                 let took = wall.elapsed();
                 train_s.push(took.as_secs_f64());
                 pending = Some((now + took, result, shift));

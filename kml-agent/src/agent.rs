@@ -36,11 +36,10 @@ use crate::{
         caps::KernelReport,
     },
     learn::{
-        candidate::{train_candidate, Candidate},
+        candidate::{train_candidate, Acting, Candidate, Recipe},
         models::{self, StartModel},
         online::{
-            self, LearnConfig, ModelEvents, OnlineLearner, Rollback, Swap, TrainJob,
-            TrainingOutcome,
+            LearnConfig, ModelEvents, OnlineLearner, Rollback, Swap, TrainJob, TrainingOutcome,
         },
     },
     metrics::Metrics,
@@ -82,6 +81,11 @@ pub struct AgentConfig {
     pub learn_kind: Option<String>,
     /// Records in the sliding training window.
     pub window: usize,
+    /// Fewest records in the window worth training on.
+    pub min_train_records: usize,
+    /// While a model policy acts and online learning runs: the hook leaves one in
+    /// `2^hold_out_shift` of the requests it would serve early alone.
+    pub hold_out_shift: u32,
     pub mode: LossMode,
     /// Pin maps and links (`run --pin`) in `pin_dir`.
     pub pin: bool,
@@ -195,6 +199,17 @@ pub struct Summary {
     pub hook: Option<HookReport>,
     /// Threshold calibration's installs, and the shift the serving model ended with.
     pub calibration: Option<CalibrationReport>,
+    /// What online learning did (when it was on).
+    pub learning: Option<LearningReport>,
+}
+
+/// What online learning did in a session.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct LearningReport {
+    pub swaps: u64,
+    pub rollbacks: u64,
+    pub drifts: u64,
+    pub retrain_failures: u64,
 }
 
 /// What live threshold calibration did in a session.
@@ -297,10 +312,15 @@ impl Agent {
         let (plan, report) = attach_plan(&config)?;
         let (mut observer, mut slots) = start_observer(&config, &plan, &report, &targets)?;
         drop(report);
-        let mut learner = OnlineLearner::new(
-            LearnConfig::new(learn_kind, config.retrain_every, config.window),
-            Instant::now(),
+        let mut learn_config = LearnConfig::new(learn_kind, config.retrain_every, config.window);
+        learn_config.min_records = config.min_train_records;
+        learn_config.recipe = online_recipe(
+            config.act,
+            config.retrain_every,
+            config.hold_out_shift,
+            start_model.as_ref().map(|s| &s.model),
         );
+        let mut learner = OnlineLearner::new(learn_config, Instant::now());
         let started_from = match &start_model {
             Some(s) => install_start_model(&mut observer, &mut slots, &mut learner, s)?,
             None => false,
@@ -328,7 +348,12 @@ impl Agent {
             (None, _) => None,
         };
         let hook = if plan.hook {
-            Some(attach_hook(&mut observer, &config, &targets)?)
+            Some(attach_hook(
+                &mut observer,
+                &config,
+                &targets,
+                learner.config.recipe.acting,
+            )?)
         } else {
             None
         };
@@ -466,6 +491,16 @@ impl Agent {
         for line in loss.counter_lines() {
             tracing::info!("{line}");
         }
+        if self.learner.config.every > Duration::ZERO {
+            let e = self.learner.events();
+            tracing::info!(
+                "online learning: {} swaps, {} rollbacks, {} drifts, {} failed trainings",
+                e.swaps,
+                e.rollbacks,
+                e.drifts,
+                e.retrain_failures
+            );
+        }
         if let Some(c) = &self.calibration {
             tracing::info!(
                 "threshold calibration: {} recalibrated models installed; the serving model's threshold shift {}",
@@ -488,6 +523,15 @@ impl Agent {
                 installs: c.installs(),
                 shift: c.applied(),
             }),
+            learning: (self.learner.config.every > Duration::ZERO).then(|| {
+                let e = self.learner.events();
+                LearningReport {
+                    swaps: e.swaps,
+                    rollbacks: e.rollbacks,
+                    drifts: e.drifts,
+                    retrain_failures: e.retrain_failures,
+                }
+            }),
         })
     }
 
@@ -497,7 +541,8 @@ impl Agent {
         let records = &self.batch;
         self.total += records.len() as u64;
         self.second.add(records);
-        self.live.merge(&online::live_matrix(records));
+        self.live
+            .merge(&self.learner.config.recipe.live_matrix(records));
         self.learner.observe(records);
         if let Some(c) = &mut self.calibration {
             // Under ring pressure (`--mode drop`) the kernel keeps mostly the
@@ -696,7 +741,7 @@ impl Agent {
         self.training_against = self.slots.active().map(|a| a.version);
         let positions = self.slots.kernel_positions;
         self.training = Some(tokio::task::spawn_blocking(move || {
-            train_candidate(job.kind, job.records, active, positions)
+            train_candidate(job.kind, job.records, active, positions, &job.recipe)
         }));
     }
 
@@ -814,6 +859,34 @@ fn roll_back(
             false
         }
     }
+}
+
+/// How online learning trains. In shadow mode: every feature, the balanced
+/// threshold (best for later I/O of the same workload). While a model policy
+/// acts: as the starting model was made if it was made to act, else the queue
+/// features and a threshold for the misses (`Recipe::for_acting`); outcomes
+/// the verdicts changed left out, held-out ones weighed.
+fn online_recipe(
+    act: Option<Policy>,
+    retrain_every: Duration,
+    hold_out_shift: u32,
+    start: Option<&LoadedModel>,
+) -> Recipe {
+    let Some(policy) = act.filter(|p| p.uses_model()) else {
+        return Recipe::default();
+    };
+    if retrain_every == Duration::ZERO {
+        return Recipe::default();
+    }
+    let mut recipe = match start {
+        Some(m) if models::made_to_act(m) => Recipe::of(m),
+        _ => Recipe::for_acting(),
+    };
+    recipe.acting = Some(Acting {
+        policy,
+        hold_out_shift,
+    });
+    recipe
 }
 
 /// The kind trained online: asked for, else the starting model's, else logistic.
@@ -991,6 +1064,7 @@ fn attach_hook(
     observer: &mut Observer,
     config: &AgentConfig,
     targets: &[BlockDevice],
+    learning: Option<Acting>,
 ) -> anyhow::Result<HookSession> {
     if !observer.hook_loaded() {
         anyhow::bail!("the observer was loaded without the hook's globals");
@@ -1006,14 +1080,79 @@ fn attach_hook(
             ": counting only, add --act to let verdicts act"
         }
     );
-    if policy.uses_model() && config.retrain_every > Duration::ZERO {
-        tracing::info!(
-            "note: with --act {policy} the online learner sees outcomes the verdicts changed \
-             (boosted requests meet their deadlines); --retrain-every 0 keeps the starting model"
-        );
+    match learning {
+        Some(a) => {
+            hook::set_hold_out(observer.ebpf_mut(), a.hold_out_shift)?;
+            tracing::info!(
+                "online learning while verdicts act: the hook leaves 1 in {} of the requests it would serve early \
+                 alone, and candidates learn from those and the unflagged ones (a boosted request's outcome is the \
+                 boost's); --retrain-every 0 keeps the starting model and acts on every flagged request",
+                1u32 << a.hold_out_shift
+            );
+        }
+        None if policy.uses_model() => tracing::info!(
+            "online learning off: verdicts act (--act {policy}) and change the outcomes it would learn from; \
+             --retrain-every 10s turns it on, with 1 in {} flagged requests left alone to learn from (--hold-out)",
+            1u32 << config.hold_out_shift
+        ),
+        None => {}
     }
     Ok(HookSession {
         policy,
         boosts_before,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::learn::candidate::ACTING_MISS_RECALL;
+    use kml_learn::metrics::ThresholdGoal;
+
+    fn shipped(name: &str) -> LoadedModel {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models")
+            .join(format!("{name}.json"));
+        LoadedModel::load(&path).unwrap()
+    }
+
+    #[test]
+    fn online_learning_trains_for_acting_only_while_a_model_policy_acts() {
+        let every = Duration::from_secs(10);
+        let counting = shipped("logistic");
+        let made_to_act = shipped("vm-act");
+        // Shadow mode and fixed policies: every feature, the balanced threshold.
+        for act in [None, Some(Policy::Reads), Some(Policy::ReadsUnderWrites)] {
+            assert_eq!(
+                online_recipe(act, every, 4, Some(&made_to_act)),
+                Recipe::default()
+            );
+        }
+        // Acting, not learning: nothing to train.
+        assert_eq!(
+            online_recipe(Some(Policy::ModelReads), Duration::ZERO, 4, None),
+            Recipe::default()
+        );
+        let acting = Some(Acting {
+            policy: Policy::ModelReads,
+            hold_out_shift: 4,
+        });
+        // A model made to act is retrained as it was made.
+        let r = online_recipe(Some(Policy::ModelReads), every, 4, Some(&made_to_act));
+        assert_eq!(r.features.as_deref(), Some(made_to_act.float.features()));
+        assert_eq!(r.goal, made_to_act.file.training.threshold_goal);
+        assert_eq!(r.acting, acting);
+        // Any other start (or none): the queue features, a threshold for the misses.
+        for start in [Some(&counting), None] {
+            let r = online_recipe(Some(Policy::ModelReads), every, 4, start);
+            assert_eq!(r.features, Some(kml_learn::trainers::queue_features()));
+            assert_eq!(r.goal, ThresholdGoal::MissRecall(ACTING_MISS_RECALL));
+            assert_eq!(r.acting, acting);
+        }
+        // vm-act was trained on exactly the queue features.
+        assert_eq!(
+            made_to_act.float.features(),
+            &kml_learn::trainers::queue_features()[..]
+        );
+    }
 }

@@ -29,20 +29,30 @@
 //! - [`Policy::ModelReads`]: the same, for reads only (a write served early takes
 //!   a read's slot; reads are what a waiting process blocks on).
 //!
+//! While a model policy acts and the agent learns online, `HOOK_POLICY[1]` holds a
+//! shift k: one in 2^k of the requests the policy would serve early is left alone,
+//! at random, and marked in its record (`Sampling::HELD_OUT`), so that online
+//! learning still sees what happens to a flagged request nobody helped.
+//!
 //! Everything kernel-specific comes from the agent at load time: the `enum req_op`
 //! decoding from `KML_LAYOUT.raw` (shared with the observers) and the scheduler's
 //! layout in the `KML_HOOK_*` globals below (from BTF). Nothing is hard-coded.
 
 use aya_ebpf::{
     btf_maps::{Array, PerCpuArray},
-    helpers::{bpf_probe_read_kernel, generated::bpf_override_return},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_get_prandom_u32, bpf_override_return},
+    },
     macros::{btf_map, kprobe},
     programs::ProbeContext,
     EbpfContext as _,
 };
 use kml_ebpf_common::{
-    abi::hook::{HookCounter, HookCounters, Policy},
-    ReqOp, Verdict,
+    abi::hook::{
+        HookCounter, HookCounters, Policy, HOLD_OUT_MAX_SHIFT, HOOK_HOLD_OUT, HOOK_POLICY_ENTRIES,
+    },
+    ReqOp, Sampling, Verdict,
 };
 
 /// Only requests of this disk (`major << 20 | minor`, as `KML_LAYOUT` devices) get a
@@ -76,9 +86,10 @@ static KML_HOOK_DD_WRITE: u32 = 0;
 
 const MAX_PRIO_LEVELS: u32 = 4;
 
-/// `[0]`: the policy (see the module documentation). Written by the agent.
+/// `[0]`: the policy (see the module documentation); `[1]`: the hold-out shift
+/// (`HOOK_HOLD_OUT`). Written by the agent.
 #[btf_map]
-static HOOK_POLICY: Array<u32, 1> = Array::new();
+static HOOK_POLICY: Array<u32, { HOOK_POLICY_ENTRIES as usize }> = Array::new();
 
 #[btf_map]
 static HOOK_COUNTERS: PerCpuArray<HookCounters, 1> = PerCpuArray::new();
@@ -209,7 +220,14 @@ fn model_verdict(rq: u64, policy: Policy, want: u32) -> u64 {
     match verdict {
         Verdict::AT_RISK if fresh => {
             bump(HookCounter::ModelAtRisk);
-            (is_read || policy == Policy::Model) as u64
+            let serve = is_read || policy == Policy::Model;
+            if serve && held_out() {
+                // SAFETY: as above; this request's entry, under the scheduler lock.
+                unsafe { (*e).rec.sampling |= Sampling::HELD_OUT };
+                bump(HookCounter::HeldOut);
+                return 0;
+            }
+            serve as u64
         }
         Verdict::MEETS if fresh => 0,
         _ => {
@@ -217,6 +235,19 @@ fn model_verdict(rq: u64, policy: Policy, want: u32) -> u64 {
             0
         }
     }
+}
+
+/// Whether this request is one the hook leaves alone to learn from: one in
+/// `2^HOOK_POLICY[1]`, at random (a mask, no division).
+#[inline(always)]
+fn held_out() -> bool {
+    let shift = HOOK_POLICY.get(HOOK_HOLD_OUT).copied().unwrap_or(0);
+    if shift == 0 || shift > HOLD_OUT_MAX_SHIFT {
+        return false;
+    }
+    let mask = (1u32 << shift) - 1;
+    let r = unsafe { bpf_get_prandom_u32() };
+    r & mask == 0
 }
 
 /// The fixed policies: the verdict from the request's own op (and, for

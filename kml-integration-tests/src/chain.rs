@@ -161,11 +161,51 @@ pub struct Replay {
     pub checked: usize,
     /// Records where the chain restarted after a counted loss, with what differed.
     pub restarts: Vec<String>,
+    /// Records where it restarted because another request's event on another CPU
+    /// fell within [`RACE_NS`] of the insert (see [`replay`]).
+    pub races: Vec<String>,
 }
+
+/// How close two events on different CPUs must be for the replay not to know
+/// their order. A program reads the clock a few instructions before it moves the
+/// shared counts (insert: clock, then the atomic add; completion: clock, then the
+/// subtraction), so a completion timed after an insert can have moved the counts
+/// before it (seen once in a clean-clone CI run, 2026-12-03: a probe's read
+/// completing as the test's insert ran; a vCPU descheduled between the two reads
+/// widens the window).
+pub const RACE_NS: u64 = 5_000;
+
+/// At most one race restart per this many records checked (and one more):
+/// beyond that, a mismatch is a bug, not a race.
+pub const RACE_EVERY: usize = 1000;
 
 /// Replays `records` (one device; any order) and checks every record's state
 /// features. `losses`: records of the device the kernel counted as lost.
 pub fn replay(records: &[RequestRecord], losses: u64) -> Result<Replay> {
+    replay_within(records, losses, RACE_NS)
+}
+
+/// Whether the kernel's counts at an insert differ from the replay's only as far
+/// as the other requests' events within the race window, `near[d]` of them in
+/// direction `d`, could have moved them either way; every other field equal.
+fn race_explains(want: &Snapshot, got: &Snapshot, near: [u64; 2]) -> bool {
+    let within = |w: u64, g: u64, k: u64| g.abs_diff(w) <= k;
+    let counts_zeroed = |s: &Snapshot| Snapshot {
+        inflight_read: 0,
+        inflight_write: 0,
+        queued_read: 0,
+        queued_write: 0,
+        ..*s
+    };
+    counts_zeroed(want) == counts_zeroed(got)
+        && within(want.inflight_read, got.inflight_read, near[0])
+        && within(want.queued_read, got.queued_read, near[0])
+        && within(want.inflight_write, got.inflight_write, near[1])
+        && within(want.queued_write, got.queued_write, near[1])
+}
+
+/// [`replay`] with a race window of `race_ns` (0: every order is trusted).
+fn replay_within(records: &[RequestRecord], losses: u64, race_ns: u64) -> Result<Replay> {
     let mut events: Vec<(u64, Event, usize)> = Vec::with_capacity(records.len() * 3);
     for (i, r) in records.iter().enumerate() {
         // complete_ns 0: the completion was never seen (the kernel skipped the
@@ -183,10 +223,23 @@ pub fn replay(records: &[RequestRecord], losses: u64) -> Result<Replay> {
         }
     }
     events.sort();
+    // Other records' events within the race window of this time, per direction.
+    let near = |at: u64, me: usize| {
+        let from = events.partition_point(|(t, _, _)| *t < at.saturating_sub(race_ns));
+        let mut n = [0u64; 2];
+        for (_, _, j) in events[from..]
+            .iter()
+            .take_while(|(t, _, _)| *t <= at + race_ns)
+            .filter(|(_, _, j)| *j != me)
+        {
+            n[dir(&records[*j])] += 1;
+        }
+        n
+    };
     let mut budget = losses.saturating_mul(2);
     let mut state = State::default();
     let mut out = Replay::default();
-    for (_, event, i) in events {
+    for &(_, event, i) in &events {
         let r = &records[i];
         match event {
             Event::Insert => {
@@ -198,6 +251,15 @@ pub fn replay(records: &[RequestRecord], losses: u64) -> Result<Replay> {
                     budget -= 1;
                     out.restarts.push(format!(
                         "record {i} at {}: replay {want:?}, kernel {got:?}",
+                        r.insert_ns
+                    ));
+                    state.adopt(r);
+                } else if out.races.len() <= out.checked / RACE_EVERY
+                    && race_explains(&want, &got, near(r.insert_ns, i))
+                {
+                    out.races.push(format!(
+                        "record {i} at {}: replay {want:?}, kernel {got:?} (other requests' events \
+                         within {race_ns} ns)",
                         r.insert_ns
                     ));
                     state.adopt(r);
@@ -246,6 +308,34 @@ mod tests {
         assert_eq!(moving_average(100, 93), 100);
     }
 
+    #[test]
+    fn a_completion_racing_an_insert_on_another_cpu_restarts_once_not_forever() {
+        // b is inserted at 20,000 while a completes on another CPU, timed at
+        // 20,010 but counted before b's insert read the counts: the kernel saw 0
+        // in flight.
+        let mut a = rec(ReqOp::Write, 800, 1000, 1100, 20_010);
+        a.issue_distance = 800;
+        let mut b = rec(ReqOp::Read, 80, 20_000, 20_300, 20_600);
+        b.since_last_insert_ns = 19_000;
+        b.issue_distance = 808 - 80;
+        let r = replay(&[a, b], 0).unwrap();
+        assert_eq!((r.checked, r.races.len(), r.restarts.len()), (1, 1, 0));
+        // The same disagreement with nothing near is a bug.
+        let mut far = a;
+        far.complete_ns = 20_000 + RACE_NS + 1;
+        assert!(replay(&[far, b], 0).is_err());
+        // So is one the near events cannot explain: two fewer in flight, or
+        // another field.
+        let mut two = b;
+        two.queued_write = 0;
+        two.inflight_write = 0;
+        two.queued_read = 1;
+        assert!(replay(&[a, two], 0).is_err());
+        let mut other = b;
+        other.issue_distance += 8;
+        assert!(replay(&[a, other], 0).is_err());
+    }
+
     /// Two synchronous requests; the second one's features come from the first.
     fn pair() -> Vec<RequestRecord> {
         let mut a = rec(ReqOp::Write, 800, 1000, 1100, 1500);
@@ -261,7 +351,7 @@ mod tests {
     #[test]
     fn a_consistent_chain_passes_and_any_changed_field_fails() {
         let recs = pair();
-        assert_eq!(replay(&recs, 0).unwrap().checked, 2);
+        assert_eq!(replay_within(&recs, 0, 0).unwrap().checked, 2);
         for change in 0..5 {
             let mut bad = recs.clone();
             match change {
@@ -271,9 +361,12 @@ mod tests {
                 3 => bad[1].dir_wait_ewma_ns = 100,
                 _ => bad[1].issue_gap_ewma_ns = 1,
             }
-            assert!(replay(&bad, 0).is_err(), "change {change} not caught");
+            assert!(
+                replay_within(&bad, 0, 0).is_err(),
+                "change {change} not caught"
+            );
             // A counted loss pays for a restart there.
-            let r = replay(&bad, 1).unwrap();
+            let r = replay_within(&bad, 1, 0).unwrap();
             assert_eq!(r.restarts.len(), 1);
         }
     }
@@ -286,8 +379,8 @@ mod tests {
         b.queued_write = 1;
         b.since_last_insert_ns = 1000;
         b.issue_distance = 8;
-        assert!(replay(&[a, b], 0).is_ok());
+        assert!(replay_within(&[a, b], 0, 0).is_ok());
         b.queued_write = 0;
-        assert!(replay(&[a, b], 0).is_err());
+        assert!(replay_within(&[a, b], 0, 0).is_err());
     }
 }

@@ -244,7 +244,7 @@ fn record_cli_writes_what_was_issued() -> Result<()> {
     // The state features in the CSV are the kernel's, replayed from the rows.
     let replay = chain::replay(&on_dev, lost)?;
     ensure!(
-        replay.checked + replay.restarts.len() == on_dev.len(),
+        replay.checked + replay.restarts.len() + replay.races.len() == on_dev.len(),
         "{replay:?}"
     );
     Ok(())

@@ -155,11 +155,14 @@ fn known_pattern_is_recorded_exactly(mode: AttachMode) -> Result<()> {
     // averages: all recomputed from the records of every task on the device.
     let replay = chain::replay(&on_dev, lost)?;
     ensure!(
-        replay.checked + replay.restarts.len() == on_dev.len(),
+        replay.checked + replay.restarts.len() + replay.races.len() == on_dev.len(),
         "{replay:?}"
     );
     for r in &replay.restarts {
         eprintln!("NOTE: chain restarted after a counted loss: {r}");
+    }
+    for r in &replay.races {
+        eprintln!("NOTE: chain restarted at a race between CPUs: {r}");
     }
 
     for (i, r) in ours.iter().enumerate() {

@@ -80,7 +80,9 @@ pub struct TrainArgs {
     /// (write_dir, dir_wait_log, expected_wait_log, dir_wait_us, expected_wait_us,
     /// deadline_budget_us, issue_distance_log2: best on other workloads) or
     /// `portable+position` (those and the eight position features: head_age_log,
-    /// older_half, expired, due_below, below_age_log, recent, lead_log, due_count).
+    /// older_half, expired, due_below, below_age_log, recent, lead_log, due_count)
+    /// or `queue` (the queue as it stands at insert, for a model whose verdicts
+    /// act: no average of past waits or misses, which its own boosts would bend).
     /// The baseline always uses sector_mib,op. An unknown name lists the known ones.
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     pub features: Vec<String>,
@@ -154,6 +156,7 @@ fn parse_features(names: &[String]) -> anyhow::Result<Option<Vec<Feature>>> {
         [one] if one.trim() == "portable" => {
             return Ok(Some(crate::trainers::PORTABLE_FEATURES.to_vec()))
         }
+        [one] if one.trim() == "queue" => return Ok(Some(crate::trainers::queue_features())),
         [one] if one.trim() == "portable+position" => {
             return Ok(Some(
                 crate::trainers::PORTABLE_FEATURES

@@ -235,6 +235,29 @@ impl Dataset {
         Dataset::concat(&parts)
     }
 
+    /// Each record `copies(record)` times, in place (0 leaves it out), time order
+    /// kept: a weight where the fitters take none. Online learning while verdicts
+    /// act leaves out the requests they acted on and counts each request the hook
+    /// held out for all those it stands for.
+    pub fn replicate(self, copies: impl Fn(&RequestRecord) -> usize) -> Dataset {
+        let n: usize = self.records.iter().map(&copies).sum();
+        let mut records = Vec::with_capacity(n);
+        let mut features = Vec::with_capacity(n);
+        for (r, x) in self.records.iter().zip(&self.features) {
+            for _ in 0..copies(r) {
+                records.push(*r);
+                features.push(*x);
+            }
+        }
+        Dataset {
+            span_ns: span_of(&records),
+            records,
+            features,
+            window: format!("{} (weighted: {n} rows)", self.window),
+            ..self
+        }
+    }
+
     /// Every `stride`-th record (keeps time order and coverage of the whole window).
     pub fn every_nth(&self, stride: usize) -> Dataset {
         let stride = stride.max(1);
@@ -359,6 +382,32 @@ mod tests {
         // Features stay with their record.
         assert_eq!(d.features()[0][Feature::QueuedSameDir.index()], 1);
         assert!((d.delays_us().next().unwrap() - 4900.0 / 1024.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn replicate_weighs_records_and_keeps_their_features_and_order() {
+        let records: Vec<_> = (0..6).map(|i| rec(i * 100, i * 100 + 5, 1000)).collect();
+        let d = Dataset::from_records(records, "test");
+        let before: Vec<(u64, FeatureVector)> = d
+            .records()
+            .iter()
+            .map(|r| r.insert_ns)
+            .zip(d.features().iter().copied())
+            .collect();
+        // Out: 100 and 300; 400 counts three times.
+        let w = d.replicate(|r| match r.insert_ns {
+            100 | 300 => 0,
+            400 => 3,
+            _ => 1,
+        });
+        let inserts: Vec<u64> = w.records().iter().map(|r| r.insert_ns).collect();
+        assert_eq!(inserts, [0, 200, 400, 400, 400, 500]);
+        for (r, x) in w.records().iter().zip(w.features()) {
+            let (_, want) = before.iter().find(|(t, _)| *t == r.insert_ns).unwrap();
+            assert_eq!(x, want, "features travel with their record");
+        }
+        assert_eq!(w.len(), 6);
+        assert!(w.window().ends_with("(weighted: 6 rows)"));
     }
 
     #[test]

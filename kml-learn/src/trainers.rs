@@ -49,6 +49,30 @@ pub const PORTABLE_FEATURES: [Feature; 9] = [
     Feature::MissShareOther,
 ];
 
+/// The features of a model whose verdicts act (`--features queue`): the queue as
+/// it stands at insert, nothing that averages past outcomes. The averages of
+/// recent waits and misses (`dir_wait_*`, `miss_share_*`) measure the policy in
+/// charge: a verdict's own boosts shrink them, and a model that reads them flags
+/// fewer requests once it acts (measured in the VM: 491 reads flagged on a stock
+/// trace, 94 on a trace of the fixed rule at work; docs/learning.md, part 4).
+pub fn queue_features() -> Vec<Feature> {
+    all_features()
+        .into_iter()
+        .filter(|f| {
+            !matches!(
+                f,
+                // KML's two (no gain), and the averages of past waits and misses.
+                Feature::SectorMib
+                    | Feature::Op
+                    | Feature::DirWaitUs
+                    | Feature::DirWaitLog
+                    | Feature::MissShareSame
+                    | Feature::MissShareOther
+            )
+        })
+        .collect()
+}
+
 fn need_data(what: &str, train: &Dataset, min: usize) -> Result<()> {
     if train.len() < min {
         return Err(LearnError::NotEnoughData {

@@ -60,6 +60,20 @@ pub fn set_policy(ebpf: &mut Ebpf, policy: Policy) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `HOOK_POLICY[HOOK_HOLD_OUT]`: the hook leaves one in `2^shift` of the
+/// requests a model policy would serve early alone (0: none).
+pub fn set_hold_out(ebpf: &mut Ebpf, shift: u32) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        shift <= abi_hook::HOLD_OUT_MAX_SHIFT,
+        "hold-out shift {shift} above {}",
+        abi_hook::HOLD_OUT_MAX_SHIFT
+    );
+    let mut arr: Array<&mut MapData, u32> = object::map_mut(ebpf, map::HOOK_POLICY)?;
+    arr.set(abi_hook::HOOK_HOLD_OUT, shift, 0)
+        .context("writing HOOK_POLICY's hold-out")?;
+    Ok(())
+}
+
 /// The program's counters, summed over CPUs.
 pub fn counters(ebpf: &Ebpf) -> anyhow::Result<HookCounters> {
     let name = map::HOOK_COUNTERS;
@@ -137,12 +151,13 @@ impl Hook {
 /// The verdict program's counters in one line, for the end of a session.
 pub fn counters_line(c: &HookCounters) -> String {
     format!(
-            "{} calls, {} reads, {} positive verdicts, {} model at-risk verdicts, {} without a model verdict, \
-             {} read failures, {} other-disk calls",
+            "{} calls, {} reads, {} positive verdicts, {} model at-risk verdicts ({} held out to learn from), \
+             {} without a model verdict, {} read failures, {} other-disk calls",
             c.calls,
             c.reads,
             c.boosts,
             c.model_at_risk,
+            c.held_out,
             c.no_verdict,
             c.read_failures,
             c.skipped_device

@@ -28,14 +28,27 @@ pub struct RunArgs {
     #[arg(long, default_value = "none")]
     pub model: String,
     /// Retrain on the sliding window this often; 0 turns online learning off.
-    #[arg(long, value_parser = super::parse_duration, default_value = "10s")]
-    pub retrain_every: Duration,
+    /// Default: 10s; 0 with --act and a model policy (the verdicts change the
+    /// outcomes it learns from: when asked for, the hook leaves 1 in 16 flagged
+    /// requests alone, and candidates learn from those and the unflagged ones).
+    #[arg(long, value_parser = super::parse_duration)]
+    pub retrain_every: Option<Duration>,
     /// Model kind trained online (default: the starting model's kind, else logistic).
     #[arg(long)]
     pub learn_kind: Option<String>,
     /// Records in the sliding training window.
     #[arg(long, default_value_t = 200_000)]
     pub window: usize,
+    /// While a model policy acts and online learning runs, the hook leaves one in
+    /// N of the requests it would serve early alone, to learn what they risk (a
+    /// power of two, 2 to 65536). Those requests are the ones at risk: they show
+    /// in the read tail, the more the smaller N is.
+    #[arg(long, default_value_t = 16, value_name = "N", value_parser = parse_hold_out)]
+    pub hold_out: u32,
+    /// Fewest records in the window worth training on. A slow disk (the VM's
+    /// 100 IOPS) takes minutes to gather the default.
+    #[arg(long, default_value_t = DEFAULT_MIN_TRAIN_RECORDS, value_name = "N")]
+    pub min_train_records: usize,
     #[arg(long, value_enum, default_value_t = LossMode::Drop)]
     pub mode: LossMode,
     /// Pin the maps under /sys/fs/bpf/kml (0700/0600) for `kml-agent status` and
@@ -82,6 +95,25 @@ pub struct RunArgs {
     pub observe: super::ObserveArgs,
 }
 
+/// `--hold-out N`: a power of two from 2 to 2^16.
+fn parse_hold_out(v: &str) -> Result<u32, String> {
+    let n: u32 = v.parse().map_err(|e| format!("{v}: {e}"))?;
+    let max = 1u32 << kml_ebpf_common::abi::hook::HOLD_OUT_MAX_SHIFT;
+    if n.is_power_of_two() && (2..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n} is not a power of two from 2 to {max} (the kernel masks, it does not divide)"
+        ))
+    }
+}
+
+/// Fewest records online learning trains on, by default.
+pub const DEFAULT_MIN_TRAIN_RECORDS: usize = 20_000;
+
+/// How often `run` retrains by default (online learning in shadow mode).
+pub const DEFAULT_RETRAIN_EVERY: Duration = Duration::from_secs(10);
+
 impl RunArgs {
     pub fn execute(self) -> anyhow::Result<()> {
         let json = self.json;
@@ -112,9 +144,17 @@ impl RunArgs {
             devices: self.device,
             duration: self.duration,
             model: self.model,
-            retrain_every: self.retrain_every,
+            retrain_every: self.retrain_every.unwrap_or(
+                if self.act.is_some_and(|p| p.uses_model()) {
+                    Duration::ZERO
+                } else {
+                    DEFAULT_RETRAIN_EVERY
+                },
+            ),
             learn_kind: self.learn_kind,
             window: self.window,
+            min_train_records: self.min_train_records,
+            hold_out_shift: self.hold_out.trailing_zeros(),
             mode: self.mode,
             pin: self.pin,
             pin_dir: self.pin_dir,
@@ -199,4 +239,50 @@ fn tick_line(t: &Tick) -> String {
         t.orphans,
         verdict_part,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser as _;
+
+    fn retrain_every(args: &[&str]) -> Duration {
+        let cli = Cli::try_parse_from([&["kml-agent", "run"], args].concat()).unwrap();
+        match cli.command {
+            Command::Run(r) => r.config().retrain_every,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn online_learning_is_off_by_default_only_while_a_model_policy_acts() {
+        assert_eq!(retrain_every(&[]), DEFAULT_RETRAIN_EVERY);
+        assert_eq!(retrain_every(&["--act"]), Duration::ZERO);
+        assert_eq!(retrain_every(&["--act", "model"]), Duration::ZERO);
+        // A fixed policy acts on the op, not on verdicts: learning goes on.
+        assert_eq!(retrain_every(&["--act", "reads"]), DEFAULT_RETRAIN_EVERY);
+        // Asked for, it is on while acting too (with the hook's hold-out).
+        assert_eq!(
+            retrain_every(&["--act", "--retrain-every", "5s"]),
+            Duration::from_secs(5)
+        );
+        assert_eq!(retrain_every(&["--retrain-every", "0"]), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_hold_out_is_a_power_of_two_the_kernel_can_mask() {
+        let shift = |n: &str| {
+            Cli::try_parse_from(["kml-agent", "run", "--hold-out", n]).map(|c| match c.command {
+                Command::Run(r) => r.config().hold_out_shift,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(shift("16").unwrap(), 4);
+        assert_eq!(shift("2").unwrap(), 1);
+        assert_eq!(shift("65536").unwrap(), 16);
+        for bad in ["0", "1", "3", "24", "131072", "x"] {
+            assert!(shift(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -18,24 +18,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kml_ebpf_common::{model::ModelKind, RequestRecord, Verdict};
+use kml_ebpf_common::{model::ModelKind, RequestRecord};
 use kml_learn::{ConfusionMatrix, QuantizedModel};
 
-use super::candidate::Candidate;
-
-/// Live quality of the kernel's verdicts in a batch of records.
-pub fn live_matrix(records: &[RequestRecord]) -> ConfusionMatrix {
-    ConfusionMatrix::from_pairs(
-        records
-            .iter()
-            .filter(|r| r.verdict != Verdict::NONE)
-            .map(|r| (r.verdict == Verdict::AT_RISK, r.deadline_missed())),
-    )
-}
+use super::candidate::{Candidate, Recipe};
 
 #[derive(Clone, Debug)]
 pub struct LearnConfig {
     pub kind: ModelKind,
+    /// How candidates are trained, and which outcomes count while verdicts act.
+    pub recipe: Recipe,
     /// Retrain this often; zero turns online learning off (the starting model stays).
     pub every: Duration,
     pub window: usize,
@@ -53,6 +45,7 @@ impl LearnConfig {
     pub fn new(kind: ModelKind, every: Duration, window: usize) -> LearnConfig {
         LearnConfig {
             kind,
+            recipe: Recipe::default(),
             every,
             window,
             min_records: 20_000,
@@ -240,6 +233,7 @@ impl Probation {
 /// Train a candidate of `kind` on `records` (taken now; trained off the loop).
 pub struct TrainJob {
     pub kind: ModelKind,
+    pub recipe: Recipe,
     pub records: Vec<RequestRecord>,
 }
 
@@ -376,6 +370,7 @@ impl OnlineLearner {
             self.drift_seen = false;
             out.train = Some(TrainJob {
                 kind: self.config.kind,
+                recipe: self.config.recipe.clone(),
                 records: self.window.iter().copied().collect(),
             });
         }
@@ -502,10 +497,12 @@ impl OnlineLearner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kml_ebpf_common::Verdict;
 
     fn config() -> LearnConfig {
         LearnConfig {
             kind: ModelKind::Logistic,
+            recipe: Recipe::default(),
             every: Duration::from_secs(3600),
             window: 1000,
             min_records: 100,
@@ -587,7 +584,7 @@ mod tests {
         roll_back: impl FnOnce(&Rollback) -> bool,
     ) -> TickDecisions {
         l.observe(records);
-        l.tick(now, &live_matrix(records), roll_back)
+        l.tick(now, &Recipe::default().live_matrix(records), roll_back)
     }
 
     fn no_rollback(r: &Rollback) -> bool {

@@ -2,11 +2,15 @@
 //! `int dd_kml_verdict(struct request *rq)` ([`FUNCTION`]) for each request entering
 //! one of its FIFOs; the verdict program (`kml_hook_verdict`) replaces its return
 //! value when it decides to serve the request early. Its policy is `HOOK_POLICY[0]`
-//! ([`Policy`]); what it did is counted in `HOOK_COUNTERS` ([`HookCounters`]); the
+//! ([`Policy`]), its hold-out `HOOK_POLICY[1]` ([`HOOK_HOLD_OUT`]); what it did is counted in `HOOK_COUNTERS` ([`HookCounters`]); the
 //! kernel's own side of each boost is in the iosched attributes ([`ATTR_BOOSTS`],
 //! [`ATTR_CAPPED`], [`ATTR_BOOST_MAX`]).
 
-use super::counters::counter_set;
+use super::{
+    counters::counter_set,
+    op::ReqOp,
+    record::{RequestRecord, Sampling, Verdict},
+};
 
 /// The kernel function kml's mq-deadline patch adds (kernel/0001-mq-deadline-kml-hook.patch).
 pub const FUNCTION: &str = "dd_kml_verdict";
@@ -80,7 +84,35 @@ impl Policy {
     pub const fn uses_model(self) -> bool {
         matches!(self, Policy::Model | Policy::ModelReads)
     }
+
+    /// Whether this (model) policy acted on the request of `r`: its verdict was
+    /// at risk, the policy serves its direction early, and the hook did not hold
+    /// it out ([`Sampling::HELD_OUT`]). Its outcome is then the boost's, not the
+    /// one the verdict predicted: a model must not learn from it, nor be judged
+    /// by it. (The kernel may still have refused the boost over its cap: such a
+    /// request counts as acted on, which leaves out a little more than needed.)
+    pub fn acted_on(self, r: &RequestRecord) -> bool {
+        let served = match self {
+            Policy::Model => true,
+            Policy::ModelReads => r.op == ReqOp::Read as u8,
+            _ => false,
+        };
+        served && r.verdict == Verdict::AT_RISK && r.sampling & Sampling::HELD_OUT == 0
+    }
 }
+
+/// `HOOK_POLICY[HOOK_HOLD_OUT]`: while a model policy acts and the agent learns
+/// online, the hook leaves one in `2^value` of the requests it would serve early
+/// alone, at random, and marks them ([`Sampling::HELD_OUT`]); 0: it acts on all.
+/// Without them, online learning would see only outcomes the verdicts changed
+/// (a boosted read meets its deadline), and learn that what it flags is safe.
+pub const HOOK_HOLD_OUT: u32 = 1;
+
+/// The largest hold-out shift the hook accepts (one in 65,536).
+pub const HOLD_OUT_MAX_SHIFT: u32 = 16;
+
+/// Entries of `HOOK_POLICY`: the policy, the hold-out shift.
+pub const HOOK_POLICY_ENTRIES: u32 = 2;
 
 impl core::fmt::Display for Policy {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -108,6 +140,9 @@ counter_set! {
     no_verdict => NoVerdict,
     /// Model policies: requests the model flagged at risk (before the direction filter).
     model_at_risk => ModelAtRisk,
+    /// Model policies while learning online: requests the policy would have served
+    /// early and left alone to learn from ([`HOOK_HOLD_OUT`]).
+    held_out => HeldOut,
 }
 
 #[cfg(test)]
@@ -122,6 +157,32 @@ mod tests {
         assert_eq!(Policy::from_u32(Policy::ALL.len() as u32), None);
         assert_eq!(Policy::ReadsUnderWrites.name(), "reads-under-writes");
         assert!(Policy::ModelReads.uses_model() && !Policy::Reads.uses_model());
+    }
+
+    #[test]
+    fn a_model_policy_acts_on_the_at_risk_requests_it_serves_and_not_the_held_out() {
+        let rec = |op: ReqOp, verdict: u8, sampling: u8| RequestRecord {
+            op: op as u8,
+            verdict,
+            sampling,
+            ..RequestRecord::default()
+        };
+        let read_at_risk = rec(ReqOp::Read, Verdict::AT_RISK, 0);
+        let write_at_risk = rec(ReqOp::Write, Verdict::AT_RISK, Sampling::NEAR_BOUNDARY);
+        let held_out = rec(ReqOp::Read, Verdict::AT_RISK, Sampling::HELD_OUT);
+        let meets = rec(ReqOp::Read, Verdict::MEETS, 0);
+        let none = rec(ReqOp::Read, Verdict::NONE, 0);
+        assert!(Policy::ModelReads.acted_on(&read_at_risk));
+        assert!(!Policy::ModelReads.acted_on(&write_at_risk));
+        assert!(Policy::Model.acted_on(&write_at_risk));
+        for p in Policy::ALL {
+            assert!(!p.acted_on(&held_out), "{p}");
+            assert!(!p.acted_on(&meets), "{p}");
+            assert!(!p.acted_on(&none), "{p}");
+        }
+        // The fixed policies act on the op, not on a verdict: nothing to leave out.
+        assert!(!Policy::Reads.acted_on(&read_at_risk));
+        assert!(!Policy::ReadsUnderWrites.acted_on(&read_at_risk));
     }
 
     #[test]

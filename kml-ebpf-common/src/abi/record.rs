@@ -185,6 +185,12 @@ impl Sampling {
     /// One record in this many is kept under pressure whatever its score (a power
     /// of two: the kernel masks, it does not divide).
     pub const AUDIT_EVERY: u64 = 8;
+    /// The verdict said at risk, and the verdict hook, acting on a model while it
+    /// learns, left the request alone on purpose (one in `2^HOOK_HOLD_OUT` of the
+    /// requests it would act on, at random): its outcome is what the verdict
+    /// would have changed, so online learning can still see it
+    /// ([`crate::hook::Policy::acted_on`]).
+    pub const HELD_OUT: u8 = 8;
 }
 
 /// Records a CPU stages before they go to the ring in one write

@@ -7,7 +7,8 @@
 #                               reads-under-writes (kml-agent hook), model, model-reads
 #                               (kml-agent run --model MODEL --act POLICY)
 #   kml.model=MODEL             model for the model policies (a name in /kml/models)
-#   kml.online=1                if set: the model policies learn online (retrain every 10 s)
+#   kml.online=1                if set: the model policies learn online (retrain every 10 s, from 2,000 records)
+#   kml.hold_out=N              with kml.online: the hook leaves 1 in N flagged requests alone (default 16)
 #   kml.runtime=SECONDS         fio runtime per run (full mode; the job files read $KML_RUNTIME)
 #   kml.seed=N                  fio's random seed (the job files read $KML_SEED; default 1234)
 #   kml.boost_max=N             if set: mq-deadline's kml_boost_max on the test disk
@@ -51,6 +52,7 @@ MODE=$(arg kml.mode smoke)
 POLICIES=$(arg kml.policy reads-under-writes)
 MODEL=$(arg kml.model logistic)
 ONLINE=$(arg kml.online "")
+HOLD_OUT=$(arg kml.hold_out 16)
 export KML_RUNTIME=$(arg kml.runtime 30)
 export KML_SEED=$(arg kml.seed 1234)
 BOOST_MAX=$(arg kml.boost_max "")
@@ -133,7 +135,8 @@ wait_ready() {
 HOOK_PID=
 HOOK_VIA=
 start_hook() {
-    # $1 policy, $2 log file (NAME.log; events to NAME.json), $3 model (model policies)
+    # $1 policy, $2 log file (NAME.log; events to NAME.json), $3 model (model policies),
+    # $4 --retrain-every (model policies; default: 0, or 10s with kml.online)
     : > "$2"
     : > "${2%.log}.json"
     case "$1" in
@@ -143,7 +146,10 @@ start_hook() {
         # changed).
         retrain=0
         [ -n "$ONLINE" ] && retrain=10s
-        kml-agent run --json --device $DISK --model "$3" --act "$1" --retrain-every $retrain --ring-size 1M \
+        [ -n "$4" ] && retrain=$4
+        # At 100 IOPS the default 20,000 records take 200 s: train from 2,000.
+        kml-agent run --json --device $DISK --model "$3" --act "$1" --retrain-every $retrain \
+            --min-train-records 2000 --hold-out $HOLD_OUT --ring-size 1M \
             > "${2%.log}.json" 2> "$2" &
         ;;
     *)
@@ -255,9 +261,10 @@ if [ "$MODE" = smoke ]; then
     stop_hook /tmp/smoke.never.agent.log
     cp /tmp/smoke.never.agent.log /tmp/smoke.never.agent.json $OUT/
     echo "hook $b3n $b4" > $OUT/smoke.never.boosts
-    echo "kml-guest: smoke: model run, a model that flags every request"
+    echo "kml-guest: smoke: model run, a model that flags every request (learning online: 1 in 16 held out)"
     export KML_SMOKE_RUNTIME=8
-    start_hook model-reads /tmp/smoke.model.agent.log smoke-always-at-risk
+    # Online learning on (it never trains in 8 s): the hook holds requests out.
+    start_hook model-reads /tmp/smoke.model.agent.log smoke-always-at-risk 1h
     trace_start
     run_fio $JOB smoke.model
     trace_stop $OUT/smoke.model.trace

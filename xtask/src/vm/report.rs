@@ -284,6 +284,8 @@ pub struct HookCounts {
     pub verdicts: u64,
     pub model_at_risk: u64,
     pub no_verdict: u64,
+    /// Requests a model policy would have served early, left alone to learn from.
+    pub held_out: u64,
 }
 
 /// The boost cap of a run (`smoke.fmodret.cap`: `boost_max N read_expire_ms N
@@ -342,6 +344,7 @@ pub fn hook_counts(events: &str) -> Option<HookCounts> {
         verdicts: n("boosts"),
         model_at_risk: n("model_at_risk"),
         no_verdict: n("no_verdict"),
+        held_out: n("held_out"),
     })
 }
 
@@ -360,13 +363,28 @@ pub fn agent_summary(events: &str) -> String {
         let hook = &end["hook"];
         if let Some(h) = hook_counts(events) {
             lines.push(format!(
-                "hook (policy {}): {} calls, {} reads, {} positive verdicts, {} model at-risk verdicts, {} without a model verdict",
+                "hook (policy {}): {} calls, {} reads, {} positive verdicts, {} model at-risk verdicts, {} without a model verdict{}",
                 hook["policy"].as_str().unwrap_or("?"),
                 h.calls,
                 h.reads,
                 h.verdicts,
                 h.model_at_risk,
-                h.no_verdict
+                h.no_verdict,
+                if h.held_out > 0 {
+                    format!(", {} held out to learn from", h.held_out)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if let Some(l) = end["learning"].as_object() {
+            let n = |k: &str| l.get(k).and_then(Value::as_u64).unwrap_or(0);
+            lines.push(format!(
+                "online learning: {} swaps, {} rollbacks, {} drifts, {} failed trainings",
+                n("swaps"),
+                n("rollbacks"),
+                n("drifts"),
+                n("retrain_failures")
             ));
         }
         for b in hook["boosts"].as_array().into_iter().flatten() {
@@ -706,7 +724,7 @@ mod tests {
     fn agent_events() {
         let run = r#"{"attach":"raw-tracepoint","devices":["vda"],"event":"ready","hook_policy":"model-reads","model":{"kind":"logistic","version":1}}
 {"event":"tick","drops":0}
-{"event":"end","hook":{"boosts":[{"boost_max":16,"disk":"vda","refused":8,"served_early":30}],"counters":{"boosts":38,"calls":120,"model_at_risk":90,"no_verdict":2,"read_failures":0,"reads":40,"skipped_device":0},"policy":"model-reads"},"records":5}
+{"event":"end","hook":{"boosts":[{"boost_max":16,"disk":"vda","refused":8,"served_early":30}],"counters":{"boosts":38,"calls":120,"held_out":3,"model_at_risk":90,"no_verdict":2,"read_failures":0,"reads":40,"skipped_device":0},"policy":"model-reads"},"records":5}
 "#;
         assert_eq!(
             hook_counts(run),
@@ -715,7 +733,8 @@ mod tests {
                 reads: 40,
                 verdicts: 38,
                 model_at_risk: 90,
-                no_verdict: 2
+                no_verdict: 2,
+                held_out: 3
             })
         );
         let summary = agent_summary(run);

@@ -175,6 +175,13 @@ impl Smoke {
                 "always-at-risk model run: {} positive verdicts, {} model at-risk verdicts",
                 h.verdicts, h.model_at_risk
             )),
+            // Learning online, the hook leaves 1 in 16 of the reads it would serve
+            // early alone (P(none of 100) < 0.2%; hundreds of reads run).
+            Some(h) if h.held_out == 0 || h.held_out * 4 > h.verdicts => problems.push(format!(
+                "always-at-risk model run learning online: {} requests held out against {} positive verdicts \
+                 (1 in 16 expected)",
+                h.held_out, h.verdicts
+            )),
             Some(_) => {}
         }
         if self.model_boosts.hook_boosts == 0 {
@@ -293,8 +300,9 @@ impl Smoke {
         let hook_line = |h: Option<HookCounts>| {
             h.map_or("(no counters)".to_owned(), |h| {
                 format!(
-                    "{} calls, {} model at-risk verdicts, {} without a verdict, {} positive verdicts",
-                    h.calls, h.model_at_risk, h.no_verdict, h.verdicts
+                    "{} calls, {} model at-risk verdicts, {} without a verdict, {} positive verdicts, \
+                     {} held out to learn from",
+                    h.calls, h.model_at_risk, h.no_verdict, h.verdicts, h.held_out
                 )
             })
         };
