@@ -15,8 +15,11 @@
 //! and the issue-gap average it is about to move, from the next records that show
 //! them), and checking goes on. Each counted loss pays for at most two restarts
 //! (one where its record is missing, one where the kernel releases its stale
-//! entry); with no loss there is no restart: every field of every record must
-//! match.
+//! entry). A record whose completion was never seen (`complete_ns` 0: the kernel
+//! did not run the completion program, and the entry went out stale when its tag
+//! was reused) is such a loss without a missing record: it pays for one restart,
+//! where the kernel released it. With no loss there is no restart: every field of
+//! every record must match.
 
 use anyhow::{bail, Result};
 use kml_ebpf_common::{ReqOp, RequestRecord};
@@ -236,7 +239,8 @@ fn replay_within(records: &[RequestRecord], losses: u64, race_ns: u64) -> Result
         }
         n
     };
-    let mut budget = losses.saturating_mul(2);
+    let unseen = records.iter().filter(|r| r.complete_ns == 0).count() as u64;
+    let mut budget = losses.saturating_mul(2).saturating_add(unseen);
     let mut state = State::default();
     let mut out = Replay::default();
     for &(_, event, i) in &events {
@@ -266,9 +270,9 @@ fn replay_within(records: &[RequestRecord], losses: u64, race_ns: u64) -> Result
                 } else {
                     bail!(
                         "record {i} ({r:?}): the kernel's state features {got:?} differ from the \
-                         replay of the records before it {want:?} (restarts left: 0 of {}; \
-                         {} records checked before)",
-                        losses * 2,
+                         replay of the records before it {want:?} (restarts left: 0 of {}: {losses} \
+                         losses, {unseen} completions unseen; {} records checked before)",
+                        losses * 2 + unseen,
                         out.checked
                     );
                 }
@@ -308,16 +312,23 @@ mod tests {
         assert_eq!(moving_average(100, 93), 100);
     }
 
+    /// A write `a` (completed at `a_complete`, 0: never seen), then a read `b`
+    /// inserted at 20,000 whose counts say a had completed.
+    fn write_then_read(a_complete: u64) -> (RequestRecord, RequestRecord) {
+        let mut a = rec(ReqOp::Write, 800, 1000, 1100, a_complete);
+        a.issue_distance = 800;
+        let mut b = rec(ReqOp::Read, 80, 20_000, 20_300, 20_600);
+        b.since_last_insert_ns = 19_000;
+        b.issue_distance = 808 - 80;
+        (a, b)
+    }
+
     #[test]
     fn a_completion_racing_an_insert_on_another_cpu_restarts_once_not_forever() {
         // b is inserted at 20,000 while a completes on another CPU, timed at
         // 20,010 but counted before b's insert read the counts: the kernel saw 0
         // in flight.
-        let mut a = rec(ReqOp::Write, 800, 1000, 1100, 20_010);
-        a.issue_distance = 800;
-        let mut b = rec(ReqOp::Read, 80, 20_000, 20_300, 20_600);
-        b.since_last_insert_ns = 19_000;
-        b.issue_distance = 808 - 80;
+        let (a, b) = write_then_read(20_010);
         let r = replay(&[a, b], 0).unwrap();
         assert_eq!((r.checked, r.races.len(), r.restarts.len()), (1, 1, 0));
         // The same disagreement with nothing near is a bug.
@@ -334,6 +345,35 @@ mod tests {
         let mut other = b;
         other.issue_distance += 8;
         assert!(replay(&[a, other], 0).is_err());
+    }
+
+    #[test]
+    fn a_completion_never_seen_pays_for_the_restart_where_its_entry_was_released() {
+        // a's completion never reached the program: its record went out stale
+        // (complete_ns 0) when b took its tag, and the kernel counted b's insert
+        // with a released. The replay, which cannot know when, still has a in
+        // flight: one restart, paid for by a's record, though none is missing.
+        let (a, b) = write_then_read(0);
+        let r = replay_within(&[a, b], 0, 0).unwrap();
+        assert_eq!((r.checked, r.restarts.len()), (1, 1));
+        // The same disagreement after a completion that was seen is not paid for.
+        let mut seen = a;
+        seen.complete_ns = 30_000;
+        assert!(replay_within(&[seen, b], 0, 0).is_err());
+        // And one unseen completion pays for one restart, not two: after it the
+        // chain goes on, and a later disagreement fails.
+        let mut c = b;
+        c.insert_ns = 40_000;
+        c.issue_ns = 40_300;
+        c.complete_ns = 40_600;
+        c.since_last_insert_ns = 20_000;
+        c.issue_distance = 88 - 80;
+        c.dir_wait_ewma_ns = 300;
+        c.issue_gap_ewma_ns = 1;
+        let r = replay_within(&[a, b, c], 0, 0).unwrap();
+        assert_eq!((r.checked, r.restarts.len()), (2, 1));
+        c.inflight_write = 1;
+        assert!(replay_within(&[a, b, c], 0, 0).is_err());
     }
 
     /// Two synchronous requests; the second one's features come from the first.

@@ -20,6 +20,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 
 pub mod accounting;
 pub mod chain;
+pub mod ftrace;
 use kml_agent::devices::BlockDevice;
 use kml_ebpf_common::ReqOp;
 

@@ -14,7 +14,9 @@ use kml_ebpf_common::{
 };
 use kml_integration_tests::{
     accounting::{alone_on_the_block_tracepoints, explain, recursion_misses, DiskStats, Losses},
-    assert_no_kml_programs, chain, issue_direct, scattered_pattern, Issued, LoopDevice,
+    assert_no_kml_programs, chain,
+    ftrace::EventCount,
+    issue_direct, scattered_pattern, Issued, LoopDevice,
 };
 
 const READ_EXPIRE_MS: u32 = 500;
@@ -750,6 +752,9 @@ struct FioRun {
     state: kml_ebpf_common::DeviceState,
     events: kml_ebpf_common::DeviceEvents,
     fio: serde_json::Value,
+    /// `block_rq_complete` events of the device while fio ran, as ftrace (no
+    /// BPF) recorded them.
+    ftrace_completions: u64,
 }
 
 /// Runs `fio` (JSON output) on `dev` under an observer in `mode`; checks that no
@@ -769,12 +774,14 @@ fn observe_fio(
         let mut stream = observer.records()?;
         observer.attach()?;
         let before = DiskStats::read(&dev.name)?;
+        let witness = EventCount::start("block/block_rq_complete", bdev.dev())?;
         let out = fio.output().context("running fio")?;
         ensure!(
             out.status.success(),
             "fio failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let ftrace_completions = witness.count()?;
         let stats = before.delta(&DiskStats::read(&dev.name)?);
         // Read while the programs are loaded (detach unloads them).
         let missed = recursion_misses(&observer)?;
@@ -803,6 +810,7 @@ fn observe_fio(
             stats,
             missed,
             live,
+            ftrace_completions,
         })
     })?;
     assert_no_kml_programs()?;
@@ -849,6 +857,7 @@ fn every_io_is_accounted_for(mode: AttachMode) -> Result<()> {
         live,
         events,
         fio,
+        ftrace_completions,
         ..
     } = run?;
     let jobs = fio["jobs"].as_array().context("fio jobs")?;
@@ -940,6 +949,26 @@ fn every_io_is_accounted_for(mode: AttachMode) -> Result<()> {
         (merges + bio_merges).abs_diff(stats.merges()) <= missed,
         "merges do not add up: {summary}"
     );
+    // ftrace against kml, event by event: each completion the tracepoint fired
+    // for is a completion run of kml's (whole, partial, of a flush, of an fsync's
+    // parent), a run the kernel skipped and counted, or one it never made and
+    // kml found (a stale entry, or an entry still live at the end). Raw
+    // tracepoints only: classic ones key requests by sector, where a collision
+    // also makes a stale entry.
+    let seen = c(Counter::Completions) + c(Counter::PartialCompletions);
+    let unseen = c(Counter::StaleEntries) + live;
+    eprintln!(
+        "{mode:?}: ftrace saw {ftrace_completions} completions; kml ran for {seen}, found {unseen} \
+         it never ran for ({} stale, {live} live), {missed} recursion misses",
+        c(Counter::StaleEntries)
+    );
+    if mode == AttachMode::RawTracepoint {
+        ensure!(
+            ftrace_completions.abs_diff(seen + unseen) <= missed,
+            "ftrace saw {ftrace_completions} completions, kml {seen} + {unseen} never seen \
+             ({missed} recursion misses): {summary}"
+        );
+    }
     explain(
         "flushes completed on the device",
         stats.flushes,
