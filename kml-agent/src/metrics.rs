@@ -315,14 +315,18 @@ impl Metrics {
     ) -> anyhow::Result<()> {
         let counters = observer.counters()?;
         let programs = observer.program_stats()?;
-        let loss = observer.losses_of(&counters, &programs)?;
+        let inflight = observer.live_inflight_counted(&counters)?;
+        let lru_evictions = counters
+            .get(Counter::InflightAdded)
+            .saturating_sub(counters.get(Counter::InflightRemoved))
+            .saturating_sub(inflight);
         let bpf_stats_enabled = crate::kernel::caps::bpf_stats_enabled();
         self.update(|s| {
             *s = Snapshot {
                 counters,
                 records_received,
-                inflight: loss.still_in_flight,
-                lru_evictions: loss.lru_evictions,
+                inflight,
+                lru_evictions,
                 programs,
                 bpf_stats_enabled,
                 model,

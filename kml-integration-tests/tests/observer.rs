@@ -963,6 +963,13 @@ fn every_io_is_accounted_for(mode: AttachMode) -> Result<()> {
         c(Counter::StaleEntries)
     );
     if mode == AttachMode::RawTracepoint {
+        // The per-tag array never evicts: entries added less removed is what is
+        // live (the agent's cheap count, `Observer::live_inflight_counted`), the
+        // scan of the array the witness.
+        ensure!(
+            c(Counter::InflightAdded).checked_sub(c(Counter::InflightRemoved)) == Some(live),
+            "entries added less removed is not the {live} the scan found live: {summary}"
+        );
         ensure!(
             ftrace_completions.abs_diff(seen + unseen) <= missed,
             "ftrace saw {ftrace_completions} completions, kml {seen} + {unseen} never seen \
