@@ -11,8 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context as _, Result};
-
-const TRACEFS: &str = "/sys/kernel/tracing";
+use kml_agent::kernel::tracefs::Tracefs;
 
 /// Buffer per CPU: ~60 bytes an event, room for a million.
 const BUFFER_KIB: u64 = 64 * 1024;
@@ -28,10 +27,13 @@ impl EventCount {
     /// Starts recording `category/name` (e.g. `block/block_rq_complete`) where
     /// its `dev` field is `dev` (the kernel's dev_t, major << 20 | minor).
     pub fn start(category_and_name: &str, dev: u32) -> Result<EventCount> {
-        let root = Path::new(TRACEFS);
+        // Found where it is mounted, or mounted (as the agent does).
+        let tracefs = Tracefs::locate_or_mount().context("tracefs, for the ftrace witness")?;
+        let root = tracefs.root();
         ensure!(
             root.join("instances").is_dir(),
-            "{TRACEFS}/instances is missing: tracefs is not mounted, or the kernel has no trace instances"
+            "{}/instances is missing: the kernel has no trace instances",
+            root.display()
         );
         let name = format!("kml-test-{}-{}", std::process::id(), crate::unique());
         let dir = root.join("instances").join(&name);
