@@ -491,14 +491,22 @@ impl Agent {
         for line in loss.counter_lines() {
             tracing::info!("{line}");
         }
-        if self.learner.config.every > Duration::ZERO {
+        let learning = (self.learner.config.every > Duration::ZERO).then(|| {
             let e = self.learner.events();
+            LearningReport {
+                swaps: e.swaps,
+                rollbacks: e.rollbacks,
+                drifts: e.drifts,
+                retrain_failures: e.retrain_failures,
+            }
+        });
+        if let Some(l) = &learning {
             tracing::info!(
                 "online learning: {} swaps, {} rollbacks, {} drifts, {} failed trainings",
-                e.swaps,
-                e.rollbacks,
-                e.drifts,
-                e.retrain_failures
+                l.swaps,
+                l.rollbacks,
+                l.drifts,
+                l.retrain_failures
             );
         }
         if let Some(c) = &self.calibration {
@@ -523,15 +531,7 @@ impl Agent {
                 installs: c.installs(),
                 shift: c.applied(),
             }),
-            learning: (self.learner.config.every > Duration::ZERO).then(|| {
-                let e = self.learner.events();
-                LearningReport {
-                    swaps: e.swaps,
-                    rollbacks: e.rollbacks,
-                    drifts: e.drifts,
-                    retrain_failures: e.retrain_failures,
-                }
-            }),
+            learning,
         })
     }
 

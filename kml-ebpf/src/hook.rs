@@ -212,15 +212,15 @@ fn model_verdict(rq: u64, policy: Policy, want: u32) -> u64 {
         bump(HookCounter::SkippedDevice);
         return 0;
     }
-    let is_read = ReqOp::from_u8(op) == ReqOp::Read;
-    if is_read {
+    let op = ReqOp::from_u8(op);
+    if op == ReqOp::Read {
         bump(HookCounter::Reads);
     }
     let fresh = phase == crate::lifecycle::Phase::Queued as u32;
     match verdict {
         Verdict::AT_RISK if fresh => {
             bump(HookCounter::ModelAtRisk);
-            let serve = is_read || policy == Policy::Model;
+            let serve = policy.serves_at_risk(op);
             if serve && held_out() {
                 // SAFETY: as above; this request's entry, under the scheduler lock.
                 unsafe { (*e).rec.sampling |= Sampling::HELD_OUT };

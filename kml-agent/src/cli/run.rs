@@ -47,7 +47,7 @@ pub struct RunArgs {
     pub hold_out: u32,
     /// Fewest records in the window worth training on. A slow disk (the VM's
     /// 100 IOPS) takes minutes to gather the default.
-    #[arg(long, default_value_t = DEFAULT_MIN_TRAIN_RECORDS, value_name = "N")]
+    #[arg(long, default_value_t = crate::learn::online::DEFAULT_MIN_RECORDS, value_name = "N")]
     pub min_train_records: usize,
     #[arg(long, value_enum, default_value_t = LossMode::Drop)]
     pub mode: LossMode,
@@ -107,9 +107,6 @@ fn parse_hold_out(v: &str) -> Result<u32, String> {
         ))
     }
 }
-
-/// Fewest records online learning trains on, by default.
-pub const DEFAULT_MIN_TRAIN_RECORDS: usize = 20_000;
 
 /// How often `run` retrains by default (online learning in shadow mode).
 pub const DEFAULT_RETRAIN_EVERY: Duration = Duration::from_secs(10);

@@ -23,6 +23,10 @@ use kml_learn::{ConfusionMatrix, QuantizedModel};
 
 use super::candidate::{Candidate, Recipe};
 
+/// Fewest records in the window worth training on, by default (`run
+/// --min-train-records`).
+pub const DEFAULT_MIN_RECORDS: usize = 20_000;
+
 #[derive(Clone, Debug)]
 pub struct LearnConfig {
     pub kind: ModelKind,
@@ -48,7 +52,7 @@ impl LearnConfig {
             recipe: Recipe::default(),
             every,
             window,
-            min_records: 20_000,
+            min_records: DEFAULT_MIN_RECORDS,
             min_gain: 0.005,
             drift_drop: 0.10,
         }

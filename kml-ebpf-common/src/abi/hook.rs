@@ -92,12 +92,22 @@ impl Policy {
     /// by it. (The kernel may still have refused the boost over its cap: such a
     /// request counts as acted on, which leaves out a little more than needed.)
     pub fn acted_on(self, r: &RequestRecord) -> bool {
-        let served = match self {
+        self.serves_at_risk(ReqOp::from_u8(r.op))
+            && r.verdict == Verdict::AT_RISK
+            && r.sampling & Sampling::HELD_OUT == 0
+    }
+
+    /// Whether this (model) policy serves an at-risk request of `op` early: every
+    /// one for [`Policy::Model`], reads for [`Policy::ModelReads`]; no fixed
+    /// policy acts on a verdict. The verdict program and [`Policy::acted_on`] both
+    /// ask here.
+    #[inline(always)]
+    pub fn serves_at_risk(self, op: ReqOp) -> bool {
+        match self {
             Policy::Model => true,
-            Policy::ModelReads => r.op == ReqOp::Read as u8,
+            Policy::ModelReads => matches!(op, ReqOp::Read),
             _ => false,
-        };
-        served && r.verdict == Verdict::AT_RISK && r.sampling & Sampling::HELD_OUT == 0
+        }
     }
 }
 
