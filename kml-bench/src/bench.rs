@@ -17,6 +17,7 @@
 
 pub mod alternation;
 mod before;
+mod breakdown;
 mod cost;
 pub mod fiolog;
 mod learning;
@@ -53,16 +54,20 @@ pub enum Phase {
     Overhead,
     /// In-kernel ns per event (bpf_stats).
     Cost,
+    /// Where the observer's ns per event go: cost probes paired with the whole
+    /// observer (writes BREAKDOWN.md).
+    Breakdown,
     /// Stock mq-deadline tunables vs `run --tune` on mixed workloads (writes TUNE.md).
     Tune,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Learning,
         Phase::Training,
         Phase::Overhead,
         Phase::Cost,
+        Phase::Breakdown,
         Phase::Tune,
     ];
 }
@@ -333,19 +338,42 @@ impl BenchArgs {
             not_run()
         };
         check_interrupt()?;
+        let breakdown = if want(Phase::Breakdown) {
+            run_phase("breakdown", || {
+                let b = breakdown::run(&ctx)?;
+                let path = breakdown::write(
+                    &ctx,
+                    &b,
+                    read("/proc/sys/kernel/osrelease").trim(),
+                    &tool_version("date", "-u"),
+                )?;
+                eprintln!("xtask: bench: wrote {}", ctx.rel(&path));
+                Ok(b)
+            })
+        } else {
+            not_run()
+        };
+        check_interrupt()?;
         let tune = if want(Phase::Tune) {
             run_phase("tune", || tune::run(&ctx))
         } else {
             not_run()
         };
         check_interrupt()?;
-        // Only the overhead and/or tuning measures: their sections of the existing
-        // report are replaced, the other measures' results stay as they were.
+        // Only the overhead, breakdown and/or tuning measures: their sections of the
+        // existing report are replaced, the other measures' results stay as they were.
         if phases
             .iter()
-            .all(|p| matches!(p, Phase::Overhead | Phase::Tune))
+            .all(|p| matches!(p, Phase::Overhead | Phase::Breakdown | Phase::Tune))
             && ctx.out.join("REPORT.md").is_file()
         {
+            if want(Phase::Breakdown) && !matches!(breakdown, Outcome::Failed(_)) {
+                let path = report::splice_breakdown(&ctx)?;
+                eprintln!(
+                    "xtask: bench: updated the breakdown in section 2 of {}",
+                    ctx.rel(&path)
+                );
+            }
             if want(Phase::Overhead) && !matches!(overhead, Outcome::Failed(_)) {
                 let path = report::splice_overhead(&ctx)?;
                 eprintln!(
@@ -361,7 +389,10 @@ impl BenchArgs {
                 );
             }
             return Ok(
-                if matches!(tune, Outcome::Failed(_)) || matches!(overhead, Outcome::Failed(_)) {
+                if matches!(tune, Outcome::Failed(_))
+                    || matches!(overhead, Outcome::Failed(_))
+                    || matches!(breakdown, Outcome::Failed(_))
+                {
                     ExitCode::FAILURE
                 } else {
                     ExitCode::SUCCESS
@@ -401,6 +432,7 @@ impl BenchArgs {
             matches!(models, Outcome::Failed(_)),
             matches!(overhead, Outcome::Failed(_)),
             matches!(cost, Outcome::Failed(_)),
+            matches!(breakdown, Outcome::Failed(_)),
             matches!(tune, Outcome::Failed(_)),
         ]
         .iter()
@@ -413,6 +445,7 @@ impl BenchArgs {
             overhead,
             cost,
             overhead_md: std::fs::read_to_string(ctx.out.join(overhead::OVERHEAD_MD)).ok(),
+            breakdown_md: std::fs::read_to_string(ctx.out.join(breakdown::BREAKDOWN_MD)).ok(),
             vm,
             tune: report::SubReport::read(&ctx.out.join("TUNE.md")),
         };

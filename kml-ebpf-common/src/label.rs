@@ -249,4 +249,29 @@ mod tests {
         // The newest dispatch weighs 2^-k.
         assert_eq!(miss_share_step(0, true), MISS_SHARE_ONE >> MISS_SHARE_SHIFT);
     }
+
+    /// The issue program writes the share only when a step changes it: where
+    /// nothing has missed lately (the common case), or everything has, no step
+    /// does, so the dispatch path takes no locked write there.
+    #[test]
+    fn a_quiet_or_saturated_share_is_left_as_it_is() {
+        // Decayed to its floor with no misses: every further step is a no-op.
+        let mut share = MISS_SHARE_ONE;
+        for _ in 0..2_000 {
+            share = miss_share_step(share, false);
+        }
+        for s in 0..share.max(1) {
+            assert_eq!(miss_share_step(s, false), s, "{s}");
+        }
+        assert_eq!(miss_share_step(share, false), share);
+        // Saturated: a miss keeps it at ONE.
+        assert_eq!(miss_share_step(MISS_SHARE_ONE, true), MISS_SHARE_ONE);
+        // Anywhere else a step moves it (so a skipped write never drops one).
+        for s in (1 << MISS_SHARE_SHIFT)..=MISS_SHARE_ONE {
+            assert_ne!(miss_share_step(s, false), s, "{s}");
+        }
+        for s in 0..MISS_SHARE_ONE {
+            assert_ne!(miss_share_step(s, true), s, "{s}");
+        }
+    }
 }

@@ -43,6 +43,16 @@ pub enum Phase {
     Bypass = 4,
 }
 
+/// The lifecycle's clock (`bpf_ktime_get_ns`; jiffies under the cost probe
+/// `ablate::PROBE_NO_CLOCK`).
+#[inline(always)]
+fn clock_ns() -> u64 {
+    if layout!(ablate) & ablate::PROBE_NO_CLOCK != 0 {
+        return unsafe { bpf_jiffies64() } << 22;
+    }
+    unsafe { bpf_ktime_get_ns() }
+}
+
 /// What every event knows of a request, whatever the attach mode.
 pub struct Req {
     pub sector: u64,
@@ -98,11 +108,16 @@ pub fn on_insert(
     let c = counters();
     bump(c, Counter::Inserts);
     device_event(slot, |d| d.inserts += 1);
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock_ns();
     // The miss shares right at `now`: the host replays them in ns order
     // (`kml_learn::replay::replay_miss_shares`), and an issue that steps them
     // between this clock read and a later read would be out of that order.
-    let miss_shares = unsafe { ((*s).miss_share_read, (*s).miss_share_write) };
+    let no_load = layout!(ablate) & ablate::PROBE_NO_LOAD_STATE != 0;
+    let miss_shares = if no_load {
+        (0, 0)
+    } else {
+        unsafe { ((*s).miss_share_read, (*s).miss_share_write) }
+    };
     let jiffies = unsafe { bpf_jiffies64() };
     let dir = r.op.direction();
     let (expire, expire_jiffies) = unsafe {
@@ -153,39 +168,46 @@ pub fn on_insert(
     // The others (the add returns the counts before this request).
     let (inflight_same, queued_same) = unpack_counts(fetch_add(counts, COUNT_INSERT));
     let (inflight_other, queued_other) = unpack_counts(load(other));
-    let (inflight_read, inflight_write, queued_read, queued_write, dir_wait) = unsafe {
-        match dir {
-            Direction::Read => (
-                inflight_same,
-                inflight_other,
-                queued_same,
-                queued_other,
-                (*s).wait_ewma_read_ns,
-            ),
-            Direction::Write => (
-                inflight_other,
-                inflight_same,
-                queued_other,
-                queued_same,
-                (*s).wait_ewma_write_ns,
-            ),
-        }
+    let (inflight_read, inflight_write, queued_read, queued_write) = match dir {
+        Direction::Read => (inflight_same, inflight_other, queued_same, queued_other),
+        Direction::Write => (inflight_other, inflight_same, queued_other, queued_same),
     };
     // Racy across CPUs by design: these are features, not accounting.
-    let (since_last, distance, issue_gap) = unsafe {
-        let last = (*s).last_insert_ns;
-        (*s).last_insert_ns = now;
-        let end = (*s).last_issue_end_sector;
-        (
-            if last != 0 && now > last {
-                now - last
-            } else {
-                0
-            },
-            r.sector.abs_diff(end),
-            (*s).issue_gap_ewma_ns,
-        )
+    let (since_last, distance, issue_gap, dir_wait) = if no_load {
+        (0, 0, 0, 0)
+    } else {
+        unsafe {
+            let last = (*s).last_insert_ns;
+            (*s).last_insert_ns = now;
+            let end = (*s).last_issue_end_sector;
+            (
+                if last != 0 && now > last {
+                    now - last
+                } else {
+                    0
+                },
+                r.sector.abs_diff(end),
+                (*s).issue_gap_ewma_ns,
+                match dir {
+                    Direction::Read => (*s).wait_ewma_read_ns,
+                    Direction::Write => (*s).wait_ewma_write_ns,
+                },
+            )
+        }
     };
+    if layout!(ablate) & ablate::PROBE_NO_ENTRY_WRITE != 0 {
+        unsafe {
+            (*e).rq = owner;
+            (*e).phase = Phase::Queued as u32;
+            (*e).slot = slot as u16;
+            (*e).flags = 0;
+            (*e).rec.sector = r.sector;
+            (*e).rec.insert_ns = now;
+            (*e).rec.deadline_ns = now + expire;
+        }
+        bump(c, Counter::InflightAdded);
+        return position_on() || model_active();
+    }
     unsafe {
         (*e).rq = owner;
         (*e).phase = Phase::Queued as u32;
@@ -402,6 +424,7 @@ pub fn on_issue(
 ) {
     count(Counter::Issues);
     let jiffies = unsafe { bpf_jiffies64() };
+    let no_load = layout!(ablate) & ablate::PROBE_NO_LOAD_STATE != 0;
     unsafe {
         let phase = (*e).phase;
         if phase == Phase::Issued as u32 || phase == Phase::Bypass as u32 {
@@ -418,18 +441,23 @@ pub fn on_issue(
         // Its label is known now: into the direction's miss share, a feature of
         // the next inserts.
         let missed = (*e).rec.deadline_missed();
-        step_miss_share(
-            match dir {
-                Direction::Read => &raw mut (*s).miss_share_read,
-                Direction::Write => &raw mut (*s).miss_share_write,
-            },
-            missed,
-        );
+        if !no_load {
+            step_miss_share(
+                match dir {
+                    Direction::Read => &raw mut (*s).miss_share_read,
+                    Direction::Write => &raw mut (*s).miss_share_write,
+                },
+                missed,
+            );
+        }
         // The clock right after the step, as insert reads the shares right after
         // its clock: the host replays steps and reads in ns order.
-        let now = bpf_ktime_get_ns();
+        let now = clock_ns();
         (*e).rec.issue_ns = now;
         sub(counts_of(s, dir), COUNT_QUEUED);
+        if no_load {
+            return;
+        }
         // How long this direction's queue makes requests wait, and how fast the
         // device drains: features of the next inserts.
         let wait = now.saturating_sub((*e).rec.insert_ns);
@@ -458,6 +486,12 @@ fn step_miss_share(p: *mut u32, missed: bool) {
         // 4-aligned.
         let old = unsafe { core::ptr::read_volatile(p) };
         let new = miss_share_step(old, missed);
+        if new == old {
+            // A step that changes nothing (no misses lately, or all): no locked
+            // write of the line both CPUs dispatch on. Exact: the step is ordered
+            // at this read, before any step that raced with it.
+            return;
+        }
         let (_, swapped) = unsafe {
             atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
         };
@@ -476,7 +510,7 @@ pub fn on_flush_issue(s: *mut DeviceSlot, slot: u32, e: *mut ReqState, owner: u6
     bump(c, Counter::Issues);
     bump(c, Counter::Flushes);
     device_event(slot, |d| d.flushes += 1);
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock_ns();
     let jiffies = unsafe { bpf_jiffies64() };
     if unsafe { (*e).rq } != 0 {
         stale(c, s, slot, e);
@@ -550,7 +584,7 @@ pub fn on_merge_before_insert(slot: u32) {
 pub fn on_complete(s: *mut DeviceSlot, slot: u32, e: *mut ReqState, error: i32, bytes: u32) {
     let c = counters();
     bump(c, Counter::Completions);
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock_ns();
     shape_remove(s, e);
     release(s, e);
     unsafe {

@@ -142,6 +142,9 @@ pub fn device_event(slot: u32, f: impl FnOnce(&mut DeviceEvents)) {
 /// Atomic fetch-add on a u64 in a map value; returns the previous value.
 #[inline(always)]
 pub fn fetch_add(p: *mut u64, v: u64) -> u64 {
+    if layout!(ablate) & kml_ebpf_common::layout::ablate::PROBE_NO_COUNTS != 0 {
+        return 0;
+    }
     // SeqCst, not Relaxed: LLVM's BPF backend lowers a monotonic fetch-add to the
     // non-fetching `lock add` even when the old value is used (it then reads as
     // the addend); SeqCst selects BPF_ADD | BPF_FETCH.
@@ -152,6 +155,9 @@ pub fn fetch_add(p: *mut u64, v: u64) -> u64 {
 /// Atomic add whose old value is not needed (`lock add`).
 #[inline(always)]
 pub fn add(p: *mut u64, v: u64) {
+    if layout!(ablate) & kml_ebpf_common::layout::ablate::PROBE_NO_COUNTS != 0 {
+        return;
+    }
     // SAFETY: as for `fetch_add`.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
 }
@@ -159,6 +165,9 @@ pub fn add(p: *mut u64, v: u64) {
 /// Atomic subtract whose old value is not needed.
 #[inline(always)]
 pub fn sub(p: *mut u64, v: u64) {
+    if layout!(ablate) & kml_ebpf_common::layout::ablate::PROBE_NO_COUNTS != 0 {
+        return;
+    }
     // SAFETY: as for `fetch_add`.
     unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
 }

@@ -300,10 +300,16 @@ pub fn insert<C: aya_ebpf::EbpfContext>(ctx: &C, rq: u64) {
     small_window!(rq, buf);
     let w = Window(buf);
     // Untraced disks cost the read and a cache probe.
+    if layout!(ablate) & ablate::PROBE_STOP_AT_READ != 0 {
+        return;
+    }
     let Some(d) = device_of_q(w.q()) else { return };
     let Some((index, e)) = entry(&d, &w) else {
         return;
     };
+    if layout!(ablate) & ablate::PROBE_STOP_AT_ENTRY != 0 {
+        return;
+    }
     let (op, flags) = op_of(w.cmd_flags());
     let r = Req {
         sector: w.sector(),
@@ -341,10 +347,16 @@ pub fn issue(rq: u64) {
 
 #[inline(always)]
 fn issue_with<const N: usize>(rq: u64, w: &Window<'_, N>, fifo: impl FnOnce() -> Option<u64>) {
+    if layout!(ablate) & ablate::PROBE_STOP_AT_READ != 0 {
+        return;
+    }
     let Some(d) = device_of_q(w.q()) else { return };
     let Some((_, e)) = entry(&d, w) else {
         return;
     };
+    if layout!(ablate) & ablate::PROBE_STOP_AT_ENTRY != 0 {
+        return;
+    }
     if unsafe { (*e).rq } == rq {
         lifecycle::on_issue(d.s, e, fifo, w.sector() + (w.data_len() >> 9) as u64);
         return;
@@ -363,10 +375,16 @@ fn issue_with<const N: usize>(rq: u64, w: &Window<'_, N>, fifo: impl FnOnce() ->
 pub fn complete(rq: u64, error: i32, nr_bytes: u32) {
     small_window!(rq, buf);
     let w = Window(buf);
+    if layout!(ablate) & ablate::PROBE_STOP_AT_READ != 0 {
+        return;
+    }
     let Some(d) = device_of_q(w.q()) else { return };
     let Some((_, e)) = entry(&d, &w) else {
         return;
     };
+    if layout!(ablate) & ablate::PROBE_STOP_AT_ENTRY != 0 {
+        return;
+    }
     if unsafe { (*e).rq } != rq {
         count(Counter::Completions);
         if w.flush_seq() || w.data_len() == 0 {

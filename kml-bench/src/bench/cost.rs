@@ -113,7 +113,7 @@ impl Cost {
     }
 }
 
-fn bpftool_progs() -> Result<Vec<ProgStat>> {
+pub fn bpftool_progs() -> Result<Vec<ProgStat>> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "-j"])
         .output()
@@ -183,16 +183,8 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
         .chain(&[POSITION_MODEL])
         .filter_map(|k| Some((k.to_string(), models?.get(k)?.to_path_buf())))
         .collect();
-    let mount = TmpfsMount::mount(&ctx.work.join("tmpfs"), "1200m")?;
-    let file = mount.dir.join("disk");
-    crate::util::run(Command::new("fallocate").args(["-l", "1G"]).arg(&file))?;
-    let dev = LoopDevice::attach(&file, false)?;
-    dev.use_mq_deadline()?;
-    let stats_was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    let stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+    let bench = StatsBench::set_up(ctx)?;
+    let dev = &bench.dev;
     let mut rows = Vec::new();
     // Each run: one agent without a model and, beside it, one with a model, both
     // observing the same device in the same fio run, so every request runs both
@@ -218,7 +210,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             }
             let mut watched: Vec<(String, Watched)> = Vec::new();
             for (config, model) in order {
-                let w = watch(ctx, &dev, model, &format!("{name}.{config}.agent"))?;
+                let w = watch(ctx, dev, model, &format!("{name}.{config}.agent"))?;
                 watched.push((config, w));
             }
             let all = bpftool_progs()?;
@@ -232,13 +224,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
                     );
                 }
             }
-            let mut fio = spawn_fio(ctx, &job_file(ctx), &dev.path, secs, &name, None)?;
-            let status = fio.wait(Duration::from_secs(secs + 60))?;
-            let all = bpftool_progs()?;
-            if !status.success() {
-                bail!("fio failed: {}", sys::tail(&fio.stderr, 5));
-            }
-            let fio_ios = super::learning::fio_result(ctx, &name)?.ios();
+            let (all, fio_ios) = bench.fio_then_progs(ctx, secs, &name)?;
             for (config, w) in watched {
                 let progs = deltas(&w.before, &event_progs(&all, &w.ids));
                 drop(w.agent);
@@ -265,15 +251,60 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             }
         }
     }
-    drop(stats);
-    drop(dev);
-    drop(mount);
+    let stats_was = bench.stats_was.clone();
+    drop(bench);
     Ok(Cost {
         rows,
         secs,
         rounds,
         stats_was,
     })
+}
+
+/// What the bpf_stats measures run on: a loop device on a private tmpfs under
+/// mq-deadline, with `kernel.bpf_stats_enabled=1` until dropped (then restored,
+/// the device detached, the tmpfs unmounted, in that order).
+pub struct StatsBench {
+    // Dropped in this order: the sysctl restored, the device detached, the
+    // tmpfs unmounted.
+    _stats: SysctlGuard,
+    pub dev: LoopDevice,
+    _mount: TmpfsMount,
+    /// `bpf_stats_enabled` as it was.
+    pub stats_was: String,
+}
+
+impl StatsBench {
+    pub fn set_up(ctx: &Ctx) -> Result<StatsBench> {
+        let mount = TmpfsMount::mount(&ctx.work.join("tmpfs"), "1200m")?;
+        let file = mount.dir.join("disk");
+        crate::util::run(Command::new("fallocate").args(["-l", "1G"]).arg(&file))?;
+        let dev = LoopDevice::attach(&file, false)?;
+        dev.use_mq_deadline()?;
+        let stats_was = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+        Ok(StatsBench {
+            _stats: stats,
+            dev,
+            _mount: mount,
+            stats_was,
+        })
+    }
+
+    /// Runs measure 1's fio job on the device for `secs`, then reads every
+    /// program's stats: those and fio's I/O count.
+    pub fn fio_then_progs(&self, ctx: &Ctx, secs: u64, name: &str) -> Result<(Vec<ProgStat>, u64)> {
+        let mut fio = spawn_fio(ctx, &job_file(ctx), &self.dev.path, secs, name, None)?;
+        let status = fio.wait(Duration::from_secs(secs + 60))?;
+        let all = bpftool_progs()?;
+        if !status.success() {
+            bail!("fio failed: {}", sys::tail(&fio.stderr, 5));
+        }
+        Ok((all, super::learning::fio_result(ctx, name)?.ios()))
+    }
 }
 
 #[cfg(test)]

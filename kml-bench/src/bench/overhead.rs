@@ -391,7 +391,19 @@ pub fn refs_object(ctx: &Ctx) -> PathBuf {
 /// Starts the agent observing `dev` (`model`: a model file, or none) and waits until
 /// it prints that it observes (the in-kernel cost measure's agents).
 pub fn start_agent(ctx: &Ctx, dev: &LoopDevice, model: Option<&Path>, name: &str) -> Result<Proc> {
+    start_agent_with_env(ctx, dev, model, name, &[])
+}
+
+/// [`start_agent`] with environment variables (the breakdown's `KML_ABLATE`).
+pub fn start_agent_with_env(
+    ctx: &Ctx,
+    dev: &LoopDevice,
+    model: Option<&Path>,
+    name: &str,
+    env: &[(&str, &str)],
+) -> Result<Proc> {
     let mut cmd = ctx.agent_cmd(true);
+    cmd.envs(env.iter().copied());
     cmd.args([
         "run",
         "--json",

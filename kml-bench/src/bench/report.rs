@@ -25,6 +25,8 @@ pub struct Results {
     pub vm: Option<SubReport>,
     /// OVERHEAD.md as measure 1 wrote it (this run or an earlier one).
     pub overhead_md: Option<String>,
+    /// BREAKDOWN.md as the breakdown measure wrote it (this run or an earlier one).
+    pub breakdown_md: Option<String>,
     /// TUNE.md as measure 6 wrote it (this run or an earlier one).
     pub tune: Option<SubReport>,
 }
@@ -143,6 +145,7 @@ pub fn write(ctx: &Ctx, r: &Results) -> Result<PathBuf> {
     summary(&mut md, r);
     overhead_section(&mut md, r);
     cost_section(&mut md, &mut plots, r);
+    breakdown_section(&mut md, r.breakdown_md.as_deref());
     models_note(&mut md, r);
     agent_section(&mut md, ctx, r);
     learning_section(&mut md, &mut plots, ctx, r);
@@ -1009,6 +1012,43 @@ fn include_demoted(md: &mut String, text: &str, prefix: &str) {
         }
     }
     let _ = writeln!(md);
+}
+
+const BREAKDOWN_HEADING: &str = "### Where the observer's time goes";
+
+/// The breakdown (BREAKDOWN.md, which starts with the heading's own words), at
+/// the end of section 2.
+fn breakdown_section(md: &mut String, text: Option<&str>) {
+    match text {
+        Some(t) => {
+            let _ = writeln!(
+                md,
+                "{BREAKDOWN_HEADING}\n\nFrom [BREAKDOWN.md](BREAKDOWN.md) (`cargo xtask bench --only breakdown`), included as it was:\n"
+            );
+            // Its own title is the heading above.
+            let body = t.split_once('\n').map_or("", |(_, rest)| rest);
+            include_demoted(md, body, "###");
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "{BREAKDOWN_HEADING}\n\nNot run: no BREAKDOWN.md beside this report (`cargo xtask bench --only breakdown` writes it).\n"
+            );
+        }
+    }
+}
+
+/// `--only breakdown`: the breakdown at the end of section 2 of the existing
+/// REPORT.md replaced by the new BREAKDOWN.md.
+pub fn splice_breakdown(ctx: &Ctx) -> Result<std::path::PathBuf> {
+    let path = ctx.out.join("REPORT.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let text = std::fs::read_to_string(ctx.out.join(super::breakdown::BREAKDOWN_MD)).ok();
+    let mut section = String::new();
+    breakdown_section(&mut section, text.as_deref());
+    let new = splice_section(&old, BREAKDOWN_HEADING, "## 3.", &section);
+    std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 const TUNE_HEADING: &str = "## 6. Tuning on a stock kernel";

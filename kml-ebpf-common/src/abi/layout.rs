@@ -8,8 +8,11 @@ pub const IOPRIO_IN_BIO: u32 = 2;
 
 /// Bytes of `struct request` the raw tracepoint programs read in one probe read per
 /// event, from [`RawTpLayout::rq_window`]: every field they need at insert, issue and
-/// completion but `fifo_time` lies inside (the agent checks it).
-pub const RQ_WINDOW: usize = 96;
+/// completion but `fifo_time` lies inside (the agent checks it). One cache line:
+/// the hot fields span bytes 0..64 from 5.10 to 6.18 (a request starts on a line),
+/// and the next line holds `queuelist`, which the scheduler writes; reading it
+/// cost a miss the programs did not need (issue 14, BREAKDOWN.md).
+pub const RQ_WINDOW: usize = 64;
 
 /// The window read at issue when `fifo_time` lies within this many bytes of
 /// [`RawTpLayout::rq_window`] (one probe read instead of two).
@@ -43,6 +46,24 @@ pub mod ablate {
     /// Each record into the ring alone, not staged in its CPU's batch
     /// (`record::RecordBatch`): the observer before batching.
     pub const NO_BATCH: u32 = 512;
+    /// Cost probe: no per-device load state (the insert and issue lines of
+    /// `DeviceSlot`: last insert, issue gap, wait averages, miss shares): those
+    /// features read 0.
+    pub const PROBE_NO_LOAD_STATE: u32 = 1024;
+    /// Cost probe: insert, issue and complete return once the request's entry is
+    /// found (window read, device and entry lookups only).
+    pub const PROBE_STOP_AT_ENTRY: u32 = 2048;
+    /// Cost probe: insert, issue and complete return after the window read.
+    pub const PROBE_STOP_AT_READ: u32 = 4096;
+    /// Cost probe: no atomic read-modify-write of the device's counts (the
+    /// in-flight and queued features read 0).
+    pub const PROBE_NO_COUNTS: u32 = 8192;
+    /// Cost probe: insert writes only the entry's first line (owner, phase, the
+    /// record's first fields): what writing the whole record costs.
+    pub const PROBE_NO_ENTRY_WRITE: u32 = 16384;
+    /// Cost probe: the lifecycle's clock is jiffies scaled to ns, not
+    /// `bpf_ktime_get_ns`: what the clock reads cost.
+    pub const PROBE_NO_CLOCK: u32 = 32768;
 }
 
 /// Offsets and values for raw tracepoints, from the running kernel's BTF.
