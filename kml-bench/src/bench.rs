@@ -106,6 +106,7 @@ pub struct BenchArgs {
     pub arms: Vec<String>,
     /// Overhead: also run the agent of this git revision (built once into
     /// ~/.cache/kml/bench-before/) as arms of the same run: the before/after of a change.
+    /// Breakdown: one more pair, that agent beside this tree's (ns per event, paired).
     #[arg(long, value_name = "REV")]
     pub before: Option<String>,
     /// Tune: cycles of stock / stock again / tune per workload. Default 6 (--quick: 2).

@@ -10,7 +10,9 @@
 //!
 //! Steps, from nothing to the whole observer: attached but returning at once; the
 //! request window read; the device and entry lookups; the request's life (entry,
-//! counts, clocks, record). Then the parts of that life, each cut alone.
+//! counts, clocks, record). Then the parts of that life, each cut alone. With
+//! `--before REV`, one more pair: that revision's agent beside this tree's, both
+//! whole, the before/after of a change to the programs, event by event.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -104,6 +106,10 @@ pub struct StepRound {
 
 pub struct Breakdown {
     pub rounds: Vec<StepRound>,
+    /// `--before REV`: the rounds of step [`STEPS`]`.len()` pair that revision's
+    /// agent (less) with this tree's (more), neither with a probe: "this tree
+    /// minus REV" per event. Its revision and commit, for the report.
+    pub before: Option<(String, String)>,
     pub n_rounds: usize,
     pub secs: u64,
     pub stats_was: String,
@@ -144,7 +150,7 @@ impl Breakdown {
             .iter()
             .filter(|r| r.step == step)
             .filter_map(|r| {
-                if STEPS[step].less == STEPS[step].more {
+                if STEPS.get(step).is_some_and(|s| s.less == s.more) {
                     // Both agents ran the floor: each is a sample of it.
                     Some((ns(&r.less)? + ns(&r.more)?) / 2.0)
                 } else {
@@ -175,22 +181,33 @@ impl Breakdown {
 pub fn run(ctx: &Ctx) -> Result<Breakdown> {
     // Even: each order of the two agents equally often.
     let (n_rounds, secs) = if ctx.quick { (2, 2) } else { (6, 3) };
+    let before = match &ctx.before {
+        Some(rev) => Some(super::before::build(ctx, rev)?),
+        None => None,
+    };
     let bench = StatsBench::set_up(ctx)?;
     let dev = &bench.dev;
     let mut rounds = Vec::new();
+    // The steps, then (with --before) that revision's agent against this one's.
+    let mut pairs: Vec<(u32, u32, Option<&std::path::Path>)> =
+        STEPS.iter().map(|s| (s.less, s.more, None)).collect();
+    if let Some(b) = &before {
+        pairs.push((0, 0, Some(b.binary.as_path())));
+    }
     for round in 0..n_rounds {
-        for (si, step) in STEPS.iter().enumerate() {
+        for (si, &(less_bits, more_bits, less_binary)) in pairs.iter().enumerate() {
             sys::check_interrupted()?;
             let name = format!("breakdown.r{round}.s{si}");
-            let mut order = [("less", step.less), ("more", step.more)];
+            let mut order = [("less", less_bits, less_binary), ("more", more_bits, None)];
             if round % 2 == 1 {
                 order.reverse();
             }
             let mut agents = Vec::new();
-            for (role, bits) in order {
+            for (role, bits, binary) in order {
                 let bits = bits.to_string();
                 let agent = start_agent_with_env(
                     ctx,
+                    binary,
                     dev,
                     None,
                     &format!("{name}.{role}.agent"),
@@ -251,6 +268,7 @@ pub fn run(ctx: &Ctx) -> Result<Breakdown> {
     drop(bench);
     Ok(Breakdown {
         rounds,
+        before: before.map(|b| (b.rev.clone(), b.short().to_owned())),
         n_rounds,
         secs,
         stats_was,
@@ -310,9 +328,21 @@ pub fn markdown(b: &Breakdown, ctx: &Ctx, kernel: &str, date: &str) -> String {
     );
     let _ = writeln!(
         md,
-        "| the floor and the steps, added | {:.0} | {:.0} | {:.0} |\n",
+        "| the floor and the steps, added | {:.0} | {:.0} | {:.0} |",
         sums[0], sums[1], sums[2]
     );
+    if let Some((rev, short)) = &b.before {
+        let cells: Vec<String> = EventProg::ALL
+            .iter()
+            .map(|p| cell(b.step(STEPS.len(), *p)))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| **this tree minus `{rev}` ({short})**, both whole observers, paired | {} |",
+            cells.join(" | ")
+        );
+    }
+    let _ = writeln!(md);
     let _ = writeln!(
         md,
         "Goals of issue 14 (one agent, bpf_stats): insert ≤ 150, issue ≤ 60, complete ≤ 150 ns per event. \
@@ -366,7 +396,11 @@ mod tests {
                 round(1, 1, costs(80, 60, 64), costs(110, 100, 120)),
                 round(3, 0, costs(150, 140, 150), costs(300, 230, 320)),
                 round(3, 1, costs(150, 140, 150), costs(260, 210, 300)),
+                // --before: that revision's agent (less) against this one's.
+                round(STEPS.len(), 0, costs(300, 230, 320), costs(290, 231, 300)),
+                round(STEPS.len(), 1, costs(250, 220, 290), costs(250, 215, 280)),
             ],
+            before: Some(("main".into(), "0123456789".into())),
             n_rounds: 2,
             secs: 1,
             stats_was: "0".into(),
@@ -384,6 +418,15 @@ mod tests {
         assert_eq!(b.step(2, EventProg::Issue), None, "a step never run");
         assert_eq!(b.whole(EventProg::Complete).map(|s| s.mean), Some(310.0));
         assert_eq!(b.step(3, EventProg::Issue).map(|s| s.mean), Some(80.0));
+        // The before/after pair is a difference like any step, not the floor.
+        assert_eq!(
+            b.step_values(STEPS.len(), EventProg::Insert),
+            vec![-10.0, 0.0]
+        );
+        assert_eq!(
+            b.step(STEPS.len(), EventProg::Complete).map(|s| s.mean),
+            Some(-15.0)
+        );
     }
 
     #[test]

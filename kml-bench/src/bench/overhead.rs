@@ -391,18 +391,34 @@ pub fn refs_object(ctx: &Ctx) -> PathBuf {
 /// Starts the agent observing `dev` (`model`: a model file, or none) and waits until
 /// it prints that it observes (the in-kernel cost measure's agents).
 pub fn start_agent(ctx: &Ctx, dev: &LoopDevice, model: Option<&Path>, name: &str) -> Result<Proc> {
-    start_agent_with_env(ctx, dev, model, name, &[])
+    start_agent_with_env(ctx, None, dev, model, name, &[])
 }
 
-/// [`start_agent`] with environment variables (the breakdown's `KML_ABLATE`).
+/// [`start_agent`] with environment variables (the breakdown's `KML_ABLATE`),
+/// and another agent binary (one of `--before`, which runs its own embedded
+/// object) where given.
 pub fn start_agent_with_env(
     ctx: &Ctx,
+    binary: Option<&Path>,
     dev: &LoopDevice,
     model: Option<&Path>,
     name: &str,
     env: &[(&str, &str)],
 ) -> Result<Proc> {
-    let mut cmd = ctx.agent_cmd(true);
+    let mut cmd = match binary {
+        None => ctx.agent_cmd(true),
+        Some(b) => {
+            let mut c = if ctx.pin {
+                let mut c = Command::new("taskset");
+                c.args(["-c", "1"]).arg(b);
+                c
+            } else {
+                Command::new(b)
+            };
+            c.env_remove("KML_EBPF_OBJECT");
+            c
+        }
+    };
     cmd.envs(env.iter().copied());
     cmd.args([
         "run",
