@@ -145,12 +145,17 @@ impl Ctx {
 
     /// `kml-agent ARGS`, prefixed with `taskset -c 1` when pinning.
     pub fn agent_cmd(&self, pin_to_tracer_cpu: bool) -> Command {
+        self.agent_cmd_of(&self.agent, pin_to_tracer_cpu)
+    }
+
+    /// [`Ctx::agent_cmd`] for another agent binary (one of `--before`).
+    pub fn agent_cmd_of(&self, binary: &Path, pin_to_tracer_cpu: bool) -> Command {
         if pin_to_tracer_cpu && self.pin {
             let mut c = Command::new("taskset");
-            c.args(["-c", "1"]).arg(&self.agent);
+            c.args(["-c", "1"]).arg(binary);
             c
         } else {
-            Command::new(&self.agent)
+            Command::new(binary)
         }
     }
 }

@@ -195,60 +195,58 @@ pub fn on_insert(
             )
         }
     };
-    if layout!(ablate) & ablate::PROBE_NO_ENTRY_WRITE != 0 {
-        unsafe {
-            (*e).rq = owner;
-            (*e).phase = Phase::Queued as u32;
-            (*e).slot = slot as u16;
-            (*e).flags = 0;
-            (*e).rec.sector = r.sector;
-            (*e).rec.insert_ns = now;
-            (*e).rec.deadline_ns = now + expire;
-        }
-        bump(c, Counter::InflightAdded);
-        return position_on() || model_active();
-    }
     unsafe {
         (*e).rq = owner;
         (*e).phase = Phase::Queued as u32;
         (*e).slot = slot as u16;
         (*e).flags = 0;
-        (*e).rec = RequestRecord {
-            sector: r.sector,
-            insert_ns: now,
-            issue_ns: 0,
-            complete_ns: 0,
-            deadline_ns: now + expire,
-            since_last_insert_ns: since_last,
-            issue_distance: distance,
-            dir_wait_ewma_ns: dir_wait,
-            issue_gap_ewma_ns: issue_gap,
-            score: 0,
-            dev,
-            nr_sectors: r.nr_sectors,
-            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            error: 0,
-            inflight_read,
-            inflight_write,
-            queued_read,
-            queued_write,
-            model_version: 0,
-            requeues: 0,
-            ioprio: r.ioprio,
-            op: r.op as u8,
-            flags: r.flags,
-            verdict: Verdict::NONE,
-            sampling: 0,
-            complete_bytes: 0,
-            insert_jiffies: jiffies,
-            issue_jiffies: 0,
-            fifo_time,
-            position: [0; kml_ebpf_common::position::LANES],
-            known: Known::BUCKET_SHIFT | Known::MISS_SHARE,
-            bucket_shift: (*s).bucket_shift as u8,
-            miss_share_read: miss_shares.0 as u16,
-            miss_share_write: miss_shares.1 as u16,
-            _pad: [0; 2],
+    }
+    if layout!(ablate) & ablate::PROBE_NO_ENTRY_WRITE != 0 {
+        // Cost probe: the record's first fields only, on the entry's first line.
+        unsafe {
+            (*e).rec.sector = r.sector;
+            (*e).rec.insert_ns = now;
+            (*e).rec.deadline_ns = now + expire;
+        }
+    } else {
+        unsafe {
+            (*e).rec = RequestRecord {
+                sector: r.sector,
+                insert_ns: now,
+                issue_ns: 0,
+                complete_ns: 0,
+                deadline_ns: now + expire,
+                since_last_insert_ns: since_last,
+                issue_distance: distance,
+                dir_wait_ewma_ns: dir_wait,
+                issue_gap_ewma_ns: issue_gap,
+                score: 0,
+                dev,
+                nr_sectors: r.nr_sectors,
+                pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+                error: 0,
+                inflight_read,
+                inflight_write,
+                queued_read,
+                queued_write,
+                model_version: 0,
+                requeues: 0,
+                ioprio: r.ioprio,
+                op: r.op as u8,
+                flags: r.flags,
+                verdict: Verdict::NONE,
+                sampling: 0,
+                complete_bytes: 0,
+                insert_jiffies: jiffies,
+                issue_jiffies: 0,
+                fifo_time,
+                position: [0; kml_ebpf_common::position::LANES],
+                known: Known::BUCKET_SHIFT | Known::MISS_SHARE,
+                bucket_shift: (*s).bucket_shift as u8,
+                miss_share_read: miss_shares.0 as u16,
+                miss_share_write: miss_shares.1 as u16,
+                _pad: [0; 2],
+            }
         };
     }
     bump(c, Counter::InflightAdded);

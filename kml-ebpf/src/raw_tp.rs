@@ -299,10 +299,10 @@ pub fn op_of(cmd_flags: u32) -> (ReqOp, u8) {
 pub fn insert<C: aya_ebpf::EbpfContext>(ctx: &C, rq: u64) {
     small_window!(rq, buf);
     let w = Window(buf);
-    // Untraced disks cost the read and a cache probe.
     if layout!(ablate) & ablate::PROBE_STOP_AT_READ != 0 {
         return;
     }
+    // Untraced disks cost the read and a cache probe.
     let Some(d) = device_of_q(w.q()) else { return };
     let Some((index, e)) = entry(&d, &w) else {
         return;

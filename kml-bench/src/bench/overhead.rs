@@ -408,13 +408,8 @@ pub fn start_agent_with_env(
     let mut cmd = match binary {
         None => ctx.agent_cmd(true),
         Some(b) => {
-            let mut c = if ctx.pin {
-                let mut c = Command::new("taskset");
-                c.args(["-c", "1"]).arg(b);
-                c
-            } else {
-                Command::new(b)
-            };
+            let mut c = ctx.agent_cmd_of(b, true);
+            // An agent of --before must run its own embedded object.
             c.env_remove("KML_EBPF_OBJECT");
             c
         }
@@ -527,13 +522,7 @@ fn agent_event_progs(pid: u32) -> Result<Vec<(u32, EventProg)>> {
 /// is published once a second after attach): the agent observes.
 pub fn spawn_agent(ctx: &Ctx, binary: &Path, args: &[&str], tag: &str) -> Result<(Proc, u16)> {
     let port = free_port()?;
-    let mut cmd = if ctx.pin {
-        let mut c = Command::new("taskset");
-        c.args(["-c", "1"]).arg(binary);
-        c
-    } else {
-        Command::new(binary)
-    };
+    let mut cmd = ctx.agent_cmd_of(binary, true);
     cmd.args(args)
         .args(["--metrics", &format!("127.0.0.1:{port}")]);
     // An agent of --before must run its own embedded object.
