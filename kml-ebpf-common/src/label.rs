@@ -46,6 +46,31 @@ pub const fn missed(r: &RequestRecord) -> bool {
     }
 }
 
+/// How many jiffies after its `fifo_time` the request was dispatched (negative:
+/// that many before), wrap-safe; `None` without the jiffies (classic-tracepoint
+/// traces from before the label, a request never issued). The label is
+/// `jiffies_late > 0` ([`missed`]).
+#[inline(always)]
+pub const fn jiffies_late(r: &RequestRecord) -> Option<i64> {
+    if r.fifo_time != 0 && r.issue_jiffies != 0 {
+        Some(r.issue_jiffies.wrapping_sub(r.fifo_time) as i64)
+    } else {
+        None
+    }
+}
+
+/// Dispatched in its deadline's own jiffy (met) or the next one (missed): the
+/// "tick band", where the label turns on which side of one timer tick (4 ms at
+/// HZ=250) the dispatch fell. A saturated mq-deadline serves requests as they
+/// expire, so on the saturated mixes 15–42% of requests land here
+/// (docs/learning.md, "The tick band"); no insert-time feature can place a
+/// dispatch within a tick, and evaluations report the band apart
+/// (`kml_learn::evaluate::TickBand`).
+#[inline(always)]
+pub const fn on_the_tick(r: &RequestRecord) -> bool {
+    matches!(jiffies_late(r), Some(0 | 1))
+}
+
 /// The request missed the deadline it was given at insert: dispatched after
 /// `insert_jiffies` + its direction's expiry in jiffies (what `dd_insert_request()`
 /// set `fifo_time` to), whatever happened to `fifo_time` since. A boost by the kml
@@ -134,6 +159,25 @@ mod tests {
             fifo_time: fifo,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_tick_band_is_the_deadline_jiffy_and_the_next() {
+        // fifo_time 12: dispatched at 11 is early, 12 on time in the deadline's
+        // own jiffy, 13 one jiffy late, 14 two.
+        let late = [11, 12, 13, 14].map(|j| jiffies_late(&rec(j, 12)));
+        assert_eq!(late, [Some(-1), Some(0), Some(1), Some(2)]);
+        let band = [11, 12, 13, 14].map(|j| on_the_tick(&rec(j, 12)));
+        assert_eq!(band, [false, true, true, false]);
+        // The band straddles the label: met inside at 12, missed inside at 13.
+        assert!(!missed(&rec(12, 12)) && missed(&rec(13, 12)));
+        // Across the wrap of jiffies, as the kernel compares them.
+        assert_eq!(jiffies_late(&rec(1, u64::MAX)), Some(2));
+        assert_eq!(jiffies_late(&rec(u64::MAX, 1)), Some(-2));
+        // Without the jiffies there is no band (the ns label judges those).
+        assert_eq!(jiffies_late(&rec(0, 12)), None);
+        assert_eq!(jiffies_late(&rec(13, 0)), None);
+        assert!(!on_the_tick(&rec(13, 0)));
     }
 
     #[test]

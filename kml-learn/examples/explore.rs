@@ -76,6 +76,13 @@ struct Args {
     /// end of the last request issued in the same direction (host reconstruction).
     #[arg(long)]
     sweep: bool,
+    /// Beside each balanced accuracy / AUC, in brackets: the balanced accuracy
+    /// outside the tick band (requests dispatched in their deadline's jiffy or the
+    /// next, where the label turns on one timer tick; `kml_learn::TickBand`), and
+    /// the ceiling of a model right on every request outside it and as good as this
+    /// one inside.
+    #[arg(long)]
+    tick_band: bool,
 }
 
 fn load(p: &std::path::Path, args: &Args) -> anyhow::Result<Dataset> {
@@ -147,6 +154,10 @@ fn run(
                 ba: e.quantized.balanced_accuracy,
                 auc: e.quantized_auc,
                 one_class: e.one_class(),
+                outside: e
+                    .tick_band
+                    .filter(|b| args.tick_band && !b.outside_one_class())
+                    .map(|b| (b.outside.balanced_accuracy, b.ceiling())),
             }
         })
         .collect();
@@ -159,6 +170,9 @@ struct Cell {
     ba: f64,
     auc: Option<f64>,
     one_class: bool,
+    /// Balanced accuracy outside the tick band, and the ceiling of a model right
+    /// outside it (`--tick-band`, `kml_learn::TickBand::ceiling`).
+    outside: Option<(f64, f64)>,
 }
 
 impl std::fmt::Display for Cell {
@@ -171,7 +185,14 @@ impl std::fmt::Display for Cell {
                 None => format!("{:.1}/-", 100.0 * self.ba),
             }
         };
-        write!(f, "{text:>12}")
+        match self.outside {
+            Some((o, c)) => write!(
+                f,
+                "{:>24}",
+                format!("{text} ({:.1}, {:.1})", 100.0 * o, 100.0 * c)
+            ),
+            None => write!(f, "{text:>12}"),
+        }
     }
 }
 
@@ -501,6 +522,7 @@ fn window_oracle(d: &Dataset, window_ns: u64) -> Cell {
             ba: 1.0,
             auc: None,
             one_class: true,
+            outside: None,
         };
     }
     // Its score for a request: the miss rate of the request's window.
@@ -525,5 +547,6 @@ fn window_oracle(d: &Dataset, window_ns: u64) -> Cell {
         ba: best,
         auc,
         one_class: false,
+        outside: None,
     }
 }

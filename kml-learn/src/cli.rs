@@ -370,6 +370,9 @@ impl EvalArgs {
                 "confusion (integer model): predicted miss: {} missed, {} met; predicted met: {} missed, {} met",
                 cm.true_miss, cm.false_miss, cm.false_met, cm.true_met
             );
+            if let Some(band) = &e.tick_band {
+                println!("{}", tick_band_line(band));
+            }
         }
         Ok(())
     }
@@ -407,7 +410,31 @@ fn eval_json(model: &LoadedModel, path: &std::path::Path, e: &Evaluation) -> Val
         "agreement": e.agreement,
         "quantized_auc": e.quantized_auc,
         "one_class": e.one_class(),
+        "tick_band": e.tick_band.map(|b| json!({
+            "share": b.share,
+            "error_share": b.error_share,
+            "accuracy_inside": b.inside.accuracy(),
+            "outside_balanced_accuracy": b.outside.balanced_accuracy,
+            "outside_one_class": b.outside_one_class(),
+            "ceiling_balanced_accuracy": b.ceiling(),
+        })),
     })
+}
+
+/// The tick band in words ([`crate::TickBand`]).
+pub fn tick_band_line(b: &crate::TickBand) -> String {
+    let outside = if b.outside_one_class() {
+        "one class".to_string()
+    } else {
+        format!("{:.2}%", 100.0 * b.outside.balanced_accuracy)
+    };
+    format!(
+        "tick band (dispatched in the deadline's jiffy or the next): {:.1}% of requests, {:.1}% of the integer model's errors, {:.1}% accurate there; balanced accuracy outside it: {outside}; right on every request outside it: {:.2}%",
+        100.0 * b.share,
+        100.0 * b.error_share,
+        100.0 * b.inside.accuracy(),
+        100.0 * b.ceiling(),
+    )
 }
 
 fn print_table_header() {

@@ -32,7 +32,7 @@ pub mod trainers;
 
 pub use dataset::{DataDescription, Dataset};
 pub use error::{LearnError, Result};
-pub use evaluate::{evaluate, Evaluation};
+pub use evaluate::{evaluate, Evaluation, TickBand};
 pub use float_model::{
     FeatureScaling, FloatLinearModel, FloatModel, FloatTreeModel, FloatTreeNode,
 };
