@@ -21,7 +21,7 @@ use kml_ebpf_common::{
 };
 use kml_learn::{
     calibrate::{CalibrationPolicy, Contender, LiveCalibration, RaceResult},
-    ConfusionMatrix, LoadedModel,
+    ConfusionMatrix, LoadedModel, TickBand, TickBandCount,
 };
 use tokio::task::JoinHandle;
 
@@ -201,6 +201,32 @@ pub struct Summary {
     pub calibration: Option<CalibrationReport>,
     /// What online learning did (when it was on).
     pub learning: Option<LearningReport>,
+    /// The kernel's verdicts over the whole run against the outcomes (when a model
+    /// gave any).
+    pub verdicts: Option<VerdictReport>,
+}
+
+/// The verdicts of a run, judged as the live line judges each second's
+/// ([`crate::learn::candidate::Recipe::live_matrix`]), and split by the tick band
+/// ([`TickBand`]): how much of what the model got wrong was decided within one
+/// timer tick of the deadline.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct VerdictReport {
+    pub confusion: ConfusionMatrix,
+    /// `None` with one class only (no misses, or nothing but misses).
+    pub balanced_accuracy: Option<f64>,
+    pub tick_band: Option<TickBand>,
+}
+
+impl VerdictReport {
+    fn new(confusion: ConfusionMatrix, band: &TickBandCount) -> Option<Self> {
+        let both = confusion.actual_misses() > 0 && confusion.actual_met() > 0;
+        (confusion.total() > 0).then(|| VerdictReport {
+            confusion,
+            balanced_accuracy: both.then(|| confusion.balanced_accuracy()),
+            tick_band: band.band(),
+        })
+    }
 }
 
 /// What online learning did in a session.
@@ -261,6 +287,9 @@ pub struct Agent {
     /// This second's latencies and counts, and its live verdicts.
     second: SummaryAccumulator,
     live: ConfusionMatrix,
+    /// The live verdicts of the whole run, and split by the tick band.
+    run_live: ConfusionMatrix,
+    run_band: TickBandCount,
     total: u64,
     started: Instant,
     last_tick: Instant,
@@ -405,6 +434,8 @@ impl Agent {
             batch: Vec::new(),
             second: SummaryAccumulator::default(),
             live: ConfusionMatrix::default(),
+            run_live: ConfusionMatrix::default(),
+            run_band: TickBandCount::default(),
             total: 0,
             started: now,
             last_tick: now,
@@ -516,6 +547,24 @@ impl Agent {
                 c.applied()
             );
         }
+        let verdicts = VerdictReport::new(self.run_live, &self.run_band);
+        if let Some(v) = &verdicts {
+            let c = v.confusion;
+            let score = v.balanced_accuracy.map_or_else(
+                || "one class only".to_string(),
+                |b| format!("balanced accuracy {b:.3}"),
+            );
+            tracing::info!(
+                "verdicts over the run: {score} (tp {} fp {} tn {} fn {}){}",
+                c.true_miss,
+                c.false_miss,
+                c.true_met,
+                c.false_met,
+                v.tick_band
+                    .map(|b| format!("; {}", kml_learn::cli::tick_band_line(&b)))
+                    .unwrap_or_default()
+            );
+        }
         if self.config.mode == LossMode::Lossless && loss.ring_full_drops > 0 {
             anyhow::bail!(
                 "lossless mode: {} records were dropped",
@@ -532,6 +581,7 @@ impl Agent {
                 shift: c.applied(),
             }),
             learning,
+            verdicts,
         })
     }
 
@@ -541,8 +591,15 @@ impl Agent {
         let records = &self.batch;
         self.total += records.len() as u64;
         self.second.add(records);
-        self.live
-            .merge(&self.learner.config.recipe.live_matrix(records));
+        let recipe = &self.learner.config.recipe;
+        let live = recipe.live_matrix(records);
+        self.live.merge(&live);
+        self.run_live.merge(&live);
+        for r in records.iter().filter(|r| r.verdict != Verdict::NONE) {
+            for _ in 0..recipe.copies(r) {
+                self.run_band.add(r.verdict == Verdict::AT_RISK, r);
+            }
+        }
         self.learner.observe(records);
         if let Some(c) = &mut self.calibration {
             // Under ring pressure (`--mode drop`) the kernel keeps mostly the

@@ -925,7 +925,56 @@ fn race_the_backwards_pick(extra: &[&str]) -> Result<String> {
     eprintln!("after: {after:?}");
     after?;
     stop_fio_then_agent(fio, agent)?;
-    wait_for_line(&stderr, "counters:", Duration::from_secs(5))
+    // The closing lines, in whatever order the agent prints them.
+    let (mut counters, mut verdicts) = (None, None);
+    while counters.is_none() || verdicts.is_none() {
+        let line = wait_for_line(&stderr, "", Duration::from_secs(5))?;
+        if line.contains("counters:") {
+            counters = Some(line);
+        } else if line.contains("verdicts over the run:") {
+            verdicts = Some(line);
+        }
+    }
+    let (counters, verdicts) = (counters.unwrap_or_default(), verdicts.unwrap_or_default());
+    run_verdicts_match_the_kernel(&verdicts, &counters)?;
+    Ok(counters)
+}
+
+/// The agent's closing `verdicts over the run:` line (its records' verdicts
+/// against their outcomes, the ones it judged) against the kernel's own counts of
+/// the same four outcomes, made at each completion: the records can only be
+/// fewer (sampled out under pressure, dropped), but for stale entries, whose
+/// record goes out with a verdict and no completion the kernel counted.
+fn run_verdicts_match_the_kernel(verdicts: &str, counters: &str) -> Result<()> {
+    let number = |line: &str, key: &str| -> Result<u64> {
+        line.split(&format!("{key} "))
+            .nth(1)
+            .and_then(|t| t.split([',', ' ', ')']).next()?.parse().ok())
+            .with_context(|| format!("no {key:?} in {line:?}"))
+    };
+    let stale = number(counters, "stale_entries")?;
+    let mut judged = 0;
+    for (host, kernel) in [
+        ("tp", "true_miss"),
+        ("fp", "false_miss"),
+        ("tn", "true_met"),
+        ("fn", "false_met"),
+    ] {
+        let (h, k) = (number(verdicts, host)?, number(counters, kernel)?);
+        ensure!(
+            h <= k + stale,
+            "the run's {host} {h} exceeds the kernel's {kernel} {k} (+{stale} stale): {verdicts} / {counters}"
+        );
+        judged += h;
+    }
+    ensure!(judged > 0, "no verdict judged: {verdicts}");
+    // The raw tracepoints read the jiffies of every issue: the band is reported.
+    ensure!(
+        verdicts.contains("tick band (") && verdicts.contains("balanced accuracy outside it"),
+        "no tick band in {verdicts:?}"
+    );
+    eprintln!("{verdicts}");
+    Ok(())
 }
 
 #[test]

@@ -57,29 +57,49 @@ pub struct TickBand {
     pub outside: ClassificationMetrics,
 }
 
-impl TickBand {
-    /// The integer model's verdict (at risk or not) on each request, split by the
-    /// band; `None` when no request carries the jiffies it is judged by.
-    pub fn of<'a>(verdicts: impl IntoIterator<Item = (bool, &'a RequestRecord)>) -> Option<Self> {
-        let (mut inside, mut outside) = (ConfusionMatrix::default(), ConfusionMatrix::default());
-        let mut judged_by_jiffies = false;
-        for (at_risk, r) in verdicts {
-            judged_by_jiffies |= jiffies_late(r).is_some();
-            let side = if on_the_tick(r) {
-                &mut inside
-            } else {
-                &mut outside
-            };
-            side.add(at_risk, r.deadline_missed());
-        }
+/// A [`TickBand`] counted one verdict at a time (a run's records, batch by batch).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TickBandCount {
+    inside: ConfusionMatrix,
+    outside: ConfusionMatrix,
+    judged_by_jiffies: bool,
+}
+
+impl TickBandCount {
+    /// One verdict (at risk or not) on the finished request `r`.
+    pub fn add(&mut self, at_risk: bool, r: &RequestRecord) {
+        self.judged_by_jiffies |= jiffies_late(r).is_some();
+        let side = if on_the_tick(r) {
+            &mut self.inside
+        } else {
+            &mut self.outside
+        };
+        side.add(at_risk, r.deadline_missed());
+    }
+
+    /// The band so far; `None` until a request carries the jiffies it is judged by.
+    pub fn band(&self) -> Option<TickBand> {
+        let (inside, outside) = (self.inside, self.outside);
         let errors = |c: &ConfusionMatrix| c.false_miss + c.false_met;
         let share = |n: u64, of: u64| if of == 0 { 0.0 } else { n as f64 / of as f64 };
-        judged_by_jiffies.then(|| TickBand {
+        self.judged_by_jiffies.then(|| TickBand {
             share: share(inside.total(), inside.total() + outside.total()),
             error_share: share(errors(&inside), errors(&inside) + errors(&outside)),
             inside,
             outside: outside.summary(),
         })
+    }
+}
+
+impl TickBand {
+    /// The integer model's verdict (at risk or not) on each request, split by the
+    /// band; `None` when no request carries the jiffies it is judged by.
+    pub fn of<'a>(verdicts: impl IntoIterator<Item = (bool, &'a RequestRecord)>) -> Option<Self> {
+        let mut count = TickBandCount::default();
+        for (at_risk, r) in verdicts {
+            count.add(at_risk, r);
+        }
+        count.band()
     }
 
     /// Balanced accuracy of a model right on every request outside the band and as
@@ -188,6 +208,16 @@ mod tests {
             (false, req(None)),     // no jiffies: outside, judged in ns (met): right
         ];
         let band = TickBand::of(recs.iter().map(|(v, r)| (*v, r))).unwrap();
+        let mut count = TickBandCount::default();
+        for (v, r) in &recs[..3] {
+            count.add(*v, r);
+        }
+        let first = count;
+        for (v, r) in &recs[3..] {
+            count.add(*v, r);
+        }
+        assert_eq!(count.band(), Some(band));
+        assert_ne!(first.band(), Some(band));
         assert_eq!(band.share, 3.0 / 7.0);
         assert_eq!(band.error_share, 2.0 / 3.0);
         assert_eq!(
@@ -216,6 +246,13 @@ mod tests {
         let recs = [(true, req(None)), (false, req(None))];
         assert_eq!(TickBand::of(recs.iter().map(|(v, r)| (*v, r))), None);
         assert_eq!(TickBand::of(std::iter::empty()), None);
+        // Counted one at a time, as a run does: the same band.
+        let mut count = TickBandCount::default();
+        assert_eq!(count.band(), None);
+        for (v, r) in &recs {
+            count.add(*v, r);
+        }
+        assert_eq!(count.band(), None);
         // Only the band's side has both classes: the outside is one class.
         let recs = [
             (true, req(Some(1))),

@@ -32,7 +32,7 @@ pub mod trainers;
 
 pub use dataset::{DataDescription, Dataset};
 pub use error::{LearnError, Result};
-pub use evaluate::{evaluate, Evaluation, TickBand};
+pub use evaluate::{evaluate, Evaluation, TickBand, TickBandCount};
 pub use float_model::{
     FeatureScaling, FloatLinearModel, FloatModel, FloatTreeModel, FloatTreeNode,
 };
