@@ -63,8 +63,9 @@ pub const fn jiffies_late(r: &RequestRecord) -> Option<i64> {
 /// "tick band", where the label turns on which side of one timer tick (4 ms at
 /// HZ=250) the dispatch fell. A saturated mq-deadline serves requests as they
 /// expire, so on the saturated mixes 15–42% of requests land here
-/// (docs/learning.md, "The tick band"); no insert-time feature can place a
-/// dispatch within a tick, and evaluations report the band apart
+/// (docs/learning.md, "The tick band"). What is known at insert barely places
+/// a dispatch within a tick (the insert's own phase in its jiffy adds at most
+/// 1.7 points), so evaluations report the band apart
 /// (`kml_learn::evaluate::TickBand`).
 #[inline(always)]
 pub const fn on_the_tick(r: &RequestRecord) -> bool {
