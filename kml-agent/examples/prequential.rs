@@ -151,7 +151,7 @@ impl Score {
     fn of(verdicts: &[bool], labels: &[bool], margins: &[f64]) -> Score {
         let confusion =
             ConfusionMatrix::from_pairs(verdicts.iter().copied().zip(labels.iter().copied()));
-        let both = confusion.actual_misses() > 0 && confusion.actual_met() > 0;
+        let both = !confusion.one_class();
         Score {
             balanced_accuracy: both.then(|| confusion.balanced_accuracy()),
             auc: auc(margins, labels),
@@ -448,8 +448,7 @@ fn main() -> anyhow::Result<()> {
             let hindsight = ConfusionMatrix::from_pairs(
                 margins.iter().zip(&labels).map(|(&m, &l)| (m > best, l)),
             );
-            let ceiling = (hindsight.actual_misses() > 0 && hindsight.actual_met() > 0)
-                .then(|| hindsight.balanced_accuracy());
+            let ceiling = (!hindsight.one_class()).then(|| hindsight.balanced_accuracy());
             let mut cells = Vec::new();
             let mut swaps = String::new();
             let (mut requests, mut miss_rate) = (0, 0.0);

@@ -220,10 +220,9 @@ pub struct VerdictReport {
 
 impl VerdictReport {
     fn new(confusion: ConfusionMatrix, band: &TickBandCount) -> Option<Self> {
-        let both = confusion.actual_misses() > 0 && confusion.actual_met() > 0;
         (confusion.total() > 0).then(|| VerdictReport {
             confusion,
-            balanced_accuracy: both.then(|| confusion.balanced_accuracy()),
+            balanced_accuracy: (!confusion.one_class()).then(|| confusion.balanced_accuracy()),
             tick_band: band.band(),
         })
     }
@@ -560,9 +559,7 @@ impl Agent {
                 c.false_miss,
                 c.true_met,
                 c.false_met,
-                v.tick_band
-                    .map(|b| format!("; {}", kml_learn::cli::tick_band_line(&b)))
-                    .unwrap_or_default()
+                v.tick_band.map(|b| format!("; {b}")).unwrap_or_default()
             );
         }
         if self.config.mode == LossMode::Lossless && loss.ring_full_drops > 0 {

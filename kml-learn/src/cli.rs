@@ -371,7 +371,7 @@ impl EvalArgs {
                 cm.true_miss, cm.false_miss, cm.false_met, cm.true_met
             );
             if let Some(band) = &e.tick_band {
-                println!("{}", tick_band_line(band));
+                println!("{band}");
             }
         }
         Ok(())
@@ -419,22 +419,6 @@ fn eval_json(model: &LoadedModel, path: &std::path::Path, e: &Evaluation) -> Val
             "ceiling_balanced_accuracy": b.ceiling(),
         })),
     })
-}
-
-/// The tick band in words ([`crate::TickBand`]).
-pub fn tick_band_line(b: &crate::TickBand) -> String {
-    let outside = if b.outside_one_class() {
-        "one class".to_string()
-    } else {
-        format!("{:.2}%", 100.0 * b.outside.balanced_accuracy)
-    };
-    format!(
-        "tick band (dispatched in the deadline's jiffy or the next): {:.1}% of requests, {:.1}% of the integer model's errors, {:.1}% accurate there; balanced accuracy outside it: {outside}; right on every request outside it: {:.2}%",
-        100.0 * b.share,
-        100.0 * b.error_share,
-        100.0 * b.inside.accuracy(),
-        100.0 * b.ceiling(),
-    )
 }
 
 fn print_table_header() {

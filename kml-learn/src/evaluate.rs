@@ -115,16 +115,14 @@ impl TickBand {
 
     /// Only misses or only met deadlines outside the band: its score means nothing.
     pub fn outside_one_class(&self) -> bool {
-        let c = &self.outside.confusion;
-        c.actual_misses() == 0 || c.actual_met() == 0
+        self.outside.confusion.one_class()
     }
 }
 
 impl Evaluation {
     /// The data held only misses or only met deadlines: no score means anything.
     pub fn one_class(&self) -> bool {
-        let c = &self.quantized.confusion;
-        c.actual_misses() == 0 || c.actual_met() == 0
+        self.quantized.confusion.one_class()
     }
 }
 
@@ -171,6 +169,29 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
         } else {
             agree as f64 / data.len() as f64
         },
+    }
+}
+
+/// The band in words: `eval`'s last line, and `run`'s closing verdicts.
+impl std::fmt::Display for TickBand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "tick band (dispatched in the deadline's jiffy or the next): {:.1}% of requests, {:.1}% of the integer model's errors, {:.1}% accurate there; balanced accuracy outside it: ",
+            100.0 * self.share,
+            100.0 * self.error_share,
+            100.0 * self.inside.accuracy(),
+        )?;
+        if self.outside_one_class() {
+            write!(f, "one class")?;
+        } else {
+            write!(f, "{:.2}%", 100.0 * self.outside.balanced_accuracy)?;
+        }
+        write!(
+            f,
+            "; right on every request outside it: {:.2}%",
+            100.0 * self.ceiling()
+        )
     }
 }
 

@@ -56,6 +56,12 @@ impl ConfusionMatrix {
         self.true_met + self.false_miss
     }
 
+    /// Only misses or only met deadlines (or nothing): balanced accuracy means
+    /// nothing here ("one class").
+    pub fn one_class(&self) -> bool {
+        self.actual_misses() == 0 || self.actual_met() == 0
+    }
+
     pub fn accuracy(&self) -> f64 {
         ratio(self.true_miss + self.true_met, self.total())
     }
@@ -386,6 +392,12 @@ mod tests {
         let all_met = ConfusionMatrix::from_pairs([(false, false); 5]);
         assert_eq!(all_met.balanced_accuracy(), 1.0);
         assert_eq!(all_met.f1_miss(), 0.0);
+        // Which of them say nothing: no data, one class either way; both classes do,
+        // whatever the verdicts.
+        let all_missed = ConfusionMatrix::from_pairs([(false, true); 3]);
+        let both = ConfusionMatrix::from_pairs([(false, true), (false, false)]);
+        assert!(none.one_class() && all_met.one_class() && all_missed.one_class());
+        assert!(!both.one_class());
     }
 
     #[test]

@@ -177,7 +177,7 @@ pub(super) fn print_event(event: &str, what: &impl serde::Serialize) {
 /// The second as JSON (`run --json`): what the live line says, by name.
 fn tick_json(t: &Tick) -> serde_json::Value {
     let live = &t.live;
-    let both_classes = live.actual_misses() > 0 && live.actual_met() > 0;
+    let both_classes = !live.one_class();
     serde_json::json!({
         "t_s": t.elapsed.as_secs_f64(),
         "records_per_s": t.summary.records as f64 / t.secs,
@@ -197,7 +197,7 @@ fn tick_json(t: &Tick) -> serde_json::Value {
 fn tick_line(t: &Tick) -> String {
     let (s, live) = (&t.summary, &t.live);
     let verdict_part = match t.model {
-        Some(a) if live.actual_misses() > 0 && live.actual_met() > 0 => format!(
+        Some(a) if !live.one_class() => format!(
             " | v{} {} bal.acc {:.3} (tp {} fp {} tn {} fn {})",
             a.version,
             a.kind.name(),

@@ -219,8 +219,7 @@ impl Probation {
 
     /// `Some(reason)` when the new model should be rolled back.
     pub fn judge(&self) -> Option<String> {
-        let judgeable =
-            |m: &ConfusionMatrix| m.total() >= 200 && m.actual_misses() > 0 && m.actual_met() > 0;
+        let judgeable = |m: &ConfusionMatrix| m.total() >= 200 && !m.one_class();
         if !judgeable(&self.before) || !judgeable(&self.after) {
             return None;
         }
