@@ -9,7 +9,13 @@
 //! than half the expiry, the ages of the 16 nearest queued same-direction requests
 //! below in sector order, the sweep distance from the last dispatched sector.
 //! Bucketed (what a kernel array can keep): per 2^13-sector bucket count, mean age
-//! and oldest age for the request's bucket and the 7 below.
+//! and oldest age for the request's bucket and the 7 below; the place in the FIFO
+//! (queued same-direction requests older) of each of those buckets' oldest, exactly
+//! and at the age ring's slot resolution (`position::slot_shift`), for the exact
+//! oldest and for the one kept since the bucket was last empty; and the kernel form
+//! docs/learning.md proposes: buckets walked down until they hold 1, 4 or 16 queued
+//! requests (at most 16), the slot-resolution place of the oldest among them.
+//! `kml-learn/scripts/fifo_rank_study.py` reads the output.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -39,6 +45,12 @@ struct Side {
     /// start sector of the last dispatched request in this direction
     latest_pos: u64,
 }
+
+/// Requests a walk covers (nearest below, then a batch's reach) and its bound.
+const WALK_K: [u64; 3] = [1, 4, 16];
+const REACH_BUCKETS: u64 = 16;
+/// Ring lengths (slots) simulated: today's `AGE_SLOTS`, and twice it.
+const RINGS: [u64; 2] = [32, 64];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -93,6 +105,29 @@ fn main() -> anyhow::Result<()> {
         cols.push(format!("bk{w}_mean_age"));
         cols.push(format!("bk{w}_old_age"));
         cols.push(format!("bk{w}_stale_age"));
+    }
+    // Each walked bucket's oldest as a place in the FIFO: exact, and at the age
+    // ring's slot resolution (queued requests inserted in an earlier slot period)
+    // for the exact oldest and for the stale one a kernel keeps today.
+    for w in 0..WALK {
+        cols.push(format!("bk{w}_old_rank"));
+        cols.push(format!("bk{w}_old_rank_slot"));
+        cols.push(format!("bk{w}_stale_rank_slot"));
+    }
+    // The kernel form to come: walk buckets down from the request's own until they
+    // hold `k` queued requests (at most REACH_BUCKETS), and take the lowest place
+    // in the FIFO of a walked bucket's oldest, at the ring's slot resolution.
+    for k in WALK_K {
+        cols.push(format!("walk{k}_rank_slot"));
+        cols.push(format!("walk{k}_buckets"));
+    }
+    // The same with a ring of RING slots: an oldest that has left the ring is only
+    // known to be older than it (place 0: the first to be served), and a place
+    // counts what left the ring as older.
+    for ring in RINGS {
+        for k in WALK_K {
+            cols.push(format!("walk{k}_rank_ring{ring}"));
+        }
     }
     std::fs::write(format!("{out}.cols"), cols.join("\n") + "\n")?;
     let mut rows: Vec<Vec<f64>> = vec![Vec::new(); n];
@@ -208,6 +243,60 @@ fn main() -> anyhow::Result<()> {
                     row.extend([e.0 as f64, mean, old as f64, (t - e.3) as f64]);
                 }
                 None => row.extend([0.0, -1.0, -1.0, -1.0]),
+            }
+        }
+        let sh = kml_ebpf_common::position::slot_shift(budget);
+        let slot_rank = |ins: u64| s.fifo.range(..((ins >> sh) << sh, 0)).count() as f64;
+        for w in 0..WALK as u64 {
+            match b0.checked_sub(w).and_then(|b| s.buckets.get(&b)) {
+                Some(e) => {
+                    let old = *e.2.first().unwrap();
+                    row.extend([
+                        s.fifo.range(..old).count() as f64,
+                        slot_rank(old.0),
+                        slot_rank(e.3),
+                    ]);
+                }
+                None => row.extend([-1.0, -1.0, -1.0]),
+            }
+        }
+        // Each walk's oldest insert (u64::MAX: no queued request in reach) and the
+        // buckets it walked; a place is monotone in the insert time, so the lowest
+        // place of the walked buckets' oldest is the place of the oldest of them.
+        let walks = WALK_K.map(|k| {
+            let (mut seen, mut oldest, mut walked) = (0u64, u64::MAX, 0u64);
+            for w in 0..REACH_BUCKETS {
+                let Some(b) = b0.checked_sub(w) else { break };
+                walked = w + 1;
+                if let Some(e) = s.buckets.get(&b) {
+                    oldest = oldest.min(e.2.first().unwrap().0);
+                    seen += e.0;
+                    if seen >= k {
+                        break;
+                    }
+                }
+            }
+            (oldest, walked)
+        });
+        for (oldest, walked) in walks {
+            let place = if oldest == u64::MAX {
+                -1.0
+            } else {
+                slot_rank(oldest)
+            };
+            row.extend([place, walked as f64]);
+        }
+        for ring in RINGS {
+            // The oldest period still in the ring; older inserts fell off it.
+            let first = ((t >> sh).saturating_sub(ring - 1)) << sh;
+            for (oldest, _) in walks {
+                row.push(if oldest == u64::MAX {
+                    -1.0
+                } else if oldest < first {
+                    0.0
+                } else {
+                    slot_rank(oldest)
+                });
             }
         }
         rows[i] = row;
