@@ -588,15 +588,14 @@ impl Agent {
         let records = &self.batch;
         self.total += records.len() as u64;
         self.second.add(records);
-        let recipe = &self.learner.config.recipe;
-        let live = recipe.live_matrix(records);
+        // The second's verdicts and the run's, in one pass.
+        let mut live = ConfusionMatrix::default();
+        for (at_risk, r) in self.learner.config.recipe.live_verdicts(records) {
+            live.add(at_risk, r.deadline_missed());
+            self.run_band.add(at_risk, r);
+        }
         self.live.merge(&live);
         self.run_live.merge(&live);
-        for r in records.iter().filter(|r| r.verdict != Verdict::NONE) {
-            for _ in 0..recipe.copies(r) {
-                self.run_band.add(r.verdict == Verdict::AT_RISK, r);
-            }
-        }
         self.learner.observe(records);
         if let Some(c) = &mut self.calibration {
             // Under ring pressure (`--mode drop`) the kernel keeps mostly the

@@ -132,7 +132,7 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
     let mut agree = 0u64;
     let (mut float_reg, mut quant_reg) = (Vec::new(), Vec::new());
     let mut margins = Vec::with_capacity(data.len());
-    let mut band = Vec::with_capacity(data.len());
+    let mut band = TickBandCount::default();
     for (((x, missed), delay), r) in data
         .features()
         .iter()
@@ -142,7 +142,7 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
     {
         let f = float.at_risk(x);
         let q = quantized.infer(x).at_risk;
-        band.push((q, r));
+        band.add(q, r);
         margins.push(quantized.margin(x) as f64);
         float_cm.add(f, missed);
         quant_cm.add(q, missed);
@@ -163,7 +163,7 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
         float_regression: regression(float_reg),
         quantized_regression: regression(quant_reg),
         quantized_auc: crate::metrics::auc(&margins, &data.missed().collect::<Vec<_>>()),
-        tick_band: TickBand::of(band),
+        tick_band: band.band(),
         agreement: if data.is_empty() {
             1.0
         } else {

@@ -75,16 +75,21 @@ impl Recipe {
     /// outcome would count as a false alarm of the verdict that saved it.
     pub fn live_matrix(&self, records: &[RequestRecord]) -> ConfusionMatrix {
         ConfusionMatrix::from_pairs(
-            records
-                .iter()
-                .filter(|r| r.verdict != Verdict::NONE)
-                .flat_map(|r| {
-                    std::iter::repeat_n(
-                        (r.verdict == Verdict::AT_RISK, r.deadline_missed()),
-                        self.copies(r),
-                    )
-                }),
+            self.live_verdicts(records)
+                .map(|(at_risk, r)| (at_risk, r.deadline_missed())),
         )
+    }
+
+    /// The kernel's verdicts (at risk or not) on the records that have one, each
+    /// repeated [`Recipe::copies`] times: what [`Recipe::live_matrix`] counts.
+    pub fn live_verdicts<'a>(
+        &'a self,
+        records: &'a [RequestRecord],
+    ) -> impl Iterator<Item = (bool, &'a RequestRecord)> + 'a {
+        records
+            .iter()
+            .filter(|r| r.verdict != Verdict::NONE)
+            .flat_map(|r| std::iter::repeat_n((r.verdict == Verdict::AT_RISK, r), self.copies(r)))
     }
 }
 
