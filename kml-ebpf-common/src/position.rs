@@ -12,28 +12,36 @@
 //! and how many queued requests are already old. `docs/learning.md` has the
 //! measurements that chose them.
 //!
-//! The state ([`QueueShape`], 3,384 bytes per direction):
-//! - a sector-bucket array ([`SECTOR_BUCKETS`] = 256: 64 lost 5 points of balanced
-//!   accuracy, 1,024 gained nothing): per bucket of `2^bucket_shift` sectors, the number of
-//!   queued requests and the insert time of the oldest one queued there since the
-//!   bucket was last empty (a request leaving does not make a bucket younger: a kernel
-//!   cannot find the next oldest without a list; measured, this loses little),
-//!   and a bitmap of the buckets that hold a request, so that the walk down from a
-//!   request's bucket visits the occupied ones only;
+//! The state ([`QueueShape`], 72,256 bytes per direction):
 //! - an age ring: queued requests counted by insert time in [`AGE_SLOTS`] slots of
 //!   `2^slot_shift` ns, where `slot_shift` comes from the direction's expiry (a slot
-//!   is above 1/8 and at most 1/4 of it), so the ring spans 4 to 8 expiries; a slot
+//!   is above 1/8 and at most 1/4 of it), so the ring spans 8 to 16 expiries; a slot
 //!   is reused when the ring comes round, and the requests still counted there then
 //!   count as older than the ring. The ring's sum and a bitmap of its occupied slots
 //!   are kept as the counts change, so that a query reads the occupied ones of the 8
-//!   young slots instead of all 32.
+//!   young slots instead of all 64. 64 slots, not 32: in a deep queue the FIFO head
+//!   is ~9 budgets old, past a 32-slot ring on 86% of one workload's inserts
+//!   (docs/learning.md, "The neighbours' place in the FIFO");
+//! - a sector-bucket array ([`SECTOR_BUCKETS`] = 256: 64 lost 5 points of balanced
+//!   accuracy, 1,024 gained nothing): per bucket of `2^bucket_shift` sectors, the number of
+//!   queued requests, and the same requests counted by ring slot, with a bitmap of
+//!   the slots that count one: the bucket's oldest request is the oldest slot of
+//!   that bitmap, current as requests leave. (The first form kept the oldest insert
+//!   "since the bucket was last empty"; in a deep queue a bucket never empties, and
+//!   that oldest went stale.) A slot the ring reuses is cleared from a bucket's
+//!   bitmap lazily: each bucket keeps the ring period its bitmap was last brought up
+//!   to date at, and a reader masks out the slots reused since. A bitmap of the
+//!   buckets that hold a request lets the walk down from a request's bucket visit
+//!   the occupied ones only.
 //!
 //! Cost. The first form summed all 32 ring slots and walked all 16 buckets with
 //! selects that went through the stack (`black_box`): about 750 ns per insert
 //! (bench, cost measure). Reading occupied slots and buckets only, through the
 //! bitmaps, with one-instruction opaque selects ([`crate::branchless`]), brought
 //! the same work to a fifth to a half of that (docs/learning.md, "Cost in the
-//! kernel").
+//! kernel"). Counting each bucket's requests by slot added about 25-30 ns per
+//! insert and 15-20 per dispatch on a shallow queue (the same measure: 96-105 →
+//! 127-129 ns for position and model), about 60 ns at 512 queued (bpf-bench).
 //!
 //! Rules kept for the eBPF side: integers only, no division (shifts, masks), loops
 //! bounded by constants, indices masked into range, nothing that can panic, and every
@@ -77,15 +85,15 @@ pub const WALK_BUCKETS: usize = 16;
 /// concurrency test 54-99.7% of the positions equalled the replay, 98.7-99.9%
 /// after).
 pub const COUNT_CAP: u32 = u16::MAX as u32;
-/// Slots of the age ring.
-pub const AGE_SLOTS: usize = 32;
+/// Slots of the age ring (one bit each in a u64 bitmap).
+pub const AGE_SLOTS: usize = 64;
 /// [`PositionFeatures::due_below`] when no bucket within the walk is due.
 pub const DUE_NONE: i32 = 255;
 /// Largest value of a count feature (a queue is at most `nr_requests` deep: 8192 on
 /// Linux 6.x; more is saturated).
 pub const COUNT_MAX: i32 = 0xffff;
 
-const _: () = assert!(SECTOR_BUCKETS.is_power_of_two() && AGE_SLOTS.is_power_of_two());
+const _: () = assert!(SECTOR_BUCKETS.is_power_of_two() && AGE_SLOTS == 64);
 const _: () = assert!(WALK_BUCKETS <= SECTOR_BUCKETS);
 // The walk's window of the bucket bitmap is one u16 (`bit_index_16`), taken from
 // two of its four u64 words.
@@ -93,7 +101,11 @@ const _: () = assert!(WALK_BUCKETS <= 16 && SECTOR_BUCKETS == 256);
 // No implicit padding: the state is a map value shared by the kernel and the host.
 const _: () = assert!(
     core::mem::size_of::<QueueShape>()
-        == 24 + SECTOR_BUCKETS / 8 + SECTOR_BUCKETS * (4 + 8) + AGE_SLOTS * (4 + 4)
+        == 32
+            + SECTOR_BUCKETS / 8
+            + SECTOR_BUCKETS * (4 + 4 + 8 + 8)
+            + AGE_SLOTS * (4 + 4)
+            + SECTOR_BUCKETS * AGE_SLOTS * 4
 );
 
 /// The queued requests of one direction of one device, as the position features
@@ -116,9 +128,11 @@ pub struct QueueShape {
     /// `slot_shift + 1` of the periods the ring is in (0: not used yet); another
     /// shift (the expiry changed) starts the ring over.
     pub ring_shift: u32,
-    /// Bit `31 - s` set while ring slot `s` counts a request: the oldest occupied
+    /// Explicit padding (no implicit padding in a map value); always 0.
+    pub reserved: u32,
+    /// Bit `63 - s` set while ring slot `s` counts a request: the oldest occupied
     /// slot by one rotation and a bit count, not a scan. Atomic or/and only.
-    pub occupied: u32,
+    pub occupied: u64,
     /// Bit `255 - b` (word `(255 - b) / 64`) set while bucket `b` counts a request:
     /// the walk down from a bucket reads the occupied ones below it as the low bits
     /// of one word and visits only those. Atomic or/and only; every insert sets
@@ -126,12 +140,23 @@ pub struct QueueShape {
     pub buckets_occupied: [u64; SECTOR_BUCKETS / 64],
     /// Queued requests per sector bucket.
     pub count: [u32; SECTOR_BUCKETS],
-    /// ns of the oldest insert into the bucket since it was last empty.
-    pub oldest_ns: [u64; SECTOR_BUCKETS],
+    /// Per bucket, bit `63 - s` set while `bucket_slot_count[b][s]` counts a request
+    /// of the period ring slot `s` held when it was set; a bit of a slot the ring
+    /// has reused since `bucket_epoch[b]` is stale (readers mask it out, the next
+    /// insert into the bucket clears it). Atomic or/and only.
+    pub bucket_slots: [u64; SECTOR_BUCKETS],
+    /// Per bucket, the ring period its `bucket_slots` was last brought up to date at.
+    pub bucket_epoch: [u64; SECTOR_BUCKETS],
+    /// Per bucket, queued requests older than the ring: the counts of its reused
+    /// slots, moved here when the bucket is brought up to date.
+    pub bucket_old: [u32; SECTOR_BUCKETS],
     /// Which slot period (`insert_ns >> slot_shift`, low 32 bits) a ring slot counts.
     pub slot_epoch: [u32; AGE_SLOTS],
     /// Queued requests inserted in that period.
     pub slot_count: [u32; AGE_SLOTS],
+    /// Per bucket and ring slot, the bucket's queued requests inserted in the
+    /// period the slot holds (valid while the slot's bit is set in `bucket_slots`).
+    pub bucket_slot_count: [[u32; AGE_SLOTS]; SECTOR_BUCKETS],
 }
 
 impl Default for QueueShape {
@@ -281,18 +306,35 @@ pub const fn bucket_shift_for(capacity_sectors: u64) -> u32 {
 pub const YOUNG_SLOTS: u64 = 8;
 const _: () = assert!(YOUNG_SLOTS as usize <= AGE_SLOTS);
 
-/// Slot `s`'s bit in `QueueShape::occupied` (bit `31 - s`: one left rotation by
-/// the period then puts the slot `k` periods old at bit `k`).
+/// Slot `s`'s bit in `QueueShape::occupied` and `bucket_slots` (bit `63 - s`: one
+/// left rotation by the period then puts the slot `k` periods old at bit `k`).
 #[inline(always)]
-fn ring_bit(s: usize) -> u32 {
-    1u32 << (31 - (s as u32 & 31))
+fn ring_bit(s: usize) -> u64 {
+    1u64 << (63 - (s as u64 & 63))
 }
 
-/// `v` rotated left by `r` (0..=31), without a branch.
+/// `v` rotated left by `r` (0..=63), without a branch.
 #[inline(always)]
-fn rotate_left_32(v: u32, r: u32) -> u32 {
-    let r = r & 31;
-    (v << r) | ((v as u64) >> ((32 - r) & 63)) as u32
+fn rotate_left_64(v: u64, r: u64) -> u64 {
+    let r = r & 63;
+    // r = 0: both halves are v.
+    (v << r) | (v >> ((64 - r) & 63))
+}
+
+/// A slot bitmap rotated to ages: bit `k` is the slot of the period `k` before
+/// `epoch`.
+#[inline(always)]
+fn by_age(slots: u64, epoch: u64) -> u64 {
+    rotate_left_64(slots, epoch.wrapping_add(1))
+}
+
+/// The ages (bits `0..d`, `d = min(epoch - bucket_epoch, 64)`) whose slots the
+/// ring has reused since a bucket's bitmap was brought up to date at
+/// `bucket_epoch`: a bit there was set for a period that has left the ring.
+#[inline(always)]
+fn reused_ages(bucket_epoch: u64, epoch: u64) -> u64 {
+    let d = min(sat_sub(epoch, bucket_epoch), AGE_SLOTS as u64);
+    keep(lt(d, 64), (1u64 << (d & 63)).wrapping_sub(1)) | keep(1 ^ lt(d, 64), u64::MAX)
 }
 
 /// Read-modify-writes of a u32 that other CPUs update too, as one atomic
@@ -320,20 +362,6 @@ macro_rules! atomic_rmw {
 atomic_rmw!(
     /// Adds `v` (wrapping).
     atomic_add, u32, core::sync::atomic::AtomicU32, atomic_xadd, fetch_add
-);
-atomic_rmw!(
-    atomic_or,
-    u32,
-    core::sync::atomic::AtomicU32,
-    atomic_or,
-    fetch_or
-);
-atomic_rmw!(
-    atomic_and,
-    u32,
-    core::sync::atomic::AtomicU32,
-    atomic_and,
-    fetch_and
 );
 atomic_rmw!(
     atomic_or_64,
@@ -364,12 +392,16 @@ impl QueueShape {
         in_ring: 0,
         ring_epoch: 0,
         ring_shift: 0,
+        reserved: 0,
         occupied: 0,
         buckets_occupied: [0; SECTOR_BUCKETS / 64],
         count: [0; SECTOR_BUCKETS],
-        oldest_ns: [0; SECTOR_BUCKETS],
+        bucket_slots: [0; SECTOR_BUCKETS],
+        bucket_epoch: [0; SECTOR_BUCKETS],
+        bucket_old: [0; SECTOR_BUCKETS],
         slot_epoch: [0; AGE_SLOTS],
         slot_count: [0; AGE_SLOTS],
+        bucket_slot_count: [[0; AGE_SLOTS]; SECTOR_BUCKETS],
     };
 
     /// A request joins the queue (`block_rq_insert`, after [`QueueShape::position`]
@@ -378,10 +410,7 @@ impl QueueShape {
     pub fn on_insert(&mut self, sector: u64, bucket_shift: u32, now_ns: u64, budget_ns: u64) {
         atomic_add(&mut self.queued, 1);
         let b = bucket_of(sector, bucket_shift);
-        if let (Some(c), Some(o)) = (self.count.get_mut(b), self.oldest_ns.get_mut(b)) {
-            if *c == 0 {
-                *o = now_ns;
-            }
+        if let Some(c) = self.count.get_mut(b) {
             // Atomic: dispatches on the other CPU decrement it at the same time.
             if *c < COUNT_CAP {
                 atomic_add(c, 1);
@@ -416,7 +445,45 @@ impl QueueShape {
             // Set by every insert, not only when seen clear: a dispatch on the other
             // CPU can empty the slot and clear the bit between that read and the
             // count's increment, and the slot would hide a queued request.
-            atomic_or(&mut self.occupied, ring_bit(s));
+            atomic_or_64(&mut self.occupied, ring_bit(s));
+        }
+        // The bucket's count of this slot. Inserts of one device run under the
+        // scheduler's lock, one at a time; only dispatches race with them.
+        if let (Some(m), Some(be), Some(old), Some(counts)) = (
+            self.bucket_slots.get_mut(b),
+            self.bucket_epoch.get_mut(b),
+            self.bucket_old.get_mut(b),
+            self.bucket_slot_count.get_mut(b),
+        ) {
+            // Bring the bitmap up to date: the counts of the slots reused since
+            // move to the requests older than the ring. Usually none or one (a
+            // bucket with queued requests sees inserts far more often than the
+            // ring comes round).
+            let reused = rotate_left_64(reused_ages(*be, epoch), 64 - (epoch.wrapping_add(1) & 63));
+            let mut gone = *m & reused;
+            let mut step = 0u64;
+            while step < AGE_SLOTS as u64 && gone != 0 {
+                let low = gone & gone.wrapping_neg();
+                gone ^= low;
+                // Bit 63 - s.
+                let s = (63 - sat_sub(bit_length(low) as u64, 1)) as usize & (AGE_SLOTS - 1);
+                let n = counts.get(s).copied().unwrap_or(0);
+                *old = min(*old as u64 + n as u64, COUNT_CAP as u64) as u32;
+                step += 1;
+            }
+            atomic_and_64(m, !reused);
+            // Not back in time (inserts on two CPUs out of time order).
+            *be = select(lt(*be, epoch), epoch, *be);
+            let bit = ring_bit(s);
+            if let Some(c) = counts.get_mut(s) {
+                if *m & bit == 0 {
+                    // What the count held belongs to a period gone from the ring.
+                    *c = 1;
+                } else if *c < COUNT_CAP {
+                    atomic_add(c, 1);
+                }
+            }
+            atomic_or_64(m, bit);
         }
     }
 
@@ -451,14 +518,40 @@ impl QueueShape {
         if let Some(emptied) = emptied {
             atomic_add(&mut self.in_ring, u32::MAX);
             if emptied {
-                atomic_and(&mut self.occupied, !ring_bit(s));
+                atomic_and_64(&mut self.occupied, !ring_bit(s));
+            }
+        }
+        // The bucket's count: its slot's while the slot holds the request's period
+        // (the bucket's bit of it is current: the insert brought the bucket up to
+        // date) or until the bucket is brought up to date again, else the count
+        // of its requests older than the ring.
+        let in_ring = self.slot_epoch.get(s).copied() == Some(epoch as u32);
+        let moved = self
+            .bucket_epoch
+            .get(b)
+            .is_some_and(|&be| be >= epoch.wrapping_add(AGE_SLOTS as u64));
+        if !in_ring && moved {
+            if let Some(old) = self.bucket_old.get_mut(b) {
+                if *old > 0 {
+                    atomic_add(old, u32::MAX);
+                }
+            }
+        } else {
+            let bucket_count = self.bucket_slot_count.get_mut(b).and_then(|r| r.get_mut(s));
+            if let (Some(m), Some(c)) = (self.bucket_slots.get_mut(b), bucket_count) {
+                if *c > 0 {
+                    atomic_add(c, u32::MAX);
+                }
+                if *c == 0 {
+                    atomic_and_64(m, !ring_bit(s));
+                }
             }
         }
     }
 
     /// Moves the ring to period `epoch` (of slot shift `sh`): the slots of the
     /// periods passed since the last move are reused for them, and what they
-    /// counted (32 or more periods old) leaves the ring. At most [`AGE_SLOTS`]
+    /// counted ([`AGE_SLOTS`] or more periods old) leaves the ring. At most [`AGE_SLOTS`]
     /// steps, usually none or one (a period is an eighth to a quarter of the
     /// expiry; inserts come far more often).
     #[inline(always)]
@@ -471,6 +564,22 @@ impl QueueShape {
             self.slot_epoch = [0; AGE_SLOTS];
             self.in_ring = 0;
             self.occupied = 0;
+            // The buckets' bitmaps and periods are of the old width. Rare (the
+            // expiry changed); an opaque index so that LLVM emits no memset.
+            let mut i = 0u64;
+            while i < SECTOR_BUCKETS as u64 {
+                let b = opaque(i) as usize & (SECTOR_BUCKETS - 1);
+                if let (Some(m), Some(e), Some(old)) = (
+                    self.bucket_slots.get_mut(b),
+                    self.bucket_epoch.get_mut(b),
+                    self.bucket_old.get_mut(b),
+                ) {
+                    *m = 0;
+                    *e = epoch;
+                    *old = 0;
+                }
+                i += 1;
+            }
             return;
         }
         let last = self.ring_epoch;
@@ -489,7 +598,7 @@ impl QueueShape {
                 *c = 0;
                 atomic_add(&mut self.in_ring, gone.wrapping_neg());
             }
-            atomic_and(&mut self.occupied, !ring_bit(s));
+            atomic_and_64(&mut self.occupied, !ring_bit(s));
             i += 1;
         }
         self.ring_epoch = epoch;
@@ -537,7 +646,7 @@ impl QueueShape {
         let half_slots = (budget_ns >> 1) >> sh;
         let budget_slots = budget_ns >> sh;
         // Bit k of `by_age`: the slot of the period k before now is occupied.
-        let by_age = rotate_left_32(self.occupied, ((now_epoch + 1) & 31) as u32);
+        let ring_by_age = by_age(self.occupied, now_epoch);
         // Both loops visit occupied slots and buckets only, lowest bit first, and
         // leave when none is left; inside, no branch (see `crate::branchless`):
         // the verifier walks every path, and a compare-and-branch per step on a
@@ -548,7 +657,7 @@ impl QueueShape {
         // (the last two): only the others are read (`budget_slots` is 4 to 7, see
         // `slot_shift`; under 2 only for a budget under 2 ns).
         let mut young =
-            (by_age as u64) & ((1 << YOUNG_SLOTS) - 1) & (((1 << (budget_slots & 7)) - 1) | 0b11);
+            ring_by_age & ((1 << YOUNG_SLOTS) - 1) & (((1 << (budget_slots & 7)) - 1) | 0b11);
         let mut step = 0u64;
         while step < YOUNG_SLOTS && young != 0 {
             let low = young & young.wrapping_neg();
@@ -568,7 +677,7 @@ impl QueueShape {
         }
         // The ring's sum and its oldest occupied slot, kept as the counts change.
         let in_ring = self.in_ring as u64;
-        let oldest_k = sat_sub(bit_length(by_age as u64) as u64, 1);
+        let oldest_k = sat_sub(bit_length(ring_by_age) as u64, 1);
         // Below 0 (wrapped, see `queued`) reads as 0.
         let queued = self.queued as u64;
         let queued = keep(1 ^ negative(queued << 32), queued);
@@ -589,7 +698,16 @@ impl QueueShape {
         let b0 = bucket_of(sector, bucket_shift) as u64;
         // Bit w: bucket b0 - w (w < WALK_BUCKETS, not below bucket 0) is occupied.
         let mut below = self.occupied_below(b0);
-        let (mut walked, mut below_age, mut due_count) = (0u64, 0u64, 0u64);
+        // In slots: a bucket is due when its oldest slot is at least this old
+        // (`oldest << sh >= due_age`), or it holds a request older than the ring
+        // (the ring's span is at least the head's age).
+        let due_k = (due_age + (1u64 << sh) - 1) >> sh;
+        let due_k_in_ring = lt(due_k, AGE_SLOTS as u64);
+        let (mut walked, mut due_count) = (0u64, 0u64);
+        // The walked buckets' slots (their oldest is the oldest of these), and
+        // whether one of them holds a request older than the ring: the oldest
+        // below by one bit count after the loop, not one per bucket.
+        let (mut walked_slots, mut walked_beyond) = (0u64, 0u64);
         let (mut found, mut due_at) = (0u64, 0u64);
         let mut step = 0u64;
         // Down to the first bucket where REACH requests have been passed.
@@ -600,18 +718,29 @@ impl QueueShape {
             // mask (else LLVM proves `b0 - w` in range and walks a decrementing
             // pointer the verifier cannot bound).
             let b = (opaque(b0.wrapping_sub(bit_index_16(low))) as usize) & (SECTOR_BUCKETS - 1);
-            let (c, o) = match (self.count.get(b), self.oldest_ns.get(b)) {
-                (Some(&c), Some(&o)) => (c as u64, o),
-                _ => (0, 0),
+            let (c, slots, be, old) = match (
+                self.count.get(b),
+                self.bucket_slots.get(b),
+                self.bucket_epoch.get(b),
+                self.bucket_old.get(b),
+            ) {
+                (Some(&c), Some(&m), Some(&e), Some(&o)) => (c as u64, m, e, o as u64),
+                _ => (0, 0, 0, 0),
             };
             // An occupied bit over an empty count only after a race between CPUs.
             let live = nonzero(c);
-            let d = now_ns.wrapping_sub(o);
-            // now - oldest, saturating at 0, and 0 for a bucket not counted.
-            let age = keep((1 ^ negative(d)) & live, d);
+            // The bucket's oldest request, as the head's: older than the ring when
+            // it counts one (moved, or in a slot reused since), else its oldest
+            // slot, to the slot.
+            let slots_by_age = by_age(slots, now_epoch);
+            let reused = reused_ages(be, now_epoch);
+            let valid = slots_by_age & !reused;
+            let beyond = nonzero(old) | nonzero(slots_by_age & reused) | (1 ^ nonzero(valid));
             walked += c;
-            below_age = select(lt(below_age, age), age, below_age);
-            let due = live & (1 ^ lt(age, due_age));
+            walked_slots |= keep(live, valid);
+            walked_beyond |= live & beyond;
+            let due_in_ring = nonzero(keep(due_k_in_ring, valid >> (due_k & 63)));
+            let due = live & (beyond | due_in_ring);
             due_count += keep(due, c);
             due_at = select(due & (1 ^ found), walked, due_at);
             found |= due;
@@ -622,6 +751,12 @@ impl QueueShape {
         // dozen of them in a row doubled the verifier's paths a dozen times (1 M
         // instructions processed for an 818-instruction stage).
         let walked_any = nonzero(walked);
+        // The oldest within reach below, to the slot; the ring's span when older.
+        let below_age = select(
+            walked_beyond,
+            (AGE_SLOTS as u64) << sh,
+            sat_sub(bit_length(walked_slots) as u64, 1) << sh,
+        );
         let due_below = select(found, min(due_at, (DUE_NONE - 1) as u64), DUE_NONE as u64);
         let head_age_log = select(nonzero(queued), log_ratio_bf(head_age_ns, budget_ns), 0);
         let below_age_log = select(walked_any, log_ratio_bf(below_age, budget_ns), 0);
@@ -849,15 +984,66 @@ mod tests {
     }
 
     #[test]
+    fn a_bucket_gets_younger_when_its_oldest_leaves() {
+        // In a deep queue a bucket never empties; its oldest must still follow
+        // the requests that leave (the first form kept it until the bucket emptied).
+        let mut q = QueueShape::EMPTY;
+        let budget = 8 * MS; // slots of 2^20 ns
+        q.on_insert(10 << 15, 15, MS, budget);
+        q.on_insert((10 << 15) + 8, 15, 30 * MS, budget);
+        let old = q.position((11 << 15) + 1, 15, 40 * MS, budget);
+        // The oldest is 39 ms old: 38 periods of 2^20 ns (periods 0 and 38).
+        assert_eq!(old.below_age_log, log_ratio_8(38 << 20, budget));
+        q.on_remove(10 << 15, 15, MS, budget);
+        let p = q.position((11 << 15) + 1, 15, 40 * MS, budget);
+        // Now the one inserted at 30 ms (period 28): 10 periods.
+        assert_eq!(p.below_age_log, log_ratio_8(10 << 20, budget));
+        assert!(p.below_age_log < old.below_age_log);
+        // The ring comes round (80 slots later) without an insert into the
+        // bucket: the remaining request is older than the ring, not 16 slots.
+        let p = q.position((11 << 15) + 1, 15, 30 * MS + (80 << 20), budget);
+        assert_eq!(p.below_age_log, log_ratio_8(64 << 20, budget));
+        assert_eq!(p.head_age_log, log_ratio_8(64 << 20, budget));
+        // An insert into the bucket then moves the reused slot's request to the
+        // old ones: the bucket's oldest stays older than the ring.
+        let now = 30 * MS + (81 << 20);
+        q.on_insert((10 << 15) + 16, 15, now, budget);
+        assert_eq!((q.count[10], q.bucket_old[10]), (2, 1));
+        let p = q.position((11 << 15) + 1, 15, now + (3 << 20), budget);
+        assert_eq!(p.below_age_log, log_ratio_8(64 << 20, budget));
+        // Until it leaves.
+        q.on_remove((10 << 15) + 8, 15, 30 * MS, budget);
+        assert_eq!(q.bucket_old[10], 0);
+        let p = q.position((11 << 15) + 1, 15, now + (3 << 20), budget);
+        assert_eq!(p.below_age_log, log_ratio_8(3 << 20, budget));
+    }
+
+    #[test]
+    fn another_expiry_starts_the_buckets_over() {
+        // The expiry grows (8 → 64 ms): periods 8 times as wide, so their numbers
+        // fall. The buckets must not keep the old numbers as "brought up to date
+        // later than now", or the new slots would never read as reused.
+        let mut q = QueueShape::EMPTY;
+        q.on_insert(10 << 15, 15, 900 * MS, 8 * MS);
+        let wide = 64 * MS; // slots of 2^23 ns
+        let t0 = 1000 * MS;
+        q.on_insert((10 << 15) + 8, 15, t0, wide);
+        assert_eq!(q.bucket_epoch[10], t0 >> 23);
+        // 80 wide periods later the request inserted at t0 has left the ring.
+        let p = q.position((11 << 15) + 1, 15, t0 + (80 << 23), wide);
+        assert_eq!(p.below_age_log, log_ratio_8(64 << 23, wide));
+    }
+
+    #[test]
     fn requests_older_than_the_ring_count_as_old() {
         let mut q = QueueShape::EMPTY;
-        let budget = 8 * MS; // slots of 2^20 ns, ring of 32 slots ≈ 33.5 ms
+        let budget = 8 * MS; // slots of 2^20 ns, ring of 64 slots ≈ 67.1 ms
         q.on_insert(0, 15, 0, budget);
         let now = 100 * MS;
-        q.on_insert(1 << 15, 15, now, budget); // reuses no slot of the first
+        q.on_insert(1 << 15, 15, now, budget); // 95 slots later: the first left the ring
         let p = q.position(2 << 15, 15, now + 1, budget);
         assert_eq!(p.expired, 1);
-        // Head age saturates at the ring's span (32 << 20 ns ≈ 4.2 budgets).
-        assert_eq!(p.head_age_log, log_ratio_8(32 << 20, budget));
+        // Head age saturates at the ring's span (64 << 20 ns ≈ 8.4 budgets).
+        assert_eq!(p.head_age_log, log_ratio_8(64 << 20, budget));
     }
 }

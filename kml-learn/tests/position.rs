@@ -32,11 +32,9 @@ struct Live {
     insert: u64,
 }
 
-/// The definition, from the list of queued requests and, per bucket, the insert
-/// time of the first request that entered it since it was last empty.
+/// The definition, from the list of queued requests.
 struct Reference {
     live: Vec<Live>,
-    first_since_empty: [u128; SECTOR_BUCKETS],
     shift: u32,
     budget: u128,
 }
@@ -57,10 +55,6 @@ impl Reference {
     }
 
     fn insert(&mut self, sector: u64, now: u64) {
-        let b = self.bucket(sector);
-        if !self.live.iter().any(|l| self.bucket(l.sector) == b) {
-            self.first_since_empty[b] = now as u128;
-        }
         self.live.push(Live {
             sector,
             insert: now,
@@ -99,16 +93,24 @@ impl Reference {
                 break;
             }
             let b = b0 - step;
-            let c = self
+            let here: Vec<&Live> = self
                 .live
                 .iter()
                 .filter(|l| self.bucket(l.sector) == b)
-                .count() as u128;
+                .collect();
+            let c = here.len() as u128;
             if c == 0 {
                 continue;
             }
             walked += c;
-            let age = now as u128 - self.first_since_empty[b];
+            // The bucket's oldest request, to the slot, as the head's: the ring's
+            // span when it is older than the ring.
+            let age = here
+                .iter()
+                .map(|l| slots_old(l).min(AGE_SLOTS as u128))
+                .max()
+                .unwrap()
+                * w;
             below_age = below_age.max(age);
             if age >= due_age {
                 due_count += c;
@@ -181,7 +183,7 @@ proptest! {
     #[test]
     fn state_equals_its_definition((shift, budget, steps) in ops()) {
         let mut q = QueueShape::EMPTY;
-        let mut r = Reference { live: Vec::new(), first_since_empty: [0; SECTOR_BUCKETS], shift, budget: budget as u128 };
+        let mut r = Reference { live: Vec::new(), shift, budget: budget as u128 };
         // Sectors within twice the buckets' span (so some wrap).
         let span = (2 * SECTOR_BUCKETS as u64) << shift;
         let mut now = 1u64 << 30;
