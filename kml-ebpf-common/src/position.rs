@@ -781,6 +781,88 @@ impl QueueShape {
     }
 }
 
+impl QueueShape {
+    /// Requests a place is taken at: the walk down from a request's bucket stops
+    /// once the walked buckets hold at least this many (or at the walk's end).
+    pub const PLACE_STOPS: [u64; 3] = [1, 4, 16];
+
+    /// An offline study, not yet a feature: the FIFO place of the oldest queued
+    /// request among the buckets walked down from `sector` until they hold
+    /// [`QueueShape::PLACE_STOPS`] requests, the queued requests older than it
+    /// (to the slot: those older than the ring and those of the ring's older
+    /// slots); 0 when it is older than the ring itself (served first), `None`
+    /// when nothing is queued below. Taken after [`QueueShape::position`] (which
+    /// moves the ring to `now_ns`) and before the request joins. The kernel form
+    /// session 15 designed (docs/learning.md, "The neighbours' place in the
+    /// FIFO"), on the state the kernel keeps; one pass over the ring per stop,
+    /// which the kernel could not afford as it is.
+    pub fn walk_places(
+        &self,
+        sector: u64,
+        bucket_shift: u32,
+        now_ns: u64,
+        budget_ns: u64,
+    ) -> [Option<u64>; 3] {
+        let sh = slot_shift(budget_ns);
+        let now_epoch = now_ns >> sh;
+        let queued = self.queued as u64;
+        let queued = keep(1 ^ negative(queued << 32), queued);
+        let older_than_ring = sat_sub(queued, self.in_ring as u64);
+        let ring_by_age = by_age(self.occupied, now_epoch);
+        // Queued requests older than slot age `k`: the ring's older slots.
+        let place = |slots: u64, beyond: bool| -> u64 {
+            if beyond {
+                return 0;
+            }
+            let k = sat_sub(bit_length(slots) as u64, 1);
+            let mut n = older_than_ring;
+            // Ages above k (none for k = 63: `2 << 63` is 0).
+            let mut older = ring_by_age & !(2u64 << (k & 63)).wrapping_sub(1);
+            while older != 0 {
+                let low = older & older.wrapping_neg();
+                older ^= low;
+                let age = sat_sub(bit_length(low) as u64, 1);
+                let epoch = now_epoch.wrapping_sub(age);
+                let s = (epoch as usize) & (AGE_SLOTS - 1);
+                if self.slot_epoch.get(s).copied() == Some(epoch as u32) {
+                    n += self.slot_count.get(s).copied().unwrap_or(0) as u64;
+                }
+            }
+            n
+        };
+        let b0 = bucket_of(sector, bucket_shift) as u64;
+        let mut below = self.occupied_below(b0);
+        let (mut walked, mut slots, mut beyond) = (0u64, 0u64, false);
+        let mut out = [None; 3];
+        let mut j = 0;
+        while below != 0 && j < out.len() {
+            let low = below & below.wrapping_neg();
+            below ^= low;
+            let b = (b0.wrapping_sub(bit_index_16(low)) as usize) & (SECTOR_BUCKETS - 1);
+            let c = self.count.get(b).copied().unwrap_or(0) as u64;
+            if c == 0 {
+                continue;
+            }
+            let by = by_age(self.bucket_slots[b], now_epoch);
+            let reused = reused_ages(self.bucket_epoch[b], now_epoch);
+            let valid = by & !reused;
+            beyond |= self.bucket_old[b] != 0 || by & reused != 0 || valid == 0;
+            slots |= valid;
+            walked += c;
+            while j < out.len() && walked >= Self::PLACE_STOPS[j] {
+                out[j] = Some(place(slots, beyond));
+                j += 1;
+            }
+        }
+        // The walk ended first: the place of what it covered.
+        while j < out.len() {
+            out[j] = (walked > 0).then(|| place(slots, beyond));
+            j += 1;
+        }
+        out
+    }
+}
+
 /// [`count_feature`] without a branch, for a count below 2^63.
 #[inline(always)]
 fn count_bf(v: u64) -> i32 {
@@ -1016,6 +1098,26 @@ mod tests {
         assert_eq!(q.bucket_old[10], 0);
         let p = q.position((11 << 15) + 1, 15, now + (3 << 20), budget);
         assert_eq!(p.below_age_log, log_ratio_8(3 << 20, budget));
+    }
+
+    #[test]
+    fn places_count_the_older_requests() {
+        let mut q = QueueShape::EMPTY;
+        let budget = 8 * MS; // slots of 2^20 ns
+        assert_eq!(q.walk_places(12 << 15, 15, MS, budget), [None; 3]);
+        q.on_insert(10 << 15, 15, MS, budget); // A, the oldest
+        q.on_insert(5 << 15, 15, 10 * MS, budget); // B
+        q.on_insert(11 << 15, 15, 20 * MS, budget); // C, just below bucket 12
+        let now = 30 * MS;
+        q.position(12 << 15, 15, now, budget);
+        // One request below: C, with A and B older. Four or sixteen: the walk
+        // ends at bucket 0 with three, and their oldest, A, has none older.
+        assert_eq!(
+            q.walk_places(12 << 15, 15, now, budget),
+            [Some(2), Some(0), Some(0)]
+        );
+        // From bucket 10 down: A first, then B.
+        assert_eq!(q.walk_places(10 << 15, 15, now, budget), [Some(0); 3]);
     }
 
     #[test]

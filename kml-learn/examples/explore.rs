@@ -5,6 +5,7 @@
 //! cargo run --release -p kml-learn --example explore -- \
 //!     --train a.csv,b.csv [--test c.csv] [--kinds baseline,linear,logistic,tree] \
 //!     [--features all|load|portable|portable+position|f1,f2,...] [--univariate] [--ablate]
+//!     [--place --features portable+position+place]
 //!     [--loo [--sets "f1,f2;portable;all"]]
 //! ```
 //! Trains on the union of the `--train` traces (each split by time: first 70% trains,
@@ -18,6 +19,9 @@
 //! feature in turn (and with each missing one added). `--loo` leaves each trace out
 //! in turn: trains on the others and tests on it in full (a workload never seen).
 //! `--sweep` is an experiment on information the observer does not record.
+//! `--place` (with `--features portable+position+place`) one on a feature the
+//! kernel does not compute yet: the neighbours' place in the FIFO
+//! (`QueueShape::walk_places`).
 
 use std::{path::PathBuf, time::Instant};
 
@@ -76,6 +80,13 @@ struct Args {
     /// end of the last request issued in the same direction (host reconstruction).
     #[arg(long)]
     sweep: bool,
+    /// Experiment: write the FIFO place of the oldest among the buckets walked down
+    /// until they hold 1, 4 and 16 requests (`QueueShape::walk_places`, replayed),
+    /// as `log_ratio_8(place × issue_gap, budget)`, into the lanes of `sector_mib`,
+    /// `queued_other_dir` and `issue_gap_ns` (LOG_RATIO_MAX when nothing is queued
+    /// below); `--features portable+position+place` reads them.
+    #[arg(long)]
+    place: bool,
     /// Beside each balanced accuracy / AUC, in brackets: the balanced accuracy
     /// outside the tick band (requests dispatched in their deadline's jiffy or the
     /// next, where the label turns on one timer tick; `kml_learn::TickBand`), and
@@ -85,7 +96,33 @@ struct Args {
     tick_band: bool,
 }
 
+/// The lanes `--place` writes its three features into.
+const PLACE_LANES: [Feature; 3] = [
+    Feature::SectorMib,
+    Feature::QueuedOtherDir,
+    Feature::IssueGapNs,
+];
+
 fn load(p: &std::path::Path, args: &Args) -> anyhow::Result<Dataset> {
+    let ds = load_records(p, args)?;
+    if !args.place {
+        return Ok(ds);
+    }
+    let places = kml_learn::replay::replay_places(ds.records(), &Default::default());
+    let mut places = places.into_iter();
+    Ok(ds.with_features(|r, x| {
+        let budget = r.deadline_ns.saturating_sub(r.insert_ns);
+        let gap = r.issue_gap_ewma_ns;
+        for (lane, place) in PLACE_LANES.iter().zip(places.next().unwrap_or([None; 3])) {
+            x[lane.index()] = match place {
+                Some(n) => kml_ebpf_common::logscale::log_ratio_8(n.saturating_mul(gap), budget),
+                None => kml_ebpf_common::features::LOG_RATIO_MAX,
+            };
+        }
+    }))
+}
+
+fn load_records(p: &std::path::Path, args: &Args) -> anyhow::Result<Dataset> {
     if !args.sweep {
         return Ok(Dataset::from_trace_file(p)?);
     }
@@ -208,6 +245,8 @@ fn main() -> anyhow::Result<()> {
             .chain(&Feature::POSITION)
             .copied()
             .collect()
+    } else if args.features == ["portable+position+place"] {
+        parse_set("portable+position+place")?
     } else if args.features == ["load"] {
         Feature::ALL
             .into_iter()
@@ -423,6 +462,15 @@ fn parse_set(text: &str) -> anyhow::Result<Vec<Feature>> {
             return Ok(PORTABLE_FEATURES
                 .iter()
                 .chain(&Feature::POSITION)
+                .copied()
+                .collect())
+        }
+        // With `--place`: and the three places.
+        "portable+position+place" => {
+            return Ok(PORTABLE_FEATURES
+                .iter()
+                .chain(&Feature::POSITION)
+                .chain(&PLACE_LANES)
                 .copied()
                 .collect())
         }

@@ -159,6 +159,16 @@ impl Dataset {
         &self.features
     }
 
+    /// The same records with their feature vectors changed by `f` (offline
+    /// experiments: a candidate feature written into a lane the kernel fills
+    /// otherwise).
+    pub fn with_features(mut self, mut f: impl FnMut(&RequestRecord, &mut FeatureVector)) -> Self {
+        for (r, x) in self.records.iter().zip(self.features.iter_mut()) {
+            f(r, x);
+        }
+        self
+    }
+
     /// Classification labels: the request missed its deadline.
     pub fn missed(&self) -> impl ExactSizeIterator<Item = bool> + '_ {
         self.records.iter().map(RequestRecord::deadline_missed)

@@ -61,6 +61,35 @@ pub fn replay_positions(
     records: &[RequestRecord],
     shifts: &HashMap<u32, u32>,
 ) -> Vec<PositionFeatures> {
+    replay_inserts(
+        records,
+        shifts,
+        PositionFeatures::UNKNOWN,
+        |q, r, t, sh, budget| q.position(r.sector, sh, t, budget),
+    )
+}
+
+/// For each record, [`QueueShape::walk_places`] at its insert (an offline study:
+/// `explore --place`), replayed as [`replay_positions`] does.
+pub fn replay_places(
+    records: &[RequestRecord],
+    shifts: &HashMap<u32, u32>,
+) -> Vec<[Option<u64>; 3]> {
+    replay_inserts(records, shifts, [None; 3], |q, r, t, sh, budget| {
+        q.position(r.sector, sh, t, budget);
+        q.walk_places(r.sector, sh, t, budget)
+    })
+}
+
+/// Replays the queue state over the records in time order and takes `at_insert`
+/// of each request just before it joins its queue (`default` for records with no
+/// deadline).
+fn replay_inserts<T: Clone>(
+    records: &[RequestRecord],
+    shifts: &HashMap<u32, u32>,
+    default: T,
+    mut at_insert: impl FnMut(&mut QueueShape, &RequestRecord, u64, u32, u64) -> T,
+) -> Vec<T> {
     let own = bucket_shifts(records);
     let shift = |dev: u32| {
         shifts
@@ -80,7 +109,7 @@ pub fn replay_positions(
     }
     events.sort_unstable();
     let mut queues: HashMap<(u32, u8), QueueShape> = HashMap::new();
-    let mut out = vec![PositionFeatures::UNKNOWN; records.len()];
+    let mut out = vec![default; records.len()];
     for (t, kind, i) in events {
         let r = &records[i];
         let q = queues
@@ -91,7 +120,7 @@ pub fn replay_positions(
         if kind == 0 {
             q.on_remove(r.sector, sh, r.insert_ns, budget);
         } else {
-            out[i] = q.position(r.sector, sh, t, budget);
+            out[i] = at_insert(q, r, t, sh, budget);
             q.on_insert(r.sector, sh, t, budget);
         }
     }
