@@ -604,6 +604,29 @@ impl QueueShape {
         self.ring_epoch = epoch;
     }
 
+    /// Bucket `b`'s queued count, its slots still in the ring by age (bit `k`: a
+    /// request inserted `k` periods before `now_epoch`), and 1 when it also holds
+    /// a request older than the ring (moved there, or in a slot reused since the
+    /// bucket was brought up to date, or no slot left): its oldest is then the
+    /// ring's span old, as the head is. Branch-free (the walk's step).
+    #[inline(always)]
+    fn bucket_oldest(&self, b: usize, now_epoch: u64) -> (u64, u64, u64) {
+        let (c, slots, be, old) = match (
+            self.count.get(b),
+            self.bucket_slots.get(b),
+            self.bucket_epoch.get(b),
+            self.bucket_old.get(b),
+        ) {
+            (Some(&c), Some(&m), Some(&e), Some(&o)) => (c as u64, m, e, o as u64),
+            _ => (0, 0, 0, 0),
+        };
+        let slots_by_age = by_age(slots, now_epoch);
+        let reused = reused_ages(be, now_epoch);
+        let valid = slots_by_age & !reused;
+        let beyond = nonzero(old) | nonzero(slots_by_age & reused) | (1 ^ nonzero(valid));
+        (c, valid, beyond)
+    }
+
     /// Bit w set when bucket `b0 - w` is occupied, for w below [`WALK_BUCKETS`]
     /// (none for buckets below 0): bits `255 - b0` on of `buckets_occupied`.
     #[inline(always)]
@@ -718,24 +741,9 @@ impl QueueShape {
             // mask (else LLVM proves `b0 - w` in range and walks a decrementing
             // pointer the verifier cannot bound).
             let b = (opaque(b0.wrapping_sub(bit_index_16(low))) as usize) & (SECTOR_BUCKETS - 1);
-            let (c, slots, be, old) = match (
-                self.count.get(b),
-                self.bucket_slots.get(b),
-                self.bucket_epoch.get(b),
-                self.bucket_old.get(b),
-            ) {
-                (Some(&c), Some(&m), Some(&e), Some(&o)) => (c as u64, m, e, o as u64),
-                _ => (0, 0, 0, 0),
-            };
+            let (c, valid, beyond) = self.bucket_oldest(b, now_epoch);
             // An occupied bit over an empty count only after a race between CPUs.
             let live = nonzero(c);
-            // The bucket's oldest request, as the head's: older than the ring when
-            // it counts one (moved, or in a slot reused since), else its oldest
-            // slot, to the slot.
-            let slots_by_age = by_age(slots, now_epoch);
-            let reused = reused_ages(be, now_epoch);
-            let valid = slots_by_age & !reused;
-            let beyond = nonzero(old) | nonzero(slots_by_age & reused) | (1 ^ nonzero(valid));
             walked += c;
             walked_slots |= keep(live, valid);
             walked_beyond |= live & beyond;
@@ -839,14 +847,11 @@ impl QueueShape {
             let low = below & below.wrapping_neg();
             below ^= low;
             let b = (b0.wrapping_sub(bit_index_16(low)) as usize) & (SECTOR_BUCKETS - 1);
-            let c = self.count.get(b).copied().unwrap_or(0) as u64;
+            let (c, valid, older_than_ring) = self.bucket_oldest(b, now_epoch);
             if c == 0 {
                 continue;
             }
-            let by = by_age(self.bucket_slots[b], now_epoch);
-            let reused = reused_ages(self.bucket_epoch[b], now_epoch);
-            let valid = by & !reused;
-            beyond |= self.bucket_old[b] != 0 || by & reused != 0 || valid == 0;
+            beyond |= older_than_ring != 0;
             slots |= valid;
             walked += c;
             while j < out.len() && walked >= Self::PLACE_STOPS[j] {

@@ -235,28 +235,10 @@ impl std::fmt::Display for Cell {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let features: Vec<Feature> = if args.features.is_empty() || args.features == ["all"] {
+    let features: Vec<Feature> = if args.features.is_empty() {
         Feature::ALL.to_vec()
-    } else if args.features == ["portable"] {
-        PORTABLE_FEATURES.to_vec()
-    } else if args.features == ["portable+position"] {
-        PORTABLE_FEATURES
-            .iter()
-            .chain(&Feature::POSITION)
-            .copied()
-            .collect()
-    } else if args.features == ["portable+position+place"] {
-        parse_set("portable+position+place")?
-    } else if args.features == ["load"] {
-        Feature::ALL
-            .into_iter()
-            .filter(|f| !f.is_position())
-            .collect()
     } else {
-        args.features
-            .iter()
-            .map(|n| Feature::from_name(n).ok_or_else(|| anyhow::anyhow!("unknown feature {n}")))
-            .collect::<Result<_, _>>()?
+        parse_set(&args.features.join(","))?
     };
     if args.labels {
         println!(
