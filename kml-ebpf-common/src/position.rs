@@ -12,7 +12,7 @@
 //! and how many queued requests are already old. `docs/learning.md` has the
 //! measurements that chose them.
 //!
-//! The state ([`QueueShape`], 72,256 bytes per direction):
+//! The state ([`QueueShape`], 140,104 bytes per direction):
 //! - an age ring: queued requests counted by insert time in [`AGE_SLOTS`] slots of
 //!   `2^slot_shift` ns, where `slot_shift` comes from the direction's expiry (a slot
 //!   is above 1/8 and at most 1/4 of it), so the ring spans 8 to 16 expiries; a slot
@@ -32,7 +32,12 @@
 //!   bitmap lazily: each bucket keeps the ring period its bitmap was last brought up
 //!   to date at, and a reader masks out the slots reused since. A bitmap of the
 //!   buckets that hold a request lets the walk down from a request's bucket visit
-//!   the occupied ones only.
+//!   the occupied ones only;
+//! - every count in two halves ([`Tally`]): the inserts' (plain stores; inserts run
+//!   one at a time, under mq-deadline's lock) and the removes' (atomic adds;
+//!   dispatches run on any CPU). An insert reads a bitmap before it writes it, so
+//!   in a deep queue, where the bits are set already, it takes no locked
+//!   instruction.
 //!
 //! Cost. The first form summed all 32 ring slots and walked all 16 buckets with
 //! selects that went through the stack (`black_box`): about 750 ns per insert
@@ -42,6 +47,9 @@
 //! kernel"). Counting each bucket's requests by slot added about 25-30 ns per
 //! insert and 15-20 per dispatch on a shallow queue (the same measure: 96-105 →
 //! 127-129 ns for position and model), about 60 ns at 512 queued (bpf-bench).
+//! The inserts' plain halves then took 20-35 ns off again (bpf-bench: 57-59 ns on
+//! an empty queue, 109-124 at 32 queued, 185-207 at 512, from 75-79, 138-145 and
+//! 213-227; the state doubled its count bytes for it, 72,256 to 140,104).
 //!
 //! Rules kept for the eBPF side: integers only, no division (shifts, masks), loops
 //! bounded by constants, indices masked into range, nothing that can panic, and every
@@ -101,27 +109,77 @@ const _: () = assert!(WALK_BUCKETS <= 16 && SECTOR_BUCKETS == 256);
 // No implicit padding: the state is a map value shared by the kernel and the host.
 const _: () = assert!(
     core::mem::size_of::<QueueShape>()
-        == 32
+        == 40
             + SECTOR_BUCKETS / 8
-            + SECTOR_BUCKETS * (4 + 4 + 8 + 8)
-            + AGE_SLOTS * (4 + 4)
-            + SECTOR_BUCKETS * AGE_SLOTS * 4
+            + SECTOR_BUCKETS * (8 + 8 + 8 + 8)
+            + AGE_SLOTS * (4 + 8)
+            + SECTOR_BUCKETS * AGE_SLOTS * 8
 );
+const _: () = assert!(core::mem::size_of::<Tally>() == 8);
+
+/// A count whose two kinds of writer are kept apart, so that an insert needs no
+/// locked instruction. Inserts run one at a time per device: `block_rq_insert`
+/// fires inside mq-deadline's `dd_insert_request`, under the scheduler's lock
+/// (kml traces mq-deadline devices only). They add to `added` with plain stores.
+/// Removes (dispatches, from any CPU, outside that lock) add to `removed` with
+/// atomic adds. The count is the difference, wrapping, as the one u32 it replaces
+/// was (a remove without its insert takes it below 0). Inserts without locked
+/// instructions took 20-35 ns off the position stage (bpf-bench, docs/learning.md
+/// "Cost in the kernel").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Inserts' side: plain stores, by one CPU at a time.
+    pub added: u32,
+    /// Removes' side: atomic adds only.
+    pub removed: u32,
+}
+
+impl Tally {
+    pub const ZERO: Tally = Tally {
+        added: 0,
+        removed: 0,
+    };
+
+    /// The count (wrapping).
+    #[inline(always)]
+    pub fn net(&self) -> u32 {
+        self.added.wrapping_sub(self.removed)
+    }
+
+    /// Inserts' side: `n` more (wrapping).
+    #[inline(always)]
+    fn add(&mut self, n: u32) {
+        self.added = self.added.wrapping_add(n);
+    }
+
+    /// Inserts' side: the count becomes `n`, with a store to `added` only.
+    #[inline(always)]
+    fn reset_to(&mut self, n: u32) {
+        self.added = self.removed.wrapping_add(n);
+    }
+
+    /// Removes' side: one fewer (atomic).
+    #[inline(always)]
+    fn take(&mut self) {
+        atomic_add(&mut self.removed, 1);
+    }
+}
 
 /// The queued requests of one direction of one device, as the position features
 /// need them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueShape {
-    /// Requests queued (inserted, not yet dispatched or merged away). Changed by
-    /// atomic adds only (inserts run under the scheduler's lock, dispatches on
-    /// other CPUs outside it: plain read-modify-writes lost updates, and the count
-    /// drifted); a remove without its insert takes it below 0 (wrapping), which
-    /// reads as 0.
-    pub queued: u32,
+    /// Requests queued (inserted, not yet dispatched or merged away). Inserts run
+    /// under the scheduler's lock, dispatches on other CPUs outside it: one count
+    /// both wrote with plain read-modify-writes lost updates and drifted, so each
+    /// side has its own ([`Tally`]). A remove without its insert takes it below 0
+    /// (wrapping), which reads as 0.
+    pub queued: Tally,
     /// Queued requests counted in the age ring (the sum of `slot_count`: kept as
-    /// the counts change, so that no query sums the ring). Atomic adds only.
-    pub in_ring: u32,
+    /// the counts change, so that no query sums the ring).
+    pub in_ring: Tally,
     /// The slot period the ring has been advanced to: every slot of a period up to
     /// 32 before it that has left the ring was emptied (see `advance`).
     pub ring_epoch: u64,
@@ -131,15 +189,17 @@ pub struct QueueShape {
     /// Explicit padding (no implicit padding in a map value); always 0.
     pub reserved: u32,
     /// Bit `63 - s` set while ring slot `s` counts a request: the oldest occupied
-    /// slot by one rotation and a bit count, not a scan. Atomic or/and only.
+    /// slot by one rotation and a bit count, not a scan. Atomic or/and only, and
+    /// only inserts set a bit: an insert reads it first and writes only a change.
     pub occupied: u64,
     /// Bit `255 - b` (word `(255 - b) / 64`) set while bucket `b` counts a request:
     /// the walk down from a bucket reads the occupied ones below it as the low bits
-    /// of one word and visits only those. Atomic or/and only; every insert sets
-    /// its bucket's bit, which repairs one a race between CPUs left clear.
+    /// of one word and visits only those. Atomic or/and only; an insert sets its
+    /// bucket's bit when it finds it clear, which also repairs one a race between
+    /// CPUs cleared under a queued request.
     pub buckets_occupied: [u64; SECTOR_BUCKETS / 64],
     /// Queued requests per sector bucket.
-    pub count: [u32; SECTOR_BUCKETS],
+    pub count: [Tally; SECTOR_BUCKETS],
     /// Per bucket, bit `63 - s` set while `bucket_slot_count[b][s]` counts a request
     /// of the period ring slot `s` held when it was set; a bit of a slot the ring
     /// has reused since `bucket_epoch[b]` is stale (readers mask it out, the next
@@ -149,14 +209,14 @@ pub struct QueueShape {
     pub bucket_epoch: [u64; SECTOR_BUCKETS],
     /// Per bucket, queued requests older than the ring: the counts of its reused
     /// slots, moved here when the bucket is brought up to date.
-    pub bucket_old: [u32; SECTOR_BUCKETS],
+    pub bucket_old: [Tally; SECTOR_BUCKETS],
     /// Which slot period (`insert_ns >> slot_shift`, low 32 bits) a ring slot counts.
     pub slot_epoch: [u32; AGE_SLOTS],
     /// Queued requests inserted in that period.
-    pub slot_count: [u32; AGE_SLOTS],
+    pub slot_count: [Tally; AGE_SLOTS],
     /// Per bucket and ring slot, the bucket's queued requests inserted in the
     /// period the slot holds (valid while the slot's bit is set in `bucket_slots`).
-    pub bucket_slot_count: [[u32; AGE_SLOTS]; SECTOR_BUCKETS],
+    pub bucket_slot_count: [[Tally; AGE_SLOTS]; SECTOR_BUCKETS],
 }
 
 impl Default for QueueShape {
@@ -388,39 +448,47 @@ fn bucket_bit(b: usize) -> (usize, u64) {
 
 impl QueueShape {
     pub const EMPTY: QueueShape = QueueShape {
-        queued: 0,
-        in_ring: 0,
+        queued: Tally::ZERO,
+        in_ring: Tally::ZERO,
         ring_epoch: 0,
         ring_shift: 0,
         reserved: 0,
         occupied: 0,
         buckets_occupied: [0; SECTOR_BUCKETS / 64],
-        count: [0; SECTOR_BUCKETS],
+        count: [Tally::ZERO; SECTOR_BUCKETS],
         bucket_slots: [0; SECTOR_BUCKETS],
         bucket_epoch: [0; SECTOR_BUCKETS],
-        bucket_old: [0; SECTOR_BUCKETS],
+        bucket_old: [Tally::ZERO; SECTOR_BUCKETS],
         slot_epoch: [0; AGE_SLOTS],
-        slot_count: [0; AGE_SLOTS],
-        bucket_slot_count: [[0; AGE_SLOTS]; SECTOR_BUCKETS],
+        slot_count: [Tally::ZERO; AGE_SLOTS],
+        bucket_slot_count: [[Tally::ZERO; AGE_SLOTS]; SECTOR_BUCKETS],
     };
 
     /// A request joins the queue (`block_rq_insert`, after [`QueueShape::position`]
     /// was taken for it). `budget_ns` is its deadline budget (the direction's expiry).
+    ///
+    /// Inserts run one at a time (see [`Tally`]): every count here is the inserts'
+    /// side of a tally, written with plain stores, and a bitmap is read first and
+    /// written (atomically: removes clear bits in the same words) only to change
+    /// it. In a deep queue the bits are set already, and an insert takes no locked
+    /// instruction at all.
     #[inline(always)]
     pub fn on_insert(&mut self, sector: u64, bucket_shift: u32, now_ns: u64, budget_ns: u64) {
-        atomic_add(&mut self.queued, 1);
+        self.queued.add(1);
         let b = bucket_of(sector, bucket_shift);
         if let Some(c) = self.count.get_mut(b) {
-            // Atomic: dispatches on the other CPU decrement it at the same time.
-            if *c < COUNT_CAP {
-                atomic_add(c, 1);
+            if c.net() < COUNT_CAP {
+                c.add(1);
             }
         }
         let (word, bit) = bucket_bit(b);
         if let Some(w) = self.buckets_occupied.get_mut(word) {
-            // Every insert sets it (not only when seen clear), as for the ring's
-            // bitmap: it also repairs a bit a race between the CPUs cleared.
-            atomic_or_64(w, bit);
+            // Read after the count's store: a dispatch that emptied the bucket and
+            // cleared the bit before this insert counted is repaired here, and the
+            // next insert into the bucket repairs a clear that came later.
+            if *w & bit == 0 {
+                atomic_or_64(w, bit);
+            }
         }
         let sh = slot_shift(budget_ns);
         let epoch = now_ns >> sh;
@@ -431,24 +499,23 @@ impl QueueShape {
             if *e != epoch as u32 {
                 // Only when inserts on two CPUs come out of time order: the slot
                 // still holds an older period; what it counted leaves the ring.
-                atomic_add(&mut self.in_ring, c.wrapping_neg());
+                self.in_ring.add(c.net().wrapping_neg());
                 *e = epoch as u32;
-                *c = 0;
+                c.reset_to(0);
             }
-            if *c < COUNT_CAP {
-                atomic_add(c, 1);
+            if c.net() < COUNT_CAP {
+                c.add(1);
                 added = true;
             }
         }
         if added {
-            atomic_add(&mut self.in_ring, 1);
-            // Set by every insert, not only when seen clear: a dispatch on the other
-            // CPU can empty the slot and clear the bit between that read and the
-            // count's increment, and the slot would hide a queued request.
-            atomic_or_64(&mut self.occupied, ring_bit(s));
+            self.in_ring.add(1);
+            let bit = ring_bit(s);
+            if self.occupied & bit == 0 {
+                atomic_or_64(&mut self.occupied, bit);
+            }
         }
-        // The bucket's count of this slot. Inserts of one device run under the
-        // scheduler's lock, one at a time; only dispatches race with them.
+        // The bucket's count of this slot.
         if let (Some(m), Some(be), Some(old), Some(counts)) = (
             self.bucket_slots.get_mut(b),
             self.bucket_epoch.get_mut(b),
@@ -461,44 +528,52 @@ impl QueueShape {
             // ring comes round).
             let reused = rotate_left_64(reused_ages(*be, epoch), 64 - (epoch.wrapping_add(1) & 63));
             let mut gone = *m & reused;
+            // Only inserts set bits: none of them set, none to clear.
+            if gone != 0 {
+                atomic_and_64(m, !reused);
+            }
             let mut step = 0u64;
             while step < AGE_SLOTS as u64 && gone != 0 {
                 let low = gone & gone.wrapping_neg();
                 gone ^= low;
                 // Bit 63 - s.
                 let s = (63 - sat_sub(bit_length(low) as u64, 1)) as usize & (AGE_SLOTS - 1);
-                let n = counts.get(s).copied().unwrap_or(0);
-                *old = min(*old as u64 + n as u64, COUNT_CAP as u64) as u32;
+                let n = counts.get(s).map_or(0, Tally::net);
+                old.reset_to(min(old.net() as u64 + n as u64, COUNT_CAP as u64) as u32);
                 step += 1;
             }
-            atomic_and_64(m, !reused);
             // Not back in time (inserts on two CPUs out of time order).
             *be = select(lt(*be, epoch), epoch, *be);
             let bit = ring_bit(s);
             if let Some(c) = counts.get_mut(s) {
                 if *m & bit == 0 {
-                    // What the count held belongs to a period gone from the ring.
-                    *c = 1;
-                } else if *c < COUNT_CAP {
-                    atomic_add(c, 1);
+                    // What the count held belongs to a period gone from the ring
+                    // (or nothing: the last of the slot's requests left).
+                    c.reset_to(1);
+                } else if c.net() < COUNT_CAP {
+                    c.add(1);
                 }
             }
-            atomic_or_64(m, bit);
+            // Read again after the count's store (a dispatch may have cleared it).
+            if *m & bit == 0 {
+                atomic_or_64(m, bit);
+            }
         }
     }
 
     /// A queued request leaves the queue: dispatched (`block_rq_issue`), or merged
     /// into another request (`block_rq_merge`). `sector`, `insert_ns` and
-    /// `budget_ns` are the values it had at insert.
+    /// `budget_ns` are the values it had at insert. Removes run on any CPU at
+    /// once: the removes' side of each tally, atomic.
     #[inline(always)]
     pub fn on_remove(&mut self, sector: u64, bucket_shift: u32, insert_ns: u64, budget_ns: u64) {
-        atomic_add(&mut self.queued, u32::MAX);
+        self.queued.take();
         let b = bucket_of(sector, bucket_shift);
         if let Some(c) = self.count.get_mut(b) {
-            if *c > 0 {
-                atomic_add(c, u32::MAX);
+            if c.net() > 0 {
+                c.take();
             }
-            if *c == 0 {
+            if c.net() == 0 {
                 let (word, bit) = bucket_bit(b);
                 if let Some(w) = self.buckets_occupied.get_mut(word) {
                     atomic_and_64(w, !bit);
@@ -510,13 +585,13 @@ impl QueueShape {
         let mut emptied = None;
         if let (Some(e), Some(c)) = (self.slot_epoch.get(s), self.slot_count.get_mut(s)) {
             // Its period's slot, unless the ring has moved past it (emptied then).
-            if *e == epoch as u32 && *c > 0 {
-                atomic_add(c, u32::MAX);
-                emptied = Some(*c == 0);
+            if *e == epoch as u32 && c.net() > 0 {
+                c.take();
+                emptied = Some(c.net() == 0);
             }
         }
         if let Some(emptied) = emptied {
-            atomic_add(&mut self.in_ring, u32::MAX);
+            self.in_ring.take();
             if emptied {
                 atomic_and_64(&mut self.occupied, !ring_bit(s));
             }
@@ -532,17 +607,17 @@ impl QueueShape {
             .is_some_and(|&be| be >= epoch.wrapping_add(AGE_SLOTS as u64));
         if !in_ring && moved {
             if let Some(old) = self.bucket_old.get_mut(b) {
-                if *old > 0 {
-                    atomic_add(old, u32::MAX);
+                if old.net() > 0 {
+                    old.take();
                 }
             }
         } else {
             let bucket_count = self.bucket_slot_count.get_mut(b).and_then(|r| r.get_mut(s));
             if let (Some(m), Some(c)) = (self.bucket_slots.get_mut(b), bucket_count) {
-                if *c > 0 {
-                    atomic_add(c, u32::MAX);
+                if c.net() > 0 {
+                    c.take();
                 }
-                if *c == 0 {
+                if c.net() == 0 {
                     atomic_and_64(m, !ring_bit(s));
                 }
             }
@@ -553,19 +628,31 @@ impl QueueShape {
     /// periods passed since the last move are reused for them, and what they
     /// counted ([`AGE_SLOTS`] or more periods old) leaves the ring. At most [`AGE_SLOTS`]
     /// steps, usually none or one (a period is an eighth to a quarter of the
-    /// expiry; inserts come far more often).
+    /// expiry; inserts come far more often). Inserts' side only (it runs at insert).
     #[inline(always)]
     fn advance(&mut self, epoch: u64, sh: u32) {
         if self.ring_shift != sh + 1 {
-            // First use, or the expiry changed: periods of another width.
+            // First use, or the expiry changed: periods of another width. The
+            // counts start over through their inserts' halves, as everywhere at
+            // insert. Rare (the expiry changed): opaque indices, so that LLVM
+            // emits no memset.
             self.ring_shift = sh + 1;
             self.ring_epoch = epoch;
-            self.slot_count = [0; AGE_SLOTS];
-            self.slot_epoch = [0; AGE_SLOTS];
-            self.in_ring = 0;
-            self.occupied = 0;
-            // The buckets' bitmaps and periods are of the old width. Rare (the
-            // expiry changed); an opaque index so that LLVM emits no memset.
+            let mut i = 0u64;
+            while i < AGE_SLOTS as u64 {
+                let s = opaque(i) as usize & (AGE_SLOTS - 1);
+                if let (Some(e), Some(c)) = (self.slot_epoch.get_mut(s), self.slot_count.get_mut(s))
+                {
+                    *e = 0;
+                    c.reset_to(0);
+                }
+                i += 1;
+            }
+            self.in_ring.reset_to(0);
+            if self.occupied != 0 {
+                atomic_and_64(&mut self.occupied, 0);
+            }
+            // The buckets' bitmaps and periods are of the old width.
             let mut i = 0u64;
             while i < SECTOR_BUCKETS as u64 {
                 let b = opaque(i) as usize & (SECTOR_BUCKETS - 1);
@@ -574,9 +661,11 @@ impl QueueShape {
                     self.bucket_epoch.get_mut(b),
                     self.bucket_old.get_mut(b),
                 ) {
-                    *m = 0;
+                    if *m != 0 {
+                        atomic_and_64(m, 0);
+                    }
                     *e = epoch;
-                    *old = 0;
+                    old.reset_to(0);
                 }
                 i += 1;
             }
@@ -593,12 +682,15 @@ impl QueueShape {
             let e = epoch - (n.min(AGE_SLOTS as u64) - i);
             let s = (e as usize) & (AGE_SLOTS - 1);
             if let (Some(se), Some(c)) = (self.slot_epoch.get_mut(s), self.slot_count.get_mut(s)) {
-                let gone = *c;
+                let gone = c.net();
                 *se = e as u32;
-                *c = 0;
-                atomic_add(&mut self.in_ring, gone.wrapping_neg());
+                c.reset_to(0);
+                self.in_ring.add(gone.wrapping_neg());
             }
-            atomic_and_64(&mut self.occupied, !ring_bit(s));
+            let bit = ring_bit(s);
+            if self.occupied & bit != 0 {
+                atomic_and_64(&mut self.occupied, !bit);
+            }
             i += 1;
         }
         self.ring_epoch = epoch;
@@ -617,7 +709,7 @@ impl QueueShape {
             self.bucket_epoch.get(b),
             self.bucket_old.get(b),
         ) {
-            (Some(&c), Some(&m), Some(&e), Some(&o)) => (c as u64, m, e, o as u64),
+            (Some(c), Some(&m), Some(&e), Some(o)) => (c.net() as u64, m, e, o.net() as u64),
             _ => (0, 0, 0, 0),
         };
         let slots_by_age = by_age(slots, now_epoch);
@@ -689,7 +781,7 @@ impl QueueShape {
             let epoch = now_epoch.wrapping_sub(k);
             let s = (epoch as usize) & (AGE_SLOTS - 1);
             let (e, c) = match (self.slot_epoch.get(s), self.slot_count.get(s)) {
-                (Some(&e), Some(&c)) => (e, c as u64),
+                (Some(&e), Some(c)) => (e, c.net() as u64),
                 _ => (0, 0),
             };
             let c = keep(eq(e as u64, epoch & 0xffff_ffff), c);
@@ -699,10 +791,10 @@ impl QueueShape {
             step += 1;
         }
         // The ring's sum and its oldest occupied slot, kept as the counts change.
-        let in_ring = self.in_ring as u64;
+        let in_ring = self.in_ring.net() as u64;
         let oldest_k = sat_sub(bit_length(ring_by_age) as u64, 1);
         // Below 0 (wrapped, see `queued`) reads as 0.
-        let queued = self.queued as u64;
+        let queued = self.queued.net() as u64;
         let queued = keep(1 ^ negative(queued << 32), queued);
         // 0 for an empty queue; the ring's span when some queued request is older
         // than the ring; else the oldest slot's age (its requests are at least
@@ -813,9 +905,9 @@ impl QueueShape {
     ) -> [Option<u64>; 3] {
         let sh = slot_shift(budget_ns);
         let now_epoch = now_ns >> sh;
-        let queued = self.queued as u64;
+        let queued = self.queued.net() as u64;
         let queued = keep(1 ^ negative(queued << 32), queued);
-        let older_than_ring = sat_sub(queued, self.in_ring as u64);
+        let older_than_ring = sat_sub(queued, self.in_ring.net() as u64);
         let ring_by_age = by_age(self.occupied, now_epoch);
         // Queued requests older than slot age `k`: the ring's older slots.
         let place = |slots: u64, beyond: bool| -> u64 {
@@ -833,7 +925,7 @@ impl QueueShape {
                 let epoch = now_epoch.wrapping_sub(age);
                 let s = (epoch as usize) & (AGE_SLOTS - 1);
                 if self.slot_epoch.get(s).copied() == Some(epoch as u32) {
-                    n += self.slot_count.get(s).copied().unwrap_or(0) as u64;
+                    n += self.slot_count.get(s).map_or(0, Tally::net) as u64;
                 }
             }
             n
@@ -997,24 +1089,24 @@ mod tests {
         for &(s, t) in &reqs {
             q.on_insert(s, 15, t, budget);
         }
-        assert_eq!(q.queued, 3);
+        assert_eq!(q.queued.net(), 3);
         for &(s, t) in &reqs {
             q.on_remove(s, 15, t, budget);
         }
-        assert_eq!(q.queued, 0);
-        assert!(q.count.iter().all(|&c| c == 0));
-        assert!(q.slot_count.iter().all(|&c| c == 0));
+        assert_eq!(q.queued.net(), 0);
+        assert!(q.count.iter().all(|c| c.net() == 0));
+        assert!(q.slot_count.iter().all(|c| c.net() == 0));
         // A remove without its insert (attached mid-I/O) takes the count below
         // 0, which reads as an empty queue; the insert it lacked brings it back.
         q.on_remove(7, 15, 0, budget);
-        assert_eq!(q.queued as i32, -1);
+        assert_eq!(q.queued.net() as i32, -1);
         let mut empty = QueueShape::EMPTY;
         assert_eq!(
             q.position(9, 15, 5 * MS, budget),
             empty.position(9, 15, 5 * MS, budget)
         );
         q.on_insert(7, 15, 6 * MS, budget);
-        assert_eq!(q.queued, 0);
+        assert_eq!(q.queued.net(), 0);
     }
 
     #[test]
@@ -1047,7 +1139,7 @@ mod tests {
                 let (w, bit) = bucket_bit(b);
                 assert_eq!(
                     q.buckets_occupied[w] & bit != 0,
-                    q.count[b] != 0,
+                    q.count[b].net() != 0,
                     "bucket {b}"
                 );
             }
@@ -1056,7 +1148,7 @@ mod tests {
         for b0 in 0..SECTOR_BUCKETS as u64 {
             let mut want = 0u64;
             for w in 0..WALK_BUCKETS as u64 {
-                if w <= b0 && q.count[(b0 - w) as usize] != 0 {
+                if w <= b0 && q.count[(b0 - w) as usize].net() != 0 {
                     want |= 1 << w;
                 }
             }
@@ -1095,12 +1187,12 @@ mod tests {
         // old ones: the bucket's oldest stays older than the ring.
         let now = 30 * MS + (81 << 20);
         q.on_insert((10 << 15) + 16, 15, now, budget);
-        assert_eq!((q.count[10], q.bucket_old[10]), (2, 1));
+        assert_eq!((q.count[10].net(), q.bucket_old[10].net()), (2, 1));
         let p = q.position((11 << 15) + 1, 15, now + (3 << 20), budget);
         assert_eq!(p.below_age_log, log_ratio_8(64 << 20, budget));
         // Until it leaves.
         q.on_remove((10 << 15) + 8, 15, 30 * MS, budget);
-        assert_eq!(q.bucket_old[10], 0);
+        assert_eq!(q.bucket_old[10].net(), 0);
         let p = q.position((11 << 15) + 1, 15, now + (3 << 20), budget);
         assert_eq!(p.below_age_log, log_ratio_8(3 << 20, budget));
     }
@@ -1139,6 +1231,60 @@ mod tests {
         // 80 wide periods later the request inserted at t0 has left the ring.
         let p = q.position((11 << 15) + 1, 15, t0 + (80 << 23), wide);
         assert_eq!(p.below_age_log, log_ratio_8(64 << 23, wide));
+    }
+
+    /// Every tally of the state, in a fixed order.
+    fn tallies(q: &QueueShape) -> impl Iterator<Item = &Tally> {
+        core::iter::once(&q.queued)
+            .chain(core::iter::once(&q.in_ring))
+            .chain(q.count.iter())
+            .chain(q.bucket_old.iter())
+            .chain(q.slot_count.iter())
+            .chain(q.bucket_slot_count.iter().flatten())
+    }
+
+    #[test]
+    fn inserts_write_only_their_halves_and_removes_only_theirs() {
+        // The contract that lets an insert use plain stores: it never writes a
+        // half that removes (on other CPUs, at the same time) write, and a remove
+        // never writes the inserts' halves. Over a queue that fills, drains, and
+        // outlives the ring (slots reused, counts moved to the old ones), with
+        // the expiry changed halfway.
+        let mut q = QueueShape::EMPTY;
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut queued = [(0u64, 0u64, 0u64); 512];
+        let mut n = 0usize;
+        let (mut inserts, mut removes) = (0, 0);
+        for i in 0..6000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let now = i * 150_000;
+            let budget = if i < 3000 { 4 * MS } else { 12 * MS };
+            let before = q;
+            if (x % 5 < 3 || n == 0) && n < queued.len() {
+                let s = ((x >> 8) % 30 + 100) << 15 | (x >> 50);
+                q.on_insert(s, 15, now, budget);
+                queued[n] = (s, now, budget);
+                n += 1;
+                inserts += 1;
+                for (a, b) in tallies(&before).zip(tallies(&q)) {
+                    assert_eq!(a.removed, b.removed, "an insert wrote a removes' half");
+                }
+            } else {
+                let j = (x as usize >> 4) % n;
+                let (s, at, budget) = queued[j];
+                n -= 1;
+                queued[j] = queued[n];
+                q.on_remove(s, 15, at, budget);
+                removes += 1;
+                for (a, b) in tallies(&before).zip(tallies(&q)) {
+                    assert_eq!(a.added, b.added, "a remove wrote an inserts' half");
+                }
+            }
+        }
+        assert!(inserts > 3000 && removes > 2000, "{inserts} {removes}");
+        assert!(q.bucket_old.iter().any(|t| t.added != 0), "no count moved");
     }
 
     #[test]
