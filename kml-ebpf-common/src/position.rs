@@ -49,7 +49,9 @@
 //! 127-129 ns for position and model), about 60 ns at 512 queued (bpf-bench).
 //! The inserts' plain halves then took 20-35 ns off again (bpf-bench: 57-59 ns on
 //! an empty queue, 109-124 at 32 queued, 185-207 at 512, from 75-79, 138-145 and
-//! 213-227; the state doubled its count bytes for it, 72,256 to 140,104).
+//! 213-227; the state doubled its count bytes for it, 72,256 to 140,104). Not on
+//! a deep queue (~128 queued, `bench/cost-deep.fio`): there the walk's per-bucket
+//! work decides, about 257 ns per insert with a tree, over the budget of 150.
 //!
 //! Rules kept for the eBPF side: integers only, no division (shifts, masks), loops
 //! bounded by constants, indices masked into range, nothing that can panic, and every

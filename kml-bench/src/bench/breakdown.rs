@@ -230,7 +230,8 @@ pub fn run(ctx: &Ctx) -> Result<Breakdown> {
                     Ok(b)
                 })
                 .collect::<Result<_>>()?;
-            let (all, _) = bench.fio_then_progs(ctx, secs, &name)?;
+            let (all, _) =
+                bench.fio_then_progs(ctx, &super::overhead::job_file(ctx), secs, &name)?;
             let mut less = BTreeMap::new();
             let mut more = BTreeMap::new();
             for ((role, agent, ids), b) in agents.into_iter().zip(before) {

@@ -32,7 +32,7 @@ impl ProgCost {
 }
 
 pub struct CostRow {
-    /// `none` or the model kind.
+    /// `none` or the model kind (with [`DEEP`] after it on the deep queue).
     pub config: String,
     pub round: usize,
     /// The model kind of the run (the `none` agent ran beside that model's agent).
@@ -71,7 +71,8 @@ impl Cost {
     }
 
     /// Inference cost per insert in each round: insert ns of the agent with the model
-    /// minus that of the agent without, which observed the same requests beside it.
+    /// minus that of the agent without (the other agent of its run), which observed
+    /// the same requests beside it.
     pub fn inference_rounds(&self, kind: &str) -> Vec<f64> {
         let insert = |r: &CostRow| {
             r.progs
@@ -85,7 +86,7 @@ impl Cost {
                 let base = self
                     .rows
                     .iter()
-                    .find(|b| b.config == "none" && b.round == r.round && b.pair == r.pair)?;
+                    .find(|b| is_model_free(&b.config) && b.round == r.round && b.pair == r.pair)?;
                 Some(insert(r)? - insert(base)?)
             })
             .collect()
@@ -111,6 +112,23 @@ impl Cost {
                 )
             })
     }
+}
+
+/// What the position model's second pair is called, after its kind: the same model
+/// and the agent without one, on a deep queue ([`deep_job_file`]).
+pub const DEEP: &str = " (deep queue)";
+
+/// The agent without a model: `none`, or `none (deep queue)` beside the deep pair.
+pub fn is_model_free(config: &str) -> bool {
+    config == "none" || config.strip_suffix(DEEP) == Some("none")
+}
+
+/// The deep-queue job: mixed 16k random I/O, 384 in flight over the loop device's
+/// 128 tags, so that mq-deadline holds about 128 requests (measure 1's job holds
+/// almost none: 32 in flight). The position features cost what their walk
+/// visits, and the walk visits more of a deeper queue.
+pub fn deep_job_file(ctx: &Ctx) -> PathBuf {
+    ctx.root.join("bench").join("cost-deep.fio")
 }
 
 pub fn bpftool_progs() -> Result<Vec<ProgStat>> {
@@ -177,12 +195,28 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
     // An even number of rounds: each order of the two agents equally often.
     let (rounds, secs) = if ctx.quick { (2, 2) } else { (6, 3) };
     // Each kind's own code path, and a position model where one is shipped (its
-    // insert also keeps the position state and takes the request's place).
-    let kinds: Vec<(String, PathBuf)> = INFERENCE_KINDS
+    // insert also keeps the position state and takes the request's place), on
+    // measure 1's job and again on a deep queue, where its walk visits more.
+    let shallow = job_file(ctx);
+    let deep = deep_job_file(ctx);
+    let mut kinds: Vec<(String, PathBuf, &Path)> = INFERENCE_KINDS
         .iter()
         .chain(&[POSITION_MODEL])
-        .filter_map(|k| Some((k.to_string(), models?.get(k)?.to_path_buf())))
+        .filter_map(|k| {
+            Some((
+                k.to_string(),
+                models?.get(k)?.to_path_buf(),
+                shallow.as_path(),
+            ))
+        })
         .collect();
+    if let Some(p) = models.and_then(|m| m.get(POSITION_MODEL)) {
+        kinds.push((
+            format!("{POSITION_MODEL}{DEEP}"),
+            p.to_path_buf(),
+            deep.as_path(),
+        ));
+    }
     let bench = StatsBench::set_up(ctx)?;
     let dev = &bench.dev;
     let mut rows = Vec::new();
@@ -190,7 +224,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
     // observing the same device in the same fio run, so every request runs both
     // insert programs back to back: the difference is paired event by event. Which
     // of the two attaches first (and so runs first) alternates by round.
-    let pairs: Vec<Option<(String, PathBuf)>> = if kinds.is_empty() {
+    let pairs: Vec<Option<(String, PathBuf, &Path)>> = if kinds.is_empty() {
         vec![None]
     } else {
         kinds.into_iter().map(Some).collect()
@@ -200,9 +234,17 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             let pair = &pairs[(i + round) % pairs.len()];
             sys::check_interrupted()?;
             let kind = pair.as_ref().map_or("none", |p| p.0.as_str());
-            let name = format!("cost.r{round}.{kind}");
-            let mut order: Vec<(String, Option<&Path>)> = vec![("none".into(), None)];
-            if let Some((k, p)) = pair {
+            let job = pair.as_ref().map_or(shallow.as_path(), |p| p.2);
+            let deep_pair = kind.ends_with(DEEP);
+            // File names without the label's spaces and brackets.
+            let name = format!("cost.r{round}.{}", kind.replace(DEEP, "-deep"));
+            let none = if deep_pair {
+                format!("none{DEEP}")
+            } else {
+                "none".into()
+            };
+            let mut order: Vec<(String, Option<&Path>)> = vec![(none, None)];
+            if let Some((k, p, _)) = pair {
                 order.push((k.clone(), Some(p.as_path())));
                 if round % 2 == 1 {
                     order.reverse();
@@ -210,7 +252,8 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             }
             let mut watched: Vec<(String, Watched)> = Vec::new();
             for (config, model) in order {
-                let w = watch(ctx, dev, model, &format!("{name}.{config}.agent"))?;
+                let tag = if model.is_some() { "model" } else { "none" };
+                let w = watch(ctx, dev, model, &format!("{name}.{tag}.agent"))?;
                 watched.push((config, w));
             }
             let all = bpftool_progs()?;
@@ -224,7 +267,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
                     );
                 }
             }
-            let (all, fio_ios) = bench.fio_then_progs(ctx, secs, &name)?;
+            let (all, fio_ios) = bench.fio_then_progs(ctx, job, secs, &name)?;
             for (config, w) in watched {
                 let progs = deltas(&w.before, &event_progs(&all, &w.ids));
                 drop(w.agent);
@@ -294,10 +337,16 @@ impl StatsBench {
         })
     }
 
-    /// Runs measure 1's fio job on the device for `secs`, then reads every
+    /// Runs the fio job `job` on the device for `secs`, then reads every
     /// program's stats: those and fio's I/O count.
-    pub fn fio_then_progs(&self, ctx: &Ctx, secs: u64, name: &str) -> Result<(Vec<ProgStat>, u64)> {
-        let mut fio = spawn_fio(ctx, &job_file(ctx), &self.dev.path, secs, name, None)?;
+    pub fn fio_then_progs(
+        &self,
+        ctx: &Ctx,
+        job: &Path,
+        secs: u64,
+        name: &str,
+    ) -> Result<(Vec<ProgStat>, u64)> {
+        let mut fio = spawn_fio(ctx, job, &self.dev.path, secs, name, None)?;
         let status = fio.wait(Duration::from_secs(secs + 60))?;
         let all = bpftool_progs()?;
         if !status.success() {
@@ -349,9 +398,9 @@ mod tests {
         assert_eq!(ProgCost::default().ns_per_run(), None);
     }
 
-    #[test]
-    fn inference_cost_is_the_insert_difference() {
-        let row = |config: &str, round: usize, pair: &str, ns: u64| CostRow {
+    /// A run's row: `config`'s agent, ten inserts of `ns` each.
+    fn row(config: &str, round: usize, pair: &str, ns: u64) -> CostRow {
+        CostRow {
             config: config.into(),
             round,
             pair: pair.into(),
@@ -365,7 +414,11 @@ mod tests {
             .into_iter()
             .collect(),
             fio_ios: 10,
-        };
+        }
+    }
+
+    #[test]
+    fn inference_cost_is_the_insert_difference() {
         let c = Cost {
             rows: vec![
                 row("none", 0, "linear", 300),
@@ -388,5 +441,30 @@ mod tests {
         assert_eq!(c.configs(), ["none", "linear", "tree"]);
         assert_eq!(c.runs_and_ios("none"), (30, 30));
         assert_eq!(c.runs_and_ios("linear"), (20, 20));
+    }
+
+    #[test]
+    fn the_deep_pair_is_paired_with_its_own_agent_without_a_model() {
+        let row = |config: &str, pair: &str, ns: u64| row(config, 0, pair, ns);
+        let deep = format!("tree-position{DEEP}");
+        let none_deep = format!("none{DEEP}");
+        let c = Cost {
+            rows: vec![
+                row("none", "tree-position", 150),
+                row("tree-position", "tree-position", 250),
+                row(&none_deep, &deep, 200),
+                row(&deep, &deep, 480),
+            ],
+            secs: 1,
+            rounds: 1,
+            stats_was: "0".into(),
+        };
+        assert!(is_model_free("none") && is_model_free(&none_deep));
+        assert!(!is_model_free(&deep) && !is_model_free("tree"));
+        assert_eq!(c.inference_ns("tree-position"), Some(100.0));
+        assert_eq!(c.inference_ns(&deep), Some(280.0));
+        // The shallow agent's ns per event are not mixed with the deep one's.
+        assert_eq!(c.ns("none", EventProg::Insert), Some(150.0));
+        assert_eq!(c.ns(&none_deep, EventProg::Insert), Some(200.0));
     }
 }

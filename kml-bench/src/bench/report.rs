@@ -215,6 +215,35 @@ fn summary(md: &mut String, r: &Results) {
                     );
                 }
             }
+            // Issue 13's budget for the position features: ≤ 150 ns added per
+            // insert, on measure 1's shallow queue and on the deep one.
+            let position = super::learning::POSITION_MODEL;
+            let tree = c.inference_ns("tree");
+            for (label, kind) in [
+                ("shallow queue (measure 1's job)", position.to_owned()),
+                (
+                    "deep queue (`bench/cost-deep.fio`, ~128 queued)",
+                    format!("{position}{}", super::cost::DEEP),
+                ),
+            ] {
+                if let Some(ns) = c.inference_ns(&kind) {
+                    let v = c.inference_rounds(&kind);
+                    let added = tree.map(|t| ns - t);
+                    let _ = writeln!(
+                        md,
+                        "| in-kernel inference cost per insert, {position} on a {label}; the position's part (minus `tree`'s) | ≤ 150 ns added per insert | **{ns:.0} ns** (mean of {} paired runs; range {:.0}–{:.0}); position {} ns: {} |",
+                        v.len(),
+                        v.iter().copied().fold(f64::INFINITY, f64::min),
+                        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                        opt(added, |a| format!("{a:.0}")),
+                        match added {
+                            Some(a) if a <= 150.0 => "met",
+                            Some(_) => "missed",
+                            None => "not measured",
+                        }
+                    );
+                }
+            }
             if let Some(ns) = c.ns("none", EventProg::Insert) {
                 let _ = writeln!(
                     md,
@@ -469,7 +498,9 @@ fn cost_section(md: &mut String, plots: &mut Vec<(String, String)>, r: &Results)
     let _ = writeln!(
         md,
         "`kernel.bpf_stats_enabled=1` for the measure (it was `{}` before and was restored), on the tmpfs \
-         loop device under the fio job of measure 1 ({} round(s) × {} s per model). **Two agents observe the \
+         loop device under the fio job of measure 1 ({} round(s) × {} s per model; the position model \
+         once more on a deep queue, `bench/cost-deep.fio`, beside its own agent without a model: the rows \
+         marked \"deep queue\"). **Two agents observe the \
          device at once** in each run: one without a model and one with the model, so every request runs \
          both insert programs back to back under the same load, and the difference is paired event by \
          event; which of the two attaches (and so runs) first alternates by round. `bpftool prog show -j` \
@@ -495,7 +526,7 @@ fn cost_section(md: &mut String, plots: &mut Vec<(String, String)>, r: &Results)
             md,
             "| {config} | {} | {} | {} | {} | {runs} / {ios} |",
             opt(c.ns(&config, EventProg::Insert), |v| format!("{v:.0}")),
-            if config == "none" {
+            if super::cost::is_model_free(&config) {
                 "–".into()
             } else {
                 opt(c.inference_ns(&config), |v| format!("**{v:.0}**"))
@@ -522,6 +553,8 @@ fn cost_section(md: &mut String, plots: &mut Vec<(String, String)>, r: &Results)
                 (
                     if cfg == "none" {
                         "no model".to_owned()
+                    } else if super::cost::is_model_free(&cfg) {
+                        format!("no model{}", super::cost::DEEP)
                     } else {
                         format!("{cfg} model")
                     },
