@@ -465,11 +465,17 @@ impl Observer {
             );
         };
         if s.active == 0 {
-            // A new device in this slot: its position state starts empty.
+            // A new device in this slot: its position state starts empty. Built
+            // on the heap: two states are 280 KB, a lot for a worker's stack.
+            let empty: Box<[QueueShape; 2]> = vec![QueueShape::EMPTY; 2]
+                .into_boxed_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("two position states"))?;
             let mut shapes: Array<&mut MapData, [QueueShape; 2]> =
                 map_mut(&mut self.ebpf, map::SHAPES)?;
+            // By reference: `*empty` would move it back onto the stack.
             shapes
-                .set(slot, [QueueShape::EMPTY; 2], 0)
+                .set(slot, empty.as_ref(), 0)
                 .context("SHAPES reset")?;
         }
         s.dev = dev;
