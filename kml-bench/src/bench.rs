@@ -100,8 +100,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "S")]
     pub arm_secs: Option<u64>,
     /// Overhead: the arms to run (comma-separated: none, aa, null, biolatency,
-    /// biosnoop, bpftrace, observe, infer); `none`, the baseline, always runs.
-    /// Default: all.
+    /// biosnoop, bpftrace, observe, infer, infer-position); `none`, the baseline,
+    /// always runs. Default: all.
     #[arg(long, value_delimiter = ',', value_name = "ARMS")]
     pub arms: Vec<String>,
     /// Overhead: also run the agent of this git revision (built once into

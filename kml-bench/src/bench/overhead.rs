@@ -39,7 +39,7 @@ use kml_ebpf_common::bench_refs::RefKind;
 use super::alternation::{self, Arms, Measured, Schedule, TaskTimes};
 use super::before::BeforeAgent;
 use super::fiolog::{self, Window};
-use super::learning::{fio_result, spawn_fio_with, Models};
+use super::learning::{fio_result, spawn_fio_with, Models, POSITION_MODEL};
 use super::parse::{self, EventProg, FioSummary};
 use super::refs::RefPrograms;
 use super::stats::{self, Estimate};
@@ -47,7 +47,7 @@ use super::sys::{self, LoopDevice, Proc, SysctlGuard, TmpfsMount};
 use super::Ctx;
 
 /// The arms `--arms` can choose, in report order. `none` (the baseline) always runs.
-pub const ARM_KEYS: [&str; 8] = [
+pub const ARM_KEYS: [&str; 9] = [
     "none",
     "aa",
     "null",
@@ -56,6 +56,7 @@ pub const ARM_KEYS: [&str; 8] = [
     "bpftrace",
     "observe",
     "infer",
+    "infer-position",
 ];
 
 #[derive(Clone, Debug)]
@@ -918,10 +919,14 @@ fn windows_csv(run: &Run, specs: &[ArmSpec]) -> String {
 }
 
 /// The arms of this run: `--arms` (default all), with the `--before` agent's
-/// observe/infer arms after this tree's.
+/// observe/infer arms after this tree's. `model` is the `infer` arm's model,
+/// `position` the `infer-position` arm's: the one `run --model auto` starts from
+/// on raw tracepoints, which keeps the position state at every insert and
+/// dispatch.
 pub fn arm_specs(
     ctx: &Ctx,
     model: Option<&(String, PathBuf)>,
+    position: Option<&(String, PathBuf)>,
     before: Option<&BeforeAgent>,
 ) -> Result<Vec<ArmSpec>> {
     for k in &ctx.arms {
@@ -975,6 +980,21 @@ pub fn arm_specs(
                     },
                 )
             }
+            "infer-position" => {
+                let Some(m) = position else {
+                    eprintln!(
+                        "xtask: bench: overhead: no position model: the observe + infer (position) arm is left out"
+                    );
+                    continue;
+                };
+                (
+                    format!("kml observe + infer, position ({})", model_label(m)),
+                    ArmKind::Agent {
+                        binary: ctx.agent.clone(),
+                        model: Some(m.1.clone()),
+                    },
+                )
+            }
             _ => unreachable!("ARM_KEYS"),
         };
         v.push(ArmSpec {
@@ -1009,11 +1029,15 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Overhead> {
             .iter()
             .find_map(|k| m.get(k).map(|p| (k.to_string(), p.to_path_buf())))
     });
+    let position = models.and_then(|m| {
+        m.get(POSITION_MODEL)
+            .map(|p| (POSITION_MODEL.to_string(), p.to_path_buf()))
+    });
     let before = match &ctx.before {
         Some(rev) => Some(super::before::build(ctx, rev)?),
         None => None,
     };
-    let arms = arm_specs(ctx, model.as_ref(), before.as_ref())?;
+    let arms = arm_specs(ctx, model.as_ref(), position.as_ref(), before.as_ref())?;
     let schedule = Schedule {
         cycles: ctx.cycles.unwrap_or(if ctx.quick { 3 } else { 20 }).max(2),
         settle: Duration::from_secs(1),
