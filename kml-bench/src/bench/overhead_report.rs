@@ -12,6 +12,9 @@ use super::stats::Estimate;
 use super::svg::{self, BarChart};
 use super::Ctx;
 
+/// The arms that run kml's agent, which `--before` repeats with the earlier build.
+const AGENT_ARMS: [&str; 3] = ["observe", "infer", "infer-position"];
+
 /// Where an interval lies against a goal: wholly on the good side (met), wholly on
 /// the bad side (missed), or across it (the run cannot tell).
 pub fn against(e: &Estimate, goal: f64, at_least: bool) -> &'static str {
@@ -391,7 +394,7 @@ fn before_after(md: &mut String, o: &Overhead) {
          interval; a change is resolved when the interval excludes 1.\n\n\
          | configuration | before: IOPS ratio to no probes | after: IOPS ratio to no probes | IOPS after / before | I/O-path CPU ns per I/O before → after | CPU per I/O after / before |\n| --- | --- | --- | --- | --- | --- |"
     );
-    for key in ["observe", "infer"] {
+    for key in AGENT_ARMS {
         let (Some(a), Some(b)) = (o.arm(key), o.arm(&format!("{key}@before"))) else {
             continue;
         };
@@ -414,7 +417,7 @@ fn before_after(md: &mut String, o: &Overhead) {
             md,
             "\nns per event (bpf_stats, one observer at a time), before → after:\n\n| configuration | insert | issue | complete |\n| --- | --- | --- | --- |"
         );
-        for key in ["observe", "infer"] {
+        for key in AGENT_ARMS {
             let (Some(a), Some(b)) = (o.cost_arm(key), o.cost_arm(&format!("{key}@before"))) else {
                 continue;
             };
