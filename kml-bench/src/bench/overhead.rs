@@ -965,30 +965,19 @@ pub fn arm_specs(
                     model: None,
                 },
             ),
-            "infer" => {
-                let Some(m) = model else {
+            "infer" | "infer-position" => {
+                let (m, what) = match key {
+                    "infer" => (model, ""),
+                    _ => (position, ", position"),
+                };
+                let Some(m) = m else {
                     eprintln!(
-                        "xtask: bench: overhead: no model: the observe + infer arm is left out"
+                        "xtask: bench: overhead: no model for it: the observe + infer{what} arm is left out"
                     );
                     continue;
                 };
                 (
-                    format!("kml observe + infer ({})", model_label(m)),
-                    ArmKind::Agent {
-                        binary: ctx.agent.clone(),
-                        model: Some(m.1.clone()),
-                    },
-                )
-            }
-            "infer-position" => {
-                let Some(m) = position else {
-                    eprintln!(
-                        "xtask: bench: overhead: no position model: the observe + infer (position) arm is left out"
-                    );
-                    continue;
-                };
-                (
-                    format!("kml observe + infer, position ({})", model_label(m)),
+                    format!("kml observe + infer{what} ({})", model_label(m)),
                     ArmKind::Agent {
                         binary: ctx.agent.clone(),
                         model: Some(m.1.clone()),
