@@ -183,7 +183,7 @@ pub struct QueueShape {
     /// the counts change, so that no query sums the ring).
     pub in_ring: Tally,
     /// The slot period the ring has been advanced to: every slot of a period up to
-    /// 32 before it that has left the ring was emptied (see `advance`).
+    /// [`AGE_SLOTS`] before it that has left the ring was emptied (see `advance`).
     pub ring_epoch: u64,
     /// `slot_shift + 1` of the periods the ring is in (0: not used yet); another
     /// shift (the expiry changed) starts the ring over.
@@ -584,10 +584,11 @@ impl QueueShape {
         }
         let epoch = insert_ns >> slot_shift(budget_ns);
         let s = (epoch as usize) & (AGE_SLOTS - 1);
+        // Its period's slot, unless the ring has moved past it (emptied then).
+        let in_ring = self.slot_epoch.get(s).copied() == Some(epoch as u32);
         let mut emptied = None;
-        if let (Some(e), Some(c)) = (self.slot_epoch.get(s), self.slot_count.get_mut(s)) {
-            // Its period's slot, unless the ring has moved past it (emptied then).
-            if *e == epoch as u32 && c.net() > 0 {
+        if let Some(c) = self.slot_count.get_mut(s) {
+            if in_ring && c.net() > 0 {
                 c.take();
                 emptied = Some(c.net() == 0);
             }
@@ -602,7 +603,6 @@ impl QueueShape {
         // (the bucket's bit of it is current: the insert brought the bucket up to
         // date) or until the bucket is brought up to date again, else the count
         // of its requests older than the ring.
-        let in_ring = self.slot_epoch.get(s).copied() == Some(epoch as u32);
         let moved = self
             .bucket_epoch
             .get(b)
@@ -696,6 +696,13 @@ impl QueueShape {
             i += 1;
         }
         self.ring_epoch = epoch;
+    }
+
+    /// Requests queued; below 0 (wrapped, see `queued`) reads as 0. Branch-free.
+    #[inline(always)]
+    fn queued_now(&self) -> u64 {
+        let queued = self.queued.net() as u64;
+        keep(1 ^ negative(queued << 32), queued)
     }
 
     /// Bucket `b`'s queued count, its slots still in the ring by age (bit `k`: a
@@ -795,9 +802,7 @@ impl QueueShape {
         // The ring's sum and its oldest occupied slot, kept as the counts change.
         let in_ring = self.in_ring.net() as u64;
         let oldest_k = sat_sub(bit_length(ring_by_age) as u64, 1);
-        // Below 0 (wrapped, see `queued`) reads as 0.
-        let queued = self.queued.net() as u64;
-        let queued = keep(1 ^ negative(queued << 32), queued);
+        let queued = self.queued_now();
         // 0 for an empty queue; the ring's span when some queued request is older
         // than the ring; else the oldest slot's age (its requests are at least
         // `oldest_k` slots old).
@@ -907,8 +912,7 @@ impl QueueShape {
     ) -> [Option<u64>; 3] {
         let sh = slot_shift(budget_ns);
         let now_epoch = now_ns >> sh;
-        let queued = self.queued.net() as u64;
-        let queued = keep(1 ^ negative(queued << 32), queued);
+        let queued = self.queued_now();
         let older_than_ring = sat_sub(queued, self.in_ring.net() as u64);
         let ring_by_age = by_age(self.occupied, now_epoch);
         // Queued requests older than slot age `k`: the ring's older slots.
@@ -941,11 +945,11 @@ impl QueueShape {
             let low = below & below.wrapping_neg();
             below ^= low;
             let b = (b0.wrapping_sub(bit_index_16(low)) as usize) & (SECTOR_BUCKETS - 1);
-            let (c, valid, older_than_ring) = self.bucket_oldest(b, now_epoch);
+            let (c, valid, bucket_beyond) = self.bucket_oldest(b, now_epoch);
             if c == 0 {
                 continue;
             }
-            beyond |= older_than_ring != 0;
+            beyond |= bucket_beyond != 0;
             slots |= valid;
             walked += c;
             while j < out.len() && walked >= Self::PLACE_STOPS[j] {
