@@ -31,7 +31,7 @@ use aya::{
 };
 use kml_ebpf_common::{
     abi::names::{global, map, program, Event, EVENTS, RAW_STAGES, TP_STAGES},
-    device::{unpack_counts, Control, DeviceSlot, ReqState, MAX_DEVICES},
+    device::{Control, DeviceSlot, ReqState, MAX_DEVICES},
     position::{bucket_shift_for, QueueShape},
     Counter, Counters, DeviceConfig, DeviceEvents, DeviceState, InflightKey,
 };
@@ -907,8 +907,7 @@ impl Drop for Observer {
 
 /// The counts of a device slot, as the host reads them.
 pub fn device_state(s: &DeviceSlot) -> DeviceState {
-    let (inflight_read, queued_read) = unpack_counts(s.counts_read);
-    let (inflight_write, queued_write) = unpack_counts(s.counts_write);
+    let [(inflight_read, queued_read), (inflight_write, queued_write)] = s.counts();
     DeviceState {
         inflight_read: inflight_read.into(),
         inflight_write: inflight_write.into(),

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use kml_ebpf_common::{
     abi::names::stage,
-    device::{unpack_counts, DeviceSlot, ReqState, COUNT_INFLIGHT, COUNT_INSERT, COUNT_QUEUED},
+    device::{count_between, DeviceSlot, ReqState},
     label::{fifo_time_fallback, miss_share_step},
     layout::ablate,
     op::{Direction, ReqOp},
@@ -28,8 +28,8 @@ use kml_ebpf_common::{
 };
 
 use crate::maps::{
-    add, count, counters, device_event, fetch_add, layout, load, sub, Handoff, BATCHES, DEVICES,
-    HANDOFF, INFER, MODEL_CONTROL, RECORDS, SHAPES,
+    add32, count, counters, device_event, layout, load32, Handoff, BATCHES, DEVICES, HANDOFF,
+    INFER, MODEL_CONTROL, RECORDS, SHAPES,
 };
 
 /// Where an entry is in its life (`ReqState::phase`).
@@ -62,33 +62,55 @@ pub struct Req {
     pub ioprio: u16,
 }
 
+/// A direction's counts in its device slot: requests inserted (the inserts'
+/// line), that left the queue (the issues' line), that left flight (the
+/// completions' line). See `DeviceSlot`.
+struct DirCounts {
+    inserted: *mut u32,
+    unqueued: *mut u32,
+    done: *mut u32,
+}
+
 #[inline(always)]
-fn counts_of(s: *mut DeviceSlot, dir: Direction) -> *mut u64 {
+fn counts_of(s: *mut DeviceSlot, dir: Direction) -> DirCounts {
     unsafe {
         match dir {
-            Direction::Read => &raw mut (*s).counts_read,
-            Direction::Write => &raw mut (*s).counts_write,
+            Direction::Read => DirCounts {
+                inserted: &raw mut (*s).inserted_read,
+                unqueued: &raw mut (*s).unqueued_read,
+                done: &raw mut (*s).done_read,
+            },
+            Direction::Write => DirCounts {
+                inserted: &raw mut (*s).inserted_write,
+                unqueued: &raw mut (*s).unqueued_write,
+                done: &raw mut (*s).done_write,
+            },
         }
     }
 }
 
-/// What the entry still holds in the device counts, by phase.
-#[inline(always)]
-fn held(phase: u32) -> u64 {
-    match phase {
-        p if p == Phase::Queued as u32 || p == Phase::Requeued as u32 => COUNT_INSERT,
-        p if p == Phase::Issued as u32 => COUNT_INFLIGHT,
-        _ => 0,
+impl DirCounts {
+    /// `(in flight, queued)` given the inserted count.
+    #[inline(always)]
+    fn with(&self, inserted: u32) -> (u32, u32) {
+        (
+            count_between(inserted, load32(self.done)),
+            count_between(inserted, load32(self.unqueued)),
+        )
     }
 }
 
-/// Gives back what an entry holds in its device's counts.
+/// Gives back what an entry holds in its device's counts (by phase: a queued
+/// entry leaves the queue and flight, an issued one flight).
 #[inline(always)]
 pub fn release(s: *mut DeviceSlot, e: *mut ReqState) {
     let (phase, op) = unsafe { ((*e).phase, (*e).rec.op) };
-    let h = held(phase);
-    if h != 0 {
-        sub(counts_of(s, ReqOp::from_u8(op).direction()), h);
+    let c = counts_of(s, ReqOp::from_u8(op).direction());
+    if phase == Phase::Queued as u32 || phase == Phase::Requeued as u32 {
+        add32(c.unqueued, 1);
+        add32(c.done, 1);
+    } else if phase == Phase::Issued as u32 {
+        add32(c.done, 1);
     }
 }
 
@@ -157,6 +179,9 @@ pub fn on_insert(
         stale(c, s, slot, e);
     }
 
+    // The others (the counts before this request). Inserts of a device run one
+    // at a time (see `DeviceSlot`): the inserted counts are exact here, read and
+    // written with plain accesses.
     let counts = counts_of(s, dir);
     let other = counts_of(
         s,
@@ -165,9 +190,14 @@ pub fn on_insert(
             Direction::Write => Direction::Read,
         },
     );
-    // The others (the add returns the counts before this request).
-    let (inflight_same, queued_same) = unpack_counts(fetch_add(counts, COUNT_INSERT));
-    let (inflight_other, queued_other) = unpack_counts(load(other));
+    let ((inflight_same, queued_same), (inflight_other, queued_other)) =
+        if layout!(ablate) & ablate::PROBE_NO_COUNTS != 0 {
+            ((0, 0), (0, 0))
+        } else {
+            let n = load32(counts.inserted);
+            unsafe { core::ptr::write_volatile(counts.inserted, n.wrapping_add(1)) };
+            (counts.with(n), other.with(load32(other.inserted)))
+        };
     let (inflight_read, inflight_write, queued_read, queued_write) = match dir {
         Direction::Read => (inflight_same, inflight_other, queued_same, queued_other),
         Direction::Write => (inflight_other, inflight_same, queued_other, queued_same),
@@ -452,7 +482,7 @@ pub fn on_issue(
         // its clock: the host replays steps and reads in ns order.
         let now = clock_ns();
         (*e).rec.issue_ns = now;
-        sub(counts_of(s, dir), COUNT_QUEUED);
+        add32(counts_of(s, dir).unqueued, 1);
         if no_load {
             return;
         }
@@ -544,9 +574,9 @@ pub fn on_requeue(s: *mut DeviceSlot, e: *mut ReqState) {
             (*e).phase = Phase::Requeued as u32;
             (*e).rec.issue_ns = 0;
             (*e).rec.issue_jiffies = 0;
-            add(
-                counts_of(s, ReqOp::from_u8((*e).rec.op).direction()),
-                COUNT_QUEUED,
+            add32(
+                counts_of(s, ReqOp::from_u8((*e).rec.op).direction()).unqueued,
+                u32::MAX,
             );
         }
     }

@@ -1,7 +1,7 @@
 //! Every map and global the programs share, and the small helpers that touch them.
 //! The names are the contract with the agent (see `kml_ebpf_common::abi`).
 
-use core::intrinsics::{atomic_xadd, atomic_xsub, AtomicOrdering};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
@@ -139,44 +139,22 @@ pub fn device_event(slot: u32, f: impl FnOnce(&mut DeviceEvents)) {
     }
 }
 
-/// Atomic fetch-add on a u64 in a map value; returns the previous value.
+/// Atomic add to a u32 in a map value, old value not needed (`lock add`): the
+/// removes' side of a device count (issue, completion, and the rare merge, stale
+/// entry and requeue), which runs on any CPU.
 #[inline(always)]
-pub fn fetch_add(p: *mut u64, v: u64) -> u64 {
-    if layout!(ablate) & kml_ebpf_common::layout::ablate::PROBE_NO_COUNTS != 0 {
-        return 0;
-    }
-    // SeqCst, not Relaxed: LLVM's BPF backend lowers a monotonic fetch-add to the
-    // non-fetching `lock add` even when the old value is used (it then reads as
-    // the addend); SeqCst selects BPF_ADD | BPF_FETCH.
-    // SAFETY: `p` points into a map value that outlives the program run, 8-aligned.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, v) }
-}
-
-/// Atomic add whose old value is not needed (`lock add`).
-#[inline(always)]
-pub fn add(p: *mut u64, v: u64) {
+pub fn add32(p: *mut u32, v: u32) {
     if layout!(ablate) & kml_ebpf_common::layout::ablate::PROBE_NO_COUNTS != 0 {
         return;
     }
-    // SAFETY: as for `fetch_add`.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+    // SAFETY: `p` points into a map value that outlives the program run, 4-aligned.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
-/// Atomic subtract whose old value is not needed.
+/// A u32 of a map value another CPU may write (one plain load).
 #[inline(always)]
-pub fn sub(p: *mut u64, v: u64) {
-    if layout!(ablate) & kml_ebpf_common::layout::ablate::PROBE_NO_COUNTS != 0 {
-        return;
-    }
-    // SAFETY: as for `fetch_add`.
-    unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
-}
-
-#[inline(always)]
-pub fn load(p: *const u64) -> u64 {
-    // A plain volatile load: aligned 8-byte loads are atomic on every BPF JIT, and
-    // LLVM's BPF backend cannot select an atomic load at the default CPU level.
-    // SAFETY: as for `fetch_add`.
+pub fn load32(p: *const u32) -> u32 {
+    // SAFETY: as for `add32`.
     unsafe { core::ptr::read_volatile(p) }
 }
 

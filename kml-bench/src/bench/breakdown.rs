@@ -78,7 +78,7 @@ pub const STEPS: [Step; 9] = [
         cumulative: false,
     },
     Step {
-        name: "of which: the atomic in-flight and queued counts (a line both CPUs write)",
+        name: "of which: the in-flight and queued counts (inserted, left the queue, left flight: one line per writer)",
         less: ablate::PROBE_NO_COUNTS,
         more: 0,
         cumulative: false,

@@ -55,8 +55,8 @@ pub mod ablate {
     pub const PROBE_STOP_AT_ENTRY: u32 = 2048;
     /// Cost probe: insert, issue and complete return after the window read.
     pub const PROBE_STOP_AT_READ: u32 = 4096;
-    /// Cost probe: no atomic read-modify-write of the device's counts (the
-    /// in-flight and queued features read 0).
+    /// Cost probe: the device's in-flight and queued counts neither read nor
+    /// written (the features read 0).
     pub const PROBE_NO_COUNTS: u32 = 8192;
     /// Cost probe: insert writes only the entry's first line (owner, phase, the
     /// record's first fields): what writing the whole record costs.
