@@ -574,6 +574,7 @@ pub fn on_requeue(s: *mut DeviceSlot, e: *mut ReqState) {
             (*e).phase = Phase::Requeued as u32;
             (*e).rec.issue_ns = 0;
             (*e).rec.issue_jiffies = 0;
+            // One fewer has left the queue (-1, wrapping).
             add32(
                 counts_of(s, ReqOp::from_u8((*e).rec.op).direction()).unqueued,
                 u32::MAX,
