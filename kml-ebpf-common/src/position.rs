@@ -50,8 +50,9 @@
 //! The inserts' plain halves then took 20-35 ns off again (bpf-bench: 57-59 ns on
 //! an empty queue, 109-124 at 32 queued, 185-207 at 512, from 75-79, 138-145 and
 //! 213-227; the state doubled its count bytes for it, 72,256 to 140,104). Not on
-//! a deep queue (~128 queued, `bench/cost-deep.fio`): there the walk's per-bucket
-//! work decides, about 257 ns per insert with a tree, over the budget of 150.
+//! a deep queue (~128 queued, `bench/cost-deep.fio`): about 257-289 ns per insert
+//! with a tree, over the budget of 150. Not the walk's length: a walk of 8 buckets
+//! instead of 16 saved ~8 ns there (docs/learning.md, "Cost in the kernel").
 //!
 //! Rules kept for the eBPF side: integers only, no division (shifts, masks), loops
 //! bounded by constants, indices masked into range, nothing that can panic, and every
