@@ -63,6 +63,7 @@
 use crate::branchless::{
     bit_index_16, eq, keep, lt, min, negative, nonzero, opaque, sat_sub, select,
 };
+use crate::device::count_between;
 #[cfg(test)]
 use crate::logscale::log_ratio_8;
 use crate::logscale::{bit_length, log2_8, LOG_RATIO_MAX, LOG_RATIO_ONE};
@@ -702,8 +703,7 @@ impl QueueShape {
     /// Requests queued; below 0 (wrapped, see `queued`) reads as 0. Branch-free.
     #[inline(always)]
     fn queued_now(&self) -> u64 {
-        let queued = self.queued.net() as u64;
-        keep(1 ^ negative(queued << 32), queued)
+        count_between(self.queued.added, self.queued.removed) as u64
     }
 
     /// Bucket `b`'s queued count, its slots still in the ring by age (bit `k`: a

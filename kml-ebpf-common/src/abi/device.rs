@@ -18,7 +18,10 @@
 //! Classic tracepoints have no request pointer: there a request is found by
 //! (dev, sector) in a hash map, as before.
 
-use crate::record::RequestRecord;
+use crate::{
+    branchless::{keep, negative},
+    record::RequestRecord,
+};
 
 /// Device slots (entries of `DEVICES`).
 pub const MAX_DEVICES: u32 = 16;
@@ -101,20 +104,18 @@ pub struct DeviceSlot {
 
 /// `inserted - left` of two wrapping counts; 0 when `left` is ahead (never, with
 /// every remove after its insert; a read that raced an update must not wrap to
-/// four billion).
+/// four billion). Branch-free: the position state reads its queued count through
+/// it too (`position::Tally`), inside code the verifier must see as one path.
 #[inline(always)]
-pub const fn count_between(inserted: u32, left: u32) -> u32 {
-    let d = inserted.wrapping_sub(left);
-    if d > i32::MAX as u32 {
-        0
-    } else {
-        d
-    }
+pub fn count_between(inserted: u32, left: u32) -> u32 {
+    let d = inserted.wrapping_sub(left) as u64;
+    // Bit 31 set: `left` is ahead (a wrapped difference).
+    keep(1 ^ negative(d << 32), d) as u32
 }
 
 impl DeviceSlot {
     /// `(in flight, queued)` of reads, then of the rest.
-    pub const fn counts(&self) -> [(u32, u32); 2] {
+    pub fn counts(&self) -> [(u32, u32); 2] {
         [
             (
                 count_between(self.inserted_read, self.done_read),
