@@ -38,6 +38,11 @@ struct Args {
     train: Vec<PathBuf>,
     #[arg(long, value_delimiter = ',')]
     test: Vec<PathBuf>,
+    /// Experiment: thin each training trace's fit and tune windows to the smallest
+    /// trace's size (every n-th request), so that every workload weighs the same in
+    /// the union instead of in proportion to its request rate.
+    #[arg(long)]
+    balance_traces: bool,
     #[arg(
         long,
         value_delimiter = ',',
@@ -94,6 +99,12 @@ struct Args {
     /// one inside.
     #[arg(long)]
     tick_band: bool,
+    /// Experiment: each model cell gives, instead of the balanced accuracy at the
+    /// threshold tuned on the training windows, the best one threshold reaches on
+    /// that dataset (hindsight: `Evaluation::quantized_best_balanced_accuracy`),
+    /// what the model's ranking is worth there.
+    #[arg(long)]
+    ceiling: bool,
 }
 
 /// The lanes `--place` writes its three features into.
@@ -188,7 +199,10 @@ fn run(
         .map(|(_, d)| {
             let e = evaluate(&m.float, &m.quantized, d);
             Cell {
-                ba: e.quantized.balanced_accuracy,
+                ba: match e.quantized_best_balanced_accuracy {
+                    Some(best) if args.ceiling => best,
+                    _ => e.quantized.balanced_accuracy,
+                },
                 auc: e.quantized_auc,
                 one_class: e.one_class(),
                 outside: e
@@ -305,6 +319,14 @@ fn main() -> anyhow::Result<()> {
             100.0 * d.miss_rate()
         );
         tests.push((name(p), d));
+    }
+    if args.balance_traces {
+        for parts in [&mut fits, &mut tunes] {
+            let least = parts.iter().map(Dataset::len).min().unwrap_or(0).max(1);
+            for d in parts.iter_mut() {
+                *d = d.every_nth(d.len() / least);
+            }
+        }
     }
     let all_tests = Dataset::concat(&tests.iter().map(|t| t.1.clone()).collect::<Vec<_>>());
     let mut windows = Windows {

@@ -11,7 +11,8 @@
 #   kml-learn/scripts/newuser.sh [OUTDIR] [SECONDS]
 #
 # ARMS="online" runs only the named arms; KML_AGENT=path runs another build of
-# the agent (to compare two builds, alternate them in one session).
+# the agent (to compare two builds, alternate them in one session); KML_MODEL=M
+# starts from model M instead of `auto` (a shipped name or a file).
 #
 # Needs root and `cargo xtask build --release`. Run it under
 # `flock /run/lock/kml-kernel.lock` beside other kernel work.
@@ -20,6 +21,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 AGENT=${KML_AGENT:-$ROOT/target/release/kml-agent}
 ARMS=${ARMS:-shipped calibrated online}
+MODEL=${KML_MODEL:-auto}
 OUT=${1:-/tmp/kml-newuser}
 DUR=${2:-30}
 mkdir -p "$OUT"
@@ -47,7 +49,7 @@ one() { # NAME R W NR ARM ARGS...
     FILENAME=$DEV RUNTIME=$((DUR + 4)) fio "$ROOT/workloads/$name.fio" > /dev/null 2>&1 &
     FIO=$!
     sleep 1
-    "$AGENT" run --device "$(basename "$DEV")" --model auto --json --duration "${DUR}s" "$@" \
+    "$AGENT" run --device "$(basename "$DEV")" --model "$MODEL" --json --duration "${DUR}s" "$@" \
         > "$OUT/$name.$arm.jsonl" 2> "$OUT/$name.$arm.log"
     kill "$FIO" 2>/dev/null || true
     wait "$FIO" 2>/dev/null || true

@@ -370,6 +370,13 @@ impl EvalArgs {
                 "confusion (integer model): predicted miss: {} missed, {} met; predicted met: {} missed, {} met",
                 cm.true_miss, cm.false_miss, cm.false_met, cm.true_met
             );
+            if let Some(best) = e.quantized_best_balanced_accuracy {
+                println!(
+                    "threshold: {:.2}% balanced accuracy at the model's own; {:.2}% at the best single threshold for this trace, in hindsight",
+                    100.0 * e.quantized.balanced_accuracy,
+                    100.0 * best
+                );
+            }
             if let Some(band) = &e.tick_band {
                 println!("{band}");
             }
@@ -409,6 +416,7 @@ fn eval_json(model: &LoadedModel, path: &std::path::Path, e: &Evaluation) -> Val
         "quantized_r2": q_r2,
         "agreement": e.agreement,
         "quantized_auc": e.quantized_auc,
+        "quantized_best_balanced_accuracy": e.quantized_best_balanced_accuracy,
         "one_class": e.one_class(),
         "tick_band": e.tick_band.map(|b| json!({
             "share": b.share,

@@ -32,6 +32,12 @@ pub struct Evaluation {
     /// requests); `None` when the data holds one class only ("one class").
     #[serde(default)]
     pub quantized_auc: Option<f64>,
+    /// The integer model's balanced accuracy at the best single threshold for this
+    /// data, in hindsight ([`crate::metrics::best_balanced_accuracy`]): what its
+    /// ranking is worth here once the threshold fits the workload; `None` for one
+    /// class.
+    #[serde(default)]
+    pub quantized_best_balanced_accuracy: Option<f64>,
     /// The integer model on and off the tick band; `None` when no record carries
     /// the jiffies the band is judged by.
     #[serde(default)]
@@ -156,13 +162,15 @@ pub fn evaluate(float: &FloatModel, quantized: &QuantizedModel, data: &Dataset) 
     }
     let regression =
         |pairs: Vec<(f64, f64)>| (!pairs.is_empty()).then(|| RegressionMetrics::from_pairs(pairs));
+    let labels: Vec<bool> = data.missed().collect();
     Evaluation {
         data: data.describe(),
         float: float_cm.summary(),
         quantized: quant_cm.summary(),
         float_regression: regression(float_reg),
         quantized_regression: regression(quant_reg),
-        quantized_auc: crate::metrics::auc(&margins, &data.missed().collect::<Vec<_>>()),
+        quantized_auc: crate::metrics::auc(&margins, &labels),
+        quantized_best_balanced_accuracy: crate::metrics::best_balanced_accuracy(&margins, &labels),
         tick_band: band.band(),
         agreement: if data.is_empty() {
             1.0

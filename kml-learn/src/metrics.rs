@@ -301,6 +301,26 @@ pub fn best_balanced_threshold(scores: &[f64], labels: &[bool]) -> f64 {
     }
 }
 
+/// The balanced accuracy of `scores` against `labels` at the best threshold for
+/// these very labels ([`best_balanced_threshold`]): in hindsight, the most one
+/// threshold can make of the ranking. For a model judged on a trace it never saw,
+/// the gap to its tuned threshold's score is the threshold's, not the ranking's.
+/// (`run`'s live calibration moves the threshold as the workload moves, so it can
+/// do better than any one threshold.) `None` when the labels hold one class only.
+pub fn best_balanced_accuracy(scores: &[f64], labels: &[bool]) -> Option<f64> {
+    assert_eq!(scores.len(), labels.len());
+    let misses = labels.iter().filter(|&&l| l).count();
+    if misses == 0 || misses == labels.len() {
+        return None;
+    }
+    let t = best_balanced_threshold(scores, labels);
+    let mut cm = ConfusionMatrix::default();
+    for (&s, &missed) in scores.iter().zip(labels) {
+        cm.add(s > t, missed);
+    }
+    Some(cm.summary().balanced_accuracy)
+}
+
 /// The sweep behind every best threshold (this one's, and the live calibration's
 /// integer shift): `order` lists indices of `scores`, highest score first. Flags the
 /// highest scores first, every request of one score at once (a threshold cannot split
@@ -431,6 +451,35 @@ mod tests {
         assert!((a - 4.5 / 6.0).abs() < 1e-12, "{a}");
         assert_eq!(auc(&[1.0, 2.0], &[false, false]), None);
         assert_eq!(auc(&[1.0, 2.0], &[true, true]), None);
+    }
+
+    #[test]
+    fn best_balanced_accuracy_is_the_best_threshold() {
+        // Separable: 1.0 whatever the scale.
+        let labels = [false, false, true, true];
+        assert_eq!(
+            best_balanced_accuracy(&[1.0, 2.0, 3.0, 4.0], &labels),
+            Some(1.0)
+        );
+        // One miss ranked below one met request: the best threshold flags the top
+        // two (recall 1/2, specificity 1) or the top three (recall 1, 1/2):
+        // balanced 0.75 either way.
+        let b = best_balanced_accuracy(&[1.0, 3.0, 2.0, 4.0], &labels).unwrap();
+        assert!((b - 0.75).abs() < 1e-12, "{b}");
+        // Never below flagging nothing, and at least any one threshold's score.
+        let scores = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4, 0.8, 0.6];
+        let labels = [false, true, true, false, false, true, true, false];
+        let best = best_balanced_accuracy(&scores, &labels).unwrap();
+        for t in [0.0, 0.15, 0.25, 0.35, 0.5, 0.65, 0.75, 0.85, 1.0] {
+            let mut cm = ConfusionMatrix::default();
+            for (&s, &l) in scores.iter().zip(&labels) {
+                cm.add(s > t, l);
+            }
+            assert!(best >= cm.summary().balanced_accuracy - 1e-12, "t {t}");
+        }
+        assert!(best >= 0.5);
+        assert_eq!(best_balanced_accuracy(&[1.0, 2.0], &[true, true]), None);
+        assert_eq!(best_balanced_accuracy(&[1.0, 2.0], &[false, false]), None);
     }
 
     #[test]

@@ -116,6 +116,15 @@ fn integer_verdicts_match_float_on_a_recorded_sample() {
             path.display(),
             e.agreement
         );
+        // The best single threshold for this sample in hindsight is never below
+        // the model's own (`eval`'s `threshold:` line).
+        let best = e.quantized_best_balanced_accuracy.expect("two classes");
+        assert!(
+            best >= e.quantized.balanced_accuracy - 1e-12 && best <= 1.0,
+            "{}: best {best} against own {}",
+            path.display(),
+            e.quantized.balanced_accuracy
+        );
     }
 }
 
