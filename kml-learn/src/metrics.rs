@@ -462,8 +462,8 @@ mod tests {
             Some(1.0)
         );
         // One miss ranked below one met request: the best threshold flags the top
-        // two (recall 1/2, specificity 1) or the top three (recall 1, 1/2):
-        // balanced 0.75 either way.
+        // one (recall 1/2, specificity 1) or the top three (recall 1, specificity
+        // 1/2): balanced 0.75 either way (the top two: 0.5).
         let b = best_balanced_accuracy(&[1.0, 3.0, 2.0, 4.0], &labels).unwrap();
         assert!((b - 0.75).abs() < 1e-12, "{b}");
         // Never below flagging nothing, and at least any one threshold's score.
