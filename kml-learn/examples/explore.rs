@@ -38,9 +38,10 @@ struct Args {
     train: Vec<PathBuf>,
     #[arg(long, value_delimiter = ',')]
     test: Vec<PathBuf>,
-    /// Experiment: thin each training trace's fit and tune windows to the smallest
-    /// trace's size (every n-th request), so that every workload weighs the same in
-    /// the union instead of in proportion to its request rate.
+    /// Experiment: thin each training trace's fit and tune windows to about the
+    /// smallest trace's size (every n-th request, n its size over the smallest's,
+    /// rounded down: within 2x of it), so that every workload weighs about the same
+    /// in the union instead of in proportion to its request rate.
     #[arg(long)]
     balance_traces: bool,
     #[arg(
