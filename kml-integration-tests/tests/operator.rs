@@ -168,6 +168,76 @@ fn metrics_address_in_use_is_one_clear_line_and_nothing_attached() -> Result<()>
     Ok(())
 }
 
+/// `kml-agent run --json | head -1`: when the reader goes, the run stops as
+/// Ctrl-C stops it (through shutdown: one warning, exit 0, nothing attached), not
+/// at the end of its duration and not with a panic.
+#[test]
+fn run_stops_cleanly_when_its_reader_goes() -> Result<()> {
+    use std::io::BufRead as _;
+    let dev = LoopDevice::new(16, 500, 5000)?;
+    let mut child = kml_integration_tests::ChildGuard(
+        Command::new(agent_bin())
+            .args(["run", "--device", &dev.name, "--json", "--duration", "60s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    );
+    let mut out = std::io::BufReader::new(child.0.stdout.take().context("stdout")?);
+    let mut first = String::new();
+    out.read_line(&mut first)?;
+    ensure!(first.contains(r#""event":"ready""#), "first line: {first}");
+    let started = std::time::Instant::now();
+    drop(out);
+    ensure!(
+        wait_until(Duration::from_secs(20), || matches!(
+            child.0.try_wait(),
+            Ok(Some(_))
+        )),
+        "run went on after its reader closed stdout"
+    );
+    let status = child.0.wait()?;
+    let mut err = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .context("stderr")?
+        .read_to_string(&mut err)?;
+    ensure!(status.success(), "exit {status}: {err}");
+    ensure!(
+        err.contains("stdout closed"),
+        "no word of why it stopped: {err}"
+    );
+    ensure!(!err.contains("panicked"), "{err}");
+    ensure!(
+        started.elapsed() < Duration::from_secs(20),
+        "it stopped at its duration, not when its reader went"
+    );
+    assert_no_kml_programs()?;
+    Ok(())
+}
+
+/// A command that only reads and prints ends quietly on a closed pipe (killed
+/// by SIGPIPE, as `ls | head` is), with no panic and no backtrace.
+#[test]
+fn a_printing_command_ends_quietly_on_a_closed_pipe() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = Command::new(agent_bin())
+        .arg("models")
+        .stdout(writer)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!err.contains("panicked"), "{err}");
+    ensure!(
+        out.status.signal() == Some(libc::SIGPIPE),
+        "exit {} (want: killed by SIGPIPE): {err}",
+        out.status
+    );
+    Ok(())
+}
+
 /// The shipped systemd unit.
 fn unit_file() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/kml-agent.service")

@@ -38,10 +38,12 @@ struct Args {
     train: Vec<PathBuf>,
     #[arg(long, value_delimiter = ',')]
     test: Vec<PathBuf>,
-    /// Experiment: thin each training trace's fit and tune windows to about the
+    /// Thin each training trace's fit and tune windows to about the
     /// smallest trace's size (every n-th request, n its size over the smallest's,
     /// rounded down: within 2x of it), so that every workload weighs about the same
-    /// in the union instead of in proportion to its request rate.
+    /// in the union instead of in proportion to its request rate
+    /// (`Dataset::thin_to_smallest`, what `train --balance-traces` does). With
+    /// `--loo`, each fold's training traces are thinned among themselves.
     #[arg(long)]
     balance_traces: bool,
     #[arg(
@@ -322,12 +324,8 @@ fn main() -> anyhow::Result<()> {
         tests.push((name(p), d));
     }
     if args.balance_traces {
-        for parts in [&mut fits, &mut tunes] {
-            let least = parts.iter().map(Dataset::len).min().unwrap_or(0).max(1);
-            for d in parts.iter_mut() {
-                *d = d.every_nth(d.len() / least);
-            }
-        }
+        Dataset::thin_to_smallest(&mut fits);
+        Dataset::thin_to_smallest(&mut tunes);
     }
     let all_tests = Dataset::concat(&tests.iter().map(|t| t.1.clone()).collect::<Vec<_>>());
     let mut windows = Windows {
@@ -516,13 +514,15 @@ fn loo(
             let (mut outs, mut laters) = (Vec::new(), Vec::new());
             for (held, held_data) in full.iter().enumerate() {
                 let others: Vec<usize> = (0..fits.len()).filter(|&i| i != held).collect();
+                let mut fit: Vec<Dataset> = others.iter().map(|&i| fits[i].clone()).collect();
+                let mut tune: Vec<Dataset> = others.iter().map(|&i| tunes[i].clone()).collect();
+                if args.balance_traces {
+                    Dataset::thin_to_smallest(&mut fit);
+                    Dataset::thin_to_smallest(&mut tune);
+                }
                 let w = Windows {
-                    fit: Dataset::concat(
-                        &others.iter().map(|&i| fits[i].clone()).collect::<Vec<_>>(),
-                    ),
-                    tune: Dataset::concat(
-                        &others.iter().map(|&i| tunes[i].clone()).collect::<Vec<_>>(),
-                    ),
+                    fit: Dataset::concat(&fit),
+                    tune: Dataset::concat(&tune),
                     tests: std::iter::once(("held".to_string(), held_data.clone()))
                         .chain(others.iter().map(|&i| tests[i].clone()))
                         .collect(),

@@ -118,6 +118,12 @@ pub struct TrainArgs {
     /// mq-deadline read_expire (ms) of the disks it is made for: `MS` or `LOW-HIGH`.
     #[arg(long, value_name = "MS[-MS]", requires = "for_device")]
     pub for_read_expire: Option<String>,
+    /// Several traces: thin each one's fit and tune windows to within 2x of the
+    /// smallest one's (every n-th request), so that every workload weighs about the
+    /// same instead of in proportion to its request rate. The held-back windows stay
+    /// whole.
+    #[arg(long)]
+    pub balance_traces: bool,
     /// Do not print progress on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -223,6 +229,7 @@ impl TrainArgs {
         opts.tree_max_samples = self.tree_max_samples;
         opts.logistic_max_iterations = self.max_iterations;
         opts.workload = self.workload.clone();
+        opts.balance_traces = self.balance_traces;
         // Options checked before the traces (which can be large) are read.
         let device = self.device_regime()?;
         let data = self

@@ -245,6 +245,23 @@ impl Dataset {
         Dataset::concat(&parts)
     }
 
+    /// Thins each part to within 2x of the smallest one's size (every n-th record,
+    /// n its size over the smallest's, rounded down), so that in their union every
+    /// part (a workload) weighs about the same instead of in proportion to its
+    /// request rate. Time order and each part's coverage of its window are kept.
+    pub fn thin_to_smallest(parts: &mut [Dataset]) {
+        // An empty part (a trace too short for a window) weighs nothing already.
+        let Some(least) = parts.iter().map(Dataset::len).filter(|&n| n > 0).min() else {
+            return;
+        };
+        for d in parts.iter_mut() {
+            let stride = d.len() / least;
+            if stride > 1 {
+                *d = d.every_nth(stride);
+            }
+        }
+    }
+
     /// Each record `copies(record)` times, in place (0 leaves it out), time order
     /// kept: a weight where the fitters take none. Online learning while verdicts
     /// act leaves out the requests they acted on and counts each request the hook
@@ -435,6 +452,31 @@ mod tests {
         assert_eq!(desc.read_expire_ms, Some(0.001));
         assert_eq!(desc.write_expire_ms, None);
         assert_eq!(d.every_nth(3).len(), 4);
+    }
+
+    #[test]
+    fn thin_to_smallest_weighs_parts_alike_and_keeps_order() {
+        let part = |n: u64| {
+            let records: Vec<_> = (0..n).map(|i| rec(i * 100, i * 100 + 5, 1000)).collect();
+            Dataset::from_records(records, "test")
+        };
+        let mut parts = vec![part(10), part(35), part(19), part(10)];
+        Dataset::thin_to_smallest(&mut parts);
+        let lens: Vec<usize> = parts.iter().map(Dataset::len).collect();
+        // Strides 1, 3, 1, 1: within 2x of the smallest, none below it.
+        assert_eq!(lens, [10, 12, 19, 10]);
+        assert!(lens.iter().all(|&n| (10..20).contains(&n)));
+        let inserts: Vec<u64> = parts[1].records().iter().map(|r| r.insert_ns).collect();
+        assert_eq!(inserts[..3], [0, 300, 600], "every 3rd, first to last");
+        assert_eq!(*inserts.last().unwrap(), 3300);
+        // One part: nothing to weigh against. An empty one is left out of the
+        // smallest (else every other part would shrink to one record).
+        let mut one = vec![part(7)];
+        Dataset::thin_to_smallest(&mut one);
+        assert_eq!(one[0].len(), 7);
+        let mut with_empty = vec![part(0), part(5)];
+        Dataset::thin_to_smallest(&mut with_empty);
+        assert_eq!(with_empty[1].len(), 5);
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct TrainOptions {
     pub compare_baseline: bool,
     /// Free text kept in the model file (fio job, device, expiries…).
     pub workload: Option<String>,
+    /// Several traces: thin each one's fit and tune windows to within 2x of the
+    /// smallest one's ([`Dataset::thin_to_smallest`]), so that every workload
+    /// weighs about the same, not in proportion to its request rate.
+    pub balance_traces: bool,
 }
 
 impl TrainOptions {
@@ -70,6 +74,7 @@ impl TrainOptions {
             logistic_alpha: 1e-3,
             compare_baseline: true,
             workload: None,
+            balance_traces: false,
         }
     }
 
@@ -208,6 +213,11 @@ pub fn train_many(
         parts.1.push(tune);
         parts.2.push(test);
     }
+    if opts.balance_traces {
+        // The held-back windows stay whole: they judge, they do not weigh.
+        Dataset::thin_to_smallest(&mut parts.0);
+        Dataset::thin_to_smallest(&mut parts.1);
+    }
     let (fit, tune, test) = (
         Dataset::join(parts.0),
         Dataset::join(parts.1),
@@ -303,6 +313,27 @@ pub fn train_on_windows(
 mod tests {
     use super::*;
     use crate::synthetic::SyntheticTrace;
+
+    #[test]
+    fn balanced_traces_weigh_alike_and_keep_every_held_back_request() {
+        let big = Dataset::from_records(SyntheticTrace::new(3).records(40_000), "big");
+        let small = Dataset::from_records(SyntheticTrace::new(4).records(10_000), "small");
+        let traces = [big, small];
+        let mut opts = TrainOptions::new(ModelKind::Logistic);
+        let plain = train_many(&traces, &opts, &Progress::silent()).unwrap();
+        opts.balance_traces = true;
+        let balanced = train_many(&traces, &opts, &Progress::silent()).unwrap();
+        // Fit 0.7 × 0.8 and tune 0.7 × 0.2 of each: 22,400 + 5,600 and 5,600 +
+        // 1,400 requests; balanced, the big trace's every 4th.
+        assert_eq!(plain.training.fit_records, 22_400 + 5_600);
+        assert_eq!(balanced.training.fit_records, 5_600 + 5_600);
+        assert_eq!(plain.training.tune_records, 5_600 + 1_400);
+        assert_eq!(balanced.training.tune_records, 1_400 + 1_400);
+        // The held-back windows judge; they are not thinned.
+        let held = |m: &TrainedModel| m.test.as_ref().unwrap().data.records;
+        assert_eq!(held(&plain), 12_000 + 3_000);
+        assert_eq!(held(&balanced), held(&plain));
+    }
 
     #[test]
     fn every_kind_trains_quantises_and_beats_chance() {

@@ -99,8 +99,9 @@ impl HookArgs {
             self.policy
         );
         if self.json {
-            // What scripts wait for before they start I/O.
-            super::run::print_event(
+            // What scripts wait for before they start I/O (a closed stdout
+            // changes nothing the hook does: it runs its time and detaches).
+            let _ = super::run::print_event(
                 "ready",
                 &json!({"policy": self.policy.name(), "via": how, "target": target}),
             );
@@ -119,7 +120,7 @@ impl HookArgs {
         let secs = started.elapsed().as_secs_f64();
         let boosts = before.changes_since();
         if self.json {
-            super::run::print_event(
+            let _ = super::run::print_event(
                 "end",
                 &json!({
                     "seconds": secs,

@@ -134,6 +134,15 @@ const STATUS_EXAMPLES: &str = "Examples (another shell, while `kml-agent run --p
   sysctl kernel.bpf_stats_enabled=1; kml-agent status   # ns per decision";
 
 impl Command {
+    /// Whether it attaches programs or changes tunables until it stops (and must
+    /// stop through its cleanup), rather than reading and printing.
+    pub fn long_running(&self) -> bool {
+        matches!(
+            self,
+            Command::Record(_) | Command::Run(_) | Command::Hook(_) | Command::Restore(_)
+        )
+    }
+
     pub fn execute(self) -> anyhow::Result<()> {
         match self {
             Command::Doctor(a) => a.execute(),

@@ -41,12 +41,13 @@ impl RecordArgs {
             let r = record(&config, || {
                 if json {
                     let ready = serde_json::json!({"devices": config.devices, "out": config.out});
-                    super::run::print_event("ready", &ready);
+                    // The records go to a file: a closed stdout loses none of them.
+                    let _ = super::run::print_event("ready", &ready);
                 }
             })
             .await?;
             if json {
-                super::run::print_event("end", &r);
+                let _ = super::run::print_event("end", &r);
             }
             let elapsed = r.seconds;
             tracing::info!(

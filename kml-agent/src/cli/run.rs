@@ -117,20 +117,28 @@ impl RunArgs {
         let config = self.config();
         crate::runtime::block_on(async {
             let mut agent = Agent::start(config).await?;
-            if json {
-                print_event("ready", &agent.ready());
-            }
-            loop {
-                match agent.step().await? {
-                    Step::Records => {}
+            // A reader that went away (`| head`) ends the run as Ctrl-C does:
+            // through shutdown, which restores what the run changed.
+            let mut reader = if json {
+                print_event("ready", &agent.ready())
+            } else {
+                Ok(())
+            };
+            while reader.is_ok() {
+                reader = match agent.step().await? {
+                    Step::Records => Ok(()),
                     Step::Tick(t) if json => print_event("tick", &tick_json(&t)),
-                    Step::Tick(t) => println!("{}", tick_line(&t)),
+                    Step::Tick(t) => print_line(&tick_line(&t)),
                     Step::Stop => break,
-                }
+                };
+            }
+            if let Err(e) = &reader {
+                tracing::warn!("stdout closed ({e}): stopping");
             }
             let summary = agent.shutdown()?;
-            if json {
-                print_event("end", &summary);
+            if json && reader.is_ok() {
+                // Its reader gone, nothing can read the summary; the log has it.
+                let _ = print_event("end", &summary);
             }
             Ok(())
         })
@@ -165,13 +173,23 @@ impl RunArgs {
     }
 }
 
-/// One JSON object on a line of stdout: `{"event": EVENT, ...what}`.
-pub(super) fn print_event(event: &str, what: &impl serde::Serialize) {
+/// One JSON object on a line of stdout: `{"event": EVENT, ...what}`. An error
+/// (the reader closed the pipe) is returned, not a panic: a long-running command
+/// stops through its cleanup.
+pub(super) fn print_event(event: &str, what: &impl serde::Serialize) -> std::io::Result<()> {
     let mut v = serde_json::to_value(what).unwrap_or_default();
     if let serde_json::Value::Object(m) = &mut v {
         m.insert("event".into(), event.into());
     }
-    println!("{v}");
+    print_line(&v)
+}
+
+/// One line of stdout, flushed (a reader sees each second as it ends).
+pub(super) fn print_line(line: &impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
 }
 
 /// The second as JSON (`run --json`): what the live line says, by name.
