@@ -109,6 +109,7 @@ const HOOK_EXAMPLES: &str = "Examples (only on kml's patched kernel, `cargo xtas
 const TRAIN_EXAMPLES: &str = "Examples:
   kml-agent train --trace trace.csv --model logistic --out models/mine.json
   kml-agent train --trace a.csv,b.csv --model tree --max-depth 6 --out models/tree.json
+  kml-agent train --trace a.csv,b.csv,c.csv --model tree --balance-traces --out m.json
   kml-agent train --trace t.csv --model linear --features queued_same_dir,dir_wait_us --out m.json
 
 Shows a progress bar when stderr is a terminal, else one line per step.";
