@@ -292,7 +292,7 @@ impl Dataset {
             records: self.records.iter().step_by(stride).copied().collect(),
             features: self.features.iter().step_by(stride).copied().collect(),
             source: self.source.clone(),
-            window: format!("{} (every {stride}th)", self.window),
+            window: format!("{} (one in {stride})", self.window),
             skipped: self.skipped,
             span_ns: self.span_ns,
         }
