@@ -5,7 +5,7 @@ fn main() {
     if !cli.command.long_running() {
         // `kml-agent eval ... | head`: end quietly when the reader does, as any
         // Unix tool (Rust ignores SIGPIPE, and printing would panic). Commands
-        // that attach programs or change tunables keep it ignored and stop
+        // that print while programs are attached keep it ignored and stop
         // through their cleanup instead.
         // SAFETY: at start, before any thread; restores the default action.
         unsafe {

@@ -135,12 +135,13 @@ const STATUS_EXAMPLES: &str = "Examples (another shell, while `kml-agent run --p
   sysctl kernel.bpf_stats_enabled=1; kml-agent status   # ns per decision";
 
 impl Command {
-    /// Whether it attaches programs or changes tunables until it stops (and must
-    /// stop through its cleanup), rather than reading and printing.
+    /// Whether it prints while programs are attached or tunables changed (and
+    /// must stop through its cleanup), rather than after its work is done.
+    /// (`restore` writes every tunable back before it prints a line.)
     pub fn long_running(&self) -> bool {
         matches!(
             self,
-            Command::Record(_) | Command::Run(_) | Command::Hook(_) | Command::Restore(_)
+            Command::Record(_) | Command::Run(_) | Command::Hook(_)
         )
     }
 
