@@ -49,10 +49,9 @@ use kml_agent::learn::{
 use kml_ebpf_common::{RequestRecord, Verdict};
 use kml_learn::{
     calibrate::{
-        best_balanced_shift, with_threshold_shift, CalibrationConfig, CalibrationPolicy, Contender,
-        LiveCalibration,
+        with_threshold_shift, CalibrationConfig, CalibrationPolicy, Contender, LiveCalibration,
     },
-    metrics::auc,
+    metrics::{auc, best_balanced_accuracy},
     ConfusionMatrix, Dataset, LoadedModel, QuantizedModel,
 };
 use serde::Serialize;
@@ -439,16 +438,13 @@ fn main() -> anyhow::Result<()> {
             .into_owned();
         let labels: Vec<bool> = data.missed().collect();
         for (name, model) in &models {
-            let margins: Vec<i64> = data
+            // The same hindsight figure as `eval`'s `threshold:` line.
+            let margins: Vec<f64> = data
                 .features()
                 .iter()
-                .map(|x| model.quantized.margin(x))
+                .map(|x| model.quantized.margin(x) as f64)
                 .collect();
-            let best = best_balanced_shift(&margins, &labels);
-            let hindsight = ConfusionMatrix::from_pairs(
-                margins.iter().zip(&labels).map(|(&m, &l)| (m > best, l)),
-            );
-            let ceiling = (!hindsight.one_class()).then(|| hindsight.balanced_accuracy());
+            let ceiling = best_balanced_accuracy(&margins, &labels);
             let mut cells = Vec::new();
             let mut swaps = String::new();
             let (mut requests, mut miss_rate) = (0, 0.0);
