@@ -204,7 +204,7 @@ pub struct QueueShape {
     pub buckets_occupied: [u64; SECTOR_BUCKETS / 64],
     /// Queued requests per sector bucket.
     pub count: [Tally; SECTOR_BUCKETS],
-    /// Per bucket, bit `63 - s` set while `bucket_slot_count[b][s]` counts a request
+    /// Per bucket, bit `63 - s` set while `slot_bucket_count[s][b]` counts a request
     /// of the period ring slot `s` held when it was set; a bit of a slot the ring
     /// has reused since `bucket_epoch[b]` is stale (readers mask it out, the next
     /// insert into the bucket clears it). Atomic or/and only.
@@ -218,9 +218,14 @@ pub struct QueueShape {
     pub slot_epoch: [u32; AGE_SLOTS],
     /// Queued requests inserted in that period.
     pub slot_count: [Tally; AGE_SLOTS],
-    /// Per bucket and ring slot, the bucket's queued requests inserted in the
+    /// Per ring slot and bucket, the bucket's queued requests inserted in the
     /// period the slot holds (valid while the slot's bit is set in `bucket_slots`).
-    pub bucket_slot_count: [[Tally; AGE_SLOTS]; SECTOR_BUCKETS],
+    /// By slot first: every insert of a period writes the current slot's row
+    /// (2 KiB, warm in the inserting CPU's cache), not a line of a random bucket's
+    /// row spread over the whole 128 KiB, which the I/O's own data had evicted
+    /// since (a cache miss on nearly every insert in a deep queue: a third of the
+    /// stage's profile samples, docs/learning.md "Cost in the kernel").
+    pub slot_bucket_count: [[Tally; SECTOR_BUCKETS]; AGE_SLOTS],
 }
 
 impl Default for QueueShape {
@@ -465,7 +470,7 @@ impl QueueShape {
         bucket_old: [Tally::ZERO; SECTOR_BUCKETS],
         slot_epoch: [0; AGE_SLOTS],
         slot_count: [Tally::ZERO; AGE_SLOTS],
-        bucket_slot_count: [[Tally::ZERO; AGE_SLOTS]; SECTOR_BUCKETS],
+        slot_bucket_count: [[Tally::ZERO; SECTOR_BUCKETS]; AGE_SLOTS],
     };
 
     /// A request joins the queue (`block_rq_insert`, after [`QueueShape::position`]
@@ -520,12 +525,12 @@ impl QueueShape {
             }
         }
         // The bucket's count of this slot.
-        if let (Some(m), Some(be), Some(old), Some(counts)) = (
+        if let (Some(m), Some(be), Some(old)) = (
             self.bucket_slots.get_mut(b),
             self.bucket_epoch.get_mut(b),
             self.bucket_old.get_mut(b),
-            self.bucket_slot_count.get_mut(b),
         ) {
+            let counts = &mut self.slot_bucket_count;
             // Bring the bitmap up to date: the counts of the slots reused since
             // move to the requests older than the ring. Usually none or one (a
             // bucket with queued requests sees inserts far more often than the
@@ -542,14 +547,14 @@ impl QueueShape {
                 gone ^= low;
                 // Bit 63 - s.
                 let s = (63 - sat_sub(bit_length(low) as u64, 1)) as usize & (AGE_SLOTS - 1);
-                let n = counts.get(s).map_or(0, Tally::net);
+                let n = counts.get(s).and_then(|r| r.get(b)).map_or(0, Tally::net);
                 old.reset_to(min(old.net() as u64 + n as u64, COUNT_CAP as u64) as u32);
                 step += 1;
             }
             // Not back in time (inserts on two CPUs out of time order).
             *be = select(lt(*be, epoch), epoch, *be);
             let bit = ring_bit(s);
-            if let Some(c) = counts.get_mut(s) {
+            if let Some(c) = counts.get_mut(s).and_then(|r| r.get_mut(b)) {
                 if *m & bit == 0 {
                     // What the count held belongs to a period gone from the ring
                     // (or nothing: the last of the slot's requests left).
@@ -616,7 +621,7 @@ impl QueueShape {
                 }
             }
         } else {
-            let bucket_count = self.bucket_slot_count.get_mut(b).and_then(|r| r.get_mut(s));
+            let bucket_count = self.slot_bucket_count.get_mut(s).and_then(|r| r.get_mut(b));
             if let (Some(m), Some(c)) = (self.bucket_slots.get_mut(b), bucket_count) {
                 if c.net() > 0 {
                     c.take();
@@ -1247,7 +1252,7 @@ mod tests {
             .chain(q.count.iter())
             .chain(q.bucket_old.iter())
             .chain(q.slot_count.iter())
-            .chain(q.bucket_slot_count.iter().flatten())
+            .chain(q.slot_bucket_count.iter().flatten())
     }
 
     #[test]

@@ -157,6 +157,7 @@ pub fn on_insert(
         0
     };
 
+    touch_shape(slot, r.op as u8);
     let (old_owner, old_phase) = unsafe { ((*e).rq, (*e).phase) };
     if old_owner == owner && old_phase == Phase::Requeued as u32 {
         // Requeued and inserted again: mq-deadline gives it a fresh deadline (the
@@ -315,6 +316,28 @@ fn model_uses_position() -> bool {
                     != 0
         },
         None => false,
+    }
+}
+
+/// Starts the load of the first line of the request's direction's queue shape
+/// (`SHAPES`), which [`shape_insert`] reads first in the inference stage: every
+/// dispatch, on any CPU, writes that line, so an insert nearly always misses it.
+/// Started here, before the entry's own first touch (another miss: the entry was
+/// last written on the other CPU), the two misses overlap instead of following
+/// each other: about 20-25 ns per insert on a deep queue (docs/learning.md, "Cost
+/// in the kernel"). A read only; its value is not used. (The same at dispatch,
+/// before its atomic adds to the line, saved nothing: a read brings the line
+/// shared, and the add must still take it.)
+#[inline(always)]
+fn touch_shape(slot: u32, op: u8) {
+    if !position_on() {
+        return;
+    }
+    if let Some(shapes) = SHAPES.get_ptr(slot) {
+        if let Some(q) = unsafe { (*shapes).get(direction_index(op)) } {
+            // SAFETY: a reference into the map value, valid for a read.
+            unsafe { core::ptr::read_volatile(&raw const q.ring_shift) };
+        }
     }
 }
 
