@@ -53,6 +53,11 @@
 //! a deep queue (~128 queued, `bench/cost-deep.fio`): about 257-289 ns per insert
 //! with a tree, over the budget of 150. Not the walk's length: a walk of 8 buckets
 //! instead of 16 saved ~8 ns there (docs/learning.md, "Cost in the kernel").
+//! Cache misses: a profile by source line (`bench/profile_lines.py`) found a
+//! third of the stage waiting on the bucket's slot count, in a table the I/O's
+//! data evicts between two inserts into a bucket; stored by slot first, an
+//! insert writes the current slot's warm row, and the position's part on the
+//! deep queue went from 262 to 212-225 ns (`cargo xtask bench --only cost`).
 //!
 //! Rules kept for the eBPF side: integers only, no division (shifts, masks), loops
 //! bounded by constants, indices masked into range, nothing that can panic, and every
