@@ -8,9 +8,9 @@ object) one after the other on one tmpfs loop device under mq-deadline, each
 alone with its model under the same fio job, the order alternating by round,
 and reports ns per run of insert (with the tail-called inference stage), issue
 and complete (bpf_stats), with B - A per round and a 95% interval of the mean.
-Alone, not both at once: two agents on one device run back to back on each
-event, and the second finds the request's lines warm (measured: a 20-40 ns
-advantage to whichever runs second, not cancelled well by alternation).
+Alone, not both at once, so that each meets the caches as in production: two
+agents on one device run back to back on each event, and the second finds the
+request's lines warm (measured: B - A swung by 40 ns with the order).
 
     bench/ab_cost.py A_AGENT B_AGENT [--rounds 10] [--model M] [--model-b M]
                      [--job bench/cost-deep.fio] [--secs 4]
