@@ -107,6 +107,8 @@ pub struct BenchArgs {
     /// Overhead: also run the agent of this git revision (built once into
     /// ~/.cache/kml/bench-before/) as arms of the same run: the before/after of a change.
     /// Breakdown: one more pair, that agent beside this tree's (ns per event, paired).
+    /// Cost: the position model on the deep queue, that agent's and this tree's,
+    /// each alone, alternating (10 rounds; ns per event, this tree minus REV).
     #[arg(long, value_name = "REV")]
     pub before: Option<String>,
     /// Tune: cycles of stock / stock again / tune per workload. Default 6 (--quick: 2).

@@ -18,10 +18,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use kml_ebpf_common::layout::ablate;
 
-use super::cost::{bpftool_progs, deltas, event_progs, ProgCost, StatsBench};
+use super::cost::{all_event_progs, bpftool_progs, deltas, event_progs, ProgCost, StatsBench};
 use super::overhead::start_agent_with_env;
 use super::parse::EventProg;
 use super::sys;
@@ -219,16 +219,7 @@ pub fn run(ctx: &Ctx) -> Result<Breakdown> {
             let all = bpftool_progs()?;
             let before: Vec<_> = agents
                 .iter()
-                .map(|(role, _, ids)| {
-                    let b = event_progs(&all, ids);
-                    if b.len() != 3 {
-                        bail!(
-                            "found {} of the insert/issue/complete programs among the {role} agent's program ids {ids:?}",
-                            b.len()
-                        );
-                    }
-                    Ok(b)
-                })
+                .map(|(role, _, ids)| all_event_progs(&all, ids, role))
                 .collect::<Result<_>>()?;
             let (all, _) =
                 bench.fio_then_progs(ctx, &super::overhead::job_file(ctx), secs, &name)?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 
 use super::learning::{spawn_fio, Models, INFERENCE_KINDS, POSITION_MODEL};
-use super::overhead::{job_file, start_agent};
+use super::overhead::{job_file, start_agent, start_agent_with_env};
 use super::parse::{self, EventProg, ProgStat};
 use super::sys::{self, LoopDevice, SysctlGuard, TmpfsMount};
 use super::Ctx;
@@ -46,6 +46,39 @@ pub struct Cost {
     pub secs: u64,
     pub rounds: usize,
     pub stats_was: String,
+    /// `--before REV`: that revision's agent and this tree's, each alone.
+    pub before: Option<BeforeAfter>,
+}
+
+/// `--before REV`: the position model on the deep queue, run by that revision's
+/// agent and by this tree's, **each alone** under its own fio run, the order
+/// alternating by round: a change to the programs, before and after. Alone, not
+/// paired as the rows above: two agents on one device run back to back on every
+/// event, and the second finds the request's lines warm (two builds paired that
+/// way swung the difference by 40 ns with the order, session 21); alone, each
+/// meets the caches as in production.
+pub struct BeforeAfter {
+    pub rev: String,
+    pub short: String,
+    /// Per round: (that revision's programs, this tree's).
+    pub rounds: Vec<(BTreeMap<EventProg, ProgCost>, BTreeMap<EventProg, ProgCost>)>,
+    pub secs: u64,
+}
+
+impl BeforeAfter {
+    /// ns per run of `prog`, round by round: (that revision's, this tree's).
+    pub fn ns(&self, prog: EventProg) -> Vec<(f64, f64)> {
+        let ns = |m: &BTreeMap<EventProg, ProgCost>| m.get(&prog).and_then(ProgCost::ns_per_run);
+        self.rounds
+            .iter()
+            .filter_map(|(b, a)| Some((ns(b)?, ns(a)?)))
+            .collect()
+    }
+
+    /// This tree minus that revision, round by round (same round, same load).
+    pub fn differences(&self, prog: EventProg) -> Vec<f64> {
+        self.ns(prog).into_iter().map(|(b, a)| a - b).collect()
+    }
 }
 
 impl Cost {
@@ -153,6 +186,23 @@ pub fn event_progs(all: &[ProgStat], ids: &[u32]) -> BTreeMap<EventProg, ProgSta
         .collect()
 }
 
+/// [`event_progs`] of an agent at the start of a run: all three, or an error
+/// naming the agent (`who`), since a missing one would measure nothing.
+pub fn all_event_progs(
+    all: &[ProgStat],
+    ids: &[u32],
+    who: &str,
+) -> Result<BTreeMap<EventProg, ProgStat>> {
+    let progs = event_progs(all, ids);
+    if progs.len() != 3 {
+        bail!(
+            "found {} of the insert/issue/complete programs among the {who} agent's program ids {ids:?}",
+            progs.len()
+        );
+    }
+    Ok(progs)
+}
+
 /// Counter differences between two snapshots.
 pub fn deltas(
     before: &BTreeMap<EventProg, ProgStat>,
@@ -217,6 +267,16 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             deep.as_path(),
         ));
     }
+    // Built before anything is measured (a build fails fast, and takes no CPU
+    // from the runs).
+    let before_agent = match (&ctx.before, models.and_then(|m| m.get(POSITION_MODEL))) {
+        (Some(rev), Some(_)) => Some(super::before::build(ctx, rev)?),
+        (Some(rev), None) => {
+            eprintln!("xtask: bench: cost --before {rev}: no position model to run; skipped");
+            None
+        }
+        (None, _) => None,
+    };
     let bench = StatsBench::set_up(ctx)?;
     let dev = &bench.dev;
     let mut rows = Vec::new();
@@ -258,14 +318,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             }
             let all = bpftool_progs()?;
             for (config, w) in &mut watched {
-                w.before = event_progs(&all, &w.ids);
-                if w.before.len() != 3 {
-                    bail!(
-                        "found {} of the insert/issue/complete programs among the {config} agent's program ids {:?}",
-                        w.before.len(),
-                        w.ids
-                    );
-                }
+                w.before = all_event_progs(&all, &w.ids, config)?;
             }
             let (all, fio_ios) = bench.fio_then_progs(ctx, job, secs, &name)?;
             for (config, w) in watched {
@@ -294,6 +347,10 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             }
         }
     }
+    let before = match (before_agent, models.and_then(|m| m.get(POSITION_MODEL))) {
+        (Some(b), Some(model)) => Some(before_after(ctx, &bench, b, model)?),
+        _ => None,
+    };
     let stats_was = bench.stats_was.clone();
     drop(bench);
     Ok(Cost {
@@ -301,6 +358,69 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
         secs,
         rounds,
         stats_was,
+        before,
+    })
+}
+
+/// [`BeforeAfter`]: 10 rounds of 4 s on the deep queue (--quick: 2 of 2), each
+/// agent alone. Unpaired within a round, so more rounds than the pairs above:
+/// rounds of one build spread by 20-40 ns on this machine.
+fn before_after(
+    ctx: &Ctx,
+    bench: &StatsBench,
+    b: super::before::BeforeAgent,
+    model: &Path,
+) -> Result<BeforeAfter> {
+    let (rounds, secs) = if ctx.quick { (2, 2) } else { (10, 4) };
+    let rev = b.rev.as_str();
+    let deep = deep_job_file(ctx);
+    let mut out = Vec::new();
+    for round in 0..rounds {
+        let mut order = [("before", Some(b.binary.as_path())), ("this", None)];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let (mut then, mut now) = (BTreeMap::new(), BTreeMap::new());
+        for (role, binary) in order {
+            sys::check_interrupted()?;
+            let name = format!("cost.before.r{round}.{role}");
+            let agent = start_agent_with_env(
+                ctx,
+                binary,
+                &bench.dev,
+                Some(model),
+                &format!("{name}.agent"),
+                &[],
+            )?;
+            let ids = sys::prog_ids(agent.pid());
+            let start = all_event_progs(&bpftool_progs()?, &ids, role)?;
+            let (all, _) = bench.fio_then_progs(ctx, &deep, secs, &name)?;
+            let d = deltas(&start, &event_progs(&all, &ids));
+            drop(agent);
+            if role == "before" {
+                then = d;
+            } else {
+                now = d;
+            }
+        }
+        let ns = |m: &BTreeMap<EventProg, ProgCost>| {
+            m.get(&EventProg::Insert)
+                .and_then(ProgCost::ns_per_run)
+                .unwrap_or(f64::NAN)
+        };
+        eprintln!(
+            "xtask: bench: cost round {} --before {rev}, each alone on the deep queue: insert {:.0} ns before, {:.0} ns this tree",
+            round + 1,
+            ns(&then),
+            ns(&now)
+        );
+        out.push((then, now));
+    }
+    Ok(BeforeAfter {
+        rev: b.rev.clone(),
+        short: b.short().to_owned(),
+        rounds: out,
+        secs,
     })
 }
 
@@ -431,6 +551,7 @@ mod tests {
             secs: 1,
             rounds: 2,
             stats_was: "0".into(),
+            before: None,
         };
         assert_eq!(c.ns("none", EventProg::Insert), Some(300.0));
         // Paired per round: linear 60 (round 0) and 50 (round 1); tree 120 (round 0).
@@ -458,6 +579,7 @@ mod tests {
             secs: 1,
             rounds: 1,
             stats_was: "0".into(),
+            before: None,
         };
         assert!(is_model_free("none") && is_model_free(&none_deep));
         assert!(!is_model_free(&deep) && !is_model_free("tree"));
@@ -466,5 +588,44 @@ mod tests {
         // The shallow agent's ns per event are not mixed with the deep one's.
         assert_eq!(c.ns("none", EventProg::Insert), Some(150.0));
         assert_eq!(c.ns(&none_deep, EventProg::Insert), Some(200.0));
+    }
+
+    #[test]
+    fn before_and_after_differ_round_by_round() {
+        let progs = |insert: u64, issue: Option<u64>| -> BTreeMap<EventProg, ProgCost> {
+            let mut m = BTreeMap::new();
+            m.insert(
+                EventProg::Insert,
+                ProgCost {
+                    runs: 10,
+                    run_time_ns: insert * 10,
+                },
+            );
+            if let Some(ns) = issue {
+                m.insert(
+                    EventProg::Issue,
+                    ProgCost {
+                        runs: 10,
+                        run_time_ns: ns * 10,
+                    },
+                );
+            }
+            m
+        };
+        let b = BeforeAfter {
+            rev: "main".into(),
+            short: "0123456789".into(),
+            rounds: vec![
+                (progs(500, Some(270)), progs(460, Some(260))),
+                (progs(480, None), progs(470, Some(250))),
+            ],
+            secs: 4,
+        };
+        // This tree minus that revision, in the same round.
+        assert_eq!(b.differences(EventProg::Insert), [-40.0, -10.0]);
+        assert_eq!(b.ns(EventProg::Insert), [(500.0, 460.0), (480.0, 470.0)]);
+        // A round where one side did not run the program is left out, not zero.
+        assert_eq!(b.differences(EventProg::Issue), [-10.0]);
+        assert!(b.differences(EventProg::Complete).is_empty());
     }
 }

@@ -569,6 +569,60 @@ fn cost_section(md: &mut String, plots: &mut Vec<(String, String)>, r: &Results)
     };
     plots.push(("cost.svg".into(), svg::bar_chart(&chart)));
     let _ = writeln!(md, "![ns per event per program and model](cost.svg)\n");
+    if let Some(b) = &c.before {
+        before_after_table(md, b);
+    }
+}
+
+/// `--before REV` in the cost measure: that revision's agent and this tree's, each
+/// alone with the position model on the deep queue.
+fn before_after_table(md: &mut String, b: &super::cost::BeforeAfter) {
+    use super::breakdown::Spread;
+    let _ = writeln!(
+        md,
+        "### Before / after (`--before {}`: {})\n\n`{POSITION}` on the deep queue (`bench/cost-deep.fio`), \
+         run by {}'s agent and by this tree's, **each alone** under its own fio run of {} s, the order \
+         alternating by round ({} rounds). Alone, not paired as above: two agents on one device run back to \
+         back on every event, and the second finds the request's lines warm. The difference is this tree's \
+         ns per run minus {}'s in the same round: its mean, and the lowest and highest of the rounds.\n",
+        b.rev,
+        b.short,
+        b.rev,
+        b.secs,
+        b.rounds.len(),
+        b.rev,
+        POSITION = super::learning::POSITION_MODEL,
+    );
+    let _ = writeln!(
+        md,
+        "| program | {} ns/run (median) | this tree ns/run (median) | this tree − {}, mean (lowest to highest) | per round |\n| --- | --- | --- | --- | --- |",
+        b.rev, b.rev
+    );
+    for prog in EventProg::ALL {
+        let pairs = b.ns(prog);
+        let d = b.differences(prog);
+        let Some(spread) = Spread::of(&d) else {
+            continue;
+        };
+        let median = |f: fn(&(f64, f64)) -> f64| {
+            super::parse::median(&pairs.iter().map(f).collect::<Vec<_>>())
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | **{:+.1}** ({:+.0} to {:+.0}) | {} |",
+            prog.name(),
+            opt(median(|p| p.0), |v| format!("{v:.0}")),
+            opt(median(|p| p.1), |v| format!("{v:.0}")),
+            spread.mean,
+            spread.min,
+            spread.max,
+            d.iter()
+                .map(|x| format!("{x:+.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    let _ = writeln!(md);
 }
 
 fn agent_section(md: &mut String, ctx: &Ctx, r: &Results) {
@@ -1245,6 +1299,37 @@ mod tests {
             "Issue goal (>= 15% lower mean): met on 1 mixed workload(s)."
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_before_after_table_gives_this_tree_minus_the_revision() {
+        use super::super::cost::{BeforeAfter, ProgCost};
+        let insert = |ns: u64| {
+            [(
+                EventProg::Insert,
+                ProgCost {
+                    runs: 10,
+                    run_time_ns: ns * 10,
+                },
+            )]
+            .into_iter()
+            .collect()
+        };
+        let b = BeforeAfter {
+            rev: "main".into(),
+            short: "0123456789".into(),
+            rounds: vec![(insert(500), insert(460)), (insert(480), insert(470))],
+            secs: 4,
+        };
+        let mut md = String::new();
+        before_after_table(&mut md, &b);
+        assert!(md.contains("`--before main`: 0123456789"), "{md}");
+        assert!(
+            md.contains("| insert | 490 | 465 | **-25.0** (-40 to -10) | -40 -10 |"),
+            "{md}"
+        );
+        // Programs neither side ran get no row.
+        assert!(!md.contains("| issue |"), "{md}");
     }
 
     #[test]
