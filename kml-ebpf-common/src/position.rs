@@ -12,7 +12,7 @@
 //! and how many queued requests are already old. `docs/learning.md` has the
 //! measurements that chose them.
 //!
-//! The state ([`QueueShape`], 140,104 bytes per direction):
+//! The state ([`QueueShape`], 140,416 bytes per direction, in whole cache lines):
 //! - an age ring: queued requests counted by insert time in [`AGE_SLOTS`] slots of
 //!   `2^slot_shift` ns, where `slot_shift` comes from the direction's expiry (a slot
 //!   is above 1/8 and at most 1/4 of it), so the ring spans 8 to 16 expiries; a slot
@@ -116,14 +116,21 @@ const _: () = assert!(WALK_BUCKETS <= SECTOR_BUCKETS);
 // two of its four u64 words.
 const _: () = assert!(WALK_BUCKETS <= 16 && SECTOR_BUCKETS == 256);
 // No implicit padding: the state is a map value shared by the kernel and the host.
+// And whole cache lines: the map starts its values on a page (`BPF_F_MMAPABLE`,
+// kml-ebpf's maps), so a state whose size is a multiple of 64 bytes starts every
+// slot's and direction's state on a line, and the offsets below keep the header,
+// the bitmap, each bucket pair and each ring-slot quad on one line each.
 const _: () = assert!(
     core::mem::size_of::<QueueShape>()
-        == 40
-            + SECTOR_BUCKETS / 8
-            + SECTOR_BUCKETS * (8 + 8 + 8 + 8)
-            + AGE_SLOTS * (4 + 8)
-            + SECTOR_BUCKETS * AGE_SLOTS * 8
+        == 64 + 64 + SECTOR_BUCKETS * 32 + AGE_SLOTS * 16 + SECTOR_BUCKETS * AGE_SLOTS * 8
 );
+const _: () = assert!(core::mem::size_of::<QueueShape>() % 64 == 0);
+const _: () = assert!(core::mem::offset_of!(QueueShape, buckets_occupied) == 64);
+const _: () = assert!(core::mem::offset_of!(QueueShape, buckets) == 128);
+const _: () = assert!(core::mem::offset_of!(QueueShape, ring) % 64 == 0);
+const _: () = assert!(core::mem::offset_of!(QueueShape, slot_bucket_count) % 64 == 0);
+const _: () = assert!(core::mem::size_of::<SectorBucket>() == 32);
+const _: () = assert!(core::mem::size_of::<RingSlot>() == 16);
 const _: () = assert!(core::mem::size_of::<Tally>() == 8);
 
 /// A count whose two kinds of writer are kept apart, so that an insert needs no
@@ -175,6 +182,56 @@ impl Tally {
     }
 }
 
+/// One sector bucket's state. An insert writes all of its bucket's fields, a
+/// remove most of them, and the walk reads them all: kept together, a bucket is
+/// one cache line (half of one), where four arrays of one field each made it
+/// four lines, each written by the other CPU's dispatches in between.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SectorBucket {
+    /// Queued requests in the bucket.
+    pub count: Tally,
+    /// Bit `63 - s` set while `slot_bucket_count[s][b]` counts a request of the
+    /// period ring slot `s` held when it was set; a bit of a slot the ring has
+    /// reused since `epoch` is stale (readers mask it out, the next insert into
+    /// the bucket clears it). Atomic or/and only.
+    pub slots: u64,
+    /// The ring period `slots` was last brought up to date at.
+    pub epoch: u64,
+    /// Queued requests older than the ring: the counts of its reused slots,
+    /// moved here when the bucket is brought up to date.
+    pub old: Tally,
+}
+
+impl SectorBucket {
+    pub const EMPTY: SectorBucket = SectorBucket {
+        count: Tally::ZERO,
+        slots: 0,
+        epoch: 0,
+        old: Tally::ZERO,
+    };
+}
+
+/// One slot of the age ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingSlot {
+    /// Which slot period (`insert_ns >> slot_shift`, low 32 bits) the slot counts.
+    pub epoch: u32,
+    /// Explicit padding; always 0.
+    pub reserved: u32,
+    /// Queued requests inserted in that period.
+    pub count: Tally,
+}
+
+impl RingSlot {
+    pub const EMPTY: RingSlot = RingSlot {
+        epoch: 0,
+        reserved: 0,
+        count: Tally::ZERO,
+    };
+}
+
 /// The queued requests of one direction of one device, as the position features
 /// need them.
 #[repr(C)]
@@ -201,28 +258,23 @@ pub struct QueueShape {
     /// slot by one rotation and a bit count, not a scan. Atomic or/and only, and
     /// only inserts set a bit: an insert reads it first and writes only a change.
     pub occupied: u64,
+    /// Explicit padding: the header is one cache line of its own. Every dispatch,
+    /// on any CPU, writes it (atomic adds to the tallies' removes' halves); the
+    /// lines after it are written far less often.
+    pub header_pad: [u64; 3],
     /// Bit `255 - b` (word `(255 - b) / 64`) set while bucket `b` counts a request:
     /// the walk down from a bucket reads the occupied ones below it as the low bits
     /// of one word and visits only those. Atomic or/and only; an insert sets its
     /// bucket's bit when it finds it clear, which also repairs one a race between
-    /// CPUs cleared under a queued request.
+    /// CPUs cleared under a queued request. A line of its own: in a deep queue its
+    /// bits are set and it is read, not written.
     pub buckets_occupied: [u64; SECTOR_BUCKETS / 64],
-    /// Queued requests per sector bucket.
-    pub count: [Tally; SECTOR_BUCKETS],
-    /// Per bucket, bit `63 - s` set while `slot_bucket_count[s][b]` counts a request
-    /// of the period ring slot `s` held when it was set; a bit of a slot the ring
-    /// has reused since `bucket_epoch[b]` is stale (readers mask it out, the next
-    /// insert into the bucket clears it). Atomic or/and only.
-    pub bucket_slots: [u64; SECTOR_BUCKETS],
-    /// Per bucket, the ring period its `bucket_slots` was last brought up to date at.
-    pub bucket_epoch: [u64; SECTOR_BUCKETS],
-    /// Per bucket, queued requests older than the ring: the counts of its reused
-    /// slots, moved here when the bucket is brought up to date.
-    pub bucket_old: [Tally; SECTOR_BUCKETS],
-    /// Which slot period (`insert_ns >> slot_shift`, low 32 bits) a ring slot counts.
-    pub slot_epoch: [u32; AGE_SLOTS],
-    /// Queued requests inserted in that period.
-    pub slot_count: [Tally; AGE_SLOTS],
+    /// Explicit padding to the end of the bitmap's line.
+    pub buckets_pad: [u64; 4],
+    /// The sector buckets, each one's fields together (two buckets a cache line).
+    pub buckets: [SectorBucket; SECTOR_BUCKETS],
+    /// The age ring's slots, each one's fields together (four a line).
+    pub ring: [RingSlot; AGE_SLOTS],
     /// Per ring slot and bucket, the bucket's queued requests inserted in the
     /// period the slot holds (valid while the slot's bit is set in `bucket_slots`).
     /// By slot first: every insert of a period writes the current slot's row
@@ -468,13 +520,11 @@ impl QueueShape {
         ring_shift: 0,
         reserved: 0,
         occupied: 0,
+        header_pad: [0; 3],
         buckets_occupied: [0; SECTOR_BUCKETS / 64],
-        count: [Tally::ZERO; SECTOR_BUCKETS],
-        bucket_slots: [0; SECTOR_BUCKETS],
-        bucket_epoch: [0; SECTOR_BUCKETS],
-        bucket_old: [Tally::ZERO; SECTOR_BUCKETS],
-        slot_epoch: [0; AGE_SLOTS],
-        slot_count: [Tally::ZERO; AGE_SLOTS],
+        buckets_pad: [0; 4],
+        buckets: [SectorBucket::EMPTY; SECTOR_BUCKETS],
+        ring: [RingSlot::EMPTY; AGE_SLOTS],
         slot_bucket_count: [[Tally::ZERO; SECTOR_BUCKETS]; AGE_SLOTS],
     };
 
@@ -490,9 +540,9 @@ impl QueueShape {
     pub fn on_insert(&mut self, sector: u64, bucket_shift: u32, now_ns: u64, budget_ns: u64) {
         self.queued.add(1);
         let b = bucket_of(sector, bucket_shift);
-        if let Some(c) = self.count.get_mut(b) {
-            if c.net() < COUNT_CAP {
-                c.add(1);
+        if let Some(bk) = self.buckets.get_mut(b) {
+            if bk.count.net() < COUNT_CAP {
+                bk.count.add(1);
             }
         }
         let (word, bit) = bucket_bit(b);
@@ -509,16 +559,16 @@ impl QueueShape {
         self.advance(epoch, sh);
         let s = (epoch as usize) & (AGE_SLOTS - 1);
         let mut added = false;
-        if let (Some(e), Some(c)) = (self.slot_epoch.get_mut(s), self.slot_count.get_mut(s)) {
-            if *e != epoch as u32 {
+        if let Some(slot) = self.ring.get_mut(s) {
+            if slot.epoch != epoch as u32 {
                 // Only when inserts on two CPUs come out of time order: the slot
                 // still holds an older period; what it counted leaves the ring.
-                self.in_ring.add(c.net().wrapping_neg());
-                *e = epoch as u32;
-                c.reset_to(0);
+                self.in_ring.add(slot.count.net().wrapping_neg());
+                slot.epoch = epoch as u32;
+                slot.count.reset_to(0);
             }
-            if c.net() < COUNT_CAP {
-                c.add(1);
+            if slot.count.net() < COUNT_CAP {
+                slot.count.add(1);
                 added = true;
             }
         }
@@ -530,11 +580,8 @@ impl QueueShape {
             }
         }
         // The bucket's count of this slot.
-        if let (Some(m), Some(be), Some(old)) = (
-            self.bucket_slots.get_mut(b),
-            self.bucket_epoch.get_mut(b),
-            self.bucket_old.get_mut(b),
-        ) {
+        if let Some(bk) = self.buckets.get_mut(b) {
+            let (m, be, old) = (&mut bk.slots, &mut bk.epoch, &mut bk.old);
             let counts = &mut self.slot_bucket_count;
             // Bring the bitmap up to date: the counts of the slots reused since
             // move to the requests older than the ring. Usually none or one (a
@@ -583,7 +630,7 @@ impl QueueShape {
     pub fn on_remove(&mut self, sector: u64, bucket_shift: u32, insert_ns: u64, budget_ns: u64) {
         self.queued.take();
         let b = bucket_of(sector, bucket_shift);
-        if let Some(c) = self.count.get_mut(b) {
+        if let Some(c) = self.buckets.get_mut(b).map(|bk| &mut bk.count) {
             if c.net() > 0 {
                 c.take();
             }
@@ -597,12 +644,13 @@ impl QueueShape {
         let epoch = insert_ns >> slot_shift(budget_ns);
         let s = (epoch as usize) & (AGE_SLOTS - 1);
         // Its period's slot, unless the ring has moved past it (emptied then).
-        let in_ring = self.slot_epoch.get(s).copied() == Some(epoch as u32);
+        let mut in_ring = false;
         let mut emptied = None;
-        if let Some(c) = self.slot_count.get_mut(s) {
-            if in_ring && c.net() > 0 {
-                c.take();
-                emptied = Some(c.net() == 0);
+        if let Some(slot) = self.ring.get_mut(s) {
+            in_ring = slot.epoch == epoch as u32;
+            if in_ring && slot.count.net() > 0 {
+                slot.count.take();
+                emptied = Some(slot.count.net() == 0);
             }
         }
         if let Some(emptied) = emptied {
@@ -615,24 +663,18 @@ impl QueueShape {
         // (the bucket's bit of it is current: the insert brought the bucket up to
         // date) or until the bucket is brought up to date again, else the count
         // of its requests older than the ring.
-        let moved = self
-            .bucket_epoch
-            .get(b)
-            .is_some_and(|&be| be >= epoch.wrapping_add(AGE_SLOTS as u64));
-        if !in_ring && moved {
-            if let Some(old) = self.bucket_old.get_mut(b) {
-                if old.net() > 0 {
-                    old.take();
+        if let Some(bk) = self.buckets.get_mut(b) {
+            let moved = bk.epoch >= epoch.wrapping_add(AGE_SLOTS as u64);
+            if !in_ring && moved {
+                if bk.old.net() > 0 {
+                    bk.old.take();
                 }
-            }
-        } else {
-            let bucket_count = self.slot_bucket_count.get_mut(s).and_then(|r| r.get_mut(b));
-            if let (Some(m), Some(c)) = (self.bucket_slots.get_mut(b), bucket_count) {
+            } else if let Some(c) = self.slot_bucket_count.get_mut(s).and_then(|r| r.get_mut(b)) {
                 if c.net() > 0 {
                     c.take();
                 }
                 if c.net() == 0 {
-                    atomic_and_64(m, !ring_bit(s));
+                    atomic_and_64(&mut bk.slots, !ring_bit(s));
                 }
             }
         }
@@ -655,10 +697,9 @@ impl QueueShape {
             let mut i = 0u64;
             while i < AGE_SLOTS as u64 {
                 let s = opaque(i) as usize & (AGE_SLOTS - 1);
-                if let (Some(e), Some(c)) = (self.slot_epoch.get_mut(s), self.slot_count.get_mut(s))
-                {
-                    *e = 0;
-                    c.reset_to(0);
+                if let Some(slot) = self.ring.get_mut(s) {
+                    slot.epoch = 0;
+                    slot.count.reset_to(0);
                 }
                 i += 1;
             }
@@ -670,16 +711,12 @@ impl QueueShape {
             let mut i = 0u64;
             while i < SECTOR_BUCKETS as u64 {
                 let b = opaque(i) as usize & (SECTOR_BUCKETS - 1);
-                if let (Some(m), Some(e), Some(old)) = (
-                    self.bucket_slots.get_mut(b),
-                    self.bucket_epoch.get_mut(b),
-                    self.bucket_old.get_mut(b),
-                ) {
-                    if *m != 0 {
-                        atomic_and_64(m, 0);
+                if let Some(bk) = self.buckets.get_mut(b) {
+                    if bk.slots != 0 {
+                        atomic_and_64(&mut bk.slots, 0);
                     }
-                    *e = epoch;
-                    old.reset_to(0);
+                    bk.epoch = epoch;
+                    bk.old.reset_to(0);
                 }
                 i += 1;
             }
@@ -695,10 +732,10 @@ impl QueueShape {
             // Of the periods passed, only the last AGE_SLOTS matter (each slot once).
             let e = epoch - (n.min(AGE_SLOTS as u64) - i);
             let s = (e as usize) & (AGE_SLOTS - 1);
-            if let (Some(se), Some(c)) = (self.slot_epoch.get_mut(s), self.slot_count.get_mut(s)) {
-                let gone = c.net();
-                *se = e as u32;
-                c.reset_to(0);
+            if let Some(slot) = self.ring.get_mut(s) {
+                let gone = slot.count.net();
+                slot.epoch = e as u32;
+                slot.count.reset_to(0);
                 self.in_ring.add(gone.wrapping_neg());
             }
             let bit = ring_bit(s);
@@ -723,14 +760,14 @@ impl QueueShape {
     /// ring's span old, as the head is. Branch-free (the walk's step).
     #[inline(always)]
     fn bucket_oldest(&self, b: usize, now_epoch: u64) -> (u64, u64, u64) {
-        let (c, slots, be, old) = match (
-            self.count.get(b),
-            self.bucket_slots.get(b),
-            self.bucket_epoch.get(b),
-            self.bucket_old.get(b),
-        ) {
-            (Some(c), Some(&m), Some(&e), Some(o)) => (c.net() as u64, m, e, o.net() as u64),
-            _ => (0, 0, 0, 0),
+        let (c, slots, be, old) = match self.buckets.get(b) {
+            Some(bk) => (
+                bk.count.net() as u64,
+                bk.slots,
+                bk.epoch,
+                bk.old.net() as u64,
+            ),
+            None => (0, 0, 0, 0),
         };
         let slots_by_age = by_age(slots, now_epoch);
         let reused = reused_ages(be, now_epoch);
@@ -800,9 +837,9 @@ impl QueueShape {
             let k = bit_index_16(low);
             let epoch = now_epoch.wrapping_sub(k);
             let s = (epoch as usize) & (AGE_SLOTS - 1);
-            let (e, c) = match (self.slot_epoch.get(s), self.slot_count.get(s)) {
-                (Some(&e), Some(c)) => (e, c.net() as u64),
-                _ => (0, 0),
+            let (e, c) = match self.ring.get(s) {
+                Some(slot) => (slot.epoch, slot.count.net() as u64),
+                None => (0, 0),
             };
             let c = keep(eq(e as u64, epoch & 0xffff_ffff), c);
             young_half += keep(lt(k, half_slots), c);
@@ -941,8 +978,8 @@ impl QueueShape {
                 let age = sat_sub(bit_length(low) as u64, 1);
                 let epoch = now_epoch.wrapping_sub(age);
                 let s = (epoch as usize) & (AGE_SLOTS - 1);
-                if self.slot_epoch.get(s).copied() == Some(epoch as u32) {
-                    n += self.slot_count.get(s).map_or(0, Tally::net) as u64;
+                if let Some(slot) = self.ring.get(s).filter(|r| r.epoch == epoch as u32) {
+                    n += slot.count.net() as u64;
                 }
             }
             n
@@ -1111,8 +1148,8 @@ mod tests {
             q.on_remove(s, 15, t, budget);
         }
         assert_eq!(q.queued.net(), 0);
-        assert!(q.count.iter().all(|c| c.net() == 0));
-        assert!(q.slot_count.iter().all(|c| c.net() == 0));
+        assert!(q.buckets.iter().all(|bk| bk.count.net() == 0));
+        assert!(q.ring.iter().all(|r| r.count.net() == 0));
         // A remove without its insert (attached mid-I/O) takes the count below
         // 0, which reads as an empty queue; the insert it lacked brings it back.
         q.on_remove(7, 15, 0, budget);
@@ -1156,7 +1193,7 @@ mod tests {
                 let (w, bit) = bucket_bit(b);
                 assert_eq!(
                     q.buckets_occupied[w] & bit != 0,
-                    q.count[b].net() != 0,
+                    q.buckets[b].count.net() != 0,
                     "bucket {b}"
                 );
             }
@@ -1165,7 +1202,7 @@ mod tests {
         for b0 in 0..SECTOR_BUCKETS as u64 {
             let mut want = 0u64;
             for w in 0..WALK_BUCKETS as u64 {
-                if w <= b0 && q.count[(b0 - w) as usize].net() != 0 {
+                if w <= b0 && q.buckets[(b0 - w) as usize].count.net() != 0 {
                     want |= 1 << w;
                 }
             }
@@ -1204,12 +1241,12 @@ mod tests {
         // old ones: the bucket's oldest stays older than the ring.
         let now = 30 * MS + (81 << 20);
         q.on_insert((10 << 15) + 16, 15, now, budget);
-        assert_eq!((q.count[10].net(), q.bucket_old[10].net()), (2, 1));
+        assert_eq!((q.buckets[10].count.net(), q.buckets[10].old.net()), (2, 1));
         let p = q.position((11 << 15) + 1, 15, now + (3 << 20), budget);
         assert_eq!(p.below_age_log, log_ratio_8(64 << 20, budget));
         // Until it leaves.
         q.on_remove((10 << 15) + 8, 15, 30 * MS, budget);
-        assert_eq!(q.bucket_old[10].net(), 0);
+        assert_eq!(q.buckets[10].old.net(), 0);
         let p = q.position((11 << 15) + 1, 15, now + (3 << 20), budget);
         assert_eq!(p.below_age_log, log_ratio_8(3 << 20, budget));
     }
@@ -1244,7 +1281,7 @@ mod tests {
         let wide = 64 * MS; // slots of 2^23 ns
         let t0 = 1000 * MS;
         q.on_insert((10 << 15) + 8, 15, t0, wide);
-        assert_eq!(q.bucket_epoch[10], t0 >> 23);
+        assert_eq!(q.buckets[10].epoch, t0 >> 23);
         // 80 wide periods later the request inserted at t0 has left the ring.
         let p = q.position((11 << 15) + 1, 15, t0 + (80 << 23), wide);
         assert_eq!(p.below_age_log, log_ratio_8(64 << 23, wide));
@@ -1254,9 +1291,8 @@ mod tests {
     fn tallies(q: &QueueShape) -> impl Iterator<Item = &Tally> {
         core::iter::once(&q.queued)
             .chain(core::iter::once(&q.in_ring))
-            .chain(q.count.iter())
-            .chain(q.bucket_old.iter())
-            .chain(q.slot_count.iter())
+            .chain(q.buckets.iter().flat_map(|bk| [&bk.count, &bk.old]))
+            .chain(q.ring.iter().map(|r| &r.count))
             .chain(q.slot_bucket_count.iter().flatten())
     }
 
@@ -1301,7 +1337,10 @@ mod tests {
             }
         }
         assert!(inserts > 3000 && removes > 2000, "{inserts} {removes}");
-        assert!(q.bucket_old.iter().any(|t| t.added != 0), "no count moved");
+        assert!(
+            q.buckets.iter().any(|bk| bk.old.added != 0),
+            "no count moved"
+        );
     }
 
     #[test]

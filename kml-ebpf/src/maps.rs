@@ -174,7 +174,7 @@ pub static ISSUE_WINDOW: PerCpuArray<[u8; kml_ebpf_common::layout::RQ_WIDE_WINDO
     PerCpuArray::new();
 
 /// The position state of each traced device, reads then writes
-/// (`kml_ebpf_common::position::QueueShape`, 2 × 140,104 bytes a device: 4.5 MB
+/// (`kml_ebpf_common::position::QueueShape`, 2 × 140,416 bytes a device: 4.5 MB
 /// for all 16).
 #[btf_map]
 pub static SHAPES: Array<

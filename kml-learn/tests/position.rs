@@ -236,7 +236,7 @@ fn counts_saturate() {
         q.on_insert(0, 0, 1_000_000 + i, 8_000_000);
     }
     let p = q.position(1, 0, 1_070_000, 8_000_000);
-    assert_eq!(q.count[0].net(), u32::from(u16::MAX));
+    assert_eq!(q.buckets[0].count.net(), u32::from(u16::MAX));
     assert_eq!(p.recent, COUNT_MAX);
     assert_eq!(p.due_below, DUE_NONE - 1);
 }
