@@ -747,6 +747,26 @@ impl QueueShape {
         self.ring_epoch = epoch;
     }
 
+    /// Starts the loads of the lines the walk down from `sector`'s bucket will
+    /// read (one bucket of each pair below its own: [`WALK_BUCKETS`] buckets are
+    /// [`WALK_BUCKETS`] / 2 lines), for the insert program to call before its
+    /// own first misses, so that they overlap. Reads only, into a value no one
+    /// uses; its own bucket's line is left out (the insert writes it: a read
+    /// would bring it shared, and the write must then take it again).
+    #[inline(always)]
+    pub fn touch_walk(&self, sector: u64, bucket_shift: u32) {
+        let b0 = bucket_of(sector, bucket_shift) as u64;
+        let mut k = 1u64;
+        while k < (WALK_BUCKETS / 2) as u64 {
+            let b = (opaque(b0.wrapping_sub(2 * k)) as usize) & (SECTOR_BUCKETS - 1);
+            if let Some(bk) = self.buckets.get(b) {
+                // SAFETY: a reference to a bucket, valid for a read.
+                unsafe { core::ptr::read_volatile(&raw const bk.epoch) };
+            }
+            k += 1;
+        }
+    }
+
     /// Requests queued; below 0 (wrapped, see `queued`) reads as 0. Branch-free.
     #[inline(always)]
     fn queued_now(&self) -> u64 {

@@ -157,7 +157,7 @@ pub fn on_insert(
         0
     };
 
-    touch_shape(slot, r.op as u8);
+    touch_shape(slot, r.op as u8, r.sector, unsafe { (*s).bucket_shift });
     let (old_owner, old_phase) = unsafe { ((*e).rq, (*e).phase) };
     if old_owner == owner && old_phase == Phase::Requeued as u32 {
         // Requeued and inserted again: mq-deadline gives it a fresh deadline (the
@@ -329,7 +329,7 @@ fn model_uses_position() -> bool {
 /// before its atomic adds to the line, saved nothing: a read brings the line
 /// shared, and the add must still take it.)
 #[inline(always)]
-fn touch_shape(slot: u32, op: u8) {
+fn touch_shape(slot: u32, op: u8, sector: u64, bucket_shift: u32) {
     if !position_on() {
         return;
     }
@@ -337,6 +337,7 @@ fn touch_shape(slot: u32, op: u8) {
         if let Some(q) = unsafe { (*shapes).get(direction_index(op)) } {
             // SAFETY: a reference into the map value, valid for a read.
             unsafe { core::ptr::read_volatile(&raw const q.ring_shift) };
+            q.touch_walk(sector, bucket_shift);
         }
     }
 }
