@@ -18,7 +18,7 @@ trap cleanup EXIT INT TERM
 mount -t bpf bpf "$FS"
 head -c 64 /dev/zero > "$PKT"
 bpftool prog loadall "$TARGET/bpfel-unknown-none/release/bench" "$FS/progs" type socket
-for p in bench_empty bench_features bench_linear bench_tree bench_position bench_position_queue bench_position_deep; do
+for p in bench_empty bench_features bench_linear bench_tree bench_position bench_position_queue bench_position_deep bench_position_cost_deep; do
     ns=$(bpftool prog run pinned "$FS/progs/$p" data_in "$PKT" repeat "$REPEAT" | grep -o 'duration (average): [0-9]*ns')
     size=$(bpftool prog show pinned "$FS/progs/$p" | grep -o 'xlated [0-9]*B')
     printf '%-16s %s  (%s)\n' "$p" "$ns" "$size"

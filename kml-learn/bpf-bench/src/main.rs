@@ -6,7 +6,10 @@
 //! state costs at insert on an empty queue (a `QueueShape` from a third map:
 //! `position` then `on_insert`); `bench_position_queue` and `bench_position_deep`
 //! the same in a steady random-read queue of 32 and 512 requests, with the
-//! dispatch of the oldest (`on_remove`).
+//! dispatch of the oldest (`on_remove`), at a 4 ms expiry (the ring's periods
+//! in use); `bench_position_cost_deep` in the queue of the cost bench's deep job
+//! (`bench/cost-deep.fio`: about 128 queued, mq-deadline's default 500 ms read
+//! expiry, so every queued request is in the ring's newest one or two periods).
 #![no_std]
 #![no_main]
 
@@ -88,24 +91,27 @@ pub fn bench_position(_ctx: SkBuffContext) -> i64 {
 const QUEUE_DEPTH: u32 = 32;
 /// ... and of [`bench_position_deep`].
 const DEEP_DEPTH: u32 = 512;
+/// ... and of [`bench_position_cost_deep`].
+const COST_DEEP_DEPTH: u32 = 128;
 
-/// The queued requests of the steady-state programs: (sector, insert ns).
+/// The queued requests of the steady-state programs: (sector, insert ns), a
+/// [`DEEP_DEPTH`] of them each.
 #[btf_map]
-static QUEUED: Array<[u64; 2], { DEEP_DEPTH as usize }> = Array::new();
+static QUEUED: Array<[u64; 2], { 3 * DEEP_DEPTH as usize }> = Array::new();
 /// Runs so far of each steady-state program.
 #[btf_map]
-static RUNS: Array<u64, 2> = Array::new();
+static RUNS: Array<u64, 3> = Array::new();
 /// The position state of each steady-state program.
 #[btf_map]
-static QUEUES: Array<QueueShape, 2> = Array::new();
+static QUEUES: Array<QueueShape, 3> = Array::new();
 
 /// One request of a steady random-read queue of `depth` requests on a 1 GiB disk
-/// (2^21 sectors in 256 buckets: shift 13), one insert every 20 µs, 4 ms expiry:
-/// the oldest leaves (`on_remove`, as at its dispatch), then the new one takes its
-/// position and joins. What an insert pays under the cost bench's fio job, plus a
-/// dispatch.
+/// (2^21 sectors in 256 buckets: shift 13), one insert every `every_ns`, expiry
+/// `budget`: the oldest leaves (`on_remove`, as at its dispatch), then the new one
+/// takes its position and joins. What an insert pays under the cost bench's fio
+/// job, plus a dispatch.
 #[inline(always)]
-fn steady(which: u32, depth: u32) -> i64 {
+fn steady(which: u32, depth: u32, every_ns: u64, budget: u64) -> i64 {
     let (Some(n), Some(q)) = (RUNS.get_ptr_mut(which), QUEUES.get_ptr_mut(which)) else {
         return 0;
     };
@@ -113,10 +119,9 @@ fn steady(which: u32, depth: u32) -> i64 {
     let (n, q) = unsafe { (&mut *n, &mut *q) };
     let i = *n;
     *n += 1;
-    let now = (i + 1) * 20_000;
-    let budget = 4_000_000;
+    let now = (i + 1) * every_ns;
     let sector = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 43) & ((1 << 21) - 1);
-    let Some(slot) = QUEUED.get_ptr_mut((i as u32) & (depth - 1)) else {
+    let Some(slot) = QUEUED.get_ptr_mut(which * DEEP_DEPTH + ((i as u32) & (depth - 1))) else {
         return 0;
     };
     // SAFETY: as above.
@@ -132,12 +137,17 @@ fn steady(which: u32, depth: u32) -> i64 {
 
 #[socket_filter]
 pub fn bench_position_queue(_ctx: SkBuffContext) -> i64 {
-    steady(0, QUEUE_DEPTH)
+    steady(0, QUEUE_DEPTH, 20_000, 4_000_000)
 }
 
 #[socket_filter]
 pub fn bench_position_deep(_ctx: SkBuffContext) -> i64 {
-    steady(1, DEEP_DEPTH)
+    steady(1, DEEP_DEPTH, 20_000, 4_000_000)
+}
+
+#[socket_filter]
+pub fn bench_position_cost_deep(_ctx: SkBuffContext) -> i64 {
+    steady(2, COST_DEEP_DEPTH, 10_000, 500_000_000)
 }
 
 #[panic_handler]
