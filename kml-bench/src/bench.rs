@@ -114,6 +114,13 @@ pub struct BenchArgs {
     /// Tune: cycles of stock / stock again / tune per workload. Default 6 (--quick: 2).
     #[arg(long, value_name = "N")]
     pub tune_cycles: Option<usize>,
+    /// Cost: mq-deadline's read and write expiry on the measure's device, in ms
+    /// (default: the kernel's, 500 / 5,000 ms). The position state's age ring has
+    /// periods of an eighth to a quarter of the expiry: at the default, every
+    /// request of the deep queue sits in its newest one or two; at the 4-12 ms the
+    /// project's workloads use, the queue spans many.
+    #[arg(long, value_name = "MS")]
+    pub cost_expire_ms: Option<u64>,
 }
 
 /// What every phase needs.
@@ -132,6 +139,7 @@ pub struct Ctx {
     pub arms: Vec<String>,
     pub before: Option<String>,
     pub tune_cycles: Option<usize>,
+    pub cost_expire_ms: Option<u64>,
     /// The command line, for the reports.
     pub command: String,
 }
@@ -288,6 +296,9 @@ impl BenchArgs {
         if let Some(n) = self.tune_cycles {
             args_line.push(format!("--tune-cycles {n}"));
         }
+        if let Some(ms) = self.cost_expire_ms {
+            args_line.push(format!("--cost-expire-ms {ms}"));
+        }
         let ctx = Ctx {
             root: root.clone(),
             agent,
@@ -302,6 +313,7 @@ impl BenchArgs {
             arms: self.arms.clone(),
             before: self.before.clone(),
             tune_cycles: self.tune_cycles,
+            cost_expire_ms: self.cost_expire_ms,
             command: args_line.join(" "),
         };
         let load_before = loadavg();

@@ -46,6 +46,9 @@ pub struct Cost {
     pub secs: u64,
     pub rounds: usize,
     pub stats_was: String,
+    /// mq-deadline's (read, write) expiry on the device, ms, as the kernel applied
+    /// them (`--cost-expire-ms`, else its defaults).
+    pub expiries_ms: (u64, u64),
     /// `--before REV`: that revision's agent and this tree's, each alone.
     pub before: Option<BeforeAfter>,
 }
@@ -279,6 +282,14 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
     };
     let bench = StatsBench::set_up(ctx)?;
     let dev = &bench.dev;
+    if let Some(ms) = ctx.cost_expire_ms {
+        dev.set_expiries_ms(ms, ms)?;
+    }
+    let expiries_ms = dev.expiries_ms()?;
+    eprintln!(
+        "xtask: bench: cost: read_expire {} ms, write_expire {} ms",
+        expiries_ms.0, expiries_ms.1
+    );
     let mut rows = Vec::new();
     // Each run: one agent without a model and, beside it, one with a model, both
     // observing the same device in the same fio run, so every request runs both
@@ -358,6 +369,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
         secs,
         rounds,
         stats_was,
+        expiries_ms,
         before,
     })
 }
@@ -551,6 +563,7 @@ mod tests {
             secs: 1,
             rounds: 2,
             stats_was: "0".into(),
+            expiries_ms: (500, 5000),
             before: None,
         };
         assert_eq!(c.ns("none", EventProg::Insert), Some(300.0));
@@ -579,6 +592,7 @@ mod tests {
             secs: 1,
             rounds: 1,
             stats_was: "0".into(),
+            expiries_ms: (500, 5000),
             before: None,
         };
         assert!(is_model_free("none") && is_model_free(&none_deep));
