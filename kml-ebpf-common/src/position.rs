@@ -62,7 +62,9 @@
 //! state in whole lines: an insert writes one line of its bucket, not four
 //! (-17 ns per insert, each build alone); and the insert program starts the
 //! walk's loads before the entry's first touch ([`QueueShape::touch_walk`],
-//! -18 ns). The position's part on the deep queue: 188-203 ns.
+//! -18 ns). The position's part on the deep queue: 188-203 ns at mq-deadline's
+//! default expiries, 238 ns at 8 ms (`cargo xtask bench --only cost
+//! --cost-expire-ms 8`), where the queue spans more of the ring.
 //!
 //! Rules kept for the eBPF side: integers only, no division (shifts, masks), loops
 //! bounded by constants, indices masked into range, nothing that can panic, and every
