@@ -329,10 +329,11 @@ fn model_uses_position() -> bool {
 /// bucket (`QueueShape::touch_walk`): another 18 ns. And the line of the slot
 /// table the insert will write (`QueueShape::touch_slot_count`), cold when a
 /// period of the ring starts at the workloads' expiries: -21 and -28 ns per
-/// insert in two runs at 8 ms. Reads only; their values are not used. (Not kept: the same at dispatch, before its atomic adds to the
-/// line, saved nothing, since a read brings the line shared and the add must
-/// still take it; and the young ring slots' lines, which the stage reads first,
-/// saved nothing either: -5 ns, rounds -34 to +25.)
+/// insert in two runs at 8 ms, -11 at mq-deadline's default expiries. Reads
+/// only; their values are not used. (Not kept: the same at dispatch, before its
+/// atomic adds to the line, saved nothing, since a read brings the line shared
+/// and the add must still take it; and the young ring slots' lines, which the
+/// stage reads first, saved nothing either: -5 ns, rounds -34 to +25.)
 #[inline(always)]
 fn touch_shape(slot: u32, op: u8, sector: u64, bucket_shift: u32, now: u64, budget: u64) {
     if !position_on() {

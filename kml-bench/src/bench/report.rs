@@ -498,7 +498,8 @@ fn cost_section(md: &mut String, plots: &mut Vec<(String, String)>, r: &Results)
     let _ = writeln!(
         md,
         "`kernel.bpf_stats_enabled=1` for the measure (it was `{}` before and was restored), on the tmpfs \
-         loop device (mq-deadline, read_expire {} ms, write_expire {} ms) under the fio job of measure 1 ({} round(s) × {} s per model; the position model \
+         loop device (mq-deadline, read_expire {} ms, write_expire {} ms) under the fio job of \
+         measure 1 ({} round(s) × {} s per model; the position model \
          once more on a deep queue, `bench/cost-deep.fio`, beside its own agent without a model: the rows \
          marked \"deep queue\"). **Two agents observe the \
          device at once** in each run: one without a model and one with the model, so every request runs \
