@@ -157,7 +157,14 @@ pub fn on_insert(
         0
     };
 
-    touch_shape(slot, r.op as u8, r.sector, unsafe { (*s).bucket_shift }, now, expire);
+    touch_shape(
+        slot,
+        r.op as u8,
+        r.sector,
+        unsafe { (*s).bucket_shift },
+        now,
+        expire,
+    );
     let (old_owner, old_phase) = unsafe { ((*e).rq, (*e).phase) };
     if old_owner == owner && old_phase == Phase::Requeued as u32 {
         // Requeued and inserted again: mq-deadline gives it a fresh deadline (the
