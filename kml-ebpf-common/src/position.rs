@@ -517,6 +517,23 @@ atomic_rmw!(
     fetch_and
 );
 
+/// The bucket whose line [`QueueShape::touch_walk`]'s step `k` (1 to
+/// [`WALK_BUCKETS`] / 2 - 1) loads below bucket `b0`: one of each pair. Opaque,
+/// then masked, as the walk's own index (see [`QueueShape::position`]).
+#[inline(always)]
+fn walk_touch_bucket(b0: u64, k: u64) -> usize {
+    (opaque(b0.wrapping_sub(2 * k)) as usize) & (SECTOR_BUCKETS - 1)
+}
+
+/// The cell of `QueueShape::slot_bucket_count` (ring slot, bucket) that an insert
+/// at `now_ns` with budget `budget_ns` into `sector`'s bucket counts in (when its
+/// ring slot holds its period, as after [`QueueShape::on_insert`]'s `advance`).
+#[inline(always)]
+fn slot_count_cell(sector: u64, bucket_shift: u32, now_ns: u64, budget_ns: u64) -> (usize, usize) {
+    let s = ((now_ns >> slot_shift(budget_ns)) as usize) & (AGE_SLOTS - 1);
+    (s, bucket_of(sector, bucket_shift))
+}
+
 /// Bucket `b`'s word and bit in `QueueShape::buckets_occupied` (bit `255 - b`:
 /// the buckets below one sit at the bits above its own).
 #[inline(always)]
@@ -764,8 +781,9 @@ impl QueueShape {
     }
 
     /// Starts the loads of the lines the walk down from `sector`'s bucket will
-    /// read (one bucket of each pair below its own: [`WALK_BUCKETS`] buckets are
-    /// [`WALK_BUCKETS`] / 2 lines), for the insert program to call before its
+    /// read (one bucket of each of the 7 pairs below its own; from an even bucket
+    /// the walk's last bucket is in an eighth pair, left out), for the insert
+    /// program to call before its
     /// own first misses, so that they overlap. Reads only, into a value no one
     /// uses; its own bucket's line is left out (the insert writes it: a read
     /// would bring it shared, and the write must then take it again).
@@ -774,8 +792,7 @@ impl QueueShape {
         let b0 = bucket_of(sector, bucket_shift) as u64;
         let mut k = 1u64;
         while k < (WALK_BUCKETS / 2) as u64 {
-            let b = (opaque(b0.wrapping_sub(2 * k)) as usize) & (SECTOR_BUCKETS - 1);
-            if let Some(bk) = self.buckets.get(b) {
+            if let Some(bk) = self.buckets.get(walk_touch_bucket(b0, k)) {
                 // SAFETY: a reference to a bucket, valid for a read.
                 unsafe { core::ptr::read_volatile(&raw const bk.epoch) };
             }
@@ -791,8 +808,7 @@ impl QueueShape {
     /// before: the I/O's data has evicted it since. Reads only.
     #[inline(always)]
     pub fn touch_slot_count(&self, sector: u64, bucket_shift: u32, now_ns: u64, budget_ns: u64) {
-        let s = ((now_ns >> slot_shift(budget_ns)) as usize) & (AGE_SLOTS - 1);
-        let b = bucket_of(sector, bucket_shift);
+        let (s, b) = slot_count_cell(sector, bucket_shift, now_ns, budget_ns);
         if let Some(c) = self.slot_bucket_count.get(s).and_then(|r| r.get(b)) {
             // SAFETY: a reference to a count, valid for a read.
             unsafe { core::ptr::read_volatile(&raw const c.added) };
@@ -1203,6 +1219,28 @@ mod tests {
     }
 
     #[test]
+    fn touching_the_walk_loads_the_walks_lines() {
+        // Every line the walk down from b0 can read (buckets b0 - 15 to b0, not
+        // below 0; two buckets a line) is b0's own (which the insert writes) or
+        // one touch_walk loads; but for an even b0 the walk ends in the lower half
+        // of a ninth line, b0 - 15's, which 7 loads leave out.
+        for b0 in 0..SECTOR_BUCKETS as u64 {
+            let touched: [u64; WALK_BUCKETS / 2 - 1] =
+                core::array::from_fn(|i| walk_touch_bucket(b0, i as u64 + 1) as u64 / 2);
+            for w in 0..(WALK_BUCKETS as u64).min(b0 + 1) {
+                let line = (b0 - w) / 2;
+                let left_out = b0 % 2 == 0 && w == WALK_BUCKETS as u64 - 1;
+                assert_eq!(
+                    line == b0 / 2 || touched.contains(&line),
+                    !left_out,
+                    "b0 {b0}, bucket {}",
+                    b0 - w
+                );
+            }
+        }
+    }
+
+    #[test]
     fn touching_the_slot_count_reads_only_in_range() {
         let mut q = QueueShape::EMPTY;
         q.on_insert(3 << 15, 15, MS, 8 * MS);
@@ -1218,6 +1256,25 @@ mod tests {
             }
         }
         assert_eq!(q, before);
+    }
+
+    #[test]
+    fn touching_the_slot_count_loads_the_cell_the_insert_writes() {
+        // The cell touch_slot_count loads is the one on_insert counts the request
+        // in, and no other changes, at any expiry and period of the ring.
+        for budget in [MS, 8 * MS, 500 * MS] {
+            for k in [1u64, 2, 63, 64, 65, 1000] {
+                for sector in [0u64, 5 << 15, 255 << 15, (256 << 15) + 7] {
+                    let now = k << slot_shift(budget);
+                    let mut q = QueueShape::EMPTY;
+                    q.on_insert(sector, 15, now, budget);
+                    let (s, b) = slot_count_cell(sector, 15, now, budget);
+                    assert_eq!(q.slot_bucket_count[s][b].net(), 1, "budget {budget}, k {k}");
+                    let total: u32 = q.slot_bucket_count.iter().flatten().map(Tally::net).sum();
+                    assert_eq!(total, 1);
+                }
+            }
+        }
     }
 
     #[test]
