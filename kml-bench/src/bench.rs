@@ -197,8 +197,17 @@ pub struct RunInfo {
     pub command: String,
     pub load_before: Option<[f64; 3]>,
     pub load_after: Option<[f64; 3]>,
+    /// The `--before` agent, when this run built it (not found in the cache).
+    pub before_build: Option<BeforeBuild>,
     pub duration: Duration,
     pub tools: Vec<String>,
+}
+
+/// A `--before` agent built by the run, before its measures.
+pub struct BeforeBuild {
+    /// Its commit, abbreviated.
+    pub commit: String,
+    pub secs: f64,
 }
 
 fn read(path: &str) -> String {
@@ -315,6 +324,23 @@ impl BenchArgs {
             tune_cycles: self.tune_cycles,
             cost_expire_ms: self.cost_expire_ms,
             command: args_line.join(" "),
+        };
+        // The `--before` agent, built once before any phase measures (the phases
+        // that run it find it in the cache), so that its compile shares the CPUs
+        // with no measure and the report can say that the load averages count it.
+        let before_build = match &ctx.before {
+            Some(rev)
+                if [Phase::Overhead, Phase::Cost, Phase::Breakdown]
+                    .iter()
+                    .any(|p| phases.contains(p)) =>
+            {
+                let b = before::build(&ctx, rev)?;
+                b.built_secs.map(|secs| BeforeBuild {
+                    commit: b.short().to_owned(),
+                    secs,
+                })
+            }
+            _ => None,
         };
         let load_before = loadavg();
         eprintln!(
@@ -439,6 +465,7 @@ impl BenchArgs {
             command: ctx.command.clone(),
             load_before,
             load_after: loadavg(),
+            before_build,
             duration: started.elapsed(),
             tools: vec![
                 tool_version("fio", "--version"),

@@ -18,6 +18,8 @@ pub struct BeforeAgent {
     pub rev: String,
     pub commit: String,
     pub binary: PathBuf,
+    /// Seconds this call spent building it (`None`: found in the cache).
+    pub built_secs: Option<f64>,
 }
 
 impl BeforeAgent {
@@ -56,12 +58,14 @@ pub fn build(ctx: &Ctx, rev: &str) -> Result<BeforeAgent> {
             rev: rev.to_owned(),
             commit,
             binary,
+            built_secs: None,
         });
     }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
+    let started = std::time::Instant::now();
     eprintln!(
         "xtask: bench: --before {rev}: building the agent of {commit} in {} (once; minutes)",
         dir.display()
@@ -104,5 +108,6 @@ pub fn build(ctx: &Ctx, rev: &str) -> Result<BeforeAgent> {
         rev: rev.to_owned(),
         commit,
         binary,
+        built_secs: Some(started.elapsed().as_secs_f64()),
     })
 }

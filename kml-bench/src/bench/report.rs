@@ -94,6 +94,32 @@ fn one_line(s: &str) -> String {
     }
 }
 
+/// The report's warning when the CPUs were shared as the measures started: the
+/// 1-minute load average then above half the CPU count. Not the one at the end:
+/// the run's own fio jobs and agents keep the CPUs busy, and it counts them.
+/// A `--before` agent this run built first counts at the start (its compile
+/// ends before any measure, but the average decays over minutes): then the
+/// warning says so, rather than blame other work.
+fn noise_warning(i: &RunInfo) -> Option<String> {
+    if !i.load_before.is_some_and(|l| l[0] > 0.5 * i.cpus as f64) {
+        return None;
+    }
+    let why = match &i.before_build {
+        Some(b) => format!(
+            "just after this run built the `--before` agent ({:.0} s of compiling, \
+             finished before any measure started), which it counts; other work may also \
+             have run",
+            b.secs
+        ),
+        None => "other engineers build and test on it".to_owned(),
+    };
+    Some(format!(
+        "> **Noise warning:** the load average was above half the CPU count as the measures \
+         started ({why}). Throughput numbers and their ratios are noisier than usual; each \
+         figure carries its confidence interval, and the A/A arms show how wide the noise was."
+    ))
+}
+
 /// Writes the report and its plots; returns the report's path.
 pub fn write(ctx: &Ctx, r: &Results) -> Result<PathBuf> {
     let mut plots: Vec<(String, String)> = Vec::new();
@@ -116,7 +142,8 @@ pub fn write(ctx: &Ctx, r: &Results) -> Result<PathBuf> {
     );
     let _ = writeln!(
         md,
-        "| load average (1/5/15 min) | {} at the start, {} at the end |",
+        "| load average (1/5/15 min) | {} at the start, {} at the end (which counts the run's own \
+         fio jobs and agents) |",
         load(i.load_before),
         load(i.load_after)
     );
@@ -130,16 +157,16 @@ pub fn write(ctx: &Ctx, r: &Results) -> Result<PathBuf> {
         }
     );
     let _ = writeln!(md, "| tools | {} |", i.tools.join("; "));
-    let _ = writeln!(md, "| run time | {:.0} s |\n", i.duration.as_secs_f64());
-    if i.load_before.is_some_and(|l| l[0] > 0.5 * i.cpus as f64)
-        || i.load_after.is_some_and(|l| l[0] > 0.5 * i.cpus as f64)
-    {
+    if let Some(b) = &i.before_build {
         let _ = writeln!(
             md,
-            "> **Noise warning:** the machine was busy with other work during this run (load average \
-             above half the CPU count; other engineers build and test on it). Throughput numbers and \
-             their ratios are noisier than usual; each figure carries its confidence interval, and the A/A arms show how wide the noise was.\n"
+            "| `--before` agent | built by this run before its measures: {} in {:.0} s |",
+            b.commit, b.secs
         );
+    }
+    let _ = writeln!(md, "| run time | {:.0} s |\n", i.duration.as_secs_f64());
+    if let Some(w) = noise_warning(i) {
+        let _ = writeln!(md, "{w}\n");
     }
 
     summary(&mut md, r);
@@ -1252,6 +1279,44 @@ mod tests {
             cost_expire_ms: None,
             command: String::new(),
         }
+    }
+
+    fn info(load_before: f64, load_after: f64, before_build: Option<f64>) -> RunInfo {
+        RunInfo {
+            date: String::new(),
+            kernel: String::new(),
+            cpus: 2,
+            cpu_model: String::new(),
+            mem_gib: 0.0,
+            quick: false,
+            command: String::new(),
+            load_before: Some([load_before, 0.0, 0.0]),
+            load_after: Some([load_after, 0.0, 0.0]),
+            before_build: before_build.map(|secs| crate::bench::BeforeBuild {
+                commit: "591290aeb8".into(),
+                secs,
+            }),
+            duration: std::time::Duration::ZERO,
+            tools: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_noise_warning_names_the_runs_own_build() {
+        assert_eq!(
+            noise_warning(&info(0.4, 1.0, Some(120.0))),
+            None,
+            "quiet CPUs"
+        );
+        // The run's own fio jobs and agents raise the load at the end: no warning.
+        assert_eq!(noise_warning(&info(0.9, 4.0, None)), None);
+        let other = noise_warning(&info(1.5, 0.2, None)).unwrap();
+        assert!(other.starts_with("> **Noise warning:**"), "{other}");
+        assert!(other.contains("other engineers build"), "{other}");
+        assert!(!other.contains("--before"), "{other}");
+        let own = noise_warning(&info(1.9, 4.0, Some(131.6))).unwrap();
+        assert!(own.contains("built the `--before` agent (132 s"), "{own}");
+        assert!(!own.contains("other engineers"), "{own}");
     }
 
     #[test]
