@@ -328,6 +328,8 @@ impl BenchArgs {
         // The `--before` agent, built once before any phase measures (the phases
         // that run it find it in the cache), so that its compile shares the CPUs
         // with no measure and the report can say that the load averages count it.
+        // A revision that does not build stops the run here, before minutes of
+        // measures that would lack the comparison asked for.
         let before_build = match &ctx.before {
             Some(rev)
                 if [Phase::Overhead, Phase::Cost, Phase::Breakdown]
