@@ -137,7 +137,9 @@ pub struct Ctx {
     pub cycles: Option<usize>,
     pub arm_secs: Option<u64>,
     pub arms: Vec<String>,
-    pub before: Option<String>,
+    /// `--before REV`: that revision's agent, built (or found in the cache)
+    /// before any phase measures; `None` also when no phase selected runs it.
+    pub before: Option<before::BeforeAgent>,
     pub tune_cycles: Option<usize>,
     pub cost_expire_ms: Option<u64>,
     /// The command line, for the reports.
@@ -308,6 +310,27 @@ impl BenchArgs {
         if let Some(ms) = self.cost_expire_ms {
             args_line.push(format!("--cost-expire-ms {ms}"));
         }
+        // The `--before` agent, built once before any phase measures, so that its
+        // compile shares the CPUs with no measure and the report can say that the
+        // load average at the start counts it. A revision that does not build
+        // stops the run here, before minutes of measures that would lack the
+        // comparison asked for.
+        let before_agent = match &self.before {
+            Some(rev)
+                if [Phase::Overhead, Phase::Cost, Phase::Breakdown]
+                    .iter()
+                    .any(|p| phases.contains(p)) =>
+            {
+                Some(before::build(&root, rev)?)
+            }
+            _ => None,
+        };
+        let before_build = before_agent.as_ref().and_then(|b| {
+            b.built_secs.map(|secs| BeforeBuild {
+                commit: b.short().to_owned(),
+                secs,
+            })
+        });
         let ctx = Ctx {
             root: root.clone(),
             agent,
@@ -320,29 +343,10 @@ impl BenchArgs {
             cycles: self.cycles,
             arm_secs: self.arm_secs,
             arms: self.arms.clone(),
-            before: self.before.clone(),
+            before: before_agent,
             tune_cycles: self.tune_cycles,
             cost_expire_ms: self.cost_expire_ms,
             command: args_line.join(" "),
-        };
-        // The `--before` agent, built once before any phase measures (the phases
-        // that run it find it in the cache), so that its compile shares the CPUs
-        // with no measure and the report can say that the load averages count it.
-        // A revision that does not build stops the run here, before minutes of
-        // measures that would lack the comparison asked for.
-        let before_build = match &ctx.before {
-            Some(rev)
-                if [Phase::Overhead, Phase::Cost, Phase::Breakdown]
-                    .iter()
-                    .any(|p| phases.contains(p)) =>
-            {
-                let b = before::build(&ctx, rev)?;
-                b.built_secs.map(|secs| BeforeBuild {
-                    commit: b.short().to_owned(),
-                    secs,
-                })
-            }
-            _ => None,
         };
         let load_before = loadavg();
         eprintln!(

@@ -6,12 +6,10 @@
 //! The agent binary embeds its own eBPF object: it observes exactly as that
 //! revision did.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
-
-use super::Ctx;
 
 pub struct BeforeAgent {
     /// As given (`main`, `HEAD~3`, a hash).
@@ -36,11 +34,13 @@ pub fn cache_dir() -> Result<PathBuf> {
     Ok(crate::util::home_dir()?.join(".cache/kml/bench-before"))
 }
 
-pub fn build(ctx: &Ctx, rev: &str) -> Result<BeforeAgent> {
+/// The agent of `rev`, from the cache or built now (`git archive` of the
+/// repository at `root`).
+pub fn build(root: &Path, rev: &str) -> Result<BeforeAgent> {
     let commit = crate::util::output(
         Command::new("git")
             .arg("-C")
-            .arg(&ctx.root)
+            .arg(root)
             .args(["rev-parse", "--verify"])
             .arg(format!("{rev}^{{commit}}")),
     )
@@ -74,7 +74,7 @@ pub fn build(ctx: &Ctx, rev: &str) -> Result<BeforeAgent> {
         .arg("-c")
         .arg("git -C \"$1\" archive --format=tar \"$2\" | tar -x -C \"$3\"")
         .arg("sh")
-        .arg(&ctx.root)
+        .arg(root)
         .arg(&commit)
         .arg(&dir)
         .status()

@@ -181,10 +181,7 @@ impl Breakdown {
 pub fn run(ctx: &Ctx) -> Result<Breakdown> {
     // Even: each order of the two agents equally often.
     let (n_rounds, secs) = if ctx.quick { (2, 2) } else { (6, 3) };
-    let before = match &ctx.before {
-        Some(rev) => Some(super::before::build(ctx, rev)?),
-        None => None,
-    };
+    let before = ctx.before.as_ref();
     let bench = StatsBench::set_up(ctx)?;
     let dev = &bench.dev;
     let mut rounds = Vec::new();

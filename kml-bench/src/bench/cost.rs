@@ -270,16 +270,12 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             deep.as_path(),
         ));
     }
-    // Built before anything is measured (a build fails fast, and takes no CPU
-    // from the runs).
-    let before_agent = match (&ctx.before, models.and_then(|m| m.get(POSITION_MODEL))) {
-        (Some(rev), Some(_)) => Some(super::before::build(ctx, rev)?),
-        (Some(rev), None) => {
-            eprintln!("xtask: bench: cost --before {rev}: no position model to run; skipped");
-            None
-        }
-        (None, _) => None,
-    };
+    if let (Some(b), None) = (&ctx.before, models.and_then(|m| m.get(POSITION_MODEL))) {
+        eprintln!(
+            "xtask: bench: cost --before {}: no position model to run; skipped",
+            b.rev
+        );
+    }
     let bench = StatsBench::set_up(ctx)?;
     let dev = &bench.dev;
     if let Some(ms) = ctx.cost_expire_ms {
@@ -358,7 +354,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
             }
         }
     }
-    let before = match (before_agent, models.and_then(|m| m.get(POSITION_MODEL))) {
+    let before = match (&ctx.before, models.and_then(|m| m.get(POSITION_MODEL))) {
         (Some(b), Some(model)) => Some(before_after(ctx, &bench, b, model)?),
         _ => None,
     };
@@ -380,7 +376,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Cost> {
 fn before_after(
     ctx: &Ctx,
     bench: &StatsBench,
-    b: super::before::BeforeAgent,
+    b: &super::before::BeforeAgent,
     model: &Path,
 ) -> Result<BeforeAfter> {
     let (rounds, secs) = if ctx.quick { (2, 2) } else { (10, 4) };

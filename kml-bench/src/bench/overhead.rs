@@ -1022,11 +1022,7 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Overhead> {
         m.get(POSITION_MODEL)
             .map(|p| (POSITION_MODEL.to_string(), p.to_path_buf()))
     });
-    let before = match &ctx.before {
-        Some(rev) => Some(super::before::build(ctx, rev)?),
-        None => None,
-    };
-    let arms = arm_specs(ctx, model.as_ref(), position.as_ref(), before.as_ref())?;
+    let arms = arm_specs(ctx, model.as_ref(), position.as_ref(), ctx.before.as_ref())?;
     let schedule = Schedule {
         cycles: ctx.cycles.unwrap_or(if ctx.quick { 3 } else { 20 }).max(2),
         settle: Duration::from_secs(1),
@@ -1109,7 +1105,10 @@ pub fn run(ctx: &Ctx, models: Option<&Models>) -> Result<Overhead> {
         command: ctx.command.clone(),
         arms,
         pinned: ctx.pin,
-        before: before.map(|b| (b.rev.clone(), b.short().to_owned())),
+        before: ctx
+            .before
+            .as_ref()
+            .map(|b| (b.rev.clone(), b.short().to_owned())),
         ticks_per_s: sys::clock_ticks_per_second() as f64,
         main,
         cost,
