@@ -22,6 +22,47 @@
 
 use crate::record::RequestRecord;
 
+/// Largest [`TickClock::phase`], in units of `1 << TIME_SHIFT` ns: 16,383 (16.8
+/// ms), more than one tick at any HZ from 100 up.
+pub const TICK_PHASE_MAX: u16 = u16::MAX >> 2;
+
+/// Where in its jiffy an event falls, as one CPU learns it: the time of the first
+/// event it saw in the current jiffy (no helper gives the tick's own time). The
+/// label turns on a tick: a request inserted late in its jiffy has up to a jiffy
+/// less time before its `fifo_time` passes than one inserted early
+/// (docs/learning.md, "The tick band"). Per CPU in the kernel (`TICK_CLOCKS`): no
+/// line is shared, and the estimate is as good as the CPU's insert rate, which is
+/// high exactly where deadlines are missed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TickClock {
+    /// The jiffy the clock is in (0: none yet).
+    pub jiffies: u64,
+    /// ns of the first event seen in it.
+    pub start_ns: u64,
+}
+
+impl TickClock {
+    /// The phase of an event at `now_ns` in jiffy `jiffies`, in units of
+    /// `1 << TIME_SHIFT` ns, capped at [`TICK_PHASE_MAX`]; 0 for the first event
+    /// of a jiffy, which starts the clock there. A clock read before the jiffy
+    /// (another CPU's ordering) also restarts it: the phase never goes negative.
+    #[inline(always)]
+    pub fn phase(&mut self, jiffies: u64, now_ns: u64) -> u16 {
+        if jiffies != self.jiffies || now_ns < self.start_ns {
+            self.jiffies = jiffies;
+            self.start_ns = now_ns;
+            return 0;
+        }
+        let units = (now_ns - self.start_ns) >> crate::features::TIME_SHIFT;
+        if units > TICK_PHASE_MAX as u64 {
+            TICK_PHASE_MAX
+        } else {
+            units as u16
+        }
+    }
+}
+
 /// The kernel's `time_after(a, b)`: `a` is later than `b`, modulo wrap-around.
 #[inline(always)]
 pub const fn time_after(a: u64, b: u64) -> bool {
@@ -179,6 +220,25 @@ mod tests {
         assert_eq!(jiffies_late(&rec(0, 12)), None);
         assert_eq!(jiffies_late(&rec(13, 0)), None);
         assert!(!on_the_tick(&rec(13, 0)));
+    }
+
+    #[test]
+    fn tick_clock_counts_from_the_first_event_of_each_jiffy() {
+        let mut c = TickClock::default();
+        assert_eq!(c.phase(100, 5_000_000), 0);
+        assert_eq!(c.phase(100, 5_000_000 + 1023), 0);
+        assert_eq!(c.phase(100, 5_000_000 + 3 * 1024), 3);
+        // A new jiffy restarts it.
+        assert_eq!(c.phase(101, 8_000_000), 0);
+        assert_eq!(c.start_ns, 8_000_000);
+        assert_eq!(
+            c.phase(101, 8_000_000 + 2_000_000),
+            (2_000_000 >> 10) as u16
+        );
+        // An older clock read restarts rather than underflowing.
+        assert_eq!(c.phase(101, 7_000_000), 0);
+        // Capped.
+        assert_eq!(c.phase(101, 7_000_000 + 60_000_000), TICK_PHASE_MAX);
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub const COLUMNS: &[&str] = &[
     "bucket_shift",
     "miss_share_read",
     "miss_share_write",
+    "tick_phase",
 ];
 
 /// Index in [`COLUMNS`] of the first position lane (`Feature::POSITION` order, named
@@ -76,13 +77,17 @@ const _: () = assert!(matches!(
     COLUMNS[MISS_SHARE_AT].as_bytes(),
     b"miss_share_read"
 ));
+/// Index in [`COLUMNS`] of the insert's phase in its jiffy (empty: not known).
+const TICK_PHASE_AT: usize = MISS_SHARE_AT + 2;
+const _: () = assert!(matches!(COLUMNS[TICK_PHASE_AT].as_bytes(), b"tick_phase"));
 
 /// Columns a trace may lack (read as 0): the scheduler's deadline in jiffies and
 /// the jiffies it is compared with, added with the label of [`crate::label`]; the
 /// bytes at completion; the position at insert (empty in a row, or absent: not
 /// known, and the host replays it); the device's position bucket width (empty or
 /// absent: the replay derives one from the sectors in the trace); the miss shares
-/// at insert (empty or absent: the host replays them).
+/// at insert (empty or absent: the host replays them); the insert's phase in its
+/// jiffy (empty or absent: not known, the feature reads 0).
 pub const OPTIONAL_COLUMNS: &[&str] = COLUMNS.split_at(OPTIONAL_AT).1;
 
 /// Index in [`COLUMNS`] of the first optional column (they are the last ones).
@@ -197,6 +202,11 @@ pub fn write_row(w: &mut impl io::Write, r: &RequestRecord) -> io::Result<()> {
         write!(w, ",{},{}", r.miss_share_read, r.miss_share_write)?;
     } else {
         write!(w, ",,")?;
+    }
+    if r.known & Known::TICK_PHASE != 0 {
+        write!(w, ",{}", r.tick_phase)?;
+    } else {
+        write!(w, ",")?;
     }
     writeln!(w)
 }
@@ -374,6 +384,14 @@ impl RowReader {
             [false, true] => return Err(bad(MISS_SHARE_AT + 1)),
             [true, false] => return Err(bad(MISS_SHARE_AT)),
         }
+        let phase = match self.index[TICK_PHASE_AT] {
+            ABSENT => "",
+            at => fields[at].trim(),
+        };
+        if !phase.is_empty() {
+            r.tick_phase = num!(TICK_PHASE_AT);
+            r.known |= Known::TICK_PHASE;
+        }
         let inflight: u32 = num!(12);
         if inflight != r.inflight() {
             return Err(bad(12));
@@ -441,11 +459,11 @@ mod tests {
             issue_jiffies: 4_295_000_126,
             fifo_time: 4_295_000_125,
             position: [300, 2, 1, 255, 280, 4, 512, 0],
-            known: Known::POSITION | Known::BUCKET_SHIFT | Known::MISS_SHARE,
+            known: Known::POSITION | Known::BUCKET_SHIFT | Known::MISS_SHARE | Known::TICK_PHASE,
             bucket_shift: 13,
             miss_share_read: 1234,
             miss_share_write: 32768,
-            _pad: [0; 2],
+            tick_phase: 2900,
         }
     }
 
@@ -486,6 +504,7 @@ mod tests {
         want.bucket_shift = 0;
         want.miss_share_read = 0;
         want.miss_share_write = 0;
+        want.tick_phase = 0;
         assert_eq!(back, want);
         // Without jiffies the label is the ns estimate.
         assert_eq!(back.deadline_missed(), back.deadline_missed_ns());
@@ -505,19 +524,21 @@ mod tests {
         r.position = [0; LANES];
         r.bucket_shift = 0;
         (r.miss_share_read, r.miss_share_write) = (0, 0);
+        r.tick_phase = 0;
         let mut buf = Vec::new();
         std::writeln!(buf, "{}", header()).unwrap();
         write_row(&mut buf, &r).unwrap();
         let text = String::from_utf8(buf).unwrap();
-        assert!(text.trim_end().ends_with(",,,,,,,,"), "{text}");
+        assert!(text.trim_end().ends_with(",,,,,,,,,,,,"), "{text}");
         assert_eq!(read_all(text.as_bytes()).unwrap(), std::vec![r]);
         // Half the lanes: an error naming the first empty one.
         let reader = RowReader::new(&header()).unwrap();
         let mut row = Vec::new();
         write_row(&mut row, &sample()).unwrap();
         let row = String::from_utf8(row).unwrap();
-        // (the last two lanes, the bucket width and the miss shares emptied)
-        let cut = String::from(row.trim_end().rsplitn(6, ',').nth(5).unwrap()) + ",,,,,";
+        // (the last two lanes, the bucket width, the miss shares and the tick
+        // phase emptied)
+        let cut = String::from(row.trim_end().rsplitn(7, ',').nth(6).unwrap()) + ",,,,,,";
         let err = reader.parse(&cut, 2).unwrap_err();
         assert!(std::format!("{err}").contains("lead_log"), "{err}");
     }
@@ -529,7 +550,8 @@ mod tests {
         write_row(&mut row, &sample()).unwrap();
         let row = String::from_utf8(row).unwrap();
         let row = row.trim_end();
-        assert!(row.ends_with(",1234,32768"), "{row}");
+        assert!(row.ends_with(",1234,32768,2900"), "{row}");
+        let row = row.rsplit_once(',').unwrap().0;
         // Neither: not known, read as 0.
         let none = String::from(row.rsplitn(3, ',').nth(2).unwrap()) + ",,";
         let r = reader.parse(&none, 2).unwrap();
@@ -539,6 +561,22 @@ mod tests {
         let half = String::from(row.rsplit_once(',').unwrap().0) + ",";
         let err = reader.parse(&half, 2).unwrap_err();
         assert!(std::format!("{err}").contains("miss_share_write"), "{err}");
+    }
+
+    #[test]
+    fn the_tick_phase_is_known_or_empty() {
+        let reader = RowReader::new(&header()).unwrap();
+        let mut row = Vec::new();
+        write_row(&mut row, &sample()).unwrap();
+        let row = String::from_utf8(row).unwrap();
+        let r = reader.parse(row.trim_end(), 2).unwrap();
+        assert_eq!(
+            (r.tick_phase, r.known & Known::TICK_PHASE),
+            (2900, Known::TICK_PHASE)
+        );
+        let empty = String::from(row.trim_end().rsplit_once(',').unwrap().0) + ",";
+        let r = reader.parse(&empty, 2).unwrap();
+        assert_eq!((r.tick_phase, r.known & Known::TICK_PHASE), (0, 0));
     }
 
     #[test]

@@ -28,8 +28,8 @@ use kml_ebpf_common::{
 };
 
 use crate::maps::{
-    add32, count, counters, device_event, layout, load32, Handoff, BATCHES, DEVICES, HANDOFF,
-    INFER, MODEL_CONTROL, RECORDS, SHAPES,
+    add32, count, counters, device_event, layout, load32, tick_phase, Handoff, BATCHES, DEVICES,
+    HANDOFF, INFER, MODEL_CONTROL, RECORDS, SHAPES,
 };
 
 /// Where an entry is in its life (`ReqState::phase`).
@@ -141,6 +141,10 @@ pub fn on_insert(
         unsafe { ((*s).miss_share_read, (*s).miss_share_write) }
     };
     let jiffies = unsafe { bpf_jiffies64() };
+    let (phase_known, phase) = match tick_phase(jiffies, now) {
+        Some(p) => (Known::TICK_PHASE, p),
+        None => (0, 0),
+    };
     let dir = r.op.direction();
     let (expire, expire_jiffies) = unsafe {
         match dir {
@@ -176,6 +180,8 @@ pub fn on_insert(
             (*e).rec.deadline_ns = now + expire;
             (*e).rec.insert_jiffies = jiffies;
             (*e).rec.fifo_time = fifo_time;
+            (*e).rec.tick_phase = phase;
+            (*e).rec.known = ((*e).rec.known & !Known::TICK_PHASE) | phase_known;
             // The verdict was for the first insert's features and deadline: no
             // verdict now (neither the hook nor the live confusion matrix may use
             // it against the new deadline).
@@ -279,11 +285,11 @@ pub fn on_insert(
                 issue_jiffies: 0,
                 fifo_time,
                 position: [0; kml_ebpf_common::position::LANES],
-                known: Known::BUCKET_SHIFT | Known::MISS_SHARE,
+                known: Known::BUCKET_SHIFT | Known::MISS_SHARE | phase_known,
                 bucket_shift: (*s).bucket_shift as u8,
                 miss_share_read: miss_shares.0 as u16,
                 miss_share_write: miss_shares.1 as u16,
-                _pad: [0; 2],
+                tick_phase: phase,
             }
         };
     }

@@ -10,6 +10,7 @@ use aya_ebpf::{
 use kml_ebpf_common::{
     abi::names::stage,
     device::{Control, DeviceSlot, QSlot, ReqState, DEFAULT_TAG_BITS, MAX_DEVICES, QCACHE_ENTRIES},
+    label::TickClock,
     model::{LinearModel, TreeModel},
     record::INFLIGHT_CAPACITY,
     slot::{ModelControl, SlotStatus, MODEL_SLOTS, STATUS_ENTRIES},
@@ -69,6 +70,11 @@ pub static INFLIGHT: LruHashMap<InflightKey, ReqState, INFLIGHT_CAPACITY> = LruH
 #[btf_map]
 pub static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
+/// Per CPU: where the current jiffy began, as this CPU saw it
+/// (`kml_ebpf_common::label::TickClock`): the insert's phase in its jiffy.
+#[btf_map]
+pub static TICK_CLOCKS: PerCpuArray<TickClock, 1> = PerCpuArray::new();
+
 /// Per-device event counts (per CPU: no shared line is written).
 #[btf_map]
 pub static DEVICE_EVENTS: PerCpuArray<DeviceEvents, { MAX_DEVICES as usize }> = PerCpuArray::new();
@@ -120,6 +126,15 @@ pub static HANDOFF: PerCpuArray<Handoff, 1> = PerCpuArray::new();
 #[inline(always)]
 pub fn counters() -> Option<*mut Counters> {
     COUNTERS.get_ptr_mut(0)
+}
+
+/// The phase of an insert at `now` in jiffy `jiffies` on this CPU
+/// ([`TickClock::phase`]); `None` if the map cannot be read.
+#[inline(always)]
+pub fn tick_phase(jiffies: u64, now: u64) -> Option<u16> {
+    let p = TICK_CLOCKS.get_ptr_mut(0)?;
+    // Per-CPU slot, as for `count`.
+    Some(unsafe { (*p).phase(jiffies, now) })
 }
 
 #[inline(always)]

@@ -520,6 +520,7 @@ fn concurrency_is_accounted(mode: AttachMode) -> Result<()> {
         records.len()
     );
     check_miss_shares(mode, &records, missed)?;
+    check_tick_phases(mode, &records)?;
     // Requests wait past their expiry under 384 in flight on any machine measured
     // (16 KiB requests, 256 queued; ns estimate: 103-502 in five runs on a fast
     // machine, where 4 KiB requests under 256 in flight gave 0 in one run of
@@ -603,6 +604,80 @@ fn check_miss_shares(mode: AttachMode, records: &[RequestRecord], missed: usize)
     if missed > 0 {
         ensure!(nonzero > 0, "{mode:?}: {missed} misses, every share 0");
     }
+    Ok(())
+}
+
+/// The insert's phase in its jiffy (`label::TickClock`, per CPU) against the
+/// records themselves: a phase `p` says that the inserting CPU's first insert in
+/// that jiffy came `p` units (1,024 ns) earlier, and that insert is a record of
+/// its own, with phase 0 and the same jiffy. Every record must name one (the
+/// clock is restarted by a clock read older than its start, and a requeue's new
+/// insert takes a new phase: a few may not), and the phases must span the tick.
+fn check_tick_phases(mode: AttachMode, records: &[RequestRecord]) -> Result<()> {
+    use kml_ebpf_common::{op::ReqOp, record::Known};
+    let inserted: Vec<&RequestRecord> = records
+        .iter()
+        .filter(|r| r.op != ReqOp::Flush as u8)
+        .collect();
+    ensure!(
+        inserted.iter().all(|r| r.known & Known::TICK_PHASE != 0),
+        "{mode:?}: inserted records without the tick phase"
+    );
+    let mut starts: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+    for r in inserted.iter().filter(|r| r.tick_phase == 0) {
+        starts
+            .entry(r.insert_jiffies)
+            .or_default()
+            .push(r.insert_ns);
+    }
+    for v in starts.values_mut() {
+        v.sort_unstable();
+    }
+    let named = inserted
+        .iter()
+        .filter(|r| {
+            let p = u64::from(r.tick_phase) << 10;
+            let (lo, hi) = (
+                r.insert_ns.saturating_sub(p + 1023),
+                r.insert_ns - p.min(r.insert_ns),
+            );
+            starts.get(&r.insert_jiffies).is_some_and(|v| {
+                let i = v.partition_point(|&t| t < lo);
+                v.get(i).is_some_and(|&t| t <= hi)
+            })
+        })
+        .count();
+    // One tick in ns from the records' own clocks.
+    let (first, last) = (
+        inserted.iter().min_by_key(|r| r.insert_ns),
+        inserted.iter().max_by_key(|r| r.insert_ns),
+    );
+    let tick_ns = match (first, last) {
+        (Some(a), Some(b)) if b.insert_jiffies > a.insert_jiffies => {
+            (b.insert_ns - a.insert_ns) / (b.insert_jiffies - a.insert_jiffies)
+        }
+        _ => anyhow::bail!("{mode:?}: the records span no jiffy"),
+    };
+    let longest = inserted
+        .iter()
+        .map(|r| u64::from(r.tick_phase) << 10)
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "{mode:?} tick phases: {named} of {} name their jiffy's first insert; longest {longest} ns, tick {tick_ns} ns",
+        inserted.len()
+    );
+    ensure!(
+        named * 100 >= inserted.len() * 99,
+        "{mode:?}: {named} of {} tick phases name a first insert of their jiffy",
+        inserted.len()
+    );
+    // Within one tick (the clock read before jiffies: a tick between them restarts
+    // the clock), and a load of hundreds in flight inserts across most of it.
+    ensure!(
+        longest <= tick_ns + tick_ns / 8 && longest >= tick_ns / 4,
+        "{mode:?}: longest tick phase {longest} ns against a tick of {tick_ns} ns"
+    );
     Ok(())
 }
 

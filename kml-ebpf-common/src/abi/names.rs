@@ -41,6 +41,8 @@ pub mod map {
     pub const TP_SCRATCH: &str = "TP_SCRATCH";
     /// Per-CPU: the issue program's wide window of `struct request`.
     pub const ISSUE_WINDOW: &str = "ISSUE_WINDOW";
+    /// Per-CPU: where this CPU saw the current jiffy begin (`label::TickClock`).
+    pub const TICK_CLOCKS: &str = "TICK_CLOCKS";
     /// The position state per device slot (`[position::QueueShape; 2]`).
     pub const SHAPES: &str = "SHAPES";
     /// The verdict program's policy (`hook::Policy`) and counters (`hook::HookCounters`).
@@ -68,6 +70,7 @@ pub mod map {
         TP_SCRATCH,
         ISSUE_WINDOW,
         SHAPES,
+        TICK_CLOCKS,
     ];
     /// The verdict program's maps (never pinned).
     pub const HOOK: &[&str] = &[HOOK_POLICY, HOOK_COUNTERS];

@@ -148,7 +148,9 @@ pub struct RequestRecord {
     /// [`Known::MISS_SHARE`]; else the host replays them from the trace.
     pub miss_share_read: u16,
     pub miss_share_write: u16,
-    pub _pad: [u8; 2],
+    /// Where in its jiffy the insert fell ([`crate::label::TickClock::phase`] of
+    /// the inserting CPU), when `known` has [`Known::TICK_PHASE`].
+    pub tick_phase: u16,
 }
 
 /// Bits of [`RequestRecord::known`].
@@ -161,6 +163,8 @@ impl Known {
     pub const BUCKET_SHIFT: u8 = 2;
     /// `miss_share_read` / `miss_share_write` were set by the programs.
     pub const MISS_SHARE: u8 = 4;
+    /// `tick_phase` was set by the programs.
+    pub const TICK_PHASE: u8 = 8;
 }
 
 /// Bits of [`RequestRecord::sampling`]. Under ring pressure (`--mode drop`, the
