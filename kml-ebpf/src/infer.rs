@@ -60,7 +60,12 @@ pub fn stage(raw: bool) {
     // the same lanes back from the record, so it computes the same vector.
     let rec = unsafe { &(*e).rec };
     let p = rec.recorded_position().unwrap_or(PositionFeatures::UNKNOWN);
-    let x = features_with_position(rec, &p);
+    let Some(h) = HANDOFF.get_ptr_mut(0) else {
+        return;
+    };
+    // In the per-CPU hand-off, not on the stack (see `Handoff::x`).
+    unsafe { (*h).x = features_with_position(rec, &p) };
+    let x = unsafe { &(*h).x };
     let (verdict, limit, version) = match ModelKind::from_u32(ctl.kind) {
         Some(ModelKind::Tree) => {
             let Some(m) = TREE_MODELS.get(ctl.slot) else {
@@ -69,7 +74,7 @@ pub fn stage(raw: bool) {
             if !slot_vouched(true, ctl.slot, m.version, m.checksum) {
                 return count(Counter::ModelRejects);
             }
-            (infer_tree(m, &x), m.threshold as i64, m.version)
+            (infer_tree(m, x), m.threshold as i64, m.version)
         }
         Some(_) => {
             let Some(m) = LINEAR_MODELS.get(ctl.slot) else {
@@ -78,7 +83,7 @@ pub fn stage(raw: bool) {
             if !slot_vouched(false, ctl.slot, m.version, m.checksum) {
                 return count(Counter::ModelRejects);
             }
-            (infer_linear(m, &x), linear_limit(m, &x), m.version)
+            (infer_linear(m, x), linear_limit(m, x), m.version)
         }
         None => return count(Counter::ModelRejects),
     };

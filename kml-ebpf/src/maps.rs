@@ -10,6 +10,7 @@ use aya_ebpf::{
 use kml_ebpf_common::{
     abi::names::stage,
     device::{Control, DeviceSlot, QSlot, ReqState, DEFAULT_TAG_BITS, MAX_DEVICES, QCACHE_ENTRIES},
+    features::FeatureVector,
     label::TickClock,
     model::{LinearModel, TreeModel},
     record::INFLIGHT_CAPACITY,
@@ -117,6 +118,12 @@ pub struct Handoff {
     pub _pad: u32,
     /// Classic tracepoints: the entry's key in `INFLIGHT`.
     pub key: InflightKey,
+    /// The inference stage's feature vector. Kept here, not on the stack: the
+    /// verifier tracks lanes spilled to aligned stack slots as precise scalars,
+    /// which kept it from pruning the paths out of the position walk (with a
+    /// 23rd lane, where the vector happened to start on a slot, `kml_raw_infer`
+    /// went past its 1M-instruction limit); a map value reads back unknown.
+    pub x: FeatureVector,
 }
 
 #[btf_map]
