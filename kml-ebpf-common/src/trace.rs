@@ -346,12 +346,12 @@ impl RowReader {
         };
         let mut r = r;
         // The position lanes: all there (known) or none (empty or absent columns).
-        let lanes: Vec<&str> = (POSITION_AT..POSITION_AT + LANES)
-            .map(|i| match self.index[i] {
-                ABSENT => "",
-                at => fields[at].trim(),
-            })
-            .collect();
+        // An optional column's text: empty when absent from the header.
+        let optional = |i: usize| match self.index[i] {
+            ABSENT => "",
+            at => fields[at].trim(),
+        };
+        let lanes: Vec<&str> = (POSITION_AT..POSITION_AT + LANES).map(optional).collect();
         if lanes.iter().all(|v| !v.is_empty()) {
             for (k, lane) in r.position.iter_mut().enumerate() {
                 *lane = num!(POSITION_AT + k);
@@ -361,19 +361,12 @@ impl RowReader {
             let k = lanes.iter().position(|v| v.is_empty()).unwrap_or(0);
             return Err(bad(POSITION_AT + k));
         }
-        let shift = match self.index[BUCKET_SHIFT_AT] {
-            ABSENT => "",
-            at => fields[at].trim(),
-        };
-        if !shift.is_empty() {
+        if !optional(BUCKET_SHIFT_AT).is_empty() {
             r.bucket_shift = num!(BUCKET_SHIFT_AT);
             r.known |= Known::BUCKET_SHIFT;
         }
         // Both shares or neither.
-        let shares = [MISS_SHARE_AT, MISS_SHARE_AT + 1].map(|i| match self.index[i] {
-            ABSENT => "",
-            at => fields[at].trim(),
-        });
+        let shares = [MISS_SHARE_AT, MISS_SHARE_AT + 1].map(optional);
         match shares.map(str::is_empty) {
             [false, false] => {
                 r.miss_share_read = num!(MISS_SHARE_AT);
@@ -384,11 +377,7 @@ impl RowReader {
             [false, true] => return Err(bad(MISS_SHARE_AT + 1)),
             [true, false] => return Err(bad(MISS_SHARE_AT)),
         }
-        let phase = match self.index[TICK_PHASE_AT] {
-            ABSENT => "",
-            at => fields[at].trim(),
-        };
-        if !phase.is_empty() {
+        if !optional(TICK_PHASE_AT).is_empty() {
             r.tick_phase = num!(TICK_PHASE_AT);
             r.known |= Known::TICK_PHASE;
         }
