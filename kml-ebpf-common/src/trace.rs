@@ -540,14 +540,16 @@ mod tests {
         let row = String::from_utf8(row).unwrap();
         let row = row.trim_end();
         assert!(row.ends_with(",1234,32768,2900"), "{row}");
-        let row = row.rsplit_once(',').unwrap().0;
+        // (the tick phase after them kept)
+        let (row, phase) = row.rsplit_once(',').unwrap();
         // Neither: not known, read as 0.
-        let none = String::from(row.rsplitn(3, ',').nth(2).unwrap()) + ",,";
+        let none = std::format!("{},,,{phase}", row.rsplitn(3, ',').nth(2).unwrap());
         let r = reader.parse(&none, 2).unwrap();
         assert_eq!(r.known & Known::MISS_SHARE, 0);
         assert_eq!((r.miss_share_read, r.miss_share_write), (0, 0));
+        assert_eq!(r.tick_phase, 2900);
         // One of the two: an error naming the empty one.
-        let half = String::from(row.rsplit_once(',').unwrap().0) + ",";
+        let half = std::format!("{},,{phase}", row.rsplit_once(',').unwrap().0);
         let err = reader.parse(&half, 2).unwrap_err();
         assert!(std::format!("{err}").contains("miss_share_write"), "{err}");
     }
