@@ -521,24 +521,26 @@ mod tests {
         assert!(text.trim_end().ends_with(",,,,,,,,,,,,"), "{text}");
         assert_eq!(read_all(text.as_bytes()).unwrap(), std::vec![r]);
         // Half the lanes: an error naming the first empty one.
-        let reader = RowReader::new(&header()).unwrap();
-        let mut row = Vec::new();
-        write_row(&mut row, &sample()).unwrap();
-        let row = String::from_utf8(row).unwrap();
+        let (reader, row) = sample_row();
         // (the last two lanes, the bucket width, the miss shares and the tick
         // phase emptied)
-        let cut = String::from(row.trim_end().rsplitn(7, ',').nth(6).unwrap()) + ",,,,,,";
+        let cut = String::from(row.rsplitn(7, ',').nth(6).unwrap()) + ",,,,,,";
         let err = reader.parse(&cut, 2).unwrap_err();
         assert!(std::format!("{err}").contains("lead_log"), "{err}");
     }
 
-    #[test]
-    fn miss_shares_are_both_known_or_both_replayed() {
-        let reader = RowReader::new(&header()).unwrap();
+    /// A reader of the full header and the sample's row (no newline).
+    fn sample_row() -> (RowReader, String) {
         let mut row = Vec::new();
         write_row(&mut row, &sample()).unwrap();
-        let row = String::from_utf8(row).unwrap();
-        let row = row.trim_end();
+        let row = String::from_utf8(row).unwrap().trim_end().into();
+        (RowReader::new(&header()).unwrap(), row)
+    }
+
+    #[test]
+    fn miss_shares_are_both_known_or_both_replayed() {
+        let (reader, row) = sample_row();
+        let row = row.as_str();
         assert!(row.ends_with(",1234,32768,2900"), "{row}");
         // (the tick phase after them kept)
         let (row, phase) = row.rsplit_once(',').unwrap();
@@ -556,16 +558,13 @@ mod tests {
 
     #[test]
     fn the_tick_phase_is_known_or_empty() {
-        let reader = RowReader::new(&header()).unwrap();
-        let mut row = Vec::new();
-        write_row(&mut row, &sample()).unwrap();
-        let row = String::from_utf8(row).unwrap();
-        let r = reader.parse(row.trim_end(), 2).unwrap();
+        let (reader, row) = sample_row();
+        let r = reader.parse(&row, 2).unwrap();
         assert_eq!(
             (r.tick_phase, r.known & Known::TICK_PHASE),
             (2900, Known::TICK_PHASE)
         );
-        let empty = String::from(row.trim_end().rsplit_once(',').unwrap().0) + ",";
+        let empty = String::from(row.rsplit_once(',').unwrap().0) + ",";
         let r = reader.parse(&empty, 2).unwrap();
         assert_eq!((r.tick_phase, r.known & Known::TICK_PHASE), (0, 0));
     }
