@@ -667,8 +667,19 @@ fn check_tick_phases(mode: AttachMode, records: &[RequestRecord]) -> Result<()> 
         "{mode:?} tick phases: {named} of {} name their jiffy's first insert; longest {longest} ns, tick {tick_ns} ns",
         inserted.len()
     );
+    // Raw tracepoints follow each request by its tag and lose none: all of
+    // 8,898, 8,954 and 8,925 in three runs. Classic tracepoints lose records
+    // (two requests queued at one sector, entries left in flight), and a lost
+    // record that started a CPU's clock leaves every later phase of that CPU's
+    // jiffy without it: 8,692 of 8,692, 8,753 of 8,753 and 8,724 of 8,724 on a
+    // quiet machine, 8,138 of 8,672 (93.8%) under a concurrent build, with 345
+    // stale entries, 37 left in flight and 243 records missing.
+    let floor = match mode {
+        AttachMode::RawTracepoint => 99,
+        _ => 80,
+    };
     ensure!(
-        named * 100 >= inserted.len() * 99,
+        named * 100 >= inserted.len() * floor,
         "{mode:?}: {named} of {} tick phases name a first insert of their jiffy",
         inserted.len()
     );
