@@ -14,7 +14,7 @@ use kml_ebpf_common::{
 };
 
 use crate::maps::{
-    count, HANDOFF, INFLIGHT, LINEAR_MODELS, MODEL_CONTROL, REQS, SLOT_STATUS, TREE_MODELS,
+    count, Handoff, HANDOFF, INFLIGHT, LINEAR_MODELS, MODEL_CONTROL, REQS, SLOT_STATUS, TREE_MODELS,
 };
 
 /// Whether the in-kernel checker vouched for the slot as it reads now.
@@ -26,10 +26,9 @@ fn slot_vouched(tree: bool, slot: u32, version: u32, checksum: u64) -> bool {
     }
 }
 
-/// The entry the insert program handed over.
+/// The entry the insert program handed over in `h`.
 #[inline(always)]
-fn handed_entry(raw: bool) -> Option<*mut ReqState> {
-    let h = HANDOFF.get_ptr(0)?;
+fn handed_entry(raw: bool, h: *const Handoff) -> Option<*mut ReqState> {
     if raw {
         REQS.get_ptr_mut(unsafe { (*h).index })
     } else {
@@ -41,7 +40,12 @@ fn handed_entry(raw: bool) -> Option<*mut ReqState> {
 /// on them, stored in the entry. No usable model: no verdict (fail open), counted.
 #[inline(always)]
 pub fn stage(raw: bool) {
-    let Some(e) = handed_entry(raw) else {
+    // One lookup of this CPU's hand-off: the entry's index or key in, the
+    // feature vector out.
+    let Some(h) = HANDOFF.get_ptr_mut(0) else {
+        return count(Counter::ModelRejects);
+    };
+    let Some(e) = handed_entry(raw, h) else {
         return count(Counter::ModelRejects);
     };
     // The request's place in the queue, before the features read the entry (a
@@ -60,9 +64,6 @@ pub fn stage(raw: bool) {
     // the same lanes back from the record, so it computes the same vector.
     let rec = unsafe { &(*e).rec };
     let p = rec.recorded_position().unwrap_or(PositionFeatures::UNKNOWN);
-    let Some(h) = HANDOFF.get_ptr_mut(0) else {
-        return;
-    };
     // In the per-CPU hand-off, not on the stack (see `Handoff::x`).
     unsafe { (*h).x = features_with_position(rec, &p) };
     let x = unsafe { &(*h).x };

@@ -130,6 +130,11 @@ const PLACE_LANES: [Feature; 3] = [
 const TICK_LANE: Feature = Feature::SectorMib;
 
 fn load(p: &std::path::Path, args: &Args) -> anyhow::Result<Dataset> {
+    // Both write the lane of `sector_mib`: the second would overwrite the first.
+    anyhow::ensure!(
+        !(args.tick_phase && args.place),
+        "--tick-phase and --place both write the lane of sector_mib: give one"
+    );
     let ds = load_records(p, args)?;
     let ds = if args.tick_phase {
         ds.with_features(|r, x| {
