@@ -21,7 +21,7 @@ pub use crate::logscale::{
     bit_length, log2_8, log_ratio_8, LOG2_8_MAX, LOG_RATIO_MAX, LOG_RATIO_ONE,
 };
 use crate::{
-    label::MISS_SHARE_ONE,
+    label::{MISS_SHARE_ONE, TICK_PHASE_MAX},
     logscale::log_ratio_of_logs,
     op::Direction,
     position::{PositionFeatures, COUNT_MAX, DUE_NONE},
@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// Number of features every model slot is laid out for.
-pub const NUM_FEATURES: usize = 22;
+pub const NUM_FEATURES: usize = 23;
 
 /// One request's features, in [`Feature`] order.
 pub type FeatureVector = [i32; NUM_FEATURES];
@@ -105,6 +105,12 @@ pub enum Feature {
     MissShareSame = 20,
     /// The same for the other direction.
     MissShareOther = 21,
+    /// How far into its jiffy the request was inserted, "µs" (1024 ns), capped at
+    /// [`TICK_PHASE_MAX`] ([`crate::label::TickClock`]). mq-deadline's deadline is
+    /// whole jiffies after the insert's jiffy (`fifo_time`), so a request inserted
+    /// late in its jiffy has up to a tick less time (docs/learning.md, "The
+    /// insert's phase in its jiffy"). 0 when the record has none.
+    TickPhaseUs = 22,
 }
 
 impl Feature {
@@ -132,6 +138,7 @@ impl Feature {
         Feature::DueCount,
         Feature::MissShareSame,
         Feature::MissShareOther,
+        Feature::TickPhaseUs,
     ];
 
     /// The features that describe the request's position in the queue
@@ -189,6 +196,7 @@ impl Feature {
             Feature::DueCount => "due_count",
             Feature::MissShareSame => "miss_share_same",
             Feature::MissShareOther => "miss_share_other",
+            Feature::TickPhaseUs => "tick_phase_us",
         }
     }
 
@@ -209,6 +217,7 @@ impl Feature {
             Feature::DueBelow => DUE_NONE,
             Feature::DeadlineBudgetUs => BUDGET_MAX,
             Feature::MissShareSame | Feature::MissShareOther => MISS_SHARE_ONE as i32,
+            Feature::TickPhaseUs => TICK_PHASE_MAX as i32,
             Feature::SectorMib
             | Feature::QueuedSameDir
             | Feature::QueuedOtherDir
@@ -241,6 +250,7 @@ pub const INSERT_TIME_FIELDS: &[&str] = &[
     "issue_gap_ewma_ns",
     "miss_share_read",
     "miss_share_write",
+    "tick_phase",
 ];
 
 const _: () = assert!(BUDGET_MAX == 1 << 30);
@@ -342,6 +352,7 @@ pub fn features_with_position(r: &RequestRecord, p: &PositionFeatures) -> Featur
         clamp_to(p.due_count, COUNT_MAX),
         clamp_to(miss_same as i32, MISS_SHARE_ONE as i32),
         clamp_to(miss_other as i32, MISS_SHARE_ONE as i32),
+        clamp_to(r.tick_phase as i32, TICK_PHASE_MAX as i32),
     ]
 }
 
@@ -384,6 +395,8 @@ mod tests {
             ioprio: 2 << 13 | 4,
             op: ReqOp::Write as u8,
             flags: crate::op::ReqFlags::SYNC,
+            tick_phase: 2900,
+            known: crate::record::Known::TICK_PHASE,
             ..Default::default()
         }
     }
@@ -432,6 +445,7 @@ mod tests {
         assert_eq!(get(Feature::ExpectedWaitLog), LOG_RATIO_ONE - 16);
         assert_eq!(get(Feature::IssueDistanceLog2), 4);
         assert_eq!(get(Feature::DeadlineBudgetUs), 8_000_000 >> 10);
+        assert_eq!(get(Feature::TickPhaseUs), 2900);
 
         // A read sees the read side as its own.
         let mut r = at_insert();
@@ -482,6 +496,7 @@ mod tests {
             ioprio: u16::MAX,
             op: u8::MAX,
             flags: u8::MAX,
+            tick_phase: u16::MAX,
             ..Default::default()
         };
         let zero = RequestRecord {
@@ -499,6 +514,8 @@ mod tests {
         assert_eq!(x[Feature::DeadlineBudgetUs.index()], BUDGET_MAX);
         assert_eq!(x[Feature::ExpectedWaitUs.index()], i32::MAX);
         assert_eq!(x[Feature::IssueGapNs.index()], i32::MAX);
+        // A phase past the cap (not one `TickClock` writes) reads as the cap.
+        assert_eq!(x[Feature::TickPhaseUs.index()], TICK_PHASE_MAX as i32);
         let x = features_at_insert(&zero);
         assert_eq!(x[Feature::DeadlineBudgetUs.index()], 0);
         // No wait against no budget: equal.

@@ -144,6 +144,9 @@ pub struct LinearModel {
     pub input_max: [i32; NUM_FEATURES],
     /// Arithmetic right shift applied to each product (per-feature precision).
     pub product_shift: [u32; NUM_FEATURES],
+    /// Explicit padding: an odd number of lanes leaves 4 bytes before the u64
+    /// checksum, and a map value must not hold bytes no field names (always 0).
+    pub _pad: [u32; NUM_FEATURES % 2],
     /// FNV-1a 64 of every field above (see [`LinearModel::compute_checksum`]).
     pub checksum: u64,
 }
@@ -179,8 +182,10 @@ pub struct TreeModel {
 }
 
 // No implicit padding: the structs cross the user/kernel boundary as bytes.
-const _: () =
-    assert!(core::mem::size_of::<LinearModel>() == 4 * 4 + 2 * 8 + 5 * 4 * NUM_FEATURES + 8);
+const _: () = assert!(
+    core::mem::size_of::<LinearModel>()
+        == 4 * 4 + 2 * 8 + 5 * 4 * NUM_FEATURES + 4 * (NUM_FEATURES % 2) + 8
+);
 const _: () =
     assert!(core::mem::size_of::<TreeModel>() == 6 * 4 + TREE_MAX_NODES * (1 + 2 + 2 + 4 + 4) + 8);
 const _: () = assert!(
@@ -302,6 +307,7 @@ impl LinearModel {
             input_min: [0; NUM_FEATURES],
             input_max: [0; NUM_FEATURES],
             product_shift: [0; NUM_FEATURES],
+            _pad: [0; NUM_FEATURES % 2],
             checksum: 0,
         }
     }

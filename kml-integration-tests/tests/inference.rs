@@ -197,6 +197,9 @@ fn flips_under_load_never_expose_a_torn_model() -> Result<()> {
         threshold_model(second.0, second.1),
         split_tree(Feature::ALL[4], 4),
         split_tree(fourth.0, fourth.1),
+        // The last lane: the insert's phase in its jiffy (the linear slot's
+        // layout pads an odd lane count), past 2 ms.
+        threshold_model(Feature::TickPhaseUs, 2000),
     ];
     let (records, counters, slots, flips) = runtime().block_on(async {
         let mut config = ObserverConfig::new(AttachMode::RawTracepoint);

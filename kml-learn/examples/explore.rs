@@ -6,7 +6,6 @@
 //!     --train a.csv,b.csv [--test c.csv] [--kinds baseline,linear,logistic,tree] \
 //!     [--features all|load|portable|portable+position|f1,f2,...] [--univariate] [--ablate]
 //!     [--place --features portable+position+place]
-//!     [--tick-phase --features portable+position+tick]
 //!     [--loo [--sets "f1,f2;portable;all"]]
 //! ```
 //! Trains on the union of the `--train` traces (each split by time: first 70% trains,
@@ -22,9 +21,8 @@
 //! `--sweep` is an experiment on information the observer does not record.
 //! `--place` (with `--features portable+position+place`) one on a feature the
 //! kernel does not compute yet: the neighbours' place in the FIFO
-//! (`QueueShape::walk_places`); `--tick-phase` (with `--features
-//! portable+position+tick`) one on what the kernel records but no model reads
-//! yet: the insert's phase in its jiffy (`label::TickClock`).
+//! (`QueueShape::walk_places`). `portable+position+tick` adds the insert's phase
+//! in its jiffy (`tick_phase_us`) to the shipped models' set.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -98,12 +96,6 @@ struct Args {
     /// below); `--features portable+position+place` reads them.
     #[arg(long)]
     place: bool,
-    /// Experiment: write the insert's phase in its jiffy as the kernel recorded it
-    /// (`RequestRecord::tick_phase`, `label::TickClock`; 0 where the trace does
-    /// not carry it) into the lane of `sector_mib`; `--features
-    /// portable+position+tick` reads it.
-    #[arg(long)]
-    tick_phase: bool,
     /// Beside each balanced accuracy / AUC, in brackets: the balanced accuracy
     /// outside the tick band (requests dispatched in their deadline's jiffy or the
     /// next, where the label turns on one timer tick; `kml_learn::TickBand`), and
@@ -126,27 +118,8 @@ const PLACE_LANES: [Feature; 3] = [
     Feature::IssueGapNs,
 ];
 
-/// The lane `--tick-phase` writes the insert's phase into.
-const TICK_LANE: Feature = Feature::SectorMib;
-
 fn load(p: &std::path::Path, args: &Args) -> anyhow::Result<Dataset> {
-    // Both write the lane of `sector_mib`: the second would overwrite the first.
-    anyhow::ensure!(
-        !(args.tick_phase && args.place),
-        "--tick-phase and --place both write the lane of sector_mib: give one"
-    );
     let ds = load_records(p, args)?;
-    let ds = if args.tick_phase {
-        ds.with_features(|r, x| {
-            x[TICK_LANE.index()] = if r.known & kml_ebpf_common::record::Known::TICK_PHASE != 0 {
-                i32::from(r.tick_phase)
-            } else {
-                0
-            };
-        })
-    } else {
-        ds
-    };
     if !args.place {
         return Ok(ds);
     }
@@ -482,18 +455,11 @@ fn main() -> anyhow::Result<()> {
 fn parse_set(text: &str) -> anyhow::Result<Vec<Feature>> {
     match text.trim() {
         "all" => return Ok(Feature::ALL.to_vec()),
+        // The load level: not the request's place, nor its phase in the jiffy.
         "load" => {
             return Ok(Feature::ALL
                 .into_iter()
-                .filter(|f| !f.is_position())
-                .collect())
-        }
-        "portable" => return Ok(PORTABLE_FEATURES.to_vec()),
-        "portable+position" => {
-            return Ok(PORTABLE_FEATURES
-                .iter()
-                .chain(&Feature::POSITION)
-                .copied()
+                .filter(|f| !f.is_position() && *f != Feature::TickPhaseUs)
                 .collect())
         }
         // With `--place`: and the three places.
@@ -505,16 +471,11 @@ fn parse_set(text: &str) -> anyhow::Result<Vec<Feature>> {
                 .copied()
                 .collect())
         }
-        // With `--tick-phase`: and the insert's phase in its jiffy.
-        "portable+position+tick" => {
-            return Ok(PORTABLE_FEATURES
-                .iter()
-                .chain(&Feature::POSITION)
-                .chain(&[TICK_LANE])
-                .copied()
-                .collect())
+        named => {
+            if let Some(set) = kml_learn::trainers::named_features(named) {
+                return Ok(set);
+            }
         }
-        _ => {}
     }
     text.split(',')
         .map(|n| Feature::from_name(n.trim()).ok_or_else(|| anyhow::anyhow!("unknown feature {n}")))

@@ -81,6 +81,8 @@ pub struct TrainArgs {
     /// deadline_budget_us, issue_distance_log2: best on other workloads) or
     /// `portable+position` (those and the eight position features: head_age_log,
     /// older_half, expired, due_below, below_age_log, recent, lead_log, due_count)
+    /// or `portable+position+tick` (and the insert's phase in its jiffy,
+    /// tick_phase_us: traces recorded since 2026-12-05 carry it)
     /// or `queue` (the queue as it stands at insert, for a model whose verdicts
     /// act: no average of past waits or misses, which its own boosts would bend).
     /// The baseline always uses sector_mib,op. An unknown name lists the known ones.
@@ -157,22 +159,10 @@ fn parse_features(names: &[String]) -> anyhow::Result<Option<Vec<Feature>>> {
     if names.is_empty() {
         return Ok(None);
     }
-    match names {
-        [one] if one.trim() == "all" => return Ok(Some(crate::trainers::all_features())),
-        [one] if one.trim() == "portable" => {
-            return Ok(Some(crate::trainers::PORTABLE_FEATURES.to_vec()))
+    if let [one] = names {
+        if let Some(set) = crate::trainers::named_features(one) {
+            return Ok(Some(set));
         }
-        [one] if one.trim() == "queue" => return Ok(Some(crate::trainers::queue_features())),
-        [one] if one.trim() == "portable+position" => {
-            return Ok(Some(
-                crate::trainers::PORTABLE_FEATURES
-                    .iter()
-                    .chain(&Feature::POSITION)
-                    .copied()
-                    .collect(),
-            ))
-        }
-        _ => {}
     }
     let features = names
         .iter()
@@ -279,6 +269,7 @@ impl TrainArgs {
         }
         for path in &self.test_trace {
             let other = load_trace(path, &progress)?;
+            other.check_carries(model.float.features())?;
             let e = evaluate(&model.float, &model.quantized, &other);
             print_row(model.float.kind().name(), &path.display().to_string(), &e);
             if let Some((f, q)) = &model.baseline {
@@ -341,6 +332,7 @@ impl EvalArgs {
             .map(LoadedModel::load)
             .transpose()?;
         let data = load_trace(&self.trace, &progress)?.window_fraction(self.from, self.to);
+        data.check_carries(model.float.features())?;
         progress.step(format_args!("evaluating on {}", data.window()));
         let e = evaluate(&model.float, &model.quantized, &data);
         let base = baseline
@@ -578,6 +570,35 @@ mod tests {
         let err = train("--miss-recall 0.99 --tune-fraction 0", &bad).unwrap_err();
         assert!(err.to_string().contains("--tune-fraction"), "{err:#}");
         assert!(!bad.exists());
+
+        // A model that reads the insert's tick phase is judged only on a trace
+        // that carries it.
+        let phased_path = dir.join("phased.csv");
+        let mut csv = Vec::new();
+        std::io::Write::write_all(&mut csv, format!("{}\n", trace::header()).as_bytes()).unwrap();
+        for mut r in crate::synthetic::SyntheticTrace::new(3).records(4000) {
+            r.known |= kml_ebpf_common::record::Known::TICK_PHASE;
+            r.tick_phase = ((r.insert_ns >> 10) & 4095) as u16;
+            trace::write_row(&mut csv, &r).unwrap();
+        }
+        std::fs::write(&phased_path, csv).unwrap();
+        let tick_path = dir.join("tick.json");
+        run(format!(
+            "x train --trace {} --model logistic --out {} --quiet --features portable+position+tick",
+            phased_path.display(),
+            tick_path.display()
+        ))
+        .unwrap();
+        let eval_on = |trace: &std::path::Path| {
+            run(format!(
+                "x eval --trace {} --model {} --json --quiet",
+                trace.display(),
+                tick_path.display()
+            ))
+        };
+        eval_on(&phased_path).unwrap();
+        let err = eval_on(&trace_path).unwrap_err();
+        assert!(err.to_string().contains("`tick_phase_us`"), "{err:#}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -150,6 +150,40 @@ impl Dataset {
         &self.window
     }
 
+    /// Records whose observer did not record what `feature` is computed from: the
+    /// tick phase (traces before 2026-12-05, or an insert whose CPU had no clock),
+    /// which nothing can replay (it needs the inserting CPU's clock). Every other
+    /// feature is recorded or replayed for every record.
+    pub fn records_without(&self, feature: Feature) -> usize {
+        match feature {
+            Feature::TickPhaseUs => self
+                .records
+                .iter()
+                .filter(|r| r.known & Known::TICK_PHASE == 0)
+                .count(),
+            _ => 0,
+        }
+    }
+
+    /// Fails when a record lacks what one of `features` is computed from (its lane
+    /// would read 0 there: a model would learn or be judged on a value the kernel
+    /// never gives).
+    pub fn check_carries(&self, features: &[Feature]) -> Result<()> {
+        for &f in features {
+            let missing = self.records_without(f);
+            if missing > 0 {
+                return Err(LearnError::FeatureNotRecorded {
+                    source_name: self.source.clone(),
+                    feature: f.name(),
+                    why: "the insert's phase in its jiffy is recorded since 2026-12-05",
+                    missing,
+                    records: self.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn records(&self) -> &[RequestRecord] {
         &self.records
     }

@@ -42,6 +42,18 @@ pub enum LearnError {
         source: serde_json::Error,
     },
 
+    #[error(
+        "{source_name}: {missing} of {records} records do not carry `{feature}` (recorded by an \
+         older observer: {why}); use a feature set without it, or traces that carry it"
+    )]
+    FeatureNotRecorded {
+        source_name: String,
+        feature: &'static str,
+        why: &'static str,
+        missing: usize,
+        records: usize,
+    },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -419,6 +419,7 @@ mod tests {
                         input_min,
                         input_max,
                         product_shift,
+                        _pad: Default::default(),
                         checksum: 0,
                     }
                 },

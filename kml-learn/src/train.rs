@@ -247,6 +247,33 @@ pub fn train_on_windows(
         100.0 * test.miss_rate()
     ));
 
+    // The default set (`all`) leaves out a feature these windows do not carry; a
+    // set asked for by name must be carried by every record.
+    let carried;
+    let opts = if opts.features.is_none() && opts.kind != ModelKind::Baseline {
+        let all = all_features();
+        let (keep, left_out): (Vec<Feature>, Vec<Feature>) = all
+            .into_iter()
+            .partition(|&f| [fit, tune, test].iter().all(|d| d.records_without(f) == 0));
+        for f in &left_out {
+            progress.step(format_args!(
+                "{} left out: not recorded in these traces",
+                f.name()
+            ));
+        }
+        carried = TrainOptions {
+            features: Some(keep),
+            ..opts.clone()
+        };
+        &carried
+    } else {
+        let features = opts.feature_set();
+        for d in [fit, tune, test] {
+            d.check_carries(&features)?;
+        }
+        opts
+    };
+
     let started = Instant::now();
     let float = fit_float(opts.kind, opts, fit, tune, progress)?;
     let train_seconds = started.elapsed().as_secs_f64();
@@ -393,6 +420,61 @@ mod tests {
             );
             assert!(r >= rb, "{kind:?}: recall {r} < balanced {rb}");
         }
+    }
+
+    #[test]
+    fn a_feature_the_traces_do_not_carry_is_left_out_of_all_and_refused_by_name() {
+        use kml_ebpf_common::{record::Known, RequestRecord};
+        let phaseless = SyntheticTrace::new(7).records(6_000);
+        let tree = TrainOptions::new(ModelKind::Tree);
+        let by_name = TrainOptions {
+            features: crate::trainers::named_features("portable+position+tick"),
+            ..tree.clone()
+        };
+        let features_of = |records: Vec<RequestRecord>, opts: &TrainOptions| {
+            train(
+                &Dataset::from_records(records, "synthetic"),
+                opts,
+                &Progress::silent(),
+            )
+            .map(|m| m.float.features().to_vec())
+        };
+
+        // No record carries the phase: `all` trains without it, by name is refused.
+        let all = features_of(phaseless.clone(), &tree).unwrap();
+        assert_eq!(all.len(), all_features().len() - 1);
+        assert!(!all.contains(&Feature::TickPhaseUs));
+        let err = features_of(phaseless.clone(), &by_name).unwrap_err();
+        assert!(
+            matches!(err, LearnError::FeatureNotRecorded { feature: "tick_phase_us", missing, .. } if missing > 0),
+            "{err}"
+        );
+
+        // Every record carries it: both train with it.
+        let with_phase = |keep: fn(usize) -> bool| -> Vec<RequestRecord> {
+            let mut records = phaseless.clone();
+            for (i, r) in records.iter_mut().enumerate() {
+                if keep(i) {
+                    r.known |= Known::TICK_PHASE;
+                    r.tick_phase = ((r.insert_ns >> 10) & 4095) as u16;
+                }
+            }
+            records
+        };
+        assert_eq!(
+            features_of(with_phase(|_| true), &tree).unwrap(),
+            all_features()
+        );
+        assert!(features_of(with_phase(|_| true), &by_name)
+            .unwrap()
+            .contains(&Feature::TickPhaseUs));
+
+        // Some do, some not: by name is refused (the lane would read 0 on the
+        // others), `all` leaves it out.
+        assert!(features_of(with_phase(|i| i % 3 != 0), &by_name).is_err());
+        assert!(!features_of(with_phase(|i| i % 3 != 0), &tree)
+            .unwrap()
+            .contains(&Feature::TickPhaseUs));
     }
 
     #[test]

@@ -73,6 +73,28 @@ pub fn queue_features() -> Vec<Feature> {
         .collect()
 }
 
+/// A named feature set (`--features NAME`): `all`, `portable`, `queue`,
+/// `portable+position` (the shipped `-position` models'), `portable+position+tick`
+/// (and the insert's phase in its jiffy). None for any other name.
+pub fn named_features(name: &str) -> Option<Vec<Feature>> {
+    let portable_and = |more: &[Feature]| -> Vec<Feature> {
+        PORTABLE_FEATURES
+            .iter()
+            .chain(&Feature::POSITION)
+            .chain(more)
+            .copied()
+            .collect()
+    };
+    Some(match name.trim() {
+        "all" => all_features(),
+        "portable" => PORTABLE_FEATURES.to_vec(),
+        "queue" => queue_features(),
+        "portable+position" => portable_and(&[]),
+        "portable+position+tick" => portable_and(&[Feature::TickPhaseUs]),
+        _ => return None,
+    })
+}
+
 fn need_data(what: &str, train: &Dataset, min: usize) -> Result<()> {
     if train.len() < min {
         return Err(LearnError::NotEnoughData {

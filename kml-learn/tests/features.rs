@@ -9,7 +9,7 @@ use kml_ebpf_common::{
         features_at_insert, log2_8, log_ratio_8, Feature, BUDGET_MAX, LOG2_8_MAX, LOG_RATIO_MAX,
         LOG_RATIO_ONE, NUM_FEATURES,
     },
-    label::MISS_SHARE_ONE,
+    label::{MISS_SHARE_ONE, TICK_PHASE_MAX},
     op::ReqOp,
     position::DUE_NONE,
     RequestRecord,
@@ -43,7 +43,7 @@ fn insert_record() -> impl Strategy<Value = RequestRecord> {
         (wide_u64(), wide_u64(), wide_u64()),
         (wide_u32(), wide_u32(), wide_u32(), wide_u32(), wide_u32()),
         (0u8..8, any::<u8>(), any::<u16>()),
-        (any::<u16>(), any::<u16>()),
+        (any::<u16>(), any::<u16>(), any::<u16>()),
     )
         .prop_map(
             |(
@@ -51,7 +51,7 @@ fn insert_record() -> impl Strategy<Value = RequestRecord> {
                 (since, wait, gap),
                 (qr, qw, ir, iw, nr),
                 (op, flags, ioprio),
-                (miss_read, miss_write),
+                (miss_read, miss_write, tick_phase),
             )| {
                 RequestRecord {
                     sector,
@@ -71,6 +71,7 @@ fn insert_record() -> impl Strategy<Value = RequestRecord> {
                     ioprio,
                     miss_share_read: miss_read,
                     miss_share_write: miss_write,
+                    tick_phase,
                     ..Default::default()
                 }
             },
@@ -139,6 +140,8 @@ fn reference(r: &RequestRecord) -> [i64; NUM_FEATURES] {
             // corrupt one is clamped.
             Feature::MissShareSame => (miss_same as i64).min(MISS_SHARE_ONE as i64),
             Feature::MissShareOther => (miss_other as i64).min(MISS_SHARE_ONE as i64),
+            // TickClock writes at most TICK_PHASE_MAX; anything above is clamped.
+            Feature::TickPhaseUs => (r.tick_phase as i64).min(TICK_PHASE_MAX as i64),
         };
     }
     x
