@@ -68,6 +68,9 @@ pub fn queue_features() -> Vec<Feature> {
                     | Feature::DirWaitLog
                     | Feature::MissShareSame
                     | Feature::MissShareOther
+                    // Not measured where verdicts act (the VM, its own HZ): the
+                    // set stays the one `vm-act` was made with.
+                    | Feature::TickPhaseUs
             )
         })
         .collect()
