@@ -59,6 +59,20 @@ fn usable(r: &RequestRecord) -> bool {
     r.deadline_ns > r.insert_ns && (r.issue_ns != 0 || r.complete_ns != 0)
 }
 
+/// A feature the host can neither read from every trace nor replay: the
+/// [`Known`] bit of a record that carries what it is computed from, and since
+/// when observers record it. The tick phase needs the inserting CPU's clock;
+/// positions and miss shares are replayed when a trace lacks them.
+fn unreplayable(feature: Feature) -> Option<(u8, &'static str)> {
+    match feature {
+        Feature::TickPhaseUs => Some((
+            Known::TICK_PHASE,
+            "the insert's phase in its jiffy is recorded since 2026-12-05",
+        )),
+        _ => None,
+    }
+}
+
 impl Dataset {
     /// Builds a dataset from records in any order (a trace is in completion order).
     /// The position features are those the kernel recorded, else replayed from the
@@ -150,18 +164,12 @@ impl Dataset {
         &self.window
     }
 
-    /// Records whose observer did not record what `feature` is computed from: the
-    /// tick phase (traces before 2026-12-05, or an insert whose CPU had no clock),
-    /// which nothing can replay (it needs the inserting CPU's clock). Every other
-    /// feature is recorded or replayed for every record.
+    /// Records whose observer did not record what `feature` is computed from (see
+    /// [`unreplayable`]); 0 for every feature the host records or replays.
     pub fn records_without(&self, feature: Feature) -> usize {
-        match feature {
-            Feature::TickPhaseUs => self
-                .records
-                .iter()
-                .filter(|r| r.known & Known::TICK_PHASE == 0)
-                .count(),
-            _ => 0,
+        match unreplayable(feature) {
+            Some((bit, _)) => self.records.iter().filter(|r| r.known & bit == 0).count(),
+            None => 0,
         }
     }
 
@@ -170,12 +178,15 @@ impl Dataset {
     /// never gives).
     pub fn check_carries(&self, features: &[Feature]) -> Result<()> {
         for &f in features {
+            let Some((_, why)) = unreplayable(f) else {
+                continue;
+            };
             let missing = self.records_without(f);
             if missing > 0 {
                 return Err(LearnError::FeatureNotRecorded {
                     source_name: self.source.clone(),
                     feature: f.name(),
-                    why: "the insert's phase in its jiffy is recorded since 2026-12-05",
+                    why,
                     missing,
                     records: self.len(),
                 });
