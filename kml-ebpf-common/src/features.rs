@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// Number of features every model slot is laid out for.
-pub const NUM_FEATURES: usize = 23;
+pub const NUM_FEATURES: usize = 26;
 
 /// One request's features, in [`Feature`] order.
 pub type FeatureVector = [i32; NUM_FEATURES];
@@ -111,6 +111,17 @@ pub enum Feature {
     /// late in its jiffy has up to a tick less time (docs/learning.md, "The
     /// insert's phase in its jiffy"). 0 when the record has none.
     TickPhaseUs = 22,
+    /// [`Feature::OlderHalf`] as a share of the requests queued in this direction
+    /// ([`Feature::QueuedSameDir`]), on the log scale of [`log_ratio_8`]: 256 when
+    /// every one is older than half the budget, −8 per halving; 0 when none is
+    /// ([`count_share_log`]). The count grows with the queue's depth, the share
+    /// does not: a tree trained on shallow queues reads it alike on deep ones
+    /// (docs/learning.md, "Counts that grow with the depth").
+    OlderHalfShare = 23,
+    /// [`Feature::Expired`] as a share of the queued requests, the same way.
+    ExpiredShare = 24,
+    /// [`Feature::DueCount`] as a share of the queued requests, the same way.
+    DueCountShare = 25,
 }
 
 impl Feature {
@@ -139,6 +150,17 @@ impl Feature {
         Feature::MissShareSame,
         Feature::MissShareOther,
         Feature::TickPhaseUs,
+        Feature::OlderHalfShare,
+        Feature::ExpiredShare,
+        Feature::DueCountShare,
+    ];
+
+    /// The position state's counts as shares of the queue: derived from three of
+    /// [`Feature::POSITION`] and the queued count, so they too need the state.
+    pub const POSITION_SHARES: [Feature; 3] = [
+        Feature::OlderHalfShare,
+        Feature::ExpiredShare,
+        Feature::DueCountShare,
     ];
 
     /// The features that describe the request's position in the queue
@@ -154,10 +176,14 @@ impl Feature {
         out
     };
 
-    /// A position feature ([`Feature::POSITION`]).
+    /// A feature read from the position state: one of [`Feature::POSITION`] (the
+    /// lanes a record keeps) or of [`Feature::POSITION_SHARES`] (derived from them).
+    /// Without the state (classic tracepoints) a model must not read one.
     pub const fn is_position(self) -> bool {
-        // Position features are contiguous from HeadAgeLog (checked by a test).
-        (self as u8) >= (Feature::HeadAgeLog as u8) && (self as u8) <= (Feature::DueCount as u8)
+        // Position features are contiguous from HeadAgeLog, the shares from
+        // OlderHalfShare to the end (checked by a test).
+        ((self as u8) >= (Feature::HeadAgeLog as u8) && (self as u8) <= (Feature::DueCount as u8))
+            || (self as u8) >= (Feature::OlderHalfShare as u8)
     }
 
     /// The kernel computes this feature (a position feature only once the eBPF
@@ -197,6 +223,9 @@ impl Feature {
             Feature::MissShareSame => "miss_share_same",
             Feature::MissShareOther => "miss_share_other",
             Feature::TickPhaseUs => "tick_phase_us",
+            Feature::OlderHalfShare => "older_half_share",
+            Feature::ExpiredShare => "expired_share",
+            Feature::DueCountShare => "due_count_share",
         }
     }
 
@@ -210,7 +239,10 @@ impl Feature {
             | Feature::ExpectedWaitLog
             | Feature::HeadAgeLog
             | Feature::BelowAgeLog
-            | Feature::LeadLog => LOG_RATIO_MAX,
+            | Feature::LeadLog
+            | Feature::OlderHalfShare
+            | Feature::ExpiredShare
+            | Feature::DueCountShare => LOG_RATIO_MAX,
             Feature::OlderHalf | Feature::Expired | Feature::Recent | Feature::DueCount => {
                 COUNT_MAX
             }
@@ -278,6 +310,19 @@ pub const fn drain_time_ns(count: u32, gap_ns: u64) -> u64 {
     (count as u64) * gap
 }
 
+/// `count` as a share of `queued` on the log scale of [`log_ratio_8`] (256 when
+/// equal, −8 per halving, clamped to `0..=LOG_RATIO_MAX`), from `queued`'s
+/// logarithm computed once; 0 when `count` is 0, so that no count reads as more
+/// than some. One logarithm, no division.
+#[inline(always)]
+pub fn count_share_log(count: i32, log_queued: i32) -> i32 {
+    if count <= 0 {
+        0
+    } else {
+        log_ratio_of_logs(log2_8(count as u64), log_queued)
+    }
+}
+
 /// The feature vector of a request as known at insert, without position state
 /// (the position features are [`PositionFeatures::UNKNOWN`]): what a kernel that
 /// keeps no [`crate::position::QueueShape`] computes.
@@ -326,6 +371,7 @@ pub fn features_with_position(r: &RequestRecord, p: &PositionFeatures) -> Featur
     };
     let log_budget = log2_8(budget_ns);
     let expected_ns = drain_time_ns(queued_same, r.issue_gap_ewma_ns);
+    let log_queued = log2_8(queued_same as u64);
 
     // Written as one literal in `Feature` order (checked by a test), so no index can
     // be out of bounds.
@@ -353,6 +399,9 @@ pub fn features_with_position(r: &RequestRecord, p: &PositionFeatures) -> Featur
         clamp_to(miss_same as i32, MISS_SHARE_ONE as i32),
         clamp_to(miss_other as i32, MISS_SHARE_ONE as i32),
         clamp_to(r.tick_phase as i32, TICK_PHASE_MAX as i32),
+        count_share_log(p.older_half, log_queued),
+        count_share_log(p.expired, log_queued),
+        count_share_log(p.due_count, log_queued),
     ]
 }
 
@@ -418,7 +467,7 @@ mod tests {
         for f in Feature::ALL {
             assert_eq!(
                 f.is_position(),
-                Feature::POSITION.contains(&f),
+                Feature::POSITION.contains(&f) || Feature::POSITION_SHARES.contains(&f),
                 "{}",
                 f.name()
             );
@@ -458,6 +507,54 @@ mod tests {
         assert_eq!(x[Feature::QueuedSameDir.index()], 4);
         assert_eq!(x[Feature::QueuedOtherDir.index()], 200);
         assert_eq!(x[Feature::ExpectedWaitUs.index()], 40_000 >> 10);
+    }
+
+    #[test]
+    fn counts_as_shares_of_the_queue() {
+        // 200 queued on the write side: 100 older than half the budget (half: one
+        // doubling below 256), 25 expired (three), none due within reach.
+        let p = PositionFeatures {
+            older_half: 100,
+            expired: 25,
+            due_count: 0,
+            ..PositionFeatures::UNKNOWN
+        };
+        let x = features_with_position(&at_insert(), &p);
+        let get = |f: Feature| x[f.index()];
+        assert_eq!(get(Feature::OlderHalfShare), LOG_RATIO_ONE - 8);
+        assert_eq!(get(Feature::ExpiredShare), LOG_RATIO_ONE - 24);
+        assert_eq!(get(Feature::DueCountShare), 0);
+        // The same shares of a queue ten times as deep read the same (within the
+        // log scale's ±2); the counts themselves do not.
+        let mut deep = at_insert();
+        deep.queued_write = 2000;
+        let q = PositionFeatures {
+            older_half: 1000,
+            expired: 250,
+            ..p
+        };
+        let y = features_with_position(&deep, &q);
+        for f in [Feature::OlderHalfShare, Feature::ExpiredShare] {
+            assert!((y[f.index()] - x[f.index()]).abs() <= 2, "{}", f.name());
+        }
+        assert_ne!(y[Feature::OlderHalf.index()], x[Feature::OlderHalf.index()]);
+        // Without position state the shares say nothing: 0, whatever the depth.
+        let none = features_at_insert(&deep);
+        for f in Feature::POSITION_SHARES {
+            assert_eq!(none[f.index()], 0, "{}", f.name());
+            assert!(f.is_position());
+        }
+        // A count above the queued one (the two are kept by different counters)
+        // stays inside the declared range.
+        let over = PositionFeatures {
+            older_half: COUNT_MAX,
+            ..p
+        };
+        let mut empty = at_insert();
+        empty.queued_write = 0;
+        let z = features_with_position(&empty, &over);
+        let share = z[Feature::OlderHalfShare.index()];
+        assert!(share > LOG_RATIO_ONE && share <= LOG_RATIO_MAX, "{share}");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 # record-all.sh:
 #   kml-learn/scripts/train-shipped.sh [TRACEDIR] [MODELDIR]
 # models/{baseline,linear,logistic,tree}.json use the portable features (what the
-# kernel computes today); models/{logistic,tree}-position.json add the eight
-# position features (kml_ebpf_common::position): `run --model auto` takes them
+# kernel computes today); models/logistic-position.json adds the eight position
+# features (kml_ebpf_common::position), models/tree-position.json reads the
+# scale-free set (trainers::SCALE_FREE_FEATURES): `run --model auto` takes them
 # once kml-ebpf computes those (position::KERNEL_COMPUTES_POSITION), and the agent
 # refuses to install them before.
 # Each trace is split by insert time (first 70% trains, its last 20% tunes the
@@ -24,4 +25,6 @@ for KIND in baseline linear logistic tree; do
     "$AGENT" train --trace "$LIST" --model "$KIND" --features portable --out "$MODELS/$KIND.json" --workload "$DESC" --quiet
 done
 "$AGENT" train --trace "$LIST" --model logistic --features portable+position --out "$MODELS/logistic-position.json" --workload "$DESC" --quiet
-"$AGENT" train --trace "$LIST" --model tree --features portable+position --max-depth 8 --min-samples-leaf 100 --tree-max-samples 100000 --out "$MODELS/tree-position.json" --workload "$DESC" --quiet
+# The position tree reads the scale-free set (no count of queued requests, no time
+# in µs), grown on 400k requests with leaves of 400 (session 27).
+"$AGENT" train --trace "$LIST" --model tree --features scale-free --max-depth 8 --min-samples-leaf 400 --tree-max-samples 400000 --out "$MODELS/tree-position.json" --workload "$DESC" --quiet

@@ -78,14 +78,18 @@ pub struct TrainArgs {
     /// Features to use, comma-separated; or `all` (the default: every feature the
     /// kernel computes; best on later I/O of the same workload) or `portable`
     /// (write_dir, dir_wait_log, expected_wait_log, dir_wait_us, expected_wait_us,
-    /// deadline_budget_us, issue_distance_log2: best on other workloads) or
-    /// `portable+position` (those and the eight position features: head_age_log,
-    /// older_half, expired, due_below, below_age_log, recent, lead_log, due_count)
-    /// or `portable+position+tick` (and the insert's phase in its jiffy,
-    /// tick_phase_us: traces recorded since 2026-12-05 carry it)
-    /// or `queue` (the queue as it stands at insert, for a model whose verdicts
-    /// act: no average of past waits or misses, which its own boosts would bend).
-    /// The baseline always uses sector_mib,op. An unknown name lists the known ones.
+    /// deadline_budget_us, issue_distance_log2, miss_share_same, miss_share_other:
+    /// best on other workloads) or `portable+position` (those and the eight
+    /// position features: head_age_log, older_half, expired, due_below,
+    /// below_age_log, recent, lead_log, due_count) or `portable+position+tick`
+    /// (and the insert's phase in its jiffy, tick_phase_us: traces recorded since
+    /// 2026-12-05 carry it) or `scale-free` (a tree's best on deeper queues than
+    /// trained on: write_dir, dir_wait_log, expected_wait_log, issue_distance_log2,
+    /// the miss shares, head_age_log, below_age_log, lead_log; no count of queued
+    /// requests, no time in µs) or `queue` (the queue as it stands at insert, for a
+    /// model whose verdicts act: no average of past waits or misses, which its own
+    /// boosts would bend). The baseline always uses sector_mib,op. An unknown name
+    /// lists the known ones.
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     pub features: Vec<String>,
     /// Also evaluate the trained model on these traces (e.g. another workload).
@@ -169,7 +173,11 @@ fn parse_features(names: &[String]) -> anyhow::Result<Option<Vec<Feature>>> {
         .map(|n| {
             Feature::from_name(n.trim()).with_context(|| {
                 let known: Vec<&str> = Feature::ALL.iter().map(|f| f.name()).collect();
-                format!("unknown feature `{n}` (known: {})", known.join(", "))
+                format!(
+                    "unknown feature `{n}` (known: {}; or one set: {})",
+                    known.join(", "),
+                    crate::trainers::FEATURE_SET_NAMES.join(", ")
+                )
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -517,7 +525,16 @@ mod tests {
 
     #[test]
     fn train_then_eval_end_to_end() {
-        let dir = std::env::temp_dir().join(format!("kml-learn-cli-{}", std::process::id()));
+        // Removed when the test ends, passed or failed (a panic unwinds through it).
+        struct TempDir(std::path::PathBuf);
+        impl Drop for TempDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let guard =
+            TempDir(std::env::temp_dir().join(format!("kml-learn-cli-{}", std::process::id())));
+        let dir = guard.0.clone();
         std::fs::create_dir_all(&dir).unwrap();
         let trace_path = dir.join("trace.csv");
         let mut csv = Vec::new();
@@ -599,6 +616,7 @@ mod tests {
         eval_on(&phased_path).unwrap();
         let err = eval_on(&trace_path).unwrap_err();
         assert!(err.to_string().contains("`tick_phase_us`"), "{err:#}");
-        std::fs::remove_dir_all(&dir).unwrap();
+        drop(guard);
+        assert!(!dir.exists());
     }
 }

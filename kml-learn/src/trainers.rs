@@ -49,6 +49,32 @@ pub const PORTABLE_FEATURES: [Feature; 9] = [
     Feature::MissShareOther,
 ];
 
+/// The features of the shipped position tree (`--features scale-free`): those whose
+/// values do not grow with the workload's queue depth or its expiries. The
+/// direction, the waits and ages as log ratios to the deadline budget (the FIFO
+/// head's, the oldest within a batch's reach below, and the lead of that one over
+/// this request's deadline), the miss shares, the issue distance's bit length, and
+/// the position state's counts as shares of the queue. Left out of
+/// `portable+position`: the waits and the budget in µs, and the counts of queued
+/// requests themselves (`older_half`, `expired`, `due_below`, `recent`,
+/// `due_count`), which grow with the depth: a tree that splits on them at the
+/// training workloads' depths calls a deeper queue's requests wholesale
+/// (docs/learning.md, "Counts that grow with the depth", session 27).
+pub const SCALE_FREE_FEATURES: [Feature; 12] = [
+    Feature::WriteDir,
+    Feature::DirWaitLog,
+    Feature::ExpectedWaitLog,
+    Feature::IssueDistanceLog2,
+    Feature::MissShareSame,
+    Feature::MissShareOther,
+    Feature::HeadAgeLog,
+    Feature::BelowAgeLog,
+    Feature::LeadLog,
+    Feature::OlderHalfShare,
+    Feature::ExpiredShare,
+    Feature::DueCountShare,
+];
+
 /// The features of a model whose verdicts act (`--features queue`): the queue as
 /// it stands at insert, nothing that averages past outcomes. The averages of
 /// recent waits and misses (`dir_wait_*`, `miss_share_*`) measure the policy in
@@ -71,14 +97,28 @@ pub fn queue_features() -> Vec<Feature> {
                     // Not measured where verdicts act (the VM, its own HZ): the
                     // set stays the one `vm-act` was made with.
                     | Feature::TickPhaseUs
+                    | Feature::OlderHalfShare
+                    | Feature::ExpiredShare
+                    | Feature::DueCountShare
             )
         })
         .collect()
 }
 
+/// The names [`named_features`] knows.
+pub const FEATURE_SET_NAMES: [&str; 6] = [
+    "all",
+    "portable",
+    "queue",
+    "portable+position",
+    "portable+position+tick",
+    "scale-free",
+];
+
 /// A named feature set (`--features NAME`): `all`, `portable`, `queue`,
-/// `portable+position` (the shipped `-position` models'), `portable+position+tick`
-/// (and the insert's phase in its jiffy). None for any other name.
+/// `portable+position` (the shipped `logistic-position`'s), `portable+position+tick`
+/// (and the insert's phase in its jiffy), `scale-free` (the shipped
+/// `tree-position`'s). None for any other name.
 pub fn named_features(name: &str) -> Option<Vec<Feature>> {
     let portable_and = |more: &[Feature]| -> Vec<Feature> {
         PORTABLE_FEATURES
@@ -94,6 +134,7 @@ pub fn named_features(name: &str) -> Option<Vec<Feature>> {
         "queue" => queue_features(),
         "portable+position" => portable_and(&[]),
         "portable+position+tick" => portable_and(&[Feature::TickPhaseUs]),
+        "scale-free" => SCALE_FREE_FEATURES.to_vec(),
         _ => return None,
     })
 }
@@ -673,6 +714,63 @@ mod tests {
             .unwrap();
         assert_eq!(base.features, KML_BASELINE_FEATURES);
         assert_eq!(base.threshold, 0.0);
+    }
+
+    #[test]
+    fn every_set_name_resolves_and_no_other() {
+        for name in FEATURE_SET_NAMES {
+            let set = named_features(name).unwrap_or_else(|| panic!("{name}"));
+            assert!(!set.is_empty(), "{name}");
+        }
+        assert!(named_features("scale free").is_none());
+        assert!(named_features("lead_log").is_none());
+    }
+
+    /// What makes the set scale-free, along the time axis: the same queue, with
+    /// every wait, gap and the expiry twice as long, gives the same values. The
+    /// features it leaves out in µs do not.
+    #[test]
+    fn scale_free_features_do_not_move_with_the_time_scale() {
+        use kml_ebpf_common::features::features_of_record;
+        let mut compared = 0;
+        let mut absolute_moved = 0;
+        for r in SyntheticTrace::new(11).records(3000) {
+            // A zero wait has no scale (it sits at the log scale's floor): neither
+            // has an empty queue's expected wait.
+            let queued = r.queued_read.min(r.queued_write);
+            if r.dir_wait_ewma_ns == 0
+                || r.issue_gap_ewma_ns == 0
+                || queued == 0
+                || r.deadline_ns <= r.insert_ns
+            {
+                continue;
+            }
+            let mut slow = r;
+            slow.deadline_ns = r.insert_ns + 2 * (r.deadline_ns - r.insert_ns);
+            slow.dir_wait_ewma_ns = 2 * r.dir_wait_ewma_ns;
+            slow.issue_gap_ewma_ns = 2 * r.issue_gap_ewma_ns;
+            let (a, b) = (features_of_record(&r), features_of_record(&slow));
+            for f in SCALE_FREE_FEATURES {
+                assert_eq!(a[f.index()], b[f.index()], "{}: {r:?}", f.name());
+            }
+            for f in [Feature::DirWaitUs, Feature::DeadlineBudgetUs] {
+                absolute_moved += usize::from(a[f.index()] != b[f.index()]);
+            }
+            compared += 1;
+        }
+        assert!(compared > 1000, "{compared} records compared");
+        assert!(absolute_moved >= compared, "{absolute_moved} of {compared}");
+        // And it holds no count of queued requests.
+        for f in [
+            Feature::QueuedSameDir,
+            Feature::OlderHalf,
+            Feature::Expired,
+            Feature::DueBelow,
+            Feature::Recent,
+            Feature::DueCount,
+        ] {
+            assert!(!SCALE_FREE_FEATURES.contains(&f), "{}", f.name());
+        }
     }
 
     #[test]

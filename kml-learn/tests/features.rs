@@ -6,12 +6,12 @@
 
 use kml_ebpf_common::{
     features::{
-        features_at_insert, log2_8, log_ratio_8, Feature, BUDGET_MAX, LOG2_8_MAX, LOG_RATIO_MAX,
-        LOG_RATIO_ONE, NUM_FEATURES,
+        features_at_insert, features_with_position, log2_8, log_ratio_8, Feature, BUDGET_MAX,
+        LOG2_8_MAX, LOG_RATIO_MAX, LOG_RATIO_ONE, NUM_FEATURES,
     },
     label::{MISS_SHARE_ONE, TICK_PHASE_MAX},
     op::ReqOp,
-    position::DUE_NONE,
+    position::{PositionFeatures, COUNT_MAX, DUE_NONE},
     RequestRecord,
 };
 use proptest::prelude::*;
@@ -142,6 +142,8 @@ fn reference(r: &RequestRecord) -> [i64; NUM_FEATURES] {
             Feature::MissShareOther => (miss_other as i64).min(MISS_SHARE_ONE as i64),
             // TickClock writes at most TICK_PHASE_MAX; anything above is clamped.
             Feature::TickPhaseUs => (r.tick_phase as i64).min(TICK_PHASE_MAX as i64),
+            // Shares of counts that are 0 without position state.
+            Feature::OlderHalfShare | Feature::ExpiredShare | Feature::DueCountShare => 0,
         };
     }
     x
@@ -158,6 +160,20 @@ proptest! {
         for f in Feature::ALL {
             prop_assert_eq!(x[f.index()] as i64, want[f.index()], "{}", f.name());
             prop_assert!((0..=f.max_value()).contains(&x[f.index()]), "{} = {}", f.name(), x[f.index()]);
+        }
+    }
+
+    /// The position counts as shares of the queue: 0 for no count, else the log
+    /// ratio of the count to the queued requests of the request's direction.
+    #[test]
+    fn shares_equal_their_definition(r in insert_record(), older in 0..=COUNT_MAX, expired in 0..=COUNT_MAX, due in 0..=COUNT_MAX) {
+        let p = PositionFeatures { older_half: older, expired, due_count: due, ..PositionFeatures::UNKNOWN };
+        let x = features_with_position(&r, &p);
+        let same = if r.op != ReqOp::Read as u8 { r.queued_write } else { r.queued_read };
+        for (f, count) in [(Feature::OlderHalfShare, older), (Feature::ExpiredShare, expired), (Feature::DueCountShare, due)] {
+            let want = if count == 0 { 0 } else { ref_log_ratio(count as u64, same as u64) };
+            prop_assert_eq!(x[f.index()] as i64, want, "{}", f.name());
+            prop_assert!((0..=f.max_value()).contains(&x[f.index()]));
         }
     }
 
