@@ -26,5 +26,5 @@ for KIND in baseline linear logistic tree; do
 done
 "$AGENT" train --trace "$LIST" --model logistic --features portable+position --out "$MODELS/logistic-position.json" --workload "$DESC" --quiet
 # The position tree reads the scale-free set (no count of queued requests, no time
-# in µs), grown on 400k requests with leaves of 400 (session 27).
-"$AGENT" train --trace "$LIST" --model tree --features scale-free --max-depth 8 --min-samples-leaf 400 --tree-max-samples 400000 --out "$MODELS/tree-position.json" --workload "$DESC" --quiet
+# in µs; session 27).
+"$AGENT" train --trace "$LIST" --model tree --features scale-free --max-depth 8 --min-samples-leaf 100 --tree-max-samples 100000 --out "$MODELS/tree-position.json" --workload "$DESC" --quiet
