@@ -16,6 +16,8 @@ pub struct BeforeAgent {
     pub rev: String,
     pub commit: String,
     pub binary: PathBuf,
+    /// The revision's tree (`git archive`), its `models/` among it.
+    pub source: PathBuf,
     /// Seconds this call spent building it (`None`: found in the cache).
     pub built_secs: Option<f64>,
 }
@@ -23,6 +25,19 @@ pub struct BeforeAgent {
 impl BeforeAgent {
     pub fn short(&self) -> &str {
         &self.commit[..self.commit.len().min(10)]
+    }
+
+    /// The model file both agents of a before/after pair run: the revision's own
+    /// copy of `current` (same name, in its `models/`) when it has one, else
+    /// `current`. An earlier agent cannot read a model of features added since,
+    /// and with one file for both the difference measured is the programs', not
+    /// the models'.
+    pub fn shared_model(&self, current: &Path) -> PathBuf {
+        current
+            .file_name()
+            .map(|name| self.source.join("models").join(name))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| current.to_owned())
     }
 }
 
@@ -58,6 +73,7 @@ pub fn build(root: &Path, rev: &str) -> Result<BeforeAgent> {
             rev: rev.to_owned(),
             commit,
             binary,
+            source: dir,
             built_secs: None,
         });
     }
@@ -108,6 +124,32 @@ pub fn build(root: &Path, rev: &str) -> Result<BeforeAgent> {
         rev: rev.to_owned(),
         commit,
         binary,
+        source: dir,
         built_secs: Some(started.elapsed().as_secs_f64()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pair_runs_the_earlier_revisions_own_model_where_it_has_one() {
+        let dir = std::env::temp_dir().join(format!("kml-before-model-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("models")).unwrap();
+        std::fs::write(dir.join("models/tree-position.json"), "{}").unwrap();
+        let b = BeforeAgent {
+            rev: "main".into(),
+            commit: "0123456789abcdef".into(),
+            binary: dir.join("target/release/kml-agent"),
+            source: dir.clone(),
+            built_secs: None,
+        };
+        let now = Path::new("/work/models/tree-position.json");
+        assert_eq!(b.shared_model(now), dir.join("models/tree-position.json"));
+        // A model the revision did not ship: the current file.
+        let new = Path::new("/work/models/tree-new.json");
+        assert_eq!(b.shared_model(new), new);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -63,6 +63,8 @@ pub struct Cost {
 pub struct BeforeAfter {
     pub rev: String,
     pub short: String,
+    /// The model file both agents ran ([`super::before::BeforeAgent::shared_model`]).
+    pub model: PathBuf,
     /// Per round: (that revision's programs, this tree's).
     pub rounds: Vec<(BTreeMap<EventProg, ProgCost>, BTreeMap<EventProg, ProgCost>)>,
     pub secs: u64,
@@ -382,6 +384,7 @@ fn before_after(
     let (rounds, secs) = if ctx.quick { (2, 2) } else { (10, 4) };
     let rev = b.rev.as_str();
     let deep = deep_job_file(ctx);
+    let model = b.shared_model(model);
     let mut out = Vec::new();
     for round in 0..rounds {
         let mut order = [("before", Some(b.binary.as_path())), ("this", None)];
@@ -396,7 +399,7 @@ fn before_after(
                 ctx,
                 binary,
                 &bench.dev,
-                Some(model),
+                Some(&model),
                 &format!("{name}.agent"),
                 &[],
             )?;
@@ -427,6 +430,7 @@ fn before_after(
     Ok(BeforeAfter {
         rev: b.rev.clone(),
         short: b.short().to_owned(),
+        model,
         rounds: out,
         secs,
     })
@@ -625,6 +629,7 @@ mod tests {
         let b = BeforeAfter {
             rev: "main".into(),
             short: "0123456789".into(),
+            model: "models/tree-position.json".into(),
             rounds: vec![
                 (progs(500, Some(270)), progs(460, Some(260))),
                 (progs(480, None), progs(470, Some(250))),

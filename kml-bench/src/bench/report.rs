@@ -611,12 +611,16 @@ fn before_after_table(md: &mut String, b: &super::cost::BeforeAfter) {
     let _ = writeln!(
         md,
         "### Before / after (`--before {}`: {})\n\n`{POSITION}` on the deep queue (`bench/cost-deep.fio`), \
+         both agents running one file (`{}`: {}'s own copy where it has one, so that the difference is \
+         the programs', not the models'), \
          run by {}'s agent and by this tree's, **each alone** under its own fio run of {} s, the order \
          alternating by round ({} rounds). Alone, not paired as above: two agents on one device run back to \
          back on every event, and the second finds the request's lines warm. The difference is this tree's \
          ns per run minus {}'s in the same round: its mean, and the lowest and highest of the rounds.\n",
         b.rev,
         b.short,
+        b.model.display(),
+        b.rev,
         b.rev,
         b.secs,
         b.rounds.len(),
@@ -1387,12 +1391,17 @@ mod tests {
         let b = BeforeAfter {
             rev: "main".into(),
             short: "0123456789".into(),
+            model: "/cache/main/models/tree-position.json".into(),
             rounds: vec![(insert(500), insert(460)), (insert(480), insert(470))],
             secs: 4,
         };
         let mut md = String::new();
         before_after_table(&mut md, &b);
         assert!(md.contains("`--before main`: 0123456789"), "{md}");
+        assert!(
+            md.contains("one file (`/cache/main/models/tree-position.json`"),
+            "{md}"
+        );
         assert!(
             md.contains("| insert | 490 | 465 | **-25.0** (-40 to -10) | -40 -10 |"),
             "{md}"
