@@ -996,12 +996,14 @@ pub fn arm_specs(
         let extra: Vec<ArmSpec> = v
             .iter()
             .filter_map(|a| match &a.kind {
+                // The earlier agent runs its own copy of the model where it has
+                // one: it cannot read a model of features added since.
                 ArmKind::Agent { model, .. } => Some(ArmSpec {
                     key: format!("{}@before", a.key),
                     label: format!("{} — before ({} {})", a.label, b.rev, b.short()),
                     kind: ArmKind::Agent {
                         binary: b.binary.clone(),
-                        model: model.clone(),
+                        model: model.as_deref().map(|m| b.shared_model(m)),
                     },
                 }),
                 _ => None,
