@@ -137,6 +137,8 @@ struct HeldBackSample {
     path: PathBuf,
     window: String,
     rows: Vec<(bool, FeatureVector)>,
+    /// Rows whose request missed its deadline.
+    misses: usize,
 }
 
 /// Every held-back sample in `testdata/`: the shipped models were not all trained
@@ -176,7 +178,7 @@ fn held_back_sample(path: &Path) -> HeldBackSample {
         .iter()
         .map(|n| Feature::from_name(n).unwrap_or_else(|| panic!("unknown feature {n}")))
         .collect();
-    let rows = lines
+    let rows: Vec<(bool, FeatureVector)> = lines
         .map(|l| {
             let v: Vec<&str> = l.split(',').collect();
             assert_eq!(v.len(), header.len(), "row {l}");
@@ -187,10 +189,12 @@ fn held_back_sample(path: &Path) -> HeldBackSample {
             (v[0] == "1", x)
         })
         .collect();
+    let misses = rows.iter().filter(|(m, _)| *m).count();
     HeldBackSample {
         path: path.to_owned(),
         window,
         rows,
+        misses,
     }
 }
 
@@ -223,14 +227,16 @@ const NOT_SAMPLED: &[(&str, &str)] = &[
 fn stored_held_back_accuracy_is_recomputed_on_a_random_sample() {
     let samples = held_back_samples();
     for sample in &samples {
-        let misses = sample.rows.iter().filter(|(m, _)| *m).count();
         assert!(
-            sample.rows.len() >= 4000 && misses >= 500,
+            sample.rows.len() >= 4000 && sample.misses >= 500,
             "{}: sample too small",
             sample.path.display()
         );
     }
     let mut checked = 0;
+    // Which samples some model was checked against: a sample no model uses is
+    // stale (its model was retrained or removed) and must go.
+    let mut used = vec![false; samples.len()];
     for (path, m) in shipped() {
         let name = path.display();
         let test = m.file.metrics.test.as_ref().expect("held-back metrics");
@@ -243,9 +249,9 @@ fn stored_held_back_accuracy_is_recomputed_on_a_random_sample() {
             eprintln!("{name}: held-back accuracy not recomputed: {why}");
             continue;
         }
-        let sample = samples
+        let index = samples
             .iter()
-            .find(|s| s.window == test.data.window)
+            .position(|s| s.window == test.data.window)
             .unwrap_or_else(|| {
                 panic!(
                     "{name}: measured on held-back windows no sample covers: write \
@@ -253,7 +259,9 @@ fn stored_held_back_accuracy_is_recomputed_on_a_random_sample() {
                      (examples/heldback_sample.rs)"
                 )
             });
-        let misses = sample.rows.iter().filter(|(m, _)| *m).count();
+        used[index] = true;
+        let sample = &samples[index];
+        let misses = sample.misses;
         checked += 1;
         let (mut true_miss, mut true_met) = (0u64, 0u64);
         for (missed, x) in &sample.rows {
@@ -283,4 +291,11 @@ fn stored_held_back_accuracy_is_recomputed_on_a_random_sample() {
         );
     }
     assert!(checked >= ModelKind::ALL.len(), "{checked} models checked");
+    for (sample, used) in samples.iter().zip(used) {
+        assert!(
+            used,
+            "{}: no shipped model was measured on its windows (a stale sample)",
+            sample.path.display()
+        );
+    }
 }
