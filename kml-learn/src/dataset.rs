@@ -164,8 +164,9 @@ impl Dataset {
         &self.window
     }
 
-    /// Records whose observer did not record what `feature` is computed from (see
-    /// [`unreplayable`]); 0 for every feature the host records or replays.
+    /// Records whose observer did not record what `feature` is computed from (a
+    /// feature the host can neither read nor replay: the insert's phase in its
+    /// jiffy); 0 for every feature the host records or replays.
     pub fn records_without(&self, feature: Feature) -> usize {
         match unreplayable(feature) {
             Some((bit, _)) => self.records.iter().filter(|r| r.known & bit == 0).count(),

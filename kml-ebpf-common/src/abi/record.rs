@@ -193,7 +193,7 @@ impl Sampling {
     /// learns, left the request alone on purpose (one in `2^HOOK_HOLD_OUT` of the
     /// requests it would act on, at random): its outcome is what the verdict
     /// would have changed, so online learning can still see it
-    /// ([`crate::hook::Policy::acted_on`]).
+    /// ([`crate::abi::hook::Policy::acted_on`]).
     pub const HELD_OUT: u8 = 8;
 }
 
