@@ -29,8 +29,12 @@ use std::{path::PathBuf, time::Instant};
 use clap::Parser;
 use kml_ebpf_common::{features::Feature, model::ModelKind};
 use kml_learn::{
-    evaluate, metrics::best_balanced_threshold, train::split_windows, train::train_on_windows,
-    trainers::PORTABLE_FEATURES, ConfusionMatrix, Dataset, Progress, TrainOptions,
+    evaluate,
+    references::{FeatureRule, WindowOracle, ORACLE_WINDOW_NS},
+    train::split_windows,
+    train::train_on_windows,
+    trainers::PORTABLE_FEATURES,
+    ConfusionMatrix, Dataset, Progress, TrainOptions,
 };
 
 #[derive(Parser)]
@@ -345,48 +349,25 @@ fn main() -> anyhow::Result<()> {
 
     if args.univariate {
         let train = Dataset::concat(&[windows.fit.clone(), windows.tune.clone()]);
-        let labels: Vec<bool> = train.missed().collect();
         // The best of these single-feature rules on the training windows: the
         // "best fixed rule" a model must beat.
         let mut best: Option<(f64, String, Vec<f64>)> = None;
         for &f in &features {
-            let col: Vec<f64> = train.column(f).iter().map(|&v| v as f64).collect();
-            let up = best_balanced_threshold(&col, &labels);
-            let neg: Vec<f64> = col.iter().map(|v| -v).collect();
-            let down = best_balanced_threshold(&neg, &labels);
-            let ba = |d: &Dataset, sign: f64, t: f64| {
-                ConfusionMatrix::from_pairs(
-                    d.column(f)
-                        .iter()
-                        .map(|&v| sign * v as f64 > t)
-                        .zip(d.missed()),
-                )
-                .balanced_accuracy()
+            let Some(rule) = FeatureRule::fit(&train, f) else {
+                continue;
             };
-            let (sign, t) = if ba(&train, 1.0, up) >= ba(&train, -1.0, down) {
-                (1.0, up)
-            } else {
-                (-1.0, down)
-            };
-            let rule = format!(
-                "{} {} {:.0}",
-                f.name(),
-                if sign > 0.0 { ">" } else { "<" },
-                sign * t
-            );
             let scores: Vec<f64> = windows
                 .tests
                 .iter()
-                .map(|(_, d)| 100.0 * ba(d, sign, t))
+                .map(|(_, d)| 100.0 * rule.balanced_accuracy_on(d))
                 .collect();
-            print!("{rule:<28}");
+            print!("{:<28}", rule.to_string());
             for s in &scores {
                 print!(" {s:>12.2}");
             }
             println!();
-            let on_train = ba(&train, sign, t);
-            if best.as_ref().is_none_or(|b| on_train > b.0) {
-                best = Some((on_train, rule, scores));
+            if best.as_ref().is_none_or(|b| rule.balanced_accuracy > b.0) {
+                best = Some((rule.balanced_accuracy, rule.to_string(), scores));
             }
         }
         if let Some((on_train, rule, scores)) = best {
@@ -414,7 +395,7 @@ fn main() -> anyhow::Result<()> {
     if args.oracle {
         print!("{:<28}", "1 ms window oracle");
         for (_, d) in &windows.tests {
-            print!(" {}", window_oracle(d, 1_000_000));
+            print!(" {}", oracle_cell(d));
         }
         println!();
     }
@@ -554,50 +535,20 @@ fn loo(
     Ok(())
 }
 
-/// Balanced accuracy of the best "flag every request of this window" rule, where a
-/// window is `window_ns` of insert time in one direction and windows are flagged in
-/// order of their actual miss rate (hindsight).
-fn window_oracle(d: &Dataset, window_ns: u64) -> Cell {
-    let mut cells: std::collections::HashMap<(u8, u64), (u64, u64)> = Default::default();
-    for (r, missed) in d.records().iter().zip(d.missed()) {
-        let c = cells
-            .entry((r.op().direction() as u8, r.insert_ns / window_ns))
-            .or_default();
-        c.0 += 1;
-        c.1 += missed as u64;
-    }
-    let (pos, total) = cells.values().fold((0, 0), |(p, t), c| (p + c.1, t + c.0));
-    let neg = total - pos;
-    if pos == 0 || neg == 0 {
-        return Cell {
+/// The 1 ms window oracle's cell ([`WindowOracle`]).
+fn oracle_cell(d: &Dataset) -> Cell {
+    match WindowOracle::of(d, ORACLE_WINDOW_NS) {
+        Some(o) => Cell {
+            ba: o.balanced_accuracy,
+            auc: o.auc,
+            one_class: false,
+            outside: None,
+        },
+        None => Cell {
             ba: 1.0,
             auc: None,
             one_class: true,
             outside: None,
-        };
-    }
-    // Its score for a request: the miss rate of the request's window.
-    let scores: Vec<f64> = d
-        .records()
-        .iter()
-        .map(|r| {
-            let c = cells[&(r.op().direction() as u8, r.insert_ns / window_ns)];
-            c.1 as f64 / c.0 as f64
-        })
-        .collect();
-    let auc = kml_learn::metrics::auc(&scores, &d.missed().collect::<Vec<_>>());
-    let mut order: Vec<(u64, u64)> = cells.values().copied().collect();
-    order.sort_by(|a, b| (b.1 as f64 / b.0 as f64).total_cmp(&(a.1 as f64 / a.0 as f64)));
-    let (mut tp, mut fp, mut best) = (0u64, 0u64, 0.5f64);
-    for (n, m) in order {
-        tp += m;
-        fp += n - m;
-        best = best.max(0.5 * (tp as f64 / pos as f64 + (neg - fp) as f64 / neg as f64));
-    }
-    Cell {
-        ba: best,
-        auc,
-        one_class: false,
-        outside: None,
+        },
     }
 }

@@ -21,8 +21,8 @@ each from events before the insert only:
 Prints each candidate's AUC beside kml's best features', then trains gradient
 boosting on one recording and judges it on the others (own threshold: tuned on the
 training recording; best: in hindsight), with the scale-free set and with the
-candidates added. Results: docs/learning.md, "A burst's onset, and one threshold
-for every workload (session 28)".
+candidates added. Results: docs/learning.md, "A burst's onset, one threshold per
+workload, a rule the tree does not beat (session 28)".
 """
 import sys
 

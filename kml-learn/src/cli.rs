@@ -13,6 +13,7 @@ use crate::{
     metrics::ThresholdGoal,
     model_file::{DeviceRegime, LoadedModel, ModelFile},
     progress::Progress,
+    references::References,
     train::{train_many, TrainOptions},
 };
 
@@ -323,8 +324,17 @@ pub struct EvalArgs {
     pub quiet: bool,
 }
 
+/// One `eval`: the model, the window, its evaluation and the references beside it.
+struct EvalRun {
+    model: LoadedModel,
+    baseline: Option<(LoadedModel, Evaluation)>,
+    data: Dataset,
+    e: Evaluation,
+    references: Option<References>,
+}
+
 impl EvalArgs {
-    pub fn execute(self) -> anyhow::Result<()> {
+    fn run(&self) -> anyhow::Result<EvalRun> {
         if !(0.0..=1.0).contains(&self.from) || !(self.from..=1.0).contains(&self.to) {
             bail!(
                 "--from {} and --to {} must satisfy 0 <= from <= to <= 1",
@@ -343,19 +353,47 @@ impl EvalArgs {
         data.check_carries(model.float.features())?;
         progress.step(format_args!("evaluating on {}", data.window()));
         let e = evaluate(&model.float, &model.quantized, &data);
-        let base = baseline
-            .as_ref()
-            .map(|b| evaluate(&b.float, &b.quantized, &data));
+        let baseline = baseline.map(|b| {
+            let e = evaluate(&b.float, &b.quantized, &data);
+            (b, e)
+        });
+        progress.step("the references: the 1 ms window oracle, the best one-feature rule");
+        let references = References::of(&data);
+        Ok(EvalRun {
+            model,
+            baseline,
+            data,
+            e,
+            references,
+        })
+    }
 
-        if self.json {
-            let mut out = eval_json(&model, &self.model, &e);
-            if let (Some(b), Some(path), Value::Object(map)) = (&base, &self.baseline, &mut out) {
-                map.insert(
-                    "baseline".into(),
-                    eval_json(baseline.as_ref().expect("loaded"), path, b),
-                );
+    /// The `--json` object.
+    fn json(&self, run: &EvalRun) -> Value {
+        let mut out = eval_json(&run.model, &self.model, &run.e);
+        if let Value::Object(map) = &mut out {
+            map.insert(
+                "references".into(),
+                references_json(run.references.as_ref()),
+            );
+            if let (Some((b, e)), Some(path)) = (&run.baseline, &self.baseline) {
+                map.insert("baseline".into(), eval_json(b, path, e));
             }
-            println!("{out}");
+        }
+        out
+    }
+
+    pub fn execute(self) -> anyhow::Result<()> {
+        let run = self.run()?;
+        let EvalRun {
+            model,
+            baseline,
+            data,
+            e,
+            references,
+        } = &run;
+        if self.json {
+            println!("{}", self.json(&run));
         } else {
             println!(
                 "{} on {}, {}",
@@ -364,13 +402,9 @@ impl EvalArgs {
                 data.window()
             );
             print_table_header();
-            print_row(model.kind().name(), "", &e);
-            if let Some(b) = &base {
-                print_row(
-                    baseline.as_ref().map_or("baseline", |m| m.kind().name()),
-                    "",
-                    b,
-                );
+            print_row(model.kind().name(), "", e);
+            if let Some((b, be)) = baseline {
+                print_row(b.kind().name(), "", be);
             }
             let cm = e.quantized.confusion;
             println!(
@@ -387,9 +421,34 @@ impl EvalArgs {
             if let Some(band) = &e.tick_band {
                 println!("{band}");
             }
+            if let Some(r) = references {
+                println!(
+                    "references on these requests, in hindsight: the 1 ms window oracle {:.2}% (AUC {}); the best one-feature rule `{}` {:.2}%",
+                    100.0 * r.oracle.balanced_accuracy,
+                    r.oracle.auc.map_or("-".into(), |a| format!("{a:.3}")),
+                    r.best_rule,
+                    100.0 * r.best_rule.balanced_accuracy
+                );
+            }
         }
         Ok(())
     }
+}
+
+/// The references' `--json` object; `null` for one class.
+fn references_json(r: Option<&References>) -> Value {
+    r.map_or(Value::Null, |r| {
+        json!({
+            "oracle_window_ns": r.oracle.window_ns,
+            "oracle_balanced_accuracy": r.oracle.balanced_accuracy,
+            "oracle_auc": r.oracle.auc,
+            "best_rule": r.best_rule.to_string(),
+            "best_rule_feature": r.best_rule.feature.name(),
+            "best_rule_above": r.best_rule.above,
+            "best_rule_threshold": r.best_rule.threshold,
+            "best_rule_balanced_accuracy": r.best_rule.balanced_accuracy,
+        })
+    })
 }
 
 /// The `--json` object: flat keys for the float model, `quantized_`-prefixed keys
@@ -564,12 +623,40 @@ mod tests {
             [Feature::QueuedSameDir, Feature::DirWaitLog, Feature::Op]
         );
 
-        run(format!(
+        let line = format!(
             "x eval --trace {} --model {} --json --from 0.5 --quiet",
             trace_path.display(),
             model_path.display()
-        ))
-        .unwrap();
+        );
+        run(line.clone()).unwrap();
+        // The references beside the model: the oracle and the best one-lane rule
+        // on the same window (the second half), as the library computes them.
+        let Cli::Eval(eval) = Cli::parse_from(args(&line)) else {
+            unreachable!()
+        };
+        let out = eval.json(&eval.run().unwrap());
+        let half = crate::Dataset::from_trace_file(&trace_path)
+            .unwrap()
+            .window_fraction(0.5, 1.0);
+        assert_eq!(out["records"].as_u64(), Some(half.len() as u64));
+        let refs = &out["references"];
+        let oracle = crate::references::WindowOracle::of(&half, 1_000_000).unwrap();
+        assert_eq!(
+            refs["oracle_balanced_accuracy"].as_f64(),
+            Some(oracle.balanced_accuracy)
+        );
+        assert_eq!(refs["oracle_window_ns"].as_u64(), Some(1_000_000));
+        let rule = crate::references::FeatureRule::best(&half, &Feature::ALL).unwrap();
+        assert_eq!(refs["best_rule"].as_str(), Some(rule.to_string().as_str()));
+        assert_eq!(
+            refs["best_rule_balanced_accuracy"].as_f64(),
+            Some(rule.balanced_accuracy)
+        );
+        // No rule on one lane beats the best one on this window.
+        for f in Feature::ALL {
+            let r = crate::references::FeatureRule::fit(&half, f).unwrap();
+            assert!(r.balanced_accuracy <= rule.balanced_accuracy, "{r}");
+        }
 
         // A model to act with: the goal is kept in its file; a recall outside
         // (0, 1] is refused before anything is written.

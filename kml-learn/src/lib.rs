@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model_file;
 pub mod progress;
 pub mod quantize;
+pub mod references;
 pub mod replay;
 // The properties the fuzz targets check: test-only, compiled for the unit tests and
 // for the fuzz crate (feature `fuzzing`), never into the agent.
