@@ -242,6 +242,24 @@ mod tests {
             WindowOracle::of(&reads(&[1_000; 20]), ORACLE_WINDOW_NS),
             None
         );
+        // Each direction has its windows: reads that all miss and writes that all
+        // meet, inserted in the same milliseconds, are told apart.
+        let records: Vec<RequestRecord> = d
+            .records()
+            .iter()
+            .map(|r| {
+                let write = r.insert_ns / 100_000 % 2 == 1;
+                RequestRecord {
+                    op: if write { ReqOp::Write } else { ReqOp::Read } as u8,
+                    issue_ns: r.insert_ns + if write { 1_000 } else { 2_000_000 },
+                    ..*r
+                }
+            })
+            .collect();
+        let mixed = Dataset::from_records(records, "mixed");
+        assert_eq!(mixed.misses() * 2, mixed.len());
+        let o = WindowOracle::of(&mixed, ORACLE_WINDOW_NS).unwrap();
+        assert_eq!(o.balanced_accuracy, 1.0);
     }
 
     #[test]
