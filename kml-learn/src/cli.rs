@@ -86,8 +86,9 @@ pub struct TrainArgs {
     /// (and the insert's phase in its jiffy, tick_phase_us: traces recorded since
     /// 2026-12-05 carry it) or `scale-free` (a tree's best on deeper queues than
     /// trained on: write_dir, dir_wait_log, expected_wait_log, issue_distance_log2,
-    /// the miss shares, head_age_log, below_age_log, lead_log; no count of queued
-    /// requests, no time in µs) or `queue` (the queue as it stands at insert, for a
+    /// the miss shares, head_age_log, below_age_log, lead_log, and three counts as
+    /// shares of the queue: older_half_share, expired_share, due_count_share; no
+    /// count of queued requests, no time in µs) or `queue` (the queue as it stands at insert, for a
     /// model whose verdicts act: no average of past waits or misses, which its own
     /// boosts would bend). The baseline always uses sector_mib,op. An unknown name
     /// lists the known ones.
