@@ -135,9 +135,9 @@ impl Dataset {
 
     /// Reads a CSV trace written by `kml-agent record`.
     pub fn from_trace_file(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|source| LearnError::Io {
+        let file = File::open(path).map_err(|error| LearnError::Io {
             path: path.into(),
-            source,
+            error,
         })?;
         let records = trace::read_all(BufReader::with_capacity(1 << 20, file)).map_err(|e| {
             LearnError::Trace {

@@ -325,9 +325,9 @@ impl ModelFile {
         // Read the schema version first: a newer file gets a clear message instead of
         // a complaint about a field this build does not know.
         let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| LearnError::ModelJson {
+            serde_json::from_str(text).map_err(|error| LearnError::ModelJson {
                 path: origin.into(),
-                source,
+                error,
             })?;
         let bad = |field: &str, problem: String| LearnError::BadModelFile {
             path: origin.into(),
@@ -348,9 +348,9 @@ impl ModelFile {
             }
         }
         let file: ModelFile =
-            serde_json::from_value(value).map_err(|source| LearnError::ModelJson {
+            serde_json::from_value(value).map_err(|error| LearnError::ModelJson {
                 path: origin.into(),
-                source,
+                error,
             })?;
         let (float, quantized) = Validator { origin }.check(&file)?;
         Ok(LoadedModel {
@@ -363,9 +363,9 @@ impl ModelFile {
 
 impl LoadedModel {
     pub fn load(path: &Path) -> Result<LoadedModel> {
-        let text = std::fs::read_to_string(path).map_err(|source| LearnError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| LearnError::Io {
             path: path.into(),
-            source,
+            error,
         })?;
         ModelFile::parse(&text, &path.display().to_string())
     }
@@ -384,9 +384,9 @@ pub fn save(m: &TrainedModel, path: &Path) -> Result<()> {
 pub fn write(file: &ModelFile, path: &Path) -> Result<()> {
     let mut text = file.to_json();
     text.push('\n');
-    std::fs::write(path, text).map_err(|source| LearnError::Io {
+    std::fs::write(path, text).map_err(|error| LearnError::Io {
         path: path.into(),
-        source,
+        error,
     })
 }
 

@@ -36,12 +36,14 @@ use std::path::{Path, PathBuf};
 
 /// Errors from reading or querying BTF. Messages are one-liners meant to be
 /// shown to an operator as-is.
+/// The I/O error is part of the message, not also `source()`: a printed chain
+/// (`{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("BTF: cannot read {path}: {source}")]
+    #[error("BTF: cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("BTF: malformed data: {0}")]
     Malformed(String),
@@ -270,9 +272,9 @@ impl Btf {
 
     /// Reads and parses a raw BTF blob from `path`.
     pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
-        let data = std::fs::read(path).map_err(|source| BtfError::Io {
+        let data = std::fs::read(path).map_err(|error| BtfError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&data)
     }
@@ -715,6 +717,17 @@ impl Btf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_file_is_named_with_its_error_once() {
+        let e = Btf::from_file(Path::new("/nonexistent-kml/vmlinux")).expect_err("no such file");
+        let shown = crate::kernel::caps::error_chain(&e);
+        assert!(
+            shown.starts_with("BTF: cannot read /nonexistent-kml/vmlinux: "),
+            "{shown}"
+        );
+        assert_eq!(shown.matches("(os error 2)").count(), 1, "{shown}");
+    }
 
     /// Tiny BTF writer for tests: types are appended in order (ids from 1).
     struct Builder {

@@ -18,14 +18,16 @@ const DEBUGFS_TRACING_PATH: &str = "/sys/kernel/debug/tracing";
 
 /// Errors from locating tracefs or reading event formats. Messages are
 /// one-liners meant to be shown to an operator as-is.
+/// The I/O error is part of the message, not also `source()`: a printed chain
+/// (`{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum TracefsError {
     #[error(
-        "tracefs: not found at {TRACEFS_PATH} or {DEBUGFS_TRACING_PATH}, and mounting it at {TRACEFS_PATH} failed: {source}"
+        "tracefs: not found at {TRACEFS_PATH} or {DEBUGFS_TRACING_PATH}, and mounting it at {TRACEFS_PATH} failed: {error}"
     )]
-    NotMounted { source: io::Error },
-    #[error("tracefs: cannot read {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    NotMounted { error: io::Error },
+    #[error("tracefs: cannot read {path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("tracefs: no event {category}/{event} under {root} (is the kernel built with it?)")]
     NoEvent {
         root: PathBuf,
@@ -71,10 +73,10 @@ impl Tracefs {
             }
         }
         let root = Path::new(TRACEFS_PATH);
-        mount_tracefs(root).map_err(|source| TracefsError::NotMounted { source })?;
+        mount_tracefs(root).map_err(|error| TracefsError::NotMounted { error })?;
         if !root.join("events").is_dir() {
             return Err(TracefsError::NotMounted {
-                source: io::Error::new(
+                error: io::Error::new(
                     io::ErrorKind::NotFound,
                     "mount succeeded but has no events/ directory",
                 ),
@@ -114,8 +116,8 @@ impl Tracefs {
     /// Reads and parses `events/<category>/<event>/format`.
     pub fn event_format(&self, category: &str, event: &str) -> Result<EventFormat, TracefsError> {
         let path = self.event_dir(category, event)?.join("format");
-        let text = std::fs::read_to_string(&path).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
+        let text = std::fs::read_to_string(&path).map_err(|error| {
+            if error.kind() == io::ErrorKind::NotFound {
                 TracefsError::NoEvent {
                     root: self.root.clone(),
                     category: category.to_owned(),
@@ -124,7 +126,7 @@ impl Tracefs {
             } else {
                 TracefsError::Io {
                     path: path.clone(),
-                    source,
+                    error,
                 }
             }
         })?;
@@ -365,6 +367,19 @@ fn parse_decl(decl: &str) -> Result<(String, String, Option<u32>), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_format_is_named_with_its_error_once() {
+        // A `format` that is a directory: the read fails with EISDIR (21), not NotFound.
+        let root = std::env::temp_dir().join(format!("kml-tracefs-test-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("events/block/odd/format")).expect("temp dir");
+        let read = Tracefs::at(&root).event_format("block", "odd");
+        std::fs::remove_dir_all(&root).expect("temp dir removed");
+        let e = read.expect_err("a directory");
+        assert!(matches!(e, TracefsError::Io { .. }), "{e:?}");
+        let shown = crate::kernel::caps::error_chain(&e);
+        assert_eq!(shown.matches("(os error 21)").count(), 1, "{shown}");
+    }
 
     const V618_INSERT: &str = include_str!("testdata/6.18-block_rq_insert.format");
     const V618_ISSUE: &str = include_str!("testdata/6.18-block_rq_issue.format");
