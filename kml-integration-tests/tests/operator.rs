@@ -439,6 +439,12 @@ fn doctor_fails_only_when_tracing_is_impossible() -> Result<()> {
             failing(&doc).iter().any(|c| c == "privileges"),
             "doctor with only {without:?} does not name the privileges: {doc} {err}"
         );
+        ensure!(
+            doc["attach_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("CAP_BPF") && e.contains("run as root")),
+            "doctor with only {without:?}: its verdict does not lead with the privileges: {doc}"
+        );
     }
     assert_no_kml_programs()
 }

@@ -489,7 +489,17 @@ impl KernelReport {
                 (Ok(()), _) => Ok(AttachMode::RawTracepoint),
                 (Err(_), Ok(())) => Ok(AttachMode::Tracepoint),
                 (Err(raw), Err(tp)) => {
-                    anyhow::bail!("block tracing is impossible here: raw tracepoints: {raw}; tracepoints: {tp}")
+                    // Without the capabilities every probe fails with EPERM: lead with
+                    // the cause an operator can fix.
+                    let cause = self
+                        .checks
+                        .iter()
+                        .find(|c| c.name == "privileges" && !c.ok)
+                        .map(|c| format!(" ({})", c.detail))
+                        .unwrap_or_default();
+                    anyhow::bail!(
+                        "block tracing is impossible here{cause}: raw tracepoints: {raw}; tracepoints: {tp}"
+                    )
                 }
             },
         }
@@ -538,6 +548,23 @@ mod tests {
         assert_eq!(p.observers, AttachMode::Tracepoint);
         assert!(!p.hook);
         assert_eq!(p.to_string(), "tracepoint");
+    }
+
+    #[test]
+    fn no_mode_at_all_leads_with_missing_privileges() {
+        let mut r = report(false, false);
+        r.tracepoint_ready = Err("EPERM".into());
+        let e = r.choose(AttachRequest::Auto).unwrap_err().to_string();
+        assert!(
+            e.starts_with("block tracing is impossible here: raw"),
+            "{e}"
+        );
+        r.checks.push(privileges_check(&["CAP_BPF"]));
+        let e = r.choose(AttachRequest::Auto).unwrap_err().to_string();
+        assert!(
+            e.starts_with("block tracing is impossible here (missing CAP_BPF: run as root): raw"),
+            "{e}"
+        );
     }
 
     #[test]
