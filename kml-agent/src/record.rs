@@ -42,17 +42,35 @@ pub struct Recorded {
 }
 
 /// The trace file and the latencies of what went into it.
-struct TraceWriter {
-    out: BufWriter<File>,
+struct TraceWriter<W: std::io::Write> {
+    out: BufWriter<W>,
+    /// One row, formatted whole before it enters `out`: the buffer then holds
+    /// whole lines only, so each of its writes ends at a line's end, and a
+    /// recording killed (SIGKILL, OOM) leaves a trace that reads to its last
+    /// flush. Row by row, `write_row`'s field writes would let a full buffer
+    /// flush half a line, and the reader refuses a trace with a cut line.
+    line: Vec<u8>,
     wait: Vec<u64>,
     service: Vec<u64>,
     misses: u64,
 }
 
-impl TraceWriter {
+impl<W: std::io::Write> TraceWriter<W> {
+    fn new(out: BufWriter<W>) -> Self {
+        TraceWriter {
+            out,
+            line: Vec::with_capacity(512),
+            wait: Vec::new(),
+            service: Vec::new(),
+            misses: 0,
+        }
+    }
+
     fn write(&mut self, batch: &mut Vec<RequestRecord>) -> anyhow::Result<()> {
         for r in batch.iter() {
-            trace::write_row(&mut self.out, r)?;
+            self.line.clear();
+            trace::write_row(&mut self.line, r)?;
+            self.out.write_all(&self.line)?;
             if r.issue_ns != 0 {
                 self.wait.push(r.insert_to_issue_ns());
                 // complete_ns 0: the completion was never seen (no service time).
@@ -100,12 +118,7 @@ pub async fn record(config: &RecordConfig, ready: impl FnOnce()) -> anyhow::Resu
     let deadline = tokio::time::sleep(config.duration);
     tokio::pin!(deadline);
     let mut batch = Vec::with_capacity(8192);
-    let mut writer = TraceWriter {
-        out,
-        wait: Vec::new(),
-        service: Vec::new(),
-        misses: 0,
-    };
+    let mut writer = TraceWriter::new(out);
     loop {
         tokio::select! {
             () = &mut deadline => break,
@@ -142,4 +155,59 @@ fn start(
     oc.raw_layout = report.raw_layout.ok();
     oc.ring_bytes = config.ring_bytes;
     Observer::start(oc, targets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that keeps each write it is given, as the kernel would receive them.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl std::io::Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_write_to_the_file_ends_at_a_line_end() {
+        // A buffer of a few rows, so that it fills mid-batch many times.
+        let mut w = TraceWriter::new(BufWriter::with_capacity(700, Writes::default()));
+        let mut batch: Vec<RequestRecord> = (0..500u64)
+            .map(|i| RequestRecord {
+                sector: i * 8,
+                insert_ns: 1_000 + i,
+                issue_ns: 2_000 + i * 37,
+                complete_ns: 9_000 + i * 101,
+                deadline_ns: 501_000,
+                nr_sectors: 8 + (i % 7) as u32,
+                ..RequestRecord::default()
+            })
+            .collect();
+        w.write(&mut batch).unwrap();
+        w.out.flush().unwrap();
+        let writes = &w.out.get_ref().0;
+        assert!(
+            writes.len() > 10,
+            "the buffer never filled: {} writes",
+            writes.len()
+        );
+        for (k, chunk) in writes.iter().enumerate() {
+            assert_eq!(chunk.last(), Some(&b'\n'), "write {k} ends mid-line");
+        }
+        // And what was written reads back whole.
+        let text: Vec<u8> = writes.concat();
+        let mut file = trace::header().into_bytes();
+        file.push(b'\n');
+        file.extend_from_slice(&text);
+        let read = trace::read_all(std::io::Cursor::new(file)).unwrap();
+        assert_eq!(read.len(), 500);
+        assert_eq!(w.misses, 0);
+    }
 }

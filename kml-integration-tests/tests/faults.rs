@@ -307,6 +307,75 @@ fn sigkill_without_pin_takes_every_program_away() -> Result<()> {
     Ok(())
 }
 
+/// A scratch folder of this test, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `record` killed while it writes (SIGKILL, the OOM killer) leaves a trace that
+/// reads back to its last write: the file ends at a line's end, never in the
+/// middle of a row (which the trace reader refuses, losing the whole recording).
+#[test]
+fn a_recording_killed_mid_write_reads_back_to_its_last_write() -> Result<()> {
+    let leaks = LeakCheck::start()?;
+    let dev = LoopDevice::new(256, 50, 500)?;
+    let _fio = Fio::start(&dev, 120)?;
+    let dir =
+        ScratchDir(std::env::temp_dir().join(format!("kml-killed-record-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)?;
+    for round in 0..3u64 {
+        let csv = dir.0.join(format!("trace-{round}.csv"));
+        let mut agent = spawn_agent_with_env(
+            &[
+                "record",
+                "--device",
+                &dev.name,
+                "--duration",
+                "120s",
+                "--out",
+                csv.to_str().context("utf-8 path")?,
+            ],
+            &[],
+        )?;
+        wait_for_line(&agent.stderr, "recording", Duration::from_secs(60))?;
+        // The writer's buffer (1 MiB) reaches the file in whole writes: wait for
+        // the first, then kill at some moment before or after the next.
+        ensure!(
+            wait_until(Duration::from_secs(60), || std::fs::metadata(&csv)
+                .is_ok_and(|m| m.len() > 0)),
+            "round {round}: nothing reached {} in 60 s",
+            csv.display()
+        );
+        std::thread::sleep(jitter(0, 3000, round));
+        kill9(&mut agent)?;
+        let text = std::fs::read(&csv)?;
+        ensure!(
+            text.last() == Some(&b'\n'),
+            "round {round}: the killed recording ends mid-line ({} bytes)",
+            text.len()
+        );
+        let rows = kml_ebpf_common::trace::read_all(std::io::Cursor::new(text)).map_err(|e| {
+            anyhow::anyhow!("round {round}: the killed recording does not read: {e}")
+        })?;
+        ensure!(
+            !rows.is_empty(),
+            "round {round}: no record in the killed recording"
+        );
+        eprintln!(
+            "round {round}: {} records read back after SIGKILL",
+            rows.len()
+        );
+        leaks
+            .assert_none_left()
+            .with_context(|| format!("round {round}"))?;
+    }
+    Ok(())
+}
+
 #[test]
 fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() -> Result<()> {
     let leaks = LeakCheck::start()?;
