@@ -53,6 +53,8 @@ struct TraceWriter<W: std::io::Write> {
     wait: Vec<u64>,
     service: Vec<u64>,
     misses: u64,
+    /// Rows handed to `out` so far.
+    rows: u64,
 }
 
 impl<W: std::io::Write> TraceWriter<W> {
@@ -63,6 +65,7 @@ impl<W: std::io::Write> TraceWriter<W> {
             wait: Vec::new(),
             service: Vec::new(),
             misses: 0,
+            rows: 0,
         }
     }
 
@@ -71,6 +74,7 @@ impl<W: std::io::Write> TraceWriter<W> {
             self.line.clear();
             trace::write_row(&mut self.line, r)?;
             self.out.write_all(&self.line)?;
+            self.rows += 1;
             if r.issue_ns != 0 {
                 self.wait.push(r.insert_to_issue_ns());
                 // complete_ns 0: the completion was never seen (no service time).
@@ -123,17 +127,23 @@ pub async fn record(config: &RecordConfig, ready: impl FnOnce()) -> anyhow::Resu
         tokio::select! {
             () = &mut deadline => break,
             sig = &mut signal => { tracing::info!("{}, stopping", sig?); break }
-            n = stream.next_batch(&mut batch) => { n?; writer.write(&mut batch)?; }
+            n = stream.next_batch(&mut batch) => {
+                n?;
+                if let Err(e) = writer.write(&mut batch) {
+                    return Err(writer.abandon(config, e));
+                }
+            }
         }
     }
     // Detach first so the ring holds everything that will ever be emitted.
     observer.detach();
     stream.drain(&mut batch);
-    writer.write(&mut batch)?;
-    writer
-        .out
-        .flush()
-        .with_context(|| format!("writing {}", config.out.display()))?;
+    if let Err(e) = writer
+        .write(&mut batch)
+        .and_then(|()| Ok(writer.out.flush()?))
+    {
+        return Err(writer.abandon(config, e));
+    }
     Ok(Recorded {
         records: observer.counters()?.get(Counter::Records),
         seconds: started.elapsed().as_secs_f64(),
@@ -143,6 +153,53 @@ pub async fn record(config: &RecordConfig, ready: impl FnOnce()) -> anyhow::Resu
         loss: observer.losses()?,
         undecodable: stream.undecodable,
     })
+}
+
+impl TraceWriter<File> {
+    /// After a failed write (a full disk): drops what the buffer still holds
+    /// (flushing it on drop could cut a row again), cuts the file back to its last
+    /// whole row, so that the trace still reads, and names the file.
+    fn abandon(self, config: &RecordConfig, e: anyhow::Error) -> anyhow::Error {
+        let (file, _unwritten) = self.out.into_parts();
+        drop(file);
+        let kept = match cut_to_last_row(&config.out) {
+            Ok(bytes) => {
+                format!("the trace is cut back to its last whole row ({bytes} bytes) and reads")
+            }
+            Err(cut) => format!("cutting it back to its last whole row failed too: {cut}"),
+        };
+        e.context(format!(
+            "writing {} (after {} records; {kept})",
+            config.out.display(),
+            self.rows
+        ))
+    }
+}
+
+/// Cuts the file at `path` after its last newline; returns the bytes kept. Reads
+/// back from the end a block at a time (a row is a few hundred bytes).
+fn cut_to_last_row(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut end = f.metadata()?.len();
+    let mut block = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(block.len() as u64);
+        let chunk = &mut block[..(end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            let keep = start + i as u64 + 1;
+            f.set_len(keep)?;
+            return Ok(keep);
+        }
+        end = start;
+    }
+    f.set_len(0)?;
+    Ok(0)
 }
 
 fn start(
@@ -172,6 +229,34 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    #[test]
+    fn a_cut_keeps_every_whole_row() {
+        let path = std::env::temp_dir().join(format!("kml-cut-test-{}.csv", std::process::id()));
+        let long_tail = "x".repeat(200_000);
+        let cases: [(&str, &str); 5] = [
+            ("h\na\nb\nc,1", "h\na\nb\n"),
+            ("h\na\n", "h\na\n"),
+            ("no newline at all", ""),
+            ("", ""),
+            // The last newline more than one block before the end.
+            (&format!("h\na\n{long_tail}"), "h\na\n"),
+        ];
+        let mut results = Vec::new();
+        for (before, _) in &cases {
+            std::fs::write(&path, before).unwrap();
+            let kept = cut_to_last_row(&path);
+            results.push((
+                kept.map_err(|e| e.to_string()),
+                std::fs::read(&path).unwrap(),
+            ));
+        }
+        std::fs::remove_file(&path).unwrap();
+        for ((_, after), (kept, text)) in cases.iter().zip(results) {
+            assert_eq!(kept, Ok(after.len() as u64));
+            assert_eq!(text, after.as_bytes());
         }
     }
 
@@ -209,5 +294,6 @@ mod tests {
         let read = trace::read_all(std::io::Cursor::new(file)).unwrap();
         assert_eq!(read.len(), 500);
         assert_eq!(w.misses, 0);
+        assert_eq!(w.rows, 500);
     }
 }

@@ -376,6 +376,78 @@ fn a_recording_killed_mid_write_reads_back_to_its_last_write() -> Result<()> {
     Ok(())
 }
 
+/// A tmpfs of `kib` KiB mounted for one test, unmounted and removed on drop.
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    fn new(tag: &str, kib: u32) -> Result<SmallTmpfs> {
+        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let fs = SmallTmpfs(dir);
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(&fs.0)
+            .status()?;
+        ensure!(
+            status.success(),
+            "mount tmpfs at {}: {status}",
+            fs.0.display()
+        );
+        Ok(fs)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `record` onto a disk that fills: the error names the file and what reached
+/// it, and the trace is cut back to its last whole row, so it still reads.
+#[test]
+fn a_recording_onto_a_full_disk_names_the_file_and_keeps_whole_rows() -> Result<()> {
+    let leaks = LeakCheck::start()?;
+    let dev = LoopDevice::new(256, 50, 500)?;
+    let _fio = Fio::start(&dev, 120)?;
+    let fs = SmallTmpfs::new("full-disk", 256)?;
+    let csv = fs.0.join("trace.csv");
+    // The first write comes when the 1 MiB buffer fills (~5 s at fio's rate).
+    let out = Command::new(agent_bin())
+        .args([
+            "record",
+            "--device",
+            &dev.name,
+            "--duration",
+            "60s",
+            "--out",
+        ])
+        .arg(&csv)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "record onto a 256 KiB disk succeeded: {stderr}"
+    );
+    for needle in [
+        format!("writing {}", csv.display()),
+        "No space left on device".to_owned(),
+        "cut back to its last whole row".to_owned(),
+    ] {
+        ensure!(
+            stderr.contains(&needle),
+            "record's error lacks {needle:?}: {stderr}"
+        );
+    }
+    let rows =
+        kml_ebpf_common::trace::read_all(std::io::BufReader::new(std::fs::File::open(&csv)?))
+            .map_err(|e| anyhow::anyhow!("the trace left on the full disk does not read: {e}"))?;
+    ensure!(!rows.is_empty(), "no record on the full disk: {stderr}");
+    eprintln!("{} records read back from the full disk", rows.len());
+    leaks.assert_none_left()
+}
+
 #[test]
 fn sigkill_with_pin_keeps_the_last_good_model_serving_and_a_restart_adopts_it() -> Result<()> {
     let leaks = LeakCheck::start()?;
