@@ -380,13 +380,39 @@ pub fn save(m: &TrainedModel, path: &Path) -> Result<()> {
     write(&ModelFile::from_trained(m), path)
 }
 
-/// Writes a model file (pretty JSON, trailing newline).
+/// Writes a model file (pretty JSON, trailing newline), whole or not at all: into
+/// a temporary file beside `path`, synced, then renamed over it. A failed write (a
+/// full disk) leaves the file that was there as it was, and no temporary: a model
+/// an agent starts from is never cut. (A symlink at `path` is replaced, not
+/// written through.)
 pub fn write(file: &ModelFile, path: &Path) -> Result<()> {
+    use std::io::Write as _;
     let mut text = file.to_json();
     text.push('\n');
-    std::fs::write(path, text).map_err(|error| LearnError::Io {
+    let io = |error| LearnError::Io {
         path: path.into(),
         error,
+    };
+    let name = path.file_name().ok_or_else(|| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file name",
+        ))
+    })?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    });
+    written.map_err(|error| {
+        // A temporary that was never created (the same error) is no leftover.
+        let _ = std::fs::remove_file(&tmp);
+        io(error)
     })
 }
 
@@ -821,6 +847,40 @@ mod tests {
             .find(|m| m.float.kind() == kind)
             .unwrap()
             .clone()
+    }
+
+    #[test]
+    fn a_model_file_is_replaced_whole_or_kept() {
+        let dir = std::env::temp_dir().join(format!("kml-model-write-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mine.json");
+        let (a, b) = (trained(ModelKind::LinearRegression), trained(ModelKind::Logistic));
+        save(&a, &path).unwrap();
+        save(&b, &path).unwrap();
+        let replaced = LoadedModel::load(&path).map(|m| m.kind());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        // A write that cannot finish (its temporary cannot be created: a directory
+        // holds its name) fails naming the file, and the model there stays whole.
+        let tmp = dir.join(format!(".mine.json.tmp-{}", std::process::id()));
+        std::fs::create_dir(&tmp).unwrap();
+        let failed = save(&a, &path).map_err(|e| e.to_string());
+        let kept = LoadedModel::load(&path).map(|m| m.kind());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(replaced.unwrap(), ModelKind::Logistic);
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("mine.json")],
+            "no temporary left"
+        );
+        let failed = failed.unwrap_err();
+        assert!(
+            failed.starts_with(&format!("{}: ", path.display())),
+            "{failed}"
+        );
+        assert_eq!(kept.unwrap(), ModelKind::Logistic);
     }
 
     #[test]
