@@ -164,7 +164,7 @@ impl TraceWriter<File> {
         drop(file);
         let kept = match cut_to_last_row(&config.out) {
             Ok(bytes) => {
-                format!("the trace is cut back to its last whole row ({bytes} bytes) and reads")
+                format!("the trace is cut back to its last whole row, {bytes} bytes")
             }
             Err(cut) => format!("cutting it back to its last whole row failed too: {cut}"),
         };

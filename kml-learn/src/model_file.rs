@@ -854,7 +854,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kml-model-write-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("mine.json");
-        let (a, b) = (trained(ModelKind::LinearRegression), trained(ModelKind::Logistic));
+        let (a, b) = (
+            trained(ModelKind::LinearRegression),
+            trained(ModelKind::Logistic),
+        );
         save(&a, &path).unwrap();
         save(&b, &path).unwrap();
         let replaced = LoadedModel::load(&path).map(|m| m.kind());
