@@ -437,6 +437,52 @@ pub fn agent_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kml-agent"))
 }
 
+/// A folder of this test under the temp dir, removed with what it holds on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(tag: &str) -> Result<ScratchDir> {
+        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A file system of type `fstype` mounted with `options` on a folder of this test;
+/// unmounted, and the folder removed, on drop.
+pub struct TestMount(pub PathBuf);
+
+impl TestMount {
+    pub fn new(tag: &str, fstype: &str, options: &str) -> Result<TestMount> {
+        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mount = TestMount(dir);
+        let status = Command::new("mount")
+            .args(["-t", fstype, "-o", options, fstype])
+            .arg(&mount.0)
+            .status()?;
+        ensure!(
+            status.success(),
+            "mount -t {fstype} -o {options} on {}: {status}",
+            mount.0.display()
+        );
+        Ok(mount)
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// A child process killed on drop (so a failing test leaves nothing running).
 pub struct ChildGuard(pub std::process::Child);
 

@@ -14,7 +14,7 @@ use kml_integration_tests::{
     accounting::{alone_on_the_block_tracepoints, explain, program_misses_of, DiskStats, Losses},
     agent_bin, assert_no_kml_programs, chain, interrupt_until_exit, issue_direct,
     scattered_pattern, signal, spawn_agent, spawn_agent_with_env, wait_for_line, Agent, ChildGuard,
-    Issued, LoopDevice,
+    Issued, LoopDevice, ScratchDir, TestMount,
 };
 
 /// A `kml-agent record` of one device, attached and recording; its CSV lives in a
@@ -47,23 +47,6 @@ impl Recording {
     fn rows(&self) -> Result<Vec<RequestRecord>> {
         trace::read_all(BufReader::new(std::fs::File::open(&self.csv)?))
             .map_err(|e| anyhow::anyhow!("{e}"))
-    }
-}
-
-/// A scratch folder, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(tag: &str) -> Result<ScratchDir> {
-        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(ScratchDir(dir))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -1142,30 +1125,6 @@ fn one_line_failure(args: &[&str]) -> Result<String> {
     Ok(err)
 }
 
-/// A bpffs mounted read-only on a scratch directory; unmounted and removed on drop.
-struct ReadOnlyBpffs(PathBuf);
-
-impl ReadOnlyBpffs {
-    fn mount() -> Result<ReadOnlyBpffs> {
-        let dir = std::env::temp_dir().join(format!("kml-robpf-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let guard = ReadOnlyBpffs(dir);
-        let st = Command::new("mount")
-            .args(["-t", "bpf", "-o", "ro", "bpf"])
-            .arg(&guard.0)
-            .status()?;
-        ensure!(st.success(), "mount -t bpf -o ro failed");
-        Ok(guard)
-    }
-}
-
-impl Drop for ReadOnlyBpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 #[test]
 fn clear_errors_for_wrong_run_input() -> Result<()> {
     let err = one_line_failure(&["run", "--device", "nosuchdisk9", "--duration", "2s"])?;
@@ -1271,7 +1230,7 @@ fn clear_errors_for_wrong_run_input() -> Result<()> {
         "2s",
     ])?;
     ensure!(err.contains("does not exist"), "missing bpffs: {err}");
-    let ro = ReadOnlyBpffs::mount()?;
+    let ro = TestMount::new("robpf", "bpf", "ro")?;
     let pin_dir = ro.0.join("kml");
     let err = one_line_failure(&[
         "run",

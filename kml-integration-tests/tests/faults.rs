@@ -30,7 +30,7 @@ use kml_integration_tests::{
 };
 use kml_integration_tests::{
     agent_bin, issue_direct, scattered_pattern, signal, spawn_agent_with_env, wait_for_line,
-    wait_until, Agent, ChildGuard, LeakCheck, LoopDevice,
+    wait_until, Agent, ChildGuard, LeakCheck, LoopDevice, ScratchDir, TestMount,
 };
 use kml_learn::QuantizedModel;
 
@@ -307,15 +307,6 @@ fn sigkill_without_pin_takes_every_program_away() -> Result<()> {
     Ok(())
 }
 
-/// A scratch folder of this test, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// `record` killed while it writes (SIGKILL, the OOM killer) leaves a trace that
 /// reads back to its last write: the file ends at a line's end, never in the
 /// middle of a row (which the trace reader refuses, losing the whole recording).
@@ -324,9 +315,7 @@ fn a_recording_killed_mid_write_reads_back_to_its_last_write() -> Result<()> {
     let leaks = LeakCheck::start()?;
     let dev = LoopDevice::new(256, 50, 500)?;
     let _fio = Fio::start(&dev, 120)?;
-    let dir =
-        ScratchDir(std::env::temp_dir().join(format!("kml-killed-record-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = ScratchDir::new("killed-record")?;
     for round in 0..3u64 {
         let csv = dir.0.join(format!("trace-{round}.csv"));
         let mut agent = spawn_agent_with_env(
@@ -376,34 +365,6 @@ fn a_recording_killed_mid_write_reads_back_to_its_last_write() -> Result<()> {
     Ok(())
 }
 
-/// A tmpfs of `kib` KiB mounted for one test, unmounted and removed on drop.
-struct SmallTmpfs(PathBuf);
-
-impl SmallTmpfs {
-    fn new(tag: &str, kib: u32) -> Result<SmallTmpfs> {
-        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let fs = SmallTmpfs(dir);
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
-            .arg(&fs.0)
-            .status()?;
-        ensure!(
-            status.success(),
-            "mount tmpfs at {}: {status}",
-            fs.0.display()
-        );
-        Ok(fs)
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// `record` onto a disk that fills: the error names the file and what reached
 /// it, and the trace is cut back to its last whole row, so it still reads.
 #[test]
@@ -411,7 +372,7 @@ fn a_recording_onto_a_full_disk_names_the_file_and_keeps_whole_rows() -> Result<
     let leaks = LeakCheck::start()?;
     let dev = LoopDevice::new(256, 50, 500)?;
     let _fio = Fio::start(&dev, 120)?;
-    let fs = SmallTmpfs::new("full-disk", 256)?;
+    let fs = TestMount::new("full-disk", "tmpfs", "size=256k")?;
     let csv = fs.0.join("trace.csv");
     // The first write comes when the 1 MiB buffer fills (~5 s at fio's rate).
     let out = Command::new(agent_bin())

@@ -67,34 +67,26 @@ pub type Result<T, E = LearnError> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
-    use std::error::Error as _;
     use std::path::Path;
 
     use crate::dataset::Dataset;
     use crate::model_file::ModelFile;
 
     /// The message and its causes, as the agent prints them (`{:#}`: "a: b: c").
-    fn chain(e: &super::LearnError) -> String {
-        let mut out = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            out.push_str(": ");
-            out.push_str(&s.to_string());
-            source = s.source();
-        }
-        out
+    fn chain(e: super::LearnError) -> String {
+        format!("{:#}", anyhow::Error::from(e))
     }
 
     #[test]
     fn a_wrapped_error_is_shown_once() {
         let missing = Path::new("/nonexistent-kml/trace.csv");
         let e = Dataset::from_trace_file(missing).expect_err("no such file");
-        let shown = chain(&e);
+        let shown = chain(e);
         assert_eq!(shown.matches("(os error 2)").count(), 1, "{shown}");
         assert!(shown.starts_with("/nonexistent-kml/trace.csv: "), "{shown}");
 
         let e = ModelFile::parse("{\"schema_version\": 1", "bad.json").expect_err("truncated");
-        let shown = chain(&e);
+        let shown = chain(e);
         assert!(shown.starts_with("model file bad.json: "), "{shown}");
         assert_eq!(shown.matches("EOF while parsing").count(), 1, "{shown}");
     }
