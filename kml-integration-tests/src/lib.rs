@@ -454,6 +454,43 @@ impl Drop for ScratchDir {
     }
 }
 
+/// A `kml-agent record` of one device, attached and recording; its CSV lives in a
+/// scratch folder removed on drop (the agent is killed on drop if still running).
+pub struct Recording {
+    pub agent: Agent,
+    pub csv: PathBuf,
+    /// Declared after `agent`: the agent is killed before its folder goes.
+    _dir: ScratchDir,
+}
+
+impl Recording {
+    pub fn start(dev: &LoopDevice, tag: &str) -> Result<Recording> {
+        let dir = ScratchDir::new(tag)?;
+        let csv = dir.0.join("trace.csv");
+        let agent = spawn_agent(&[
+            "record",
+            "--device",
+            &dev.name,
+            "--duration",
+            "120s",
+            "--out",
+            csv.to_str().context("utf-8 path")?,
+        ])?;
+        wait_for_line(&agent.stderr, "recording", Duration::from_secs(30))?;
+        Ok(Recording {
+            agent,
+            csv,
+            _dir: dir,
+        })
+    }
+
+    /// The trace the agent wrote (after it exited).
+    pub fn rows(&self) -> Result<Vec<kml_ebpf_common::RequestRecord>> {
+        kml_ebpf_common::trace::read_all(BufReader::new(std::fs::File::open(&self.csv)?))
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
 /// A file system of type `fstype` mounted with `options` on a folder of this test;
 /// unmounted, and the folder removed, on drop.
 pub struct TestMount(pub PathBuf);

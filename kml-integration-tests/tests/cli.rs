@@ -9,58 +9,19 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
-use kml_ebpf_common::{trace, RequestRecord};
+use kml_ebpf_common::RequestRecord;
 use kml_integration_tests::{
     accounting::{alone_on_the_block_tracepoints, explain, program_misses_of, DiskStats, Losses},
     agent_bin, assert_no_kml_programs, chain, interrupt_until_exit, issue_direct,
     scattered_pattern, signal, spawn_agent, spawn_agent_with_env, wait_for_line, Agent, ChildGuard,
-    Issued, LoopDevice, ScratchDir, TestMount,
+    Issued, LoopDevice, Recording, ScratchDir, TestMount,
 };
-
-/// A `kml-agent record` of one device, attached and recording; its CSV lives in a
-/// scratch folder removed on drop (the agent is killed on drop if still running).
-struct Recording {
-    agent: Agent,
-    dir: PathBuf,
-    csv: PathBuf,
-}
-
-impl Recording {
-    fn start(dev: &LoopDevice, tag: &str) -> Result<Recording> {
-        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let csv = dir.join("trace.csv");
-        let agent = spawn_agent(&[
-            "record",
-            "--device",
-            &dev.name,
-            "--duration",
-            "120s",
-            "--out",
-            csv.to_str().context("utf-8 path")?,
-        ])?;
-        wait_for_line(&agent.stderr, "recording", Duration::from_secs(30))?;
-        Ok(Recording { agent, dir, csv })
-    }
-
-    /// The trace the agent wrote (after it exited).
-    fn rows(&self) -> Result<Vec<RequestRecord>> {
-        trace::read_all(BufReader::new(std::fs::File::open(&self.csv)?))
-            .map_err(|e| anyhow::anyhow!("{e}"))
-    }
-}
 
 /// models/logistic.json as JSON, to derive test models from.
 fn shipped_logistic() -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/logistic.json"),
     )?)?)
-}
-
-impl Drop for Recording {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[test]

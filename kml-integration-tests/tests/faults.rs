@@ -30,7 +30,7 @@ use kml_integration_tests::{
 };
 use kml_integration_tests::{
     agent_bin, issue_direct, scattered_pattern, signal, spawn_agent_with_env, wait_for_line,
-    wait_until, Agent, ChildGuard, LeakCheck, LoopDevice, ScratchDir, TestMount,
+    wait_until, Agent, ChildGuard, LeakCheck, LoopDevice, Recording, TestMount,
 };
 use kml_learn::QuantizedModel;
 
@@ -315,22 +315,9 @@ fn a_recording_killed_mid_write_reads_back_to_its_last_write() -> Result<()> {
     let leaks = LeakCheck::start()?;
     let dev = LoopDevice::new(256, 50, 500)?;
     let _fio = Fio::start(&dev, 120)?;
-    let dir = ScratchDir::new("killed-record")?;
     for round in 0..3u64 {
-        let csv = dir.0.join(format!("trace-{round}.csv"));
-        let mut agent = spawn_agent_with_env(
-            &[
-                "record",
-                "--device",
-                &dev.name,
-                "--duration",
-                "120s",
-                "--out",
-                csv.to_str().context("utf-8 path")?,
-            ],
-            &[],
-        )?;
-        wait_for_line(&agent.stderr, "recording", Duration::from_secs(60))?;
+        let mut recording = Recording::start(&dev, &format!("killed-record-{round}"))?;
+        let csv = recording.csv.clone();
         // The writer's buffer (1 MiB) reaches the file in whole writes: wait for
         // the first, then kill at some moment before or after the next.
         ensure!(
@@ -340,7 +327,7 @@ fn a_recording_killed_mid_write_reads_back_to_its_last_write() -> Result<()> {
             csv.display()
         );
         std::thread::sleep(jitter(0, 3000, round));
-        kill9(&mut agent)?;
+        kill9(&mut recording.agent)?;
         let text = std::fs::read(&csv)?;
         ensure!(
             text.last() == Some(&b'\n'),
