@@ -404,13 +404,18 @@ pub fn write(file: &ModelFile, path: &Path) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    });
+    // `create_new`: a path that exists already (a symlink planted there, or another
+    // writer's temporary) is refused, never followed or removed.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io)?;
+    let written = f
+        .write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
     written.map_err(|error| {
-        // A temporary that was never created (the same error) is no leftover.
         let _ = std::fs::remove_file(&tmp);
         io(error)
     })
@@ -871,6 +876,16 @@ mod tests {
         std::fs::create_dir(&tmp).unwrap();
         let failed = save(&a, &path).map_err(|e| e.to_string());
         let kept = LoadedModel::load(&path).map(|m| m.kind());
+        // A file or a symlink at the temporary's name is neither written through
+        // nor removed.
+        std::fs::remove_dir(&tmp).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let refused = save(&a, &path).is_err();
+        let victim_text = std::fs::read_to_string(&victim).unwrap();
+        let link_kept = std::fs::symlink_metadata(&tmp).is_ok();
+        let kept_again = LoadedModel::load(&path).map(|m| m.kind());
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(replaced.unwrap(), ModelKind::Logistic);
         assert_eq!(
@@ -884,6 +899,13 @@ mod tests {
             "{failed}"
         );
         assert_eq!(kept.unwrap(), ModelKind::Logistic);
+        assert!(refused, "a symlink at the temporary's name was followed");
+        assert_eq!(victim_text, "keep me");
+        assert!(
+            link_kept,
+            "another's file at the temporary's name was removed"
+        );
+        assert_eq!(kept_again.unwrap(), ModelKind::Logistic);
     }
 
     #[test]
