@@ -437,14 +437,26 @@ pub fn agent_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kml-agent"))
 }
 
+/// A folder of this test's own under the temp dir (`kml-TAG-PID`), created.
+fn test_dir(tag: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A trace file as the agent's readers read it.
+pub fn read_trace(path: &Path) -> Result<Vec<kml_ebpf_common::RequestRecord>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    kml_ebpf_common::trace::read_all(BufReader::new(file))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 /// A folder of this test under the temp dir, removed with what it holds on drop.
 pub struct ScratchDir(pub PathBuf);
 
 impl ScratchDir {
     pub fn new(tag: &str) -> Result<ScratchDir> {
-        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(ScratchDir(dir))
+        Ok(ScratchDir(test_dir(tag)?))
     }
 }
 
@@ -486,8 +498,7 @@ impl Recording {
 
     /// The trace the agent wrote (after it exited).
     pub fn rows(&self) -> Result<Vec<kml_ebpf_common::RequestRecord>> {
-        kml_ebpf_common::trace::read_all(BufReader::new(std::fs::File::open(&self.csv)?))
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        read_trace(&self.csv)
     }
 }
 
@@ -497,9 +508,9 @@ pub struct TestMount(pub PathBuf);
 
 impl TestMount {
     pub fn new(tag: &str, fstype: &str, options: &str) -> Result<TestMount> {
-        let dir = std::env::temp_dir().join(format!("kml-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let mount = TestMount(dir);
+        // Its own guard, not a `ScratchDir`: removing the folder's contents before
+        // the unmount took would reach into the mounted file system.
+        let mount = TestMount(test_dir(tag)?);
         let status = Command::new("mount")
             .args(["-t", fstype, "-o", options, fstype])
             .arg(&mount.0)

@@ -29,8 +29,8 @@ use kml_integration_tests::{
     prog_ids_of,
 };
 use kml_integration_tests::{
-    agent_bin, issue_direct, scattered_pattern, signal, spawn_agent_with_env, wait_for_line,
-    wait_until, Agent, ChildGuard, LeakCheck, LoopDevice, Recording, TestMount,
+    agent_bin, issue_direct, read_trace, scattered_pattern, signal, spawn_agent_with_env,
+    wait_for_line, wait_until, Agent, ChildGuard, LeakCheck, LoopDevice, Recording, TestMount,
 };
 use kml_learn::QuantizedModel;
 
@@ -334,9 +334,9 @@ fn a_recording_killed_mid_write_reads_back_to_its_last_write() -> Result<()> {
             "round {round}: the killed recording ends mid-line ({} bytes)",
             text.len()
         );
-        let rows = kml_ebpf_common::trace::read_all(std::io::Cursor::new(text)).map_err(|e| {
-            anyhow::anyhow!("round {round}: the killed recording does not read: {e}")
-        })?;
+        let rows = recording
+            .rows()
+            .with_context(|| format!("round {round}: the killed recording does not read"))?;
         ensure!(
             !rows.is_empty(),
             "round {round}: no record in the killed recording"
@@ -388,9 +388,7 @@ fn a_recording_onto_a_full_disk_names_the_file_and_keeps_whole_rows() -> Result<
             "record's error lacks {needle:?}: {stderr}"
         );
     }
-    let rows =
-        kml_ebpf_common::trace::read_all(std::io::BufReader::new(std::fs::File::open(&csv)?))
-            .map_err(|e| anyhow::anyhow!("the trace left on the full disk does not read: {e}"))?;
+    let rows = read_trace(&csv).context("the trace left on the full disk does not read")?;
     ensure!(!rows.is_empty(), "no record on the full disk: {stderr}");
     eprintln!("{} records read back from the full disk", rows.len());
     leaks.assert_none_left()
